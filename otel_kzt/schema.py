@@ -1,0 +1,196 @@
+"""Every metric, attribute and label name otel-kzt puts on the wire or on /metrics, defined once.
+
+The wire contract (DESIGN.md §3) between agent and enricher, and the Prometheus names of §4. Anything that
+writes or reads one of these names imports it from here; no other module spells them out.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Final
+
+# --- Metrics on the wire (agent -> enricher) -----------------------------------------------------------
+
+FLOW_BYTES: Final = "kzt.flow.bytes"
+FLOW_BYTES_UNIT: Final = "By"
+FLOW_BYTES_DESCRIPTION: Final = "IP bytes (IPv4 total length; IPv6 payload length + 40) that left the source"
+FLOW_PACKETS: Final = "kzt.flow.packets"
+FLOW_PACKETS_UNIT: Final = "{packet}"
+FLOW_PACKETS_DESCRIPTION: Final = "IP packets that left the source"
+FLOW_METRICS: Final = frozenset({FLOW_BYTES, FLOW_PACKETS})
+
+# --- Data-point attributes ------------------------------------------------------------------------------
+
+SOURCE_ADDRESS: Final = "source.address"
+DESTINATION_ADDRESS: Final = "destination.address"
+SOURCE_PORT: Final = "source.port"
+DESTINATION_PORT: Final = "destination.port"
+NETWORK_TYPE: Final = "network.type"
+NETWORK_TRANSPORT: Final = "network.transport"
+TRAFFIC_CLASS: Final = "kzt.traffic.class"
+
+SOURCE: Final = "source"
+DESTINATION: Final = "destination"
+
+# Per-end attributes: the same suffix under `source.` and `destination.`.
+POD_NAME: Final = "k8s.pod.name"
+NAMESPACE_NAME: Final = "k8s.namespace.name"
+POD_UID: Final = "k8s.pod.uid"
+NODE_NAME: Final = "k8s.node.name"
+WORKLOAD_KIND: Final = "k8s.workload.kind"
+WORKLOAD_NAME: Final = "k8s.workload.name"
+AVAILABILITY_ZONE: Final = "cloud.availability_zone"
+REGION: Final = "cloud.region"
+
+END_SUFFIXES: Final = (
+    POD_NAME,
+    NAMESPACE_NAME,
+    POD_UID,
+    NODE_NAME,
+    WORKLOAD_KIND,
+    WORKLOAD_NAME,
+    AVAILABILITY_ZONE,
+    REGION,
+)
+
+
+def end_attr(end: str, suffix: str) -> str:
+    """`end_attr("source", POD_NAME)` -> `source.k8s.pod.name`."""
+    return f"{end}.{suffix}"
+
+
+SOURCE_POD_NAME: Final = end_attr(SOURCE, POD_NAME)
+SOURCE_NAMESPACE_NAME: Final = end_attr(SOURCE, NAMESPACE_NAME)
+SOURCE_POD_UID: Final = end_attr(SOURCE, POD_UID)
+SOURCE_NODE_NAME: Final = end_attr(SOURCE, NODE_NAME)
+SOURCE_WORKLOAD_KIND: Final = end_attr(SOURCE, WORKLOAD_KIND)
+SOURCE_WORKLOAD_NAME: Final = end_attr(SOURCE, WORKLOAD_NAME)
+SOURCE_ZONE: Final = end_attr(SOURCE, AVAILABILITY_ZONE)
+SOURCE_REGION: Final = end_attr(SOURCE, REGION)
+DESTINATION_POD_NAME: Final = end_attr(DESTINATION, POD_NAME)
+DESTINATION_NAMESPACE_NAME: Final = end_attr(DESTINATION, NAMESPACE_NAME)
+DESTINATION_POD_UID: Final = end_attr(DESTINATION, POD_UID)
+DESTINATION_NODE_NAME: Final = end_attr(DESTINATION, NODE_NAME)
+DESTINATION_WORKLOAD_KIND: Final = end_attr(DESTINATION, WORKLOAD_KIND)
+DESTINATION_WORKLOAD_NAME: Final = end_attr(DESTINATION, WORKLOAD_NAME)
+DESTINATION_ZONE: Final = end_attr(DESTINATION, AVAILABILITY_ZONE)
+DESTINATION_REGION: Final = end_attr(DESTINATION, REGION)
+
+
+class NetworkType(StrEnum):
+    IPV4 = "ipv4"
+    IPV6 = "ipv6"
+
+
+# IANA protocol numbers with a semantic-convention name; any other protocol is written as its number.
+TRANSPORT_NAMES: Final[dict[int, str]] = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmp", 132: "sctp"}
+
+
+def transport_name(proto: int) -> str:
+    return TRANSPORT_NAMES.get(proto, str(proto))
+
+
+class TrafficClass(StrEnum):
+    SAME_NODE = "same-node"
+    SAME_ZONE = "same-zone"
+    CROSS_ZONE = "cross-zone"
+    CROSS_REGION = "cross-region"
+    EXTERNAL = "external"
+    UNKNOWN = "unknown"
+
+
+# Classes that cloud providers bill: flow logs and cost cover these.
+BILLED_CLASSES: Final = frozenset({TrafficClass.CROSS_ZONE, TrafficClass.CROSS_REGION, TrafficClass.EXTERNAL})
+
+
+class WorkloadKind(StrEnum):
+    DEPLOYMENT = "Deployment"
+    STATEFULSET = "StatefulSet"
+    DAEMONSET = "DaemonSet"
+    JOB = "Job"
+    CRONJOB = "CronJob"
+    REPLICASET = "ReplicaSet"
+    POD = "Pod"
+    NODE = "Node"
+
+
+# --- Kubernetes labels read from Nodes and Pods ---------------------------------------------------------
+
+LABEL_ZONE: Final = "topology.kubernetes.io/zone"
+LABEL_REGION: Final = "topology.kubernetes.io/region"
+LABEL_ZONE_LEGACY: Final = "failure-domain.beta.kubernetes.io/zone"
+LABEL_REGION_LEGACY: Final = "failure-domain.beta.kubernetes.io/region"
+LABEL_POD_TEMPLATE_HASH: Final = "pod-template-hash"
+
+# --- Resource attributes --------------------------------------------------------------------------------
+
+SERVICE_NAME: Final = "service.name"
+SERVICE_VERSION: Final = "service.version"
+HOST_NAME: Final = "host.name"
+RESOURCE_NODE_NAME: Final = "k8s.node.name"
+CLUSTER_NAME: Final = "k8s.cluster.name"
+AGENT_SERVICE_NAME: Final = "otel-kzt-agent"
+ENRICHER_SERVICE_NAME: Final = "otel-kzt-enricher"
+
+# --- Prometheus exposition of the enricher (DESIGN §4) --------------------------------------------------
+
+
+def prom_label(attribute: str) -> str:
+    """OpenTelemetry -> Prometheus label name translation (dots and other invalid characters -> `_`)."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in attribute)
+
+
+# kubezonnet-compatible: same name and labels, so its dashboards and queries keep working.
+PROM_POD_CROSS_ZONE_BYTES: Final = "pod_cross_zone_network_traffic_bytes"  # `_total` added by the client
+PROM_POD_CROSS_ZONE_LABELS: Final = ("namespace", "pod")
+PROM_FLOW_BYTES: Final = "kzt_flow_bytes"
+PROM_FLOW_PACKETS: Final = "kzt_flow_packets"
+PROM_ZONE_TRAFFIC_BYTES: Final = "kzt_zone_traffic_bytes"
+PROM_ZONE_TRAFFIC_LABELS: Final = (prom_label(SOURCE_ZONE), prom_label(DESTINATION_ZONE))
+PROM_ESTIMATED_COST: Final = "kzt_estimated_cost_usd"
+PROM_ESTIMATED_COST_LABELS: Final = (
+    prom_label(SOURCE_NAMESPACE_NAME),
+    prom_label(SOURCE_WORKLOAD_KIND),
+    prom_label(SOURCE_WORKLOAD_NAME),
+    prom_label(TRAFFIC_CLASS),
+)
+
+# Default aggregation of kzt_flow_* on /metrics: workload pair + zones + traffic class.
+DEFAULT_FLOW_AGGREGATION: Final = (
+    SOURCE_NAMESPACE_NAME,
+    SOURCE_WORKLOAD_KIND,
+    SOURCE_WORKLOAD_NAME,
+    SOURCE_ZONE,
+    DESTINATION_NAMESPACE_NAME,
+    DESTINATION_WORKLOAD_KIND,
+    DESTINATION_WORKLOAD_NAME,
+    DESTINATION_ZONE,
+    TRAFFIC_CLASS,
+)
+
+# --- Flow logs -------------------------------------------------------------------------------------------
+
+FLOW_LOG_EVENT_NAME: Final = "kzt.flow"
+FLOW_LOG_BYTES: Final = "kzt.flow.bytes"
+FLOW_LOG_PACKETS: Final = "kzt.flow.packets"
+FLOW_LOG_COST: Final = "kzt.estimated_cost_usd"
+FLOW_LOG_INTERVAL_START: Final = "kzt.interval.start"
+FLOW_LOG_INTERVAL_END: Final = "kzt.interval.end"
+
+# --- Own telemetry (agent and enricher health) ----------------------------------------------------------
+
+AGENT_FLOWS_TRACKED: Final = "kzt_agent_flows_tracked"
+AGENT_MAP_FILL_RATIO: Final = "kzt_agent_flow_map_fill_ratio"
+AGENT_OVERFLOW_BYTES: Final = "kzt_agent_overflow_bytes"
+AGENT_OVERFLOW_PACKETS: Final = "kzt_agent_overflow_packets"
+AGENT_EXPORTS: Final = "kzt_agent_exports"  # label `result`: ok / failed
+AGENT_EXPORT_DURATION: Final = "kzt_agent_export_duration_seconds"
+AGENT_METADATA_SYNCED: Final = "kzt_agent_metadata_synced"
+
+ENRICHER_RECEIVED_POINTS: Final = "kzt_enricher_received_data_points"
+ENRICHER_REJECTED_POINTS: Final = "kzt_enricher_rejected_data_points"
+ENRICHER_EXPORT_FAILURES: Final = "kzt_enricher_export_failures"
+ENRICHER_EXPORT_DROPPED: Final = "kzt_enricher_export_dropped_items"
+ENRICHER_METADATA_SYNCED: Final = "kzt_enricher_metadata_synced"
+ENRICHER_SERIES_DROPPED: Final = "kzt_enricher_series_dropped"
+ENRICHER_SERIES_ACTIVE: Final = "kzt_enricher_series_active"
