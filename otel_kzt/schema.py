@@ -187,6 +187,19 @@ AGENT_EXPORTS: Final = "kzt_agent_exports"  # label `result`: ok / failed
 AGENT_EXPORT_DURATION: Final = "kzt_agent_export_duration_seconds"
 AGENT_METADATA_SYNCED: Final = "kzt_agent_metadata_synced"
 
+# The same agent health as OTLP metrics (OpenTelemetry style), sent in the agent's own export requests so
+# any OTLP backend, and the enricher (which passes unknown metrics through), sees them.
+OTLP_AGENT_FLOWS_TRACKED: Final = "kzt.agent.flows.tracked"  # gauge {flow}: flows in the kernel map
+OTLP_AGENT_FLOWS_EXPORTED: Final = "kzt.agent.flows.exported"  # gauge {flow}: local flows in this export
+OTLP_AGENT_FLOWS_EVICTED: Final = "kzt.agent.flows.evicted"  # sum {flow}: idle flows evicted
+OTLP_AGENT_MAP_FILL_RATIO: Final = "kzt.agent.flow_map.fill_ratio"  # gauge 1
+OTLP_AGENT_OVERFLOW_BYTES: Final = "kzt.agent.overflow.bytes"  # sum By
+OTLP_AGENT_OVERFLOW_PACKETS: Final = "kzt.agent.overflow.packets"  # sum {packet}
+OTLP_AGENT_EXPORTS: Final = "kzt.agent.exports"  # sum {request}, attribute `result`
+OTLP_AGENT_EXPORT_DURATION: Final = "kzt.agent.export.duration"  # gauge s: the last interval's export
+OTLP_AGENT_METADATA_SYNCED: Final = "kzt.agent.metadata.synced"  # gauge 0/1
+AGENT_RESULT: Final = "result"  # attribute of kzt.agent.exports: `ok` / `failed`
+
 ENRICHER_RECEIVED_POINTS: Final = "kzt_enricher_received_data_points"
 ENRICHER_REJECTED_POINTS: Final = "kzt_enricher_rejected_data_points"
 ENRICHER_EXPORT_FAILURES: Final = "kzt_enricher_export_failures"
