@@ -1,0 +1,225 @@
+"""OTLP `ExportMetricsServiceRequest` bytes built directly on the protobuf wire.
+
+The OpenTelemetry SDK path costs ~5 s of CPU for 100,000 flows per interval; this path does not build a
+message object per point. Everything about a flow that does not change between intervals (its attributes,
+its start time) is serialized once into a `PointHead` and cached by the caller; per interval only the
+shared `time_unix_nano` and the flow's integer value are new. The result is byte-identical to what the
+protobuf classes serialize for the same message (the unit tests compare both), fields in field-number
+order:
+
+    ExportMetricsServiceRequest.resource_metrics(1)
+      ResourceMetrics: resource(1){attributes(1)*}, scope_metrics(2)
+        ScopeMetrics: scope(1){name(1), version(2)}, metrics(2)*
+          Metric: name(1), description(2), unit(3), sum(7)
+            Sum: data_points(1)*, aggregation_temporality(2)=CUMULATIVE, is_monotonic(3)=true
+              NumberDataPoint: start_time_unix_nano(2, fixed64), time_unix_nano(3, fixed64),
+                               as_int(6, sfixed64), attributes(7)*
+
+Large exports are split into several requests (by points and by bytes); each request carries both flow
+metrics for its share of flows. Nothing is ever folded into an overflow series.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from otel_kzt import schema
+
+AttrValue = str | int | float | bool
+
+_WIRE_VARINT = 0
+_WIRE_FIXED64 = 1
+_WIRE_LEN = 2
+_CUMULATIVE = 2
+_pack_q = struct.Struct("<q").pack
+_pack_Q = struct.Struct("<Q").pack
+_pack_d = struct.Struct("<d").pack
+
+# NumberDataPoint fields; precomputed tags keep the hot loop to concatenation.
+_TAG_POINT = bytes([(1 << 3) | _WIRE_LEN])  # Sum.data_points / Gauge.data_points
+_TAG_START = bytes([(2 << 3) | _WIRE_FIXED64])
+_TAG_TIME = bytes([(3 << 3) | _WIRE_FIXED64])
+_TAG_AS_DOUBLE = bytes([(4 << 3) | _WIRE_FIXED64])
+_TAG_AS_INT = bytes([(6 << 3) | _WIRE_FIXED64])
+# time tag + 8 bytes + as_int tag + 8 bytes, common to every point of an interval.
+_POINT_TAIL_SIZE = 1 + 8 + 1 + 8
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint (negative int64 as ten bytes, like protobuf does)."""
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def field_len(field_number: int, payload: bytes) -> bytes:
+    """A length-delimited field: tag, length, payload."""
+    return varint((field_number << 3) | _WIRE_LEN) + varint(len(payload)) + payload
+
+
+def any_value(value: AttrValue) -> bytes:
+    """An `AnyValue` message body: string(1), bool(2), int(3), double(4)."""
+    if isinstance(value, bool):
+        return bytes([(2 << 3) | _WIRE_VARINT]) + varint(int(value))
+    if isinstance(value, int):
+        return bytes([(3 << 3) | _WIRE_VARINT]) + varint(value)
+    if isinstance(value, float):
+        return bytes([(4 << 3) | _WIRE_FIXED64]) + _pack_d(value)
+    return field_len(1, value.encode())
+
+
+def key_value(key: str, value: AttrValue) -> bytes:
+    """A `KeyValue` message body: key(1), value(2)."""
+    return field_len(1, key.encode()) + field_len(2, any_value(value))
+
+
+def attributes(field_number: int, attrs: Iterable[tuple[str, AttrValue]]) -> bytes:
+    """Repeated `KeyValue` entries as field `field_number` of the enclosing message."""
+    return b"".join(field_len(field_number, key_value(k, v)) for k, v in attrs)
+
+
+@dataclass(frozen=True, slots=True)
+class PointHead:
+    """The unchanging part of one flow's data point: cached per flow and metadata generation.
+
+    `prefix` is the data_points tag + length + start time; `attrs` the serialized attributes, which
+    protobuf writes after the value (field 7 follows field 6).
+    """
+
+    prefix: bytes
+    attrs: bytes
+
+    @property
+    def size(self) -> int:
+        """Bytes this point takes inside `Sum`."""
+        return len(self.prefix) + _POINT_TAIL_SIZE + len(self.attrs)
+
+
+def point_head(attrs: Sequence[tuple[str, AttrValue]], start_unix_ns: int) -> PointHead:
+    encoded = attributes(7, attrs)
+    body_len = 9 + _POINT_TAIL_SIZE + len(encoded)  # start field + time + value + attributes
+    prefix = _TAG_POINT + varint(body_len) + _TAG_START + _pack_Q(start_unix_ns)
+    return PointHead(prefix, encoded)
+
+
+@dataclass(frozen=True, slots=True)
+class FlowPoint:
+    """One flow of this interval: its cached head and its cumulative values."""
+
+    head: PointHead
+    bytes: int
+    packets: int
+
+
+def _metric_header(name: str, description: str, unit: str) -> bytes:
+    return field_len(1, name.encode()) + field_len(2, description.encode()) + field_len(3, unit.encode())
+
+
+_BYTES_HEADER = _metric_header(schema.FLOW_BYTES, schema.FLOW_BYTES_DESCRIPTION, schema.FLOW_BYTES_UNIT)
+_PACKETS_HEADER = _metric_header(
+    schema.FLOW_PACKETS, schema.FLOW_PACKETS_DESCRIPTION, schema.FLOW_PACKETS_UNIT
+)
+_SUM_TRAILER = bytes([(2 << 3) | _WIRE_VARINT, _CUMULATIVE, (3 << 3) | _WIRE_VARINT, 1])
+
+
+def _sum_metric(header: bytes, point_parts: list[bytes], points_size: int) -> list[bytes]:
+    """Metric(header, sum(7){points, CUMULATIVE, monotonic}) as parts to join (no copy of the points)."""
+    sum_len = points_size + len(_SUM_TRAILER)
+    sum_field = bytes([(7 << 3) | _WIRE_LEN]) + varint(sum_len)
+    metric_len = len(header) + len(sum_field) + sum_len
+    return [bytes([(2 << 3) | _WIRE_LEN]) + varint(metric_len), header, sum_field, *point_parts, _SUM_TRAILER]
+
+
+Attrs = Sequence[tuple[str, AttrValue]]
+
+
+def sum_metric(
+    name: str, description: str, unit: str, points: Sequence[tuple[Attrs, int, int]], time_unix_ns: int
+) -> bytes:
+    """A small monotonic cumulative Sum metric as a ScopeMetrics.metrics(2) entry: (attrs, start, value)."""
+    parts: list[bytes] = []
+    tail = _TAG_TIME + _pack_Q(time_unix_ns) + _TAG_AS_INT
+    for attrs, start, value in points:
+        head = point_head(attrs, start)
+        parts += (head.prefix, tail, _pack_q(value), head.attrs)
+    return b"".join(_sum_metric(_metric_header(name, description, unit), parts, sum(map(len, parts))))
+
+
+def gauge_metric(
+    name: str, description: str, unit: str, points: Sequence[tuple[Attrs, float]], time_unix_ns: int
+) -> bytes:
+    """A small double Gauge metric (field 5) as a ScopeMetrics.metrics(2) entry."""
+    body = b""
+    for attrs, value in points:
+        point = _TAG_TIME + _pack_Q(time_unix_ns) + _TAG_AS_DOUBLE + _pack_d(value) + attributes(7, attrs)
+        body += field_len(1, point)
+    return field_len(2, _metric_header(name, description, unit) + field_len(5, body))
+
+
+class RequestEncoder:
+    """Builds the requests of one export interval from cached point heads."""
+
+    def __init__(
+        self,
+        resource: Mapping[str, AttrValue],
+        scope_name: str,
+        scope_version: str,
+        max_points: int = 20_000,
+        max_bytes: int = 3 * 1024 * 1024,
+    ) -> None:
+        self._resource = field_len(1, attributes(1, resource.items()))
+        self._scope = field_len(1, field_len(1, scope_name.encode()) + field_len(2, scope_version.encode()))
+        # Each flow adds two points (bytes and packets); at least one flow per request.
+        self._max_flows = max(1, max_points // 2)
+        self._max_bytes = max_bytes
+
+    def encode(
+        self, flows: Sequence[FlowPoint], time_unix_ns: int, extra: Sequence[bytes] = ()
+    ) -> list[bytes]:
+        """Serialized requests for `flows` (split as needed); `extra` metrics ride in the first one."""
+        tail = _TAG_TIME + _pack_Q(time_unix_ns) + _TAG_AS_INT
+        requests: list[bytes] = []
+        start = 0
+        while start < len(flows) or not requests:
+            end, size = self._chunk_end(flows, start)
+            requests.append(self._request(flows[start:end], size, tail, extra if not requests else ()))
+            start = end
+        return requests
+
+    def _chunk_end(self, flows: Sequence[FlowPoint], start: int) -> tuple[int, int]:
+        """End index of the request starting at `start` and the size of one metric's points in it."""
+        size = 0
+        end = start
+        limit = min(len(flows), start + self._max_flows)
+        budget = self._max_bytes // 2  # the two metrics have the same size
+        while end < limit:
+            point = flows[end].head.size
+            if end > start and size + point > budget:
+                break
+            size += point
+            end += 1
+        return end, size
+
+    def _request(self, flows: Sequence[FlowPoint], size: int, tail: bytes, extra: Sequence[bytes]) -> bytes:
+        byte_parts: list[bytes] = []
+        packet_parts: list[bytes] = []
+        pack_q = _pack_q
+        for flow in flows:
+            head = flow.head
+            byte_parts += (head.prefix, tail, pack_q(flow.bytes), head.attrs)
+            packet_parts += (head.prefix, tail, pack_q(flow.packets), head.attrs)
+        metrics: list[bytes] = []
+        if flows:
+            metrics += _sum_metric(_BYTES_HEADER, byte_parts, size)
+            metrics += _sum_metric(_PACKETS_HEADER, packet_parts, size)
+        metrics += extra
+        scope_body = b"".join((self._scope, *metrics))
+        resource_metrics = self._resource + field_len(2, scope_body)
+        return field_len(1, resource_metrics)
