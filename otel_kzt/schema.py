@@ -207,3 +207,7 @@ ENRICHER_EXPORT_DROPPED: Final = "kzt_enricher_export_dropped_items"
 ENRICHER_METADATA_SYNCED: Final = "kzt_enricher_metadata_synced"
 ENRICHER_SERIES_DROPPED: Final = "kzt_enricher_series_dropped"
 ENRICHER_SERIES_ACTIVE: Final = "kzt_enricher_series_active"
+# label k8s_node_name: when each agent last reported (the "agents not reporting" alert)
+ENRICHER_AGENT_LAST_REPORT: Final = "kzt_enricher_agent_last_report_timestamp_seconds"
+ENRICHER_AGENT_LAST_REPORT_LABEL: Final = prom_label(RESOURCE_NODE_NAME)
+ENRICHER_EXPORTER_LABEL: Final = "exporter"
