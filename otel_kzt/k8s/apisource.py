@@ -1,0 +1,326 @@
+"""Metadata from the API server: list + watch of pods and nodes through the real `kubernetes` client.
+
+Responses are read raw (`_preload_content=False`) and decoded with `json.loads` into the few fields we keep:
+the client's generated models cost seconds and gigabytes at 150,000 pods. One `ApiSource` per resource:
+
+1. list in pages (`limit`/`continue`), then replace the index's view of that resource and mark it synced;
+2. watch from the list's `resourceVersion` with bookmarks (so the version we resume from stays fresh);
+3. a watch that ends normally is resumed from the last version seen; `410 Gone` (an ERROR event, or an
+   expired `continue`) means our version is older than the server's history: list again;
+4. any other error: reconnect after an exponential backoff with jitter, logged with its delay.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import urllib3
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from otel_kzt.errors import MetadataError
+from otel_kzt.k8s.decode import decode_node, decode_pod
+from otel_kzt.k8s.index import ClusterIndex
+
+log = logging.getLogger(__name__)
+
+_GONE = 410
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class WatchConfig:
+    page_size: int = 500
+    watch_timeout_s: int = 300  # the server ends each watch after this; we resume from the last version
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 120.0  # no byte (not even a bookmark) for this long: reconnect
+    initial_backoff_s: float = 0.2
+    max_backoff_s: float = 30.0
+
+
+class _Gone(Exception):
+    """Our resourceVersion is older than the server keeps: a full re-list is needed."""
+
+
+class _Resource:
+    """How to list/decode/apply one resource kind."""
+
+    def __init__(
+        self,
+        kind: str,
+        list_call: Callable[..., Any],
+        upsert: Callable[[Mapping[str, Any]], None],
+        delete: Callable[[Mapping[str, Any]], None],
+        replace: Callable[[list[Mapping[str, Any]]], None],
+    ) -> None:
+        self.kind = kind
+        self.list_call = list_call
+        self.upsert = upsert
+        self.delete = delete
+        self.replace = replace
+
+
+def pod_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
+    return _Resource(
+        "pods",
+        api.list_pod_for_all_namespaces,
+        lambda obj: index.upsert_pod(decode_pod(obj)),
+        lambda obj: index.delete_pod(decode_pod(obj).uid),
+        lambda objs: index.replace_pods(_decoded(decode_pod, objs)),
+    )
+
+
+def node_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
+    return _Resource(
+        "nodes",
+        api.list_node,
+        lambda obj: index.upsert_node(decode_node(obj)),
+        lambda obj: index.delete_node(obj["metadata"]["name"]),
+        lambda objs: index.replace_nodes(_decoded(decode_node, objs)),
+    )
+
+
+def _decoded(decode: Callable[[Mapping[str, Any]], _T], objects: list[Mapping[str, Any]]) -> list[_T]:
+    """Decode a listing; a malformed object is logged and skipped, never fatal to the whole list."""
+    out = []
+    for obj in objects:
+        try:
+            out.append(decode(obj))
+        except (KeyError, TypeError, AttributeError) as exc:
+            log.warning("skipping malformed object error=%r", exc)
+    return out
+
+
+class ApiSource:
+    """List + watch one resource into the index, in a daemon thread."""
+
+    def __init__(
+        self,
+        resource: _Resource,
+        index: ClusterIndex,
+        field_selector: str | None = None,
+        config: WatchConfig | None = None,
+    ) -> None:
+        self.name = f"api-{resource.kind}"
+        self._resource = resource
+        self._index = index
+        self._selector = field_selector
+        self._config = config or WatchConfig()
+        self._rv: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._response_lock = threading.Lock()
+        self._response: urllib3.BaseHTTPResponse | None = None
+        # Counters for tests, health and the benchmark.
+        self.lists = 0
+        self.events = 0
+        self.reconnects = 0
+        self.gone = 0
+        self.bad_objects = 0
+        index.register_source(self.name)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"kzt-metadata-{self.name}", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._abort_response()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=self._config.connect_timeout_s + 5)
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = self._config.initial_backoff_s
+        while not self._stop.is_set():
+            try:
+                if self._rv is None:
+                    self._list()
+                if self._watch():
+                    backoff = self._config.initial_backoff_s  # made progress: next failure starts small
+            except _Gone:
+                self.gone += 1
+                self._rv = None
+                log.info("resource version expired, re-listing resource=%s", self._resource.kind)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
+                if self._stop.is_set():
+                    break
+                self.reconnects += 1
+                delay = backoff * (0.5 + random.random())  # jitter: 5,000 agents must not reconnect in step
+                log.warning(
+                    "metadata watch failed, retrying resource=%s delay_s=%.2f error=%s",
+                    self._resource.kind, delay, _describe(exc),
+                )
+                self._stop.wait(delay)
+                backoff = min(backoff * 2, self._config.max_backoff_s)
+
+    def _list(self) -> None:
+        objects: list[Mapping[str, Any]] = []
+        token: str | None = None
+        rv = None
+        while True:
+            try:
+                response = self._resource.list_call(
+                    limit=self._config.page_size,
+                    _continue=token,
+                    field_selector=self._selector,
+                    _preload_content=False,
+                    _request_timeout=(self._config.connect_timeout_s, self._config.read_timeout_s),
+                )
+            except ApiException as exc:
+                if exc.status == _GONE:  # the continue token outlived the server's history
+                    raise _Gone() from exc
+                raise
+            page = json.loads(response.data)
+            objects.extend(page.get("items") or ())
+            meta = page.get("metadata") or {}
+            rv = rv or meta.get("resourceVersion")
+            token = meta.get("continue") or None
+            if token is None or self._stop.is_set():
+                break
+        self._resource.replace(objects)
+        self._rv = rv
+        self.lists += 1
+        self._index.mark_synced(self.name)
+        log.info("listed resource=%s count=%d resource_version=%s", self._resource.kind, len(objects), rv)
+
+    def _watch(self) -> bool:
+        """Stream events until the server ends the watch. True when at least one event arrived."""
+        try:
+            response = self._resource.list_call(
+                watch=True,
+                resource_version=self._rv,
+                allow_watch_bookmarks=True,
+                timeout_seconds=self._config.watch_timeout_s,
+                field_selector=self._selector,
+                _preload_content=False,
+                _request_timeout=(self._config.connect_timeout_s, self._config.read_timeout_s),
+            )
+        except ApiException as exc:
+            if exc.status == _GONE:
+                raise _Gone() from exc
+            raise
+        with self._response_lock:
+            self._response = response
+        if self._stop.is_set():
+            self._abort_response()
+        progressed = False
+        try:
+            for line in _lines(response):
+                self._apply(json.loads(line))
+                progressed = True
+        finally:
+            with self._response_lock:
+                self._response = None
+            response.release_conn()
+        return progressed
+
+    def _apply(self, event: Mapping[str, Any]) -> None:
+        kind = event.get("type")
+        obj = event.get("object") or {}
+        if kind == "ERROR":
+            if obj.get("code") == _GONE:
+                raise _Gone()
+            raise ValueError(f"watch error event: {obj.get('message') or obj}")
+        meta = obj.get("metadata") or {}
+        try:
+            if kind in ("ADDED", "MODIFIED"):
+                self._resource.upsert(obj)
+            elif kind == "DELETED":
+                self._resource.delete(obj)
+        except (KeyError, TypeError, AttributeError) as exc:
+            self.bad_objects += 1
+            log.warning("skipping malformed object resource=%s error=%r", self._resource.kind, exc)
+        self.events += 1
+        if meta.get("resourceVersion"):
+            self._rv = meta["resourceVersion"]  # BOOKMARK events carry only this
+
+    def _abort_response(self) -> None:
+        """Unblock a thread reading a watch stream (shutdown)."""
+        with self._response_lock:
+            response = self._response
+        if response is not None:
+            try:
+                response.shutdown()
+            except (OSError, AttributeError) as exc:
+                log.debug("closing watch stream failed error=%r", exc)
+
+
+def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
+    """Newline-delimited JSON events from a chunked watch response."""
+    pending = b""
+    for chunk in response.stream(65536):
+        pending += chunk
+        if b"\n" not in pending:
+            continue
+        *complete, pending = pending.split(b"\n")
+        for line in complete:
+            if line.strip():
+                yield line
+    if pending.strip():
+        yield pending
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def load_api_client(kubeconfig: str | None) -> tuple[k8s_client.ApiClient, str]:
+    """An ApiClient from an explicit kubeconfig, else in-cluster, else $KUBECONFIG / ~/.kube/config."""
+    configuration = k8s_client.Configuration()
+    try:
+        if kubeconfig:
+            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                config_file=kubeconfig, client_configuration=configuration
+            )
+            where = kubeconfig
+        else:
+            try:
+                k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
+                    client_configuration=configuration
+                )
+                where = "in-cluster"
+            except ConfigException:
+                k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+                    client_configuration=configuration
+                )
+                where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+    except (ConfigException, OSError, TypeError, ValueError) as exc:
+        raise MetadataError(
+            f"no usable Kubernetes configuration (in-cluster, kubeconfig {kubeconfig or '$KUBECONFIG'}):"
+            f" {exc} (use --kube-metadata FILE to run without an API server)"
+        ) from exc
+    return k8s_client.ApiClient(configuration), where
+
+
+def api_sources(
+    api_client: k8s_client.ApiClient,
+    index: ClusterIndex,
+    *,
+    node_name: str | None = None,
+    config: WatchConfig | None = None,
+) -> list[ApiSource]:
+    """The pod and node sources; node-scoped (agent) when `node_name` is given."""
+    api = k8s_client.CoreV1Api(api_client)
+    pod_selector = f"spec.nodeName={node_name}" if node_name else None
+    node_selector = f"metadata.name={node_name}" if node_name else None
+    return [
+        ApiSource(node_resource(api, index), index, node_selector, config),
+        ApiSource(pod_resource(api, index), index, pod_selector, config),
+    ]

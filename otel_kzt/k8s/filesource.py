@@ -1,0 +1,143 @@
+"""Metadata from a file: a Kubernetes `List` of Nodes and Pods, as `kubectl get nodes,pods -A -o yaml` prints.
+
+JSON is accepted too (`-o json`). The file is re-read when its (inode, size, mtime) changes, by `poll()` or
+by a background thread; a file that is unreadable or half-written at re-read time keeps the last good
+answers (logged), while at start it is an error, because a typo in `--kube-metadata` must not run blind.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import yaml
+
+from otel_kzt.errors import MetadataError
+from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod
+from otel_kzt.k8s.index import ClusterIndex
+from otel_kzt.k8s.model import NodeInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLL_INTERVAL_S = 2.0
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml is ~10x faster when present
+
+
+def parse_objects(text: str, origin: str = "<text>") -> tuple[list[NodeInfo], list[PodRecord]]:
+    """Nodes and pods from a YAML or JSON document (a List, a PodList/NodeList, or single objects)."""
+    try:
+        stripped = text.lstrip()
+        if stripped.startswith(("{", "[")):
+            documents: list[Any] = [json.loads(text)]
+        else:
+            documents = list(yaml.load_all(text, Loader=_YAML_LOADER))
+    except (ValueError, yaml.YAMLError) as exc:
+        raise MetadataError(f"{origin}: not valid YAML or JSON: {exc}") from exc
+    nodes: list[NodeInfo] = []
+    pods: list[PodRecord] = []
+    skipped = 0
+    for kind, obj in _objects(documents):
+        try:
+            if kind == "Pod":
+                pods.append(decode_pod(obj))
+            elif kind == "Node":
+                nodes.append(decode_node(obj))
+        except (KeyError, TypeError, AttributeError) as exc:
+            skipped += 1
+            log.warning("skipping malformed object origin=%s kind=%s error=%r", origin, kind, exc)
+    if not nodes and not pods and any(doc is not None for doc in documents) and skipped == 0:
+        log.warning("no Node or Pod objects found origin=%s", origin)
+    return nodes, pods
+
+
+def _objects(documents: list[Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    for doc in documents:
+        if isinstance(doc, list):
+            yield from _objects(doc)
+            continue
+        if not isinstance(doc, Mapping):
+            continue
+        kind = str(doc.get("kind") or "")
+        if "items" in doc and kind.endswith("List"):
+            implied = kind[: -len("List")]  # PodList -> Pod; a plain List names each item's kind
+            for item in doc.get("items") or ():
+                if isinstance(item, Mapping):
+                    yield str(item.get("kind") or implied), item
+        else:
+            yield kind, doc
+
+
+class FileSource:
+    """Feeds a `ClusterIndex` from a file; re-reads it when it changes."""
+
+    def __init__(
+        self,
+        path: str,
+        index: ClusterIndex,
+        poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+        name: str = "file",
+    ) -> None:
+        self.path = path
+        self.name = name
+        self._index = index
+        self._interval = poll_interval_s
+        self._signature: tuple[int, int, int] | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reloads = 0
+        self.failures = 0
+        index.register_source(name)
+
+    def poll(self) -> bool:
+        """Re-read the file if it changed. True when the index was refreshed.
+
+        Before the first successful read a failure raises MetadataError; afterwards it is logged and the
+        last good content keeps answering.
+        """
+        try:
+            stat = os.stat(self.path)
+            signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if signature == self._signature:
+                return False
+            with open(self.path, encoding="utf-8") as handle:
+                text = handle.read()
+            nodes, pods = parse_objects(text, self.path)
+        except (OSError, UnicodeDecodeError, MetadataError) as exc:
+            self.failures += 1
+            if self._signature is None:
+                raise MetadataError(f"--kube-metadata {self.path}: {exc}") from exc
+            log.warning("cannot re-read metadata file, keeping last content path=%s error=%s", self.path, exc)
+            return False
+        self._signature = signature
+        self._index.replace_nodes(nodes)
+        self._index.replace_pods(pods)
+        self._index.mark_synced(self.name)
+        self.reloads += 1
+        log.info("metadata file loaded path=%s nodes=%d pods=%d", self.path, len(nodes), len(pods))
+        return True
+
+    def start(self) -> None:
+        """First read now (raises MetadataError if it fails), then poll in a daemon thread."""
+        if self._thread is not None:
+            return
+        self.poll()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"kzt-metadata-{self.name}", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.poll()
+            except MetadataError as exc:  # only reachable if the first read was skipped; keep polling
+                log.warning("metadata file poll failed path=%s error=%s", self.path, exc)
