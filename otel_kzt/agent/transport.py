@@ -1,0 +1,243 @@
+"""OTLP transports that send pre-serialized `ExportMetricsServiceRequest` bytes: gRPC and http/protobuf.
+
+Both are thin: they send, read the response's partial success, and translate every failure into
+`otel_kzt.errors` at this boundary through `classify`, the one place that decides which failures are
+retried (the OTLP specification's lists; `RESOURCE_EXHAUSTED` only when the server sent `RetryInfo`).
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import logging
+import ssl
+import time
+import urllib.parse
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Protocol
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+
+from otel_kzt import __version__
+from otel_kzt.errors import ExportError, PermanentExportError, RetryableExportError
+
+log = logging.getLogger(__name__)
+
+EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+USER_AGENT = f"otel-kzt-agent/{__version__}"
+
+_RETRYABLE_GRPC = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+_RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+
+
+def classify(status: grpc.StatusCode | int, message: str, retry_after_s: float | None = None) -> ExportError:
+    """The one permanent-vs-retryable decision for a gRPC status or an HTTP status code."""
+    if isinstance(status, grpc.StatusCode):
+        retryable = status in _RETRYABLE_GRPC or (
+            status is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s is not None
+        )
+        text = f"gRPC {status.name}: {message}"
+    else:
+        retryable = status in _RETRYABLE_HTTP
+        text = f"HTTP {status}: {message}"
+    if retryable:
+        return RetryableExportError(text, retry_after_s)
+    return PermanentExportError(text)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One concrete receiver: where to connect, and the name to verify TLS against."""
+
+    url: str  # as configured or with the host replaced by a resolved address
+    server_name: str  # the configured host name (TLS verification, HTTP Host)
+    secure: bool
+
+
+class Transport(Protocol):
+    def send(self, body: bytes, timeout_s: float) -> int:
+        """Send one request; returns rejected data points (partial success). Raises ExportError."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def _partial_success(response: ExportMetricsServiceResponse, where: str) -> int:
+    partial = response.partial_success
+    if partial.rejected_data_points or partial.error_message:
+        # Not retried: the receiver has decided about these points, sending them again would not help.
+        log.warning(
+            "partial success: endpoint=%s rejected_data_points=%d message=%r",
+            where, partial.rejected_data_points, partial.error_message,
+        )
+    return int(partial.rejected_data_points)
+
+
+def _grpc_retry_delay(error: grpc.RpcError) -> float | None:
+    """The server's RetryInfo delay from the `grpc-status-details-bin` trailer, if any."""
+    trailers = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    for key, value in trailers or ():
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        status = status_pb2.Status.FromString(value)
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
+    return None
+
+
+class GrpcTransport:
+    def __init__(
+        self,
+        target: Target,
+        headers: tuple[tuple[str, str], ...],
+        compression: str,
+        ca_pem: bytes | None,
+        reconnect_max_s: float,
+    ) -> None:
+        parsed = urllib.parse.urlsplit(target.url if "://" in target.url else f"//{target.url}")
+        address = f"{parsed.hostname}:{parsed.port or 4317}"
+        if ":" in (parsed.hostname or ""):
+            address = f"[{parsed.hostname}]:{parsed.port or 4317}"
+        # A receiver that comes back must be found soon: grpc's default reconnect backoff grows to 120 s.
+        options: list[tuple[str, str | int]] = [
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.min_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", max(200, int(reconnect_max_s * 1000))),
+            ("grpc.primary_user_agent", USER_AGENT),
+            ("grpc.max_send_message_length", 64 * 1024 * 1024),
+        ]
+        if target.secure:
+            if target.server_name != parsed.hostname:
+                options.append(("grpc.ssl_target_name_override", target.server_name))
+            creds = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+            self._channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._where = target.url
+        self._metadata = headers
+        self._compression = grpc.Compression.Gzip if compression == "gzip" else grpc.Compression.NoCompression
+        self._call = self._channel.unary_unary(
+            EXPORT_METHOD,
+            request_serializer=lambda body: body,  # already serialized on the wire (encode.py)
+            response_deserializer=ExportMetricsServiceResponse.FromString,
+        )
+
+    def send(self, body: bytes, timeout_s: float) -> int:
+        try:
+            response = self._call(
+                body, timeout=timeout_s, metadata=self._metadata, compression=self._compression
+            )
+        except grpc.RpcError as exc:
+            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            raise classify(code, details or "", _grpc_retry_delay(exc)) from exc
+        return _partial_success(response, self._where)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    """Connects to a resolved address but verifies the certificate against the configured name."""
+
+    def __init__(
+        self, host: str, port: int | None, server_name: str, timeout: float, context: ssl.SSLContext
+    ) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._server_name = server_name
+        self._tls = context
+
+    def connect(self) -> None:
+        http.client.HTTPConnection.connect(self)
+        self.sock = self._tls.wrap_socket(self.sock, server_hostname=self._server_name)
+
+
+class HttpTransport:
+    def __init__(
+        self,
+        target: Target,
+        headers: tuple[tuple[str, str], ...],
+        compression: str,
+        ca_pem: bytes | None,
+    ) -> None:
+        self._url = urllib.parse.urlsplit(target.url)
+        self._target = target
+        self._headers = {
+            "Content-Type": "application/x-protobuf",
+            "User-Agent": USER_AGENT,
+            "Host": self._url.netloc.replace(self._url.hostname or "", target.server_name, 1),
+            **dict(headers),
+        }
+        self._gzip = compression == "gzip"
+        if self._gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        self._context: ssl.SSLContext | None = None
+        if target.secure:
+            self._context = ssl.create_default_context(cadata=ca_pem.decode() if ca_pem else None)
+
+    def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
+        host, port = self._url.hostname or "", self._url.port
+        if self._context is None:
+            return http.client.HTTPConnection(host, port, timeout=timeout_s)
+        name = self._target.server_name
+        return _HTTPSConnection(host, port, name, timeout=timeout_s, context=self._context)
+
+    def send(self, body: bytes, timeout_s: float) -> int:
+        payload = gzip.compress(body, compresslevel=1) if self._gzip else body
+        connection = self._connection(timeout_s)
+        try:
+            connection.request("POST", self._url.path or "/v1/metrics", payload, self._headers)
+            response = connection.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            # Refused, reset, timed out, TLS failure mid-stream: the receiver may be back next time.
+            raise RetryableExportError(f"{self._target.url}: {exc}") from exc
+        finally:
+            connection.close()
+        if response.status // 100 != 2:
+            retry_after = _retry_after(response.getheader("Retry-After"))
+            raise classify(response.status, _http_message(data), retry_after)
+        try:
+            return _partial_success(ExportMetricsServiceResponse.FromString(data), self._target.url)
+        except Exception as exc:  # protobuf raises DecodeError; a 2xx with a foreign body is still accepted
+            log.warning("unreadable OTLP response body: endpoint=%s error=%s", self._target.url, exc)
+            return 0
+
+    def close(self) -> None:
+        """Nothing held between requests (one connection per send)."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass  # not seconds: an HTTP date
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _http_message(data: bytes) -> str:
+    try:
+        return status_pb2.Status.FromString(data).message or data[:200].decode(errors="replace")
+    except Exception:  # a plain-text or HTML error page, not a google.rpc.Status
+        return data[:200].decode(errors="replace")
+
