@@ -1,0 +1,192 @@
+"""Configuration of the enricher: one frozen dataclass, defaults in one place, validation in one place.
+
+Every field has a YAML twin (the same name with `-` instead of `_` is not accepted: YAML keys are the field
+names) and most have a flag (see command.py); flags win over the file.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final
+
+from otel_kzt import schema
+from otel_kzt.configfile import check_keys, parse_duration
+from otel_kzt.errors import ConfigError
+
+PROTOCOL_GRPC: Final = "grpc"
+PROTOCOL_HTTP: Final = "http/protobuf"
+PROTOCOLS: Final = (PROTOCOL_GRPC, PROTOCOL_HTTP)
+
+DEFAULT_GRPC_ENDPOINT: Final = "0.0.0.0:4317"
+DEFAULT_HTTP_ENDPOINT: Final = "0.0.0.0:4318"
+DEFAULT_METRICS_ENDPOINT: Final = "0.0.0.0:9464"
+DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_MAX_INFLIGHT: Final = 16
+DEFAULT_MAX_SERIES: Final = 200_000
+DEFAULT_SERIES_TTL_S: Final = 600.0
+DEFAULT_EXPORT_QUEUE: Final = 1000
+DEFAULT_EXPORT_TIMEOUT_S: Final = 10.0
+DEFAULT_EXPORT_MAX_ELAPSED_S: Final = 60.0
+DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
+DEFAULT_PROVIDER: Final = "aws"
+KNOWN_FLOW_LABELS: Final = frozenset(
+    {
+        schema.SOURCE_ADDRESS,
+        schema.DESTINATION_ADDRESS,
+        schema.SOURCE_PORT,
+        schema.DESTINATION_PORT,
+        schema.NETWORK_TYPE,
+        schema.NETWORK_TRANSPORT,
+        schema.TRAFFIC_CLASS,
+        *(schema.end_attr(end, s) for end in (schema.SOURCE, schema.DESTINATION) for s in schema.END_SUFFIXES),
+    }
+)
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    """One downstream OTLP endpoint with its own queue, retries and headers."""
+
+    endpoint: str
+    protocol: str = PROTOCOL_GRPC
+    headers: tuple[tuple[str, str], ...] = ()
+    queue_size: int = DEFAULT_EXPORT_QUEUE
+    timeout_s: float = DEFAULT_EXPORT_TIMEOUT_S
+    max_elapsed_s: float = DEFAULT_EXPORT_MAX_ELAPSED_S
+    insecure: bool = True  # plain-text gRPC unless the URL is https://
+
+
+@dataclass(frozen=True)
+class EnricherConfig:
+    grpc_endpoint: str = DEFAULT_GRPC_ENDPOINT  # "" disables the receiver
+    http_endpoint: str = DEFAULT_HTTP_ENDPOINT
+    metrics_endpoint: str = DEFAULT_METRICS_ENDPOINT
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_inflight_requests: int = DEFAULT_MAX_INFLIGHT
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    bearer_token: str | None = None
+    exporters: tuple[ExporterConfig, ...] = ()
+    kube_metadata: str | None = None
+    kubeconfig: str | None = None
+    cluster_cidrs: tuple[str, ...] = ()
+    max_series: int = DEFAULT_MAX_SERIES
+    series_ttl_s: float = DEFAULT_SERIES_TTL_S
+    flow_aggregation: tuple[str, ...] = schema.DEFAULT_FLOW_AGGREGATION
+    prices_file: str | None = None  # None: the built-in table (config/prices.yaml's twin)
+    default_provider: str = DEFAULT_PROVIDER
+    flow_logs_stdout: bool = True
+    flow_logs_otlp: bool = True
+    shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+
+    def validate(self) -> EnricherConfig:
+        """Raise ConfigError naming the first bad field; return self for chaining."""
+        for name in ("grpc_endpoint", "http_endpoint", "metrics_endpoint"):
+            value = getattr(self, name)
+            if value:
+                split_host_port(value, name)
+        _positive(self.max_request_bytes, "max_request_bytes")
+        _positive(self.max_inflight_requests, "max_inflight_requests")
+        _positive(self.max_series, "max_series")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigError("tls_cert_file", "tls_cert_file and tls_key_file go together")
+        for cidr in self.cluster_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError("cluster_cidrs", f"not a CIDR: {cidr!r}") from exc
+        for attr in self.flow_aggregation:
+            if attr not in KNOWN_FLOW_LABELS:
+                raise ConfigError("flow_aggregation", f"unknown attribute {attr!r}")
+        for i, exp in enumerate(self.exporters):
+            where = f"exporters[{i}]"
+            if exp.protocol not in PROTOCOLS:
+                raise ConfigError(f"{where}.protocol", f"expected one of {', '.join(PROTOCOLS)}")
+            if not exp.endpoint.startswith(("http://", "https://")) and exp.protocol == PROTOCOL_HTTP:
+                raise ConfigError(f"{where}.endpoint", f"an http/protobuf endpoint is a URL: {exp.endpoint!r}")
+            _positive(exp.queue_size, f"{where}.queue_size")
+        return self
+
+
+def default_config() -> EnricherConfig:
+    return EnricherConfig()
+
+
+def _positive(value: int, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(name, f"must be a positive integer, got {value!r}")
+
+
+def split_host_port(value: str, name: str) -> tuple[str, int]:
+    """`host:port`, `:port` or `[v6]:port` -> (host, port); port 0 picks a free port (tests)."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigError(name, f"expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port_text)
+
+
+_DURATIONS: Final = {"series_ttl_s": "series_ttl", "shutdown_timeout_s": "shutdown_timeout"}
+
+
+def from_mapping(data: Mapping[str, Any], base: EnricherConfig | None = None) -> EnricherConfig:
+    """Build a config from YAML keys (durations as `series_ttl: 10m`, exporters as a list of mappings)."""
+    base = base or default_config()
+    allowed = {f.name for f in fields(EnricherConfig)} - set(_DURATIONS) | set(_DURATIONS.values())
+    check_keys(data, allowed, "")
+    values: dict[str, Any] = {}
+    for key, raw in data.items():
+        if key in _DURATIONS.values():
+            attr = next(a for a, y in _DURATIONS.items() if y == key)
+            values[attr] = parse_duration(raw, key)
+        elif key == "exporters":
+            values[key] = tuple(_exporter(e, f"exporters[{i}]") for i, e in enumerate(raw or ()))
+        elif key in ("cluster_cidrs", "flow_aggregation"):
+            if not isinstance(raw, list | tuple):
+                raise ConfigError(key, "expected a list")
+            values[key] = tuple(str(v) for v in raw)
+        else:
+            values[key] = _typed(key, raw)
+    return replace(base, **values)
+
+
+def _typed(key: str, raw: Any) -> Any:
+    """Check a scalar YAML value against the dataclass default's type."""
+    default = getattr(default_config(), key)
+    if raw is None:
+        return None
+    if isinstance(default, bool) or key.startswith("flow_logs"):
+        if not isinstance(raw, bool):
+            raise ConfigError(key, f"expected true or false, got {raw!r}")
+        return raw
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(key, f"expected an integer, got {raw!r}")
+        return raw
+    if not isinstance(raw, str | int):
+        raise ConfigError(key, f"expected a string, got {raw!r}")
+    return str(raw)
+
+
+def _exporter(raw: Any, where: str) -> ExporterConfig:
+    if isinstance(raw, str):
+        return ExporterConfig(endpoint=raw)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(where, "expected a URL or a mapping with `endpoint`")
+    allowed = {"endpoint", "protocol", "headers", "queue_size", "timeout", "max_elapsed", "insecure"}
+    check_keys(raw, allowed, where)
+    if "endpoint" not in raw:
+        raise ConfigError(f"{where}.endpoint", "required")
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, Mapping):
+        raise ConfigError(f"{where}.headers", "expected a mapping of header: value")
+    return ExporterConfig(
+        endpoint=str(raw["endpoint"]),
+        protocol=str(raw.get("protocol", PROTOCOL_GRPC)),
+        headers=tuple((str(k).lower(), str(v)) for k, v in headers.items()),
+        queue_size=raw.get("queue_size", DEFAULT_EXPORT_QUEUE),
+        timeout_s=parse_duration(raw.get("timeout", DEFAULT_EXPORT_TIMEOUT_S), f"{where}.timeout"),
+        max_elapsed_s=parse_duration(raw.get("max_elapsed", DEFAULT_EXPORT_MAX_ELAPSED_S), f"{where}.max_elapsed"),
+        insecure=bool(raw.get("insecure", True)),
+    )

@@ -1,0 +1,119 @@
+"""Attribute resolution: both ends of a flow -> pod, namespace, node, workload, zone, region, traffic class.
+
+Pure logic over the MetadataIndex seam. The core calls `Resolver.resolve` once per series and metadata
+generation and caches the answer, so nothing here needs to be fast per data point; what it returns is
+shaped so the per-point path can reuse it cheaply (the added attributes pre-serialised as protobuf).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
+
+from otel_kzt import schema
+from otel_kzt.k8s.model import Endpoint, MetadataIndex, NodeInfo
+from otel_kzt.schema import TrafficClass
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """What one series resolves to while the metadata generation is unchanged."""
+
+    added: tuple[tuple[str, str], ...]  # attributes the enricher adds (never overriding the sender's)
+    extra: bytes  # `added` serialised as NumberDataPoint.attributes, appended with MergeFromString
+    attrs: Mapping[str, str]  # every attribute after enrichment (aggregation labels, flow logs)
+    traffic_class: TrafficClass
+    provider: str | None  # cloud provider of the source node (price table choice)
+
+
+@dataclass(frozen=True, slots=True)
+class _End:
+    endpoint: Endpoint | None
+    node: NodeInfo | None
+
+
+class Resolver:
+    def __init__(self, index: MetadataIndex, cluster_cidrs: Sequence[str] = ()) -> None:
+        self._index = index
+        self._cidrs: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cluster_cidrs)
+
+    def resolve(self, given: Mapping[str, str], ready: bool) -> Resolved:
+        """Enrich one series' attributes; `ready` False (metadata not synced) marks it unknown."""
+        src_addr = given.get(schema.SOURCE_ADDRESS, "")
+        dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
+        src = self._end(src_addr) if ready else _End(None, None)
+        dst = self._end(dst_addr) if ready else _End(None, None)
+        cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN
+        computed = [*_end_attrs(schema.SOURCE, src), *_end_attrs(schema.DESTINATION, dst)]
+        computed.append((schema.TRAFFIC_CLASS, cls.value))
+        added = tuple((k, v) for k, v in computed if k not in given)
+        holder = NumberDataPoint()
+        for key, value in added:
+            kv = holder.attributes.add()
+            kv.key = key
+            kv.value.string_value = value
+        attrs = dict(given)
+        attrs.update(added)
+        provider = src.node.provider if src.node is not None else None
+        return Resolved(added, holder.SerializeToString(), attrs, cls, provider)
+
+    def _end(self, address: str) -> _End:
+        endpoint = self._index.lookup(address) if address else None
+        node = None
+        if endpoint is not None and endpoint.node_name:
+            node = self._index.node(endpoint.node_name)
+        return _End(endpoint, node)
+
+    def classify(self, src: _End, dst: _End, src_addr: str, dst_addr: str) -> TrafficClass:
+        for end, address in ((src, src_addr), (dst, dst_addr)):
+            if end.endpoint is None:
+                # Neither pod nor node: outside the cluster, unless the address is in a cluster range
+                # (a pod we have not seen yet, a service VIP): then we do not know.
+                return TrafficClass.UNKNOWN if self._in_cluster(address) else TrafficClass.EXTERNAL
+        assert src.endpoint is not None and dst.endpoint is not None
+        if src.endpoint.node_name and src.endpoint.node_name == dst.endpoint.node_name:
+            return TrafficClass.SAME_NODE
+        if src.node is None or dst.node is None or src.node.zone is None or dst.node.zone is None:
+            return TrafficClass.UNKNOWN
+        if src.node.region and dst.node.region and src.node.region != dst.node.region:
+            return TrafficClass.CROSS_REGION
+        if src.node.zone != dst.node.zone:
+            return TrafficClass.CROSS_ZONE
+        return TrafficClass.SAME_ZONE
+
+    def _in_cluster(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._cidrs)
+
+
+def _end_attrs(end: str, info: _End) -> list[tuple[str, str]]:
+    ep = info.endpoint
+    if ep is None:
+        return []
+    out: list[tuple[str, str]] = []
+    if not ep.is_node:
+        out += [
+            (schema.end_attr(end, schema.POD_NAME), ep.pod_name or ""),
+            (schema.end_attr(end, schema.NAMESPACE_NAME), ep.namespace or ""),
+            (schema.end_attr(end, schema.POD_UID), ep.pod_uid or ""),
+        ]
+    if ep.node_name:
+        out.append((schema.end_attr(end, schema.NODE_NAME), ep.node_name))
+    out += [
+        (schema.end_attr(end, schema.WORKLOAD_KIND), ep.workload_kind.value),
+        (schema.end_attr(end, schema.WORKLOAD_NAME), ep.workload_name),
+    ]
+    if info.node is not None and info.node.zone:
+        out.append((schema.end_attr(end, schema.AVAILABILITY_ZONE), info.node.zone))
+    if info.node is not None and info.node.region:
+        out.append((schema.end_attr(end, schema.REGION), info.node.region))
+    # Empty values (a pod without a uid in a file fixture) say nothing: leave them out.
+    return [(k, v) for k, v in out if v]

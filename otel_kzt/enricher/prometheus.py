@@ -1,0 +1,177 @@
+"""Prometheus exposition: aggregated monotonic counters (DESIGN §4) and the enricher's own health.
+
+`Aggregates` holds plain dicts label-tuple -> total. The core adds increments under `lock`; the custom
+collector copies the dicts under the same lock and builds the exposition outside it. Everything is
+registered on an explicit CollectorRegistry (no global state).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from otel_kzt import schema
+from otel_kzt.enricher.enrich import Resolved
+from otel_kzt.schema import TrafficClass
+
+Totals = dict[tuple[str, ...], float]
+# One place an increment of a series goes: (totals dict, label values, multiplier).
+Target = tuple[Totals, tuple[str, ...], float]
+
+_CROSS_ZONE_CLASSES: Final = frozenset({TrafficClass.CROSS_ZONE, TrafficClass.CROSS_REGION})
+
+
+class Aggregates:
+    """Counters that only go up: each is the sum of the increments of its member series."""
+
+    def __init__(self, flow_labels: Sequence[str]) -> None:
+        self.lock = threading.Lock()
+        self.flow_labels = tuple(flow_labels)
+        self.flow_bytes: Totals = {}
+        self.flow_packets: Totals = {}
+        self.pod_cross_zone: Totals = {}
+        self.zone_bytes: Totals = {}
+        self.cost: Totals = {}
+        self.agent_last_report: dict[str, float] = {}
+
+    def targets(self, metric: str, resolved: Resolved, usd_per_byte: float) -> tuple[Target, ...]:
+        """Where increments of one series go; computed once per series and metadata generation."""
+        attrs = resolved.attrs
+        flow_key = tuple(attrs.get(a, "") for a in self.flow_labels)
+        if metric == schema.FLOW_PACKETS:
+            return ((self.flow_packets, flow_key, 1.0),)
+        out: list[Target] = [(self.flow_bytes, flow_key, 1.0)]
+        src_zone, dst_zone = attrs.get(schema.SOURCE_ZONE), attrs.get(schema.DESTINATION_ZONE)
+        if src_zone and dst_zone:
+            out.append((self.zone_bytes, (src_zone, dst_zone), 1.0))
+        pod, namespace = attrs.get(schema.SOURCE_POD_NAME), attrs.get(schema.SOURCE_NAMESPACE_NAME)
+        if resolved.traffic_class in _CROSS_ZONE_CLASSES and pod and namespace:
+            out.append((self.pod_cross_zone, (namespace, pod), 1.0))
+        if resolved.traffic_class in schema.BILLED_CLASSES and usd_per_byte > 0:
+            cost_key = (
+                attrs.get(schema.SOURCE_NAMESPACE_NAME, ""),
+                attrs.get(schema.SOURCE_WORKLOAD_KIND, ""),
+                attrs.get(schema.SOURCE_WORKLOAD_NAME, ""),
+                resolved.traffic_class.value,
+            )
+            out.append((self.cost, cost_key, usd_per_byte))
+        return tuple(out)
+
+    def retain(self, live: Sequence[tuple[Target, ...]], agents_since: float) -> None:
+        """Drop aggregate entries no live series feeds any more, and agents silent since `agents_since`.
+
+        Caller holds `lock`. Entries with live members keep their totals, so counters never go back.
+        """
+        keep: dict[int, set[tuple[str, ...]]] = {}
+        for targets in live:
+            for totals, key, _ in targets:
+                keep.setdefault(id(totals), set()).add(key)
+        for totals in (self.flow_bytes, self.flow_packets, self.pod_cross_zone, self.zone_bytes, self.cost):
+            wanted = keep.get(id(totals), set())
+            for key in [k for k in totals if k not in wanted]:
+                del totals[key]
+        for node in [n for n, t in self.agent_last_report.items() if t < agents_since]:
+            del self.agent_last_report[node]
+
+    def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:
+        with self.lock:
+            return {
+                "flow_bytes": dict(self.flow_bytes),
+                "flow_packets": dict(self.flow_packets),
+                "pod_cross_zone": dict(self.pod_cross_zone),
+                "zone_bytes": dict(self.zone_bytes),
+                "cost": dict(self.cost),
+                "agents": {(n,): t for n, t in self.agent_last_report.items()},
+            }
+
+
+class AggregatesCollector(Collector):
+    """Builds the DESIGN §4 families from a snapshot taken under the lock."""
+
+    def __init__(self, aggregates: Aggregates) -> None:
+        self._agg = aggregates
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._agg.snapshot()
+        flow_labels = [schema.prom_label(a) for a in self._agg.flow_labels]
+        yield _counter(
+            schema.PROM_POD_CROSS_ZONE_BYTES,
+            "Bytes each source pod sent to another availability zone (kubezonnet compatible)",
+            schema.PROM_POD_CROSS_ZONE_LABELS,
+            snap["pod_cross_zone"],
+        )
+        yield _counter(schema.PROM_FLOW_BYTES, "IP bytes sent, aggregated", flow_labels, snap["flow_bytes"])
+        yield _counter(schema.PROM_FLOW_PACKETS, "IP packets sent, aggregated", flow_labels, snap["flow_packets"])
+        yield _counter(
+            schema.PROM_ZONE_TRAFFIC_BYTES,
+            "IP bytes sent from one availability zone to another",
+            schema.PROM_ZONE_TRAFFIC_LABELS,
+            snap["zone_bytes"],
+        )
+        yield _counter(
+            schema.PROM_ESTIMATED_COST,
+            "Estimated data transfer cost in US dollars (price table per traffic class and provider)",
+            schema.PROM_ESTIMATED_COST_LABELS,
+            snap["cost"],
+        )
+        gauge = GaugeMetricFamily(
+            schema.ENRICHER_AGENT_LAST_REPORT,
+            "Unix time of the last OTLP request from each agent (by resource k8s.node.name)",
+            labels=[schema.ENRICHER_AGENT_LAST_REPORT_LABEL],
+        )
+        for key, value in sorted(snap["agents"].items()):
+            gauge.add_metric(list(key), value)
+        yield gauge
+
+
+def _counter(name: str, doc: str, labels: Sequence[str], totals: Mapping[tuple[str, ...], float]) -> Metric:
+    family = CounterMetricFamily(name, doc, labels=list(labels))
+    for key, value in sorted(totals.items()):
+        family.add_metric(list(key), value)
+    return family
+
+
+class HealthMetrics:
+    """The enricher's own counters, on the same explicit registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.received = Counter(
+            schema.ENRICHER_RECEIVED_POINTS, "Data points received over OTLP", registry=registry
+        )
+        self.rejected = Counter(
+            schema.ENRICHER_REJECTED_POINTS,
+            "Data points rejected (partial success): NaN, negative, missing addresses, wrong kind",
+            registry=registry,
+        )
+        self.export_failures = Counter(
+            schema.ENRICHER_EXPORT_FAILURES,
+            "Failed export attempts per downstream exporter",
+            [schema.ENRICHER_EXPORTER_LABEL],
+            registry=registry,
+        )
+        self.export_dropped = Counter(
+            schema.ENRICHER_EXPORT_DROPPED,
+            "Requests dropped per downstream exporter (queue full, permanent error, retries exhausted)",
+            [schema.ENRICHER_EXPORTER_LABEL],
+            registry=registry,
+        )
+        self.series_dropped = Counter(
+            schema.ENRICHER_SERIES_DROPPED,
+            "Data points of series not tracked for /metrics because the series cap was reached",
+            registry=registry,
+        )
+        self.metadata_synced = Gauge(
+            schema.ENRICHER_METADATA_SYNCED, "1 once Kubernetes metadata has synced", registry=registry
+        )
+        self.series_active = Gauge(
+            schema.ENRICHER_SERIES_ACTIVE, "Series tracked for /metrics aggregation", registry=registry
+        )
+
+    def bind(self, synced: Callable[[], bool], active: Callable[[], int]) -> None:
+        self.metadata_synced.set_function(lambda: 1.0 if synced() else 0.0)
+        self.series_active.set_function(lambda: float(active()))
