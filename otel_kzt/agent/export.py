@@ -1,0 +1,201 @@
+"""Sending one interval's requests: receiver choice, retries with backoff, and failover.
+
+Receiver choice (scale-out of the enricher): `--otlp-endpoint` may list several endpoints, comma separated,
+and each endpoint's host may be a DNS name that resolves to several addresses (a headless Service). The
+candidates are ranked by rendezvous hashing (highest random weight) of `node name + candidate`, so every
+agent writes to one receiver (single writer per series: the enricher's cumulative state stays in one
+place), the choice is stable while the set is unchanged, and adding or removing one receiver moves only
+the agents that hashed to it. When the chosen receiver is unreachable, the agent fails over to the next
+ranked one; a candidate that failed is skipped for `down_s`, after which it is tried first again, so an
+agent returns to its own receiver when it is back. Names are re-resolved each interval.
+
+Retries: only what `transport.classify` calls retryable is retried, with exponential backoff and full
+jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
+request dropped. Nothing queues: an interval's retries end at its deadline (the next interval), and the
+next interval's snapshot, which carries the cumulative totals, replaces what was not delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import socket
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from otel_kzt.agent.config import GRPC, OtlpConfig
+from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
+from otel_kzt.errors import ConfigError, PermanentExportError, RetryableExportError
+
+log = logging.getLogger(__name__)
+
+INITIAL_BACKOFF_S = 0.5
+MAX_BACKOFF_S = 30.0
+DOWN_S = 30.0
+
+Resolver = Callable[[str, int], list[str]]
+TransportFactory = Callable[[Target], Transport]
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address a host name resolves to (IP literals resolve to themselves)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def rendezvous_rank(node_name: str, candidates: Sequence[Target]) -> list[Target]:
+    """Candidates, most preferred first, by highest random weight of (node, candidate)."""
+
+    def weight(target: Target) -> bytes:
+        return hashlib.blake2b(f"{node_name}\0{target.url}".encode(), digest_size=8).digest()
+
+    return sorted(candidates, key=weight, reverse=True)
+
+
+def expand(endpoints: Sequence[str], secure_default: bool, resolver: Resolver) -> list[Target]:
+    """Endpoints -> targets; a name resolving to several addresses becomes one target per address."""
+    targets: list[Target] = []
+    for endpoint in endpoints:
+        url = endpoint if "://" in endpoint else f"//{endpoint}"
+        parsed = urllib.parse.urlsplit(url)
+        host = parsed.hostname or ""
+        secure = parsed.scheme == "https" or (parsed.scheme == "" and secure_default)
+        port = parsed.port or (443 if secure and parsed.scheme else 4317)
+        try:
+            addresses = resolver(host, port)
+        except OSError as exc:
+            log.warning("cannot resolve receiver: host=%s error=%s", host, exc)
+            addresses = []
+        if len(addresses) <= 1:
+            targets.append(Target(endpoint, host, secure))
+            continue
+        for address in addresses:
+            netloc = f"[{address}]" if ":" in address else address
+            netloc += f":{parsed.port}" if parsed.port else ""
+            targets.append(Target(urllib.parse.urlunsplit(parsed._replace(netloc=netloc)), host, secure))
+    return targets
+
+
+@dataclass(slots=True)
+class ExportResult:
+    sent: int = 0  # requests accepted (possibly partially)
+    failed: int = 0  # requests not delivered (permanent error or deadline)
+    rejected_points: int = 0  # partial success
+
+
+class Exporter:
+    """Sends request bytes to the preferred reachable receiver; safe to `close()` twice."""
+
+    def __init__(
+        self,
+        config: OtlpConfig,
+        node_name: str,
+        *,
+        transport_factory: TransportFactory | None = None,
+        resolver: Resolver = resolve,
+        down_s: float = DOWN_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+    ) -> None:
+        self._config = config
+        self._node = node_name
+        self._resolver = resolver
+        self._down_s = down_s
+        self._max_backoff_s = max_backoff_s
+        self._factory = transport_factory or self._default_factory
+        self._transports: dict[Target, Transport] = {}
+        self._down_until: dict[Target, float] = {}
+        self._ca = _read_ca(config.certificate)
+        self._lock = threading.Lock()
+
+    def _default_factory(self, target: Target) -> Transport:
+        cfg = self._config
+        if cfg.protocol == GRPC:
+            return GrpcTransport(target, cfg.headers, cfg.compression, self._ca, reconnect_max_s=2.0)
+        return HttpTransport(target, cfg.headers, cfg.compression, self._ca)
+
+    def ranked_targets(self) -> list[Target]:
+        """This interval's candidates: resolved now, most preferred first, recently failed ones last."""
+        targets = rendezvous_rank(self._node, expand(self._config.endpoints, not self._config.insecure,
+                                                     self._resolver))
+        now = time.monotonic()
+        for gone in set(self._transports) - set(targets):
+            self._transports.pop(gone).close()
+        return sorted(targets, key=lambda t: self._down_until.get(t, 0.0) > now)  # stable: keeps rank
+
+    def export(self, requests: Sequence[bytes], deadline: float, stop: threading.Event) -> ExportResult:
+        """Deliver `requests` (in order) before the monotonic `deadline`, or until `stop` is set."""
+        result = ExportResult()
+        with self._lock:
+            targets = self.ranked_targets()
+            for body in requests:
+                if self._deliver(body, targets, deadline, stop, result):
+                    result.sent += 1
+                else:
+                    result.failed += 1
+        return result
+
+    def _deliver(
+        self, body: bytes, targets: list[Target], deadline: float, stop: threading.Event, result: ExportResult
+    ) -> bool:
+        attempt = 0
+        while True:
+            retry_after = 0.0
+            for target in list(targets):
+                timeout = min(self._config.timeout_s, deadline - time.monotonic())
+                if timeout <= 0:
+                    break
+                try:
+                    result.rejected_points += self._transport(target).send(body, timeout)
+                except PermanentExportError as exc:
+                    log.error("export dropped (permanent): endpoint=%s bytes=%d error=%s", target.url,
+                              len(body), exc)
+                    return False
+                except RetryableExportError as exc:
+                    self._down_until[target] = time.monotonic() + self._down_s
+                    retry_after = max(retry_after, exc.retry_after_s or 0.0)
+                    log.warning("export failed, trying next receiver: endpoint=%s error=%s", target.url, exc)
+                    continue
+                self._down_until.pop(target, None)
+                targets.remove(target)
+                targets.insert(0, target)  # the rest of this interval goes where it worked
+                return True
+            delay = max(retry_after, self._backoff(attempt))
+            if time.monotonic() + delay >= deadline:
+                log.error("export not delivered before the next interval; the next one carries the totals: "
+                          "bytes=%d attempts=%d", len(body), attempt + 1)
+                return False
+            log.info("export retry: attempt=%d delay_s=%.2f", attempt + 1, delay)
+            if stop.wait(delay):
+                return False
+            attempt += 1
+
+    def _backoff(self, attempt: int) -> float:
+        # Jitter on an exponential ceiling: agents that lost the same receiver do not retry in step.
+        ceiling = min(self._max_backoff_s, INITIAL_BACKOFF_S * 2**attempt)
+        return random.uniform(ceiling / 2, ceiling)
+
+    def _transport(self, target: Target) -> Transport:
+        transport = self._transports.get(target)
+        if transport is None:
+            transport = self._transports[target] = self._factory(target)
+        return transport
+
+    def close(self) -> None:
+        with self._lock:
+            for transport in self._transports.values():
+                transport.close()
+            self._transports.clear()
+
+
+def _read_ca(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError("otlp_certificate", f"cannot read {path}: {exc.strerror}") from exc

@@ -1,0 +1,146 @@
+"""The agent's interval loop: snapshot the flow map, keep the local flows, encode, export, evict idle flows.
+
+One pass (`export_once`) per interval. Nothing is queued between passes: a pass that cannot deliver before
+the next tick gives up, and the next snapshot, whose cumulative values include everything, replaces it.
+
+Idle flows: a flow whose last packet is older than the idle timeout is exported one final time; once that
+export was delivered it is evicted from the kernel map (the datapath's evict cannot lose a racing byte: a
+flow that sends again comes back as a new series with a new start time) and forgotten. Flows that are not
+ours (forwarded, arriving) are evicted when idle too, without export, so they do not fill the map.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+from otel_kzt import __version__, schema
+from otel_kzt.agent.config import AgentConfig
+from otel_kzt.agent.encode import AttrValue, FlowPoint, RequestEncoder
+from otel_kzt.agent.export import ExportResult
+from otel_kzt.agent.flows import FlowKey, FlowReader, Snapshot
+from otel_kzt.agent.local import LocalFlows
+from otel_kzt.agent.telemetry import AgentStats, telemetry_metrics
+from otel_kzt.errors import DatapathError
+from otel_kzt.k8s.model import MetadataIndex
+
+log = logging.getLogger(__name__)
+
+SCOPE_NAME = "otel-kzt/agent"
+
+
+class FlowSource(FlowReader, Protocol):
+    """The datapath as the loop uses it: read cumulative counters, evict idle flows."""
+
+    def evict(self, keys: Iterable[FlowKey]) -> int: ...
+
+
+class Sender(Protocol):
+    def export(self, requests: list[bytes], deadline: float, stop: threading.Event) -> ExportResult: ...
+
+
+def resource_attributes(config: AgentConfig, host_name: str) -> dict[str, AttrValue]:
+    resource: dict[str, AttrValue] = {
+        schema.SERVICE_NAME: schema.AGENT_SERVICE_NAME,
+        schema.SERVICE_VERSION: __version__,
+        schema.RESOURCE_NODE_NAME: config.node_name,
+        schema.HOST_NAME: host_name,
+    }
+    if config.cluster_name:
+        resource[schema.CLUSTER_NAME] = config.cluster_name
+    return resource
+
+
+class AgentService:
+    def __init__(
+        self,
+        config: AgentConfig,
+        source: FlowSource,
+        sender: Sender,
+        local: LocalFlows,
+        index: MetadataIndex | None,
+        *,
+        host_name: str,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._config = config
+        self._source = source
+        self._sender = sender
+        self._local = local
+        self._index = index
+        self._clock_ns = clock_ns
+        self.stats = AgentStats(clock_ns())
+        self._encoder = RequestEncoder(
+            resource_attributes(config, host_name),
+            SCOPE_NAME,
+            __version__,
+            max_points=config.otlp.max_points_per_request,
+            max_bytes=config.otlp.max_request_bytes,
+        )
+
+    def export_once(self, deadline: float, stop: threading.Event) -> ExportResult:
+        """One interval: snapshot -> local flows -> requests -> export -> evict what went idle."""
+        started = time.monotonic()
+        try:
+            snapshot = self._source.snapshot()
+        except DatapathError as exc:
+            log.error("cannot read the flow map: error=%s", exc)
+            return ExportResult(failed=1)
+        self._local.refresh()
+        heads = self._local.heads(snapshot.flows)
+        idle_before = snapshot.taken_unix_ns - int(self._config.idle_timeout_s * 1e9)
+        points: list[FlowPoint] = []
+        idle_ours: list[FlowKey] = []
+        idle_other: list[FlowKey] = []
+        for key, counters in snapshot.flows.items():
+            head = heads.get(key)
+            idle = counters.last_seen_unix_ns < idle_before
+            if head is not None:
+                points.append(FlowPoint(head, counters.bytes, counters.packets))
+                if idle:
+                    idle_ours.append(key)
+            elif idle:
+                idle_other.append(key)
+        extra = self._telemetry(snapshot, len(points))
+        requests = self._encoder.encode(points, snapshot.taken_unix_ns, extra)
+        result = self._sender.export(requests, deadline, stop)
+        duration = time.monotonic() - started
+        self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
+        log.info(
+            "export: flows=%d local=%d requests=%d sent=%d failed=%d duration_s=%.3f",
+            len(snapshot.flows), len(points), len(requests), result.sent, result.failed, duration,
+        )
+        # A local flow's final value must have reached the receiver before the flow is forgotten.
+        self._evict(idle_other + (idle_ours if result.failed == 0 else []))
+        return result
+
+    def _telemetry(self, snapshot: Snapshot, exported: int) -> list[bytes]:
+        synced = self._index.ready() if self._index is not None else False
+        return telemetry_metrics(
+            self.stats.view(), self.stats.started_unix_ns, snapshot, exported=exported, metadata_synced=synced
+        )
+
+    def _evict(self, keys: list[FlowKey]) -> None:
+        if not keys:
+            return
+        try:
+            evicted = self._source.evict(keys)
+        except DatapathError as exc:
+            log.error("cannot evict idle flows: count=%d error=%s", len(keys), exc)
+            return
+        self.stats.record_evicted(evicted)
+        log.debug("evicted idle flows: asked=%d evicted=%d", len(keys), evicted)
+
+    def run(self, stop: threading.Event) -> None:
+        """Export every interval until `stop` is set, then one final export (no retries)."""
+        interval = self._config.interval_s
+        tick = time.monotonic() + interval
+        while not stop.wait(max(0.0, tick - time.monotonic())):
+            # Retries of this pass end where the next pass begins: the next snapshot supersedes this one.
+            self.export_once(tick + interval, stop)
+            tick = max(tick + interval, time.monotonic())
+        final = self.export_once(time.monotonic() + self._config.otlp.timeout_s, stop)
+        log.info("final export on shutdown: sent=%d failed=%d", final.sent, final.failed)

@@ -1,0 +1,87 @@
+"""The agent's own health, sent as extra OTLP metrics in its export requests.
+
+A few metrics (flows tracked, map fill, overflow, exports, export duration, metadata sync) do not need the
+OpenTelemetry SDK: they are counted here and serialized with the flow metrics, so every OTLP backend, and
+the enricher (which passes unknown metrics through), sees them next to the data they describe.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from otel_kzt import schema
+from otel_kzt.agent.encode import gauge_metric, sum_metric
+from otel_kzt.agent.flows import Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class StatsView:
+    exports_ok: int
+    exports_failed: int
+    rejected_points: int
+    flows_evicted: int
+    last_export_duration_s: float
+
+
+class AgentStats:
+    """Counters of the export loop; updated from the loop thread, read when a request is built."""
+
+    def __init__(self, started_unix_ns: int) -> None:
+        self.started_unix_ns = started_unix_ns
+        self._lock = threading.Lock()
+        self._ok = self._failed = self._rejected = self._evicted = 0
+        self._duration = 0.0
+
+    def record_export(self, ok: int, failed: int, rejected_points: int, duration_s: float) -> None:
+        with self._lock:
+            self._ok += ok
+            self._failed += failed
+            self._rejected += rejected_points
+            self._duration = duration_s
+
+    def record_evicted(self, count: int) -> None:
+        with self._lock:
+            self._evicted += count
+
+    def view(self) -> StatsView:
+        with self._lock:
+            return StatsView(self._ok, self._failed, self._rejected, self._evicted, self._duration)
+
+
+def telemetry_metrics(
+    stats: StatsView,
+    started_unix_ns: int,
+    snapshot: Snapshot,
+    *,
+    exported: int,
+    metadata_synced: bool,
+) -> list[bytes]:
+    """ScopeMetrics.metrics entries for the agent's health at the snapshot's time."""
+    start = started_unix_ns
+    time_unix_ns = snapshot.taken_unix_ns
+    exported_flows = exported
+    fill = len(snapshot.flows) / snapshot.capacity if snapshot.capacity else 0.0
+    return [
+        gauge_metric(schema.OTLP_AGENT_FLOWS_TRACKED, "flows in the kernel flow map", "{flow}",
+                     [((), float(len(snapshot.flows)))], time_unix_ns),
+        gauge_metric(schema.OTLP_AGENT_FLOWS_EXPORTED, "local flows in this export", "{flow}",
+                     [((), float(exported_flows))], time_unix_ns),
+        gauge_metric(schema.OTLP_AGENT_MAP_FILL_RATIO, "flows tracked / flow map capacity", "1",
+                     [((), fill)], time_unix_ns),
+        # The overflow counters live in pinned maps that outlive the process: no start time is known,
+        # the process start is the honest lower bound of "since when" for a reader.
+        sum_metric(schema.OTLP_AGENT_OVERFLOW_BYTES, "bytes of flows that did not fit in the map", "By",
+                   [((), start, snapshot.overflow_bytes)], time_unix_ns),
+        sum_metric(schema.OTLP_AGENT_OVERFLOW_PACKETS, "packets of flows that did not fit in the map",
+                   "{packet}", [((), start, snapshot.overflow_packets)], time_unix_ns),
+        sum_metric(schema.OTLP_AGENT_FLOWS_EVICTED, "idle flows evicted after their final export", "{flow}",
+                   [((), start, stats.flows_evicted)], time_unix_ns),
+        sum_metric(schema.OTLP_AGENT_EXPORTS, "export requests by result", "{request}",
+                   [([(schema.AGENT_RESULT, "ok")], start, stats.exports_ok),
+                    ([(schema.AGENT_RESULT, "failed")], start, stats.exports_failed)], time_unix_ns),
+        gauge_metric(schema.OTLP_AGENT_EXPORT_DURATION, "duration of the previous interval's export", "s",
+                     [((), stats.last_export_duration_s)], time_unix_ns),
+        gauge_metric(schema.OTLP_AGENT_METADATA_SYNCED, "1 once Kubernetes metadata has synced", "1",
+                     [((), 1.0 if metadata_synced else 0.0)], time_unix_ns),
+    ]
