@@ -1,0 +1,140 @@
+"""`otel-kzt agent`: flags, and wiring datapath, metadata, exporter and the interval loop together.
+
+Every flag has a YAML twin in `--config` (the flag name with `_` for `-`; `--no-pin` is `pin: false`);
+flags win, then the file, then the environment (`NODE_NAME`, `OTEL_EXPORTER_OTLP_*`). The actions
+`--cleanup` and `--print-bpf` are flags only. SIGTERM/SIGINT: one final export, exit 0; the pinned datapath
+keeps counting for the next process unless `--no-pin`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from contextlib import ExitStack
+from types import FrameType
+from typing import Any
+
+from otel_kzt.agent.config import PROTOCOLS, AgentConfig, from_values
+from otel_kzt.configfile import load_yaml, merge
+
+log = logging.getLogger(__name__)
+
+# Flags that act instead of configuring: no YAML twin.
+_ACTIONS = ("config", "cleanup", "print_bpf")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--config", metavar="FILE", help="YAML file with any of the options below (flags win)")
+    add("--node-name", help="this node's Kubernetes name (env NODE_NAME)")
+    add("--no-pin", dest="pin", action="store_const", const=False,
+        help="detach the datapath on exit instead of keeping it pinned for the next process")
+    add("--pin-root", help="bpffs directory of the pins (default /sys/fs/bpf/otel-kzt)")
+    add("--cleanup", action="store_true", help="detach and unpin this node's datapath, then exit")
+    add("--print-bpf", action="store_true", help="print the final eBPF C source and exit")
+    add("--otlp-endpoint", help="receiver URL(s), comma separated; a name may resolve to several "
+        "(env OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4317)")
+    add("--otlp-protocol", choices=PROTOCOLS, help="grpc (default) or http/protobuf")
+    add("--otlp-headers", help="key=value[,key=value] request headers (env OTEL_EXPORTER_OTLP_HEADERS)")
+    add("--otlp-compression", help="none or gzip")
+    add("--otlp-timeout", help="per-request timeout, e.g. 10s")
+    add("--otlp-certificate", metavar="PEM", help="CA bundle to verify the receiver's TLS certificate")
+    add("--otlp-insecure", action="store_const", const=True,
+        help="plaintext gRPC for endpoints written without a scheme")
+    add("--otlp-max-points-per-request", type=int, help="split larger exports (default 20000)")
+    add("--otlp-max-request-bytes", type=int, help="split larger exports (default 3 MiB)")
+    add("--interval", help="export interval (default 10s)")
+    add("--idle-timeout", help="evict flows idle this long, after a final export (default 5m)")
+    add("--kube-metadata", metavar="FILE", help="Kubernetes List of Nodes and Pods instead of the API")
+    add("--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster, then $KUBECONFIG)")
+    add("--cluster-name", help="k8s.cluster.name resource attribute")
+    add("--map-size", type=int, help="flow map capacity (default 65536)")
+    add("--ephemeral-ports", help="port range never recorded (default 32768-65535)")
+    add("--overlay-ports", help="UDP ports of overlay encapsulation not exported (default 4789,8472,6081)")
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> AgentConfig:
+    """Flags over YAML over environment; raises ConfigError naming the field."""
+    file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    flags: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k not in _ACTIONS and k not in {"command", "log_level"}
+    }
+    return from_values(merge(file_values, flags), environ)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
+
+    if args.cleanup:
+        cleanup(config.node_name, config.pin_root)
+        log.info("datapath removed: node=%s pin_root=%s", config.node_name, config.pin_root)
+        return 0
+    datapath = Datapath(
+        DatapathConfig(
+            config.node_name,
+            pin=config.pin,
+            map_size=config.map_size,
+            ephemeral_min=config.ephemeral_ports[0],
+            ephemeral_max=config.ephemeral_ports[1],
+            pin_root=config.pin_root,
+        )
+    )
+    if args.print_bpf:
+        sys.stdout.write(datapath.bpf_source())
+        return 0
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    with ExitStack() as stack:
+        _serve(config, datapath, stop, stack)
+    return 0
+
+
+def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: ExitStack) -> None:
+    from otel_kzt.agent.export import Exporter
+    from otel_kzt.agent.local import LocalFlows
+    from otel_kzt.agent.service import AgentService
+
+    stack.callback(datapath.close)  # pinned: detaches nothing; --no-pin: detaches
+    datapath.start()
+    handle = _open_metadata(config)
+    index = None
+    if handle is not None:
+        stack.callback(handle.shutdown)
+        handle.start()
+        index = handle.index
+    exporter = Exporter(config.otlp, config.node_name)
+    stack.callback(exporter.close)
+    local = LocalFlows(config.node_name, index, overlay_ports=config.overlay_ports)
+    service = AgentService(config, datapath, exporter, local, index, host_name=socket.gethostname())
+    log.info(
+        "agent running: node=%s endpoints=%s protocol=%s interval_s=%g pin=%s",
+        config.node_name, ",".join(config.otlp.endpoints), config.otlp.protocol, config.interval_s,
+        config.pin,
+    )
+    service.run(stop)
+
+
+def _open_metadata(config: AgentConfig) -> Any:
+    """The node-scoped metadata source, or None when none is configured or discoverable."""
+    from otel_kzt.k8s import open_metadata
+
+    explicit = config.kube_metadata or config.kubeconfig
+    if not explicit and not (os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG")):
+        log.warning("no Kubernetes metadata configured: only the node's own addresses are exported")
+        return None
+    return open_metadata(config.kube_metadata, node_name=config.node_name, kubeconfig=config.kubeconfig)
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal received, final export: signal=%s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
