@@ -1,0 +1,1 @@
+"""Test support shared across areas: the Kubernetes test API server and realistic object builders."""

@@ -1,0 +1,273 @@
+"""A small Kubernetes API server for tests: `/api/v1/pods`, `/api/v1/nodes`, `/api/v1/namespaces/<ns>/pods`.
+
+It speaks enough of the real protocol for the real `kubernetes` client to list and watch through it:
+
+- list: `limit` + `continue` pages served from a consistent snapshot, `metadata.resourceVersion`;
+  an expired `continue` (snapshot gone, or older than the retained history) answers `410 Gone`;
+- watch (`watch=1`): chunked newline-delimited ADDED / MODIFIED / DELETED events after `resourceVersion`
+  (or the current state as ADDED when none is given), BOOKMARKs with `allowWatchBookmarks`,
+  `timeoutSeconds`, and an ERROR event holding a `Status` with code 410 when the version is older than the
+  retained history;
+- `fieldSelector` on `spec.nodeName`, `metadata.name`, `metadata.namespace` (`=`, `==`, `!=`).
+
+Tests drive it with `add` / `update` / `delete`, force `410` with `compact()`, cut every open connection
+with `drop_connections()`, and point the client at it with `write_kubeconfig(path)`:
+
+    with FakeApiServer() as api:
+        api.add(make_node(...))
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.k8s_handler import ApiHandler
+
+KINDS = {"Pod": "pods", "Node": "nodes"}
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One object as served: pre-encoded JSON plus the fields selectors look at."""
+
+    rv: int
+    namespace: str
+    name: str
+    node_name: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    rv: int
+    resource: str
+    type: str
+    obj: Stored
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    rv: int
+    items: list[bytes]
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = False  # server_close() joins every handler thread: nothing is left running
+    block_on_close = True
+    allow_reuse_address = True
+
+    def __init__(self, api: FakeApiServer) -> None:
+        self.api = api
+        super().__init__(("127.0.0.1", 0), ApiHandler)
+
+
+class FakeApiServer:
+    """Pods and nodes behind a real-protocol HTTP API on 127.0.0.1:<ephemeral>."""
+
+    def __init__(
+        self,
+        *,
+        history_limit: int = 100_000,
+        bookmark_interval_s: float = 0.5,
+        snapshots_kept: int = 16,
+    ) -> None:
+        self.history_limit = history_limit
+        self.bookmark_interval_s = bookmark_interval_s
+        self._snapshots_kept = snapshots_kept
+        self.cond = threading.Condition()
+        self._objects: dict[str, dict[tuple[str, str], Stored]] = {"pods": {}, "nodes": {}}
+        self.events: list[Event] = []
+        self._rv = 1000
+        self.compacted_rv = 1000  # watching or continuing from a version older than this is 410 Gone
+        self._snapshots: OrderedDict[str, Snapshot] = OrderedDict()
+        self._connections: set[socket.socket] = set()
+        self.drop_epoch = 0
+        self.stopping = False
+        self.requests: list[str] = []  # "list pods", "watch nodes" … in arrival order, for assertions
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    def start(self) -> FakeApiServer:
+        self._server = _Server(self)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-apiserver", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
+        server.shutdown()
+        self.drop_connections()
+        server.server_close()
+        if self._thread is not None:
+            self._thread.join()
+
+    def __enter__(self) -> FakeApiServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None, "server not started"
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def write_kubeconfig(self, path: str | Path) -> str:
+        """A kubeconfig whose current context points the client at this server; returns the path."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "tester", "user": {"token": "test-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}],
+            "current-context": "fake",
+        }
+        Path(path).write_text(yaml.safe_dump(config))
+        return str(path)
+
+    # --- objects -----------------------------------------------------------------------------------------
+
+    @property
+    def resource_version(self) -> int:
+        return self._rv
+
+    def add(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return self._put(obj, "ADDED")
+
+    def update(self, obj: dict[str, Any]) -> dict[str, Any]:
+        return self._put(obj, "MODIFIED")
+
+    def add_many(self, objects: list[dict[str, Any]]) -> None:
+        for obj in objects:
+            self._put(obj, "ADDED")
+
+    def delete(self, kind: str, name: str, namespace: str | None = None) -> None:
+        resource = KINDS[kind]
+        with self.cond:
+            key = (namespace or "", name)
+            old = self._objects[resource].pop(key)
+            self._rv += 1
+            obj = json.loads(old.data)
+            obj["metadata"]["resourceVersion"] = str(self._rv)
+            gone = Stored(self._rv, old.namespace, old.name, old.node_name, json.dumps(obj).encode())
+            self._record(Event(self._rv, resource, "DELETED", gone))
+
+    def objects(self, kind: str) -> list[dict[str, Any]]:
+        with self.cond:
+            return [json.loads(s.data) for s in self._objects[KINDS[kind]].values()]
+
+    def _put(self, obj: dict[str, Any], event_type: str) -> dict[str, Any]:
+        resource = KINDS[obj["kind"]]
+        meta = obj["metadata"]
+        namespace = meta.get("namespace", "") if resource == "pods" else ""
+        key = (namespace, meta["name"])
+        with self.cond:
+            exists = key in self._objects[resource]
+            if exists != (event_type == "MODIFIED"):
+                raise KeyError(f"{obj['kind']} {key} {'exists' if exists else 'does not exist'}")
+            self._rv += 1
+            meta["resourceVersion"] = str(self._rv)
+            meta.setdefault("uid", str(uuid.uuid4()))
+            node_name = (obj.get("spec") or {}).get("nodeName") or ""
+            stored = Stored(self._rv, namespace, meta["name"], node_name, json.dumps(obj).encode())
+            self._objects[resource][key] = stored
+            self._record(Event(self._rv, resource, event_type, stored))
+        return obj
+
+    def _record(self, event: Event) -> None:
+        self.events.append(event)
+        if len(self.events) > self.history_limit:
+            cut = len(self.events) - self.history_limit
+            self.compacted_rv = self.events[cut - 1].rv
+            del self.events[:cut]
+        self.cond.notify_all()
+
+    # --- test controls -----------------------------------------------------------------------------------
+
+    def compact(self) -> None:
+        """Forget all history: any watch or `continue` from a version before now gets 410 Gone."""
+        with self.cond:
+            self.compacted_rv = self._rv
+            self.events.clear()
+            self._snapshots.clear()
+
+    def drop_connections(self) -> None:
+        """Cut every open client connection (watches end mid-stream, as when an API server restarts)."""
+        with self.cond:
+            connections = list(self._connections)
+            self.drop_epoch += 1
+            self.cond.notify_all()
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                continue  # already closed by the other side: nothing left to cut
+
+    def wait_for_watchers(self, resource: str, count: int, timeout_s: float = 10.0) -> None:
+        """Block until `count` watch requests on `resource` have arrived in total."""
+        deadline = time.monotonic() + timeout_s
+        while sum(1 for r in list(self.requests) if r == f"watch {resource}") < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fewer than {count} watches on {resource}: {self.requests}")
+            time.sleep(0.01)
+
+    # --- used by the handler -----------------------------------------------------------------------------
+
+    def track(self, conn: socket.socket, add: bool) -> None:
+        with self.cond:
+            if add:
+                self._connections.add(conn)
+            else:
+                self._connections.discard(conn)
+
+    def snapshot(self, resource: str, predicate: Any) -> Snapshot:
+        with self.cond:
+            stored = self._objects[resource]
+            items = [stored[key].data for key in sorted(stored) if predicate(stored[key])]
+            return Snapshot(self._rv, items)
+
+    def current(self, resource: str) -> tuple[int, list[Stored]]:
+        with self.cond:
+            return self._rv, list(self._objects[resource].values())
+
+    def keep_snapshot(self, snap: Snapshot) -> str:
+        token = uuid.uuid4().hex
+        with self.cond:
+            self._snapshots[token] = snap
+            while len(self._snapshots) > self._snapshots_kept:
+                self._snapshots.popitem(last=False)
+        return token
+
+    def find_snapshot(self, token: str) -> Snapshot | None:
+        with self.cond:
+            snap = self._snapshots.get(token)
+            if snap is None or snap.rv < self.compacted_rv:
+                return None
+            return snap
+
+    def events_after(self, rv: int) -> list[Event]:
+        """Events newer than `rv` (caller holds `cond`)."""
+        start = bisect.bisect_right(self.events, rv, key=lambda e: e.rv)
+        return self.events[start:]
+
