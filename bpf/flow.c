@@ -1,0 +1,252 @@
+/* otel-kzt: exact per-flow byte and packet counters at netfilter POSTROUTING (IPv4 and IPv6).
+ *
+ * Requires: Linux >= 6.4 for netfilter BPF links (program type 32, attach type 45), >= 6.6 for
+ * BPF_PROG_TEST_RUN of netfilter programs (the evictor), kernel BTF for the struct offsets. The hook
+ * runs ahead of source NAT, so a pod's packets are counted under the pod's own address.
+ *
+ * Programs (one bcc module):
+ *   kzt_dispatch  attached by the two links (v4, v6). It only tail-calls progs[0], so an agent
+ *                 upgrade swaps the counter with one atomic map update: no packet counted twice, none
+ *                 missed.
+ *   kzt_count     the counter: parses the IP header (one probe read of the header prefix), builds the
+ *                 key (only the listening side's port; ephemeral ports never enter a key) and adds to
+ *                 the flow map, or to the overflow bucket when the map is full.
+ *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: marks the flows listed in evict_keys as
+ *                 dead, so that after an RCU grace period the agent reads their final value and deletes
+ *                 them without losing a racing packet (racing packets go to the overflow bucket).
+ *
+ * Every kernel offset comes from the running kernel's BTF as -D flags (KZT_OFF_*); configuration too
+ * (KZT_MAP_SIZE, KZT_EPH_MIN/MAX, KZT_EVICT_BATCH, KZT_PIN_DIR when pinning).
+ *
+ * Overhead: one 64-byte probe read, one hash lookup (40-byte key), two atomic adds per packet; no
+ * clock read except when a flow is inserted (the agent derives idleness from unchanged counters).
+ * Limits: counts per sk_buff as it passes the hook (a GSO super-packet is one packet of its total
+ * length, exactly as netfilter's own counters see it); IPv6 walks at most KZT_MAX_EXT extension
+ * headers; L4 headers are assumed to lie in the linear part of the packet, as they do for packets
+ * built by the local stack or forwarded.
+ */
+#include "flow.h"
+
+#ifndef KZT_OFF_CTX_SKB
+#error "KZT_OFF_* flags missing: this file is compiled by otel_kzt.agent.datapath"
+#endif
+
+#define KZT_HDR_READ 64
+#define KZT_MAX_EXT 6
+
+struct kzt_nf_ctx;  /* struct bpf_nf_ctx: only its skb pointer is read, at KZT_OFF_CTX_SKB */
+
+#ifdef KZT_PIN_DIR
+#define KZT_TABLE(type, k, v, name, n) BPF_TABLE_PINNED(type, k, v, name, n, KZT_PIN_DIR "/" #name)
+#else
+#define KZT_TABLE(type, k, v, name, n) BPF_TABLE(type, k, v, name, n)
+#endif
+
+KZT_TABLE("hash", struct flow_key, struct flow_value, flows, KZT_MAP_SIZE);
+KZT_TABLE("percpu_array", u32, struct overflow_value, overflow, 1);
+KZT_TABLE("percpu_array", u32, u64, stats, KZT_STAT_MAX);
+KZT_TABLE("prog", u32, u32, progs, 1);
+KZT_TABLE("array", u32, u64, meta, 4);
+/* Private to one agent process: the evictor's command. */
+BPF_ARRAY(evict_keys, struct flow_key, KZT_EVICT_BATCH);
+BPF_ARRAY(evict_count, u32, 2);  /* [0] keys listed (in), [1] flows marked (out) */
+
+static __always_inline void *kzt_skb(struct kzt_nf_ctx *ctx)
+{
+    return *(void **)((char *)ctx + KZT_OFF_CTX_SKB);
+}
+
+static __always_inline void kzt_stat(u32 index)
+{
+    u64 *n = stats.lookup(&index);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+/* Atomic even per CPU: a softirq may interrupt a process-context hook on the same CPU. */
+static __always_inline void kzt_overflow(u64 bytes, u32 why)
+{
+    u32 zero = 0;
+    struct overflow_value *o = overflow.lookup(&zero);
+    if (o) {
+        __sync_fetch_and_add(&o->bytes, bytes);
+        __sync_fetch_and_add(&o->packets, 1);
+    }
+    kzt_stat(why);
+}
+
+static __always_inline int kzt_is_ephemeral(u16 port)
+{
+    return port >= KZT_EPH_MIN && port <= KZT_EPH_MAX;
+}
+
+/* Keep the listening side's port: the one outside the ephemeral range. When both are outside it,
+ * keep the lower one (on a tie, the destination's); when both are ephemeral, or 0, keep none. */
+static __always_inline void kzt_set_port(struct flow_key *key, u16 sport, u16 dport)
+{
+    int s_listen = sport && !kzt_is_ephemeral(sport);
+    int d_listen = dport && !kzt_is_ephemeral(dport);
+    if (s_listen && (!d_listen || sport < dport)) {
+        key->port_side = KZT_PORT_SRC;
+        key->port = sport;
+    } else if (d_listen) {
+        key->port_side = KZT_PORT_DST;
+        key->port = dport;
+    }
+}
+
+static __always_inline int kzt_has_ports(u8 proto)
+{
+    return proto == 6 /* TCP */ || proto == 17 /* UDP */ || proto == 132 /* SCTP */ || proto == 136 /* UDP-Lite */;
+}
+
+static __always_inline int kzt_key_eq(const struct flow_key *a, const struct flow_key *b)
+{
+    const u64 *x = (const u64 *)a, *y = (const u64 *)b;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+}
+
+/* Add to a live element. False when it is being evicted, or when the element was deleted and reused
+ * for another key between our lookup and now (hash elements are recycled at once). */
+static __always_inline int kzt_account(struct flow_value *v, const struct flow_key *key, u64 bytes)
+{
+    if (*(volatile u32 *)&v->dead || !kzt_key_eq(&v->key, key))
+        return 0;
+    __sync_fetch_and_add(&v->bytes, bytes);
+    __sync_fetch_and_add(&v->packets, 1);
+    return 1;
+}
+
+/* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later_fragment. */
+static __always_inline u32 kzt_walk_v6(const u8 *hdr, const unsigned char *l3, u8 *proto, int *later)
+{
+    u32 off = 40;
+#pragma unroll
+    for (int i = 0; i < KZT_MAX_EXT; i++) {
+        u8 nexthdr = *proto;
+        if (nexthdr != 0 && nexthdr != 43 && nexthdr != 60 && nexthdr != 44 && nexthdr != 51)
+            break;
+        u8 eh[4];
+        if (bpf_probe_read_kernel(eh, sizeof(eh), l3 + off) < 0)
+            break;
+        *proto = eh[0];
+        if (nexthdr == 44) {  /* fragment: fixed 8 bytes, offset in the upper 13 bits of bytes 2-3 */
+            if (((eh[2] << 8) | eh[3]) & 0xFFF8)
+                *later = 1;
+            off += 8;
+        } else if (nexthdr == 51) {  /* AH: length in 4-byte units, minus 2 */
+            off += ((u32)eh[1] + 2) * 4;
+        } else {
+            off += ((u32)eh[1] + 1) * 8;
+        }
+    }
+    return off;
+}
+
+int kzt_count(struct kzt_nf_ctx *ctx)
+{
+    char *skb = kzt_skb(ctx);
+    unsigned char *l3 = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + *(u16 *)(skb + KZT_OFF_SKB_NH);
+    u8 hdr[KZT_HDR_READ];
+    struct flow_key key = {};
+    u64 bytes;
+    u32 l4off;
+    int later = 0;
+
+    if (bpf_probe_read_kernel(hdr, sizeof(hdr), l3) < 0) {
+        kzt_overflow(*(u32 *)(skb + KZT_OFF_SKB_LEN), KZT_STAT_READ_FAILED);
+        return KZT_NF_ACCEPT;
+    }
+    u8 version = hdr[0] >> 4;
+    if (version == 4) {
+        key.family = 4;
+        key.proto = hdr[9];
+        __builtin_memcpy(key.src, hdr + 12, 4);
+        __builtin_memcpy(key.dst, hdr + 16, 4);
+        bytes = ((u32)hdr[2] << 8) | hdr[3];  /* 0 with BIG TCP: see below */
+        later = (((hdr[6] & 0x1F) << 8) | hdr[7]) != 0;
+        l4off = (hdr[0] & 0x0F) * 4;
+    } else if (version == 6) {
+        key.family = 6;
+        key.proto = hdr[6];
+        __builtin_memcpy(key.src, hdr + 8, 16);
+        __builtin_memcpy(key.dst, hdr + 24, 16);
+        bytes = ((u32)hdr[4] << 8) | hdr[5];  /* 0 for a jumbogram: see below */
+        if (bytes)
+            bytes += 40;
+        l4off = 40;
+        if (key.proto == 0 || key.proto == 43 || key.proto == 60 || key.proto == 44 || key.proto == 51)
+            l4off = kzt_walk_v6(hdr, l3, &key.proto, &later);
+    } else {
+        kzt_stat(KZT_STAT_NOT_IP);
+        return KZT_NF_ACCEPT;
+    }
+    if (bytes == 0)  /* BIG TCP / jumbogram: the header has no length, the skb does */
+        bytes = *(u32 *)(skb + KZT_OFF_SKB_LEN);
+
+    if (!later && kzt_has_ports(key.proto)) {
+        u8 ports[4];
+        if (l4off <= KZT_HDR_READ - 4) {
+            l4off &= KZT_HDR_READ - 1;  /* a bound the verifier can see */
+            __builtin_memcpy(ports, hdr + l4off, 4);
+        } else if (bpf_probe_read_kernel(ports, sizeof(ports), l3 + l4off) < 0) {
+            __builtin_memset(ports, 0, sizeof(ports));
+        }
+        kzt_set_port(&key, ((u16)ports[0] << 8) | ports[1], ((u16)ports[2] << 8) | ports[3]);
+    }
+
+    struct flow_value *v = flows.lookup(&key);
+    if (v) {
+        if (!kzt_account(v, &key, bytes))
+            kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+        return KZT_NF_ACCEPT;
+    }
+    struct flow_value init = {};
+    init.bytes = bytes;
+    init.packets = 1;
+    init.first_seen_ns = bpf_ktime_get_boot_ns();
+    init.key = key;
+    int err = flows.insert(&key, &init);  /* BPF_NOEXIST: fails when full or when another CPU won */
+    if (err == 0)
+        return KZT_NF_ACCEPT;
+    v = flows.lookup(&key);  /* another CPU inserted it first */
+    if (v) {
+        if (!kzt_account(v, &key, bytes))
+            kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+        return KZT_NF_ACCEPT;
+    }
+    kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+    return KZT_NF_ACCEPT;
+}
+
+int kzt_dispatch(struct kzt_nf_ctx *ctx)
+{
+    progs.call(ctx, 0);
+    return KZT_NF_ACCEPT;  /* no counter installed yet: accept, never drop */
+}
+
+/* Marks the listed flows dead; stores how many it found in evict_count[1]. A netfilter program
+ * must return a verdict, so the result travels through the map. */
+int kzt_evict(struct kzt_nf_ctx *ctx)
+{
+    u32 zero = 0, one = 1, marked = 0;
+    u32 *count = evict_count.lookup(&zero);
+    if (!count)
+        return KZT_NF_ACCEPT;
+    u32 n = *count;
+    for (u32 i = 0; i < KZT_EVICT_BATCH && i < n; i++) {
+        u32 index = i;
+        struct flow_key *key = evict_keys.lookup(&index);
+        if (!key)
+            break;
+        struct flow_value *v = flows.lookup(key);
+        if (v) {
+            *(volatile u32 *)&v->dead = 1;  /* ordered before the deletes by the agent's RCU wait */
+            marked++;
+        }
+    }
+    u32 *result = evict_count.lookup(&one);
+    if (result)
+        *result = marked;
+    return KZT_NF_ACCEPT;
+}
