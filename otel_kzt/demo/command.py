@@ -50,7 +50,7 @@ def config_from(args: argparse.Namespace) -> tuple[RunConfig, float | None]:
     """The run config and the duration (None: until interrupted); bad values name their flag."""
     if not 1 <= args.zones <= 26:
         raise ConfigError("--zones", f"must be within 1..26, got {args.zones}")
-    if not 1 <= args.nodes_per_zone or args.zones * args.nodes_per_zone > 100:
+    if args.nodes_per_zone < 1 or args.zones * args.nodes_per_zone > 100:
         raise ConfigError("--nodes-per-zone", "must be at least 1, and at most 100 nodes in all")
     if not args.speed > 0:
         raise ConfigError("--speed", f"must be positive, got {args.speed}")
