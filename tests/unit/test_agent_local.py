@@ -1,0 +1,129 @@
+"""Which flows are the node's own, and their attributes (DESIGN §3, §5.2)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
+
+from otel_kzt import schema
+from otel_kzt.agent.flows import AF_INET, AF_INET6, FlowCounters, FlowKey
+from otel_kzt.agent.local import LocalFlows, namespace_addresses
+from otel_kzt.k8s.model import Endpoint, NodeInfo
+from otel_kzt.schema import WorkloadKind
+from tests.unit.test_agent_support import FakeIndex
+
+NODE = "node-a"
+
+
+def key(src: str, dst: str, proto: int = 6, sport: int = 0, dport: int = 0) -> FlowKey:
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    return FlowKey(AF_INET if s.version == 4 else AF_INET6, s.packed, d.packed, proto, sport, dport)
+
+
+def pod(name: str, node: str, uid: str) -> Endpoint:
+    return Endpoint(node, WorkloadKind.DEPLOYMENT, "web", pod_name=name, namespace="shop", pod_uid=uid)
+
+
+def index() -> FakeIndex:
+    idx = FakeIndex()
+    idx.endpoints = {
+        "10.0.1.5": pod("web-1", NODE, "uid-1"),
+        "10.0.1.6": pod("web-2", NODE, "uid-2"),
+        "fd00:1::5": pod("web-6", NODE, "uid-6"),
+        "10.0.2.7": pod("db-1", "node-b", "uid-7"),
+        "192.168.0.1": Endpoint(NODE, WorkloadKind.NODE, NODE),  # hostNetwork: the node itself
+        "192.168.0.2": Endpoint("node-b", WorkloadKind.NODE, "node-b"),
+    }
+    idx.nodes = {NODE: NodeInfo(NODE, "z1", "r1", None, ("192.168.0.1",))}
+    return idx
+
+
+def attrs_of(local: LocalFlows, k: FlowKey) -> dict[str, object] | None:
+    heads = local.heads({k: FlowCounters(100, 1, 5, 6)})
+    if k not in heads:
+        return None
+    head = heads[k]
+    point = NumberDataPoint.FromString(head.attrs)  # the attribute fields parse on their own
+    return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in point.attributes}
+
+
+def make(idx: FakeIndex | None = None, iface: frozenset[str] = frozenset({"127.0.0.1"})) -> LocalFlows:
+    local = LocalFlows(NODE, idx if idx is not None else index(), interface_addresses=lambda: iface)
+    local.refresh()
+    return local
+
+
+def test_local_pod_source_is_named_and_remote_destination_is_not() -> None:
+    got = attrs_of(make(), key("10.0.1.5", "10.0.2.7", dport=5432))
+    assert got == {
+        schema.SOURCE_ADDRESS: "10.0.1.5",
+        schema.DESTINATION_ADDRESS: "10.0.2.7",
+        schema.NETWORK_TYPE: "ipv4",
+        schema.NETWORK_TRANSPORT: "tcp",
+        schema.DESTINATION_PORT: 5432,
+        schema.SOURCE_POD_NAME: "web-1",
+        schema.SOURCE_NAMESPACE_NAME: "shop",
+        schema.SOURCE_POD_UID: "uid-1",
+    }
+
+
+def test_destination_on_this_node_is_named_and_source_port_kept() -> None:
+    got = attrs_of(make(), key("10.0.1.5", "10.0.1.6", proto=17, sport=53))
+    assert got is not None
+    assert got[schema.SOURCE_PORT] == 53 and schema.DESTINATION_PORT not in got
+    assert got[schema.NETWORK_TRANSPORT] == "udp"
+    assert (got[schema.DESTINATION_POD_NAME], got[schema.DESTINATION_POD_UID]) == ("web-2", "uid-2")
+
+
+def test_ipv6_pod() -> None:
+    got = attrs_of(make(), key("fd00:1::5", "2001:db8::1", proto=58))
+    assert got is not None
+    assert (got[schema.NETWORK_TYPE], got[schema.NETWORK_TRANSPORT]) == ("ipv6", "icmp")
+    assert got[schema.SOURCE_ADDRESS] == "fd00:1::5"
+
+
+def test_forwarded_and_arriving_traffic_is_not_ours() -> None:
+    local = make()
+    assert attrs_of(local, key("10.0.2.7", "10.0.1.5")) is None  # remote pod -> here: counted at node-b
+    assert attrs_of(local, key("192.168.0.2", "10.0.2.9")) is None  # another node's address
+    assert attrs_of(local, key("8.8.8.8", "10.0.1.5")) is None  # external, arriving
+
+
+def test_node_addresses_host_network_and_overlay() -> None:
+    local = make()
+    got = attrs_of(local, key("192.168.0.1", "10.0.2.7", dport=10250))
+    assert got is not None and schema.SOURCE_POD_NAME not in got  # host network: no pod attributes
+    for port in (4789, 8472, 6081):
+        assert attrs_of(local, key("192.168.0.1", "192.168.0.2", proto=17, dport=port)) is None
+    assert attrs_of(local, key("192.168.0.1", "192.168.0.2", proto=6, dport=4789)) is not None  # TCP 4789
+    assert attrs_of(local, key("10.0.1.5", "10.0.2.7", proto=17, dport=4789)) is not None  # a pod's own
+
+
+def test_interface_addresses_count_before_metadata_sync_and_loopback_is_skipped() -> None:
+    idx = index()
+    idx.is_ready = False
+    idx.nodes = {}
+    local = make(idx, iface=frozenset({"127.0.0.1", "172.30.0.9"}))
+    assert attrs_of(local, key("172.30.0.9", "172.30.0.1")) is not None
+    assert attrs_of(local, key("10.0.1.5", "10.0.2.7")) is None  # unknown yet: exported after sync
+    assert attrs_of(local, key("127.0.0.1", "127.0.0.1")) is None
+
+
+def test_names_follow_metadata_generation() -> None:
+    idx = index()
+    local = make(idx)
+    k = key("10.0.1.5", "10.0.2.7")
+    counters = {k: FlowCounters(1, 1, 5, 6)}
+    first = local.heads(counters)[k]
+    assert local.heads(counters)[k] is first  # cached while nothing changed
+    idx.endpoints["10.0.1.5"] = pod("web-1b", NODE, "uid-9")
+    local.refresh()
+    assert local.heads(counters)[k] is first  # generation unchanged: the cache is trusted
+    idx.generation += 1
+    local.refresh()
+    assert b"web-1b" in local.heads(counters)[k].attrs
+
+
+def test_namespace_addresses_lists_loopback() -> None:
+    assert "127.0.0.1" in namespace_addresses()
