@@ -49,8 +49,13 @@ def node_object(node: NodeSpec) -> dict[str, Any]:
             ],
             "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
                             "lastTransitionTime": CREATED}],
-            "nodeInfo": {"kubeletVersion": KUBELET_VERSION, "architecture": "amd64",
-                         "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.24"},
+            "nodeInfo": {
+                "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": "", "architecture": "amd64",
+                "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.24",
+                "kernelVersion": os.uname().release, "osImage": "Amazon Linux 2023",
+                "machineID": _uid("machine", node.name).replace("-", ""),
+                "systemUUID": _uid("system", node.name), "bootID": _uid("boot", node.name),
+            },
         },
     }
 
@@ -105,8 +110,13 @@ def pod_object(pod: PodSpec) -> dict[str, Any]:
             "podIPs": [{"ip": pod.v4}, {"ip": pod.v6}],
             "startTime": CREATED,
             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": CREATED}],
-            "containerStatuses": [{"name": pod.app, "ready": True, "restartCount": 0, "started": True,
-                                   "state": {"running": {"startedAt": CREATED}}}],
+            "containerStatuses": [{
+                "name": pod.app, "ready": True, "restartCount": 0, "started": True,
+                "image": f"registry.example/{pod.app}:1.0.0",
+                "imageID": f"registry.example/{pod.app}@sha256:{_uid('image', pod.app).replace('-', '') * 2}",
+                "containerID": f"containerd://{_uid('container', pod.uid).replace('-', '') * 2}",
+                "state": {"running": {"startedAt": CREATED}},
+            }],
         },
     }
 

@@ -100,6 +100,8 @@ def frame(prev: Scrape, cur: Scrape, top: int = 10) -> Frame:
         src_rate[key[:3]] += rate
     talkers = []
     for key, rate in pair_rate.items():
+        if pair_now[key] <= 0:
+            continue  # a series that exists but never carried a byte is no talker
         # The enricher prices by source workload; a pair gets its share of its source's cost.
         share = rate / src_rate[key[:3]] if src_rate[key[:3]] > 0 else 0.0
         usd = cost_rate.get(key[:3], 0.0) * share * SECONDS_PER_MONTH
