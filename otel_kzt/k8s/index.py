@@ -258,10 +258,9 @@ class ClusterIndex:
         kept = tuple(span for span in value if span[1] is None or span[1] + self._grace_s > now)
         if not kept:
             del self._by_ip[ip]
-        elif len(kept) == 1 and kept[0][1] is None:
-            # Only the current holder is left, and the pod it displaced is forgotten: back to the cheap form.
-            self._by_ip[ip] = kept[0][2]
         else:
+            # Even a lone current span keeps its start: before it, the IP belonged to a pod we forgot, and
+            # "unknown" beats naming the wrong pod.
             self._by_ip[ip] = kept
 
     def _capped(self, spans: list[_Span]) -> tuple[_Span, ...]:

@@ -97,6 +97,11 @@ class FakeApiServer:
         self.drop_epoch = 0
         self.stopping = False
         self.requests: list[str] = []  # "list pods", "watch nodes" … in arrival order, for assertions
+        self.requests_raw: list[str] = []  # request paths with their query strings
+        # Fault injection: while `refuse_watches` is set a watch gets 503 (an API server mid-restart);
+        # the next `fail_continues` continue requests get 410 as if their snapshot had expired.
+        self.refuse_watches = False
+        self.fail_continues = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -261,6 +266,9 @@ class FakeApiServer:
 
     def find_snapshot(self, token: str) -> Snapshot | None:
         with self.cond:
+            if self.fail_continues > 0:
+                self.fail_continues -= 1
+                return None
             snap = self._snapshots.get(token)
             if snap is None or snap.rv < self.compacted_rv:
                 return None

@@ -101,6 +101,7 @@ class ApiHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
+        self.api.requests_raw.append(self.path)
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         route = _route(url.path)
         if route is None:
@@ -114,6 +115,9 @@ class ApiHandler(BaseHTTPRequestHandler):
             return
         if query.get("watch") in ("1", "true", "True"):
             self.api.requests.append(f"watch {resource}")
+            if self.api.refuse_watches:
+                self._send(503, status_body(503, "ServiceUnavailable", "apiserver is shutting down"))
+                return
             self._watch(resource, predicate, query)
         else:
             self.api.requests.append(f"list {resource}")
