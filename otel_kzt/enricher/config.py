@@ -40,7 +40,11 @@ KNOWN_FLOW_LABELS: Final = frozenset(
         schema.NETWORK_TYPE,
         schema.NETWORK_TRANSPORT,
         schema.TRAFFIC_CLASS,
-        *(schema.end_attr(end, s) for end in (schema.SOURCE, schema.DESTINATION) for s in schema.END_SUFFIXES),
+        *(
+            schema.end_attr(end, s)
+            for end in (schema.SOURCE, schema.DESTINATION)
+            for s in schema.END_SUFFIXES
+        ),
     }
 )
 
@@ -68,6 +72,7 @@ class EnricherConfig:
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     bearer_token: str | None = None
+    bearer_token_file: str | None = None  # read at start (keeps the token out of `ps`)
     exporters: tuple[ExporterConfig, ...] = ()
     kube_metadata: str | None = None
     kubeconfig: str | None = None
@@ -105,7 +110,9 @@ class EnricherConfig:
             if exp.protocol not in PROTOCOLS:
                 raise ConfigError(f"{where}.protocol", f"expected one of {', '.join(PROTOCOLS)}")
             if not exp.endpoint.startswith(("http://", "https://")) and exp.protocol == PROTOCOL_HTTP:
-                raise ConfigError(f"{where}.endpoint", f"an http/protobuf endpoint is a URL: {exp.endpoint!r}")
+                raise ConfigError(
+                    f"{where}.endpoint", f"an http/protobuf endpoint is a URL: {exp.endpoint!r}"
+                )
             _positive(exp.queue_size, f"{where}.queue_size")
         return self
 
@@ -187,6 +194,8 @@ def _exporter(raw: Any, where: str) -> ExporterConfig:
         headers=tuple((str(k).lower(), str(v)) for k, v in headers.items()),
         queue_size=raw.get("queue_size", DEFAULT_EXPORT_QUEUE),
         timeout_s=parse_duration(raw.get("timeout", DEFAULT_EXPORT_TIMEOUT_S), f"{where}.timeout"),
-        max_elapsed_s=parse_duration(raw.get("max_elapsed", DEFAULT_EXPORT_MAX_ELAPSED_S), f"{where}.max_elapsed"),
+        max_elapsed_s=parse_duration(
+            raw.get("max_elapsed", DEFAULT_EXPORT_MAX_ELAPSED_S), f"{where}.max_elapsed"
+        ),
         insecure=bool(raw.get("insecure", True)),
     )

@@ -173,8 +173,10 @@ class Core:
         self._health.received.inc(received)
 
     def _flow_metric(self, metric: Metric, res_key: bytes, batch: _Batch) -> bool:
-        if metric.WhichOneof("data") != "sum" or not metric.sum.is_monotonic or (
-            metric.sum.aggregation_temporality != AGGREGATION_TEMPORALITY_CUMULATIVE
+        if (
+            metric.WhichOneof("data") != "sum"
+            or not metric.sum.is_monotonic
+            or (metric.sum.aggregation_temporality != AGGREGATION_TEMPORALITY_CUMULATIVE)
         ):
             batch.reject(f"{metric.name} must be a cumulative monotonic Sum", _count_points(metric))
             return False
@@ -185,12 +187,12 @@ class Core:
             key = series_key(dp.SerializeToString())
             entry = table.get(key)
             if entry is None or entry.generation != batch.generation:
-                entry = self._resolve(dp, key, table, entry, metric.name, batch)
+                entry = self._resolve(dp, key, table, entry, name=metric.name, batch=batch)
                 if entry is None:
                     bad.append(i)
                     continue
             value = dp.as_int or dp.as_double
-            if value != value or value < 0:  # NaN or negative: not a counter
+            if value != value or value < 0:  # noqa: PLR0124 -- NaN or negative: not a counter (no call: hot path)
                 batch.reject("NaN or negative cumulative value")
                 bad.append(i)
                 continue
@@ -202,14 +204,22 @@ class Core:
                 for totals, labels, factor in entry.targets:
                     totals[labels] = totals.get(labels, 0.0) + increment * factor
                 if entry.resolved.traffic_class in schema.BILLED_CLASSES and self._wants_flow_logs:
-                    self._flow(batch, res_key, key, entry, metric.name, increment, prev_time, dp.time_unix_nano)
+                    span = (prev_time, dp.time_unix_nano)
+                    self._flow(batch, (res_key, key), entry, name=metric.name, inc=increment, span=span)
             dp.MergeFromString(entry.resolved.extra)
         for i in reversed(bad):
             del dps[i]
         return True
 
     def _resolve(
-        self, dp: object, key: bytes, table: dict[bytes, _Series], entry: _Series | None, name: str, batch: _Batch
+        self,
+        dp: object,
+        key: bytes,
+        table: dict[bytes, _Series],
+        entry: _Series | None,
+        *,
+        name: str,
+        batch: _Batch,
     ) -> _Series | None:
         """Slow path: a new series, or metadata changed since it was resolved."""
         given = {kv.key: kv.value.string_value for kv in dp.attributes}  # type: ignore[attr-defined]
@@ -238,14 +248,22 @@ class Core:
         return self._flow_log is not None or (self._flow_logs_otlp and bool(self._sinks))
 
     def _flow(
-        self, batch: _Batch, res_key: bytes, key: bytes, entry: _Series, name: str, inc: float, t0: int, t1: int
+        self,
+        batch: _Batch,
+        flow_id: tuple[bytes, bytes],
+        entry: _Series,
+        *,
+        name: str,
+        inc: float,
+        span: tuple[int, int],
     ) -> None:
+        """Pair the bytes and packets increments of one flow into one flow-log record."""
         flows = batch.flows if batch.flows is not None else {}
         batch.flows = flows
-        record = flows.get((res_key, key))
+        record = flows.get(flow_id)
         if record is None:
             resolved = entry.resolved
-            record = flows[(res_key, key)] = FlowRecord(resolved.attrs, resolved.traffic_class, t0, t1)
+            record = flows[flow_id] = FlowRecord(resolved.attrs, resolved.traffic_class, *span)
         if name == schema.FLOW_BYTES:
             record.bytes += inc
             record.cost_usd += inc * self._prices.per_byte(record.traffic_class, entry.resolved.provider)

@@ -51,7 +51,9 @@ def load_prices(path: str | Path | None, default_provider: str) -> PriceTable:
     for provider, table in data.items():
         if not isinstance(table, Mapping):
             raise ConfigError(f"prices_file.{provider}", "expected a mapping of traffic class: $/GB")
-        prices[str(provider)] = {k: _price(k, v, f"prices_file.{provider}", classes) for k, v in table.items()}
+        prices[str(provider)] = {
+            k: _price(k, v, f"prices_file.{provider}", classes) for k, v in table.items()
+        }
     return PriceTable(prices, default_provider)
 
 

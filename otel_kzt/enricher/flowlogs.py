@@ -65,7 +65,10 @@ def to_otlp(records: Iterable[FlowRecord]) -> ExportLogsServiceRequest:
     """The same records as OTLP log records (event name kzt.flow, attributes = the JSON fields)."""
     request = ExportLogsServiceRequest()
     resource_logs = request.resource_logs.add()
-    for key, value in ((schema.SERVICE_NAME, schema.ENRICHER_SERVICE_NAME), (schema.SERVICE_VERSION, __version__)):
+    for key, value in (
+        (schema.SERVICE_NAME, schema.ENRICHER_SERVICE_NAME),
+        (schema.SERVICE_VERSION, __version__),
+    ):
         resource_logs.resource.attributes.add(key=key, value=AnyValue(string_value=value))
     scope_logs = resource_logs.scope_logs.add()
     scope_logs.scope.name = "otel_kzt.enricher"
@@ -80,7 +83,9 @@ def to_otlp(records: Iterable[FlowRecord]) -> ExportLogsServiceRequest:
             f"{record.traffic_class.value} flow {record.attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
             f"{record.attrs.get(schema.DESTINATION_ADDRESS, '?')}: {int(record.bytes)} bytes"
         )
-        log.attributes.extend(KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in sorted(record.attrs.items()))
+        log.attributes.extend(
+            KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in sorted(record.attrs.items())
+        )
         log.attributes.extend(
             [
                 KeyValue(key=schema.FLOW_LOG_BYTES, value=AnyValue(int_value=int(record.bytes))),

@@ -106,7 +106,9 @@ class AggregatesCollector(Collector):
             snap["pod_cross_zone"],
         )
         yield _counter(schema.PROM_FLOW_BYTES, "IP bytes sent, aggregated", flow_labels, snap["flow_bytes"])
-        yield _counter(schema.PROM_FLOW_PACKETS, "IP packets sent, aggregated", flow_labels, snap["flow_packets"])
+        yield _counter(
+            schema.PROM_FLOW_PACKETS, "IP packets sent, aggregated", flow_labels, snap["flow_packets"]
+        )
         yield _counter(
             schema.PROM_ZONE_TRAFFIC_BYTES,
             "IP bytes sent from one availability zone to another",

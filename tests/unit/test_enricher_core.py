@@ -221,10 +221,15 @@ def test_aggregates_sum_member_series_and_cost() -> None:
     assert sample(registry, "kzt_estimated_cost_usd_total", **cost) == pytest.approx(0.02)
     flow = {schema.prom_label(a): "" for a in schema.DEFAULT_FLOW_AGGREGATION}
     flow.update(
-        source_k8s_namespace_name="shop", source_k8s_workload_kind="Deployment", source_k8s_workload_name="web",
-        source_cloud_availability_zone="zone-a", destination_k8s_namespace_name="shop",
-        destination_k8s_workload_kind="Deployment", destination_k8s_workload_name="cache",
-        destination_cloud_availability_zone="zone-b", kzt_traffic_class="cross-zone",
+        source_k8s_namespace_name="shop",
+        source_k8s_workload_kind="Deployment",
+        source_k8s_workload_name="web",
+        source_cloud_availability_zone="zone-a",
+        destination_k8s_namespace_name="shop",
+        destination_k8s_workload_kind="Deployment",
+        destination_k8s_workload_name="cache",
+        destination_cloud_availability_zone="zone-b",
+        kzt_traffic_class="cross-zone",
     )
     assert sample(registry, "kzt_flow_bytes_total", **flow) == 1_000_000_000
     assert sample(registry, "kzt_flow_packets_total", **flow) == 7
@@ -234,8 +239,12 @@ def test_aggregates_sum_member_series_and_cost() -> None:
 def test_rejects_nan_negative_and_missing_address_but_keeps_the_rest() -> None:
     core, _, registry, sink = make_core(FakeIndex())
     req = request(
-        [("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.1", "10.0.0.3", math.nan, 1), ("10.0.0.1", "10.0.0.2", -3, 1),
-         ("10.0.0.1", "", 4, 1)]
+        [
+            ("10.0.0.1", "10.0.0.4", 5, 1),
+            ("10.0.0.1", "10.0.0.3", math.nan, 1),
+            ("10.0.0.1", "10.0.0.2", -3, 1),
+            ("10.0.0.1", "", 4, 1),
+        ]
     )
     outcome = core.consume_metrics(req)
     assert outcome.rejected == 3
@@ -250,9 +259,13 @@ def test_rejects_nan_negative_and_missing_address_but_keeps_the_rest() -> None:
 def test_wrong_kind_flow_metric_refused_whole_and_unknown_metric_passes_untouched() -> None:
     core, _, _, sink = make_core(FakeIndex())
     req = request([("10.0.0.1", "10.0.0.4", 5, 1)])
-    req.resource_metrics[0].scope_metrics[0].metrics[0].sum.aggregation_temporality = AGGREGATION_TEMPORALITY_DELTA
+    req.resource_metrics[0].scope_metrics[0].metrics[
+        0
+    ].sum.aggregation_temporality = AGGREGATION_TEMPORALITY_DELTA
     other = req.resource_metrics[0].scope_metrics[0].metrics.add(name="app.requests")
-    other.gauge.data_points.add(as_int=3).attributes.add(key=schema.SOURCE_ADDRESS).value.string_value = "10.0.0.1"
+    other.gauge.data_points.add(as_int=3).attributes.add(
+        key=schema.SOURCE_ADDRESS
+    ).value.string_value = "10.0.0.1"
     before = other.SerializeToString()
     outcome = core.consume_metrics(req)
     assert outcome.rejected == 1 and "cumulative monotonic Sum" in outcome.message
@@ -264,7 +277,9 @@ def test_wrong_kind_flow_metric_refused_whole_and_unknown_metric_passes_untouche
 
 def test_series_cap_counts_and_still_forwards() -> None:
     core, _, registry, _ = make_core(FakeIndex(), max_series=2)
-    req = request([("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.2", "10.0.0.4", 5, 1), ("10.0.0.3", "10.0.0.4", 5, 1)])
+    req = request(
+        [("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.2", "10.0.0.4", 5, 1), ("10.0.0.3", "10.0.0.4", 5, 1)]
+    )
     core.consume_metrics(req)
     assert core.active_series == 2
     assert sample(registry, "kzt_enricher_series_dropped_total") == 1
@@ -280,7 +295,9 @@ def test_idle_series_dropped_after_ttl_aggregates_of_live_series_kept() -> None:
         core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 5 + step, 1)]))
     assert core.active_series == 1
     assert sample(registry, "pod_cross_zone_network_traffic_bytes_total", namespace="shop", pod="web-1") == 9
-    assert sample(registry, "pod_cross_zone_network_traffic_bytes_total", namespace="shop", pod="db-0") is None
+    assert (
+        sample(registry, "pod_cross_zone_network_traffic_bytes_total", namespace="shop", pod="db-0") is None
+    )
 
 
 def test_overloaded_when_no_slot_free() -> None:
