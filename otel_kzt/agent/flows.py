@@ -6,7 +6,7 @@ an address it has formatted before; the exporter caches per key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 AF_INET = 4
@@ -40,6 +40,12 @@ class Snapshot:
     overflow_packets: int
     capacity: int  # flow map size
     taken_unix_ns: int
+    # Added by the datapath (defaults keep older constructors working):
+    insert_failures: int = 0  # packets that found the map full (their bytes are in overflow_*)
+    eviction_races: int = 0  # packets that raced with their flow's eviction (bytes in overflow_*)
+    # Flows removed by Datapath.evict() since the previous snapshot, with their final cumulative counters
+    # (including any packet that arrived between the last read and the eviction): report them once more.
+    evicted: dict[FlowKey, FlowCounters] = field(default_factory=dict)
 
 
 class FlowReader(Protocol):
