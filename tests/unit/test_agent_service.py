@@ -1,0 +1,142 @@
+"""The interval loop end to end on a fake flow map, exporting over real gRPC to an in-process receiver."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from otel_kzt import schema
+from otel_kzt.agent.config import AgentConfig, OtlpConfig
+from otel_kzt.agent.export import Exporter
+from otel_kzt.agent.local import LocalFlows
+from otel_kzt.agent.service import AgentService
+from tests.unit.test_agent_local import NODE, index, key
+from tests.unit.test_agent_support import Failure, FakeMap, GrpcReceiver, points
+
+POD_FLOW = key("10.0.1.5", "10.0.2.7", dport=5432)
+NODE_FLOW = key("192.168.0.1", "10.0.2.7", dport=10250)
+FORWARDED = key("10.0.2.7", "10.0.1.5")
+SEC = 10**9
+
+
+@pytest.fixture
+def receiver() -> Iterator[GrpcReceiver]:
+    r = GrpcReceiver().start()
+    try:
+        yield r
+    finally:
+        r.stop()
+
+
+def service(
+    receiver: GrpcReceiver, fake: FakeMap, max_points: int = 20_000, **kw: object
+) -> tuple[AgentService, Exporter]:
+    otlp = OtlpConfig(
+        endpoints=(f"http://127.0.0.1:{receiver.port}",), timeout_s=1.0, max_points_per_request=max_points
+    )
+    cfg = AgentConfig(node_name=NODE, otlp=otlp, cluster_name="c1", **kw)  # type: ignore[arg-type]
+    exporter = Exporter(otlp, NODE, max_backoff_s=0.1)
+    idx = index()
+    local = LocalFlows(NODE, idx, interface_addresses=frozenset)
+    return AgentService(cfg, fake, exporter, local, idx, host_name="h1"), exporter
+
+
+def once(svc: AgentService, deadline_s: float = 2.0) -> None:
+    svc.export_once(time.monotonic() + deadline_s, threading.Event())
+
+
+def test_exports_local_flows_with_resource_and_telemetry(receiver: GrpcReceiver) -> None:
+    fake = FakeMap(capacity=100)
+    fake.add(POD_FLOW, 1000, 2)
+    fake.add(NODE_FLOW, 300, 1)
+    fake.add(FORWARDED, 5000, 5)
+    fake.overflow = (77, 3)
+    svc, exp = service(receiver, fake)
+    once(svc)
+    exp.close()
+    [request] = receiver.snapshot()
+    resource = {kv.key: kv.value.string_value for kv in request.resource_metrics[0].resource.attributes}
+    assert resource == {
+        schema.SERVICE_NAME: schema.AGENT_SERVICE_NAME, schema.SERVICE_VERSION: "0.1.0",
+        schema.RESOURCE_NODE_NAME: NODE, schema.HOST_NAME: "h1", schema.CLUSTER_NAME: "c1",
+    }
+    flows = {p[schema.SOURCE_ADDRESS]: p for p in points([request], schema.FLOW_BYTES)}
+    assert set(flows) == {"10.0.1.5", "192.168.0.1"}  # the forwarded flow is node-b's to count
+    assert flows["10.0.1.5"]["_value"] == 1000 and flows["10.0.1.5"][schema.SOURCE_POD_NAME] == "web-1"
+    assert flows["10.0.1.5"]["_start"] == fake.now_ns
+    assert [p["_value"] for p in points([request], schema.FLOW_PACKETS)] == [2, 1]
+    assert points([request], schema.OTLP_AGENT_FLOWS_TRACKED)[0]["_value"] == 3.0
+    assert points([request], schema.OTLP_AGENT_MAP_FILL_RATIO)[0]["_value"] == 0.03
+    assert points([request], schema.OTLP_AGENT_OVERFLOW_BYTES)[0]["_value"] == 77
+    assert points([request], schema.OTLP_AGENT_METADATA_SYNCED)[0]["_value"] == 1.0
+
+
+def test_cumulative_totals_survive_a_refused_export(receiver: GrpcReceiver) -> None:
+    fake = FakeMap()
+    fake.add(POD_FLOW, 100)
+    svc, exp = service(receiver, fake)
+    receiver.fail_next(*[Failure(grpc.StatusCode.UNAVAILABLE)] * 100)
+    once(svc, deadline_s=0.3)
+    assert receiver.snapshot() == []
+    receiver.failures.clear()
+    fake.add(POD_FLOW, 50)
+    once(svc)
+    exp.close()
+    assert [p["_value"] for p in points(receiver.snapshot(), schema.FLOW_BYTES)] == [150]
+    exports = {
+        p[schema.AGENT_RESULT]: p["_value"] for p in points(receiver.snapshot(), schema.OTLP_AGENT_EXPORTS)
+    }
+    assert exports == {"ok": 0, "failed": 1}
+
+
+def test_idle_flow_final_export_then_eviction(receiver: GrpcReceiver) -> None:
+    fake = FakeMap()
+    fake.add(POD_FLOW, 100)
+    fake.add(FORWARDED, 100)
+    svc, exp = service(receiver, fake, idle_timeout_s=60.0)
+    once(svc)
+    fake.now_ns += 61 * SEC  # both idle now
+    receiver.fail_next(Failure(grpc.StatusCode.INVALID_ARGUMENT))
+    once(svc)
+    assert fake.evicted == [FORWARDED]  # the local flow's final value was not delivered: kept
+    once(svc)
+    assert fake.evicted == [FORWARDED, POD_FLOW] and not fake.flows
+    values = [p["_value"] for p in points(receiver.snapshot(), schema.FLOW_BYTES)]
+    assert values == [100, 100]  # the regular export and the final one
+    once(svc)
+    exp.close()
+    assert points(receiver.snapshot()[-1:], schema.FLOW_BYTES) == []  # forgotten
+    assert points(receiver.snapshot()[-1:], schema.OTLP_AGENT_FLOWS_EVICTED)[0]["_value"] == 2
+
+
+def test_large_export_is_split_and_complete(receiver: GrpcReceiver) -> None:
+    fake = FakeMap(capacity=10_000)
+    for i in range(5000):
+        fake.add(key("10.0.1.5", f"10.9.{i // 250}.{i % 250}", dport=80), i + 1)
+    svc, exp = service(receiver, fake, max_points=2000)
+    once(svc)
+    exp.close()
+    assert len(receiver.snapshot()) == 5
+    got = sorted(p["_value"] for p in points(receiver.snapshot(), schema.FLOW_BYTES))
+    assert got == list(range(1, 5001))
+
+
+def test_run_stops_with_a_final_export(receiver: GrpcReceiver) -> None:
+    fake = FakeMap()
+    fake.add(POD_FLOW, 10)
+    svc, exp = service(receiver, fake, interval_s=0.1)
+    stop = threading.Event()
+    thread = threading.Thread(target=svc.run, args=(stop,))
+    thread.start()
+    time.sleep(0.35)
+    fake.add(POD_FLOW, 5)
+    stop.set()
+    thread.join(5)
+    exp.close()
+    assert not thread.is_alive()
+    values = [p["_value"] for p in points(receiver.snapshot(), schema.FLOW_BYTES)]
+    assert len(values) >= 3 and values[-1] == 15
