@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 from otel_kzt.k8s.filesource import DEFAULT_POLL_INTERVAL_S, FileSource
@@ -36,10 +37,17 @@ class Source(Protocol):
 class MetadataHandle:
     """Owns an index and the sources feeding it."""
 
-    def __init__(self, index: ClusterIndex, sources: list[Source], description: str) -> None:
+    def __init__(
+        self,
+        index: ClusterIndex,
+        sources: list[Source],
+        description: str,
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
         self.index = index
         self.sources = sources
         self.description = description
+        self._on_shutdown = on_shutdown  # e.g. close the API client's connection pool
         self._started: list[Source] = []
         self._lock = threading.Lock()
 
@@ -60,6 +68,8 @@ class MetadataHandle:
     def shutdown(self) -> None:
         with self._lock:
             self._stop_started()
+            if self._on_shutdown is not None:
+                self._on_shutdown()
 
     def wait_ready(self, timeout_s: float) -> bool:
         """Block until the index is ready (every source synced once) or the timeout passes."""
@@ -101,4 +111,4 @@ def open_metadata(
     api_client, where = load_api_client(kubeconfig)  # MetadataError when no configuration is usable
     sources: list[Source] = list(api_sources(api_client, index, node_name=node_name))
     scope = f" node={node_name}" if node_name else ""
-    return MetadataHandle(index, sources, f"api:{where}{scope}")
+    return MetadataHandle(index, sources, f"api:{where}{scope}", on_shutdown=api_client.close)

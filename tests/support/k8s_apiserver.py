@@ -109,7 +109,9 @@ class FakeApiServer:
 
     def start(self) -> FakeApiServer:
         self._server = _Server(self)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="fake-apiserver", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="fake-apiserver", daemon=True
+        )
         self._thread.start()
         return self
 
