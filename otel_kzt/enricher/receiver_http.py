@@ -176,7 +176,7 @@ class HttpReceiver:
 
     def start(self) -> int:
         self._server = _Server(self._settings, self._core)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="kzt-otlp-http", daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="kzt-otlp-http", daemon=True)
         self._thread.start()
         return int(self._server.server_address[1])
 
