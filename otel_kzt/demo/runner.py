@@ -217,7 +217,8 @@ class ClusterRun:
         # In the node's namespace when it still exists: the same view of the links the agent had.
         proc = run_in(node.netns if netns_exists(node.netns) else None, argv, check=False)
         if proc.returncode != 0:
-            log.warning("agent clean-up failed node=%s error=%s", node.name, proc.stderr.strip()[-500:])
+            log.warning("agent clean-up failed node=%s error=%s", node.name,
+                        (proc.stderr.strip().splitlines() or ["?"])[-1])
 
     def close(self) -> None:
         """Stop everything and remove every trace; safe twice and after a failed start."""

@@ -1,0 +1,134 @@
+"""The end-to-end bed: the demo's cluster (2 zones x 2 nodes) with real agents and a real enricher.
+
+One session-wide run (agents compile their eBPF program once); traffic is bounded and driven by the tests,
+ground truth is counted by nftables at the senders (truth.py). Namespaces `kz-*`, host link `kz-host`,
+ports 24317 (OTLP) and 29464 (/metrics), lock /run/otel-kzt-kz.lock; all removed at the end, also on
+failure.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from otel_kzt import schema
+from otel_kzt.demo.cluster import Cluster, NodeSpec, PodSpec
+from otel_kzt.demo.runner import ClusterRun, RunConfig
+from otel_kzt.demo.traffic import Engine, exchange
+from otel_kzt.demo.view import FLOW_BYTES, parse
+from otel_kzt.demo.workloads import Listener
+from tests.conftest import kernel_unavailable_reason
+from tests.e2e import truth
+
+PREFIX = "kz"
+NET_ID = 202
+GRPC_PORT = 24317
+METRICS_PORT = 29464
+TEST_PORT = 24080  # every pod, node and the internet host listen here during the tests
+EXACT_TIMEOUT_S = 30.0
+AGGREGATION = (
+    schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS, schema.NETWORK_TYPE, schema.NETWORK_TRANSPORT,
+    schema.TRAFFIC_CLASS, schema.SOURCE_POD_NAME, schema.SOURCE_NODE_NAME, schema.SOURCE_WORKLOAD_KIND,
+    schema.SOURCE_WORKLOAD_NAME, schema.DESTINATION_POD_NAME, schema.DESTINATION_WORKLOAD_KIND,
+    schema.DESTINATION_WORKLOAD_NAME,
+)
+L = schema.prom_label
+
+
+@dataclass(frozen=True)
+class Row:
+    """One address pair in the enricher's /metrics: bytes and the labels it was given."""
+
+    bytes: float
+    labels: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRun]:
+    if kernel_unavailable_reason() is not None:
+        pytest.skip(kernel_unavailable_reason() or "")  # the kernel marker decides skip vs fail first
+    cfg = RunConfig(prefix=PREFIX, net_id=NET_ID, zones=2, nodes_per_zone=2, interval_s=1.0,
+                    grpc_port=GRPC_PORT, metrics_port=METRICS_PORT,
+                    enricher_args=("--flow-aggregation", ",".join(AGGREGATION), "--no-flow-logs-stdout"),
+                    workdir=Path(tmp_path_factory.mktemp("e2e")))
+    run = ClusterRun(cfg)
+    engine: Engine | None = None
+    try:
+        run.start(traffic=False)
+        truth.install(run.cluster)
+        listeners = [Listener(p.netns, TEST_PORT, p.name) for p in run.cluster.routed_pods()]
+        listeners += [Listener(n.netns, TEST_PORT, n.name) for n in run.cluster.nodes]
+        listeners.append(Listener(run.cluster.internet_netns, TEST_PORT, "internet"))
+        engine = Engine(tuple(listeners), ())
+        engine.start()
+        yield run
+    finally:
+        if engine is not None:
+            engine.stop()
+        run.close()
+
+
+def owner_node(cluster: Cluster, address: str) -> NodeSpec | None:
+    owner = cluster.owner_of(address)
+    return owner.node if isinstance(owner, PodSpec) else owner
+
+
+def expected_class(cluster: Cluster, src: str, dst: str) -> str:
+    """The traffic class from the cluster model alone (not from the enricher's logic)."""
+    a, b = owner_node(cluster, src), owner_node(cluster, dst)
+    if a is None or b is None:
+        return schema.TrafficClass.EXTERNAL.value
+    if a.name == b.name:
+        return schema.TrafficClass.SAME_NODE.value
+    return (schema.TrafficClass.SAME_ZONE if a.zone == b.zone else schema.TrafficClass.CROSS_ZONE).value
+
+
+def enricher_rows(run: ClusterRun) -> dict[truth.Pair, Row]:
+    scrape = parse(run.scrape(), time.monotonic())
+    rows: dict[truth.Pair, Row] = {}
+    for labels, value in scrape.samples.get(FLOW_BYTES, []):
+        key = (str(ipaddress.ip_address(labels[L(schema.SOURCE_ADDRESS)])),
+               str(ipaddress.ip_address(labels[L(schema.DESTINATION_ADDRESS)])),
+               labels.get(L(schema.NETWORK_TRANSPORT), ""))
+        previous = rows.get(key)
+        rows[key] = Row(value + (previous.bytes if previous else 0.0), labels)
+    return rows
+
+
+def in_scope(cluster: Cluster, pair: truth.Pair) -> bool:
+    """TCP sent by a pod or a node of the cluster, except the agents' own OTLP to the host."""
+    src, dst, proto = pair
+    return proto == "tcp" and owner_node(cluster, src) is not None and dst not in {
+        cluster.plan.host(4), cluster.plan.host(6)}
+
+
+def wait_exact(run: ClusterRun, timeout_s: float = EXACT_TIMEOUT_S) -> tuple[dict[truth.Pair, int],
+                                                                            dict[truth.Pair, Row]]:
+    """Poll until the enricher's bytes equal the ground truth for every pair in scope; fail with the diff."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        want = {k: v for k, v in truth.read(run.cluster).items() if in_scope(run.cluster, k)}
+        rows = enricher_rows(run)
+        got = {k: int(r.bytes) for k, r in rows.items() if in_scope(run.cluster, k)}
+        if want == got:
+            return want, rows
+        if time.monotonic() > deadline:
+            diff = {k: (want.get(k), got.get(k)) for k in sorted(set(want) | set(got))
+                    if want.get(k) != got.get(k)}
+            pytest.fail(f"enricher bytes differ from nftables ground truth (pair: (truth, enricher)): {diff}")
+        time.sleep(0.5)
+
+
+def run_exchanges(jobs: list[tuple[str, str, int, int]], workers: int = 16) -> None:
+    """(client netns, server address, request bytes, response bytes) each as one bounded connection."""
+    with ThreadPoolExecutor(workers) as pool:
+        futures = [pool.submit(exchange, ns, addr, TEST_PORT, request_bytes=req, response_bytes=resp)
+                   for ns, addr, req, resp in jobs]
+        for future in futures:
+            future.result()
