@@ -17,10 +17,13 @@ reverse order on exit, also when the body raised.
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import logging
+import os
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 
 NETNS_DIR = Path("/run/netns")
 IFNAME_MAX = 15  # IFNAMSIZ - 1
+CLONE_NEWNET = 0x40000000
 
 
 class NetnsError(KztError):
@@ -60,11 +64,13 @@ def ip(ns: str | None, *args: str) -> str:
     return _check(ns_argv(ns, ["ip", *args]))
 
 
-def run_in(ns: str | None, argv: Sequence[str], timeout: float = 60.0, check: bool = True,
-           **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def run_in(
+    ns: str | None, argv: Sequence[str], timeout: float = 60.0, check: bool = True, **kwargs: Any
+) -> subprocess.CompletedProcess[str]:
     """Run a command inside `ns` and wait for it (text mode, output captured)."""
-    proc = subprocess.run(ns_argv(ns, argv), capture_output=True, text=True, timeout=timeout,
-                          check=False, **kwargs)
+    proc = subprocess.run(
+        ns_argv(ns, argv), capture_output=True, text=True, timeout=timeout, check=False, **kwargs
+    )
     if check and proc.returncode != 0:
         raise NetnsError(f"{' '.join(argv)} in netns {ns}: exit {proc.returncode}: {proc.stderr.strip()}")
     return proc
@@ -73,6 +79,35 @@ def run_in(ns: str | None, argv: Sequence[str], timeout: float = 60.0, check: bo
 def popen_in(ns: str | None, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
     """Start a command inside `ns` without waiting (the caller owns the process)."""
     return subprocess.Popen(ns_argv(ns, argv), **kwargs)
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise NetnsError(f"setns: {os.strerror(err)}")
+
+
+@contextmanager
+def entered(name: str) -> Iterator[None]:
+    """Move the calling thread into netns `name` for the block, and back afterwards.
+
+    For in-process work bound to a namespace at creation time (a netfilter BPF link attaches in the
+    namespace of the thread that creates it); sockets created inside stay in that namespace.
+    """
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(netns_path(name), os.O_RDONLY)
+        try:
+            _setns(target)
+            try:
+                yield
+            finally:
+                _setns(own)
+        finally:
+            os.close(target)
+    finally:
+        os.close(own)
 
 
 def netns_exists(name: str) -> bool:
@@ -101,8 +136,15 @@ def add_address(ns: str | None, ifname: str, cidr: str) -> None:
     ip(ns, "addr", "add", cidr, "dev", ifname, *extra)
 
 
-def create_veth(ns_a: str | None, if_a: str, ns_b: str | None, if_b: str, *,
-                a_addrs: Iterable[str] = (), b_addrs: Iterable[str] = ()) -> None:
+def create_veth(
+    ns_a: str | None,
+    if_a: str,
+    ns_b: str | None,
+    if_b: str,
+    *,
+    a_addrs: Iterable[str] = (),
+    b_addrs: Iterable[str] = (),
+) -> None:
     """A veth pair with one end in each namespace, addresses set and both ends up."""
     for name in (if_a, if_b):
         if len(name) > IFNAME_MAX:
@@ -125,8 +167,9 @@ def delete_link(ns: str | None, ifname: str) -> None:
             raise
 
 
-def add_route(ns: str | None, dest: str, via: str | None = None, dev: str | None = None,
-              family: int | None = None) -> None:
+def add_route(
+    ns: str | None, dest: str, via: str | None = None, dev: str | None = None, family: int | None = None
+) -> None:
     """Add a route; `dest` may be `default` (then `family` 4/6, or the family of `via`)."""
     if family is None:
         family = 6 if (via and ":" in via) or ":" in dest else 4
@@ -153,8 +196,9 @@ class Topology:
     def __enter__(self) -> Topology:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def on_close(self, what: str, undo: Callable[[], None]) -> None:
@@ -168,13 +212,27 @@ class Topology:
         self.on_close(f"netns {name}", lambda: delete_netns(name))
         return name
 
-    def veth(self, ns_a: str | None, if_a: str, ns_b: str | None, if_b: str, *,
-             a_addrs: Iterable[str] = (), b_addrs: Iterable[str] = ()) -> None:
+    def veth(
+        self,
+        ns_a: str | None,
+        if_a: str,
+        ns_b: str | None,
+        if_b: str,
+        *,
+        a_addrs: Iterable[str] = (),
+        b_addrs: Iterable[str] = (),
+    ) -> None:
         create_veth(ns_a, if_a, ns_b, if_b, a_addrs=a_addrs, b_addrs=b_addrs)
         self.on_close(f"veth {if_a}", lambda: delete_link(ns_a, if_a))
 
-    def route(self, ns: str | None, dest: str, via: str | None = None, dev: str | None = None,
-              family: int | None = None) -> None:
+    def route(
+        self,
+        ns: str | None,
+        dest: str,
+        via: str | None = None,
+        dev: str | None = None,
+        family: int | None = None,
+    ) -> None:
         # Routes die with their interface or namespace: nothing to undo.
         add_route(ns, dest, via, dev, family)
 

@@ -1,0 +1,321 @@
+"""The node datapath: compiles `bpf/flow.c` with bcc, attaches it at netfilter POSTROUTING (IPv4 + IPv6)
+in the calling thread's network namespace, and reads cumulative per-flow counters.
+
+Pinned (the default) links and maps live under `<pin_root>/<node>/` and survive the agent:
+- unchanged program on restart: everything is adopted as is, counters and first-seen times carry on;
+- changed program (another source hash): the new counter replaces the old in the dispatcher's program
+  array with one atomic map update, so no packet is counted twice or missed;
+- changed map layout or size: the node is reset (logged), as old and new values cannot be mixed.
+
+Eviction of idle flows is lossless: the kernel-side evictor marks them dead (packets that race with it
+go to the overflow bucket and are counted), an RCU grace period lets every program that saw them alive
+finish, then their final values are read, handed to the next snapshot (`Snapshot.evicted`) and deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from otel_kzt.agent import flowmap, netfilter, pins, probe
+from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
+from otel_kzt.errors import ConfigError, KernelUnsupported, ProgramLoadError
+
+log = logging.getLogger(__name__)
+
+LINK_PRIORITY = netfilter.NF_IP_PRI_NAT_SRC - 1  # ahead of source NAT: pods keep their own address
+DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
+EVICT_BATCH = 64
+META_COUNTER_HASH, META_DISPATCH_VERSION = 0, 1
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    node_name: str
+    pin: bool = True  # False: detach on close()
+    map_size: int = 65536  # flow map entries
+    ephemeral_min: int = 32768  # ephemeral port range: never in a key
+    ephemeral_max: int = 65535
+    pin_root: str = pins.DEFAULT_PIN_ROOT  # pins under <pin_root>/<node_name>/
+
+    def validate(self) -> None:
+        pins.node_dir(self.node_name, self.pin_root)
+        if not 1 <= self.map_size <= 1 << 24:
+            raise ConfigError("map_size", f"must be between 1 and {1 << 24}, got {self.map_size}")
+        if not 1 <= self.ephemeral_min <= self.ephemeral_max <= 65535:
+            raise ConfigError("ephemeral_min", "need 1 <= ephemeral_min <= ephemeral_max <= 65535")
+
+
+def _boot_to_unix_offset() -> int:
+    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
+
+class Datapath:
+    """Implements `otel_kzt.agent.flows.FlowReader` on the real kernel."""
+
+    def __init__(self, config: DatapathConfig) -> None:
+        config.validate()
+        self.config = config
+        self._dir = pins.node_dir(config.node_name, config.pin_root)
+        self._features: probe.Features | None = None
+        self._cflags: list[str] = []
+        self._bpf: Any = None
+        self._evict_fd = -1
+        self._link_fds: list[int] = []
+        self._lock = threading.Lock()
+        self._evicted: dict[FlowKey, FlowCounters] = {}
+        self._seen: dict[FlowKey, tuple[int, int]] = {}  # key -> (packets, unix ns when they changed)
+        self._keys = ctypes.create_string_buffer(config.map_size * flowmap.KEY_SIZE)
+        self._values = ctypes.create_string_buffer(config.map_size * flowmap.VALUE_SIZE)
+
+    # --- start -----------------------------------------------------------------------------------------
+
+    def _build_flags(self) -> list[str]:
+        if self._features is None:
+            probe.require_root()
+            probe.require_bcc()
+            self._features = probe.probe()
+        c = self.config
+        return probe.flow_cflags(
+            self._features,
+            map_size=c.map_size,
+            ephemeral_min=c.ephemeral_min,
+            ephemeral_max=c.ephemeral_max,
+            evict_batch=EVICT_BATCH,
+            pin_dir=str(self._dir) if c.pin else None,
+        )
+
+    def bpf_source(self) -> str:
+        """The final C (flags, header, program), for a `--print-bpf` switch."""
+        return probe.final_source(self._cflags or self._build_flags())
+
+    def start(self) -> None:
+        """Probe, compile, load, attach (or adopt what is pinned). Undoes a half-finished start."""
+        with self._lock:
+            if self._bpf is not None:
+                return
+            self._cflags = self._build_flags()
+            if self.config.pin:
+                pins.ensure_bpffs(self.config.pin_root)
+                self._reset_if_incompatible()
+                self._dir.mkdir(parents=True, exist_ok=True)
+            try:
+                self._load()
+                self._finish_leftover_evictions()
+            except BaseException:
+                self._close_locked(detach=not self.config.pin)
+                raise
+
+    def _reset_if_incompatible(self) -> None:
+        try:
+            fd = netfilter.obj_get(str(self._dir / "flows"))
+        except FileNotFoundError:
+            return
+        try:
+            info = netfilter.map_info(fd)
+        finally:
+            os.close(fd)
+        want = (flowmap.KEY_SIZE, flowmap.VALUE_SIZE, self.config.map_size)
+        if (info.key_size, info.value_size, info.max_entries) != want:
+            log.warning(
+                "pinned flow map does not match (key, value, entries)=%s, want %s: resetting node=%s",
+                (info.key_size, info.value_size, info.max_entries),
+                want,
+                self.config.node_name,
+            )
+            pins.cleanup(self.config.node_name, self.config.pin_root)
+
+    def _compile(self) -> Any:
+        from bcc import BPF
+
+        try:
+            return BPF(src_file=str(probe.FLOW_SOURCE).encode(), cflags=self._cflags)
+        except Exception as exc:  # bcc raises bare Exception
+            raise ProgramLoadError(f"compiling {probe.FLOW_SOURCE} failed: {exc}") from exc
+
+    def _load_func(self, name: str) -> int:
+        try:
+            fn = self._bpf.load_func(
+                name.encode(), netfilter.BPF_PROG_TYPE_NETFILTER, attach_type=netfilter.BPF_NETFILTER
+            )
+        except Exception as exc:  # bcc raises bare Exception; the verifier log went to stderr
+            raise ProgramLoadError(f"loading {name} failed (verifier log above): {exc}") from exc
+        return int(fn.fd)
+
+    def _load(self) -> None:
+        self._bpf = self._compile()
+        dispatch_fd = self._load_func("kzt_dispatch")
+        self._evict_fd = self._load_func("kzt_evict") if self._features and self._features.test_run else -1
+        meta = self._bpf["meta"]
+        want_hash = probe.source_hash(self._cflags)
+        current = self.config.pin and meta[ctypes.c_uint32(META_COUNTER_HASH)].value == want_hash
+        if not (current and self._counter_installed()):
+            counter_fd = self._load_func("kzt_count")
+            # One atomic update: each packet runs either the old counter or the new one, never both.
+            self._bpf["progs"][ctypes.c_int(0)] = ctypes.c_int(counter_fd)
+            meta[ctypes.c_uint32(META_COUNTER_HASH)] = ctypes.c_uint64(want_hash)
+            log.info("flow counter installed node=%s hash=%016x", self.config.node_name, want_hash)
+        else:
+            log.info("flow counter adopted unchanged node=%s hash=%016x", self.config.node_name, want_hash)
+        same_dispatcher = meta[ctypes.c_uint32(META_DISPATCH_VERSION)].value == DISPATCH_VERSION
+        for pf, name in pins.LINK_NAMES.items():
+            self._link_fds.append(self._attach(dispatch_fd, pf, name, adopt=same_dispatcher))
+        meta[ctypes.c_uint32(META_DISPATCH_VERSION)] = ctypes.c_uint64(DISPATCH_VERSION)
+
+    def _counter_installed(self) -> bool:
+        try:
+            self._bpf["progs"][ctypes.c_int(0)]
+        except KeyError:
+            return False
+        return True
+
+    def _attach(self, dispatch_fd: int, pf: int, name: str, *, adopt: bool) -> int:
+        path = str(self._dir / name)
+        old_fd = -1
+        if self.config.pin:
+            with contextlib.suppress(FileNotFoundError):  # nothing pinned yet: a first start
+                old_fd = netfilter.obj_get(path)
+        if old_fd >= 0 and adopt:
+            log.info("link adopted node=%s link=%s", self.config.node_name, name)
+            return old_fd
+        fd = netfilter.link_create_netfilter(dispatch_fd, pf, LINK_PRIORITY)
+        if old_fd >= 0:
+            # A new dispatcher: both run for a moment (counted twice) rather than neither (missed).
+            netfilter.link_detach(old_fd)
+            os.close(old_fd)
+            os.unlink(path)
+        if self.config.pin:
+            netfilter.obj_pin(fd, path)
+        log.info("link attached node=%s link=%s priority=%d", self.config.node_name, name, LINK_PRIORITY)
+        return fd
+
+    # --- read --------------------------------------------------------------------------------------------
+
+    def _percpu_sums(self, table: str, index: int) -> list[int]:
+        per_cpu = self._bpf[table][ctypes.c_uint32(index)]
+        if hasattr(per_cpu[0], "bytes"):
+            return [sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu)]
+        return [sum(int(v) for v in per_cpu)]
+
+    def _read_flows(self) -> dict[bytes, tuple[int, int, int, bool]]:
+        fd = self._bpf["flows"].map_fd
+        count = netfilter.map_lookup_batch(fd, self._keys, self._values, flowmap.KEY_SIZE, flowmap.VALUE_SIZE)
+        keys, values = memoryview(self._keys), memoryview(self._values)
+        ks, vs = flowmap.KEY_SIZE, flowmap.VALUE_SIZE
+        return {
+            bytes(keys[i * ks : (i + 1) * ks]): flowmap.decode_value(values, i * vs) for i in range(count)
+        }
+
+    def snapshot(self) -> Snapshot:
+        """Cumulative counters of every flow, the overflow bucket and the counted losses."""
+        with self._lock:
+            if self._bpf is None:
+                raise KernelUnsupported("datapath not started")
+            raw = self._read_flows()
+            offset = _boot_to_unix_offset()
+            now = time.time_ns()
+            flows: dict[FlowKey, FlowCounters] = {}
+            seen: dict[FlowKey, tuple[int, int]] = {}
+            for raw_key, (nbytes, packets, first_boot, _dead) in raw.items():
+                key = flowmap.decode_key(raw_key)
+                previous = self._seen.get(key)
+                seen[key] = previous if previous and previous[0] == packets else (packets, now)
+                flows[key] = FlowCounters(nbytes, packets, first_boot + offset, seen[key][1])
+            self._seen = seen
+            overflow_bytes, overflow_packets = self._percpu_sums("overflow", 0)
+            evicted, self._evicted = self._evicted, {}
+            return Snapshot(
+                flows=flows,
+                overflow_bytes=overflow_bytes,
+                overflow_packets=overflow_packets,
+                capacity=self.config.map_size,
+                taken_unix_ns=now,
+                insert_failures=self._percpu_sums("stats", flowmap.STAT_INSERT_FAILED)[0],
+                eviction_races=self._percpu_sums("stats", flowmap.STAT_EVICT_RACE)[0],
+                evicted=evicted,
+            )
+
+    # --- evict -------------------------------------------------------------------------------------------
+
+    def evict(self, keys: Iterable[FlowKey]) -> int:
+        """Remove flows without losing a byte; their final counters appear in the next `Snapshot.evicted`."""
+        raw_keys = list(dict.fromkeys(flowmap.encode_key(k) for k in keys))
+        with self._lock:
+            if self._bpf is None:
+                raise KernelUnsupported("datapath not started")
+            if self._evict_fd < 0:
+                raise KernelUnsupported(
+                    "eviction needs BPF_PROG_TEST_RUN for netfilter programs (Linux >= 6.6)"
+                )
+            for start in range(0, len(raw_keys), EVICT_BATCH):
+                self._mark_dead(raw_keys[start : start + EVICT_BATCH])
+            return self._collect_dead(raw_keys)
+
+    def _mark_dead(self, batch: list[bytes]) -> None:
+        table, count = self._bpf["evict_keys"], self._bpf["evict_count"]
+        for i, raw in enumerate(batch):
+            table[ctypes.c_uint32(i)] = table.Leaf.from_buffer_copy(raw)
+        count[ctypes.c_uint32(0)] = ctypes.c_uint32(len(batch))
+        netfilter.test_run(self._evict_fd)
+
+    def _collect_dead(self, raw_keys: list[bytes]) -> int:
+        """After a grace period no program still adds to a dead flow: read final values, then delete."""
+        netfilter.synchronize_rcu()
+        flows = self._bpf["flows"]
+        offset = _boot_to_unix_offset()
+        now = time.time_ns()
+        removed = 0
+        for raw in raw_keys:
+            ckey = flows.Key.from_buffer_copy(raw)
+            leaf = flows.get(ckey)
+            if leaf is None:
+                continue
+            nbytes, packets, first_boot, dead = flowmap.decode_value(bytes(leaf))
+            if not dead:
+                continue  # not marked (it was inserted after the evictor ran): leave it alone
+            key = flowmap.decode_key(raw)
+            last = self._seen.pop(key, (packets, now))[1]
+            self._evicted[key] = FlowCounters(nbytes, packets, first_boot + offset, last)
+            del flows[ckey]
+            removed += 1
+        log.debug("evicted flows=%d node=%s", removed, self.config.node_name)
+        return removed
+
+    def _finish_leftover_evictions(self) -> None:
+        """A previous agent may have died between marking flows dead and deleting them."""
+        if self._evict_fd < 0:
+            return
+        dead = [raw for raw, value in self._read_flows().items() if value[3]]
+        if dead:
+            log.info("finishing %d evictions left by a previous agent", len(dead))
+            self._collect_dead(dead)
+
+    # --- stop --------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release this process's hold; detach only when not pinned. Safe twice and before start()."""
+        with self._lock:
+            self._close_locked(detach=not self.config.pin)
+
+    def _close_locked(self, *, detach: bool) -> None:
+        for fd in self._link_fds:
+            if detach:
+                netfilter.link_detach(fd)
+            os.close(fd)
+        self._link_fds = []
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        self._evict_fd = -1
+
+
+def cleanup(node_name: str, pin_root: str = pins.DEFAULT_PIN_ROOT) -> None:
+    """Detach and unpin everything of one node (uninstall, demo, tests)."""
+    pins.cleanup(node_name, pin_root)

@@ -1,0 +1,244 @@
+"""The `bpf(2)` calls bcc 0.26 does not make for us: netfilter links, pinning, test runs, object info.
+
+bcc predates netfilter BPF programs (kernel 6.4): it can load one (`load_func(name, 32, attach_type=45)`)
+but not attach it. This module is the one place that speaks raw `bpf(2)` through ctypes; every failure is
+translated into the exception tree of `otel_kzt.errors`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+from otel_kzt.errors import DatapathError, KernelUnsupported, PrivilegeError
+
+log = logging.getLogger(__name__)
+
+SYS_BPF = 321  # x86_64
+SYS_MEMBARRIER = 324
+MEMBARRIER_CMD_GLOBAL = 1
+
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_TEST_RUN = 10
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_LINK_CREATE = 28
+BPF_LINK_DETACH = 34
+
+BPF_PROG_TYPE_NETFILTER = 32
+BPF_NETFILTER = 45
+NFPROTO_IPV4 = 2
+NFPROTO_IPV6 = 10
+NF_INET_POST_ROUTING = 4
+NF_IP_PRI_NAT_SRC = 100
+ATTR_SIZE = 144  # large enough for every command used here
+ENOTSUPP = 524  # the kernel-internal "not supported" that bpf(2) leaks to userspace
+BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_DELETE_BATCH = 27
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class BpfCallError(DatapathError):
+    """A bpf(2) command failed; `errno` says why."""
+
+    def __init__(self, what: str, err: int) -> None:
+        super().__init__(f"{what}: {os.strerror(err)} (errno {err})")
+        self.errno = err
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    result = int(_libc.syscall(SYS_BPF, cmd, attr, ctypes.sizeof(attr)))
+    if result < 0:
+        err = ctypes.get_errno()
+        if err == errno.EPERM:
+            raise PrivilegeError(f"{what}: permission denied (needs root, or CAP_BPF + CAP_NET_ADMIN)")
+        raise BpfCallError(what, err)
+    return result
+
+
+def _attr(fmt: str, *values: int) -> ctypes.Array[ctypes.c_char]:
+    buf = ctypes.create_string_buffer(ATTR_SIZE)
+    struct.pack_into(fmt, buf, 0, *values)
+    return buf
+
+
+def _address(buf: ctypes.Array[ctypes.c_char]) -> int:
+    return ctypes.addressof(buf)
+
+
+def link_create_netfilter(prog_fd: int, pf: int, priority: int, hooknum: int = NF_INET_POST_ROUTING) -> int:
+    """Attach a netfilter program in the calling thread's network namespace; returns the link fd."""
+    # link_create: prog_fd, target_fd, attach_type, flags, then (at 16) netfilter {pf, hooknum, prio, flags}
+    attr = _attr("<IIIIIIiI", prog_fd, 0, BPF_NETFILTER, 0, pf, hooknum, priority, 0)
+    try:
+        return _bpf(BPF_LINK_CREATE, attr, f"attach netfilter program (pf={pf}, priority={priority})")
+    except BpfCallError as exc:
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
+            raise KernelUnsupported(
+                f"kernel refused a netfilter BPF link (pf={pf}, priority={priority}): {exc}; "
+                "Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK is needed"
+            ) from exc
+        raise
+
+
+def link_detach(link_fd: int) -> None:
+    """Detach a link now, even if pins or other fds still hold it."""
+    _bpf(BPF_LINK_DETACH, _attr("<I", link_fd), "detach link")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    _bpf(BPF_OBJ_PIN, _attr("<QI", _address(raw), fd), f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; FileNotFoundError when nothing is pinned there."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    try:
+        return _bpf(BPF_OBJ_GET, _attr("<QI", _address(raw), 0), f"open pinned {path}")
+    except BpfCallError as exc:
+        if exc.errno == errno.ENOENT:
+            raise FileNotFoundError(errno.ENOENT, "nothing pinned", path) from exc
+        raise
+
+
+def _info(fd: int, size: int, what: str) -> bytes:
+    info = ctypes.create_string_buffer(size)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _attr("<IIQ", fd, size, _address(info)), what)
+    return info.raw
+
+
+@dataclass(frozen=True, slots=True)
+class ProgInfo:
+    prog_type: int
+    prog_id: int
+    tag: bytes
+    name: str
+    run_time_ns: int  # with kernel.bpf_stats_enabled=1
+    run_cnt: int
+
+
+def prog_info(fd: int) -> ProgInfo:
+    raw = _info(fd, 232, "program info")
+    prog_type, prog_id = struct.unpack_from("<II", raw, 0)
+    run_time_ns, run_cnt = struct.unpack_from("<QQ", raw, 192)
+    name = raw[64:80].split(b"\0", 1)[0].decode()
+    return ProgInfo(prog_type, prog_id, raw[8:16], name, run_time_ns, run_cnt)
+
+
+@dataclass(frozen=True, slots=True)
+class MapInfo:
+    map_type: int
+    map_id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+
+
+def map_info(fd: int) -> MapInfo:
+    raw = _info(fd, 96, "map info")
+    return MapInfo(*struct.unpack_from("<IIIII", raw, 0))
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    link_type: int
+    link_id: int
+    prog_id: int
+    pf: int
+    hooknum: int
+    priority: int
+
+
+def link_info(fd: int) -> LinkInfo:
+    raw = _info(fd, 64, "link info")
+    link_type, link_id, prog_id = struct.unpack_from("<III", raw, 0)
+    pf, hooknum, priority = struct.unpack_from("<IIi", raw, 16)
+    return LinkInfo(link_type, link_id, prog_id, pf, hooknum, priority)
+
+
+def test_run(prog_fd: int) -> int:
+    """Run a netfilter program once on a dummy IPv4 packet (kernel >= 6.6); returns its verdict."""
+    packet = bytearray(40)
+    packet[0] = 0x45  # IPv4, 20-byte header: the kernel checks it looks like one
+    struct.pack_into(">H", packet, 2, len(packet))
+    data = ctypes.create_string_buffer(bytes(packet), len(packet))
+    # test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration
+    attr = _attr("<IIIIQQII", prog_fd, 0, len(packet), 0, _address(data), 0, 1, 0)
+    try:
+        _bpf(BPF_PROG_TEST_RUN, attr, "test-run netfilter program")
+    except BpfCallError as exc:
+        if exc.errno in (errno.EINVAL, ENOTSUPP):
+            raise KernelUnsupported(
+                f"kernel cannot test-run netfilter programs (Linux >= 6.6): {exc}"
+            ) from exc
+        raise
+    return int(struct.unpack_from("<I", attr, 4)[0])
+
+
+def map_lookup_batch(
+    map_fd: int,
+    keys: ctypes.Array[ctypes.c_char],
+    values: ctypes.Array[ctypes.c_char],
+    key_size: int,
+    value_size: int,
+) -> int:
+    """Read a whole hash map into `keys`/`values` (sized for max_entries) in batches; returns the count."""
+    capacity = len(keys) // key_size
+    token_in = ctypes.create_string_buffer(8)
+    token_out = ctypes.create_string_buffer(8)
+    total = 0
+    while total < capacity:
+        # batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
+        attr = _attr(
+            "<QQQQIIQQ",
+            _address(token_in) if total else 0,
+            _address(token_out),
+            _address(keys) + total * key_size,
+            _address(values) + total * value_size,
+            capacity - total,
+            map_fd,
+            0,
+            0,
+        )
+        done = False
+        try:
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr, "batch-read the flow map")
+        except BpfCallError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            done = True  # ENOENT: the last batch, its entries are still valid
+        total += struct.unpack_from("<I", attr, 32)[0]
+        if done:
+            break
+        ctypes.memmove(token_in, token_out, 8)
+    return total
+
+
+def map_delete_batch(map_fd: int, keys: ctypes.Array[ctypes.c_char], count: int) -> int:
+    """Delete `count` keys; a key that is already gone stops the batch (ENOENT): returns how many went."""
+    attr = _attr("<QQQQIIQQ", 0, 0, _address(keys), 0, count, map_fd, 0, 0)
+    try:
+        _bpf(BPF_MAP_DELETE_BATCH, attr, "batch-delete flows")
+    except BpfCallError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+    return int(struct.unpack_from("<I", attr, 32)[0])
+
+
+def synchronize_rcu() -> None:
+    """Wait for an RCU grace period: every BPF program running now (they run under RCU) has finished.
+
+    membarrier(MEMBARRIER_CMD_GLOBAL) calls synchronize_rcu() when more than one CPU is online (the
+    kernel skips it on one CPU; there a preemptible kernel could in theory still hold a reader, so the
+    eviction race window is only closed on SMP machines, which every Kubernetes node is).
+    """
+    if _libc.syscall(SYS_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, 0, 0) < 0:
+        err = ctypes.get_errno()
+        raise DatapathError(f"membarrier(MEMBARRIER_CMD_GLOBAL): {os.strerror(err)}")
