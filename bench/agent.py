@@ -1,0 +1,245 @@
+"""Benchmark: one export interval of 100,000 active flows, agent fast path vs the OpenTelemetry SDK path.
+
+    .venv/bin/python bench/agent.py [--flows 100000]
+
+Each side runs in its own process (so CPU and peak RSS are its own) and exports over OTLP/gRPC to the same
+receiver process on 127.0.0.1, which counts the data points it got and any `otel.metric.overflow` point:
+
+- fast: otel_kzt.agent.service.AgentService on a fake flow map (the datapath's own read is not measured
+  here), local-flow selection + naming from a metadata index, requests built on the wire, split by size;
+- sdk:  ObservableCounter callbacks (bytes, packets) with pre-built attribute dicts, a
+  PeriodicExportingMetricReader with the cardinality cap raised above the flow count, OTLPMetricExporter.
+
+Interval 1 is cold (names and serialized attributes cached), interval 2 is the steady state (values changed).
+Prints CPU seconds and peak RSS of both and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+NODE = "bench-node"
+OVERFLOW_ATTR = "otel.metric.overflow"
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def flow_table(n: int) -> list[tuple[str, str, int, int]]:
+    """(src pod IP, dst IP, dst port, pod number): 250 local pods talking to many destinations."""
+    return [
+        (f"10.0.1.{i % 250 + 1}", f"10.{64 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}", 80 + i % 7, i % 250)
+        for i in range(n)
+    ]
+
+
+# --- receiver process ------------------------------------------------------------------------------------
+
+
+def run_receiver(log_path: str) -> None:
+    import grpc
+    from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+
+    class Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
+        def Export(self, request, context):  # type: ignore[no-untyped-def]
+            points = overflow = 0
+            for rm in request.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if not m.name.startswith("kzt.flow") and m.name not in {"bytes", "packets"}:
+                            continue
+                        for p in m.sum.data_points:
+                            points += 1
+                            overflow += any(kv.key == OVERFLOW_ATTR for kv in p.attributes)
+            with open(log_path, "a") as f:
+                f.write(f"{points} {overflow} {request.ByteSize()}\n")
+            return metrics_service_pb2.ExportMetricsServiceResponse()
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        options=[("grpc.max_receive_message_length", 512 * 1024 * 1024)],
+    )
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Servicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+# --- fast path ---------------------------------------------------------------------------------------------
+
+
+def run_fast(port: int, n: int) -> dict[str, float]:
+    import ipaddress
+
+    from otel_kzt.agent.config import AgentConfig, OtlpConfig
+    from otel_kzt.agent.export import Exporter
+    from otel_kzt.agent.flows import AF_INET, FlowKey
+    from otel_kzt.agent.local import LocalFlows
+    from otel_kzt.agent.service import AgentService
+    from otel_kzt.k8s.model import Endpoint
+    from otel_kzt.schema import WorkloadKind
+    from tests.unit.test_agent_support import FakeIndex, FakeMap
+
+    index = FakeIndex()
+    for pod in range(250):
+        index.endpoints[f"10.0.1.{pod + 1}"] = Endpoint(
+            NODE, WorkloadKind.DEPLOYMENT, "web", pod_name=f"web-7f9c8d6b5-{pod:05d}", namespace="shop",
+            pod_uid=f"3f1c2a9e-0000-4000-8000-{pod:012d}",
+        )
+    fake = FakeMap(capacity=2 * n)
+    for src, dst, port_, _pod in flow_table(n):
+        key = FlowKey(AF_INET, ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed, 6, 0, port_)
+        fake.add(key, 1500, 1)
+    otlp = OtlpConfig(endpoints=(f"http://127.0.0.1:{port}",), timeout_s=30.0)
+    config = AgentConfig(node_name=NODE, otlp=otlp)
+    exporter = Exporter(otlp, NODE)
+    local = LocalFlows(NODE, index, interface_addresses=frozenset)
+    service = AgentService(config, fake, exporter, local, index, host_name=NODE)
+    base_rss = peak_rss_mb()
+    out: dict[str, float] = {"rss_after_map_mb": base_rss}
+    for interval in (1, 2):
+        for key in list(fake.flows)[: n // 2]:
+            fake.add(key, 100, 1)
+        started = cpu_s()
+        result = service.export_once(time.monotonic() + 60, threading.Event())
+        out[f"cpu_s_{interval}"] = cpu_s() - started
+        out[f"requests_{interval}"] = result.sent
+    exporter.close()
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+# --- SDK path ---------------------------------------------------------------------------------------------
+
+
+def run_sdk(port: int, n: int) -> dict[str, float]:
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.metrics import CallbackOptions, Observation
+    from opentelemetry.sdk.metrics import MeterProvider, ObservableCounter
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    from otel_kzt import schema
+
+    flows = []
+    for src, dst, dport, pod in flow_table(n):
+        attrs = {
+            schema.SOURCE_ADDRESS: src, schema.DESTINATION_ADDRESS: dst, schema.NETWORK_TYPE: "ipv4",
+            schema.NETWORK_TRANSPORT: "tcp", schema.DESTINATION_PORT: dport,
+            schema.SOURCE_POD_NAME: f"web-7f9c8d6b5-{pod:05d}", schema.SOURCE_NAMESPACE_NAME: "shop",
+            schema.SOURCE_POD_UID: f"3f1c2a9e-0000-4000-8000-{pod:012d}",
+        }
+        flows.append([attrs, 1500, 1])
+
+    def observe_bytes(_options: CallbackOptions) -> list[Observation]:
+        return [Observation(f[1], f[0]) for f in flows]
+
+    def observe_packets(_options: CallbackOptions) -> list[Observation]:
+        return [Observation(f[2], f[0]) for f in flows]
+
+    exporter = OTLPMetricExporter(endpoint=f"127.0.0.1:{port}", insecure=True, timeout=60)
+    reader = PeriodicExportingMetricReader(
+        exporter, export_interval_millis=10**9, cardinality_limits={ObservableCounter: 2 * n + 10}
+    )
+    provider = MeterProvider(metric_readers=[reader])
+    meter = provider.get_meter("bench")
+    meter.create_observable_counter(schema.FLOW_BYTES, [observe_bytes], unit="By")
+    meter.create_observable_counter(schema.FLOW_PACKETS, [observe_packets], unit="{packet}")
+    out: dict[str, float] = {"rss_after_map_mb": peak_rss_mb()}
+    for interval in (1, 2):
+        for f in flows[: n // 2]:
+            f[1] += 100
+            f[2] += 1
+        started = cpu_s()
+        provider.force_flush(timeout_millis=120_000)
+        out[f"cpu_s_{interval}"] = cpu_s() - started
+    provider.shutdown()
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+# --- driver -----------------------------------------------------------------------------------------------
+
+
+def received(log: Path) -> tuple[int, int, int]:
+    lines = [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []
+    return sum(x[0] for x in lines), sum(x[1] for x in lines), len(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flows", type=int, default=100_000)
+    parser.add_argument("--mode", choices=["fast", "sdk", "receiver"])
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--log")
+    args = parser.parse_args()
+    if args.mode == "receiver":
+        run_receiver(args.log)
+        return 0
+    if args.mode:
+        result = (run_fast if args.mode == "fast" else run_sdk)(args.port, args.flows)
+        print(json.dumps(result), flush=True)
+        return 0
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="kzt-bench-") as tmp:
+        log = Path(tmp) / "received.log"
+        receiver = subprocess.Popen(
+            [sys.executable, __file__, "--mode", "receiver", "--log", str(log)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            port = int(receiver.stdout.readline())  # type: ignore[union-attr]
+            results = {}
+            for mode in ("fast", "sdk"):
+                before = received(log)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--mode", mode, "--port", str(port), "--flows", str(args.flows)],
+                    check=True, capture_output=True, text=True,
+                ).stdout
+                results[mode] = json.loads(out.strip().splitlines()[-1])
+                after = received(log)
+                results[mode]["points"] = after[0] - before[0]
+                results[mode]["overflow_points"] = after[1] - before[1]
+                results[mode]["requests"] = after[2] - before[2]
+        finally:
+            receiver.terminate()
+            receiver.wait()
+    report(args.flows, results)
+    return 0
+
+
+def report(n: int, results: dict[str, dict[str, float]]) -> None:
+    fast, sdk = results["fast"], results["sdk"]
+    print(f"agent export, {n:,} active flows, 2 intervals, OTLP/gRPC to a local receiver")
+    print(f"{'':26}{'fast path':>12}{'SDK path':>12}{'SDK/fast':>10}")
+    for label, k in (("CPU s, interval 1 (cold)", "cpu_s_1"), ("CPU s, interval 2", "cpu_s_2")):
+        print(f"{label:26}{fast[k]:12.3f}{sdk[k]:12.3f}{sdk[k] / fast[k]:10.1f}")
+    print(f"{'peak RSS MB':26}{fast['peak_rss_mb']:12.1f}{sdk['peak_rss_mb']:12.1f}"
+          f"{sdk['peak_rss_mb'] / fast['peak_rss_mb']:10.1f}")
+    print(f"{'RSS MB before export':26}{fast['rss_after_map_mb']:12.1f}{sdk['rss_after_map_mb']:12.1f}")
+    print(f"{'points received':26}{fast['points']:12,.0f}{sdk['points']:12,.0f}")
+    print(f"{'overflow points':26}{fast['overflow_points']:12,.0f}{sdk['overflow_points']:12,.0f}")
+    print(f"{'requests':26}{fast['requests']:12,.0f}{sdk['requests']:12,.0f}")
+    ok = fast["cpu_s_2"] <= 0.5 and fast["peak_rss_mb"] <= 150 and fast["points"] == 4 * n
+    print(f"target (<= 0.5 s CPU per interval, <= 150 MB RSS, every point, none folded): {'met' if ok else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
