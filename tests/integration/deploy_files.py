@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,86 @@ def container(workload: Obj, name: str) -> Obj:
     found = [c for c in all_containers(workload) if c["name"] == name]
     assert len(found) == 1, f"no container {name}"
     return found[0]
+
+
+# --- PromQL names, derived from otel_kzt.schema ------------------------------------------------------------
+
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+_MATCHER_LABEL = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)\s*\"")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+_IDENT = re.compile(r"(?<![\w$.:])([A-Za-z_:][A-Za-z0-9_:]*)\b(?!\s*\()")
+_KEYWORDS = frozenset(
+    {
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "bool",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+        "inf",
+        "nan",
+        "e",
+    }
+)
+
+
+def promql_labels(expr: str) -> set[str]:
+    """Label names an expression matches on or groups by."""
+    labels = set(_MATCHER_LABEL.findall(expr))
+    for group in _GROUPING.findall(expr):
+        labels |= {name.strip() for name in group.split(",") if name.strip()}
+    return labels
+
+
+def promql_metrics(expr: str) -> set[str]:
+    """Metric (and recording rule) names an expression reads."""
+    text = _GROUPING.sub(" ", expr)
+    text = re.sub(r"\{[^}]*\}", " ", _STRING.sub('""', text))
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\boffset\s+\w+", " ", text)
+    return {
+        m for m in _IDENT.findall(text) if m.lower() not in _KEYWORDS and not re.fullmatch(r"[\d.e+]+", m)
+    }
+
+
+def known_metrics() -> set[str]:
+    """Every Prometheus name the enricher exposes, from the schema (counters get `_total`)."""
+    from otel_kzt import schema
+
+    counters = {
+        schema.PROM_POD_CROSS_ZONE_BYTES,
+        schema.PROM_FLOW_BYTES,
+        schema.PROM_FLOW_PACKETS,
+        schema.PROM_ZONE_TRAFFIC_BYTES,
+        schema.PROM_ESTIMATED_COST,
+        schema.ENRICHER_RECEIVED_POINTS,
+        schema.ENRICHER_REJECTED_POINTS,
+        schema.ENRICHER_EXPORT_FAILURES,
+        schema.ENRICHER_EXPORT_DROPPED,
+        schema.ENRICHER_SERIES_DROPPED,
+    }
+    gauges = {
+        schema.ENRICHER_METADATA_SYNCED,
+        schema.ENRICHER_SERIES_ACTIVE,
+        schema.ENRICHER_AGENT_LAST_REPORT,
+    }
+    return {f"{c}_total" for c in counters} | gauges | {"up"}
+
+
+def known_labels() -> set[str]:
+    """Every label those metrics carry, plus Prometheus' own target labels."""
+    from otel_kzt import schema
+
+    flow = {schema.prom_label(a) for a in schema.DEFAULT_FLOW_AGGREGATION}
+    return (
+        flow
+        | set(schema.PROM_POD_CROSS_ZONE_LABELS)
+        | set(schema.PROM_ZONE_TRAFFIC_LABELS)
+        | set(schema.PROM_ESTIMATED_COST_LABELS)
+        | {schema.ENRICHER_AGENT_LAST_REPORT_LABEL, schema.ENRICHER_EXPORTER_LABEL, "job", "instance"}
+    )
