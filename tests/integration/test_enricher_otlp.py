@@ -41,16 +41,25 @@ def send_with_sdk(exporter: MetricExporter, flows: Iterable[Flow], node: str = "
     def observe(metric: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def callback(_options: CallbackOptions) -> Iterable[Observation]:
             for src, dst, value in flows:
-                attrs = {schema.SOURCE_ADDRESS: src, schema.DESTINATION_ADDRESS: dst,
-                         schema.NETWORK_TRANSPORT: "tcp", schema.DESTINATION_PORT: "443"}
+                attrs = {
+                    schema.SOURCE_ADDRESS: src,
+                    schema.DESTINATION_ADDRESS: dst,
+                    schema.NETWORK_TRANSPORT: "tcp",
+                    schema.DESTINATION_PORT: "443",
+                }
                 yield Observation(value if metric == schema.FLOW_BYTES else value // 1000, attrs)
+
         return callback
 
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=3_600_000)
-    resource = Resource.create({schema.SERVICE_NAME: schema.AGENT_SERVICE_NAME, schema.RESOURCE_NODE_NAME: node})
+    resource = Resource.create(
+        {schema.SERVICE_NAME: schema.AGENT_SERVICE_NAME, schema.RESOURCE_NODE_NAME: node}
+    )
     provider = MeterProvider(resource=resource, metric_readers=[reader])
     meter = provider.get_meter("otel_kzt.agent")
-    meter.create_observable_counter(schema.FLOW_BYTES, [observe(schema.FLOW_BYTES)], unit=schema.FLOW_BYTES_UNIT)
+    meter.create_observable_counter(
+        schema.FLOW_BYTES, [observe(schema.FLOW_BYTES)], unit=schema.FLOW_BYTES_UNIT
+    )
     meter.create_observable_counter(schema.FLOW_PACKETS, [observe(schema.FLOW_PACKETS)], unit="{packet}")
     assert provider.force_flush(10_000)
     provider.shutdown()
@@ -75,14 +84,23 @@ def enriched_points(ds: Downstream, want: int) -> dict[tuple[str, str, str], dic
 
 @pytest.mark.integration
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_sdk_exporters_in_enriched_data_out(service: EnricherService, downstream: Downstream, protocol: str) -> None:
+def test_sdk_exporters_in_enriched_data_out(
+    service: EnricherService, downstream: Downstream, protocol: str
+) -> None:
     if protocol == "grpc":
-        exporter: MetricExporter = GrpcMetricExporter(endpoint=f"127.0.0.1:{service.ports['grpc']}", insecure=True)
+        exporter: MetricExporter = GrpcMetricExporter(
+            endpoint=f"127.0.0.1:{service.ports['grpc']}", insecure=True
+        )
     else:
         exporter = HttpMetricExporter(endpoint=f"http://127.0.0.1:{service.ports['http']}/v1/metrics")
     web, cache, etl = POD_IPS["web-1"], POD_IPS["cache-1"], POD_IPS["etl-1"]
-    flows = [(web, cache, 5_000_000), (web, POD_IPS["api-1"], 7_000), (web, etl, 3_000), (web, "1.1.1.1", 9_000),
-             (web, NODE_IPS["kzt-e-b1"], 4_000)]
+    flows = [
+        (web, cache, 5_000_000),
+        (web, POD_IPS["api-1"], 7_000),
+        (web, etl, 3_000),
+        (web, "1.1.1.1", 9_000),
+        (web, NODE_IPS["kzt-e-b1"], 4_000),
+    ]
     send_with_sdk(exporter, flows)
     points = enriched_points(downstream, 2 * len(flows))
     cross = points[(schema.FLOW_BYTES, web, cache)]
@@ -98,12 +116,15 @@ def test_sdk_exporters_in_enriched_data_out(service: EnricherService, downstream
     assert points[(schema.FLOW_BYTES, web, etl)][schema.TRAFFIC_CLASS] == "cross-region"
     assert points[(schema.FLOW_BYTES, web, "1.1.1.1")][schema.TRAFFIC_CLASS] == "external"
     node_end = points[(schema.FLOW_BYTES, web, NODE_IPS["kzt-e-b1"])]
-    assert node_end[schema.DESTINATION_WORKLOAD_KIND] == "Node" and schema.DESTINATION_POD_NAME not in node_end
+    assert (
+        node_end[schema.DESTINATION_WORKLOAD_KIND] == "Node" and schema.DESTINATION_POD_NAME not in node_end
+    )
 
     logs = downstream.logs.get(timeout=10)
     records = [r for rl in logs.resource_logs for sl in rl.scope_logs for r in sl.log_records]
-    classes = sorted(next(kv.value.string_value for kv in r.attributes if kv.key == schema.TRAFFIC_CLASS)
-                     for r in records)
+    classes = sorted(
+        next(kv.value.string_value for kv in r.attributes if kv.key == schema.TRAFFIC_CLASS) for r in records
+    )
     assert classes == ["cross-region", "cross-zone", "cross-zone", "external"]
 
     body = get(f"http://127.0.0.1:{service.ports['metrics']}/metrics")[1]
