@@ -19,7 +19,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import urllib3
 from kubernetes import client as k8s_client
@@ -34,7 +34,6 @@ from otel_kzt.k8s.index import ClusterIndex
 log = logging.getLogger(__name__)
 
 _GONE = 410
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,53 +50,38 @@ class _Gone(Exception):
     """Our resourceVersion is older than the server keeps: a full re-list is needed."""
 
 
+@dataclass(frozen=True, slots=True)
 class _Resource:
-    """How to list/decode/apply one resource kind."""
+    """How to list, decode and apply one resource kind."""
 
-    def __init__(
-        self,
-        kind: str,
-        list_call: Callable[..., Any],
-        upsert: Callable[[Mapping[str, Any]], None],
-        delete: Callable[[Mapping[str, Any]], None],
-        replace: Callable[[list[Mapping[str, Any]]], None],
-    ) -> None:
-        self.kind = kind
-        self.list_call = list_call
-        self.upsert = upsert
-        self.delete = delete
-        self.replace = replace
+    kind: str
+    list_call: Callable[..., Any]
+    decode: Callable[[Mapping[str, Any]], Any]
+    upsert: Callable[[Any], None]  # takes a decoded record
+    delete: Callable[[Any], None]  # takes a decoded record
+    replace: Callable[[list[Any]], None]  # takes every decoded record of a full listing
 
 
 def pod_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
     return _Resource(
-        "pods",
-        api.list_pod_for_all_namespaces,
-        lambda obj: index.upsert_pod(decode_pod(obj)),
-        lambda obj: index.delete_pod(decode_pod(obj).uid),
-        lambda objs: index.replace_pods(_decoded(decode_pod, objs)),
+        kind="pods",
+        list_call=api.list_pod_for_all_namespaces,
+        decode=decode_pod,
+        upsert=index.upsert_pod,
+        delete=lambda record: index.delete_pod(record.uid),
+        replace=index.replace_pods,
     )
 
 
 def node_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
     return _Resource(
-        "nodes",
-        api.list_node,
-        lambda obj: index.upsert_node(decode_node(obj)),
-        lambda obj: index.delete_node(obj["metadata"]["name"]),
-        lambda objs: index.replace_nodes(_decoded(decode_node, objs)),
+        kind="nodes",
+        list_call=api.list_node,
+        decode=decode_node,
+        upsert=index.upsert_node,
+        delete=lambda info: index.delete_node(info.name),
+        replace=index.replace_nodes,
     )
-
-
-def _decoded(decode: Callable[[Mapping[str, Any]], _T], objects: list[Mapping[str, Any]]) -> list[_T]:
-    """Decode a listing; a malformed object is logged and skipped, never fatal to the whole list."""
-    out = []
-    for obj in objects:
-        try:
-            out.append(decode(obj))
-        except (KeyError, TypeError, AttributeError) as exc:
-            log.warning("skipping malformed object error=%r", exc)
-    return out
 
 
 class ApiSource:
@@ -169,7 +153,8 @@ class ApiSource:
                 backoff = min(backoff * 2, self._config.max_backoff_s)
 
     def _list(self) -> None:
-        objects: list[Mapping[str, Any]] = []
+        # Decoded page by page: 100,000 raw pod dicts at once would cost gigabytes.
+        records: list[Any] = []
         token: str | None = None
         rv = None
         while True:
@@ -186,17 +171,29 @@ class ApiSource:
                     raise _Gone() from exc
                 raise
             page = json.loads(response.data)
-            objects.extend(page.get("items") or ())
+            for obj in page.get("items") or ():
+                record = self._decode(obj)
+                if record is not None:
+                    records.append(record)
             meta = page.get("metadata") or {}
             rv = rv or meta.get("resourceVersion")
             token = meta.get("continue") or None
             if token is None or self._stop.is_set():
                 break
-        self._resource.replace(objects)
+        self._resource.replace(records)
         self._rv = rv
         self.lists += 1
         self._index.mark_synced(self.name)
-        log.info("listed resource=%s count=%d resource_version=%s", self._resource.kind, len(objects), rv)
+        log.info("listed resource=%s count=%d resource_version=%s", self._resource.kind, len(records), rv)
+
+    def _decode(self, obj: Mapping[str, Any]) -> Any:
+        """The decoded record, or None for a malformed object (counted and logged, never fatal)."""
+        try:
+            return self._resource.decode(obj)
+        except (KeyError, TypeError, AttributeError) as exc:
+            self.bad_objects += 1
+            log.warning("skipping malformed object resource=%s error=%r", self._resource.kind, exc)
+            return None
 
     def _watch(self) -> bool:
         """Stream events until the server ends the watch. True when at least one event arrived."""
@@ -237,14 +234,12 @@ class ApiSource:
                 raise _Gone()
             raise ValueError(f"watch error event: {obj.get('message') or obj}")
         meta = obj.get("metadata") or {}
-        try:
-            if kind in ("ADDED", "MODIFIED"):
-                self._resource.upsert(obj)
-            elif kind == "DELETED":
-                self._resource.delete(obj)
-        except (KeyError, TypeError, AttributeError) as exc:
-            self.bad_objects += 1
-            log.warning("skipping malformed object resource=%s error=%r", self._resource.kind, exc)
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
+            record = self._decode(obj)
+            if record is not None and kind == "DELETED":
+                self._resource.delete(record)
+            elif record is not None:
+                self._resource.upsert(record)
         self.events += 1
         if meta.get("resourceVersion"):
             self._rv = meta["resourceVersion"]  # BOOKMARK events carry only this
