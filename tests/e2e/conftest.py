@@ -102,10 +102,19 @@ def enricher_rows(run: ClusterRun) -> dict[truth.Pair, Row]:
 
 
 def in_scope(cluster: Cluster, pair: truth.Pair) -> bool:
-    """TCP sent by a pod or a node of the cluster, except the agents' own OTLP to the host."""
+    """TCP sent by a pod or a node of the cluster, except the agents' own OTLP to the host.
+
+    Also out of scope: a pod talking to its own node's address. Such packets are delivered to the node,
+    never cross its POSTROUTING hook, so the datapath cannot see them (DESIGN §2: one hook, POSTROUTING);
+    they are same-node traffic, which no provider bills.
+    """
     src, dst, proto = pair
-    return proto == "tcp" and owner_node(cluster, src) is not None and dst not in {
-        cluster.plan.host(4), cluster.plan.host(6)}
+    if proto != "tcp" or dst in {cluster.plan.host(4), cluster.plan.host(6)}:
+        return False
+    src_owner = cluster.owner_of(src)
+    if src_owner is None:
+        return False
+    return not (isinstance(src_owner, PodSpec) and dst in src_owner.node.addresses)
 
 
 def wait_exact(run: ClusterRun, timeout_s: float = EXACT_TIMEOUT_S) -> tuple[dict[truth.Pair, int],
