@@ -118,6 +118,10 @@ def create_netns(name: str) -> None:
     """Create a named netns with loopback up."""
     ip(None, "netns", "add", name)
     ip(name, "link", "set", "lo", "up")
+    # No duplicate address detection: a tentative link-local address stalls neighbour discovery
+    # for the first packets, which tests and the demo would see as loss.
+    for key in ("net.ipv6.conf.default.accept_dad=0", "net.ipv6.conf.all.accept_dad=0"):
+        _check(ns_argv(name, ["sysctl", "-q", "-w", key]))
 
 
 def delete_netns(name: str) -> None:

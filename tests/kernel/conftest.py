@@ -1,0 +1,144 @@
+"""Kernel-test fixtures: a routed topology (two pods behind a node), the datapath attached in the node,
+nftables counters as the independent ground truth, and the traffic generators of traffic.py.
+
+Every name (netns, interface, pin, nft table) starts with "kd"; everything is removed even on failure.
+
+        kd-a (pod A)                 kd-n (node, datapath + nft)              kd-b (pod B)
+    10.77.1.2  fd77:1::2  --veth--  10.77.1.1 | 10.77.2.1  --veth--  10.77.2.2  fd77:2::2
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otel_kzt import netns
+from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
+
+TRAFFIC = str(Path(__file__).with_name("traffic.py"))
+PIN_ROOT = "/sys/fs/bpf/otel-kzt"
+
+
+@dataclass(frozen=True)
+class Net:
+    node: str
+    pod_a: str
+    pod_b: str
+    a4: str = "10.77.1.2"
+    b4: str = "10.77.2.2"
+    a6: str = "fd77:1::2"
+    b6: str = "fd77:2::2"
+    node_b4: str = "10.77.2.1"
+
+    def traffic(self, ns: str, *args: object, timeout: float = 120.0) -> dict[str, Any]:
+        """Run a traffic.py command inside `ns`; returns its JSON summary."""
+        proc = netns.run_in(ns, [sys.executable, TRAFFIC, *map(str, args)], timeout=timeout)
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
+
+    def nft(self, script: str, ns: str | None = None) -> None:
+        """Load an nftables script in the node (or `ns`): the namespace dies with its rules."""
+        netns.run_in(ns or self.node, ["nft", "-f", "-"], input=script)
+
+    def nft_counter(self, name: str, ns: str | None = None) -> tuple[int, int]:
+        """(bytes, packets) of a named counter in the `inet kd` table of the node (or `ns`)."""
+        out = netns.run_in(ns or self.node, ["nft", "-j", "list", "counter", "inet", "kd", name]).stdout
+        for item in json.loads(out)["nftables"]:
+            if "counter" in item:
+                return int(item["counter"]["bytes"]), int(item["counter"]["packets"])
+        raise AssertionError(f"nft counter {name} not found: {out}")
+
+    def serve_tcp(self, topo: netns.Topology, ns: str, port: int) -> None:
+        """A TCP sink in `ns` (IPv4 and IPv6), stopped when the topology closes."""
+        proc = netns.popen_in(ns, [sys.executable, TRAFFIC, "tcp-serve", str(port)], stdout=subprocess.PIPE)
+
+        def stop() -> None:
+            proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout:
+                proc.stdout.close()
+
+        topo.on_close(f"tcp server {ns}:{port}", stop)
+        assert proc.stdout is not None
+        assert b"listening" in proc.stdout.readline()
+
+
+def _build(topo: netns.Topology, net: Net) -> None:
+    for ns in (net.node, net.pod_a, net.pod_b):
+        topo.netns(ns)
+    topo.veth(
+        net.node,
+        "kdna0",
+        net.pod_a,
+        "eth0",
+        a_addrs=["10.77.1.1/24", "fd77:1::1/64"],
+        b_addrs=[f"{net.a4}/24", f"{net.a6}/64"],
+    )
+    topo.veth(
+        net.node,
+        "kdnb0",
+        net.pod_b,
+        "eth0",
+        a_addrs=[f"{net.node_b4}/24", "fd77:2::1/64"],
+        b_addrs=[f"{net.b4}/24", f"{net.b6}/64"],
+    )
+    for ns, gw4, gw6 in ((net.pod_a, "10.77.1.1", "fd77:1::1"), (net.pod_b, "10.77.2.1", "fd77:2::1")):
+        topo.route(ns, "default", via=gw4)
+        topo.route(ns, "default", via=gw6)
+    netns.enable_forwarding(net.node)
+
+
+@pytest.fixture
+def topo() -> Iterator[netns.Topology]:
+    with netns.Topology() as topology:
+        yield topology
+
+
+@pytest.fixture
+def net(topo: netns.Topology) -> Net:
+    result = Net(node="kd-n", pod_a="kd-a", pod_b="kd-b")
+    _build(topo, result)
+    return result
+
+
+DatapathFactory = Callable[..., Datapath]
+
+
+@pytest.fixture
+def datapath(net: Net, request: pytest.FixtureRequest) -> Iterator[DatapathFactory]:
+    """Start datapaths attached in the node netns; all closed and their pins removed at the end."""
+    started: list[Datapath] = []
+    node_name = "kd-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())[
+        :40
+    ].strip("-")
+    cleanup(node_name, PIN_ROOT)  # leftovers of a crashed run
+
+    def start(**overrides: Any) -> Datapath:
+        config = DatapathConfig(node_name=node_name, pin_root=PIN_ROOT, **overrides)
+        dp = Datapath(config)
+        started.append(dp)
+        with netns.entered(net.node):
+            dp.start()
+        return dp
+
+    try:
+        yield start
+    finally:
+        for dp in started:
+            dp.close()
+        cleanup(node_name, PIN_ROOT)
+
+
+def settle() -> None:
+    """Packets already sent have passed POSTROUTING once the sender returned; a tiny pause covers the
+    replies (ICMP errors, ACKs) generated in softirq on another CPU."""
+    time.sleep(0.2)
