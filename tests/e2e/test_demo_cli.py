@@ -1,0 +1,95 @@
+"""`otel-kzt demo` as a user runs it: --once prints a report, Ctrl-C / SIGTERM and the end of --duration
+leave no namespace, link, pin or process behind, and a second demo gets a clear error."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from otel_kzt.demo.cluster import make_cluster
+from otel_kzt.demo.runner import LOCK_DIR, ClusterRun, RunLock
+from otel_kzt.netns import NETNS_DIR, netns_exists
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.kernel
+
+PREFIX, NET_ID, ZONES, PER_ZONE = "kzc", 204, 2, 1
+PIN_ROOT = Path("/sys/fs/bpf/otel-kzt")
+DEMO = [sys.executable, "-m", "otel_kzt.cli", "demo", "--prefix", PREFIX, "--net-id", str(NET_ID),
+        "--zones", str(ZONES), "--nodes-per-zone", str(PER_ZONE), "--metrics-port", "29465",
+        "--otlp-port", "24318", "--interval", "1s"]
+
+
+def assert_nothing_left() -> None:
+    cluster = make_cluster(PREFIX, NET_ID, ZONES, PER_ZONE)
+    assert not [p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{PREFIX}-")]
+    assert not Path(f"/sys/class/net/{cluster.host_link}").exists()
+    assert not [n.name for n in cluster.nodes if (PIN_ROOT / n.name).exists()]
+    leftovers = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue  # gone meanwhile
+            if any(n.name in cmdline for n in cluster.nodes) or "--prefix\0kzc" in cmdline:
+                leftovers.append(cmdline.replace("\0", " "))
+    assert not leftovers
+    lock = RunLock(LOCK_DIR / f"otel-kzt-{PREFIX}.lock")
+    lock.acquire()  # free: nobody holds it
+    lock.release()
+
+
+def test_once_prints_a_report_and_leaves_nothing() -> None:
+    proc = subprocess.run([*DEMO, "--once", "--duration", "6s"], capture_output=True, text=True,
+                          timeout=180, cwd=REPO, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "final report" in out and "Top cross-zone talkers" in out
+    assert "no cross-zone traffic reported yet" not in out  # two zones: the story crosses them
+    assert "shop/" in out and "cross-zone" in out and "http://127.0.0.1:29465/metrics" in out
+    assert_nothing_left()
+
+
+def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_live_view_leaves_nothing(sig: signal.Signals) -> None:
+    lines: queue.Queue[str] = queue.Queue()
+    with subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, cwd=REPO) as proc:
+        assert proc.stdout is not None
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        try:
+            while "Top cross-zone talkers" not in lines.get(timeout=120):
+                pass
+            proc.send_signal(sig)
+            assert proc.wait(60) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert_nothing_left()
+
+
+def test_second_demo_gets_a_clear_error(e2e: ClusterRun) -> None:
+    """While the session's run holds its lock, a demo of the same prefix refuses and touches nothing."""
+    cfg = e2e.config
+    proc = subprocess.run([sys.executable, "-m", "otel_kzt.cli", "demo", "--prefix", cfg.prefix,
+                           "--net-id", str(cfg.net_id), "--once"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, check=False)
+    assert proc.returncode == 1
+    assert "another otel-kzt demo is running" in proc.stderr
+    assert all(netns_exists(n.netns) for n in e2e.cluster.nodes)
+    assert e2e.scrape()  # the running one is untouched
