@@ -170,7 +170,7 @@ def run_sdk(port: int, n: int) -> dict[str, float]:
         started = cpu_s()
         provider.force_flush(timeout_millis=120_000)
         out[f"cpu_s_{interval}"] = cpu_s() - started
-    provider.shutdown()
+    # No provider.shutdown(): it would collect and export a third time.
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 

@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,8 +127,10 @@ class Exporter:
             self._transports.pop(gone).close()
         return sorted(targets, key=lambda t: self._down_until.get(t, 0.0) > now)  # stable: keeps rank
 
-    def export(self, requests: Sequence[bytes], deadline: float, stop: threading.Event) -> ExportResult:
-        """Deliver `requests` (in order) before the monotonic `deadline`, or until `stop` is set."""
+    def export(self, requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
+        """Deliver `requests` in order before the monotonic `deadline`, or until `stop` is set.
+
+        A lazy iterable is consumed one request at a time, so one request is in memory at once."""
         result = ExportResult()
         with self._lock:
             targets = self.ranked_targets()

@@ -23,16 +23,17 @@ import logging
 import socket
 import subprocess
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from typing import Final
 
 from otel_kzt import schema
-from otel_kzt.agent.encode import AttrValue, PointHead, point_head
+from otel_kzt.agent.encode import AttrValue, PointHead, attributes, point_head
 from otel_kzt.agent.flows import AF_INET, FlowCounters, FlowKey
 from otel_kzt.k8s.model import Endpoint, MetadataIndex
 
 log = logging.getLogger(__name__)
 
 UDP = 17
+_MISSING: Final[PointHead] = PointHead(-1, b"", b"")  # cache sentinel, distinct from None (not ours)
 DEFAULT_OVERLAY_PORTS = (4789, 8472, 6081)  # VXLAN (IANA, Linux/flannel), Geneve
 
 
@@ -58,12 +59,6 @@ def namespace_addresses() -> frozenset[str]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
-    first_seen_unix_ns: int
-    head: PointHead | None  # None: not ours
-
-
 class LocalFlows:
     """Decides per flow key whether it is exported and caches its serialized point head."""
 
@@ -78,85 +73,126 @@ class LocalFlows:
         self._index = index
         self._overlay_ports = frozenset(overlay_ports)
         self._interface_addresses = interface_addresses
-        self._cache: dict[FlowKey, _Entry] = {}
-        self._texts: dict[bytes, str] = {}
-        self._state: tuple[int, frozenset[str]] | None = None
-        self._node_addresses: frozenset[str] = frozenset()
+        self._cache: dict[FlowKey, PointHead | None] = {}  # None: not ours
+        # Serialized pieces: per attribute value, and per end and raw address the pod attributes (b"": none).
+        self._pieces: dict[tuple[str, AttrValue], bytes] = {}
+        self._pods: dict[str, dict[bytes, bytes]] = {schema.SOURCE: {}, schema.DESTINATION: {}}
+        self._node_raw: frozenset[bytes] = frozenset()
+        self._generation: int | None = None
+        self._revalidate = False
+        self._node_addresses: frozenset[str] | None = None
 
     def refresh(self) -> None:
-        """Re-read node addresses; drop cached names when they or the metadata generation changed."""
+        """Re-read node addresses and the metadata generation, once per interval before `heads()`.
+
+        New node addresses change which flows are ours: everything is rebuilt. A new metadata generation
+        only may rename: each flow's pod attributes are checked against the index on the next `heads()`
+        and only flows whose names changed are re-serialized (pod churn must not cost a full rebuild).
+        """
         addresses = set(self._interface_addresses())
         if self._index is not None:
             info = self._index.node(self._node)
             if info is not None:
                 addresses.update(str(ipaddress.ip_address(a)) for a in info.addresses)
-        generation = self._index.generation if self._index is not None else 0
-        state = (generation, frozenset(addresses))
-        if state != self._state:
-            log.debug("flow names invalidated: generation=%d node_addresses=%d", generation, len(addresses))
-            self._state = state
-            self._node_addresses = state[1]
+        if frozenset(addresses) != self._node_addresses:
+            log.info("node addresses: %s", ",".join(sorted(addresses)))
+            self._node_addresses = frozenset(addresses)
+            self._node_raw = frozenset(ipaddress.ip_address(a).packed for a in addresses)
             self._cache.clear()
+            self._clear_pods()
+        generation = self._index.generation if self._index is not None else 0
+        if generation != self._generation:
+            self._generation = generation
+            self._clear_pods()
+            self._revalidate = bool(self._cache)
+
+    def _clear_pods(self) -> None:
+        for cache in self._pods.values():
+            cache.clear()
 
     @property
     def node_addresses(self) -> frozenset[str]:
-        return self._node_addresses
+        return self._node_addresses or frozenset()
 
     def heads(self, flows: dict[FlowKey, FlowCounters]) -> dict[FlowKey, PointHead]:
-        """The point heads of the flows to export (call `refresh()` once per interval before)."""
-        old = self._cache
-        new: dict[FlowKey, _Entry] = {}
+        """The point heads of the flows to export; forgets keys that left the map."""
+        cache = self._cache
         out: dict[FlowKey, PointHead] = {}
         for key, counters in flows.items():
-            entry = old.get(key)
-            if entry is None or entry.first_seen_unix_ns != counters.first_seen_unix_ns:
-                entry = _Entry(counters.first_seen_unix_ns, self._head(key, counters.first_seen_unix_ns))
-            new[key] = entry
-            if entry.head is not None:
-                out[key] = entry.head
-        self._cache = new  # keys gone from the map leave the cache
+            start = counters.first_seen_unix_ns
+            head = cache.get(key, _MISSING)
+            stale = head is _MISSING or (head is not None and head.start_unix_ns != start)
+            if stale or (self._revalidate and not self._names_unchanged(key, head)):
+                head = cache[key] = self._head(key, start)
+            if head is not None:
+                out[key] = head
+        self._revalidate = False
+        if len(cache) > len(flows):
+            for gone in [k for k in cache if k not in flows]:
+                del cache[gone]
         return out
 
-    def _text(self, raw: bytes) -> str:
-        text = self._texts.get(raw)
-        if text is None:
-            if len(self._texts) > 4 * max(len(self._cache), 1024):
-                self._texts.clear()  # bounded: stale addresses of evicted flows go
-            text = self._texts[raw] = address_text(raw)
-        return text
+    def _names_unchanged(self, key: FlowKey, head: PointHead | None) -> bool:
+        from_node = key.src in self._node_raw
+        if head is None:  # not ours so far: a pod that just appeared in the index makes it ours
+            return from_node or not self._named(schema.SOURCE, key.src)
+        source = b"" if from_node else self._named(schema.SOURCE, key.src)
+        return source == head.source_pod and self._named(schema.DESTINATION, key.dst) == head.destination_pod
 
-    def _lookup(self, address: str) -> Endpoint | None:
-        return self._index.lookup(address) if self._index is not None else None
+    def _field(self, key: str, value: AttrValue) -> bytes:
+        """One serialized attribute (field-7 entry) of a low-cardinality value, shared across flows."""
+        piece = self._pieces.get((key, value))
+        if piece is None:
+            if len(self._pieces) > 4 * max(len(self._cache), 1024):
+                self._pieces.clear()  # bounded: values of evicted flows go
+            piece = self._pieces[(key, value)] = attributes(7, ((key, value),))
+        return piece
 
-    def _local_pod(self, endpoint: Endpoint | None) -> bool:
-        return endpoint is not None and not endpoint.is_node and endpoint.node_name == self._node
+    def _named(self, end: str, raw: bytes) -> bytes:
+        """Serialized pod attributes of address `raw` at `end` if it is a pod on this node, else b"".
+
+        Keyed by the raw address object the flow key already holds, so the cache costs only its slots.
+        """
+        cache = self._pods[end]
+        named = cache.get(raw)
+        if named is None:
+            if len(cache) > 4 * max(len(self._cache), 1024):
+                cache.clear()  # bounded like the other caches
+            endpoint = self._index.lookup(address_text(raw)) if self._index is not None else None
+            local = endpoint is not None and not endpoint.is_node and endpoint.node_name == self._node
+            named = cache[raw] = attributes(7, _pod_attrs(end, endpoint)) if local and endpoint else b""
+        return named
 
     def _head(self, key: FlowKey, first_seen_unix_ns: int) -> PointHead | None:
-        src, dst = self._text(key.src), self._text(key.dst)
-        if ipaddress.ip_address(dst).is_loopback:
-            return None
-        src_endpoint = self._lookup(src)
-        from_node = src in self._node_addresses
-        if not from_node and not self._local_pod(src_endpoint):
+        if _is_loopback(key.dst):
+            return None  # never leaves the node
+        from_node = key.src in self._node_raw
+        source_pod = b"" if from_node else self._named(schema.SOURCE, key.src)
+        if not from_node and not source_pod:
             return None  # forwarded or arriving: counted at its source node
         if from_node and key.proto == UDP and key.dst_port in self._overlay_ports:
             return None  # encapsulation: the inner packets are counted
-        attrs: list[tuple[str, AttrValue]] = [
-            (schema.SOURCE_ADDRESS, src),
-            (schema.DESTINATION_ADDRESS, dst),
-            (schema.NETWORK_TYPE, _network_type(key.family)),
-            (schema.NETWORK_TRANSPORT, schema.transport_name(key.proto)),
+        field = self._field
+        parts = [
+            field(schema.SOURCE_ADDRESS, address_text(key.src)),
+            # Destinations are many and mostly distinct: serialized per flow, not cached.
+            attributes(7, ((schema.DESTINATION_ADDRESS, address_text(key.dst)),)),
+            field(schema.NETWORK_TYPE, _network_type(key.family)),
+            field(schema.NETWORK_TRANSPORT, schema.transport_name(key.proto)),
         ]
         if key.src_port:
-            attrs.append((schema.SOURCE_PORT, key.src_port))
+            parts.append(field(schema.SOURCE_PORT, key.src_port))
         if key.dst_port:
-            attrs.append((schema.DESTINATION_PORT, key.dst_port))
-        if not from_node and src_endpoint is not None:
-            attrs += _pod_attrs(schema.SOURCE, src_endpoint)
-        dst_endpoint = self._lookup(dst)
-        if self._local_pod(dst_endpoint) and dst_endpoint is not None:
-            attrs += _pod_attrs(schema.DESTINATION, dst_endpoint)
-        return point_head(attrs, first_seen_unix_ns)
+            parts.append(field(schema.DESTINATION_PORT, key.dst_port))
+        destination_pod = self._named(schema.DESTINATION, key.dst)
+        return point_head(b"".join(parts), first_seen_unix_ns, source_pod, destination_pod)
+
+
+_V6_LOOPBACK = bytes(15) + b"\x01"
+
+
+def _is_loopback(raw: bytes) -> bool:
+    return raw[0] == 127 if len(raw) == 4 else raw == _V6_LOOPBACK
 
 
 def _network_type(family: int) -> str:

@@ -39,7 +39,7 @@ class FlowSource(FlowReader, Protocol):
 
 
 class Sender(Protocol):
-    def export(self, requests: list[bytes], deadline: float, stop: threading.Event) -> ExportResult: ...
+    def export(self, requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult: ...
 
 
 def resource_attributes(config: AgentConfig, host_name: str) -> dict[str, AttrValue]:
@@ -110,8 +110,8 @@ class AgentService:
         duration = time.monotonic() - started
         self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
         log.info(
-            "export: flows=%d local=%d requests=%d sent=%d failed=%d duration_s=%.3f",
-            len(snapshot.flows), len(points), len(requests), result.sent, result.failed, duration,
+            "export: flows=%d local=%d sent=%d failed=%d duration_s=%.3f",
+            len(snapshot.flows), len(points), result.sent, result.failed, duration,
         )
         # A local flow's final value must have reached the receiver before the flow is forgotten.
         self._evict(idle_other + (idle_ours if result.failed == 0 else []))

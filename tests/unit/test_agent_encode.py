@@ -66,7 +66,7 @@ def _flows(n: int) -> list[tuple[list[tuple[str, str | int]], int, int, int]]:
 def _encode(flows: list[tuple[list[tuple[str, str | int]], int, int, int]], **kw: int) -> list[bytes]:
     encoder = RequestEncoder(RESOURCE, "otel-kzt", "0.1.0", **kw)
     points = [FlowPoint(point_head(a, start), b, p) for a, start, b, p in flows]
-    return encoder.encode(points, T)
+    return list(encoder.encode(points, T))
 
 
 def test_varint_matches_protobuf() -> None:
@@ -125,7 +125,7 @@ def test_empty_export_still_carries_extra_metrics() -> None:
         gauge_metric("kzt.agent.flow_map.fill_ratio", "fill", "1", [((), 0.25)], T),
         sum_metric("kzt.agent.exports", "exports", "{request}", [([("result", "ok")], T - 5, 3)], T),
     ]
-    [raw] = encoder.encode([], T, extra)
+    [raw] = list(encoder.encode([], T, extra))
     metrics = ExportMetricsServiceRequest.FromString(raw).resource_metrics[0].scope_metrics[0].metrics
     assert [m.name for m in metrics] == ["kzt.agent.flow_map.fill_ratio", "kzt.agent.exports"]
     assert metrics[0].gauge.data_points[0].as_double == 0.25

@@ -44,7 +44,8 @@ def attrs_of(local: LocalFlows, k: FlowKey) -> dict[str, object] | None:
     if k not in heads:
         return None
     head = heads[k]
-    point = NumberDataPoint.FromString(head.attrs)  # the attribute fields parse on their own
+    # The attribute fields parse on their own.
+    point = NumberDataPoint.FromString(head.attrs + head.source_pod + head.destination_pod)
     return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in point.attributes}
 
 
@@ -122,8 +123,27 @@ def test_names_follow_metadata_generation() -> None:
     assert local.heads(counters)[k] is first  # generation unchanged: the cache is trusted
     idx.generation += 1
     local.refresh()
-    assert b"web-1b" in local.heads(counters)[k].attrs
+    renamed = local.heads(counters)[k]
+    assert b"web-1b" in renamed.source_pod and renamed is not first
+    other = key("10.0.1.6", "10.0.2.7")
+    counters[other] = FlowCounters(1, 1, 5, 6)
+    kept = local.heads(counters)[other]
+    idx.generation += 1  # something else changed: names of these flows did not
+    local.refresh()
+    assert local.heads(counters)[other] is kept
 
 
 def test_namespace_addresses_lists_loopback() -> None:
     assert "127.0.0.1" in namespace_addresses()
+
+
+def test_pod_created_later_makes_its_flows_ours() -> None:
+    idx = index()
+    local = make(idx)
+    k = key("10.0.1.9", "10.0.2.7")
+    counters = {k: FlowCounters(1, 1, 5, 6)}
+    assert local.heads(counters) == {}
+    idx.endpoints["10.0.1.9"] = pod("late-1", NODE, "uid-late")
+    idx.generation += 1
+    local.refresh()
+    assert b"late-1" in local.heads(counters)[k].source_pod
