@@ -57,6 +57,47 @@ class Net:
                 return int(item["counter"]["bytes"]), int(item["counter"]["packets"])
         raise AssertionError(f"nft counter {name} not found: {out}")
 
+    def background(self, topo: netns.Topology, ns: str, *args: object) -> Callable[[], dict[str, Any]]:
+        """Start a traffic.py command in `ns`; returns a function that waits for its JSON summary."""
+        proc = netns.popen_in(ns, [sys.executable, TRAFFIC, *map(str, args)], stdout=subprocess.PIPE)
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            if proc.stdout:
+                proc.stdout.close()
+
+        topo.on_close(f"traffic {args[0]} in {ns}", stop)
+
+        def result() -> dict[str, Any]:
+            out, _err = proc.communicate(timeout=120)
+            assert proc.returncode == 0, f"traffic {args} failed"
+            summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+            return summary
+
+        return result
+
+    def quiet_ipv6(self) -> None:
+        """Switch IPv6 off in the node: its neighbour discovery and MLD packets are real traffic the
+        datapath counts, which a test that accounts for every byte in the overflow bucket cannot tell
+        apart from its own."""
+        for iface in ("all", "default", "kdna0", "kdnb0"):
+            netns.run_in(self.node, ["sysctl", "-q", "-w", f"net.ipv6.conf.{iface}.disable_ipv6=1"])
+
+    def drop_udp_at(self, ns: str) -> None:
+        """Drop UDP on input in `ns`: no ICMP errors flow back, so only the sent traffic is counted."""
+        self.nft(
+            """
+            table inet kddrop {
+                chain input {
+                    type filter hook input priority 0; policy accept;
+                    meta l4proto udp drop
+                }
+            }""",
+            ns=ns,
+        )
+
     def serve_tcp(self, topo: netns.Topology, ns: str, port: int) -> None:
         """A TCP sink in `ns` (IPv4 and IPv6), stopped when the topology closes."""
         proc = netns.popen_in(ns, [sys.executable, TRAFFIC, "tcp-serve", str(port)], stdout=subprocess.PIPE)

@@ -1,0 +1,172 @@
+"""The datapath's life on the real kernel: a full map, ephemeral ports, eviction under traffic, restarts
+(unchanged and changed program), --no-pin and --cleanup."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+
+import pytest
+
+from otel_kzt import netns
+from otel_kzt.agent import netfilter
+from otel_kzt.agent.datapath import Datapath, cleanup
+from otel_kzt.agent.flows import FlowCounters, FlowKey
+from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
+from tests.kernel.test_datapath import TCP, UDP, key
+
+pytestmark = pytest.mark.kernel
+
+UDP_V4_OVERHEAD = 20 + 8
+
+
+def udp_totals(flows: dict[FlowKey, FlowCounters]) -> tuple[int, int]:
+    udp = [c for k, c in flows.items() if k.proto == UDP]
+    return sum(c.bytes for c in udp), sum(c.packets for c in udp)
+
+
+def test_full_map_overflow_keeps_total_exact(net: Net, datapath: DatapathFactory) -> None:
+    net.drop_udp_at(net.pod_b)
+    net.quiet_ipv6()
+    dp = datapath(map_size=16)
+    net.traffic(net.pod_a, "udp-ports", net.b4, 1000, 100, 50)  # 100 flows, 16 slots
+    settle()
+    snap = dp.snapshot()
+    in_map = {k: c for k, c in snap.flows.items() if k.proto == UDP}
+    assert len(snap.flows) == 16
+    assert len(in_map) == 16 and all(c.packets == 1 for c in in_map.values())
+    other_bytes = sum(c.bytes for k, c in snap.flows.items() if k.proto != UDP)
+    other_packets = sum(c.packets for k, c in snap.flows.items() if k.proto != UDP)
+    assert other_packets == 0, "only the UDP sent here may pass the node"
+    total_bytes = udp_totals(snap.flows)[0] + snap.overflow_bytes + other_bytes
+    assert total_bytes == 100 * (UDP_V4_OVERHEAD + 50)
+    assert len(in_map) + snap.overflow_packets == 100
+    assert snap.insert_failures == snap.overflow_packets == 84
+    assert snap.capacity == 16
+
+
+def test_ephemeral_client_ports_make_one_flow(net: Net, datapath: DatapathFactory, topo: netns.Topology) -> None:
+    net.serve_tcp(topo, net.pod_b, 8443)
+    dp = datapath()
+    result = net.traffic(net.pod_a, "tcp-connects", net.b4, 8443, 10_000, timeout=170)
+    assert result["distinct_client_ports"] > 5_000
+    settle()
+    tcp = {k: c for k, c in dp.snapshot().flows.items() if k.proto == TCP}
+    assert set(tcp) == {key(net.a4, net.b4, TCP, dport=8443), key(net.b4, net.a4, TCP, sport=8443)}
+    # SYN, ACK, RST at least per connection from the client; SYN-ACK from the server.
+    assert tcp[key(net.a4, net.b4, TCP, dport=8443)].packets >= 30_000
+    assert tcp[key(net.b4, net.a4, TCP, sport=8443)].packets >= 10_000
+
+
+def test_eviction_while_traffic_runs_loses_nothing(
+    net: Net, datapath: DatapathFactory, topo: netns.Topology
+) -> None:
+    net.drop_udp_at(net.pod_b)
+    net.quiet_ipv6()
+    dp = datapath()
+    done = net.background(topo, net.pod_a, "udp-stream", net.b4, 2000, 2.0, 64, 20)
+    evicted_bytes = evicted_packets = rounds = removed = 0
+    deadline = time.monotonic() + 2.5
+    while time.monotonic() < deadline:
+        snap = dp.snapshot()
+        evicted_bytes, evicted_packets = (
+            evicted_bytes + udp_totals(snap.evicted)[0],
+            evicted_packets + udp_totals(snap.evicted)[1],
+        )
+        removed += dp.evict([k for k in snap.flows if k.proto == UDP])
+        rounds += 1
+    sent = done()["sent"]
+    settle()
+    last = dp.snapshot()
+    live_bytes, live_packets = udp_totals(last.flows)
+    final_evicted = udp_totals(last.evicted)
+    total_packets = live_packets + evicted_packets + final_evicted[1] + last.overflow_packets
+    total_bytes = live_bytes + evicted_bytes + final_evicted[0] + last.overflow_bytes
+    logging.getLogger(__name__).info(
+        "eviction test sent=%d rounds=%d removed=%d races=%d", sent, rounds, removed, last.eviction_races
+    )
+    assert removed > 20, "evictions must really have happened during the traffic"
+    assert total_packets == sent
+    assert total_bytes == sent * (UDP_V4_OVERHEAD + 64)
+    assert last.overflow_packets == last.eviction_races  # nothing else may reach the overflow bucket
+
+
+def test_restart_unchanged_misses_nothing_and_keeps_first_seen(
+    net: Net, datapath: DatapathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    net.drop_udp_at(net.pod_b)
+    first = datapath()
+    net.traffic(net.pod_a, "udp", net.b4, 53, 5, 10)
+    settle()
+    k = key(net.a4, net.b4, UDP, dport=53)
+    before = first.snapshot().flows[k]
+    first.close()  # pinned: the program keeps counting with no agent running
+    net.traffic(net.pod_a, "udp", net.b4, 53, 7, 10)
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent.datapath")
+    second = datapath()
+    assert "flow counter adopted unchanged" in caplog.text
+    settle()
+    after = second.snapshot().flows[k]
+    assert (after.packets, after.bytes) == (12, 12 * (UDP_V4_OVERHEAD + 10))
+    assert after.first_seen_unix_ns == pytest.approx(before.first_seen_unix_ns, abs=5_000_000)
+    assert after.first_seen_unix_ns < time.time_ns()
+
+
+def test_changed_program_replaces_old_without_gap_or_double_count(
+    net: Net, datapath: DatapathFactory, topo: netns.Topology, caplog: pytest.LogCaptureFixture
+) -> None:
+    net.drop_udp_at(net.pod_b)
+    first = datapath()
+    done = net.background(topo, net.pod_a, "udp-stream", net.b4, 3000, 2.5, 32, 4)
+    time.sleep(0.5)
+    first.close()
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent.datapath")
+    second = datapath(ephemeral_max=64999)  # other flags: another source hash, same map layout
+    assert "flow counter installed" in caplog.text
+    assert "link adopted" in caplog.text
+    sent = done()["sent"]
+    settle()
+    snap = second.snapshot()
+    assert udp_totals(snap.flows) == (sent * (UDP_V4_OVERHEAD + 32), sent)
+    assert snap.overflow_packets == 0
+
+
+def _link_ids(dp: Datapath) -> list[int]:
+    return [netfilter.link_info(fd).link_id for fd in dp._link_fds]
+
+
+def _link_exists(link_id: int) -> bool:
+    proc = subprocess.run(["bpftool", "link", "show", "id", str(link_id)], capture_output=True, check=False)
+    return proc.returncode == 0
+
+
+def test_no_pin_detaches_on_close(net: Net, datapath: DatapathFactory) -> None:
+    dp = datapath(pin=False)
+    ids = _link_ids(dp)
+    assert len(ids) == 2 and all(_link_exists(i) for i in ids)
+    assert not os.path.exists(os.path.join(PIN_ROOT, dp.config.node_name))
+    dp.close()
+    dp.close()  # safe twice
+    assert not any(_link_exists(i) for i in ids)
+
+
+def test_cleanup_detaches_and_unpins(net: Net, datapath: DatapathFactory) -> None:
+    dp = datapath()
+    ids = _link_ids(dp)
+    directory = os.path.join(PIN_ROOT, dp.config.node_name)
+    assert sorted(os.listdir(directory)) == ["flows", "link_v4", "link_v6", "meta", "overflow", "progs", "stats"]
+    dp.close()
+    assert all(_link_exists(i) for i in ids), "pinned links outlive the agent"
+    cleanup(dp.config.node_name, PIN_ROOT)
+    assert not os.path.exists(directory)
+    assert not any(_link_exists(i) for i in ids)
+    cleanup(dp.config.node_name, PIN_ROOT)  # nothing left: still fine
+
+
+def test_bpf_source_shows_flags_and_program(net: Net, datapath: DatapathFactory) -> None:
+    dp = datapath(map_size=128)
+    source = dp.bpf_source()
+    assert "-DKZT_MAP_SIZE=128" in source and "-DKZT_OFF_SKB_HEAD=" in source
+    assert "int kzt_count(" in source and "struct flow_key {" in source
