@@ -28,7 +28,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from otel_kzt.errors import MetadataError
-from otel_kzt.k8s.decode import decode_node, decode_pod
+from otel_kzt.k8s.decode import decode_node, decode_pod, gc_paused
 from otel_kzt.k8s.index import ClusterIndex
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ class ApiSource:
         self._response: urllib3.BaseHTTPResponse | None = None
         # Counters for tests, health and the benchmark.
         self.lists = 0
-        self.events = 0
+        self.events = 0  # ADDED / MODIFIED / DELETED applied
+        self.bookmarks = 0
         self.reconnects = 0
         self.gone = 0
         self.bad_objects = 0
@@ -170,11 +171,13 @@ class ApiSource:
                 if exc.status == _GONE:  # the continue token outlived the server's history
                     raise _Gone() from exc
                 raise
-            page = json.loads(response.data)
-            for obj in page.get("items") or ():
-                record = self._decode(obj)
-                if record is not None:
-                    records.append(record)
+            with gc_paused():
+                page = json.loads(response.data)
+                for obj in page.get("items") or ():
+                    record = self._decode(obj)
+                    if record is not None:
+                        records.append(record)
+                page.pop("items", None)  # freed while the collector is still paused: no promotion
             meta = page.get("metadata") or {}
             rv = rv or meta.get("resourceVersion")
             token = meta.get("continue") or None
@@ -240,7 +243,9 @@ class ApiSource:
                 self._resource.delete(record)
             elif record is not None:
                 self._resource.upsert(record)
-        self.events += 1
+            self.events += 1
+        elif kind == "BOOKMARK":
+            self.bookmarks += 1
         if meta.get("resourceVersion"):
             self._rv = meta["resourceVersion"]  # BOOKMARK events carry only this
 

@@ -7,10 +7,13 @@ the kubernetes client's generated models: at 150,000 pods they cost seconds and 
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import ipaddress
 import re
 import sys
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from otel_kzt.k8s.model import Endpoint, NodeInfo
@@ -42,6 +45,36 @@ _PROVIDER_SCHEMES = {"aws": "aws", "gce": "gcp", "azure": "azure"}
 _FINISHED_PHASES = frozenset({"Succeeded", "Failed"})
 
 _NODE_ADDRESS_TYPES = frozenset({"InternalIP", "ExternalIP"})
+
+
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while one page of JSON is parsed and decoded.
+
+    `json.loads` of a 500-pod page allocates ~50,000 containers that survive long enough to be promoted,
+    so with 100,000 pods already decoded each page triggers full collections over everything we keep:
+    the initial sync goes quadratic (9.6 s instead of 2.5 s for 100,000 pods, measured). Nothing we
+    parse is cyclic, so reference counting frees it all; the pause is nested-safe across threads and
+    restores the collector only if it was enabled when the first pauser came in.
+    """
+    global _gc_pausers, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pausers == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pausers += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 class PodRecord:
