@@ -14,6 +14,7 @@ Address plan for network id S (one per user of the topology, so the demo and the
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import uuid
 from dataclasses import dataclass, field
@@ -78,7 +79,7 @@ class NodeSpec:
     zone: str
     zone_index: int
     region: str
-    instance_id: str
+    project: str  # the GCE project of spec.providerID
     v4: str
     v6: str
 
@@ -180,21 +181,22 @@ class Cluster:
 
 
 def make_cluster(prefix: str, net_id: int, zones: int, nodes_per_zone: int,
-                 region: str = "eu-west-1") -> Cluster:
-    """`zones` x `nodes_per_zone` nodes named like EC2 nodes of `region` (zones `<region>a`, `b` ...)."""
+                 region: str = "europe-west1") -> Cluster:
+    """`zones` x `nodes_per_zone` nodes named like GKE nodes of `region` (zones `<region>-a`, `-b` ...)."""
     if not 1 <= zones <= 26:
         raise ValueError(f"zones must be within 1..26, got {zones}")
     if nodes_per_zone < 1 or zones * nodes_per_zone > MAX_NODES:
         raise ValueError(f"nodes per zone must be at least 1 and at most {MAX_NODES} nodes in all")
     plan = AddressPlan(net_id)
     nodes = []
+    # Unique per address plan, so two users of the topology never share a node name (and its pins).
+    pool = hashlib.sha256(f"{prefix}/{net_id}".encode()).hexdigest()[:8]
     for z in range(zones):
+        letter = chr(ord("a") + z)
         for k in range(nodes_per_zone):
             index = z * nodes_per_zone + k
-            v4 = plan.node(index, 4)
             nodes.append(NodeSpec(
-                index=index, name=f"ip-{v4.replace('.', '-')}.{region}.compute.internal",
-                netns=f"{prefix}-n{index}", zone=f"{region}{chr(ord('a') + z)}", zone_index=z,
-                region=region, instance_id=f"i-0{net_id:03x}{index:04x}d3m0c1a5",
-                v4=v4, v6=plan.node(index, 6)))
+                index=index, name=f"gke-demo-pool-{letter}-{pool}-{index:04d}", netns=f"{prefix}-n{index}",
+                zone=f"{region}-{letter}", zone_index=z, region=region, project="otel-kzt-demo",
+                v4=plan.node(index, 4), v6=plan.node(index, 6)))
     return Cluster(prefix=prefix, plan=plan, region=region, nodes=nodes)

@@ -1,7 +1,7 @@
 """Kubernetes metadata for the simulated cluster: a `List` of Node and Pod objects, as kubectl prints it.
 
-The objects look like the ones an EKS cluster returns (`kubectl get nodes,pods -A -o yaml`): zone and
-region labels, `aws:///<zone>/<instance>` provider IDs, InternalIP addresses; pods with ownerReferences
+The objects look like the ones a GKE cluster returns (`kubectl get nodes,pods -A -o yaml`): zone and
+region labels, `gce://<project>/<zone>/<name>` provider IDs, InternalIP addresses; pods with ownerReferences
 (a ReplicaSet plus the pod-template-hash label for Deployments, the StatefulSet, the DaemonSet), nodeName,
 hostNetwork, dual-stack podIPs, phase Running. Agents and the enricher read the file with
 `--kube-metadata`, exactly as they would read a real cluster's dump.
@@ -31,7 +31,8 @@ def node_object(node: NodeSpec) -> dict[str, Any]:
         "kubernetes.io/arch": "amd64",
         "kubernetes.io/os": "linux",
         "kubernetes.io/hostname": node.name,
-        "node.kubernetes.io/instance-type": "m6i.large",
+        "node.kubernetes.io/instance-type": "e2-standard-4",
+        "cloud.google.com/gke-nodepool": "demo-pool",
         LABEL_ZONE: node.zone,
         LABEL_REGION: node.region,
     }
@@ -40,7 +41,7 @@ def node_object(node: NodeSpec) -> dict[str, Any]:
         "kind": "Node",
         "metadata": {"name": node.name, "uid": _uid("node", node.name), "resourceVersion": "1000",
                      "creationTimestamp": CREATED, "labels": labels},
-        "spec": {"providerID": f"aws:///{node.zone}/{node.instance_id}"},
+        "spec": {"providerID": f"gce://{node.project}/{node.zone}/{node.name}"},
         "status": {
             "addresses": [
                 {"type": "InternalIP", "address": node.v4},
@@ -52,7 +53,7 @@ def node_object(node: NodeSpec) -> dict[str, Any]:
             "nodeInfo": {
                 "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": "", "architecture": "amd64",
                 "operatingSystem": "linux", "containerRuntimeVersion": "containerd://1.7.24",
-                "kernelVersion": os.uname().release, "osImage": "Amazon Linux 2023",
+                "kernelVersion": os.uname().release, "osImage": "Container-Optimized OS from Google",
                 "machineID": _uid("machine", node.name).replace("-", ""),
                 "systemUUID": _uid("system", node.name), "bootID": _uid("boot", node.name),
             },

@@ -121,7 +121,12 @@ class ClusterRun:
 
     def start(self, traffic: bool = True, ready_timeout_s: float = 90.0) -> None:
         """Build the cluster, start enricher and agents, wait until every agent reported; then traffic."""
-        self._lock.acquire()
+        try:
+            self._lock.acquire()
+        except DemoBusy:
+            if self.config.workdir is None:
+                self.workdir.rmdir()  # ours and still empty: a refused run leaves no trace either
+            raise
         self._started = True
         topology.remove_stale(self.cluster)
         for node in self.cluster.nodes:
