@@ -25,6 +25,7 @@ MEMBARRIER_CMD_GLOBAL = 1
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
+BPF_PROG_GET_FD_BY_ID = 13
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 BPF_LINK_DETACH = 34
@@ -106,6 +107,11 @@ def obj_get(path: str) -> int:
         if exc.errno == errno.ENOENT:
             raise FileNotFoundError(errno.ENOENT, "nothing pinned", path) from exc
         raise
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    """An fd for a loaded program (e.g. the one a link runs), to read its info and statistics."""
+    return _bpf(BPF_PROG_GET_FD_BY_ID, _attr("<I", prog_id), f"open program id {prog_id}")
 
 
 def _info(fd: int, size: int, what: str) -> bytes:
