@@ -32,8 +32,9 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from otel_kzt.k8s import MetadataHandle  # noqa: E402
-from otel_kzt.k8s.apisource import ApiSource, WatchConfig, api_sources, load_api_client  # noqa: E402
+from otel_kzt.k8s.apisource import ApiSource, WatchConfig, api_sources  # noqa: E402
 from otel_kzt.k8s.index import ClusterIndex  # noqa: E402
+from otel_kzt.k8s.kubeclient import load_api_client  # noqa: E402
 
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
 OWNERS = (("ReplicaSet", "checkout-6d5f9c7b8d"), ("StatefulSet", "postgres"), ("Job", "report-29391840"),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -23,11 +22,8 @@ from typing import Any
 
 import urllib3
 from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
-from kubernetes.config.config_exception import ConfigException
 
-from otel_kzt.errors import MetadataError
 from otel_kzt.k8s.decode import decode_node, decode_pod, gc_paused
 from otel_kzt.k8s.index import ClusterIndex
 
@@ -144,14 +140,19 @@ class ApiSource:
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     break
-                self.reconnects += 1
-                delay = backoff * (0.5 + random.random())  # jitter: 5,000 agents must not reconnect in step
-                log.warning(
-                    "metadata watch failed, retrying resource=%s delay_s=%.2f error=%s",
-                    self._resource.kind, delay, _describe(exc),
-                )
-                self._stop.wait(delay)
-                backoff = min(backoff * 2, self._config.max_backoff_s)
+                backoff = self._back_off(backoff, _describe(exc))
+            except Exception:  # a bug must not silently end the only thread feeding this resource
+                log.exception("metadata source failed unexpectedly resource=%s", self._resource.kind)
+                backoff = self._back_off(backoff, "unexpected error")
+
+    def _back_off(self, backoff: float, reason: str) -> float:
+        """Sleep a jittered `backoff` (5,000 agents must not reconnect in step); the next one, doubled."""
+        self.reconnects += 1
+        delay = backoff * (0.5 + random.random())
+        log.warning("metadata watch failed, retrying resource=%s delay_s=%.2f error=%s",
+                    self._resource.kind, delay, reason)
+        self._stop.wait(delay)
+        return min(backoff * 2, self._config.max_backoff_s)
 
     def _list(self) -> None:
         # Decoded page by page: 100,000 raw pod dicts at once would cost gigabytes.
@@ -279,34 +280,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ApiException):
         return f"HTTP {exc.status} {exc.reason}"
     return f"{type(exc).__name__}: {exc}"
-
-
-def load_api_client(kubeconfig: str | None) -> tuple[k8s_client.ApiClient, str]:
-    """An ApiClient from an explicit kubeconfig, else in-cluster, else $KUBECONFIG / ~/.kube/config."""
-    configuration = k8s_client.Configuration()
-    try:
-        if kubeconfig:
-            k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=configuration
-            )
-            where = kubeconfig
-        else:
-            try:
-                k8s_config.load_incluster_config(  # type: ignore[no-untyped-call]
-                    client_configuration=configuration
-                )
-                where = "in-cluster"
-            except ConfigException:
-                k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                    client_configuration=configuration
-                )
-                where = os.environ.get("KUBECONFIG") or "~/.kube/config"
-    except (ConfigException, OSError, TypeError, ValueError) as exc:
-        raise MetadataError(
-            f"no usable Kubernetes configuration (in-cluster, kubeconfig {kubeconfig or '$KUBECONFIG'}):"
-            f" {exc} (use --kube-metadata FILE to run without an API server)"
-        ) from exc
-    return k8s_client.ApiClient(configuration), where
 
 
 def api_sources(

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from otel_kzt.errors import MetadataError
-from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod
+from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod, gc_paused
 from otel_kzt.k8s.index import ClusterIndex
 from otel_kzt.k8s.model import NodeInfo
 
@@ -105,7 +105,8 @@ class FileSource:
                 return False
             with open(self.path, encoding="utf-8") as handle:
                 text = handle.read()
-            nodes, pods = parse_objects(text, self.path)
+            with gc_paused():  # see decode.gc_paused: big documents otherwise parse in quadratic time
+                nodes, pods = parse_objects(text, self.path)
         except (OSError, UnicodeDecodeError, MetadataError) as exc:
             self.failures += 1
             if self._signature is None:

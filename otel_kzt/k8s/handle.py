@@ -106,7 +106,9 @@ def open_metadata(
     if kube_metadata_file:
         source = FileSource(kube_metadata_file, index, poll_interval_s=poll_interval_s)
         return MetadataHandle(index, [source], f"file:{kube_metadata_file}")
-    from otel_kzt.k8s.apisource import api_sources, load_api_client
+    # Imported here: the file source must not pay for importing the kubernetes client.
+    from otel_kzt.k8s.apisource import api_sources
+    from otel_kzt.k8s.kubeclient import load_api_client
 
     api_client, where = load_api_client(kubeconfig)  # MetadataError when no configuration is usable
     sources: list[Source] = list(api_sources(api_client, index, node_name=node_name))

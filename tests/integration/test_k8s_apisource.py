@@ -17,8 +17,9 @@ import yaml
 
 from otel_kzt.errors import MetadataError
 from otel_kzt.k8s import MetadataHandle, open_metadata
-from otel_kzt.k8s.apisource import ApiSource, WatchConfig, api_sources, load_api_client
+from otel_kzt.k8s.apisource import ApiSource, WatchConfig, api_sources
 from otel_kzt.k8s.index import ClusterIndex
+from otel_kzt.k8s.kubeclient import load_api_client
 from otel_kzt.schema import WorkloadKind
 from tests.support.k8s_apiserver import FakeApiServer
 from tests.support.k8s_objects import as_list, fresh, make_node, make_pod
