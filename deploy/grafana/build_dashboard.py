@@ -293,6 +293,7 @@ def dashboard() -> dict[str, Any]:
         "sort": 1,
         "current": {"text": "All", "value": "$__all"},
     }
+    panels = [*traffic_panels(0), *cost_panels(25), *health_panels(41)]
     datasource_var = {
         "name": "datasource",
         "label": "Prometheus",
@@ -312,7 +313,7 @@ def dashboard() -> dict[str, Any]:
         "time": {"from": "now-6h", "to": "now"},
         "templating": {"list": [datasource_var, namespace_var]},
         "annotations": {"list": []},
-        "panels": [*traffic_panels(0), *cost_panels(25), *health_panels(41)],
+        "panels": [{**p, "id": i} for i, p in enumerate(panels, start=1)],
     }
 
 

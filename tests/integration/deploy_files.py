@@ -144,3 +144,17 @@ def known_labels() -> set[str]:
         | set(schema.PROM_ESTIMATED_COST_LABELS)
         | {schema.ENRICHER_AGENT_LAST_REPORT_LABEL, schema.ENRICHER_EXPORTER_LABEL, "job", "instance"}
     )
+
+
+def dashboard_targets() -> list[tuple[str, dict[str, Any]]]:
+    """(panel title, target) for every query of the Grafana dashboard, template variables included."""
+    import json
+
+    board = json.loads(DASHBOARD.read_text())
+    out = [(p["title"], t) for p in board["panels"] for t in p.get("targets", [])]
+    for var in board["templating"]["list"]:
+        if var["type"] == "query":
+            out.append(
+                (f"${var['name']}", {"expr": var["definition"], "instant": True, "refId": var["name"]})
+            )
+    return out

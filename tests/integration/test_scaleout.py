@@ -1,0 +1,179 @@
+"""Scale-out: two enricher replicas give the same Prometheus answers as one, also when one is stopped.
+
+Three agents (the agent's real interval loop, naming and exporter, over real gRPC, fed by a fake
+datapath) list both replicas as `--otlp-endpoint`; each picks one by rendezvous hashing of its node name
+(single writer per series) and fails over to the other when its replica goes away. Every request an agent
+sends is also sent, byte for byte, to a third enricher: the one-replica reference. Prometheus scrapes all
+three; the sum over the two replicas must equal the reference for every exposed counter family, and the
+bytes must equal the fake datapath's ground truth: first with both replicas up, then after one is stopped
+mid-run while traffic keeps growing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from otel_kzt import schema
+from otel_kzt.agent.export import expand, rendezvous_rank, resolve
+from tests.integration import deploy_stack as ds
+
+pytestmark = pytest.mark.integration
+
+REPLICAS = 'job="otel-kzt-enricher"'
+REFERENCE = 'job="reference"'
+FAMILIES = [
+    f"{schema.PROM_FLOW_BYTES}_total",
+    f"{schema.PROM_FLOW_PACKETS}_total",
+    f"{schema.PROM_ZONE_TRAFFIC_BYTES}_total",
+    f"{schema.PROM_ESTIMATED_COST}_total",
+    f"{schema.PROM_POD_CROSS_ZONE_BYTES}_total",
+]
+
+
+@dataclass
+class Bed:
+    prometheus: ds.PrometheusProcess
+    replicas: list[ds.EnricherProcess]
+    agents: list[ds.Agent]
+    home: dict[str, int]  # node -> index of the replica it picks first
+
+
+def _preferred(node: str, urls: list[str]) -> str:
+    return rendezvous_rank(node, expand(urls, False, resolve))[0].url
+
+
+def _split_ports() -> tuple[list[int], dict[str, int]]:
+    """Two gRPC ports such that the three agents do not all pick the same replica."""
+    for _ in range(50):
+        ports = [ds.free_port(), ds.free_port()]
+        urls = [f"http://{ds.LOCALHOST}:{p}" for p in ports]
+        home = {node: urls.index(_preferred(node, urls)) for node in ds.NODES}
+        if len(set(home.values())) == 2 and ports[0] != ports[1]:
+            return ports, home
+    raise AssertionError("no port pair splits the agents")
+
+
+@pytest.fixture
+def bed(tmp_path: Path) -> Iterator[Bed]:
+    metadata = ds.write_metadata(tmp_path / "kx-metadata.json")
+    closers: list[object] = []
+    try:
+        reference = ds.EnricherProcess(tmp_path, metadata, "kx-reference")
+        closers.append(reference.stop)
+        ports, home = _split_ports()
+        replicas = [
+            ds.EnricherProcess(tmp_path, metadata, f"kx-r{i}", grpc_port=p) for i, p in enumerate(ports)
+        ]
+        closers.extend(r.stop for r in replicas)
+        for enricher in (reference, *replicas):
+            enricher.wait_ready()
+        prometheus = ds.PrometheusProcess(
+            tmp_path,
+            {
+                "otel-kzt-enricher": [r.metrics_target for r in replicas],
+                "reference": [reference.metrics_target],
+            },
+        )
+        closers.append(prometheus.stop)
+        urls = [r.otlp_url for r in replicas]
+        agents = [ds.start_agent(node, urls, metadata, reference=reference.otlp_url) for node in ds.NODES]
+        closers.extend(a.close for a in agents)
+        yield Bed(prometheus, replicas, agents, home)
+    finally:
+        for close in reversed(closers):
+            close()  # type: ignore[operator]
+
+
+def _by_labels(prometheus: ds.PrometheusProcess, expr: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in prometheus.query(expr)}
+
+
+def _ground_truth_bytes(bed: Bed) -> int:
+    return sum(b for agent in bed.agents for b, _ in agent.datapath.totals().values())
+
+
+def _freeze_and_settle(bed: Bed) -> int:
+    """Stop the traffic, wait until the replicas' sum in Prometheus shows the final total; return it."""
+    for agent in bed.agents:
+        agent.datapath.frozen.set()
+    truth = _ground_truth_bytes(bed)
+    query = f"sum({schema.PROM_FLOW_BYTES}_total{{{REPLICAS}}})"
+
+    def settled() -> bool:
+        replicas = bed.prometheus.query(query)
+        reference = bed.prometheus.query(f"sum({schema.PROM_FLOW_BYTES}_total{{{REFERENCE}}})")
+        return (
+            bool(replicas and reference)
+            and float(replicas[0]["value"][1]) == float(reference[0]["value"][1]) == truth
+        )
+
+    ds.wait_for(settled, 20, f"replicas and reference to show the ground truth {truth} bytes")
+    return truth
+
+
+def _assert_replicas_equal_reference(bed: Bed) -> None:
+    for family in FAMILIES:
+        replicas = _by_labels(bed.prometheus, f"sum without (instance, job) ({family}{{{REPLICAS}}})")
+        reference = _by_labels(bed.prometheus, f"sum without (instance, job) ({family}{{{REFERENCE}}})")
+        assert replicas.keys() == reference.keys(), family
+        for labels, value in reference.items():
+            assert math.isclose(replicas[labels], value, rel_tol=1e-9), (
+                family,
+                labels,
+                replicas[labels],
+                value,
+            )
+
+
+def _writers(bed: Bed) -> dict[str, set[str]]:
+    """node -> the replica instances that show a report from it in the last 3 seconds."""
+    rows = bed.prometheus.query(f"time() - {schema.ENRICHER_AGENT_LAST_REPORT}{{{REPLICAS}}} < 3")
+    out: dict[str, set[str]] = {}
+    for r in rows:
+        out.setdefault(r["metric"][schema.ENRICHER_AGENT_LAST_REPORT_LABEL], set()).add(
+            r["metric"]["instance"]
+        )
+    return out
+
+
+def test_two_replicas_sum_to_one_and_survive_losing_one(bed: Bed) -> None:
+    targets = [r.metrics_target for r in bed.replicas]
+    ds.wait_for(lambda: set(_writers(bed)) == set(ds.NODES), 20, "every agent reporting")
+    # Single writer: each agent reports to exactly its rendezvous replica, and both replicas are used.
+    expected = {node: {targets[i]} for node, i in bed.home.items()}
+    assert _writers(bed) == expected
+
+    truth = _freeze_and_settle(bed)
+    _assert_replicas_equal_reference(bed)
+    assert truth > 0
+
+    # Traffic again; then the replica serving the most agents is stopped mid-run.
+    for agent in bed.agents:
+        agent.datapath.frozen.clear()
+    time.sleep(2)
+    victim = max((0, 1), key=lambda i: list(bed.home.values()).count(i))
+    stopped_at = time.monotonic()
+    bed.replicas[victim].stop()
+    survivor = targets[1 - victim]
+    ds.wait_for(
+        lambda: _writers(bed) == {node: {survivor} for node in ds.NODES},
+        30,
+        "every agent failing over to the surviving replica",
+    )
+    failover_s = time.monotonic() - stopped_at
+    ds.wait_for(
+        lambda: bool(bed.prometheus.query(f'up{{instance="{targets[victim]}"}} == 0')),
+        10,
+        "Prometheus to see the stopped replica down",
+    )
+
+    final = _freeze_and_settle(bed)
+    assert final > truth
+    _assert_replicas_equal_reference(bed)
+    print(f"failover to the surviving replica took {failover_s:.1f}s (agent interval 0.5s)")
