@@ -158,7 +158,7 @@ def run_sdk(port: int, n: int) -> dict[str, float]:
     reader = PeriodicExportingMetricReader(
         exporter, export_interval_millis=10**9, cardinality_limits={ObservableCounter: 2 * n + 10}
     )
-    provider = MeterProvider(metric_readers=[reader])
+    provider = MeterProvider(metric_readers=[reader], shutdown_on_exit=False)
     meter = provider.get_meter("bench")
     meter.create_observable_counter(schema.FLOW_BYTES, [observe_bytes], unit="By")
     meter.create_observable_counter(schema.FLOW_PACKETS, [observe_packets], unit="{packet}")
