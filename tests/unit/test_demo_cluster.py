@@ -15,8 +15,8 @@ from otel_kzt.schema import WorkloadKind
 def test_three_zones_two_nodes_each_with_unique_addresses() -> None:
     cluster = make_cluster("kz", 202, 3, 2)
     build_story(cluster)
-    assert cluster.zones() == ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
-    assert [n.zone for n in cluster.nodes] == ["eu-west-1a"] * 2 + ["eu-west-1b"] * 2 + ["eu-west-1c"] * 2
+    assert cluster.zones() == ["europe-west1-a", "europe-west1-b", "europe-west1-c"]
+    assert [n.zone for n in cluster.nodes] == [z for z in cluster.zones() for _ in range(2)]
     routed = cluster.routed_pods()
     addresses = [a for p in routed for a in p.addresses] + [a for n in cluster.nodes for a in n.addresses]
     assert len(addresses) == len(set(addresses))
@@ -26,6 +26,9 @@ def test_three_zones_two_nodes_each_with_unique_addresses() -> None:
         assert ipaddress.ip_address(pod.v6) in ipaddress.ip_network(cluster.plan.pod_cidr(pod.node.index, 6))
         assert ipaddress.ip_address(pod.v4).is_private and ipaddress.ip_address(pod.v6).is_private
     assert len(cluster.host_link) <= IFNAME_MAX
+    # Node names name the agents' pin directories, and bpffs refuses names containing a dot.
+    assert all("." not in n.name for n in cluster.nodes)
+    assert len({n.name for n in cluster.nodes} | {n.name for n in make_cluster("kzd", 201, 3, 2).nodes}) == 12
 
 
 def test_story_places_each_class_of_traffic() -> None:
@@ -36,7 +39,7 @@ def test_story_places_each_class_of_traffic() -> None:
         by_workload.setdefault(pod.workload_name, []).append(pod.node.zone)
     assert sorted(by_workload["web"]) == cluster.zones()  # one replica per zone
     assert len(set(by_workload["api"])) == 2
-    assert by_workload["postgres"] == ["eu-west-1a"]
+    assert by_workload["postgres"] == ["europe-west1-a"]
     assert sorted(by_workload["prometheus-k8s"]) == cluster.zones()
     exporters = [p for p in cluster.pods if p.workload_name == "node-exporter"]
     assert len(exporters) == len(cluster.nodes)

@@ -36,8 +36,8 @@ def test_decoder_names_pods_workloads_and_zones(written: tuple[object, Path]) ->
     nodes, pods = parse_objects(path.read_text(), str(path))
     zones = {n.name: n.zone for n in nodes}
     assert zones == {n.name: n.zone for n in cluster.nodes}  # type: ignore[attr-defined]
-    assert {n.provider for n in nodes} == {"aws"}
-    assert all(n.region == "eu-west-1" for n in nodes)
+    assert {n.provider for n in nodes} == {"gcp"}
+    assert all(n.region == "europe-west1" for n in nodes)
     by_name = {r.endpoint.pod_name: r for r in pods}
     for pod in cluster.pods:  # type: ignore[attr-defined]
         record = by_name[pod.name]
