@@ -25,6 +25,10 @@ from otel_kzt.k8s.model import Endpoint, NodeInfo
 log = logging.getLogger(__name__)
 
 DEFAULT_GRACE_S = 300.0
+# Caps far above Kubernetes' own limits (150,000 pods, 5,000 nodes): they only stop a runaway source from
+# eating the host. Objects beyond them are not indexed (their IPs answer "unknown"), counted and logged.
+DEFAULT_MAX_PODS = 1_000_000
+DEFAULT_MAX_NODES = 100_000
 # Spans kept per IP: an IP recycled more often than this within the grace period loses its oldest names.
 MAX_SPANS_PER_IP = 8
 
@@ -41,8 +45,16 @@ def _owner(endpoint: Endpoint) -> str | None:
 class ClusterIndex:
     """Implements `otel_kzt.k8s.model.MetadataIndex`; fed by one or more sources."""
 
-    def __init__(self, grace_s: float = DEFAULT_GRACE_S, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        grace_s: float = DEFAULT_GRACE_S,
+        clock: Callable[[], float] = time.time,
+        max_pods: int = DEFAULT_MAX_PODS,
+        max_nodes: int = DEFAULT_MAX_NODES,
+    ) -> None:
         self._grace_s = grace_s
+        self._max_pods = max_pods
+        self._max_nodes = max_nodes
         self._clock = clock
         self._lock = threading.Lock()
         self._by_ip: dict[str, _Binding] = {}
@@ -54,6 +66,7 @@ class ClusterIndex:
         self._ready = False
         self._generation = 0
         self.spans_evicted = 0  # history cut short by MAX_SPANS_PER_IP (counted, and logged)
+        self.objects_dropped = 0  # pods/nodes refused by the caps (counted, and logged)
 
     # --- MetadataIndex ---------------------------------------------------------------------------------
 
@@ -170,6 +183,9 @@ class ClusterIndex:
 
     def _upsert_pod(self, record: PodRecord, now: float) -> None:
         old = self._pods.get(record.uid)
+        if old is None and len(self._pods) >= self._max_pods:
+            self._drop("pod", record.uid)
+            return
         self._pods[record.uid] = record
         if old is not None and old.ips == record.ips and old.endpoint == record.endpoint:
             return  # a status update that changes nothing we answer: no generation bump
@@ -191,6 +207,9 @@ class ClusterIndex:
 
     def _upsert_node(self, info: NodeInfo, now: float) -> None:
         old = self._nodes.get(info.name)
+        if old is None and len(self._nodes) >= self._max_nodes:
+            self._drop("node", info.name)
+            return
         self._nodes[info.name] = info
         if old == info:
             return
@@ -263,11 +282,18 @@ class ClusterIndex:
             # "unknown" beats naming the wrong pod.
             self._by_ip[ip] = kept
 
+    def _drop(self, kind: str, key: str) -> None:
+        self.objects_dropped += 1
+        if self.objects_dropped == 1 or self.objects_dropped % 1000 == 0:  # logged, without a log storm
+            log.warning("metadata cache full, %s not indexed key=%s dropped_total=%d max_pods=%d "
+                        "max_nodes=%d", kind, key, self.objects_dropped, self._max_pods, self._max_nodes)
+
     def _capped(self, spans: list[_Span]) -> tuple[_Span, ...]:
         if len(spans) > MAX_SPANS_PER_IP:
             dropped = len(spans) - MAX_SPANS_PER_IP
             self.spans_evicted += dropped
-            log.warning("IP reuse history full, oldest names dropped dropped=%d total=%d", dropped,
-                        self.spans_evicted)
+            if self.spans_evicted == dropped or self.spans_evicted % 1000 < dropped:
+                log.warning("IP reuse history full, oldest names dropped dropped=%d total=%d", dropped,
+                            self.spans_evicted)
             del spans[MAX_SPANS_PER_IP:]
         return tuple(spans)

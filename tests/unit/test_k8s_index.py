@@ -173,3 +173,18 @@ def test_replace_releases_what_is_missing(index: ClusterIndex, clock: Clock) -> 
 def test_unknown_address(index: ClusterIndex) -> None:
     assert index.lookup("203.0.113.9") is None
     assert index.lookup("not-an-ip") is None
+
+
+def test_caps_refuse_new_objects_counted(clock: Clock) -> None:
+    idx = ClusterIndex(clock=clock, max_pods=2, max_nodes=1)
+    idx.register_source("t")
+    idx.mark_synced("t")
+    for name, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")):
+        idx.upsert_pod(pod(name, ip))
+    idx.upsert_pod(pod("a", "10.0.0.9"))  # an existing pod still updates
+    idx.upsert_node(decode_node(make_node("n1", ["10.1.0.1"])))
+    idx.upsert_node(decode_node(make_node("n2", ["10.1.0.2"])))
+    assert idx.objects_dropped == 2
+    assert idx.pod_count == 2 and idx.node_count == 1
+    assert idx.lookup("10.0.0.3") is None  # unknown, not wrong
+    assert pod_at(idx, "10.0.0.9") == "a"
