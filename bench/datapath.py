@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from otel_kzt import netns  # noqa: E402
-from otel_kzt.agent import netfilter, probe  # noqa: E402
-from otel_kzt.agent.datapath import LINK_PRIORITY, Datapath, DatapathConfig  # noqa: E402
+from otel_kzt import netns
+from otel_kzt.agent import netfilter, probe
+from otel_kzt.agent.datapath import LINK_PRIORITY, Datapath, DatapathConfig
 
 TRAFFIC = str(Path(__file__).resolve().parents[1] / "tests" / "kernel" / "traffic.py")
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -37,7 +37,9 @@ def build(topo: netns.Topology) -> None:
     topo.route(POD, "default", via="10.78.1.1")
     topo.route(SINK, "default", via="10.78.2.1")
     netns.enable_forwarding(NODE)
-    script = "table inet kdb { chain input { type filter hook input priority 0; meta l4proto udp drop\n }\n}\n"
+    script = (
+        "table inet kdb { chain input { type filter hook input priority 0; meta l4proto udp drop\n }\n}\n"
+    )
     netns.run_in(SINK, ["nft", "-f", "-"], input=script)
 
 
@@ -47,7 +49,9 @@ def attach_floor(stack: ExitStack) -> int:
 
     bpf = BPF(src_file=str(probe.FLOOR_SOURCE).encode())
     stack.callback(bpf.cleanup)
-    fd = int(bpf.load_func(b"kzt_floor", netfilter.BPF_PROG_TYPE_NETFILTER, attach_type=netfilter.BPF_NETFILTER).fd)
+    fd = int(
+        bpf.load_func(b"kzt_floor", netfilter.BPF_PROG_TYPE_NETFILTER, attach_type=netfilter.BPF_NETFILTER).fd
+    )
     with netns.entered(NODE):
         link = netfilter.link_create_netfilter(fd, netfilter.NFPROTO_IPV4, LINK_PRIORITY - 1)
     stack.callback(os.close, link)
@@ -68,8 +72,10 @@ def measure(fds: dict[str, int], shape: str, args: list[str]) -> dict[str, float
         ns, cnt = (a - b for a, b in zip(stats(fd), before[name], strict=True))
         result[name] = ns / max(cnt, 1)
         result[f"{name}_runs"] = cnt
-    print(f"{shape:6s} floor {result['floor']:7.1f} ns/pkt  flow {result['flow']:7.1f} ns/pkt  "
-          f"ratio {result['flow'] / result['floor']:.2f}x  (runs {result['flow_runs']}, {out.strip()})")
+    print(
+        f"{shape:6s} floor {result['floor']:7.1f} ns/pkt  flow {result['flow']:7.1f} ns/pkt  "
+        f"ratio {result['flow'] / result['floor']:.2f}x  (runs {result['flow_runs']}, {out.strip()})"
+    )
     return result
 
 
@@ -95,8 +101,10 @@ def main() -> int:
         bulk = measure(fds, "bulk", ["10.78.2.2", "2000", seconds, "1000", "4"])
         churn = measure(fds, "churn", ["10.78.2.2", "2000", seconds, "64", str(args.churn_flows)])
         flows = len(dp.snapshot().flows)
-    print(f"targets: bulk <= 1.5x (got {bulk['flow'] / bulk['floor']:.2f}x), "
-          f"churn <= 3x (got {churn['flow'] / churn['floor']:.2f}x); flows in map after churn: {flows}")
+    print(
+        f"targets: bulk <= 1.5x (got {bulk['flow'] / bulk['floor']:.2f}x), "
+        f"churn <= 3x (got {churn['flow'] / churn['floor']:.2f}x); flows in map after churn: {flows}"
+    )
     ctypes.set_errno(0)
     return 0
 

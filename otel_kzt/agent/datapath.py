@@ -153,13 +153,13 @@ class Datapath:
         self._bpf = self._compile()
         dispatch_fd = self._load_func("kzt_dispatch")
         self._evict_fd = self._load_func("kzt_evict") if self._features and self._features.test_run else -1
-        meta = self._bpf["meta"]
+        meta = self._bpf[b"meta"]
         want_hash = probe.source_hash(self._cflags)
         current = self.config.pin and meta[ctypes.c_uint32(META_COUNTER_HASH)].value == want_hash
         if not (current and self._counter_installed()):
             counter_fd = self._load_func("kzt_count")
             # One atomic update: each packet runs either the old counter or the new one, never both.
-            self._bpf["progs"][ctypes.c_int(0)] = ctypes.c_int(counter_fd)
+            self._bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(counter_fd)
             meta[ctypes.c_uint32(META_COUNTER_HASH)] = ctypes.c_uint64(want_hash)
             log.info("flow counter installed node=%s hash=%016x", self.config.node_name, want_hash)
         else:
@@ -171,7 +171,7 @@ class Datapath:
 
     def _counter_installed(self) -> bool:
         try:
-            self._bpf["progs"][ctypes.c_int(0)]
+            self._bpf[b"progs"][ctypes.c_int(0)]
         except KeyError:
             return False
         return True
@@ -185,7 +185,10 @@ class Datapath:
         if old_fd >= 0 and adopt:
             log.info("link adopted node=%s link=%s", self.config.node_name, name)
             return old_fd
-        fd = netfilter.link_create_netfilter(dispatch_fd, pf, LINK_PRIORITY)
+        priority = LINK_PRIORITY
+        if old_fd >= 0 and netfilter.link_info(old_fd).priority == LINK_PRIORITY:
+            priority = LINK_PRIORITY - 1  # the kernel refuses two links at one (pf, hook, priority)
+        fd = netfilter.link_create_netfilter(dispatch_fd, pf, priority)
         if old_fd >= 0:
             # A new dispatcher: both run for a moment (counted twice) rather than neither (missed).
             netfilter.link_detach(old_fd)
@@ -193,19 +196,19 @@ class Datapath:
             os.unlink(path)
         if self.config.pin:
             netfilter.obj_pin(fd, path)
-        log.info("link attached node=%s link=%s priority=%d", self.config.node_name, name, LINK_PRIORITY)
+        log.info("link attached node=%s link=%s priority=%d", self.config.node_name, name, priority)
         return fd
 
     # --- read --------------------------------------------------------------------------------------------
 
     def _percpu_sums(self, table: str, index: int) -> list[int]:
-        per_cpu = self._bpf[table][ctypes.c_uint32(index)]
+        per_cpu = self._bpf[table.encode()][ctypes.c_uint32(index)]
         if hasattr(per_cpu[0], "bytes"):
             return [sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu)]
         return [sum(int(v) for v in per_cpu)]
 
     def _read_flows(self) -> dict[bytes, tuple[int, int, int, bool]]:
-        fd = self._bpf["flows"].map_fd
+        fd = self._bpf[b"flows"].map_fd
         count = netfilter.map_lookup_batch(fd, self._keys, self._values, flowmap.KEY_SIZE, flowmap.VALUE_SIZE)
         keys, values = memoryview(self._keys), memoryview(self._values)
         ks, vs = flowmap.KEY_SIZE, flowmap.VALUE_SIZE
@@ -259,7 +262,7 @@ class Datapath:
             return self._collect_dead(raw_keys)
 
     def _mark_dead(self, batch: list[bytes]) -> None:
-        table, count = self._bpf["evict_keys"], self._bpf["evict_count"]
+        table, count = self._bpf[b"evict_keys"], self._bpf[b"evict_count"]
         for i, raw in enumerate(batch):
             table[ctypes.c_uint32(i)] = table.Leaf.from_buffer_copy(raw)
         count[ctypes.c_uint32(0)] = ctypes.c_uint32(len(batch))
@@ -268,7 +271,7 @@ class Datapath:
     def _collect_dead(self, raw_keys: list[bytes]) -> int:
         """After a grace period no program still adds to a dead flow: read final values, then delete."""
         netfilter.synchronize_rcu()
-        flows = self._bpf["flows"]
+        flows = self._bpf[b"flows"]
         offset = _boot_to_unix_offset()
         now = time.time_ns()
         removed = 0

@@ -12,7 +12,7 @@ import pytest
 
 from otel_kzt import netns
 from otel_kzt.agent import netfilter
-from otel_kzt.agent.datapath import Datapath, cleanup
+from otel_kzt.agent.datapath import LINK_PRIORITY, Datapath, cleanup
 from otel_kzt.agent.flows import FlowCounters, FlowKey
 from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import TCP, UDP, key
@@ -47,7 +47,9 @@ def test_full_map_overflow_keeps_total_exact(net: Net, datapath: DatapathFactory
     assert snap.capacity == 16
 
 
-def test_ephemeral_client_ports_make_one_flow(net: Net, datapath: DatapathFactory, topo: netns.Topology) -> None:
+def test_ephemeral_client_ports_make_one_flow(
+    net: Net, datapath: DatapathFactory, topo: netns.Topology
+) -> None:
     net.serve_tcp(topo, net.pod_b, 8443)
     dp = datapath()
     result = net.traffic(net.pod_a, "tcp-connects", net.b4, 8443, 10_000, timeout=170)
@@ -156,7 +158,15 @@ def test_cleanup_detaches_and_unpins(net: Net, datapath: DatapathFactory) -> Non
     dp = datapath()
     ids = _link_ids(dp)
     directory = os.path.join(PIN_ROOT, dp.config.node_name)
-    assert sorted(os.listdir(directory)) == ["flows", "link_v4", "link_v6", "meta", "overflow", "progs", "stats"]
+    assert sorted(os.listdir(directory)) == [
+        "flows",
+        "link_v4",
+        "link_v6",
+        "meta",
+        "overflow",
+        "progs",
+        "stats",
+    ]
     dp.close()
     assert all(_link_exists(i) for i in ids), "pinned links outlive the agent"
     cleanup(dp.config.node_name, PIN_ROOT)
@@ -170,3 +180,29 @@ def test_bpf_source_shows_flags_and_program(net: Net, datapath: DatapathFactory)
     source = dp.bpf_source()
     assert "-DKZT_MAP_SIZE=128" in source and "-DKZT_OFF_SKB_HEAD=" in source
     assert "int kzt_count(" in source and "struct flow_key {" in source
+
+
+def test_new_dispatcher_replaces_pinned_links(
+    net: Net, datapath: DatapathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    net.drop_udp_at(net.pod_b)
+    first = datapath()
+    old_ids = _link_ids(first)
+    net.traffic(net.pod_a, "udp", net.b4, 53, 3, 10)
+    first.close()
+    meta = os.path.join(PIN_ROOT, first.config.node_name, "meta")
+    # Pretend the pinned dispatcher is of another version (key 1 = META_DISPATCH_VERSION).
+    subprocess.run(
+        ["bpftool", "map", "update", "pinned", meta, "key", "1", "0", "0", "0", "value", *["0"] * 8],
+        check=True,
+        capture_output=True,
+    )
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent.datapath")
+    second = datapath()
+    assert "flow counter adopted unchanged" in caplog.text
+    new_ids = _link_ids(second)
+    assert set(new_ids).isdisjoint(old_ids) and not any(_link_exists(i) for i in old_ids)
+    assert {netfilter.link_info(fd).priority for fd in second._link_fds} == {LINK_PRIORITY - 1}
+    net.traffic(net.pod_a, "udp", net.b4, 53, 4, 10)
+    settle()
+    assert second.snapshot().flows[key(net.a4, net.b4, UDP, dport=53)].packets == 7
