@@ -10,6 +10,7 @@ import pytest
 
 from otel_kzt import schema
 from otel_kzt.demo.runner import ClusterRun
+from otel_kzt.demo.view import parse
 from tests.e2e.conftest import L, expected_class, run_exchanges, wait_exact
 
 pytestmark = pytest.mark.kernel
@@ -54,6 +55,20 @@ def test_every_pair_exact_named_and_classed(e2e: ClusterRun) -> None:
         schema.TrafficClass.SAME_NODE, schema.TrafficClass.SAME_ZONE, schema.TrafficClass.CROSS_ZONE,
         schema.TrafficClass.EXTERNAL)}
     assert seen == expected
+
+
+def test_kubezonnet_metric_per_source_pod(e2e: ClusterRun) -> None:
+    """`pod_cross_zone_network_traffic_bytes_total{namespace,pod}` = the pod's cross-zone ground truth."""
+    cluster = e2e.cluster
+    run_exchanges(_jobs(e2e)[::3])
+    want, _rows = wait_exact(e2e)
+    metric = parse(e2e.scrape(), 0.0).sum_by(f"{schema.PROM_POD_CROSS_ZONE_BYTES}_total",
+                                             schema.PROM_POD_CROSS_ZONE_LABELS)
+    for pod in cluster.routed_pods():
+        truth_bytes = sum(v for (src, dst, _p), v in want.items() if src in pod.addresses
+                          and expected_class(cluster, src, dst) == schema.TrafficClass.CROSS_ZONE.value)
+        assert truth_bytes > 0, pod.name  # every pod has peers in the other zone
+        assert metric.get((pod.namespace, pod.name)) == truth_bytes, pod.name
 
 
 def test_pod_to_pod_counted_once_at_the_source(e2e: ClusterRun) -> None:
