@@ -133,6 +133,11 @@ class ApiSource:
                     self._list()
                 if self._watch():
                     backoff = self._config.initial_backoff_s  # made progress: next failure starts small
+                elif not self._stop.is_set():
+                    # A watch that ends at once without a single event (a misbehaving proxy): no hot loop.
+                    log.debug("empty watch resource=%s", self._resource.kind)
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, self._config.max_backoff_s)
             except _Gone:
                 self.gone += 1
                 self._rv = None
@@ -149,7 +154,7 @@ class ApiSource:
         """Sleep a jittered `backoff` (5,000 agents must not reconnect in step); the next one, doubled."""
         self.reconnects += 1
         delay = backoff * (0.5 + random.random())
-        log.warning("metadata watch failed, retrying resource=%s delay_s=%.2f error=%s",
+        log.warning("metadata list/watch failed, retrying resource=%s delay_s=%.2f error=%s",
                     self._resource.kind, delay, reason)
         self._stop.wait(delay)
         return min(backoff * 2, self._config.max_backoff_s)
@@ -160,20 +165,13 @@ class ApiSource:
         token: str | None = None
         rv = None
         while True:
+            response = self._call(limit=self._config.page_size, _continue=token)
             try:
-                response = self._resource.list_call(
-                    limit=self._config.page_size,
-                    _continue=token,
-                    field_selector=self._selector,
-                    _preload_content=False,
-                    _request_timeout=(self._config.connect_timeout_s, self._config.read_timeout_s),
-                )
-            except ApiException as exc:
-                if exc.status == _GONE:  # the continue token outlived the server's history
-                    raise _Gone() from exc
-                raise
+                data = response.data
+            finally:
+                self._forget(response)
             with gc_paused():
-                page = json.loads(response.data)
+                page = json.loads(data)
                 for obj in page.get("items") or ():
                     record = self._decode(obj)
                     if record is not None:
@@ -182,8 +180,10 @@ class ApiSource:
             meta = page.get("metadata") or {}
             rv = rv or meta.get("resourceVersion")
             token = meta.get("continue") or None
-            if token is None or self._stop.is_set():
+            if token is None:
                 break
+            if self._stop.is_set():
+                return  # a partial listing must never replace the index's view
         self._resource.replace(records)
         self._rv = rv
         self.lists += 1
@@ -199,17 +199,17 @@ class ApiSource:
             log.warning("skipping malformed object resource=%s error=%r", self._resource.kind, exc)
             return None
 
-    def _watch(self) -> bool:
-        """Stream events until the server ends the watch. True when at least one event arrived."""
+    def _call(self, **params: Any) -> urllib3.BaseHTTPResponse:
+        """One raw list/watch request; 410 (an expired continue or version) raises _Gone.
+
+        The response is remembered until `_forget`, so `shutdown()` can cut a blocked read.
+        """
         try:
-            response = self._resource.list_call(
-                watch=True,
-                resource_version=self._rv,
-                allow_watch_bookmarks=True,
-                timeout_seconds=self._config.watch_timeout_s,
+            response: urllib3.BaseHTTPResponse = self._resource.list_call(
                 field_selector=self._selector,
                 _preload_content=False,
                 _request_timeout=(self._config.connect_timeout_s, self._config.read_timeout_s),
+                **params,
             )
         except ApiException as exc:
             if exc.status == _GONE:
@@ -219,15 +219,28 @@ class ApiSource:
             self._response = response
         if self._stop.is_set():
             self._abort_response()
+        return response
+
+    def _forget(self, response: urllib3.BaseHTTPResponse) -> None:
+        with self._response_lock:
+            self._response = None
+        response.release_conn()
+
+    def _watch(self) -> bool:
+        """Stream events until the server ends the watch. True when at least one event arrived."""
+        response = self._call(
+            watch=True,
+            resource_version=self._rv,
+            allow_watch_bookmarks=True,
+            timeout_seconds=self._config.watch_timeout_s,
+        )
         progressed = False
         try:
             for line in _lines(response):
                 self._apply(json.loads(line))
                 progressed = True
         finally:
-            with self._response_lock:
-                self._response = None
-            response.release_conn()
+            self._forget(response)
         return progressed
 
     def _apply(self, event: Mapping[str, Any]) -> None:

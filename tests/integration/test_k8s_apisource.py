@@ -219,3 +219,16 @@ def test_no_configuration_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(MetadataError):
         open_metadata(None)
+
+
+def test_shutdown_cuts_a_quiet_watch_at_once(tmp_path: Path) -> None:
+    with FakeApiServer(bookmark_interval_s=60) as quiet:  # no byte for a minute on an idle watch
+        quiet.add(make_node("n1", ["10.1.0.1"]))
+        h = open_metadata(None, kubeconfig=quiet.write_kubeconfig(tmp_path / "kubeconfig"))
+        h.start()
+        assert h.wait_ready(10)
+        quiet.wait_for_watchers("pods", 1)
+        quiet.wait_for_watchers("nodes", 1)
+        started = time.monotonic()
+        h.shutdown()
+        assert time.monotonic() - started < 2.0
