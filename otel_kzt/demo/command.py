@@ -115,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
         except (KeyboardInterrupt, _Stop):
             log.info("stopping")
             last = parse(cluster_run.scrape(), time.monotonic())
+        engine = cluster_run.engine
+        if engine is not None:
+            log.info("traffic: requests ok=%d failed=%d", engine.requests_ok, engine.requests_failed)
         report = render(frame(first, last, args.top), cluster_run.metrics_url,
                         f"otel-kzt demo: final report over {last.taken - first.taken:.0f}s "
                         "(rates are averages over the whole run)")

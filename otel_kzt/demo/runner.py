@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 LOCK_DIR = Path("/run")
 STOP_TIMEOUT_S = 10.0
+# Children run in their own session (a Ctrl-C reaches only us; we stop them in order), so they would
+# outlive a demo killed outright: the parent-death signal ends them then.
+ORPHAN_GUARD = ("setpriv", "--pdeathsig", "TERM", "--")
 
 
 class DemoBusy(KztError):
@@ -159,8 +162,8 @@ class ClusterRun:
 
     def start_enricher(self) -> None:
         out = self._log_file("enricher")
-        self.enricher = subprocess.Popen(self.enricher_argv(), stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+        self.enricher = subprocess.Popen([*ORPHAN_GUARD, *self.enricher_argv()], stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.enricher.poll() is not None:
@@ -179,7 +182,7 @@ class ClusterRun:
 
     def start_agent(self, node: NodeSpec) -> None:
         out = self._log_file(f"agent-{node.index}")
-        self.agents[node.name] = popen_in(node.netns, self.agent_argv(node), stdout=out,
+        self.agents[node.name] = popen_in(node.netns, [*ORPHAN_GUARD, *self.agent_argv(node)], stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_agents_reported(self, timeout_s: float) -> None:

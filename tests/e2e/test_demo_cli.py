@@ -83,6 +83,26 @@ def test_interrupted_live_view_leaves_nothing(sig: signal.Signals) -> None:
     assert_nothing_left()
 
 
+def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+    """SIGKILL: no clean-up can run; its children die with it and the next demo removes the rest."""
+    lines: queue.Queue[str] = queue.Queue()
+    with subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                          text=True, cwd=REPO) as proc:
+        assert proc.stdout is not None
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        try:
+            while "Top cross-zone talkers" not in lines.get(timeout=120):
+                pass
+        finally:
+            proc.kill()
+            proc.wait()
+    assert netns_exists(f"{PREFIX}-n0")  # left behind, as a crash would
+    proc2 = subprocess.run([*DEMO, "--once", "--duration", "2s"], capture_output=True, text=True,
+                           timeout=180, cwd=REPO, check=False)
+    assert proc2.returncode == 0, proc2.stderr[-3000:]
+    assert_nothing_left()
+
+
 def test_second_demo_gets_a_clear_error(e2e: ClusterRun) -> None:
     """While the session's run holds its lock, a demo of the same prefix refuses and touches nothing."""
     cfg = e2e.config
