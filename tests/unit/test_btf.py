@@ -1,0 +1,122 @@
+"""The BTF reader on a hand-built blob (the format of include/uapi/linux/btf.h) and on the running kernel."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from otel_kzt.agent import btf as btfmod
+from otel_kzt.agent.btf import KIND_ENUM, KIND_FUNC, KIND_STRUCT, Btf
+from otel_kzt.errors import KernelUnsupported
+
+
+class Builder:
+    """Writes a minimal BTF blob: header, type records, string table."""
+
+    def __init__(self) -> None:
+        self.strings = b"\0"
+        self.types = b""
+        self.count = 0
+
+    def name(self, text: str) -> int:
+        offset = len(self.strings)
+        self.strings += text.encode() + b"\0"
+        return offset
+
+    def add(
+        self, name: str, kind: int, vlen: int, size_or_type: int, extra: bytes = b"", *, kflag: int = 0
+    ) -> int:
+        info = (kflag << 31) | (kind << 24) | vlen
+        self.types += struct.pack("<III", self.name(name) if name else 0, info, size_or_type) + extra
+        self.count += 1
+        return self.count
+
+    def blob(self) -> bytes:
+        header = struct.pack(
+            "<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types), len(self.types), len(self.strings)
+        )
+        return header + self.types + self.strings
+
+
+def member(b: Builder, name: str, type_id: int, offset_bits: int) -> bytes:
+    return struct.pack("<III", b.name(name) if name else 0, type_id, offset_bits)
+
+
+@pytest.fixture
+def sample() -> Btf:
+    b = Builder()
+    u16 = b.add("u16", btfmod.KIND_INT, 0, 2, struct.pack("<I", 16))
+    u32 = b.add("u32", btfmod.KIND_INT, 0, 4, struct.pack("<I", 32))
+    typedef = b.add("__u32", btfmod.KIND_TYPEDEF, 0, u32)
+    char = b.add("char", btfmod.KIND_INT, 0, 1, struct.pack("<I", 8))
+    ptr = b.add("", btfmod.KIND_PTR, 0, char)
+    # struct { u16 network_header; u16 transport_header; } at offset 4 of an anonymous union
+    inner = b.add(
+        "", KIND_STRUCT, 2, 4, member(b, "network_header", u16, 0) + member(b, "transport_header", u16, 16)
+    )
+    union = b.add("", btfmod.KIND_UNION, 2, 4, member(b, "", inner, 0) + member(b, "headers", u32, 0))
+    b.add(
+        "sk_buff",
+        KIND_STRUCT,
+        4,
+        24,
+        member(b, "len", typedef, 0)
+        + member(b, "", union, 32)
+        + member(b, "head", ptr, 64)
+        + member(b, "flag", u32, (1 << 24) | 128),
+        kflag=1,
+    )
+    b.add(
+        "bpf_prog_type",
+        KIND_ENUM,
+        2,
+        4,
+        struct.pack("<Ii", b.name("BPF_PROG_TYPE_XDP"), 6)
+        + struct.pack("<Ii", b.name("BPF_PROG_TYPE_NETFILTER"), 32),
+    )
+    b.add("bpf_prog_test_run_nf", KIND_FUNC, 0, 0)
+    return Btf(b.blob())
+
+
+def test_fields_through_anonymous_members(sample: Btf) -> None:
+    assert sample.field("sk_buff", "len") == (0, 4)  # through a typedef
+    assert sample.field("sk_buff", "network_header") == (4, 2)  # anonymous union -> anonymous struct
+    assert sample.field("sk_buff", "transport_header") == (6, 2)
+    assert sample.field("sk_buff", "head") == (8, 8)  # a pointer
+
+
+def test_missing_and_bitfield_fields_are_clear_errors(sample: Btf) -> None:
+    with pytest.raises(KernelUnsupported, match="no field data"):
+        sample.field("sk_buff", "data")
+    with pytest.raises(KernelUnsupported, match="no struct nf_hook_state"):
+        sample.field("nf_hook_state", "hook")
+    with pytest.raises(KernelUnsupported, match="bitfield"):
+        sample.field("sk_buff", "flag")
+
+
+def test_enums_and_presence(sample: Btf) -> None:
+    assert sample.enum_value("bpf_prog_type", "BPF_PROG_TYPE_NETFILTER") == 32
+    assert sample.enum_value("bpf_prog_type", "BPF_PROG_TYPE_NOPE") is None
+    assert sample.enum_value("bpf_attach_type", "BPF_NETFILTER") is None
+    assert sample.has_type(KIND_FUNC, "bpf_prog_test_run_nf")
+    assert not sample.has_type(KIND_FUNC, "bpf_nf_link_attach")
+
+
+def test_not_btf() -> None:
+    with pytest.raises(KernelUnsupported, match="magic"):
+        Btf(b"\0" * 64)
+
+
+def test_missing_file_says_no_btf(tmp_path: Path) -> None:
+    with pytest.raises(KernelUnsupported, match="kernel has no BTF"):
+        btfmod.kernel_btf(tmp_path / "vmlinux")
+
+
+@pytest.mark.skipif(not btfmod.VMLINUX_BTF.exists(), reason="no kernel BTF on this machine")
+def test_running_kernel_has_what_the_datapath_reads() -> None:
+    kernel = btfmod.kernel_btf()
+    assert kernel.field("sk_buff", "len")[1] == 4
+    assert kernel.field("sk_buff", "network_header")[1] == 2
+    assert kernel.field("sk_buff", "head")[1] == 8
