@@ -43,7 +43,11 @@ def _owner(endpoint: Endpoint) -> str | None:
 
 
 class ClusterIndex:
-    """Implements `otel_kzt.k8s.model.MetadataIndex`; fed by one or more sources."""
+    """Implements `otel_kzt.k8s.model.MetadataIndex`; fed by one or more sources.
+
+    Addresses are matched as canonical text, as `ipaddress` and the agent print them (`fd00::5`, never
+    `fd00:0::5`); sources canonicalize what they store.
+    """
 
     def __init__(
         self,
