@@ -33,6 +33,20 @@ from otel_kzt.k8s.model import Endpoint, MetadataIndex
 log = logging.getLogger(__name__)
 
 UDP = 17
+# The datapath derives first-seen wall-clock times from kernel boot-time stamps with an offset read anew
+# for every snapshot, so the same flow's start wobbles by microseconds between reads and between agent
+# processes. A start time that changes means a reset to every OTLP consumer (the enricher would count the
+# whole value again), so starts are made stable: whole seconds (two processes agree unless the wobble
+# straddles a second boundary: ~1e-6 per flow and restart), and within a process the first start is kept
+# while the reported one stays this close (a re-created flow's start differs by at least the idle timeout).
+_SECOND_NS = 1_000_000_000
+_SAME_START_NS = 2 * _SECOND_NS
+
+
+def stable_start(first_seen_unix_ns: int) -> int:
+    return first_seen_unix_ns - first_seen_unix_ns % _SECOND_NS
+
+
 _MISSING: Final[PointHead] = PointHead(-1, b"", b"")  # cache sentinel, distinct from None (not ours)
 DEFAULT_OVERLAY_PORTS = (4789, 8472, 6081)  # VXLAN (IANA, Linux/flannel), Geneve
 
@@ -121,9 +135,10 @@ class LocalFlows:
         for key, counters in flows.items():
             start = counters.first_seen_unix_ns
             head = cache.get(key, _MISSING)
-            stale = head is _MISSING or (head is not None and head.start_unix_ns != start)
+            moved = head is not None and abs(head.start_unix_ns - start) > _SAME_START_NS
+            stale = head is _MISSING or moved
             if stale or (self._revalidate and not self._names_unchanged(key, head)):
-                head = cache[key] = self._head(key, start)
+                head = cache[key] = self._head(key, stable_start(start))
             if head is not None:
                 out[key] = head
         self._revalidate = False

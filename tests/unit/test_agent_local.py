@@ -147,3 +147,17 @@ def test_pod_created_later_makes_its_flows_ours() -> None:
     idx.generation += 1
     local.refresh()
     assert b"late-1" in local.heads(counters)[k].source_pod
+
+
+def test_start_times_are_stable_against_clock_offset_wobble() -> None:
+    k = key("10.0.1.5", "10.0.2.7")
+    first_seen = 1_700_000_000_999_999_000  # microseconds before a second boundary
+    local = make()
+    head = local.heads({k: FlowCounters(1, 1, first_seen, first_seen)})[k]
+    assert head.start_unix_ns == 1_700_000_000_000_000_000
+    wobbled = local.heads({k: FlowCounters(2, 2, first_seen + 3_000, first_seen)})[k]
+    assert wobbled is head  # same flow, same series
+    restarted = make().heads({k: FlowCounters(2, 2, first_seen - 2_000, first_seen)})[k]
+    assert restarted.start_unix_ns == head.start_unix_ns  # a new process agrees
+    recreated = local.heads({k: FlowCounters(1, 1, first_seen + 300 * 10**9, first_seen)})[k]
+    assert recreated.start_unix_ns == head.start_unix_ns + 300 * 10**9  # evicted and back: a new start

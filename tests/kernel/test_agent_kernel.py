@@ -1,0 +1,367 @@
+"""The agent for real: `otel-kzt agent` processes in simulated nodes exporting to an OTLP/gRPC receiver.
+
+Every name starts with "ka"; everything is removed even on failure (Topology, agent finalizers, pins).
+
+    root netns: OTLP receiver on 0.0.0.0:<port>, reached at 10.88.101.1 (from ka-n1) / 10.88.102.1 (ka-n2)
+
+    ka-p1 10.88.1.2 ─┐                                                      ┌─ ka-p2 10.88.2.2
+    ka-p3 10.88.3.2 ─┴─ ka-n1 ══ VXLAN 4789 (10.88.200.0/24) over ka12 ══ ka-n2 ─┘
+                        underlay 10.88.12.1                    10.88.12.2
+
+Pod traffic between the nodes goes through the VXLAN overlay, so each node's POSTROUTING sees the inner
+packet and the encapsulated one: only the inner one may be exported, once, by the source node. The ground
+truth is nftables counters in ka-n1's postrouting hook.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from otel_kzt import netns, schema
+from otel_kzt.agent.datapath import cleanup
+from tests.support.k8s_apiserver import FakeApiServer
+from tests.support.k8s_objects import as_list, make_node, make_pod
+from tests.unit.test_agent_support import GrpcReceiver, points
+
+pytestmark = pytest.mark.kernel
+
+TRAFFIC = str(Path(__file__).with_name("traffic.py"))
+PIN_ROOT = "/sys/fs/bpf/otel-kzt"
+N1, N2, P1, P2, P3 = "ka-n1", "ka-n2", "ka-p1", "ka-p2", "ka-p3"
+IP = {P1: "10.88.1.2", P2: "10.88.2.2", P3: "10.88.3.2", N1: "10.88.12.1", N2: "10.88.12.2"}
+UPLINK = {N1: "10.88.101.1", N2: "10.88.102.1"}  # the root side, as seen from each node
+INTERVAL = "0.4s"
+UID = {P1: "uid-ka-p1", P2: "uid-ka-p2", P3: "uid-ka-p3"}
+# nftables ground truth in ka-n1: one counter per test flow (destination port).
+GROUND_TRUTH = """
+table inet ka {
+    counter d5000 {}
+    counter d5001 {}
+    counter d5002 {}
+    counter d5003 {}
+    counter d6000 {}
+    counter vxlan {}
+    chain post {
+        type filter hook postrouting priority 0; policy accept;
+        ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5000 counter name d5000
+        ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5001 counter name d5001
+        ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5002 counter name d5002
+        ip saddr 10.88.3.2 ip daddr 10.88.2.2 udp dport 5003 counter name d5003
+        ip saddr 10.88.1.2 ip daddr 10.88.3.2 udp dport 6000 counter name d6000
+        ip saddr 10.88.12.1 ip daddr 10.88.12.2 udp dport 4789 counter name vxlan
+    }
+}
+"""
+DROP_UDP = """
+table inet kadrop {
+    chain input {
+        type filter hook input priority 0; policy accept;
+        meta l4proto udp drop
+    }
+}
+"""
+
+
+def _build(topo: netns.Topology) -> None:
+    for ns in (N1, N2, P1, P2, P3):
+        topo.netns(ns)
+    topo.veth(None, "kar1", N1, "karoot", a_addrs=["10.88.101.1/30"], b_addrs=["10.88.101.2/30"])
+    topo.veth(None, "kar2", N2, "karoot", a_addrs=["10.88.102.1/30"], b_addrs=["10.88.102.2/30"])
+    topo.veth(N1, "ka12", N2, "ka21", a_addrs=[f"{IP[N1]}/24"], b_addrs=[f"{IP[N2]}/24"])
+    for node, pod, gw in ((N1, P1, "10.88.1.1"), (N1, P3, "10.88.3.1"), (N2, P2, "10.88.2.1")):
+        topo.veth(node, f"ka{pod[-2:]}", pod, "eth0", a_addrs=[f"{gw}/24"], b_addrs=[f"{IP[pod]}/24"])
+        topo.route(pod, "default", via=gw)
+    for node, local, remote, dev, overlay in ((N1, IP[N1], IP[N2], "ka12", "10.88.200.1/24"),
+                                              (N2, IP[N2], IP[N1], "ka21", "10.88.200.2/24")):
+        netns.ip(node, "link", "add", "kavx", "type", "vxlan", "id", "42", "local", local, "remote", remote,
+                 "dstport", "4789", "dev", dev)
+        netns.add_address(node, "kavx", overlay)
+        netns.ip(node, "link", "set", "kavx", "up")
+        netns.enable_forwarding(node)
+    topo.route(N1, "10.88.2.0/24", via="10.88.200.2")
+    topo.route(N2, "10.88.1.0/24", via="10.88.200.1")
+    topo.route(N2, "10.88.3.0/24", via="10.88.200.1")
+    netns.run_in(N1, ["nft", "-f", "-"], input=GROUND_TRUTH)
+    # No listeners in ka-p2/ka-p3: drop UDP there so no ICMP errors come back.
+    for pod in (P2, P3):
+        netns.run_in(pod, ["nft", "-f", "-"], input=DROP_UDP)
+
+
+def _objects(with_p3: bool = True) -> list[dict[str, Any]]:
+    objects = [make_node(N1, [IP[N1]], zone="z1"), make_node(N2, [IP[N2]], zone="z2")]
+    for pod, node in ((P1, N1), (P2, N2), (P3, N1)):
+        if pod != P3 or with_p3:
+            objects.append(make_pod(pod, node, [IP[pod]], uid=UID[pod]))
+    return objects
+
+
+class Bed:
+    def __init__(self, topo: netns.Topology, receiver: GrpcReceiver, metadata: Path) -> None:
+        self.topo, self.receiver, self.metadata = topo, receiver, metadata
+
+    def traffic(self, ns: str, *args: object) -> dict[str, Any]:
+        proc = netns.run_in(ns, [sys.executable, TRAFFIC, *map(str, args)], timeout=120)
+        result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        return result
+
+    def nft(self, counter: str) -> tuple[int, int]:
+        out = netns.run_in(N1, ["nft", "-j", "list", "counter", "inet", "ka", counter]).stdout
+        item = next(i for i in json.loads(out)["nftables"] if "counter" in i)
+        return int(item["counter"]["bytes"]), int(item["counter"]["packets"])
+
+    def node_requests(self, node: str) -> list[Any]:
+        return [
+            r for r in self.receiver.snapshot()
+            if any(kv.key == schema.RESOURCE_NODE_NAME and kv.value.string_value == node
+                   for kv in r.resource_metrics[0].resource.attributes)
+        ]
+
+    def latest(self, node: str, **match: object) -> dict[str, tuple[dict[str, object], dict[str, object]]]:
+        """The last exported (bytes point, packets point) per flow of `node` whose attributes match."""
+        out: dict[str, tuple[dict[str, object], dict[str, object]]] = {}
+        for request in self.node_requests(node):
+            byte_points = points([request], schema.FLOW_BYTES)
+            packet_points = points([request], schema.FLOW_PACKETS)
+            for b, p in zip(byte_points, packet_points, strict=True):
+                if all(b.get(k) == v for k, v in match.items()):
+                    ident = json.dumps({k: v for k, v in b.items() if not k.startswith("_")}, sort_keys=True)
+                    out[ident] = (b, p)
+        return out
+
+    def wait_exports(self, node: str, count: int = 2, timeout: float = 60.0) -> None:
+        """Wait until `count` more requests of `node` arrived (a full export after what happened)."""
+        target = len(self.node_requests(node)) + count
+        wait_for(lambda: len(self.node_requests(node)) >= target, timeout, f"{count} exports of {node}")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
+    metadata = tmp_path_factory.mktemp("ka") / "cluster.json"
+    metadata.write_text(json.dumps(as_list(_objects())))
+    receiver = GrpcReceiver("0.0.0.0:0")
+    with netns.Topology() as topo:
+        _build(topo)
+        receiver.start()
+        topo.on_close("otlp receiver", receiver.stop)
+        for node in (N1, N2):
+            cleanup(node, PIN_ROOT)  # leftovers of a crashed run
+            topo.on_close(f"pins of {node}", lambda node=node: cleanup(node, PIN_ROOT))
+        yield Bed(topo, receiver, metadata)
+
+
+class Agent:
+    """One `otel-kzt agent` process in a node netns; stopped (SIGTERM, then SIGKILL) by its finalizer."""
+
+    def __init__(self, bed: Bed, node: str, *extra: str) -> None:
+        self.bed, self.node = bed, node
+        self.log = bed.metadata.parent / f"agent-{node}-{time.monotonic_ns()}.log"
+        argv = [
+            sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", node, "--interval", INTERVAL,
+            "--otlp-endpoint", f"http://{UPLINK[node]}:{bed.receiver.port}", "--pin-root", PIN_ROOT,
+            "--cluster-name", "ka", *(extra or ("--kube-metadata", str(bed.metadata))),
+        ]
+        with self.log.open("wb") as log:
+            self.proc = netns.popen_in(node, argv, stdout=subprocess.DEVNULL, stderr=log)
+
+    def wait_running(self) -> None:
+        """Running once it has delivered an export (the datapath is attached before the first one)."""
+        self.bed.wait_exports(self.node, 1, timeout=90)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def agents(bed: Bed) -> Iterator[Callable[..., Agent]]:
+    started: list[Agent] = []
+
+    def start(node: str, *extra: str) -> Agent:
+        agent = Agent(bed, node, *extra)
+        started.append(agent)
+        agent.wait_running()
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            agent.stop()
+
+
+def flow(bed: Bed, node: str, src: str, dst: str, dport: int) -> tuple[dict[str, object], dict[str, object]]:
+    got = bed.latest(node, **{schema.SOURCE_ADDRESS: src, schema.DESTINATION_ADDRESS: dst,
+                              schema.DESTINATION_PORT: dport})
+    assert len(got) == 1, f"expected one series {src}->{dst}:{dport}, got {list(got)}"
+    return next(iter(got.values()))
+
+
+def test_attributes_exact_values_forwarded_absent_overlay_not_counted(bed: Bed, agents: Any) -> None:
+    agents(N1)
+    agents(N2)
+    bed.traffic(P1, "udp", IP[P2], 5000, 200, 700)
+    bed.traffic(P1, "udp", IP[P3], 6000, 30, 300)
+    time.sleep(0.2)
+    bed.wait_exports(N1)
+    bed.wait_exports(N2)
+    b, p = flow(bed, N1, IP[P1], IP[P2], 5000)
+    assert (b["_value"], p["_value"]) == bed.nft("d5000") == (200 * 728, 200)
+    assert b[schema.SOURCE_POD_NAME] == P1 and b[schema.SOURCE_POD_UID] == UID[P1]
+    assert b[schema.SOURCE_NAMESPACE_NAME] == "shop"
+    assert (b[schema.NETWORK_TYPE], b[schema.NETWORK_TRANSPORT]) == ("ipv4", "udp")
+    assert schema.SOURCE_PORT not in b and schema.DESTINATION_POD_NAME not in b  # p2 is on ka-n2
+    local_b, _ = flow(bed, N1, IP[P1], IP[P3], 6000)
+    assert local_b["_value"] == bed.nft("d6000")[0]
+    assert (local_b[schema.DESTINATION_POD_NAME], local_b[schema.DESTINATION_POD_UID]) == (P3, UID[P3])
+    # The encapsulated packets happened, and are not exported on top of the inner ones.
+    assert bed.nft("vxlan")[1] >= 200
+    assert bed.latest(N1, **{schema.DESTINATION_PORT: 4789}) == {}
+    # ka-n2 forwarded every one of those packets to ka-p2: not its to count.
+    assert bed.latest(N2, **{schema.SOURCE_ADDRESS: IP[P1]}) == {}
+    resource = {kv.key: kv.value.string_value
+                for kv in bed.node_requests(N1)[-1].resource_metrics[0].resource.attributes}
+    assert resource[schema.SERVICE_NAME] == schema.AGENT_SERVICE_NAME
+    assert (resource[schema.RESOURCE_NODE_NAME], resource[schema.CLUSTER_NAME]) == (N1, "ka")
+    assert points(bed.node_requests(N1)[-1:], schema.OTLP_AGENT_METADATA_SYNCED)[0]["_value"] == 1.0
+
+
+def test_five_thousand_flows_all_present_unfolded(bed: Bed, agents: Any) -> None:
+    agents(N1)
+    bed.traffic(P1, "udp-ports", IP[P2], 20000, 5000, 64)
+    time.sleep(0.2)
+    bed.wait_exports(N1)
+    got = [b for b, _ in bed.latest(N1, **{schema.SOURCE_ADDRESS: IP[P1]}).values()
+           if 20000 <= int(b[schema.DESTINATION_PORT]) < 25000]  # type: ignore[call-overload]
+    assert len(got) == 5000
+    assert {b["_value"] for b in got} == {92}  # 64 bytes + UDP 8 + IPv4 20
+    assert not any("otel.metric.overflow" in b for b in got)
+
+
+def test_receiver_away_then_back_totals_exact(bed: Bed, agents: Any) -> None:
+    agents(N1)
+    port = bed.receiver.port
+    bed.receiver.stop()
+    try:
+        bed.traffic(P1, "udp", IP[P2], 5001, 300, 500)
+        time.sleep(2.0)  # several intervals of refused exports
+        bed.traffic(P1, "udp", IP[P2], 5001, 100, 500)
+    finally:
+        bed.receiver.port = port
+        bed.receiver.start()
+    wait_for(lambda: bool(bed.latest(N1, **{schema.DESTINATION_PORT: 5001})), 30, "export after return")
+    bed.wait_exports(N1, 1)
+    b, p = flow(bed, N1, IP[P1], IP[P2], 5001)
+    assert (b["_value"], p["_value"]) == bed.nft("d5001") == (400 * 528, 400)
+
+
+def test_agent_restart_while_traffic_flows(bed: Bed, agents: Any) -> None:
+    first = agents(N1)
+    sender = netns.popen_in(P1, [sys.executable, TRAFFIC, "udp-stream", IP[P2], "5002", "5", "200", "1"],
+                            stdout=subprocess.PIPE)
+    bed.topo.on_close("udp-stream", lambda: (sender.poll() is None and sender.kill(), sender.wait()))
+    try:
+        wait_for(lambda: bool(bed.latest(N1, **{schema.DESTINATION_PORT: 5002})), 30, "first export")
+        before, _ = flow(bed, N1, IP[P1], IP[P2], 5002)
+        assert first.stop() == 0  # SIGTERM: final export, clean exit, datapath stays pinned
+        time.sleep(0.5)  # traffic goes on while no agent runs
+        agents(N1)
+        out, _ = sender.communicate(timeout=60)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    sent = json.loads(out.decode().strip().splitlines()[-1])["sent"]
+    time.sleep(0.2)
+    bed.wait_exports(N1)
+    after, packets = flow(bed, N1, IP[P1], IP[P2], 5002)
+    assert (after["_value"], packets["_value"]) == bed.nft("d5002") == (sent * 228, sent)
+    assert after["_start"] == before["_start"]  # the same series: start time kept across the restart
+
+
+def test_pod_created_mid_run_gets_named(bed: Bed, agents: Any, tmp_path: Path) -> None:
+    with FakeApiServer() as api:
+        for obj in _objects(with_p3=False):
+            api.add(obj)
+        forward = _Forwarder(UPLINK[N1], api.url.rsplit(":", 1)[1])
+        bed.topo.on_close("api forwarder", forward.close)
+        kubeconfig = tmp_path / "kubeconfig"
+        api.write_kubeconfig(kubeconfig)
+        kubeconfig.write_text(kubeconfig.read_text().replace(api.url, f"http://{UPLINK[N1]}:{forward.port}"))
+        agents(N1, "--kubeconfig", str(kubeconfig))
+        bed.traffic(P3, "udp", IP[P2], 5003, 50, 100)
+        bed.wait_exports(N1, 3)
+        assert bed.latest(N1, **{schema.DESTINATION_PORT: 5003}) == {}  # unknown source: not exported
+        api.add(make_pod(P3, N1, [IP[P3]], uid=UID[P3]))
+        bed.traffic(P3, "udp", IP[P2], 5003, 10, 100)
+        wait_for(lambda: bool(bed.latest(N1, **{schema.DESTINATION_PORT: 5003})), 30, "named flow")
+        bed.wait_exports(N1, 1)
+        b, p = flow(bed, N1, IP[P3], IP[P2], 5003)
+        assert (b[schema.SOURCE_POD_NAME], b[schema.SOURCE_POD_UID]) == (P3, UID[P3])
+        # Counted all along: what was sent before the pod was known is in the total.
+        assert (b["_value"], p["_value"]) == bed.nft("d5003") == (60 * 128, 60)
+        forward.close()
+
+
+class _Forwarder:
+    """Forwards TCP from `host`:<port> (reachable from the node netns) to the API server on 127.0.0.1."""
+
+    def __init__(self, host: str, target_port: str) -> None:
+        self._target = ("127.0.0.1", int(target_port))
+        self._listener = socket.create_server((host, 0))
+        self.port = self._listener.getsockname()[1]
+        self._sockets: list[socket.socket] = [self._listener]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            return  # the other side or close() ended the connection
+        finally:
+            dst.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self._sockets:
+            sock.close()
