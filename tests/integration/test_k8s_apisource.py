@@ -232,3 +232,27 @@ def test_shutdown_cuts_a_quiet_watch_at_once(tmp_path: Path) -> None:
         started = time.monotonic()
         h.shutdown()
         assert time.monotonic() - started < 2.0
+
+
+def test_refused_watches_back_off_without_a_hot_loop(api: FakeApiServer, handle: MetadataHandle) -> None:
+    api.wait_for_watchers("pods", 1)
+    api.refuse_watches = True
+    api.drop_connections()
+    time.sleep(1.0)
+    attempts = api.requests.count("watch pods")
+    api.refuse_watches = False
+    # FAST: backoff 0.05 s doubling to 0.2 s with jitter: a handful of retries a second, not thousands.
+    assert 3 <= attempts <= 40, attempts
+    assert pods_source(handle).reconnects >= 2
+    api.add(make_pod("back", "n1", ["10.6.0.1"]))
+    eventually(lambda: pod_name(handle, "10.6.0.1") == "back")
+
+
+def test_malformed_objects_are_skipped_and_counted(api: FakeApiServer, handle: MetadataHandle) -> None:
+    broken = make_pod("broken", "n1", ["10.7.0.1"])
+    broken["status"]["podIPs"] = "10.7.0.1"  # not a list of {"ip": ...}
+    api.add(broken)
+    api.add(make_pod("fine", "n1", ["10.7.0.2"]))
+    eventually(lambda: pod_name(handle, "10.7.0.2") == "fine")
+    assert pods_source(handle).bad_objects == 1
+    assert handle.index.lookup("10.7.0.1") is None
