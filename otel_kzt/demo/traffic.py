@@ -185,7 +185,19 @@ class Engine:
             except OSError:
                 break
             self._track(conn)
-            threading.Thread(target=serve_connection, args=(conn,), daemon=True).start()
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            serve_connection(conn)
+        finally:
+            self._untrack(conn)
+
+    def _untrack(self, sock: socket.socket) -> None:
+        # Closed sockets leave the list, so a long demo or test session does not pile them up.
+        with self._lock:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
 
     def _call_loop(self, call: Call) -> None:
         enter_netns(call.client.netns)
@@ -205,6 +217,7 @@ class Engine:
                 log.debug("call failed client=%s target=%s error=%s", call.client.name, target, exc)
                 dropped = conns.pop(target, None)
                 if dropped is not None:
+                    self._untrack(dropped)
                     dropped.close()
         for sock in conns.values():
             sock.close()
