@@ -1,48 +1,99 @@
 """Flow logs: one record per billed flow (cross-zone, cross-region, external) and reporting interval.
 
-Written as JSON lines (stdout by default) and turned into OTLP log records for the export endpoints.
-Bytes and packets of a flow arrive as two metrics; the core pairs them into one `FlowRecord`.
+Written as JSON lines (stdout by default) and as OTLP log records for the export endpoints. Bytes and packets
+of a flow arrive as two metrics; the core pairs them into one `FlowRecord`. Everything constant about a flow
+(its attributes, the JSON prefix, the static part of the OTLP record) is rendered once per series in a
+`FlowTemplate`; per interval only the numbers are appended.
 """
 
 from __future__ import annotations
 
 import json
+import struct
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import Final, TextIO
 
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO
+from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
 from otel_kzt import __version__, schema
+from otel_kzt.enricher.enrich import Resolved
+from otel_kzt.enricher.wire import AttributeEncoder, length_delimited
 from otel_kzt.schema import TrafficClass
+
+_RESOURCE_LOGS_TAG: Final = 0x0A  # ExportLogsServiceRequest.resource_logs (field 1)
+_RESOURCE_TAG: Final = 0x0A  # ResourceLogs.resource (field 1)
+_SCOPE_LOGS_TAG: Final = 0x12  # ResourceLogs.scope_logs (field 2)
+_SCOPE_TAG: Final = 0x0A  # ScopeLogs.scope (field 1)
+_LOG_RECORDS_TAG: Final = 0x12  # ScopeLogs.log_records (field 2, length-delimited)
+_TIME_TAG: Final = 0x09  # LogRecord.time_unix_nano (field 1, fixed64)
+_OBSERVED_TAG: Final = 0x59  # LogRecord.observed_time_unix_nano (field 11, fixed64)
+_TIMES: Final = struct.Struct("<BQBQ")
+_BYTES_ATTR: Final = AttributeEncoder(schema.FLOW_LOG_BYTES)
+_PACKETS_ATTR: Final = AttributeEncoder(schema.FLOW_LOG_PACKETS)
+_COST_ATTR: Final = AttributeEncoder(schema.FLOW_LOG_COST)
+_START_ATTR: Final = AttributeEncoder(schema.FLOW_LOG_INTERVAL_START)  # Unix seconds (double)
+
+
+class FlowTemplate:
+    """The constant part of one flow's records, rendered once per series and metadata generation."""
+
+    __slots__ = ("attrs", "json_prefix", "otlp_static", "provider", "traffic_class")
+
+    def __init__(self, resolved: Resolved) -> None:
+        self.attrs: Mapping[str, str] = resolved.attrs
+        self.traffic_class: TrafficClass = resolved.traffic_class
+        self.provider = resolved.provider
+        head = {"event": schema.FLOW_LOG_EVENT_NAME, **dict(sorted(resolved.attrs.items()))}
+        self.json_prefix = json.dumps(head, separators=(",", ":"))[:-1]
+        record = LogRecord(
+            severity_number=SEVERITY_NUMBER_INFO,
+            severity_text="INFO",
+            event_name=schema.FLOW_LOG_EVENT_NAME,
+            body=AnyValue(
+                string_value=f"{resolved.traffic_class.value} flow "
+                f"{resolved.attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
+                f"{resolved.attrs.get(schema.DESTINATION_ADDRESS, '?')}"
+            ),
+            attributes=[
+                KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in sorted(resolved.attrs.items())
+            ],
+        )
+        self.otlp_static = record.SerializeToString()
 
 
 @dataclass(slots=True)
 class FlowRecord:
-    attrs: Mapping[str, str]  # the enriched data-point attributes: both ends, ports, class
-    traffic_class: TrafficClass
+    template: FlowTemplate
     start_ns: int  # interval start (previous report of the series, or its start time)
     end_ns: int
-    bytes: float = 0.0
-    packets: float = 0.0
+    byte_count: float = 0.0
+    packet_count: float = 0.0
     cost_usd: float = 0.0
 
-    def as_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"event": schema.FLOW_LOG_EVENT_NAME}
-        out.update(sorted(self.attrs.items()))
-        out[schema.FLOW_LOG_INTERVAL_START] = self.start_ns / 1e9
-        out[schema.FLOW_LOG_INTERVAL_END] = self.end_ns / 1e9
-        out[schema.FLOW_LOG_BYTES] = _number(self.bytes)
-        out[schema.FLOW_LOG_PACKETS] = _number(self.packets)
-        out[schema.FLOW_LOG_COST] = self.cost_usd
-        return out
+    def json_line(self) -> str:
+        return (
+            f'{self.template.json_prefix},"{schema.FLOW_LOG_INTERVAL_START}":{self.start_ns / 1e9!r},'
+            f'"{schema.FLOW_LOG_INTERVAL_END}":{self.end_ns / 1e9!r},'
+            f'"{schema.FLOW_LOG_BYTES}":{int(self.byte_count)},"{schema.FLOW_LOG_PACKETS}":{int(self.packet_count)},'
+            f'"{schema.FLOW_LOG_COST}":{self.cost_usd!r}}}\n'
+        )
 
-
-def _number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
+    def otlp_bytes(self) -> bytes:
+        """The serialised LogRecord: static part + times + the numbers (concatenation = protobuf merge)."""
+        return b"".join(
+            (
+                self.template.otlp_static,
+                _TIMES.pack(_TIME_TAG, self.end_ns, _OBSERVED_TAG, self.end_ns),
+                _BYTES_ATTR.int_value(int(self.byte_count)),
+                _PACKETS_ATTR.int_value(int(self.packet_count)),
+                _COST_ATTR.double_value(self.cost_usd),
+                _START_ATTR.double_value(self.start_ns / 1e9),
+            )
+        )
 
 
 class FlowLogWriter:
@@ -53,7 +104,7 @@ class FlowLogWriter:
         self._lock = threading.Lock()
 
     def write(self, records: Iterable[FlowRecord]) -> None:
-        lines = "".join(json.dumps(r.as_json(), separators=(",", ":")) + "\n" for r in records)
+        lines = "".join(r.json_line() for r in records)
         if not lines:
             return
         with self._lock:
@@ -61,10 +112,9 @@ class FlowLogWriter:
             self._stream.flush()
 
 
-def to_otlp(records: Iterable[FlowRecord]) -> ExportLogsServiceRequest:
-    """The same records as OTLP log records (event name kzt.flow, attributes = the JSON fields)."""
-    request = ExportLogsServiceRequest()
-    resource_logs = request.resource_logs.add()
+def _static_envelope() -> tuple[bytes, bytes]:
+    """ResourceLogs.resource and ScopeLogs.scope of every flow-log request, encoded once."""
+    resource_logs = ExportLogsServiceRequest().resource_logs.add()
     for key, value in (
         (schema.SERVICE_NAME, schema.ENRICHER_SERVICE_NAME),
         (schema.SERVICE_VERSION, __version__),
@@ -72,26 +122,17 @@ def to_otlp(records: Iterable[FlowRecord]) -> ExportLogsServiceRequest:
         resource_logs.resource.attributes.add(key=key, value=AnyValue(string_value=value))
     scope_logs = resource_logs.scope_logs.add()
     scope_logs.scope.name = "otel_kzt.enricher"
-    for record in records:
-        log = scope_logs.log_records.add()
-        log.time_unix_nano = record.end_ns
-        log.observed_time_unix_nano = record.end_ns
-        log.severity_number = SEVERITY_NUMBER_INFO
-        log.severity_text = "INFO"
-        log.event_name = schema.FLOW_LOG_EVENT_NAME
-        log.body.string_value = (
-            f"{record.traffic_class.value} flow {record.attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
-            f"{record.attrs.get(schema.DESTINATION_ADDRESS, '?')}: {int(record.bytes)} bytes"
-        )
-        log.attributes.extend(
-            KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in sorted(record.attrs.items())
-        )
-        log.attributes.extend(
-            [
-                KeyValue(key=schema.FLOW_LOG_BYTES, value=AnyValue(int_value=int(record.bytes))),
-                KeyValue(key=schema.FLOW_LOG_PACKETS, value=AnyValue(int_value=int(record.packets))),
-                KeyValue(key=schema.FLOW_LOG_COST, value=AnyValue(double_value=record.cost_usd)),
-                KeyValue(key=schema.FLOW_LOG_INTERVAL_START, value=AnyValue(int_value=record.start_ns)),
-            ]
-        )
-    return request
+    return (
+        length_delimited(_RESOURCE_TAG, resource_logs.resource.SerializeToString()),
+        length_delimited(_SCOPE_TAG, scope_logs.scope.SerializeToString()),
+    )
+
+
+_RESOURCE_FIELD, _SCOPE_FIELD = _static_envelope()
+
+
+def to_otlp_bytes(records: Iterable[FlowRecord]) -> bytes:
+    """The records as one serialised OTLP logs request (resource service.name=otel-kzt-enricher)."""
+    scope_logs = _SCOPE_FIELD + b"".join(length_delimited(_LOG_RECORDS_TAG, r.otlp_bytes()) for r in records)
+    resource_logs = _RESOURCE_FIELD + length_delimited(_SCOPE_LOGS_TAG, scope_logs)
+    return length_delimited(_RESOURCE_LOGS_TAG, resource_logs)

@@ -38,6 +38,8 @@ class Aggregates:
         self.zone_bytes: Totals = {}
         self.cost: Totals = {}
         self.agent_last_report: dict[str, float] = {}
+        # Folds pending per-series increments into the dicts above; set by the core, run under `lock`.
+        self.before_snapshot: Callable[[], None] | None = None
 
     def targets(self, metric: str, resolved: Resolved, usd_per_byte: float) -> tuple[Target, ...]:
         """Where increments of one series go; computed once per series and metadata generation."""
@@ -80,6 +82,8 @@ class Aggregates:
 
     def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:
         with self.lock:
+            if self.before_snapshot is not None:
+                self.before_snapshot()
             return {
                 "flow_bytes": dict(self.flow_bytes),
                 "flow_packets": dict(self.flow_packets),

@@ -89,7 +89,7 @@ class GrpcReceiver:
         self._authorize(context)
         request = _decode(raw, ExportMetricsServiceRequest, context)
         try:
-            outcome = self._core.consume_metrics(request)
+            outcome = self._core.consume_metrics(request, raw=raw)
         except Overloaded as exc:
             _abort_overloaded(context, exc)
         response = ExportMetricsServiceResponse()

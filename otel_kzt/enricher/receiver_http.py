@@ -69,7 +69,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._checked_body(path, content_type)
             if path == "/v1/metrics":
                 request = decode.parse(body, content_type, ExportMetricsServiceRequest)
-                outcome = self.server.core.consume_metrics(request)
+                raw = body if content_type == decode.PROTOBUF else None
+                outcome = self.server.core.consume_metrics(request, raw=raw)
                 response = ExportMetricsServiceResponse()
                 if outcome.rejected:
                     response.partial_success.rejected_data_points = outcome.rejected
@@ -176,7 +177,9 @@ class HttpReceiver:
 
     def start(self) -> int:
         self._server = _Server(self._settings, self._core)
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="kzt-otlp-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="kzt-otlp-http", daemon=True
+        )
         self._thread.start()
         return int(self._server.server_address[1])
 

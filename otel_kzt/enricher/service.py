@@ -100,7 +100,9 @@ class EnricherService:
             server = _MetricsServer(
                 split_host_port(cfg.metrics_endpoint, "metrics_endpoint"), self.registry, index
             )
-            threading.Thread(target=server.serve_forever, args=(0.05,), name="kzt-metrics", daemon=True).start()
+            threading.Thread(
+                target=server.serve_forever, args=(0.05,), name="kzt-metrics", daemon=True
+            ).start()
             self._stoppers.append(("metrics", server))
             self.ports["metrics"] = int(server.server_address[1])
         tls = _tls_context(cfg)

@@ -14,10 +14,11 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 from prometheus_client import CollectorRegistry
 
 from otel_kzt import schema
-from otel_kzt.enricher.core import Core, series_key
+from otel_kzt.enricher.core import Core
 from otel_kzt.enricher.cost import load_prices
 from otel_kzt.enricher.enrich import Resolver
 from otel_kzt.enricher.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.series import series_key
 from otel_kzt.errors import Overloaded
 from otel_kzt.k8s.model import Endpoint, NodeInfo
 from otel_kzt.schema import TrafficClass, WorkloadKind
@@ -117,8 +118,12 @@ def request(
     return req
 
 
-def attrs_of(req: ExportMetricsServiceRequest) -> list[dict[str, str]]:
-    dps = req.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points
+def forwarded(sink: ListSink) -> ExportMetricsServiceRequest:
+    return ExportMetricsServiceRequest.FromString(sink.metrics[-1])
+
+
+def attrs_of(sink: ListSink) -> list[dict[str, str]]:
+    dps = forwarded(sink).resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points
     return [{kv.key: kv.value.string_value for kv in dp.attributes} for dp in dps]
 
 
@@ -136,17 +141,17 @@ def attrs_of(req: ExportMetricsServiceRequest) -> list[dict[str, str]]:
     ],
 )
 def test_traffic_class(src: str, dst: str, cls: TrafficClass) -> None:
-    core, *_ = make_core(FakeIndex())
+    core, _, _, sink = make_core(FakeIndex())
     req = request([(src, dst, 10, 1)])
     assert core.consume_metrics(req).rejected == 0
-    assert attrs_of(req)[0][schema.TRAFFIC_CLASS] == cls.value
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == cls.value
 
 
 def test_both_ends_filled_and_sender_values_kept() -> None:
-    core, *_ = make_core(FakeIndex())
+    core, _, _, sink = make_core(FakeIndex())
     req = request([("10.0.0.1", "192.168.0.3", 10, 1)], **{schema.SOURCE_POD_NAME: "agent-said"})
     core.consume_metrics(req)
-    a = attrs_of(req)[0]
+    a = attrs_of(sink)[0]
     assert a[schema.SOURCE_POD_NAME] == "agent-said"  # kept, not overridden, not duplicated
     assert list(k for k in a if k == schema.SOURCE_POD_NAME) == [schema.SOURCE_POD_NAME]
     assert a[schema.SOURCE_NAMESPACE_NAME] == "shop"
@@ -159,10 +164,10 @@ def test_both_ends_filled_and_sender_values_kept() -> None:
 
 def test_not_ready_marks_unknown_then_resolves_when_ready() -> None:
     index = FakeIndex(ready=False)
-    core, *_ = make_core(index)
+    core, _, _, sink = make_core(index)
     req = request([("10.0.0.1", "10.0.0.4", 10, 1)])
     core.consume_metrics(req)
-    assert attrs_of(req)[0] == {
+    assert attrs_of(sink)[0] == {
         schema.SOURCE_ADDRESS: "10.0.0.1",
         schema.DESTINATION_ADDRESS: "10.0.0.4",
         schema.TRAFFIC_CLASS: "unknown",
@@ -170,21 +175,21 @@ def test_not_ready_marks_unknown_then_resolves_when_ready() -> None:
     index.is_ready = True
     req = request([("10.0.0.1", "10.0.0.4", 20, 1)])
     core.consume_metrics(req)
-    assert attrs_of(req)[0][schema.TRAFFIC_CLASS] == "cross-zone"
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
 
 
 def test_generation_change_re_resolves_cached_series() -> None:
     index = FakeIndex()
-    core, *_ = make_core(index)
+    core, _, _, sink = make_core(index)
     core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 10, 1)]))
     index.pods["10.0.0.4"] = PODS["10.0.0.3"]  # the IP now belongs to a same-zone pod
     req = request([("10.0.0.1", "10.0.0.4", 20, 1)])
     core.consume_metrics(req)
-    assert attrs_of(req)[0][schema.TRAFFIC_CLASS] == "cross-zone"  # cached: generation unchanged
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"  # cached: generation unchanged
     index.gen += 1
     req = request([("10.0.0.1", "10.0.0.4", 30, 1)])
     core.consume_metrics(req)
-    assert attrs_of(req)[0][schema.TRAFFIC_CLASS] == "same-zone"
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "same-zone"
 
 
 def sample(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
@@ -249,7 +254,7 @@ def test_rejects_nan_negative_and_missing_address_but_keeps_the_rest() -> None:
     outcome = core.consume_metrics(req)
     assert outcome.rejected == 3
     assert "NaN or negative" in outcome.message and "missing source.address" in outcome.message
-    assert [a[schema.DESTINATION_ADDRESS] for a in attrs_of(req)] == ["10.0.0.4"]
+    assert [a[schema.DESTINATION_ADDRESS] for a in attrs_of(sink)] == ["10.0.0.4"]
     assert sample(registry, "kzt_enricher_rejected_data_points_total") == 3
     assert sample(registry, "kzt_enricher_received_data_points_total") == 4
     forwarded = ExportMetricsServiceRequest.FromString(sink.metrics[-1])
@@ -276,14 +281,14 @@ def test_wrong_kind_flow_metric_refused_whole_and_unknown_metric_passes_untouche
 
 
 def test_series_cap_counts_and_still_forwards() -> None:
-    core, _, registry, _ = make_core(FakeIndex(), max_series=2)
+    core, _, registry, sink = make_core(FakeIndex(), max_series=2)
     req = request(
         [("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.2", "10.0.0.4", 5, 1), ("10.0.0.3", "10.0.0.4", 5, 1)]
     )
     core.consume_metrics(req)
     assert core.active_series == 2
     assert sample(registry, "kzt_enricher_series_dropped_total") == 1
-    assert all(schema.TRAFFIC_CLASS in a for a in attrs_of(req))
+    assert all(schema.TRAFFIC_CLASS in a for a in attrs_of(sink))
 
 
 def test_idle_series_dropped_after_ttl_aggregates_of_live_series_kept() -> None:

@@ -1,0 +1,120 @@
+"""Per-series state of the core: the cached resolution and the cumulative -> increment bookkeeping.
+
+A series is one (resource, metric, data-point attributes) combination. Its key is the serialised data point
+minus the leading start/time/value fields, so it costs one slice. Increments are added to `Series.total`
+on the hot path and folded into the aggregate counters (prometheus.Aggregates) only when /metrics is
+scraped, when the series' labels change, or when it is forgotten: per point that is one addition.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+from otel_kzt.enricher.enrich import Resolved
+from otel_kzt.enricher.flowlogs import FlowTemplate
+from otel_kzt.enricher.prometheus import Aggregates, Target
+
+log = logging.getLogger(__name__)
+
+# Tags of NumberDataPoint fields 2 (start), 3 (time), 4 (as_double), 6 (as_int): 1 byte + 8 fixed bytes
+# each. upb writes fields in number order, so they lead the encoding and the rest names the series.
+FIXED_TAGS: Final = frozenset({0x11, 0x19, 0x21, 0x31})
+CANONICAL_PREFIX: Final = 27  # start + time + value, as every agent point has them
+_CAP_LOG_EVERY_S: Final = 60.0
+
+
+def series_key(raw: bytes) -> bytes:
+    """A serialised data point without its leading start/time/value fields."""
+    if len(raw) >= CANONICAL_PREFIX and raw[0] == 0x11 and raw[9] == 0x19 and raw[18] in (0x21, 0x31):
+        return raw[CANONICAL_PREFIX:]
+    i = 0
+    while i < len(raw) and raw[i] in FIXED_TAGS:
+        i += 9
+    return raw[i:]
+
+
+@dataclass(slots=True)
+class Series:
+    generation: int
+    resolved: Resolved
+    targets: tuple[Target, ...]  # empty: over the series cap, enriched but not aggregated
+    template: FlowTemplate | None  # set for billed classes (flow logs)
+    header: bytes  # Sum.data_points tag + length of the enriched point (canonical shape)
+    tail: bytes  # series key + the added attributes: the enriched point after its 27-byte prefix
+    size: int  # len(header) + 27 + len(tail): the enriched point's encoded size
+    start: int = -1
+    last: float = 0.0
+    last_time: int = 0
+    seen: float = 0.0
+    total: float = 0.0  # increments not yet folded into the aggregates
+
+
+class SeriesTable:
+    """(resource bytes, metric) -> series key -> Series, with a cap and a TTL. Caller holds the lock."""
+
+    def __init__(self, aggregates: Aggregates, max_series: int, ttl_s: float, on_drop: Callable[[], None]):
+        self._agg = aggregates
+        self.max_series, self.ttl_s = max_series, ttl_s
+        self.groups: dict[tuple[bytes, str], dict[bytes, Series]] = {}
+        self.count = 0
+        self._on_drop = on_drop
+        self._last_cap_log = -_CAP_LOG_EVERY_S
+        self._last_sweep: float | None = None
+
+    def group(self, resource: bytes, metric: str) -> dict[bytes, Series]:
+        return self.groups.setdefault((resource, metric), {})
+
+    def admit(self, table: dict[bytes, Series], key: bytes, entry: Series, now: float) -> Series:
+        """Track a new series, or hand it back untracked (no targets) when the cap is reached."""
+        if self.count >= self.max_series:
+            self._on_drop()
+            if now - self._last_cap_log >= _CAP_LOG_EVERY_S:
+                self._last_cap_log = now
+                log.warning(
+                    "series cap reached: max_series=%d; new series are not aggregated", self.max_series
+                )
+            entry.targets = ()
+            return entry
+        table[key] = entry
+        self.count += 1
+        return entry
+
+    def relabel(
+        self, entry: Series, resolved: Resolved, targets: tuple[Target, ...], generation: int
+    ) -> None:
+        """Metadata changed: what was counted so far stays with the old labels."""
+        self.fold(entry)
+        entry.generation, entry.resolved, entry.targets = generation, resolved, targets
+
+    def fold(self, entry: Series) -> None:
+        if entry.total:
+            for totals, labels, factor in entry.targets:
+                totals[labels] = totals.get(labels, 0.0) + entry.total * factor
+            entry.total = 0.0
+
+    def fold_all(self) -> None:
+        for table in self.groups.values():
+            for entry in table.values():
+                if entry.total:
+                    self.fold(entry)
+
+    def maybe_sweep(self, now: float) -> None:
+        """Forget series silent for longer than the TTL, and aggregates no live series feeds."""
+        if self._last_sweep is None:
+            self._last_sweep = now
+        if now - self._last_sweep < min(self.ttl_s / 4, 30.0):
+            return
+        self._last_sweep = now
+        cutoff = now - self.ttl_s
+        live: list[tuple[Target, ...]] = []
+        for group_key, table in list(self.groups.items()):
+            for key in [k for k, s in table.items() if s.seen < cutoff]:
+                self.fold(table.pop(key))
+                self.count -= 1
+            if not table:
+                del self.groups[group_key]
+            live.extend(s.targets for s in table.values())
+        self._agg.retain(live, cutoff)

@@ -1,0 +1,142 @@
+"""Hand-encoded protobuf pieces for the hot paths (concatenating serialised messages merges them).
+
+The core rebuilds an enriched request by splitting containers into fields and re-wrapping the ones it
+changed; the flow logs append a few KeyValues. Tests compare each piece against the protobuf library.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import Final
+
+_ATTRIBUTES_TAG_LOG: Final = 0x32  # LogRecord.attributes: field 6, length-delimited
+_KEY_TAG: Final = 0x0A  # KeyValue.key: field 1
+_VALUE_TAG: Final = 0x12  # KeyValue.value: field 2 (AnyValue)
+_INT_TAG: Final = 0x18  # AnyValue.int_value: field 3, varint
+_DOUBLE_TAG: Final = 0x21  # AnyValue.double_value: field 4, fixed64
+_SMALL: Final = [bytes((i,)) for i in range(0x80)]
+
+
+def varint(n: int) -> bytes:
+    """Unsigned LEB128; negative int64 values use their two's complement, as protobuf does."""
+    if 0 <= n < 0x80:
+        return _SMALL[n]
+    if n < 0:
+        n += 1 << 64
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def length_delimited(tag: int, payload: bytes) -> bytes:
+    return bytes((tag,)) + varint(len(payload)) + payload
+
+
+class AttributeEncoder:
+    """Encodes one LogRecord attribute `key` with an int or double value; the constant part is built once.
+
+    An int KeyValue is `head[k] + varint(value)`, where the head for a k-byte varint already holds every
+    tag and length (all < 128 for our short keys).
+    """
+
+    __slots__ = ("_double_head", "_int_heads")
+
+    def __init__(self, key: str) -> None:
+        keyfield = length_delimited(_KEY_TAG, key.encode())
+        self._int_heads = [
+            bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 3 + k))
+            + keyfield
+            + bytes((_VALUE_TAG, 1 + k, _INT_TAG))
+            for k in range(11)
+        ]
+        self._double_head = (
+            bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 11)) + keyfield + bytes((_VALUE_TAG, 9))
+        )
+
+    def int_value(self, value: int) -> bytes:
+        encoded = varint(value)
+        return self._int_heads[len(encoded)] + encoded
+
+    def double_value(self, value: float) -> bytes:
+        return self._double_head + struct.pack("<Bd", _DOUBLE_TAG, value)
+
+
+def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """A varint at `pos` -> (value, position after it)."""
+    value, shift = 0, 0
+    while True:
+        b = buf[pos]
+        value |= (b & 0x7F) << shift
+        pos += 1
+        if b < 0x80:
+            return value, pos
+        shift += 7
+
+
+def skip_field(buf: bytes, pos: int) -> int:
+    """The position after the field starting at `pos`."""
+    tag, pos = read_varint(buf, pos)
+    wire = tag & 7
+    if wire == 0:
+        return read_varint(buf, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 2:
+        size, pos = read_varint(buf, pos)
+        return pos + size
+    if wire == 5:
+        return pos + 4
+    raise ValueError(f"unsupported protobuf wire type {wire} (groups)")
+
+
+def split(buf: bytes) -> Iterator[tuple[int, bytes, bytes]]:
+    """The top-level fields of one message: (field number, the whole field, its payload if length-delimited).
+
+    Used per container (request, resource, scope, metric), never per data point. `buf` was produced or
+    accepted by the protobuf library, so only the four live wire types occur.
+    """
+    pos, end = 0, len(buf)
+    while pos < end:
+        start = pos
+        pos = skip_field(buf, pos)
+        tag, body = read_varint(buf, start)
+        payload = b""
+        if tag & 7 == 2:
+            size, body = read_varint(buf, body)
+            payload = buf[body : body + size]
+        yield tag >> 3, buf[start:pos], payload
+
+
+class Writer:
+    """Pieces of one encoded message, with nested length-delimited fields filled in after their content.
+
+    Every level appends to the same list, so the enriched request is joined (copied) exactly once.
+    """
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+
+    def add(self, piece: bytes) -> None:
+        self.parts.append(piece)
+        self.size += len(piece)
+
+    def open(self) -> tuple[int, int]:
+        """Reserve the header slot of a nested field; returns what `close` needs."""
+        self.parts.append(b"")
+        return len(self.parts) - 1, self.size
+
+    def close(self, tag: int, mark: tuple[int, int]) -> None:
+        slot, size_before = mark
+        header = bytes((tag,)) + varint(self.size - size_before)
+        self.parts[slot] = header
+        self.size += len(header)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
