@@ -11,15 +11,16 @@
  *   kzt_count     the counter: parses the IP header (one probe read of the header prefix), builds the
  *                 key (only the listening side's port; ephemeral ports never enter a key) and adds to
  *                 the flow map, or to the overflow bucket when the map is full.
- *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: marks the flows listed in evict_keys as
+ *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: marks the flows listed in evict_keys4/6 as
  *                 dead, so that after an RCU grace period the agent reads their final value and deletes
  *                 them without losing a racing packet (racing packets go to the overflow bucket).
  *
  * Every kernel offset comes from the running kernel's BTF as -D flags (KZT_OFF_*); configuration too
  * (KZT_MAP_SIZE, KZT_EPH_MIN/MAX, KZT_EVICT_BATCH, KZT_PIN_DIR when pinning).
  *
- * Overhead: one 64-byte probe read, one hash lookup (40-byte key), two atomic adds per packet; no
- * clock read except when a flow is inserted (the agent derives idleness from unchanged counters).
+ * Overhead: one 64-byte probe read, one hash lookup (12-byte key for IPv4, 36 for IPv6), two atomic
+ * adds per packet, one tail call; no clock read except when a flow is inserted (the agent derives
+ * idleness from unchanged counters). Measured by bench/datapath.py.
  * Limits: counts per sk_buff as it passes the hook (a GSO super-packet is one packet of its total
  * length, exactly as netfilter's own counters see it); IPv6 walks at most KZT_MAX_EXT extension
  * headers; L4 headers are assumed to lie in the linear part of the packet, as they do for packets
@@ -42,14 +43,16 @@ struct kzt_nf_ctx;  /* struct bpf_nf_ctx: only its skb pointer is read, at KZT_O
 #define KZT_TABLE(type, k, v, name, n) BPF_TABLE(type, k, v, name, n)
 #endif
 
-KZT_TABLE("hash", struct flow_key, struct flow_value, flows, KZT_MAP_SIZE);
+KZT_TABLE("hash", struct flow_key4, struct flow_value4, flows4, KZT_MAP_SIZE);
+KZT_TABLE("hash", struct flow_key6, struct flow_value6, flows6, KZT_MAP_SIZE);
 KZT_TABLE("percpu_array", u32, struct overflow_value, overflow, 1);
 KZT_TABLE("percpu_array", u32, u64, stats, KZT_STAT_MAX);
 KZT_TABLE("prog", u32, u32, progs, 1);
 KZT_TABLE("array", u32, u64, meta, 4);
 /* Private to one agent process: the evictor's command. */
-BPF_ARRAY(evict_keys, struct flow_key, KZT_EVICT_BATCH);
-BPF_ARRAY(evict_count, u32, 2);  /* [0] keys listed (in), [1] flows marked (out) */
+BPF_ARRAY(evict_keys4, struct flow_key4, KZT_EVICT_BATCH);
+BPF_ARRAY(evict_keys6, struct flow_key6, KZT_EVICT_BATCH);
+BPF_ARRAY(evict_count, u32, 3);  /* [0] IPv4 keys listed, [1] IPv6 keys listed (in); [2] marked (out) */
 
 static __always_inline void *kzt_skb(struct kzt_nf_ctx *ctx)
 {
@@ -82,16 +85,16 @@ static __always_inline int kzt_is_ephemeral(u16 port)
 
 /* Keep the listening side's port: the one outside the ephemeral range. When both are outside it,
  * keep the lower one (on a tie, the destination's); when both are ephemeral, or 0, keep none. */
-static __always_inline void kzt_set_port(struct flow_key *key, u16 sport, u16 dport)
+static __always_inline void kzt_set_port(u8 *side, u16 *port, u16 sport, u16 dport)
 {
     int s_listen = sport && !kzt_is_ephemeral(sport);
     int d_listen = dport && !kzt_is_ephemeral(dport);
     if (s_listen && (!d_listen || sport < dport)) {
-        key->port_side = KZT_PORT_SRC;
-        key->port = sport;
+        *side = KZT_PORT_SRC;
+        *port = sport;
     } else if (d_listen) {
-        key->port_side = KZT_PORT_DST;
-        key->port = dport;
+        *side = KZT_PORT_DST;
+        *port = dport;
     }
 }
 
@@ -100,25 +103,72 @@ static __always_inline int kzt_has_ports(u8 proto)
     return proto == 6 /* TCP */ || proto == 17 /* UDP */ || proto == 132 /* SCTP */ || proto == 136 /* UDP-Lite */;
 }
 
-static __always_inline int kzt_key_eq(const struct flow_key *a, const struct flow_key *b)
+static __always_inline int kzt_eq4(const struct flow_key4 *a, const struct flow_key4 *b)
 {
-    const u64 *x = (const u64 *)a, *y = (const u64 *)b;
-    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3] && x[4] == y[4];
+    const u32 *x = (const u32 *)a, *y = (const u32 *)b;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
+static __always_inline int kzt_eq6(const struct flow_key6 *a, const struct flow_key6 *b)
+{
+    const u32 *x = (const u32 *)a, *y = (const u32 *)b;
+#pragma unroll
+    for (int i = 0; i < 9; i++)
+        if (x[i] != y[i])
+            return 0;
+    return 1;
 }
 
 /* Add to a live element. False when it is being evicted, or when the element was deleted and reused
  * for another key between our lookup and now (hash elements are recycled at once). */
-static __always_inline int kzt_account(struct flow_value *v, const struct flow_key *key, u64 bytes)
+#define KZT_ACCOUNT(v, key, eq, bytes)                                   \
+    ((*(volatile u32 *)&(v)->dead || !eq(&(v)->key, key)) ? 0 :          \
+     (__sync_fetch_and_add(&(v)->bytes, bytes), __sync_fetch_and_add(&(v)->packets, 1), 1))
+
+static __always_inline void kzt_count4(struct flow_key4 *key, u64 bytes)
 {
-    if (*(volatile u32 *)&v->dead || !kzt_key_eq(&v->key, key))
-        return 0;
-    __sync_fetch_and_add(&v->bytes, bytes);
-    __sync_fetch_and_add(&v->packets, 1);
-    return 1;
+    struct flow_value4 *v = flows4.lookup(key);
+    if (!v) {
+        struct flow_value4 init = {};
+        init.bytes = bytes;
+        init.packets = 1;
+        init.first_seen_ns = bpf_ktime_get_boot_ns();
+        init.key = *key;
+        if (flows4.insert(key, &init) == 0)  /* BPF_NOEXIST: fails when full or another CPU won */
+            return;
+        v = flows4.lookup(key);
+        if (!v) {
+            kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+            return;
+        }
+    }
+    if (!KZT_ACCOUNT(v, key, kzt_eq4, bytes))
+        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
 }
 
-/* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later_fragment. */
-static __always_inline u32 kzt_walk_v6(const u8 *hdr, const unsigned char *l3, u8 *proto, int *later)
+static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes)
+{
+    struct flow_value6 *v = flows6.lookup(key);
+    if (!v) {
+        struct flow_value6 init = {};
+        init.bytes = bytes;
+        init.packets = 1;
+        init.first_seen_ns = bpf_ktime_get_boot_ns();
+        init.key = *key;
+        if (flows6.insert(key, &init) == 0)
+            return;
+        v = flows6.lookup(key);
+        if (!v) {
+            kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+            return;
+        }
+    }
+    if (!KZT_ACCOUNT(v, key, kzt_eq6, bytes))
+        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+}
+
+/* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later. */
+static __always_inline u32 kzt_walk_v6(const unsigned char *l3, u8 *proto, int *later)
 {
     u32 off = 40;
 #pragma unroll
@@ -143,15 +193,25 @@ static __always_inline u32 kzt_walk_v6(const u8 *hdr, const unsigned char *l3, u
     return off;
 }
 
+/* The ports at l4off (from the header prefix when it holds them, else one more read). */
+static __always_inline void kzt_ports(const u8 *hdr, const unsigned char *l3, u32 l4off, u8 *side, u16 *port)
+{
+    u8 ports[4];
+    if (l4off <= KZT_HDR_READ - 4) {
+        l4off &= KZT_HDR_READ - 1;  /* a bound the verifier can see */
+        __builtin_memcpy(ports, hdr + l4off, 4);
+    } else if (bpf_probe_read_kernel(ports, sizeof(ports), l3 + l4off) < 0) {
+        return;
+    }
+    kzt_set_port(side, port, ((u16)ports[0] << 8) | ports[1], ((u16)ports[2] << 8) | ports[3]);
+}
+
 int kzt_count(struct kzt_nf_ctx *ctx)
 {
     char *skb = kzt_skb(ctx);
     unsigned char *l3 = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + *(u16 *)(skb + KZT_OFF_SKB_NH);
     u8 hdr[KZT_HDR_READ];
-    struct flow_key key = {};
     u64 bytes;
-    u32 l4off;
-    int later = 0;
 
     if (bpf_probe_read_kernel(hdr, sizeof(hdr), l3) < 0) {
         kzt_overflow(*(u32 *)(skb + KZT_OFF_SKB_LEN), KZT_STAT_READ_FAILED);
@@ -159,63 +219,34 @@ int kzt_count(struct kzt_nf_ctx *ctx)
     }
     u8 version = hdr[0] >> 4;
     if (version == 4) {
-        key.family = 4;
+        struct flow_key4 key = {};
         key.proto = hdr[9];
         __builtin_memcpy(key.src, hdr + 12, 4);
         __builtin_memcpy(key.dst, hdr + 16, 4);
-        bytes = ((u32)hdr[2] << 8) | hdr[3];  /* 0 with BIG TCP: see below */
-        later = (((hdr[6] & 0x1F) << 8) | hdr[7]) != 0;
-        l4off = (hdr[0] & 0x0F) * 4;
+        bytes = ((u32)hdr[2] << 8) | hdr[3];  /* 0 with BIG TCP: the skb has the length */
+        if (bytes == 0)
+            bytes = *(u32 *)(skb + KZT_OFF_SKB_LEN);
+        int later = (((hdr[6] & 0x1F) << 8) | hdr[7]) != 0;
+        if (!later && kzt_has_ports(key.proto))
+            kzt_ports(hdr, l3, (hdr[0] & 0x0F) * 4, &key.port_side, &key.port);
+        kzt_count4(&key, bytes);
     } else if (version == 6) {
-        key.family = 6;
+        struct flow_key6 key = {};
+        int later = 0;
+        u32 l4off = 40;
         key.proto = hdr[6];
         __builtin_memcpy(key.src, hdr + 8, 16);
         __builtin_memcpy(key.dst, hdr + 24, 16);
-        bytes = ((u32)hdr[4] << 8) | hdr[5];  /* 0 for a jumbogram: see below */
-        if (bytes)
-            bytes += 40;
-        l4off = 40;
+        bytes = ((u32)hdr[4] << 8) | hdr[5];  /* 0 for a jumbogram: the skb has the length */
+        bytes = bytes ? bytes + 40 : *(u32 *)(skb + KZT_OFF_SKB_LEN);
         if (key.proto == 0 || key.proto == 43 || key.proto == 60 || key.proto == 44 || key.proto == 51)
-            l4off = kzt_walk_v6(hdr, l3, &key.proto, &later);
+            l4off = kzt_walk_v6(l3, &key.proto, &later);
+        if (!later && kzt_has_ports(key.proto))
+            kzt_ports(hdr, l3, l4off, &key.port_side, &key.port);
+        kzt_count6(&key, bytes);
     } else {
         kzt_stat(KZT_STAT_NOT_IP);
-        return KZT_NF_ACCEPT;
     }
-    if (bytes == 0)  /* BIG TCP / jumbogram: the header has no length, the skb does */
-        bytes = *(u32 *)(skb + KZT_OFF_SKB_LEN);
-
-    if (!later && kzt_has_ports(key.proto)) {
-        u8 ports[4];
-        if (l4off <= KZT_HDR_READ - 4) {
-            l4off &= KZT_HDR_READ - 1;  /* a bound the verifier can see */
-            __builtin_memcpy(ports, hdr + l4off, 4);
-        } else if (bpf_probe_read_kernel(ports, sizeof(ports), l3 + l4off) < 0) {
-            __builtin_memset(ports, 0, sizeof(ports));
-        }
-        kzt_set_port(&key, ((u16)ports[0] << 8) | ports[1], ((u16)ports[2] << 8) | ports[3]);
-    }
-
-    struct flow_value *v = flows.lookup(&key);
-    if (v) {
-        if (!kzt_account(v, &key, bytes))
-            kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
-        return KZT_NF_ACCEPT;
-    }
-    struct flow_value init = {};
-    init.bytes = bytes;
-    init.packets = 1;
-    init.first_seen_ns = bpf_ktime_get_boot_ns();
-    init.key = key;
-    int err = flows.insert(&key, &init);  /* BPF_NOEXIST: fails when full or when another CPU won */
-    if (err == 0)
-        return KZT_NF_ACCEPT;
-    v = flows.lookup(&key);  /* another CPU inserted it first */
-    if (v) {
-        if (!kzt_account(v, &key, bytes))
-            kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
-        return KZT_NF_ACCEPT;
-    }
-    kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
     return KZT_NF_ACCEPT;
 }
 
@@ -225,27 +256,35 @@ int kzt_dispatch(struct kzt_nf_ctx *ctx)
     return KZT_NF_ACCEPT;  /* no counter installed yet: accept, never drop */
 }
 
-/* Marks the listed flows dead; stores how many it found in evict_count[1]. A netfilter program
- * must return a verdict, so the result travels through the map. */
+/* Marks the listed flows dead; stores how many it found in evict_count[2]. A netfilter program must
+ * return a verdict, so the result travels through the map. */
 int kzt_evict(struct kzt_nf_ctx *ctx)
 {
-    u32 zero = 0, one = 1, marked = 0;
-    u32 *count = evict_count.lookup(&zero);
-    if (!count)
+    u32 zero = 0, one = 1, two = 2, marked = 0;
+    u32 *count4 = evict_count.lookup(&zero);
+    u32 *count6 = evict_count.lookup(&one);
+    if (!count4 || !count6)
         return KZT_NF_ACCEPT;
-    u32 n = *count;
-    for (u32 i = 0; i < KZT_EVICT_BATCH && i < n; i++) {
+    u32 n4 = *count4, n6 = *count6;
+    for (u32 i = 0; i < KZT_EVICT_BATCH && i < n4; i++) {
         u32 index = i;
-        struct flow_key *key = evict_keys.lookup(&index);
-        if (!key)
-            break;
-        struct flow_value *v = flows.lookup(key);
+        struct flow_key4 *key = evict_keys4.lookup(&index);
+        struct flow_value4 *v = key ? flows4.lookup(key) : 0;
         if (v) {
             *(volatile u32 *)&v->dead = 1;  /* ordered before the deletes by the agent's RCU wait */
             marked++;
         }
     }
-    u32 *result = evict_count.lookup(&one);
+    for (u32 i = 0; i < KZT_EVICT_BATCH && i < n6; i++) {
+        u32 index = i;
+        struct flow_key6 *key = evict_keys6.lookup(&index);
+        struct flow_value6 *v = key ? flows6.lookup(key) : 0;
+        if (v) {
+            *(volatile u32 *)&v->dead = 1;
+            marked++;
+        }
+    }
+    u32 *result = evict_count.lookup(&two);
     if (result)
         *result = marked;
     return KZT_NF_ACCEPT;

@@ -21,18 +21,18 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from otel_kzt.agent import flowmap, netfilter, pins, probe
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
+from otel_kzt.agent.flowtables import EVICT_BATCH, FlowTables, boot_to_unix_offset
 from otel_kzt.errors import ConfigError, KernelUnsupported, ProgramLoadError
 
 log = logging.getLogger(__name__)
 
 LINK_PRIORITY = netfilter.NF_IP_PRI_NAT_SRC - 1  # ahead of source NAT: pods keep their own address
 DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
-EVICT_BATCH = 64
 META_COUNTER_HASH, META_DISPATCH_VERSION = 0, 1
 
 
@@ -53,10 +53,6 @@ class DatapathConfig:
             raise ConfigError("ephemeral_min", "need 1 <= ephemeral_min <= ephemeral_max <= 65535")
 
 
-def _boot_to_unix_offset() -> int:
-    return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-
-
 class Datapath:
     """Implements `otel_kzt.agent.flows.FlowReader` on the real kernel."""
 
@@ -72,8 +68,7 @@ class Datapath:
         self._lock = threading.Lock()
         self._evicted: dict[FlowKey, FlowCounters] = {}
         self._seen: dict[FlowKey, tuple[int, int]] = {}  # key -> (packets, unix ns when they changed)
-        self._keys = ctypes.create_string_buffer(config.map_size * flowmap.KEY_SIZE)
-        self._values = ctypes.create_string_buffer(config.map_size * flowmap.VALUE_SIZE)
+        self._tables: FlowTables | None = None
 
     # --- start -----------------------------------------------------------------------------------------
 
@@ -114,23 +109,27 @@ class Datapath:
                 raise
 
     def _reset_if_incompatible(self) -> None:
-        try:
-            fd = netfilter.obj_get(str(self._dir / "flows"))
-        except FileNotFoundError:
-            return
-        try:
-            info = netfilter.map_info(fd)
-        finally:
-            os.close(fd)
-        want = (flowmap.KEY_SIZE, flowmap.VALUE_SIZE, self.config.map_size)
-        if (info.key_size, info.value_size, info.max_entries) != want:
-            log.warning(
-                "pinned flow map does not match (key, value, entries)=%s, want %s: resetting node=%s",
-                (info.key_size, info.value_size, info.max_entries),
-                want,
-                self.config.node_name,
-            )
-            pins.cleanup(self.config.node_name, self.config.pin_root)
+        for layout in flowmap.LAYOUTS.values():
+            try:
+                fd = netfilter.obj_get(str(self._dir / layout.map_name))
+            except FileNotFoundError:
+                continue
+            try:
+                info = netfilter.map_info(fd)
+            finally:
+                os.close(fd)
+            want = (layout.key.size, layout.value.size, self.config.map_size)
+            got = (info.key_size, info.value_size, info.max_entries)
+            if got != want:
+                log.warning(
+                    "pinned %s (key, value, entries)=%s, want %s: resetting node=%s",
+                    layout.map_name,
+                    got,
+                    want,
+                    self.config.node_name,
+                )
+                pins.cleanup(self.config.node_name, self.config.pin_root)
+                return
 
     def _compile(self) -> Any:
         from bcc import BPF
@@ -168,6 +167,7 @@ class Datapath:
         for pf, name in pins.LINK_NAMES.items():
             self._link_fds.append(self._attach(dispatch_fd, pf, name, adopt=same_dispatcher))
         meta[ctypes.c_uint32(META_DISPATCH_VERSION)] = ctypes.c_uint64(DISPATCH_VERSION)
+        self._tables = FlowTables(self._bpf, self.config.map_size, self._evict_fd)
 
     def _counter_installed(self) -> bool:
         try:
@@ -201,38 +201,29 @@ class Datapath:
 
     # --- read --------------------------------------------------------------------------------------------
 
-    def _percpu_sums(self, table: str, index: int) -> list[int]:
-        per_cpu = self._bpf[table.encode()][ctypes.c_uint32(index)]
-        if hasattr(per_cpu[0], "bytes"):
-            return [sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu)]
-        return [sum(int(v) for v in per_cpu)]
-
-    def _read_flows(self) -> dict[bytes, tuple[int, int, int, bool]]:
-        fd = self._bpf[b"flows"].map_fd
-        count = netfilter.map_lookup_batch(fd, self._keys, self._values, flowmap.KEY_SIZE, flowmap.VALUE_SIZE)
-        keys, values = memoryview(self._keys), memoryview(self._values)
-        ks, vs = flowmap.KEY_SIZE, flowmap.VALUE_SIZE
-        return {
-            bytes(keys[i * ks : (i + 1) * ks]): flowmap.decode_value(values, i * vs) for i in range(count)
-        }
+    def _tables_or_raise(self) -> FlowTables:
+        if self._tables is None:
+            raise KernelUnsupported("datapath not started")
+        return self._tables
 
     def snapshot(self) -> Snapshot:
         """Cumulative counters of every flow, the overflow bucket and the counted losses."""
         with self._lock:
-            if self._bpf is None:
-                raise KernelUnsupported("datapath not started")
-            raw = self._read_flows()
-            offset = _boot_to_unix_offset()
-            now = time.time_ns()
+            tables = self._tables_or_raise()
+            raw = {layout: tables.read(layout) for layout in flowmap.LAYOUTS.values()}
+            offset, now = boot_to_unix_offset(), time.time_ns()
             flows: dict[FlowKey, FlowCounters] = {}
             seen: dict[FlowKey, tuple[int, int]] = {}
-            for raw_key, (nbytes, packets, first_boot, _dead) in raw.items():
-                key = flowmap.decode_key(raw_key)
-                previous = self._seen.get(key)
-                seen[key] = previous if previous and previous[0] == packets else (packets, now)
-                flows[key] = FlowCounters(nbytes, packets, first_boot + offset, seen[key][1])
+            for layout, entries in raw.items():
+                for raw_key, (nbytes, packets, first_boot, _dead) in entries.items():
+                    key = flowmap.decode_key(layout, raw_key)
+                    # The kernel keeps no last-seen time (a clock read per packet): the snapshot that
+                    # first saw the current packet count stands in for it.
+                    previous = self._seen.get(key)
+                    seen[key] = previous if previous and previous[0] == packets else (packets, now)
+                    flows[key] = FlowCounters(nbytes, packets, first_boot + offset, seen[key][1])
             self._seen = seen
-            overflow_bytes, overflow_packets = self._percpu_sums("overflow", 0)
+            overflow_bytes, overflow_packets = tables.percpu_sums("overflow", 0)
             evicted, self._evicted = self._evicted, {}
             return Snapshot(
                 flows=flows,
@@ -240,65 +231,54 @@ class Datapath:
                 overflow_packets=overflow_packets,
                 capacity=self.config.map_size,
                 taken_unix_ns=now,
-                insert_failures=self._percpu_sums("stats", flowmap.STAT_INSERT_FAILED)[0],
-                eviction_races=self._percpu_sums("stats", flowmap.STAT_EVICT_RACE)[0],
+                insert_failures=tables.percpu_sums("stats", flowmap.STAT_INSERT_FAILED)[0],
+                eviction_races=tables.percpu_sums("stats", flowmap.STAT_EVICT_RACE)[0],
                 evicted=evicted,
             )
 
     # --- evict -------------------------------------------------------------------------------------------
 
     def evict(self, keys: Iterable[FlowKey]) -> int:
-        """Remove flows without losing a byte; their final counters appear in the next `Snapshot.evicted`."""
-        raw_keys = list(dict.fromkeys(flowmap.encode_key(k) for k in keys))
+        """Remove flows without losing a byte; their final counters appear in the next `Snapshot.evicted`.
+
+        Packets of an evicted flow that race with the eviction are added to the overflow bucket and
+        counted in `Snapshot.eviction_races`; a packet after the eviction starts the flow anew."""
+        by_family: dict[int, list[bytes]] = {family: [] for family in flowmap.LAYOUTS}
+        for key in dict.fromkeys(keys):
+            by_family[key.family].append(flowmap.encode_key(key))
         with self._lock:
-            if self._bpf is None:
-                raise KernelUnsupported("datapath not started")
+            tables = self._tables_or_raise()
             if self._evict_fd < 0:
                 raise KernelUnsupported(
                     "eviction needs BPF_PROG_TEST_RUN for netfilter programs (Linux >= 6.6)"
                 )
-            for start in range(0, len(raw_keys), EVICT_BATCH):
-                self._mark_dead(raw_keys[start : start + EVICT_BATCH])
-            return self._collect_dead(raw_keys)
-
-    def _mark_dead(self, batch: list[bytes]) -> None:
-        table, count = self._bpf[b"evict_keys"], self._bpf[b"evict_count"]
-        for i, raw in enumerate(batch):
-            table[ctypes.c_uint32(i)] = table.Leaf.from_buffer_copy(raw)
-        count[ctypes.c_uint32(0)] = ctypes.c_uint32(len(batch))
-        netfilter.test_run(self._evict_fd)
-
-    def _collect_dead(self, raw_keys: list[bytes]) -> int:
-        """After a grace period no program still adds to a dead flow: read final values, then delete."""
-        netfilter.synchronize_rcu()
-        flows = self._bpf[b"flows"]
-        offset = _boot_to_unix_offset()
-        now = time.time_ns()
-        removed = 0
-        for raw in raw_keys:
-            ckey = flows.Key.from_buffer_copy(raw)
-            leaf = flows.get(ckey)
-            if leaf is None:
-                continue
-            nbytes, packets, first_boot, dead = flowmap.decode_value(bytes(leaf))
-            if not dead:
-                continue  # not marked (it was inserted after the evictor ran): leave it alone
-            key = flowmap.decode_key(raw)
-            last = self._seen.pop(key, (packets, now))[1]
-            self._evicted[key] = FlowCounters(nbytes, packets, first_boot + offset, last)
-            del flows[ckey]
-            removed += 1
-        log.debug("evicted flows=%d node=%s", removed, self.config.node_name)
-        return removed
+            for family, raw_keys in by_family.items():
+                for start in range(0, len(raw_keys), EVICT_BATCH):
+                    tables.mark_dead(flowmap.LAYOUTS[family], raw_keys[start : start + EVICT_BATCH])
+            netfilter.synchronize_rcu()
+            removed = 0
+            for family, raw_keys in by_family.items():
+                final = tables.collect_dead(flowmap.LAYOUTS[family], raw_keys)
+                for key, counters in final.items():
+                    last = self._seen.pop(key, (0, counters.last_seen_unix_ns))[1]
+                    self._evicted[key] = replace(counters, last_seen_unix_ns=last)
+                removed += len(final)
+            log.debug("evicted flows=%d node=%s", removed, self.config.node_name)
+            return removed
 
     def _finish_leftover_evictions(self) -> None:
         """A previous agent may have died between marking flows dead and deleting them."""
-        if self._evict_fd < 0:
+        if self._tables is None or self._evict_fd < 0:
             return
-        dead = [raw for raw, value in self._read_flows().items() if value[3]]
-        if dead:
-            log.info("finishing %d evictions left by a previous agent", len(dead))
-            self._collect_dead(dead)
+        dead = {
+            layout: [raw for raw, value in self._tables.read(layout).items() if value[3]]
+            for layout in flowmap.LAYOUTS.values()
+        }
+        if any(dead.values()):
+            log.info("finishing evictions left by a previous agent flows=%d", sum(map(len, dead.values())))
+            netfilter.synchronize_rcu()
+            for layout, raw_keys in dead.items():
+                self._evicted.update(self._tables.collect_dead(layout, raw_keys))
 
     # --- stop --------------------------------------------------------------------------------------------
 
@@ -313,6 +293,7 @@ class Datapath:
                 netfilter.link_detach(fd)
             os.close(fd)
         self._link_fds = []
+        self._tables = None
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None

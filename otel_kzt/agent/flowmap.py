@@ -1,23 +1,16 @@
-"""The flow map's binary layout (mirror of `bpf/flow.h`) and its decoding into `flows.FlowKey`.
+"""The flow maps' binary layout (mirror of `bpf/flow.h`) and its decoding into `flows.FlowKey`.
 
-Kept apart from the loader so the layout can be unit-tested without a kernel.
+IPv4 and IPv6 flows live in two maps (`flows4`, `flows6`) with keys of 12 and 36 bytes. Kept apart from
+the loader so the layout can be unit-tested without a kernel.
 """
 
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Final
 
 from otel_kzt.agent.flows import AF_INET, AF_INET6, FlowKey
-
-# struct flow_key: family u8, proto u8, port_side u8, pad u8, port u16, pad u16, src[16], dst[16]
-KEY_FORMAT: Final = struct.Struct("<BBBxHxx16s16s")
-KEY_SIZE: Final = KEY_FORMAT.size  # 40
-# struct flow_value: bytes u64, packets u64, first_seen_ns u64, dead u32, pad u32, key (40)
-VALUE_FORMAT: Final = struct.Struct("<QQQIxxxx40s")
-VALUE_SIZE: Final = VALUE_FORMAT.size  # 72
-# struct overflow_value: bytes u64, packets u64 (per CPU)
-OVERFLOW_FORMAT: Final = struct.Struct("<QQ")
 
 PORT_NONE, PORT_SRC, PORT_DST = 0, 1, 2
 
@@ -25,14 +18,40 @@ PORT_NONE, PORT_SRC, PORT_DST = 0, 1, 2
 STAT_INSERT_FAILED, STAT_EVICT_RACE, STAT_NOT_IP, STAT_READ_FAILED = 0, 1, 2, 3
 STAT_MAX: Final = 4
 
+OVERFLOW_FORMAT: Final = struct.Struct("<QQ")  # struct overflow_value: bytes, packets (per CPU)
 
-def decode_key(raw: bytes | memoryview, offset: int = 0) -> FlowKey:
-    family, proto, side, port, src, dst = KEY_FORMAT.unpack_from(raw, offset)
-    width = 4 if family == AF_INET else 16
+
+@dataclass(frozen=True)
+class Layout:
+    """One family's map: its name in the C, key and value formats."""
+
+    family: int
+    map_name: str
+    evict_keys: str  # the evictor's command array for this family
+    evict_count_index: int  # evict_count[i] holds how many keys are listed
+    key: struct.Struct  # proto u8, port_side u8, port u16, src, dst
+    value: struct.Struct  # bytes u64, packets u64, first_seen_ns u64, dead u32, pad u32, key, pad u32
+
+    @property
+    def width(self) -> int:
+        return 4 if self.family == AF_INET else 16
+
+
+V4: Final = Layout(
+    AF_INET, "flows4", "evict_keys4", 0, struct.Struct("<BBH4s4s"), struct.Struct("<QQQIxxxx12sxxxx")
+)
+V6: Final = Layout(
+    AF_INET6, "flows6", "evict_keys6", 1, struct.Struct("<BBH16s16s"), struct.Struct("<QQQIxxxx36sxxxx")
+)
+LAYOUTS: Final = {AF_INET: V4, AF_INET6: V6}
+
+
+def decode_key(layout: Layout, raw: bytes | memoryview, offset: int = 0) -> FlowKey:
+    proto, side, port, src, dst = layout.key.unpack_from(raw, offset)
     return FlowKey(
-        family=family,
-        src=src[:width],
-        dst=dst[:width],
+        family=layout.family,
+        src=src,
+        dst=dst,
         proto=proto,
         src_port=port if side == PORT_SRC else 0,
         dst_port=port if side == PORT_DST else 0,
@@ -40,8 +59,11 @@ def decode_key(raw: bytes | memoryview, offset: int = 0) -> FlowKey:
 
 
 def encode_key(key: FlowKey) -> bytes:
-    if key.family not in (AF_INET, AF_INET6):
+    layout = LAYOUTS.get(key.family)
+    if layout is None:
         raise ValueError(f"unknown address family {key.family}")
+    if len(key.src) != layout.width or len(key.dst) != layout.width:
+        raise ValueError(f"IPv{key.family} addresses are {layout.width} bytes")
     if key.src_port and key.dst_port:
         raise ValueError("a flow key keeps at most one port (the listening side's)")
     side, port = PORT_NONE, 0
@@ -49,12 +71,10 @@ def encode_key(key: FlowKey) -> bytes:
         side, port = PORT_SRC, key.src_port
     elif key.dst_port:
         side, port = PORT_DST, key.dst_port
-    return KEY_FORMAT.pack(
-        key.family, key.proto, side, port, key.src.ljust(16, b"\0"), key.dst.ljust(16, b"\0")
-    )
+    return layout.key.pack(key.proto, side, port, key.src, key.dst)
 
 
-def decode_value(raw: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, bool]:
+def decode_value(layout: Layout, raw: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, bool]:
     """(bytes, packets, first_seen boot-time ns, dead) of one flow value."""
-    nbytes, packets, first_seen, dead, _key = VALUE_FORMAT.unpack_from(raw, offset)
+    nbytes, packets, first_seen, dead, _key = layout.value.unpack_from(raw, offset)
     return nbytes, packets, first_seen, bool(dead)

@@ -159,7 +159,8 @@ def test_cleanup_detaches_and_unpins(net: Net, datapath: DatapathFactory) -> Non
     ids = _link_ids(dp)
     directory = os.path.join(PIN_ROOT, dp.config.node_name)
     assert sorted(os.listdir(directory)) == [
-        "flows",
+        "flows4",
+        "flows6",
         "link_v4",
         "link_v6",
         "meta",
@@ -179,7 +180,7 @@ def test_bpf_source_shows_flags_and_program(net: Net, datapath: DatapathFactory)
     dp = datapath(map_size=128)
     source = dp.bpf_source()
     assert "-DKZT_MAP_SIZE=128" in source and "-DKZT_OFF_SKB_HEAD=" in source
-    assert "int kzt_count(" in source and "struct flow_key {" in source
+    assert "int kzt_count(" in source and "struct flow_key4 {" in source
 
 
 def test_new_dispatcher_replaces_pinned_links(

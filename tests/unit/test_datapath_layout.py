@@ -16,12 +16,14 @@ from otel_kzt.errors import ConfigError
 
 def test_layout_sizes_match_the_c_header() -> None:
     header = FLOW_HEADER.read_text()
-    key_body = re.search(r"struct flow_key \{(.*?)\};", header, re.S)
-    assert key_body is not None
-    # u8 family, proto, port_side, pad0; u16 port, pad1; u8 src[16], dst[16]
-    assert flowmap.KEY_SIZE == 4 + 4 + 16 + 16 == 40
-    assert flowmap.VALUE_SIZE == 8 * 3 + 4 + 4 + flowmap.KEY_SIZE
-    assert "port_side" in key_body.group(1) and "dst[16]" in key_body.group(1)
+    for name, layout in (("flow_key4", flowmap.V4), ("flow_key6", flowmap.V6)):
+        body = re.search(rf"struct {name} \{{(.*?)\}}", header, re.S)
+        assert body is not None and f"src[{layout.width}]" in body.group(1)
+        # proto u8, port_side u8, port u16, src, dst
+        assert layout.key.size == 4 + 2 * layout.width
+        # bytes, packets, first_seen (u64), dead + pad (u32), the key, a u32 pad to 8-byte alignment
+        assert layout.value.size == 8 * 3 + 8 + layout.key.size + 4
+        assert layout.value.size % 8 == 0
 
 
 @pytest.mark.parametrize(
@@ -34,24 +36,32 @@ def test_layout_sizes_match_the_c_header() -> None:
 )
 def test_key_round_trip(key: FlowKey) -> None:
     raw = flowmap.encode_key(key)
-    assert len(raw) == flowmap.KEY_SIZE
-    assert flowmap.decode_key(raw) == key
+    layout = flowmap.LAYOUTS[key.family]
+    assert len(raw) == layout.key.size
+    assert flowmap.decode_key(layout, raw) == key
 
 
 def test_key_wire_bytes() -> None:
     raw = flowmap.encode_key(FlowKey(4, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 6, 0, 8080))
-    assert raw[:8] == bytes([4, 6, flowmap.PORT_DST, 0]) + struct.pack("<H", 8080) + b"\0\0"
-    assert raw[8:12] == bytes([10, 0, 0, 1]) and raw[12:24] == bytes(12)
+    assert raw == bytes([6, flowmap.PORT_DST]) + struct.pack("<H", 8080) + bytes([10, 0, 0, 1, 10, 0, 0, 2])
 
 
-def test_key_with_two_ports_is_refused() -> None:
-    with pytest.raises(ValueError, match="at most one port"):
-        flowmap.encode_key(FlowKey(4, bytes(4), bytes(4), 6, 80, 8080))
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        (FlowKey(4, bytes(4), bytes(4), 6, 80, 8080), "at most one port"),
+        (FlowKey(4, bytes(16), bytes(4), 6, 0, 80), "4 bytes"),
+        (FlowKey(5, bytes(4), bytes(4), 6, 0, 80), "unknown address family"),
+    ],
+)
+def test_bad_keys_are_refused(key: FlowKey, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        flowmap.encode_key(key)
 
 
 def test_value_decoding() -> None:
-    raw = struct.pack("<QQQII", 1500, 3, 123456789, 1, 0) + bytes(40)
-    assert flowmap.decode_value(raw) == (1500, 3, 123456789, True)
+    raw = struct.pack("<QQQII", 1500, 3, 123456789, 1, 0) + bytes(12 + 4)
+    assert flowmap.decode_value(flowmap.V4, raw) == (1500, 3, 123456789, True)
 
 
 @pytest.mark.parametrize(
