@@ -137,7 +137,11 @@ class Exporter:
     """One endpoint: bounded queue, one worker, retries, counted drops."""
 
     def __init__(
-        self, cfg: ExporterConfig, health: HealthMetrics, transport: Transport | None = None
+        self,
+        cfg: ExporterConfig,
+        health: HealthMetrics,
+        transport: Transport | None = None,
+        backoff_s: float = _BACKOFF_INITIAL_S,
     ) -> None:
         self.name = cfg.endpoint
         self._cfg = cfg
@@ -149,7 +153,9 @@ class Exporter:
         self._closing = threading.Event()  # no new retries; drain what is queued
         self._abort = threading.Event()  # the shutdown deadline passed
         self._thread: threading.Thread | None = None
+        self._closed = False
         self._last_drop_log = 0.0
+        self._backoff_s = backoff_s
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"kzt-export-{self.name}", daemon=True)
@@ -186,7 +192,7 @@ class Exporter:
 
     def _deliver(self, signal: str, payload: bytes) -> None:
         deadline = time.monotonic() + self._cfg.max_elapsed_s
-        delay = _BACKOFF_INITIAL_S
+        delay = self._backoff_s
         while True:
             try:
                 self._transport.send(signal, payload)
@@ -221,4 +227,6 @@ class Exporter:
             self._drop("shutdown deadline", left)
             while not self._queue.empty():
                 self._queue.get_nowait()
-        self._transport.close()
+        if not self._closed:
+            self._closed = True
+            self._transport.close()

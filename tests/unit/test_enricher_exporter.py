@@ -1,0 +1,218 @@
+"""Downstream exporters against real local gRPC and HTTP servers: retries only on retryable answers,
+RetryInfo / Retry-After honoured, drops counted, a dead downstream never blocks the caller.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import CollectorRegistry
+
+from otel_kzt.enricher.config import PROTOCOL_HTTP, ExporterConfig
+from otel_kzt.enricher.otlp_exporter import Exporter, classify
+from otel_kzt.enricher.prometheus import HealthMetrics
+from otel_kzt.errors import PermanentExportError, RetryableExportError
+
+METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"
+
+
+@pytest.mark.parametrize(
+    ("code", "retry_after", "retryable"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, None, True),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, None, True),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, None, False),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 2.0, True),
+        (grpc.StatusCode.INVALID_ARGUMENT, None, False),
+        (grpc.StatusCode.UNAUTHENTICATED, None, False),
+        (429, 1.0, True),
+        (503, None, True),
+        (400, None, False),
+        (413, None, False),
+        (None, None, True),  # connection refused / reset
+    ],
+)
+def test_classify(code: grpc.StatusCode | int | None, retry_after: float | None, retryable: bool) -> None:
+    error = classify(code, "x", retry_after)
+    assert isinstance(error, RetryableExportError if retryable else PermanentExportError)
+
+
+class Answers:
+    """A gRPC metrics receiver answering from a script of status codes (None = OK)."""
+
+    def __init__(self, script: list[tuple[grpc.StatusCode, float | None] | None]) -> None:
+        self.script = list(script)
+        self.received: list[bytes] = []
+        self.times: list[float] = []
+        self.metadata: list[dict[str, str]] = []
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        handler = grpc.unary_unary_rpc_method_handler(self._export)
+        self.server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(METRICS_SERVICE, {"Export": handler}),)
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def _export(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
+        self.times.append(time.monotonic())
+        self.metadata.append(dict(context.invocation_metadata()))
+        answer = self.script.pop(0) if self.script else None
+        if answer is not None:
+            code, delay = answer
+            if delay is not None:
+                detail = any_pb2.Any()
+                detail.Pack(
+                    error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(nanos=int(delay * 1e9)))
+                )
+                status = status_pb2.Status(code=code.value[0], message="busy", details=[detail])
+                context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+            context.abort(code, "scripted")
+        self.received.append(raw)
+        return b""
+
+
+@pytest.fixture
+def make_answers() -> Iterator[Callable[[list[tuple[grpc.StatusCode, float | None] | None]], Answers]]:
+    made: list[Answers] = []
+
+    def make(script: list[tuple[grpc.StatusCode, float | None] | None]) -> Answers:
+        made.append(Answers(script))
+        return made[-1]
+
+    yield make
+    for answers in made:
+        answers.server.stop(0).wait()
+
+
+def exporter_for(endpoint: str, registry: CollectorRegistry, **kw: object) -> Exporter:
+    cfg = ExporterConfig(endpoint, **kw)  # type: ignore[arg-type]
+    exporter = Exporter(cfg, HealthMetrics(registry), backoff_s=0.05)
+    exporter.start()
+    return exporter
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def counts(registry: CollectorRegistry, endpoint: str) -> tuple[float, float]:
+    labels = {"exporter": endpoint}
+    failures = registry.get_sample_value("kzt_enricher_export_failures_total", labels) or 0.0
+    dropped = registry.get_sample_value("kzt_enricher_export_dropped_items_total", labels) or 0.0
+    return failures, dropped
+
+
+def test_grpc_retries_unavailable_then_delivers_with_headers(make_answers: Callable[..., Answers]) -> None:
+    answers = make_answers([(grpc.StatusCode.UNAVAILABLE, None), (grpc.StatusCode.UNAVAILABLE, None), None])
+    registry = CollectorRegistry()
+    endpoint = f"127.0.0.1:{answers.port}"
+    exporter = exporter_for(endpoint, registry, headers=(("x-scope-orgid", "team-a"),))
+    try:
+        exporter.submit_metrics(b"payload")
+        wait_for(lambda: answers.received == [b"payload"])
+        assert counts(registry, endpoint) == (2.0, 0.0)
+        assert answers.metadata[-1]["x-scope-orgid"] == "team-a"
+    finally:
+        exporter.shutdown(1.0)
+
+
+def test_grpc_permanent_error_is_not_retried(make_answers: Callable[..., Answers]) -> None:
+    answers = make_answers(
+        [(grpc.StatusCode.INVALID_ARGUMENT, None), (grpc.StatusCode.RESOURCE_EXHAUSTED, None)]
+    )
+    registry = CollectorRegistry()
+    endpoint = f"127.0.0.1:{answers.port}"
+    exporter = exporter_for(endpoint, registry)
+    try:
+        exporter.submit_metrics(b"one")
+        exporter.submit_metrics(b"two")
+        wait_for(lambda: counts(registry, endpoint) == (2.0, 2.0))
+        time.sleep(0.2)
+        assert len(answers.times) == 2 and answers.received == []
+    finally:
+        exporter.shutdown(1.0)
+
+
+def test_grpc_resource_exhausted_with_retry_info_waits_the_delay(
+    make_answers: Callable[..., Answers],
+) -> None:
+    answers = make_answers([(grpc.StatusCode.RESOURCE_EXHAUSTED, 0.4), None])
+    registry = CollectorRegistry()
+    exporter = exporter_for(f"127.0.0.1:{answers.port}", registry)
+    try:
+        exporter.submit_metrics(b"x")
+        wait_for(lambda: answers.received == [b"x"])
+        assert answers.times[1] - answers.times[0] >= 0.35
+    finally:
+        exporter.shutdown(1.0)
+
+
+def test_dead_downstream_never_blocks_and_drops_are_counted() -> None:
+    registry = CollectorRegistry()
+    endpoint = "127.0.0.1:9"  # discard port: nothing listens
+    exporter = exporter_for(endpoint, registry, queue_size=2, timeout_s=0.2, max_elapsed_s=30.0)
+    try:
+        t0 = time.monotonic()
+        for _ in range(50):
+            exporter.submit_metrics(b"x")
+        assert time.monotonic() - t0 < 0.1
+        wait_for(lambda: counts(registry, endpoint)[1] >= 47)
+    finally:
+        t0 = time.monotonic()
+        exporter.shutdown(0.5)
+        assert time.monotonic() - t0 < 3.0  # the deadline bounds shutdown; what is left is counted
+    assert counts(registry, endpoint)[1] == 50
+
+
+class _Http(BaseHTTPRequestHandler):
+    script: list[int] = []
+    seen: list[tuple[str, str, bytes]] = []
+
+    def log_message(self, format: str, *args: object) -> None:
+        """Quiet."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        status = self.script.pop(0) if self.script else 200
+        if status == 200:
+            self.seen.append((self.path, self.headers["Content-Type"], body))
+        self.send_response(status)
+        if status == 503:
+            self.send_header("Retry-After", "0")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+
+def test_http_exporter_honours_retry_after_and_paths() -> None:
+    _Http.script, _Http.seen = [503, 429], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Http)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    registry = CollectorRegistry()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    exporter = exporter_for(endpoint, registry, protocol=PROTOCOL_HTTP)
+    try:
+        exporter.submit_metrics(b"m")
+        exporter.submit_logs(b"l")
+        wait_for(lambda: len(_Http.seen) == 2)
+        assert _Http.seen == [
+            ("/v1/metrics", "application/x-protobuf", b"m"),
+            ("/v1/logs", "application/x-protobuf", b"l"),
+        ]
+        assert counts(registry, endpoint) == (2.0, 0.0)
+    finally:
+        exporter.shutdown(1.0)
+        exporter.shutdown(1.0)  # idempotent
+        server.shutdown()
+        server.server_close()
