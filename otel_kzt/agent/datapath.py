@@ -74,9 +74,7 @@ class Datapath:
 
     def _build_flags(self) -> list[str]:
         if self._features is None:
-            probe.require_root()
-            probe.require_bcc()
-            self._features = probe.probe()
+            self._features = probe.probe()  # BTF is world-readable: --print-bpf needs no root
         c = self.config
         return probe.flow_cflags(
             self._features,
@@ -96,6 +94,8 @@ class Datapath:
         with self._lock:
             if self._bpf is not None:
                 return
+            probe.require_root()
+            probe.require_bcc()
             self._cflags = self._build_flags()
             if self.config.pin:
                 pins.ensure_bpffs(self.config.pin_root)
