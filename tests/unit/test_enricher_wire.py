@@ -1,0 +1,118 @@
+"""Hand-encoded protobuf pieces equal the library's; flow-log records; the object path of the core."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+
+from otel_kzt import schema
+from otel_kzt.enricher.enrich import Resolved
+from otel_kzt.enricher.flowlogs import FlowLogWriter, FlowRecord, FlowTemplate, to_otlp_bytes
+from otel_kzt.enricher.wire import AttributeEncoder, Writer, split, varint
+from otel_kzt.schema import TrafficClass
+from tests.unit.test_enricher_core import FakeIndex, attrs_of, make_core, request
+
+
+@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32, 2**63 - 1, -1, -(2**63)])
+def test_varint_and_attributes_match_protobuf(value: int) -> None:
+    assert b"\x18" + varint(value) == AnyValue(int_value=value).SerializeToString()
+    encoder = AttributeEncoder("kzt.flow.bytes")
+    expected = LogRecord(attributes=[KeyValue(key="kzt.flow.bytes", value=AnyValue(int_value=value))])
+    assert encoder.int_value(value) == expected.SerializeToString()
+    as_double = LogRecord(attributes=[KeyValue(key="kzt.flow.bytes", value=AnyValue(double_value=value / 3))])
+    assert encoder.double_value(value / 3) == as_double.SerializeToString()
+
+
+def test_split_and_writer_rebuild_the_same_bytes() -> None:
+    buf = request([("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.2", "10.0.0.4", 6, 1)]).SerializeToString()
+    out = Writer()
+    for number, whole, payload in split(buf):
+        assert number == 1
+        mark = out.open()
+        for inner in split(payload):
+            out.add(inner[1])
+        out.close(whole[0], mark)
+    assert out.getvalue() == buf and out.size == len(buf)
+
+
+def template(cls: TrafficClass = TrafficClass.CROSS_ZONE) -> FlowTemplate:
+    attrs = {
+        schema.SOURCE_ADDRESS: "10.0.0.1",
+        schema.DESTINATION_ADDRESS: "10.0.0.4",
+        schema.TRAFFIC_CLASS: cls,
+    }
+    return FlowTemplate(Resolved((), b"", attrs, cls, "aws"))
+
+
+def test_flow_record_json_and_otlp() -> None:
+    record = FlowRecord(
+        template(), 1_000_000_000, 3_500_000_000, byte_count=1500, packet_count=1, cost_usd=3e-8
+    )
+    line = json.loads(record.json_line())
+    assert line["event"] == "kzt.flow" and line[schema.TRAFFIC_CLASS] == "cross-zone"
+    assert (line["kzt.flow.bytes"], line["kzt.flow.packets"], line["kzt.estimated_cost_usd"]) == (
+        1500,
+        1,
+        3e-8,
+    )
+    assert (line["kzt.interval.start"], line["kzt.interval.end"]) == (1.0, 3.5)
+    logs = ExportLogsServiceRequest.FromString(to_otlp_bytes([record, record]))
+    resource = {kv.key: kv.value.string_value for kv in logs.resource_logs[0].resource.attributes}
+    assert resource[schema.SERVICE_NAME] == schema.ENRICHER_SERVICE_NAME
+    records = logs.resource_logs[0].scope_logs[0].log_records
+    assert len(records) == 2 and records[0].time_unix_nano == 3_500_000_000
+    attrs = {kv.key: kv.value for kv in records[0].attributes}
+    assert attrs["kzt.flow.bytes"].int_value == 1500 and attrs["kzt.estimated_cost_usd"].double_value == 3e-8
+    assert (
+        attrs[schema.DESTINATION_ADDRESS].string_value == "10.0.0.4" and records[0].event_name == "kzt.flow"
+    )
+
+
+def test_odd_shaped_points_take_the_object_path_in_order() -> None:
+    core, _, registry, sink = make_core(FakeIndex())
+    req = request(
+        [("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.2", "10.0.0.4", 2.5, 1), ("10.0.0.3", "10.0.0.4", 7, 0)]
+    )
+    # a double value, and a point without start time: both are not the canonical shape
+    assert core.consume_metrics(req).rejected == 0
+    assert [a[schema.SOURCE_ADDRESS] for a in attrs_of(sink)] == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    assert all(a[schema.TRAFFIC_CLASS] == "cross-zone" for a in attrs_of(sink))
+    values = [
+        dp.as_double or dp.as_int
+        for dp in ExportMetricsServiceRequest.FromString(sink.metrics[-1])
+        .resource_metrics[0]
+        .scope_metrics[0]
+        .metrics[0]
+        .sum.data_points
+    ]
+    assert values == [5, 2.5, 7]
+    zone = {"source_cloud_availability_zone": "zone-a", "destination_cloud_availability_zone": "zone-b"}
+    assert registry.get_sample_value("kzt_zone_traffic_bytes_total", zone) == 14.5
+    assert core.consume_metrics(request([("10.0.0.2", "10.0.0.4", -2.5, 1)])).rejected == 1
+
+
+def test_flow_logs_pair_bytes_and_packets_per_interval() -> None:
+    stream = io.StringIO()
+    core, _, _, sink = make_core(FakeIndex(), flow_log=FlowLogWriter(stream))
+    both = [("10.0.0.1", "10.0.0.4", 0, 1), ("10.0.0.1", "10.0.0.3", 0, 1)]  # cross-zone and same-zone
+    for t, scale in ((2_000_000_000, 1), (4_000_000_000, 3)):
+        req = request([(s, d, 1500 * scale, st) for s, d, _, st in both], t=t)
+        packets = request([(s, d, scale, st) for s, d, _, st in both], metric=schema.FLOW_PACKETS, t=t)
+        req.resource_metrics[0].scope_metrics[0].metrics.append(
+            packets.resource_metrics[0].scope_metrics[0].metrics[0]
+        )
+        core.consume_metrics(req)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(x["kzt.flow.bytes"], x["kzt.flow.packets"]) for x in lines] == [(1500, 1), (3000, 2)]
+    assert all(x[schema.TRAFFIC_CLASS] == "cross-zone" for x in lines)  # same-zone is not billed
+    assert lines[1]["kzt.interval.start"] == 2.0 and lines[1]["kzt.interval.end"] == 4.0
+    assert lines[0]["kzt.interval.start"] == 1e-9  # a new series: its interval starts at its start time
+    assert lines[1]["kzt.estimated_cost_usd"] == pytest.approx(3000 * 0.02 / 1e9)
+    logs = ExportLogsServiceRequest.FromString(sink.logs[-1])
+    assert len(logs.resource_logs[0].scope_logs[0].log_records) == 1
