@@ -7,40 +7,27 @@ answers (logged), while at start it is an error, because a typo in `--kube-metad
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping
-from typing import Any
-
-import yaml
 
 from otel_kzt.errors import MetadataError
 from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod, gc_paused
 from otel_kzt.k8s.index import ClusterIndex
+from otel_kzt.k8s.listparse import iter_objects
 from otel_kzt.k8s.model import NodeInfo
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL_S = 2.0
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml is ~10x faster when present
 
 
 def parse_objects(text: str, origin: str = "<text>") -> tuple[list[NodeInfo], list[PodRecord]]:
     """Nodes and pods from a YAML or JSON document (a List, a PodList/NodeList, or single objects)."""
-    try:
-        stripped = text.lstrip()
-        if stripped.startswith(("{", "[")):
-            documents: list[Any] = [json.loads(text)]
-        else:
-            documents = list(yaml.load_all(text, Loader=_YAML_LOADER))
-    except (ValueError, yaml.YAMLError) as exc:
-        raise MetadataError(f"{origin}: not valid YAML or JSON: {exc}") from exc
     nodes: list[NodeInfo] = []
     pods: list[PodRecord] = []
     skipped = 0
-    for kind, obj in _objects(documents):
+    for kind, obj in iter_objects(text, origin):
         try:
             if kind == "Pod":
                 pods.append(decode_pod(obj))
@@ -49,26 +36,9 @@ def parse_objects(text: str, origin: str = "<text>") -> tuple[list[NodeInfo], li
         except (KeyError, TypeError, AttributeError) as exc:
             skipped += 1
             log.warning("skipping malformed object origin=%s kind=%s error=%r", origin, kind, exc)
-    if not nodes and not pods and any(doc is not None for doc in documents) and skipped == 0:
+    if not nodes and not pods and not skipped and text.strip():
         log.warning("no Node or Pod objects found origin=%s", origin)
     return nodes, pods
-
-
-def _objects(documents: list[Any]) -> Iterator[tuple[str, Mapping[str, Any]]]:
-    for doc in documents:
-        if isinstance(doc, list):
-            yield from _objects(doc)
-            continue
-        if not isinstance(doc, Mapping):
-            continue
-        kind = str(doc.get("kind") or "")
-        if "items" in doc and kind.endswith("List"):
-            implied = kind[: -len("List")]  # PodList -> Pod; a plain List names each item's kind
-            for item in doc.get("items") or ():
-                if isinstance(item, Mapping):
-                    yield str(item.get("kind") or implied), item
-        else:
-            yield kind, doc
 
 
 class FileSource:
