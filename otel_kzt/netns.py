@@ -153,9 +153,9 @@ def create_veth(
     for name in (if_a, if_b):
         if len(name) > IFNAME_MAX:
             raise NetnsError(f"interface name {name!r} is longer than {IFNAME_MAX} characters")
-    ip(ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b)
-    if ns_b != ns_a:
-        ip(ns_a, "link", "set", if_b, "netns", netns_path(ns_b) if ns_b else "1")
+    # The peer is born in its own namespace, so a name taken in ns_a (eth0 ...) does not collide.
+    peer_ns = [] if ns_b == ns_a else ["netns", ns_b if ns_b else "1"]
+    ip(ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, *peer_ns)
     for ns, ifname, addrs in ((ns_a, if_a, a_addrs), (ns_b, if_b, b_addrs)):
         for cidr in addrs:
             add_address(ns, ifname, cidr)
