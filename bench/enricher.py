@@ -12,6 +12,8 @@ The real core (per-series cache, pre-serialised attributes appended with MergeFr
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import sys
 import time
 from collections.abc import Callable
@@ -159,6 +161,25 @@ class CheckSink(NullSink):
         self.first = self.first or payload
 
 
+def churning(core: Core, index: ClusterIndex) -> Callable[[bytes], None]:
+    """Like `through`, but a node changes before every request (the generation moves, as in a big cluster
+    where pods come and go all the time): every series is re-checked against the index."""
+    base = index.nodes()[0]
+    run = through(core)
+    count = itertools.count()
+
+    def churn(payload: bytes) -> None:
+        n = next(count)
+        generation = index.generation
+        index.upsert_node(
+            dataclasses.replace(base, name="bench-churn", addresses=(f"192.0.2.{n % 250 + 1}",))
+        )
+        assert index.generation != generation
+        run(payload)
+
+    return churn
+
+
 def check_enriched(index: ClusterIndex, payload: bytes) -> None:
     core = make_core(index, flow_logs=False)
     sink = CheckSink()
@@ -204,6 +225,9 @@ def main() -> int:
         "enricher core": measure(through(make_core(index, flow_logs=False)), payloads, points),
         "enricher core + OTLP flow logs": measure(
             through(make_core(index, flow_logs=True)), payloads, points
+        ),
+        "enricher core, metadata churning": measure(
+            churning(make_core(index, False), index), payloads, points
         ),
         "naive attribute loop": measure(naive(Resolver(index, ("10.0.0.0/8",))), payloads, points),
     }

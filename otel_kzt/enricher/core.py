@@ -318,6 +318,9 @@ class Core:
         batch: _Batch,
     ) -> Series | None:
         """Slow path: a new series, or metadata changed since it was resolved."""
+        if entry is not None and self._resolver.still_valid(entry.resolved, batch.ready):
+            entry.generation = batch.generation
+            return entry
         dp = NumberDataPoint.FromString(raw)
         given = {kv.key: kv.value.string_value for kv in dp.attributes}
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):

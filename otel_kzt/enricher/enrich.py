@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
@@ -18,6 +19,7 @@ from otel_kzt.k8s.model import Endpoint, MetadataIndex, NodeInfo
 from otel_kzt.schema import TrafficClass
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_MAX_CACHED_ENDS: Final = 200_000  # addresses remembered per metadata generation (then start afresh)
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,7 @@ class Resolved:
     attrs: Mapping[str, str]  # every attribute after enrichment (aggregation labels, flow logs)
     traffic_class: TrafficClass
     provider: str | None  # cloud provider of the source node (price table choice)
+    basis: tuple[object, ...] = ()  # what the answer was derived from (see Resolver.still_valid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +44,9 @@ class Resolver:
     def __init__(self, index: MetadataIndex, cluster_cidrs: Sequence[str] = ()) -> None:
         self._index = index
         self._cidrs: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cluster_cidrs)
+        # address -> end, for one metadata generation: many series share an address (a busy service)
+        self._ends: dict[str, _End] = {}
+        self._ends_generation = -1
 
     def resolve(self, given: Mapping[str, str], ready: bool) -> Resolved:
         """Enrich one series' attributes; `ready` False (metadata not synced) marks it unknown."""
@@ -60,14 +66,28 @@ class Resolver:
         attrs = dict(given)
         attrs.update(added)
         provider = src.node.provider if src.node is not None else None
-        return Resolved(added, holder.SerializeToString(), attrs, cls, provider)
+        basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node)
+        return Resolved(added, holder.SerializeToString(), attrs, cls, provider, basis)
+
+    def still_valid(self, resolved: Resolved, ready: bool) -> bool:
+        """After a metadata change: do both ends still resolve to what they did? Much cheaper than
+        `resolve` (no encoding), and in a large cluster the generation moves with every pod change."""
+        src = self._end(resolved.attrs.get(schema.SOURCE_ADDRESS, "")) if ready else _End(None, None)
+        dst = self._end(resolved.attrs.get(schema.DESTINATION_ADDRESS, "")) if ready else _End(None, None)
+        return resolved.basis == (ready, src.endpoint, src.node, dst.endpoint, dst.node)
 
     def _end(self, address: str) -> _End:
-        endpoint = self._index.lookup(address) if address else None
-        node = None
-        if endpoint is not None and endpoint.node_name:
-            node = self._index.node(endpoint.node_name)
-        return _End(endpoint, node)
+        generation = self._index.generation
+        if generation != self._ends_generation or len(self._ends) >= _MAX_CACHED_ENDS:
+            self._ends, self._ends_generation = {}, generation
+        end = self._ends.get(address)
+        if end is None:
+            endpoint = self._index.lookup(address) if address else None
+            node = None
+            if endpoint is not None and endpoint.node_name:
+                node = self._index.node(endpoint.node_name)
+            end = self._ends[address] = _End(endpoint, node)
+        return end
 
     def classify(self, src: _End, dst: _End, src_addr: str, dst_addr: str) -> TrafficClass:
         for end, address in ((src, src_addr), (dst, dst_addr)):

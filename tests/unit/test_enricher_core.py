@@ -319,3 +319,15 @@ def test_series_key_ignores_time_and_value_only() -> None:
     dp = lambda r: r.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points[0]  # noqa: E731
     assert series_key(dp(a).SerializeToString()) == series_key(dp(b).SerializeToString())
     assert series_key(dp(a).SerializeToString()) != series_key(dp(c).SerializeToString())
+
+
+def test_generation_change_without_changed_answers_skips_re_resolution(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    index = FakeIndex()
+    core, _, _, sink = make_core(index)
+    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 10, 1)]))
+    index.gen += 1  # some other pod changed
+    monkeypatch.setattr(core._resolver, "resolve", lambda *a: pytest.fail("re-resolved an unchanged series"))
+    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 20, 1)]))
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
