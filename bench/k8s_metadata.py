@@ -12,7 +12,8 @@ ClusterIndex, so the RSS and CPU printed are the client's own. Phases:
 3. burst: `--burst` watch events queued at once (pod deleted + recreated on the same IP, status-only
    updates): events applied per second;
 4. paced: `--rate` events/s for `--seconds`: the client's CPU share and how far it lags behind;
-5. correctness: a reused IP names the new pod now, and the old pod before the reuse.
+5. correctness: a reused IP names the new pod now, and the old pod before the reuse;
+6. the file source: the same cluster as one kubectl JSON List, loaded in a process of its own.
 
 Targets (issue 3): sync <= 10 s, >= 5,000 events/s, <= 300 MB RSS, <= 2 us per lookup.
 """
@@ -81,6 +82,12 @@ def serve(conn: Connection, n_nodes: int, n_pods: int) -> None:
             command = conn.recv()
             if command[0] == "stop":
                 return
+            if command[0] == "dump":  # the same cluster as `kubectl get nodes,pods -A -o json` prints it
+                items = [s.data for s in api.current("nodes")[1] + api.current("pods")[1]]
+                Path(command[1]).write_bytes(b'{"apiVersion":"v1","items":[' + b",".join(items)
+                                             + b'],"kind":"List","metadata":{"resourceVersion":""}}')
+                conn.send(len(items))
+                continue
             name, count, rate = command
             if name == "backlog":
                 api.refuse_watches = True
@@ -236,7 +243,39 @@ def run(args: argparse.Namespace, conn: Connection) -> int:
         check_reuse(index, reuse_at)
     finally:
         handle.shutdown()
+    file_phase(conn, results)
     return report(results)
+
+
+def load_file(conn: Connection, path: str) -> None:
+    """A separate process, so its RSS is the file source's own: load the List once, report."""
+    from otel_kzt.k8s.filesource import FileSource
+
+    before = rss_mb()[0]
+    index = ClusterIndex()
+    started = time.monotonic()
+    FileSource(path, index).poll()
+    elapsed = time.monotonic() - started
+    rss, hwm = rss_mb()
+    conn.send((elapsed, index.pod_count, before, rss, hwm))
+
+
+def file_phase(conn: Connection, results: dict[str, float]) -> None:
+    import tempfile
+
+    path = str(Path(tempfile.mkdtemp()) / "cluster.json")
+    conn.send(("dump", path))
+    count = conn.recv()
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    loader = ctx.Process(target=load_file, args=(child, path))
+    loader.start()
+    elapsed, pods, before, rss, hwm = parent.recv()
+    loader.join()
+    Path(path).unlink()
+    results["file_load_s"] = elapsed
+    print(f"file source: {count} objects ({pods} pods) as kubectl JSON loaded in {elapsed:.2f} s; RSS "
+          f"{before:.0f} MB before -> {rss:.0f} MB after, peak {hwm:.0f} MB (file text included)")
 
 
 def check_reuse(index: ClusterIndex, before_reuse: float) -> None:
