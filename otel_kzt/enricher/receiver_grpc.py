@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Final, NoReturn, TypeVar
 
 import grpc
@@ -26,7 +27,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from otel_kzt.enricher.core import Core
 from otel_kzt.enricher.receiver_http import ReceiverSettings
-from otel_kzt.errors import Overloaded
+from otel_kzt.errors import ConfigError, Overloaded
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -64,7 +65,10 @@ class GrpcReceiver:
         )
         address = f"{self._settings.host}:{self._settings.port}"
         if self._tls_files is not None:
-            cert, key = (open(p, "rb").read() for p in self._tls_files)  # noqa: SIM115 (tiny files)
+            try:
+                cert, key = (Path(p).read_bytes() for p in self._tls_files)
+            except OSError as exc:
+                raise ConfigError("tls_cert_file", f"cannot read {exc.filename}: {exc.strerror}") from exc
             port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
         else:
             port = server.add_insecure_port(address)
