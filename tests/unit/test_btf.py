@@ -120,3 +120,24 @@ def test_running_kernel_has_what_the_datapath_reads() -> None:
     assert kernel.field("sk_buff", "len")[1] == 4
     assert kernel.field("sk_buff", "network_header")[1] == 2
     assert kernel.field("sk_buff", "head")[1] == 8
+
+
+def test_probe_refuses_a_kernel_without_netfilter_links(sample: Btf) -> None:
+    from otel_kzt.agent import probe
+
+    with pytest.raises(KernelUnsupported, match="no netfilter BPF programs/links"):
+        probe.probe(sample)  # has BPF_PROG_TYPE_NETFILTER but no BPF_NETFILTER attach type
+
+
+def test_probe_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from otel_kzt.agent import probe
+    from otel_kzt.errors import BccMissing, PrivilegeError
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    with pytest.raises(PrivilegeError, match="needs root"):
+        probe.require_root()
+    monkeypatch.setitem(sys.modules, "bcc", None)  # import bcc -> ImportError
+    with pytest.raises(BccMissing, match="python3-bpfcc"):
+        probe.require_bcc()
