@@ -37,7 +37,7 @@ class WatchConfig:
     page_size: int = 500
     watch_timeout_s: int = 300  # the server ends each watch after this; we resume from the last version
     connect_timeout_s: float = 10.0
-    read_timeout_s: float = 120.0  # no byte (not even a bookmark) for this long: reconnect
+    read_timeout_s: float = 120.0  # no byte (not even a bookmark) for this long: reconnect, quietly
     initial_backoff_s: float = 0.2
     max_backoff_s: float = 30.0
 
@@ -142,6 +142,10 @@ class ApiSource:
                 self.gone += 1
                 self._rv = None
                 log.info("resource version expired, re-listing resource=%s", self._resource.kind)
+            except urllib3.exceptions.ReadTimeoutError:
+                # Nothing, not even a bookmark, for read_timeout_s: a quiet watch (a node-scoped one can
+                # idle for minutes) or a half-open connection. Either way: reconnect now, no alarm.
+                log.debug("watch idle past the read timeout, reconnecting resource=%s", self._resource.kind)
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     break

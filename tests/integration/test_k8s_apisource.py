@@ -256,3 +256,17 @@ def test_malformed_objects_are_skipped_and_counted(api: FakeApiServer, handle: M
     eventually(lambda: pod_name(handle, "10.7.0.2") == "fine")
     assert pods_source(handle).bad_objects == 1
     assert handle.index.lookup("10.7.0.1") is None
+
+
+def test_quiet_watch_past_the_read_timeout_reconnects_quietly(tmp_path: Path) -> None:
+    with FakeApiServer(bookmark_interval_s=60) as quiet:
+        quiet.add(make_node("n1", ["10.1.0.1"]))
+        client, _ = load_api_client(quiet.write_kubeconfig(tmp_path / "kubeconfig"))
+        index = ClusterIndex()
+        config = WatchConfig(read_timeout_s=0.3, initial_backoff_s=5.0)  # a backoff would stall the test
+        with MetadataHandle(index, list(api_sources(client, index, config=config)), "t", client.close) as h:
+            assert h.wait_ready(10)
+            quiet.wait_for_watchers("nodes", 3)  # two read timeouts later, still watching
+            assert all(s.reconnects == 0 for s in h.sources if isinstance(s, ApiSource))
+            quiet.add(make_pod("late", "n1", ["10.8.0.1"]))
+            eventually(lambda: pod_name(h, "10.8.0.1") == "late")
