@@ -128,3 +128,25 @@ def test_refused_watch_and_unknown_path(api: FakeApiServer, core: k8s_client.Cor
     with pytest.raises(ApiException) as missing:
         core.list_namespaced_service("default")
     assert missing.value.status == 404
+
+
+def test_history_window_is_bounded_and_older_versions_are_gone(tmp_path: Path) -> None:
+    with FakeApiServer(history_limit=10) as small:
+        first = small.resource_version
+        for i in range(30):
+            small.add(make_node(f"n{i}", [f"10.1.0.{i}"]))
+        assert 10 <= len(small.events) <= 11
+        assert small.compacted_rv > first
+        configuration = k8s_client.Configuration()
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=small.write_kubeconfig(tmp_path / "kubeconfig"), client_configuration=configuration
+        )
+        with k8s_client.ApiClient(configuration) as api_client:
+            core = k8s_client.CoreV1Api(api_client)
+            old = core.list_node(watch=True, resource_version=str(first), _preload_content=False)
+            assert json.loads(old.data.splitlines()[0])["object"]["code"] == 410
+            recent = str(small.resource_version - 5)
+            fresh_watch = core.list_node(watch=True, resource_version=recent, timeout_seconds=1,
+                                         _preload_content=False)
+            names = [json.loads(line)["object"]["metadata"]["name"] for line in fresh_watch.data.splitlines()]
+            assert names[:5] == [f"n{i}" for i in range(25, 30)]
