@@ -130,3 +130,45 @@ def test_sdk_exporters_in_enriched_data_out(
     body = get(f"http://127.0.0.1:{service.ports['metrics']}/metrics")[1]
     assert 'pod_cross_zone_network_traffic_bytes_total{namespace="shop",pod="web-1"} 5.00' in body
     assert 'kzt_enricher_agent_last_report_timestamp_seconds{k8s_node_name="kzt-e-a1"}' in body
+
+
+@pytest.mark.integration
+def test_logs_pass_through_json_with_hex_ids(service: EnricherService, downstream: Downstream) -> None:
+    import gzip
+    import json
+
+    from tests.integration.test_enricher_badinput import post
+
+    trace_id, span_id = "5b8efff798038103d269b633813fc60c", "eee19b7ec3c1b174"
+    body = {
+        "resourceLogs": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "app"}}]},
+                "scopeLogs": [
+                    {
+                        "logRecords": [
+                            {
+                                "timeUnixNano": "1700000000000000000",
+                                "severityNumber": 9,
+                                "body": {"stringValue": "hi"},
+                                "traceId": trace_id,
+                                "spanId": span_id,
+                            }
+                        ]
+                    }
+                ],
+            }
+        ]
+    }
+    status, _, _ = post(
+        service.ports["http"],
+        gzip.compress(json.dumps(body).encode()),
+        "application/json",
+        path="/v1/logs",
+        headers={"Content-Encoding": "gzip"},
+    )
+    assert status == 200
+    got = downstream.logs.get(timeout=10)
+    record = got.resource_logs[0].scope_logs[0].log_records[0]
+    assert record.trace_id == bytes.fromhex(trace_id) and record.span_id == bytes.fromhex(span_id)
+    assert record.body.string_value == "hi" and record.severity_number == 9
