@@ -158,3 +158,24 @@ def dashboard_targets() -> list[tuple[str, dict[str, Any]]]:
                 (f"${var['name']}", {"expr": var["definition"], "instant": True, "refId": var["name"]})
             )
     return out
+
+
+def memory_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (`384Mi`, `1Gi`, `512M`, plain bytes) in bytes."""
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if quantity.endswith(suffix) and quantity[: -len(suffix)].isdigit():
+            return int(quantity[: -len(suffix)]) * factor
+    return int(quantity)
+
+
+def memory_limit(kind: str, name: str, container_name: str) -> int:
+    return memory_bytes(container(get(kind, name), container_name)["resources"]["limits"]["memory"])
+
+
+def rss_bytes(pid: int, field: str = "VmHWM") -> int:
+    """A process' peak (VmHWM, what a memory limit is measured against) or current (VmRSS) resident set."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} for pid {pid}")

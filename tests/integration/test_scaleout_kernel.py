@@ -31,6 +31,7 @@ from otel_kzt.demo.workloads import Listener
 from tests.conftest import kernel_unavailable_reason
 from tests.e2e import truth
 from tests.e2e.conftest import AGGREGATION, in_scope
+from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
 
 pytestmark = [pytest.mark.kernel, pytest.mark.integration]
@@ -232,6 +233,21 @@ def test_real_agents_two_replicas_sum_to_the_truth_and_survive_losing_one(
     before = _wait_sum_equals_truth(run, prometheus)
     # Jobs run both ways between every two pods on different nodes: one counted pair per job.
     assert len(before) == len(jobs)
+
+    # The manifests' memory limits hold for real processes: agents after compiling and counting, replicas.
+    agent_limit = df.memory_limit("DaemonSet", "otel-kzt-agent", "agent")
+    enricher_limit = df.memory_limit("Deployment", "otel-kzt-enricher", "enricher")
+    agent_peaks = [df.rss_bytes(p.pid) for p in run.agents.values()]
+    agent_now = [df.rss_bytes(p.pid, "VmRSS") for p in run.agents.values()]
+    replica_peaks = [df.rss_bytes(p.pid) for p in run.replicas if p is not None]
+    mib = 2**20
+    print(
+        f"RSS MiB: agents peak {[round(b / mib) for b in agent_peaks]}"
+        f" now {[round(b / mib) for b in agent_now]}"
+        f" (limit {agent_limit / mib:.0f}); replicas peak {[round(b / mib) for b in replica_peaks]}"
+        f" (limit {enricher_limit / mib:.0f})"
+    )
+    assert max(agent_peaks) < agent_limit and max(replica_peaks) < enricher_limit
 
     victim = max((0, 1), key=lambda i: list(run.home.values()).count(i))
     run.stop_replica(victim)
