@@ -71,6 +71,17 @@ class MetadataHandle:
             if self._on_shutdown is not None:
                 self._on_shutdown()
 
+    def status(self) -> dict[str, object]:
+        """For health endpoints and logs: where metadata comes from and how far each source got."""
+        return {
+            "source": self.description,
+            "ready": self.index.ready(),
+            "sources": self.index.sources(),
+            "pods": self.index.pod_count,
+            "nodes": self.index.node_count,
+            "generation": self.index.generation,
+        }
+
     def wait_ready(self, timeout_s: float) -> bool:
         """Block until the index is ready (every source synced once) or the timeout passes."""
         deadline = time.monotonic() + timeout_s

@@ -54,6 +54,9 @@ def test_kubectl_list_in_yaml_and_json(tmp_path: Path, fmt: str) -> None:
         gke = index.node("gke-prod-pool-1-5f2a9c3e-x7k2")
         assert gke is not None and (gke.zone, gke.provider) == ("europe-west1-b", "gcp")
         assert index.pod_count == 6 and index.node_count == 4
+        status = handle.status()
+        assert status["ready"] is True and status["sources"] == {"file": True}
+        assert status["pods"] == 6 and status["source"] == f"file:{path}"
     finally:
         handle.shutdown()
         handle.shutdown()  # safe twice

@@ -35,7 +35,7 @@ def test_cluster_index_is_a_metadata_index() -> None:
 
 
 def test_handle_methods() -> None:
-    for method in ("start", "shutdown", "wait_ready", "__enter__", "__exit__"):
+    for method in ("start", "shutdown", "wait_ready", "status", "__enter__", "__exit__"):
         assert callable(getattr(k8s.MetadataHandle, method))
 
 
