@@ -23,8 +23,8 @@
  * idleness from unchanged counters). Measured by bench/datapath.py.
  * Limits: counts per sk_buff as it passes the hook (a GSO super-packet is one packet of its total
  * length, exactly as netfilter's own counters see it); IPv6 walks at most KZT_MAX_EXT extension
- * headers; L4 headers are assumed to lie in the linear part of the packet, as they do for packets
- * built by the local stack or forwarded.
+ * headers; ports are read only from the linear part of the packet (where the local stack and
+ * forwarding keep the headers), else the flow is keyed without a port.
  */
 #include "flow.h"
 
@@ -193,10 +193,15 @@ static __always_inline u32 kzt_walk_v6(const unsigned char *l3, u8 *proto, int *
     return off;
 }
 
-/* The ports at l4off (from the header prefix when it holds them, else one more read). */
-static __always_inline void kzt_ports(const u8 *hdr, const unsigned char *l3, u32 l4off, u8 *side, u16 *port)
+/* The ports at l4off (from the header prefix when it holds them, else one more read). `linear` is
+ * how many bytes of the packet follow l3 in the skb's linear area: ports beyond it stay unknown
+ * rather than being read from whatever memory follows. */
+static __always_inline void kzt_ports(const u8 *hdr, const unsigned char *l3, u32 l4off, u32 linear, u8 *side,
+                                      u16 *port)
 {
     u8 ports[4];
+    if (l4off + 4 > linear)
+        return;
     if (l4off <= KZT_HDR_READ - 4) {
         l4off &= KZT_HDR_READ - 1;  /* a bound the verifier can see */
         __builtin_memcpy(ports, hdr + l4off, 4);
@@ -209,7 +214,9 @@ static __always_inline void kzt_ports(const u8 *hdr, const unsigned char *l3, u3
 int kzt_count(struct kzt_nf_ctx *ctx)
 {
     char *skb = kzt_skb(ctx);
-    unsigned char *l3 = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + *(u16 *)(skb + KZT_OFF_SKB_NH);
+    u16 nh = *(u16 *)(skb + KZT_OFF_SKB_NH);
+    unsigned char *l3 = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + nh;
+    u32 linear = *(u32 *)(skb + KZT_OFF_SKB_TAIL) - nh;  /* tail is an offset from head on 64-bit */
     u8 hdr[KZT_HDR_READ];
     u64 bytes;
 
@@ -228,7 +235,7 @@ int kzt_count(struct kzt_nf_ctx *ctx)
             bytes = *(u32 *)(skb + KZT_OFF_SKB_LEN);
         int later = (((hdr[6] & 0x1F) << 8) | hdr[7]) != 0;
         if (!later && kzt_has_ports(key.proto))
-            kzt_ports(hdr, l3, (hdr[0] & 0x0F) * 4, &key.port_side, &key.port);
+            kzt_ports(hdr, l3, (hdr[0] & 0x0F) * 4, linear, &key.port_side, &key.port);
         kzt_count4(&key, bytes);
     } else if (version == 6) {
         struct flow_key6 key = {};
@@ -242,7 +249,7 @@ int kzt_count(struct kzt_nf_ctx *ctx)
         if (key.proto == 0 || key.proto == 43 || key.proto == 60 || key.proto == 44 || key.proto == 51)
             l4off = kzt_walk_v6(l3, &key.proto, &later);
         if (!later && kzt_has_ports(key.proto))
-            kzt_ports(hdr, l3, l4off, &key.port_side, &key.port);
+            kzt_ports(hdr, l3, l4off, linear, &key.port_side, &key.port);
         kzt_count6(&key, bytes);
     } else {
         kzt_stat(KZT_STAT_NOT_IP);

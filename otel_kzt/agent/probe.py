@@ -32,6 +32,7 @@ class Features:
     skb_head: int
     skb_network_header: int
     skb_len: int
+    skb_tail: int  # an offset from head (64-bit kernels): end of the linear data
     test_run: bool  # BPF_PROG_TEST_RUN for netfilter programs (6.6+): needed by eviction
 
 
@@ -73,6 +74,7 @@ def probe(btf: Btf | None = None) -> Features:
         skb_head=_field(btf, "sk_buff", "head", 8),
         skb_network_header=_field(btf, "sk_buff", "network_header", 2),
         skb_len=_field(btf, "sk_buff", "len", 4),
+        skb_tail=_field(btf, "sk_buff", "tail", 4),
         test_run=btf.has_type(KIND_FUNC, "bpf_prog_test_run_nf"),
     )
     log.debug("datapath features %s", features)
@@ -94,6 +96,7 @@ def flow_cflags(
         f"-DKZT_OFF_SKB_HEAD={features.skb_head}",
         f"-DKZT_OFF_SKB_NH={features.skb_network_header}",
         f"-DKZT_OFF_SKB_LEN={features.skb_len}",
+        f"-DKZT_OFF_SKB_TAIL={features.skb_tail}",
         f"-DKZT_MAP_SIZE={map_size}",
         f"-DKZT_EPH_MIN={ephemeral_min}",
         f"-DKZT_EPH_MAX={ephemeral_max}",
