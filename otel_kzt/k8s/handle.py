@@ -7,7 +7,11 @@
 
 A file (`--kube-metadata`) wins; otherwise the API server: an explicit `kubeconfig` argument, else the
 in-cluster service account, else `$KUBECONFIG` / `~/.kube/config`. With `node_name` (the agent) only that
-node's pods are watched (`spec.nodeName=<node>`), and only that node (`metadata.name=<node>`).
+node's pods are watched (`spec.nodeName=<node>`), and only that node (`metadata.name=<node>`); a file is
+loaded whole either way (it holds what its writer chose).
+
+`handle.start()` on a file reads it at once and raises MetadataError if it cannot; on the API server it
+returns at once and the sources retry with backoff until the server answers (`index.ready()` stays false).
 """
 
 from __future__ import annotations
