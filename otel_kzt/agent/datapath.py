@@ -40,7 +40,7 @@ META_COUNTER_HASH, META_DISPATCH_VERSION = 0, 1
 class DatapathConfig:
     node_name: str
     pin: bool = True  # False: detach on close()
-    map_size: int = 65536  # flow map entries
+    map_size: int = 65536  # flow map entries, per address family (IPv4 and IPv6 maps)
     ephemeral_min: int = 32768  # ephemeral port range: never in a key
     ephemeral_max: int = 65535
     pin_root: str = pins.DEFAULT_PIN_ROOT  # pins under <pin_root>/<node_name>/
