@@ -19,11 +19,12 @@ from otel_kzt.enricher.cost import PriceTable
 from otel_kzt.enricher.enrich import Resolver
 from otel_kzt.enricher.flowlogs import FlowRecord, FlowTemplate
 from otel_kzt.enricher.prometheus import Aggregates
-from otel_kzt.enricher.series import CANONICAL_PREFIX, Series, SeriesTable, series_key
+from otel_kzt.enricher.series import CANONICAL_PREFIX, Series, SeriesTable, identity_key
 from otel_kzt.enricher.wire import length_delimited, read_varint, skip_field, varint
 
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _INT_VALUE_TAG: Final = 0x31
+_EXEMPLARS_TAG: Final = b"\x2a"  # NumberDataPoint.exemplars: field 5, length-delimited
 # tag, start, tag, time, tag, as_int: the first 27 bytes of a canonical point
 _UNPACK_CANONICAL: Final = struct.Struct("<BQBQBq").unpack_from
 _BAD_VALUE: Final = "NaN or negative cumulative value"
@@ -108,6 +109,11 @@ class SumEnricher:
             key = raw[CANONICAL_PREFIX:]
             entry = table.get(key)
             if entry is None or entry.generation != generation:
+                if entry is None and raw[CANONICAL_PREFIX : CANONICAL_PREFIX + 1] == _EXEMPLARS_TAG:
+                    odd = self._odd_point(raw, table, where, batch)  # exemplars are no part of the identity
+                    out.append(odd)
+                    size_out += len(odd)
+                    continue
                 entry = self._resolve(raw, key, table, entry, where[1], batch=batch)
                 if entry is None:
                     continue
@@ -129,9 +135,11 @@ class SumEnricher:
     def _odd_point(
         self, raw: bytes, table: dict[bytes, Series], where: tuple[bytes, str], batch: Batch
     ) -> bytes:
-        """A point not in the canonical shape (a field missing, exemplars ...): the object path."""
+        """A point not in the canonical shape (a field missing, another field order, exemplars ...): the
+        object path. Its identity is re-encoded from attributes and flags, so it matches the fast path's key
+        for the same series whatever order the sender wrote the fields in."""
         dp = NumberDataPoint.FromString(raw)
-        key = series_key(raw)
+        key = identity_key(dp)
         entry = table.get(key)
         if entry is None or entry.generation != batch.generation:
             entry = self._resolve(raw, key, table, entry, where[1], batch=batch)

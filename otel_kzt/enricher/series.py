@@ -13,27 +13,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
+
 from otel_kzt.enricher.enrich import Resolved
 from otel_kzt.enricher.flowlogs import FlowTemplate
 from otel_kzt.enricher.prometheus import Aggregates, Target
 
 log = logging.getLogger(__name__)
 
-# Tags of NumberDataPoint fields 2 (start), 3 (time), 4 (as_double), 6 (as_int): 1 byte + 8 fixed bytes
-# each. upb writes fields in number order, so they lead the encoding and the rest names the series.
-FIXED_TAGS: Final = frozenset({0x11, 0x19, 0x21, 0x31})
-CANONICAL_PREFIX: Final = 27  # start + time + value, as every agent point has them
+# NumberDataPoint fields 2 (start), 3 (time), 4 (as_double) / 6 (as_int) are 1 tag byte + 8 fixed bytes
+# each. Encoders that write fields in number order (upb, Go, Java) put them first: after these 27 bytes
+# come the attributes (and flags), which name the series.
+CANONICAL_PREFIX: Final = 27
 _CAP_LOG_EVERY_S: Final = 60.0
 
 
+def identity_key(dp: NumberDataPoint) -> bytes:
+    """The series key of a decoded point: its attributes and flags in protobuf field order (what follows
+    the 27-byte prefix of a canonical point, so both paths agree)."""
+    ident = NumberDataPoint(flags=dp.flags)
+    ident.attributes.extend(dp.attributes)
+    return bytes(ident.SerializeToString())
+
+
 def series_key(raw: bytes) -> bytes:
-    """A serialised data point without its leading start/time/value fields."""
-    if len(raw) >= CANONICAL_PREFIX and raw[0] == 0x11 and raw[9] == 0x19 and raw[18] in (0x21, 0x31):
-        return raw[CANONICAL_PREFIX:]
-    i = 0
-    while i < len(raw) and raw[i] in FIXED_TAGS:
-        i += 9
-    return raw[i:]
+    """The series key of an encoded point, whatever its field order."""
+    return identity_key(NumberDataPoint.FromString(raw))
 
 
 @dataclass(slots=True)

@@ -328,6 +328,8 @@ def test_generation_change_without_changed_answers_skips_re_resolution(
     core, _, _, sink = make_core(index)
     core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 10, 1)]))
     index.gen += 1  # some other pod changed
-    monkeypatch.setattr(core._points._resolver, "resolve", lambda *a: pytest.fail("re-resolved an unchanged series"))
+    monkeypatch.setattr(
+        core._points._resolver, "resolve", lambda *a: pytest.fail("re-resolved an unchanged series")
+    )
     core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 20, 1)]))
     assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"

@@ -116,3 +116,28 @@ def test_flow_logs_pair_bytes_and_packets_per_interval() -> None:
     assert lines[1]["kzt.estimated_cost_usd"] == pytest.approx(3000 * 0.02 / 1e9)
     logs = ExportLogsServiceRequest.FromString(sink.logs[-1])
     assert len(logs.resource_logs[0].scope_logs[0].log_records) == 1
+
+
+def test_other_field_orders_and_exemplars_keep_one_series() -> None:
+    """A sender that writes attributes first, or attaches exemplars, still gets increments, not totals."""
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import Exemplar, NumberDataPoint
+
+    core, _, registry, sink = make_core(FakeIndex())
+    pod = {"namespace": "shop", "pod": "web-1"}
+    for value, t in ((100, 2_000), (250, 3_000), (400, 4_000)):
+        req = request([("10.0.0.1", "10.0.0.4", value, 1)], t=t)
+        dp = req.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points[0]
+        if value == 250:  # upb order, with exemplars between the value and the attributes
+            dp.exemplars.append(Exemplar(time_unix_nano=t, as_int=value))
+            raw = req.SerializeToString()
+        else:  # attributes first, then start, time, value (same length: only the order differs)
+            head = NumberDataPoint(start_time_unix_nano=1, time_unix_nano=t, as_int=value)
+            attrs = NumberDataPoint()
+            attrs.attributes.extend(dp.attributes)
+            reordered = attrs.SerializeToString() + head.SerializeToString()  # concatenation = merge
+            raw = req.SerializeToString().replace(dp.SerializeToString(), reordered)
+        parsed = type(req).FromString(raw)
+        assert core.consume_metrics(parsed, raw=raw).rejected == 0
+        assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == value
+    assert core.active_series == 1
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
