@@ -1,8 +1,10 @@
 """The agent for real: `otel-kzt agent` processes in simulated nodes exporting to an OTLP/gRPC receiver.
 
-Every name starts with "ka"; everything is removed even on failure (Topology, agent finalizers, pins).
+Every name starts with "ka" plus a per-run number (two runs of this module at once must not share a
+namespace, a root interface, a root address or a pin); everything is removed even on failure (Topology,
+agent finalizers, pins).
 
-    root netns: OTLP receiver on 0.0.0.0:<port>, reached at 10.88.101.1 (from ka-n1) / 10.88.102.1 (ka-n2)
+    root netns: OTLP receiver on 0.0.0.0:<port>, reached at 10.89.<run>.1 (from n1) / .5 (from n2)
 
     ka-p1 10.88.1.2 ─┐                                                      ┌─ ka-p2 10.88.2.2
     ka-p3 10.88.3.2 ─┴─ ka-n1 ══ VXLAN 4789 (10.88.200.0/24) over ka12 ══ ka-n2 ─┘
@@ -16,6 +18,7 @@ truth is nftables counters in ka-n1's postrouting hook.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -38,9 +41,10 @@ pytestmark = pytest.mark.kernel
 
 TRAFFIC = str(Path(__file__).with_name("traffic.py"))
 PIN_ROOT = "/sys/fs/bpf/otel-kzt"
-N1, N2, P1, P2, P3 = "ka-n1", "ka-n2", "ka-p1", "ka-p2", "ka-p3"
+RUN = os.getpid() % 200 + 20
+N1, N2, P1, P2, P3 = (f"ka{RUN}-{name}" for name in ("n1", "n2", "p1", "p2", "p3"))
 IP = {P1: "10.88.1.2", P2: "10.88.2.2", P3: "10.88.3.2", N1: "10.88.12.1", N2: "10.88.12.2"}
-UPLINK = {N1: "10.88.101.1", N2: "10.88.102.1"}  # the root side, as seen from each node
+UPLINK = {N1: f"10.89.{RUN}.1", N2: f"10.89.{RUN}.5"}  # the root side, as seen from each node
 INTERVAL = "0.4s"
 UID = {P1: "uid-ka-p1", P2: "uid-ka-p2", P3: "uid-ka-p3"}
 # nftables ground truth in ka-n1: one counter per test flow (destination port).
@@ -76,11 +80,12 @@ table inet kadrop {
 def _build(topo: netns.Topology) -> None:
     for ns in (N1, N2, P1, P2, P3):
         topo.netns(ns)
-    topo.veth(None, "kar1", N1, "karoot", a_addrs=["10.88.101.1/30"], b_addrs=["10.88.101.2/30"])
-    topo.veth(None, "kar2", N2, "karoot", a_addrs=["10.88.102.1/30"], b_addrs=["10.88.102.2/30"])
+    for i, node in ((1, N1), (2, N2)):
+        root, peer = f"10.89.{RUN}.{4 * i - 3}/30", f"10.89.{RUN}.{4 * i - 2}/30"
+        topo.veth(None, f"ka{RUN}r{i}", node, f"ka{RUN}u{i}", a_addrs=[root], b_addrs=[peer])
     topo.veth(N1, "ka12", N2, "ka21", a_addrs=[f"{IP[N1]}/24"], b_addrs=[f"{IP[N2]}/24"])
     for node, pod, gw in ((N1, P1, "10.88.1.1"), (N1, P3, "10.88.3.1"), (N2, P2, "10.88.2.1")):
-        topo.veth(node, f"ka{pod[-2:]}", pod, "eth0", a_addrs=[f"{gw}/24"], b_addrs=[f"{IP[pod]}/24"])
+        topo.veth(node, f"ka{pod[-1]}", pod, "eth0", a_addrs=[f"{gw}/24"], b_addrs=[f"{IP[pod]}/24"])
         topo.route(pod, "default", via=gw)
     for node, local, remote, dev, overlay in ((N1, IP[N1], IP[N2], "ka12", "10.88.200.1/24"),
                                               (N2, IP[N2], IP[N1], "ka21", "10.88.200.2/24")):
@@ -365,3 +370,29 @@ class _Forwarder:
         self._closed = True
         for sock in self._sockets:
             sock.close()
+
+
+def _cli(ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
+    return netns.run_in(ns, [sys.executable, "-m", "otel_kzt.cli", "agent", *args], timeout=120, check=False)
+
+
+def test_no_pin_detaches_and_cleanup_uninstalls(bed: Bed, agents: Any) -> None:
+    cleanup(N2, PIN_ROOT)
+    agent = agents(N2, "--no-pin", "--kube-metadata", str(bed.metadata))
+    assert agent.stop() == 0
+    assert not (Path(PIN_ROOT) / N2).exists()  # --no-pin: nothing left behind
+    assert agents(N1).stop() == 0
+    assert (Path(PIN_ROOT) / N1).exists()  # pinned: keeps counting for the next process
+    done = _cli(N1, "--cleanup", "--node-name", N1, "--pin-root", PIN_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert not (Path(PIN_ROOT) / N1).exists()
+
+
+def test_print_bpf_and_bad_flags() -> None:
+    printed = _cli(None, "--print-bpf", "--node-name", f"ka{RUN}-print")
+    assert printed.returncode == 0, printed.stderr
+    assert "SEC(" in printed.stdout or "int " in printed.stdout
+    bad = _cli(None, "--node-name", "ka-bad", "--map-size", "12")
+    assert bad.returncode == 2 and "map_size" in bad.stderr
+    bad = _cli(None, "--node-name", "ka-bad", "--ephemeral-ports", "9-2")
+    assert bad.returncode == 2 and "ephemeral_ports" in bad.stderr
