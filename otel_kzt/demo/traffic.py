@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -203,7 +204,9 @@ class Engine:
         enter_netns(call.client.netns)
         conns: dict[tuple[str, int], socket.socket] = {}
         turn = 0
-        while not self._stop.wait(call.period_s):
+        due = time.monotonic()
+        # A fixed cadence (not sleep-after-work), so the rate is the one asked for whatever a call takes.
+        while not self._stop.wait(max(0.0, (due := due + call.period_s) - time.monotonic())):
             target = call.targets[turn % len(call.targets)]
             turn += 1
             try:
