@@ -41,12 +41,12 @@ _START_ATTR: Final = AttributeEncoder(schema.FLOW_LOG_INTERVAL_START)  # Unix se
 class FlowTemplate:
     """The constant part of one flow's records, rendered once per series and metadata generation."""
 
-    __slots__ = ("attrs", "json_prefix", "otlp_static", "provider", "traffic_class")
+    __slots__ = ("attrs", "json_prefix", "otlp_static", "traffic_class", "usd_per_byte")
 
-    def __init__(self, resolved: Resolved) -> None:
+    def __init__(self, resolved: Resolved, usd_per_byte: float) -> None:
         self.attrs: Mapping[str, str] = resolved.attrs
         self.traffic_class: TrafficClass = resolved.traffic_class
-        self.provider = resolved.provider
+        self.usd_per_byte = usd_per_byte
         head = {"event": schema.FLOW_LOG_EVENT_NAME, **dict(sorted(resolved.attrs.items()))}
         self.json_prefix = json.dumps(head, separators=(",", ":"))[:-1]
         record = LogRecord(

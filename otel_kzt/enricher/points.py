@@ -178,11 +178,10 @@ class SumEnricher:
             batch.reject(_NO_ADDRESS)
             return None
         resolved = self._resolver.resolve(given, batch.ready)
-        targets = self._agg.targets(
-            name, resolved, self._prices.per_byte(resolved.traffic_class, resolved.provider)
-        )
+        usd_per_byte = self._prices.per_byte(resolved.traffic_class, resolved.provider)
+        targets = self._agg.targets(name, resolved, usd_per_byte)
         billed = self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES
-        template = FlowTemplate(resolved) if billed else None
+        template = FlowTemplate(resolved, usd_per_byte) if billed else None
         tail = key + resolved.extra
         header = bytes((_POINT_TAG,)) + varint(CANONICAL_PREFIX + len(tail))
         size = len(header) + CANONICAL_PREFIX + len(tail)
@@ -221,8 +220,6 @@ class SumEnricher:
         entry.last_time = t
         if name == schema.FLOW_BYTES:
             record.byte_count += inc
-            record.cost_usd += inc * self._prices.per_byte(
-                record.template.traffic_class, record.template.provider
-            )
+            record.cost_usd += inc * record.template.usd_per_byte
         else:
             record.packet_count += inc
