@@ -54,6 +54,7 @@ table inet ka {
     counter d5001 {}
     counter d5002 {}
     counter d5003 {}
+    counter d5004 {}
     counter d6000 {}
     counter vxlan {}
     chain post {
@@ -62,6 +63,7 @@ table inet ka {
         ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5001 counter name d5001
         ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5002 counter name d5002
         ip saddr 10.88.3.2 ip daddr 10.88.2.2 udp dport 5003 counter name d5003
+        ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5004 counter name d5004
         ip saddr 10.88.1.2 ip daddr 10.88.3.2 udp dport 6000 counter name d6000
         ip saddr 10.88.12.1 ip daddr 10.88.12.2 udp dport 4789 counter name vxlan
     }
@@ -370,6 +372,35 @@ class _Forwarder:
         self._closed = True
         for sock in self._sockets:
             sock.close()
+
+
+def test_idle_flow_final_export_then_eviction_loses_nothing(bed: Bed, agents: Any) -> None:
+    agents(N1, "--kube-metadata", str(bed.metadata), "--idle-timeout", "1s")
+    match = {schema.SOURCE_ADDRESS: IP[P1], schema.DESTINATION_PORT: 5004}
+    bed.traffic(P1, "udp", IP[P2], 5004, 40, 100)
+    wait_for(lambda: bool(bed.latest(N1, **match)), 30, "first export")
+    evicted = schema.OTLP_AGENT_FLOWS_EVICTED
+    last = lambda: points(bed.node_requests(N1)[-1:], evicted)  # noqa: E731
+    wait_for(lambda: any(p["_value"] != 0 for p in last()), 30, "eviction")
+    time.sleep(2.5)  # the next flow on this key starts well after the first one
+    bed.traffic(P1, "udp", IP[P2], 5004, 10, 100)
+    wait_for(lambda: len({b["_start"] for b, _ in bed_points(bed, match)}) == 2, 30, "the new series")
+    bed.wait_exports(N1, 1)
+    by_start: dict[object, int] = {}
+    for b, _ in bed_points(bed, match):
+        by_start[b["_start"]] = int(b["_value"])  # type: ignore[call-overload]
+    first, second = (by_start[s] for s in sorted(by_start))  # type: ignore[type-var]
+    assert (first, second) == (40 * 128, 10 * 128)  # the old series' final value, then a fresh start
+    assert first + second == bed.nft("d5004")[0]
+
+
+def bed_points(bed: Bed, match: dict[str, object]) -> list[tuple[dict[str, object], dict[str, object]]]:
+    """Every exported (bytes, packets) point of `match`, oldest first (latest() keeps one per series)."""
+    out = []
+    for request in bed.node_requests(N1):
+        pairs = zip(points([request], schema.FLOW_BYTES), points([request], schema.FLOW_PACKETS), strict=True)
+        out += [(b, p) for b, p in pairs if all(b.get(k) == v for k, v in match.items())]
+    return out
 
 
 def _cli(ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
