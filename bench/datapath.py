@@ -1,7 +1,7 @@
 """Benchmark: ns per packet of the flow program against a floor program at the same hook, same traffic,
 same run (kernel.bpf_stats_enabled: run_time_ns / run_cnt of each program).
 
-    .venv/bin/python bench/datapath.py [--seconds 3] [--churn-flows 5000]
+    .venv/bin/python bench/datapath.py [--seconds 3] [--churn-flows 5000] [--ipv6]
 
 Topology: pod netns -> node netns (both programs attached at POSTROUTING) -> sink netns (drops the UDP,
 so no ICMP errors come back). Two shapes: bulk (4 flows, long bursts) and churn (N flows round-robin).
@@ -12,7 +12,6 @@ Not a test: numbers depend on the machine. Needs root. Resource names start with
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import sys
 from contextlib import ExitStack
@@ -32,10 +31,25 @@ NODE, POD, SINK = "kdb-node", "kdb-pod", "kdb-sink"
 def build(topo: netns.Topology) -> None:
     for ns in (NODE, POD, SINK):
         topo.netns(ns)
-    topo.veth(NODE, "kdbn0", POD, "eth0", a_addrs=["10.78.1.1/24"], b_addrs=["10.78.1.2/24"])
-    topo.veth(NODE, "kdbn1", SINK, "eth0", a_addrs=["10.78.2.1/24"], b_addrs=["10.78.2.2/24"])
-    topo.route(POD, "default", via="10.78.1.1")
-    topo.route(SINK, "default", via="10.78.2.1")
+    topo.veth(
+        NODE,
+        "kdbn0",
+        POD,
+        "eth0",
+        a_addrs=["10.78.1.1/24", "fd78:1::1/64"],
+        b_addrs=["10.78.1.2/24", "fd78:1::2/64"],
+    )
+    topo.veth(
+        NODE,
+        "kdbn1",
+        SINK,
+        "eth0",
+        a_addrs=["10.78.2.1/24", "fd78:2::1/64"],
+        b_addrs=["10.78.2.2/24", "fd78:2::2/64"],
+    )
+    for ns, gw4, gw6 in ((POD, "10.78.1.1", "fd78:1::1"), (SINK, "10.78.2.1", "fd78:2::1")):
+        topo.route(ns, "default", via=gw4)
+        topo.route(ns, "default", via=gw6)
     netns.enable_forwarding(NODE)
     script = (
         "table inet kdb { chain input { type filter hook input priority 0; meta l4proto udp drop\n }\n}\n"
@@ -43,7 +57,7 @@ def build(topo: netns.Topology) -> None:
     netns.run_in(SINK, ["nft", "-f", "-"], input=script)
 
 
-def attach_floor(stack: ExitStack) -> int:
+def attach_floor(stack: ExitStack, pf: int) -> int:
     """Load bpf/floor.c and attach it next to the flow program; returns its program fd."""
     from bcc import BPF
 
@@ -53,7 +67,7 @@ def attach_floor(stack: ExitStack) -> int:
         bpf.load_func(b"kzt_floor", netfilter.BPF_PROG_TYPE_NETFILTER, attach_type=netfilter.BPF_NETFILTER).fd
     )
     with netns.entered(NODE):
-        link = netfilter.link_create_netfilter(fd, netfilter.NFPROTO_IPV4, LINK_PRIORITY - 1)
+        link = netfilter.link_create_netfilter(fd, pf, LINK_PRIORITY - 1)
     stack.callback(os.close, link)
     stack.callback(netfilter.link_detach, link)
     return fd
@@ -83,6 +97,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--churn-flows", type=int, default=5000)
+    parser.add_argument("--ipv6", action="store_true", help="IPv6 traffic (36-byte keys) instead of IPv4")
     args = parser.parse_args()
     old_stats = STATS_SYSCTL.read_text().strip()
     with ExitStack() as stack:
@@ -92,20 +107,22 @@ def main() -> int:
         with netns.entered(NODE):
             dp.start()
         stack.callback(dp.close)
-        flow_fd = netfilter.prog_fd_by_id(netfilter.link_info(dp._link_fds[0]).prog_id)
+        pf = netfilter.NFPROTO_IPV6 if args.ipv6 else netfilter.NFPROTO_IPV4
+        link = next(fd for fd in dp._link_fds if netfilter.link_info(fd).pf == pf)
+        flow_fd = netfilter.prog_fd_by_id(netfilter.link_info(link).prog_id)
         stack.callback(os.close, flow_fd)
-        fds = {"floor": attach_floor(stack), "flow": flow_fd}
+        fds = {"floor": attach_floor(stack, pf), "flow": flow_fd}
+        sink = "fd78:2::2" if args.ipv6 else "10.78.2.2"
         STATS_SYSCTL.write_text("1")
         stack.callback(STATS_SYSCTL.write_text, old_stats)
         seconds = str(args.seconds)
-        bulk = measure(fds, "bulk", ["10.78.2.2", "2000", seconds, "1000", "4"])
-        churn = measure(fds, "churn", ["10.78.2.2", "2000", seconds, "64", str(args.churn_flows)])
+        bulk = measure(fds, "bulk", [sink, "2000", seconds, "1000", "4"])
+        churn = measure(fds, "churn", [sink, "2000", seconds, "64", str(args.churn_flows)])
         flows = len(dp.snapshot().flows)
     print(
         f"targets: bulk <= 1.5x (got {bulk['flow'] / bulk['floor']:.2f}x), "
         f"churn <= 3x (got {churn['flow'] / churn['floor']:.2f}x); flows in map after churn: {flows}"
     )
-    ctypes.set_errno(0)
     return 0
 
 
