@@ -106,8 +106,8 @@ def run_fast(port: int, n: int) -> dict[str, float]:
         )
     fake = FakeMap(capacity=2 * n)
     for src, dst, port_, _pod in flow_table(n):
-        key = FlowKey(AF_INET, ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed, 6, 0, port_)
-        fake.add(key, 1500, 1)
+        raw_src, raw_dst = ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed
+        fake.add(FlowKey(AF_INET, raw_src, raw_dst, 6, 0, port_), 1500, 1)
     otlp = OtlpConfig(endpoints=(f"http://127.0.0.1:{port}",), timeout_s=30.0)
     config = AgentConfig(node_name=NODE, otlp=otlp)
     exporter = Exporter(otlp, NODE)
@@ -202,17 +202,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kzt-bench-") as tmp:
         log = Path(tmp) / "received.log"
         receiver = subprocess.Popen(
-            [sys.executable, __file__, "--mode", "receiver", "--log", str(log)], stdout=subprocess.PIPE, text=True
+            [sys.executable, __file__, "--mode", "receiver", "--log", str(log)],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         try:
             port = int(receiver.stdout.readline())  # type: ignore[union-attr]
             results = {}
             for mode in ("fast", "sdk"):
                 before = received(log)
-                out = subprocess.run(
-                    [sys.executable, __file__, "--mode", mode, "--port", str(port), "--flows", str(args.flows)],
-                    check=True, capture_output=True, text=True,
-                ).stdout
+                argv = [sys.executable, __file__, "--mode", mode, "--port", str(port)]
+                argv += ["--flows", str(args.flows)]
+                out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
                 results[mode] = json.loads(out.strip().splitlines()[-1])
                 after = received(log)
                 results[mode]["points"] = after[0] - before[0]
@@ -238,7 +239,8 @@ def report(n: int, results: dict[str, dict[str, float]]) -> None:
     print(f"{'overflow points':26}{fast['overflow_points']:12,.0f}{sdk['overflow_points']:12,.0f}")
     print(f"{'requests':26}{fast['requests']:12,.0f}{sdk['requests']:12,.0f}")
     ok = fast["cpu_s_2"] <= 0.5 and fast["peak_rss_mb"] <= 150 and fast["points"] == 4 * n
-    print(f"target (<= 0.5 s CPU per interval, <= 150 MB RSS, every point, none folded): {'met' if ok else 'MISSED'}")
+    verdict = "met" if ok else "MISSED"
+    print(f"target (<= 0.5 s CPU per interval, <= 150 MB RSS, every point, none folded): {verdict}")
 
 
 if __name__ == "__main__":
