@@ -59,15 +59,16 @@ def parse(body: bytes, content_type: str, message_type: type[M]) -> M:
 def parse_json(body: bytes, message_type: type[M]) -> M:
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidRequest(f"invalid JSON: {exc}") from exc
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"invalid JSON: {type(exc).__name__}: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequest("OTLP/JSON body must be an object")
     message: M = message_type()
     try:
         # OTLP/JSON: receivers ignore unknown fields (forward compatibility).
         json_format.ParseDict(_hex_ids_to_base64(data), message, ignore_unknown_fields=True)
-    except (json_format.ParseError, ValueError, TypeError, AttributeError) as exc:
+        message.ByteSize()  # upb checks nesting depth here too: fail now, not in the core
+    except (json_format.ParseError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise InvalidRequest(f"invalid OTLP/JSON: {exc}") from exc
     return message
 

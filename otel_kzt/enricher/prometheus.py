@@ -38,6 +38,7 @@ class Aggregates:
         self.zone_bytes: Totals = {}
         self.cost: Totals = {}
         self.agent_last_report: dict[str, float] = {}
+        self._orphaned: dict[tuple[int, tuple[str, ...]], float] = {}  # entry -> since no series feeds it
         # Folds pending per-series increments into the dicts above; set by the core, run under `lock`.
         self.before_snapshot: Callable[[], None] | None = None
 
@@ -64,20 +65,27 @@ class Aggregates:
             out.append((self.cost, cost_key, usd_per_byte))
         return tuple(out)
 
-    def retain(self, live: Sequence[tuple[Target, ...]], agents_since: float) -> None:
-        """Drop aggregate entries no live series feeds any more, and agents silent since `agents_since`.
+    def retain(self, live: Sequence[tuple[Target, ...]], now: float, ttl_s: float) -> None:
+        """Drop aggregate entries no live series has fed for `ttl_s`, and agents silent as long.
 
-        Caller holds `lock`. Entries with live members keep their totals, so counters never go back.
+        Caller holds `lock`. Entries with live members keep their totals, so counters never go back; an
+        entry whose members all went away (pods gone, labels changed) stays for the TTL, then goes.
         """
         keep: dict[int, set[tuple[str, ...]]] = {}
         for targets in live:
             for totals, key, _ in targets:
                 keep.setdefault(id(totals), set()).add(key)
+        orphans: dict[tuple[int, tuple[str, ...]], float] = {}
         for totals in (self.flow_bytes, self.flow_packets, self.pod_cross_zone, self.zone_bytes, self.cost):
             wanted = keep.get(id(totals), set())
             for key in [k for k in totals if k not in wanted]:
-                del totals[key]
-        for node in [n for n, t in self.agent_last_report.items() if t < agents_since]:
+                since = self._orphaned.get((id(totals), key), now)
+                if since <= now - ttl_s:
+                    del totals[key]
+                else:
+                    orphans[(id(totals), key)] = since
+        self._orphaned = orphans
+        for node in [n for n, t in self.agent_last_report.items() if t < now - ttl_s]:
             del self.agent_last_report[node]
 
     def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:

@@ -86,6 +86,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(503, str(exc), reply_type, headers)
         except ReceiveError as exc:
             self._error(_STATUS.get(type(exc), 400), str(exc), reply_type)
+        except Exception:  # a bug of ours: answer 500 (retryable for nobody) and keep serving
+            log.exception("otlp http: internal error path=%s", path)
+            self.close_connection = True
+            self._error(500, "internal error", reply_type)
 
     def _checked_body(self, path: str, content_type: str) -> bytes:
         limit = self.server.settings.max_request_bytes

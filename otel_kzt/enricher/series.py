@@ -122,4 +122,4 @@ class SeriesTable:
             if not table:
                 del self.groups[group_key]
             live.extend(s.targets for s in table.values())
-        self._agg.retain(live, cutoff)
+        self._agg.retain(live, now, self.ttl_s)
