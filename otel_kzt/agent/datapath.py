@@ -14,7 +14,6 @@ finish, then their final values are read, handed to the next snapshot (`Snapshot
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -24,16 +23,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from otel_kzt.agent import flowmap, netfilter, pins, probe
+from otel_kzt.agent import flowmap, links, netfilter, pins, probe
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
 from otel_kzt.agent.flowtables import EVICT_BATCH, FlowTables, boot_to_unix_offset
 from otel_kzt.errors import ConfigError, KernelUnsupported, ProgramLoadError
 
 log = logging.getLogger(__name__)
 
-LINK_PRIORITY = netfilter.NF_IP_PRI_NAT_SRC - 1  # ahead of source NAT: pods keep their own address
+LINK_PRIORITY = links.LINK_PRIORITY  # re-exported: the bench attaches its floor next to it
 DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
-META_COUNTER_HASH, META_DISPATCH_VERSION = 0, 1
+META_COUNTER_HASH, META_DISPATCH_VERSION, META_NETNS_COOKIE = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -163,10 +162,19 @@ class Datapath:
             log.info("flow counter installed node=%s hash=%016x", self.config.node_name, want_hash)
         else:
             log.info("flow counter adopted unchanged node=%s hash=%016x", self.config.node_name, want_hash)
-        same_dispatcher = meta[ctypes.c_uint32(META_DISPATCH_VERSION)].value == DISPATCH_VERSION
+        # Pinned links are adopted only when they run the same dispatcher in this very namespace: after
+        # a crash the node's namespace may have been re-created, and a link of a gone namespace counts
+        # nothing.
+        cookie = links.current_netns_cookie()
+        adopt = (
+            meta[ctypes.c_uint32(META_DISPATCH_VERSION)].value == DISPATCH_VERSION
+            and meta[ctypes.c_uint32(META_NETNS_COOKIE)].value == cookie
+        )
         for pf, name in pins.LINK_NAMES.items():
-            self._link_fds.append(self._attach(dispatch_fd, pf, name, adopt=same_dispatcher))
+            path = str(self._dir / name) if self.config.pin else None
+            self._link_fds.append(links.attach_or_adopt(dispatch_fd, pf, path, adopt=adopt))
         meta[ctypes.c_uint32(META_DISPATCH_VERSION)] = ctypes.c_uint64(DISPATCH_VERSION)
+        meta[ctypes.c_uint32(META_NETNS_COOKIE)] = ctypes.c_uint64(cookie)
         self._tables = FlowTables(self._bpf, self.config.map_size, self._evict_fd)
 
     def _counter_installed(self) -> bool:
@@ -175,29 +183,6 @@ class Datapath:
         except KeyError:
             return False
         return True
-
-    def _attach(self, dispatch_fd: int, pf: int, name: str, *, adopt: bool) -> int:
-        path = str(self._dir / name)
-        old_fd = -1
-        if self.config.pin:
-            with contextlib.suppress(FileNotFoundError):  # nothing pinned yet: a first start
-                old_fd = netfilter.obj_get(path)
-        if old_fd >= 0 and adopt:
-            log.info("link adopted node=%s link=%s", self.config.node_name, name)
-            return old_fd
-        priority = LINK_PRIORITY
-        if old_fd >= 0 and netfilter.link_info(old_fd).priority == LINK_PRIORITY:
-            priority = LINK_PRIORITY - 1  # the kernel refuses two links at one (pf, hook, priority)
-        fd = netfilter.link_create_netfilter(dispatch_fd, pf, priority)
-        if old_fd >= 0:
-            # A new dispatcher: both run for a moment (counted twice) rather than neither (missed).
-            netfilter.link_detach(old_fd)
-            os.close(old_fd)
-            os.unlink(path)
-        if self.config.pin:
-            netfilter.obj_pin(fd, path)
-        log.info("link attached node=%s link=%s priority=%d", self.config.node_name, name, priority)
-        return fd
 
     # --- read --------------------------------------------------------------------------------------------
 

@@ -163,11 +163,12 @@ def datapath(net: Net, request: pytest.FixtureRequest) -> Iterator[DatapathFacto
     ].strip("-")
     cleanup(node_name, PIN_ROOT)  # leftovers of a crashed run
 
-    def start(**overrides: Any) -> Datapath:
+    def start(ns: str | None = None, **overrides: Any) -> Datapath:
+        """A datapath for this test's node name, attached in the node netns (or `ns`)."""
         config = DatapathConfig(node_name=node_name, pin_root=PIN_ROOT, **overrides)
         dp = Datapath(config)
         started.append(dp)
-        with netns.entered(net.node):
+        with netns.entered(ns or net.node):
             dp.start()
         return dp
 

@@ -106,7 +106,7 @@ def test_restart_unchanged_misses_nothing_and_keeps_first_seen(
     before = first.snapshot().flows[k]
     first.close()  # pinned: the program keeps counting with no agent running
     net.traffic(net.pod_a, "udp", net.b4, 53, 7, 10)
-    caplog.set_level(logging.INFO, logger="otel_kzt.agent.datapath")
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent")
     second = datapath()
     assert "flow counter adopted unchanged" in caplog.text
     settle()
@@ -124,7 +124,7 @@ def test_changed_program_replaces_old_without_gap_or_double_count(
     done = net.background(topo, net.pod_a, "udp-stream", net.b4, 3000, 2.5, 32, 4)
     time.sleep(0.5)
     first.close()
-    caplog.set_level(logging.INFO, logger="otel_kzt.agent.datapath")
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent")
     second = datapath(ephemeral_max=64999)  # other flags: another source hash, same map layout
     assert "flow counter installed" in caplog.text
     assert "link adopted" in caplog.text
@@ -198,7 +198,7 @@ def test_new_dispatcher_replaces_pinned_links(
         check=True,
         capture_output=True,
     )
-    caplog.set_level(logging.INFO, logger="otel_kzt.agent.datapath")
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent")
     second = datapath()
     assert "flow counter adopted unchanged" in caplog.text
     new_ids = _link_ids(second)
@@ -207,3 +207,18 @@ def test_new_dispatcher_replaces_pinned_links(
     net.traffic(net.pod_a, "udp", net.b4, 53, 4, 10)
     settle()
     assert second.snapshot().flows[key(net.a4, net.b4, UDP, dport=53)].packets == 7
+
+
+def test_pins_of_another_namespace_are_replaced_not_adopted(net: Net, datapath: DatapathFactory) -> None:
+    net.drop_udp_at(net.pod_b)
+    first = datapath()
+    old_ids = _link_ids(first)
+    first.close()
+    # Same node name, another namespace (as after a crash that re-created the node's namespace): links
+    # there would count nothing here, so they are replaced.
+    second = datapath(ns=net.pod_a)
+    assert set(_link_ids(second)).isdisjoint(old_ids)
+    assert not any(_link_exists(i) for i in old_ids)
+    net.traffic(net.pod_a, "udp", net.b4, 53, 3, 10)
+    settle()
+    assert second.snapshot().flows[key(net.a4, net.b4, UDP, dport=53)].packets == 3
