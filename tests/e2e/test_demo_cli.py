@@ -64,16 +64,25 @@ def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
         lines.put(line)
 
 
+def _wait_for_view(proc: subprocess.Popen[str], lines: queue.Queue[str], errors: Path) -> None:
+    """Until the live view printed its first table; on failure, say why with the demo's own log."""
+    try:
+        while "Top cross-zone talkers" not in lines.get(timeout=120):
+            pass
+    except queue.Empty:
+        pytest.fail(f"no view within 120s (exit {proc.poll()}): {errors.read_text()[-3000:]}")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_live_view_leaves_nothing(sig: signal.Signals) -> None:
+def test_interrupted_live_view_leaves_nothing(sig: signal.Signals, tmp_path: Path) -> None:
     lines: queue.Queue[str] = queue.Queue()
-    with subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          text=True, cwd=REPO) as proc:
+    errors = tmp_path / "demo.err"
+    with errors.open("w") as err, subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE,
+                                                    stderr=err, text=True, cwd=REPO) as proc:
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         try:
-            while "Top cross-zone talkers" not in lines.get(timeout=120):
-                pass
+            _wait_for_view(proc, lines, errors)
             proc.send_signal(sig)
             assert proc.wait(60) == 0
         finally:
@@ -86,13 +95,13 @@ def test_interrupted_live_view_leaves_nothing(sig: signal.Signals) -> None:
 def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
     """SIGKILL: no clean-up can run; its children die with it and the next demo removes the rest."""
     lines: queue.Queue[str] = queue.Queue()
-    with subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                          text=True, cwd=REPO) as proc:
+    errors = tmp_path / "demo.err"
+    with errors.open("w") as err, subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE,
+                                                    stderr=err, text=True, cwd=REPO) as proc:
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         try:
-            while "Top cross-zone talkers" not in lines.get(timeout=120):
-                pass
+            _wait_for_view(proc, lines, errors)
         finally:
             proc.kill()
             proc.wait()
