@@ -32,20 +32,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--config", metavar="FILE", help="YAML file with any of the options below (flags win)")
     add("--node-name", help="this node's Kubernetes name (env NODE_NAME)")
-    add("--no-pin", dest="pin", action="store_const", const=False,
-        help="detach the datapath on exit instead of keeping it pinned for the next process")
+    add(
+        "--no-pin",
+        dest="pin",
+        action="store_const",
+        const=False,
+        help="detach the datapath on exit instead of keeping it pinned for the next process",
+    )
     add("--pin-root", help="bpffs directory of the pins (default /sys/fs/bpf/otel-kzt)")
     add("--cleanup", action="store_true", help="detach and unpin this node's datapath, then exit")
     add("--print-bpf", action="store_true", help="print the final eBPF C source and exit")
-    add("--otlp-endpoint", help="receiver URL(s), comma separated; a name may resolve to several "
-        "(env OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4317)")
+    add(
+        "--otlp-endpoint",
+        help="receiver URL(s), comma separated; a name may resolve to several "
+        "(env OTEL_EXPORTER_OTLP_ENDPOINT, default http://localhost:4317)",
+    )
     add("--otlp-protocol", choices=PROTOCOLS, help="grpc (default) or http/protobuf")
     add("--otlp-headers", help="key=value[,key=value] request headers (env OTEL_EXPORTER_OTLP_HEADERS)")
     add("--otlp-compression", help="none or gzip")
     add("--otlp-timeout", help="per-request timeout, e.g. 10s")
     add("--otlp-certificate", metavar="PEM", help="CA bundle to verify the receiver's TLS certificate")
-    add("--otlp-insecure", action="store_const", const=True,
-        help="plaintext gRPC for endpoints written without a scheme")
+    add(
+        "--otlp-insecure",
+        action="store_const",
+        const=True,
+        help="plaintext gRPC for endpoints written without a scheme",
+    )
     add("--otlp-max-points-per-request", type=int, help="split larger exports (default 20000)")
     add("--otlp-max-request-bytes", type=int, help="split larger exports (default 3 MiB)")
     add("--interval", help="export interval (default 10s)")
@@ -114,7 +126,10 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
     service = AgentService(config, datapath, exporter, local, index, host_name=socket.gethostname())
     log.info(
         "agent running: node=%s endpoints=%s protocol=%s interval_s=%g pin=%s",
-        config.node_name, ",".join(config.otlp.endpoints), config.otlp.protocol, config.interval_s,
+        config.node_name,
+        ",".join(config.otlp.endpoints),
+        config.otlp.protocol,
+        config.interval_s,
         config.pin,
     )
     service.run(stop)

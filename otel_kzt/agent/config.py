@@ -48,9 +48,20 @@ _OTLP_ENV: Final[dict[str, tuple[str, ...]]] = {
 }
 KEYS: Final = frozenset(
     {
-        "node_name", "pin", "pin_root", "interval", "idle_timeout", "map_size", "ephemeral_ports",
-        "overlay_ports", "kube_metadata", "kubeconfig", "cluster_name", "otlp_max_points_per_request",
-        "otlp_max_request_bytes", *_OTLP_ENV,
+        "node_name",
+        "pin",
+        "pin_root",
+        "interval",
+        "idle_timeout",
+        "map_size",
+        "ephemeral_ports",
+        "overlay_ports",
+        "kube_metadata",
+        "kubeconfig",
+        "cluster_name",
+        "otlp_max_points_per_request",
+        "otlp_max_request_bytes",
+        *_OTLP_ENV,
     }
 )
 

@@ -231,10 +231,22 @@ class RequestEncoder:
             pack_q = _pack_q
             for flow in flows:
                 head = flow.head
-                byte_parts += (head.prefix, tail, pack_q(flow.bytes), head.attrs, head.source_pod,
-                               head.destination_pod)
-                packet_parts += (head.prefix, tail, pack_q(flow.packets), head.attrs, head.source_pod,
-                                 head.destination_pod)
+                byte_parts += (
+                    head.prefix,
+                    tail,
+                    pack_q(flow.bytes),
+                    head.attrs,
+                    head.source_pod,
+                    head.destination_pod,
+                )
+                packet_parts += (
+                    head.prefix,
+                    tail,
+                    pack_q(flow.packets),
+                    head.attrs,
+                    head.source_pod,
+                    head.destination_pod,
+                )
             parts += _sum_metric(_BYTES_HEADER, byte_parts, size)
             parts += _sum_metric(_PACKETS_HEADER, packet_parts, size)
         parts += extra

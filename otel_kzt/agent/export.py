@@ -120,8 +120,9 @@ class Exporter:
 
     def ranked_targets(self) -> list[Target]:
         """This interval's candidates: resolved now, most preferred first, recently failed ones last."""
-        targets = rendezvous_rank(self._node, expand(self._config.endpoints, not self._config.insecure,
-                                                     self._resolver))
+        targets = rendezvous_rank(
+            self._node, expand(self._config.endpoints, not self._config.insecure, self._resolver)
+        )
         now = time.monotonic()
         for gone in set(self._transports) - set(targets):
             self._transports.pop(gone).close()
@@ -154,8 +155,12 @@ class Exporter:
                 try:
                     result.rejected_points += self._transport(target).send(body, timeout)
                 except PermanentExportError as exc:
-                    log.error("export dropped (permanent): endpoint=%s bytes=%d error=%s", target.url,
-                              len(body), exc)
+                    log.error(
+                        "export dropped (permanent): endpoint=%s bytes=%d error=%s",
+                        target.url,
+                        len(body),
+                        exc,
+                    )
                     return False
                 except RetryableExportError as exc:
                     self._down_until[target] = time.monotonic() + self._down_s
@@ -168,8 +173,12 @@ class Exporter:
                 return True
             delay = max(retry_after, self._backoff(attempt))
             if time.monotonic() + delay >= deadline:
-                log.error("export not delivered before the next interval; the next one carries the totals: "
-                          "bytes=%d attempts=%d", len(body), attempt + 1)
+                log.error(
+                    "export not delivered before the next interval; the next one carries the totals: "
+                    "bytes=%d attempts=%d",
+                    len(body),
+                    attempt + 1,
+                )
                 return False
             log.info("export retry: attempt=%d delay_s=%.2f", attempt + 1, delay)
             if stop.wait(delay):

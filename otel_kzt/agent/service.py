@@ -111,7 +111,11 @@ class AgentService:
         self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
         log.info(
             "export: flows=%d local=%d sent=%d failed=%d duration_s=%.3f",
-            len(snapshot.flows), len(points), result.sent, result.failed, duration,
+            len(snapshot.flows),
+            len(points),
+            result.sent,
+            result.failed,
+            duration,
         )
         # A local flow's final value must have reached the receiver before the flow is forgotten.
         self._evict(idle_other + (idle_ours if result.failed == 0 else []))

@@ -80,7 +80,9 @@ def _partial_success(response: ExportMetricsServiceResponse, where: str) -> int:
         # Not retried: the receiver has decided about these points, sending them again would not help.
         log.warning(
             "partial success: endpoint=%s rejected_data_points=%d message=%r",
-            where, partial.rejected_data_points, partial.error_message,
+            where,
+            partial.rejected_data_points,
+            partial.error_message,
         )
     return int(partial.rejected_data_points)
 
@@ -240,4 +242,3 @@ def _http_message(data: bytes) -> str:
         return status_pb2.Status.FromString(data).message or data[:200].decode(errors="replace")
     except Exception:  # a plain-text or HTML error page, not a google.rpc.Status
         return data[:200].decode(errors="replace")
-
