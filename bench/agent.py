@@ -101,7 +101,11 @@ def run_fast(port: int, n: int) -> dict[str, float]:
     index = FakeIndex()
     for pod in range(250):
         index.endpoints[f"10.0.1.{pod + 1}"] = Endpoint(
-            NODE, WorkloadKind.DEPLOYMENT, "web", pod_name=f"web-7f9c8d6b5-{pod:05d}", namespace="shop",
+            NODE,
+            WorkloadKind.DEPLOYMENT,
+            "web",
+            pod_name=f"web-7f9c8d6b5-{pod:05d}",
+            namespace="shop",
             pod_uid=f"3f1c2a9e-0000-4000-8000-{pod:012d}",
         )
     fake = FakeMap(capacity=2 * n)
@@ -141,9 +145,13 @@ def run_sdk(port: int, n: int) -> dict[str, float]:
     flows = []
     for src, dst, dport, pod in flow_table(n):
         attrs = {
-            schema.SOURCE_ADDRESS: src, schema.DESTINATION_ADDRESS: dst, schema.NETWORK_TYPE: "ipv4",
-            schema.NETWORK_TRANSPORT: "tcp", schema.DESTINATION_PORT: dport,
-            schema.SOURCE_POD_NAME: f"web-7f9c8d6b5-{pod:05d}", schema.SOURCE_NAMESPACE_NAME: "shop",
+            schema.SOURCE_ADDRESS: src,
+            schema.DESTINATION_ADDRESS: dst,
+            schema.NETWORK_TYPE: "ipv4",
+            schema.NETWORK_TRANSPORT: "tcp",
+            schema.DESTINATION_PORT: dport,
+            schema.SOURCE_POD_NAME: f"web-7f9c8d6b5-{pod:05d}",
+            schema.SOURCE_NAMESPACE_NAME: "shop",
             schema.SOURCE_POD_UID: f"3f1c2a9e-0000-4000-8000-{pod:012d}",
         }
         flows.append([attrs, 1500, 1])
@@ -232,8 +240,10 @@ def report(n: int, results: dict[str, dict[str, float]]) -> None:
     print(f"{'':26}{'fast path':>12}{'SDK path':>12}{'SDK/fast':>10}")
     for label, k in (("CPU s, interval 1 (cold)", "cpu_s_1"), ("CPU s, interval 2", "cpu_s_2")):
         print(f"{label:26}{fast[k]:12.3f}{sdk[k]:12.3f}{sdk[k] / fast[k]:10.1f}")
-    print(f"{'peak RSS MB':26}{fast['peak_rss_mb']:12.1f}{sdk['peak_rss_mb']:12.1f}"
-          f"{sdk['peak_rss_mb'] / fast['peak_rss_mb']:10.1f}")
+    print(
+        f"{'peak RSS MB':26}{fast['peak_rss_mb']:12.1f}{sdk['peak_rss_mb']:12.1f}"
+        f"{sdk['peak_rss_mb'] / fast['peak_rss_mb']:10.1f}"
+    )
     print(f"{'RSS MB before export':26}{fast['rss_after_map_mb']:12.1f}{sdk['rss_after_map_mb']:12.1f}")
     print(f"{'points received':26}{fast['points']:12,.0f}{sdk['points']:12,.0f}")
     print(f"{'overflow points':26}{fast['overflow_points']:12,.0f}{sdk['overflow_points']:12,.0f}")

@@ -89,10 +89,28 @@ def _build(topo: netns.Topology) -> None:
     for node, pod, gw in ((N1, P1, "10.88.1.1"), (N1, P3, "10.88.3.1"), (N2, P2, "10.88.2.1")):
         topo.veth(node, f"ka{pod[-1]}", pod, "eth0", a_addrs=[f"{gw}/24"], b_addrs=[f"{IP[pod]}/24"])
         topo.route(pod, "default", via=gw)
-    for node, local, remote, dev, overlay in ((N1, IP[N1], IP[N2], "ka12", "10.88.200.1/24"),
-                                              (N2, IP[N2], IP[N1], "ka21", "10.88.200.2/24")):
-        netns.ip(node, "link", "add", "kavx", "type", "vxlan", "id", "42", "local", local, "remote", remote,
-                 "dstport", "4789", "dev", dev)
+    for node, local, remote, dev, overlay in (
+        (N1, IP[N1], IP[N2], "ka12", "10.88.200.1/24"),
+        (N2, IP[N2], IP[N1], "ka21", "10.88.200.2/24"),
+    ):
+        netns.ip(
+            node,
+            "link",
+            "add",
+            "kavx",
+            "type",
+            "vxlan",
+            "id",
+            "42",
+            "local",
+            local,
+            "remote",
+            remote,
+            "dstport",
+            "4789",
+            "dev",
+            dev,
+        )
         netns.add_address(node, "kavx", overlay)
         netns.ip(node, "link", "set", "kavx", "up")
         netns.enable_forwarding(node)
@@ -129,9 +147,12 @@ class Bed:
 
     def node_requests(self, node: str) -> list[Any]:
         return [
-            r for r in self.receiver.snapshot()
-            if any(kv.key == schema.RESOURCE_NODE_NAME and kv.value.string_value == node
-                   for kv in r.resource_metrics[0].resource.attributes)
+            r
+            for r in self.receiver.snapshot()
+            if any(
+                kv.key == schema.RESOURCE_NODE_NAME and kv.value.string_value == node
+                for kv in r.resource_metrics[0].resource.attributes
+            )
         ]
 
     def latest(self, node: str, **match: object) -> dict[str, tuple[dict[str, object], dict[str, object]]]:
@@ -182,9 +203,21 @@ class Agent:
         self.bed, self.node = bed, node
         self.log = bed.metadata.parent / f"agent-{node}-{time.monotonic_ns()}.log"
         argv = [
-            sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", node, "--interval", INTERVAL,
-            "--otlp-endpoint", f"http://{UPLINK[node]}:{bed.receiver.port}", "--pin-root", PIN_ROOT,
-            "--cluster-name", "ka", *(extra or ("--kube-metadata", str(bed.metadata))),
+            sys.executable,
+            "-m",
+            "otel_kzt.cli",
+            "agent",
+            "--node-name",
+            node,
+            "--interval",
+            INTERVAL,
+            "--otlp-endpoint",
+            f"http://{UPLINK[node]}:{bed.receiver.port}",
+            "--pin-root",
+            PIN_ROOT,
+            "--cluster-name",
+            "ka",
+            *(extra or ("--kube-metadata", str(bed.metadata))),
         ]
         with self.log.open("wb") as log:
             self.proc = netns.popen_in(node, argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -222,8 +255,9 @@ def agents(bed: Bed) -> Iterator[Callable[..., Agent]]:
 
 
 def flow(bed: Bed, node: str, src: str, dst: str, dport: int) -> tuple[dict[str, object], dict[str, object]]:
-    got = bed.latest(node, **{schema.SOURCE_ADDRESS: src, schema.DESTINATION_ADDRESS: dst,
-                              schema.DESTINATION_PORT: dport})
+    got = bed.latest(
+        node, **{schema.SOURCE_ADDRESS: src, schema.DESTINATION_ADDRESS: dst, schema.DESTINATION_PORT: dport}
+    )
     assert len(got) == 1, f"expected one series {src}->{dst}:{dport}, got {list(got)}"
     return next(iter(got.values()))
 
@@ -250,8 +284,10 @@ def test_attributes_exact_values_forwarded_absent_overlay_not_counted(bed: Bed, 
     assert bed.latest(N1, **{schema.DESTINATION_PORT: 4789}) == {}
     # ka-n2 forwarded every one of those packets to ka-p2: not its to count.
     assert bed.latest(N2, **{schema.SOURCE_ADDRESS: IP[P1]}) == {}
-    resource = {kv.key: kv.value.string_value
-                for kv in bed.node_requests(N1)[-1].resource_metrics[0].resource.attributes}
+    resource = {
+        kv.key: kv.value.string_value
+        for kv in bed.node_requests(N1)[-1].resource_metrics[0].resource.attributes
+    }
     assert resource[schema.SERVICE_NAME] == schema.AGENT_SERVICE_NAME
     assert (resource[schema.RESOURCE_NODE_NAME], resource[schema.CLUSTER_NAME]) == (N1, "ka")
     assert points(bed.node_requests(N1)[-1:], schema.OTLP_AGENT_METADATA_SYNCED)[0]["_value"] == 1.0
@@ -262,8 +298,11 @@ def test_five_thousand_flows_all_present_unfolded(bed: Bed, agents: Any) -> None
     bed.traffic(P1, "udp-ports", IP[P2], 20000, 5000, 64)
     time.sleep(0.2)
     bed.wait_exports(N1)
-    got = [b for b, _ in bed.latest(N1, **{schema.SOURCE_ADDRESS: IP[P1]}).values()
-           if 20000 <= int(b[schema.DESTINATION_PORT]) < 25000]  # type: ignore[call-overload]
+    got = [
+        b
+        for b, _ in bed.latest(N1, **{schema.SOURCE_ADDRESS: IP[P1]}).values()
+        if 20000 <= int(b[schema.DESTINATION_PORT]) < 25000
+    ]  # type: ignore[call-overload]
     assert len(got) == 5000
     assert {b["_value"] for b in got} == {92}  # 64 bytes + UDP 8 + IPv4 20
     assert not any("otel.metric.overflow" in b for b in got)
@@ -288,8 +327,9 @@ def test_receiver_away_then_back_totals_exact(bed: Bed, agents: Any) -> None:
 
 def test_agent_restart_while_traffic_flows(bed: Bed, agents: Any) -> None:
     first = agents(N1)
-    sender = netns.popen_in(P1, [sys.executable, TRAFFIC, "udp-stream", IP[P2], "5002", "5", "200", "1"],
-                            stdout=subprocess.PIPE)
+    sender = netns.popen_in(
+        P1, [sys.executable, TRAFFIC, "udp-stream", IP[P2], "5002", "5", "200", "1"], stdout=subprocess.PIPE
+    )
     bed.topo.on_close("udp-stream", lambda: (sender.poll() is None and sender.kill(), sender.wait()))
     try:
         wait_for(lambda: bool(bed.latest(N1, **{schema.DESTINATION_PORT: 5002})), 30, "first export")

@@ -112,8 +112,13 @@ def test_split_by_bytes() -> None:
     assert len(requests) > 3
     assert all(len(r) <= 64 * 1024 + 512 for r in requests)
     total = sum(
-        len(ExportMetricsServiceRequest.FromString(r).resource_metrics[0].scope_metrics[0].metrics[1]
-            .sum.data_points)
+        len(
+            ExportMetricsServiceRequest.FromString(r)
+            .resource_metrics[0]
+            .scope_metrics[0]
+            .metrics[1]
+            .sum.data_points
+        )
         for r in requests
     )
     assert total == 2000

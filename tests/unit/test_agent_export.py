@@ -44,8 +44,13 @@ def http_receiver() -> Iterator[HttpReceiver]:
 
 
 def exporter(endpoints: str, protocol: str = GRPC, **kw: object) -> Exporter:
-    cfg = OtlpConfig(endpoints=tuple(endpoints.split(",")), protocol=protocol, timeout_s=2.0,
-                     headers=(("x-tenant", "t1"),), **kw)  # type: ignore[arg-type]
+    cfg = OtlpConfig(
+        endpoints=tuple(endpoints.split(",")),
+        protocol=protocol,
+        timeout_s=2.0,
+        headers=(("x-tenant", "t1"),),
+        **kw,
+    )  # type: ignore[arg-type]
     return Exporter(cfg, "node-a", max_backoff_s=0.2)
 
 
@@ -68,8 +73,14 @@ def deliver(exp: Exporter, deadline_s: float = 5.0) -> tuple[int, int, float]:
         (grpc.StatusCode.RESOURCE_EXHAUSTED, 1.5, True),
         (grpc.StatusCode.INVALID_ARGUMENT, None, False),
         (grpc.StatusCode.UNAUTHENTICATED, None, False),
-        (429, 2.0, True), (502, None, True), (503, None, True), (504, None, True),
-        (400, None, False), (401, None, False), (413, None, False), (500, None, False),
+        (429, 2.0, True),
+        (502, None, True),
+        (503, None, True),
+        (504, None, True),
+        (400, None, False),
+        (401, None, False),
+        (413, None, False),
+        (500, None, False),
     ],
 )
 def test_classification(status: grpc.StatusCode | int, retry: float | None, retryable: bool) -> None:
@@ -121,11 +132,13 @@ def test_retries_end_at_the_deadline(receiver: GrpcReceiver) -> None:
 def test_http_transport(http_receiver: HttpReceiver) -> None:
     ok = ExportMetricsServiceResponse()
     ok.partial_success.rejected_data_points = 2
-    http_receiver.behaviour.responses.extend([
-        (503, {"Retry-After": "0.4"}, b"busy"),
-        (429, {}, status_pb2.Status(message="later").SerializeToString()),
-        (200, {}, ok.SerializeToString()),
-    ])
+    http_receiver.behaviour.responses.extend(
+        [
+            (503, {"Retry-After": "0.4"}, b"busy"),
+            (429, {}, status_pb2.Status(message="later").SerializeToString()),
+            (200, {}, ok.SerializeToString()),
+        ]
+    )
     exp = exporter(http_receiver.url, HTTP_PROTOBUF, compression="gzip")
     started = time.monotonic()
     result = exp.export([BODY], time.monotonic() + 5, threading.Event())
@@ -160,7 +173,10 @@ def test_name_resolving_to_several_addresses_expands() -> None:
 
     got = expand(["http://enricher.svc:4317", "https://one:4317"], True, resolver)
     assert [t.url for t in got] == [
-        "http://10.1.0.1:4317", "http://10.1.0.2:4317", "http://[fd00::3]:4317", "https://one:4317",
+        "http://10.1.0.1:4317",
+        "http://10.1.0.2:4317",
+        "http://[fd00::3]:4317",
+        "https://one:4317",
     ]
     assert got[0].server_name == "enricher.svc" and not got[0].secure and got[3].secure
 

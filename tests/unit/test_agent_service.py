@@ -61,8 +61,11 @@ def test_exports_local_flows_with_resource_and_telemetry(receiver: GrpcReceiver)
     [request] = receiver.snapshot()
     resource = {kv.key: kv.value.string_value for kv in request.resource_metrics[0].resource.attributes}
     assert resource == {
-        schema.SERVICE_NAME: schema.AGENT_SERVICE_NAME, schema.SERVICE_VERSION: "0.1.0",
-        schema.RESOURCE_NODE_NAME: NODE, schema.HOST_NAME: "h1", schema.CLUSTER_NAME: "c1",
+        schema.SERVICE_NAME: schema.AGENT_SERVICE_NAME,
+        schema.SERVICE_VERSION: "0.1.0",
+        schema.RESOURCE_NODE_NAME: NODE,
+        schema.HOST_NAME: "h1",
+        schema.CLUSTER_NAME: "c1",
     }
     flows = {p[schema.SOURCE_ADDRESS]: p for p in points([request], schema.FLOW_BYTES)}
     assert set(flows) == {"10.0.1.5", "192.168.0.1"}  # the forwarded flow is node-b's to count

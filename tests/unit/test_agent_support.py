@@ -144,7 +144,8 @@ class HttpReceiver:
                 body = self.rfile.read(length)
                 behaviour.bodies.append(({k.lower(): v for k, v in self.headers.items()}, body))
                 status, headers, payload = (
-                    behaviour.responses.popleft() if behaviour.responses
+                    behaviour.responses.popleft()
+                    if behaviour.responses
                     else (200, {}, ExportMetricsServiceResponse().SerializeToString())
                 )
                 self.send_response(status)

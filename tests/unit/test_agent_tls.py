@@ -35,9 +35,26 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     d = tmp_path_factory.mktemp("tls")
     key, crt = d / "key.pem", d / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(crt),
-         "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(crt),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
     )
     return key, crt
 
@@ -73,8 +90,12 @@ def _two_addresses(host: str, port: int) -> list[str]:
 def test_grpc_tls_with_ca_and_name_verification(grpc_tls: GrpcReceiver, cert: tuple[Path, Path]) -> None:
     url = f"https://localhost:{grpc_tls.port}"
     assert _export(OtlpConfig(endpoints=(url,), protocol=GRPC, certificate=str(cert[1]), timeout_s=1)) == 1
-    assert _export(OtlpConfig(endpoints=(url,), protocol=GRPC, certificate=str(cert[1]), timeout_s=1),
-                   _two_addresses) == 1
+    assert (
+        _export(
+            OtlpConfig(endpoints=(url,), protocol=GRPC, certificate=str(cert[1]), timeout_s=1), _two_addresses
+        )
+        == 1
+    )
     assert len(grpc_tls.snapshot()) == 2
     # Without the CA the self-signed receiver is not trusted: nothing is sent.
     assert _export(OtlpConfig(endpoints=(url,), protocol=GRPC, timeout_s=0.5), deadline_s=1.0) == 0
