@@ -147,7 +147,7 @@ def naive(resolver: Resolver) -> Callable[[bytes], None]:
                 for m in sm.metrics:
                     for dp in m.sum.data_points:
                         given = {kv.key: kv.value.string_value for kv in dp.attributes}
-                        for key, value in resolver.resolve(given, True).added:
+                        for key, value in resolver.added(given, True):
                             dp.attributes.add(key=key).value.string_value = value
         req.SerializeToString()
 

@@ -26,12 +26,19 @@ _MAX_CACHED_ENDS: Final = 200_000  # addresses remembered per metadata generatio
 class Resolved:
     """What one series resolves to while the metadata generation is unchanged."""
 
-    added: tuple[tuple[str, str], ...]  # attributes the enricher adds (never overriding the sender's)
-    extra: bytes  # `added` serialised as NumberDataPoint.attributes, appended with MergeFromString
+    extra: bytes  # the attributes the enricher adds, serialised as NumberDataPoint.attributes
     attrs: Mapping[str, str]  # every attribute after enrichment (aggregation labels, flow logs)
     traffic_class: TrafficClass
     provider: str | None  # cloud provider of the source node (price table choice)
     basis: tuple[object, ...] = ()  # what the answer was derived from (see Resolver.still_valid)
+
+    def slim(self) -> Resolved:
+        """What a cached series keeps: `attrs` cut to the two addresses (still_valid needs only those).
+        The full map served the aggregation labels and flow-log template, built once before this."""
+        keep = {
+            k: self.attrs[k] for k in (schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS) if k in self.attrs
+        }
+        return Resolved(self.extra, keep, self.traffic_class, self.provider, self.basis)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +57,7 @@ class Resolver:
 
     def resolve(self, given: Mapping[str, str], ready: bool) -> Resolved:
         """Enrich one series' attributes; `ready` False (metadata not synced) marks it unknown."""
-        src_addr = given.get(schema.SOURCE_ADDRESS, "")
-        dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
-        src = self._end(src_addr) if ready else _End(None, None)
-        dst = self._end(dst_addr) if ready else _End(None, None)
-        cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN
-        computed = [*_end_attrs(schema.SOURCE, src), *_end_attrs(schema.DESTINATION, dst)]
-        computed.append((schema.TRAFFIC_CLASS, cls.value))
-        added = tuple((k, v) for k, v in computed if k not in given)
+        added, cls, src, dst = self._added(given, ready)
         holder = NumberDataPoint()
         for key, value in added:
             kv = holder.attributes.add()
@@ -67,7 +67,23 @@ class Resolver:
         attrs.update(added)
         provider = src.node.provider if src.node is not None else None
         basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node)
-        return Resolved(added, holder.SerializeToString(), attrs, cls, provider, basis)
+        return Resolved(holder.SerializeToString(), attrs, cls, provider, basis)
+
+    def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
+        """The attributes `resolve` adds, as pairs (the benchmark's naive loop uses these)."""
+        return self._added(given, ready)[0]
+
+    def _added(
+        self, given: Mapping[str, str], ready: bool
+    ) -> tuple[list[tuple[str, str]], TrafficClass, _End, _End]:
+        src_addr = given.get(schema.SOURCE_ADDRESS, "")
+        dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
+        src = self._end(src_addr) if ready else _End(None, None)
+        dst = self._end(dst_addr) if ready else _End(None, None)
+        cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN
+        computed = [*_end_attrs(schema.SOURCE, src), *_end_attrs(schema.DESTINATION, dst)]
+        computed.append((schema.TRAFFIC_CLASS, cls.value))
+        return [(k, v) for k, v in computed if k not in given], cls, src, dst
 
     def still_valid(self, resolved: Resolved, ready: bool) -> bool:
         """After a metadata change: do both ends still resolve to what they did? Much cheaper than

@@ -20,7 +20,7 @@ from otel_kzt.enricher.enrich import Resolver
 from otel_kzt.enricher.flowlogs import FlowRecord, FlowTemplate
 from otel_kzt.enricher.prometheus import Aggregates
 from otel_kzt.enricher.series import CANONICAL_PREFIX, Series, SeriesTable, identity_key
-from otel_kzt.enricher.wire import length_delimited, read_varint, skip_field, varint
+from otel_kzt.enricher.wire import length_delimited, read_varint, skip_field
 
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _INT_VALUE_TAG: Final = 0x31
@@ -127,7 +127,9 @@ class SumEnricher:
             entry.last = value
             entry.seen = now
             entry.total += inc
-            out += (entry.header, raw[:CANONICAL_PREFIX], entry.tail)
+            if size != entry.point_len:  # the series was first seen in another shape (object path)
+                entry.set_point_len(size)
+            out += (entry.header, raw, entry.resolved.extra)
             size_out += entry.size
         out += trailer
         return size_out + sum(map(len, trailer))
@@ -182,14 +184,14 @@ class SumEnricher:
         targets = self._agg.targets(name, resolved, usd_per_byte)
         billed = self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES
         template = FlowTemplate(resolved, usd_per_byte) if billed else None
-        tail = key + resolved.extra
-        header = bytes((_POINT_TAG,)) + varint(CANONICAL_PREFIX + len(tail))
-        size = len(header) + CANONICAL_PREFIX + len(tail)
+        resolved = resolved.slim()
         if entry is not None:
             self._table.relabel(entry, resolved, targets, batch.generation)
-            entry.template, entry.header, entry.tail, entry.size = template, header, tail, size
+            entry.template = template
+            entry.set_point_len(len(raw))
             return entry
-        fresh = Series(batch.generation, resolved, targets, template, header, tail, size)
+        fresh = Series(batch.generation, resolved, targets, template)
+        fresh.set_point_len(len(raw))
         return self._table.admit(table, key, fresh, batch.now)
 
     def _flow(

@@ -18,6 +18,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 from otel_kzt.enricher.enrich import Resolved
 from otel_kzt.enricher.flowlogs import FlowTemplate
 from otel_kzt.enricher.prometheus import Aggregates, Target
+from otel_kzt.enricher.wire import varint
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 # each. Encoders that write fields in number order (upb, Go, Java) put them first: after these 27 bytes
 # come the attributes (and flags), which name the series.
 CANONICAL_PREFIX: Final = 27
+POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _CAP_LOG_EVERY_S: Final = 60.0
 
 
@@ -47,14 +49,22 @@ class Series:
     resolved: Resolved
     targets: tuple[Target, ...]  # empty: over the series cap, enriched but not aggregated
     template: FlowTemplate | None  # set for billed classes (flow logs)
-    header: bytes  # Sum.data_points tag + length of the enriched point (canonical shape)
-    tail: bytes  # series key + the added attributes: the enriched point after its 27-byte prefix
-    size: int  # len(header) + 27 + len(tail): the enriched point's encoded size
+    header: bytes = b""  # Sum.data_points tag + length of the enriched point
+    size: int = 0  # len(header) + the enriched point's length
+    point_len: int = -1  # length of the received point these were computed for
     start: int = -1
     last: float = 0.0
     last_time: int = 0
     seen: float = 0.0
     total: float = 0.0  # increments not yet folded into the aggregates
+
+
+    def set_point_len(self, point_len: int) -> None:
+        """Canonical points of one series all have the same length: the header is computed once."""
+        enriched = point_len + len(self.resolved.extra)
+        self.header = bytes((POINT_TAG,)) + varint(enriched)
+        self.size = len(self.header) + enriched
+        self.point_len = point_len
 
 
 class SeriesTable:

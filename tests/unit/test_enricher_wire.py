@@ -47,7 +47,7 @@ def template(cls: TrafficClass = TrafficClass.CROSS_ZONE) -> FlowTemplate:
         schema.DESTINATION_ADDRESS: "10.0.0.4",
         schema.TRAFFIC_CLASS: cls,
     }
-    return FlowTemplate(Resolved((), b"", attrs, cls, "aws"), 0.02 / 1e9)
+    return FlowTemplate(Resolved(b"", attrs, cls, "aws"), 0.02 / 1e9)
 
 
 def test_flow_record_json_and_otlp() -> None:
@@ -141,3 +141,14 @@ def test_other_field_orders_and_exemplars_keep_one_series() -> None:
         assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == value
     assert core.active_series == 1
     assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
+
+
+def test_series_first_seen_in_another_shape_then_canonical() -> None:
+    core, _, registry, sink = make_core(FakeIndex())
+    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 2.5, 1)]))  # a double: object path
+    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 10, 1)], t=3_000))  # canonical: cached header redone
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
+    dp = ExportMetricsServiceRequest.FromString(sink.metrics[-1]).resource_metrics[0].scope_metrics[0].metrics[0]
+    assert dp.sum.data_points[0].as_int == 10 and core.active_series == 1
+    pod = {"namespace": "shop", "pod": "web-1"}
+    assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == 10
