@@ -19,9 +19,9 @@ from typing import Protocol
 
 from otel_kzt import __version__, schema
 from otel_kzt.agent.config import AgentConfig
-from otel_kzt.agent.encode import AttrValue, FlowPoint, RequestEncoder
+from otel_kzt.agent.encode import AttrValue, PointHead, RequestEncoder
 from otel_kzt.agent.export import ExportResult
-from otel_kzt.agent.flows import FlowKey, FlowReader, Snapshot
+from otel_kzt.agent.flows import FlowCounters, FlowKey, FlowReader, Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.telemetry import AgentStats, telemetry_metrics
 from otel_kzt.errors import DatapathError
@@ -90,29 +90,31 @@ class AgentService:
             log.error("cannot read the flow map: error=%s", exc)
             return ExportResult(failed=1)
         self._local.refresh()
-        heads = self._local.heads(snapshot.flows)
+        all_heads = self._local.heads(snapshot.flows)
         idle_before = snapshot.taken_unix_ns - int(self._config.idle_timeout_s * 1e9)
-        points: list[FlowPoint] = []
+        heads: list[PointHead] = []
+        counts: list[FlowCounters] = []
         idle_ours: list[FlowKey] = []
         idle_other: list[FlowKey] = []
-        for key, counters in snapshot.flows.items():
-            head = heads.get(key)
+        for (key, counters), head in zip(snapshot.flows.items(), all_heads, strict=True):
             idle = counters.last_seen_unix_ns < idle_before
             if head is not None:
-                points.append(FlowPoint(head, counters.bytes, counters.packets))
+                heads.append(head)
+                counts.append(counters)
                 if idle:
                     idle_ours.append(key)
             elif idle:
                 idle_other.append(key)
-        extra = self._telemetry(snapshot, len(points))
-        requests = self._encoder.encode(points, snapshot.taken_unix_ns, extra)
+        del all_heads
+        extra = self._telemetry(snapshot, len(heads))
+        requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra)
         result = self._sender.export(requests, deadline, stop)
         duration = time.monotonic() - started
         self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
         log.info(
             "export: flows=%d local=%d sent=%d failed=%d duration_s=%.3f",
             len(snapshot.flows),
-            len(points),
+            len(heads),
             result.sent,
             result.failed,
             duration,

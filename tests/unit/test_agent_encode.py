@@ -8,13 +8,13 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 
 from otel_kzt import schema
 from otel_kzt.agent.encode import (
-    FlowPoint,
     RequestEncoder,
     gauge_metric,
     point_head,
     sum_metric,
     varint,
 )
+from otel_kzt.agent.flows import FlowCounters
 
 RESOURCE = {schema.SERVICE_NAME: schema.AGENT_SERVICE_NAME, schema.RESOURCE_NODE_NAME: "n1"}
 T = 1_700_000_000_123_456_789
@@ -65,8 +65,9 @@ def _flows(n: int) -> list[tuple[list[tuple[str, str | int]], int, int, int]]:
 
 def _encode(flows: list[tuple[list[tuple[str, str | int]], int, int, int]], **kw: int) -> list[bytes]:
     encoder = RequestEncoder(RESOURCE, "otel-kzt", "0.1.0", **kw)
-    points = [FlowPoint(point_head(a, start), b, p) for a, start, b, p in flows]
-    return list(encoder.encode(points, T))
+    heads = [point_head(a, start) for a, start, _, _ in flows]
+    counts = [FlowCounters(b, p, 0, 0) for _, _, b, p in flows]
+    return list(encoder.encode(heads, counts, T))
 
 
 def test_varint_matches_protobuf() -> None:
@@ -130,7 +131,7 @@ def test_empty_export_still_carries_extra_metrics() -> None:
         gauge_metric("kzt.agent.flow_map.fill_ratio", "fill", "1", [((), 0.25)], T),
         sum_metric("kzt.agent.exports", "exports", "{request}", [([("result", "ok")], T - 5, 3)], T),
     ]
-    [raw] = list(encoder.encode([], T, extra))
+    [raw] = list(encoder.encode([], [], T, extra))
     metrics = ExportMetricsServiceRequest.FromString(raw).resource_metrics[0].scope_metrics[0].metrics
     assert [m.name for m in metrics] == ["kzt.agent.flow_map.fill_ratio", "kzt.agent.exports"]
     assert metrics[0].gauge.data_points[0].as_double == 0.25

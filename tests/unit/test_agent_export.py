@@ -22,7 +22,7 @@ from otel_kzt.agent.transport import Target, classify
 from otel_kzt.errors import PermanentExportError, RetryableExportError
 from tests.unit.test_agent_support import Failure, GrpcReceiver, HttpReceiver
 
-BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], 123))
+BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ def index() -> FakeIndex:
 
 
 def attrs_of(local: LocalFlows, k: FlowKey) -> dict[str, object] | None:
-    heads = local.heads({k: FlowCounters(100, 1, 5, 6)})
+    heads = local.head_map({k: FlowCounters(100, 1, 5, 6)})
     if k not in heads:
         return None
     head = heads[k]
@@ -116,21 +116,21 @@ def test_names_follow_metadata_generation() -> None:
     local = make(idx)
     k = key("10.0.1.5", "10.0.2.7")
     counters = {k: FlowCounters(1, 1, 5, 6)}
-    first = local.heads(counters)[k]
-    assert local.heads(counters)[k] is first  # cached while nothing changed
+    first = local.head_map(counters)[k]
+    assert local.head_map(counters)[k] is first  # cached while nothing changed
     idx.endpoints["10.0.1.5"] = pod("web-1b", NODE, "uid-9")
     local.refresh()
-    assert local.heads(counters)[k] is first  # generation unchanged: the cache is trusted
+    assert local.head_map(counters)[k] is first  # generation unchanged: the cache is trusted
     idx.generation += 1
     local.refresh()
-    renamed = local.heads(counters)[k]
+    renamed = local.head_map(counters)[k]
     assert b"web-1b" in renamed.source_pod and renamed is not first
     other = key("10.0.1.6", "10.0.2.7")
     counters[other] = FlowCounters(1, 1, 5, 6)
-    kept = local.heads(counters)[other]
+    kept = local.head_map(counters)[other]
     idx.generation += 1  # something else changed: names of these flows did not
     local.refresh()
-    assert local.heads(counters)[other] is kept
+    assert local.head_map(counters)[other] is kept
 
 
 def test_namespace_addresses_lists_loopback() -> None:
@@ -142,22 +142,22 @@ def test_pod_created_later_makes_its_flows_ours() -> None:
     local = make(idx)
     k = key("10.0.1.9", "10.0.2.7")
     counters = {k: FlowCounters(1, 1, 5, 6)}
-    assert local.heads(counters) == {}
+    assert local.head_map(counters) == {}
     idx.endpoints["10.0.1.9"] = pod("late-1", NODE, "uid-late")
     idx.generation += 1
     local.refresh()
-    assert b"late-1" in local.heads(counters)[k].source_pod
+    assert b"late-1" in local.head_map(counters)[k].source_pod
 
 
 def test_start_times_are_stable_against_clock_offset_wobble() -> None:
     k = key("10.0.1.5", "10.0.2.7")
     first_seen = 1_700_000_000_999_999_000  # microseconds before a second boundary
     local = make()
-    head = local.heads({k: FlowCounters(1, 1, first_seen, first_seen)})[k]
+    head = local.head_map({k: FlowCounters(1, 1, first_seen, first_seen)})[k]
     assert head.start_unix_ns == 1_700_000_000_000_000_000
-    wobbled = local.heads({k: FlowCounters(2, 2, first_seen + 3_000, first_seen)})[k]
+    wobbled = local.head_map({k: FlowCounters(2, 2, first_seen + 3_000, first_seen)})[k]
     assert wobbled is head  # same flow, same series
-    restarted = make().heads({k: FlowCounters(2, 2, first_seen - 2_000, first_seen)})[k]
+    restarted = make().head_map({k: FlowCounters(2, 2, first_seen - 2_000, first_seen)})[k]
     assert restarted.start_unix_ns == head.start_unix_ns  # a new process agrees
-    recreated = local.heads({k: FlowCounters(1, 1, first_seen + 300 * 10**9, first_seen)})[k]
+    recreated = local.head_map({k: FlowCounters(1, 1, first_seen + 300 * 10**9, first_seen)})[k]
     assert recreated.start_unix_ns == head.start_unix_ns + 300 * 10**9  # evicted and back: a new start

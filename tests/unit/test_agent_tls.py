@@ -26,7 +26,7 @@ from otel_kzt.agent.encode import RequestEncoder
 from otel_kzt.agent.export import Exporter
 from tests.unit.test_agent_support import GrpcReceiver, _Servicer
 
-BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], 123))
+BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
