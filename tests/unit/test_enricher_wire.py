@@ -145,10 +145,17 @@ def test_other_field_orders_and_exemplars_keep_one_series() -> None:
 
 def test_series_first_seen_in_another_shape_then_canonical() -> None:
     core, _, registry, sink = make_core(FakeIndex())
-    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 2.5, 1)]))  # a double: object path
-    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 10, 1)], t=3_000))  # canonical: cached header redone
+    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 4, 0)]))  # no start time: object path, shorter
+    core.consume_metrics(
+        request([("10.0.0.1", "10.0.0.4", 10, 1)], t=3_000)
+    )  # canonical: cached header redone
     assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
-    dp = ExportMetricsServiceRequest.FromString(sink.metrics[-1]).resource_metrics[0].scope_metrics[0].metrics[0]
+    dp = (
+        ExportMetricsServiceRequest.FromString(sink.metrics[-1])
+        .resource_metrics[0]
+        .scope_metrics[0]
+        .metrics[0]
+    )
     assert dp.sum.data_points[0].as_int == 10 and core.active_series == 1
     pod = {"namespace": "shop", "pod": "web-1"}
-    assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == 10
+    assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == 14  # new start
