@@ -1,6 +1,6 @@
 """The security settings of deploy/ are exactly what the design promises, no more.
 
-Agent: not privileged, host network, exactly BPF + PERFMON + NET_ADMIN + SYS_RESOURCE on top of nothing,
+Agent: not privileged, host network, exactly BPF + PERFMON + NET_ADMIN + SYSLOG + SYS_RESOURCE on nothing,
 read-only root, only the bpffs and BTF host paths. Enricher: non-root, no capability at all, read-only
 root. RBAC: get/list/watch on pods (agent) and pods + nodes (enricher), nothing else.
 """
@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration import deploy_files as df
 
-AGENT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}
+AGENT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYSLOG", "SYS_RESOURCE"}
 READ_VERBS = ["get", "list", "watch"]
 
 
@@ -75,7 +75,8 @@ def test_agent_probes_check_this_nodes_pins() -> None:
     agent = df.container(_agent(), "agent")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         command = agent[probe]["exec"]["command"]
-        assert "/sys/fs/bpf/otel-kzt/$NODE_NAME" in command[-1], probe
+        assert '"/sys/fs/bpf/otel-kzt/$NODE_NAME"' in command[-1], probe
+        assert "link_v4" in command[-1] and "link_v6" in command[-1], probe  # attached, not just a dir
 
 
 def test_enricher_is_non_root_with_no_capabilities() -> None:

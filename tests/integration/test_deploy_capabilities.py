@@ -1,0 +1,168 @@
+"""The agent runs with exactly the DaemonSet's capabilities, and needs each one it asks for.
+
+The real `otel-kzt agent` is started the way the DaemonSet starts it (its args, `NODE_NAME` from the
+environment, `no_new_privs`), inside a network namespace of its own, with the capability bounding set cut
+down to the manifest's `add` list: as root in a container with `drop: [ALL]` plus those, it holds nothing
+else. It must attach and pin (the manifest's readiness probe, run as written, turns true). With one of the
+datapath capabilities taken away it must fail instead: the manifest asks for nothing it does not need.
+(`SYS_RESOURCE` only matters on kernels before 5.11, so it has no negative case here.)
+
+Names: netns `kx-cap`, node `kx-cap-node` (pins under /sys/fs/bpf/otel-kzt/kx-cap-node), removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration import deploy_files as df
+from tests.integration import deploy_stack as ds
+
+pytestmark = [pytest.mark.kernel, pytest.mark.integration]
+
+NETNS = "kx-cap"
+NODE = "kx-cap-node"
+PIN_DIR = Path("/sys/fs/bpf/otel-kzt") / NODE
+
+
+def _agent() -> dict[str, object]:
+    return df.container(df.get("DaemonSet", "otel-kzt-agent"), "agent")
+
+
+def _manifest_caps() -> list[str]:
+    caps: list[str] = _agent()["securityContext"]["capabilities"]["add"]  # type: ignore[index]
+    return caps
+
+
+def _probe_command() -> list[str]:
+    command: list[str] = _agent()["readinessProbe"]["exec"]["command"]  # type: ignore[index]
+    return command
+
+
+def _cleanup() -> None:
+    subprocess.run(
+        [
+            "nsenter",
+            f"--net=/run/netns/{NETNS}",
+            sys.executable,
+            "-m",
+            "otel_kzt.cli",
+            "agent",
+            "--cleanup",
+            "--node-name",
+            NODE,
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False)  # a killed run's leftover
+    subprocess.run(["ip", "netns", "add", NETNS], check=True, timeout=30)
+    try:
+        subprocess.run(["ip", "-n", NETNS, "link", "set", "lo", "up"], check=True, timeout=30)
+        yield NETNS
+    finally:
+        _cleanup()
+        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True, check=False, timeout=30)
+
+
+def _start(tmp_path: Path, caps: list[str]) -> subprocess.Popen[bytes]:
+    metadata = ds.write_metadata(tmp_path / "kx-metadata.json")
+    args = list(_agent()["args"])  # type: ignore[call-overload]
+    args[args.index("--otlp-endpoint") + 1] = f"http://127.0.0.1:{ds.free_port()}"  # nobody listens: fine
+    args[args.index("--interval") + 1] = "1s"
+    bounding = ",".join(["-all", *(f"+{c.lower()}" for c in caps)])
+    argv = [
+        "nsenter",
+        f"--net=/run/netns/{NETNS}",
+        "setpriv",
+        "--no-new-privs",
+        f"--bounding-set={bounding}",
+        "--",
+        sys.executable,
+        "-m",
+        "otel_kzt.cli",
+        *args,
+        "--kube-metadata",
+        str(metadata),
+    ]
+    env = {**os.environ, "NODE_NAME": NODE}
+    with (tmp_path / f"agent-{'-'.join(caps) or 'none'}.log").open("wb") as log:
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _probe_ok() -> bool:
+    env = {**os.environ, "NODE_NAME": NODE}
+    return subprocess.run(_probe_command(), env=env, check=False, timeout=10).returncode == 0
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(netns: str, tmp_path: Path) -> None:
+    assert not _probe_ok()
+    proc = _start(tmp_path, _manifest_caps())
+    try:
+        ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent's pins (readiness probe)")
+        log = next(tmp_path.glob("agent-*.log")).read_text(errors="replace")
+        assert proc.poll() is None, f"agent exited {proc.returncode}:\n{log[-2000:]}"
+        status = Path(f"/proc/{_python_child(proc.pid)}/status").read_text()
+        effective = int(
+            next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16
+        )
+        # Exactly the manifest's set, less what this test process does not hold itself (a sandbox may lack
+        # SYS_RESOURCE, which this kernel does not need).
+        assert effective == _cap_mask(_manifest_caps()) & _own_bounding_set()
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0  # SIGTERM: final export (refused), clean exit
+
+
+@pytest.mark.parametrize("missing", ["BPF", "PERFMON", "NET_ADMIN", "SYSLOG"])
+def test_agent_fails_without_each_datapath_capability(netns: str, tmp_path: Path, missing: str) -> None:
+    assert not _probe_ok()
+    caps = [c for c in _manifest_caps() if c != missing]
+    proc = _start(tmp_path, caps)
+    try:
+        ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent to exit or attach")
+        assert not _probe_ok(), f"the agent attached without {missing}: the manifest would over-grant"
+        assert proc.returncode not in (None, 0), f"without {missing} the agent must fail"
+    finally:
+        _stop(proc)
+
+
+# Linux capability numbers (include/uapi/linux/capability.h).
+_CAP_NUMBERS = {"NET_ADMIN": 12, "SYS_RESOURCE": 24, "SYSLOG": 34, "PERFMON": 38, "BPF": 39}
+
+
+def _cap_mask(caps: list[str]) -> int:
+    return sum(1 << _CAP_NUMBERS[c] for c in caps)
+
+
+def _own_bounding_set() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("CapBnd:")).split()[1], 16)
+
+
+def _python_child(pid: int) -> int:
+    """`nsenter` and `setpriv` exec in place, so the pid is already the agent's Python."""
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert any(b"otel_kzt.cli" in part for part in cmdline), shlex.join(p.decode() for p in cmdline)
+    return pid
