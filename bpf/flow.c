@@ -12,8 +12,9 @@
  *                 key (only the listening side's port; ephemeral ports never enter a key) and adds to
  *                 the flow map, or to the overflow bucket when the map is full.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: marks the flows listed in evict_keys4/6 as
- *                 dead, so that after an RCU grace period the agent reads their final value and deletes
- *                 them without losing a racing packet (racing packets go to the overflow bucket).
+ *                 dead. Packets that still reach a dead (or just deleted) flow go to its dying4/6
+ *                 entry; the agent reads the final value after one RCU grace period, deletes the flow,
+ *                 and adds the dying entry after a second one: no packet lost, none counted twice.
  *
  * Every kernel offset comes from the running kernel's BTF as -D flags (KZT_OFF_*); configuration too
  * (KZT_MAP_SIZE, KZT_EPH_MIN/MAX, KZT_EVICT_BATCH, KZT_PIN_DIR when pinning).
@@ -50,6 +51,10 @@ KZT_TABLE("percpu_array", u32, u64, stats, KZT_STAT_MAX);
 KZT_TABLE("prog", u32, u32, progs, 1);
 KZT_TABLE("array", u32, u64, meta, 4);
 /* Private to one agent process: the evictor's command. */
+/* Packets of flows being evicted (marked dead, or already deleted while a program still held them):
+ * the agent adds them to the flow's final value after a second grace period. */
+KZT_TABLE("hash", struct flow_key4, struct overflow_value, dying4, KZT_DYING_SIZE);
+KZT_TABLE("hash", struct flow_key6, struct overflow_value, dying6, KZT_DYING_SIZE);
 BPF_ARRAY(evict_keys4, struct flow_key4, KZT_EVICT_BATCH);
 BPF_ARRAY(evict_keys6, struct flow_key6, KZT_EVICT_BATCH);
 BPF_ARRAY(evict_count, u32, 3);  /* [0] IPv4 keys listed, [1] IPv6 keys listed (in); [2] marked (out) */
@@ -125,6 +130,47 @@ static __always_inline int kzt_eq6(const struct flow_key6 *a, const struct flow_
     ((*(volatile u32 *)&(v)->dead || !eq(&(v)->key, key)) ? 0 :          \
      (__sync_fetch_and_add(&(v)->bytes, bytes), __sync_fetch_and_add(&(v)->packets, 1), 1))
 
+/* A packet of a flow being evicted goes to its dying entry (the overflow bucket if that map is full).
+ * (bcc allows no map calls inside macros: one function per family.) */
+static __always_inline void kzt_dying_add(struct overflow_value *d, u64 bytes)
+{
+    __sync_fetch_and_add(&d->bytes, bytes);
+    __sync_fetch_and_add(&d->packets, 1);
+    kzt_stat(KZT_STAT_EVICT_RACE);
+}
+
+static __always_inline void kzt_dying4(struct flow_key4 *key, u64 bytes)
+{
+    struct overflow_value first = {bytes, 1};
+    struct overflow_value *d = dying4.lookup(key);
+    if (d) {
+        kzt_dying_add(d, bytes);
+    } else if (dying4.insert(key, &first) == 0) {
+        kzt_stat(KZT_STAT_EVICT_RACE);
+    } else if ((d = dying4.lookup(key))) {
+        kzt_dying_add(d, bytes);
+    } else {
+        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+    }
+}
+
+static __always_inline void kzt_dying6(struct flow_key6 *key, u64 bytes)
+{
+    struct overflow_value first = {bytes, 1};
+    struct overflow_value *d = dying6.lookup(key);
+    if (d) {
+        kzt_dying_add(d, bytes);
+    } else if (dying6.insert(key, &first) == 0) {
+        kzt_stat(KZT_STAT_EVICT_RACE);
+    } else if ((d = dying6.lookup(key))) {
+        kzt_dying_add(d, bytes);
+    } else {
+        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+    }
+}
+
+#define KZT_EEXIST 17
+
 static __always_inline void kzt_count4(struct flow_key4 *key, u64 bytes)
 {
     struct flow_value4 *v = flows4.lookup(key);
@@ -134,16 +180,21 @@ static __always_inline void kzt_count4(struct flow_key4 *key, u64 bytes)
         init.packets = 1;
         init.first_seen_ns = bpf_ktime_get_boot_ns();
         init.key = *key;
-        if (flows4.insert(key, &init) == 0)  /* BPF_NOEXIST: fails when full or another CPU won */
+        int err = flows4.insert(key, &init);  /* BPF_NOEXIST: fails when full or another CPU won */
+        if (err == 0)
             return;
         v = flows4.lookup(key);
         if (!v) {
-            kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+            /* Full; or it existed a moment ago and was just deleted: an eviction in progress. */
+            if (err == -KZT_EEXIST)
+                kzt_dying4(key, bytes);
+            else
+                kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
             return;
         }
     }
     if (!KZT_ACCOUNT(v, key, kzt_eq4, bytes))
-        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+        kzt_dying4(key, bytes);
 }
 
 static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes)
@@ -155,16 +206,20 @@ static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes)
         init.packets = 1;
         init.first_seen_ns = bpf_ktime_get_boot_ns();
         init.key = *key;
-        if (flows6.insert(key, &init) == 0)
+        int err = flows6.insert(key, &init);
+        if (err == 0)
             return;
         v = flows6.lookup(key);
         if (!v) {
-            kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+            if (err == -KZT_EEXIST)
+                kzt_dying6(key, bytes);
+            else
+                kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
             return;
         }
     }
     if (!KZT_ACCOUNT(v, key, kzt_eq6, bytes))
-        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+        kzt_dying6(key, bytes);
 }
 
 /* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later. */

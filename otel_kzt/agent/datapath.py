@@ -25,7 +25,7 @@ from typing import Any
 
 from otel_kzt.agent import flowmap, links, netfilter, pins, probe
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
-from otel_kzt.agent.flowtables import EVICT_BATCH, FlowTables, boot_to_unix_offset
+from otel_kzt.agent.flowtables import DYING_SIZE, EVICT_BATCH, FlowTables, boot_to_unix_offset
 from otel_kzt.errors import ConfigError, KernelUnsupported, ProgramLoadError
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Datapath:
             ephemeral_min=c.ephemeral_min,
             ephemeral_max=c.ephemeral_max,
             evict_batch=EVICT_BATCH,
+            dying_size=DYING_SIZE,
             pin_dir=str(self._dir) if c.pin else None,
         )
 
@@ -226,44 +227,41 @@ class Datapath:
     def evict(self, keys: Iterable[FlowKey]) -> int:
         """Remove flows without losing a byte; their final counters appear in the next `Snapshot.evicted`.
 
-        Packets of an evicted flow that race with the eviction are added to the overflow bucket and
-        counted in `Snapshot.eviction_races`; a packet after the eviction starts the flow anew."""
-        by_family: dict[int, list[bytes]] = {family: [] for family in flowmap.LAYOUTS}
+        Packets that race with the eviction are added to their flow's final value (and counted in
+        `Snapshot.eviction_races`); a packet after the eviction starts the flow anew."""
+        by_layout: dict[flowmap.Layout, list[bytes]] = {layout: [] for layout in flowmap.LAYOUTS.values()}
         for key in dict.fromkeys(keys):
-            by_family[key.family].append(flowmap.encode_key(key))
+            by_layout[flowmap.LAYOUTS[key.family]].append(flowmap.encode_key(key))
         with self._lock:
             tables = self._tables_or_raise()
             if self._evict_fd < 0:
                 raise KernelUnsupported(
                     "eviction needs BPF_PROG_TEST_RUN for netfilter programs (Linux >= 6.6)"
                 )
-            for family, raw_keys in by_family.items():
-                for start in range(0, len(raw_keys), EVICT_BATCH):
-                    tables.mark_dead(flowmap.LAYOUTS[family], raw_keys[start : start + EVICT_BATCH])
-            netfilter.synchronize_rcu()
-            removed = 0
-            for family, raw_keys in by_family.items():
-                final = tables.collect_dead(flowmap.LAYOUTS[family], raw_keys)
-                for key, counters in final.items():
-                    last = self._seen.pop(key, (0, counters.last_seen_unix_ns))[1]
-                    self._evicted[key] = replace(counters, last_seen_unix_ns=last)
-                removed += len(final)
-            log.debug("evicted flows=%d node=%s", removed, self.config.node_name)
-            return removed
+            final = tables.evict(by_layout)
+            for key, counters in final.items():
+                last = self._seen.pop(key, (0, counters.last_seen_unix_ns))[1]
+                self._evicted[key] = replace(counters, last_seen_unix_ns=last)
+            log.debug("evicted flows=%d node=%s", len(final), self.config.node_name)
+            return len(final)
 
     def _finish_leftover_evictions(self) -> None:
-        """A previous agent may have died between marking flows dead and deleting them."""
+        """A previous agent may have died in the middle of an eviction: finish it."""
         if self._tables is None or self._evict_fd < 0:
             return
+        tables = self._tables
         dead = {
-            layout: [raw for raw, value in self._tables.read(layout).items() if value[3]]
+            layout: [raw for raw, value in tables.read(layout).items() if value[3]]
             for layout in flowmap.LAYOUTS.values()
         }
-        if any(dead.values()):
-            log.info("finishing evictions left by a previous agent flows=%d", sum(map(len, dead.values())))
-            netfilter.synchronize_rcu()
-            for layout, raw_keys in dead.items():
-                self._evicted.update(self._tables.collect_dead(layout, raw_keys))
+        netfilter.synchronize_rcu()
+        finals = {layout: tables.collect_dead(layout, raw_keys) for layout, raw_keys in dead.items()}
+        netfilter.synchronize_rcu()
+        for layout, final in finals.items():
+            self._evicted.update(tables.sweep_dying(layout))
+            self._evicted.update(tables.fold_dying(layout, final))
+        if self._evicted:
+            log.info("finished evictions left by a previous agent flows=%d", len(self._evicted))
 
     # --- stop --------------------------------------------------------------------------------------------
 

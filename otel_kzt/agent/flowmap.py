@@ -27,6 +27,7 @@ class Layout:
 
     family: int
     map_name: str
+    dying_name: str  # packets that raced with an eviction, per flow (struct overflow_value)
     evict_keys: str  # the evictor's command array for this family
     evict_count_index: int  # evict_count[i] holds how many keys are listed
     key: struct.Struct  # proto u8, port_side u8, port u16, src, dst
@@ -38,10 +39,22 @@ class Layout:
 
 
 V4: Final = Layout(
-    AF_INET, "flows4", "evict_keys4", 0, struct.Struct("<BBH4s4s"), struct.Struct("<QQQIxxxx12sxxxx")
+    AF_INET,
+    "flows4",
+    "dying4",
+    "evict_keys4",
+    0,
+    struct.Struct("<BBH4s4s"),
+    struct.Struct("<QQQIxxxx12sxxxx"),
 )
 V6: Final = Layout(
-    AF_INET6, "flows6", "evict_keys6", 1, struct.Struct("<BBH16s16s"), struct.Struct("<QQQIxxxx36sxxxx")
+    AF_INET6,
+    "flows6",
+    "dying6",
+    "evict_keys6",
+    1,
+    struct.Struct("<BBH16s16s"),
+    struct.Struct("<QQQIxxxx36sxxxx"),
 )
 LAYOUTS: Final = {AF_INET: V4, AF_INET6: V6}
 

@@ -1,7 +1,8 @@
 """Where a node's datapath lives in bpffs, and how it is removed (`otel-kzt agent --cleanup`).
 
     <pin_root>/<node>/link_v4, link_v6      the netfilter links (running the dispatcher)
-    <pin_root>/<node>/flows4, flows6, overflow, stats, progs, meta   the maps (bcc's BPF_TABLE_PINNED)
+    <pin_root>/<node>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta   the maps (bcc's
+                                                           BPF_TABLE_PINNED)
 
 Pins keep links and maps alive while no agent runs, so a restart loses nothing.
 """
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 BPFFS = Path("/sys/fs/bpf")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/otel-kzt"
 LINK_NAMES = {netfilter.NFPROTO_IPV4: "link_v4", netfilter.NFPROTO_IPV6: "link_v6"}
-MAP_NAMES = ("flows4", "flows6", "overflow", "stats", "progs", "meta")
+MAP_NAMES = ("flows4", "flows6", "dying4", "dying6", "overflow", "stats", "progs", "meta")
 # A Kubernetes node name is a DNS subdomain: it is also a safe path component.
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 

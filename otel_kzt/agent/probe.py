@@ -88,6 +88,7 @@ def flow_cflags(
     ephemeral_min: int,
     ephemeral_max: int,
     evict_batch: int,
+    dying_size: int,
     pin_dir: str | None,
 ) -> list[str]:
     flags = [
@@ -101,6 +102,7 @@ def flow_cflags(
         f"-DKZT_EPH_MIN={ephemeral_min}",
         f"-DKZT_EPH_MAX={ephemeral_max}",
         f"-DKZT_EVICT_BATCH={evict_batch}",
+        f"-DKZT_DYING_SIZE={dying_size}",
     ]
     if pin_dir is not None:
         flags.append(f'-DKZT_PIN_DIR="{pin_dir}"')

@@ -92,7 +92,8 @@ def test_eviction_while_traffic_runs_loses_nothing(
     assert removed > 20, "evictions must really have happened during the traffic"
     assert total_packets == sent
     assert total_bytes == sent * (UDP_V4_OVERHEAD + 64)
-    assert last.overflow_packets == last.eviction_races  # nothing else may reach the overflow bucket
+    # Racing packets were kept with their flow (in its final value), not in the overflow bucket.
+    assert last.eviction_races > 0 and last.overflow_packets == 0
 
 
 def test_restart_unchanged_misses_nothing_and_keeps_first_seen(
@@ -159,6 +160,8 @@ def test_cleanup_detaches_and_unpins(net: Net, datapath: DatapathFactory) -> Non
     ids = _link_ids(dp)
     directory = os.path.join(PIN_ROOT, dp.config.node_name)
     assert sorted(os.listdir(directory)) == [
+        "dying4",
+        "dying6",
         "flows4",
         "flows6",
         "link_v4",
