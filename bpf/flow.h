@@ -61,7 +61,7 @@ struct overflow_value {
 
 /* Per-CPU event counters (index into the stats array). */
 #define KZT_STAT_INSERT_FAILED 0  /* flow map full: counted in the overflow bucket */
-#define KZT_STAT_EVICT_RACE 1     /* packet of a flow being evicted: counted in the overflow bucket */
+#define KZT_STAT_EVICT_RACE 1     /* packet of a flow being evicted: kept in its dying entry */
 #define KZT_STAT_NOT_IP 2         /* neither IPv4 nor IPv6 at the network header: not counted */
 #define KZT_STAT_READ_FAILED 3    /* header read failed: counted in the overflow bucket */
 #define KZT_STAT_MAX 4

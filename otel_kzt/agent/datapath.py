@@ -8,8 +8,9 @@ Pinned (the default) links and maps live under `<pin_root>/<node>/` and survive 
 - changed map layout or size: the node is reset (logged), as old and new values cannot be mixed.
 
 Eviction of idle flows is lossless: the kernel-side evictor marks them dead (packets that race with it
-go to the overflow bucket and are counted), an RCU grace period lets every program that saw them alive
-finish, then their final values are read, handed to the next snapshot (`Snapshot.evicted`) and deleted.
+go to a per-flow dying entry), an RCU grace period lets every program that saw them alive finish, their
+final values are read and they are deleted; after a second grace period the dying entries are added.
+The totals reach the next snapshot (`Snapshot.evicted`). See `flowtables.FlowTables.evict`.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class Snapshot:
     taken_unix_ns: int
     # Added by the datapath (defaults keep older constructors working):
     insert_failures: int = 0  # packets that found the map full (their bytes are in overflow_*)
-    eviction_races: int = 0  # packets that raced with their flow's eviction (bytes in overflow_*)
+    eviction_races: int = 0  # packets that raced with their flow's eviction (kept in its evicted value)
     # Flows removed by Datapath.evict() since the previous snapshot, with their final cumulative counters
     # (including any packet that arrived between the last read and the eviction): report them once more.
     evicted: dict[FlowKey, FlowCounters] = field(default_factory=dict)
