@@ -84,12 +84,19 @@ class Core:
     ) -> None:
         self._index, self._agg, self._health = index, aggregates, health
         self._sinks = tuple(sinks)
-        self._flow_log, self._flow_logs_otlp = flow_log, flow_logs_otlp
+        self._flow_log = flow_log
         self._clock = clock
         self._slots = threading.BoundedSemaphore(max_inflight)
         self._table = SeriesTable(aggregates, max_series, series_ttl_s, health.series_dropped.inc)
-        flow_logs = flow_log is not None or (flow_logs_otlp and bool(self._sinks))
-        self._points = SumEnricher(resolver, self._table, aggregates, prices, flow_logs=flow_logs)
+        self._flow_logs_otlp = flow_logs_otlp and bool(self._sinks)
+        self._points = SumEnricher(
+            resolver,
+            self._table,
+            aggregates,
+            prices,
+            json_flow_logs=flow_log is not None,
+            otlp_flow_logs=self._flow_logs_otlp,
+        )
         aggregates.before_snapshot = self._table.fold_all
         health.bind(index.ready, lambda: self._table.count)
 

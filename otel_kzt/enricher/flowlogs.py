@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TextIO
 
@@ -41,28 +41,32 @@ _START_ATTR: Final = AttributeEncoder(schema.FLOW_LOG_INTERVAL_START)  # Unix se
 class FlowTemplate:
     """The constant part of one flow's records, rendered once per series and metadata generation."""
 
-    __slots__ = ("attrs", "json_prefix", "otlp_static", "traffic_class", "usd_per_byte")
+    __slots__ = ("json_prefix", "otlp_static", "traffic_class", "usd_per_byte")
 
-    def __init__(self, resolved: Resolved, usd_per_byte: float) -> None:
-        self.attrs: Mapping[str, str] = resolved.attrs
+    def __init__(self, resolved: Resolved, usd_per_byte: float, *, json_lines: bool, otlp: bool) -> None:
+        """Render only the forms that are written (each is about a kilobyte per billed series)."""
         self.traffic_class: TrafficClass = resolved.traffic_class
         self.usd_per_byte = usd_per_byte
-        head = {"event": schema.FLOW_LOG_EVENT_NAME, **dict(sorted(resolved.attrs.items()))}
-        self.json_prefix = json.dumps(head, separators=(",", ":"))[:-1]
-        record = LogRecord(
-            severity_number=SEVERITY_NUMBER_INFO,
-            severity_text="INFO",
-            event_name=schema.FLOW_LOG_EVENT_NAME,
-            body=AnyValue(
-                string_value=f"{resolved.traffic_class.value} flow "
-                f"{resolved.attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
-                f"{resolved.attrs.get(schema.DESTINATION_ADDRESS, '?')}"
-            ),
-            attributes=[
-                KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in sorted(resolved.attrs.items())
-            ],
-        )
-        self.otlp_static = record.SerializeToString()
+        attrs = sorted(resolved.attrs.items())
+        self.json_prefix = ""
+        if json_lines:
+            self.json_prefix = json.dumps(
+                {"event": schema.FLOW_LOG_EVENT_NAME, **dict(attrs)}, separators=(",", ":")
+            )[:-1]
+        self.otlp_static = b""
+        if otlp:
+            record = LogRecord(
+                severity_number=SEVERITY_NUMBER_INFO,
+                severity_text="INFO",
+                event_name=schema.FLOW_LOG_EVENT_NAME,
+                body=AnyValue(
+                    string_value=f"{resolved.traffic_class.value} flow "
+                    f"{resolved.attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
+                    f"{resolved.attrs.get(schema.DESTINATION_ADDRESS, '?')}"
+                ),
+                attributes=[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in attrs],
+            )
+            self.otlp_static = record.SerializeToString()
 
 
 @dataclass(slots=True)

@@ -59,10 +59,12 @@ class SumEnricher:
         aggregates: Aggregates,
         prices: PriceTable,
         *,
-        flow_logs: bool,
+        json_flow_logs: bool,
+        otlp_flow_logs: bool,
     ) -> None:
         self._resolver, self._table, self._agg, self._prices = resolver, table, aggregates, prices
-        self._flow_logs = flow_logs
+        self._json_flow_logs, self._otlp_flow_logs = json_flow_logs, otlp_flow_logs
+        self._flow_logs = json_flow_logs or otlp_flow_logs
 
     def enrich(
         self,
@@ -183,7 +185,11 @@ class SumEnricher:
         usd_per_byte = self._prices.per_byte(resolved.traffic_class, resolved.provider)
         targets = self._agg.targets(name, resolved, usd_per_byte)
         billed = self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES
-        template = FlowTemplate(resolved, usd_per_byte) if billed else None
+        template = (
+            FlowTemplate(resolved, usd_per_byte, json_lines=self._json_flow_logs, otlp=self._otlp_flow_logs)
+            if billed
+            else None
+        )
         resolved = resolved.slim()
         if entry is not None:
             self._table.relabel(entry, resolved, targets, batch.generation)

@@ -39,22 +39,25 @@ class Aggregates:
         self.cost: Totals = {}
         self.agent_last_report: dict[str, float] = {}
         self._orphaned: dict[tuple[int, tuple[str, ...]], float] = {}  # entry -> since no series feeds it
+        self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}  # pruned with the entries in retain()
         # Folds pending per-series increments into the dicts above; set by the core, run under `lock`.
         self.before_snapshot: Callable[[], None] | None = None
 
     def targets(self, metric: str, resolved: Resolved, usd_per_byte: float) -> tuple[Target, ...]:
-        """Where increments of one series go; computed once per series and metadata generation."""
+        """Where increments of one series go; computed once per series and metadata generation.
+
+        Label tuples are interned: thousands of series feed the same workload-level entry."""
         attrs = resolved.attrs
-        flow_key = tuple(attrs.get(a, "") for a in self.flow_labels)
+        flow_key = self._intern(tuple(attrs.get(a, "") for a in self.flow_labels))
         if metric == schema.FLOW_PACKETS:
             return ((self.flow_packets, flow_key, 1.0),)
         out: list[Target] = [(self.flow_bytes, flow_key, 1.0)]
         src_zone, dst_zone = attrs.get(schema.SOURCE_ZONE), attrs.get(schema.DESTINATION_ZONE)
         if src_zone and dst_zone:
-            out.append((self.zone_bytes, (src_zone, dst_zone), 1.0))
+            out.append((self.zone_bytes, self._intern((src_zone, dst_zone)), 1.0))
         pod, namespace = attrs.get(schema.SOURCE_POD_NAME), attrs.get(schema.SOURCE_NAMESPACE_NAME)
         if resolved.traffic_class in _CROSS_ZONE_CLASSES and pod and namespace:
-            out.append((self.pod_cross_zone, (namespace, pod), 1.0))
+            out.append((self.pod_cross_zone, self._intern((namespace, pod)), 1.0))
         if resolved.traffic_class in schema.BILLED_CLASSES and usd_per_byte > 0:
             cost_key = (
                 attrs.get(schema.SOURCE_NAMESPACE_NAME, ""),
@@ -62,8 +65,11 @@ class Aggregates:
                 attrs.get(schema.SOURCE_WORKLOAD_NAME, ""),
                 resolved.traffic_class.value,
             )
-            out.append((self.cost, cost_key, usd_per_byte))
+            out.append((self.cost, self._intern(cost_key), usd_per_byte))
         return tuple(out)
+
+    def _intern(self, key: tuple[str, ...]) -> tuple[str, ...]:
+        return self._interned.setdefault(key, key)
 
     def retain(self, live: Sequence[tuple[Target, ...]], now: float, ttl_s: float) -> None:
         """Drop aggregate entries no live series has fed for `ttl_s`, and agents silent as long.
@@ -76,7 +82,7 @@ class Aggregates:
             for totals, key, _ in targets:
                 keep.setdefault(id(totals), set()).add(key)
         orphans: dict[tuple[int, tuple[str, ...]], float] = {}
-        for totals in (self.flow_bytes, self.flow_packets, self.pod_cross_zone, self.zone_bytes, self.cost):
+        for totals in self._all():
             wanted = keep.get(id(totals), set())
             for key in [k for k in totals if k not in wanted]:
                 since = self._orphaned.get((id(totals), key), now)
@@ -85,8 +91,12 @@ class Aggregates:
                 else:
                     orphans[(id(totals), key)] = since
         self._orphaned = orphans
+        self._interned = {k: k for totals in self._all() for k in totals}
         for node in [n for n, t in self.agent_last_report.items() if t < now - ttl_s]:
             del self.agent_last_report[node]
+
+    def _all(self) -> tuple[Totals, ...]:
+        return (self.flow_bytes, self.flow_packets, self.pod_cross_zone, self.zone_bytes, self.cost)
 
     def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:
         with self.lock:

@@ -58,7 +58,6 @@ class Series:
     seen: float = 0.0
     total: float = 0.0  # increments not yet folded into the aggregates
 
-
     def set_point_len(self, point_len: int) -> None:
         """Canonical points of one series all have the same length: the header is computed once."""
         enriched = point_len + len(self.resolved.extra)

@@ -47,7 +47,7 @@ def template(cls: TrafficClass = TrafficClass.CROSS_ZONE) -> FlowTemplate:
         schema.DESTINATION_ADDRESS: "10.0.0.4",
         schema.TRAFFIC_CLASS: cls,
     }
-    return FlowTemplate(Resolved(b"", attrs, cls, "aws"), 0.02 / 1e9)
+    return FlowTemplate(Resolved(b"", attrs, cls, "aws"), 0.02 / 1e9, json_lines=True, otlp=True)
 
 
 def test_flow_record_json_and_otlp() -> None:
