@@ -192,3 +192,30 @@ def test_prometheusrule_spec_passes_promtool(tmp_path: Path) -> None:
         [promtool, "check", "rules", str(extracted)], capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_container_args_are_accepted_by_the_real_command_line() -> None:
+    # The manifests' args go through the same parser and config validation as on a node.
+    from otel_kzt.agent.command import load_config
+    from otel_kzt.cli import build_parser
+    from otel_kzt.enricher.command import build_config
+
+    agent = df.container(df.get("DaemonSet", "otel-kzt-agent"), "agent")
+    args = build_parser().parse_args(agent["args"])
+    env = {e["name"]: "kx-node-1" for e in agent["env"] if e["name"] == "NODE_NAME"}
+    config = load_config(args, environ=env)
+    assert config.node_name == "kx-node-1"
+    assert config.otlp.endpoints == ("http://otel-kzt-enricher-headless.otel-kzt.svc:4317",)
+    assert config.pin is True  # the probes look for the pins
+
+    enricher = df.container(df.get("Deployment", "otel-kzt-enricher"), "enricher")
+    enricher_config = build_config(build_parser().parse_args(enricher["args"]))
+    ports = {p["containerPort"] for p in enricher["ports"]}
+    for endpoint in (
+        enricher_config.grpc_endpoint,
+        enricher_config.http_endpoint,
+        enricher_config.metrics_endpoint,
+    ):
+        host, port = endpoint.rsplit(":", 1)
+        assert int(port) in ports, endpoint
+        assert not host.startswith("127.") and host not in {"localhost", "[::1]"}, "probes come from outside"
