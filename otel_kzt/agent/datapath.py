@@ -259,8 +259,11 @@ class Datapath:
         finals = {layout: tables.collect_dead(layout, raw_keys) for layout, raw_keys in dead.items()}
         netfilter.synchronize_rcu()
         for layout, final in finals.items():
-            self._evicted.update(tables.sweep_dying(layout))
             self._evicted.update(tables.fold_dying(layout, final))
+            # Whatever is left belongs to flows deleted before the crash: report it on its own (the
+            # previous agent's final value of that flow never left its memory).
+            for key, rest in tables.sweep_dying(layout).items():
+                self._evicted.setdefault(key, rest)
         if self._evicted:
             log.info("finished evictions left by a previous agent flows=%d", len(self._evicted))
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent import netfilter
+from otel_kzt.agent import flowmap, netfilter
 from otel_kzt.agent.datapath import LINK_PRIORITY, Datapath, cleanup
 from otel_kzt.agent.flows import FlowCounters, FlowKey
 from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
@@ -225,3 +225,22 @@ def test_pins_of_another_namespace_are_replaced_not_adopted(net: Net, datapath: 
     net.traffic(net.pod_a, "udp", net.b4, 53, 3, 10)
     settle()
     assert second.snapshot().flows[key(net.a4, net.b4, UDP, dport=53)].packets == 3
+
+
+def test_eviction_interrupted_by_a_crash_is_finished_by_the_next_agent(
+    net: Net, datapath: DatapathFactory
+) -> None:
+    net.drop_udp_at(net.pod_b)
+    first = datapath()
+    net.traffic(net.pod_a, "udp", net.b4, 53, 4, 10)
+    settle()
+    k = key(net.a4, net.b4, UDP, dport=53)
+    assert first._tables is not None
+    assert first._tables.mark_dead(flowmap.V4, [flowmap.encode_key(k)]) == 1
+    first.close()  # "crash": marked dead, never collected
+    net.traffic(net.pod_a, "udp", net.b4, 53, 3, 10)  # these race with the eviction: its dying entry
+    second = datapath()
+    snap = second.snapshot()
+    assert k not in snap.flows
+    assert (snap.evicted[k].packets, snap.evicted[k].bytes) == (7, 7 * (UDP_V4_OVERHEAD + 10))
+    assert snap.overflow_packets == 0
