@@ -12,9 +12,11 @@ import logging
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from types import FrameType
+from typing import Any, Final
 
-from otel_kzt.configfile import parse_duration
+from otel_kzt.configfile import check_keys, load_yaml, merge, parse_duration
 from otel_kzt.demo.runner import ClusterRun, RunConfig
 from otel_kzt.demo.view import Scrape, frame, parse, render
 from otel_kzt.errors import ConfigError
@@ -29,46 +31,74 @@ class _Stop(Exception):
     """Raised by the SIGTERM/SIGHUP handler so that clean-up runs as for Ctrl-C."""
 
 
+# Defaults in one place; every key is also a YAML key of `--config` (flags win over the file).
+DEFAULTS: Final[dict[str, Any]] = {
+    "zones": 3, "nodes_per_zone": 2, "interval": "2s", "duration": None, "once": False, "speed": 1.0,
+    "top": 10, "metrics_port": 9464, "otlp_port": 4317, "prefix": "kzd", "net_id": 201,
+}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--zones", type=int, default=3, help="availability zones (default 3)")
-    parser.add_argument("--nodes-per-zone", type=int, default=2, help="nodes in each zone (default 2)")
-    parser.add_argument("--interval", default="2s", help="agent export and view refresh interval (2s)")
-    parser.add_argument("--duration", default=None, help="stop after this long (default: until Ctrl-C; "
-                        f"{ONCE_DEFAULT_DURATION_S:.0f}s with --once)")
-    parser.add_argument("--once", action="store_true",
-                        help="no live view: run, print one final report, exit 0")
-    parser.add_argument("--speed", type=float, default=1.0, help="traffic rate multiplier (default 1.0)")
-    parser.add_argument("--top", type=int, default=10, help="talkers shown (default 10)")
-    parser.add_argument("--metrics-port", type=int, default=9464, help="enricher /metrics port (9464)")
-    parser.add_argument("--otlp-port", type=int, default=4317, help="enricher OTLP/gRPC port (4317)")
+    add = parser.add_argument
+    add("--config", metavar="FILE", help="YAML file with any of the options below (flags win)")
+    add("--zones", type=int, help="availability zones (default 3)")
+    add("--nodes-per-zone", type=int, help="nodes in each zone (default 2)")
+    add("--interval", help="agent export and view refresh interval (default 2s)")
+    add("--duration", help=f"stop after this long (default: until Ctrl-C; {ONCE_DEFAULT_DURATION_S:.0f}s "
+        "with --once)")
+    add("--once", action="store_const", const=True, help="no live view: run, print one final report, exit 0")
+    add("--speed", type=float, help="traffic rate multiplier (default 1.0)")
+    add("--top", type=int, help="talkers shown (default 10)")
+    add("--metrics-port", type=int, help="enricher /metrics port on 127.0.0.1 (default 9464)")
+    add("--otlp-port", type=int, help="enricher OTLP/gRPC port on the fabric (default 4317)")
     # For the end-to-end tests and parallel runs: namespace prefix and address plan id.
-    parser.add_argument("--prefix", default="kzd", help=argparse.SUPPRESS)
-    parser.add_argument("--net-id", type=int, default=201, help=argparse.SUPPRESS)
+    add("--prefix", help=argparse.SUPPRESS)
+    add("--net-id", type=int, help=argparse.SUPPRESS)
 
 
-def config_from(args: argparse.Namespace) -> tuple[RunConfig, float | None]:
-    """The run config and the duration (None: until interrupted); bad values name their flag."""
-    if not 1 <= args.zones <= 26:
-        raise ConfigError("--zones", f"must be within 1..26, got {args.zones}")
-    if args.nodes_per_zone < 1 or args.zones * args.nodes_per_zone > 100:
-        raise ConfigError("--nodes-per-zone", "must be at least 1, and at most 100 nodes in all")
-    if not args.speed > 0:
-        raise ConfigError("--speed", f"must be positive, got {args.speed}")
-    if not 1 <= args.net_id <= 250:
-        raise ConfigError("--net-id", f"must be within 1..250, got {args.net_id}")
-    interval = parse_duration(args.interval, "--interval")
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Flags over the `--config` file over DEFAULTS; unknown file keys are errors."""
+    file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    check_keys(file_values, frozenset(DEFAULTS), "")
+    flags = {k: getattr(args, k, None) for k in DEFAULTS}
+    return {**DEFAULTS, **merge(file_values, flags)}
+
+
+def _int(v: dict[str, Any], key: str, low: int, high: int) -> int:
+    value = v[key]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(key, f"must be an integer within {low}..{high}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    run: RunConfig
+    duration_s: float | None  # None: until interrupted
+    once: bool
+    top: int
+
+
+def config_from(args: argparse.Namespace) -> DemoConfig:
+    """The validated demo config; bad values raise ConfigError naming their field."""
+    v = settings(args)
+    zones = _int(v, "zones", 1, 26)
+    per_zone = _int(v, "nodes_per_zone", 1, 100 // zones)
+    speed = v["speed"]
+    if isinstance(speed, bool) or not isinstance(speed, int | float) or not speed > 0:
+        raise ConfigError("speed", f"must be a positive number, got {speed!r}")
+    interval = parse_duration(v["interval"], "interval")
     if interval < 0.2:
-        raise ConfigError("--interval", "must be at least 200ms")
-    duration = parse_duration(args.duration, "--duration") if args.duration is not None else None
-    if duration is None and args.once:
+        raise ConfigError("interval", "must be at least 200ms")
+    duration = parse_duration(v["duration"], "duration") if v["duration"] is not None else None
+    if duration is None and v["once"]:
         duration = ONCE_DEFAULT_DURATION_S
-    for name in ("metrics_port", "otlp_port"):
-        if not 1 <= getattr(args, name) <= 65535:
-            raise ConfigError(f"--{name.replace('_', '-')}", "must be a TCP port")
-    cfg = RunConfig(prefix=args.prefix, net_id=args.net_id, zones=args.zones,
-                    nodes_per_zone=args.nodes_per_zone, interval_s=interval, grpc_port=args.otlp_port,
-                    metrics_port=args.metrics_port, speed=args.speed)
-    return cfg, duration
+    if not isinstance(v["prefix"], str) or not v["prefix"].isalnum() or len(v["prefix"]) > 6:
+        raise ConfigError("prefix", "must be 1 to 6 letters or digits (it names namespaces and links)")
+    cfg = RunConfig(prefix=v["prefix"], net_id=_int(v, "net_id", 1, 250), zones=zones,
+                    nodes_per_zone=per_zone, interval_s=interval, grpc_port=_int(v, "otlp_port", 1, 65535),
+                    metrics_port=_int(v, "metrics_port", 1, 65535), speed=float(speed))
+    return DemoConfig(run=cfg, duration_s=duration, once=bool(v["once"]), top=_int(v, "top", 1, 1000))
 
 
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
@@ -82,10 +112,10 @@ def _title(run: ClusterRun, started: float, duration: float | None) -> str:
             f"{len(c.pods)} pods, up {time.monotonic() - started:.0f}s{left} (Ctrl-C to stop)")
 
 
-def _loop(run: ClusterRun, args: argparse.Namespace, duration: float | None, first: Scrape) -> Scrape:
-    started = first.taken
+def _loop(run: ClusterRun, demo: DemoConfig, first: Scrape) -> Scrape:
+    started, duration = first.taken, demo.duration_s
     prev = last = first
-    live = not args.once
+    live = not demo.once
     while duration is None or time.monotonic() - started < duration:
         wait = run.config.interval_s
         if duration is not None:
@@ -93,7 +123,7 @@ def _loop(run: ClusterRun, args: argparse.Namespace, duration: float | None, fir
         time.sleep(wait)
         last = parse(run.scrape(), time.monotonic())
         if live:
-            text = render(frame(prev, last, args.top), run.metrics_url, _title(run, started, duration))
+            text = render(frame(prev, last, demo.top), run.metrics_url, _title(run, started, duration))
             sys.stdout.write((CLEAR if sys.stdout.isatty() else "\n") + text + "\n")
             sys.stdout.flush()
         prev = last
@@ -101,8 +131,8 @@ def _loop(run: ClusterRun, args: argparse.Namespace, duration: float | None, fir
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg, duration = config_from(args)
-    cluster_run = ClusterRun(cfg)
+    demo = config_from(args)
+    cluster_run = ClusterRun(demo.run)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
         log.info("starting: %d nodes, enricher on %s, logs in %s", len(cluster_run.cluster.nodes),
@@ -111,14 +141,14 @@ def run(args: argparse.Namespace) -> int:
         first = parse(cluster_run.scrape(), time.monotonic())
         cluster_run.start_traffic()
         try:
-            last = _loop(cluster_run, args, duration, first)
+            last = _loop(cluster_run, demo, first)
         except (KeyboardInterrupt, _Stop):
             log.info("stopping")
             last = parse(cluster_run.scrape(), time.monotonic())
         engine = cluster_run.engine
         if engine is not None:
             log.info("traffic: requests ok=%d failed=%d", engine.requests_ok, engine.requests_failed)
-        report = render(frame(first, last, args.top), cluster_run.metrics_url,
+        report = render(frame(first, last, demo.top), cluster_run.metrics_url,
                         f"otel-kzt demo: final report over {last.taken - first.taken:.0f}s "
                         "(rates are averages over the whole run)")
         sys.stdout.write("\n" + report + "\n")
