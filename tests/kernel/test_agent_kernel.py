@@ -44,6 +44,7 @@ PIN_ROOT = "/sys/fs/bpf/otel-kzt"
 RUN = os.getpid() % 200 + 20
 N1, N2, P1, P2, P3 = (f"ka{RUN}-{name}" for name in ("n1", "n2", "p1", "p2", "p3"))
 IP = {P1: "10.88.1.2", P2: "10.88.2.2", P3: "10.88.3.2", N1: "10.88.12.1", N2: "10.88.12.2"}
+IP6 = {P1: "fd88:1::2", P2: "fd88:2::2", P3: "fd88:3::2"}  # pods are dual-stack (local IPv6 only)
 UPLINK = {N1: f"10.89.{RUN}.1", N2: f"10.89.{RUN}.5"}  # the root side, as seen from each node
 INTERVAL = "0.4s"
 UID = {P1: "uid-ka-p1", P2: "uid-ka-p2", P3: "uid-ka-p3"}
@@ -56,6 +57,7 @@ table inet ka {
     counter d5003 {}
     counter d5004 {}
     counter d6000 {}
+    counter d6001 {}
     counter vxlan {}
     chain post {
         type filter hook postrouting priority 0; policy accept;
@@ -65,6 +67,7 @@ table inet ka {
         ip saddr 10.88.3.2 ip daddr 10.88.2.2 udp dport 5003 counter name d5003
         ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5004 counter name d5004
         ip saddr 10.88.1.2 ip daddr 10.88.3.2 udp dport 6000 counter name d6000
+        ip6 saddr fd88:1::2 ip6 daddr fd88:3::2 udp dport 6001 counter name d6001
         ip saddr 10.88.12.1 ip daddr 10.88.12.2 udp dport 4789 counter name vxlan
     }
 }
@@ -87,8 +90,17 @@ def _build(topo: netns.Topology) -> None:
         topo.veth(None, f"ka{RUN}r{i}", node, f"ka{RUN}u{i}", a_addrs=[root], b_addrs=[peer])
     topo.veth(N1, "ka12", N2, "ka21", a_addrs=[f"{IP[N1]}/24"], b_addrs=[f"{IP[N2]}/24"])
     for node, pod, gw in ((N1, P1, "10.88.1.1"), (N1, P3, "10.88.3.1"), (N2, P2, "10.88.2.1")):
-        topo.veth(node, f"ka{pod[-1]}", pod, "eth0", a_addrs=[f"{gw}/24"], b_addrs=[f"{IP[pod]}/24"])
+        gw6 = f"fd88:{pod[-1]}::1"
+        topo.veth(
+            node,
+            f"ka{pod[-1]}",
+            pod,
+            "eth0",
+            a_addrs=[f"{gw}/24", f"{gw6}/64"],
+            b_addrs=[f"{IP[pod]}/24", f"{IP6[pod]}/64"],
+        )
         topo.route(pod, "default", via=gw)
+        topo.route(pod, "default", via=gw6)
     for node, local, remote, dev, overlay in (
         (N1, IP[N1], IP[N2], "ka12", "10.88.200.1/24"),
         (N2, IP[N2], IP[N1], "ka21", "10.88.200.2/24"),
@@ -127,7 +139,7 @@ def _objects(with_p3: bool = True) -> list[dict[str, Any]]:
     objects = [make_node(N1, [IP[N1]], zone="z1"), make_node(N2, [IP[N2]], zone="z2")]
     for pod, node in ((P1, N1), (P2, N2), (P3, N1)):
         if pod != P3 or with_p3:
-            objects.append(make_pod(pod, node, [IP[pod]], uid=UID[pod]))
+            objects.append(make_pod(pod, node, [IP[pod], IP6[pod]], uid=UID[pod]))
     return objects
 
 
@@ -267,6 +279,7 @@ def test_attributes_exact_values_forwarded_absent_overlay_not_counted(bed: Bed, 
     agents(N2)
     bed.traffic(P1, "udp", IP[P2], 5000, 200, 700)
     bed.traffic(P1, "udp", IP[P3], 6000, 30, 300)
+    bed.traffic(P1, "udp", IP6[P3], 6001, 20, 400)
     time.sleep(0.2)
     bed.wait_exports(N1)
     bed.wait_exports(N2)
@@ -279,6 +292,13 @@ def test_attributes_exact_values_forwarded_absent_overlay_not_counted(bed: Bed, 
     local_b, _ = flow(bed, N1, IP[P1], IP[P3], 6000)
     assert local_b["_value"] == bed.nft("d6000")[0]
     assert (local_b[schema.DESTINATION_POD_NAME], local_b[schema.DESTINATION_POD_UID]) == (P3, UID[P3])
+    v6_b, v6_p = flow(bed, N1, IP6[P1], IP6[P3], 6001)
+    assert (v6_b["_value"], v6_p["_value"]) == bed.nft("d6001") == (20 * 448, 20)  # payload + 8 + 40
+    assert (v6_b[schema.NETWORK_TYPE], v6_b[schema.SOURCE_POD_NAME], v6_b[schema.DESTINATION_POD_NAME]) == (
+        "ipv6",
+        P1,
+        P3,
+    )
     # The encapsulated packets happened, and are not exported on top of the inner ones.
     assert bed.nft("vxlan")[1] >= 200
     assert bed.latest(N1, **{schema.DESTINATION_PORT: 4789}) == {}
