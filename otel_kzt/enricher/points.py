@@ -97,25 +97,20 @@ class SumEnricher:
                 size, pos = read_varint(buf, pos + 1)
             raw = buf[pos : pos + size]
             pos += size
-            if size < CANONICAL_PREFIX:
+            canonical = False
+            if size >= CANONICAL_PREFIX:
+                tag0, start, tag9, t, tag18, value = unpack(raw)
+                canonical = tag0 == 0x11 and tag9 == 0x19 and tag18 == _INT_VALUE_TAG
+            if canonical:
+                key = raw[CANONICAL_PREFIX:]
+                entry = table.get(key)
+                canonical = entry is not None or key[:1] != _EXEMPLARS_TAG  # exemplars: not identity
+            if not canonical:  # another shape: the object path
                 odd = self._odd_point(raw, table, where, batch)
                 out.append(odd)
                 size_out += len(odd)
                 continue
-            tag0, start, tag9, t, tag18, value = unpack(raw)
-            if tag0 != 0x11 or tag9 != 0x19 or tag18 != _INT_VALUE_TAG:  # not the canonical integer shape
-                odd = self._odd_point(raw, table, where, batch)
-                out.append(odd)
-                size_out += len(odd)
-                continue
-            key = raw[CANONICAL_PREFIX:]
-            entry = table.get(key)
             if entry is None or entry.generation != generation:
-                if entry is None and raw[CANONICAL_PREFIX : CANONICAL_PREFIX + 1] == _EXEMPLARS_TAG:
-                    odd = self._odd_point(raw, table, where, batch)  # exemplars are no part of the identity
-                    out.append(odd)
-                    size_out += len(odd)
-                    continue
                 entry = self._resolve(raw, key, table, entry, where[1], batch=batch)
                 if entry is None:
                     continue

@@ -51,6 +51,8 @@ class GrpcReceiver:
         limit = self._settings.max_request_bytes
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="kzt-otlp-grpc"),
+            # Bounded: beyond this gRPC itself answers RESOURCE_EXHAUSTED instead of queueing without end.
+            maximum_concurrent_rpcs=4 * self._workers,
             options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
         )
         server.add_generic_rpc_handlers(
