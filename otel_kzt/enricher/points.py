@@ -1,9 +1,10 @@
 """Per-point enrichment of one serialised kzt.flow.* Sum: the core's hot loop and its slow paths.
 
-A point in the agent's canonical shape (start, time, value first) is split into its 27-byte prefix and its
-series key; the cached series supplies the enriched remainder (key + pre-serialised attributes) and its
-length header, so the point is re-assembled by concatenation. Anything else takes the object path. The
-series' increment goes to `Series.total`; billed flows become flow-log records in the request's `Batch`.
+A point in the agent's canonical shape (start, time, integer value first) is named by what follows those
+27 bytes (its series key); the enriched point is the cached length header + the received bytes + the
+cached, pre-serialised added attributes (concatenation merges repeated fields). Anything else takes the
+object path. The series' increment goes to `Series.total`; billed flows become flow-log records in the
+request's `Batch`.
 """
 
 from __future__ import annotations
