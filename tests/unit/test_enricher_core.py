@@ -334,3 +334,38 @@ def test_generation_change_without_changed_answers_skips_re_resolution(
     )
     core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 20, 1)]))
     assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
+
+
+def test_agent_encoding_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract with the agent: its hand-built requests are in the canonical shape."""
+    from dataclasses import dataclass
+
+    from otel_kzt.agent.encode import RequestEncoder, point_head
+
+    @dataclass
+    class Counts:
+        bytes: int
+        packets: int
+
+    core, _, registry, sink = make_core(FakeIndex())
+    monkeypatch.setattr(
+        core._points, "_odd_point", lambda *a: pytest.fail("agent point took the object path")
+    )
+    encoder = RequestEncoder({schema.RESOURCE_NODE_NAME: "n-a1"}, "otel_kzt.agent", "0.1.0")
+    attrs = [
+        (schema.SOURCE_ADDRESS, "10.0.0.1"),
+        (schema.DESTINATION_ADDRESS, "10.0.0.4"),
+        (schema.NETWORK_TRANSPORT, "tcp"),
+        (schema.DESTINATION_PORT, "443"),
+    ]
+    head = point_head(attrs, 1_000)
+    for value, t in ((3_000, 2_000), (7_500, 3_000)):
+        for payload in encoder.encode([head], [Counts(value, value // 1500)], t):
+            assert (
+                core.consume_metrics(ExportMetricsServiceRequest.FromString(payload), raw=payload).rejected
+                == 0
+            )
+    assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
+    assert (
+        sample(registry, "pod_cross_zone_network_traffic_bytes_total", namespace="shop", pod="web-1") == 7_500
+    )
