@@ -13,6 +13,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from otel_kzt import schema
@@ -173,7 +174,7 @@ class SumEnricher:
             entry.generation = batch.generation
             return entry
         dp = NumberDataPoint.FromString(raw)
-        given = {kv.key: kv.value.string_value for kv in dp.attributes}
+        given = {kv.key: _text(kv.value) for kv in dp.attributes}
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
             batch.reject(_NO_ADDRESS)
             return None
@@ -227,3 +228,15 @@ class SumEnricher:
             record.cost_usd += inc * record.template.usd_per_byte
         else:
             record.packet_count += inc
+
+
+def _text(value: AnyValue) -> str:
+    """An attribute value as label text (ports may come as integers)."""
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return str(value.string_value)
+    if kind == "bool_value":
+        return "true" if value.bool_value else "false"
+    if kind in ("int_value", "double_value"):
+        return str(getattr(value, kind))
+    return ""

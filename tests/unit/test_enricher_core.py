@@ -356,7 +356,7 @@ def test_agent_encoding_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> 
         (schema.SOURCE_ADDRESS, "10.0.0.1"),
         (schema.DESTINATION_ADDRESS, "10.0.0.4"),
         (schema.NETWORK_TRANSPORT, "tcp"),
-        (schema.DESTINATION_PORT, "443"),
+        (schema.DESTINATION_PORT, 443),
     ]
     head = point_head(attrs, 1_000)
     for value, t in ((3_000, 2_000), (7_500, 3_000)):
