@@ -22,6 +22,10 @@ def varint(n: int) -> bytes:
     """Unsigned LEB128; negative int64 values use their two's complement, as protobuf does."""
     if 0 <= n < 0x80:
         return _SMALL[n]
+    if 0 < n < 0x4000:  # the common sizes unrolled: lengths and per-interval counts
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
+    if 0 < n < 0x200000:
+        return bytes(((n & 0x7F) | 0x80, ((n >> 7) & 0x7F) | 0x80, n >> 14))
     if n < 0:
         n += 1 << 64
     out = bytearray()

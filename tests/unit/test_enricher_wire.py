@@ -19,7 +19,9 @@ from otel_kzt.schema import TrafficClass
 from tests.unit.test_enricher_core import FakeIndex, attrs_of, make_core, request
 
 
-@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**32, 2**63 - 1, -1, -(2**63)])
+@pytest.mark.parametrize(
+    "value", [0, 1, 127, 128, 300, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000, 2**32, 2**63 - 1, -1, -(2**63)]
+)
 def test_varint_and_attributes_match_protobuf(value: int) -> None:
     assert b"\x18" + varint(value) == AnyValue(int_value=value).SerializeToString()
     encoder = AttributeEncoder("kzt.flow.bytes")
