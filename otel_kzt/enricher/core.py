@@ -207,7 +207,8 @@ class Core:
             return
         logs = to_otlp_bytes(records) if records and self._flow_logs_otlp else None
         for sink in self._sinks:
-            sink.submit_metrics(payload)
+            if payload:  # an empty request has nothing to forward
+                sink.submit_metrics(payload)
             if logs is not None:
                 sink.submit_logs(logs)
 
