@@ -9,8 +9,10 @@ from __future__ import annotations
 import pytest
 
 from otel_kzt import schema
+from otel_kzt.demo.cluster import PodSpec
 from otel_kzt.demo.runner import ClusterRun
 from otel_kzt.demo.view import parse
+from otel_kzt.enricher.cost import load_prices
 from tests.e2e.conftest import L, expected_class, run_exchanges, wait_exact
 
 pytestmark = pytest.mark.kernel
@@ -69,6 +71,28 @@ def test_kubezonnet_metric_per_source_pod(e2e: ClusterRun) -> None:
                           and expected_class(cluster, src, dst) == schema.TrafficClass.CROSS_ZONE.value)
         assert truth_bytes > 0, pod.name  # every pod has peers in the other zone
         assert metric.get((pod.namespace, pod.name)) == truth_bytes, pod.name
+
+
+def test_cost_is_bytes_times_the_providers_price(e2e: ClusterRun) -> None:
+    """`kzt_estimated_cost_usd_total` per source workload and billed class = ground-truth bytes x the
+    price of the nodes' provider (gce:// provider IDs: GCP), for every pod workload."""
+    cluster = e2e.cluster
+    run_exchanges(_jobs(e2e)[1::4])
+    want, _rows = wait_exact(e2e)
+    prices = load_prices(None, "aws")  # the enricher runs with the built-in table and its default
+    keys = (L(schema.SOURCE_NAMESPACE_NAME), L(schema.SOURCE_WORKLOAD_NAME), L(schema.TRAFFIC_CLASS))
+    cost = parse(e2e.scrape(), 0.0).sum_by(f"{schema.PROM_ESTIMATED_COST}_total", keys)
+    expected: dict[tuple[str, str, str], float] = {}
+    for (src, dst, _p), value in want.items():
+        owner = cluster.owner_of(src)
+        cls = expected_class(cluster, src, dst)
+        if isinstance(owner, PodSpec) and schema.TrafficClass(cls) in schema.BILLED_CLASSES:
+            key = (owner.namespace, owner.workload_name, cls)
+            usd = value * prices.per_byte(schema.TrafficClass(cls), "gcp")
+            expected[key] = expected.get(key, 0.0) + usd
+    assert {k[2] for k in expected} == {"cross-zone", "external"}
+    for key, usd in expected.items():
+        assert cost.get(key) == pytest.approx(usd, rel=1e-9), key
 
 
 def test_pod_to_pod_counted_once_at_the_source(e2e: ClusterRun) -> None:
