@@ -131,6 +131,7 @@ class Engine:
         self._threads: list[threading.Thread] = []
         self._sockets: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._failed: list[str] = []
         self.requests_ok = 0
         self.requests_failed = 0
 
@@ -142,6 +143,9 @@ class Engine:
             self._spawn(f"serve-{listener.owner}", functools.partial(self._serve, listener, event))
         for event in ready:
             event.wait(5.0)
+        if self._failed:
+            self.stop()
+            raise TrafficError("servers did not start: " + "; ".join(self._failed))
         for call in self._calls:
             self._spawn(f"call-{call.client.name}", functools.partial(self._call_loop, call))
 
@@ -168,14 +172,27 @@ class Engine:
         with self._lock:
             self._sockets.append(sock)
 
-    def _serve(self, listener: Listener, ready: threading.Event) -> None:
+    def _listen(self, listener: Listener) -> socket.socket:
         enter_netns(listener.netns)
         server = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        server.bind(("::", listener.port))
-        server.listen(64)
+        try:
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # one socket, both families
+            server.bind(("::", listener.port))
+            server.listen(64)
+        except OSError:
+            server.close()
+            raise
         server.settimeout(0.5)
+        return server
+
+    def _serve(self, listener: Listener, ready: threading.Event) -> None:
+        try:
+            server = self._listen(listener)
+        except (OSError, TrafficError) as exc:
+            self._failed.append(f"{listener.owner} port {listener.port}: {exc}")
+            ready.set()
+            return
         self._track(server)
         ready.set()
         while not self._stop.is_set():
@@ -201,7 +218,11 @@ class Engine:
                 self._sockets.remove(sock)
 
     def _call_loop(self, call: Call) -> None:
-        enter_netns(call.client.netns)
+        try:
+            enter_netns(call.client.netns)
+        except TrafficError as exc:
+            log.error("client not started client=%s error=%s", call.client.name, exc)
+            return
         conns: dict[tuple[str, int], socket.socket] = {}
         turn = 0
         due = time.monotonic()
