@@ -144,11 +144,15 @@ def _matrix(zone_rates: dict[tuple[str, str], float]) -> list[str]:
 
 def render(fr: Frame, metrics_url: str, title: str) -> str:
     lines = [title, "", f"Top cross-zone talkers (rates over the last {fr.seconds:.1f}s)"]
-    lines.append(f"  {'source workload':<34} {'destination workload':<44} {'rate':>11} {'total':>10} "
-                 f"{'est. $/month':>12}")
+    # Columns as wide as the names shown (within limits), so the table fits narrow terminals when it can.
+    src_w = min(40, max([len("source workload"), *(len(t.source) for t in fr.talkers)]))
+    dst_w = min(44, max([len("destination workload"), *(len(t.destination) for t in fr.talkers)]))
+    lines.append(f"  {'source workload':<{src_w}} {'destination workload':<{dst_w}} {'rate':>11} "
+                 f"{'total':>10} {'est. $/month':>12}")
     for t in fr.talkers:
-        lines.append(f"  {t.source:<34.34} {t.destination:<44.44} {human_bytes(t.bytes_per_s) + '/s':>11} "
-                     f"{human_bytes(t.total_bytes):>10} {t.usd_per_month:>12.2f}")
+        lines.append(f"  {t.source:<{src_w}.{src_w}} {t.destination:<{dst_w}.{dst_w}} "
+                     f"{human_bytes(t.bytes_per_s) + '/s':>11} {human_bytes(t.total_bytes):>10} "
+                     f"{t.usd_per_month:>12.2f}")
     if not fr.talkers:
         lines.append("  (no cross-zone traffic reported yet)")
     lines += ["", "Zone x zone (bytes/s, source zone -> destination zone)", *_matrix(fr.zone_rates), ""]
