@@ -47,6 +47,8 @@ _RM_RESOURCE: Final = 1
 _RM_SCOPE_METRICS: Final = 2
 _SM_METRICS: Final = 2
 _METRIC_SUM: Final = 7
+# Resource attributes that name a sender (the rest, like service.version, may change across restarts).
+_AGENT_IDENTITY: Final = (schema.CLUSTER_NAME, schema.SERVICE_NAME, schema.RESOURCE_NODE_NAME)
 
 
 class Sink(Protocol):
@@ -149,11 +151,20 @@ class Core:
         return out.getvalue()
 
     def _resource(self, rm: ResourceMetrics, buf: bytes, batch: Batch, out: Writer) -> None:
-        for kv in rm.resource.attributes:
-            if kv.key == schema.RESOURCE_NODE_NAME:
-                self._agg.agent_last_report[kv.value.string_value] = batch.now
+        identity = {
+            kv.key: kv.value.string_value for kv in rm.resource.attributes if kv.key in _AGENT_IDENTITY
+        }
+        node = identity.get(schema.RESOURCE_NODE_NAME)
+        if node:
+            self._agg.agent_last_report[node] = batch.now
         fields = list(split(buf))
-        res_key = next((p for n, _, p in fields if n == _RM_RESOURCE), b"")
+        # Series belong to the sending agent, not to its whole resource: an upgraded agent (new
+        # service.version) carries on its cumulative sums, which must continue the same series.
+        res_key = (
+            "\0".join(identity.get(k, "") for k in _AGENT_IDENTITY).encode()
+            if node
+            else next((p for n, _, p in fields if n == _RM_RESOURCE), b"")
+        )
         scopes = iter(rm.scope_metrics)
         for number, whole, payload in fields:
             if number == _RM_SCOPE_METRICS:

@@ -369,3 +369,21 @@ def test_agent_encoding_takes_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> 
     assert (
         sample(registry, "pod_cross_zone_network_traffic_bytes_total", namespace="shop", pod="web-1") == 7_500
     )
+
+
+def test_agent_upgrade_continues_its_series() -> None:
+    """A new service.version (or host.name) on the same node keeps the series: no double counting."""
+    core, _, registry, _ = make_core(FakeIndex())
+    for value, version in ((100, "0.1.0"), (180, "0.2.0")):
+        req = request([("10.0.0.1", "10.0.0.4", value, 1)])
+        req.resource_metrics[0].resource.attributes.add(
+            key=schema.SERVICE_VERSION
+        ).value.string_value = version
+        core.consume_metrics(req)
+    assert (
+        sample(registry, "pod_cross_zone_network_traffic_bytes_total", namespace="shop", pod="web-1") == 180
+    )
+    assert core.active_series == 1
+    other_node = request([("10.0.0.1", "10.0.0.4", 50, 1)], node="n-a2")  # another sender: its own series
+    core.consume_metrics(other_node)
+    assert core.active_series == 2
