@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration import deploy_agents as da
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
 
@@ -77,7 +78,7 @@ def netns() -> Iterator[str]:
 
 
 def _start(tmp_path: Path, caps: list[str]) -> subprocess.Popen[bytes]:
-    metadata = ds.write_metadata(tmp_path / "kx-metadata.json")
+    metadata = da.write_metadata(tmp_path / "kx-metadata.json")
     args = list(_agent()["args"])  # type: ignore[call-overload]
     args[args.index("--otlp-endpoint") + 1] = f"http://127.0.0.1:{ds.free_port()}"  # nobody listens: fine
     args[args.index("--interval") + 1] = "1s"

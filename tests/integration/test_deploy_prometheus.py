@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.integration import deploy_agents as da
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
 
@@ -36,7 +37,7 @@ def substitute(expr: str) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ds.PrometheusProcess]:
     work = tmp_path_factory.mktemp("kx-prom")
-    metadata = ds.write_metadata(work / "kx-metadata.json")
+    metadata = da.write_metadata(work / "kx-metadata.json")
     dead = f"http://{ds.LOCALHOST}:{ds.free_port()}"  # nothing listens: exports fail and are counted
     exporters = [{"endpoint": dead, "queue_size": 1, "max_elapsed": "1s", "timeout": "500ms"}]
     enricher_config = work / "kx-enricher.yaml"
@@ -51,8 +52,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ds.PrometheusPro
         enricher = ds.EnricherProcess(work, metadata, "kx-enricher", ["--config", str(enricher_config)])
         closers.append(enricher.stop)
         enricher.wait_ready()
-        for node in ds.NODES:
-            closers.append(ds.start_agent(node, [enricher.otlp_url], metadata).close)
+        for node in da.NODES:
+            closers.append(da.start_agent(node, [enricher.otlp_url], metadata).close)
         prometheus = ds.PrometheusProcess(work, {JOB: [enricher.metrics_target]}, [rules_path])
         closers.append(prometheus.stop)
         # Enough scrapes for every rate window, and one rule evaluation after the data arrived.

@@ -21,6 +21,7 @@ import pytest
 
 from otel_kzt import schema
 from otel_kzt.agent.export import expand, rendezvous_rank, resolve
+from tests.integration import deploy_agents as da
 from tests.integration import deploy_stack as ds
 
 pytestmark = pytest.mark.integration
@@ -40,7 +41,7 @@ FAMILIES = [
 class Bed:
     prometheus: ds.PrometheusProcess
     replicas: list[ds.EnricherProcess]
-    agents: list[ds.Agent]
+    agents: list[da.Agent]
     home: dict[str, int]  # node -> index of the replica it picks first
 
 
@@ -53,7 +54,7 @@ def _split_ports() -> tuple[list[int], dict[str, int]]:
     for _ in range(50):
         ports = [ds.free_port(), ds.free_port()]
         urls = [f"http://{ds.LOCALHOST}:{p}" for p in ports]
-        home = {node: urls.index(_preferred(node, urls)) for node in ds.NODES}
+        home = {node: urls.index(_preferred(node, urls)) for node in da.NODES}
         if len(set(home.values())) == 2 and ports[0] != ports[1]:
             return ports, home
     raise AssertionError("no port pair splits the agents")
@@ -61,7 +62,7 @@ def _split_ports() -> tuple[list[int], dict[str, int]]:
 
 @pytest.fixture
 def bed(tmp_path: Path) -> Iterator[Bed]:
-    metadata = ds.write_metadata(tmp_path / "kx-metadata.json")
+    metadata = da.write_metadata(tmp_path / "kx-metadata.json")
     closers: list[object] = []
     try:
         reference = ds.EnricherProcess(tmp_path, metadata, "kx-reference")
@@ -82,7 +83,7 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
         )
         closers.append(prometheus.stop)
         urls = [r.otlp_url for r in replicas]
-        agents = [ds.start_agent(node, urls, metadata, reference=reference.otlp_url) for node in ds.NODES]
+        agents = [da.start_agent(node, urls, metadata, reference=reference.otlp_url) for node in da.NODES]
         closers.extend(a.close for a in agents)
         yield Bed(prometheus, replicas, agents, home)
     finally:
@@ -144,7 +145,7 @@ def _writers(bed: Bed) -> dict[str, set[str]]:
 
 def test_two_replicas_sum_to_one_and_survive_losing_one(bed: Bed) -> None:
     targets = [r.metrics_target for r in bed.replicas]
-    ds.wait_for(lambda: set(_writers(bed)) == set(ds.NODES), 20, "every agent reporting")
+    ds.wait_for(lambda: set(_writers(bed)) == set(da.NODES), 20, "every agent reporting")
     # Single writer: each agent reports to exactly its rendezvous replica, and both replicas are used.
     expected = {node: {targets[i]} for node, i in bed.home.items()}
     assert _writers(bed) == expected
@@ -162,7 +163,7 @@ def test_two_replicas_sum_to_one_and_survive_losing_one(bed: Bed) -> None:
     bed.replicas[victim].stop()
     survivor = targets[1 - victim]
     ds.wait_for(
-        lambda: _writers(bed) == {node: {survivor} for node in ds.NODES},
+        lambda: _writers(bed) == {node: {survivor} for node in da.NODES},
         30,
         "every agent failing over to the surviving replica",
     )
