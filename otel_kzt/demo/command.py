@@ -19,7 +19,7 @@ from typing import Any, Final
 from otel_kzt.configfile import check_keys, load_yaml, merge, parse_duration
 from otel_kzt.demo.runner import ClusterRun, RunConfig
 from otel_kzt.demo.view import Scrape, frame, parse, render
-from otel_kzt.errors import ConfigError
+from otel_kzt.errors import ConfigError, KztError
 
 log = logging.getLogger(__name__)
 
@@ -112,22 +112,45 @@ def _title(run: ClusterRun, started: float, duration: float | None) -> str:
             f"{len(c.pods)} pods, up {time.monotonic() - started:.0f}s{left} (Ctrl-C to stop)")
 
 
-def _loop(run: ClusterRun, demo: DemoConfig, first: Scrape) -> Scrape:
-    started, duration = first.taken, demo.duration_s
-    prev = last = first
-    live = not demo.once
-    while duration is None or time.monotonic() - started < duration:
-        wait = run.config.interval_s
-        if duration is not None:
-            wait = min(wait, max(0.0, duration - (time.monotonic() - started)))
-        time.sleep(wait)
-        last = parse(run.scrape(), time.monotonic())
-        if live:
-            text = render(frame(prev, last, demo.top), run.metrics_url, _title(run, started, duration))
-            sys.stdout.write((CLEAR if sys.stdout.isatty() else "\n") + text + "\n")
-            sys.stdout.flush()
-        prev = last
-    return last
+class _Viewer:
+    """Scrapes the enricher each interval, draws the live view, and keeps the first and last good scrape."""
+
+    def __init__(self, run: ClusterRun, demo: DemoConfig) -> None:
+        self.run, self.demo = run, demo
+        self.first = self.last = parse(run.scrape(), time.monotonic())
+
+    def scrape(self) -> Scrape:
+        """A fresh scrape; a failed one (the enricher busy or restarting) keeps the last good one."""
+        try:
+            self.last = parse(self.run.scrape(), time.monotonic())
+        except OSError as exc:
+            enricher = self.run.enricher
+            if enricher is None or enricher.poll() is not None:
+                raise KztError(f"the enricher stopped; its log is in {self.run.workdir}") from exc
+            log.warning("scrape failed, keeping the last one: url=%s error=%s", self.run.metrics_url, exc)
+        return self.last
+
+    def loop(self) -> None:
+        started, duration = self.first.taken, self.demo.duration_s
+        prev = self.first
+        while duration is None or time.monotonic() - started < duration:
+            wait = self.run.config.interval_s
+            if duration is not None:
+                wait = min(wait, max(0.0, duration - (time.monotonic() - started)))
+            time.sleep(wait)
+            cur = self.scrape()
+            if not self.demo.once and cur is not prev:
+                text = render(frame(prev, cur, self.demo.top), self.run.metrics_url,
+                              _title(self.run, started, duration))
+                sys.stdout.write((CLEAR if sys.stdout.isatty() else "\n") + text + "\n")
+                sys.stdout.flush()
+            prev = cur
+
+    def report(self) -> str:
+        first, last = self.first, self.last
+        return render(frame(first, last, self.demo.top), self.run.metrics_url,
+                      f"otel-kzt demo: final report over {last.taken - first.taken:.0f}s "
+                      "(rates are averages over the whole run)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -138,20 +161,17 @@ def run(args: argparse.Namespace) -> int:
         log.info("starting: %d nodes, enricher on %s, logs in %s", len(cluster_run.cluster.nodes),
                  cluster_run.metrics_url, cluster_run.workdir)
         cluster_run.start(traffic=False)
-        first = parse(cluster_run.scrape(), time.monotonic())
+        viewer = _Viewer(cluster_run, demo)  # the baseline, before any traffic
         cluster_run.start_traffic()
         try:
-            last = _loop(cluster_run, demo, first)
+            viewer.loop()
         except (KeyboardInterrupt, _Stop):
             log.info("stopping")
-            last = parse(cluster_run.scrape(), time.monotonic())
+            viewer.scrape()
         engine = cluster_run.engine
         if engine is not None:
             log.info("traffic: requests ok=%d failed=%d", engine.requests_ok, engine.requests_failed)
-        report = render(frame(first, last, demo.top), cluster_run.metrics_url,
-                        f"otel-kzt demo: final report over {last.taken - first.taken:.0f}s "
-                        "(rates are averages over the whole run)")
-        sys.stdout.write("\n" + report + "\n")
+        sys.stdout.write("\n" + viewer.report() + "\n")
         return 0
     finally:
         try:

@@ -92,6 +92,37 @@ def test_interrupted_live_view_leaves_nothing(sig: signal.Signals, tmp_path: Pat
     assert_nothing_left()
 
 
+def _enricher_pid() -> int:
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"enricher" in cmdline and b"127.0.0.1:29465" in cmdline:
+                return int(proc.name)
+    raise AssertionError("the demo's enricher is not running")
+
+
+def test_enricher_dying_ends_the_demo_cleanly(tmp_path: Path) -> None:
+    lines: queue.Queue[str] = queue.Queue()
+    errors = tmp_path / "demo.err"
+    with errors.open("w") as err, subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE,
+                                                    stderr=err, text=True, cwd=REPO) as proc:
+        assert proc.stdout is not None
+        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+        try:
+            _wait_for_view(proc, lines, errors)
+            os.kill(_enricher_pid(), signal.SIGKILL)
+            assert proc.wait(60) == 1
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert "the enricher stopped" in errors.read_text()
+    assert_nothing_left()
+
+
 def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
     """SIGKILL: no clean-up can run; its children die with it and the next demo removes the rest."""
     lines: queue.Queue[str] = queue.Queue()
