@@ -1,10 +1,14 @@
 """Per-point enrichment of one serialised kzt.flow.* Sum: the core's hot loop and its slow paths.
 
+Increments: a new start time means a new or restarted series (its value counts from zero); a lower value
+with the same start time is a reset; a report older than the last one (a retry overtaken by a newer
+report, through queues) adds nothing. The increment goes to `Series.total`; billed flows become flow-log
+records in the request's `Batch`.
+
 A point in the agent's canonical shape (start, time, integer value first) is named by what follows those
 27 bytes (its series key); the enriched point is the cached length header + the received bytes + the
 cached, pre-serialised added attributes (concatenation merges repeated fields). Anything else takes the
-object path. The series' increment goes to `Series.total`; billed flows become flow-log records in the
-request's `Batch`.
+object path.
 """
 
 from __future__ import annotations
@@ -119,13 +123,15 @@ class SumEnricher:
             if value < 0:
                 batch.reject(_BAD_VALUE)
                 continue
-            inc = value - entry.last if start == entry.start and value >= entry.last else value
-            if entry.template is not None and inc:
-                self._flow(batch, (where[0], key), entry, where[1], inc, times=(start, t))
-            entry.start = start
-            entry.last = value
+            if start != entry.start or t >= entry.last_time:  # else: a late older report, nothing new
+                inc = value - entry.last if start == entry.start and value >= entry.last else value
+                if entry.template is not None and inc:
+                    self._flow(batch, (where[0], key), entry, where[1], inc, times=(start, t))
+                entry.start = start
+                entry.last = value
+                entry.last_time = t
+                entry.total += inc
             entry.seen = now
-            entry.total += inc
             if size != entry.point_len:  # the series was first seen in another shape (object path)
                 entry.set_point_len(size)
             out += (entry.header, raw, entry.resolved.extra)
@@ -151,11 +157,13 @@ class SumEnricher:
             batch.reject(_BAD_VALUE)
             return b""
         start, t = dp.start_time_unix_nano, dp.time_unix_nano
-        inc = value - entry.last if start == entry.start and value >= entry.last else value
-        if entry.template is not None and inc:
-            self._flow(batch, (where[0], key), entry, where[1], inc, times=(start, t))
-        entry.start, entry.last, entry.seen = start, value, batch.now
-        entry.total += inc
+        if start != entry.start or t >= entry.last_time:  # same rules as the fast path
+            inc = value - entry.last if start == entry.start and value >= entry.last else value
+            if entry.template is not None and inc:
+                self._flow(batch, (where[0], key), entry, where[1], inc, times=(start, t))
+            entry.start, entry.last, entry.last_time = start, value, t
+            entry.total += inc
+        entry.seen = batch.now
         dp.MergeFromString(entry.resolved.extra)
         return length_delimited(_POINT_TAG, dp.SerializeToString())
 
@@ -222,7 +230,6 @@ class SumEnricher:
             assert entry.template is not None
             since = entry.last_time if start == entry.start and entry.last_time else start
             record = flows[flow_id] = FlowRecord(entry.template, since, t)
-        entry.last_time = t
         if name == schema.FLOW_BYTES:
             record.byte_count += inc
             record.cost_usd += inc * record.template.usd_per_byte

@@ -54,7 +54,7 @@ class Series:
     point_len: int = -1  # length of the received point these were computed for
     start: int = -1
     last: float = 0.0
-    last_time: int = 0
+    last_time: int = 0  # time_unix_nano of the last point counted
     seen: float = 0.0
     total: float = 0.0  # increments not yet folded into the aggregates
 

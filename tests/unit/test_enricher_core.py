@@ -387,3 +387,11 @@ def test_agent_upgrade_continues_its_series() -> None:
     other_node = request([("10.0.0.1", "10.0.0.4", 50, 1)], node="n-a2")  # another sender: its own series
     core.consume_metrics(other_node)
     assert core.active_series == 2
+
+
+def test_late_older_report_adds_nothing() -> None:
+    core, _, registry, _ = make_core(FakeIndex())
+    pod = {"namespace": "shop", "pod": "web-1"}
+    for value, t in ((100, 2_000), (150, 4_000), (100, 3_000), (170, 5_000)):  # (100, 3000) arrives late
+        core.consume_metrics(request([("10.0.0.1", "10.0.0.4", value, 1)], t=t))
+    assert sample(registry, "pod_cross_zone_network_traffic_bytes_total", **pod) == 170
