@@ -57,6 +57,7 @@ class ReceiverSettings:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = 120  # seconds a connection may sit idle or stall mid-request before its thread gives up
 
     def log_message(self, format: str, *args: object) -> None:
         log.debug("http: " + format, *args)
