@@ -71,6 +71,10 @@ class EnricherService:
 
     def _start(self) -> None:
         cfg = self.config
+        # Everything that can fail on bad files first, before anything runs.
+        prices = load_prices(cfg.prices_file, cfg.default_provider)
+        tls = _tls_context(cfg)
+        token = _token(cfg)
         metadata = self._metadata or _open_metadata(cfg)
         metadata.start()
         self._stoppers.append(("metadata", metadata))
@@ -88,7 +92,7 @@ class EnricherService:
             Resolver(index, cfg.cluster_cidrs),
             aggregates,
             health,
-            load_prices(cfg.prices_file, cfg.default_provider),
+            prices,
             sinks=exporters,
             flow_log=flow_log,
             flow_logs_otlp=cfg.flow_logs_otlp,
@@ -96,6 +100,11 @@ class EnricherService:
             series_ttl_s=cfg.series_ttl_s,
             max_inflight=cfg.max_inflight_requests,
         )
+        self._serve(core, index, tls, token)
+
+    def _serve(self, core: Core, index: MetadataIndex, tls: ssl.SSLContext | None, token: str | None) -> None:
+        """Bind /metrics, then the receivers (each one registered for shutdown as soon as it runs)."""
+        cfg = self.config
         if cfg.metrics_endpoint:
             server = _MetricsServer(
                 split_host_port(cfg.metrics_endpoint, "metrics_endpoint"), self.registry, index
@@ -105,22 +114,23 @@ class EnricherService:
             ).start()
             self._stoppers.append(("metrics", server))
             self.ports["metrics"] = int(server.server_address[1])
-        tls = _tls_context(cfg)
         if cfg.http_endpoint:
-            http = HttpReceiver(self._settings(cfg.http_endpoint, "http_endpoint", tls), core)
+            http = HttpReceiver(self._settings(cfg.http_endpoint, "http_endpoint", tls, token), core)
             self.ports["http"] = http.start()
             self._stoppers.append(("http", http))
         if cfg.grpc_endpoint:
             files = (cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file and cfg.tls_key_file else None
             grpc_receiver = GrpcReceiver(
-                self._settings(cfg.grpc_endpoint, "grpc_endpoint", None), core, files
+                self._settings(cfg.grpc_endpoint, "grpc_endpoint", None, token), core, files
             )
             self.ports["grpc"] = grpc_receiver.start()
             self._stoppers.append(("grpc", grpc_receiver))
 
-    def _settings(self, endpoint: str, field: str, tls: ssl.SSLContext | None) -> ReceiverSettings:
+    def _settings(
+        self, endpoint: str, field: str, tls: ssl.SSLContext | None, token: str | None
+    ) -> ReceiverSettings:
         host, port = split_host_port(endpoint, field)
-        return ReceiverSettings(host, port, self.config.max_request_bytes, _token(self.config), tls)
+        return ReceiverSettings(host, port, self.config.max_request_bytes, token, tls)
 
     def shutdown(self) -> None:
         with self._lock:
