@@ -1,9 +1,13 @@
 """The end-to-end bed: the demo's cluster (2 zones x 2 nodes) with real agents and a real enricher.
 
 One session-wide run (agents compile their eBPF program once); traffic is bounded and driven by the tests,
-ground truth is counted by nftables at the senders (truth.py). Namespaces `kz-*`, host link `kz-host`,
-ports 24317 (OTLP) and 29464 (/metrics), lock /run/otel-kzt-kz.lock; all removed at the end, also on
+ground truth is counted by nftables at the senders (truth.py). Everything is removed at the end, also on
 failure.
+
+Two test sessions on one machine (two engineers, or CI next to a developer) must not collide, so each
+session first takes a free *slot* (an flock under /run) that decides its names, address plans and ports:
+slot N uses namespaces `kzN-*` / `kzcN-*`, net ids 202+2N / 203+2N, /metrics ports 29464+N / 29470+N. With
+every slot taken, a session waits for one.
 """
 
 from __future__ import annotations
@@ -19,17 +23,16 @@ import pytest
 
 from otel_kzt import schema
 from otel_kzt.demo.cluster import Cluster, NodeSpec, PodSpec
-from otel_kzt.demo.runner import ClusterRun, RunConfig
+from otel_kzt.demo.runner import LOCK_DIR, ClusterRun, DemoBusy, RunConfig, RunLock
 from otel_kzt.demo.traffic import Engine, exchange
 from otel_kzt.demo.view import FLOW_BYTES, parse
 from otel_kzt.demo.workloads import Listener
 from tests.conftest import kernel_unavailable_reason
 from tests.e2e import truth
 
-PREFIX = "kz"
-NET_ID = 202
-GRPC_PORT = 24317
-METRICS_PORT = 29464
+SLOTS = 4
+SLOT_WAIT_S = 600.0
+GRPC_PORT = 24317  # bound on each slot's own fabric address, so slots share the number
 TEST_PORT = 24080  # every pod, node and the internet host listen here during the tests
 EXACT_TIMEOUT_S = 30.0
 AGGREGATION = (
@@ -49,12 +52,48 @@ class Row:
     labels: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Slot:
+    index: int
+
+    @property
+    def bed(self) -> tuple[str, int, int]:
+        """(prefix, net id, /metrics port) of the session's cluster."""
+        return f"kz{self.index}", 202 + 2 * self.index, 29464 + self.index
+
+    @property
+    def demo(self) -> tuple[str, int, int]:
+        """(prefix, net id, /metrics port) of the demos the CLI tests start."""
+        return f"kzc{self.index}", 203 + 2 * self.index, 29470 + self.index
+
+
 @pytest.fixture(scope="session")
-def e2e(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRun]:
+def slot() -> Iterator[Slot]:
     if kernel_unavailable_reason() is not None:
         pytest.skip(kernel_unavailable_reason() or "")  # the kernel marker decides skip vs fail first
-    cfg = RunConfig(prefix=PREFIX, net_id=NET_ID, zones=2, nodes_per_zone=2, interval_s=1.0,
-                    grpc_port=GRPC_PORT, metrics_port=METRICS_PORT,
+    deadline = time.monotonic() + SLOT_WAIT_S
+    while True:
+        for index in range(SLOTS):
+            lock = RunLock(LOCK_DIR / f"otel-kzt-e2e-slot-{index}.lock")
+            try:
+                lock.acquire()
+            except DemoBusy:
+                continue
+            try:
+                yield Slot(index)
+            finally:
+                lock.release()
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"all {SLOTS} end-to-end slots stayed busy for {SLOT_WAIT_S:.0f}s")
+        time.sleep(1.0)
+
+
+@pytest.fixture(scope="session")
+def e2e(slot: Slot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRun]:
+    prefix, net_id, metrics_port = slot.bed
+    cfg = RunConfig(prefix=prefix, net_id=net_id, zones=2, nodes_per_zone=2, interval_s=1.0,
+                    grpc_port=GRPC_PORT, metrics_port=metrics_port,
                     enricher_args=("--flow-aggregation", ",".join(AGGREGATION), "--no-flow-logs-stdout"),
                     workdir=Path(tmp_path_factory.mktemp("e2e")))
     run = ClusterRun(cfg)

@@ -18,19 +18,27 @@ from otel_kzt.demo.cluster import make_cluster
 from otel_kzt.demo.runner import LOCK_DIR, ClusterRun, RunLock
 from otel_kzt.netns import NETNS_DIR, netns_exists
 from tests.conftest import REPO
+from tests.e2e.conftest import GRPC_PORT, Slot
 
 pytestmark = pytest.mark.kernel
 
-PREFIX, NET_ID, ZONES, PER_ZONE = "kzc", 204, 2, 1
+ZONES, PER_ZONE = 2, 1
 PIN_ROOT = Path("/sys/fs/bpf/otel-kzt")
-DEMO = [sys.executable, "-m", "otel_kzt.cli", "demo", "--prefix", PREFIX, "--net-id", str(NET_ID),
-        "--zones", str(ZONES), "--nodes-per-zone", str(PER_ZONE), "--metrics-port", "29465",
-        "--otlp-port", "24318", "--interval", "1s"]
 
 
-def assert_nothing_left() -> None:
-    cluster = make_cluster(PREFIX, NET_ID, ZONES, PER_ZONE)
-    assert not [p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{PREFIX}-")]
+@pytest.fixture
+def demo(slot: Slot) -> list[str]:
+    """The demo command line of this session's slot (its own prefix, addresses and ports)."""
+    prefix, net_id, metrics_port = slot.demo
+    return [sys.executable, "-m", "otel_kzt.cli", "demo", "--prefix", prefix, "--net-id", str(net_id),
+            "--zones", str(ZONES), "--nodes-per-zone", str(PER_ZONE), "--metrics-port", str(metrics_port),
+            "--otlp-port", str(GRPC_PORT), "--interval", "1s"]
+
+
+def assert_nothing_left(slot: Slot) -> None:
+    prefix, net_id, _port = slot.demo
+    cluster = make_cluster(prefix, net_id, ZONES, PER_ZONE)
+    assert not [p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{prefix}-")]
     assert not Path(f"/sys/class/net/{cluster.host_link}").exists()
     assert not [n.name for n in cluster.nodes if (PIN_ROOT / n.name).exists()]
     leftovers = []
@@ -40,23 +48,23 @@ def assert_nothing_left() -> None:
                 cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
             except OSError:
                 continue  # gone meanwhile
-            if any(n.name in cmdline for n in cluster.nodes) or "--prefix\0kzc" in cmdline:
+            if any(n.name in cmdline for n in cluster.nodes) or f"--prefix\0{prefix}\0" in cmdline:
                 leftovers.append(cmdline.replace("\0", " "))
     assert not leftovers
-    lock = RunLock(LOCK_DIR / f"otel-kzt-{PREFIX}.lock")
+    lock = RunLock(LOCK_DIR / f"otel-kzt-{prefix}.lock")
     lock.acquire()  # free: nobody holds it
     lock.release()
 
 
-def test_once_prints_a_report_and_leaves_nothing() -> None:
-    proc = subprocess.run([*DEMO, "--once", "--duration", "6s"], capture_output=True, text=True,
+def test_once_prints_a_report_and_leaves_nothing(slot: Slot, demo: list[str]) -> None:
+    proc = subprocess.run([*demo, "--once", "--duration", "6s"], capture_output=True, text=True,
                           timeout=180, cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "final report" in out and "Top cross-zone talkers" in out
     assert "no cross-zone traffic reported yet" not in out  # two zones: the story crosses them
-    assert "shop/" in out and "cross-zone" in out and "http://127.0.0.1:29465/metrics" in out
-    assert_nothing_left()
+    assert "shop/" in out and "cross-zone" in out and f"http://127.0.0.1:{slot.demo[2]}/metrics" in out
+    assert_nothing_left(slot)
 
 
 def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
@@ -74,10 +82,11 @@ def _wait_for_view(proc: subprocess.Popen[str], lines: queue.Queue[str], errors:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_live_view_leaves_nothing(sig: signal.Signals, tmp_path: Path) -> None:
+def test_interrupted_live_view_leaves_nothing(sig: signal.Signals, tmp_path: Path, slot: Slot,
+                                              demo: list[str]) -> None:
     lines: queue.Queue[str] = queue.Queue()
     errors = tmp_path / "demo.err"
-    with errors.open("w") as err, subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE,
+    with errors.open("w") as err, subprocess.Popen([*demo, "--duration", "5m"], stdout=subprocess.PIPE,
                                                     stderr=err, text=True, cwd=REPO) as proc:
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
@@ -89,45 +98,45 @@ def test_interrupted_live_view_leaves_nothing(sig: signal.Signals, tmp_path: Pat
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    assert_nothing_left()
+    assert_nothing_left(slot)
 
 
-def _enricher_pid() -> int:
+def _enricher_pid(metrics_port: int) -> int:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmdline = (proc / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"enricher" in cmdline and b"127.0.0.1:29465" in cmdline:
+            if b"enricher" in cmdline and f"127.0.0.1:{metrics_port}".encode() in cmdline:
                 return int(proc.name)
     raise AssertionError("the demo's enricher is not running")
 
 
-def test_enricher_dying_ends_the_demo_cleanly(tmp_path: Path) -> None:
+def test_enricher_dying_ends_the_demo_cleanly(tmp_path: Path, slot: Slot, demo: list[str]) -> None:
     lines: queue.Queue[str] = queue.Queue()
     errors = tmp_path / "demo.err"
-    with errors.open("w") as err, subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE,
+    with errors.open("w") as err, subprocess.Popen([*demo, "--duration", "5m"], stdout=subprocess.PIPE,
                                                     stderr=err, text=True, cwd=REPO) as proc:
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         try:
             _wait_for_view(proc, lines, errors)
-            os.kill(_enricher_pid(), signal.SIGKILL)
+            os.kill(_enricher_pid(slot.demo[2]), signal.SIGKILL)
             assert proc.wait(60) == 1
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     assert "the enricher stopped" in errors.read_text()
-    assert_nothing_left()
+    assert_nothing_left(slot)
 
 
-def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
+def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path, slot: Slot, demo: list[str]) -> None:
     """SIGKILL: no clean-up can run; its children die with it and the next demo removes the rest."""
     lines: queue.Queue[str] = queue.Queue()
     errors = tmp_path / "demo.err"
-    with errors.open("w") as err, subprocess.Popen([*DEMO, "--duration", "5m"], stdout=subprocess.PIPE,
+    with errors.open("w") as err, subprocess.Popen([*demo, "--duration", "5m"], stdout=subprocess.PIPE,
                                                     stderr=err, text=True, cwd=REPO) as proc:
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
@@ -136,11 +145,11 @@ def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path) -> None:
         finally:
             proc.kill()
             proc.wait()
-    assert netns_exists(f"{PREFIX}-n0")  # left behind, as a crash would
-    proc2 = subprocess.run([*DEMO, "--once", "--duration", "2s"], capture_output=True, text=True,
+    assert netns_exists(f"{slot.demo[0]}-n0")  # left behind, as a crash would
+    proc2 = subprocess.run([*demo, "--once", "--duration", "2s"], capture_output=True, text=True,
                            timeout=180, cwd=REPO, check=False)
     assert proc2.returncode == 0, proc2.stderr[-3000:]
-    assert_nothing_left()
+    assert_nothing_left(slot)
 
 
 def test_second_demo_gets_a_clear_error(e2e: ClusterRun) -> None:
