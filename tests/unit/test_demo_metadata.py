@@ -9,21 +9,21 @@ import kubernetes_validate
 import pytest
 
 from otel_kzt.demo import metadata
-from otel_kzt.demo.cluster import make_cluster
+from otel_kzt.demo.cluster import Cluster, make_cluster
 from otel_kzt.demo.workloads import build_story
 from otel_kzt.k8s.filesource import parse_objects
 from otel_kzt.schema import WorkloadKind
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cluster, Path]:
     cluster = make_cluster("kz", 202, 3, 2)
     build_story(cluster)
     path = metadata.write(cluster, tmp_path_factory.mktemp("meta") / "cluster.json")
     return cluster, path
 
 
-def test_every_object_is_a_valid_kubernetes_object(written: tuple[object, Path]) -> None:
+def test_every_object_is_a_valid_kubernetes_object(written: tuple[Cluster, Path]) -> None:
     _, path = written
     doc = json.loads(path.read_text())
     assert doc["kind"] == "List" and doc["apiVersion"] == "v1"
@@ -31,15 +31,15 @@ def test_every_object_is_a_valid_kubernetes_object(written: tuple[object, Path])
         kubernetes_validate.validate(item, "1.30", strict=True)
 
 
-def test_decoder_names_pods_workloads_and_zones(written: tuple[object, Path]) -> None:
+def test_decoder_names_pods_workloads_and_zones(written: tuple[Cluster, Path]) -> None:
     cluster, path = written
     nodes, pods = parse_objects(path.read_text(), str(path))
     zones = {n.name: n.zone for n in nodes}
-    assert zones == {n.name: n.zone for n in cluster.nodes}  # type: ignore[attr-defined]
+    assert zones == {n.name: n.zone for n in cluster.nodes}
     assert {n.provider for n in nodes} == {"gcp"}
     assert all(n.region == "europe-west1" for n in nodes)
     by_name = {r.endpoint.pod_name: r for r in pods}
-    for pod in cluster.pods:  # type: ignore[attr-defined]
+    for pod in cluster.pods:
         record = by_name[pod.name]
         assert record.endpoint.workload_kind is pod.workload_kind
         assert record.endpoint.workload_name == pod.workload_name
