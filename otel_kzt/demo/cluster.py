@@ -79,7 +79,8 @@ class NodeSpec:
     zone: str
     zone_index: int
     region: str
-    project: str  # the GCE project of spec.providerID
+    provider_id: str  # spec.providerID: gce://project/zone/name or aws:///zone/instance
+    instance_type: str
     v4: str
     v6: str
 
@@ -180,23 +181,39 @@ class Cluster:
         return None
 
 
-def make_cluster(prefix: str, net_id: int, zones: int, nodes_per_zone: int,
-                 region: str = "europe-west1") -> Cluster:
-    """`zones` x `nodes_per_zone` nodes named like GKE nodes of `region` (zones `<region>-a`, `-b` ...)."""
+STYLES = ("gke", "eks")
+
+
+def _node_identity(style: str, zone: str, v4: str, *, pool: str, index: int) -> tuple[str, str, str]:
+    """(name, providerID, instance type) as the cloud names its nodes."""
+    if style == "eks":
+        # EKS's default names contain dots (a DNS name): what real clusters throw at the agent's pins.
+        name = f"ip-{v4.replace('.', '-')}.{zone[:-1]}.compute.internal"
+        return name, f"aws:///{zone}/i-0{pool}{index:08x}", "m6i.large"
+    name = f"gke-demo-pool-{zone[-1]}-{pool}-{index:04d}"
+    return name, f"gce://otel-kzt-demo/{zone}/{name}", "e2-standard-4"
+
+
+def make_cluster(prefix: str, net_id: int, zones: int, nodes_per_zone: int, style: str = "gke") -> Cluster:
+    """`zones` x `nodes_per_zone` nodes, named as GKE (europe-west1-a ...) or EKS (eu-west-1a ...) would."""
     if not 1 <= zones <= 26:
         raise ValueError(f"zones must be within 1..26, got {zones}")
     if nodes_per_zone < 1 or zones * nodes_per_zone > MAX_NODES:
         raise ValueError(f"nodes per zone must be at least 1 and at most {MAX_NODES} nodes in all")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     plan = AddressPlan(net_id)
+    region = "eu-west-1" if style == "eks" else "europe-west1"
     nodes = []
     # Unique per address plan, so two users of the topology never share a node name (and its pins).
     pool = hashlib.sha256(f"{prefix}/{net_id}".encode()).hexdigest()[:8]
     for z in range(zones):
-        letter = chr(ord("a") + z)
+        zone = f"{region}{chr(ord('a') + z)}" if style == "eks" else f"{region}-{chr(ord('a') + z)}"
         for k in range(nodes_per_zone):
             index = z * nodes_per_zone + k
+            v4 = plan.node(index, 4)
+            name, provider_id, instance_type = _node_identity(style, zone, v4, pool=pool, index=index)
             nodes.append(NodeSpec(
-                index=index, name=f"gke-demo-pool-{letter}-{pool}-{index:04d}", netns=f"{prefix}-n{index}",
-                zone=f"{region}-{letter}", zone_index=z, region=region, project="otel-kzt-demo",
-                v4=plan.node(index, 4), v6=plan.node(index, 6)))
+                index=index, name=name, netns=f"{prefix}-n{index}", zone=zone, zone_index=z, region=region,
+                provider_id=provider_id, instance_type=instance_type, v4=v4, v6=plan.node(index, 6)))
     return Cluster(prefix=prefix, plan=plan, region=region, nodes=nodes)

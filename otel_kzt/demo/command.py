@@ -17,6 +17,7 @@ from types import FrameType
 from typing import Any, Final
 
 from otel_kzt.configfile import check_keys, load_yaml, merge, parse_duration
+from otel_kzt.demo.cluster import STYLES
 from otel_kzt.demo.runner import ClusterRun, RunConfig
 from otel_kzt.demo.view import Scrape, frame, parse, render
 from otel_kzt.errors import ConfigError, KztError
@@ -34,7 +35,7 @@ class _Stop(Exception):
 # Defaults in one place; every key is also a YAML key of `--config` (flags win over the file).
 DEFAULTS: Final[dict[str, Any]] = {
     "zones": 3, "nodes_per_zone": 2, "interval": "2s", "duration": None, "once": False, "speed": 1.0,
-    "top": 10, "metrics_port": 9464, "otlp_port": 4317, "prefix": "kzd", "net_id": 201,
+    "top": 10, "metrics_port": 9464, "otlp_port": 4317, "prefix": "kzd", "net_id": 201, "style": "gke",
 }
 
 
@@ -54,6 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # For the end-to-end tests and parallel runs: namespace prefix and address plan id.
     add("--prefix", help=argparse.SUPPRESS)
     add("--net-id", type=int, help=argparse.SUPPRESS)
+    add("--style", choices=STYLES, help=argparse.SUPPRESS)  # node names as GKE (default) or EKS write them
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -93,11 +95,14 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
     duration = parse_duration(v["duration"], "duration") if v["duration"] is not None else None
     if duration is None and v["once"]:
         duration = ONCE_DEFAULT_DURATION_S
+    style = v["style"]
+    if style not in STYLES:
+        raise ConfigError("style", f"must be one of {', '.join(STYLES)}, got {style!r}")
     if not isinstance(v["prefix"], str) or not v["prefix"].isalnum() or len(v["prefix"]) > 6:
         raise ConfigError("prefix", "must be 1 to 6 letters or digits (it names namespaces and links)")
     cfg = RunConfig(prefix=v["prefix"], net_id=_int(v, "net_id", 1, 250), zones=zones,
                     nodes_per_zone=per_zone, interval_s=interval, grpc_port=_int(v, "otlp_port", 1, 65535),
-                    metrics_port=_int(v, "metrics_port", 1, 65535), speed=float(speed))
+                    metrics_port=_int(v, "metrics_port", 1, 65535), speed=float(speed), style=style)
     return DemoConfig(run=cfg, duration_s=duration, once=bool(v["once"]), top=_int(v, "top", 1, 1000))
 
 

@@ -1,10 +1,10 @@
 """Kubernetes metadata for the simulated cluster: a `List` of Node and Pod objects, as kubectl prints it.
 
-The objects look like the ones a GKE cluster returns (`kubectl get nodes,pods -A -o yaml`): zone and
-region labels, `gce://<project>/<zone>/<name>` provider IDs, InternalIP addresses; pods with ownerReferences
-(a ReplicaSet plus the pod-template-hash label for Deployments, the StatefulSet, the DaemonSet), nodeName,
-hostNetwork, dual-stack podIPs, phase Running. Agents and the enricher read the file with
-`--kube-metadata`, exactly as they would read a real cluster's dump.
+The objects look like the ones a GKE (or EKS) cluster returns (`kubectl get nodes,pods -A -o yaml`): zone
+and region labels, `gce://<project>/<zone>/<name>` (`aws:///<zone>/<instance>`) provider IDs, InternalIP
+addresses; pods with ownerReferences (a ReplicaSet plus the pod-template-hash label for Deployments, the
+StatefulSet, the DaemonSet), nodeName, hostNetwork, dual-stack podIPs, phase Running. Agents and the
+enricher read the file with `--kube-metadata`, exactly as they would read a real cluster's dump.
 """
 
 from __future__ import annotations
@@ -31,17 +31,18 @@ def node_object(node: NodeSpec) -> dict[str, Any]:
         "kubernetes.io/arch": "amd64",
         "kubernetes.io/os": "linux",
         "kubernetes.io/hostname": node.name,
-        "node.kubernetes.io/instance-type": "e2-standard-4",
-        "cloud.google.com/gke-nodepool": "demo-pool",
+        "node.kubernetes.io/instance-type": node.instance_type,
         LABEL_ZONE: node.zone,
         LABEL_REGION: node.region,
     }
+    if node.provider_id.startswith("gce://"):
+        labels["cloud.google.com/gke-nodepool"] = "demo-pool"
     return {
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {"name": node.name, "uid": _uid("node", node.name), "resourceVersion": "1000",
                      "creationTimestamp": CREATED, "labels": labels},
-        "spec": {"providerID": f"gce://{node.project}/{node.zone}/{node.name}"},
+        "spec": {"providerID": node.provider_id},
         "status": {
             "addresses": [
                 {"type": "InternalIP", "address": node.v4},

@@ -53,6 +53,7 @@ class RunConfig:
     grpc_port: int = 4317
     metrics_port: int = 9464
     speed: float = 1.0
+    style: str = "gke"  # node names and provider IDs as GKE or EKS writes them
     enricher_args: tuple[str, ...] = ()  # extra flags (the tests ask for pod-level aggregation)
     workdir: Path | None = None  # logs and the metadata file; a fresh temporary directory when None
     lock_dir: Path = LOCK_DIR
@@ -100,7 +101,7 @@ class ClusterRun:
 
     def __post_init__(self) -> None:
         cfg = self.config
-        self.cluster = make_cluster(cfg.prefix, cfg.net_id, cfg.zones, cfg.nodes_per_zone)
+        self.cluster = make_cluster(cfg.prefix, cfg.net_id, cfg.zones, cfg.nodes_per_zone, cfg.style)
         self.story = build_story(self.cluster, cfg.speed)
         self.workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix=f"otel-kzt-{cfg.prefix}-"))
         self._lock = RunLock(cfg.lock_dir / f"otel-kzt-{cfg.prefix}.lock")

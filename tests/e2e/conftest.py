@@ -6,8 +6,8 @@ failure.
 
 Two test sessions on one machine (two engineers, or CI next to a developer) must not collide, so each
 session first takes a free *slot* (an flock under /run) that decides its names, address plans and ports:
-slot N uses namespaces `kzN-*` / `kzcN-*`, net ids 202+2N / 203+2N, /metrics ports 29464+N / 29470+N. With
-every slot taken, a session waits for one.
+slot N uses namespaces `kzN-*` / `kzcN-*` / `kzeN-*`, net ids 202+2N / 203+2N / 220+N, /metrics ports
+29464+N / 29470+N / 29480+N. With every slot taken, a session waits for one.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ class Slot:
     def demo(self) -> tuple[str, int, int]:
         """(prefix, net id, /metrics port) of the demos the CLI tests start."""
         return f"kzc{self.index}", 203 + 2 * self.index, 29470 + self.index
+
+    @property
+    def eks(self) -> tuple[str, int, int]:
+        """(prefix, net id, /metrics port) of the EKS-named cluster test."""
+        return f"kze{self.index}", 220 + self.index, 29480 + self.index
 
 
 @pytest.fixture(scope="session")

@@ -76,3 +76,13 @@ def test_small_clusters_still_place_every_workload() -> None:
 def test_bad_sizes_are_refused(zones: int, per_zone: int) -> None:
     with pytest.raises(ValueError):
         make_cluster("kz", 202, zones, per_zone)
+
+
+def test_eks_style_names_and_provider_ids() -> None:
+    cluster = make_cluster("kz", 202, 3, 1, style="eks")
+    assert cluster.zones() == ["eu-west-1a", "eu-west-1b", "eu-west-1c"]
+    node = cluster.nodes[0]
+    assert node.name == "ip-10-202-0-11.eu-west-1.compute.internal"  # dotted, as EKS names nodes
+    assert node.provider_id.startswith("aws:///eu-west-1a/i-0")
+    with pytest.raises(ValueError):
+        make_cluster("kz", 202, 1, 1, style="aks")

@@ -15,9 +15,9 @@ from otel_kzt.k8s.filesource import parse_objects
 from otel_kzt.schema import WorkloadKind
 
 
-@pytest.fixture(scope="module")
-def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Cluster, Path]:
-    cluster = make_cluster("kz", 202, 3, 2)
+@pytest.fixture(scope="module", params=["gke", "eks"])
+def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Cluster, Path]:
+    cluster = make_cluster("kz", 202, 3, 2, style=request.param)
     build_story(cluster)
     path = metadata.write(cluster, tmp_path_factory.mktemp("meta") / "cluster.json")
     return cluster, path
@@ -36,8 +36,8 @@ def test_decoder_names_pods_workloads_and_zones(written: tuple[Cluster, Path]) -
     nodes, pods = parse_objects(path.read_text(), str(path))
     zones = {n.name: n.zone for n in nodes}
     assert zones == {n.name: n.zone for n in cluster.nodes}
-    assert {n.provider for n in nodes} == {"gcp"}
-    assert all(n.region == "europe-west1" for n in nodes)
+    assert {n.provider for n in nodes} == {"gcp" if cluster.region == "europe-west1" else "aws"}
+    assert all(n.region == cluster.region for n in nodes)
     by_name = {r.endpoint.pod_name: r for r in pods}
     for pod in cluster.pods:
         record = by_name[pod.name]
