@@ -6,10 +6,11 @@ candidates are ranked by rendezvous hashing (highest random weight) of `node nam
 agent writes to one receiver (single writer per series: the enricher's cumulative state stays in one
 place), the choice is stable while the set is unchanged, and adding or removing one receiver moves only
 the agents that hashed to it. When the chosen receiver is unreachable, the agent fails over to the next
-ranked one; a candidate that failed is skipped for `down_s`, after which it is tried first again, so an
-agent returns to its own receiver when it is back. Names are re-resolved each interval.
+ranked one; a candidate that failed goes to the end of the ranking for `down_s` (tried only when all the
+others fail too), after which it is tried first again, so an agent returns to its own receiver when it is
+back. Names are re-resolved each interval.
 
-Retries: only what `transport.classify` calls retryable is retried, with exponential backoff and full
+Retries: only what `transport.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
 request dropped. Nothing queues: an interval's retries end at its deadline (the next interval), and the
 next interval's snapshot, which carries the cumulative totals, replaces what was not delivered.
