@@ -166,6 +166,7 @@ class LocalFlows:
         piece = self._pieces.get((key, value))
         if piece is None:
             if len(self._pieces) > 4 * max(len(self._cache), 1024):
+                log.info("attribute cache cap reached, cleared: entries=%d", len(self._pieces))
                 self._pieces.clear()  # bounded: values of evicted flows go
             piece = self._pieces[(key, value)] = attributes(7, ((key, value),))
         return piece
@@ -179,6 +180,7 @@ class LocalFlows:
         named = cache.get(raw)
         if named is None:
             if len(cache) > 4 * max(len(self._cache), 1024):
+                log.info("pod-name cache cap reached, cleared: end=%s entries=%d", end, len(cache))
                 cache.clear()  # bounded like the other caches
             endpoint = self._index.lookup(address_text(raw)) if self._index is not None else None
             local = endpoint is not None and not endpoint.is_node and endpoint.node_name == self._node
