@@ -19,7 +19,7 @@ from typing import Any, Final
 from otel_kzt.configfile import check_keys, load_yaml, merge, parse_duration
 from otel_kzt.demo.cluster import STYLES
 from otel_kzt.demo.runner import ClusterRun, RunConfig
-from otel_kzt.demo.view import Scrape, frame, parse, render
+from otel_kzt.demo.view import Scrape, agents_reporting, frame, parse, render
 from otel_kzt.errors import ConfigError, KztError
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,14 @@ def _raise_stop(signum: int, _frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
 
 
-def _title(run: ClusterRun, started: float, duration: float | None) -> str:
+def _title(run: ClusterRun, started: float, duration: float | None, scrape: Scrape) -> str:
     c = run.cluster
     left = f", {max(0.0, duration - (time.monotonic() - started)):.0f}s left" if duration else ""
+    # An agent is "reporting" when the enricher heard from it within three intervals.
+    reporting = agents_reporting(scrape, time.time(), 3 * run.config.interval_s + 1.0)
     return (f"otel-kzt demo: {len(c.zones())} zones x {len(c.nodes) // len(c.zones())} nodes, "
-            f"{len(c.pods)} pods, up {time.monotonic() - started:.0f}s{left} (Ctrl-C to stop)")
+            f"{len(c.pods)} pods, agents reporting {reporting}/{len(c.nodes)}, "
+            f"up {time.monotonic() - started:.0f}s{left} (Ctrl-C to stop)")
 
 
 class _Viewer:
@@ -146,7 +149,7 @@ class _Viewer:
             cur = self.scrape()
             if not self.demo.once and cur is not prev:
                 text = render(frame(prev, cur, self.demo.top), self.run.metrics_url,
-                              _title(self.run, started, duration))
+                              _title(self.run, started, duration, cur))
                 sys.stdout.write((CLEAR if sys.stdout.isatty() else "\n") + text + "\n")
                 sys.stdout.flush()
             prev = cur

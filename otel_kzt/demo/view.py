@@ -56,6 +56,12 @@ def parse(text: str, taken: float) -> Scrape:
     return Scrape(taken=taken, samples=dict(samples))
 
 
+def agents_reporting(scrape: Scrape, now_unix: float, max_age_s: float) -> int:
+    """Agents whose last report reached the enricher within `max_age_s` (its last-report gauge)."""
+    return sum(1 for _labels, ts in scrape.samples.get(schema.ENRICHER_AGENT_LAST_REPORT, [])
+               if now_unix - ts <= max_age_s)
+
+
 @dataclass(frozen=True, slots=True)
 class Talker:
     source: str

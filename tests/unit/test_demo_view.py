@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from otel_kzt.demo.view import SECONDS_PER_MONTH, frame, human_bytes, parse, render
+from otel_kzt.demo.view import SECONDS_PER_MONTH, agents_reporting, frame, human_bytes, parse, render
 
 
 def _flow(src: str, dst: str, cls: str, value: float, zones: tuple[str, str] = ("a", "b")) -> str:
@@ -68,3 +68,12 @@ def test_render_names_the_way_to_look_next() -> None:
                                              (2.5e9, "2.5 GB"), (7e15, "7000.0 TB")])
 def test_human_bytes(value: float, text: str) -> None:
     assert human_bytes(value) == text
+
+
+def test_agents_reporting_counts_recent_reports_only() -> None:
+    text = ("# TYPE kzt_enricher_agent_last_report_timestamp_seconds gauge\n"
+            'kzt_enricher_agent_last_report_timestamp_seconds{k8s_node_name="a"} 1000.0\n'
+            'kzt_enricher_agent_last_report_timestamp_seconds{k8s_node_name="b"} 995.0\n'
+            'kzt_enricher_agent_last_report_timestamp_seconds{k8s_node_name="c"} 900.0\n')
+    assert agents_reporting(parse(text, 0.0), now_unix=1001.0, max_age_s=7.0) == 2
+    assert agents_reporting(parse("", 0.0), now_unix=1001.0, max_age_s=7.0) == 0
