@@ -206,3 +206,26 @@ def test_failover_and_return() -> None:
     finally:
         a.stop()
         b.stop()
+
+
+def test_retry_after_as_seconds_or_http_date() -> None:
+    from email.utils import formatdate
+
+    from otel_kzt.agent.transport import _retry_after
+
+    assert _retry_after("2.5") == 2.5
+    assert _retry_after(None) is None and _retry_after("soon") is None
+    in_a_minute = _retry_after(formatdate(time.time() + 60, usegmt=True))
+    assert in_a_minute is not None and 55 < in_a_minute <= 60
+
+
+def test_stop_ends_retries_at_once(receiver: GrpcReceiver) -> None:
+    receiver.fail_next(*[Failure(grpc.StatusCode.UNAVAILABLE, 5.0)] * 10)
+    exp = exporter(f"http://127.0.0.1:{receiver.port}")
+    stop = threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    started = time.monotonic()
+    result = exp.export([BODY], time.monotonic() + 30, stop)
+    exp.close()
+    assert (result.sent, result.failed) == (0, 1)
+    assert time.monotonic() - started < 2.0  # not the 5 s the server asked for

@@ -12,6 +12,7 @@ import pytest
 from otel_kzt import schema
 from otel_kzt.agent.config import AgentConfig, OtlpConfig
 from otel_kzt.agent.export import Exporter
+from otel_kzt.agent.flows import Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.service import AgentService
 from tests.unit.test_agent_local import NODE, index, key
@@ -143,3 +144,16 @@ def test_run_stops_with_a_final_export(receiver: GrpcReceiver) -> None:
     assert not thread.is_alive()
     values = [p["_value"] for p in points(receiver.snapshot(), schema.FLOW_BYTES)]
     assert len(values) >= 3 and values[-1] == 15
+
+
+def test_unreadable_map_skips_the_interval(receiver: GrpcReceiver) -> None:
+    from otel_kzt.errors import DatapathError
+
+    class Broken(FakeMap):
+        def snapshot(self) -> Snapshot:
+            raise DatapathError("map gone")
+
+    svc, exp = service(receiver, Broken())
+    result = svc.export_once(time.monotonic() + 1, threading.Event())
+    exp.close()
+    assert (result.sent, result.failed) == (0, 1) and receiver.snapshot() == []
