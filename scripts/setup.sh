@@ -17,7 +17,8 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-pkgs=(python3 python3-venv python3-bpfcc iproute2 nftables prometheus bpftool linux-headers-amd64 procps)
+pkgs=(python3 python3-venv python3-bpfcc iproute2 nftables prometheus bpftool linux-headers-amd64 procps
+      iputils-ping openssl util-linux libcap2-bin)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
