@@ -192,6 +192,10 @@ AGENT_METADATA_SYNCED: Final = "kzt_agent_metadata_synced"
 OTLP_AGENT_FLOWS_TRACKED: Final = "kzt.agent.flows.tracked"  # gauge {flow}: flows in the kernel map
 OTLP_AGENT_FLOWS_EXPORTED: Final = "kzt.agent.flows.exported"  # gauge {flow}: local flows in this export
 OTLP_AGENT_FLOWS_EVICTED: Final = "kzt.agent.flows.evicted"  # sum {flow}: idle flows evicted
+# sum {flow}: evicted flows whose final value was given up undelivered (the bounded retry store was full)
+OTLP_AGENT_FINALS_DROPPED: Final = "kzt.agent.flows.finals_dropped"
+# gauge {flow}: evicted flows whose final value awaits delivery (retried every interval)
+OTLP_AGENT_FINALS_PENDING: Final = "kzt.agent.flows.finals_pending"
 OTLP_AGENT_MAP_FILL_RATIO: Final = "kzt.agent.flow_map.fill_ratio"  # gauge 1
 OTLP_AGENT_OVERFLOW_BYTES: Final = "kzt.agent.overflow.bytes"  # sum By
 OTLP_AGENT_OVERFLOW_PACKETS: Final = "kzt.agent.overflow.packets"  # sum {packet}
