@@ -38,6 +38,13 @@
 
 struct kzt_nf_ctx;  /* struct bpf_nf_ctx: only its skb pointer is read, at KZT_OFF_CTX_SKB */
 
+/* bpf_probe_read_kernel() by its helper number. bcc turns every call spelled bpf_probe_read_kernel into
+ * bpf_probe_read (which netfilter programs may not call) unless /proc/kallsyms shows it real addresses,
+ * i.e. unless the loader holds CAP_SYSLOG and kernel.kptr_restrict < 2. Declaring the helper the way
+ * bcc's own helpers.h does, under another name, escapes that rewrite: the agent needs no CAP_SYSLOG. */
+static long (*kzt_read_kernel)(void *dst, u32 size, const void *unsafe_ptr) =
+    (void *)BPF_FUNC_probe_read_kernel;
+
 #ifdef KZT_PIN_DIR
 #define KZT_TABLE(type, k, v, name, n) BPF_TABLE_PINNED(type, k, v, name, n, KZT_PIN_DIR "/" #name)
 #else
@@ -232,7 +239,7 @@ static __always_inline u32 kzt_walk_v6(const unsigned char *l3, u8 *proto, int *
         if (nexthdr != 0 && nexthdr != 43 && nexthdr != 60 && nexthdr != 44 && nexthdr != 51)
             break;
         u8 eh[4];
-        if (bpf_probe_read_kernel(eh, sizeof(eh), l3 + off) < 0)
+        if (kzt_read_kernel(eh, sizeof(eh), l3 + off) < 0)
             break;
         *proto = eh[0];
         if (nexthdr == 44) {  /* fragment: fixed 8 bytes, offset in the upper 13 bits of bytes 2-3 */
@@ -260,7 +267,7 @@ static __always_inline void kzt_ports(const u8 *hdr, const unsigned char *l3, u3
     if (l4off <= KZT_HDR_READ - 4) {
         l4off &= KZT_HDR_READ - 1;  /* a bound the verifier can see */
         __builtin_memcpy(ports, hdr + l4off, 4);
-    } else if (bpf_probe_read_kernel(ports, sizeof(ports), l3 + l4off) < 0) {
+    } else if (kzt_read_kernel(ports, sizeof(ports), l3 + l4off) < 0) {
         return;
     }
     kzt_set_port(side, port, ((u16)ports[0] << 8) | ports[1], ((u16)ports[2] << 8) | ports[3]);
@@ -275,7 +282,7 @@ int kzt_count(struct kzt_nf_ctx *ctx)
     u8 hdr[KZT_HDR_READ];
     u64 bytes;
 
-    if (bpf_probe_read_kernel(hdr, sizeof(hdr), l3) < 0) {
+    if (kzt_read_kernel(hdr, sizeof(hdr), l3) < 0) {
         kzt_overflow(*(u32 *)(skb + KZT_OFF_SKB_LEN), KZT_STAT_READ_FAILED);
         return KZT_NF_ACCEPT;
     }

@@ -1,6 +1,6 @@
 """The security settings of deploy/ are exactly what the design promises, no more.
 
-Agent: not privileged, host network, exactly BPF + PERFMON + NET_ADMIN + SYSLOG + SYS_RESOURCE on nothing,
+Agent: not privileged, host network, exactly BPF + PERFMON + NET_ADMIN + SYS_RESOURCE on nothing,
 read-only root, only the bpffs and BTF host paths. Enricher: non-root, no capability at all, read-only
 root. RBAC: get/list/watch on pods (agent) and pods + nodes (enricher), nothing else.
 """
@@ -13,7 +13,7 @@ import pytest
 
 from tests.integration import deploy_files as df
 
-AGENT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYSLOG", "SYS_RESOURCE"}
+AGENT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}  # no SYSLOG: see bpf/flow.c
 READ_VERBS = ["get", "list", "watch"]
 
 
