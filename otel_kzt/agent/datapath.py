@@ -11,6 +11,12 @@ Eviction of idle flows is lossless: the kernel-side evictor marks them dead (pac
 go to a per-flow dying entry), an RCU grace period lets every program that saw them alive finish, their
 final values are read and they are deleted; after a second grace period the dying entries are added.
 The totals reach the next snapshot (`Snapshot.evicted`). See `flowtables.FlowTables.evict`.
+
+First-seen times are kept in the kernel as CLOCK_BOOTTIME; the boot-time -> Unix offset is computed once
+per datapath and kept in the pinned `meta` map, so every read and every process that adopts the pins
+derives bit-identical `first_seen_unix_ns` (the enricher takes a changed start time for a counter reset).
+A fresh datapath (first start, reset, --no-pin) computes a new one. The price: a wall-clock step after
+that (NTP) shifts no start time, so first-seen times stay on the clock as it was at the first start.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ log = logging.getLogger(__name__)
 
 LINK_PRIORITY = links.LINK_PRIORITY  # re-exported: the bench attaches its floor next to it
 DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
-META_COUNTER_HASH, META_DISPATCH_VERSION, META_NETNS_COOKIE = 0, 1, 2
+META_COUNTER_HASH, META_DISPATCH_VERSION, META_NETNS_COOKIE, META_BOOT_TO_UNIX = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -177,7 +183,16 @@ class Datapath:
             self._link_fds.append(links.attach_or_adopt(dispatch_fd, pf, path, adopt=adopt))
         meta[ctypes.c_uint32(META_DISPATCH_VERSION)] = ctypes.c_uint64(DISPATCH_VERSION)
         meta[ctypes.c_uint32(META_NETNS_COOKIE)] = ctypes.c_uint64(cookie)
-        self._tables = FlowTables(self._bpf, self.config.map_size, self._evict_fd)
+        self._tables = FlowTables(self._bpf, self.config.map_size, self._evict_fd, self._boot_offset(meta))
+
+    def _boot_offset(self, meta: Any) -> int:
+        """The datapath's boot-time -> Unix offset: the pinned one, or a new one stored for the next."""
+        offset = int(meta[ctypes.c_uint32(META_BOOT_TO_UNIX)].value)
+        if offset == 0:  # a fresh map (the kernel zero-fills arrays): this datapath's first start
+            offset = boot_to_unix_offset()
+            meta[ctypes.c_uint32(META_BOOT_TO_UNIX)] = ctypes.c_uint64(offset)
+            log.info("boot-to-unix offset recorded node=%s offset_ns=%d", self.config.node_name, offset)
+        return offset
 
     def _counter_installed(self) -> bool:
         try:
@@ -198,7 +213,7 @@ class Datapath:
         with self._lock:
             tables = self._tables_or_raise()
             raw = {layout: tables.read(layout) for layout in flowmap.LAYOUTS.values()}
-            offset, now = boot_to_unix_offset(), time.time_ns()
+            offset, now = tables.boot_offset, time.time_ns()
             flows: dict[FlowKey, FlowCounters] = {}
             seen: dict[FlowKey, tuple[int, int]] = {}
             for layout, entries in raw.items():

@@ -32,9 +32,10 @@ def boot_to_unix_offset() -> int:
 
 
 class FlowTables:
-    def __init__(self, bpf: Any, map_size: int, evict_fd: int) -> None:
+    def __init__(self, bpf: Any, map_size: int, evict_fd: int, boot_offset: int) -> None:
         self._bpf = bpf
         self._evict_fd = evict_fd
+        self.boot_offset = boot_offset  # fixed per datapath (pinned): first-seen times never wobble
         # Batch-read buffers sized for a full map, allocated once.
         self._buffers = {
             layout.family: (
@@ -94,7 +95,7 @@ class FlowTables:
     def collect_dead(self, layout: Layout, raw_keys: Iterable[bytes]) -> dict[bytes, FlowCounters]:
         """Final counters of dead flows, which are then deleted (after the first grace period)."""
         flows = self._bpf[layout.map_name.encode()]
-        offset, now = boot_to_unix_offset(), time.time_ns()
+        offset, now = self.boot_offset, time.time_ns()
         final: dict[bytes, FlowCounters] = {}
         for raw in raw_keys:
             ckey = flows.Key.from_buffer_copy(raw)
