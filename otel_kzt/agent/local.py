@@ -150,6 +150,25 @@ class LocalFlows:
                 del cache[gone]
         return out
 
+    def final_heads(self, evicted: dict[FlowKey, FlowCounters]) -> dict[FlowKey, PointHead]:
+        """Point heads of evicted flows that are ours, for their final value; call before `heads()`.
+
+        The final value must continue the series already exported: the cached head is reused when its
+        start matches (same attributes and start, byte for byte), else one is built (a flow evicted by a
+        previous process). Nothing is cached: the flow has left the map, `heads()` forgets its key.
+        """
+        out: dict[FlowKey, PointHead] = {}
+        for key, counters in evicted.items():
+            start = counters.first_seen_unix_ns
+            head = self._cache.get(key, _MISSING)
+            if head is None:
+                continue  # decided already: not ours (forwarded, arriving, encapsulation)
+            if head is _MISSING or abs(head.start_unix_ns - start) > _SAME_START_NS:
+                head = self._head(key, stable_start(start))
+            if head is not None:
+                out[key] = head
+        return out
+
     def head_map(self, flows: dict[FlowKey, FlowCounters]) -> dict[FlowKey, PointHead]:
         """`heads()` as a dict of the exported flows only (tests, small callers)."""
         return {k: h for k, h in zip(flows, self.heads(flows), strict=True) if h is not None}

@@ -3,10 +3,16 @@
 One pass (`export_once`) per interval. Nothing is queued between passes: a pass that cannot deliver before
 the next tick gives up, and the next snapshot, whose cumulative values include everything, replaces it.
 
-Idle flows: a flow whose last packet is older than the idle timeout is exported one final time; once that
-export was delivered it is evicted from the kernel map (the datapath's evict cannot lose a racing byte: a
-flow that sends again comes back as a new series with a new start time) and forgotten. Flows that are not
-ours (forwarded, arriving) are evicted when idle too, without export, so they do not fill the map.
+Idle flows: a flow whose last packet is older than the idle timeout is exported; once that export was
+delivered it is evicted from the kernel map. Packets may still arrive between that export's read and the
+eviction: the datapath's evict loses none of them and hands the flow's final cumulative value to the next
+snapshot (`Snapshot.evicted`). That final value is exported on the same series (same attributes, same start
+time) ahead of the live flows, so a consumer that sees a new series of the same key afterwards has already
+taken the old one's last increment; then the flow is forgotten (a flow that sends again comes back as a new
+series with a new start time). A final value whose export fails is kept and sent again every interval
+until delivered: cumulative, so sending it twice adds nothing. The store is bounded (both flow maps' size);
+what does not fit is given up, counted and logged. Flows that are not ours (forwarded, arriving) are
+evicted when idle too, without export, so they do not fill the map.
 """
 
 from __future__ import annotations
@@ -73,6 +79,8 @@ class AgentService:
         self._index = index
         self._clock_ns = clock_ns
         self.stats = AgentStats(clock_ns())
+        # Final values of evicted flows not yet delivered, oldest first: (key, start) -> (head, counters).
+        self._finals: dict[tuple[FlowKey, int], tuple[PointHead, FlowCounters]] = {}
         self._encoder = RequestEncoder(
             resource_attributes(config, host_name),
             SCOPE_NAME,
@@ -90,10 +98,12 @@ class AgentService:
             log.error("cannot read the flow map: error=%s", exc)
             return ExportResult(failed=1)
         self._local.refresh()
+        self._take_finals(snapshot)  # before heads(): the final value reuses the flow's cached head
         all_heads = self._local.heads(snapshot.flows)
         idle_before = snapshot.taken_unix_ns - int(self._config.idle_timeout_s * 1e9)
-        heads: list[PointHead] = []
-        counts: list[FlowCounters] = []
+        # Finals first: a new series of the same key in this export must come after the old one's end.
+        heads: list[PointHead] = [head for head, _ in self._finals.values()]
+        counts: list[FlowCounters] = [counters for _, counters in self._finals.values()]
         idle_ours: list[FlowKey] = []
         idle_other: list[FlowKey] = []
         for (key, counters), head in zip(snapshot.flows.items(), all_heads, strict=True):
@@ -119,9 +129,28 @@ class AgentService:
             result.failed,
             duration,
         )
-        # A local flow's final value must have reached the receiver before the flow is forgotten.
+        if result.failed == 0:
+            self._finals.clear()  # delivered; on any failure all are sent again (idempotent)
+        self.stats.record_finals(len(self._finals), 0)
+        # A local flow's value must have reached the receiver before it is evicted.
         self._evict(idle_other + (idle_ours if result.failed == 0 else []))
         return result
+
+    def _take_finals(self, snapshot: Snapshot) -> None:
+        """Adds the snapshot's evicted flows that are ours to the finals to export, within the bound."""
+        if not snapshot.evicted:
+            return
+        for key, head in self._local.final_heads(snapshot.evicted).items():
+            self._finals[(key, head.start_unix_ns)] = (head, snapshot.evicted[key])
+        limit = max(1, 2 * snapshot.capacity)  # IPv4 and IPv6 maps
+        dropped = len(self._finals) - limit
+        if dropped > 0:
+            for old in list(self._finals)[:dropped]:
+                del self._finals[old]
+            log.warning(
+                "final values of evicted flows given up undelivered: dropped=%d limit=%d", dropped, limit
+            )
+        self.stats.record_finals(len(self._finals), max(0, dropped))
 
     def _telemetry(self, snapshot: Snapshot, exported: int) -> list[bytes]:
         synced = self._index.ready() if self._index is not None else False

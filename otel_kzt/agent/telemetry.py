@@ -22,6 +22,8 @@ class StatsView:
     rejected_points: int
     flows_evicted: int
     last_export_duration_s: float
+    finals_pending: int = 0
+    finals_dropped: int = 0
 
 
 class AgentStats:
@@ -31,6 +33,7 @@ class AgentStats:
         self.started_unix_ns = started_unix_ns
         self._lock = threading.Lock()
         self._ok = self._failed = self._rejected = self._evicted = 0
+        self._finals_pending = self._finals_dropped = 0
         self._duration = 0.0
 
     def record_export(self, ok: int, failed: int, rejected_points: int, duration_s: float) -> None:
@@ -44,9 +47,23 @@ class AgentStats:
         with self._lock:
             self._evicted += count
 
+    def record_finals(self, pending: int, dropped: int) -> None:
+        """Final values of evicted flows awaiting delivery now, and newly given up (bounded store full)."""
+        with self._lock:
+            self._finals_pending = pending
+            self._finals_dropped += dropped
+
     def view(self) -> StatsView:
         with self._lock:
-            return StatsView(self._ok, self._failed, self._rejected, self._evicted, self._duration)
+            return StatsView(
+                self._ok,
+                self._failed,
+                self._rejected,
+                self._evicted,
+                self._duration,
+                self._finals_pending,
+                self._finals_dropped,
+            )
 
 
 def telemetry_metrics(
@@ -105,6 +122,20 @@ def telemetry_metrics(
             "idle flows evicted after their final export",
             "{flow}",
             [((), start, stats.flows_evicted)],
+            time_unix_ns,
+        ),
+        gauge_metric(
+            schema.OTLP_AGENT_FINALS_PENDING,
+            "evicted flows whose final value awaits delivery",
+            "{flow}",
+            [((), float(stats.finals_pending))],
+            time_unix_ns,
+        ),
+        sum_metric(
+            schema.OTLP_AGENT_FINALS_DROPPED,
+            "evicted flows whose final value was given up undelivered (retry store full)",
+            "{flow}",
+            [((), start, stats.finals_dropped)],
             time_unix_ns,
         ),
         sum_metric(

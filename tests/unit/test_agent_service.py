@@ -109,8 +109,9 @@ def test_idle_flow_final_export_then_eviction(receiver: GrpcReceiver) -> None:
     assert fake.evicted == [FORWARDED]  # the local flow's final value was not delivered: kept
     once(svc)
     assert fake.evicted == [FORWARDED, POD_FLOW] and not fake.flows
+    once(svc)  # the evicted flow's final value (tests/unit/test_agent_finals.py)
     values = [p["_value"] for p in points(receiver.snapshot(), schema.FLOW_BYTES)]
-    assert values == [100, 100]  # the regular export and the final one
+    assert values == [100, 100, 100]  # the regular export, the idle one, the evicted final value
     once(svc)
     exp.close()
     assert points(receiver.snapshot()[-1:], schema.FLOW_BYTES) == []  # forgotten

@@ -174,13 +174,16 @@ class HttpReceiver:
 
 
 class FakeMap:
-    """A flow map in memory: `snapshot()` like the datapath, `evict()` removes keys."""
+    """A flow map in memory like the datapath: `snapshot()` reads, `evict()` removes keys and hands their
+    final counters (plus any `race` packets, which arrive after the last read) to the next snapshot."""
 
     def __init__(self, capacity: int = 65536) -> None:
         self.flows: dict[FlowKey, FlowCounters] = {}
         self.capacity = capacity
         self.now_ns = 1_700_000_000 * 10**9
         self.evicted: list[FlowKey] = []
+        self.finals: dict[FlowKey, FlowCounters] = {}  # for the next snapshot's `evicted`
+        self.race: dict[FlowKey, tuple[int, int]] = {}  # (bytes, packets) added at eviction
         self.overflow = (0, 0)
 
     def add(self, key: FlowKey, nbytes: int, packets: int = 1) -> None:
@@ -193,14 +196,26 @@ class FakeMap:
             )
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(dict(self.flows), self.overflow[0], self.overflow[1], self.capacity, self.now_ns)
+        finals, self.finals = self.finals, {}
+        return Snapshot(
+            dict(self.flows), self.overflow[0], self.overflow[1], self.capacity, self.now_ns, evicted=finals
+        )
 
     def evict(self, keys: Iterable[FlowKey]) -> int:
         count = 0
         for key in keys:
-            if self.flows.pop(key, None) is not None:
-                self.evicted.append(key)
-                count += 1
+            counters = self.flows.pop(key, None)
+            if counters is None:
+                continue
+            extra_bytes, extra_packets = self.race.pop(key, (0, 0))
+            self.finals[key] = FlowCounters(
+                counters.bytes + extra_bytes,
+                counters.packets + extra_packets,
+                counters.first_seen_unix_ns,
+                counters.last_seen_unix_ns,
+            )
+            self.evicted.append(key)
+            count += 1
         return count
 
 
