@@ -9,7 +9,7 @@ from __future__ import annotations
 import http.server
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass, field
 
@@ -55,6 +55,9 @@ class _Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
             failure = owner.failures.popleft() if owner.failures else None
             if failure is None:
                 owner.requests.append(request)
+            hook = owner.on_export
+        if hook is not None and failure is None:
+            hook(request)  # before the response: the sender is still waiting for it
         if failure is not None:
             if failure.retry_delay_s is not None:
                 context.set_trailing_metadata(_retry_trailer(failure.code, failure.retry_delay_s))
@@ -76,6 +79,8 @@ class GrpcReceiver:
         self.failures: deque[Failure] = deque()
         self.reject_points = 0
         self.calls = 0
+        # Called with each accepted request before it is answered (a test acting while the agent waits).
+        self.on_export: Callable[[ExportMetricsServiceRequest], None] | None = None
         self._address = address
         self._server: grpc.Server | None = None
         self.port = 0
