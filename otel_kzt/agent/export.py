@@ -2,13 +2,24 @@
 
 Receiver choice (scale-out of the enricher): `--otlp-endpoint` may list several endpoints, comma separated,
 and each endpoint's host may be a DNS name that resolves to several addresses (a headless Service). The
-candidates are ranked by rendezvous hashing (highest random weight) of `node name + candidate`, so every
-agent writes to one receiver (single writer per series: the enricher's cumulative state stays in one
-place), the choice is stable while the set is unchanged, and adding or removing one receiver moves only
-the agents that hashed to it. When the chosen receiver is unreachable, the agent fails over to the next
-ranked one; a candidate that failed goes to the end of the ranking for `down_s` (tried only when all the
-others fail too), after which it is tried first again, so an agent returns to its own receiver when it is
-back. Names are re-resolved each interval.
+candidates are ranked by rendezvous hashing (highest random weight) of `node name + candidate`, and the
+agent writes everything to one receiver at a time. Why: the enricher turns each cumulative series into
+increments and adds them up, so a series must have a single writer, one replica holding its state; an
+agent that moves leaves its contribution behind on the replica it left (kept until that replica's series
+TTL), and the sum over replicas counts it twice.
+
+So the choice is sticky: the agent starts on its first-ranked receiver and stays on the receiver that
+works. It moves only when that one fails (a retryable error or no answer): to the next candidate in
+rendezvous order after it (wrapping around), skipping candidates that failed in the last `down_s`, which
+are tried only when all others fail too. It does not move back when its first choice returns. Names are
+re-resolved each interval; when the set of candidates changes, they are ranked again, but the agent stays
+on its current receiver while that is still a candidate and works (a replica added later takes over only
+new agents and those whose receiver went away). A permanent error is the receiver's answer about one
+request, not a failure of the receiver: no move.
+
+Remaining caveat: a transient failover while the old receiver stays alive (a network blip, a slow answer,
+a receiver overloaded for a moment) still moves the agent, and its totals are then counted by both
+replicas until the old one's series TTL expires. Stickiness only removes the move back.
 
 Retries: only what `transport.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
@@ -110,6 +121,7 @@ class Exporter:
         self._factory = transport_factory or self._default_factory
         self._transports: dict[Target, Transport] = {}
         self._down_until: dict[Target, float] = {}
+        self._current: Target | None = None  # the receiver this agent writes to (sticky)
         self._ca = _read_ca(config.certificate)
         self._lock = threading.Lock()
 
@@ -119,15 +131,27 @@ class Exporter:
             return GrpcTransport(target, cfg.headers, cfg.compression, self._ca, reconnect_max_s=2.0)
         return HttpTransport(target, cfg.headers, cfg.compression, self._ca)
 
+    @property
+    def current(self) -> Target | None:
+        """The receiver the last delivered request went to (None before the first)."""
+        return self._current
+
     def ranked_targets(self) -> list[Target]:
-        """This interval's candidates: resolved now, most preferred first, recently failed ones last."""
+        """This interval's candidates, in the order to try: the current receiver first, then the next ones
+        in rendezvous order (wrapping around); recently failed ones last."""
         targets = rendezvous_rank(
             self._node, expand(self._config.endpoints, not self._config.insecure, self._resolver)
         )
         now = time.monotonic()
         for gone in set(self._transports) - set(targets):
             self._transports.pop(gone).close()
-        return sorted(targets, key=lambda t: self._down_until.get(t, 0.0) > now)  # stable: keeps rank
+        if self._current in targets:
+            at = targets.index(self._current)
+            targets = targets[at:] + targets[:at]
+        elif self._current is not None:
+            log.info("receiver no longer a candidate, choosing anew: endpoint=%s", self._current.url)
+            self._current = None
+        return sorted(targets, key=lambda t: self._down_until.get(t, 0.0) > now)  # stable: keeps the order
 
     def export(self, requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
         """Deliver `requests` in order before the monotonic `deadline`, or until `stop` is set.
@@ -169,6 +193,14 @@ class Exporter:
                     log.warning("export failed, trying next receiver: endpoint=%s error=%s", target.url, exc)
                     continue
                 self._down_until.pop(target, None)
+                if target != self._current:
+                    log.log(
+                        logging.INFO if self._current is None else logging.WARNING,
+                        "now writing to receiver: endpoint=%s previous=%s",
+                        target.url,
+                        self._current.url if self._current else None,
+                    )
+                    self._current = target
                 targets.remove(target)
                 targets.insert(0, target)  # the rest of this interval goes where it worked
                 return True
