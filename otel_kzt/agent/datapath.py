@@ -49,10 +49,11 @@ class DatapathConfig:
     map_size: int = 65536  # flow map entries, per address family (IPv4 and IPv6 maps)
     ephemeral_min: int = 32768  # ephemeral port range: never in a key
     ephemeral_max: int = 65535
-    pin_root: str = pins.DEFAULT_PIN_ROOT  # pins under <pin_root>/<node_name>/
+    pin_root: str = pins.DEFAULT_PIN_ROOT  # pins under <pin_root>/<pins.pin_dir_name(node_name)>/
 
     def validate(self) -> None:
         pins.node_dir(self.node_name, self.pin_root)
+        pins.check_pin_root(self.pin_root)
         if not 1 <= self.map_size <= 1 << 24:
             raise ConfigError("map_size", f"must be between 1 and {1 << 24}, got {self.map_size}")
         if not 1 <= self.ephemeral_min <= self.ephemeral_max <= 65535:
@@ -107,7 +108,7 @@ class Datapath:
             if self.config.pin:
                 pins.ensure_bpffs(self.config.pin_root)
                 self._reset_if_incompatible()
-                self._dir.mkdir(parents=True, exist_ok=True)
+                pins.make_node_dir(self._dir)
             try:
                 self._load()
                 self._finish_leftover_evictions()

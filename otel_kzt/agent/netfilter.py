@@ -53,10 +53,13 @@ class BpfCallError(DatapathError):
         self.errno = err
 
 
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str, path: str | None = None) -> int:
     result = int(_libc.syscall(SYS_BPF, cmd, attr, ctypes.sizeof(attr)))
     if result < 0:
         err = ctypes.get_errno()
+        if err == errno.EPERM and path is not None and "." in path.removeprefix("/sys/fs/bpf"):
+            # bpffs answers EPERM to any name with a '.': a naming problem, not a missing privilege.
+            raise BpfCallError(f"{what}: bpffs refuses names containing '.'", err)
         if err == errno.EPERM:
             raise PrivilegeError(f"{what}: permission denied (needs root, or CAP_BPF + CAP_NET_ADMIN)")
         raise BpfCallError(what, err)
@@ -95,14 +98,14 @@ def link_detach(link_fd: int) -> None:
 
 def obj_pin(fd: int, path: str) -> None:
     raw = ctypes.create_string_buffer(os.fsencode(path))
-    _bpf(BPF_OBJ_PIN, _attr("<QI", _address(raw), fd), f"pin {path}")
+    _bpf(BPF_OBJ_PIN, _attr("<QI", _address(raw), fd), f"pin {path}", path)
 
 
 def obj_get(path: str) -> int:
     """Open a pinned object; FileNotFoundError when nothing is pinned there."""
     raw = ctypes.create_string_buffer(os.fsencode(path))
     try:
-        return _bpf(BPF_OBJ_GET, _attr("<QI", _address(raw), 0), f"open pinned {path}")
+        return _bpf(BPF_OBJ_GET, _attr("<QI", _address(raw), 0), f"open pinned {path}", path)
     except BpfCallError as exc:
         if exc.errno == errno.ENOENT:
             raise FileNotFoundError(errno.ENOENT, "nothing pinned", path) from exc

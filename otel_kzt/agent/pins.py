@@ -1,10 +1,12 @@
 """Where a node's datapath lives in bpffs, and how it is removed (`otel-kzt agent --cleanup`).
 
-    <pin_root>/<node>/link_v4, link_v6      the netfilter links (running the dispatcher)
-    <pin_root>/<node>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta   the maps (bcc's
-                                                           BPF_TABLE_PINNED)
+    <pin_root>/<dir>/link_v4, link_v6      the netfilter links (running the dispatcher)
+    <pin_root>/<dir>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta   the maps (bcc's
+                                                          BPF_TABLE_PINNED)
 
-Pins keep links and maps alive while no agent runs, so a restart loses nothing.
+`<dir>` is `pin_dir_name(node)`: bpffs refuses every name containing '.' (EPERM), and EKS names every
+node with dots (ip-10-0-1-2.eu-west-1.compute.internal). Pins keep links and maps alive while no agent
+runs, so a restart loses nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import subprocess
 from pathlib import Path
 
 from otel_kzt.agent import netfilter
-from otel_kzt.errors import ConfigError, DatapathError
+from otel_kzt.errors import ConfigError, DatapathError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,35 @@ MAP_NAMES = ("flows4", "flows6", "dying4", "dying6", "overflow", "stats", "progs
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
 
-def node_dir(node_name: str, pin_root: str = DEFAULT_PIN_ROOT) -> Path:
+def pin_dir_name(node_name: str) -> str:
+    """The bpffs directory name of a node: '.' -> '_'. A DNS subdomain never holds '_', so no two node
+    names share a directory. The one mapping every pin user goes through (agent, cleanup, tests)."""
     if not _NODE_NAME.match(node_name) or ".." in node_name:
         raise ConfigError("node_name", f"{node_name!r} is not a valid Kubernetes node name")
-    return Path(pin_root) / node_name
+    return node_name.replace(".", "_")
+
+
+def node_dir(node_name: str, pin_root: str = DEFAULT_PIN_ROOT) -> Path:
+    return Path(pin_root) / pin_dir_name(node_name)
+
+
+def check_pin_root(pin_root: str) -> None:
+    """bpffs refuses '.' in any name below its mount point: say so rather than "permission denied"."""
+    path = Path(pin_root)
+    if path.is_relative_to(BPFFS) and "." in str(path.relative_to(BPFFS)):
+        raise ConfigError("pin_root", f"{pin_root!r}: bpffs refuses names containing '.'")
+
+
+def make_node_dir(directory: Path) -> None:
+    """Create a node's pin directory; a bpffs EPERM is a naming problem when the path holds a '.'."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except PermissionError as exc:
+        if "." in directory.name or "." in str(directory.parent).removeprefix(str(BPFFS)):
+            raise DatapathError(f"cannot create {directory}: bpffs refuses names containing '.'") from exc
+        raise PrivilegeError(
+            f"cannot create {directory}: permission denied (bpffs is root-owned, mode 0700)"
+        ) from exc
 
 
 def _is_bpffs(path: Path) -> bool:

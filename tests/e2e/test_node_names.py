@@ -11,17 +11,18 @@ from otel_kzt.demo.runner import ClusterRun, RunConfig
 from otel_kzt.demo.traffic import Engine
 from otel_kzt.demo.workloads import Listener
 from tests.e2e import truth
-from tests.e2e.conftest import GRPC_PORT, TEST_PORT, Slot, run_exchanges, wait_exact
+from tests.e2e.conftest import AGGREGATION, GRPC_PORT, TEST_PORT, Slot, run_exchanges, wait_exact
 
 pytestmark = pytest.mark.kernel
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: the agent pins under /sys/fs/bpf/otel-kzt/<node name>, and "
-                   "bpffs refuses names containing '.' (EPERM); remove this marker once fixed")
 def test_eks_dotted_node_names(slot: Slot, tmp_path: Path) -> None:
     prefix, net_id, metrics_port = slot.eks
     run = ClusterRun(RunConfig(prefix=prefix, net_id=net_id, zones=2, nodes_per_zone=1, interval_s=1.0,
-                               grpc_port=GRPC_PORT, metrics_port=metrics_port, style="eks", workdir=tmp_path))
+                               grpc_port=GRPC_PORT, metrics_port=metrics_port, style="eks", workdir=tmp_path,
+                               # addresses in the series, as in the e2e bed: wait_exact keys on them
+                               enricher_args=("--flow-aggregation", ",".join(AGGREGATION),
+                                              "--no-flow-logs-stdout")))
     engine = None
     try:
         assert "." in run.cluster.nodes[0].name

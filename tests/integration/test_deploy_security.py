@@ -7,10 +7,14 @@ root. RBAC: get/list/watch on pods (agent) and pods + nodes (enricher), nothing 
 
 from __future__ import annotations
 
+import os
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from otel_kzt.agent import pins
 from tests.integration import deploy_files as df
 
 AGENT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}  # no SYSLOG: see bpf/flow.c
@@ -75,8 +79,22 @@ def test_agent_probes_check_this_nodes_pins() -> None:
     agent = df.container(_agent(), "agent")
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         command = agent[probe]["exec"]["command"]
-        assert '"/sys/fs/bpf/otel-kzt/$NODE_NAME"' in command[-1], probe
+        assert '"/sys/fs/bpf/otel-kzt/$(echo "$NODE_NAME" | tr . _)"' in command[-1], probe
         assert "link_v4" in command[-1] and "link_v6" in command[-1], probe  # attached, not just a dir
+
+
+def test_agent_probes_map_dotted_node_names_like_the_agent(tmp_path: Path) -> None:
+    """bpffs refuses '.', so the agent pins under pins.pin_dir_name(node): the probe's shell must agree."""
+    node = "ip-10-0-1-2.eu-west-1.compute.internal"
+    (tmp_path / pins.pin_dir_name(node)).mkdir()
+    for link in ("link_v4", "link_v6"):
+        (tmp_path / pins.pin_dir_name(node) / link).touch()
+    command = df.container(_agent(), "agent")["readinessProbe"]["exec"]["command"]
+    script = command[-1].replace("/sys/fs/bpf/otel-kzt", str(tmp_path))
+    env = {"PATH": os.environ["PATH"], "NODE_NAME": node}
+    assert subprocess.run([*command[:-1], script], env=env, check=False, timeout=10).returncode == 0
+    env["NODE_NAME"] = "ip-10-0-1-3.eu-west-1.compute.internal"  # another node: not ready
+    assert subprocess.run([*command[:-1], script], env=env, check=False, timeout=10).returncode != 0
 
 
 def test_enricher_is_non_root_with_no_capabilities() -> None:

@@ -81,5 +81,22 @@ def test_config_validation_names_the_field(overrides: dict[str, object], field: 
 
 
 def test_pin_dir_per_node() -> None:
-    assert str(pins.node_dir("ip-10-0-1-5.ec2.internal")) == "/sys/fs/bpf/otel-kzt/ip-10-0-1-5.ec2.internal"
+    # bpffs refuses '.' in names: dotted (EKS) node names map to '_', which a DNS subdomain never holds.
+    assert str(pins.node_dir("ip-10-0-1-5.ec2.internal")) == "/sys/fs/bpf/otel-kzt/ip-10-0-1-5_ec2_internal"
     assert str(pins.node_dir("n1", "/sys/fs/bpf/x")) == "/sys/fs/bpf/x/n1"
+
+
+def test_pin_dir_names_never_collide_and_hold_no_dot() -> None:
+    names = ["a.b-c", "a-b.c", "a.b.c", "a-b-c", "ab.c", "a.bc"]
+    mapped = [pins.pin_dir_name(n) for n in names]
+    assert len(set(mapped)) == len(names)
+    assert not any("." in m for m in mapped)
+    with pytest.raises(ConfigError):
+        pins.pin_dir_name("a_b")  # not a node name: '_' is what the mapping produces
+
+
+def test_pin_root_with_a_dot_under_bpffs_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as err:
+        DatapathConfig(node_name="n1", pin_root="/sys/fs/bpf/otel.kzt").validate()
+    assert err.value.field == "pin_root" and "'.'" in str(err.value)
+    DatapathConfig(node_name="n1", pin_root="/sys/fs/bpf/otel-kzt").validate()
