@@ -89,6 +89,11 @@ class PermanentExportError(ExportError):
     pass
 
 
+class ReceiverTrustError(PermanentExportError):
+    """The receiver's TLS certificate failed verification: retrying that receiver will not fix it (another
+    receiver may still be tried)."""
+
+
 class RetryableExportError(ExportError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
