@@ -23,7 +23,9 @@ replicas until the old one's series TTL expires. Stickiness only removes the mov
 
 Retries: only what `transport.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
-request dropped. Nothing queues: an interval's retries end at its deadline (the next interval), and the
+request dropped. A receiver whose TLS certificate fails verification is not retried either, but it is
+a failure of that receiver: the next one is tried (and it counts as failed for the sticky choice).
+Nothing queues: an interval's retries end at its deadline (the next interval), and the
 next interval's snapshot, which carries the cumulative totals, replaces what was not delivered.
 """
 
@@ -42,7 +44,7 @@ from pathlib import Path
 
 from otel_kzt.agent.config import GRPC, OtlpConfig
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
-from otel_kzt.errors import ConfigError, PermanentExportError, RetryableExportError
+from otel_kzt.errors import ConfigError, PermanentExportError, ReceiverTrustError, RetryableExportError
 
 log = logging.getLogger(__name__)
 
@@ -172,38 +174,9 @@ class Exporter:
     ) -> bool:
         attempt = 0
         while True:
-            retry_after = 0.0
-            for target in list(targets):
-                timeout = min(self._config.timeout_s, deadline - time.monotonic())
-                if timeout <= 0:
-                    break
-                try:
-                    result.rejected_points += self._transport(target).send(body, timeout)
-                except PermanentExportError as exc:
-                    log.error(
-                        "export dropped (permanent): endpoint=%s bytes=%d error=%s",
-                        target.url,
-                        len(body),
-                        exc,
-                    )
-                    return False
-                except RetryableExportError as exc:
-                    self._down_until[target] = time.monotonic() + self._down_s
-                    retry_after = max(retry_after, exc.retry_after_s or 0.0)
-                    log.warning("export failed, trying next receiver: endpoint=%s error=%s", target.url, exc)
-                    continue
-                self._down_until.pop(target, None)
-                if target != self._current:
-                    log.log(
-                        logging.INFO if self._current is None else logging.WARNING,
-                        "now writing to receiver: endpoint=%s previous=%s",
-                        target.url,
-                        self._current.url if self._current else None,
-                    )
-                    self._current = target
-                targets.remove(target)
-                targets.insert(0, target)  # the rest of this interval goes where it worked
-                return True
+            delivered, retry_after = self._round(body, targets, deadline, result)
+            if delivered is not None:
+                return delivered
             delay = max(retry_after, self._backoff(attempt))
             if time.monotonic() + delay >= deadline:
                 log.error(
@@ -217,6 +190,57 @@ class Exporter:
             if stop.wait(delay):
                 return False
             attempt += 1
+
+    def _round(
+        self, body: bytes, targets: list[Target], deadline: float, result: ExportResult
+    ) -> tuple[bool | None, float]:
+        """One try of each target in order: (True, 0) delivered, (False, 0) given up, (None, the server's
+        retry delay) worth retrying."""
+        retry_after = 0.0
+        retryable = False
+        for target in list(targets):
+            timeout = min(self._config.timeout_s, deadline - time.monotonic())
+            if timeout <= 0:
+                return None, retry_after  # out of time, not out of receivers: the caller's deadline ends it
+            try:
+                result.rejected_points += self._transport(target).send(body, timeout)
+            except ReceiverTrustError as exc:
+                # About the receiver, not the request: not again this interval; another may be trusted.
+                self._down_until[target] = time.monotonic() + self._down_s
+                targets.remove(target)
+                log.error("receiver not trusted: endpoint=%s error=%s", target.url, exc)
+                continue
+            except PermanentExportError as exc:
+                log.error(
+                    "export dropped (permanent): endpoint=%s bytes=%d error=%s", target.url, len(body), exc
+                )
+                return False, 0.0
+            except RetryableExportError as exc:
+                self._down_until[target] = time.monotonic() + self._down_s
+                retryable = True
+                retry_after = max(retry_after, exc.retry_after_s or 0.0)
+                log.warning("export failed, trying next receiver: endpoint=%s error=%s", target.url, exc)
+                continue
+            self._delivered_to(target, targets)
+            return True, 0.0
+        if not retryable:
+            log.error("export dropped: no receiver is trusted (retrying will not fix a certificate)")
+            return False, 0.0
+        return None, retry_after
+
+    def _delivered_to(self, target: Target, targets: list[Target]) -> None:
+        """`target` works: it is the current receiver now, first for the rest of this interval."""
+        self._down_until.pop(target, None)
+        if target != self._current:
+            log.log(
+                logging.INFO if self._current is None else logging.WARNING,
+                "now writing to receiver: endpoint=%s previous=%s",
+                target.url,
+                self._current.url if self._current else None,
+            )
+            self._current = target
+        targets.remove(target)
+        targets.insert(0, target)
 
     def _backoff(self, attempt: int) -> float:
         # Jitter on an exponential ceiling: agents that lost the same receiver do not retry in step.

@@ -3,6 +3,9 @@
 Both are thin: they send, read the response's partial success, and translate every failure into
 `otel_kzt.errors` at this boundary through `classify`, the one place that decides which failures are
 retried (the OTLP specification's lists; `RESOURCE_EXHAUSTED` only when the server sent `RetryInfo`).
+A receiver whose TLS certificate fails verification (untrusted, expired, wrong name) is a permanent
+failure (`ReceiverTrustError`): a wrong certificate does not fix itself, retrying it only hides the error.
+gRPC reports it as `UNAVAILABLE` with the TLS library's reason in the message, so `classify` reads that.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from google.rpc import error_details_pb2, status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
 from otel_kzt import __version__
-from otel_kzt.errors import ExportError, PermanentExportError, RetryableExportError
+from otel_kzt.errors import ExportError, PermanentExportError, ReceiverTrustError, RetryableExportError
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +43,15 @@ _RETRYABLE_GRPC = frozenset(
     }
 )
 _RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+# What gRPC's TLS stack (BoringSSL, its hostname check) writes when verification fails; a TLS handshake
+# that fails for another reason (a reset, a receiver restarting) stays retryable.
+_TLS_VERIFY_FAILED = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification Check failed")
 
 
 def classify(status: grpc.StatusCode | int, message: str, retry_after_s: float | None = None) -> ExportError:
     """The one permanent-vs-retryable decision for a gRPC status or an HTTP status code."""
+    if any(reason in message for reason in _TLS_VERIFY_FAILED):
+        return ReceiverTrustError(f"TLS certificate verification failed: {message}")
     if isinstance(status, grpc.StatusCode):
         retryable = status in _RETRYABLE_GRPC or (
             status is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s is not None
@@ -206,6 +214,10 @@ class HttpTransport:
             connection.request("POST", self._url.path or "/v1/metrics", payload, self._headers)
             response = connection.getresponse()
             data = response.read()
+        except ssl.SSLCertVerificationError as exc:
+            raise ReceiverTrustError(
+                f"{self._target.url}: TLS certificate verification failed: {exc}"
+            ) from exc
         except (OSError, http.client.HTTPException) as exc:
             # Refused, reset, timed out, TLS failure mid-stream: the receiver may be back next time.
             raise RetryableExportError(f"{self._target.url}: {exc}") from exc

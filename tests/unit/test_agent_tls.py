@@ -6,14 +6,16 @@ works only if the transport verifies against the configured host name (gRPC name
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import shutil
 import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -24,39 +26,28 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from otel_kzt.agent.config import GRPC, HTTP_PROTOBUF, OtlpConfig
 from otel_kzt.agent.encode import RequestEncoder
 from otel_kzt.agent.export import Exporter
+from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, classify
+from otel_kzt.errors import ReceiverTrustError, RetryableExportError
 from tests.unit.test_agent_support import GrpcReceiver, _Servicer
 
 BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
+SUBJECT = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]
+
+
+def _self_signed(d: Path, name: str) -> tuple[Path, Path]:
+    """A key and a self-signed certificate for `localhost` only, made with the openssl CLI."""
+    key, crt = d / f"{name}-key.pem", d / f"{name}-cert.pem"
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", *SUBJECT]
+    subprocess.run([*command, "-keyout", str(key), "-out", str(crt)], check=True, capture_output=True)
+    return key, crt
+
+
 @pytest.fixture(scope="module")
 def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("tls")
-    key, crt = d / "key.pem", d / "cert.pem"
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            str(key),
-            "-out",
-            str(crt),
-            "-days",
-            "1",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return key, crt
+    return _self_signed(tmp_path_factory.mktemp("tls"), "ka")
 
 
 @pytest.fixture
@@ -87,6 +78,67 @@ def _two_addresses(host: str, port: int) -> list[str]:
     return ["127.0.0.1", "127.0.0.3"] if host == "localhost" else [host]
 
 
+class _Served:
+    """A TLS receiver of either protocol: its port and how many requests it accepted."""
+
+    def __init__(self, port: int, received: Callable[[], int]) -> None:
+        self.port, self._received = port, received
+
+    @property
+    def received(self) -> int:
+        return self._received()
+
+
+@contextlib.contextmanager
+def _server(protocol: str, cert: tuple[Path, Path]) -> Iterator[_Served]:
+    if protocol == GRPC:
+        receiver = GrpcReceiver()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Servicer(receiver), server)
+        creds = grpc.ssl_server_credentials([(cert[0].read_bytes(), cert[1].read_bytes())])
+        receiver.port = server.add_secure_port("127.0.0.1:0", creds)
+        server.start()
+        try:
+            yield _Served(receiver.port, lambda: len(receiver.snapshot()))
+        finally:
+            server.stop(None).wait()
+        return
+    got: list[bytes] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(self.rfile.read(int(self.headers["Content-Length"])))
+            body = ExportMetricsServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            """Quiet."""
+
+    https = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(cert[1]), str(cert[0]))
+    https.socket = context.wrap_socket(https.socket, server_side=True)
+    thread = threading.Thread(target=https.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield _Served(https.server_address[1], lambda: len(got))
+    finally:
+        https.shutdown()
+        https.server_close()
+        thread.join()
+
+
+def _first(cfg: OtlpConfig, node: str) -> str:
+    exporter = Exporter(cfg, node)
+    try:
+        return exporter.ranked_targets()[0].url
+    finally:
+        exporter.close()
+
+
 def test_grpc_tls_with_ca_and_name_verification(grpc_tls: GrpcReceiver, cert: tuple[Path, Path]) -> None:
     url = f"https://localhost:{grpc_tls.port}"
     assert _export(OtlpConfig(endpoints=(url,), protocol=GRPC, certificate=str(cert[1]), timeout_s=1)) == 1
@@ -103,36 +155,73 @@ def test_grpc_tls_with_ca_and_name_verification(grpc_tls: GrpcReceiver, cert: tu
 
 
 def test_https_with_ca_and_name_verification(cert: tuple[Path, Path]) -> None:
-    got: list[bytes] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            got.append(self.rfile.read(int(self.headers["Content-Length"])))
-            body = ExportMetricsServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            """Quiet."""
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(str(cert[1]), str(cert[0]))
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        url = f"https://localhost:{server.server_address[1]}/v1/metrics"
+    with _server(HTTP_PROTOBUF, cert) as server:
+        url = f"https://localhost:{server.port}/v1/metrics"
         cfg = OtlpConfig(endpoints=(url,), protocol=HTTP_PROTOBUF, certificate=str(cert[1]), timeout_s=1)
         assert _export(cfg) == 1
         assert _export(cfg, _two_addresses) == 1
-        assert got == [BODY, BODY]
+        assert server.received == 2
         untrusted = OtlpConfig(endpoints=(url,), protocol=HTTP_PROTOBUF, timeout_s=0.5)
         assert _export(untrusted, deadline_s=1.0) == 0
-        assert len(got) == 2
+        assert server.received == 2
+
+
+@pytest.mark.parametrize("server_name", ["localhost", "not-localhost"])
+def test_grpc_verification_failure_is_permanent(
+    grpc_tls: GrpcReceiver, cert: tuple[Path, Path], server_name: str
+) -> None:
+    # Untrusted (no CA given) or trusted but for another name: a wrong certificate does not fix itself.
+    ca = cert[1].read_bytes() if server_name != "localhost" else None
+    transport = GrpcTransport(
+        Target(f"https://127.0.0.1:{grpc_tls.port}", server_name, True), (), "none", ca, 1.0
+    )
+    try:
+        with pytest.raises(ReceiverTrustError):
+            transport.send(BODY, 2.0)
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+        transport.close()
+
+
+@pytest.mark.parametrize("server_name", ["localhost", "not-localhost"])
+def test_https_verification_failure_is_permanent(cert: tuple[Path, Path], server_name: str) -> None:
+    ca = cert[1].read_bytes() if server_name != "localhost" else None
+    with _server(HTTP_PROTOBUF, cert) as server:
+        target = Target(f"https://127.0.0.1:{server.port}/v1/metrics", server_name, True)
+        with pytest.raises(ReceiverTrustError):
+            HttpTransport(target, (), "none", ca).send(BODY, 2.0)
+        assert server.received == 0
+
+
+@pytest.mark.parametrize("protocol", [GRPC, HTTP_PROTOBUF])
+def test_untrusted_receiver_is_not_retried_and_the_next_one_is_used(
+    cert: tuple[Path, Path], tmp_path: Path, protocol: str
+) -> None:
+    """Two receivers, the agent trusts only the first's CA: whatever the ranking, the untrusted one is
+    tried at most once and the request goes to the trusted one, without waiting for the deadline."""
+    other = _self_signed(tmp_path, "other")
+    with _server(protocol, cert) as trusted, _server(protocol, other) as untrusted:
+        path = "/v1/metrics" if protocol == HTTP_PROTOBUF else ""
+        urls = (f"https://localhost:{trusted.port}{path}", f"https://localhost:{untrusted.port}{path}")
+        cfg = OtlpConfig(endpoints=urls, protocol=protocol, certificate=str(cert[1]), timeout_s=2)
+        node = next(n for n in (f"node-{i}" for i in range(100)) if _first(cfg, n) == urls[1])
+        exporter = Exporter(cfg, node, max_backoff_s=0.2)
+        started = time.monotonic()
+        try:
+            sent = exporter.export([BODY], time.monotonic() + 10, threading.Event()).sent
+            assert exporter.current is not None and exporter.current.url == urls[0]
+        finally:
+            exporter.close()
+        assert sent == 1 and trusted.received == 1 and untrusted.received == 0
+        assert time.monotonic() - started < 3  # no retries until the 10 s deadline
+        only_untrusted = replace(cfg, endpoints=urls[1:])
+        started = time.monotonic()
+        assert _export(only_untrusted, deadline_s=10) == 0
+        assert time.monotonic() - started < 3  # given up at once: permanent
+
+
+def test_classify_reads_grpc_tls_reasons() -> None:
+    verify = "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: CERTIFICATE_VERIFY_FAILED: expired"
+    assert isinstance(classify(grpc.StatusCode.UNAVAILABLE, verify), ReceiverTrustError)
+    # A handshake cut short (a receiver restarting) is not a verdict on the certificate.
+    reset = "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SYSCALL: Connection reset by peer"
+    assert isinstance(classify(grpc.StatusCode.UNAVAILABLE, reset), RetryableExportError)
