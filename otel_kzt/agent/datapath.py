@@ -1,6 +1,9 @@
 """The node datapath: compiles `bpf/flow.c` with bcc, attaches it at netfilter POSTROUTING (IPv4 + IPv6)
 in the calling thread's network namespace, and reads cumulative per-flow counters.
 
+bcc (and its ~100 MB of LLVM) never enters this process: `otel_kzt.agent.loader` compiles, loads, attaches
+and pins in a short-lived child, which hands over fds for the maps, the evictor and the links.
+
 Pinned (the default) links and maps live under `<pin_root>/<node>/` and survive the agent:
 - unchanged program on restart: everything is adopted as is, counters and first-seen times carry on;
 - changed program (another source hash): the new counter replaces the old in the dispatcher's program
@@ -21,25 +24,22 @@ that (NTP) shifts no start time, so first-seen times stay on the clock as it was
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from typing import Any
 
-from otel_kzt.agent import flowmap, links, netfilter, pins, probe
+from otel_kzt.agent import flowmap, links, loader, netfilter, pins, probe
+from otel_kzt.agent.bpfmap import BpfMap
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
-from otel_kzt.agent.flowtables import DYING_SIZE, EVICT_BATCH, FlowTables, boot_to_unix_offset
-from otel_kzt.errors import ConfigError, KernelUnsupported, ProgramLoadError
+from otel_kzt.agent.flowtables import DYING_SIZE, EVICT_BATCH, FlowTables
+from otel_kzt.errors import ConfigError, KernelUnsupported
 
 log = logging.getLogger(__name__)
 
 LINK_PRIORITY = links.LINK_PRIORITY  # re-exported: the bench attaches its floor next to it
-DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
-META_COUNTER_HASH, META_DISPATCH_VERSION, META_NETNS_COOKIE, META_BOOT_TO_UNIX = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Datapath:
         self._dir = pins.node_dir(config.node_name, config.pin_root)
         self._features: probe.Features | None = None
         self._cflags: list[str] = []
-        self._bpf: Any = None
+        self._maps: dict[str, BpfMap] = {}
         self._evict_fd = -1
         self._link_fds: list[int] = []
         self._lock = threading.Lock()
@@ -80,11 +80,9 @@ class Datapath:
     # --- start -----------------------------------------------------------------------------------------
 
     def _build_flags(self) -> list[str]:
-        if self._features is None:
-            self._features = probe.probe()  # BTF is world-readable: --print-bpf needs no root
         c = self.config
         return probe.flow_cflags(
-            self._features,
+            self._features_or_probe(),  # BTF is world-readable: --print-bpf needs no root
             map_size=c.map_size,
             ephemeral_min=c.ephemeral_min,
             ephemeral_max=c.ephemeral_max,
@@ -100,107 +98,31 @@ class Datapath:
     def start(self) -> None:
         """Probe, compile, load, attach (or adopt what is pinned). Undoes a half-finished start."""
         with self._lock:
-            if self._bpf is not None:
+            if self._tables is not None:
                 return
             probe.require_root()
-            probe.require_bcc()
             self._cflags = self._build_flags()
-            if self.config.pin:
-                pins.ensure_bpffs(self.config.pin_root)
-                self._reset_if_incompatible()
-                pins.make_node_dir(self._dir)
+            c = self.config
+            request = loader.LoadRequest(
+                c.node_name, c.pin, c.pin_root, c.map_size, self._cflags, self._features_or_probe().test_run
+            )
+            loaded = loader.load(request)  # the child's fds are ours from here on
+            self._link_fds, self._evict_fd = loaded.link_fds, loaded.evict_fd
+            loaded.link_fds, loaded.evict_fd = [], -1
             try:
-                self._load()
+                for name in list(loaded.maps):
+                    self._maps[name] = BpfMap(loaded.maps.pop(name), name)  # it owns the fd now
+                self._tables = FlowTables(self._maps, c.map_size, self._evict_fd, loaded.boot_offset)
                 self._finish_leftover_evictions()
             except BaseException:
-                self._close_locked(detach=not self.config.pin)
+                loaded.close()
+                self._close_locked(detach=not c.pin)
                 raise
 
-    def _reset_if_incompatible(self) -> None:
-        for layout in flowmap.LAYOUTS.values():
-            try:
-                fd = netfilter.obj_get(str(self._dir / layout.map_name))
-            except FileNotFoundError:
-                continue
-            try:
-                info = netfilter.map_info(fd)
-            finally:
-                os.close(fd)
-            want = (layout.key.size, layout.value.size, self.config.map_size)
-            got = (info.key_size, info.value_size, info.max_entries)
-            if got != want:
-                log.warning(
-                    "pinned %s (key, value, entries)=%s, want %s: resetting node=%s",
-                    layout.map_name,
-                    got,
-                    want,
-                    self.config.node_name,
-                )
-                pins.cleanup(self.config.node_name, self.config.pin_root)
-                return
-
-    def _compile(self) -> Any:
-        from bcc import BPF
-
-        try:
-            return BPF(src_file=str(probe.FLOW_SOURCE).encode(), cflags=self._cflags)
-        except Exception as exc:  # bcc raises bare Exception
-            raise ProgramLoadError(f"compiling {probe.FLOW_SOURCE} failed: {exc}") from exc
-
-    def _load_func(self, name: str) -> int:
-        try:
-            fn = self._bpf.load_func(
-                name.encode(), netfilter.BPF_PROG_TYPE_NETFILTER, attach_type=netfilter.BPF_NETFILTER
-            )
-        except Exception as exc:  # bcc raises bare Exception; the verifier log went to stderr
-            raise ProgramLoadError(f"loading {name} failed (verifier log above): {exc}") from exc
-        return int(fn.fd)
-
-    def _load(self) -> None:
-        self._bpf = self._compile()
-        dispatch_fd = self._load_func("kzt_dispatch")
-        self._evict_fd = self._load_func("kzt_evict") if self._features and self._features.test_run else -1
-        meta = self._bpf[b"meta"]
-        want_hash = probe.source_hash(self._cflags)
-        current = self.config.pin and meta[ctypes.c_uint32(META_COUNTER_HASH)].value == want_hash
-        if not (current and self._counter_installed()):
-            counter_fd = self._load_func("kzt_count")
-            # One atomic update: each packet runs either the old counter or the new one, never both.
-            self._bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(counter_fd)
-            meta[ctypes.c_uint32(META_COUNTER_HASH)] = ctypes.c_uint64(want_hash)
-            log.info("flow counter installed node=%s hash=%016x", self.config.node_name, want_hash)
-        else:
-            log.info("flow counter adopted unchanged node=%s hash=%016x", self.config.node_name, want_hash)
-        # Pinned links are adopted only when they run the same dispatcher in this very namespace: after
-        # a crash the node's namespace may have been re-created, and a link of a gone namespace counts
-        # nothing.
-        cookie = links.current_netns_cookie()
-        adopt = (
-            meta[ctypes.c_uint32(META_DISPATCH_VERSION)].value == DISPATCH_VERSION
-            and meta[ctypes.c_uint32(META_NETNS_COOKIE)].value == cookie
-        )
-        for pf, name in pins.LINK_NAMES.items():
-            path = str(self._dir / name) if self.config.pin else None
-            self._link_fds.append(links.attach_or_adopt(dispatch_fd, pf, path, adopt=adopt))
-        meta[ctypes.c_uint32(META_DISPATCH_VERSION)] = ctypes.c_uint64(DISPATCH_VERSION)
-        meta[ctypes.c_uint32(META_NETNS_COOKIE)] = ctypes.c_uint64(cookie)
-        self._tables = FlowTables(self._bpf, self.config.map_size, self._evict_fd, self._boot_offset(meta))
-
-    def _boot_offset(self, meta: Any) -> int:
-        """The datapath's boot-time -> Unix offset: the pinned one, or a new one stored for the next."""
-        offset = int(meta[ctypes.c_uint32(META_BOOT_TO_UNIX)].value)
-        if offset == 0:  # a fresh map (the kernel zero-fills arrays): this datapath's first start
-            offset = boot_to_unix_offset()
-            meta[ctypes.c_uint32(META_BOOT_TO_UNIX)] = ctypes.c_uint64(offset)
-            log.info("boot-to-unix offset recorded node=%s offset_ns=%d", self.config.node_name, offset)
-        return offset
-
-    def _counter_installed(self) -> bool:
-        try:
-            self._bpf[b"progs"][ctypes.c_int(0)]
-        except KeyError:
-            return False
-        return True
+    def _features_or_probe(self) -> probe.Features:
+        if self._features is None:
+            self._features = probe.probe()
+        return self._features
 
     # --- read --------------------------------------------------------------------------------------------
 
@@ -297,9 +219,11 @@ class Datapath:
             os.close(fd)
         self._link_fds = []
         self._tables = None
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        for bpf_map in self._maps.values():
+            bpf_map.close()
+        self._maps = {}
+        if self._evict_fd >= 0:
+            os.close(self._evict_fd)
         self._evict_fd = -1
 
 

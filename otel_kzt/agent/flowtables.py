@@ -1,7 +1,8 @@
 """Map-level work on a loaded datapath: batch reads of the flow maps, per-CPU sums, and the lossless
 eviction protocol (mark dead in the kernel, wait a grace period, read the final value, delete).
 
-`FlowTables` wraps the bcc module of `bpf/flow.c`; `Datapath` owns the lifecycle and the locking.
+`FlowTables` works on the maps of `bpf/flow.c` by fd (`bpfmap`: raw `bpf(2)`, no bcc in this process);
+`Datapath` owns the lifecycle and the locking.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import replace
-from typing import Any
 
 from otel_kzt.agent import flowmap, netfilter
+from otel_kzt.agent.bpfmap import BpfMap, u32
 from otel_kzt.agent.flowmap import Layout
 from otel_kzt.agent.flows import FlowCounters, FlowKey
 
@@ -32,8 +33,8 @@ def boot_to_unix_offset() -> int:
 
 
 class FlowTables:
-    def __init__(self, bpf: Any, map_size: int, evict_fd: int, boot_offset: int) -> None:
-        self._bpf = bpf
+    def __init__(self, maps: dict[str, BpfMap], map_size: int, evict_fd: int, boot_offset: int) -> None:
+        self._maps = maps
         self._evict_fd = evict_fd
         self.boot_offset = boot_offset  # fixed per datapath (pinned): first-seen times never wobble
         # Batch-read buffers sized for a full map, allocated once.
@@ -47,7 +48,7 @@ class FlowTables:
 
     def read(self, layout: Layout) -> RawFlows:
         keys, values = self._buffers[layout.family]
-        fd = self._bpf[layout.map_name.encode()].map_fd
+        fd = self._maps[layout.map_name].fd
         count = netfilter.map_lookup_batch(fd, keys, values, layout.key.size, layout.value.size)
         kview, vview, ks, vs = memoryview(keys), memoryview(values), layout.key.size, layout.value.size
         return {
@@ -56,23 +57,22 @@ class FlowTables:
         }
 
     def percpu_sums(self, table: str, index: int) -> list[int]:
-        per_cpu = self._bpf[table.encode()][ctypes.c_uint32(index)]
-        if hasattr(per_cpu[0], "bytes"):
-            return [sum(v.bytes for v in per_cpu), sum(v.packets for v in per_cpu)]
-        return [sum(int(v) for v in per_cpu)]
+        """Each u64 field of a per-CPU entry summed over CPUs: [bytes, packets] or [count]."""
+        return self._maps[table].percpu_u64_sums(u32(index))
 
     # --- eviction --------------------------------------------------------------------------------------
 
     def mark_dead(self, layout: Layout, batch: list[bytes]) -> int:
         """Run the evictor on up to EVICT_BATCH keys of one family; returns how many it marked."""
-        table, count = self._bpf[layout.evict_keys.encode()], self._bpf[b"evict_count"]
+        table, count = self._maps[layout.evict_keys], self._maps["evict_count"]
         for i, raw in enumerate(batch):
-            table[ctypes.c_uint32(i)] = table.Leaf.from_buffer_copy(raw)
+            table.update(u32(i), raw)
         for layout_other in flowmap.LAYOUTS.values():
             n = len(batch) if layout_other is layout else 0
-            count[ctypes.c_uint32(layout_other.evict_count_index)] = ctypes.c_uint32(n)
+            count.update(u32(layout_other.evict_count_index), u32(n))
         netfilter.test_run(self._evict_fd)
-        return int(count[ctypes.c_uint32(EVICT_RESULT_INDEX)].value)
+        marked = count.lookup(u32(EVICT_RESULT_INDEX))
+        return int.from_bytes(marked, "little") if marked is not None else 0
 
     def evict(self, by_layout: dict[Layout, list[bytes]]) -> dict[FlowKey, FlowCounters]:
         """The whole protocol; returns the final counters of the flows it removed.
@@ -94,44 +94,49 @@ class FlowTables:
 
     def collect_dead(self, layout: Layout, raw_keys: Iterable[bytes]) -> dict[bytes, FlowCounters]:
         """Final counters of dead flows, which are then deleted (after the first grace period)."""
-        flows = self._bpf[layout.map_name.encode()]
+        flows = self._maps[layout.map_name]
         offset, now = self.boot_offset, time.time_ns()
         final: dict[bytes, FlowCounters] = {}
         for raw in raw_keys:
-            ckey = flows.Key.from_buffer_copy(raw)
-            leaf = flows.get(ckey)
-            if leaf is None:
+            value = flows.lookup(raw)
+            if value is None:
                 continue
-            nbytes, packets, first_boot, dead = flowmap.decode_value(layout, bytes(leaf))
+            nbytes, packets, first_boot, dead = flowmap.decode_value(layout, value)
             if not dead:
                 continue  # inserted again after the evictor ran: a live flow, leave it alone
             final[raw] = FlowCounters(nbytes, packets, first_boot + offset, now)
-            del flows[ckey]
+            flows.delete(raw)
         return final
 
     def fold_dying(self, layout: Layout, final: dict[bytes, FlowCounters]) -> dict[FlowKey, FlowCounters]:
         """Add each flow's dying entry (packets that raced with its eviction) and delete it (after the
         second grace period, when nothing can add to it any more)."""
-        dying = self._bpf[layout.dying_name.encode()]
+        dying = self._maps[layout.dying_name]
         result: dict[FlowKey, FlowCounters] = {}
         for raw, counters in final.items():
-            ckey = dying.Key.from_buffer_copy(raw)
-            extra = dying.get(ckey)
+            extra = dying.lookup(raw)
             total = counters
             if extra is not None:
-                total = replace(
-                    counters, bytes=counters.bytes + extra.bytes, packets=counters.packets + extra.packets
-                )
-                del dying[ckey]
+                nbytes, packets = flowmap.OVERFLOW_FORMAT.unpack(extra)
+                total = replace(counters, bytes=counters.bytes + nbytes, packets=counters.packets + packets)
+                dying.delete(raw)
             result[flowmap.decode_key(layout, raw)] = total
         return result
 
     def sweep_dying(self, layout: Layout) -> dict[FlowKey, FlowCounters]:
         """Dying entries left by an agent that died mid-eviction (after a grace period): the remains
         of flows already deleted, reported as evicted flows of their own."""
-        dying = self._bpf[layout.dying_name.encode()]
+        dying = self._maps[layout.dying_name]
         now = time.time_ns()
-        left = {bytes(k): (int(v.bytes), int(v.packets)) for k, v in dying.items()}
-        for raw in left:
-            del dying[dying.Key.from_buffer_copy(raw)]
-        return {flowmap.decode_key(layout, raw): FlowCounters(b, p, now, now) for raw, (b, p) in left.items()}
+        ks, vs = dying.key_size, dying.value_size
+        keys = ctypes.create_string_buffer(dying.max_entries * ks)
+        values = ctypes.create_string_buffer(dying.max_entries * vs)
+        count = netfilter.map_lookup_batch(dying.fd, keys, values, ks, vs)
+        left: dict[FlowKey, FlowCounters] = {}
+        kview = memoryview(keys)
+        for i in range(count):
+            raw = bytes(kview[i * ks : (i + 1) * ks])
+            nbytes, packets = flowmap.OVERFLOW_FORMAT.unpack_from(values, i * vs)
+            dying.delete(raw)
+            left[flowmap.decode_key(layout, raw)] = FlowCounters(nbytes, packets, now, now)
+        return left

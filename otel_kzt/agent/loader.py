@@ -1,0 +1,287 @@
+"""Compile, load, attach and pin the datapath in a short-lived child process.
+
+bcc links LLVM/clang (about 100 MB resident once loaded, never given back): the long-running agent must
+not load it. `load()` starts `python -m otel_kzt.agent.loader`, which does all of bcc's work (compile
+`bpf/flow.c`, load the programs, install the counter, attach or adopt the links, pin when pinning) and
+sends back over a Unix socket, with SCM_RIGHTS, an fd for every map, for the evictor program and for each
+link. The parent then owns them: maps are read with raw `bpf(2)` calls (`bpfmap`), and without pins its
+link fds are the only hold on the links, so closing them detaches.
+
+The child runs in the calling thread's network namespace (fork copies it), its log records are replayed
+into the parent's loggers, and its errors come back as the same `otel_kzt.errors` class.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from otel_kzt import errors
+from otel_kzt.agent import flowmap, links, netfilter, pins, probe
+from otel_kzt.agent.flowtables import boot_to_unix_offset
+from otel_kzt.errors import DatapathError, KztError, ProgramLoadError
+
+# By name: run as `python -m`, this module's __name__ is __main__, outside the otel_kzt logger tree.
+log = logging.getLogger("otel_kzt.agent.loader")
+
+LOAD_TIMEOUT_S = 180.0  # a compile on a busy node takes seconds; this only catches a hung child
+DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
+META_COUNTER_HASH, META_DISPATCH_VERSION, META_NETNS_COOKIE, META_BOOT_TO_UNIX = 0, 1, 2, 3
+# Every map the agent uses after the load (`progs` too: a program array is emptied by the kernel once
+# no fd or pin refers to it any more).
+MAP_NAMES = (*pins.MAP_NAMES, "evict_keys4", "evict_keys6", "evict_count")
+_MAX_MSG = 1 << 16
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    node_name: str
+    pin: bool
+    pin_root: str
+    map_size: int
+    cflags: list[str]
+    evictor: bool  # load kzt_evict: the kernel can test-run netfilter programs (probe.Features.test_run)
+
+
+@dataclass
+class Loaded:
+    """What the agent holds after a load: fds it owns and must close."""
+
+    maps: dict[str, int]
+    evict_fd: int  # -1 when the kernel cannot test-run netfilter programs (eviction unsupported)
+    link_fds: list[int]
+    boot_offset: int  # boot-time -> Unix ns, fixed per datapath (pinned in meta)
+
+    def close(self) -> None:
+        for fd in [*self.maps.values(), *self.link_fds, self.evict_fd]:
+            if fd >= 0:
+                os.close(fd)
+
+
+# --- parent side -------------------------------------------------------------------------------------------
+
+
+def load(request: LoadRequest) -> Loaded:
+    """Run the child; returns the fds it handed over, or raises the error it reported."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    level = logging.getLogger("otel_kzt.agent").getEffectiveLevel()
+    argv = [
+        sys.executable,
+        "-m",
+        "otel_kzt.agent.loader",
+        str(theirs.fileno()),
+        str(level),
+        json.dumps(asdict(request)),
+    ]
+    with ours:
+        try:
+            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        try:
+            loaded = _receive(ours)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    code = proc.wait()
+    if loaded is None:
+        raise ProgramLoadError(f"the datapath loader exited {code} without a result (its stderr above)")
+    return loaded
+
+
+def _receive(sock: socket.socket) -> Loaded | None:
+    sock.settimeout(LOAD_TIMEOUT_S)
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, _MAX_MSG, 64)
+        except TimeoutError as exc:
+            raise DatapathError(f"the datapath loader gave no answer in {LOAD_TIMEOUT_S:.0f} s") from exc
+        if not data:
+            return None  # the child is gone
+        msg = json.loads(data)
+        if "log" in msg:
+            name, level, text = msg["log"]
+            logging.getLogger(name).log(level, "%s", text)
+        elif "error" in msg:
+            _close_all(fds)
+            raise _error(*msg["error"])
+        else:
+            return _unpack(msg["ok"], fds)
+
+
+def _unpack(ok: dict[str, Any], fds: list[int]) -> Loaded:
+    names: list[str] = ok["fds"]
+    if len(names) != len(fds):
+        _close_all(fds)
+        raise DatapathError(f"the datapath loader sent {len(fds)} fds for {len(names)} names")
+    by_name = dict(zip(names, fds, strict=True))
+    link_fds = [by_name.pop(f"link{i}") for i in range(len(pins.LINK_NAMES))]
+    evict_fd = by_name.pop("kzt_evict", -1)
+    return Loaded(maps=by_name, evict_fd=evict_fd, link_fds=link_fds, boot_offset=int(ok["boot_offset"]))
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _error(kind: str, text: str) -> DatapathError:
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, DatapathError):
+        return cls(text)
+    return DatapathError(text)
+
+
+# --- child side --------------------------------------------------------------------------------------------
+
+
+class _SocketLog(logging.Handler):
+    """Sends each record to the parent, which logs it under the same logger name."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._sock.send(json.dumps({"log": [record.name, record.levelno, record.getMessage()]}).encode())
+
+
+class _Child:
+    """The old in-process load, run once: bcc's module lives only as long as this process."""
+
+    def __init__(self, request: LoadRequest) -> None:
+        self.req = request
+        self.dir = pins.node_dir(request.node_name, request.pin_root)
+        self.bpf: Any = None
+
+    def run(self) -> tuple[dict[str, Any], list[tuple[str, int]]]:
+        probe.require_bcc()
+        if self.req.pin:
+            pins.ensure_bpffs(self.req.pin_root)
+            self._reset_if_incompatible()
+            pins.make_node_dir(self.dir)
+        from bcc import BPF
+
+        try:
+            self.bpf = BPF(src_file=str(probe.FLOW_SOURCE).encode(), cflags=self.req.cflags)
+        except Exception as exc:  # bcc raises bare Exception
+            raise ProgramLoadError(f"compiling {probe.FLOW_SOURCE} failed: {exc}") from exc
+        dispatch_fd = self._load_func("kzt_dispatch")
+        fds = [(name, int(self.bpf[name.encode()].map_fd)) for name in MAP_NAMES]
+        if self.req.evictor:
+            fds.append(("kzt_evict", self._load_func("kzt_evict")))
+        self._install_counter()
+        fds += [(f"link{i}", fd) for i, fd in enumerate(self._links(dispatch_fd))]
+        return {"fds": [n for n, _ in fds], "boot_offset": self._boot_offset()}, fds
+
+    def _reset_if_incompatible(self) -> None:
+        for layout in flowmap.LAYOUTS.values():
+            try:
+                fd = netfilter.obj_get(str(self.dir / layout.map_name))
+            except FileNotFoundError:
+                continue
+            try:
+                info = netfilter.map_info(fd)
+            finally:
+                os.close(fd)
+            want = (layout.key.size, layout.value.size, self.req.map_size)
+            got = (info.key_size, info.value_size, info.max_entries)
+            if got != want:
+                log.warning(
+                    "pinned %s (key, value, entries)=%s, want %s: resetting node=%s",
+                    layout.map_name,
+                    got,
+                    want,
+                    self.req.node_name,
+                )
+                pins.cleanup(self.req.node_name, self.req.pin_root)
+                return
+
+    def _load_func(self, name: str) -> int:
+        try:
+            fn = self.bpf.load_func(
+                name.encode(), netfilter.BPF_PROG_TYPE_NETFILTER, attach_type=netfilter.BPF_NETFILTER
+            )
+        except Exception as exc:  # bcc raises bare Exception; the verifier log went to stderr
+            raise ProgramLoadError(f"loading {name} failed (verifier log above): {exc}") from exc
+        return int(fn.fd)
+
+    def _meta(self, index: int) -> int:
+        return int(self.bpf[b"meta"][ctypes.c_uint32(index)].value)
+
+    def _set_meta(self, index: int, value: int) -> None:
+        self.bpf[b"meta"][ctypes.c_uint32(index)] = ctypes.c_uint64(value)
+
+    def _install_counter(self) -> None:
+        want_hash = probe.source_hash(self.req.cflags)
+        if self.req.pin and self._meta(META_COUNTER_HASH) == want_hash and self._counter_installed():
+            log.info("flow counter adopted unchanged node=%s hash=%016x", self.req.node_name, want_hash)
+            return
+        counter_fd = self._load_func("kzt_count")
+        # One atomic update: each packet runs either the old counter or the new one, never both.
+        self.bpf[b"progs"][ctypes.c_int(0)] = ctypes.c_int(counter_fd)
+        self._set_meta(META_COUNTER_HASH, want_hash)
+        log.info("flow counter installed node=%s hash=%016x", self.req.node_name, want_hash)
+
+    def _counter_installed(self) -> bool:
+        try:
+            self.bpf[b"progs"][ctypes.c_int(0)]
+        except KeyError:
+            return False
+        return True
+
+    def _links(self, dispatch_fd: int) -> list[int]:
+        # Pinned links are adopted only when they run the same dispatcher in this very namespace: after
+        # a crash the node's namespace may have been re-created, and a link of a gone namespace counts
+        # nothing.
+        cookie = links.current_netns_cookie()
+        adopt = (
+            self._meta(META_DISPATCH_VERSION) == DISPATCH_VERSION and self._meta(META_NETNS_COOKIE) == cookie
+        )
+        fds = []
+        for pf, name in pins.LINK_NAMES.items():
+            path = str(self.dir / name) if self.req.pin else None
+            fds.append(links.attach_or_adopt(dispatch_fd, pf, path, adopt=adopt))
+        self._set_meta(META_DISPATCH_VERSION, DISPATCH_VERSION)
+        self._set_meta(META_NETNS_COOKIE, cookie)
+        return fds
+
+    def _boot_offset(self) -> int:
+        """The datapath's boot-time -> Unix offset: the pinned one, or a new one stored for the next."""
+        offset = self._meta(META_BOOT_TO_UNIX)
+        if offset == 0:  # a fresh map (the kernel zero-fills arrays): this datapath's first start
+            offset = boot_to_unix_offset()
+            self._set_meta(META_BOOT_TO_UNIX, offset)
+            log.info("boot-to-unix offset recorded node=%s offset_ns=%d", self.req.node_name, offset)
+        return offset
+
+
+def main(argv: list[str]) -> int:
+    sock = socket.socket(fileno=int(argv[0]))
+    root = logging.getLogger("otel_kzt")
+    root.setLevel(int(argv[1]))
+    root.addHandler(_SocketLog(sock))
+    root.propagate = False
+    try:
+        result, fds = _Child(LoadRequest(**json.loads(argv[2]))).run()
+    except KztError as exc:
+        sock.send(json.dumps({"error": [type(exc).__name__, str(exc)]}).encode())
+        return 1
+    except Exception as exc:  # anything else still reaches the agent as one clear error
+        log.exception("datapath loader failed")
+        sock.send(json.dumps({"error": ["DatapathError", f"datapath loader: {exc!r}"]}).encode())
+        return 1
+    socket.send_fds(sock, [json.dumps({"ok": result}).encode()], [fd for _, fd in fds])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
