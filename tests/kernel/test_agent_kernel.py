@@ -17,6 +17,7 @@ truth is nftables counters in ka-n1's postrouting hook.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -30,12 +31,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from otel_kzt import netns, schema
 from otel_kzt.agent.datapath import cleanup
 from tests.support.k8s_apiserver import FakeApiServer
 from tests.support.k8s_objects import as_list, make_node, make_pod
-from tests.unit.test_agent_support import GrpcReceiver, points
+from tests.unit.test_agent_support import GrpcReceiver, HttpReceiver, points
 
 pytestmark = pytest.mark.kernel
 
@@ -56,6 +58,7 @@ table inet ka {
     counter d5002 {}
     counter d5003 {}
     counter d5004 {}
+    counter d5005 {}
     counter d6000 {}
     counter d6001 {}
     counter vxlan {}
@@ -66,6 +69,7 @@ table inet ka {
         ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5002 counter name d5002
         ip saddr 10.88.3.2 ip daddr 10.88.2.2 udp dport 5003 counter name d5003
         ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5004 counter name d5004
+        ip saddr 10.88.1.2 ip daddr 10.88.2.2 udp dport 5005 counter name d5005
         ip saddr 10.88.1.2 ip daddr 10.88.3.2 udp dport 6000 counter name d6000
         ip6 saddr fd88:1::2 ip6 daddr fd88:3::2 udp dport 6001 counter name d6001
         ip saddr 10.88.12.1 ip daddr 10.88.12.2 udp dport 4789 counter name vxlan
@@ -492,6 +496,43 @@ def bed_points(bed: Bed, match: dict[str, object]) -> list[tuple[dict[str, objec
         pairs = zip(points([request], schema.FLOW_BYTES), points([request], schema.FLOW_PACKETS), strict=True)
         out += [(b, p) for b, p in pairs if all(b.get(k) == v for k, v in match.items())]
     return out
+
+
+def test_http_protobuf_end_to_end(bed: Bed) -> None:
+    """`--otlp-protocol http/protobuf` with gzip from a node to an OTLP/HTTP receiver: exact values."""
+    receiver = HttpReceiver("0.0.0.0")
+    agent: Agent | None = None
+    try:
+        url = f"http://{UPLINK[N1]}:{receiver.port}/v1/metrics"
+        http_args = ("--otlp-protocol", "http/protobuf", "--otlp-endpoint", url, "--otlp-compression", "gzip")
+        agent = Agent(bed, N1, "--kube-metadata", str(bed.metadata), *http_args)
+        # The datapath is attached before the first export: traffic from then on is counted.
+        wait_for(lambda: bool(receiver.behaviour.bodies), 90, f"a first http/protobuf export ({agent.log})")
+        bed.traffic(P1, "udp", IP[P2], 5005, 25, 300)
+        match = {schema.SOURCE_ADDRESS: IP[P1], schema.DESTINATION_PORT: 5005}
+        truth = bed.nft("d5005")
+
+        def exported() -> list[tuple[object, object]]:
+            requests = [_http_request(headers, body) for headers, body in list(receiver.behaviour.bodies)]
+            pairs = zip(
+                points(requests, schema.FLOW_BYTES), points(requests, schema.FLOW_PACKETS), strict=True
+            )
+            return [(b["_value"], p["_value"]) for b, p in pairs if _matches(b, match)]
+
+        wait_for(lambda: truth in exported(), 60, f"{truth} (bytes, packets) over http/protobuf")
+        headers = receiver.behaviour.bodies[-1][0]
+        assert headers["content-type"] == "application/x-protobuf" and headers["content-encoding"] == "gzip"
+        assert truth == (25 * 328, 25)  # 300 payload + 8 UDP + 20 IPv4
+        assert agent.stop() == 0
+    finally:
+        if agent is not None:
+            agent.stop()
+        receiver.close()
+
+
+def _http_request(headers: dict[str, str], body: bytes) -> ExportMetricsServiceRequest:
+    raw = gzip.decompress(body) if headers.get("content-encoding") == "gzip" else body
+    return ExportMetricsServiceRequest.FromString(raw)
 
 
 def _cli(ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:

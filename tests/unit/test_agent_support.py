@@ -139,7 +139,7 @@ class HttpBehaviour:
 class HttpReceiver:
     """http.server answering POSTs with queued (status, headers, body), else 200 + empty response."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.behaviour = HttpBehaviour()
         behaviour = self.behaviour
 
@@ -163,7 +163,7 @@ class HttpReceiver:
             def log_message(self, format: str, *args: object) -> None:
                 """Quiet: the tests assert on what was received."""
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = http.server.ThreadingHTTPServer((host, 0), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
