@@ -74,7 +74,9 @@ class Datapath:
         self._link_fds: list[int] = []
         self._lock = threading.Lock()
         self._evicted: dict[FlowKey, FlowCounters] = {}
-        self._seen: dict[FlowKey, tuple[int, int]] = {}  # key -> (packets, unix ns when they changed)
+        # The previous snapshot, by raw map key: the flow's key and counters (last-seen = when its packet
+        # count last changed).
+        self._last: dict[bytes, tuple[FlowKey, FlowCounters]] = {}
         self._tables: FlowTables | None = None
 
     # --- start -----------------------------------------------------------------------------------------
@@ -101,12 +103,12 @@ class Datapath:
             if self._tables is not None:
                 return
             probe.require_root()
-            self._cflags = self._build_flags()
             c = self.config
             request = loader.LoadRequest(
-                c.node_name, c.pin, c.pin_root, c.map_size, self._cflags, self._features_or_probe().test_run
+                c.node_name, c.pin, c.pin_root, c.map_size, c.ephemeral_min, c.ephemeral_max
             )
             loaded = loader.load(request)  # the child's fds are ours from here on
+            self._cflags = loaded.cflags
             self._link_fds, self._evict_fd = loaded.link_fds, loaded.evict_fd
             loaded.link_fds, loaded.evict_fd = [], -1
             try:
@@ -135,19 +137,12 @@ class Datapath:
         """Cumulative counters of every flow, the overflow bucket and the counted losses."""
         with self._lock:
             tables = self._tables_or_raise()
-            raw = {layout: tables.read(layout) for layout in flowmap.LAYOUTS.values()}
-            offset, now = tables.boot_offset, time.time_ns()
+            now = time.time_ns()
             flows: dict[FlowKey, FlowCounters] = {}
-            seen: dict[FlowKey, tuple[int, int]] = {}
-            for layout, entries in raw.items():
-                for raw_key, (nbytes, packets, first_boot, _dead) in entries.items():
-                    key = flowmap.decode_key(layout, raw_key)
-                    # The kernel keeps no last-seen time (a clock read per packet): the snapshot that
-                    # first saw the current packet count stands in for it.
-                    previous = self._seen.get(key)
-                    seen[key] = previous if previous and previous[0] == packets else (packets, now)
-                    flows[key] = FlowCounters(nbytes, packets, first_boot + offset, seen[key][1])
-            self._seen = seen
+            last: dict[bytes, tuple[FlowKey, FlowCounters]] = {}
+            for layout in flowmap.LAYOUTS.values():
+                self._decode_into(tables, layout, now, flows, last)
+            self._last = last
             overflow_bytes, overflow_packets = tables.percpu_sums("overflow", 0)
             evicted, self._evicted = self._evicted, {}
             return Snapshot(
@@ -160,6 +155,34 @@ class Datapath:
                 eviction_races=tables.percpu_sums("stats", flowmap.STAT_EVICT_RACE)[0],
                 evicted=evicted,
             )
+
+    def _decode_into(
+        self,
+        tables: FlowTables,
+        layout: flowmap.Layout,
+        now: int,
+        flows: dict[FlowKey, FlowCounters],
+        last: dict[bytes, tuple[FlowKey, FlowCounters]],
+    ) -> None:
+        """Decode one family's map straight from the batch buffers (no intermediate copy). An unchanged
+        flow keeps the previous snapshot's key and counter objects: a steady state allocates little."""
+        offset, ks, vs = tables.boot_offset, layout.key.size, layout.value.size
+        for keys, values, count in tables.batches(layout):
+            for i in range(count):
+                raw = bytes(keys[i * ks : (i + 1) * ks])
+                nbytes, packets, first_boot, _dead = flowmap.decode_value(layout, values, i * vs)
+                previous = self._last.get(raw)
+                if previous is None:
+                    key = flowmap.decode_key(layout, raw)
+                    counters = FlowCounters(nbytes, packets, first_boot + offset, now)
+                else:
+                    key, counters = previous
+                    # The kernel keeps no last-seen time (a clock read per packet): the snapshot that
+                    # first saw the current packet count stands in for it.
+                    if counters.packets != packets or counters.first_seen_unix_ns != first_boot + offset:
+                        counters = FlowCounters(nbytes, packets, first_boot + offset, now)
+                flows[key] = counters
+                last[raw] = (key, counters)
 
     # --- evict -------------------------------------------------------------------------------------------
 
@@ -179,7 +202,8 @@ class Datapath:
                 )
             final = tables.evict(by_layout)
             for key, counters in final.items():
-                last = self._seen.pop(key, (0, counters.last_seen_unix_ns))[1]
+                previous = self._last.pop(flowmap.encode_key(key), None)
+                last = previous[1].last_seen_unix_ns if previous else counters.last_seen_unix_ns
                 self._evicted[key] = replace(counters, last_seen_unix_ns=last)
             log.debug("evicted flows=%d node=%s", len(final), self.config.node_name)
             return len(final)

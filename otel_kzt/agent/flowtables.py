@@ -7,10 +7,9 @@ eviction protocol (mark dead in the kernel, wait a grace period, read the final 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from otel_kzt.agent import flowmap, netfilter
@@ -23,6 +22,7 @@ log = logging.getLogger(__name__)
 EVICT_BATCH = 64  # keys per evictor run (KZT_EVICT_BATCH)
 DYING_SIZE = 4096  # flows whose racing packets can be kept apart at once (KZT_DYING_SIZE); then overflow
 EVICT_RESULT_INDEX = 2  # evict_count[2]: how many flows the evictor marked
+READ_CHUNK = 8192  # flows per batch read: a fixed ~1 MB of buffers instead of a full map's worth
 
 RawFlows = dict[bytes, tuple[int, int, int, bool]]  # raw key -> (bytes, packets, first_seen boot ns, dead)
 
@@ -37,22 +37,19 @@ class FlowTables:
         self._maps = maps
         self._evict_fd = evict_fd
         self.boot_offset = boot_offset  # fixed per datapath (pinned): first-seen times never wobble
-        # Batch-read buffers sized for a full map, allocated once.
-        self._buffers = {
-            layout.family: (
-                ctypes.create_string_buffer(map_size * layout.key.size),
-                ctypes.create_string_buffer(map_size * layout.value.size),
-            )
-            for layout in flowmap.LAYOUTS.values()
-        }
+        self._chunk = min(map_size, READ_CHUNK)
+
+    def batches(self, layout: Layout) -> Iterator[tuple[memoryview, memoryview, int]]:
+        """The flow map in chunks (keys, values, count); the buffers are reused: decode before the next."""
+        yield from netfilter.map_batches(
+            self._maps[layout.map_name].fd, layout.key.size, layout.value.size, self._chunk
+        )
 
     def read(self, layout: Layout) -> RawFlows:
-        keys, values = self._buffers[layout.family]
-        fd = self._maps[layout.map_name].fd
-        count = netfilter.map_lookup_batch(fd, keys, values, layout.key.size, layout.value.size)
-        kview, vview, ks, vs = memoryview(keys), memoryview(values), layout.key.size, layout.value.size
+        ks, vs = layout.key.size, layout.value.size
         return {
-            bytes(kview[i * ks : (i + 1) * ks]): flowmap.decode_value(layout, vview, i * vs)
+            bytes(keys[i * ks : (i + 1) * ks]): flowmap.decode_value(layout, values, i * vs)
+            for keys, values, count in self.batches(layout)
             for i in range(count)
         }
 
@@ -129,14 +126,13 @@ class FlowTables:
         dying = self._maps[layout.dying_name]
         now = time.time_ns()
         ks, vs = dying.key_size, dying.value_size
-        keys = ctypes.create_string_buffer(dying.max_entries * ks)
-        values = ctypes.create_string_buffer(dying.max_entries * vs)
-        count = netfilter.map_lookup_batch(dying.fd, keys, values, ks, vs)
+        entries = [
+            (bytes(keys[i * ks : (i + 1) * ks]), flowmap.OVERFLOW_FORMAT.unpack_from(values, i * vs))
+            for keys, values, count in netfilter.map_batches(dying.fd, ks, vs, READ_CHUNK)
+            for i in range(count)
+        ]
         left: dict[FlowKey, FlowCounters] = {}
-        kview = memoryview(keys)
-        for i in range(count):
-            raw = bytes(kview[i * ks : (i + 1) * ks])
-            nbytes, packets = flowmap.OVERFLOW_FORMAT.unpack_from(values, i * vs)
+        for raw, (nbytes, packets) in entries:  # deleted after the read: a batch read needs a stable map
             dying.delete(raw)
             left[flowmap.decode_key(layout, raw)] = FlowCounters(nbytes, packets, now, now)
         return left

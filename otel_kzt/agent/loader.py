@@ -25,7 +25,7 @@ from typing import Any
 
 from otel_kzt import errors
 from otel_kzt.agent import flowmap, links, netfilter, pins, probe
-from otel_kzt.agent.flowtables import boot_to_unix_offset
+from otel_kzt.agent.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.errors import DatapathError, KztError, ProgramLoadError
 
 # By name: run as `python -m`, this module's __name__ is __main__, outside the otel_kzt logger tree.
@@ -46,8 +46,8 @@ class LoadRequest:
     pin: bool
     pin_root: str
     map_size: int
-    cflags: list[str]
-    evictor: bool  # load kzt_evict: the kernel can test-run netfilter programs (probe.Features.test_run)
+    ephemeral_min: int
+    ephemeral_max: int
 
 
 @dataclass
@@ -58,6 +58,7 @@ class Loaded:
     evict_fd: int  # -1 when the kernel cannot test-run netfilter programs (eviction unsupported)
     link_fds: list[int]
     boot_offset: int  # boot-time -> Unix ns, fixed per datapath (pinned in meta)
+    cflags: list[str]  # what the program was compiled with (for --print-bpf)
 
     def close(self) -> None:
         for fd in [*self.maps.values(), *self.link_fds, self.evict_fd]:
@@ -125,7 +126,13 @@ def _unpack(ok: dict[str, Any], fds: list[int]) -> Loaded:
     by_name = dict(zip(names, fds, strict=True))
     link_fds = [by_name.pop(f"link{i}") for i in range(len(pins.LINK_NAMES))]
     evict_fd = by_name.pop("kzt_evict", -1)
-    return Loaded(maps=by_name, evict_fd=evict_fd, link_fds=link_fds, boot_offset=int(ok["boot_offset"]))
+    return Loaded(
+        maps=by_name,
+        evict_fd=evict_fd,
+        link_fds=link_fds,
+        boot_offset=int(ok["boot_offset"]),
+        cflags=list(ok["cflags"]),
+    )
 
 
 def _close_all(fds: list[int]) -> None:
@@ -161,9 +168,22 @@ class _Child:
         self.req = request
         self.dir = pins.node_dir(request.node_name, request.pin_root)
         self.bpf: Any = None
+        self.cflags: list[str] = []
 
     def run(self) -> tuple[dict[str, Any], list[tuple[str, int]]]:
         probe.require_bcc()
+        # Kernel BTF is probed here too: its index takes ~30 MB that the agent would otherwise keep.
+        features = probe.probe()
+        r = self.req
+        self.cflags = probe.flow_cflags(
+            features,
+            map_size=r.map_size,
+            ephemeral_min=r.ephemeral_min,
+            ephemeral_max=r.ephemeral_max,
+            evict_batch=EVICT_BATCH,
+            dying_size=DYING_SIZE,
+            pin_dir=str(self.dir) if r.pin else None,
+        )
         if self.req.pin:
             pins.ensure_bpffs(self.req.pin_root)
             self._reset_if_incompatible()
@@ -171,16 +191,17 @@ class _Child:
         from bcc import BPF
 
         try:
-            self.bpf = BPF(src_file=str(probe.FLOW_SOURCE).encode(), cflags=self.req.cflags)
+            self.bpf = BPF(src_file=str(probe.FLOW_SOURCE).encode(), cflags=self.cflags)
         except Exception as exc:  # bcc raises bare Exception
             raise ProgramLoadError(f"compiling {probe.FLOW_SOURCE} failed: {exc}") from exc
         dispatch_fd = self._load_func("kzt_dispatch")
         fds = [(name, int(self.bpf[name.encode()].map_fd)) for name in MAP_NAMES]
-        if self.req.evictor:
+        if features.test_run:
             fds.append(("kzt_evict", self._load_func("kzt_evict")))
         self._install_counter()
         fds += [(f"link{i}", fd) for i, fd in enumerate(self._links(dispatch_fd))]
-        return {"fds": [n for n, _ in fds], "boot_offset": self._boot_offset()}, fds
+        result = {"fds": [n for n, _ in fds], "boot_offset": self._boot_offset(), "cflags": self.cflags}
+        return result, fds
 
     def _reset_if_incompatible(self) -> None:
         for layout in flowmap.LAYOUTS.values():
@@ -221,7 +242,7 @@ class _Child:
         self.bpf[b"meta"][ctypes.c_uint32(index)] = ctypes.c_uint64(value)
 
     def _install_counter(self) -> None:
-        want_hash = probe.source_hash(self.req.cflags)
+        want_hash = probe.source_hash(self.cflags)
         if self.req.pin and self._meta(META_COUNTER_HASH) == want_hash and self._counter_installed():
             log.info("flow counter adopted unchanged node=%s hash=%016x", self.req.node_name, want_hash)
             return

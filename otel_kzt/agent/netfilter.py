@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from otel_kzt.errors import DatapathError, KernelUnsupported, PrivilegeError
@@ -191,43 +192,44 @@ def test_run(prog_fd: int) -> int:
     return int(struct.unpack_from("<I", attr, 4)[0])
 
 
-def map_lookup_batch(
-    map_fd: int,
-    keys: ctypes.Array[ctypes.c_char],
-    values: ctypes.Array[ctypes.c_char],
-    key_size: int,
-    value_size: int,
-) -> int:
-    """Read a whole hash map into `keys`/`values` (sized for max_entries) in batches; returns the count."""
-    capacity = len(keys) // key_size
+def map_batches(
+    map_fd: int, key_size: int, value_size: int, chunk: int
+) -> Iterator[tuple[memoryview, memoryview, int]]:
+    """Read a whole hash map, `chunk` entries at a time: yields (keys, values, count) views of two
+    buffers that are reused for the next chunk (decode each before asking for the next)."""
+    keys = ctypes.create_string_buffer(chunk * key_size)
+    values = ctypes.create_string_buffer(chunk * value_size)
+    kview, vview = memoryview(keys).cast("B"), memoryview(values).cast("B")
     token_in = ctypes.create_string_buffer(8)
     token_out = ctypes.create_string_buffer(8)
-    total = 0
-    while total < capacity:
+    first = True
+    while True:
         # batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
         attr = _attr(
             "<QQQQIIQQ",
-            _address(token_in) if total else 0,
+            0 if first else _address(token_in),
             _address(token_out),
-            _address(keys) + total * key_size,
-            _address(values) + total * value_size,
-            capacity - total,
+            _address(keys),
+            _address(values),
+            chunk,
             map_fd,
             0,
             0,
         )
         done = False
         try:
-            _bpf(BPF_MAP_LOOKUP_BATCH, attr, "batch-read the flow map")
+            _bpf(BPF_MAP_LOOKUP_BATCH, attr, "batch-read a map")
         except BpfCallError as exc:
             if exc.errno != errno.ENOENT:
                 raise
             done = True  # ENOENT: the last batch, its entries are still valid
-        total += struct.unpack_from("<I", attr, 32)[0]
+        count = int(struct.unpack_from("<I", attr, 32)[0])
+        if count:
+            yield kview, vview, count
         if done:
-            break
+            return
         ctypes.memmove(token_in, token_out, 8)
-    return total
+        first = False
 
 
 def map_delete_batch(map_fd: int, keys: ctypes.Array[ctypes.c_char], count: int) -> int:
