@@ -89,8 +89,11 @@ class AgentService:
             max_bytes=config.otlp.max_request_bytes,
         )
 
-    def export_once(self, deadline: float, stop: threading.Event) -> ExportResult:
-        """One interval: snapshot -> local flows -> requests -> export -> evict what went idle."""
+    def export_once(self, deadline: float, stop: threading.Event, *, evict: bool = True) -> ExportResult:
+        """One interval: snapshot -> local flows -> requests -> export -> evict what went idle.
+
+        `evict=False` (the export on shutdown): an eviction now would hand final values to a process
+        that is about to exit; left in the (pinned) map, the next process exports and evicts them."""
         started = time.monotonic()
         try:
             snapshot = self._source.snapshot()
@@ -133,7 +136,8 @@ class AgentService:
             self._finals.clear()  # delivered; on any failure all are sent again (idempotent)
         self.stats.record_finals(len(self._finals), 0)
         # A local flow's value must have reached the receiver before it is evicted.
-        self._evict(idle_other + (idle_ours if result.failed == 0 else []))
+        if evict:
+            self._evict(idle_other + (idle_ours if result.failed == 0 else []))
         return result
 
     def _take_finals(self, snapshot: Snapshot) -> None:
@@ -177,5 +181,10 @@ class AgentService:
             # Retries of this pass end where the next pass begins: the next snapshot supersedes this one.
             self.export_once(tick + interval, stop)
             tick = max(tick + interval, time.monotonic())
-        final = self.export_once(time.monotonic() + self._config.otlp.timeout_s, stop)
+        final = self.export_once(time.monotonic() + self._config.otlp.timeout_s, stop, evict=False)
         log.info("final export on shutdown: sent=%d failed=%d", final.sent, final.failed)
+        if self._finals:
+            # Their flows are gone from the kernel map: these values exist only in this process.
+            log.warning(
+                "final values of evicted flows not delivered before exit: flows=%d", len(self._finals)
+            )

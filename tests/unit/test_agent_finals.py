@@ -7,6 +7,8 @@ Exports go over real gRPC to an in-process receiver.
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
@@ -126,3 +128,17 @@ def test_the_store_of_undelivered_finals_is_bounded_and_counted(receiver: GrpcRe
     ports = sorted(str(p[schema.DESTINATION_PORT]) for p in points([final_request], schema.FLOW_BYTES))
     assert ports == ["7002", "7003"]  # the oldest was given up
     assert points([final_request], schema.OTLP_AGENT_FINALS_DROPPED)[0]["_value"] == 1
+
+
+def test_shutdown_export_leaves_idle_flows_to_the_next_process(receiver: GrpcReceiver) -> None:
+    """An eviction during the export on shutdown would hand the final value to a process about to exit."""
+    fake = FakeMap()
+    fake.add(POD_FLOW, 100)
+    fake.now_ns += int(IDLE_S + 1) * SEC  # idle already
+    svc, exp = service(receiver, fake, idle_timeout_s=IDLE_S, interval_s=30.0)
+    stop = threading.Event()
+    stop.set()
+    svc.run(stop)  # no interval passes: only the export on shutdown
+    exp.close()
+    assert fake.evicted == [] and POD_FLOW in fake.flows
+    assert [v for _, v, _ in _series(receiver.snapshot())] == [100]
