@@ -1,7 +1,9 @@
 """The agent's interval loop: snapshot the flow map, keep the local flows, encode, export, evict idle flows.
 
-One pass (`export_once`) per interval. Nothing is queued between passes: a pass that cannot deliver before
-the next tick gives up, and the next snapshot, whose cumulative values include everything, replaces it.
+One pass (`export_once`) per interval. No request is queued between passes: a pass that cannot deliver
+before the next tick gives up, and the next snapshot, whose cumulative values include everything, replaces
+it. (The one thing kept across passes is the final values of evicted flows, below: no later snapshot has
+them.)
 
 Idle flows: a flow whose last packet is older than the idle timeout is exported; once that export was
 delivered it is evicted from the kernel map. Packets may still arrive between that export's read and the
@@ -11,8 +13,9 @@ time) ahead of the live flows, so a consumer that sees a new series of the same 
 taken the old one's last increment; then the flow is forgotten (a flow that sends again comes back as a new
 series with a new start time). A final value whose export fails is kept and sent again every interval
 until delivered: cumulative, so sending it twice adds nothing. The store is bounded (both flow maps' size);
-what does not fit is given up, counted and logged. Flows that are not ours (forwarded, arriving) are
-evicted when idle too, without export, so they do not fill the map.
+what does not fit is given up, counted and logged. The export on shutdown evicts nothing: the final values
+would die with the process, while flows left in the pinned map reach the next one. Flows that are not ours
+(forwarded, arriving) are evicted when idle too, without export, so they do not fill the map.
 """
 
 from __future__ import annotations
