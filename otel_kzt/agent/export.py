@@ -19,7 +19,9 @@ request, not a failure of the receiver: no move.
 
 Remaining caveat: a transient failover while the old receiver stays alive (a network blip, a slow answer,
 a receiver overloaded for a moment) still moves the agent, and its totals are then counted by both
-replicas until the old one's series TTL expires. Stickiness only removes the move back.
+replicas until the old one's series TTL expires. Stickiness only removes the move back. The choice lives
+in the process: a restarted agent starts again from its first-ranked receiver, so an agent that had failed
+over and is then restarted (an upgrade) moves back once, with the same effect.
 
 Retries: only what `transport.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
