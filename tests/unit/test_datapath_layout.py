@@ -100,3 +100,25 @@ def test_pin_root_with_a_dot_under_bpffs_is_a_config_error() -> None:
         DatapathConfig(node_name="n1", pin_root="/sys/fs/bpf/otel.kzt").validate()
     assert err.value.field == "pin_root" and "'.'" in str(err.value)
     DatapathConfig(node_name="n1", pin_root="/sys/fs/bpf/otel-kzt").validate()
+
+
+def test_loader_errors_come_back_as_the_same_datapath_class() -> None:
+    from otel_kzt.agent import loader
+    from otel_kzt.errors import BccMissing, DatapathError, PrivilegeError
+
+    assert type(loader._error("BccMissing", "install bcc")) is BccMissing
+    assert type(loader._error("PrivilegeError", "no CAP_BPF")) is PrivilegeError
+    # Not a datapath error class (or no class at all): still one clear DatapathError, text kept.
+    for kind in ("ConfigError", "ValueError", "NoSuchThing"):
+        err = loader._error(kind, "text")
+        assert type(err) is DatapathError and str(err) == "text"
+
+
+def test_loader_result_names_each_fd() -> None:
+    from otel_kzt.agent import loader
+
+    names = ["flows4", "link0", "kzt_evict", "link1", "meta"]
+    loaded = loader._unpack({"fds": names, "boot_offset": 7, "cflags": ["-DX=1"]}, [10, 11, 12, 13, 14])
+    assert loaded.maps == {"flows4": 10, "meta": 14}
+    assert (loaded.link_fds, loaded.evict_fd) == ([11, 13], 12)
+    assert (loaded.boot_offset, loaded.cflags) == (7, ["-DX=1"])
