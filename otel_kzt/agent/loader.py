@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from otel_kzt import errors
@@ -81,9 +82,13 @@ def load(request: LoadRequest) -> Loaded:
         str(level),
         json.dumps(asdict(request)),
     ]
+    # The child imports this very package (and its bpf/ sources), wherever the parent found it.
+    package_root = str(Path(__file__).resolve().parents[2])
+    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     with ours:
         try:
-            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(argv, pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env)
         finally:
             theirs.close()
         try:
