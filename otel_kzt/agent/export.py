@@ -23,7 +23,7 @@ replicas until the old one's series TTL expires. Stickiness only removes the mov
 in the process: a restarted agent starts again from its first-ranked receiver, so an agent that had failed
 over and is then restarted (an upgrade) moves back once, with the same effect.
 
-Retries: only what `transport.classify` calls retryable is retried, with exponential backoff and
+Retries: only what `otel_kzt.otlp_failures.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
 request dropped. A receiver whose TLS certificate fails verification is not retried either, but it is
 a failure of that receiver: the next one is tried (and it counts as failed for the sticky choice).

@@ -1,11 +1,8 @@
 """OTLP transports that send pre-serialized `ExportMetricsServiceRequest` bytes: gRPC and http/protobuf.
 
 Both are thin: they send, read the response's partial success, and translate every failure into
-`otel_kzt.errors` at this boundary through `classify`, the one place that decides which failures are
-retried (the OTLP specification's lists; `RESOURCE_EXHAUSTED` only when the server sent `RetryInfo`).
-A receiver whose TLS certificate fails verification (untrusted, expired, wrong name) is a permanent
-failure (`ReceiverTrustError`): a wrong certificate does not fix itself, retrying it only hides the error.
-gRPC reports it as `UNAVAILABLE` with the TLS library's reason in the message, so `classify` reads that.
+`otel_kzt.errors` at this boundary through `otel_kzt.otlp_failures.classify`, the one place (shared with
+the enricher's exporters) that decides which failures are retried.
 """
 
 from __future__ import annotations
@@ -14,56 +11,22 @@ import gzip
 import http.client
 import logging
 import ssl
-import time
 import urllib.parse
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Protocol
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
 from otel_kzt import __version__
-from otel_kzt.errors import ExportError, PermanentExportError, ReceiverTrustError, RetryableExportError
+from otel_kzt.errors import ReceiverTrustError, RetryableExportError
+from otel_kzt.otlp_failures import classify, parse_retry_after, rpc_error_parts
 
 log = logging.getLogger(__name__)
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 USER_AGENT = f"otel-kzt-agent/{__version__}"
-
-_RETRYABLE_GRPC = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-_RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
-# What gRPC's TLS stack (BoringSSL, its hostname check) writes when verification fails; a TLS handshake
-# that fails for another reason (a reset, a receiver restarting) stays retryable.
-_TLS_VERIFY_FAILED = ("CERTIFICATE_VERIFY_FAILED", "Hostname Verification Check failed")
-
-
-def classify(status: grpc.StatusCode | int, message: str, retry_after_s: float | None = None) -> ExportError:
-    """The one permanent-vs-retryable decision for a gRPC status or an HTTP status code."""
-    if any(reason in message for reason in _TLS_VERIFY_FAILED):
-        return ReceiverTrustError(f"TLS certificate verification failed: {message}")
-    if isinstance(status, grpc.StatusCode):
-        retryable = status in _RETRYABLE_GRPC or (
-            status is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s is not None
-        )
-        text = f"gRPC {status.name}: {message}"
-    else:
-        retryable = status in _RETRYABLE_HTTP
-        text = f"HTTP {status}: {message}"
-    if retryable:
-        return RetryableExportError(text, retry_after_s)
-    return PermanentExportError(text)
-
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -93,21 +56,6 @@ def _partial_success(response: ExportMetricsServiceResponse, where: str) -> int:
             partial.error_message,
         )
     return int(partial.rejected_data_points)
-
-
-def _grpc_retry_delay(error: grpc.RpcError) -> float | None:
-    """The server's RetryInfo delay from the `grpc-status-details-bin` trailer, if any."""
-    trailers = error.trailing_metadata() if isinstance(error, grpc.Call) else None
-    for key, value in trailers or ():
-        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
-            continue
-        status = status_pb2.Status.FromString(value)
-        for detail in status.details:
-            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                info = error_details_pb2.RetryInfo()
-                detail.Unpack(info)
-                return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None
 
 
 class GrpcTransport:
@@ -153,9 +101,7 @@ class GrpcTransport:
                 body, timeout=timeout_s, metadata=self._metadata, compression=self._compression
             )
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            raise classify(code, details or "", _grpc_retry_delay(exc)) from exc
+            raise classify(*rpc_error_parts(exc)) from exc
         return _partial_success(response, self._where)
 
     def close(self) -> None:
@@ -224,7 +170,7 @@ class HttpTransport:
         finally:
             connection.close()
         if response.status // 100 != 2:
-            retry_after = _retry_after(response.getheader("Retry-After"))
+            retry_after = parse_retry_after(response.getheader("Retry-After"))
             raise classify(response.status, _http_message(data), retry_after)
         try:
             return _partial_success(ExportMetricsServiceResponse.FromString(data), self._target.url)
@@ -234,19 +180,6 @@ class HttpTransport:
 
     def close(self) -> None:
         """Nothing held between requests (one connection per send)."""
-
-
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass  # not seconds: an HTTP date
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _http_message(data: bytes) -> str:

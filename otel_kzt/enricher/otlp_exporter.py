@@ -2,7 +2,8 @@
 
 Payloads arrive already serialised (the core encodes a request once for every exporter). `submit_*` never
 blocks: a full queue drops the payload and counts it, so a dead downstream never slows receiving or the
-other exporters. Retries back off exponentially on retryable answers only (see `classify`).
+other exporters. Retries back off exponentially on retryable answers only (see
+`otel_kzt.otlp_failures.classify`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import grpc
-from google.rpc import error_details_pb2, status_pb2
 
 from otel_kzt.enricher.config import PROTOCOL_HTTP, ExporterConfig
 from otel_kzt.enricher.prometheus import HealthMetrics
-from otel_kzt.errors import ExportError, PermanentExportError, RetryableExportError
+from otel_kzt.errors import ExportError, RetryableExportError
+from otel_kzt.otlp_failures import classify, parse_retry_after, rpc_error_parts
 
 log = logging.getLogger(__name__)
 
@@ -32,32 +33,8 @@ _GRPC_METHODS: Final = {
     METRICS: "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
     LOGS: "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
 }
-_RETRYABLE_GRPC: Final = frozenset(
-    {
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.OUT_OF_RANGE,
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DATA_LOSS,
-    }
-)
-_RETRYABLE_HTTP: Final = frozenset({429, 502, 503, 504})
 _BACKOFF_INITIAL_S: Final = 0.5
 _BACKOFF_MAX_S: Final = 10.0
-
-
-def classify(code: grpc.StatusCode | int | None, message: str, retry_after_s: float | None) -> ExportError:
-    """The one place that decides permanent vs retryable (OTLP spec, "Failures" for gRPC and HTTP).
-
-    `code` is a gRPC status, an HTTP status, or None for a transport failure (connection refused, reset,
-    timeout), which is always retryable. RESOURCE_EXHAUSTED is retryable only with a RetryInfo delay.
-    """
-    if code is None or code in _RETRYABLE_GRPC or code in _RETRYABLE_HTTP:
-        return RetryableExportError(message, retry_after_s)
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and retry_after_s is not None:
-        return RetryableExportError(message, retry_after_s)
-    return PermanentExportError(message)
 
 
 class Transport(Protocol):
@@ -83,25 +60,10 @@ class GrpcTransport:
         try:
             self._calls[signal](payload, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else None
-            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            trailers = exc.trailing_metadata() if isinstance(exc, grpc.Call) else None
-            raise classify(code, f"gRPC {code}: {details}", _grpc_retry_delay(trailers)) from exc
+            raise classify(*rpc_error_parts(exc)) from exc
 
     def close(self) -> None:
         self._channel.close()
-
-
-def _grpc_retry_delay(trailers: object) -> float | None:
-    """RetryInfo.retry_delay from the google.rpc.Status in `grpc-status-details-bin`, if any."""
-    for key, value in trailers or ():  # type: ignore[attr-defined]
-        if key == "grpc-status-details-bin":
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                info = error_details_pb2.RetryInfo()
-                if detail.Unpack(info):
-                    return float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9)
-    return None
 
 
 class HttpTransport:
@@ -117,20 +79,13 @@ class HttpTransport:
             with urllib.request.urlopen(req, timeout=self._timeout) as resp:
                 resp.read()
         except urllib.error.HTTPError as exc:
-            raise classify(exc.code, f"HTTP {exc.code}: {exc.reason}", _retry_after(exc.headers)) from exc
+            retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)
+            raise classify(exc.code, str(exc.reason), retry_after) from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise classify(None, f"HTTP transport: {exc}", None) from exc
+            raise classify(None, str(exc)) from exc
 
     def close(self) -> None:
         """Nothing pooled: urllib opens a connection per request."""
-
-
-def _retry_after(headers: Any) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date: fall back to our own backoff
 
 
 class Exporter:

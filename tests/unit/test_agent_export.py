@@ -18,8 +18,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from otel_kzt.agent.config import GRPC, HTTP_PROTOBUF, OtlpConfig
 from otel_kzt.agent.encode import RequestEncoder
 from otel_kzt.agent.export import Exporter, expand, rendezvous_rank
-from otel_kzt.agent.transport import Target, classify
+from otel_kzt.agent.transport import Target
 from otel_kzt.errors import PermanentExportError, RetryableExportError
+from otel_kzt.otlp_failures import classify
 from tests.unit.test_agent_support import Failure, GrpcReceiver, HttpReceiver
 
 BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
@@ -184,7 +185,7 @@ def test_name_resolving_to_several_addresses_expands() -> None:
 def test_retry_after_as_seconds_or_http_date() -> None:
     from email.utils import formatdate
 
-    from otel_kzt.agent.transport import _retry_after
+    from otel_kzt.otlp_failures import parse_retry_after as _retry_after
 
     assert _retry_after("2.5") == 2.5
     assert _retry_after(None) is None and _retry_after("soon") is None

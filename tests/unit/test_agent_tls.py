@@ -26,8 +26,9 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from otel_kzt.agent.config import GRPC, HTTP_PROTOBUF, OtlpConfig
 from otel_kzt.agent.encode import RequestEncoder
 from otel_kzt.agent.export import Exporter
-from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, classify
+from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target
 from otel_kzt.errors import ReceiverTrustError, RetryableExportError
+from otel_kzt.otlp_failures import classify
 from tests.unit.test_agent_support import GrpcReceiver, _Servicer
 
 BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
