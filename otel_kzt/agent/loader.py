@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from otel_kzt import errors
-from otel_kzt.agent import flowmap, links, netfilter, pins, probe
+from otel_kzt.agent import links, netfilter, pins, probe
 from otel_kzt.agent.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.errors import DatapathError, KztError, ProgramLoadError
 
@@ -191,7 +191,7 @@ class _Child:
         )
         if self.req.pin:
             pins.ensure_bpffs(self.req.pin_root)
-            self._reset_if_incompatible()
+            pins.reset_if_incompatible(r.node_name, r.pin_root, r.map_size)
             pins.make_node_dir(self.dir)
         from bcc import BPF
 
@@ -207,29 +207,6 @@ class _Child:
         fds += [(f"link{i}", fd) for i, fd in enumerate(self._links(dispatch_fd))]
         result = {"fds": [n for n, _ in fds], "boot_offset": self._boot_offset(), "cflags": self.cflags}
         return result, fds
-
-    def _reset_if_incompatible(self) -> None:
-        for layout in flowmap.LAYOUTS.values():
-            try:
-                fd = netfilter.obj_get(str(self.dir / layout.map_name))
-            except FileNotFoundError:
-                continue
-            try:
-                info = netfilter.map_info(fd)
-            finally:
-                os.close(fd)
-            want = (layout.key.size, layout.value.size, self.req.map_size)
-            got = (info.key_size, info.value_size, info.max_entries)
-            if got != want:
-                log.warning(
-                    "pinned %s (key, value, entries)=%s, want %s: resetting node=%s",
-                    layout.map_name,
-                    got,
-                    want,
-                    self.req.node_name,
-                )
-                pins.cleanup(self.req.node_name, self.req.pin_root)
-                return
 
     def _load_func(self, name: str) -> int:
         try:

@@ -17,7 +17,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from otel_kzt.agent import netfilter
+from otel_kzt.agent import flowmap, netfilter
 from otel_kzt.errors import ConfigError, DatapathError, PrivilegeError
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,33 @@ def unpin_all(directory: Path) -> None:
     for entry in directory.iterdir():
         entry.unlink()
     directory.rmdir()
+
+
+def reset_if_incompatible(node_name: str, pin_root: str, map_size: int) -> None:
+    """Remove a node's pins when its flow maps have another layout or size: old and new values cannot
+    be mixed (a changed program with the same layout is replaced in place instead)."""
+    directory = node_dir(node_name, pin_root)
+    for layout in flowmap.LAYOUTS.values():
+        try:
+            fd = netfilter.obj_get(str(directory / layout.map_name))
+        except FileNotFoundError:
+            continue
+        try:
+            info = netfilter.map_info(fd)
+        finally:
+            os.close(fd)
+        want = (layout.key.size, layout.value.size, map_size)
+        got = (info.key_size, info.value_size, info.max_entries)
+        if got != want:
+            log.warning(
+                "pinned %s (key, value, entries)=%s, want %s: resetting node=%s",
+                layout.map_name,
+                got,
+                want,
+                node_name,
+            )
+            cleanup(node_name, pin_root)
+            return
 
 
 def cleanup(node_name: str, pin_root: str = DEFAULT_PIN_ROOT) -> None:

@@ -1,8 +1,11 @@
-"""Pin directories on the real bpffs: dotted (EKS) node names pin and clean up, and bpffs's EPERM for a
-name with a '.' is reported as a naming problem, not as missing privileges."""
+"""Pin directories on the real bpffs: dotted (EKS) node names pin and clean up, bpffs's EPERM for a name
+with a '.' is reported as a naming problem, not as missing privileges, and pinned maps of another size
+are reset rather than adopted."""
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +15,7 @@ from otel_kzt import netns
 from otel_kzt.agent import netfilter, pins
 from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
 from otel_kzt.errors import DatapathError, PrivilegeError
-from tests.kernel.conftest import PIN_ROOT, Net, settle
+from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import UDP, key
 
 pytestmark = pytest.mark.kernel
@@ -57,3 +60,27 @@ def test_bpffs_eperm_for_a_dot_is_a_naming_error_not_a_privilege_error(dotted: s
     with pytest.raises(DatapathError, match=r"refuses names containing '\.'") as err:
         netfilter.obj_get(f"{PIN_ROOT}/{dotted}/meta")
     assert not isinstance(err.value, PrivilegeError)
+
+
+def test_changed_map_size_resets_the_node(
+    net: Net, datapath: DatapathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    net.drop_udp_at(net.pod_b)
+    first = datapath(map_size=64)
+    net.traffic(net.pod_a, "udp", net.b4, 53, 2, 10)
+    settle()
+    k = key(net.a4, net.b4, UDP, dport=53)
+    assert first.snapshot().flows[k].packets == 2
+    first.close()
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent")
+    second = datapath(map_size=128)  # old and new values cannot be mixed: start over
+    assert "resetting node=" in caplog.text
+    fd = netfilter.obj_get(str(pins.node_dir(second.config.node_name, PIN_ROOT) / "flows4"))
+    try:
+        assert netfilter.map_info(fd).max_entries == 128
+    finally:
+        os.close(fd)
+    net.traffic(net.pod_a, "udp", net.b4, 53, 3, 10)
+    settle()
+    snap = second.snapshot()
+    assert snap.capacity == 128 and snap.flows[k].packets == 3
