@@ -327,7 +327,7 @@ def report(n: int, results: dict[str, dict[str, float]]) -> None:
         k = results["kernel"]
         print(
             f"real bcc datapath ({n:,} real flows, snapshot included): CPU s {k['cpu_s_1']:.3f} (cold), "
-            f"{k['cpu_s_2']:.3f}; peak RSS {k['peak_rss_mb']:.1f} MB (bcc/LLVM included); "
+            f"{k['cpu_s_2']:.3f}; peak RSS {k['peak_rss_mb']:.1f} MB (bcc/LLVM only in the loader child); "
             f"points {k['points']:,.0f}, overflow points {k['overflow_points']:.0f}"
         )
     print(f"target (<= 0.5 s CPU per interval, <= 150 MB RSS, every point, none folded): {verdict}")

@@ -14,6 +14,7 @@ from typing import IO
 
 import pytest
 
+from otel_kzt.agent.pins import node_dir
 from otel_kzt.demo.cluster import make_cluster
 from otel_kzt.demo.runner import LOCK_DIR, ClusterRun, RunLock
 from otel_kzt.netns import NETNS_DIR, netns_exists
@@ -40,7 +41,7 @@ def assert_nothing_left(slot: Slot) -> None:
     cluster = make_cluster(prefix, net_id, ZONES, PER_ZONE)
     assert not [p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{prefix}-")]
     assert not Path(f"/sys/class/net/{cluster.host_link}").exists()
-    assert not [n.name for n in cluster.nodes if (PIN_ROOT / n.name).exists()]
+    assert not [n.name for n in cluster.nodes if node_dir(n.name, str(PIN_ROOT)).exists()]
     leftovers = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
