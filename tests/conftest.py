@@ -33,6 +33,16 @@ def kernel_unavailable_reason() -> str | None:
     return None
 
 
+def require(available: bool, reason: str) -> None:
+    """Skip a test whose outside tool is missing, except in CI, where set-up installs every tool: there
+    a missing one is a broken set-up and fails, never a silent skip."""
+    if available:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set and a required tool is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kernel") is None:
         return

@@ -19,6 +19,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_C
 
 from otel_kzt import schema
 from otel_kzt.enricher.service import EnricherService
+from tests.conftest import require
 from tests.integration.test_enricher_badinput import post
 from tests.integration.test_enricher_service import POD_IPS, get, local_config, metadata_file, wait_ready
 
@@ -38,8 +39,7 @@ def free_port() -> int:
 @pytest.fixture
 def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
     """(query base URL, the metrics port it scrapes every second); killed whatever happens."""
-    if shutil.which(PROMETHEUS) is None:
-        pytest.skip("Debian's prometheus is not installed (scripts/setup.sh)")
+    require(shutil.which(PROMETHEUS) is not None, "Debian's prometheus is not installed (scripts/setup.sh)")
     target, web = free_port(), free_port()
     config = tmp_path / "prometheus.yml"
     config.write_text(

@@ -16,6 +16,7 @@ import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
 from otel_kzt.enricher.service import EnricherService
+from tests.conftest import require
 from tests.integration.test_enricher_badinput import good_request
 from tests.integration.test_enricher_otlp import send_with_sdk
 from tests.integration.test_enricher_service import POD_IPS, local_config, metadata_file, wait_ready
@@ -25,8 +26,7 @@ __all__ = ["metadata_file"]
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
+    require(shutil.which("openssl") is not None, "openssl is not installed (scripts/setup.sh)")
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     subprocess.run(
         [

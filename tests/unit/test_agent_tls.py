@@ -29,10 +29,15 @@ from otel_kzt.agent.export import Exporter
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target
 from otel_kzt.errors import ReceiverTrustError, RetryableExportError
 from otel_kzt.otlp_failures import classify
+from tests.conftest import require
 from tests.unit.test_agent_support import GrpcReceiver, _Servicer
 
 BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+
+@pytest.fixture(autouse=True)
+def _needs_openssl() -> None:
+    require(shutil.which("openssl") is not None, "needs the openssl CLI (scripts/setup.sh)")
 
 
 SUBJECT = ["-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"]

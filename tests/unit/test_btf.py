@@ -10,6 +10,7 @@ import pytest
 from otel_kzt.agent import btf as btfmod
 from otel_kzt.agent.btf import KIND_ENUM, KIND_FUNC, KIND_STRUCT, Btf
 from otel_kzt.errors import KernelUnsupported
+from tests.conftest import require
 
 
 class Builder:
@@ -114,8 +115,8 @@ def test_missing_file_says_no_btf(tmp_path: Path) -> None:
         btfmod.kernel_btf(tmp_path / "vmlinux")
 
 
-@pytest.mark.skipif(not btfmod.VMLINUX_BTF.exists(), reason="no kernel BTF on this machine")
 def test_running_kernel_has_what_the_datapath_reads() -> None:
+    require(btfmod.VMLINUX_BTF.exists(), "no kernel BTF on this machine")
     kernel = btfmod.kernel_btf()
     assert kernel.field("sk_buff", "len")[1] == 4
     assert kernel.field("sk_buff", "network_header")[1] == 2
