@@ -124,7 +124,7 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
         stack.callback(handle.shutdown)
         handle.start()
         index = handle.index
-    exporter = Exporter(config.otlp, config.node_name)
+    exporter = Exporter(config.otlp, config.node_name, store=_receiver_store(config, stack))
     stack.callback(exporter.close)
     local = LocalFlows(config.node_name, index, overlay_ports=config.overlay_ports)
     service = AgentService(config, datapath, exporter, local, index, host_name=socket.gethostname())
@@ -137,6 +137,19 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
         config.pin,
     )
     service.run(stop)
+
+
+def _receiver_store(config: AgentConfig, stack: ExitStack) -> Any:
+    """The pinned store of the receiver choice (after the datapath started: a reset of its pins would
+    remove it); None with --no-pin, when nothing may outlive the process."""
+    if not config.pin:
+        return None
+    from otel_kzt.agent.state import open_node_store
+
+    store = open_node_store(config.node_name, config.pin_root)
+    if store is not None:
+        stack.callback(store.close)
+    return store
 
 
 def _release_compiler_heap() -> None:

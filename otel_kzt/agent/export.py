@@ -17,11 +17,15 @@ on its current receiver while that is still a candidate and works (a replica add
 new agents and those whose receiver went away). A permanent error is the receiver's answer about one
 request, not a failure of the receiver: no move.
 
+The choice survives a restart: every change of the current receiver is written to a `ReceiverStore`
+(`otel_kzt.agent.state`: a small pinned BPF map of the node, next to the datapath's pins; none with
+`--no-pin`), and a new process whose first candidates include the stored receiver starts on it instead of
+its first-ranked one. A stored receiver that is no longer a candidate is ignored (first-ranked, as before).
+
 Remaining caveat: a transient failover while the old receiver stays alive (a network blip, a slow answer,
 a receiver overloaded for a moment) still moves the agent, and its totals are then counted by both
-replicas until the old one's series TTL expires. Stickiness only removes the move back. The choice lives
-in the process: a restarted agent starts again from its first-ranked receiver, so an agent that had failed
-over and is then restarted (an upgrade) moves back once, with the same effect.
+replicas until the old one's series TTL expires. Stickiness and the stored choice only remove the moves
+back (after the first choice returns, after an agent restart).
 
 Retries: only what `otel_kzt.otlp_failures.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from otel_kzt.agent.config import GRPC, OtlpConfig
+from otel_kzt.agent.state import ReceiverStore, StoredReceiver
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
 from otel_kzt.errors import ConfigError, PermanentExportError, ReceiverTrustError, RetryableExportError
 
@@ -116,6 +121,7 @@ class Exporter:
         resolver: Resolver = resolve,
         down_s: float = DOWN_S,
         max_backoff_s: float = MAX_BACKOFF_S,
+        store: ReceiverStore | None = None,
     ) -> None:
         self._config = config
         self._node = node_name
@@ -126,6 +132,7 @@ class Exporter:
         self._transports: dict[Target, Transport] = {}
         self._down_until: dict[Target, float] = {}
         self._current: Target | None = None  # the receiver this agent writes to (sticky)
+        self._stored = StoredReceiver(store)
         self._ca = _read_ca(config.certificate)
         self._lock = threading.Lock()
 
@@ -137,7 +144,8 @@ class Exporter:
 
     @property
     def current(self) -> Target | None:
-        """The receiver the last delivered request went to (None before the first)."""
+        """The receiver the agent writes to: where the last request was delivered, or before the first,
+        the stored receiver it resumes on (None when neither)."""
         return self._current
 
     def ranked_targets(self) -> list[Target]:
@@ -149,6 +157,9 @@ class Exporter:
         now = time.monotonic()
         for gone in set(self._transports) - set(targets):
             self._transports.pop(gone).close()
+        if self._current is None:  # a new process: resume on the stored receiver if it is a candidate
+            resumed = self._stored.resume([t.url for t in targets])
+            self._current = next((t for t in targets if t.url == resumed), None)
         if self._current in targets:
             at = targets.index(self._current)
             targets = targets[at:] + targets[:at]
@@ -241,6 +252,7 @@ class Exporter:
                 self._current.url if self._current else None,
             )
             self._current = target
+            self._stored.changed(target.url)  # persisted once per change, not per request
         targets.remove(target)
         targets.insert(0, target)
 

@@ -23,6 +23,7 @@ SYS_BPF = 321  # x86_64
 SYS_MEMBARRIER = 324
 MEMBARRIER_CMD_GLOBAL = 1
 
+BPF_MAP_CREATE = 0
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
@@ -95,6 +96,18 @@ def link_create_netfilter(prog_fd: int, pf: int, priority: int, hooknum: int = N
 def link_detach(link_fd: int) -> None:
     """Detach a link now, even if pins or other fds still hold it."""
     _bpf(BPF_LINK_DETACH, _attr("<I", link_fd), "detach link")
+
+
+def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
+    """Create a map without bcc (the agent's own small maps); returns its fd. `name`: at most 15 of
+    [A-Za-z0-9_.], what the kernel shows in `bpftool map`."""
+    raw_name = name.encode("ascii")
+    if len(raw_name) > 15:
+        raise ValueError(f"map name {name!r} is longer than 15 bytes")
+    # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, then map_name[16]
+    attr = _attr("<IIIIIII", map_type, key_size, value_size, max_entries, 0, 0, 0)
+    struct.pack_into("16s", attr, 28, raw_name)
+    return _bpf(BPF_MAP_CREATE, attr, f"create map {name}")
 
 
 def obj_pin(fd: int, path: str) -> None:
