@@ -215,3 +215,7 @@ ENRICHER_SERIES_ACTIVE: Final = "kzt_enricher_series_active"
 ENRICHER_AGENT_LAST_REPORT: Final = "kzt_enricher_agent_last_report_timestamp_seconds"
 ENRICHER_AGENT_LAST_REPORT_LABEL: Final = prom_label(RESOURCE_NODE_NAME)
 ENRICHER_EXPORTER_LABEL: Final = "exporter"
+# --state-file: failed checkpoint loads (corrupt, unknown version) and writes, by `stage`; last good write
+ENRICHER_CHECKPOINT_ERRORS: Final = "kzt_enricher_checkpoint_errors"
+ENRICHER_CHECKPOINT_STAGE_LABEL: Final = "stage"
+ENRICHER_CHECKPOINT_TIMESTAMP: Final = "kzt_enricher_checkpoint_timestamp_seconds"

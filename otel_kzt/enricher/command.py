@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--flow-logs-stdout", action=argparse.BooleanOptionalAction, default=None, help="JSON flow logs")
     add("--flow-logs-otlp", action=argparse.BooleanOptionalAction, default=None, help="OTLP flow log records")
     add("--shutdown-timeout", help="deadline for flushing exporters on SIGTERM (10s)")
+    add(
+        "--state-file",
+        metavar="FILE",
+        help="checkpoint of the /metrics counters, restored at start (none: a restart resets them)",
+    )
+    add("--checkpoint-interval", help="how often --state-file is written, and on shutdown (10s)")
 
 
 def build_config(args: argparse.Namespace) -> EnricherConfig:
@@ -89,6 +95,10 @@ def build_config(args: argparse.Namespace) -> EnricherConfig:
         if args.shutdown_timeout
         else None,
         "exporters": _exporters(args),
+        "state_file": args.state_file,
+        "checkpoint_interval_s": parse_duration(args.checkpoint_interval, "--checkpoint-interval")
+        if args.checkpoint_interval
+        else None,
     }
     return replace(config, **merge({}, flags)).validate()
 

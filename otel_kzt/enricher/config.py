@@ -31,6 +31,7 @@ DEFAULT_EXPORT_TIMEOUT_S: Final = 10.0
 DEFAULT_EXPORT_MAX_ELAPSED_S: Final = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
 DEFAULT_PROVIDER: Final = "aws"
+DEFAULT_CHECKPOINT_INTERVAL_S: Final = 10.0
 KNOWN_FLOW_LABELS: Final = frozenset(
     {
         schema.SOURCE_ADDRESS,
@@ -85,6 +86,8 @@ class EnricherConfig:
     flow_logs_stdout: bool = True
     flow_logs_otlp: bool = True
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
+    state_file: str | None = None  # None: no checkpoint, a restart starts the counters from zero
+    checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
 
     def validate(self) -> EnricherConfig:
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -95,6 +98,8 @@ class EnricherConfig:
         _positive(self.max_request_bytes, "max_request_bytes")
         _positive(self.max_inflight_requests, "max_inflight_requests")
         _positive(self.max_series, "max_series")
+        if not self.checkpoint_interval_s > 0:
+            raise ConfigError("checkpoint_interval", f"must be positive, got {self.checkpoint_interval_s!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file", "tls_cert_file and tls_key_file go together")
         for cidr in self.cluster_cidrs:
@@ -134,7 +139,11 @@ def split_host_port(value: str, name: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port_text)
 
 
-_DURATIONS: Final = {"series_ttl_s": "series_ttl", "shutdown_timeout_s": "shutdown_timeout"}
+_DURATIONS: Final = {
+    "series_ttl_s": "series_ttl",
+    "shutdown_timeout_s": "shutdown_timeout",
+    "checkpoint_interval_s": "checkpoint_interval",
+}
 
 
 def from_mapping(data: Mapping[str, Any], base: EnricherConfig | None = None) -> EnricherConfig:

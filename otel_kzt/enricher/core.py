@@ -29,6 +29,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 )
 
 from otel_kzt import schema
+from otel_kzt.enricher.checkpoint import State, apply, capture
 from otel_kzt.enricher.cost import PriceTable
 from otel_kzt.enricher.enrich import Resolver
 from otel_kzt.enricher.flowlogs import FlowLogWriter, to_otlp_bytes
@@ -105,6 +106,16 @@ class Core:
     @property
     def active_series(self) -> int:
         return self._table.count
+
+    def capture_state(self) -> State:
+        """A consistent copy of the totals and the series' increment state (--state-file)."""
+        with self._agg.lock:
+            return capture(self._agg, self._table)
+
+    def restore_state(self, state: State) -> int:
+        """Install a checkpoint before the receivers start; returns the series restored."""
+        with self._agg.lock:
+            return apply(state, self._agg, self._table, self._clock())
 
     def consume_metrics(self, request: ExportMetricsServiceRequest, raw: bytes | None = None) -> Outcome:
         """Enrich, aggregate and forward one request; raise Overloaded when too many are in flight.

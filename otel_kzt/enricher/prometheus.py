@@ -48,16 +48,16 @@ class Aggregates:
 
         Label tuples are interned: thousands of series feed the same workload-level entry."""
         attrs = resolved.attrs
-        flow_key = self._intern(tuple(attrs.get(a, "") for a in self.flow_labels))
+        flow_key = self.intern(tuple(attrs.get(a, "") for a in self.flow_labels))
         if metric == schema.FLOW_PACKETS:
             return ((self.flow_packets, flow_key, 1.0),)
         out: list[Target] = [(self.flow_bytes, flow_key, 1.0)]
         src_zone, dst_zone = attrs.get(schema.SOURCE_ZONE), attrs.get(schema.DESTINATION_ZONE)
         if src_zone and dst_zone:
-            out.append((self.zone_bytes, self._intern((src_zone, dst_zone)), 1.0))
+            out.append((self.zone_bytes, self.intern((src_zone, dst_zone)), 1.0))
         pod, namespace = attrs.get(schema.SOURCE_POD_NAME), attrs.get(schema.SOURCE_NAMESPACE_NAME)
         if resolved.traffic_class in _CROSS_ZONE_CLASSES and pod and namespace:
-            out.append((self.pod_cross_zone, self._intern((namespace, pod)), 1.0))
+            out.append((self.pod_cross_zone, self.intern((namespace, pod)), 1.0))
         if resolved.traffic_class in schema.BILLED_CLASSES and usd_per_byte > 0:
             cost_key = (
                 attrs.get(schema.SOURCE_NAMESPACE_NAME, ""),
@@ -65,11 +65,30 @@ class Aggregates:
                 attrs.get(schema.SOURCE_WORKLOAD_NAME, ""),
                 resolved.traffic_class.value,
             )
-            out.append((self.cost, self._intern(cost_key), usd_per_byte))
+            out.append((self.cost, self.intern(cost_key), usd_per_byte))
         return tuple(out)
 
-    def _intern(self, key: tuple[str, ...]) -> tuple[str, ...]:
+    def intern(self, key: tuple[str, ...]) -> tuple[str, ...]:
         return self._interned.setdefault(key, key)
+
+    def families(self) -> dict[str, Totals]:
+        """The counter dicts by name (checkpoints); the dicts themselves, never replaced."""
+        return {
+            "flow_bytes": self.flow_bytes,
+            "flow_packets": self.flow_packets,
+            "pod_cross_zone": self.pod_cross_zone,
+            "zone_bytes": self.zone_bytes,
+            "cost": self.cost,
+        }
+
+    def load(self, totals: Mapping[str, Totals], agents: Mapping[str, float]) -> None:
+        """Replace every total with a checkpoint's (caller holds `lock`), in place: series' targets point
+        at these dicts. Label tuples are interned like the ones `targets` makes."""
+        for name, family in self.families().items():
+            family.clear()
+            family.update((self.intern(k), v) for k, v in totals.get(name, {}).items())
+        self.agent_last_report.clear()
+        self.agent_last_report.update(agents)
 
     def retain(self, live: Sequence[tuple[Target, ...]], now: float, ttl_s: float) -> None:
         """Drop aggregate entries no live series has fed for `ttl_s`, and agents silent as long.
@@ -96,7 +115,7 @@ class Aggregates:
             del self.agent_last_report[node]
 
     def _all(self) -> tuple[Totals, ...]:
-        return (self.flow_bytes, self.flow_packets, self.pod_cross_zone, self.zone_bytes, self.cost)
+        return tuple(self.families().values())
 
     def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:
         with self.lock:
@@ -194,6 +213,17 @@ class HealthMetrics:
         )
         self.series_active = Gauge(
             schema.ENRICHER_SERIES_ACTIVE, "Series tracked for /metrics aggregation", registry=registry
+        )
+        self.checkpoint_errors = Counter(
+            schema.ENRICHER_CHECKPOINT_ERRORS,
+            "State checkpoints that could not be loaded (corrupt, unknown version) or written",
+            [schema.ENRICHER_CHECKPOINT_STAGE_LABEL],
+            registry=registry,
+        )
+        self.checkpoint_timestamp = Gauge(
+            schema.ENRICHER_CHECKPOINT_TIMESTAMP,
+            "Unix time of the last state checkpoint written (--state-file)",
+            registry=registry,
         )
 
     def bind(self, synced: Callable[[], bool], active: Callable[[], int]) -> None:

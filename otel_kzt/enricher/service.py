@@ -17,6 +17,7 @@ from typing import Protocol, TextIO
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from otel_kzt.enricher.checkpointer import Checkpointer
 from otel_kzt.enricher.config import EnricherConfig, split_host_port
 from otel_kzt.enricher.core import Core
 from otel_kzt.enricher.cost import load_prices
@@ -100,6 +101,18 @@ class EnricherService:
             series_ttl_s=cfg.series_ttl_s,
             max_inflight=cfg.max_inflight_requests,
         )
+        if cfg.state_file:
+            # Restored before anything is received: the first points continue the checkpoint's series.
+            checkpointer = Checkpointer(
+                cfg.state_file,
+                core,
+                cfg.checkpoint_interval_s,
+                health,
+                families=frozenset(aggregates.families()),
+            )
+            checkpointer.load()
+            checkpointer.start()
+            self._stoppers.append(("checkpoint", checkpointer))
         self._serve(core, index, tls, token)
 
     def _serve(self, core: Core, index: MetadataIndex, tls: ssl.SSLContext | None, token: str | None) -> None:
@@ -137,8 +150,9 @@ class EnricherService:
             self._stop_all()
 
     def _stop_all(self) -> None:
-        # Receivers first (nothing new arrives), then exporters flush, then metrics and metadata.
-        order = {"grpc": 0, "http": 1, "exporter": 2, "metrics": 3, "metadata": 4}
+        # Receivers first (nothing new arrives), then the final checkpoint, then exporters flush, then
+        # metrics and metadata.
+        order = {"grpc": 0, "http": 1, "checkpoint": 2, "exporter": 3, "metrics": 4, "metadata": 5}
         parts, self._stoppers = sorted(self._stoppers, key=lambda p: order[p[0]]), []
         for kind, part in parts:
             try:
