@@ -12,6 +12,7 @@ import time
 
 from otel_kzt.agent.config import OtlpConfig
 from otel_kzt.agent.export import Exporter, rendezvous_rank
+from otel_kzt.agent.state import ReceiverStore
 from otel_kzt.agent.transport import Target
 from otel_kzt.errors import RetryableExportError
 from tests.unit.test_agent_export import BODY
@@ -73,7 +74,7 @@ class Cluster:
         self.down: set[str] = set()
         self.log: list[str] = []
 
-    def exporter(self, node: str, down_s: float = 0.0) -> Exporter:
+    def exporter(self, node: str, down_s: float = 0.0, store: ReceiverStore | None = None) -> Exporter:
         cfg = OtlpConfig(endpoints=("http://enricher.svc:4317",), timeout_s=1.0)
         return Exporter(
             cfg,
@@ -82,6 +83,7 @@ class Cluster:
             resolver=lambda host, port: list(self.addresses),
             down_s=down_s,
             max_backoff_s=0.01,
+            store=store,
         )
 
     def ranking(self, node: str) -> list[str]:
