@@ -20,10 +20,13 @@ import sys
 import threading
 from contextlib import ExitStack
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from otel_kzt.agent.config import PROTOCOLS, AgentConfig, from_values
 from otel_kzt.configfile import load_yaml, merge
+
+if TYPE_CHECKING:
+    from otel_kzt.agent.state import BpffsReceiverStore
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +142,7 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
     service.run(stop)
 
 
-def _receiver_store(config: AgentConfig, stack: ExitStack) -> Any:
+def _receiver_store(config: AgentConfig, stack: ExitStack) -> BpffsReceiverStore | None:
     """The pinned store of the receiver choice (after the datapath started: a reset of its pins would
     remove it); None with --no-pin, when nothing may outlive the process."""
     if not config.pin:
