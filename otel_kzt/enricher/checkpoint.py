@@ -12,7 +12,7 @@ Restored from the same instant, the next cumulative value of a series adds exact
 checkpoint, so totals stay exact even after SIGKILL with a stale file. Restored series are re-resolved
 against the new process' metadata on their next point (their increments then go where that says).
 
-Format: JSON (version 1) with interned label tuples, target sets and groups; series keys in base64.
+Format: gzipped JSON (version 1) with interned label tuples, target sets and groups; series keys in base64.
 The copy is taken under the lock; encoding and the atomic write (temp + fsync + rename) happen outside.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gzip
 import json
 import logging
 import math
@@ -60,26 +61,35 @@ class State:
 
 
 def capture(agg: Aggregates, table: SeriesTable) -> State:
-    """Copy what a restart needs; caller holds `agg.lock`. Pending increments are folded first, so
-    the totals and the series' last values describe the same instant."""
-    table.fold_all()
+    """Copy what a restart needs in one instant (takes `agg.lock`, briefly: flat tuples only).
+
+    Pending increments are folded first, so the totals and the series' last values describe the same
+    instant. Targets are turned into family names outside the lock: the dicts they point at and their
+    label tuples never change identity."""
+    # Flat lists of existing objects: no tuple per series is made under the lock, so the copy does not
+    # trigger the garbage collector (with 100k series a collection held the lock ~15x longer, 350 ms).
+    flat: list[tuple[tuple[bytes, str], list[Any]]] = []
+    with agg.lock:
+        table.fold_all()
+        for group, entries in table.groups.items():
+            values: list[Any] = []
+            for key, s in entries.items():
+                if s.start >= 0:  # admitted but never counted (its value was rejected): nothing to carry on
+                    values += (key, s.start, s.last, s.last_time, s.seen, s.targets)
+            flat.append((group, values))
+        totals = {name: dict(d) for name, d in agg.families().items()}
+        agents = dict(agg.agent_last_report)
     names = {id(d): name for name, d in agg.families().items()}
-    series: list[SeriesState] = [
-        (
-            group,
-            key,
-            s.start,
-            s.last,
-            s.last_time,
-            s.seen,
-            tuple((names[id(d)], k, f) for d, k, f in s.targets),
-        )
-        for group, entries in table.groups.items()
-        for key, s in entries.items()
-        if s.start >= 0  # admitted but never counted (its value was rejected): nothing to carry on
-    ]
-    totals = {name: dict(d) for name, d in agg.families().items()}
-    return State(agg.flow_labels, totals, dict(agg.agent_last_report), series, time.time())
+    plain: dict[int, tuple[PlainTarget, ...]] = {}  # by id: `flat` keeps every targets tuple alive
+    series: list[SeriesState] = []
+    for group, values in flat:
+        for i in range(0, len(values), 6):
+            key, start, last, last_time, seen, targets = values[i : i + 6]
+            p = plain.get(id(targets))
+            if p is None:
+                p = plain[id(targets)] = tuple((names[id(d)], k, f) for d, k, f in targets)
+            series.append((group, key, start, last, last_time, seen, p))
+    return State(agg.flow_labels, totals, agents, series, time.time())
 
 
 def apply(state: State, agg: Aggregates, table: SeriesTable, now: float) -> int:
@@ -151,13 +161,15 @@ def encode(state: State) -> bytes:
         "targets": [[(n, labels[k], f) for n, k, f in plain] for plain in target_sets],
         "series": rows,
     }
-    return json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
+    # gzip level 1: series keys repeat attribute names and addresses (~30x smaller, ~35 ms per 100k
+    # series); `zcat` shows the JSON.
+    return gzip.compress(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(), 1, mtime=0)
 
 
 def decode(data: bytes, families: frozenset[str]) -> State:
     """Parse and check a checkpoint; anything unexpected is a StateError (never half a state)."""
     try:
-        doc = json.loads(data)
+        doc = json.loads(gzip.decompress(data))
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise StateError("not an otel-kzt enricher state file")
         if doc.get("version") != VERSION:
@@ -189,7 +201,16 @@ def decode(data: bytes, families: frozenset[str]) -> State:
         return State(tuple(_strs(doc["flow_labels"])), totals, agents, series, _count(doc["written"]))
     except StateError:
         raise
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
+    except (
+        KeyError,
+        IndexError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        binascii.Error,
+        OSError,
+        EOFError,
+    ) as exc:
         raise StateError(f"corrupt: {type(exc).__name__}: {exc}") from exc
 
 

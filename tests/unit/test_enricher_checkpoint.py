@@ -3,6 +3,7 @@ TTL and cap on load, atomic periodic writes."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 from pathlib import Path
@@ -98,8 +99,11 @@ def test_stale_checkpoint_then_new_cumulative_values_gives_exact_totals() -> Non
         b"",
         b"\x00\x01garbage",
         b'{"format": "otel-kzt-enricher-state", "version": 1, "labels": [',  # torn
-        json.dumps({"format": "otel-kzt-enricher-state", "version": VERSION + 1}).encode(),
-        json.dumps({"format": "something-else", "version": VERSION}).encode(),
+        gzip.compress(b'{"format": "otel-kzt-enricher-state", "version": 1, "labels": ['),  # torn JSON
+        gzip.compress(b"[1, 2]"),
+        gzip.compress(json.dumps({"format": "otel-kzt-enricher-state", "version": VERSION + 1}).encode()),
+        gzip.compress(json.dumps({"format": "something-else", "version": VERSION}).encode()),
+        b"{}",  # plain JSON, not the gzipped format
     ],
 )
 def test_corrupt_or_unknown_file_is_ignored_and_counted(tmp_path: Path, content: bytes) -> None:
@@ -117,14 +121,14 @@ def test_bad_values_and_other_aggregation_are_refused() -> None:
     now = [1000.0]
     core, agg, _ = core_at(now)
     feed(core, 1_000, 2_000, 3.0)
-    doc = json.loads(encode(core.capture_state()))
+    doc = json.loads(gzip.decompress(encode(core.capture_state())))
     doc["series"][0][3] = -5  # a negative last value
     with pytest.raises(StateError, match="non-negative"):
-        decode(json.dumps(doc).encode(), families(agg))
-    doc = json.loads(encode(core.capture_state()))
+        decode(gzip.compress(json.dumps(doc).encode()), families(agg))
+    doc = json.loads(gzip.decompress(encode(core.capture_state())))
     doc["series"][0][6] = 999  # a target set that does not exist
     with pytest.raises(StateError, match="IndexError"):
-        decode(json.dumps(doc).encode(), families(agg))
+        decode(gzip.compress(json.dumps(doc).encode()), families(agg))
     state = decode(encode(core.capture_state()), families(agg))
     core2, agg2, _, _ = make_core(FakeIndex())
     agg2.flow_labels = (schema.SOURCE_NAMESPACE_NAME,)  # as if started with another --flow-aggregation
