@@ -8,19 +8,31 @@ choice would leave its totals on the survivor (kept until the series TTL) and br
 restarted replica: the sum over replicas showed +22 % / +44 % with the old, returning choice. With the
 sticky choice the agents stay on the survivor, and the sum over replicas equals the reference and the
 ground truth exactly. The replicas' `/metrics` are read directly (no Prometheus needed for a sum).
+
+Then the agents' side: after that failover every agent is restarted (an upgrade: a new exporter, the same
+receiver store and the same cumulative counters, as the pinned map and datapath hand them over) while its
+first choice is alive. A new process that started from its first rendezvous choice would move back and
+overcount the same way; resuming on the stored receiver, it stays, and the sums are exact again.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_kzt import schema
+from otel_kzt.agent.config import AgentConfig, OtlpConfig
+from otel_kzt.agent.export import Exporter
+from otel_kzt.agent.local import LocalFlows
+from otel_kzt.agent.service import AgentService
+from otel_kzt.agent.state import MemoryReceiverStore, ReceiverStore
+from otel_kzt.k8s import open_metadata
 from tests.integration import deploy_agents as da
 from tests.integration import deploy_stack as ds
 from tests.integration.test_scaleout import _split_ports
@@ -41,37 +53,74 @@ class Bed:
     reference: ds.EnricherProcess
     replicas: list[ds.EnricherProcess]
     agents: list[da.Agent]
+    stores: dict[str, MemoryReceiverStore] = field(default_factory=dict)  # node -> its receiver store
+
+    def start_agent(self, node: str, datapath: da.FakeDatapath) -> None:
+        urls = [r.otlp_url for r in self.replicas]
+        self.agents.append(
+            start_agent(
+                node,
+                urls=urls,
+                reference=self.reference.otlp_url,
+                metadata=self.metadata,
+                datapath=datapath,
+                store=self.stores[node],
+            )
+        )
+
+
+def start_agent(
+    node: str,
+    *,
+    urls: Sequence[str],
+    reference: str,
+    metadata: Path,
+    datapath: da.FakeDatapath,
+    store: ReceiverStore,
+) -> da.Agent:
+    """`deploy_agents.start_agent` with a receiver store, and the counters of a previous agent process."""
+    otlp = OtlpConfig(endpoints=tuple(urls), timeout_s=2.0)
+    config = AgentConfig(node_name=node, pin=False, interval_s=INTERVAL_S, otlp=otlp)
+    handle = open_metadata(str(metadata), node_name=node)
+    handle.start()
+    if not handle.wait_ready(10):
+        handle.shutdown()
+        raise AssertionError("metadata file did not load")
+    exporter = Exporter(otlp, node, down_s=DOWN_S, max_backoff_s=1.0, store=store)
+    sender = da.Tee(exporter, Exporter(replace(otlp, endpoints=(reference,)), node))
+    local = LocalFlows(node, handle.index, interface_addresses=lambda: frozenset({da.NODES[node][0]}))
+    service = AgentService(config, datapath, sender, local, handle.index, host_name=node)
+    stop = threading.Event()
+    thread = threading.Thread(target=service.run, args=(stop,), name=f"ks-agent-{node}", daemon=True)
+    thread.start()
+    return da.Agent(node, datapath, exporter, service, handle, sender, stop, thread)
 
 
 @pytest.fixture
 def bed(tmp_path: Path) -> Iterator[Bed]:
-    metadata = da.write_metadata(tmp_path / "ka-metadata.json")
+    """Three agents with receiver stores (`bed.stores`), two replicas, the reference; all stopped after."""
+    metadata = da.write_metadata(tmp_path / "ks-metadata.json")
     processes: list[ds.EnricherProcess] = []
-    agents: list[da.Agent] = []
+    bed: Bed | None = None
     try:
-        reference = ds.EnricherProcess(tmp_path, metadata, "ka-reference")
+        reference = ds.EnricherProcess(tmp_path, metadata, "ks-reference")
         processes.append(reference)
         ports, home = _split_ports()
         replicas = [
-            ds.EnricherProcess(tmp_path, metadata, f"ka-r{i}", grpc_port=p) for i, p in enumerate(ports)
+            ds.EnricherProcess(tmp_path, metadata, f"ks-r{i}", grpc_port=p) for i, p in enumerate(ports)
         ]
         processes.extend(replicas)
         for enricher in processes:
             enricher.wait_ready()
-        urls = [r.otlp_url for r in replicas]
+        bed = Bed(tmp_path, metadata, ports, home, reference, replicas, [])
         for node in da.NODES:
-            agents.append(
-                da.start_agent(
-                    node, urls, metadata, interval_s=INTERVAL_S, reference=reference.otlp_url, down_s=DOWN_S
-                )
-            )
-        bed = Bed(tmp_path, metadata, ports, home, reference, replicas, agents)
+            bed.stores[node] = MemoryReceiverStore()
+            bed.start_agent(node, da.FakeDatapath(node, time.time_ns()))
         yield bed
-        processes.extend(bed.replicas)  # the restarted replica too
     finally:
-        for agent in agents:
+        for agent in bed.agents if bed else []:
             agent.close()
-        for enricher in processes:
+        for enricher in {id(p): p for p in [*processes, *(bed.replicas if bed else [])]}.values():
             enricher.stop()
 
 
@@ -100,11 +149,17 @@ def _reporting(enricher: ds.EnricherProcess, since_unix_s: float) -> set[str]:
     }
 
 
-def test_replica_restarted_and_back_does_not_overcount(bed: Bed) -> None:
+def _fail_over_and_back(bed: Bed) -> tuple[ds.EnricherProcess, ds.EnricherProcess]:
+    """Stop the replica serving most agents until all report to the survivor, then start it again on
+    the same port: returns (survivor, restarted)."""
     started = time.time()
     for i, replica in enumerate(bed.replicas):
         mine = {node for node, home in bed.home.items() if home == i}
-        ds.wait_for(lambda r=replica, m=mine: _reporting(r, started) == m, 20, f"agents on {replica.name}")
+
+        def on_it(r: ds.EnricherProcess = replica, m: set[str] = mine) -> bool:
+            return _reporting(r, started) == m
+
+        ds.wait_for(on_it, 20, f"agents on {replica.name}")
 
     victim = max((0, 1), key=lambda i: list(bed.home.values()).count(i))
     survivor = bed.replicas[1 - victim]
@@ -115,12 +170,14 @@ def test_replica_restarted_and_back_does_not_overcount(bed: Bed) -> None:
         20,
         "every agent failing over to the survivor",
     )
-    restarted = ds.EnricherProcess(bed.tmp, bed.metadata, f"ka-r{victim}-again", grpc_port=bed.ports[victim])
+    restarted = ds.EnricherProcess(bed.tmp, bed.metadata, f"ks-r{victim}-again", grpc_port=bed.ports[victim])
     bed.replicas[victim] = restarted
     restarted.wait_ready()
-    back = time.time()
-    time.sleep(DOWN_S + 6 * INTERVAL_S)  # a returning agent would be back by now
+    return survivor, restarted
 
+
+def _assert_sums_exact(bed: Bed) -> None:
+    """Freeze the counters; the reference and the sum over replicas must both equal the ground truth."""
     for agent in bed.agents:
         agent.datapath.frozen.set()
     truth = sum(b for agent in bed.agents for b, _ in agent.datapath.totals().values())
@@ -131,5 +188,27 @@ def test_replica_restarted_and_back_does_not_overcount(bed: Bed) -> None:
         time.sleep(INTERVAL_S)
         summed = sum(_bytes(r) for r in bed.replicas)
     assert summed == truth, f"replicas sum to {summed:.0f} bytes, {summed / truth - 1:+.1%} against {truth}"
+
+
+def test_replica_restarted_and_back_does_not_overcount(bed: Bed) -> None:
+    survivor, restarted = _fail_over_and_back(bed)
+    back = time.time()
+    time.sleep(DOWN_S + 6 * INTERVAL_S)  # a returning agent would be back by now
+    _assert_sums_exact(bed)
     assert _reporting(restarted, back) == set(), "an agent moved back to its first choice"
     assert _reporting(survivor, back) == set(da.NODES)
+
+
+def test_agents_restarted_after_a_failover_stay_on_the_survivor(bed: Bed) -> None:
+    survivor, restarted = _fail_over_and_back(bed)
+    time.sleep(DOWN_S + 2 * INTERVAL_S)  # the restarted replica is not marked failed any more
+    old, bed.agents = bed.agents, []
+    upgraded = time.time()
+    for agent in old:  # one at a time, as a DaemonSet rolls: final export, then a new process
+        agent.close()
+        bed.start_agent(agent.node, agent.datapath)
+    time.sleep(6 * INTERVAL_S)  # a new agent that started from its first choice would be there by now
+    assert {a.node for a in bed.agents} == set(da.NODES)
+    _assert_sums_exact(bed)
+    assert _reporting(restarted, upgraded) == set(), "a restarted agent went back to its first choice"
+    assert _reporting(survivor, upgraded) == set(da.NODES)
