@@ -1,4 +1,5 @@
-"""`otel-kzt enricher` as a process: flags, flow logs on stdout, SIGTERM flushes the exporters and exits 0."""
+"""`otel-kzt enricher` as a process: flags, flow logs on stdout, SIGTERM flushes the exporters and exits 0,
+and after SIGKILL a restart from a stale --state-file brings the /metrics totals back exact."""
 
 from __future__ import annotations
 
@@ -12,9 +13,14 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from otel_kzt import schema
+from otel_kzt.enricher.checkpoint import decode
+from otel_kzt.enricher.prometheus import Aggregates
 from tests.integration.test_enricher_badinput import good_request, post
-from tests.integration.test_enricher_service import Downstream, downstream, get, metadata_file
+from tests.integration.test_enricher_prometheus import S1, send
+from tests.integration.test_enricher_service import POD_IPS, Downstream, downstream, get, metadata_file
 
 __all__ = ["downstream", "metadata_file"]
 REPO = Path(__file__).resolve().parents[2]
@@ -108,6 +114,70 @@ def test_bad_config_exits_2_and_busy_port_exits_1(metadata_file: Path, tmp_path:
             timeout=30,
         )
         assert clash.returncode == 1 and "cannot start" in clash.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=15)
+
+
+def metrics(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, body = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def wait_for(check: object, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def cross_zone(port: int, pod: str, namespace: str) -> float | None:
+    key = (schema.PROM_POD_CROSS_ZONE_BYTES + "_total", (("namespace", namespace), ("pod", pod)))
+    return metrics(port).get(key)
+
+
+@pytest.mark.integration
+def test_sigkill_then_restart_from_stale_state_file_gives_exact_totals(
+    metadata_file: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json.gz"
+    flags = ("--state-file", str(state), "--checkpoint-interval", "2s", "--no-flow-logs-stdout")
+    web, cache, api, etl = (POD_IPS[p] for p in ("web-1", "cache-1", "api-1", "etl-1"))
+    stamp = schema.ENRICHER_CHECKPOINT_TIMESTAMP, ()
+    t = S1
+    proc, ports = start(metadata_file, *flags)
+    try:
+        wait_for(lambda: get(f"http://127.0.0.1:{ports['metrics']}/readyz")[0] == 200, "not ready")
+        send(ports["http"], [(web, cache, 1_000, S1), (api, etl, 50, S1)], t := t + 10**9)
+        sent = time.time()
+        wait_for(lambda: metrics(ports["metrics"]).get(stamp, 0.0) > sent, "no checkpoint", 5.0)
+        # A checkpoint was just written; the next one is ~2 s away: these values are only in memory.
+        send(ports["http"], [(web, cache, 5_000, S1), (api, etl, 80, S1)], t := t + 10**9)
+        assert cross_zone(ports["metrics"], "web-1", "shop") == 5_000
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    stale = decode(state.read_bytes(), frozenset(Aggregates(()).families()))
+    assert stale.totals["pod_cross_zone"] == {("shop", "web-1"): 1_000.0, ("shop", "api-1"): 50.0}
+
+    proc, ports = start(metadata_file, *flags)
+    try:
+        wait_for(lambda: get(f"http://127.0.0.1:{ports['metrics']}/readyz")[0] == 200, "not ready")
+        assert cross_zone(ports["metrics"], "web-1", "shop") == 1_000  # restored, before any report
+        send(ports["http"], [(web, cache, 7_000, S1), (api, etl, 90, S1)], t + 10**9)
+        assert cross_zone(ports["metrics"], "web-1", "shop") == 7_000  # not 1000 + 7000, not 7000 - 4000
+        assert cross_zone(ports["metrics"], "api-1", "shop") == 90
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=15)
