@@ -46,7 +46,22 @@ def test_every_flag_has_a_yaml_twin() -> None:
             key = renamed.get(dest, dest)
             assert f"{key}:" in sample, f"--{dest.replace('_', '-')} has no `{key}` in config/enricher.yaml"
             # ... and the loader knows it (durations are read without the `_s` of the field)
-            assert key in {"series_ttl", "shutdown_timeout"} or key in default_config().__dataclass_fields__
+            durations = {"series_ttl", "shutdown_timeout", "checkpoint_interval"}
+            assert key in durations or key in default_config().__dataclass_fields__
+
+
+def test_state_file_and_checkpoint_interval(tmp_path: Path) -> None:
+    file = tmp_path / "e.yaml"
+    file.write_text("state_file: /var/lib/otel-kzt/s.json.gz\ncheckpoint_interval: 1m\n")
+    cfg = command.build_config(parse("--config", str(file)))
+    assert cfg.state_file == "/var/lib/otel-kzt/s.json.gz" and cfg.checkpoint_interval_s == 60.0
+    cfg = command.build_config(
+        parse("--config", str(file), "--state-file", "x", "--checkpoint-interval", "500ms")
+    )
+    assert cfg.state_file == "x" and cfg.checkpoint_interval_s == 0.5
+    assert default_config().state_file is None  # off unless asked for: today's behaviour
+    with pytest.raises(ConfigError, match="checkpoint_interval"):
+        command.build_config(parse("--checkpoint-interval", "0s"))
 
 
 def test_flags_win_over_file(tmp_path: Path) -> None:
