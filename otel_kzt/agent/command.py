@@ -118,8 +118,11 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
     from otel_kzt.agent.local import LocalFlows
     from otel_kzt.agent.service import AgentService
 
+    store = _receiver_store(config, stack)  # opened first: the datapath's start may reset the node's pins
     stack.callback(datapath.close)  # pinned: detaches nothing; --no-pin: detaches
     datapath.start()
+    if store is not None:
+        store.repin()
     _release_compiler_heap()
     handle = _open_metadata(config)
     index = None
@@ -127,7 +130,7 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
         stack.callback(handle.shutdown)
         handle.start()
         index = handle.index
-    exporter = Exporter(config.otlp, config.node_name, store=_receiver_store(config, stack))
+    exporter = Exporter(config.otlp, config.node_name, store=store)
     stack.callback(exporter.close)
     local = LocalFlows(config.node_name, index, overlay_ports=config.overlay_ports)
     service = AgentService(config, datapath, exporter, local, index, host_name=socket.gethostname())
@@ -143,8 +146,7 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
 
 
 def _receiver_store(config: AgentConfig, stack: ExitStack) -> BpffsReceiverStore | None:
-    """The pinned store of the receiver choice (after the datapath started: a reset of its pins would
-    remove it); None with --no-pin, when nothing may outlive the process."""
+    """The pinned store of the receiver choice; None with --no-pin, when nothing may outlive the process."""
     if not config.pin:
         return None
     from otel_kzt.agent.state import open_node_store

@@ -9,7 +9,9 @@ rendezvous choice. The choice is kept in a one-element BPF array map pinned next
 
 It is the agent's map, not the datapath's: created here with a raw `bpf(BPF_MAP_CREATE)` (no bcc), never
 compared by the datapath's layout check, and removed by `otel-kzt agent --cleanup` with every other pin of
-the node (`pins.unpin_all` removes the whole directory). A bpffs pin rather than a file because it is
+the node (`pins.unpin_all` removes the whole directory). The agent opens it before the datapath starts and
+pins it again after (`repin`): a reset of an incompatible datapath removes every pin of the node, but
+the open map keeps its value. A bpffs pin rather than a file because it is
 where the node's agent state already lives: the DaemonSet mounts `/sys/fs/bpf` and nothing writable else.
 
 The receiver id is the first 8 bytes of BLAKE2b of the target's URL (the configured endpoint, or the
@@ -151,6 +153,19 @@ class BpffsReceiverStore:
 
     def save(self, receiver: int) -> None:
         self._map.update(_KEY, encode(receiver))
+
+    def repin(self) -> None:
+        """Pin the map again when its pin went while this process held it open: the datapath's reset of
+        an incompatible layout removes every pin of the node, and the choice must outlive that too."""
+        if self.path.exists():
+            return
+        try:
+            pins.make_node_dir(self.path.parent)
+            netfilter.obj_pin(self._map.fd, str(self.path))
+        except (DatapathError, OSError) as exc:
+            log.warning("receiver choice not persisted across restarts: path=%s error=%s", self.path, exc)
+            return
+        log.info("pinned receiver state again after a reset of the node's pins: path=%s", self.path)
 
     def close(self) -> None:
         self._map.close()

@@ -156,3 +156,17 @@ def test_agent_wiring_persists_only_when_pinned(pin_root: str) -> None:
         pinned = AgentConfig(node_name=NODE, pin=True, pin_root=pin_root)
         store = command._receiver_store(pinned, stack)
         assert store is not None and store.path.exists()
+
+
+def test_choice_outlives_a_reset_of_the_node_pins(pin_root: str) -> None:
+    """The datapath's reset of an incompatible layout unpins the whole node while the agent holds the
+    store open: pinned again, the value is still there for the next process."""
+    store = state.open_node_store(NODE, pin_root)
+    assert store is not None
+    store.save(11)
+    pins.cleanup(NODE, pin_root)  # what pins.reset_if_incompatible does
+    assert not store.path.exists()
+    store.repin()
+    store.repin()  # already pinned: nothing to do
+    store.close()
+    assert child(pin_root, 12) == 11

@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
@@ -33,6 +34,10 @@ RUN = os.getpid() % 200 + 20
 NS = f"ks{RUN}-agent"
 NODE = f"ks{RUN}-node"
 PIN_ROOT = f"/sys/fs/bpf/ks{RUN}-pins"
+
+
+class Start(Protocol):
+    def __call__(self, endpoints: str, *extra: str) -> subprocess.Popen[bytes]: ...
 
 
 class Receivers:
@@ -96,13 +101,13 @@ def receivers() -> Iterator[Receivers]:
 
 
 @pytest.fixture
-def agent(tmp_path: Path) -> Iterator[Callable[[str], subprocess.Popen[bytes]]]:
+def agent(tmp_path: Path) -> Iterator[Start]:
     """Starts `otel-kzt agent` in NS; every process is stopped by the finalizer."""
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(endpoints: str) -> subprocess.Popen[bytes]:
+    def start(endpoints: str, *extra: str) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NODE, "--pin-root", PIN_ROOT]
-        argv += ["--interval", "0.3s", "--otlp-timeout", "1s", "--otlp-endpoint", endpoints]
+        argv += ["--interval", "0.3s", "--otlp-timeout", "1s", "--otlp-endpoint", endpoints, *extra]
         with (tmp_path / f"agent-{len(started)}.log").open("wb") as log:
             started.append(netns.popen_in(NS, argv, stdout=subprocess.DEVNULL, stderr=log))
         return started[-1]
@@ -133,10 +138,10 @@ def stored() -> int | None:
         with_map.close()
 
 
-def restarted_goes_to(recv: Receivers, start: Callable[[str], subprocess.Popen[bytes]]) -> GrpcReceiver:
+def restarted_goes_to(recv: Receivers, start: Start, *extra: str) -> GrpcReceiver:
     """Start the agent again and watch 3 exports: the one receiver they all went to."""
     counts = from_node(recv.first), from_node(recv.second)
-    proc = start(recv.endpoints)
+    proc = start(recv.endpoints, *extra)
     wait_for(lambda: from_node(recv.first) + from_node(recv.second) >= sum(counts) + 3, 90, "3 exports")
     assert stop(proc) == 0
     grew = [r for r, before in zip((recv.first, recv.second), counts, strict=True) if from_node(r) > before]
@@ -144,9 +149,7 @@ def restarted_goes_to(recv: Receivers, start: Callable[[str], subprocess.Popen[b
     return grew[0]
 
 
-def test_restarted_agent_stays_on_the_receiver_it_failed_over_to(
-    receivers: Receivers, agent: Callable[[str], subprocess.Popen[bytes]]
-) -> None:
+def test_restarted_agent_stays_on_the_receiver_it_failed_over_to(receivers: Receivers, agent: Start) -> None:
     recv = receivers
     recv.first.stop()  # the first choice is down when the agent starts: it fails over
     proc = agent(recv.endpoints)
@@ -156,6 +159,9 @@ def test_restarted_agent_stays_on_the_receiver_it_failed_over_to(
 
     Receivers.start(recv.first)  # the first choice is back (same port) and stays up
     assert restarted_goes_to(recv, agent) is recv.second
+    # A changed map size resets the node's pinned datapath (every pin of the node goes): not this choice.
+    assert restarted_goes_to(recv, agent, "--map-size", "4096") is recv.second
+    assert stored() == state.receiver_id(recv.second_url)  # pinned again, for the next restart
     assert from_node(recv.first) == 0
 
     # The control: without the stored choice the same restart moves back to the first choice.
