@@ -147,9 +147,11 @@ def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: Exi
 
 def _receiver_store(config: AgentConfig, stack: ExitStack) -> BpffsReceiverStore | None:
     """The pinned store of the receiver choice; None with --no-pin, when nothing may outlive the process."""
+    from otel_kzt.agent.state import discard_node_store, open_node_store
+
     if not config.pin:
+        discard_node_store(config.node_name, config.pin_root)
         return None
-    from otel_kzt.agent.state import open_node_store
 
     store = open_node_store(config.node_name, config.pin_root)
     if store is not None:

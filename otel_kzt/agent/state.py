@@ -187,6 +187,20 @@ def open_node_store(node_name: str, pin_root: str = pins.DEFAULT_PIN_ROOT) -> Bp
         return None
 
 
+def discard_node_store(node_name: str, pin_root: str = pins.DEFAULT_PIN_ROOT) -> None:
+    """Remove a stored choice (`--no-pin`: this run stores nothing, so what an earlier run stored would be
+    stale for the next pinned one)."""
+    path = node_state_path(node_name, pin_root)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning("cannot remove a stale stored receiver: path=%s error=%s", path, exc)
+        return
+    log.info("removed the stored receiver (--no-pin stores none): path=%s", path)
+
+
 def _open_pinned(path: Path) -> BpfMap | None:
     """The pinned map if it has our shape; one of another shape is unpinned (logged) and None returned."""
     try:

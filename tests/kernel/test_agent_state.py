@@ -149,13 +149,17 @@ def test_cleanup_command_removes_it(pin_root: str) -> None:
 
 
 def test_agent_wiring_persists_only_when_pinned(pin_root: str) -> None:
+    unpinned = AgentConfig(node_name=NODE, pin=False, pin_root=pin_root)
+    pinned = AgentConfig(node_name=NODE, pin=True, pin_root=pin_root)
     with ExitStack() as stack:
-        unpinned = AgentConfig(node_name=NODE, pin=False, pin_root=pin_root)
         assert command._receiver_store(unpinned, stack) is None
         assert not pins.node_dir(NODE, pin_root).exists()
-        pinned = AgentConfig(node_name=NODE, pin=True, pin_root=pin_root)
         store = command._receiver_store(pinned, stack)
         assert store is not None and store.path.exists()
+        store.save(5)
+    with ExitStack() as stack:  # --no-pin after a pinned run: the stored choice would be stale later
+        assert command._receiver_store(unpinned, stack) is None
+        assert not state.node_state_path(NODE, pin_root).exists()
 
 
 def test_choice_outlives_a_reset_of_the_node_pins(pin_root: str) -> None:
