@@ -25,8 +25,9 @@ import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from otel_kzt.enricher.enrich import Resolved
 from otel_kzt.enricher.prometheus import Aggregates, Totals
@@ -34,6 +35,7 @@ from otel_kzt.enricher.series import Series, SeriesTable
 from otel_kzt.schema import TrafficClass
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FORMAT: Final = "otel-kzt-enricher-state"
 VERSION: Final = 1
@@ -61,7 +63,7 @@ class State:
 
 
 def capture(agg: Aggregates, table: SeriesTable) -> State:
-    """Copy what a restart needs in one instant (takes `agg.lock`, briefly: flat tuples only).
+    """Copy what a restart needs in one instant (takes `agg.lock`, briefly: flat lists only).
 
     Pending increments are folded first, so the totals and the series' last values describe the same
     instant. Targets are turned into family names outside the lock: the dicts they point at and their
@@ -179,21 +181,21 @@ def decode(data: bytes, families: frozenset[str]) -> State:
         for name, rows in doc["totals"].items():
             if name not in families:
                 raise StateError(f"unknown counter family {name!r}")
-            totals[name] = {labels[i]: _count(v) for i, v in rows}
+            totals[name] = {_at(labels, i): _count(v) for i, v in rows}
         targets = [
-            tuple((_family(n, families), labels[i], _count(f)) for n, i, f in plain)
+            tuple((_family(n, families), _at(labels, i), _count(f)) for n, i, f in plain)
             for plain in doc["targets"]
         ]
         groups = [(base64.b64decode(r, validate=True), _str(m)) for r, m in doc["groups"]]
         series: list[SeriesState] = [
             (
-                groups[g],
+                _at(groups, g),
                 base64.b64decode(k, validate=True),
                 _int(st),
                 _count(la),
                 _int(lt),
                 _count(se),
-                targets[t],
+                _at(targets, t),
             )
             for g, k, st, la, lt, se, t in doc["series"]
         ]
@@ -212,6 +214,13 @@ def decode(data: bytes, families: frozenset[str]) -> State:
         EOFError,
     ) as exc:
         raise StateError(f"corrupt: {type(exc).__name__}: {exc}") from exc
+
+
+def _at(table: Sequence[T], i: object) -> T:
+    """An interned entry by index (negative indexes would silently pick another one)."""
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(table):
+        raise StateError(f"no entry {i!r} in a table of {len(table)}")
+    return table[i]
 
 
 def _count(v: object) -> float:

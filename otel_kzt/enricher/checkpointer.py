@@ -119,7 +119,7 @@ class Checkpointer:
                 return False
             self._health.checkpoint_timestamp.set(state.written)
             log.debug(
-                "checkpoint: %d series, %d bytes, copy %.1fms, encode+write %.1fms",
+                "checkpoint: %d series, %d bytes, capture %.1fms, encode+write %.1fms",
                 len(state.series),
                 len(data),
                 (copied - began) * 1e3,

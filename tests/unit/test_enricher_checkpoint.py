@@ -127,7 +127,7 @@ def test_bad_values_and_other_aggregation_are_refused() -> None:
         decode(gzip.compress(json.dumps(doc).encode()), families(agg))
     doc = json.loads(gzip.decompress(encode(core.capture_state())))
     doc["series"][0][6] = 999  # a target set that does not exist
-    with pytest.raises(StateError, match="IndexError"):
+    with pytest.raises(StateError, match="no entry 999"):
         decode(gzip.compress(json.dumps(doc).encode()), families(agg))
     state = decode(encode(core.capture_state()), families(agg))
     core2, agg2, _, _ = make_core(FakeIndex())
@@ -187,3 +187,19 @@ def test_write_failure_is_counted_not_raised(tmp_path: Path) -> None:
     )
     assert cp.save() is False
     assert health.checkpoint_errors.labels("write")._value.get() == 1
+
+
+def test_restored_series_are_resolved_again_against_the_new_metadata() -> None:
+    """Labels are not taken from the file: the new process' metadata decides where increments go."""
+    now = [1000.0]
+    core, _, _ = core_at(now)
+    core.consume_metrics(request([(WEB, CACHE, 1_000, 1)]))
+    # in the new process 10.0.0.4 is a same-zone pod: the next 500 bytes are same-zone, the 1000 stay
+    moved = FakeIndex()
+    moved.pods[CACHE] = moved.pods[API]
+    survivor2, agg2, _, _ = make_core(moved, clock=lambda: now[0])
+    survivor2.restore_state(decode(encode(core.capture_state()), families(agg2)))
+    survivor2.consume_metrics(request([(WEB, CACHE, 1_500, 1)], t=3_000))
+    snap = agg2.snapshot()
+    assert snap["zone_bytes"] == {("zone-a", "zone-b"): 1_000, ("zone-a", "zone-a"): 500}
+    assert snap["pod_cross_zone"] == {("shop", "web-1"): 1_000}
