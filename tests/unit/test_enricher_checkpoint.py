@@ -197,9 +197,9 @@ def test_restored_series_are_resolved_again_against_the_new_metadata() -> None:
     # in the new process 10.0.0.4 is a same-zone pod: the next 500 bytes are same-zone, the 1000 stay
     moved = FakeIndex()
     moved.pods[CACHE] = moved.pods[API]
-    survivor2, agg2, _, _ = make_core(moved, clock=lambda: now[0])
-    survivor2.restore_state(decode(encode(core.capture_state()), families(agg2)))
-    survivor2.consume_metrics(request([(WEB, CACHE, 1_500, 1)], t=3_000))
+    survivor, agg2, _, _ = make_core(moved, clock=lambda: now[0])
+    survivor.restore_state(decode(encode(core.capture_state()), families(agg2)))
+    survivor.consume_metrics(request([(WEB, CACHE, 1_500, 1)], t=3_000))
     snap = agg2.snapshot()
     assert snap["zone_bytes"] == {("zone-a", "zone-b"): 1_000, ("zone-a", "zone-a"): 500}
     assert snap["pod_cross_zone"] == {("shop", "web-1"): 1_000}
