@@ -3,7 +3,8 @@
 The /metrics counters are sums of the increments of every series ever seen. A new process would start them
 from zero and count each live series' whole cumulative value on first sight: Prometheus sees a reset and
 increase() over the restart is inflated by the flows' whole history. So the enricher writes, every
-`--checkpoint-interval` and on shutdown, one snapshot taken under the lock that updates both:
+`--checkpoint-interval`, on each /metrics scrape (which serves what was written) and on shutdown, one
+snapshot taken under the lock that updates both:
 
 - the aggregated totals (and the agents' last report times),
 - per series: identity -> start time, last value, last time, last seen, and the totals it adds to.

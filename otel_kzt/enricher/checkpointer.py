@@ -1,4 +1,5 @@
-"""Writing and loading `--state-file`: atomic writes on a timer and at shutdown, one load before receiving.
+"""Writing and loading `--state-file`: atomic writes on a timer, on every /metrics scrape and at shutdown,
+one load before receiving.
 
 What is in the file and how it is restored is checkpoint.py; this is the file and thread handling. A file
 that cannot be used is logged and counted (kzt_enricher_checkpoint_errors{stage="load"}), never fatal: the
@@ -15,7 +16,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from otel_kzt.enricher.checkpoint import State, StateError, decode, encode
-from otel_kzt.enricher.prometheus import HealthMetrics
+from otel_kzt.enricher.prometheus import HealthMetrics, Snapshot
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,16 @@ class Checkpointer:
 
     def save(self) -> bool:
         """One checkpoint; a failure is logged and counted, the next interval tries again."""
+        return self._checkpoint()[1]
+
+    def scrape(self) -> Snapshot:
+        """/metrics through a checkpoint: the totals Prometheus gets are on disk first, so after a SIGKILL
+        the restarted process never exposes less than was scraped (a drop would be a reset to Prometheus).
+        """
+        state, _ = self._checkpoint()
+        return {**state.totals, "agents": {(n,): t for n, t in state.agents.items()}}
+
+    def _checkpoint(self) -> tuple[State, bool]:
         with self._write_lock:
             began = time.perf_counter()
             state = self._core.capture_state()
@@ -116,7 +127,7 @@ class Checkpointer:
             except (OSError, ValueError) as exc:
                 self._health.checkpoint_errors.labels("write").inc()
                 log.warning("state checkpoint to %s failed: %s", self.path, exc)
-                return False
+                return state, False
             self._health.checkpoint_timestamp.set(state.written)
             log.debug(
                 "checkpoint: %d series, %d bytes, capture %.1fms, encode+write %.1fms",
@@ -125,7 +136,7 @@ class Checkpointer:
                 (copied - began) * 1e3,
                 (time.perf_counter() - copied) * 1e3,
             )
-            return True
+            return state, True
 
     def shutdown(self) -> None:
         """Stop the timer and write the final state (the receivers are closed by now)."""

@@ -20,6 +20,7 @@ from otel_kzt.enricher.enrich import Resolved
 from otel_kzt.schema import TrafficClass
 
 Totals = dict[tuple[str, ...], float]
+Snapshot = dict[str, dict[tuple[str, ...], float]]  # family name (and "agents") -> label tuple -> value
 # One place an increment of a series goes: (totals dict, label values, multiplier).
 Target = tuple[Totals, tuple[str, ...], float]
 
@@ -117,7 +118,7 @@ class Aggregates:
     def _all(self) -> tuple[Totals, ...]:
         return tuple(self.families().values())
 
-    def snapshot(self) -> dict[str, dict[tuple[str, ...], float]]:
+    def snapshot(self) -> Snapshot:
         with self.lock:
             if self.before_snapshot is not None:
                 self.before_snapshot()
@@ -132,13 +133,15 @@ class Aggregates:
 
 
 class AggregatesCollector(Collector):
-    """Builds the DESIGN §4 families from a snapshot taken under the lock."""
+    """Builds the DESIGN §4 families from a snapshot taken under the lock (by `source` when set: the
+    state checkpointer writes what it hands out)."""
 
-    def __init__(self, aggregates: Aggregates) -> None:
+    def __init__(self, aggregates: Aggregates, source: Callable[[], Snapshot] | None = None) -> None:
         self._agg = aggregates
+        self.source = source
 
     def collect(self) -> Iterator[Metric]:
-        snap = self._agg.snapshot()
+        snap = self.source() if self.source is not None else self._agg.snapshot()
         flow_labels = [schema.prom_label(a) for a in self._agg.flow_labels]
         yield _counter(
             schema.PROM_POD_CROSS_ZONE_BYTES,

@@ -80,7 +80,8 @@ class EnricherService:
         metadata.start()
         self._stoppers.append(("metadata", metadata))
         aggregates = Aggregates(cfg.flow_aggregation)
-        self.registry.register(AggregatesCollector(aggregates))
+        collector = AggregatesCollector(aggregates)
+        self.registry.register(collector)
         health = HealthMetrics(self.registry)
         exporters = [Exporter(e, health) for e in cfg.exporters]
         for exporter in exporters:
@@ -112,6 +113,7 @@ class EnricherService:
             )
             checkpointer.load()
             checkpointer.start()
+            collector.source = checkpointer.scrape
             self._stoppers.append(("checkpoint", checkpointer))
         self._serve(core, index, tls, token)
 

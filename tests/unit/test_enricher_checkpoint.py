@@ -203,3 +203,15 @@ def test_restored_series_are_resolved_again_against_the_new_metadata() -> None:
     snap = agg2.snapshot()
     assert snap["zone_bytes"] == {("zone-a", "zone-b"): 1_000, ("zone-a", "zone-a"): 500}
     assert snap["pod_cross_zone"] == {("shop", "web-1"): 1_000}
+
+
+def test_a_scrape_hands_out_exactly_what_it_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "state.json.gz"
+    core, agg, _ = core_at([1000.0])
+    cp = Checkpointer(str(path), core, 3600.0, HealthMetrics(CollectorRegistry()), families=families(agg))
+    feed(core, 1_000, 2_000, 3.0)
+    exposed = cp.scrape()
+    on_disk = decode(path.read_bytes(), families(agg))
+    assert {k: v for k, v in exposed.items() if k != "agents"} == on_disk.totals
+    assert exposed["pod_cross_zone"] == {("shop", "web-1"): 1_000, ("shop", "api-1"): 2_000}
+    assert exposed["agents"] == {("n-a1",): 1000.0}
