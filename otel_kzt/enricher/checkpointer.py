@@ -68,6 +68,8 @@ class Checkpointer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._write_lock = threading.Lock()  # the periodic and the final write never interleave
+        for stage in ("load", "write"):  # exported at 0 from the start: alerts can use increase()
+            health.checkpoint_errors.labels(stage)
 
     def load(self) -> int:
         """Restore the file if there is a usable one; a bad one is logged and counted, never fatal."""
