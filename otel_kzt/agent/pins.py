@@ -3,6 +3,8 @@
     <pin_root>/<dir>/link_v4, link_v6      the netfilter links (running the dispatcher)
     <pin_root>/<dir>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta   the maps (bcc's
                                                           BPF_TABLE_PINNED)
+    <pin_root>/<dir>/agent_state            the agent's own receiver choice (agent/state.py), kept
+                                            through a datapath reset
 
 `<dir>` is `pin_dir_name(node)`: bpffs refuses every name containing '.' (EPERM), and EKS names every
 node with dots (ip-10-0-1-2.eu-west-1.compute.internal). Pins keep links and maps alive while no agent
