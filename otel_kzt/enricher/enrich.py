@@ -3,12 +3,19 @@
 Pure logic over the MetadataIndex seam. The core calls `Resolver.resolve` once per series and metadata
 generation and caches the answer, so nothing here needs to be fast per data point; what it returns is
 shaped so the per-point path can reuse it cheaply (the added attributes pre-serialised as protobuf).
+
+IP reuse: an address is named by who owned it when the point was measured (`at_unix_s`), not when it
+arrived. An index with `lookup_window` (ClusterIndex) also says over which times its answer holds; a
+`Resolved` carries the intersection of both ends' windows, so the core re-resolves a series only for a
+point measured outside it. An index without `lookup_window` is taken as time-independent per generation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -30,7 +37,9 @@ class Resolved:
     attrs: Mapping[str, str]  # every attribute after enrichment (aggregation labels, flow logs)
     traffic_class: TrafficClass
     provider: str | None  # cloud provider of the source node (price table choice)
-    basis: tuple[object, ...] = ()  # what the answer was derived from (see Resolver.still_valid)
+    basis: tuple[object, ...] = ()  # what the answer was derived from (see Resolver.recheck)
+    valid_from: float = -math.inf  # measurement times (unix s) [valid_from, valid_until) it holds for
+    valid_until: float = math.inf
 
     def slim(self) -> Resolved:
         """What a cached series keeps: `attrs` cut to the two addresses (still_valid needs only those).
@@ -38,13 +47,22 @@ class Resolved:
         keep = {
             k: self.attrs[k] for k in (schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS) if k in self.attrs
         }
-        return Resolved(self.extra, keep, self.traffic_class, self.provider, self.basis)
+        return dataclasses.replace(self, attrs=keep)
 
 
 @dataclass(frozen=True, slots=True)
 class _End:
     endpoint: Endpoint | None
     node: NodeInfo | None
+    valid_from: float = -math.inf  # the index's answer holds for measurement times in [from, until)
+    valid_until: float = math.inf
+
+
+_UNKNOWN_END: Final = _End(None, None)
+
+# ClusterIndex.lookup_window: an answer and the times [from, until) it holds for (not in the seam's Protocol,
+# so indexes without history, like test fakes, keep working).
+_LookupWindow = Callable[[str, float | None], tuple[Endpoint | None, float, float]]
 
 
 class Resolver:
@@ -55,9 +73,10 @@ class Resolver:
         self._ends: dict[str, _End] = {}
         self._ends_generation = -1
 
-    def resolve(self, given: Mapping[str, str], ready: bool) -> Resolved:
-        """Enrich one series' attributes; `ready` False (metadata not synced) marks it unknown."""
-        added, cls, src, dst = self._added(given, ready)
+    def resolve(self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Resolved:
+        """Enrich one series' attributes as measured at `at_unix_s` (None: now); `ready` False (metadata
+        not synced) marks it unknown."""
+        added, cls, src, dst = self._added(given, ready, at_unix_s)
         holder = NumberDataPoint()
         for key, value in added:
             kv = holder.attributes.add()
@@ -67,43 +86,63 @@ class Resolver:
         attrs.update(added)
         provider = src.node.provider if src.node is not None else None
         basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node)
-        return Resolved(holder.SerializeToString(), attrs, cls, provider, basis)
+        lo, hi = _overlap(src, dst)
+        return Resolved(holder.SerializeToString(), attrs, cls, provider, basis, lo, hi)
 
     def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
         """The attributes `resolve` adds, as pairs (the benchmark's naive loop uses these)."""
         return self._added(given, ready)[0]
 
     def _added(
-        self, given: Mapping[str, str], ready: bool
+        self, given: Mapping[str, str], ready: bool, at: float | None = None
     ) -> tuple[list[tuple[str, str]], TrafficClass, _End, _End]:
         src_addr = given.get(schema.SOURCE_ADDRESS, "")
         dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
-        src = self._end(src_addr) if ready else _End(None, None)
-        dst = self._end(dst_addr) if ready else _End(None, None)
+        src = self._end(src_addr, at) if ready else _UNKNOWN_END
+        dst = self._end(dst_addr, at) if ready else _UNKNOWN_END
         cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN
         computed = [*_end_attrs(schema.SOURCE, src), *_end_attrs(schema.DESTINATION, dst)]
         computed.append((schema.TRAFFIC_CLASS, cls.value))
         return [(k, v) for k, v in computed if k not in given], cls, src, dst
 
-    def still_valid(self, resolved: Resolved, ready: bool) -> bool:
-        """After a metadata change: do both ends still resolve to what they did? Much cheaper than
-        `resolve` (no encoding), and in a large cluster the generation moves with every pod change."""
-        src = self._end(resolved.attrs.get(schema.SOURCE_ADDRESS, "")) if ready else _End(None, None)
-        dst = self._end(resolved.attrs.get(schema.DESTINATION_ADDRESS, "")) if ready else _End(None, None)
-        return resolved.basis == (ready, src.endpoint, src.node, dst.endpoint, dst.node)
+    def recheck(self, resolved: Resolved, ready: bool, at_unix_s: float | None = None) -> Resolved | None:
+        """After a metadata change, or for a point measured outside `resolved`'s window: the same answer
+        with its window renewed when both ends still resolve to what they did, else None. Much cheaper
+        than `resolve` (no encoding), and in a large cluster the generation moves with every pod change."""
+        src, dst = _UNKNOWN_END, _UNKNOWN_END
+        if ready:
+            src = self._end(resolved.attrs.get(schema.SOURCE_ADDRESS, ""), at_unix_s)
+            dst = self._end(resolved.attrs.get(schema.DESTINATION_ADDRESS, ""), at_unix_s)
+        if resolved.basis != (ready, src.endpoint, src.node, dst.endpoint, dst.node):
+            return None
+        lo, hi = _overlap(src, dst)
+        if (lo, hi) == (resolved.valid_from, resolved.valid_until):
+            return resolved
+        return dataclasses.replace(resolved, valid_from=lo, valid_until=hi)
 
-    def _end(self, address: str) -> _End:
+    def still_valid(self, resolved: Resolved, ready: bool, at_unix_s: float | None = None) -> bool:
+        return self.recheck(resolved, ready, at_unix_s) is not None
+
+    def _end(self, address: str, at: float | None) -> _End:
         generation = self._index.generation
         if generation != self._ends_generation or len(self._ends) >= _MAX_CACHED_ENDS:
             self._ends, self._ends_generation = {}, generation
         end = self._ends.get(address)
-        if end is None:
-            endpoint = self._index.lookup(address) if address else None
-            node = None
-            if endpoint is not None and endpoint.node_name:
-                node = self._index.node(endpoint.node_name)
-            end = self._ends[address] = _End(endpoint, node)
+        # A cached answer serves every time in its window (one per address: most never change owner).
+        if end is not None and (end.valid_from <= at < end.valid_until if at is not None else _timeless(end)):
+            return end
+        endpoint, lo, hi = self._lookup(address, at) if address else (None, -math.inf, math.inf)
+        node = None
+        if endpoint is not None and endpoint.node_name:
+            node = self._index.node(endpoint.node_name)
+        end = self._ends[address] = _End(endpoint, node, lo, hi)
         return end
+
+    def _lookup(self, address: str, at: float | None) -> tuple[Endpoint | None, float, float]:
+        windowed: _LookupWindow | None = getattr(self._index, "lookup_window", None)
+        if windowed is not None:
+            return windowed(address, at)
+        return self._index.lookup(address, at), -math.inf, math.inf
 
     def classify(self, src: _End, dst: _End, src_addr: str, dst_addr: str) -> TrafficClass:
         for end, address in ((src, src_addr), (dst, dst_addr)):
@@ -128,6 +167,15 @@ class Resolver:
         except ValueError:
             return False
         return any(ip in net for net in self._cidrs)
+
+
+def _timeless(end: _End) -> bool:
+    """A cached answer serves a time-less query ("now") only when it holds at every time."""
+    return end.valid_from == -math.inf and end.valid_until == math.inf
+
+
+def _overlap(src: _End, dst: _End) -> tuple[float, float]:
+    return max(src.valid_from, dst.valid_from), min(src.valid_until, dst.valid_until)
 
 
 def _end_attrs(end: str, info: _End) -> list[tuple[str, str]]:

@@ -25,7 +25,7 @@ from otel_kzt.enricher.cost import PriceTable
 from otel_kzt.enricher.enrich import Resolver
 from otel_kzt.enricher.flowlogs import FlowRecord, FlowTemplate
 from otel_kzt.enricher.prometheus import Aggregates
-from otel_kzt.enricher.series import CANONICAL_PREFIX, Series, SeriesTable, identity_key
+from otel_kzt.enricher.series import CANONICAL_PREFIX, Naming, Series, SeriesTable, identity_key
 from otel_kzt.enricher.wire import length_delimited, read_varint, skip_field
 
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
@@ -116,8 +116,12 @@ class SumEnricher:
                 out.append(odd)
                 size_out += len(odd)
                 continue
-            if entry is None or entry.generation != generation:
-                entry = self._resolve(raw, key, table, entry, where[1], batch=batch)
+            if (
+                entry is None
+                or entry.generation != generation
+                or not entry.valid_from <= t < entry.valid_until  # measured across an address reuse
+            ):
+                entry = self._resolve(raw, key, table, entry, where[1], batch=batch, at_ns=t)
                 if entry is None:
                     continue
             if value < 0:
@@ -148,15 +152,20 @@ class SumEnricher:
         dp = NumberDataPoint.FromString(raw)
         key = identity_key(dp)
         entry = table.get(key)
-        if entry is None or entry.generation != batch.generation:
-            entry = self._resolve(raw, key, table, entry, where[1], batch=batch)
+        t = dp.time_unix_nano
+        if (
+            entry is None
+            or entry.generation != batch.generation
+            or not entry.valid_from <= t < entry.valid_until
+        ):
+            entry = self._resolve(raw, key, table, entry, where[1], batch=batch, at_ns=t)
             if entry is None:
                 return b""
         value = dp.as_int if dp.WhichOneof("value") == "as_int" else dp.as_double
         if value != value or value < 0:  # noqa: PLR0124
             batch.reject(_BAD_VALUE)
             return b""
-        start, t = dp.start_time_unix_nano, dp.time_unix_nano
+        start = dp.start_time_unix_nano
         if start != entry.start or t >= entry.last_time:  # same rules as the fast path
             inc = value - entry.last if start == entry.start and value >= entry.last else value
             if entry.template is not None and inc:
@@ -176,17 +185,28 @@ class SumEnricher:
         name: str,
         *,
         batch: Batch,
+        at_ns: int,
     ) -> Series | None:
-        """Slow path: a new series, or metadata changed since it was resolved."""
-        if entry is not None and self._resolver.still_valid(entry.resolved, batch.ready):
-            entry.generation = batch.generation
-            return entry
+        """Slow path: a new series, metadata changed since it was resolved, or a point measured outside
+        the times its naming holds for (its address reused): named as of its measurement time."""
+        at = at_ns / 1e9 if at_ns > 0 else None
+        if entry is not None:
+            if entry.generation == batch.generation and self._table.recall(entry, at_ns):
+                entry.set_point_len(len(raw))
+                return entry
+            rechecked = self._resolver.recheck(entry.resolved, batch.ready, at)
+            if rechecked is not None:
+                if entry.generation != batch.generation:
+                    entry.spare = None
+                entry.generation, entry.resolved = batch.generation, rechecked
+                entry.set_window()
+                return entry
         dp = NumberDataPoint.FromString(raw)
         given = {kv.key: _text(kv.value) for kv in dp.attributes}
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
             batch.reject(_NO_ADDRESS)
             return None
-        resolved = self._resolver.resolve(given, batch.ready)
+        resolved = self._resolver.resolve(given, batch.ready, at)
         usd_per_byte = self._prices.per_byte(resolved.traffic_class, resolved.provider)
         targets = self._agg.targets(name, resolved, usd_per_byte)
         billed = self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES
@@ -195,13 +215,12 @@ class SumEnricher:
             if billed
             else None
         )
-        resolved = resolved.slim()
+        naming = Naming(resolved.slim(), targets, template)
         if entry is not None:
-            self._table.relabel(entry, resolved, targets, batch.generation)
-            entry.template = template
+            self._table.relabel(entry, naming, batch.generation)
             entry.set_point_len(len(raw))
             return entry
-        fresh = Series(batch.generation, resolved, targets, template)
+        fresh = Series(batch.generation, naming.resolved, targets, template)
         fresh.set_point_len(len(raw))
         return self._table.admit(table, key, fresh, batch.now)
 

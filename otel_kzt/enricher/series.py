@@ -4,11 +4,17 @@ A series is one (resource, metric, data-point attributes) combination. Its key i
 minus the leading start/time/value fields, so it costs one slice. Increments are added to `Series.total`
 on the hot path and folded into the aggregate counters (prometheus.Aggregates) only when /metrics is
 scraped, when the series' labels change, or when it is forgotten: per point that is one addition.
+
+A series' naming holds for the measurement times of its `Resolved` window; a point measured outside it (an
+address reused while the point was on its way) is named again. The namings replaced within one metadata
+generation are kept aside (`spare`), so a series whose points alternate across a reuse swaps namings
+instead of resolving again each time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
@@ -28,6 +34,7 @@ log = logging.getLogger(__name__)
 CANONICAL_PREFIX: Final = 27
 POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _CAP_LOG_EVERY_S: Final = 60.0
+_MAX_SPARE: Final = 3  # namings kept aside per series (an address reused more often falls back to resolve)
 
 
 def identity_key(dp: NumberDataPoint) -> bytes:
@@ -41,6 +48,18 @@ def identity_key(dp: NumberDataPoint) -> bytes:
 def series_key(raw: bytes) -> bytes:
     """The series key of an encoded point, whatever its field order."""
     return identity_key(NumberDataPoint.FromString(raw))
+
+
+@dataclass(frozen=True, slots=True)
+class Naming:
+    """One resolution of a series and what hangs off it."""
+
+    resolved: Resolved
+    targets: tuple[Target, ...]
+    template: FlowTemplate | None
+
+    def holds(self, at_ns: int) -> bool:
+        return self.resolved.valid_from * 1e9 <= at_ns < self.resolved.valid_until * 1e9
 
 
 @dataclass(slots=True)
@@ -57,6 +76,16 @@ class Series:
     last_time: int = 0  # time_unix_nano of the last point counted
     seen: float = 0.0
     total: float = 0.0  # increments not yet folded into the aggregates
+    valid_from: float = -math.inf  # time_unix_nano window [from, until) `resolved` holds for
+    valid_until: float = math.inf
+    spare: list[Naming] | None = None  # namings replaced within this generation (see module docstring)
+
+    def __post_init__(self) -> None:
+        self.set_window()
+
+    def set_window(self) -> None:
+        self.valid_from = self.resolved.valid_from * 1e9
+        self.valid_until = self.resolved.valid_until * 1e9
 
     def set_point_len(self, point_len: int) -> None:
         """Canonical points of one series all have the same length: the header is computed once."""
@@ -96,12 +125,30 @@ class SeriesTable:
         self.count += 1
         return entry
 
-    def relabel(
-        self, entry: Series, resolved: Resolved, targets: tuple[Target, ...], generation: int
-    ) -> None:
-        """Metadata changed: what was counted so far stays with the old labels."""
+    def relabel(self, entry: Series, naming: Naming, generation: int) -> None:
+        """Another naming (metadata changed, or a point measured across an address reuse): what was
+        counted so far stays with the old labels. Within one generation the old naming is kept aside."""
         self.fold(entry)
-        entry.generation, entry.resolved, entry.targets = generation, resolved, targets
+        if entry.generation == generation:
+            spare = entry.spare or []
+            spare.insert(0, Naming(entry.resolved, entry.targets, entry.template))
+            del spare[_MAX_SPARE:]
+            entry.spare = spare
+        else:
+            entry.spare = None  # windows are answers of one generation
+        entry.generation, entry.resolved = generation, naming.resolved
+        entry.targets, entry.template = naming.targets, naming.template
+        entry.set_window()
+
+    def recall(self, entry: Series, at_ns: int) -> bool:
+        """Same generation, a point outside the window: a naming kept aside that holds it takes over."""
+        for i, naming in enumerate(entry.spare or ()):
+            if naming.holds(at_ns):
+                assert entry.spare is not None
+                del entry.spare[i]
+                self.relabel(entry, naming, entry.generation)
+                return True
+        return False
 
     def fold(self, entry: Series) -> None:
         if entry.total:

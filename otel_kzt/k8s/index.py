@@ -14,6 +14,7 @@ or the new binding, never half of one:
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -94,6 +95,25 @@ class ClusterIndex:
                     return endpoint
                 return None
         return None  # before every span we still remember: unknown, not a guess
+
+    def lookup_window(
+        self, address: str, at_unix_s: float | None = None
+    ) -> tuple[Endpoint | None, float, float]:
+        """`lookup`, and the times [from, until) around `at_unix_s` over which its answer holds while the
+        generation is unchanged: a caller (the enricher) caches one answer for every time inside."""
+        value = self._by_ip.get(address) if self._ready else None
+        if value is None or value.__class__ is Endpoint:
+            return value, _FOREVER, math.inf
+        t = self._clock() if at_unix_s is None else at_unix_s
+        newer = math.inf  # start of the next newer span: where the answer changes at the latest
+        for start, end, endpoint in value:  # type: ignore[union-attr]
+            if t >= start:
+                if end is None:
+                    return endpoint, start, newer
+                expiry = math.nextafter(end + self._grace_s, math.inf)  # lookup keeps t == end + grace
+                return (endpoint, start, min(expiry, newer)) if t < expiry else (None, expiry, newer)
+            newer = start
+        return None, _FOREVER, newer
 
     def node(self, name: str) -> NodeInfo | None:
         if not self._ready:
