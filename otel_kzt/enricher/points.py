@@ -190,17 +190,9 @@ class SumEnricher:
         """Slow path: a new series, metadata changed since it was resolved, or a point measured outside
         the times its naming holds for (its address reused): named as of its measurement time."""
         at = at_ns / 1e9 if at_ns > 0 else None
-        if entry is not None:
-            if entry.generation == batch.generation and self._table.recall(entry, at_ns):
-                entry.set_point_len(len(raw))
-                return entry
-            rechecked = self._resolver.recheck(entry.resolved, batch.ready, at)
-            if rechecked is not None:
-                if entry.generation != batch.generation:
-                    entry.spare = None
-                entry.generation, entry.resolved = batch.generation, rechecked
-                entry.set_window()
-                return entry
+        if entry is not None and self._reuse(entry, batch, at_ns, at):
+            entry.set_point_len(len(raw))
+            return entry
         dp = NumberDataPoint.FromString(raw)
         given = {kv.key: _text(kv.value) for kv in dp.attributes}
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
@@ -223,6 +215,27 @@ class SumEnricher:
         fresh = Series(batch.generation, naming.resolved, targets, template)
         fresh.set_point_len(len(raw))
         return self._table.admit(table, key, fresh, batch.now)
+
+    def _reuse(self, entry: Series, batch: Batch, at_ns: int, at: float | None) -> bool:
+        """Name the point with a naming the series already has, if one holds: the current one (after a
+        metadata change, rechecked: no encoding), or one kept aside (rechecked when from another
+        generation). Only a naming that holds for the point's measurement time is taken."""
+        rechecked = self._resolver.recheck(entry.resolved, batch.ready, at)
+        if rechecked is not None:
+            entry.generation, entry.resolved = batch.generation, rechecked
+            entry.set_window()
+            return True
+        for generation, kept in entry.spare or ():
+            if generation != batch.generation:
+                resolved = self._resolver.recheck(kept.resolved, batch.ready, at)
+                if resolved is None:
+                    continue
+                kept = Naming(resolved, kept.targets, kept.template)  # noqa: PLW2901 (renewed window)
+            elif not kept.holds(at_ns):
+                continue
+            self._table.relabel(entry, kept, batch.generation)
+            return True
+        return False
 
     def _flow(
         self,

@@ -6,8 +6,8 @@ on the hot path and folded into the aggregate counters (prometheus.Aggregates) o
 scraped, when the series' labels change, or when it is forgotten: per point that is one addition.
 
 A series' naming holds for the measurement times of its `Resolved` window; a point measured outside it (an
-address reused while the point was on its way) is named again. The namings replaced within one metadata
-generation are kept aside (`spare`), so a series whose points alternate across a reuse swaps namings
+address reused while the point was on its way) is named again. Replaced namings are kept aside (`spare`,
+with the generation they were valid in), so a series whose points alternate across a reuse swaps namings
 instead of resolving again each time.
 """
 
@@ -78,7 +78,7 @@ class Series:
     total: float = 0.0  # increments not yet folded into the aggregates
     valid_from: float = -math.inf  # time_unix_nano window [from, until) `resolved` holds for
     valid_until: float = math.inf
-    spare: list[Naming] | None = None  # namings replaced within this generation (see module docstring)
+    spare: list[tuple[int, Naming]] | None = None  # replaced namings and their generation (see docstring)
 
     def __post_init__(self) -> None:
         self.set_window()
@@ -127,28 +127,15 @@ class SeriesTable:
 
     def relabel(self, entry: Series, naming: Naming, generation: int) -> None:
         """Another naming (metadata changed, or a point measured across an address reuse): what was
-        counted so far stays with the old labels. Within one generation the old naming is kept aside."""
+        counted so far stays with the old labels, and the old naming is kept aside."""
         self.fold(entry)
-        if entry.generation == generation:
-            spare = entry.spare or []
-            spare.insert(0, Naming(entry.resolved, entry.targets, entry.template))
-            del spare[_MAX_SPARE:]
-            entry.spare = spare
-        else:
-            entry.spare = None  # windows are answers of one generation
+        spare = [s for s in entry.spare or () if s[1].resolved.basis != naming.resolved.basis]
+        spare.insert(0, (entry.generation, Naming(entry.resolved, entry.targets, entry.template)))
+        del spare[_MAX_SPARE:]
+        entry.spare = spare
         entry.generation, entry.resolved = generation, naming.resolved
         entry.targets, entry.template = naming.targets, naming.template
         entry.set_window()
-
-    def recall(self, entry: Series, at_ns: int) -> bool:
-        """Same generation, a point outside the window: a naming kept aside that holds it takes over."""
-        for i, naming in enumerate(entry.spare or ()):
-            if naming.holds(at_ns):
-                assert entry.spare is not None
-                del entry.spare[i]
-                self.relabel(entry, naming, entry.generation)
-                return True
-        return False
 
     def fold(self, entry: Series) -> None:
         if entry.total:
@@ -178,4 +165,6 @@ class SeriesTable:
             if not table:
                 del self.groups[group_key]
             live.extend(s.targets for s in table.values())
+            # a naming kept aside may take over again: its aggregates must not be dropped meanwhile
+            live.extend(n.targets for s in table.values() if s.spare for _, n in s.spare)
         self._agg.retain(live, now, self.ttl_s)
