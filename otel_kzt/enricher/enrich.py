@@ -72,6 +72,7 @@ class Resolver:
         # address -> end, for one metadata generation: many series share an address (a busy service)
         self._ends: dict[str, _End] = {}
         self._ends_generation = -1
+        self._lookup_window: _LookupWindow | None = getattr(index, "lookup_window", None)
 
     def resolve(self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Resolved:
         """Enrich one series' attributes as measured at `at_unix_s` (None: now); `ready` False (metadata
@@ -115,8 +116,9 @@ class Resolver:
             dst = self._end(resolved.attrs.get(schema.DESTINATION_ADDRESS, ""), at_unix_s)
         if resolved.basis != (ready, src.endpoint, src.node, dst.endpoint, dst.node):
             return None
-        lo, hi = _overlap(src, dst)
-        if (lo, hi) == (resolved.valid_from, resolved.valid_until):
+        lo = src.valid_from if src.valid_from > dst.valid_from else dst.valid_from  # _overlap, inlined:
+        hi = src.valid_until if src.valid_until < dst.valid_until else dst.valid_until  # after every change
+        if lo == resolved.valid_from and hi == resolved.valid_until:
             return resolved
         return dataclasses.replace(resolved, valid_from=lo, valid_until=hi)
 
@@ -131,18 +133,17 @@ class Resolver:
         # A cached answer serves every time in its window (one per address: most never change owner).
         if end is not None and (end.valid_from <= at < end.valid_until if at is not None else _timeless(end)):
             return end
-        endpoint, lo, hi = self._lookup(address, at) if address else (None, -math.inf, math.inf)
+        if not address:
+            endpoint, lo, hi = None, -math.inf, math.inf
+        elif self._lookup_window is not None:
+            endpoint, lo, hi = self._lookup_window(address, at)
+        else:
+            endpoint, lo, hi = self._index.lookup(address, at), -math.inf, math.inf
         node = None
         if endpoint is not None and endpoint.node_name:
             node = self._index.node(endpoint.node_name)
         end = self._ends[address] = _End(endpoint, node, lo, hi)
         return end
-
-    def _lookup(self, address: str, at: float | None) -> tuple[Endpoint | None, float, float]:
-        windowed: _LookupWindow | None = getattr(self._index, "lookup_window", None)
-        if windowed is not None:
-            return windowed(address, at)
-        return self._index.lookup(address, at), -math.inf, math.inf
 
     def classify(self, src: _End, dst: _End, src_addr: str, dst_addr: str) -> TrafficClass:
         for end, address in ((src, src_addr), (dst, dst_addr)):

@@ -190,8 +190,7 @@ class SumEnricher:
         """Slow path: a new series, metadata changed since it was resolved, or a point measured outside
         the times its naming holds for (its address reused): named as of its measurement time."""
         at = at_ns / 1e9 if at_ns > 0 else None
-        if entry is not None and self._reuse(entry, batch, at_ns, at):
-            entry.set_point_len(len(raw))
+        if entry is not None and self._reuse(entry, batch, at_ns, at, len(raw)):
             return entry
         dp = NumberDataPoint.FromString(raw)
         given = {kv.key: _text(kv.value) for kv in dp.attributes}
@@ -216,14 +215,16 @@ class SumEnricher:
         fresh.set_point_len(len(raw))
         return self._table.admit(table, key, fresh, batch.now)
 
-    def _reuse(self, entry: Series, batch: Batch, at_ns: int, at: float | None) -> bool:
+    def _reuse(self, entry: Series, batch: Batch, at_ns: int, at: float | None, point_len: int) -> bool:
         """Name the point with a naming the series already has, if one holds: the current one (after a
         metadata change, rechecked: no encoding), or one kept aside (rechecked when from another
         generation). Only a naming that holds for the point's measurement time is taken."""
         rechecked = self._resolver.recheck(entry.resolved, batch.ready, at)
         if rechecked is not None:
-            entry.generation, entry.resolved = batch.generation, rechecked
-            entry.set_window()
+            entry.generation = batch.generation
+            if rechecked is not entry.resolved:  # same names, another window
+                entry.resolved = rechecked
+                entry.set_window()
             return True
         for generation, kept in entry.spare or ():
             if generation != batch.generation:
@@ -234,6 +235,7 @@ class SumEnricher:
             elif not kept.holds(at_ns):
                 continue
             self._table.relabel(entry, kept, batch.generation)
+            entry.set_point_len(point_len)  # other attributes added: another length
             return True
         return False
 
