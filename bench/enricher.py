@@ -38,11 +38,17 @@ from otel_kzt.k8s.index import ClusterIndex
 from tests.support.k8s_objects import make_node, make_pod
 
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
+# With --reuse scenarios: every pod IP was first held by an "old-" pod, deleted and taken over at 0.5 s,
+# before the first measurement (1 s); late batches are measured at 0.25 s, while the old pods held them.
+REUSED_AT_S, LATE_AT_NS = 0.5, 250_000_000
 
 
-def build_index(agents: int, pods_per_node: int) -> tuple[ClusterIndex, list[list[str]]]:
-    """A ready index: `agents` nodes over three zones, each with `pods_per_node` pods."""
-    index = ClusterIndex()
+def build_index(
+    agents: int, pods_per_node: int, reused: bool = False
+) -> tuple[ClusterIndex, list[list[str]]]:
+    """A ready index: `agents` nodes over three zones, each with `pods_per_node` pods (with `reused`,
+    each pod's IP has a history: another pod held it until REUSED_AT_S)."""
+    index = ClusterIndex(clock=lambda: 10.0) if reused else ClusterIndex()  # fixed: nothing expires
     index.register_source("bench")
     nodes, pods, ips = [], [], []
     for n in range(agents):
@@ -55,13 +61,21 @@ def build_index(agents: int, pods_per_node: int) -> tuple[ClusterIndex, list[lis
                 decode_pod(make_pod(f"app-{n}-{p}", name, [ip], owner=("ReplicaSet", f"app{p % 7}-5d8f")))
             )
     index.replace_nodes(nodes)
-    index.replace_pods(pods)
+    if reused:
+        old = [
+            decode_pod(make_pod(f"old-{i}", r.endpoint.node_name, list(r.ips))) for i, r in enumerate(pods)
+        ]
+        index.replace_pods(old, now=0.0)
+    index.replace_pods(pods, now=REUSED_AT_S if reused else None)
     index.mark_synced("bench")
     return index, ips
 
 
-def build_payloads(ips: list[list[str]], series: int, intervals: int) -> list[list[bytes]]:
-    """payloads[interval][agent]: one request per agent, bytes and packets for `series` flows."""
+def build_payloads(
+    ips: list[list[str]], series: int, intervals: int, at_ns: int | None = None
+) -> list[list[bytes]]:
+    """payloads[interval][agent]: one request per agent, bytes and packets for `series` flows, measured
+    at `interval + 1` seconds (or all at `at_ns`)."""
     out = []
     flat = [ip for node in ips for ip in node]
     for interval in range(intervals):
@@ -81,7 +95,7 @@ def build_payloads(ips: list[list[str]], series: int, intervals: int) -> list[li
                 m.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_CUMULATIVE
                 for s in range(series):
                     dp = m.sum.data_points.add(
-                        start_time_unix_nano=1_000, time_unix_nano=10**9 * (interval + 1)
+                        start_time_unix_nano=1_000, time_unix_nano=at_ns or 10**9 * (interval + 1)
                     )
                     dp.as_int = (s + 1) * scale * (interval + 1)
                     p = s % len(local)
@@ -221,6 +235,25 @@ def check_enriched(index: ClusterIndex, payload: bytes) -> None:
     )
 
 
+def check_reuse(index: ClusterIndex, current: bytes, late: bytes) -> None:
+    """Through one core: a point measured after the reuse names the new pod, a late one the old pod."""
+    core, sink = make_core(index, flow_logs=False), CheckSink()
+    core._sinks = (sink,)
+    for payload, prefix in ((current, "app-"), (late, "old-"), (current, "app-")):
+        sink.first = None
+        through(core)(payload)
+        assert sink.first is not None
+        dps = ExportMetricsServiceRequest.FromString(sink.first).resource_metrics[0].scope_metrics[0]
+        names = {
+            kv.value.string_value
+            for m in dps.metrics
+            for dp in m.sum.data_points
+            for kv in dp.attributes
+            if kv.key == schema.end_attr(schema.DESTINATION, schema.POD_NAME)
+        }
+        assert names and all(n.startswith(prefix) for n in names), f"expected {prefix}*: {sorted(names)[:3]}"
+
+
 def measure(fn: Callable[[bytes], None], payloads: list[list[bytes]], points: int) -> float:
     """Best of the steady-state intervals (interval 0 warms caches), in data points per CPU second."""
     for payload in payloads[0]:
@@ -255,6 +288,16 @@ def main() -> int:
         ),
         "naive attribute loop": measure(naive(Resolver(index, ("10.0.0.0/8",))), payloads, points),
     }
+    reused, _ = build_index(args.agents, 30, reused=True)
+    late = build_payloads(ips, args.series, args.intervals, at_ns=LATE_AT_NS)
+    check_reuse(reused, payloads[0][0], late[0][0])
+    mixed = [late[i] if i % 2 else row for i, row in enumerate(payloads)]  # every series switches owner
+    results["enricher core, every IP reused once"] = measure(
+        through(make_core(reused, False)), payloads, points
+    )
+    results["enricher core, late batches across reuse"] = measure(
+        through(make_core(reused, False)), mixed, points
+    )
     results["through the gRPC receiver, wall clock"] = over_grpc(index, payloads, points)
     base = results["floor (parse + re-serialise)"]
     print(

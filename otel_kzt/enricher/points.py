@@ -216,9 +216,14 @@ class SumEnricher:
         return self._table.admit(table, key, fresh, batch.now)
 
     def _reuse(self, entry: Series, batch: Batch, at_ns: int, at: float | None, point_len: int) -> bool:
-        """Name the point with a naming the series already has, if one holds: the current one (after a
-        metadata change, rechecked: no encoding), or one kept aside (rechecked when from another
-        generation). Only a naming that holds for the point's measurement time is taken."""
+        """Name the point with a naming the series already has, if one holds for its measurement time:
+        one kept aside in this generation (a switch back across a reuse: no lookup), the current one
+        rechecked (after a metadata change: lookups, no encoding), or an older one rechecked."""
+        spare = entry.spare or ()
+        for generation, kept in spare:
+            if generation == batch.generation and kept.holds(at_ns):
+                self._swap(entry, kept, batch.generation, point_len)
+                return True
         rechecked = self._resolver.recheck(entry.resolved, batch.ready, at)
         if rechecked is not None:
             entry.generation = batch.generation
@@ -226,18 +231,19 @@ class SumEnricher:
                 entry.resolved = rechecked
                 entry.set_window()
             return True
-        for generation, kept in entry.spare or ():
+        for generation, kept in spare:
             if generation != batch.generation:
                 resolved = self._resolver.recheck(kept.resolved, batch.ready, at)
-                if resolved is None:
-                    continue
-                kept = Naming(resolved, kept.targets, kept.template)  # noqa: PLW2901 (renewed window)
-            elif not kept.holds(at_ns):
-                continue
-            self._table.relabel(entry, kept, batch.generation)
-            entry.set_point_len(point_len)  # other attributes added: another length
-            return True
+                if resolved is not None:
+                    self._swap(
+                        entry, Naming(resolved, kept.targets, kept.template), batch.generation, point_len
+                    )
+                    return True
         return False
+
+    def _swap(self, entry: Series, naming: Naming, generation: int, point_len: int) -> None:
+        self._table.relabel(entry, naming, generation)
+        entry.set_point_len(point_len)  # other attributes added: another length
 
     def _flow(
         self,
