@@ -8,6 +8,7 @@ B's; a series alternating across the reuse swaps cached namings instead of resol
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -17,9 +18,9 @@ from prometheus_client import CollectorRegistry
 from otel_kzt import schema
 from otel_kzt.enricher.core import Core
 from otel_kzt.enricher.cost import load_prices
-from otel_kzt.enricher.enrich import Resolver
+from otel_kzt.enricher.enrich import Resolved, Resolver
 from otel_kzt.enricher.prometheus import Aggregates, AggregatesCollector, HealthMetrics
-from otel_kzt.k8s.decode import decode_node, decode_pod
+from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod
 from otel_kzt.k8s.index import ClusterIndex
 from tests.support.k8s_objects import make_node, make_pod
 
@@ -38,7 +39,7 @@ class Clock:
         return self.now
 
 
-def pod(name: str, node: str, ip: str) -> object:
+def pod(name: str, node: str, ip: str) -> PodRecord:
     return decode_pod(make_pod(name, node, [ip], owner=("ReplicaSet", f"{name}-5d8f"), uid=f"uid-{name}"))
 
 
@@ -59,13 +60,13 @@ def index(clock: Clock) -> ClusterIndex:
             decode_node(make_node("n-c", ["192.168.0.3"], zone="zone-a")),
         ]
     )
-    idx.upsert_pod(pod("client", "n-c", SRC))  # type: ignore[arg-type]
-    idx.upsert_pod(pod("a", "n-b", REUSED))  # type: ignore[arg-type]
+    idx.upsert_pod(pod("client", "n-c", SRC))
+    idx.upsert_pod(pod("a", "n-b", REUSED))
     idx.mark_synced("test")
     clock.now = DELETED_AT
     idx.delete_pod("uid-a")
     clock.now = REUSED_AT
-    idx.upsert_pod(pod("b", "n-a", REUSED))  # type: ignore[arg-type]
+    idx.upsert_pod(pod("b", "n-a", REUSED))
     clock.now = RECEIVED_AT
     return idx
 
@@ -75,9 +76,9 @@ class CountingResolver(Resolver):
 
     resolves = 0
 
-    def resolve(self, given: object, ready: bool, at_unix_s: float | None = None):  # type: ignore[no-untyped-def,override]
+    def resolve(self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Resolved:
         self.resolves += 1
-        return super().resolve(given, ready, at_unix_s)  # type: ignore[arg-type]
+        return super().resolve(given, ready, at_unix_s)
 
 
 def make_core(
@@ -167,7 +168,7 @@ def test_a_series_alternating_across_the_reuse_does_not_thrash(index: ClusterInd
 def test_a_metadata_change_re_resolves_and_keeps_the_history(index: ClusterIndex, clock: Clock) -> None:
     core, resolver, _, sent = make_core(index, clock)
     assert named(send(core, sent, 1115.0, 10)) == POD_B
-    index.upsert_pod(pod("other", "n-b", "10.0.0.9"))  # type: ignore[arg-type]  # new generation
+    index.upsert_pod(pod("other", "n-b", "10.0.0.9"))  # new generation
     assert named(send(core, sent, 1050.0, 20)) == POD_A
     assert named(send(core, sent, 1116.0, 30)) == POD_B
     assert resolver.resolves == 2  # B's naming rechecked (same answer) after the change, not re-encoded
@@ -199,9 +200,26 @@ def test_lookup_window_bounds_each_answer(index: ClusterIndex) -> None:
 def test_released_address_window_ends_with_the_grace_period(clock: Clock) -> None:
     idx = ClusterIndex(grace_s=GRACE_S, clock=clock)
     idx.register_source("test")
-    idx.upsert_pod(pod("gone", "n-a", "10.0.0.7"))  # type: ignore[arg-type]
+    idx.upsert_pod(pod("gone", "n-a", "10.0.0.7"))
     idx.mark_synced("test")
     idx.delete_pod("uid-gone", now=2000.0)
     endpoint, lo, hi = idx.lookup_window("10.0.0.7", 2100.0)
     assert endpoint is not None and lo == -math.inf and 2000.0 + GRACE_S < hi < 2000.0 + GRACE_S + 1e-6
     assert idx.lookup_window("10.0.0.7", 2000.0 + GRACE_S + 1)[0] is None
+
+
+def test_kept_naming_from_an_older_generation_is_rechecked_not_trusted(
+    index: ClusterIndex, clock: Clock
+) -> None:
+    core, resolver, _, sent = make_core(index, clock)
+    assert named(send(core, sent, 1050.0, 10)) == POD_A
+    assert named(send(core, sent, 1115.0, 20)) == POD_B
+    clock.now = 1130.0  # B goes, C (zone b) takes the address: a new generation
+    index.delete_pod("uid-b")
+    clock.now = 1140.0
+    index.upsert_pod(pod("c", "n-b", REUSED))
+    assert named(send(core, sent, 1116.0, 30)) == POD_B  # still B's for that time: B's naming rechecked
+    assert named(send(core, sent, 1050.0, 40)) == POD_A  # A's kept naming rechecked, still right
+    assert resolver.resolves == 2
+    assert named(send(core, sent, 1145.0, 50)) == {**POD_A, "k8s.pod.name": "c"}  # a new owner: resolved
+    assert resolver.resolves == 3
