@@ -58,13 +58,14 @@ def test_sigterm_flushes_and_flow_logs_go_to_stdout(metadata_file: Path, downstr
         metadata_file, "--export-endpoint", f"127.0.0.1:{downstream.port}", "--shutdown-timeout", "5s"
     )
     try:
-        for _ in range(100):
-            if get(f"http://127.0.0.1:{ports['metrics']}/readyz")[0] == 200:
-                break
+        # Generous: a loaded CI machine may take seconds; posting before readiness would mark it unknown.
+        deadline = time.monotonic() + 30
+        while get(f"http://127.0.0.1:{ports['metrics']}/readyz")[0] != 200:
+            assert time.monotonic() < deadline, "enricher never became ready"
             time.sleep(0.05)
         assert post(ports["http"], good_request().SerializeToString())[0] == 200
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=15)
+        out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
