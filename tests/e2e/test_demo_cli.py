@@ -3,12 +3,14 @@ leave no namespace, link, pin or process behind, and a second demo gets a clear 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -73,32 +75,33 @@ def _pump(stream: IO[str], lines: queue.Queue[str]) -> None:
         lines.put(line)
 
 
-def _wait_for_view(proc: subprocess.Popen[str], lines: queue.Queue[str], errors: Path) -> None:
-    """Until the live view printed its first table; on failure, say why with the demo's own log."""
-    try:
-        while "Top cross-zone talkers" not in lines.get(timeout=120):
-            pass
-    except queue.Empty:
-        pytest.fail(f"no view within 120s (exit {proc.poll()}): {errors.read_text()[-3000:]}")
-
-
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_live_view_leaves_nothing(sig: signal.Signals, tmp_path: Path, slot: Slot,
-                                              demo: list[str]) -> None:
+@contextlib.contextmanager
+def _live_demo(demo: list[str], errors: Path) -> Iterator[subprocess.Popen[str]]:
+    """A live demo whose view has printed its first table; killed on the way out if still running."""
     lines: queue.Queue[str] = queue.Queue()
-    errors = tmp_path / "demo.err"
     with errors.open("w") as err, subprocess.Popen([*demo, "--duration", "5m"], stdout=subprocess.PIPE,
                                                     stderr=err, text=True, cwd=REPO) as proc:
         assert proc.stdout is not None
         threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
         try:
-            _wait_for_view(proc, lines, errors)
-            proc.send_signal(sig)
-            assert proc.wait(60) == 0
+            try:
+                while "Top cross-zone talkers" not in lines.get(timeout=120):
+                    pass
+            except queue.Empty:
+                pytest.fail(f"no view within 120s (exit {proc.poll()}): {errors.read_text()[-3000:]}")
+            yield proc
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_live_view_leaves_nothing(sig: signal.Signals, tmp_path: Path, slot: Slot,
+                                              demo: list[str]) -> None:
+    with _live_demo(demo, tmp_path / "demo.err") as proc:
+        proc.send_signal(sig)
+        assert proc.wait(60) == 0
     assert_nothing_left(slot)
 
 
@@ -115,37 +118,19 @@ def _enricher_pid(metrics_port: int) -> int:
 
 
 def test_enricher_dying_ends_the_demo_cleanly(tmp_path: Path, slot: Slot, demo: list[str]) -> None:
-    lines: queue.Queue[str] = queue.Queue()
     errors = tmp_path / "demo.err"
-    with errors.open("w") as err, subprocess.Popen([*demo, "--duration", "5m"], stdout=subprocess.PIPE,
-                                                    stderr=err, text=True, cwd=REPO) as proc:
-        assert proc.stdout is not None
-        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-        try:
-            _wait_for_view(proc, lines, errors)
-            os.kill(_enricher_pid(slot.demo[2]), signal.SIGKILL)
-            assert proc.wait(60) == 1
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    with _live_demo(demo, errors) as proc:
+        os.kill(_enricher_pid(slot.demo[2]), signal.SIGKILL)
+        assert proc.wait(60) == 1
     assert "the enricher stopped" in errors.read_text()
     assert_nothing_left(slot)
 
 
 def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path, slot: Slot, demo: list[str]) -> None:
     """SIGKILL: no clean-up can run; its children die with it and the next demo removes the rest."""
-    lines: queue.Queue[str] = queue.Queue()
-    errors = tmp_path / "demo.err"
-    with errors.open("w") as err, subprocess.Popen([*demo, "--duration", "5m"], stdout=subprocess.PIPE,
-                                                    stderr=err, text=True, cwd=REPO) as proc:
-        assert proc.stdout is not None
-        threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-        try:
-            _wait_for_view(proc, lines, errors)
-        finally:
-            proc.kill()
-            proc.wait()
+    with _live_demo(demo, tmp_path / "demo.err") as proc:
+        proc.kill()
+        proc.wait()
     assert netns_exists(f"{slot.demo[0]}-n0")  # left behind, as a crash would
     proc2 = subprocess.run([*demo, "--once", "--duration", "2s"], capture_output=True, text=True,
                            timeout=180, cwd=REPO, check=False)
