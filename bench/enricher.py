@@ -27,12 +27,12 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_C
 from prometheus_client import CollectorRegistry
 
 from otel_kzt import schema
-from otel_kzt.enricher.core import Core
-from otel_kzt.enricher.cost import load_prices
-from otel_kzt.enricher.enrich import Resolver
-from otel_kzt.enricher.prometheus import Aggregates, AggregatesCollector, HealthMetrics
-from otel_kzt.enricher.receiver_grpc import GrpcReceiver
-from otel_kzt.enricher.receiver_http import ReceiverSettings
+from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.processing.core import Core
+from otel_kzt.enricher.processing.cost import load_prices
+from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.receivers.grpc import GrpcReceiver
+from otel_kzt.enricher.receivers.http import ReceiverSettings
 from otel_kzt.k8s.decode import decode_node, decode_pod
 from otel_kzt.k8s.index import ClusterIndex
 from tests.support.k8s_objects import make_node, make_pod

@@ -17,16 +17,16 @@ from typing import Protocol, TextIO
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
-from otel_kzt.enricher.checkpointer import Checkpointer
 from otel_kzt.enricher.config import EnricherConfig, split_host_port
-from otel_kzt.enricher.core import Core
-from otel_kzt.enricher.cost import load_prices
-from otel_kzt.enricher.enrich import Resolver
-from otel_kzt.enricher.flowlogs import FlowLogWriter
-from otel_kzt.enricher.otlp_exporter import Exporter
-from otel_kzt.enricher.prometheus import Aggregates, AggregatesCollector, HealthMetrics
-from otel_kzt.enricher.receiver_grpc import GrpcReceiver
-from otel_kzt.enricher.receiver_http import HttpReceiver, ReceiverSettings
+from otel_kzt.enricher.exporters.otlp import Exporter
+from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.processing.core import Core
+from otel_kzt.enricher.processing.cost import load_prices
+from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
+from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.receivers.grpc import GrpcReceiver
+from otel_kzt.enricher.receivers.http import HttpReceiver, ReceiverSettings
+from otel_kzt.enricher.state.checkpointer import Checkpointer
 from otel_kzt.errors import ConfigError
 from otel_kzt.k8s.model import MetadataIndex
 

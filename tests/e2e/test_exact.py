@@ -12,7 +12,7 @@ from otel_kzt import schema
 from otel_kzt.demo.cluster import PodSpec
 from otel_kzt.demo.runner import ClusterRun
 from otel_kzt.demo.view import parse
-from otel_kzt.enricher.cost import load_prices
+from otel_kzt.enricher.processing.cost import load_prices
 from tests.e2e.conftest import L, expected_class, run_exchanges, wait_exact
 
 pytestmark = pytest.mark.kernel

@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_kzt import schema
-from otel_kzt.enricher.checkpoint import decode
-from otel_kzt.enricher.prometheus import Aggregates
+from otel_kzt.enricher.exporters.prometheus import Aggregates
+from otel_kzt.enricher.state.checkpoint import decode
 from tests.integration.test_enricher_badinput import good_request, post
 from tests.integration.test_enricher_prometheus import S1, send
 from tests.integration.test_enricher_service import POD_IPS, Downstream, downstream, get, metadata_file

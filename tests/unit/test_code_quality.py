@@ -39,3 +39,38 @@ def test_no_import_cycles_between_stages() -> None:
         if stage == "enricher" and ("otel_kzt.agent" in text or "otel_kzt.demo" in text):
             offenders.append(str(path))
     assert offenders == []
+
+
+_E = "otel_kzt.enricher."
+# Inside the enricher, the pipeline's parts (receivers -> processing -> state -> exporters) and what each
+# may not import: nothing below reaches up to a transport, the core or the wiring (service, command).
+_ENRICHER_FORBIDDEN = {
+    "receivers": (_E + "service", _E + "command", _E + "exporters.otlp"),
+    "processing": (_E + "receivers", _E + "service", _E + "command", _E + "exporters.otlp"),
+    "state": (
+        _E + "receivers",
+        _E + "service",
+        _E + "command",
+        _E + "exporters.otlp",
+        _E + "processing.core",
+        _E + "processing.points",
+    ),
+    "exporters": (_E + "receivers", _E + "service", _E + "command", _E + "processing.core", _E + "state"),
+}
+
+
+def test_enricher_parts_import_one_way() -> None:
+    """The enricher's folders follow the Collector's pipeline, and its imports run one way along it."""
+    root = REPO / "otel_kzt" / "enricher"
+    parts = {p.name for p in root.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert parts == set(_ENRICHER_FORBIDDEN)
+    offenders = []
+    for part, forbidden in _ENRICHER_FORBIDDEN.items():
+        for path in (root / part).rglob("*.py"):
+            imports = [
+                line.split()[1]
+                for line in path.read_text().splitlines()
+                if line.lstrip().startswith(("from otel_kzt.", "import otel_kzt."))
+            ]
+            offenders += [f"{path.relative_to(REPO)}: {m}" for m in imports if m.startswith(forbidden)]
+    assert offenders == []

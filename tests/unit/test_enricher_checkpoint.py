@@ -12,10 +12,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from otel_kzt import schema
-from otel_kzt.enricher.checkpoint import VERSION, StateError, capture, decode, encode
-from otel_kzt.enricher.checkpointer import Checkpointer, write_atomic
-from otel_kzt.enricher.core import Core
-from otel_kzt.enricher.prometheus import Aggregates, HealthMetrics
+from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
+from otel_kzt.enricher.processing.core import Core
+from otel_kzt.enricher.state.checkpoint import VERSION, StateError, capture, decode, encode
+from otel_kzt.enricher.state.checkpointer import Checkpointer, write_atomic
 from tests.unit.test_enricher_core import FakeIndex, make_core, request
 
 WEB, API, CACHE, ETL, GOOGLE = "10.0.0.1", "10.0.0.3", "10.0.0.4", "10.0.0.5", "8.8.8.8"

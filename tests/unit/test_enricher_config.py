@@ -11,7 +11,7 @@ from otel_kzt import schema
 from otel_kzt.cli import main
 from otel_kzt.enricher import command
 from otel_kzt.enricher.config import PROTOCOL_HTTP, default_config, from_mapping
-from otel_kzt.enricher.cost import DEFAULT_PRICES, load_prices
+from otel_kzt.enricher.processing.cost import DEFAULT_PRICES, load_prices
 from otel_kzt.errors import ConfigError
 from otel_kzt.schema import TrafficClass
 

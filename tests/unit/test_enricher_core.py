@@ -14,11 +14,11 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 from prometheus_client import CollectorRegistry
 
 from otel_kzt import schema
-from otel_kzt.enricher.core import Core
-from otel_kzt.enricher.cost import load_prices
-from otel_kzt.enricher.enrich import Resolver
-from otel_kzt.enricher.prometheus import Aggregates, AggregatesCollector, HealthMetrics
-from otel_kzt.enricher.series import series_key
+from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.processing.core import Core
+from otel_kzt.enricher.processing.cost import load_prices
+from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.state.series import series_key
 from otel_kzt.errors import Overloaded
 from otel_kzt.k8s.model import Endpoint, NodeInfo
 from otel_kzt.schema import TrafficClass, WorkloadKind

@@ -17,8 +17,8 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
 from otel_kzt.enricher.config import PROTOCOL_HTTP, ExporterConfig
-from otel_kzt.enricher.otlp_exporter import Exporter
-from otel_kzt.enricher.prometheus import HealthMetrics
+from otel_kzt.enricher.exporters.otlp import Exporter
+from otel_kzt.enricher.exporters.prometheus import HealthMetrics
 from otel_kzt.errors import PermanentExportError, RetryableExportError
 from otel_kzt.otlp_failures import classify
 

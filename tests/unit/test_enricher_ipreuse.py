@@ -16,10 +16,10 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_C
 from prometheus_client import CollectorRegistry
 
 from otel_kzt import schema
-from otel_kzt.enricher.core import Core
-from otel_kzt.enricher.cost import load_prices
-from otel_kzt.enricher.enrich import Resolved, Resolver
-from otel_kzt.enricher.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.processing.core import Core
+from otel_kzt.enricher.processing.cost import load_prices
+from otel_kzt.enricher.processing.resolution import Resolved, Resolver
 from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod
 from otel_kzt.k8s.index import ClusterIndex
 from tests.support.k8s_objects import make_node, make_pod

@@ -12,9 +12,9 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_kzt import schema
-from otel_kzt.enricher.enrich import Resolved
-from otel_kzt.enricher.flowlogs import FlowLogWriter, FlowRecord, FlowTemplate, to_otlp_bytes
-from otel_kzt.enricher.wire import AttributeEncoder, Writer, split, varint
+from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, FlowRecord, FlowTemplate, to_otlp_bytes
+from otel_kzt.enricher.processing.protowire import AttributeEncoder, Writer, split, varint
+from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
 from tests.unit.test_enricher_core import FakeIndex, attrs_of, make_core, request
 

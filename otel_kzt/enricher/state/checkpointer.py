@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from otel_kzt.enricher.checkpoint import State, StateError, decode, encode
-from otel_kzt.enricher.prometheus import HealthMetrics, Snapshot
+from otel_kzt.enricher.exporters.prometheus import HealthMetrics, Snapshot
+from otel_kzt.enricher.state.checkpoint import State, StateError, decode, encode
 
 log = logging.getLogger(__name__)
 

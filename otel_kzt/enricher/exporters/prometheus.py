@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from otel_kzt import schema
-from otel_kzt.enricher.enrich import Resolved
+from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
 
 Totals = dict[tuple[str, ...], float]

@@ -20,8 +20,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
 from otel_kzt import __version__, schema
-from otel_kzt.enricher.enrich import Resolved
-from otel_kzt.enricher.wire import AttributeEncoder, length_delimited
+from otel_kzt.enricher.processing.protowire import AttributeEncoder, length_delimited
+from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
 
 _RESOURCE_LOGS_TAG: Final = 0x0A  # ExportLogsServiceRequest.resource_logs (field 1)

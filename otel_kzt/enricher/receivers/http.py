@@ -24,8 +24,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from otel_kzt.enricher import decode
-from otel_kzt.enricher.core import Core
+from otel_kzt.enricher.processing.core import Core
+from otel_kzt.enricher.receivers import decode
 from otel_kzt.errors import (
     InvalidRequest,
     Overloaded,

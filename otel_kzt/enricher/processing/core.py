@@ -29,14 +29,14 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 )
 
 from otel_kzt import schema
-from otel_kzt.enricher.checkpoint import State, apply, capture
-from otel_kzt.enricher.cost import PriceTable
-from otel_kzt.enricher.enrich import Resolver
-from otel_kzt.enricher.flowlogs import FlowLogWriter, to_otlp_bytes
-from otel_kzt.enricher.points import Batch, SumEnricher
-from otel_kzt.enricher.prometheus import Aggregates, HealthMetrics
-from otel_kzt.enricher.series import SeriesTable
-from otel_kzt.enricher.wire import Writer, split
+from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
+from otel_kzt.enricher.processing.cost import PriceTable
+from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, to_otlp_bytes
+from otel_kzt.enricher.processing.points import Batch, SumEnricher
+from otel_kzt.enricher.processing.protowire import Writer, split
+from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.state.checkpoint import State, apply, capture
+from otel_kzt.enricher.state.series import SeriesTable
 from otel_kzt.errors import Overloaded
 from otel_kzt.k8s.model import MetadataIndex
 

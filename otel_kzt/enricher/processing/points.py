@@ -21,12 +21,12 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from otel_kzt import schema
-from otel_kzt.enricher.cost import PriceTable
-from otel_kzt.enricher.enrich import Resolver
-from otel_kzt.enricher.flowlogs import FlowRecord, FlowTemplate
-from otel_kzt.enricher.prometheus import Aggregates
-from otel_kzt.enricher.series import CANONICAL_PREFIX, Naming, Series, SeriesTable, identity_key
-from otel_kzt.enricher.wire import length_delimited, read_varint, skip_field
+from otel_kzt.enricher.exporters.prometheus import Aggregates
+from otel_kzt.enricher.processing.cost import PriceTable
+from otel_kzt.enricher.processing.flowlogs import FlowRecord, FlowTemplate
+from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
+from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.state.series import CANONICAL_PREFIX, Naming, Series, SeriesTable, identity_key
 
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _INT_VALUE_TAG: Final = 0x31

@@ -21,10 +21,10 @@ from typing import Final
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
-from otel_kzt.enricher.enrich import Resolved
-from otel_kzt.enricher.flowlogs import FlowTemplate
-from otel_kzt.enricher.prometheus import Aggregates, Target
-from otel_kzt.enricher.wire import varint
+from otel_kzt.enricher.exporters.prometheus import Aggregates, Target
+from otel_kzt.enricher.processing.flowlogs import FlowTemplate
+from otel_kzt.enricher.processing.protowire import varint
+from otel_kzt.enricher.processing.resolution import Resolved
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from otel_kzt.enricher.core import Core
-from otel_kzt.enricher.receiver_http import ReceiverSettings
+from otel_kzt.enricher.processing.core import Core
+from otel_kzt.enricher.receivers.http import ReceiverSettings
 from otel_kzt.errors import ConfigError, Overloaded
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeVar
 
-from otel_kzt.enricher.enrich import Resolved
-from otel_kzt.enricher.prometheus import Aggregates, Totals
-from otel_kzt.enricher.series import Series, SeriesTable
+from otel_kzt.enricher.exporters.prometheus import Aggregates, Totals
+from otel_kzt.enricher.processing.resolution import Resolved
+from otel_kzt.enricher.state.series import Series, SeriesTable
 from otel_kzt.schema import TrafficClass
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from otel_kzt.enricher.config import PROTOCOL_HTTP, ExporterConfig
-from otel_kzt.enricher.prometheus import HealthMetrics
+from otel_kzt.enricher.exporters.prometheus import HealthMetrics
 from otel_kzt.errors import ExportError, RetryableExportError
 from otel_kzt.otlp_failures import classify, parse_retry_after, rpc_error_parts
 

@@ -1,0 +1,1 @@
+"""OTLP receivers: thin transports (gRPC, HTTP) that decode one request and hand it to the core."""

@@ -1,0 +1,1 @@
+"""What the enricher remembers: the series table, the counting rule, and the --state-file checkpoint."""
