@@ -122,6 +122,20 @@ LABEL_ZONE_LEGACY: Final = "failure-domain.beta.kubernetes.io/zone"
 LABEL_REGION_LEGACY: Final = "failure-domain.beta.kubernetes.io/region"
 LABEL_POD_TEMPLATE_HASH: Final = "pod-template-hash"
 
+# --- Services and EndpointSlices (DESIGN §7) ---------------------------------------------------------------
+
+LABEL_SERVICE_NAME: Final = "kubernetes.io/service-name"  # on an EndpointSlice: the Service it serves
+ANNOTATION_TOPOLOGY_MODE: Final = "service.kubernetes.io/topology-mode"  # topology-aware routing, 1.27+
+ANNOTATION_TOPOLOGY_AWARE_HINTS: Final = "service.kubernetes.io/topology-aware-hints"  # its name before 1.27
+TOPOLOGY_MODE_ENABLED: Final = frozenset({"Auto", "auto"})  # the values the EndpointSlice controller honours
+# `traffic_distribution` label values of kzt_service_routing_info (a spec.trafficDistribution value written
+# as it is otherwise, e.g. PreferSameNode).
+ROUTING_NONE: Final = "none"
+ROUTING_PREFER_SAME_ZONE: Final = "PreferSameZone"
+ROUTING_PREFER_CLOSE: Final = "PreferClose"
+ROUTING_TOPOLOGY_AWARE: Final = "topology-aware"
+ROUTING_HEADLESS: Final = "headless"
+
 # --- Resource attributes --------------------------------------------------------------------------------
 
 SERVICE_NAME: Final = "service.name"

@@ -11,6 +11,8 @@ from typing import Protocol
 
 from otel_kzt.schema import WorkloadKind
 
+_DENIED = frozenset({401, 403})
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
@@ -35,6 +37,52 @@ class Endpoint:
     @property
     def is_node(self) -> bool:
         return self.workload_kind is WorkloadKind.NODE
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFailure:
+    """Why one metadata source is failing now (the current streak of failed attempts)."""
+
+    resource: str  # "pods", "nodes", "services", "endpointslices", "version", or "file"
+    verb: str  # "list", "watch", "get", "read"
+    status: int | None  # the HTTP status; None when no HTTP answer came (refused, timeout, bad file)
+    reason: str  # the Status reason ("Forbidden", "Unauthorized"), else the error's type
+    message: str  # the server's Status message, else the error text
+    since_unix_s: float  # first failure of this streak
+    attempts: int  # failed attempts in this streak
+    required: bool  # False for Services/EndpointSlices/version: their loss turns Service features off only
+
+    @property
+    def denied(self) -> bool:
+        """401/403: the identity or its RBAC is wrong; retrying will not help until someone fixes it."""
+        return self.status in _DENIED
+
+    def describe(self) -> str:
+        """`list nodes: HTTP 403 Forbidden: nodes is forbidden: User "..." cannot list ...`."""
+        status = f"HTTP {self.status} {self.reason}" if self.status is not None else self.reason
+        return f"{self.verb} {self.resource}: {status}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class SyncState:
+    """Is metadata synced, and if not, which resource failed with which status (readiness, alerts)."""
+
+    synced: bool  # every required source listed once and none of them denied (401/403) now
+    services: bool  # Services and EndpointSlices available: Service attribution and savings on
+    pending: tuple[str, ...]  # required resources not listed yet
+    failures: tuple[SourceFailure, ...]  # every source failing now, required or not, by resource
+
+    def describe(self) -> str:
+        """One line for a readiness body or a log: `synced` or what is missing and why."""
+        if self.synced and not self.failures:
+            return "metadata synced"
+        head = "metadata synced" if self.synced else "metadata not synced"
+        parts = [f"{name}: not listed yet" for name in self.pending if not self._failing(name)]
+        parts += [failure.describe() for failure in self.failures]
+        return f"{head}: " + "; ".join(parts) if parts else head
+
+    def _failing(self, resource: str) -> bool:
+        return any(failure.resource == resource for failure in self.failures)
 
 
 class MetadataIndex(Protocol):
