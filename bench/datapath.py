@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from otel_kzt import netns
-from otel_kzt.agent import netfilter, probe
-from otel_kzt.agent.datapath import LINK_PRIORITY, Datapath, DatapathConfig
+from otel_kzt.agent.datapath import Datapath, DatapathConfig, bpfsys, netfilter, probe
+from otel_kzt.agent.datapath.netfilter import LINK_PRIORITY
 
 TRAFFIC = str(Path(__file__).resolve().parents[1] / "tests" / "kernel" / "traffic.py")
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -58,7 +58,7 @@ def build(topo: netns.Topology) -> None:
 
 
 def attach_floor(stack: ExitStack, pf: int) -> int:
-    """Load bpf/floor.c and attach it next to the flow program; returns its program fd."""
+    """Load the package's bpf/floor.c and attach it next to the flow program; returns its program fd."""
     from bcc import BPF
 
     bpf = BPF(src_file=str(probe.FLOOR_SOURCE).encode())
@@ -69,12 +69,12 @@ def attach_floor(stack: ExitStack, pf: int) -> int:
     with netns.entered(NODE):
         link = netfilter.link_create_netfilter(fd, pf, LINK_PRIORITY - 1)
     stack.callback(os.close, link)
-    stack.callback(netfilter.link_detach, link)
+    stack.callback(bpfsys.link_detach, link)
     return fd
 
 
 def stats(fd: int) -> tuple[int, int]:
-    info = netfilter.prog_info(fd)
+    info = bpfsys.prog_info(fd)
     return info.run_time_ns, info.run_cnt
 
 
@@ -108,8 +108,8 @@ def main() -> int:
             dp.start()
         stack.callback(dp.close)
         pf = netfilter.NFPROTO_IPV6 if args.ipv6 else netfilter.NFPROTO_IPV4
-        link = next(fd for fd in dp._link_fds if netfilter.link_info(fd).pf == pf)
-        flow_fd = netfilter.prog_fd_by_id(netfilter.link_info(link).prog_id)
+        link = next(fd for fd in dp._link_fds if bpfsys.link_info(fd).pf == pf)
+        flow_fd = bpfsys.prog_fd_by_id(bpfsys.link_info(link).prog_id)
         stack.callback(os.close, flow_fd)
         fds = {"floor": attach_floor(stack, pf), "flow": flow_fd}
         sink = "fd78:2::2" if args.ipv6 else "10.78.2.2"

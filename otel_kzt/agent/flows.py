@@ -1,7 +1,7 @@
 """Typed values read out of the kernel flow map: what the datapath hands to the exporter.
 
-The layout mirrors `bpf/flow.h`. Addresses are kept as raw bytes (4 or 16) so the hot path never formats
-an address it has formatted before; the exporter caches per key.
+The layout mirrors `otel_kzt/agent/datapath/bpf/flow.h`. Addresses are kept as raw bytes (4 or 16) so
+the hot path never formats an address it has formatted before; the exporter caches per key.
 """
 
 from __future__ import annotations

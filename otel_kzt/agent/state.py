@@ -30,8 +30,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
-from otel_kzt.agent import bpfmap, netfilter, pins
-from otel_kzt.agent.bpfmap import BpfMap
+from otel_kzt.agent.datapath import bpfmap, bpfsys, pins
+from otel_kzt.agent.datapath.bpfmap import BpfMap
 from otel_kzt.errors import DatapathError
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class BpffsReceiverStore:
             return
         try:
             pins.make_node_dir(self.path.parent)
-            netfilter.obj_pin(self._map.fd, str(self.path))
+            bpfsys.obj_pin(self._map.fd, str(self.path))
         except (DatapathError, OSError) as exc:
             log.warning("receiver choice not persisted across restarts: path=%s error=%s", self.path, exc)
             return
@@ -204,7 +204,7 @@ def discard_node_store(node_name: str, pin_root: str = pins.DEFAULT_PIN_ROOT) ->
 def _open_pinned(path: Path) -> BpfMap | None:
     """The pinned map if it has our shape; one of another shape is unpinned (logged) and None returned."""
     try:
-        fd = netfilter.obj_get(str(path))
+        fd = bpfsys.obj_get(str(path))
     except FileNotFoundError:
         return None
     bpf_map = BpfMap(fd, STATE_PIN)
@@ -218,10 +218,10 @@ def _open_pinned(path: Path) -> BpfMap | None:
 
 
 def _create_pinned(path: Path) -> BpfMap:
-    fd = netfilter.map_create(BPF_MAP_TYPE_ARRAY, len(_KEY), _RECORD.size, 1, MAP_NAME)
+    fd = bpfsys.map_create(BPF_MAP_TYPE_ARRAY, len(_KEY), _RECORD.size, 1, MAP_NAME)
     try:
-        netfilter.obj_pin(fd, str(path))
-    except netfilter.BpfCallError as exc:
+        bpfsys.obj_pin(fd, str(path))
+    except bpfsys.BpfCallError as exc:
         os.close(fd)
         if exc.errno != errno.EEXIST:
             raise

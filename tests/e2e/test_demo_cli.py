@@ -16,7 +16,7 @@ from typing import IO
 
 import pytest
 
-from otel_kzt.agent.pins import node_dir
+from otel_kzt.agent.datapath.pins import node_dir
 from otel_kzt.demo.cluster import make_cluster
 from otel_kzt.demo.runner import LOCK_DIR, ClusterRun, RunLock
 from otel_kzt.netns import NETNS_DIR, netns_exists

@@ -14,10 +14,11 @@ from typing import Any
 
 import pytest
 
-from otel_kzt.agent import pins
+from otel_kzt.agent.datapath import pins
 from tests.integration import deploy_files as df
 
-AGENT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}  # no SYSLOG: see bpf/flow.c
+# no SYSLOG: see otel_kzt/agent/datapath/bpf/netfilter.c
+AGENT_CAPS = {"BPF", "PERFMON", "NET_ADMIN", "SYS_RESOURCE"}
 READ_VERBS = ["get", "list", "watch"]
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from otel_kzt.agent import bpfmap, command, netfilter, pins, state
-from otel_kzt.agent.bpfmap import BpfMap
+from otel_kzt.agent import command, state
 from otel_kzt.agent.config import AgentConfig
+from otel_kzt.agent.datapath import bpfmap, bpfsys, pins
+from otel_kzt.agent.datapath.bpfmap import BpfMap
 
 pytestmark = pytest.mark.kernel
 
@@ -79,9 +80,9 @@ def test_map_is_a_one_element_array_of_the_record(pin_root: str) -> None:
     store = state.open_node_store(NODE, pin_root)
     assert store is not None
     store.close()
-    fd = netfilter.obj_get(str(state.node_state_path(NODE, pin_root)))
+    fd = bpfsys.obj_get(str(state.node_state_path(NODE, pin_root)))
     try:
-        info = netfilter.map_info(fd)
+        info = bpfsys.map_info(fd)
     finally:
         os.close(fd)
     assert (info.map_type, info.key_size, info.value_size, info.max_entries) == (
@@ -96,7 +97,7 @@ def test_bad_record_in_the_map_is_ignored(pin_root: str, caplog: pytest.LogCaptu
     store = state.open_node_store(NODE, pin_root)
     assert store is not None
     store.close()
-    raw = BpfMap(netfilter.obj_get(str(store.path)), "test")
+    raw = BpfMap(bpfsys.obj_get(str(store.path)), "test")
     raw.update(bpfmap.u32(0), struct.pack("<IIQ", 99, 0, 42))  # a future agent's format
     raw.close()
     reopened = state.open_node_store(NODE, pin_root)
@@ -110,9 +111,9 @@ def test_bad_record_in_the_map_is_ignored(pin_root: str, caplog: pytest.LogCaptu
 def test_map_of_another_shape_is_replaced(pin_root: str, caplog: pytest.LogCaptureFixture) -> None:
     path = state.node_state_path(NODE, pin_root)
     pins.make_node_dir(path.parent)
-    fd = netfilter.map_create(state.BPF_MAP_TYPE_ARRAY, 4, 8, 1, "ks_foreign")
+    fd = bpfsys.map_create(state.BPF_MAP_TYPE_ARRAY, 4, 8, 1, "ks_foreign")
     try:
-        netfilter.obj_pin(fd, str(path))
+        bpfsys.obj_pin(fd, str(path))
     finally:
         os.close(fd)
     with caplog.at_level(logging.WARNING, logger="otel_kzt.agent.state"):

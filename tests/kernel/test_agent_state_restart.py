@@ -22,8 +22,9 @@ from typing import Protocol
 import pytest
 
 from otel_kzt import netns, schema
-from otel_kzt.agent import netfilter, pins, state
-from otel_kzt.agent.bpfmap import BpfMap, u32
+from otel_kzt.agent import state
+from otel_kzt.agent.datapath import bpfsys, pins
+from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
 from otel_kzt.agent.export import rendezvous_rank
 from otel_kzt.agent.transport import Target
 from tests.unit.test_agent_support import GrpcReceiver
@@ -131,7 +132,7 @@ def stop(proc: subprocess.Popen[bytes]) -> int:
 
 
 def stored() -> int | None:
-    with_map = BpfMap(netfilter.obj_get(str(state.node_state_path(NODE, PIN_ROOT))), "test")
+    with_map = BpfMap(bpfsys.obj_get(str(state.node_state_path(NODE, PIN_ROOT))), "test")
     try:
         return state.decode(with_map.lookup(u32(0)), "test")
     finally:

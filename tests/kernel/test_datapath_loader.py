@@ -1,5 +1,5 @@
-"""The datapath is compiled and loaded by a short-lived child (`otel_kzt.agent.loader`): the agent process
-never maps libbcc/LLVM, still owns what was loaded, and gets the child's errors as its own classes."""
+"""The datapath is compiled and loaded by a short-lived child (`otel_kzt.agent.datapath.loader`): the agent
+process never maps libbcc/LLVM, still owns what was loaded, and gets the child's errors as its own classes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent import loader
+from otel_kzt.agent.datapath import loader
 from otel_kzt.errors import ProgramLoadError
 from tests.kernel.conftest import PIN_ROOT, Net, settle
 from tests.kernel.test_datapath import UDP, key
@@ -62,5 +62,5 @@ def test_a_load_error_in_the_child_is_the_same_error_class_here() -> None:
     # A map of 0 entries (DatapathConfig.validate() would refuse it): bcc fails in the child, and the
     # parent raises the child's ProgramLoadError.
     request = loader.LoadRequest("kd-loader-bad", False, PIN_ROOT, 0, 32768, 65535)
-    with pytest.raises(ProgramLoadError, match=r"flow\.c"):
+    with pytest.raises(ProgramLoadError, match=r"netfilter\.c"):
         loader.load(request)

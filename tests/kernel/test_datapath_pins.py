@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent import netfilter, pins
-from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
+from otel_kzt.agent.datapath import Datapath, DatapathConfig, bpfsys, cleanup, pins
 from otel_kzt.errors import DatapathError, PrivilegeError
 from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import UDP, key
@@ -58,7 +57,7 @@ def test_bpffs_eperm_for_a_dot_is_a_naming_error_not_a_privilege_error(dotted: s
         pins.make_node_dir(Path(PIN_ROOT) / dotted)
     assert not isinstance(err.value, PrivilegeError)
     with pytest.raises(DatapathError, match=r"refuses names containing '\.'") as err:
-        netfilter.obj_get(f"{PIN_ROOT}/{dotted}/meta")
+        bpfsys.obj_get(f"{PIN_ROOT}/{dotted}/meta")
     assert not isinstance(err.value, PrivilegeError)
 
 
@@ -75,9 +74,9 @@ def test_changed_map_size_resets_the_node(
     caplog.set_level(logging.INFO, logger="otel_kzt.agent")
     second = datapath(map_size=128)  # old and new values cannot be mixed: start over
     assert "resetting node=" in caplog.text
-    fd = netfilter.obj_get(str(pins.node_dir(second.config.node_name, PIN_ROOT) / "flows4"))
+    fd = bpfsys.obj_get(str(pins.node_dir(second.config.node_name, PIN_ROOT) / "flows4"))
     try:
-        assert netfilter.map_info(fd).max_entries == 128
+        assert bpfsys.map_info(fd).max_entries == 128
     finally:
         os.close(fd)
     net.traffic(net.pod_a, "udp", net.b4, 53, 3, 10)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from otel_kzt.agent import btf as btfmod
-from otel_kzt.agent.btf import KIND_ENUM, KIND_FUNC, KIND_STRUCT, Btf
+from otel_kzt.agent.datapath import btf as btfmod
+from otel_kzt.agent.datapath.btf import KIND_ENUM, KIND_FUNC, KIND_STRUCT, Btf
 from otel_kzt.errors import KernelUnsupported
 from tests.conftest import require
 
@@ -124,16 +124,16 @@ def test_running_kernel_has_what_the_datapath_reads() -> None:
 
 
 def test_probe_refuses_a_kernel_without_netfilter_links(sample: Btf) -> None:
-    from otel_kzt.agent import probe
+    from otel_kzt.agent.datapath import netfilter, probe
 
     with pytest.raises(KernelUnsupported, match="no netfilter BPF programs/links"):
-        probe.probe(sample)  # has BPF_PROG_TYPE_NETFILTER but no BPF_NETFILTER attach type
+        probe.probe(netfilter.MODE, sample)  # has BPF_PROG_TYPE_NETFILTER but no BPF_NETFILTER attach type
 
 
 def test_probe_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
-    from otel_kzt.agent import probe
+    from otel_kzt.agent.datapath import probe
     from otel_kzt.errors import BccMissing, PrivilegeError
 
     monkeypatch.setattr("os.geteuid", lambda: 1000)

@@ -7,15 +7,14 @@ import struct
 
 import pytest
 
-from otel_kzt.agent import flowmap, pins
-from otel_kzt.agent.datapath import DatapathConfig
+from otel_kzt.agent.datapath import DatapathConfig, flowmap, pins
+from otel_kzt.agent.datapath.probe import BPF_DIR
 from otel_kzt.agent.flows import FlowKey
-from otel_kzt.agent.probe import FLOW_HEADER
 from otel_kzt.errors import ConfigError
 
 
 def test_layout_sizes_match_the_c_header() -> None:
-    header = FLOW_HEADER.read_text()
+    header = (BPF_DIR / "flow.h").read_text()
     for name, layout in (("flow_key4", flowmap.V4), ("flow_key6", flowmap.V6)):
         body = re.search(rf"struct {name} \{{(.*?)\}}", header, re.S)
         assert body is not None and f"src[{layout.width}]" in body.group(1)
@@ -103,7 +102,7 @@ def test_pin_root_with_a_dot_under_bpffs_is_a_config_error() -> None:
 
 
 def test_loader_errors_come_back_as_the_same_datapath_class() -> None:
-    from otel_kzt.agent import loader
+    from otel_kzt.agent.datapath import loader
     from otel_kzt.errors import BccMissing, DatapathError, PrivilegeError
 
     assert type(loader._error("BccMissing", "install bcc")) is BccMissing
@@ -115,7 +114,7 @@ def test_loader_errors_come_back_as_the_same_datapath_class() -> None:
 
 
 def test_loader_result_names_each_fd() -> None:
-    from otel_kzt.agent import loader
+    from otel_kzt.agent.datapath import loader
 
     names = ["flows4", "link0", "kzt_evict", "link1", "meta"]
     loaded = loader._unpack({"fds": names, "boot_offset": 7, "cflags": ["-DX=1"]}, [10, 11, 12, 13, 14])

@@ -1,8 +1,8 @@
 """BPF maps by file descriptor, with raw `bpf(2)` element calls: what the agent uses instead of bcc's tables.
 
 The long-running agent never loads libbcc (about 100 MB of LLVM): a short-lived child compiles and loads
-the datapath (`otel_kzt.agent.loader`) and hands the agent plain fds. Sizes and the map type come from
-the kernel (`BPF_OBJ_GET_INFO_BY_FD`), so a per-CPU value is read as one slot per possible CPU.
+the datapath (`loader`) and hands the agent plain fds. Sizes and the map type come from the kernel
+(`BPF_OBJ_GET_INFO_BY_FD`), so a per-CPU value is read as one slot per possible CPU.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import functools
 import os
 import struct
 
-from otel_kzt.agent import netfilter
-from otel_kzt.agent.netfilter import BpfCallError
+from otel_kzt.agent.datapath import bpfsys
+from otel_kzt.agent.datapath.bpfsys import BpfCallError
 
 BPF_MAP_LOOKUP_ELEM, BPF_MAP_UPDATE_ELEM, BPF_MAP_DELETE_ELEM = 1, 2, 3
 BPF_ANY = 0
@@ -40,7 +40,7 @@ class BpfMap:
     def __init__(self, fd: int, name: str) -> None:
         self.fd, self.name = fd, name
         try:
-            info = netfilter.map_info(fd)
+            info = bpfsys.map_info(fd)
         except BaseException:
             self.close()
             raise
@@ -58,9 +58,9 @@ class BpfMap:
         raw_key = ctypes.create_string_buffer(key, len(key))
         value_ptr = ctypes.addressof(value) if value is not None else 0
         # map_elem: map_fd u32, pad, key u64, value u64, flags u64
-        attr = netfilter._attr("<IIQQQ", self.fd, 0, ctypes.addressof(raw_key), value_ptr, flags)
+        attr = bpfsys.pack_attr("<IIQQQ", self.fd, 0, ctypes.addressof(raw_key), value_ptr, flags)
         try:
-            netfilter._bpf(cmd, attr, f"map {self.name}")
+            bpfsys.bpf(cmd, attr, f"map {self.name}")
         except BpfCallError as exc:
             if exc.errno == errno.ENOENT:
                 return False

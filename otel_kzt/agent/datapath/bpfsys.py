@@ -1,8 +1,9 @@
-"""The `bpf(2)` calls bcc 0.26 does not make for us: netfilter links, pinning, test runs, object info.
+"""The `bpf(2)` calls bcc 0.26 does not make for us (links, pinning, test runs, object info, batch reads),
+and the syscall numbers of the architectures the agent runs on.
 
-bcc predates netfilter BPF programs (kernel 6.4): it can load one (`load_func(name, 32, attach_type=45)`)
-but not attach it. This module is the one place that speaks raw `bpf(2)` through ctypes; every failure is
-translated into the exception tree of `otel_kzt.errors`.
+This module is the one place that speaks raw `bpf(2)` through ctypes, for every mode; every failure is
+translated into the exception tree of `otel_kzt.errors`. Mode-specific attach calls live in the mode's
+module (`netfilter.py`) and go through `bpf()` here.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from otel_kzt.errors import DatapathError, KernelUnsupported, PrivilegeError
 
 log = logging.getLogger(__name__)
 
-SYS_BPF = 321  # x86_64
-SYS_MEMBARRIER = 324
+# (bpf, membarrier) by machine: asm/unistd_64.h (x86_64), asm-generic/unistd.h (arm64).
+SYSCALLS = {"x86_64": (321, 324), "aarch64": (280, 283), "arm64": (280, 283)}
 MEMBARRIER_CMD_GLOBAL = 1
 
 BPF_MAP_CREATE = 0
@@ -32,12 +33,6 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_LINK_CREATE = 28
 BPF_LINK_DETACH = 34
 
-BPF_PROG_TYPE_NETFILTER = 32
-BPF_NETFILTER = 45
-NFPROTO_IPV4 = 2
-NFPROTO_IPV6 = 10
-NF_INET_POST_ROUTING = 4
-NF_IP_PRI_NAT_SRC = 100
 ATTR_SIZE = 144  # large enough for every command used here
 ENOTSUPP = 524  # the kernel-internal "not supported" that bpf(2) leaks to userspace
 BPF_MAP_LOOKUP_BATCH = 24
@@ -45,6 +40,23 @@ BPF_MAP_DELETE_BATCH = 27
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+
+def _syscall_numbers(machine: str) -> tuple[int, int]:
+    numbers = SYSCALLS.get(machine)
+    if numbers is None:
+        raise KernelUnsupported(
+            f"the datapath knows the bpf(2) syscall numbers of x86_64 and arm64 only, not {machine!r}"
+        )
+    return numbers
+
+
+def sys_bpf() -> int:
+    return _syscall_numbers(os.uname().machine)[0]
+
+
+def sys_membarrier() -> int:
+    return _syscall_numbers(os.uname().machine)[1]
 
 
 class BpfCallError(DatapathError):
@@ -55,8 +67,8 @@ class BpfCallError(DatapathError):
         self.errno = err
 
 
-def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str, path: str | None = None) -> int:
-    result = int(_libc.syscall(SYS_BPF, cmd, attr, ctypes.sizeof(attr)))
+def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str, path: str | None = None) -> int:
+    result = int(_libc.syscall(sys_bpf(), cmd, attr, ctypes.sizeof(attr)))
     if result < 0:
         err = ctypes.get_errno()
         if err == errno.EPERM and path is not None and "." in path.removeprefix("/sys/fs/bpf"):
@@ -68,34 +80,19 @@ def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str, path: str | Non
     return result
 
 
-def _attr(fmt: str, *values: int) -> ctypes.Array[ctypes.c_char]:
+def pack_attr(fmt: str, *values: int) -> ctypes.Array[ctypes.c_char]:
     buf = ctypes.create_string_buffer(ATTR_SIZE)
     struct.pack_into(fmt, buf, 0, *values)
     return buf
 
 
-def _address(buf: ctypes.Array[ctypes.c_char]) -> int:
+def address(buf: ctypes.Array[ctypes.c_char]) -> int:
     return ctypes.addressof(buf)
-
-
-def link_create_netfilter(prog_fd: int, pf: int, priority: int, hooknum: int = NF_INET_POST_ROUTING) -> int:
-    """Attach a netfilter program in the calling thread's network namespace; returns the link fd."""
-    # link_create: prog_fd, target_fd, attach_type, flags, then (at 16) netfilter {pf, hooknum, prio, flags}
-    attr = _attr("<IIIIIIiI", prog_fd, 0, BPF_NETFILTER, 0, pf, hooknum, priority, 0)
-    try:
-        return _bpf(BPF_LINK_CREATE, attr, f"attach netfilter program (pf={pf}, priority={priority})")
-    except BpfCallError as exc:
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, ENOTSUPP):
-            raise KernelUnsupported(
-                f"kernel refused a netfilter BPF link (pf={pf}, priority={priority}): {exc}; "
-                "Linux >= 6.4 with CONFIG_NETFILTER_BPF_LINK is needed"
-            ) from exc
-        raise
 
 
 def link_detach(link_fd: int) -> None:
     """Detach a link now, even if pins or other fds still hold it."""
-    _bpf(BPF_LINK_DETACH, _attr("<I", link_fd), "detach link")
+    bpf(BPF_LINK_DETACH, pack_attr("<I", link_fd), "detach link")
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
@@ -105,21 +102,21 @@ def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, 
     if len(raw_name) > 15:
         raise ValueError(f"map name {name!r} is longer than 15 bytes")
     # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, then map_name[16]
-    attr = _attr("<IIIIIII", map_type, key_size, value_size, max_entries, 0, 0, 0)
+    attr = pack_attr("<IIIIIII", map_type, key_size, value_size, max_entries, 0, 0, 0)
     struct.pack_into("16s", attr, 28, raw_name)
-    return _bpf(BPF_MAP_CREATE, attr, f"create map {name}")
+    return bpf(BPF_MAP_CREATE, attr, f"create map {name}")
 
 
 def obj_pin(fd: int, path: str) -> None:
     raw = ctypes.create_string_buffer(os.fsencode(path))
-    _bpf(BPF_OBJ_PIN, _attr("<QI", _address(raw), fd), f"pin {path}", path)
+    bpf(BPF_OBJ_PIN, pack_attr("<QI", address(raw), fd), f"pin {path}", path)
 
 
 def obj_get(path: str) -> int:
     """Open a pinned object; FileNotFoundError when nothing is pinned there."""
     raw = ctypes.create_string_buffer(os.fsencode(path))
     try:
-        return _bpf(BPF_OBJ_GET, _attr("<QI", _address(raw), 0), f"open pinned {path}", path)
+        return bpf(BPF_OBJ_GET, pack_attr("<QI", address(raw), 0), f"open pinned {path}", path)
     except BpfCallError as exc:
         if exc.errno == errno.ENOENT:
             raise FileNotFoundError(errno.ENOENT, "nothing pinned", path) from exc
@@ -128,12 +125,12 @@ def obj_get(path: str) -> int:
 
 def prog_fd_by_id(prog_id: int) -> int:
     """An fd for a loaded program (e.g. the one a link runs), to read its info and statistics."""
-    return _bpf(BPF_PROG_GET_FD_BY_ID, _attr("<I", prog_id), f"open program id {prog_id}")
+    return bpf(BPF_PROG_GET_FD_BY_ID, pack_attr("<I", prog_id), f"open program id {prog_id}")
 
 
 def _info(fd: int, size: int, what: str) -> bytes:
     info = ctypes.create_string_buffer(size)
-    _bpf(BPF_OBJ_GET_INFO_BY_FD, _attr("<IIQ", fd, size, _address(info)), what)
+    bpf(BPF_OBJ_GET_INFO_BY_FD, pack_attr("<IIQ", fd, size, address(info)), what)
     return info.raw
 
 
@@ -193,9 +190,9 @@ def test_run(prog_fd: int) -> int:
     struct.pack_into(">H", packet, 2, len(packet))
     data = ctypes.create_string_buffer(bytes(packet), len(packet))
     # test: prog_fd, retval, data_size_in, data_size_out, data_in, data_out, repeat, duration
-    attr = _attr("<IIIIQQII", prog_fd, 0, len(packet), 0, _address(data), 0, 1, 0)
+    attr = pack_attr("<IIIIQQII", prog_fd, 0, len(packet), 0, address(data), 0, 1, 0)
     try:
-        _bpf(BPF_PROG_TEST_RUN, attr, "test-run netfilter program")
+        bpf(BPF_PROG_TEST_RUN, attr, "test-run netfilter program")
     except BpfCallError as exc:
         if exc.errno in (errno.EINVAL, ENOTSUPP):
             raise KernelUnsupported(
@@ -218,12 +215,12 @@ def map_batches(
     first = True
     while True:
         # batch: in_batch, out_batch, keys, values, count, map_fd, elem_flags, flags
-        attr = _attr(
+        attr = pack_attr(
             "<QQQQIIQQ",
-            0 if first else _address(token_in),
-            _address(token_out),
-            _address(keys),
-            _address(values),
+            0 if first else address(token_in),
+            address(token_out),
+            address(keys),
+            address(values),
             chunk,
             map_fd,
             0,
@@ -231,7 +228,7 @@ def map_batches(
         )
         done = False
         try:
-            _bpf(BPF_MAP_LOOKUP_BATCH, attr, "batch-read a map")
+            bpf(BPF_MAP_LOOKUP_BATCH, attr, "batch-read a map")
         except BpfCallError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -247,9 +244,9 @@ def map_batches(
 
 def map_delete_batch(map_fd: int, keys: ctypes.Array[ctypes.c_char], count: int) -> int:
     """Delete `count` keys; a key that is already gone stops the batch (ENOENT): returns how many went."""
-    attr = _attr("<QQQQIIQQ", 0, 0, _address(keys), 0, count, map_fd, 0, 0)
+    attr = pack_attr("<QQQQIIQQ", 0, 0, address(keys), 0, count, map_fd, 0, 0)
     try:
-        _bpf(BPF_MAP_DELETE_BATCH, attr, "batch-delete flows")
+        bpf(BPF_MAP_DELETE_BATCH, attr, "batch-delete flows")
     except BpfCallError as exc:
         if exc.errno != errno.ENOENT:
             raise
@@ -263,6 +260,6 @@ def synchronize_rcu() -> None:
     kernel skips it on one CPU; there a preemptible kernel could in theory still hold a reader, so the
     eviction race window is only closed on SMP machines, which every Kubernetes node is).
     """
-    if _libc.syscall(SYS_MEMBARRIER, MEMBARRIER_CMD_GLOBAL, 0, 0) < 0:
+    if _libc.syscall(sys_membarrier(), MEMBARRIER_CMD_GLOBAL, 0, 0) < 0:
         err = ctypes.get_errno()
         raise DatapathError(f"membarrier(MEMBARRIER_CMD_GLOBAL): {os.strerror(err)}")

@@ -1,8 +1,9 @@
-"""The node datapath: compiles `bpf/flow.c` with bcc, attaches it at netfilter POSTROUTING (IPv4 + IPv6)
-in the calling thread's network namespace, and reads cumulative per-flow counters.
+"""The node datapath's shared core: starts a mode (the loader child compiles its entry file under `bpf/`
+with bcc and attaches it in the calling thread's network namespace), reads cumulative per-flow counters,
+evicts idle flows. Nothing here depends on where the mode sees packets.
 
-bcc (and its ~100 MB of LLVM) never enters this process: `otel_kzt.agent.loader` compiles, loads, attaches
-and pins in a short-lived child, which hands over fds for the maps, the evictor and the links.
+bcc (and its ~100 MB of LLVM) never enters this process: `loader` compiles, loads, attaches and pins in a
+short-lived child, which hands over fds for the maps, the evictor and the links.
 
 Pinned (the default) links and maps live under `<pin_root>/<node>/` and survive the agent:
 - unchanged program on restart: everything is adopted as is, counters and first-seen times carry on;
@@ -31,15 +32,13 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from otel_kzt.agent import flowmap, links, loader, netfilter, pins, probe
-from otel_kzt.agent.bpfmap import BpfMap
+from otel_kzt.agent.datapath import bpfsys, flowmap, loader, modes, pins, probe
+from otel_kzt.agent.datapath.bpfmap import BpfMap
+from otel_kzt.agent.datapath.flowtables import FlowTables
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
-from otel_kzt.agent.flowtables import DYING_SIZE, EVICT_BATCH, FlowTables
 from otel_kzt.errors import ConfigError, KernelUnsupported
 
 log = logging.getLogger(__name__)
-
-LINK_PRIORITY = links.LINK_PRIORITY  # re-exported: the bench attaches its floor next to it
 
 
 @dataclass(frozen=True)
@@ -50,8 +49,10 @@ class DatapathConfig:
     ephemeral_min: int = 32768  # ephemeral port range: never in a key
     ephemeral_max: int = 65535
     pin_root: str = pins.DEFAULT_PIN_ROOT  # pins under <pin_root>/<pins.pin_dir_name(node_name)>/
+    mode: str = "netfilter"  # modes.MODES: where the counter sees packets
 
     def validate(self) -> None:
+        modes.by_name(self.mode)
         pins.node_dir(self.node_name, self.pin_root)
         pins.check_pin_root(self.pin_root)
         if not 1 <= self.map_size <= 1 << 24:
@@ -67,6 +68,7 @@ class Datapath:
         config.validate()
         self.config = config
         self._dir = pins.node_dir(config.node_name, config.pin_root)
+        self.mode = modes.by_name(config.mode)
         self._features: probe.Features | None = None
         self._cflags: list[str] = []
         self._maps: dict[str, BpfMap] = {}
@@ -81,21 +83,19 @@ class Datapath:
 
     # --- start -----------------------------------------------------------------------------------------
 
-    def _build_flags(self) -> list[str]:
+    def _request(self) -> loader.LoadRequest:
         c = self.config
-        return probe.flow_cflags(
-            self._features_or_probe(),  # BTF is world-readable: --print-bpf needs no root
-            map_size=c.map_size,
-            ephemeral_min=c.ephemeral_min,
-            ephemeral_max=c.ephemeral_max,
-            evict_batch=EVICT_BATCH,
-            dying_size=DYING_SIZE,
-            pin_dir=str(self._dir) if c.pin else None,
+        return loader.LoadRequest(
+            c.node_name, c.pin, c.pin_root, c.map_size, c.ephemeral_min, c.ephemeral_max, c.mode
         )
+
+    def _build_flags(self) -> list[str]:
+        # BTF is world-readable: --print-bpf needs no root
+        return loader.cflags(self._request(), self._features_or_probe())
 
     def bpf_source(self) -> str:
         """The final C (flags, header, program), for a `--print-bpf` switch."""
-        return probe.final_source(self._cflags or self._build_flags())
+        return probe.final_source(self.mode, self._cflags or self._build_flags())
 
     def start(self) -> None:
         """Probe, compile, load, attach (or adopt what is pinned). Undoes a half-finished start."""
@@ -104,10 +104,7 @@ class Datapath:
                 return
             probe.require_root()
             c = self.config
-            request = loader.LoadRequest(
-                c.node_name, c.pin, c.pin_root, c.map_size, c.ephemeral_min, c.ephemeral_max
-            )
-            loaded = loader.load(request)  # the child's fds are ours from here on
+            loaded = loader.load(self._request())  # the child's fds are ours from here on
             self._cflags = loaded.cflags
             self._link_fds, self._evict_fd = loaded.link_fds, loaded.evict_fd
             loaded.link_fds, loaded.evict_fd = [], -1
@@ -123,7 +120,7 @@ class Datapath:
 
     def _features_or_probe(self) -> probe.Features:
         if self._features is None:
-            self._features = probe.probe()
+            self._features = probe.probe(self.mode)
         return self._features
 
     # --- read --------------------------------------------------------------------------------------------
@@ -217,9 +214,9 @@ class Datapath:
             layout: [raw for raw, value in tables.read(layout).items() if value[3]]
             for layout in flowmap.LAYOUTS.values()
         }
-        netfilter.synchronize_rcu()
+        bpfsys.synchronize_rcu()
         finals = {layout: tables.collect_dead(layout, raw_keys) for layout, raw_keys in dead.items()}
-        netfilter.synchronize_rcu()
+        bpfsys.synchronize_rcu()
         for layout, final in finals.items():
             self._evicted.update(tables.fold_dying(layout, final))
             # Whatever is left belongs to flows deleted before the crash: report it on its own (the
@@ -239,7 +236,7 @@ class Datapath:
     def _close_locked(self, *, detach: bool) -> None:
         for fd in self._link_fds:
             if detach:
-                netfilter.link_detach(fd)
+                bpfsys.link_detach(fd)
             os.close(fd)
         self._link_fds = []
         self._tables = None

@@ -14,7 +14,7 @@ from otel_kzt.agent.flows import AF_INET, AF_INET6, FlowKey
 
 PORT_NONE, PORT_SRC, PORT_DST = 0, 1, 2
 
-# bpf/flow.h KZT_STAT_*
+# flow.h KZT_STAT_*
 STAT_INSERT_FAILED, STAT_EVICT_RACE, STAT_NOT_IP, STAT_READ_FAILED = 0, 1, 2, 3
 STAT_MAX: Final = 4
 

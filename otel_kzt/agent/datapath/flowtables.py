@@ -1,7 +1,7 @@
 """Map-level work on a loaded datapath: batch reads of the flow maps, per-CPU sums, and the lossless
 eviction protocol (mark dead in the kernel, wait a grace period, read the final value, delete).
 
-`FlowTables` works on the maps of `bpf/flow.c` by fd (`bpfmap`: raw `bpf(2)`, no bcc in this process);
+`FlowTables` works on the maps of `bpf/count.h` by fd (`bpfmap`: raw `bpf(2)`, no bcc in this process);
 `Datapath` owns the lifecycle and the locking.
 """
 
@@ -12,9 +12,9 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
-from otel_kzt.agent import flowmap, netfilter
-from otel_kzt.agent.bpfmap import BpfMap, u32
-from otel_kzt.agent.flowmap import Layout
+from otel_kzt.agent.datapath import bpfsys, flowmap
+from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
+from otel_kzt.agent.datapath.flowmap import Layout
 from otel_kzt.agent.flows import FlowCounters, FlowKey
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class FlowTables:
 
     def batches(self, layout: Layout) -> Iterator[tuple[memoryview, memoryview, int]]:
         """The flow map in chunks (keys, values, count); the buffers are reused: decode before the next."""
-        yield from netfilter.map_batches(
+        yield from bpfsys.map_batches(
             self._maps[layout.map_name].fd, layout.key.size, layout.value.size, self._chunk
         )
 
@@ -67,7 +67,7 @@ class FlowTables:
         for layout_other in flowmap.LAYOUTS.values():
             n = len(batch) if layout_other is layout else 0
             count.update(u32(layout_other.evict_count_index), u32(n))
-        netfilter.test_run(self._evict_fd)
+        bpfsys.test_run(self._evict_fd)
         marked = count.lookup(u32(EVICT_RESULT_INDEX))
         return int.from_bytes(marked, "little") if marked is not None else 0
 
@@ -81,9 +81,9 @@ class FlowTables:
         for layout, raw_keys in by_layout.items():
             for start in range(0, len(raw_keys), EVICT_BATCH):
                 self.mark_dead(layout, raw_keys[start : start + EVICT_BATCH])
-        netfilter.synchronize_rcu()
+        bpfsys.synchronize_rcu()
         finals = {layout: self.collect_dead(layout, raw_keys) for layout, raw_keys in by_layout.items()}
-        netfilter.synchronize_rcu()
+        bpfsys.synchronize_rcu()
         result: dict[FlowKey, FlowCounters] = {}
         for layout, final in finals.items():
             result.update(self.fold_dying(layout, final))
@@ -128,7 +128,7 @@ class FlowTables:
         ks, vs = dying.key_size, dying.value_size
         entries = [
             (bytes(keys[i * ks : (i + 1) * ks]), flowmap.OVERFLOW_FORMAT.unpack_from(values, i * vs))
-            for keys, values, count in netfilter.map_batches(dying.fd, ks, vs, READ_CHUNK)
+            for keys, values, count in bpfsys.map_batches(dying.fd, ks, vs, READ_CHUNK)
             for i in range(count)
         ]
         left: dict[FlowKey, FlowCounters] = {}

@@ -1,8 +1,9 @@
 """Compile, load, attach and pin the datapath in a short-lived child process.
 
 bcc links LLVM/clang (about 100 MB resident once loaded, never given back): the long-running agent must
-not load it. `load()` starts `python -m otel_kzt.agent.loader`, which does all of bcc's work (compile
-`bpf/flow.c`, load the programs, install the counter, attach or adopt the links, pin when pinning) and
+not load it. `load()` starts `python -m otel_kzt.agent.datapath.loadchild`, which does all of bcc's work
+(compile the mode's entry file under `bpf/`, load the programs, install the counter, attach or adopt the
+mode's links, pin when pinning) and
 sends back over a Unix socket, with SCM_RIGHTS, an fd for every map, for the evictor program and for each
 link. The parent then owns them: maps are read with raw `bpf(2)` calls (`bpfmap`), and without pins its
 link fds are the only hold on the links, so closing them detaches.
@@ -24,13 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import otel_kzt
 from otel_kzt import errors
-from otel_kzt.agent import links, netfilter, pins, probe
-from otel_kzt.agent.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
+from otel_kzt.agent.datapath import modes, pins, probe
+from otel_kzt.agent.datapath.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
+from otel_kzt.agent.datapath.netns_cookie import current_netns_cookie
 from otel_kzt.errors import DatapathError, KztError, ProgramLoadError
 
-# By name: run as `python -m`, this module's __name__ is __main__, outside the otel_kzt logger tree.
-log = logging.getLogger("otel_kzt.agent.loader")
+log = logging.getLogger(__name__)
 
 LOAD_TIMEOUT_S = 180.0  # a compile on a busy node takes seconds; this only catches a hung child
 DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
@@ -49,6 +51,7 @@ class LoadRequest:
     map_size: int
     ephemeral_min: int
     ephemeral_max: int
+    mode: str = "netfilter"  # modes.MODES
 
 
 @dataclass
@@ -67,6 +70,20 @@ class Loaded:
                 os.close(fd)
 
 
+def cflags(request: LoadRequest, features: probe.Features) -> list[str]:
+    """The compile flags of a request: the same in the child that compiles and for --print-bpf."""
+    directory = pins.node_dir(request.node_name, request.pin_root)
+    return probe.flow_cflags(
+        features,
+        map_size=request.map_size,
+        ephemeral_min=request.ephemeral_min,
+        ephemeral_max=request.ephemeral_max,
+        evict_batch=EVICT_BATCH,
+        dying_size=DYING_SIZE,
+        pin_dir=str(directory) if request.pin else None,
+    )
+
+
 # --- parent side -------------------------------------------------------------------------------------------
 
 
@@ -77,13 +94,13 @@ def load(request: LoadRequest) -> Loaded:
     argv = [
         sys.executable,
         "-m",
-        "otel_kzt.agent.loader",
+        "otel_kzt.agent.datapath.loadchild",
         str(theirs.fileno()),
         str(level),
         json.dumps(asdict(request)),
     ]
     # The child imports this very package (and its bpf/ sources), wherever the parent found it.
-    package_root = str(Path(__file__).resolve().parents[2])
+    package_root = str(Path(otel_kzt.__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "PYTHONPATH": path}
     with ours:
@@ -129,7 +146,8 @@ def _unpack(ok: dict[str, Any], fds: list[int]) -> Loaded:
         _close_all(fds)
         raise DatapathError(f"the datapath loader sent {len(fds)} fds for {len(names)} names")
     by_name = dict(zip(names, fds, strict=True))
-    link_fds = [by_name.pop(f"link{i}") for i in range(len(pins.LINK_NAMES))]
+    links = sorted((n for n in by_name if n.startswith("link")), key=lambda n: int(n.removeprefix("link")))
+    link_fds = [by_name.pop(name) for name in links]
     evict_fd = by_name.pop("kzt_evict", -1)
     return Loaded(
         maps=by_name,
@@ -171,6 +189,7 @@ class _Child:
 
     def __init__(self, request: LoadRequest) -> None:
         self.req = request
+        self.mode = modes.by_name(request.mode)
         self.dir = pins.node_dir(request.node_name, request.pin_root)
         self.bpf: Any = None
         self.cflags: list[str] = []
@@ -178,27 +197,20 @@ class _Child:
     def run(self) -> tuple[dict[str, Any], list[tuple[str, int]]]:
         probe.require_bcc()
         # Kernel BTF is probed here too: its index takes ~30 MB that the agent would otherwise keep.
-        features = probe.probe()
+        features = probe.probe(self.mode)
         r = self.req
-        self.cflags = probe.flow_cflags(
-            features,
-            map_size=r.map_size,
-            ephemeral_min=r.ephemeral_min,
-            ephemeral_max=r.ephemeral_max,
-            evict_batch=EVICT_BATCH,
-            dying_size=DYING_SIZE,
-            pin_dir=str(self.dir) if r.pin else None,
-        )
+        self.cflags = cflags(r, features)
         if self.req.pin:
             pins.ensure_bpffs(self.req.pin_root)
             pins.reset_if_incompatible(r.node_name, r.pin_root, r.map_size)
             pins.make_node_dir(self.dir)
         from bcc import BPF
 
+        source = probe.entry_source(self.mode)
         try:
-            self.bpf = BPF(src_file=str(probe.FLOW_SOURCE).encode(), cflags=self.cflags)
+            self.bpf = BPF(text=probe.program_text(self.mode).encode(), cflags=self.cflags)
         except Exception as exc:  # bcc raises bare Exception
-            raise ProgramLoadError(f"compiling {probe.FLOW_SOURCE} failed: {exc}") from exc
+            raise ProgramLoadError(f"compiling {source} failed: {exc}") from exc
         dispatch_fd = self._load_func("kzt_dispatch")
         fds = [(name, int(self.bpf[name.encode()].map_fd)) for name in MAP_NAMES]
         if features.test_run:
@@ -210,9 +222,7 @@ class _Child:
 
     def _load_func(self, name: str) -> int:
         try:
-            fn = self.bpf.load_func(
-                name.encode(), netfilter.BPF_PROG_TYPE_NETFILTER, attach_type=netfilter.BPF_NETFILTER
-            )
+            fn = self.bpf.load_func(name.encode(), self.mode.prog_type, attach_type=self.mode.attach_type)
         except Exception as exc:  # bcc raises bare Exception; the verifier log went to stderr
             raise ProgramLoadError(f"loading {name} failed (verifier log above): {exc}") from exc
         return int(fn.fd)
@@ -224,7 +234,7 @@ class _Child:
         self.bpf[b"meta"][ctypes.c_uint32(index)] = ctypes.c_uint64(value)
 
     def _install_counter(self) -> None:
-        want_hash = probe.source_hash(self.cflags)
+        want_hash = probe.source_hash(self.mode, self.cflags)
         if self.req.pin and self._meta(META_COUNTER_HASH) == want_hash and self._counter_installed():
             log.info("flow counter adopted unchanged node=%s hash=%016x", self.req.node_name, want_hash)
             return
@@ -245,14 +255,12 @@ class _Child:
         # Pinned links are adopted only when they run the same dispatcher in this very namespace: after
         # a crash the node's namespace may have been re-created, and a link of a gone namespace counts
         # nothing.
-        cookie = links.current_netns_cookie()
+        cookie = current_netns_cookie()
         adopt = (
             self._meta(META_DISPATCH_VERSION) == DISPATCH_VERSION and self._meta(META_NETNS_COOKIE) == cookie
         )
-        fds = []
-        for pf, name in pins.LINK_NAMES.items():
-            path = str(self.dir / name) if self.req.pin else None
-            fds.append(links.attach_or_adopt(dispatch_fd, pf, path, adopt=adopt))
+        programs = {"kzt_dispatch": dispatch_fd}
+        fds = self.mode.attach(programs, self.dir if self.req.pin else None, adopt=adopt)
         self._set_meta(META_DISPATCH_VERSION, DISPATCH_VERSION)
         self._set_meta(META_NETNS_COOKIE, cookie)
         return fds
@@ -284,7 +292,3 @@ def main(argv: list[str]) -> int:
         return 1
     socket.send_fds(sock, [json.dumps({"ok": result}).encode()], [fd for _, fd in fds])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Where a node's datapath lives in bpffs, and how it is removed (`otel-kzt agent --cleanup`).
 
-    <pin_root>/<dir>/link_v4, link_v6      the netfilter links (running the dispatcher)
+    <pin_root>/<dir>/<the mode's links>     e.g. link_v4, link_v6 (netfilter), running the dispatcher
     <pin_root>/<dir>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta   the maps (bcc's
                                                           BPF_TABLE_PINNED)
     <pin_root>/<dir>/agent_state            the agent's own receiver choice (agent/state.py), kept
@@ -19,14 +19,13 @@ import re
 import subprocess
 from pathlib import Path
 
-from otel_kzt.agent import flowmap, netfilter
+from otel_kzt.agent.datapath import bpfsys, flowmap
 from otel_kzt.errors import ConfigError, DatapathError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
 BPFFS = Path("/sys/fs/bpf")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/otel-kzt"
-LINK_NAMES = {netfilter.NFPROTO_IPV4: "link_v4", netfilter.NFPROTO_IPV6: "link_v6"}
 MAP_NAMES = ("flows4", "flows6", "dying4", "dying6", "overflow", "stats", "progs", "meta")
 # A Kubernetes node name is a DNS subdomain: it is also a safe path component.
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -81,18 +80,26 @@ def ensure_bpffs(pin_root: str) -> None:
         raise DatapathError(f"cannot mount bpffs on {BPFFS}: {proc.stderr.strip()}")
 
 
+def _is_link(fd: int) -> bool:
+    """Whether a pinned object is a BPF link (its fdinfo names a link_type), whatever mode made it."""
+    with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
+        return any(line.startswith("link_type:") for line in info)
+
+
 def detach_pinned_links(directory: Path) -> int:
-    """Detach every pinned link of a node (the kernel drops the hook at once); returns how many."""
+    """Detach every pinned link of a node, of any mode (the kernel drops the hook at once); returns
+    how many."""
     detached = 0
-    for name in LINK_NAMES.values():
-        path = directory / name
+    entries = sorted(directory.iterdir()) if directory.is_dir() else []
+    for path in entries:
         try:
-            fd = netfilter.obj_get(str(path))
+            fd = bpfsys.obj_get(str(path))
         except FileNotFoundError:
             continue
         try:
-            netfilter.link_detach(fd)
-            detached += 1
+            if _is_link(fd):
+                bpfsys.link_detach(fd)
+                detached += 1
         finally:
             os.close(fd)
     return detached
@@ -113,11 +120,11 @@ def reset_if_incompatible(node_name: str, pin_root: str, map_size: int) -> None:
     directory = node_dir(node_name, pin_root)
     for layout in flowmap.LAYOUTS.values():
         try:
-            fd = netfilter.obj_get(str(directory / layout.map_name))
+            fd = bpfsys.obj_get(str(directory / layout.map_name))
         except FileNotFoundError:
             continue
         try:
-            info = netfilter.map_info(fd)
+            info = bpfsys.map_info(fd)
         finally:
             os.close(fd)
         want = (layout.key.size, layout.value.size, map_size)

@@ -1,7 +1,8 @@
 """Feature probes and compile flags for the datapath, run before anything is loaded.
 
-Each missing piece becomes one clear error from `otel_kzt.errors` (not root, bcc missing, no BTF, no
-netfilter BPF links). The struct offsets the C program reads come from here, as `-D` flags.
+Each missing piece becomes one clear error from `otel_kzt.errors` (not root, bcc missing, no BTF, a mode
+the kernel cannot run). The struct offsets the C reads come from the running kernel's BTF, as `-D` flags:
+the shared ones here, the mode's own from its module.
 """
 
 from __future__ import annotations
@@ -9,27 +10,26 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from otel_kzt.agent import netfilter
-from otel_kzt.agent.btf import KIND_FUNC, KIND_STRUCT, Btf, kernel_btf
-from otel_kzt.errors import BccMissing, KernelUnsupported, PrivilegeError
+from otel_kzt.agent.datapath.btf import KIND_FUNC, Btf, kernel_btf
+from otel_kzt.agent.datapath.mode import Mode, field_offset
+from otel_kzt.errors import BccMissing, PrivilegeError
 
 log = logging.getLogger(__name__)
 
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
-FLOW_SOURCE = BPF_DIR / "flow.c"
-FLOW_HEADER = BPF_DIR / "flow.h"
+# Package data: found next to this module however the package was installed (wheel or source tree).
+BPF_DIR = Path(__file__).resolve().parent / "bpf"
+_LOCAL_INCLUDE = re.compile(r'^#include "([a-z0-9_]+\.h)"\s*$')
 FLOOR_SOURCE = BPF_DIR / "floor.c"
-# struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; } when BTF lacks it.
-DEFAULT_CTX_SKB_OFFSET = 8
 
 
 @dataclass(frozen=True, slots=True)
 class Features:
-    ctx_skb: int  # offsets, in bytes
-    skb_head: int
+    mode_cflags: tuple[str, ...]  # the mode's own -D flags (its context offsets)
+    skb_head: int  # offsets, in bytes
     skb_network_header: int
     skb_len: int
     skb_tail: int  # an offset from head (64-bit kernels): end of the linear data
@@ -51,30 +51,16 @@ def require_bcc() -> None:
         ) from exc
 
 
-def _field(btf: Btf, struct_name: str, field: str, size: int) -> int:
-    offset, actual = btf.field(struct_name, field)
-    if actual != size:
-        raise KernelUnsupported(f"kernel BTF: {struct_name}.{field} is {actual} bytes, expected {size}")
-    return offset
-
-
-def probe(btf: Btf | None = None) -> Features:
-    """Check the kernel can run the datapath and collect the offsets it needs."""
+def probe(mode: Mode, btf: Btf | None = None) -> Features:
+    """Check the kernel can run the datapath in `mode` and collect the offsets it needs."""
     btf = btf or kernel_btf()
-    if (
-        btf.enum_value("bpf_prog_type", "BPF_PROG_TYPE_NETFILTER") != netfilter.BPF_PROG_TYPE_NETFILTER
-        or btf.enum_value("bpf_attach_type", "BPF_NETFILTER") != netfilter.BPF_NETFILTER
-    ):
-        raise KernelUnsupported("kernel has no netfilter BPF programs/links (Linux >= 6.4 needed)")
-    ctx_skb = DEFAULT_CTX_SKB_OFFSET
-    if btf.has_type(KIND_STRUCT, "bpf_nf_ctx"):
-        ctx_skb = _field(btf, "bpf_nf_ctx", "skb", 8)
+    mode.check(btf)
     features = Features(
-        ctx_skb=ctx_skb,
-        skb_head=_field(btf, "sk_buff", "head", 8),
-        skb_network_header=_field(btf, "sk_buff", "network_header", 2),
-        skb_len=_field(btf, "sk_buff", "len", 4),
-        skb_tail=_field(btf, "sk_buff", "tail", 4),
+        mode_cflags=tuple(mode.cflags(btf)),
+        skb_head=field_offset(btf, "sk_buff", "head", 8),
+        skb_network_header=field_offset(btf, "sk_buff", "network_header", 2),
+        skb_len=field_offset(btf, "sk_buff", "len", 4),
+        skb_tail=field_offset(btf, "sk_buff", "tail", 4),
         test_run=btf.has_type(KIND_FUNC, "bpf_prog_test_run_nf"),
     )
     log.debug("datapath features %s", features)
@@ -93,7 +79,7 @@ def flow_cflags(
 ) -> list[str]:
     flags = [
         f"-I{BPF_DIR}",
-        f"-DKZT_OFF_CTX_SKB={features.ctx_skb}",
+        *features.mode_cflags,
         f"-DKZT_OFF_SKB_HEAD={features.skb_head}",
         f"-DKZT_OFF_SKB_NH={features.skb_network_header}",
         f"-DKZT_OFF_SKB_LEN={features.skb_len}",
@@ -109,19 +95,35 @@ def flow_cflags(
     return flags
 
 
-def source_hash(cflags: list[str]) -> int:
+def entry_source(mode: Mode) -> Path:
+    return BPF_DIR / mode.entry
+
+
+def _inline(path: Path, seen: set[str]) -> str:
+    lines = []
+    for line in path.read_text().splitlines(keepends=True):
+        match = _LOCAL_INCLUDE.match(line)
+        if match is None:
+            lines.append(line)
+        elif (name := match.group(1)) not in seen:
+            seen.add(name)
+            lines.append(f"/* ---- {name} ---- */\n{_inline(BPF_DIR / name, seen)}/* ---- end {name} */\n")
+    return "".join(lines)
+
+
+def program_text(mode: Mode) -> str:
+    """The mode's entry file with the package's own headers inlined: one translation unit, because bcc
+    rewrites map calls (`flows4.lookup(...)`) only in the text it is given, never in included files."""
+    return _inline(entry_source(mode), set())
+
+
+def source_hash(mode: Mode, cflags: list[str]) -> int:
     """A non-zero 63-bit identity of the counter program: the C it is built from plus its flags."""
-    digest = hashlib.sha256()
-    for path in (FLOW_HEADER, FLOW_SOURCE):
-        digest.update(path.read_bytes())
+    digest = hashlib.sha256(program_text(mode).encode())
     digest.update("\0".join(cflags).encode())
     return (int.from_bytes(digest.digest()[:8], "little") & (2**63 - 1)) or 1
 
 
-def final_source(cflags: list[str]) -> str:
-    """The C exactly as compiled, for `--print-bpf`: the flags, the header, the program."""
-    return (
-        f"/* compiled by bcc with: {' '.join(cflags)} */\n"
-        f"/* ---- {FLOW_HEADER.name} ---- */\n{FLOW_HEADER.read_text()}\n"
-        f"/* ---- {FLOW_SOURCE.name} ---- */\n{FLOW_SOURCE.read_text()}"
-    )
+def final_source(mode: Mode, cflags: list[str]) -> str:
+    """The C exactly as compiled, for `--print-bpf`: the flags, then the program text."""
+    return f"/* compiled by bcc with: {' '.join(cflags)} */\n{program_text(mode)}"

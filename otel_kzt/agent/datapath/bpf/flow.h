@@ -1,4 +1,4 @@
-/* otel-kzt flow map layout, shared by the BPF programs and mirrored by otel_kzt/agent/flowmap.py.
+/* otel-kzt flow map layout, shared by every mode's programs and mirrored by otel_kzt/agent/datapath/flowmap.py.
  * Change one, change both: the source hash then differs and a restarted agent replaces the pinned
  * counter; a layout change also recreates the pinned maps (their key/value sizes no longer match).
  *
@@ -7,8 +7,6 @@
  */
 #ifndef KZT_FLOW_H
 #define KZT_FLOW_H
-
-#define KZT_NF_ACCEPT 1
 
 /* port_side: which end the kept port belongs to (the listening side). */
 #define KZT_PORT_NONE 0

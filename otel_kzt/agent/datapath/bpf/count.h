@@ -1,0 +1,342 @@
+/* otel-kzt: the counting shared by every datapath mode (the mode's entry file includes it).
+ *
+ * What lives here: the maps (flows4/6, overflow, stats, progs, meta, dying4/6, the evictor's command),
+ * key building (only the listening side's port; ephemeral ports never enter a key), counting with the
+ * overflow bucket when the map is full, the dying entries of flows being evicted, and the evictor's body.
+ * Nothing here knows where the packet was seen: the entry file fills a `struct kzt_pkt` and defines
+ *
+ *   KZT_LOAD(p, off, dst, size)   copy `size` bytes of the packet at `off` from its network header;
+ *                                  < 0 on failure (netfilter: a kernel probe read; tc: bpf_skb_load_bytes)
+ *
+ * before including this file. Every kernel offset comes from the running kernel's BTF as -D flags
+ * (KZT_OFF_*); configuration too (KZT_MAP_SIZE, KZT_EPH_MIN/MAX, KZT_EVICT_BATCH, KZT_DYING_SIZE,
+ * KZT_PIN_DIR when pinning).
+ *
+ * Eviction: the agent lists flows in evict_keys4/6 and test-runs the evictor, which marks them dead.
+ * Packets that still reach a dead (or just deleted) flow go to its dying4/6 entry; the agent reads the
+ * final value after one RCU grace period, deletes the flow, and adds the dying entry after a second
+ * one: no packet lost, none counted twice.
+ *
+ * Limits: counts per sk_buff (a GSO super-packet is one packet of its total length); IPv6 walks at most
+ * KZT_MAX_EXT extension headers; ports are read only from the linear part of the packet, else the flow
+ * is keyed without a port.
+ */
+#ifndef KZT_COUNT_H
+#define KZT_COUNT_H
+
+#include "flow.h"
+
+#ifndef KZT_LOAD
+#error "define KZT_LOAD(p, off, dst, size) before including count.h"
+#endif
+
+#define KZT_HDR_READ 64
+#define KZT_MAX_EXT 6
+
+/* One packet as the entry file sees it. */
+struct kzt_pkt {
+    void *ctx;                 /* the program's context, for KZT_LOAD */
+    const unsigned char *l3;   /* the network header, where the mode reads kernel memory (else 0) */
+    u32 linear;                /* bytes after the network header in the linear area */
+    u32 len;                   /* the packet's length from its network header (BIG TCP, jumbograms) */
+};
+
+#ifdef KZT_PIN_DIR
+#define KZT_TABLE(type, k, v, name, n) BPF_TABLE_PINNED(type, k, v, name, n, KZT_PIN_DIR "/" #name)
+#else
+#define KZT_TABLE(type, k, v, name, n) BPF_TABLE(type, k, v, name, n)
+#endif
+
+KZT_TABLE("hash", struct flow_key4, struct flow_value4, flows4, KZT_MAP_SIZE);
+KZT_TABLE("hash", struct flow_key6, struct flow_value6, flows6, KZT_MAP_SIZE);
+KZT_TABLE("percpu_array", u32, struct overflow_value, overflow, 1);
+KZT_TABLE("percpu_array", u32, u64, stats, KZT_STAT_MAX);
+KZT_TABLE("prog", u32, u32, progs, 1);
+KZT_TABLE("array", u32, u64, meta, 4);
+/* Private to one agent process: the evictor's command. */
+/* Packets of flows being evicted (marked dead, or already deleted while a program still held them):
+ * the agent adds them to the flow's final value after a second grace period. */
+KZT_TABLE("hash", struct flow_key4, struct overflow_value, dying4, KZT_DYING_SIZE);
+KZT_TABLE("hash", struct flow_key6, struct overflow_value, dying6, KZT_DYING_SIZE);
+BPF_ARRAY(evict_keys4, struct flow_key4, KZT_EVICT_BATCH);
+BPF_ARRAY(evict_keys6, struct flow_key6, KZT_EVICT_BATCH);
+BPF_ARRAY(evict_count, u32, 3);  /* [0] IPv4 keys listed, [1] IPv6 keys listed (in); [2] marked (out) */
+
+static __always_inline void kzt_stat(u32 index)
+{
+    u64 *n = stats.lookup(&index);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+/* Atomic even per CPU: a softirq may interrupt a process-context hook on the same CPU. */
+static __always_inline void kzt_overflow(u64 bytes, u32 why)
+{
+    u32 zero = 0;
+    struct overflow_value *o = overflow.lookup(&zero);
+    if (o) {
+        __sync_fetch_and_add(&o->bytes, bytes);
+        __sync_fetch_and_add(&o->packets, 1);
+    }
+    kzt_stat(why);
+}
+
+static __always_inline int kzt_is_ephemeral(u16 port)
+{
+    return port >= KZT_EPH_MIN && port <= KZT_EPH_MAX;
+}
+
+/* Keep the listening side's port: the one outside the ephemeral range. When both are outside it,
+ * keep the lower one (on a tie, the destination's); when both are ephemeral, or 0, keep none. */
+static __always_inline void kzt_set_port(u8 *side, u16 *port, u16 sport, u16 dport)
+{
+    int s_listen = sport && !kzt_is_ephemeral(sport);
+    int d_listen = dport && !kzt_is_ephemeral(dport);
+    if (s_listen && (!d_listen || sport < dport)) {
+        *side = KZT_PORT_SRC;
+        *port = sport;
+    } else if (d_listen) {
+        *side = KZT_PORT_DST;
+        *port = dport;
+    }
+}
+
+static __always_inline int kzt_has_ports(u8 proto)
+{
+    return proto == 6 /* TCP */ || proto == 17 /* UDP */ || proto == 132 /* SCTP */ || proto == 136 /* UDP-Lite */;
+}
+
+static __always_inline int kzt_eq4(const struct flow_key4 *a, const struct flow_key4 *b)
+{
+    const u32 *x = (const u32 *)a, *y = (const u32 *)b;
+    return x[0] == y[0] && x[1] == y[1] && x[2] == y[2];
+}
+
+static __always_inline int kzt_eq6(const struct flow_key6 *a, const struct flow_key6 *b)
+{
+    const u32 *x = (const u32 *)a, *y = (const u32 *)b;
+#pragma unroll
+    for (int i = 0; i < 9; i++)
+        if (x[i] != y[i])
+            return 0;
+    return 1;
+}
+
+/* Add to a live element. False when it is being evicted, or when the element was deleted and reused
+ * for another key between our lookup and now (hash elements are recycled at once). */
+#define KZT_ACCOUNT(v, key, eq, bytes)                                   \
+    ((*(volatile u32 *)&(v)->dead || !eq(&(v)->key, key)) ? 0 :          \
+     (__sync_fetch_and_add(&(v)->bytes, bytes), __sync_fetch_and_add(&(v)->packets, 1), 1))
+
+/* A packet of a flow being evicted goes to its dying entry (the overflow bucket if that map is full).
+ * (bcc allows no map calls inside macros: one function per family.) */
+static __always_inline void kzt_dying_add(struct overflow_value *d, u64 bytes)
+{
+    __sync_fetch_and_add(&d->bytes, bytes);
+    __sync_fetch_and_add(&d->packets, 1);
+    kzt_stat(KZT_STAT_EVICT_RACE);
+}
+
+static __always_inline void kzt_dying4(struct flow_key4 *key, u64 bytes)
+{
+    struct overflow_value first = {bytes, 1};
+    struct overflow_value *d = dying4.lookup(key);
+    if (d) {
+        kzt_dying_add(d, bytes);
+    } else if (dying4.insert(key, &first) == 0) {
+        kzt_stat(KZT_STAT_EVICT_RACE);
+    } else if ((d = dying4.lookup(key))) {
+        kzt_dying_add(d, bytes);
+    } else {
+        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+    }
+}
+
+static __always_inline void kzt_dying6(struct flow_key6 *key, u64 bytes)
+{
+    struct overflow_value first = {bytes, 1};
+    struct overflow_value *d = dying6.lookup(key);
+    if (d) {
+        kzt_dying_add(d, bytes);
+    } else if (dying6.insert(key, &first) == 0) {
+        kzt_stat(KZT_STAT_EVICT_RACE);
+    } else if ((d = dying6.lookup(key))) {
+        kzt_dying_add(d, bytes);
+    } else {
+        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+    }
+}
+
+#define KZT_EEXIST 17
+
+static __always_inline void kzt_count4(struct flow_key4 *key, u64 bytes)
+{
+    struct flow_value4 *v = flows4.lookup(key);
+    if (!v) {
+        struct flow_value4 init = {};
+        init.bytes = bytes;
+        init.packets = 1;
+        init.first_seen_ns = bpf_ktime_get_boot_ns();
+        init.key = *key;
+        int err = flows4.insert(key, &init);  /* BPF_NOEXIST: fails when full or another CPU won */
+        if (err == 0)
+            return;
+        v = flows4.lookup(key);
+        if (!v) {
+            /* Full; or it existed a moment ago and was just deleted: an eviction in progress. */
+            if (err == -KZT_EEXIST)
+                kzt_dying4(key, bytes);
+            else
+                kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+            return;
+        }
+    }
+    if (!KZT_ACCOUNT(v, key, kzt_eq4, bytes))
+        kzt_dying4(key, bytes);
+}
+
+static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes)
+{
+    struct flow_value6 *v = flows6.lookup(key);
+    if (!v) {
+        struct flow_value6 init = {};
+        init.bytes = bytes;
+        init.packets = 1;
+        init.first_seen_ns = bpf_ktime_get_boot_ns();
+        init.key = *key;
+        int err = flows6.insert(key, &init);
+        if (err == 0)
+            return;
+        v = flows6.lookup(key);
+        if (!v) {
+            if (err == -KZT_EEXIST)
+                kzt_dying6(key, bytes);
+            else
+                kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+            return;
+        }
+    }
+    if (!KZT_ACCOUNT(v, key, kzt_eq6, bytes))
+        kzt_dying6(key, bytes);
+}
+
+/* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later. */
+static __always_inline u32 kzt_walk_v6(const struct kzt_pkt *p, u8 *proto, int *later)
+{
+    u32 off = 40;
+#pragma unroll
+    for (int i = 0; i < KZT_MAX_EXT; i++) {
+        u8 nexthdr = *proto;
+        if (nexthdr != 0 && nexthdr != 43 && nexthdr != 60 && nexthdr != 44 && nexthdr != 51)
+            break;
+        u8 eh[4];
+        if (KZT_LOAD(p, off, eh, sizeof(eh)) < 0)
+            break;
+        *proto = eh[0];
+        if (nexthdr == 44) {  /* fragment: fixed 8 bytes, offset in the upper 13 bits of bytes 2-3 */
+            if (((eh[2] << 8) | eh[3]) & 0xFFF8)
+                *later = 1;
+            off += 8;
+        } else if (nexthdr == 51) {  /* AH: length in 4-byte units, minus 2 */
+            off += ((u32)eh[1] + 2) * 4;
+        } else {
+            off += ((u32)eh[1] + 1) * 8;
+        }
+    }
+    return off;
+}
+
+/* The ports at l4off (from the header prefix when it holds them, else one more read). `p->linear` is
+ * how many bytes of the packet follow the network header in the skb's linear area: ports beyond it stay
+ * unknown rather than being read from whatever memory follows. */
+static __always_inline void kzt_ports(const struct kzt_pkt *p, const u8 *hdr, u32 l4off, u8 *side, u16 *port)
+{
+    u8 ports[4];
+    if (l4off + 4 > p->linear)
+        return;
+    if (l4off <= KZT_HDR_READ - 4) {
+        l4off &= KZT_HDR_READ - 1;  /* a bound the verifier can see */
+        __builtin_memcpy(ports, hdr + l4off, 4);
+    } else if (KZT_LOAD(p, l4off, ports, sizeof(ports)) < 0) {
+        return;
+    }
+    kzt_set_port(side, port, ((u16)ports[0] << 8) | ports[1], ((u16)ports[2] << 8) | ports[3]);
+}
+
+/* Count one packet: parse its IP header (one read of the header prefix), build the key (only the
+ * listening side's port; ephemeral ports never enter a key), add to its flow (or the overflow bucket). */
+static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
+{
+    u8 hdr[KZT_HDR_READ];
+    u64 bytes;
+
+    if (KZT_LOAD(p, 0, hdr, sizeof(hdr)) < 0) {
+        kzt_overflow(p->len, KZT_STAT_READ_FAILED);
+        return;
+    }
+    u8 version = hdr[0] >> 4;
+    if (version == 4) {
+        struct flow_key4 key = {};
+        key.proto = hdr[9];
+        __builtin_memcpy(key.src, hdr + 12, 4);
+        __builtin_memcpy(key.dst, hdr + 16, 4);
+        bytes = ((u32)hdr[2] << 8) | hdr[3];  /* 0 with BIG TCP: the skb has the length */
+        if (bytes == 0)
+            bytes = p->len;
+        int later = (((hdr[6] & 0x1F) << 8) | hdr[7]) != 0;
+        if (!later && kzt_has_ports(key.proto))
+            kzt_ports(p, hdr, (hdr[0] & 0x0F) * 4, &key.port_side, &key.port);
+        kzt_count4(&key, bytes);
+    } else if (version == 6) {
+        struct flow_key6 key = {};
+        int later = 0;
+        u32 l4off = 40;
+        key.proto = hdr[6];
+        __builtin_memcpy(key.src, hdr + 8, 16);
+        __builtin_memcpy(key.dst, hdr + 24, 16);
+        bytes = ((u32)hdr[4] << 8) | hdr[5];  /* 0 for a jumbogram: the skb has the length */
+        bytes = bytes ? bytes + 40 : p->len;
+        if (key.proto == 0 || key.proto == 43 || key.proto == 60 || key.proto == 44 || key.proto == 51)
+            l4off = kzt_walk_v6(p, &key.proto, &later);
+        if (!later && kzt_has_ports(key.proto))
+            kzt_ports(p, hdr, l4off, &key.port_side, &key.port);
+        kzt_count6(&key, bytes);
+    } else {
+        kzt_stat(KZT_STAT_NOT_IP);
+    }
+}
+
+/* The evictor's body: marks the flows listed in evict_keys4/6 dead; stores how many it found in
+ * evict_count[2]. Each entry file wraps it in a program the agent runs with BPF_PROG_TEST_RUN. */
+static __always_inline void kzt_evict_listed(void)
+{
+    u32 zero = 0, one = 1, two = 2, marked = 0;
+    u32 *count4 = evict_count.lookup(&zero);
+    u32 *count6 = evict_count.lookup(&one);
+    if (!count4 || !count6)
+        return;
+    u32 n4 = *count4, n6 = *count6;
+    for (u32 i = 0; i < KZT_EVICT_BATCH && i < n4; i++) {
+        u32 index = i;
+        struct flow_key4 *key = evict_keys4.lookup(&index);
+        struct flow_value4 *v = key ? flows4.lookup(key) : 0;
+        if (v) {
+            *(volatile u32 *)&v->dead = 1;  /* ordered before the deletes by the agent's RCU wait */
+            marked++;
+        }
+    }
+    for (u32 i = 0; i < KZT_EVICT_BATCH && i < n6; i++) {
+        u32 index = i;
+        struct flow_key6 *key = evict_keys6.lookup(&index);
+        struct flow_value6 *v = key ? flows6.lookup(key) : 0;
+        if (v) {
+            *(volatile u32 *)&v->dead = 1;
+            marked++;
+        }
+    }
+    u32 *result = evict_count.lookup(&two);
+    if (result)
+        *result = marked;
+}
+
+#endif

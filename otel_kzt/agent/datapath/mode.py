@@ -1,0 +1,39 @@
+"""What a datapath mode gives the shared core: its C entry file, program type and how it attaches.
+
+The core (BTF offsets, the loader child, the maps, pins, eviction, snapshots) is the same for every mode;
+a mode only decides where the counter sees packets. Modes: `netfilter` (netfilter.py); `tc` and `cgroup`
+sit next to it and register in `modes.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from otel_kzt.agent.datapath.btf import Btf
+from otel_kzt.errors import KernelUnsupported
+
+
+class Mode(Protocol):
+    name: str  # the --datapath value
+    entry: str  # its C file under bpf/: defines kzt_dispatch and kzt_count over bpf/count.h
+    prog_type: int  # of kzt_dispatch and kzt_count
+    attach_type: int
+    link_names: tuple[str, ...]  # its pins in the node directory
+
+    def check(self, btf: Btf) -> None:
+        """Raise KernelUnsupported (one line naming what is missing) when this kernel cannot run it."""
+
+    def cflags(self, btf: Btf) -> list[str]:
+        """The mode's own -D flags (context offsets) from the running kernel's BTF."""
+
+    def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:
+        """Attach (or adopt the pinned links under `directory`); returns link fds the caller owns."""
+
+
+def field_offset(btf: Btf, struct_name: str, field: str, size: int) -> int:
+    """A struct member's byte offset from BTF, checked against the size the C reads."""
+    offset, actual = btf.field(struct_name, field)
+    if actual != size:
+        raise KernelUnsupported(f"kernel BTF: {struct_name}.{field} is {actual} bytes, expected {size}")
+    return offset
