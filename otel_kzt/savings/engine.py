@@ -10,10 +10,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from otel_kzt.k8s.servicemodel import ClusterVersion
 from otel_kzt.savings.history import ChangeLog, History, Totals, by_service
 from otel_kzt.savings.model import Change, Period, Report, ServiceKey, ServiceState, ServiceSummary, flow_of
 from otel_kzt.savings.recommend import recommend
-from otel_kzt.savings.version import parse_version, setting_for
+from otel_kzt.savings.version import setting_for
 
 STARTING = "no Services seen yet"
 
@@ -30,7 +31,7 @@ class Engine:
         now: float,
         services: Mapping[ServiceKey, ServiceState] | None,
         totals: Totals,
-        version: str | None,
+        version: ClusterVersion | None,
         reason: str = "",
     ) -> Report:
         """One step; `services` None (unreadable: `reason` says why) turns the savings off."""
@@ -38,11 +39,11 @@ class Engine:
         start, end, deltas = self.history.window()
         covered = max(end - start, 0.0)
         if services is None:
-            self.report = Report(now, False, reason or STARTING, self.window_s, covered, version or "", "")
+            self.report = Report(now, False, reason or STARTING, self.window_s, covered, _text(version), "")
             return self.report
         before = {k: Period(start, end, b, u) for k, (b, u) in by_service(deltas).items()}
         self.changes.observe(now, services, by_service(totals), before)
-        setting = setting_for(parse_version(version))
+        setting = setting_for(version)
         flows = [flow_of(k, b, u) for k, (b, u) in sorted(deltas.items())]
         recs, summaries = recommend(services, flows, covered, setting)
         self.report = Report(
@@ -51,8 +52,8 @@ class Engine:
             reason="",
             window_seconds=self.window_s,
             covered_seconds=covered,
-            kubernetes_version=version or "",
-            setting=setting.name if setting is not None else "",
+            kubernetes_version=_text(version),
+            setting=setting.name,
             recommendations=tuple(recs),
             services=tuple(_with_changes(summaries, services, self.changes.changes())),
         )
@@ -84,3 +85,7 @@ def _with_changes(
             )
     out.sort(key=lambda s: (s.namespace, s.name))
     return out
+
+
+def _text(version: ClusterVersion | None) -> str:
+    return version.git_version if version is not None else ""

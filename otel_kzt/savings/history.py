@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from otel_kzt.savings.model import Change, FlowKey, Period, Routing, ServiceKey, ServiceState, service_of
+from otel_kzt.savings.model import Change, FlowKey, Period, ServiceKey, ServiceState, service_of
 
 MAX_SNAPSHOTS: Final = 60  # ticks per window
 MIN_TICK_S: Final = 1.0
@@ -105,7 +105,7 @@ class ChangeLog:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self._signatures: dict[ServiceKey, tuple[Routing, frozenset[str]]] = {}
+        self._signatures: dict[ServiceKey, tuple[str, frozenset[str]]] = {}
         self._changes: dict[ServiceKey, _Open] = {}
 
     def observe(

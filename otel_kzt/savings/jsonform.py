@@ -18,7 +18,6 @@ from otel_kzt.savings.model import (
     Period,
     Recommendation,
     Report,
-    Routing,
     ServiceSummary,
 )
 
@@ -83,7 +82,7 @@ def _service_to_json(s: ServiceSummary) -> Json:
         "namespace": s.namespace,
         "name": s.name,
         "type": s.type,
-        "routing": s.routing.value,
+        "routing": s.routing,
         "endpoints_by_zone": dict(s.endpoints_by_zone),
         "bytes_per_second": s.bytes_per_second,
         "usd_per_month": s.usd_per_month,
@@ -94,8 +93,8 @@ def _service_to_json(s: ServiceSummary) -> Json:
         c = s.change
         out["change"] = {
             "at": c.at,
-            "routing_before": c.routing_before.value,
-            "routing_after": c.routing_after.value,
+            "routing_before": c.routing_before,
+            "routing_after": c.routing_after,
             "zones_before": list(c.zones_before),
             "zones_after": list(c.zones_after),
             "before": _period_to_json(c.before),
@@ -194,8 +193,8 @@ def _service_from_json(s: Mapping[str, Any], w: str) -> ServiceSummary:
         cw = f"{w}.change"
         change = Change(
             at=_num(raw, "at", cw),
-            routing_before=Routing(_str(raw, "routing_before", cw)),
-            routing_after=Routing(_str(raw, "routing_after", cw)),
+            routing_before=_str(raw, "routing_before", cw),
+            routing_after=_str(raw, "routing_after", cw),
             zones_before=tuple(str(z) for z in _get(raw, "zones_before", list, cw)),
             zones_after=tuple(str(z) for z in _get(raw, "zones_after", list, cw)),
             before=_period_from_json(_get(raw, "before", dict, cw), f"{cw}.before"),
@@ -205,7 +204,7 @@ def _service_from_json(s: Mapping[str, Any], w: str) -> ServiceSummary:
         namespace=_str(s, "namespace", w),
         name=_str(s, "name", w),
         type=_str(s, "type", w),
-        routing=Routing(_str(s, "routing", w)),
+        routing=_str(s, "routing", w),
         endpoints_by_zone=_zones(s, "endpoints_by_zone", w),
         bytes_per_second=_num(s, "bytes_per_second", w),
         usd_per_month=_num(s, "usd_per_month", w),

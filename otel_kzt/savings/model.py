@@ -11,41 +11,23 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
 
+from otel_kzt import schema
+from otel_kzt.k8s.servicemodel import ServiceView
 from otel_kzt.schema import WorkloadKind
 
 HOURS_PER_MONTH: Final = 730.0  # DESIGN §4: a month is 730 hours
 SECONDS_PER_MONTH: Final = HOURS_PER_MONTH * 3600.0
 
 
-class Routing(StrEnum):
-    """How kube-proxy spreads a Service's traffic over zones (`kzt_service_routing_info` label values)."""
-
-    NONE = "none"
-    PREFER_SAME_ZONE = "PreferSameZone"
-    PREFER_CLOSE = "PreferClose"  # the older name of PreferSameZone
-    PREFER_SAME_NODE = "PreferSameNode"  # same node first, then same zone: keeps zones too
-    TOPOLOGY_AWARE = "topology-aware"  # the service.kubernetes.io/topology-mode annotation (or its precursor)
-    HEADLESS = "headless"  # clusterIP None: clients get pod addresses from DNS, kube-proxy routes nothing
-
-
+PREFER_SAME_NODE: Final = "PreferSameNode"  # same node first, then the same zone: it keeps zones too
 ZONE_PREFERRING: Final = frozenset(
-    {Routing.PREFER_SAME_ZONE, Routing.PREFER_CLOSE, Routing.PREFER_SAME_NODE, Routing.TOPOLOGY_AWARE}
+    {
+        schema.ROUTING_PREFER_SAME_ZONE,
+        schema.ROUTING_PREFER_CLOSE,
+        PREFER_SAME_NODE,
+        schema.ROUTING_TOPOLOGY_AWARE,
+    }
 )
-_TOPOLOGY_ON: Final = frozenset({"auto"})  # values of topology-mode / topology-aware-hints that enable it
-
-
-def routing_of(headless: bool, traffic_distribution: str | None, topology_annotation: str | None) -> Routing:
-    """The routing a Service asks for: the spec field wins over the annotation (as kube-proxy reads it)."""
-    if headless:
-        return Routing.HEADLESS
-    if traffic_distribution:
-        try:
-            return Routing(traffic_distribution)
-        except ValueError:
-            return Routing.NONE  # a value this version does not know: kube-proxy ignores it too
-    if topology_annotation and topology_annotation.strip().lower() in _TOPOLOGY_ON:
-        return Routing.TOPOLOGY_AWARE
-    return Routing.NONE
 
 
 class Direction(StrEnum):
@@ -89,8 +71,19 @@ class ServiceState:
     namespace: str
     name: str
     type: str  # ClusterIP, NodePort, LoadBalancer, ExternalName
-    routing: Routing
+    routing: str  # the `kzt_service_routing_info` label: schema.ROUTING_* or a trafficDistribution value
     endpoints_by_zone: Mapping[str, int]  # ready endpoints per zone ("" for endpoints without a zone)
+
+    @classmethod
+    def of(cls, view: ServiceView) -> ServiceState:
+        ready = view.endpoints_by_zone("ready")  # dual-stack pods once; terminating ones are not ready
+        return cls(
+            view.ref.namespace,
+            view.ref.name,
+            view.type,
+            view.routing,
+            {zone or "": n for zone, n in sorted(ready.items(), key=lambda i: i[0] or "")},
+        )
 
     @property
     def key(self) -> ServiceKey:
@@ -98,7 +91,7 @@ class ServiceState:
 
     @property
     def headless(self) -> bool:
-        return self.routing is Routing.HEADLESS
+        return self.routing == schema.ROUTING_HEADLESS
 
     @property
     def prefers_zone(self) -> bool:
@@ -108,7 +101,7 @@ class ServiceState:
         """Zones holding at least one ready endpoint."""
         return frozenset(z for z, n in self.endpoints_by_zone.items() if z and n > 0)
 
-    def signature(self) -> tuple[Routing, frozenset[str]]:
+    def signature(self) -> tuple[str, frozenset[str]]:
         """What a change is recorded for: the routing or the zones of its ready endpoints."""
         return (self.routing, self.zones())
 
@@ -185,8 +178,8 @@ class Change:
     """A recorded change of a Service's routing or endpoint zones, and its billed traffic around it."""
 
     at: float
-    routing_before: Routing
-    routing_after: Routing
+    routing_before: str
+    routing_after: str
     zones_before: tuple[str, ...]
     zones_after: tuple[str, ...]
     before: Period  # the window before the change
@@ -200,7 +193,7 @@ class ServiceSummary:
     namespace: str
     name: str
     type: str
-    routing: Routing
+    routing: str
     endpoints_by_zone: Mapping[str, int]
     bytes_per_second: float  # billed traffic over the window
     usd_per_month: float

@@ -40,7 +40,6 @@ HEADLESS_NOTE: Final = (
     "it, so no routing setting helps; keep its clients in its endpoints' zones, or put a ClusterIP Service "
     "in front"
 )
-NO_SETTING_NOTE: Final = "this cluster's Kubernetes version has no zone routing for Services"
 NO_ENDPOINTS_NOTE: Final = "no ready endpoints: nothing to route to until some are ready"
 _SCRAPE_TARGETS: Final = frozenset({WorkloadKind.NODE.value, WorkloadKind.DAEMONSET.value})
 _ALL_NODES: Final = Workload("", WorkloadKind.NODE.value, "")  # every node's address is one scrape target
@@ -50,7 +49,7 @@ def recommend(
     services: Mapping[ServiceKey, ServiceState],
     flows: Sequence[Flow],
     window_s: float,
-    setting: Setting | None,
+    setting: Setting,
 ) -> tuple[list[Recommendation], list[ServiceSummary]]:
     """Recommendations (biggest saving first) and the Services with billed traffic (by name)."""
     scale = SECONDS_PER_MONTH / window_s if window_s > 0 else 0.0
@@ -150,7 +149,7 @@ def _scrape_rec(client: Workload, target: Workload, flows: list[Flow], scale: fl
 
 
 def _service_recs(
-    state: ServiceState, flows: list[Flow], scale: float, setting: Setting | None
+    state: ServiceState, flows: list[Flow], scale: float, setting: Setting
 ) -> tuple[list[Recommendation], str]:
     """prefer-same-zone and spread-endpoints for one Service, and the note when neither applies."""
     if state.headless:
@@ -164,12 +163,10 @@ def _service_recs(
     notes: list[str] = []
     if local and state.prefers_zone:
         notes.append(
-            f"already routed {state.routing.value}; billed traffic from zones with endpoints remains "
+            f"already routed {state.routing}; billed traffic from zones with endpoints remains "
             "(endpoints overloaded, hints not set, or clients not behind kube-proxy)"
         )
-    elif local and setting is None:
-        notes.append(NO_SETTING_NOTE)
-    elif local and setting is not None:
+    elif local:
         recs.append(_prefer_same_zone(state, local, scale, setting))
     if missing:
         recs.append(_spread(state, missing, scale, setting))
@@ -195,10 +192,10 @@ def _prefer_same_zone(
     )
 
 
-def _spread(state: ServiceState, flows: list[Flow], scale: float, setting: Setting | None) -> Recommendation:
+def _spread(state: ServiceState, flows: list[Flow], scale: float, setting: Setting) -> Recommendation:
     missing = tuple(sorted({f.client_zone for f in flows}))
     then = ""
-    if not state.prefers_zone and setting is not None:
+    if not state.prefers_zone:
         then = f", with {setting.name} set"
     return Recommendation(
         kind=Kind.SPREAD_ENDPOINTS,
@@ -215,7 +212,7 @@ def _spread(state: ServiceState, flows: list[Flow], scale: float, setting: Setti
         evidence=evidence(flows),
         endpoints_by_zone=dict(state.endpoints_by_zone),
         zones=missing,
-        setting=setting.name if setting is not None and not state.prefers_zone else "",
+        setting="" if state.prefers_zone else setting.name,
     )
 
 

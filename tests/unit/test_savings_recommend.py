@@ -4,25 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from otel_kzt.savings.model import (
-    SECONDS_PER_MONTH,
-    Direction,
-    Flow,
-    Kind,
-    Routing,
-    ServiceState,
-    Workload,
-    routing_of,
-)
-from otel_kzt.savings.recommend import HEADLESS_NOTE, NO_ENDPOINTS_NOTE, NO_SETTING_NOTE, recommend
-from otel_kzt.savings.version import (
-    PREFER_CLOSE,
-    PREFER_SAME_ZONE,
-    TOPOLOGY_HINTS,
-    TOPOLOGY_MODE,
-    parse_version,
-    setting_for,
-)
+from otel_kzt import schema
+from otel_kzt.k8s.servicemodel import ClusterVersion
+from otel_kzt.savings.model import SECONDS_PER_MONTH, Direction, Flow, Kind, ServiceState, Workload
+from otel_kzt.savings.recommend import HEADLESS_NOTE, NO_ENDPOINTS_NOTE, recommend
+from otel_kzt.savings.version import CURRENT, setting_for, version_note
 
 WEB = Workload("shop", "Deployment", "web")
 API = Workload("shop", "Deployment", "api")
@@ -31,7 +17,7 @@ SVC = ("shop", "api")
 WINDOW = 100.0
 
 
-def _svc(routing: Routing = Routing.NONE, zones: dict[str, int] | None = None) -> ServiceState:
+def _svc(routing: str = schema.ROUTING_NONE, zones: dict[str, int] | None = None) -> ServiceState:
     return ServiceState("shop", "api", "ClusterIP", routing, zones if zones is not None else {"a": 1, "b": 1})
 
 
@@ -50,42 +36,34 @@ def _web_flows() -> list[Flow]:
     ]  # fmt: skip
 
 
-def test_routing_of_each_shape() -> None:
-    assert routing_of(True, "PreferSameZone", "Auto") is Routing.HEADLESS
-    assert routing_of(False, "PreferClose", None) is Routing.PREFER_CLOSE
-    assert routing_of(False, "PreferSameZone", None) is Routing.PREFER_SAME_ZONE
-    assert routing_of(False, None, "Auto") is Routing.TOPOLOGY_AWARE
-    assert routing_of(False, None, "auto") is Routing.TOPOLOGY_AWARE  # the older annotation's value
-    assert routing_of(False, None, "Disabled") is Routing.NONE
-    assert routing_of(False, "SomethingNew", "Auto") is Routing.NONE  # the field wins, unknown = ignored
-    assert routing_of(False, None, None) is Routing.NONE
-
-
 @pytest.mark.parametrize(("version", "setting"), [
-    ("v1.35.0", PREFER_SAME_ZONE), ("v1.34.2-gke.1000", PREFER_SAME_ZONE), ("1.33", PREFER_CLOSE),
-    ("v1.31.4-eks-a737599", PREFER_CLOSE), ("v1.30.1", TOPOLOGY_MODE), ("v1.27.0", TOPOLOGY_MODE),
-    ("v1.26.3", TOPOLOGY_HINTS), ("v1.23.0", TOPOLOGY_HINTS), ("v1.22.9", None), ("v2.0.0", PREFER_SAME_ZONE),
+    ((1, 35), "PreferSameZone"), ((1, 34), "PreferSameZone"), ((1, 33), "PreferClose"),
+    ((1, 31), "PreferClose"), ((1, 30), "topology-mode: Auto"), ((1, 27), "topology-mode: Auto"),
+    ((1, 26), "topology-aware-hints: auto"), ((2, 0), "PreferSameZone"),
 ])  # fmt: skip
-def test_setting_the_version_accepts(version: str, setting: object) -> None:
-    assert setting_for(parse_version(version)) == setting
+def test_setting_the_version_accepts(version: tuple[int, int], setting: str) -> None:
+    assert setting_for(ClusterVersion(*version, f"v{version[0]}.{version[1]}.3")).name == setting
 
 
 def test_unknown_version_gets_the_current_setting() -> None:
-    assert parse_version("") is None and parse_version("garbage") is None
-    assert setting_for(None) == PREFER_SAME_ZONE
+    assert setting_for(None) is CURRENT and CURRENT.name == "PreferSameZone"
+    assert "unknown" in version_note(None) and "1.33 accepts PreferClose" in version_note(
+        ClusterVersion(1, 33, "v1.33.1"))
 
 
 def test_kubectl_commands() -> None:
-    assert PREFER_SAME_ZONE.kubectl("shop", "api") == (
+    assert CURRENT.kubectl("shop", "api") == (
         "kubectl -n shop patch service api -p '{\"spec\":{\"trafficDistribution\":\"PreferSameZone\"}}'"
     )
-    assert TOPOLOGY_MODE.kubectl("shop", "api") == (
+    old = setting_for(ClusterVersion(1, 29, "v1.29.0"))
+    assert old.kubectl("shop", "api") == (
         "kubectl -n shop annotate service api service.kubernetes.io/topology-mode=Auto"
     )
+    assert old.routing_label == "topology-aware" and CURRENT.routing_label == "PreferSameZone"
 
 
 def test_unrouted_service_gets_prefer_same_zone_and_spread() -> None:
-    recs, summaries = recommend({SVC: _svc()}, _web_flows(), WINDOW, PREFER_SAME_ZONE)
+    recs, summaries = recommend({SVC: _svc()}, _web_flows(), WINDOW, CURRENT)
     by_kind = {r.kind: r for r in recs}
     assert set(by_kind) == {Kind.PREFER_SAME_ZONE, Kind.SPREAD_ENDPOINTS}
     same = by_kind[Kind.PREFER_SAME_ZONE]
@@ -106,36 +84,37 @@ def test_unrouted_service_gets_prefer_same_zone_and_spread() -> None:
     assert summary.bytes_per_second == pytest.approx(5220 / WINDOW) and summary.note == ""
 
 
-@pytest.mark.parametrize("routing", [Routing.PREFER_SAME_ZONE, Routing.PREFER_CLOSE, Routing.TOPOLOGY_AWARE])
-def test_service_already_set_gets_no_prefer_same_zone(routing: Routing) -> None:
-    recs, (summary,) = recommend({SVC: _svc(routing)}, _web_flows(), WINDOW, PREFER_SAME_ZONE)
+@pytest.mark.parametrize("routing", ["PreferSameZone", "PreferClose", "PreferSameNode", "topology-aware"])
+def test_service_already_set_gets_no_prefer_same_zone(routing: str) -> None:
+    recs, (summary,) = recommend({SVC: _svc(routing)}, _web_flows(), WINDOW, CURRENT)
     assert [r.kind for r in recs] == [Kind.SPREAD_ENDPOINTS]
     assert recs[0].setting == "" and "with" not in recs[0].action  # routing is there already
-    assert summary.routing is routing and "already routed" in summary.note
+    assert summary.routing == routing and "already routed" in summary.note
 
 
 def test_headless_service_gets_no_routing_recommendation_and_says_why() -> None:
-    recs, (summary,) = recommend({SVC: _svc(Routing.HEADLESS)}, _web_flows(), WINDOW, PREFER_SAME_ZONE)
+    recs, (summary,) = recommend({SVC: _svc(schema.ROUTING_HEADLESS)}, _web_flows(), WINDOW, CURRENT)
     assert recs == [] and summary.note == HEADLESS_NOTE
     assert summary.usd_per_month > 0  # its billed traffic is still shown
 
 
 def test_no_ready_endpoints() -> None:
-    recs, (summary,) = recommend({SVC: _svc(zones={"a": 0})}, _web_flows(), WINDOW, PREFER_SAME_ZONE)
+    recs, (summary,) = recommend({SVC: _svc(zones={"a": 0})}, _web_flows(), WINDOW, CURRENT)
     assert recs == [] and summary.note == NO_ENDPOINTS_NOTE
 
 
-def test_old_cluster_gets_no_routing_setting() -> None:
-    recs, (summary,) = recommend({SVC: _svc()}, _web_flows(), WINDOW, None)
-    assert [r.kind for r in recs] == [Kind.SPREAD_ENDPOINTS] and summary.note == NO_SETTING_NOTE
+def test_old_cluster_gets_the_annotation() -> None:
+    recs, _ = recommend({SVC: _svc()}, _web_flows(), WINDOW, setting_for(ClusterVersion(1, 28, "v1.28.9")))
+    same = next(r for r in recs if r.kind is Kind.PREFER_SAME_ZONE)
+    assert same.setting == "topology-mode: Auto" and "annotate service api" in same.action
 
 
 def test_service_gone_is_left_out() -> None:
-    assert recommend({}, _web_flows(), WINDOW, PREFER_SAME_ZONE) == ([], [])
+    assert recommend({}, _web_flows(), WINDOW, CURRENT) == ([], [])
 
 
 def test_zero_window_saves_nothing() -> None:
-    recs, _ = recommend({SVC: _svc()}, _web_flows(), 0.0, PREFER_SAME_ZONE)
+    recs, _ = recommend({SVC: _svc()}, _web_flows(), 0.0, CURRENT)
     assert all(r.usd_per_month == 0 for r in recs)
 
 
@@ -149,7 +128,7 @@ def test_zone_local_scrape_of_every_node() -> None:
         _flow(cz, sz, d, 10 if d is Direction.TO else 500, client=PROM, server=node, service=None)
         for cz in "abc" for sz, node in nodes.items() if sz != cz for d in Direction
     ]  # fmt: skip
-    recs, summaries = recommend({}, flows, WINDOW, PREFER_SAME_ZONE)
+    recs, summaries = recommend({}, flows, WINDOW, CURRENT)
     (rec,) = recs
     assert rec.kind is Kind.ZONE_LOCAL_SCRAPE and (rec.namespace, rec.workload, rec.service) == (
         "monitoring", "prometheus-k8s", "")
@@ -162,21 +141,21 @@ def test_scraping_only_some_zones_is_no_zone_local_scrape() -> None:
     flows = [_flow("a", "c", Direction.FROM, 500, client=PROM, server=_node("n-c"), service=None),
              _flow("b", "c", Direction.FROM, 500, client=PROM, server=_node("n-c"), service=None),
              _flow("a", "b", Direction.FROM, 500, client=PROM, server=_node("n-b"), service=None)]
-    assert recommend({}, flows, WINDOW, PREFER_SAME_ZONE) == ([], [])
+    assert recommend({}, flows, WINDOW, CURRENT) == ([], [])
 
 
 def test_single_zone_client_is_no_zone_local_scrape() -> None:
     flows = [_flow("a", z, Direction.FROM, 500, client=PROM, server=_node(f"n-{z}"), service=None)
              for z in "bc"]
-    assert recommend({}, flows, WINDOW, PREFER_SAME_ZONE) == ([], [])
+    assert recommend({}, flows, WINDOW, CURRENT) == ([], [])
 
 
 def test_deployment_reached_through_its_service_is_a_service_matter() -> None:
     # web pulls api in every zone, but through api's Service: routing fixes it, not sharding.
     flows = [_flow("a", "b", Direction.FROM, 100), _flow("b", "a", Direction.FROM, 100)]
-    recs, _ = recommend({SVC: _svc()}, flows, WINDOW, PREFER_SAME_ZONE)
+    recs, _ = recommend({SVC: _svc()}, flows, WINDOW, CURRENT)
     assert [r.kind for r in recs] == [Kind.PREFER_SAME_ZONE]
     direct = [_flow("a", "b", Direction.FROM, 100, service=None), _flow("b", "a", Direction.FROM, 100,
                                                                         service=None)]
-    recs, _ = recommend({}, direct, WINDOW, PREFER_SAME_ZONE)
+    recs, _ = recommend({}, direct, WINDOW, CURRENT)
     assert [(r.kind, r.workload) for r in recs] == [(Kind.ZONE_LOCAL_SCRAPE, "web")]
