@@ -10,6 +10,7 @@ Address plan for network id S (one per user of the topology, so the demo and the
     fabric (node network)  10.S.0.0/24        fd7a:0:S::/64       host .1 / ::1, node i .(11+i) / ::(11+i)
     pods of node i         10.S.(10+i).0/24   fd7a:1:S:(10+i)::/64
     the "internet" host    192.168.S.10       fd7a:2:S::10        behind 10.S.0.250 / fd7a:0:S::250
+    Service cluster IPs    10.S.200.(10+k)    fd7a:0:S:200::(10+k)  (no device holds them: kube-proxy DNAT)
 """
 
 from __future__ import annotations
@@ -63,6 +64,17 @@ class AddressPlan:
     def pod(self, node_index: int, slot: int, family: int) -> str:
         net = ipaddress.ip_network(self.pod_cidr(node_index, family))
         return str(net[2 + slot])
+
+    def service_cidr(self, family: int) -> str:
+        return f"10.{self.net_id}.200.0/24" if family == 4 else f"fd7a:0:{self.net_id}:200::/64"
+
+    def service_ip(self, index: int, family: int) -> str:
+        """The cluster IP number `index` (0..239) of a Service."""
+        if not 0 <= index < 240:
+            raise ValueError(f"service index must be within 0..239, got {index}")
+        if family == 4:
+            return f"10.{self.net_id}.200.{10 + index}"
+        return f"fd7a:0:{self.net_id}:200::{10 + index}"
 
     def internet_gateway(self, family: int) -> str:
         return f"10.{self.net_id}.0.250" if family == 4 else f"fd7a:0:{self.net_id}::250"

@@ -1,9 +1,10 @@
-"""Kubernetes metadata for the simulated cluster: a `List` of Node and Pod objects, as kubectl prints it.
+"""Kubernetes metadata for the simulated cluster: a `List` of Nodes, Pods, Services and EndpointSlices.
 
 The objects look like the ones a GKE (or EKS) cluster returns (`kubectl get nodes,pods -A -o yaml`): zone
 and region labels, `gce://<project>/<zone>/<name>` (`aws:///<zone>/<instance>`) provider IDs, InternalIP
 addresses; pods with ownerReferences (a ReplicaSet plus the pod-template-hash label for Deployments, the
-StatefulSet, the DaemonSet), nodeName, hostNetwork, dual-stack podIPs, phase Running. Agents and the
+StatefulSet, the DaemonSet), nodeName, hostNetwork, dual-stack podIPs, phase Running; the story's Services
+and EndpointSlices (services.py). Agents and the
 enricher read the file with `--kube-metadata`, exactly as they would read a real cluster's dump.
 """
 
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from otel_kzt.demo.cluster import Cluster, NodeSpec, PodSpec
+from otel_kzt.demo.services import ServiceSpec
+from otel_kzt.demo.services import objects as service_objects
 from otel_kzt.schema import LABEL_POD_TEMPLATE_HASH, LABEL_REGION, LABEL_ZONE, WorkloadKind
 
 CREATED = "2026-11-22T08:00:00Z"
-KUBELET_VERSION = "v1.33.4"
+KUBELET_VERSION = "v1.34.2"
 
 
 def _uid(kind: str, name: str) -> str:
@@ -123,14 +126,15 @@ def pod_object(pod: PodSpec) -> dict[str, Any]:
     }
 
 
-def cluster_list(cluster: Cluster) -> dict[str, Any]:
+def cluster_list(cluster: Cluster, services: tuple[ServiceSpec, ...] = ()) -> dict[str, Any]:
     items = [node_object(n) for n in cluster.nodes] + [pod_object(p) for p in cluster.pods]
+    items += service_objects(cluster, services)
     return {"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": items}
 
 
-def write(cluster: Cluster, path: Path) -> Path:
+def write(cluster: Cluster, path: Path, services: tuple[ServiceSpec, ...] = ()) -> Path:
     """Write the List as JSON (valid YAML too), atomically: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(cluster_list(cluster), indent=2) + "\n")
+    tmp.write_text(json.dumps(cluster_list(cluster, services), indent=2) + "\n")
     os.replace(tmp, path)
     return path

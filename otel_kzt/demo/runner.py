@@ -136,7 +136,7 @@ class ClusterRun:
         for node in self.cluster.nodes:
             self.cleanup_agent(node)  # pins a killed run may have left
         topology.build(self.cluster, self._topo)
-        metadata.write(self.cluster, self.metadata_file)
+        metadata.write(self.cluster, self.metadata_file, self.story.services)
         self.start_enricher()
         for node in self.cluster.nodes:
             self.start_agent(node)

@@ -4,7 +4,8 @@ Pure values (placement and call plans); `traffic` runs them. The story is the on
 
 - `shop/web`, a Deployment with one replica per zone, calls `shop/api` (two replicas, two zones) over IPv4
   and IPv6 in turn: some calls stay on the node, some in the zone, some cross zones;
-- `shop/api` reads from `shop/postgres-0`, a StatefulSet pod that sits in one zone only;
+- `shop/api` reads from `shop/postgres-0`, a StatefulSet pod that sits in one zone only (its Service is
+  headless, as a StatefulSet's governing Service is);
 - `monitoring/prometheus-k8s`, one replica per zone for high availability, each scraping every node's
   host-network `node-exporter` (a DaemonSet): the duplicated scrape traffic crosses zones;
 - `shop/payments` calls a payment provider on the internet through the node's masquerade.
@@ -16,6 +17,7 @@ import hashlib
 from dataclasses import dataclass
 
 from otel_kzt.demo.cluster import Cluster, NodeSpec, PodSpec
+from otel_kzt.demo.services import ServicePortSpec, ServiceSpec
 from otel_kzt.schema import WorkloadKind
 
 WEB_PORT = 8080
@@ -50,6 +52,7 @@ class Call:
 class Story:
     listeners: tuple[Listener, ...]
     calls: tuple[Call, ...]
+    services: tuple[ServiceSpec, ...] = ()
 
 
 def _name_suffix(seed: str, length: int) -> str:
@@ -104,4 +107,12 @@ def build_story(cluster: Cluster, speed: float = 1.0) -> Story:
                    1.0 / speed / len(cluster.nodes)) for p in proms]
     internet = ((cluster.plan.internet(4), INTERNET_PORT), (cluster.plan.internet(6), INTERNET_PORT))
     calls.append(Call(payments, "payment provider", internet, 3_000, 800, 0.2 / speed))
-    return Story(listeners=tuple(listeners), calls=tuple(calls))
+    services = (
+        ServiceSpec("shop", "api", tuple(api), (ServicePortSpec("http", 80, WEB_PORT),), vip_index=0),
+        # A StatefulSet's governing Service is headless: clients dial the pod's own address.
+        ServiceSpec("shop", "postgres", (db,), (ServicePortSpec("pg", DB_PORT, DB_PORT),), vip_index=1,
+                    headless=True),
+        ServiceSpec("monitoring", "node-exporter", tuple(exporters),
+                    (ServicePortSpec("metrics", EXPORTER_PORT, EXPORTER_PORT),), vip_index=2, headless=True),
+    )
+    return Story(listeners=tuple(listeners), calls=tuple(calls), services=services)
