@@ -75,6 +75,9 @@ DESTINATION_WORKLOAD_KIND: Final = end_attr(DESTINATION, WORKLOAD_KIND)
 DESTINATION_WORKLOAD_NAME: Final = end_attr(DESTINATION, WORKLOAD_NAME)
 DESTINATION_ZONE: Final = end_attr(DESTINATION, AVAILABILITY_ZONE)
 DESTINATION_REGION: Final = end_attr(DESTINATION, REGION)
+# The Service whose EndpointSlice lists the destination (address, port) (DESIGN §3; enricher only).
+DESTINATION_SERVICE_NAME: Final = "destination.k8s.service.name"
+DESTINATION_SERVICE_NAMESPACE: Final = "destination.k8s.service.namespace"
 
 
 class NetworkType(StrEnum):
@@ -180,6 +183,45 @@ DEFAULT_FLOW_AGGREGATION: Final = (
     DESTINATION_WORKLOAD_NAME,
     DESTINATION_ZONE,
     TRAFFIC_CLASS,
+)
+
+# Services and savings (DESIGN §4, §7). Direction values: `to` (the destination is the Service's endpoint:
+# requests) and `from` (the source is: responses).
+PROM_SERVICE_TRAFFIC_BYTES: Final = "kzt_service_traffic_bytes"  # `_total` added by the client
+PROM_SERVICE_TRAFFIC_LABELS: Final = (
+    "service_namespace",
+    "service",
+    "direction",
+    "peer_k8s_namespace_name",
+    "peer_k8s_workload_kind",
+    "peer_k8s_workload_name",
+    prom_label(TRAFFIC_CLASS),
+)
+PROM_SERVICE_ENDPOINTS: Final = "kzt_service_endpoints"  # gauge: ready endpoints per zone
+PROM_SERVICE_ENDPOINTS_LABELS: Final = ("service_namespace", "service", "zone")
+PROM_SERVICE_ROUTING_INFO: Final = "kzt_service_routing_info"  # gauge, value 1
+PROM_SERVICE_ROUTING_INFO_LABELS: Final = ("service_namespace", "service", "traffic_distribution")
+PROM_SERVICE_ROUTING_CHANGE: Final = "kzt_service_routing_change_timestamp_seconds"
+PROM_SERVICE_LABELS: Final = ("service_namespace", "service")
+PROM_SAVINGS_USD_PER_MONTH: Final = "kzt_savings_usd_per_month"
+PROM_SAVINGS_LABELS: Final = ("namespace", "service", "workload", "recommendation")
+PROM_SAVINGS_ENABLED: Final = "kzt_savings_enabled"  # 0 while Services/EndpointSlices cannot be read
+# The billed (cross-zone, cross-region) flows the savings are computed from, client -> server, so that
+# `otel-kzt report --prometheus` runs the same rules over Prometheus' increases.
+PROM_SAVINGS_FLOW_BYTES: Final = "kzt_savings_flow_bytes"
+PROM_SAVINGS_FLOW_COST: Final = "kzt_savings_flow_cost_usd"
+PROM_SAVINGS_FLOW_LABELS: Final = (
+    "client_k8s_namespace_name",
+    "client_k8s_workload_kind",
+    "client_k8s_workload_name",
+    "client_cloud_availability_zone",
+    "server_k8s_namespace_name",
+    "server_k8s_workload_kind",
+    "server_k8s_workload_name",
+    "server_cloud_availability_zone",
+    "service_namespace",
+    "service",
+    "direction",
 )
 
 # --- Flow logs -------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up of a Debian 12 machine (as root) for otel-kzt:
 #   - Debian packages: bcc (python3-bpfcc), a kernel header tree for bcc's compile step, iproute2, nftables,
-#     Prometheus (+ promtool), bpftool, python3-venv;
+#     Prometheus (+ promtool), bpftool, python3-venv, chromium (the web view's headless-browser test);
 #   - /lib/modules/$(uname -r)/{build,source} links when the running kernel ships no headers (bcc only needs
 #     *a* tree: every struct offset the agent uses comes from the running kernel's BTF);
 #   - bpffs mounted on /sys/fs/bpf (pinning);
@@ -18,7 +18,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 pkgs=(python3 python3-venv python3-bpfcc iproute2 nftables prometheus bpftool linux-headers-amd64 procps
-      iputils-ping openssl util-linux libcap2-bin)
+      iputils-ping openssl util-linux libcap2-bin chromium)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

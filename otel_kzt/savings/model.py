@@ -220,12 +220,8 @@ class Report:
         return sum(r.usd_per_month for r in self.recommendations)
 
 
-# The enricher's billed-flow counters are keyed by these fields, in this order (one place for the layout).
-FLOW_KEY_FIELDS: Final = (
-    "client_namespace", "client_kind", "client_name", "client_zone",
-    "server_namespace", "server_kind", "server_name", "server_zone",
-    "service_namespace", "service", "direction",
-)  # fmt: skip
+# The enricher's billed-flow counters are keyed in the order of schema.PROM_SAVINGS_FLOW_LABELS: client
+# (namespace, kind, name, zone), server (the same), the server's Service (namespace, name), direction.
 FlowKey = tuple[str, ...]
 
 

@@ -22,6 +22,13 @@ from typing import Final
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from otel_kzt import schema
+from otel_kzt.enricher.processing.services import (
+    KEYS_FOR_RECHECK,
+    NO_SERVICES,
+    Refs,
+    ServiceAttribution,
+    wire_attrs,
+)
 from otel_kzt.k8s.model import Endpoint, MetadataIndex, NodeInfo
 from otel_kzt.schema import TrafficClass
 
@@ -40,13 +47,12 @@ class Resolved:
     basis: tuple[object, ...] = ()  # what the answer was derived from (see Resolver.recheck)
     valid_from: float = -math.inf  # measurement times (unix s) [valid_from, valid_until) it holds for
     valid_until: float = math.inf
+    services: Refs = NO_SERVICES  # the Services whose endpoints the destination and the source are
 
     def slim(self) -> Resolved:
-        """What a cached series keeps: `attrs` cut to the two addresses (still_valid needs only those).
+        """What a cached series keeps: `attrs` cut to the addresses, ports and transport (what recheck needs).
         The full map served the aggregation labels and flow-log template, built once before this."""
-        keep = {
-            k: self.attrs[k] for k in (schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS) if k in self.attrs
-        }
+        keep = {k: self.attrs[k] for k in _SLIM_KEYS if k in self.attrs}
         return dataclasses.replace(self, attrs=keep)
 
 
@@ -59,6 +65,7 @@ class _End:
 
 
 _UNKNOWN_END: Final = _End(None, None)
+_SLIM_KEYS: Final = (schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS, *KEYS_FOR_RECHECK)
 
 # ClusterIndex.lookup_window: an answer and the times [from, until) it holds for (not in the seam's Protocol,
 # so indexes without history, like test fakes, keep working).
@@ -73,11 +80,14 @@ class Resolver:
         self._ends: dict[str, _End] = {}
         self._ends_generation = -1
         self._lookup_window: _LookupWindow | None = getattr(index, "lookup_window", None)
+        self._services = ServiceAttribution(getattr(index, "services", None))
 
     def resolve(self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Resolved:
         """Enrich one series' attributes as measured at `at_unix_s` (None: now); `ready` False (metadata
         not synced) marks it unknown."""
         added, cls, src, dst = self._added(given, ready, at_unix_s)
+        refs = self._services.ends(given, ready, at_unix_s)
+        added += [(k, v) for k, v in wire_attrs(refs) if k not in given]
         holder = NumberDataPoint()
         for key, value in added:
             kv = holder.attributes.add()
@@ -86,9 +96,9 @@ class Resolver:
         attrs = dict(given)
         attrs.update(added)
         provider = src.node.provider if src.node is not None else None
-        basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node)
+        basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs)
         lo, hi = _overlap(src, dst)
-        return Resolved(holder.SerializeToString(), attrs, cls, provider, basis, lo, hi)
+        return Resolved(holder.SerializeToString(), attrs, cls, provider, basis, lo, hi, refs)
 
     def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
         """The attributes `resolve` adds, as pairs (the benchmark's naive loop uses these)."""
@@ -114,7 +124,8 @@ class Resolver:
         if ready:
             src = self._end(resolved.attrs.get(schema.SOURCE_ADDRESS, ""), at_unix_s)
             dst = self._end(resolved.attrs.get(schema.DESTINATION_ADDRESS, ""), at_unix_s)
-        if resolved.basis != (ready, src.endpoint, src.node, dst.endpoint, dst.node):
+        refs = self._services.ends(resolved.attrs, ready, at_unix_s)
+        if resolved.basis != (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs):
             return None
         lo = src.valid_from if src.valid_from > dst.valid_from else dst.valid_from  # _overlap, inlined:
         hi = src.valid_until if src.valid_until < dst.valid_until else dst.valid_until  # after every change

@@ -1,0 +1,113 @@
+"""Service attribution (DESIGN §3, §4): which Service each end of a flow is an endpoint of, and the keys its
+bytes add to.
+
+A flow's destination (address, port) listed by a Service's EndpointSlice makes it traffic *to* that
+Service (requests); its source (address, port) listed makes it traffic *from* it (responses). The port is
+the listening side's, which the agent records alone, so at most one end usually has one. Only the
+destination's Service goes on the wire (`destination.k8s.service.*`); both count for
+`kzt_service_traffic_bytes_total`, and billed (cross-zone, cross-region) flows feed the savings as
+client -> server pairs (otel_kzt.savings.model.flow_key).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from otel_kzt import schema
+from otel_kzt.k8s.servicemodel import ServiceCatalog, ServiceRef
+from otel_kzt.savings.model import Direction, FlowKey, Workload, flow_key
+from otel_kzt.schema import TrafficClass
+
+Refs = tuple[ServiceRef | None, ServiceRef | None]  # (the destination's Service, the source's)
+NO_SERVICES: Final[Refs] = (None, None)
+BILLED_CROSSING: Final = frozenset({TrafficClass.CROSS_ZONE, TrafficClass.CROSS_REGION})
+# Kept in a series' slim naming: what `ServiceAttribution.ends` needs again on a recheck.
+KEYS_FOR_RECHECK: Final = (schema.SOURCE_PORT, schema.DESTINATION_PORT, schema.NETWORK_TRANSPORT)
+
+
+class ServiceAttribution:
+    """Looks both ends of a flow up in the index's `ServiceCatalog` (seam 5); off while it is unavailable."""
+
+    def __init__(self, catalog: ServiceCatalog | None) -> None:
+        self._catalog = catalog
+
+    def ends(self, attrs: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Refs:
+        catalog = self._catalog
+        if not ready or catalog is None or not catalog.available():
+            return NO_SERVICES
+        return (
+            _at(catalog, attrs, schema.DESTINATION_ADDRESS, schema.DESTINATION_PORT, at_unix_s),
+            _at(catalog, attrs, schema.SOURCE_ADDRESS, schema.SOURCE_PORT, at_unix_s),
+        )
+
+
+def _at(
+    catalog: ServiceCatalog, attrs: Mapping[str, str], address_key: str, port_key: str, at: float | None
+) -> ServiceRef | None:
+    address, port = attrs.get(address_key), attrs.get(port_key)
+    if not address or not port or not port.isdigit():
+        return None
+    return catalog.service_at(address, int(port), attrs.get(schema.NETWORK_TRANSPORT, ""), at)
+
+
+def wire_attrs(refs: Refs) -> list[tuple[str, str]]:
+    """`destination.k8s.service.name/namespace` for the destination's Service."""
+    dst = refs[0]
+    if dst is None:
+        return []
+    return [
+        (schema.DESTINATION_SERVICE_NAME, dst.name),
+        (schema.DESTINATION_SERVICE_NAMESPACE, dst.namespace),
+    ]
+
+
+def _end(attrs: Mapping[str, str], end: str) -> Workload:
+    return Workload(
+        attrs.get(schema.end_attr(end, schema.NAMESPACE_NAME), ""),
+        attrs.get(schema.end_attr(end, schema.WORKLOAD_KIND), ""),
+        attrs.get(schema.end_attr(end, schema.WORKLOAD_NAME), ""),
+    )
+
+
+def service_keys(attrs: Mapping[str, str], cls: TrafficClass, refs: Refs) -> list[tuple[str, ...]]:
+    """Label values (schema.PROM_SERVICE_TRAFFIC_LABELS) of `kzt_service_traffic_bytes_total` it adds to."""
+    out: list[tuple[str, ...]] = []
+    ends = ((refs[0], Direction.TO, schema.SOURCE), (refs[1], Direction.FROM, schema.DESTINATION))
+    for ref, direction, peer in ends:
+        if ref is not None:
+            p = _end(attrs, peer)
+            out.append((ref.namespace, ref.name, direction.value, p.namespace, p.kind, p.name, cls.value))
+    return out
+
+
+def billed_flow_key(attrs: Mapping[str, str], cls: TrafficClass, refs: Refs) -> FlowKey | None:
+    """The savings' client -> server key of a billed flow, None for free flows or ones without a port."""
+    if cls not in BILLED_CROSSING:
+        return None
+    src_zone, dst_zone = attrs.get(schema.SOURCE_ZONE, ""), attrs.get(schema.DESTINATION_ZONE, "")
+    if not src_zone or not dst_zone:
+        return None
+    if attrs.get(schema.DESTINATION_PORT):  # the destination listens: a request to it
+        return flow_key(
+            _end(attrs, schema.SOURCE),
+            src_zone,
+            _end(attrs, schema.DESTINATION),
+            dst_zone,
+            service=_key(refs[0]),
+            direction=Direction.TO,
+        )
+    if attrs.get(schema.SOURCE_PORT):  # the source listens: its response
+        return flow_key(
+            _end(attrs, schema.DESTINATION),
+            dst_zone,
+            _end(attrs, schema.SOURCE),
+            src_zone,
+            service=_key(refs[1]),
+            direction=Direction.FROM,
+        )
+    return None  # no listening side (ICMP): neither end is a server
+
+
+def _key(ref: ServiceRef | None) -> tuple[str, str] | None:
+    return (ref.namespace, ref.name) if ref is not None else None

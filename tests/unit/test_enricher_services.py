@@ -1,0 +1,133 @@
+"""Service attribution in the enricher: which Service each end is an endpoint of, and the keys it feeds."""
+
+from __future__ import annotations
+
+from otel_kzt import schema
+from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.processing.services import billed_flow_key, service_keys
+from otel_kzt.k8s.model import Endpoint, NodeInfo
+from otel_kzt.k8s.servicemodel import ClusterVersion, ServiceRef, ServiceView
+from otel_kzt.savings.model import Direction, Workload, flow_key
+from otel_kzt.schema import TrafficClass, WorkloadKind
+
+NODES = {
+    "n-a": NodeInfo("n-a", "zone-a", "r", "aws", ("192.168.0.1",)),
+    "n-b": NodeInfo("n-b", "zone-b", "r", "aws", ("192.168.0.2",)),
+}
+PODS = {
+    "10.0.0.1": Endpoint("n-a", WorkloadKind.DEPLOYMENT, "web", "web-1", "shop", "u1"),
+    "10.0.0.2": Endpoint("n-b", WorkloadKind.DEPLOYMENT, "api", "api-1", "shop", "u2"),
+}
+API = ServiceRef("shop", "api")
+
+
+class FakeCatalog:
+    """A ServiceCatalog over (address, target port, protocol) -> Services."""
+
+    def __init__(self) -> None:
+        self.listed: dict[tuple[str, int, str], tuple[ServiceRef, ...]] = {("10.0.0.2", 8080, "tcp"): (API,)}
+        self.up = True
+        self.generation = 1
+
+    def available(self) -> bool:
+        return self.up
+
+    def services_at(self, address: str, port: int, protocol: str, at_unix_s: float | None = None
+                    ) -> tuple[ServiceRef, ...]:  # fmt: skip
+        return self.listed.get((address, port, protocol.lower()), ()) if self.up else ()
+
+    def service_at(self, address: str, port: int, protocol: str, at_unix_s: float | None = None
+                   ) -> ServiceRef | None:  # fmt: skip
+        found = self.services_at(address, port, protocol, at_unix_s)
+        return found[0] if found else None
+
+    def services(self) -> tuple[ServiceView, ...]:
+        return ()
+
+    def service(self, ref: ServiceRef) -> ServiceView | None:
+        return None
+
+    def cluster_version(self) -> ClusterVersion | None:
+        return None
+
+
+class Index:
+    def __init__(self) -> None:
+        self.services = FakeCatalog()
+        self.generation = 1
+
+    def ready(self) -> bool:
+        return True
+
+    def lookup(self, address: str, at_unix_s: float | None = None) -> Endpoint | None:
+        return PODS.get(address)
+
+    def node(self, name: str) -> NodeInfo | None:
+        return NODES.get(name)
+
+
+def _given(src: str, dst: str, sport: str = "", dport: str = "") -> dict[str, str]:
+    out = {schema.SOURCE_ADDRESS: src, schema.DESTINATION_ADDRESS: dst, schema.NETWORK_TRANSPORT: "tcp"}
+    if sport:
+        out[schema.SOURCE_PORT] = sport
+    if dport:
+        out[schema.DESTINATION_PORT] = dport
+    return out
+
+
+def test_request_to_an_endpoint_names_the_service_on_the_wire() -> None:
+    index = Index()
+    resolved = Resolver(index).resolve(_given("10.0.0.1", "10.0.0.2", dport="8080"), True)  # type: ignore[arg-type]
+    assert resolved.services == (API, None)
+    assert resolved.attrs[schema.DESTINATION_SERVICE_NAME] == "api"
+    assert resolved.attrs[schema.DESTINATION_SERVICE_NAMESPACE] == "shop"
+    assert service_keys(resolved.attrs, resolved.traffic_class, resolved.services) == [
+        ("shop", "api", "to", "shop", "Deployment", "web", "cross-zone")]
+    assert billed_flow_key(resolved.attrs, resolved.traffic_class, resolved.services) == flow_key(
+        Workload("shop", "Deployment", "web"), "zone-a", Workload("shop", "Deployment", "api"), "zone-b",
+        service=("shop", "api"), direction=Direction.TO)
+
+
+def test_response_from_an_endpoint_counts_for_the_service_but_adds_no_wire_attribute() -> None:
+    resolved = Resolver(Index()).resolve(_given("10.0.0.2", "10.0.0.1", sport="8080"), True)  # type: ignore[arg-type]
+    assert resolved.services == (None, API)
+    assert schema.DESTINATION_SERVICE_NAME not in resolved.attrs
+    assert service_keys(resolved.attrs, resolved.traffic_class, resolved.services) == [
+        ("shop", "api", "from", "shop", "Deployment", "web", "cross-zone")]
+    # Client and server stay who they are: web (zone-a) is the client of api (zone-b).
+    key = billed_flow_key(resolved.attrs, resolved.traffic_class, resolved.services)
+    web, api = Workload("shop", "Deployment", "web"), Workload("shop", "Deployment", "api")
+    assert key == flow_key(web, "zone-a", api, "zone-b", service=("shop", "api"), direction=Direction.FROM)
+
+
+def test_the_service_port_is_not_the_endpoint_port() -> None:
+    resolved = Resolver(Index()).resolve(_given("10.0.0.1", "10.0.0.2", dport="80"), True)  # type: ignore[arg-type]
+    assert resolved.services == (None, None) and schema.DESTINATION_SERVICE_NAME not in resolved.attrs
+    # Not a Service's endpoint, still a billed client -> server flow for the savings (no Service).
+    key = billed_flow_key(resolved.attrs, resolved.traffic_class, resolved.services)
+    assert key is not None and key[8:] == ("", "", "to")
+
+
+def test_services_unavailable_attribute_nothing() -> None:
+    index = Index()
+    index.services.up = False
+    resolved = Resolver(index).resolve(_given("10.0.0.1", "10.0.0.2", dport="8080"), True)  # type: ignore[arg-type]
+    assert resolved.services == (None, None)
+
+
+def test_recheck_sees_a_service_change() -> None:
+    index = Index()
+    resolver = Resolver(index)  # type: ignore[arg-type]
+    resolved = resolver.resolve(_given("10.0.0.1", "10.0.0.2", dport="8080"), True).slim()
+    assert resolver.recheck(resolved, True) is resolved
+    index.services.listed[("10.0.0.2", 8080, "tcp")] = (ServiceRef("shop", "api-canary"), API)
+    assert resolver.recheck(resolved, True) is None
+
+
+def test_free_and_portless_flows_are_not_billed_flows() -> None:
+    attrs = {schema.SOURCE_ZONE: "a", schema.DESTINATION_ZONE: "a", schema.DESTINATION_PORT: "80"}
+    assert billed_flow_key(attrs, TrafficClass.SAME_ZONE, (None, None)) is None
+    portless = {schema.SOURCE_ZONE: "a", schema.DESTINATION_ZONE: "b"}
+    assert billed_flow_key(portless, TrafficClass.CROSS_ZONE, (None, None)) is None
+    no_zone = {schema.SOURCE_ZONE: "a", schema.DESTINATION_PORT: "80"}
+    assert billed_flow_key(no_zone, TrafficClass.CROSS_REGION, (None, None)) is None
