@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent": ("otel_kzt.agent.command", "node agent: eBPF flow counters -> OTLP cumulative sums"),
     "enricher": ("otel_kzt.enricher.command", "OTLP receiver that adds Kubernetes metadata and exports"),
     "demo": ("otel_kzt.demo.command", "a simulated multi-zone cluster on this machine (the default)"),
+    "report": ("otel_kzt.savings.command", "savings report: what to change, what it saves, before and after"),
 }
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="otel-kzt", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"otel-kzt {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", metavar="{agent,enricher,demo}")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
     for name, (module_name, help_text) in COMMANDS.items():
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         importlib.import_module(module_name).add_arguments(command_parser)
