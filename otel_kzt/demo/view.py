@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_kzt import schema
+from otel_kzt.savings.render import human_bytes
 
 SECONDS_PER_MONTH = 30 * 24 * 3600
 L_SRC_NS = schema.prom_label(schema.SOURCE_NAMESPACE_NAME)
@@ -126,14 +127,6 @@ def frame(prev: Scrape, cur: Scrape, top: int = 10) -> Frame:
         class_rates={k[0]: v for k, v in class_rate.items()},
         usd_per_month=sum(all_cost.values()) * SECONDS_PER_MONTH,
     )
-
-
-def human_bytes(value: float) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(value) < 1000 or unit == "TB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    raise AssertionError("unreachable")
 
 
 def _matrix(zone_rates: dict[tuple[str, str], float]) -> list[str]:
