@@ -2,7 +2,9 @@
 
 Real eBPF agents (one per simulated node, attached inside the node's namespace), a real enricher, real
 traffic. `--once` runs for `--duration` (default 20s) and prints one final report; otherwise the view
-refreshes every `--interval` until `--duration` or Ctrl-C. Every way out removes all it created.
+refreshes every `--interval` until `--duration` or Ctrl-C (or `q`). `--apply-recommendations` (or the `a`
+key) applies the enricher's prefer-same-zone recommendations mid-run, and the view shows the billed rate
+before and after. Every way out removes all it created.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import argparse
 import logging
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Final
@@ -19,13 +20,12 @@ from typing import Any, Final
 from otel_kzt.configfile import check_keys, load_yaml, merge, parse_duration
 from otel_kzt.demo.cluster import STYLES
 from otel_kzt.demo.runner import ClusterRun, RunConfig
-from otel_kzt.demo.view import Scrape, agents_reporting, frame, parse, render
-from otel_kzt.errors import ConfigError, KztError
+from otel_kzt.demo.session import Viewer
+from otel_kzt.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 ONCE_DEFAULT_DURATION_S = 20.0
-CLEAR = "\x1b[H\x1b[2J"
 
 
 class _Stop(Exception):
@@ -36,7 +36,9 @@ class _Stop(Exception):
 DEFAULTS: Final[dict[str, Any]] = {
     "zones": 3, "nodes_per_zone": 2, "interval": "2s", "duration": None, "once": False, "speed": 1.0,
     "top": 10, "metrics_port": 9464, "otlp_port": 4317, "prefix": "kzd", "net_id": 201, "style": "gke",
+    "apply_recommendations": False, "apply_after": None, "savings_window": "1m",
 }
+APPLY_AFTER_DEFAULT_S = 60.0  # without --duration: when --apply-recommendations acts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--once", action="store_const", const=True, help="no live view: run, print one final report, exit 0")
     add("--speed", type=float, help="traffic rate multiplier (default 1.0)")
     add("--top", type=int, help="talkers shown (default 10)")
+    add("--apply-recommendations", action="store_const", const=True,
+        help="apply the prefer-same-zone recommendations mid-run (half of --duration, or --apply-after)")
+    add("--apply-after", help=f"when --apply-recommendations acts (default: half of --duration, else "
+        f"{APPLY_AFTER_DEFAULT_S:.0f}s)")
+    add("--savings-window", help="the enricher's --savings-window (default 1m: a short demo)")
     add("--metrics-port", type=int, help="enricher /metrics port on 127.0.0.1 (default 9464)")
     add("--otlp-port", type=int, help="enricher OTLP/gRPC port on the fabric (default 4317)")
     # For the end-to-end tests and parallel runs: namespace prefix and address plan id.
@@ -79,6 +86,7 @@ class DemoConfig:
     duration_s: float | None  # None: until interrupted
     once: bool
     top: int
+    apply_after_s: float | None = None  # --apply-recommendations: seconds after traffic starts
 
 
 def config_from(args: argparse.Namespace) -> DemoConfig:
@@ -100,65 +108,31 @@ def config_from(args: argparse.Namespace) -> DemoConfig:
         raise ConfigError("style", f"must be one of {', '.join(STYLES)}, got {style!r}")
     if not isinstance(v["prefix"], str) or not v["prefix"].isalnum() or len(v["prefix"]) > 6:
         raise ConfigError("prefix", "must be 1 to 6 letters or digits (it names namespaces and links)")
+    window = parse_duration(v["savings_window"], "savings_window")
     cfg = RunConfig(prefix=v["prefix"], net_id=_int(v, "net_id", 1, 250), zones=zones,
                     nodes_per_zone=per_zone, interval_s=interval, grpc_port=_int(v, "otlp_port", 1, 65535),
-                    metrics_port=_int(v, "metrics_port", 1, 65535), speed=float(speed), style=style)
-    return DemoConfig(run=cfg, duration_s=duration, once=bool(v["once"]), top=_int(v, "top", 1, 1000))
+                    metrics_port=_int(v, "metrics_port", 1, 65535), speed=float(speed), style=style,
+                    enricher_args=("--savings-window", f"{window}s"))
+    return DemoConfig(run=cfg, duration_s=duration, once=bool(v["once"]), top=_int(v, "top", 1, 1000),
+                      apply_after_s=_apply_after(v, duration))
+
+
+def _apply_after(v: dict[str, Any], duration: float | None) -> float | None:
+    if v["apply_after"] is not None and not v["apply_recommendations"]:
+        raise ConfigError("apply_after", "needs --apply-recommendations")
+    if not v["apply_recommendations"]:
+        return None
+    if v["apply_after"] is not None:
+        after = parse_duration(v["apply_after"], "apply_after")
+    else:
+        after = duration / 2 if duration is not None else APPLY_AFTER_DEFAULT_S
+    if duration is not None and after >= duration:
+        raise ConfigError("apply_after", f"must be before the end of --duration ({duration:.0f}s)")
+    return after
 
 
 def _raise_stop(signum: int, _frame: FrameType | None) -> None:
     raise _Stop(signal.Signals(signum).name)
-
-
-def _title(run: ClusterRun, started: float, duration: float | None, scrape: Scrape) -> str:
-    c = run.cluster
-    left = f", {max(0.0, duration - (time.monotonic() - started)):.0f}s left" if duration else ""
-    # An agent is "reporting" when the enricher heard from it within three intervals.
-    reporting = agents_reporting(scrape, time.time(), 3 * run.config.interval_s + 1.0)
-    return (f"otel-kzt demo: {len(c.zones())} zones x {len(c.nodes) // len(c.zones())} nodes, "
-            f"{len(c.pods)} pods, agents reporting {reporting}/{len(c.nodes)}, "
-            f"up {time.monotonic() - started:.0f}s{left} (Ctrl-C to stop)")
-
-
-class _Viewer:
-    """Scrapes the enricher each interval, draws the live view, and keeps the first and last good scrape."""
-
-    def __init__(self, run: ClusterRun, demo: DemoConfig) -> None:
-        self.run, self.demo = run, demo
-        self.first = self.last = parse(run.scrape(), time.monotonic())
-
-    def scrape(self) -> Scrape:
-        """A fresh scrape; a failed one (the enricher busy or restarting) keeps the last good one."""
-        try:
-            self.last = parse(self.run.scrape(), time.monotonic())
-        except OSError as exc:
-            enricher = self.run.enricher
-            if enricher is None or enricher.poll() is not None:
-                raise KztError(f"the enricher stopped; its log is in {self.run.workdir}") from exc
-            log.warning("scrape failed, keeping the last one: url=%s error=%s", self.run.metrics_url, exc)
-        return self.last
-
-    def loop(self) -> None:
-        started, duration = self.first.taken, self.demo.duration_s
-        prev = self.first
-        while duration is None or time.monotonic() - started < duration:
-            wait = self.run.config.interval_s
-            if duration is not None:
-                wait = min(wait, max(0.0, duration - (time.monotonic() - started)))
-            time.sleep(wait)
-            cur = self.scrape()
-            if not self.demo.once and cur is not prev:
-                text = render(frame(prev, cur, self.demo.top), self.run.metrics_url,
-                              _title(self.run, started, duration, cur))
-                sys.stdout.write((CLEAR if sys.stdout.isatty() else "\n") + text + "\n")
-                sys.stdout.flush()
-            prev = cur
-
-    def report(self) -> str:
-        first, last = self.first, self.last
-        return render(frame(first, last, self.demo.top), self.run.metrics_url,
-                      f"otel-kzt demo: final report over {last.taken - first.taken:.0f}s "
-                      "(rates are averages over the whole run)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("starting: %d nodes, enricher on %s, logs in %s", len(cluster_run.cluster.nodes),
                  cluster_run.metrics_url, cluster_run.workdir)
         cluster_run.start(traffic=False)
-        viewer = _Viewer(cluster_run, demo)  # the baseline, before any traffic
+        viewer = Viewer(cluster_run, demo.duration_s, demo.top, live=not demo.once,
+                        apply_after_s=demo.apply_after_s)  # the baseline, before any traffic
         cluster_run.start_traffic()
         try:
             viewer.loop()
@@ -180,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if engine is not None:
             log.info("traffic: requests ok=%d failed=%d", engine.requests_ok, engine.requests_failed)
         sys.stdout.write("\n" + viewer.report() + "\n")
+        sys.stdout.flush()
         return 0
     finally:
         try:

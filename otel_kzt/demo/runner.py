@@ -24,6 +24,7 @@ from typing import IO
 from otel_kzt import schema
 from otel_kzt.demo import metadata, topology
 from otel_kzt.demo.cluster import Cluster, NodeSpec, make_cluster
+from otel_kzt.demo.services import ServiceSpec
 from otel_kzt.demo.traffic import Engine
 from otel_kzt.demo.view import parse
 from otel_kzt.demo.workloads import Story, build_story
@@ -98,11 +99,13 @@ class ClusterRun:
     agents: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     enricher: subprocess.Popen[bytes] | None = None
     engine: Engine | None = None
+    services: dict[tuple[str, str], ServiceSpec] = field(init=False)  # as routed now
 
     def __post_init__(self) -> None:
         cfg = self.config
         self.cluster = make_cluster(cfg.prefix, cfg.net_id, cfg.zones, cfg.nodes_per_zone, cfg.style)
         self.story = build_story(self.cluster, cfg.speed)
+        self.services = {(s.namespace, s.name): s for s in self.story.services}
         self.workdir = cfg.workdir or Path(tempfile.mkdtemp(prefix=f"otel-kzt-{cfg.prefix}-"))
         self._lock = RunLock(cfg.lock_dir / f"otel-kzt-{cfg.prefix}.lock")
         self._topo = Topology()
@@ -116,6 +119,11 @@ class ClusterRun:
     @property
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.config.metrics_port}/metrics"
+
+    @property
+    def web_url(self) -> str:
+        """The enricher's metrics port: web view at `/`, `/api/v1/*`."""
+        return f"http://127.0.0.1:{self.config.metrics_port}"
 
     @property
     def otlp_endpoint(self) -> str:
@@ -136,13 +144,29 @@ class ClusterRun:
         for node in self.cluster.nodes:
             self.cleanup_agent(node)  # pins a killed run may have left
         topology.build(self.cluster, self._topo)
-        metadata.write(self.cluster, self.metadata_file, self.story.services)
+        self.write_metadata()
         self.start_enricher()
         for node in self.cluster.nodes:
             self.start_agent(node)
         self.wait_agents_reported(ready_timeout_s)
         if traffic:
             self.start_traffic()
+
+    def write_metadata(self) -> None:
+        """The cluster's objects as routed now, where agents and enricher read them (re-read on change)."""
+        metadata.write(self.cluster, self.metadata_file, tuple(self.services.values()))
+
+    def set_traffic_distribution(self, namespace: str, name: str, value: str | None) -> bool:
+        """Change a Service's trafficDistribution as `kubectl patch` would: the Service, its slices' hints
+        (the EndpointSlice controller's part) and the nodes' DNAT rules (kube-proxy's) follow. False when
+        the Service is not the story's or already routed so."""
+        spec = self.services.get((namespace, name))
+        if spec is None or spec.headless or spec.traffic_distribution == value:
+            return False
+        self.services[(namespace, name)] = spec.with_distribution(value)
+        self.write_metadata()
+        log.info("service routed namespace=%s service=%s trafficDistribution=%s", namespace, name, value)
+        return True
 
     def start_traffic(self) -> None:
         """The story's continuous traffic (the tests use bounded traffic instead)."""

@@ -66,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="checkpoint of the /metrics counters, restored at start (none: a restart resets them)",
     )
     add("--checkpoint-interval", help="how often --state-file is written, and on shutdown (10s)")
+    add("--savings-window", help="savings and their evidence at the traffic rate of this last window (1h)")
 
 
 def build_config(args: argparse.Namespace) -> EnricherConfig:
@@ -98,6 +99,9 @@ def build_config(args: argparse.Namespace) -> EnricherConfig:
         "state_file": args.state_file,
         "checkpoint_interval_s": parse_duration(args.checkpoint_interval, "--checkpoint-interval")
         if args.checkpoint_interval
+        else None,
+        "savings_window_s": parse_duration(args.savings_window, "--savings-window")
+        if args.savings_window
         else None,
     }
     return replace(config, **merge({}, flags)).validate()

@@ -32,6 +32,7 @@ DEFAULT_EXPORT_MAX_ELAPSED_S: Final = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
 DEFAULT_PROVIDER: Final = "aws"
 DEFAULT_CHECKPOINT_INTERVAL_S: Final = 10.0
+DEFAULT_SAVINGS_WINDOW_S: Final = 3600.0  # DESIGN §4: savings at the traffic rate of the last hour
 KNOWN_FLOW_LABELS: Final = frozenset(
     {
         schema.SOURCE_ADDRESS,
@@ -88,6 +89,7 @@ class EnricherConfig:
     shutdown_timeout_s: float = DEFAULT_SHUTDOWN_TIMEOUT_S
     state_file: str | None = None  # None: no checkpoint, a restart starts the counters from zero
     checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
+    savings_window_s: float = DEFAULT_SAVINGS_WINDOW_S
 
     def validate(self) -> EnricherConfig:
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -98,6 +100,8 @@ class EnricherConfig:
         _positive(self.max_request_bytes, "max_request_bytes")
         _positive(self.max_inflight_requests, "max_inflight_requests")
         _positive(self.max_series, "max_series")
+        if not self.savings_window_s >= 1.0:
+            raise ConfigError("savings_window", f"must be at least 1s, got {self.savings_window_s!r}")
         if not self.checkpoint_interval_s > 0:
             raise ConfigError("checkpoint_interval", f"must be positive, got {self.checkpoint_interval_s!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -143,6 +147,7 @@ _DURATIONS: Final = {
     "series_ttl_s": "series_ttl",
     "shutdown_timeout_s": "shutdown_timeout",
     "checkpoint_interval_s": "checkpoint_interval",
+    "savings_window_s": "savings_window",
 }
 
 

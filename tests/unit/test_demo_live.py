@@ -1,0 +1,74 @@
+"""The live terminal view: a heat map and the savings panel, redrawn in place on a terminal only."""
+
+from __future__ import annotations
+
+import io
+import os
+import pty
+
+from otel_kzt.demo.live import Keys, Screen, heat_map, savings, screen
+from otel_kzt.demo.session import plain
+from otel_kzt.demo.view import frame, parse
+from otel_kzt.savings.model import Report
+
+
+def _scrape(zone_ab: float, taken: float):  # type: ignore[no-untyped-def]
+    return parse("# TYPE kzt_zone_traffic_bytes counter\n"
+                 'kzt_zone_traffic_bytes_total{source_cloud_availability_zone="a",'
+                 f'destination_cloud_availability_zone="b"}} {zone_ab}\n'
+                 'kzt_zone_traffic_bytes_total{source_cloud_availability_zone="a",'
+                 f'destination_cloud_availability_zone="a"}} {zone_ab / 2}\n', taken)
+
+
+def test_heat_map_colours_by_rate() -> None:
+    fr = frame(_scrape(0, 0.0), _scrape(4000, 2.0))
+    out = io.StringIO()
+    from rich.console import Console
+
+    Console(file=out, force_terminal=True, color_system="truecolor", width=100).print(heat_map(fr.zone_rates))
+    text = out.getvalue()
+    assert "2.0 kB/s" in text and "1.0 kB/s" in text
+    assert "48;2;200;40;30" in text  # the busiest crossing cell: full red background
+    assert "48;2;" in text.split("1.0 kB/s")[0].rsplit("\n", 1)[-1]  # the diagonal is shaded too (green)
+
+
+def test_plain_frame_has_no_escape_codes() -> None:
+    fr = frame(_scrape(0, 0.0), _scrape(4000, 2.0))
+    text = plain(screen(fr, None, "title", "http://127.0.0.1:9464/metrics", "hint"))
+    assert "\x1b[" not in text and "Zone x zone" in text and "waiting for the enricher" in text
+    assert "Web view: http://127.0.0.1:9464/" in text
+
+
+def test_savings_panel_off() -> None:
+    off = Report(1.0, False, "list services: HTTP 403", 60.0, 0.0, "", "")
+    assert "Savings are off: list services: HTTP 403" in plain(savings(off, "h"))
+
+
+def test_screen_appends_plain_frames_when_not_a_terminal() -> None:
+    out = io.StringIO()
+    with Screen(out) as scr:
+        assert not scr.live_mode
+        scr.show(savings(None, "h"), "frame one")
+        scr.show(savings(None, "h"), "frame two")
+    assert out.getvalue() == "\nframe one\n\nframe two\n"
+
+
+def test_keys_read_single_presses_from_a_terminal_and_restore_it() -> None:
+    leader, follower = pty.openpty()
+    stream = os.fdopen(follower, "r", closefd=False)
+    try:
+        import termios
+
+        before = termios.tcgetattr(follower)
+        with Keys(active=True, stream=stream) as keys:
+            assert keys.enabled
+            assert keys.wait(0.01) is None
+            os.write(leader, b"a")
+            assert keys.wait(2.0) == "a"  # no Enter needed (cbreak)
+        assert termios.tcgetattr(follower) == before
+        with Keys(active=False, stream=stream) as keys:
+            assert not keys.enabled and keys.wait(0.0) is None
+    finally:
+        stream.close()
+        os.close(leader)
+        os.close(follower)
