@@ -32,7 +32,7 @@ from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.processing.cost import load_prices
 from otel_kzt.enricher.processing.resolution import Resolver
 from otel_kzt.enricher.receivers.grpc import GrpcReceiver
-from otel_kzt.enricher.receivers.http import ReceiverSettings
+from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.k8s.decode import decode_node, decode_pod
 from otel_kzt.k8s.index import ClusterIndex
 from tests.support.k8s_objects import make_node, make_pod
@@ -200,7 +200,7 @@ def churning(core: Core, index: ClusterIndex) -> Callable[[bytes], None]:
 def over_grpc(index: ClusterIndex, payloads: list[list[bytes]], points: int) -> float:
     """Wall-clock data points per second through the real gRPC receiver (client in the same process)."""
     core = make_core(index, flow_logs=False)
-    receiver = GrpcReceiver(ReceiverSettings("127.0.0.1", 0, 64 << 20, None, None), core)
+    receiver = GrpcReceiver(ReceiverSettings("127.0.0.1", 0), core)
     port = receiver.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -275,3 +275,12 @@ ENRICHER_EXPORTER_LABEL: Final = "exporter"
 ENRICHER_CHECKPOINT_ERRORS: Final = "kzt_enricher_checkpoint_errors"
 ENRICHER_CHECKPOINT_STAGE_LABEL: Final = "stage"
 ENRICHER_CHECKPOINT_TIMESTAMP: Final = "kzt_enricher_checkpoint_timestamp_seconds"
+# The receivers' caps (DESIGN §5.9): what each refused, and what is held now.
+ENRICHER_RECEIVER_REFUSED: Final = "kzt_enricher_receiver_refused"  # counter: _total on /metrics
+ENRICHER_RECEIVER_INFLIGHT_BYTES: Final = "kzt_enricher_receiver_inflight_bytes"
+ENRICHER_RECEIVER_CONNECTIONS: Final = "kzt_enricher_receiver_connections"
+ENRICHER_RECEIVER_LABEL: Final = "receiver"
+ENRICHER_RECEIVER_REASON_LABEL: Final = "reason"
+ENRICHER_REFUSED_INFLIGHT_BYTES: Final = "max_inflight_bytes"
+ENRICHER_REFUSED_CONNECTIONS: Final = "max_connections"
+ENRICHER_REFUSED_CONCURRENT_CALLS: Final = "max_concurrent_calls"

@@ -43,9 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"requests enriched at once before 503 ({d.max_inflight_requests})",
     )
-    add("--tls-cert-file", help="serve both receivers over TLS with this certificate (PEM)")
+    add(
+        "--max-inflight-bytes",
+        type=int,
+        help=f"request bytes held by both receivers at once, beyond: retry later ({d.max_inflight_bytes})",
+    )
+    add("--max-connections", type=int, help=f"open connections per HTTP port ({d.max_connections})")
+    add("--max-concurrent-calls", type=int, help=f"gRPC calls at once ({d.max_concurrent_calls})")
+    add("--header-timeout", help="deadline for a request head, also the keep-alive idle time (30s)")
+    add("--body-timeout", help="deadline for a whole request body (60s)")
+    add("--tls-cert-file", help="serve both receivers over TLS with this certificate (PEM, reloaded)")
     add("--tls-key-file", help="private key (PEM) for --tls-cert-file")
-    add("--bearer-token-file", help="require `Authorization: Bearer <file content>` on both receivers")
+    add(
+        "--bearer-token-file",
+        help="require `Authorization: Bearer <file content>` on both receivers (re-read on change)",
+    )
     add("--export-endpoint", action="append", metavar="URL", help="downstream OTLP endpoint (repeatable)")
     add("--export-protocol", choices=PROTOCOLS, help="protocol of the --export-endpoint URLs (grpc)")
     add("--export-header", action="append", metavar="KEY=VALUE", help="header sent to every export endpoint")
@@ -79,6 +91,11 @@ def build_config(args: argparse.Namespace) -> EnricherConfig:
         "metrics_endpoint": _port_or(args.metrics_endpoint, args.metrics_port, "--metrics-port"),
         "max_request_bytes": args.max_request_bytes,
         "max_inflight_requests": args.max_inflight_requests,
+        "max_inflight_bytes": args.max_inflight_bytes,
+        "max_connections": args.max_connections,
+        "max_concurrent_calls": args.max_concurrent_calls,
+        "header_timeout_s": _duration(args.header_timeout, "--header-timeout"),
+        "body_timeout_s": _duration(args.body_timeout, "--body-timeout"),
         "tls_cert_file": args.tls_cert_file,
         "tls_key_file": args.tls_key_file,
         "bearer_token_file": args.bearer_token_file,
@@ -105,6 +122,10 @@ def build_config(args: argparse.Namespace) -> EnricherConfig:
         else None,
     }
     return replace(config, **merge({}, flags)).validate()
+
+
+def _duration(value: str | None, flag: str) -> float | None:
+    return None if value is None else parse_duration(value, flag)
 
 
 def _port_or(endpoint: str | None, port: int | None, flag: str) -> str | None:

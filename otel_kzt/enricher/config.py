@@ -24,6 +24,11 @@ DEFAULT_HTTP_ENDPOINT: Final = "0.0.0.0:4318"
 DEFAULT_METRICS_ENDPOINT: Final = "0.0.0.0:9464"
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT: Final = 16
+DEFAULT_MAX_INFLIGHT_BYTES: Final = 256 * 1024 * 1024
+DEFAULT_MAX_CONNECTIONS: Final = 4096
+DEFAULT_MAX_CONCURRENT_CALLS: Final = 64
+DEFAULT_HEADER_TIMEOUT_S: Final = 30.0
+DEFAULT_BODY_TIMEOUT_S: Final = 60.0
 DEFAULT_MAX_SERIES: Final = 200_000
 DEFAULT_SERIES_TTL_S: Final = 600.0
 DEFAULT_EXPORT_QUEUE: Final = 1000
@@ -71,10 +76,15 @@ class EnricherConfig:
     metrics_endpoint: str = DEFAULT_METRICS_ENDPOINT
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_inflight_requests: int = DEFAULT_MAX_INFLIGHT
+    max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # request bytes held by the receivers at once
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # per HTTP port
+    max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS  # gRPC calls at once
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # request head (and keep-alive idle) deadline
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # whole-body deadline
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     bearer_token: str | None = None
-    bearer_token_file: str | None = None  # read at start (keeps the token out of `ps`)
+    bearer_token_file: str | None = None  # re-read when it changes (keeps the token out of `ps`)
     exporters: tuple[ExporterConfig, ...] = ()
     kube_metadata: str | None = None
     kubeconfig: str | None = None
@@ -102,6 +112,17 @@ class EnricherConfig:
         _positive(self.max_series, "max_series")
         if not self.savings_window_s >= 1.0:
             raise ConfigError("savings_window", f"must be at least 1s, got {self.savings_window_s!r}")
+        for name in ("max_inflight_bytes", "max_connections", "max_concurrent_calls"):
+            _positive(getattr(self, name), name)
+        if self.max_inflight_bytes < self.max_request_bytes:
+            raise ConfigError(
+                "max_inflight_bytes",
+                f"{self.max_inflight_bytes} is below max_request_bytes={self.max_request_bytes}: "
+                "the largest request could never be admitted",
+            )
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(_DURATIONS[name], f"must be positive, got {getattr(self, name)!r}")
         if not self.checkpoint_interval_s > 0:
             raise ConfigError("checkpoint_interval", f"must be positive, got {self.checkpoint_interval_s!r}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -148,6 +169,8 @@ _DURATIONS: Final = {
     "shutdown_timeout_s": "shutdown_timeout",
     "checkpoint_interval_s": "checkpoint_interval",
     "savings_window_s": "savings_window",
+    "header_timeout_s": "header_timeout",
+    "body_timeout_s": "body_timeout",
 }
 
 

@@ -8,10 +8,8 @@ twice, before `start()`, and it undoes a half-finished start.
 from __future__ import annotations
 
 import logging
-import ssl
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Protocol, TextIO
 
 from prometheus_client import CollectorRegistry
@@ -20,14 +18,19 @@ from prometheus_client.exposition import choose_encoder
 from otel_kzt.enricher.config import EnricherConfig, split_host_port
 from otel_kzt.enricher.exporters.otlp import Exporter
 from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.http_server import HttpLimits
+from otel_kzt.enricher.metrics_port import MetricsPort, Page, PageRequest, Reply
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.processing.cost import load_prices
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
 from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.receivers.auth import BearerCheck, ServerTls
+from otel_kzt.enricher.receivers.budget import ByteBudget
+from otel_kzt.enricher.receivers.caps import ReceiverMetrics
 from otel_kzt.enricher.receivers.grpc import GrpcReceiver
-from otel_kzt.enricher.receivers.http import HttpReceiver, ReceiverSettings
+from otel_kzt.enricher.receivers.http import HttpReceiver
+from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.enricher.state.checkpointer import Checkpointer
-from otel_kzt.errors import ConfigError
 from otel_kzt.k8s.model import MetadataIndex
 
 log = logging.getLogger(__name__)
@@ -74,8 +77,10 @@ class EnricherService:
         cfg = self.config
         # Everything that can fail on bad files first, before anything runs.
         prices = load_prices(cfg.prices_file, cfg.default_provider)
-        tls = _tls_context(cfg)
-        token = _token(cfg)
+        tls = None
+        if cfg.tls_cert_file and cfg.tls_key_file:
+            tls = ServerTls(cfg.tls_cert_file, cfg.tls_key_file)
+        auth = BearerCheck(cfg.bearer_token, cfg.bearer_token_file)
         metadata = self._metadata or _open_metadata(cfg)
         metadata.start()
         self._stoppers.append(("metadata", metadata))
@@ -115,37 +120,44 @@ class EnricherService:
             checkpointer.start()
             collector.source = checkpointer.scrape
             self._stoppers.append(("checkpoint", checkpointer))
-        self._serve(core, index, tls, token)
+        self._serve(core, index, tls, auth)
 
-    def _serve(self, core: Core, index: MetadataIndex, tls: ssl.SSLContext | None, token: str | None) -> None:
+    def _serve(self, core: Core, index: MetadataIndex, tls: ServerTls | None, auth: BearerCheck) -> None:
         """Bind /metrics, then the receivers (each one registered for shutdown as soon as it runs)."""
         cfg = self.config
+        limits = HttpLimits(cfg.max_connections, cfg.header_timeout_s, cfg.body_timeout_s)
+        caps = ReceiverMetrics(ByteBudget(cfg.max_inflight_bytes))  # one budget for both receivers
+        self.registry.register(caps)
         if cfg.metrics_endpoint:
-            server = _MetricsServer(
-                split_host_port(cfg.metrics_endpoint, "metrics_endpoint"), self.registry, index
+            host, port = split_host_port(cfg.metrics_endpoint, "metrics_endpoint")
+            metrics = MetricsPort(host, port, self._pages(index), limits)
+            self.ports["metrics"] = metrics.start()
+            self._stoppers.append(("metrics", metrics))
+        for kind, endpoint in (("http", cfg.http_endpoint), ("grpc", cfg.grpc_endpoint)):
+            if not endpoint:
+                continue
+            host, port = split_host_port(endpoint, f"{kind}_endpoint")
+            settings = ReceiverSettings(
+                host, port, cfg.max_request_bytes, auth, tls, caps.budget, limits, cfg.max_concurrent_calls
             )
-            threading.Thread(
-                target=server.serve_forever, args=(0.05,), name="kzt-metrics", daemon=True
-            ).start()
-            self._stoppers.append(("metrics", server))
-            self.ports["metrics"] = int(server.server_address[1])
-        if cfg.http_endpoint:
-            http = HttpReceiver(self._settings(cfg.http_endpoint, "http_endpoint", tls, token), core)
-            self.ports["http"] = http.start()
-            self._stoppers.append(("http", http))
-        if cfg.grpc_endpoint:
-            files = (cfg.tls_cert_file, cfg.tls_key_file) if cfg.tls_cert_file and cfg.tls_key_file else None
-            grpc_receiver = GrpcReceiver(
-                self._settings(cfg.grpc_endpoint, "grpc_endpoint", None, token), core, files
-            )
-            self.ports["grpc"] = grpc_receiver.start()
-            self._stoppers.append(("grpc", grpc_receiver))
+            receiver = HttpReceiver(settings, core) if kind == "http" else GrpcReceiver(settings, core)
+            receiver.report(caps)
+            self.ports[kind] = receiver.start()
+            self._stoppers.append((kind, receiver))
 
-    def _settings(
-        self, endpoint: str, field: str, tls: ssl.SSLContext | None, token: str | None
-    ) -> ReceiverSettings:
-        host, port = split_host_port(endpoint, field)
-        return ReceiverSettings(host, port, self.config.max_request_bytes, token, tls)
+    def _pages(self, index: MetadataIndex) -> dict[str, Page]:
+        """The metrics port's pages; add one here (path -> function of PageRequest returning a Reply)."""
+        registry = self.registry
+
+        def metrics(request: PageRequest) -> Reply:
+            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+            return Reply(200, encoder(registry), content_type)
+
+        def readyz(_request: PageRequest) -> Reply:
+            ready = index.ready()
+            return Reply(200 if ready else 503, b"ready\n" if ready else b"metadata not synced\n")
+
+        return {"/metrics": metrics, "/healthz": lambda _r: Reply(200, b"ok\n"), "/readyz": readyz}
 
     def shutdown(self) -> None:
         with self._lock:
@@ -160,9 +172,6 @@ class EnricherService:
             try:
                 if kind == "exporter":
                     part.shutdown(self.config.shutdown_timeout_s)  # type: ignore[attr-defined]
-                elif kind == "metrics":
-                    part.shutdown()  # type: ignore[attr-defined]
-                    part.server_close()  # type: ignore[attr-defined]
                 else:
                     part.shutdown()  # type: ignore[attr-defined]
             except Exception:
@@ -173,63 +182,3 @@ def _open_metadata(cfg: EnricherConfig) -> Metadata:
     from otel_kzt.k8s import open_metadata
 
     return open_metadata(cfg.kube_metadata, kubeconfig=cfg.kubeconfig)
-
-
-def _token(cfg: EnricherConfig) -> str | None:
-    if cfg.bearer_token_file is None:
-        return cfg.bearer_token
-    try:
-        with open(cfg.bearer_token_file) as fh:
-            return fh.read().strip()
-    except OSError as exc:
-        raise ConfigError(
-            "bearer_token_file", f"cannot read {cfg.bearer_token_file}: {exc.strerror}"
-        ) from exc
-
-
-def _tls_context(cfg: EnricherConfig) -> ssl.SSLContext | None:
-    if not cfg.tls_cert_file or not cfg.tls_key_file:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        ctx.load_cert_chain(cfg.tls_cert_file, cfg.tls_key_file)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            "tls_cert_file", f"cannot load {cfg.tls_cert_file} / {cfg.tls_key_file}: {exc}"
-        ) from exc
-    return ctx
-
-
-class _MetricsHandler(BaseHTTPRequestHandler):
-    server: _MetricsServer
-
-    def log_message(self, format: str, *args: object) -> None:
-        log.debug("metrics http: " + format, *args)
-
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._reply(200, encoder(self.server.registry), content_type)
-        elif path == "/healthz":
-            self._reply(200, b"ok\n")
-        elif path == "/readyz":
-            ready = self.server.index.ready()
-            self._reply(200 if ready else 503, b"ready\n" if ready else b"metadata not synced\n")
-        else:
-            self._reply(404, b"not found (/metrics, /healthz, /readyz)\n")
-
-    def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-
-class _MetricsServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], registry: CollectorRegistry, index: MetadataIndex) -> None:
-        super().__init__(address, _MetricsHandler)
-        self.registry, self.index = registry, index

@@ -8,6 +8,7 @@ import http.client
 import shutil
 import ssl
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from tests.conftest import require
 from tests.integration.test_enricher_badinput import good_request
 from tests.integration.test_enricher_otlp import send_with_sdk
 from tests.integration.test_enricher_service import POD_IPS, local_config, metadata_file, wait_ready
+from tests.support.tls import Issuer, SecretVolume, der, served_certificate
 
 __all__ = ["metadata_file"]
 
@@ -100,3 +102,42 @@ def test_tls_receivers(tls_service: EnricherService, certificate: tuple[Path, Pa
     )
     send_with_sdk(exporter, [(POD_IPS["web-1"], POD_IPS["cache-1"], 42)])
     assert tls_service.core is not None and tls_service.core.active_series >= 2
+
+
+@pytest.mark.integration
+def test_rotated_certificate_and_token_are_used_without_restart(metadata_file: Path, tmp_path: Path) -> None:
+    """A cert-manager renewal (new key, same issuer) and a token rotation, delivered the way kubelet updates
+    a Secret volume: new connections get the new certificate on both receivers, the new token is required."""
+    issuer, volume = Issuer(tmp_path / "ca"), SecretVolume(tmp_path / "secret")
+    first, second = issuer.issue(), issuer.issue()
+    volume.write({"tls.crt": first[0], "tls.key": first[1], "token": b"old-token\n"})
+    svc = EnricherService(
+        local_config(
+            metadata_file,
+            tls_cert_file=volume.path("tls.crt"),
+            tls_key_file=volume.path("tls.key"),
+            bearer_token_file=volume.path("token"),
+        )
+    )
+    try:
+        svc.start()
+        ports = (svc.ports["http"], "http/1.1"), (svc.ports["grpc"], "h2")
+        assert all(served_certificate(p, issuer.cert, alpn) == der(first[0]) for p, alpn in ports)
+        volume.write({"tls.crt": second[0], "tls.key": second[1], "token": b"new-token\n"})
+        threading.Event().wait(1.1)  # files are re-checked at most once a second
+        assert all(served_certificate(p, issuer.cert, alpn) == der(second[0]) for p, alpn in ports)
+        context = ssl.create_default_context(cafile=str(issuer.cert))
+        body = good_request().SerializeToString()
+        for token, want in (("old-token", 401), ("new-token", 200)):
+            conn = http.client.HTTPSConnection("127.0.0.1", svc.ports["http"], context=context, timeout=10)
+            headers = {"Content-Type": "application/x-protobuf", "Authorization": f"Bearer {token}"}
+            conn.request("POST", "/v1/metrics", body=body, headers=headers)
+            assert conn.getresponse().status == want
+            conn.close()
+        with grpc.secure_channel(
+            f"localhost:{svc.ports['grpc']}", grpc.ssl_channel_credentials(issuer.cert.read_bytes())
+        ) as channel:
+            call = channel.unary_unary("/opentelemetry.proto.collector.metrics.v1.MetricsService/Export")
+            call(body, timeout=10, metadata=(("authorization", "Bearer new-token"),))
+    finally:
+        svc.shutdown()

@@ -46,7 +46,14 @@ def test_every_flag_has_a_yaml_twin() -> None:
             key = renamed.get(dest, dest)
             assert f"{key}:" in sample, f"--{dest.replace('_', '-')} has no `{key}` in config/enricher.yaml"
             # ... and the loader knows it (durations are read without the `_s` of the field)
-            durations = {"series_ttl", "shutdown_timeout", "checkpoint_interval", "savings_window"}
+            durations = {
+                "series_ttl",
+                "shutdown_timeout",
+                "checkpoint_interval",
+                "savings_window",
+                "header_timeout",
+                "body_timeout",
+            }
             assert key in durations or key in default_config().__dataclass_fields__
 
 

@@ -1,15 +1,19 @@
 """OTLP/gRPC receiver: a thin transport that decodes one request and hands it to the core.
 
 Generic handlers take the raw bytes so decoding errors are ours to answer (INVALID_ARGUMENT). gRPC itself
-enforces the size limit (RESOURCE_EXHAUSTED) and handles gzip. A busy core answers UNAVAILABLE with a
-RetryInfo delay, which OTLP clients honour.
+enforces the message size (RESOURCE_EXHAUSTED, no RetryInfo: too large stays too large) and speaks gzip
+and deflate. Bounded and retryable beyond: more than `max_concurrent_calls` calls at once, or a message
+that does not fit the shared in-flight byte budget, is answered RESOURCE_EXHAUSTED with a RetryInfo delay
+(OTLP clients retry that); the first check happens before the message is read. A busy core answers
+UNAVAILABLE with RetryInfo. The certificate is re-read when its files change (dynamic credentials).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Final, NoReturn, TypeVar
 
 import grpc
@@ -25,53 +29,86 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
+from otel_kzt import schema
 from otel_kzt.enricher.processing.core import Core
-from otel_kzt.enricher.receivers.http import ReceiverSettings
-from otel_kzt.errors import ConfigError, Overloaded
+from otel_kzt.enricher.receivers.caps import ReceiverMetrics
+from otel_kzt.enricher.receivers.settings import ReceiverSettings
+from otel_kzt.errors import Overloaded
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
+Behaviour = Callable[[bytes, grpc.ServicerContext], bytes]
 
-METRICS_SERVICE: Final = "opentelemetry.proto.collector.metrics.v1.MetricsService"
-LOGS_SERVICE: Final = "opentelemetry.proto.collector.logs.v1.LogsService"
+METRICS_METHOD: Final = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+LOGS_METHOD: Final = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
+_RETRY_AFTER_S: Final = 1
+
+
+class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Admits at most `limit` calls at once; the others are refused before their message is read."""
+
+    def __init__(self, methods: dict[str, Behaviour], limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+        self._limit = limit
+        self.refused = 0
+        self._handlers = {
+            method: grpc.unary_unary_rpc_method_handler(self._admitted(behaviour))
+            for method, behaviour in methods.items()
+        }
+        # stream-unary: the refusal aborts without reading the request stream.
+        self._refuse = grpc.stream_unary_rpc_method_handler(self._refusal)
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._handlers.get(details.method)
+        if handler is None:
+            return None
+        if not self._slots.acquire(blocking=False):
+            self.refused += 1
+            return self._refuse
+        return handler
+
+    def _admitted(self, behaviour: Behaviour) -> Behaviour:
+        def run(raw: bytes, context: grpc.ServicerContext) -> bytes:
+            try:
+                return behaviour(raw, context)
+            finally:
+                self._slots.release()
+
+        return run
+
+    def _refusal(self, _requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        _abort_retry_later(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"receiver busy: {self._limit} calls in flight (max_concurrent_calls)",
+        )
 
 
 class GrpcReceiver:
-    def __init__(
-        self,
-        settings: ReceiverSettings,
-        core: Core,
-        tls_files: tuple[str, str] | None = None,
-        workers: int = 8,
-    ) -> None:
-        self._settings, self._core, self._tls_files, self._workers = settings, core, tls_files, workers
+    def __init__(self, settings: ReceiverSettings, core: Core, workers: int = 8) -> None:
+        self._settings, self._core, self._workers = settings, core, workers
         self._server: grpc.Server | None = None
+        self.admission = _Admission(
+            {METRICS_METHOD: self._metrics, LOGS_METHOD: self._logs}, settings.max_concurrent_calls
+        )
+
+    def report(self, caps: ReceiverMetrics) -> None:
+        admission = self.admission
+        caps.refused["grpc", schema.ENRICHER_REFUSED_CONCURRENT_CALLS] = lambda: admission.refused
 
     def start(self) -> int:
-        limit = self._settings.max_request_bytes
+        settings = self._settings
         server = grpc.server(
             ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="kzt-otlp-grpc"),
-            # Bounded: beyond this gRPC itself answers RESOURCE_EXHAUSTED instead of queueing without end.
-            maximum_concurrent_rpcs=4 * self._workers,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.so_reuseport", 0)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
         )
-        server.add_generic_rpc_handlers(
-            (
-                grpc.method_handlers_generic_handler(
-                    METRICS_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self._metrics)}
-                ),
-                grpc.method_handlers_generic_handler(
-                    LOGS_SERVICE, {"Export": grpc.unary_unary_rpc_method_handler(self._logs)}
-                ),
-            )
-        )
-        address = f"{self._settings.host}:{self._settings.port}"
-        if self._tls_files is not None:
-            try:
-                cert, key = (Path(p).read_bytes() for p in self._tls_files)
-            except OSError as exc:
-                raise ConfigError("tls_cert_file", f"cannot read {exc.filename}: {exc.strerror}") from exc
-            port = server.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
+        server.add_generic_rpc_handlers((self.admission,))
+        address = f"{settings.host}:{settings.port}"
+        if settings.tls is not None:
+            port = server.add_secure_port(address, settings.tls.grpc_credentials())
         else:
             port = server.add_insecure_port(address)
         server.start()
@@ -84,20 +121,22 @@ class GrpcReceiver:
             server.stop(grace_s).wait()
 
     def _authorize(self, context: grpc.ServicerContext) -> None:
-        token = self._settings.bearer_token
-        if token is None:
+        if not self._settings.auth.required:
             return
         metadata = dict(context.invocation_metadata())
-        if metadata.get("authorization") != f"Bearer {token}":
+        authorization = metadata.get("authorization")
+        if not self._settings.auth.accepts(authorization if isinstance(authorization, str) else None):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     def _metrics(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         self._authorize(context)
-        request = _decode(raw, ExportMetricsServiceRequest, context)
-        try:
-            outcome = self._core.consume_metrics(request, raw=raw)
-        except Overloaded as exc:
-            _abort_overloaded(context, exc)
+        with self._settings.budget.hold() as hold:
+            _charge(hold.take, len(raw), context)
+            request = _decode(raw, ExportMetricsServiceRequest, context)
+            try:
+                outcome = self._core.consume_metrics(request, raw=raw)
+            except Overloaded as exc:
+                _abort_retry_later(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         response = ExportMetricsServiceResponse()
         if outcome.rejected:
             response.partial_success.rejected_data_points = outcome.rejected
@@ -106,8 +145,17 @@ class GrpcReceiver:
 
     def _logs(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         self._authorize(context)
-        self._core.consume_logs(_decode(raw, ExportLogsServiceRequest, context))
+        with self._settings.budget.hold() as hold:
+            _charge(hold.take, len(raw), context)
+            self._core.consume_logs(_decode(raw, ExportLogsServiceRequest, context))
         return bytes(ExportLogsServiceResponse().SerializeToString())
+
+
+def _charge(take: Callable[[int], None], size: int, context: grpc.ServicerContext) -> None:
+    try:
+        take(size)
+    except Overloaded as exc:
+        _abort_retry_later(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
 
 def _decode(raw: bytes, message_type: type[M], context: grpc.ServicerContext) -> M:
@@ -118,13 +166,12 @@ def _decode(raw: bytes, message_type: type[M], context: grpc.ServicerContext) ->
         raise AssertionError("abort raises") from exc
 
 
-def _abort_overloaded(context: grpc.ServicerContext, exc: Overloaded) -> NoReturn:
-    info = error_details_pb2.RetryInfo(
-        retry_delay=duration_pb2.Duration(seconds=max(1, round(exc.retry_after_s)))
-    )
+def _abort_retry_later(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """Abort with a RetryInfo delay in `grpc-status-details-bin`: OTLP clients retry after it."""
+    info = error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=_RETRY_AFTER_S))
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message=str(exc), details=[detail])
+    status = status_pb2.Status(code=code.value[0], message=message, details=[detail])
     context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
-    context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    context.abort(code, message)
     raise AssertionError("abort raises")

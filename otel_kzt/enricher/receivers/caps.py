@@ -1,0 +1,49 @@
+"""The receivers' caps on /metrics: what each one refused, and the bytes and connections held now.
+
+Read at scrape time from the live counters (the budget, each HTTP port's connection gate, the gRPC
+admission), so nothing is counted twice and no request path touches a metric.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from otel_kzt import schema
+from otel_kzt.enricher.receivers.budget import ByteBudget
+
+
+@dataclass(eq=False)  # hashable by identity: a registry keys its collectors
+class ReceiverMetrics(Collector):
+    """Register once; add each receiver's readings as it starts."""
+
+    budget: ByteBudget
+    refused: dict[tuple[str, str], Callable[[], int]] = field(default_factory=dict)
+    connections: dict[str, Callable[[], int]] = field(default_factory=dict)
+
+    def collect(self) -> Iterator[Metric]:
+        refused = CounterMetricFamily(
+            schema.ENRICHER_RECEIVER_REFUSED,
+            "Requests or connections a receiver answered `retry later` because a cap was reached",
+            labels=[schema.ENRICHER_RECEIVER_LABEL, schema.ENRICHER_RECEIVER_REASON_LABEL],
+        )
+        refused.add_metric(["all", schema.ENRICHER_REFUSED_INFLIGHT_BYTES], float(self.budget.refused))
+        for (receiver, reason), read in sorted(self.refused.items()):
+            refused.add_metric([receiver, reason], float(read()))
+        yield refused
+        yield GaugeMetricFamily(
+            schema.ENRICHER_RECEIVER_INFLIGHT_BYTES,
+            "Request bytes held by the receivers now (max_inflight_bytes caps it)",
+            value=float(self.budget.used),
+        )
+        connections = GaugeMetricFamily(
+            schema.ENRICHER_RECEIVER_CONNECTIONS,
+            "Open connections per HTTP port (max_connections caps it)",
+            labels=[schema.ENRICHER_RECEIVER_LABEL],
+        )
+        for receiver, read in sorted(self.connections.items()):
+            connections.add_metric([receiver], float(read()))
+        yield connections

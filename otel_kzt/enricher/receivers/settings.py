@@ -1,0 +1,26 @@
+"""What both OTLP receivers share: where to listen, the size limit, who may send, TLS, the byte budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from otel_kzt.enricher.config import (
+    DEFAULT_MAX_CONCURRENT_CALLS,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    DEFAULT_MAX_REQUEST_BYTES,
+)
+from otel_kzt.enricher.http_server import HttpLimits
+from otel_kzt.enricher.receivers.auth import BearerCheck, ServerTls
+from otel_kzt.enricher.receivers.budget import ByteBudget
+
+
+@dataclass(frozen=True)
+class ReceiverSettings:
+    host: str
+    port: int
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    auth: BearerCheck = field(default_factory=BearerCheck)
+    tls: ServerTls | None = None
+    budget: ByteBudget = field(default_factory=lambda: ByteBudget(DEFAULT_MAX_INFLIGHT_BYTES))
+    http: HttpLimits = field(default_factory=HttpLimits)
+    max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS  # gRPC

@@ -1,0 +1,208 @@
+"""OTLP/HTTP as real clients frame it (DESIGN §5.9): chunked bodies, keep-alive, gzip / zstd / deflate, and
+the receivers' caps (in-flight bytes, connections, gRPC calls), each refusal a `retry later` answer.
+Every value sent must arrive downstream; what was refused must not.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import socket
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import zstandard
+from google.rpc import error_details_pb2, status_pb2
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+from otel_kzt import schema
+from otel_kzt.enricher.config import ExporterConfig
+from otel_kzt.enricher.service import EnricherService
+from tests.integration.test_enricher_badinput import METRICS_METHOD, PB, drained, flow_json, post
+from tests.integration.test_enricher_service import (
+    POD_IPS,
+    Downstream,
+    downstream,
+    get,
+    local_config,
+    metadata_file,
+    wait_ready,
+)
+
+__all__ = ["downstream", "metadata_file"]
+LIMIT = 1 << 20
+
+
+def request(value: int, dst: str = "cache-1") -> bytes:
+    from google.protobuf import json_format
+
+    body = flow_json([(POD_IPS["web-1"], POD_IPS[dst], str(value))])
+    return bytes(json_format.ParseDict(body, ExportMetricsServiceRequest()).SerializeToString())
+
+
+def values(forwarded: list[ExportMetricsServiceRequest]) -> list[int]:
+    return [
+        dp.as_int
+        for req in forwarded
+        for rm in req.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        for dp in m.sum.data_points
+    ]
+
+
+@pytest.fixture
+def wire_service(metadata_file: Path, downstream: Downstream) -> Iterator[EnricherService]:
+    exporter = ExporterConfig(f"127.0.0.1:{downstream.port}", max_elapsed_s=5.0)
+    config = local_config(
+        metadata_file,
+        exporters=(exporter,),
+        max_request_bytes=LIMIT,
+        max_inflight_bytes=5 * LIMIT // 2,
+        max_connections=40,
+        max_concurrent_calls=1,
+        header_timeout_s=1.0,
+    )
+    svc = EnricherService(config)
+    try:
+        svc.start()
+        wait_ready(svc)
+        yield svc
+    finally:
+        svc.shutdown()
+
+
+def chunked(port: int, pieces: list[bytes], headers: dict[str, str]) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("POST", "/v1/metrics", body=iter(pieces), headers=headers, encode_chunked=True)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.integration
+def test_chunked_keepalive_and_every_encoding_arrive(
+    wire_service: EnricherService, downstream: Downstream
+) -> None:
+    port = wire_service.ports["http"]
+    body = request(11)
+    # chunked, in small pieces, with and without gzip (what the OpenTelemetry JS exporters send)
+    assert chunked(port, [body[i : i + 7] for i in range(0, len(body), 7)], {"Content-Type": PB})[0] == 200
+    zipped = gzip.compress(request(12))
+    pieces = [zipped[:5], zipped[5:]]
+    assert chunked(port, pieces, {"Content-Type": PB, "Content-Encoding": "gzip"})[0] == 200
+    raw_deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    encoded = {
+        13: ("zstd", zstandard.ZstdCompressor().compress(request(13))),
+        14: ("deflate", zlib.compress(request(14))),
+        15: ("deflate", raw_deflate.compress(request(15)) + raw_deflate.flush()),
+    }
+    # keep-alive: one connection, several requests
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        for encoding, data in encoded.values():
+            conn.request("POST", "/v1/metrics", data, {"Content-Type": PB, "Content-Encoding": encoding})
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("Connection") != "close", encoding
+            resp.read()
+    finally:
+        conn.close()
+    # the size limit applies after decompression, a truncated stream is refused whole
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * (LIMIT + 1))
+    assert post(port, bomb, headers={"Content-Encoding": "zstd"})[0] == 413
+    cut = zstandard.ZstdCompressor().compress(request(99))[:-3]
+    assert post(port, cut, headers={"Content-Encoding": "zstd"})[0] == 400
+    assert sorted(values(drained(downstream))) == [11, 12, 13, 14, 15]
+
+
+@pytest.mark.integration
+def test_inflight_bytes_are_charged_while_bodies_stream_in(
+    wire_service: EnricherService, downstream: Downstream
+) -> None:
+    port = wire_service.ports["http"]
+    # Two stalled bodies: one announced (charged up front), one chunked (charged as it arrives).
+    announced = socket.create_connection(("127.0.0.1", port))
+    announced.sendall(
+        f"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: {PB}\r\n"
+        f"Content-Length: {LIMIT}\r\n\r\n".encode()
+        + b"\0" * 1000
+    )
+    streamed = socket.create_connection(("127.0.0.1", port))
+    piece = b"\0" * (LIMIT - 10)
+    streamed.sendall(
+        f"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: {PB}\r\n"
+        f"Transfer-Encoding: chunked\r\n\r\n{len(piece):x}\r\n".encode()
+        + piece
+        + b"\r\n"
+    )
+    try:
+        metrics = f"http://127.0.0.1:{wire_service.ports['metrics']}/metrics"
+        for _ in range(200):  # until the chunked body is charged
+            text = get(metrics)[1].splitlines()
+            held = [ln for ln in text if ln.startswith(schema.ENRICHER_RECEIVER_INFLIGHT_BYTES)]
+            if held and float(held[0].split()[-1]) >= 2 * LIMIT - 10:
+                break
+            threading.Event().wait(0.05)
+        status, headers, reply = post(port, b"\0" * (LIMIT // 2 + 100))  # 2 MiB held + this > 2.5 MiB
+        assert status == 503 and int(headers["Retry-After"]) >= 1
+        assert "max_inflight_bytes" in status_pb2.Status.FromString(reply).message
+        refused = f'{schema.ENRICHER_RECEIVER_REFUSED}_total{{reason="max_inflight_bytes",receiver="all"}}'
+        assert refused in get(metrics)[1].replace(" 1.0", "")
+    finally:
+        announced.close()
+        streamed.close()
+    # the bytes were given back: the same request now fits
+    assert post(port, request(21))[0] == 200
+    assert values(drained(downstream)) == [21]
+
+
+@pytest.mark.integration
+def test_connection_cap_answers_and_stalled_clients_time_out(wire_service: EnricherService) -> None:
+    port = wire_service.ports["http"]
+    stalled = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        for i, sock in enumerate(stalled):  # half send a partial head, half nothing at all
+            if i % 2:
+                sock.sendall(b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\n")
+        over = socket.create_connection(("127.0.0.1", port), timeout=5)
+        with over:
+            over.sendall(b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+            answer = over.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in answer
+        # header_timeout (1 s) closes every stalled connection, after which normal clients are served
+        for sock in stalled:
+            sock.settimeout(10)
+            assert sock.recv(4096) == b""
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert post(port, request(31))[0] == 200
+
+
+@pytest.mark.integration
+def test_grpc_calls_beyond_the_cap_are_retryable(wire_service: EnricherService) -> None:
+    assert wire_service.core is not None
+    lock = wire_service.core._agg.lock  # holds the one admitted call inside the core
+    with grpc.insecure_channel(f"127.0.0.1:{wire_service.ports['grpc']}") as channel:
+        call = channel.unary_unary(METRICS_METHOD)
+        with lock:
+            calls = [call.future(request(41 + i), timeout=30) for i in range(3)]
+            for _ in range(400):  # two are refused at once; the admitted one waits for the lock
+                if sum(f.done() for f in calls) == 2:
+                    break
+                threading.Event().wait(0.05)
+            refused = [f.exception() for f in calls if f.done()]
+        assert len(refused) == 2 and all(isinstance(e, grpc.RpcError) for e in refused)
+        assert all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)  # type: ignore[union-attr]
+        assert sum(f.exception() is None for f in calls) == 1  # the admitted one went through
+        details = dict(refused[0].trailing_metadata())["grpc-status-details-bin"]  # type: ignore[union-attr]
+        retry = error_details_pb2.RetryInfo()
+        assert status_pb2.Status.FromString(details).details[0].Unpack(retry)
+        assert retry.retry_delay.seconds >= 1
+        call(request(43), timeout=10)  # the slot was given back
