@@ -24,7 +24,7 @@ from tests.integration.test_enricher_service import (
     get,
     local_config,
     metadata_file,
-    wait_ready,
+    running,
 )
 
 __all__ = ["downstream", "metadata_file"]
@@ -47,13 +47,8 @@ def abused(metadata_file: Path, downstream: Downstream) -> Iterator[EnricherServ
     config = local_config(
         metadata_file, exporters=(exporter,), max_request_bytes=LIMIT, max_inflight_bytes=BUDGET
     )
-    svc = EnricherService(config)
-    try:
-        svc.start()
-        wait_ready(svc)
+    with running(config) as svc:
         yield svc
-    finally:
-        svc.shutdown()
 
 
 def healthy(service: EnricherService) -> bool:

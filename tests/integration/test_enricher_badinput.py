@@ -27,8 +27,8 @@ from tests.integration.test_enricher_service import (
     downstream,
     local_config,
     metadata_file,
+    running,
     service,
-    wait_ready,
 )
 
 __all__ = ["downstream", "metadata_file", "service"]
@@ -182,13 +182,8 @@ def test_overloaded_core_answers_retry_later(service: EnricherService) -> None:
 def token_service(metadata_file: Path, tmp_path: Path) -> Iterator[EnricherService]:
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    svc = EnricherService(local_config(metadata_file, bearer_token_file=str(token)))
-    try:
-        svc.start()
-        wait_ready(svc)
+    with running(local_config(metadata_file, bearer_token_file=str(token))) as svc:
         yield svc
-    finally:
-        svc.shutdown()
 
 
 @pytest.mark.integration

@@ -30,7 +30,7 @@ from tests.integration.test_enricher_service import (
     get,
     local_config,
     metadata_file,
-    wait_ready,
+    running,
 )
 
 __all__ = ["downstream", "metadata_file"]
@@ -67,13 +67,8 @@ def wire_service(metadata_file: Path, downstream: Downstream) -> Iterator[Enrich
         max_concurrent_calls=1,
         header_timeout_s=1.0,
     )
-    svc = EnricherService(config)
-    try:
-        svc.start()
-        wait_ready(svc)
+    with running(config) as svc:
         yield svc
-    finally:
-        svc.shutdown()
 
 
 def chunked(port: int, pieces: list[bytes], headers: dict[str, str]) -> tuple[int, bytes]:

@@ -6,6 +6,7 @@ other enricher integration tests. Everything binds port 0 on 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -147,6 +148,18 @@ def wait_ready(service: EnricherService, timeout_s: float = 10.0) -> None:
     raise AssertionError("enricher never became ready")
 
 
+@contextlib.contextmanager
+def running(config: EnricherConfig) -> Iterator[EnricherService]:
+    """A started, ready service, shut down on exit (also when the test fails)."""
+    svc = EnricherService(config)
+    try:
+        svc.start()
+        wait_ready(svc)
+        yield svc
+    finally:
+        svc.shutdown()
+
+
 @pytest.fixture
 def downstream() -> Iterator[Downstream]:
     ds = Downstream()
@@ -164,13 +177,8 @@ def metadata_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def service(metadata_file: Path, downstream: Downstream) -> Iterator[EnricherService]:
     exporter = ExporterConfig(f"127.0.0.1:{downstream.port}", max_elapsed_s=5.0)
-    svc = EnricherService(local_config(metadata_file, exporters=(exporter,), max_request_bytes=1 << 20))
-    try:
-        svc.start()
-        wait_ready(svc)
+    with running(local_config(metadata_file, exporters=(exporter,), max_request_bytes=1 << 20)) as svc:
         yield svc
-    finally:
-        svc.shutdown()
 
 
 class ManualMetadata:

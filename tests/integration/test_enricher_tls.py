@@ -20,7 +20,7 @@ from otel_kzt.enricher.service import EnricherService
 from tests.conftest import require
 from tests.integration.test_enricher_badinput import good_request
 from tests.integration.test_enricher_otlp import send_with_sdk
-from tests.integration.test_enricher_service import POD_IPS, local_config, metadata_file, wait_ready
+from tests.integration.test_enricher_service import POD_IPS, local_config, metadata_file, running
 from tests.support.tls import Issuer, SecretVolume, der, served_certificate
 
 __all__ = ["metadata_file"]
@@ -63,17 +63,12 @@ def tls_service(
     token = tmp_path / "token"
     token.write_text("tls-token")
     cert, key = certificate
-    svc = EnricherService(
+    with running(
         local_config(
             metadata_file, tls_cert_file=str(cert), tls_key_file=str(key), bearer_token_file=str(token)
         )
-    )
-    try:
-        svc.start()
-        wait_ready(svc)
+    ) as svc:
         yield svc
-    finally:
-        svc.shutdown()
 
 
 @pytest.mark.integration
