@@ -284,3 +284,21 @@ ENRICHER_RECEIVER_REASON_LABEL: Final = "reason"
 ENRICHER_REFUSED_INFLIGHT_BYTES: Final = "max_inflight_bytes"
 ENRICHER_REFUSED_CONNECTIONS: Final = "max_connections"
 ENRICHER_REFUSED_CONCURRENT_CALLS: Final = "max_concurrent_calls"
+# The counting rule (DESIGN §4): points it declines, by `reason` (one of the NOT_COUNTED_* values)
+ENRICHER_NOT_COUNTED: Final = "kzt_enricher_points_not_counted"
+ENRICHER_NOT_COUNTED_REASON_LABEL: Final = "reason"
+NOT_COUNTED_DUPLICATE: Final = "duplicate"  # the same run, value and time as a point already counted
+NOT_COUNTED_STALE: Final = "stale"  # older or smaller than the run's last counted point
+NOT_COUNTED_BASELINE: Final = "baseline"  # a run this enricher could not have seen from its start
+NOT_COUNTED_LATE_RUN: Final = "late_run"  # a run no longer kept (beyond the lateness bound or the run cap)
+NOT_COUNTED_REJECTED: Final = "rejected"  # a bad point (NaN, negative, no addresses, wrong kind)
+NOT_COUNTED_REASONS: Final = (
+    NOT_COUNTED_DUPLICATE,
+    NOT_COUNTED_STALE,
+    NOT_COUNTED_BASELINE,
+    NOT_COUNTED_LATE_RUN,
+    NOT_COUNTED_REJECTED,
+)
+# Counting state given up to a cap, by `state`: `run` (runs per series), `tombstone` (forgotten series)
+ENRICHER_COUNTING_EVICTED: Final = "kzt_enricher_counting_state_evicted"
+ENRICHER_COUNTING_STATE_LABEL: Final = "state"

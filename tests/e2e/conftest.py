@@ -97,10 +97,13 @@ def slot() -> Iterator[Slot]:
 @pytest.fixture(scope="session")
 def e2e(slot: Slot, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterRun]:
     prefix, net_id, metrics_port = slot.bed
+    workdir = Path(tmp_path_factory.mktemp("e2e"))
+    # A state file: an enricher restarted without one treats the runs it meets as baselines (DESIGN §4)
+    enricher_args = ("--flow-aggregation", ",".join(AGGREGATION), "--no-flow-logs-stdout",
+                     "--state-file", str(workdir / "enricher-state.json.gz"), "--checkpoint-interval", "1s")
     cfg = RunConfig(prefix=prefix, net_id=net_id, zones=2, nodes_per_zone=2, interval_s=1.0,
-                    grpc_port=GRPC_PORT, metrics_port=metrics_port,
-                    enricher_args=("--flow-aggregation", ",".join(AGGREGATION), "--no-flow-logs-stdout"),
-                    workdir=Path(tmp_path_factory.mktemp("e2e")))
+                    grpc_port=GRPC_PORT, metrics_port=metrics_port, enricher_args=enricher_args,
+                    workdir=workdir)
     run = ClusterRun(cfg)
     engine: Engine | None = None
     try:

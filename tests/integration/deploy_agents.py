@@ -76,6 +76,13 @@ def _addr(text: str) -> bytes:
     return socket.inet_aton(text)
 
 
+def flows_begin_ns() -> int:
+    """A first-seen time for new fake flows: the next whole second. The agent reports whole-second starts
+    (`local.stable_start`), and a run that began before an enricher started is a baseline to it (DESIGN
+    §4): so the flows begin after every enricher started before this call."""
+    return -(-time.time_ns() // 1_000_000_000) * 1_000_000_000
+
+
 class FakeDatapath:
     """Cumulative per-flow counters growing by a fixed step per snapshot until frozen (the kernel's role)."""
 
@@ -162,7 +169,7 @@ def start_agent(
     sender = Tee(exporter, ref)
     node_ip = NODES[node][0]
     local = LocalFlows(node, handle.index, interface_addresses=lambda: frozenset({node_ip}))
-    datapath = FakeDatapath(node, time.time_ns())
+    datapath = FakeDatapath(node, flows_begin_ns())
     service = AgentService(config, datapath, sender, local, handle.index, host_name=node)
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), name=f"kx-agent-{node}", daemon=True)

@@ -23,6 +23,7 @@ from otel_kzt import schema
 from otel_kzt.enricher.service import EnricherService
 from tests.integration.test_enricher_service import (
     POD_IPS,
+    RUN_START_NS,
     Downstream,
     downstream,
     local_config,
@@ -46,7 +47,8 @@ def flow_json(points: list[tuple[str, str, object]]) -> dict[str, object]:
             if v
         ]
         key = "asDouble" if isinstance(value, float) or value == "NaN" else "asInt"
-        dps.append({"attributes": attrs, "startTimeUnixNano": "1000", "timeUnixNano": "2000", key: value})
+        start, t = str(RUN_START_NS), str(RUN_START_NS + 10**9)
+        dps.append({"attributes": attrs, "startTimeUnixNano": start, "timeUnixNano": t, key: value})
     metric = {
         "name": schema.FLOW_BYTES,
         "unit": "By",

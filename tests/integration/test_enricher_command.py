@@ -19,8 +19,15 @@ from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates
 from otel_kzt.enricher.state.checkpoint import decode
 from tests.integration.test_enricher_badinput import good_request, post
-from tests.integration.test_enricher_prometheus import S1, send
-from tests.integration.test_enricher_service import POD_IPS, Downstream, downstream, get, metadata_file
+from tests.integration.test_enricher_prometheus import send
+from tests.integration.test_enricher_service import (
+    POD_IPS,
+    RUN_START_NS,
+    Downstream,
+    downstream,
+    get,
+    metadata_file,
+)
 
 __all__ = ["downstream", "metadata_file"]
 REPO = Path(__file__).resolve().parents[2]
@@ -162,13 +169,13 @@ def test_sigkill_then_restart_from_stale_state_file_gives_exact_totals(
     # no periodic write during the test: the checkpoints are the ones each scrape of /metrics takes
     flags = ("--state-file", str(state), "--checkpoint-interval", "1h", "--no-flow-logs-stdout")
     web, cache, api, etl = (POD_IPS[p] for p in ("web-1", "cache-1", "api-1", "etl-1"))
-    t = S1
+    t = RUN_START_NS
     proc, ports = start(metadata_file, *flags)
     try:
         ready(ports)
-        send(ports["http"], [(web, cache, 1_000, S1), (api, etl, 50, S1)], t := t + 10**9)
+        send(ports["http"], [(web, cache, 1_000, RUN_START_NS), (api, etl, 50, RUN_START_NS)], t := t + 10**9)
         assert cross_zone(ports["metrics"], "web-1", "shop") == 1_000  # this scrape wrote a checkpoint
-        send(ports["http"], [(web, cache, 5_000, S1), (api, etl, 80, S1)], t := t + 10**9)
+        send(ports["http"], [(web, cache, 5_000, RUN_START_NS), (api, etl, 80, RUN_START_NS)], t := t + 10**9)
     finally:
         kill9(proc)  # the 5000 / 80 were only in memory
     stale = decode(state.read_bytes(), frozenset(Aggregates(()).families()))
@@ -178,11 +185,11 @@ def test_sigkill_then_restart_from_stale_state_file_gives_exact_totals(
     try:
         ready(ports)
         assert cross_zone(ports["metrics"], "web-1", "shop") == 1_000  # restored before any report
-        send(ports["http"], [(web, cache, 7_000, S1), (api, etl, 90, S1)], t := t + 10**9)
+        send(ports["http"], [(web, cache, 7_000, RUN_START_NS), (api, etl, 90, RUN_START_NS)], t := t + 10**9)
         assert cross_zone(ports["metrics"], "web-1", "shop") == 7_000  # not 1000 + 7000, not 7000 - 4000
         assert cross_zone(ports["metrics"], "api-1", "batch") is None
         assert cross_zone(ports["metrics"], "api-1", "shop") == 90
-        send(ports["http"], [(web, cache, 9_000, S1)], t := t + 10**9)
+        send(ports["http"], [(web, cache, 9_000, RUN_START_NS)], t := t + 10**9)
         assert cross_zone(ports["metrics"], "web-1", "shop") == 9_000  # scraped, so on disk too
     finally:
         kill9(proc)
@@ -192,7 +199,7 @@ def test_sigkill_then_restart_from_stale_state_file_gives_exact_totals(
     try:
         ready(ports)
         assert cross_zone(ports["metrics"], "web-1", "shop") == 9_000
-        send(ports["http"], [(web, cache, 9_500, S1)], t + 10**9)
+        send(ports["http"], [(web, cache, 9_500, RUN_START_NS)], t + 10**9)
         assert cross_zone(ports["metrics"], "web-1", "shop") == 9_500
     finally:
         proc.send_signal(signal.SIGTERM)

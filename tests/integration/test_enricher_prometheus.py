@@ -1,6 +1,7 @@
 """A real Prometheus (Debian's) scrapes the enricher; kubezonnet's README queries name the right pods, and
 an agent restart (new start time) and an enricher restart keep the counters right: with --state-file the
-enricher restart is no reset at all, without it Prometheus sees one.
+enricher restart is no reset at all; without it Prometheus sees one, and the runs the new process meets
+are baselines (what they carried across the restart is not counted: never twice, DESIGN §4).
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ from otel_kzt import schema
 from otel_kzt.enricher.service import EnricherService
 from tests.conftest import require
 from tests.integration.test_enricher_badinput import post
-from tests.integration.test_enricher_service import POD_IPS, get, local_config, metadata_file, wait_ready
+from tests.integration.test_enricher_service import (
+    POD_IPS,
+    get,
+    local_config,
+    metadata_file,
+    wait_ready,
+)
 
 __all__ = ["metadata_file"]
 PROMETHEUS = "/usr/bin/prometheus"
 RATE_QUERY = "topk(20, rate(pod_cross_zone_network_traffic_bytes_total[5m])) / 1e6"
 INCREASE_QUERY = "topk(20, increase(pod_cross_zone_network_traffic_bytes_total[1w])) / 1e6"
-S1, S2 = 1_700_000_000_000_000_000, 1_700_000_100_000_000_000  # agent start times: before / after restart
 
 
 def free_port() -> int:
@@ -135,24 +141,28 @@ def test_kubezonnet_queries_and_restarts(
     state = tmp_path / "enricher-state.json.gz" if stateful else None
     svc = start_service(metadata_file, port, state)
     try:
-        t = S2
+        # agent start times (s1, and s2 after web's agent restarted): after this enricher's start-up,
+        # before the next one's (its start-up is what it could have seen from)
+        s1 = time.time_ns()
+        s2 = t = s1 + 1_000
         # (web-1 -> cache-1 cumulative, its start, api-1 -> etl-1 cumulative); web -> api is same-zone
         steps = [
-            (1_000_000, S1, 300_000),
-            (2_000_000, S1, 400_000),
-            (500_000, S2, 500_000),  # web's agent restarted: its counter starts again from a new start time
+            (1_000_000, s1, 300_000),
+            (2_000_000, s1, 400_000),
+            (500_000, s2, 500_000),  # web's agent restarted: its counter starts again from a new start time
         ]
         for web_bytes, web_start, api_bytes in steps:
             t += 1_000_000_000
             send(
                 svc.ports["http"],
-                [(web, cache, web_bytes, web_start), (api, etl, api_bytes, S1), (web, api, 50_000_000, S1)],
+                [(web, cache, web_bytes, web_start), (api, etl, api_bytes, s1), (web, api, 50_000_000, s1)],
                 t,
             )
             wait_scrapes(base)
         svc.shutdown()  # enricher restart: without a state file the new one counts from zero
         svc = start_service(metadata_file, port, state)
-        send(svc.ports["http"], [(web, cache, 900_000, S2), (api, etl, 600_000, S1)], t + 1_000_000_000)
+        send(svc.ports["http"], [(web, cache, 900_000, s2), (api, etl, 600_000, s1)], t + 1_000_000_000)
+        send(svc.ports["http"], [(web, cache, 1_000_000, s2), (api, etl, 650_000, s1)], t + 2_000_000_000)
         wait_scrapes(base, 3)
     finally:
         svc.shutdown()
@@ -168,19 +178,20 @@ def test_kubezonnet_queries_and_restarts(
     if stateful:
         assert_no_reset(base, increase)
         return
-    # the agent restart is not a reset for Prometheus (2.0 MB -> 2.5 MB); the enricher restart is one
+    # the agent restart is not a reset for Prometheus (2.0 MB -> 2.5 MB); the enricher restart is one, after
+    # which the runs it meets are baselines (their 0.9 MB not counted) and only the next 0.1 MB counts
     assert float(query(base, f"resets({web_series}[1w])")[0]["value"][1]) == 1  # type: ignore[index]
     assert float(query(base, f"max_over_time({web_series}[1w])")[0]["value"][1]) == 2_500_000  # type: ignore[index]
-    assert float(query(base, web_series)[0]["value"][1]) == 900_000  # type: ignore[index]
-    # Prometheus' increase() across both restarts: first sample 1.0 MB .. 2.5 MB, then 0.9 MB after the reset
-    assert 2.3 <= increase["web-1"] <= 2.3 * 3
+    assert float(query(base, web_series)[0]["value"][1]) == 100_000  # type: ignore[index]
+    # Prometheus' increase() across both restarts: first sample 1.0 MB .. 2.5 MB, then 0.1 MB after the reset
+    assert 1.6 <= increase["web-1"] <= 1.6 * 3
 
 
 def assert_no_reset(base: str, increase: dict[str, float]) -> None:
     """With --state-file: the kubezonnet counters carry on over the enricher restart."""
-    # web -> cache: 1.0 MB, 2.0 MB, agent restart 0.5 MB (total 2.5), after the enricher restart 0.9 MB of
-    # the same agent series: 0.4 MB more. api -> etl (cross-region): 0.3 .. 0.6 MB.
-    for pod, first, last in (("web-1", 1_000_000, 2_900_000), ("api-1", 300_000, 600_000)):
+    # web -> cache: 1.0 MB, 2.0 MB, agent restart 0.5 MB (total 2.5), after the enricher restart 0.9 and
+    # 1.0 MB of the same agent series: 0.5 MB more. api -> etl (cross-region): 0.3 .. 0.65 MB.
+    for pod, first, last in (("web-1", 1_000_000, 3_000_000), ("api-1", 300_000, 650_000)):
         series = f'pod_cross_zone_network_traffic_bytes_total{{pod="{pod}"}}'
         assert float(query(base, f"resets({series}[1w])")[0]["value"][1]) == 0  # type: ignore[index]
         assert float(query(base, series)[0]["value"][1]) == last  # type: ignore[index]

@@ -34,6 +34,9 @@ from otel_kzt.k8s import ClusterIndex
 from tests.support.k8s_objects import as_list, make_node, make_pod
 
 LOCAL = "127.0.0.1:0"
+# Agents' run start times in these tests (2096): later than any enricher start-up. A run that began before
+# the enricher started is a baseline and counts nothing (DESIGN §4), which tests/unit/ show on their own.
+RUN_START_NS = 4_000_000_000 * 10**9
 # Two zones of one region plus a node of another region; pods named after what they are.
 POD_IPS = {
     "web-1": "10.1.0.1",  # node a1, zone a

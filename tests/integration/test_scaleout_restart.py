@@ -115,7 +115,7 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
         bed = Bed(tmp_path, metadata, ports, home, reference, replicas, [])
         for node in da.NODES:
             bed.stores[node] = MemoryReceiverStore()
-            bed.start_agent(node, da.FakeDatapath(node, time.time_ns()))
+            bed.start_agent(node, da.FakeDatapath(node, da.flows_begin_ns()))
         yield bed
     finally:
         for agent in bed.agents if bed else []:

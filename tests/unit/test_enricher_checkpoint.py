@@ -23,7 +23,10 @@ Made = tuple[Core, Aggregates, CollectorRegistry]
 
 
 def core_at(now: list[float], **kw: object) -> Made:
+    """A core whose clock reads `now[0]`; it started at 0 s, before every run these tests send."""
+    at, now[0] = now[0], 0.0
     core, agg, registry, _ = make_core(FakeIndex(), clock=lambda: now[0], **kw)
+    now[0] = at
     return core, agg, registry
 
 
@@ -122,11 +125,11 @@ def test_bad_values_and_other_aggregation_are_refused() -> None:
     core, agg, _ = core_at(now)
     feed(core, 1_000, 2_000, 3.0)
     doc = json.loads(gzip.decompress(encode(core.capture_state())))
-    doc["series"][0][3] = -5  # a negative last value
+    doc["series"][0][2][0][1] = -5  # a negative last value
     with pytest.raises(StateError, match="non-negative"):
         decode(gzip.compress(json.dumps(doc).encode()), families(agg))
     doc = json.loads(gzip.decompress(encode(core.capture_state())))
-    doc["series"][0][6] = 999  # a target set that does not exist
+    doc["series"][0][7] = 999  # a target set that does not exist
     with pytest.raises(StateError, match="no entry 999"):
         decode(gzip.compress(json.dumps(doc).encode()), families(agg))
     state = decode(encode(core.capture_state()), families(agg))
@@ -151,7 +154,7 @@ def test_ttl_and_cap_respected_on_load() -> None:
     capped, agg, _ = restored(data, now, series_ttl_s=60.0, max_series=4)
     assert capped.active_series == 4
     kept = capture(agg, capped._table)  # the restored table itself
-    assert max(s[5] for s in kept.series) == 1050.0
+    assert max(s.seen for s in kept.series) == 1050.0
     # the restored series continue: 10 more bytes on api -> cache count 10, not 17
     capped.consume_metrics(request([(API, CACHE, 17, 1)], t=4_000))
     assert agg.snapshot()["zone_bytes"][("zone-a", "zone-b")] == 1_000 + 17  # web -> cache + api -> cache

@@ -76,6 +76,9 @@ class ListSink:
 
 
 def make_core(index: FakeIndex, **kw: object) -> tuple[Core, Aggregates, CollectorRegistry, ListSink]:
+    """A core over `index`; unless a clock is given it reads 0 s: the enricher started at the epoch, before
+    every run these tests send (runs from before a start-up are baselines: test_enricher_counting.py)."""
+    kw.setdefault("clock", lambda: 0.0)
     registry = CollectorRegistry()
     agg = Aggregates(schema.DEFAULT_FLOW_AGGREGATION)
     registry.register(AggregatesCollector(agg))
@@ -200,8 +203,8 @@ def test_increments_survive_agent_restart_and_stay_monotonic() -> None:
     core, _, registry, _ = make_core(FakeIndex())
     pod = {"namespace": "shop", "pod": "web-1"}
     name = schema.PROM_POD_CROSS_ZONE_BYTES + "_total"
-    for value, start, want in [(100, 1, 100), (250, 1, 250), (40, 9, 290), (90, 9, 340), (30, 9, 370)]:
-        # (40, new start) = agent restart; (30, same start, lower) = reset without a new start time
+    for value, start, want in [(100, 1, 100), (250, 1, 250), (40, 9, 290), (90, 9, 340), (30, 9, 340)]:
+        # (40, new start) = agent restart; (30, same start, lower): stale, nothing (a reset has a new start)
         core.consume_metrics(request([("10.0.0.1", "10.0.0.4", value, start)]))
         assert sample(registry, name, **pod) == want
 
@@ -238,7 +241,7 @@ def test_aggregates_sum_member_series_and_cost() -> None:
     )
     assert sample(registry, "kzt_flow_bytes_total", **flow) == 1_000_000_000
     assert sample(registry, "kzt_flow_packets_total", **flow) == 7
-    assert sample(registry, "kzt_enricher_agent_last_report_timestamp_seconds", k8s_node_name="n-a1")
+    assert sample(registry, "kzt_enricher_agent_last_report_timestamp_seconds", k8s_node_name="n-a1") == 0
 
 
 def test_rejects_nan_negative_and_missing_address_but_keeps_the_rest() -> None:
@@ -292,8 +295,9 @@ def test_series_cap_counts_and_still_forwards() -> None:
 
 
 def test_idle_series_dropped_after_ttl_aggregates_of_live_series_kept() -> None:
-    now = [1000.0]
+    now = [0.0]
     core, _, registry, _ = make_core(FakeIndex(), series_ttl_s=60.0, clock=lambda: now[0])
+    now[0] = 1000.0
     core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.2", "10.0.0.4", 6, 1)]))
     name = "pod_cross_zone_network_traffic_bytes_total"
     for step in range(1, 9):

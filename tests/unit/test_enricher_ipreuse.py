@@ -97,9 +97,11 @@ def make_core(
         def submit_logs(self, payload: bytes) -> None:
             pass  # flow logs are not what these tests look at
 
+    received, clock.now = clock.now, 0.0  # the enricher has run since 0 s: before every flow here began
     core = Core(
         index, resolver, agg, HealthMetrics(registry), load_prices(None, "aws"), sinks=[Sink()], clock=clock
     )
+    clock.now = received
     return core, resolver, registry, sent
 
 

@@ -95,7 +95,8 @@ def test_odd_shaped_points_take_the_object_path_in_order() -> None:
     ]
     assert values == [5, 2.5, 7]
     zone = {"source_cloud_availability_zone": "zone-a", "destination_cloud_availability_zone": "zone-b"}
-    assert registry.get_sample_value("kzt_zone_traffic_bytes_total", zone) == 14.5
+    # the point without a start time cannot tell a reset: a baseline (counted from its next point on)
+    assert registry.get_sample_value("kzt_zone_traffic_bytes_total", zone) == 7.5
     assert core.consume_metrics(request([("10.0.0.2", "10.0.0.4", -2.5, 1)])).rejected == 1
 
 
@@ -147,7 +148,7 @@ def test_other_field_orders_and_exemplars_keep_one_series() -> None:
 
 def test_series_first_seen_in_another_shape_then_canonical() -> None:
     core, _, registry, sink = make_core(FakeIndex())
-    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 4, 0)]))  # no start time: object path, shorter
+    core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 4, 0)]))  # no start: object path, a baseline
     core.consume_metrics(
         request([("10.0.0.1", "10.0.0.4", 10, 1)], t=3_000)
     )  # canonical: cached header redone
@@ -160,4 +161,4 @@ def test_series_first_seen_in_another_shape_then_canonical() -> None:
     )
     assert dp.sum.data_points[0].as_int == 10 and core.active_series == 1
     pod = {"namespace": "shop", "pod": "web-1"}
-    assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == 14  # new start
+    assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == 10  # a new run

@@ -229,6 +229,29 @@ class HealthMetrics:
             registry=registry,
         )
 
+        self.not_counted = Counter(
+            schema.ENRICHER_NOT_COUNTED,
+            "Data points the counting rule declined (DESIGN §4), by reason",
+            [schema.ENRICHER_NOT_COUNTED_REASON_LABEL],
+            registry=registry,
+        )
+        self.counting_evicted = Counter(
+            schema.ENRICHER_COUNTING_EVICTED,
+            "Counting state given up to a cap: runs per series, tombstones of forgotten series",
+            [schema.ENRICHER_COUNTING_STATE_LABEL],
+            registry=registry,
+        )
+        for reason in schema.NOT_COUNTED_REASONS:  # exported at 0 from the start: alerts can use increase()
+            self.not_counted.labels(reason)
+        for state in ("run", "tombstone"):
+            self.counting_evicted.labels(state)
+
+    def count_declined(self, declined: Mapping[str, int], evicted: Mapping[str, int]) -> None:
+        for reason, n in declined.items():
+            self.not_counted.labels(reason).inc(n)
+        for state, n in evicted.items():
+            self.counting_evicted.labels(state).inc(n)
+
     def bind(self, synced: Callable[[], bool], active: Callable[[], int]) -> None:
         self.metadata_synced.set_function(lambda: 1.0 if synced() else 0.0)
         self.series_active.set_function(lambda: float(active()))

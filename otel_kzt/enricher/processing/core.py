@@ -36,6 +36,7 @@ from otel_kzt.enricher.processing.points import Batch, SumEnricher
 from otel_kzt.enricher.processing.protowire import Writer, split
 from otel_kzt.enricher.processing.resolution import Resolver
 from otel_kzt.enricher.state.checkpoint import State, apply, capture
+from otel_kzt.enricher.state.counting import DEFAULT_LATENESS_S, Rule
 from otel_kzt.enricher.state.series import SeriesTable
 from otel_kzt.errors import Overloaded
 from otel_kzt.k8s.model import MetadataIndex
@@ -82,6 +83,8 @@ class Core:
         flow_logs_otlp: bool = True,
         max_series: int = 200_000,
         series_ttl_s: float = 600.0,
+        lateness_s: float | None = None,
+        max_tombstones: int | None = None,
         max_inflight: int = 16,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -90,7 +93,17 @@ class Core:
         self._flow_log = flow_log
         self._clock = clock
         self._slots = threading.BoundedSemaphore(max_inflight)
-        self._table = SeriesTable(aggregates, max_series, series_ttl_s, health.series_dropped.inc)
+        # Runs that began before this moment may hold bytes another process counted: baselines.
+        lateness_s = max(series_ttl_s, DEFAULT_LATENESS_S) if lateness_s is None else lateness_s
+        self._rule = Rule(lateness_s, int(clock() * 1e9))
+        self._table = SeriesTable(
+            aggregates,
+            self._rule,
+            max_series=max_series,
+            ttl_s=series_ttl_s,
+            max_tombstones=max_series if max_tombstones is None else max_tombstones,
+            on_drop=health.series_dropped.inc,
+        )
         self._flow_logs_otlp = flow_logs_otlp and bool(self._sinks)
         self._points = SumEnricher(
             resolver,
@@ -130,9 +143,13 @@ class Core:
             with self._agg.lock:
                 payload = self._request(request, buf, batch)
                 self._table.maybe_sweep(batch.now)
+                declined = self._rule.take_declined()
+                evicted = self._table.take_evicted()
             if batch.rejected:
                 self._health.rejected.inc(batch.rejected)
+                declined[schema.NOT_COUNTED_REJECTED] = batch.rejected
             self._health.received.inc(batch.received)
+            self._health.count_declined(declined, evicted)
             self._emit(payload, batch)
         finally:
             self._slots.release()

@@ -1,9 +1,10 @@
 """Per-point enrichment of one serialised kzt.flow.* Sum: the core's hot loop and its slow paths.
 
-Increments: a new start time means a new or restarted series (its value counts from zero); a lower value
-with the same start time is a reset; a report older than the last one (a retry overtaken by a newer
-report, through queues) adds nothing. The increment goes to `Series.total`; billed flows become flow-log
-records in the request's `Batch`.
+What a point adds is the counting rule's answer (state/counting.py, called from both paths below); the
+increment goes to `Series.total`, billed flows become flow-log records in the request's `Batch`, and a point
+the rule holds back (a duplicate, a stale or late point) is not re-exported. A series renamed by the
+enricher goes on downstream as a new stream: its run's points get the rename as their start and the value
+counted before it taken off (series.py, `out_*`).
 
 A point in the agent's canonical shape (start, time, integer value first) is named by what follows those
 27 bytes (its series key); the enriched point is the cached length header + the received bytes + the
@@ -26,13 +27,23 @@ from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.flowlogs import FlowRecord, FlowTemplate
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
 from otel_kzt.enricher.processing.resolution import Resolver
-from otel_kzt.enricher.state.series import CANONICAL_PREFIX, Naming, Series, SeriesTable, identity_key
+from otel_kzt.enricher.state.counting import Rule
+from otel_kzt.enricher.state.series import (
+    CANONICAL_PREFIX,
+    GroupKey,
+    Naming,
+    Series,
+    SeriesTable,
+    identity_key,
+)
 
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _INT_VALUE_TAG: Final = 0x31
 _EXEMPLARS_TAG: Final = b"\x2a"  # NumberDataPoint.exemplars: field 5, length-delimited
 # tag, start, tag, time, tag, as_int: the first 27 bytes of a canonical point
-_UNPACK_CANONICAL: Final = struct.Struct("<BQBQBq").unpack_from
+_CANONICAL: Final = struct.Struct("<BQBQBq")
+_UNPACK_CANONICAL: Final = _CANONICAL.unpack_from
+_PACK_CANONICAL: Final = _CANONICAL.pack
 _BAD_VALUE: Final = "NaN or negative cumulative value"
 _NO_ADDRESS: Final = "missing source.address or destination.address"
 
@@ -69,6 +80,7 @@ class SumEnricher:
         otlp_flow_logs: bool,
     ) -> None:
         self._resolver, self._table, self._agg, self._prices = resolver, table, aggregates, prices
+        self._rule: Rule = table.rule
         self._json_flow_logs, self._otlp_flow_logs = json_flow_logs, otlp_flow_logs
         self._flow_logs = json_flow_logs or otlp_flow_logs
 
@@ -87,6 +99,7 @@ class SumEnricher:
         size_out = 0
         trailer: list[bytes] = []  # aggregation_temporality, is_monotonic, unknown fields
         pos, end, generation, now, unpack = 0, len(buf), batch.generation, batch.now, _UNPACK_CANONICAL
+        count = self._rule.count
         while pos < end:
             if buf[pos] != _POINT_TAG:
                 after = skip_field(buf, pos)
@@ -121,31 +134,38 @@ class SumEnricher:
                 or entry.generation != generation
                 or not entry.valid_from <= t < entry.valid_until  # measured across an address reuse
             ):
-                entry = self._resolve(raw, key, table, entry, where[1], batch=batch, at_ns=t)
+                entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
                 if entry is None:
+                    continue
+                if not entry.targets:  # over the series cap: enriched and forwarded, not counted
+                    out += (entry.header, raw, entry.resolved.extra)
+                    size_out += entry.size
                     continue
             if value < 0:
                 batch.reject(_BAD_VALUE)
                 continue
-            if start != entry.start or t >= entry.last_time:  # else: a late older report, nothing new
-                inc = value - entry.last if start == entry.start and value >= entry.last else value
-                if entry.template is not None and inc:
-                    self._flow(batch, (where[0], key), entry, where[1], inc, times=(start, t))
-                entry.start = start
-                entry.last = value
-                entry.last_time = t
-                entry.total += inc
             entry.seen = now
+            inc = count(entry, start, t, value, now)
+            if inc:
+                if inc < 0:
+                    continue  # declined and held back: downstream sees each run once, in order
+                entry.total += inc
+                if entry.template is not None:
+                    self._flow(batch, (where[0], key), entry, where[1], inc, end=t)
             if size != entry.point_len:  # the series was first seen in another shape (object path)
                 entry.set_point_len(size)
-            out += (entry.header, raw, entry.resolved.extra)
+            if start == entry.out_run:  # renamed by the enricher: a stream of its own downstream
+                head = _PACK_CANONICAL(
+                    0x11, entry.out_start, 0x19, t, _INT_VALUE_TAG, value - int(entry.out_offset)
+                )
+                out += (entry.header, head, key, entry.resolved.extra)
+            else:
+                out += (entry.header, raw, entry.resolved.extra)
             size_out += entry.size
         out += trailer
         return size_out + sum(map(len, trailer))
 
-    def _odd_point(
-        self, raw: bytes, table: dict[bytes, Series], where: tuple[bytes, str], batch: Batch
-    ) -> bytes:
+    def _odd_point(self, raw: bytes, table: dict[bytes, Series], where: GroupKey, batch: Batch) -> bytes:
         """A point not in the canonical shape (a field missing, another field order, exemplars ...): the
         object path. Its identity is re-encoded from attributes and flags, so it matches the fast path's key
         for the same series whatever order the sender wrote the fields in."""
@@ -158,21 +178,30 @@ class SumEnricher:
             or entry.generation != batch.generation
             or not entry.valid_from <= t < entry.valid_until
         ):
-            entry = self._resolve(raw, key, table, entry, where[1], batch=batch, at_ns=t)
+            entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
             if entry is None:
                 return b""
-        value = dp.as_int if dp.WhichOneof("value") == "as_int" else dp.as_double
+        is_int = dp.WhichOneof("value") == "as_int"
+        value = dp.as_int if is_int else dp.as_double
         if value != value or value < 0:  # noqa: PLR0124
             batch.reject(_BAD_VALUE)
             return b""
         start = dp.start_time_unix_nano
-        if start != entry.start or t >= entry.last_time:  # same rules as the fast path
-            inc = value - entry.last if start == entry.start and value >= entry.last else value
-            if entry.template is not None and inc:
-                self._flow(batch, (where[0], key), entry, where[1], inc, times=(start, t))
-            entry.start, entry.last, entry.last_time = start, value, t
-            entry.total += inc
-        entry.seen = batch.now
+        if entry.targets:  # else over the series cap: enriched and forwarded, not counted
+            entry.seen = batch.now
+            inc = self._rule.count(entry, start, t, value, batch.now)
+            if inc < 0:
+                return b""
+            if inc:
+                entry.total += inc
+                if entry.template is not None:
+                    self._flow(batch, (where[0], key), entry, where[1], inc, end=t)
+            if start == entry.out_run:  # renamed by the enricher (see the fast path)
+                dp.start_time_unix_nano = entry.out_start
+                if is_int:
+                    dp.as_int = int(value - entry.out_offset)
+                else:
+                    dp.as_double = value - entry.out_offset
         dp.MergeFromString(entry.resolved.extra)
         return length_delimited(_POINT_TAG, dp.SerializeToString())
 
@@ -180,9 +209,8 @@ class SumEnricher:
         self,
         raw: bytes,
         key: bytes,
-        table: dict[bytes, Series],
         entry: Series | None,
-        name: str,
+        where: GroupKey,
         *,
         batch: Batch,
         at_ns: int,
@@ -199,7 +227,7 @@ class SumEnricher:
             return None
         resolved = self._resolver.resolve(given, batch.ready, at)
         usd_per_byte = self._prices.per_byte(resolved.traffic_class, resolved.provider)
-        targets = self._agg.targets(name, resolved, usd_per_byte)
+        targets = self._agg.targets(where[1], resolved, usd_per_byte)
         billed = self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES
         template = (
             FlowTemplate(resolved, usd_per_byte, json_lines=self._json_flow_logs, otlp=self._otlp_flow_logs)
@@ -213,7 +241,7 @@ class SumEnricher:
             return entry
         fresh = Series(batch.generation, naming.resolved, targets, template)
         fresh.set_point_len(len(raw))
-        return self._table.admit(table, key, fresh, batch.now)
+        return self._table.admit(where, key, fresh, batch.now)
 
     def _reuse(self, entry: Series, batch: Batch, at_ns: int, at: float | None, point_len: int) -> bool:
         """Name the point with a naming the series already has, if one holds for its measurement time:
@@ -246,30 +274,16 @@ class SumEnricher:
         entry.set_point_len(point_len)  # other attributes added: another length
 
     def _flow(
-        self,
-        batch: Batch,
-        flow_id: tuple[bytes, bytes],
-        entry: Series,
-        name: str,
-        inc: float,
-        *,
-        times: tuple[int, int],
+        self, batch: Batch, flow_id: tuple[bytes, bytes], entry: Series, name: str, inc: float, *, end: int
     ) -> None:
-        """Pair the bytes and packets increments of one flow into one flow-log record.
-
-        Called before the series takes the new point: the interval starts at the series' previous report,
-        or at the point's start time for a new or restarted series.
-        """
-        start, t = times
-        if not entry.targets:
-            return  # over the series cap: the increment is not known
+        """Pair the bytes and packets increments of one flow into one flow-log record; its interval
+        starts where the rule says the increment began (the run's previous point, or its start)."""
         flows = batch.flows if batch.flows is not None else {}
         batch.flows = flows
         record = flows.get(flow_id)
         if record is None:
             assert entry.template is not None
-            since = entry.last_time if start == entry.start and entry.last_time else start
-            record = flows[flow_id] = FlowRecord(entry.template, since, t)
+            record = flows[flow_id] = FlowRecord(entry.template, entry.since, end)
         if name == schema.FLOW_BYTES:
             record.byte_count += inc
             record.cost_usd += inc * record.template.usd_per_byte

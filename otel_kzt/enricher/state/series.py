@@ -1,14 +1,21 @@
-"""Per-series state of the core: the cached resolution and the cumulative -> increment bookkeeping.
+"""Per-series state of the core: the cached resolution, the counting rule's runs, and tombstones.
 
 A series is one (resource, metric, data-point attributes) combination. Its key is the serialised data point
-minus the leading start/time/value fields, so it costs one slice. Increments are added to `Series.total`
-on the hot path and folded into the aggregate counters (prometheus.Aggregates) only when /metrics is
-scraped, when the series' labels change, or when it is forgotten: per point that is one addition.
+minus the leading start/time/value fields, so it costs one slice. What is new in a point is decided by the
+counting rule (counting.py, whose per-series state `Series` carries); increments are added to
+`Series.total` on the hot path and folded into the aggregate counters (prometheus.Aggregates) only when
+/metrics is built, when the series' labels change, or when it is forgotten: per point that is one addition.
+
+A series silent for the TTL is forgotten, but leaves a tombstone (its runs and when it was forgotten,
+bounded by count and by the lateness), so a return continues its runs instead of counting them again;
+a tombstone given up raises the rule's floor, so whatever comes back from before it is a baseline.
 
 A series' naming holds for the measurement times of its `Resolved` window; a point measured outside it (an
 address reused while the point was on its way) is named again. Replaced namings are kept aside (`spare`,
 with the generation they were valid in), so a series whose points alternate across a reuse swaps namings
-instead of resolving again each time.
+instead of resolving again each time. A new naming is a new stream downstream: the run it renames goes
+on from where it was (`out_*`: its points are re-exported with the rename as their start and the value
+counted so far taken off), so re-exported cumulative streams stay valid.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from otel_kzt.enricher.exporters.prometheus import Aggregates, Target
 from otel_kzt.enricher.processing.flowlogs import FlowTemplate
 from otel_kzt.enricher.processing.protowire import varint
 from otel_kzt.enricher.processing.resolution import Resolved
+from otel_kzt.enricher.state.counting import Counted, Rule
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +43,13 @@ CANONICAL_PREFIX: Final = 27
 POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _CAP_LOG_EVERY_S: Final = 60.0
 _MAX_SPARE: Final = 3  # namings kept aside per series (an address reused more often falls back to resolve)
+# Restored series are resolved again on their next point: this generation never matches.
+RESTORED_GENERATION: Final = -2
+# A downstream stream's continuation: (run start it applies to, start re-exported, value taken off)
+Stream = tuple[int, int, float]
+# A forgotten series: (forgotten at, ns; its runs as Counted.runs(); Counted.dropped)
+Tombstone = tuple[int, list[list[float]], int]
+GroupKey = tuple[bytes, str]
 
 
 def identity_key(dp: NumberDataPoint) -> bytes:
@@ -57,13 +72,14 @@ class Naming:
     resolved: Resolved
     targets: tuple[Target, ...]
     template: FlowTemplate | None
+    stream: Stream | None = None  # set when kept aside: its downstream stream, to go on with
 
     def holds(self, at_ns: int) -> bool:
         return self.resolved.valid_from * 1e9 <= at_ns < self.resolved.valid_until * 1e9
 
 
 @dataclass(slots=True)
-class Series:
+class Series(Counted):
     generation: int
     resolved: Resolved
     targets: tuple[Target, ...]  # empty: over the series cap, enriched but not aggregated
@@ -71,10 +87,10 @@ class Series:
     header: bytes = b""  # Sum.data_points tag + length of the enriched point
     size: int = 0  # len(header) + the enriched point's length
     point_len: int = -1  # length of the received point these were computed for
-    start: int = -1
-    last: float = 0.0
-    last_time: int = 0  # time_unix_nano of the last point counted
     seen: float = 0.0
+    out_run: int = -1  # the run whose points are re-exported as a renamed stream (-1: none)
+    out_start: int = 0  # ... with this start time (the rename)
+    out_offset: float = 0.0  # ... and this much taken off their values (counted before the rename)
     total: float = 0.0  # increments not yet folded into the aggregates
     valid_from: float = -math.inf  # time_unix_nano window [from, until) `resolved` holds for
     valid_until: float = math.inf
@@ -96,22 +112,42 @@ class Series:
 
 
 class SeriesTable:
-    """(resource bytes, metric) -> series key -> Series, with a cap and a TTL. Caller holds the lock."""
+    """(resource bytes, metric) -> series key -> Series, with a cap, a TTL and tombstones. Caller holds
+    the lock."""
 
-    def __init__(self, aggregates: Aggregates, max_series: int, ttl_s: float, on_drop: Callable[[], None]):
-        self._agg = aggregates
-        self.max_series, self.ttl_s = max_series, ttl_s
-        self.groups: dict[tuple[bytes, str], dict[bytes, Series]] = {}
+    def __init__(
+        self,
+        aggregates: Aggregates,
+        rule: Rule,
+        *,
+        max_series: int,
+        ttl_s: float,
+        max_tombstones: int,
+        on_drop: Callable[[], None],
+    ) -> None:
+        self._agg, self.rule = aggregates, rule
+        self.max_series, self.ttl_s, self.max_tombstones = max_series, ttl_s, max_tombstones
+        self.groups: dict[GroupKey, dict[bytes, Series]] = {}
         self.count = 0
+        # forgotten series, oldest first (insertion order is forgetting order)
+        self.tombstones: dict[tuple[GroupKey, bytes], Tombstone] = {}
+        self.tombstones_evicted = 0
         self._on_drop = on_drop
         self._last_cap_log = -_CAP_LOG_EVERY_S
         self._last_sweep: float | None = None
 
+    def take_evicted(self) -> dict[str, int]:
+        """Counting state given up to a cap since the last call, by kind (`run`, `tombstone`)."""
+        out = {"run": self.rule.runs_evicted, "tombstone": self.tombstones_evicted}
+        self.rule.runs_evicted = self.tombstones_evicted = 0
+        return {k: n for k, n in out.items() if n}
+
     def group(self, resource: bytes, metric: str) -> dict[bytes, Series]:
         return self.groups.setdefault((resource, metric), {})
 
-    def admit(self, table: dict[bytes, Series], key: bytes, entry: Series, now: float) -> Series:
-        """Track a new series, or hand it back untracked (no targets) when the cap is reached."""
+    def admit(self, where: GroupKey, key: bytes, entry: Series, now: float) -> Series:
+        """Track a new series (continuing its tombstone's runs, if it has one), or hand it back untracked
+        (no targets) when the cap is reached."""
         if self.count >= self.max_series:
             self._on_drop()
             if now - self._last_cap_log >= _CAP_LOG_EVERY_S:
@@ -121,18 +157,44 @@ class SeriesTable:
                 )
             entry.targets = ()
             return entry
-        table[key] = entry
+        tomb = self.tombstones.pop((where, key), None) if self.tombstones else None
+        if tomb is None:
+            entry.horizon = self.rule.horizon_ns
+        else:
+            forgotten, runs, dropped = tomb
+            entry.set_runs(runs)
+            entry.dropped, entry.horizon = dropped, forgotten
+        self.group(*where)[key] = entry
         self.count += 1
         return entry
 
+    def bury(self, where: GroupKey, key: bytes, runs: list[list[float]], dropped: int, at_ns: int) -> None:
+        """Leave a tombstone; beyond the cap the oldest is given up (and the rule's floor raised)."""
+        if runs or dropped >= 0:
+            self.tombstones[(where, key)] = (at_ns, runs, dropped)
+            if len(self.tombstones) > self.max_tombstones:
+                self._give_up(next(iter(self.tombstones)))
+                self.tombstones_evicted += 1
+
+    def _give_up(self, tomb_key: tuple[GroupKey, bytes]) -> None:
+        forgotten = self.tombstones.pop(tomb_key)[0]
+        self.rule.floor_ns = max(self.rule.floor_ns, forgotten)
+
     def relabel(self, entry: Series, naming: Naming, generation: int) -> None:
         """Another naming (metadata changed, or a point measured across an address reuse): what was
-        counted so far stays with the old labels, and the old naming is kept aside."""
+        counted so far stays with the old labels, the old naming is kept aside, and downstream the current
+        run goes on as a new stream (or as the stream the kept naming had)."""
         self.fold(entry)
-        spare = [s for s in entry.spare or () if s[1].resolved.basis != naming.resolved.basis]
-        spare.insert(0, (entry.generation, Naming(entry.resolved, entry.targets, entry.template)))
-        del spare[_MAX_SPARE:]
-        entry.spare = spare
+        if entry.generation != RESTORED_GENERATION:  # a restored series' first naming is no rename
+            stream = (entry.out_run, entry.out_start, entry.out_offset)
+            spare = [s for s in entry.spare or () if s[1].resolved.basis != naming.resolved.basis]
+            spare.insert(0, (entry.generation, Naming(entry.resolved, entry.targets, entry.template, stream)))
+            del spare[_MAX_SPARE:]
+            entry.spare = spare
+            if naming.stream is not None:
+                entry.out_run, entry.out_start, entry.out_offset = naming.stream
+            elif entry.start >= 0:
+                entry.out_run, entry.out_start, entry.out_offset = entry.start, entry.last_time, entry.last
         entry.generation, entry.resolved = generation, naming.resolved
         entry.targets, entry.template = naming.targets, naming.template
         entry.set_window()
@@ -150,21 +212,33 @@ class SeriesTable:
                     self.fold(entry)
 
     def maybe_sweep(self, now: float) -> None:
-        """Forget series silent for longer than the TTL, and aggregates no live series feeds."""
+        """Forget series silent for longer than the TTL (leaving tombstones), give up runs and tombstones
+        older than the lateness, and drop aggregates no live series feeds."""
         if self._last_sweep is None:
             self._last_sweep = now
         if now - self._last_sweep < min(self.ttl_s / 4, 30.0):
             return
         self._last_sweep = now
-        cutoff = now - self.ttl_s
+        cutoff, now_ns, rule = now - self.ttl_s, int(now * 1e9), self.rule
         live: list[tuple[Target, ...]] = []
         for group_key, table in list(self.groups.items()):
             for key in [k for k, s in table.items() if s.seen < cutoff]:
-                self.fold(table.pop(key))
+                gone = table.pop(key)
+                self.fold(gone)
                 self.count -= 1
+                self.bury(group_key, key, gone.runs(), gone.dropped, now_ns)
             if not table:
                 del self.groups[group_key]
-            live.extend(s.targets for s in table.values())
-            # a naming kept aside may take over again: its aggregates must not be dropped meanwhile
-            live.extend(n.targets for s in table.values() if s.spare for _, n in s.spare)
+            for s in table.values():
+                live.append(s.targets)
+                if s.older:
+                    rule.expire(s, now)
+                if s.spare:  # a naming kept aside may take over again: its aggregates stay meanwhile
+                    live.extend(n.targets for _, n in s.spare)
+        oldest = now_ns - int(rule.lateness_s * 1e9)
+        while self.tombstones:
+            first = next(iter(self.tombstones))
+            if self.tombstones[first][0] >= oldest:
+                break
+            self._give_up(first)
         self._agg.retain(live, now, self.ttl_s)
