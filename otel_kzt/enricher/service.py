@@ -18,6 +18,8 @@ from prometheus_client.exposition import choose_encoder
 from otel_kzt.enricher.config import EnricherConfig, split_host_port
 from otel_kzt.enricher.exporters.otlp import Exporter
 from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.exporters.savings import SavingsCollector, combined
+from otel_kzt.enricher.exporters.webapi import pages as web_pages
 from otel_kzt.enricher.http_server import HttpLimits
 from otel_kzt.enricher.metrics_port import MetricsPort, Page, PageRequest, Reply
 from otel_kzt.enricher.processing.core import Core
@@ -31,6 +33,7 @@ from otel_kzt.enricher.receivers.grpc import GrpcReceiver
 from otel_kzt.enricher.receivers.http import HttpReceiver
 from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.enricher.state.checkpointer import Checkpointer
+from otel_kzt.enricher.state.savings import SavingsTracker
 from otel_kzt.k8s.model import MetadataIndex
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,8 @@ class EnricherService:
         self.registry = CollectorRegistry()
         self.ports: dict[str, int] = {}
         self.core: Core | None = None
+        self.savings: SavingsTracker | None = None
+        self._web: dict[str, Page] = {}
 
     def start(self) -> None:
         with self._lock:
@@ -107,6 +112,13 @@ class EnricherService:
             series_ttl_s=cfg.series_ttl_s,
             max_inflight=cfg.max_inflight_requests,
         )
+        # Savings: fed from the same totals as /metrics; `/` and `/api/v1/*` show them.
+        totals = lambda: combined(aggregates.snapshot())  # noqa: E731
+        self.savings = savings = SavingsTracker(index, totals, cfg.savings_window_s)
+        self.registry.register(SavingsCollector(savings))
+        savings.start()
+        self._stoppers.append(("savings", savings))
+        self._web = web_pages(aggregates.snapshot, aggregates.flow_labels, lambda: savings.report)
         if cfg.state_file:
             # Restored before anything is received: the first points continue the checkpoint's series.
             checkpointer = Checkpointer(
@@ -157,7 +169,8 @@ class EnricherService:
             ready = index.ready()
             return Reply(200 if ready else 503, b"ready\n" if ready else b"metadata not synced\n")
 
-        return {"/metrics": metrics, "/healthz": lambda _r: Reply(200, b"ok\n"), "/readyz": readyz}
+        pages = {"/metrics": metrics, "/healthz": lambda _r: Reply(200, b"ok\n"), "/readyz": readyz}
+        return {**pages, **self._web}
 
     def shutdown(self) -> None:
         with self._lock:
@@ -166,7 +179,8 @@ class EnricherService:
     def _stop_all(self) -> None:
         # Receivers first (nothing new arrives), then the final checkpoint, then exporters flush, then
         # metrics and metadata.
-        order = {"grpc": 0, "http": 1, "checkpoint": 2, "exporter": 3, "metrics": 4, "metadata": 5}
+        order = {"grpc": 0, "http": 1, "checkpoint": 2, "exporter": 3, "metrics": 4, "savings": 5}
+        order["metadata"] = 6
         parts, self._stoppers = sorted(self._stoppers, key=lambda p: order[p[0]]), []
         for kind, part in parts:
             try:

@@ -16,7 +16,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from otel_kzt import schema
+from otel_kzt.enricher.exporters.savings import SAVINGS_BYTES, SAVINGS_USD, SERVICE_BYTES
+from otel_kzt.enricher.exporters.savings import counters as savings_counters
 from otel_kzt.enricher.processing.resolution import Resolved
+from otel_kzt.enricher.processing.services import service_targets
 from otel_kzt.schema import TrafficClass
 
 Totals = dict[tuple[str, ...], float]
@@ -38,6 +41,10 @@ class Aggregates:
         self.pod_cross_zone: Totals = {}
         self.zone_bytes: Totals = {}
         self.cost: Totals = {}
+        # Services and savings (processing/services.py makes their keys, exporters/savings.py exposes them)
+        self.service_bytes: Totals = {}
+        self.savings_bytes: Totals = {}
+        self.savings_usd: Totals = {}
         self.agent_last_report: dict[str, float] = {}
         self._orphaned: dict[tuple[int, tuple[str, ...]], float] = {}  # entry -> since no series feeds it
         self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}  # pruned with the entries in retain()
@@ -67,6 +74,7 @@ class Aggregates:
                 resolved.traffic_class.value,
             )
             out.append((self.cost, self.intern(cost_key), usd_per_byte))
+        out += service_targets(self, attrs, resolved.traffic_class, resolved.services, usd_per_byte)
         return tuple(out)
 
     def intern(self, key: tuple[str, ...]) -> tuple[str, ...]:
@@ -80,6 +88,9 @@ class Aggregates:
             "pod_cross_zone": self.pod_cross_zone,
             "zone_bytes": self.zone_bytes,
             "cost": self.cost,
+            SERVICE_BYTES: self.service_bytes,
+            SAVINGS_BYTES: self.savings_bytes,
+            SAVINGS_USD: self.savings_usd,
         }
 
     def load(self, totals: Mapping[str, Totals], agents: Mapping[str, float]) -> None:
@@ -128,6 +139,9 @@ class Aggregates:
                 "pod_cross_zone": dict(self.pod_cross_zone),
                 "zone_bytes": dict(self.zone_bytes),
                 "cost": dict(self.cost),
+                SERVICE_BYTES: dict(self.service_bytes),
+                SAVINGS_BYTES: dict(self.savings_bytes),
+                SAVINGS_USD: dict(self.savings_usd),
                 "agents": {(n,): t for n, t in self.agent_last_report.items()},
             }
 
@@ -165,6 +179,7 @@ class AggregatesCollector(Collector):
             schema.PROM_ESTIMATED_COST_LABELS,
             snap["cost"],
         )
+        yield from savings_counters(snap)
         gauge = GaugeMetricFamily(
             schema.ENRICHER_AGENT_LAST_REPORT,
             "Unix time of the last OTLP request from each agent (by resource k8s.node.name)",

@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any, Final
 
 from otel_kzt.enricher.exporters.summary import summary
+from otel_kzt.enricher.metrics_port import Page, PageRequest, Reply
 from otel_kzt.savings.jsonform import report_to_json
 from otel_kzt.savings.model import Report
+
+Snapshot = Mapping[str, Mapping[tuple[str, ...], float]]
 
 HTML: Final = "text/html; charset=utf-8"
 JAVASCRIPT: Final = "text/javascript; charset=utf-8"
@@ -53,3 +57,25 @@ def savings_body(report: Report) -> bytes:
 def summary_body(snap: Mapping[str, Mapping[tuple[str, ...], float]], flow_labels: Sequence[str],
                  now: float) -> bytes:  # fmt: skip
     return _json(summary(snap, flow_labels, now))
+
+
+def pages(
+    snapshot: Callable[[], Snapshot],
+    flow_labels: Sequence[str],
+    report: Callable[[], Report],
+    clock: Callable[[], float] = time.time,
+) -> dict[str, Page]:
+    """The metrics port's pages for the web view and its API (EnricherService._pages adds them)."""
+    fresh = {"Cache-Control": "no-store"}
+
+    def summary_page(_request: PageRequest) -> Reply:
+        return Reply(200, summary_body(snapshot(), flow_labels, clock()), JSON, fresh)
+
+    def savings_page(_request: PageRequest) -> Reply:
+        return Reply(200, savings_body(report()), JSON, fresh)
+
+    def static(path: str) -> Page:
+        body, content_type = asset(path) or (b"", "")
+        return lambda _request: Reply(200, body, content_type)
+
+    return {SUMMARY_PATH: summary_page, SAVINGS_PATH: savings_page, **{p: static(p) for p in ASSETS}}

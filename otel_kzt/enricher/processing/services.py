@@ -12,7 +12,7 @@ client -> server pairs (otel_kzt.savings.model.flow_key).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, Protocol
 
 from otel_kzt import schema
 from otel_kzt.k8s.servicemodel import ServiceCatalog, ServiceRef
@@ -111,3 +111,29 @@ def billed_flow_key(attrs: Mapping[str, str], cls: TrafficClass, refs: Refs) -> 
 
 def _key(ref: ServiceRef | None) -> tuple[str, str] | None:
     return (ref.namespace, ref.name) if ref is not None else None
+
+
+Totals = dict[tuple[str, ...], float]
+
+
+class Families(Protocol):
+    """The aggregates these flows add to (exporters.prometheus.Aggregates)."""
+
+    service_bytes: Totals
+    savings_bytes: Totals
+    savings_usd: Totals
+
+    def intern(self, key: tuple[str, ...]) -> tuple[str, ...]: ...
+
+
+def service_targets(
+    families: Families, attrs: Mapping[str, str], cls: TrafficClass, refs: Refs, usd_per_byte: float
+) -> list[tuple[Totals, tuple[str, ...], float]]:
+    """Where a byte series' increments go besides the DESIGN §4 families: its Services' counters and, for
+    a billed flow, the savings' bytes and dollars."""
+    out = [(families.service_bytes, families.intern(k), 1.0) for k in service_keys(attrs, cls, refs)]
+    key = billed_flow_key(attrs, cls, refs)
+    if key is not None:
+        key = families.intern(key)
+        out += [(families.savings_bytes, key, 1.0), (families.savings_usd, key, usd_per_byte)]
+    return out

@@ -15,7 +15,8 @@ function bytes(v) {
 }
 
 function usd(v) {
-  return v >= 100 ? `$${v.toFixed(0)}` : v >= 1 ? `$${v.toFixed(2)}` : `$${v.toPrecision(2)}`;
+  if (v === 0) return "$0";
+  return v >= 100 ? `$${v.toFixed(0)}` : v >= 0.01 ? `$${v.toFixed(2)}` : `$${v.toPrecision(2)}`;
 }
 
 function el(tag, attrs, ...children) {

@@ -1,0 +1,99 @@
+"""The web view at `/` in headless Chromium: with traffic stopped, its zone matrix and top talkers equal
+what `/metrics` says; a screenshot is kept as an artifact (test-artifacts/web-view.png)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from otel_kzt import schema
+from otel_kzt.demo.view import workload
+from tests.conftest import REPO
+from tests.integration.test_enricher_prometheus import send
+from tests.integration.test_enricher_service import NODE_IPS, POD_IPS, get, local_config, running
+from tests.support import browser
+
+pytestmark = pytest.mark.integration
+ARTIFACTS = Path(os.environ.get("KZT_TEST_ARTIFACTS", REPO / "test-artifacts"))
+L = schema.prom_label
+PAIR = tuple(L(a) for a in (
+    schema.SOURCE_NAMESPACE_NAME, schema.SOURCE_WORKLOAD_KIND, schema.SOURCE_WORKLOAD_NAME,
+    schema.DESTINATION_NAMESPACE_NAME, schema.DESTINATION_WORKLOAD_KIND, schema.DESTINATION_WORKLOAD_NAME,
+))  # fmt: skip
+
+
+def _samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(dict(s.labels), s.value) for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == name]  # fmt: skip
+
+
+def _from_metrics(text: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    """(zone pair -> bytes, (source, destination) -> cross-zone bytes) as /metrics has them."""
+    zones = {(lb[L(schema.SOURCE_ZONE)], lb[L(schema.DESTINATION_ZONE)]): v
+             for lb, v in _samples(text, f"{schema.PROM_ZONE_TRAFFIC_BYTES}_total")}
+    talkers: dict[tuple[str, str], float] = defaultdict(float)
+    for lb, v in _samples(text, f"{schema.PROM_FLOW_BYTES}_total"):
+        if lb[L(schema.TRAFFIC_CLASS)] == "cross-zone" and v > 0:
+            key = [lb.get(k, "") for k in PAIR]
+            talkers[(workload(*key[:3]), workload(*key[3:]))] += v
+    return zones, dict(talkers)
+
+
+def _from_page(html: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+    page = browser.parse(html)
+    zones = {(a["data-source-zone"], a["data-destination-zone"]): float(a["data-bytes"])
+             for a, _ in page.select("td", "cell") if float(a["data-bytes"]) > 0}
+    sources, destinations, totals = (page.select("td", c) for c in ("source", "destination", "total"))
+    talkers = {(s, d): float(t["data-bytes"]) for (_, s), (_, d), (t, _) in zip(sources, destinations, totals,
+                                                                                strict=True)}
+    return zones, talkers
+
+
+def test_matrix_and_talkers_on_the_page_equal_metrics(tmp_path: Path) -> None:
+    from tests.integration.test_enricher_service import write_metadata
+
+    with running(local_config(write_metadata(tmp_path / "cluster.json"))) as svc:
+        base = f"http://127.0.0.1:{svc.ports['metrics']}"
+        start = time.time_ns()  # after the enricher started: each run's first value counts whole
+        now = start + 10**9
+        points = [
+            (POD_IPS["web-1"], POD_IPS["cache-1"], 123_457, start),  # zone a -> b
+            (POD_IPS["cache-1"], POD_IPS["web-1"], 2_000_003, start),  # b -> a
+            (POD_IPS["api-1"], POD_IPS["cache-1"], 77_001, start),  # a -> b
+            (POD_IPS["web-1"], POD_IPS["api-1"], 5_000, start),  # a -> a (same zone)
+            (POD_IPS["cache-1"], NODE_IPS["kzt-e-a2"], 9_999, start),  # b -> a node
+        ]
+        send(svc.ports["http"], points, now)
+        later = [(s, d, v * 2, st) for s, d, v, st in points]
+        send(svc.ports["http"], later, now + 10**9)  # then the traffic stops
+        metrics = get(f"{base}/metrics")[1]
+        zones, talkers = _from_metrics(metrics)
+        assert zones[("us-east-1b", "us-east-1a")] == 2 * (2_000_003 + 9_999)  # both reports counted
+        summary = json.loads(get(f"{base}/api/v1/summary")[1])
+        assert {(z["source_zone"], z["destination_zone"]): z["bytes"] for z in summary["zones"]} == zones
+        page_zones, page_talkers = _from_page(browser.dump_dom(base + "/"))
+        assert page_zones == zones
+        assert page_talkers == talkers
+        assert page_talkers[("shop/cache", "shop/web")] == 4_000_006
+        shot = browser.screenshot(base + "/", ARTIFACTS / "web-view.png")
+        assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_static_files_and_api_are_served(tmp_path: Path) -> None:
+    from tests.integration.test_enricher_service import write_metadata
+
+    with running(local_config(write_metadata(tmp_path / "cluster.json"))) as svc:
+        base = f"http://127.0.0.1:{svc.ports['metrics']}"
+        status, body = get(base + "/")
+        assert status == 200 and "<script src=\"app.js\"></script>" in body
+        assert get(base + "/app.js")[0] == 200 and get(base + "/style.css")[0] == 200
+        savings = json.loads(get(base + "/api/v1/savings")[1])
+        assert set(savings) >= {"enabled", "reason", "recommendations", "services", "window_seconds"}
+        assert get(base + "/nothing-here")[0] == 404
