@@ -1,5 +1,8 @@
 """Suite-wide test policy.
 
+Processes: the session is a child subreaper (tests/support/processes.py); at its end, any process it
+started that still runs is killed and the run fails, naming it.
+
 Kernel tests (`@pytest.mark.kernel`) need root, BTF, bcc and network namespaces. Off CI they skip with the
 reason when those are missing; with `CI` set they fail instead, so a CI machine that cannot run them never
 passes by skipping them.
@@ -10,9 +13,12 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support import processes
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -52,3 +58,25 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI is set and eBPF is unavailable: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    processes.become_subreaper()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = processes.leftovers(os.getpid())
+    if not left:
+        return
+    processes.kill_and_reap(left)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"{len(left)} process(es) started by this session were still running (killed now):"]
+    lines += [f"  pid={p.pid} ppid={p.ppid} {p.cmdline[:300]}" for p in left]
+    if reporter is not None:
+        reporter.ensure_newline()
+    for line in lines:
+        if reporter is not None:
+            reporter.write_line(line, red=True)
+        else:
+            print(line, file=sys.stderr)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -2,8 +2,8 @@
 
 Every flag has a YAML twin in `--config` (the flag name with `_` for `-`; `--no-pin` is `pin: false`);
 flags win, then the file, then the environment (`NODE_NAME`, `OTEL_EXPORTER_OTLP_*`). The actions
-`--cleanup` and `--print-bpf` are flags only. SIGTERM/SIGINT: one final export, exit 0; the pinned datapath
-keeps counting for the next process unless `--no-pin`.
+`--cleanup` and `--print-bpf` are flags only. SIGTERM/SIGINT (any number of them, `otel_kzt.signals`):
+one final export, exit 0; the pinned datapath keeps counting for the next process unless `--no-pin`.
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ import ctypes.util
 import gc
 import logging
 import os
-import signal
 import socket
 import sys
 import threading
 from contextlib import ExitStack
-from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from otel_kzt.agent.config import PROTOCOLS, AgentConfig, from_values
 from otel_kzt.configfile import load_yaml, merge
+from otel_kzt.signals import StopSignals
 
 if TYPE_CHECKING:
     from otel_kzt.agent.state import BpffsReceiverStore
@@ -106,10 +105,8 @@ def run(args: argparse.Namespace) -> int:
     if args.print_bpf:
         sys.stdout.write(datapath.bpf_source())
         return 0
-    stop = threading.Event()
-    _install_signal_handlers(stop)
-    with ExitStack() as stack:
-        _serve(config, datapath, stop, stack)
+    with StopSignals() as signals, ExitStack() as stack:
+        _serve(config, datapath, signals.stop, stack)
     return 0
 
 
@@ -183,12 +180,3 @@ def _open_metadata(config: AgentConfig) -> Any:
         log.warning("no Kubernetes metadata configured: only the node's own addresses are exported")
         return None
     return open_metadata(config.kube_metadata, node_name=config.node_name, kubeconfig=config.kubeconfig)
-
-
-def _install_signal_handlers(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        log.info("signal received, final export: signal=%s", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)

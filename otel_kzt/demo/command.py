@@ -13,8 +13,8 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any, Final
 
 from otel_kzt.configfile import check_keys, load_yaml, merge, parse_duration
@@ -22,14 +22,14 @@ from otel_kzt.demo.cluster import STYLES
 from otel_kzt.demo.runner import ClusterRun, RunConfig
 from otel_kzt.demo.session import Viewer
 from otel_kzt.errors import ConfigError
+from otel_kzt.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
 ONCE_DEFAULT_DURATION_S = 20.0
 
 
-class _Stop(Exception):
-    """Raised by the SIGTERM/SIGHUP handler so that clean-up runs as for Ctrl-C."""
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # Ctrl-C, kill, a closed terminal
 
 
 # Defaults in one place; every key is also a YAML key of `--config` (flags win over the file).
@@ -131,35 +131,31 @@ def _apply_after(v: dict[str, Any], duration: float | None) -> float | None:
     return after
 
 
-def _raise_stop(signum: int, _frame: FrameType | None) -> None:
-    raise _Stop(signal.Signals(signum).name)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Signals only set `stop` (`otel_kzt.signals`): a second Ctrl-C during clean-up cannot cut it short."""
     demo = config_from(args)
-    cluster_run = ClusterRun(demo.run)
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        log.info("starting: %d nodes, enricher on %s, logs in %s", len(cluster_run.cluster.nodes),
-                 cluster_run.metrics_url, cluster_run.workdir)
-        cluster_run.start(traffic=False)
-        viewer = Viewer(cluster_run, demo.duration_s, demo.top, live=not demo.once,
-                        apply_after_s=demo.apply_after_s)  # the baseline, before any traffic
-        cluster_run.start_traffic()
+    with StopSignals(STOP_SIGNALS) as signals:
+        cluster_run = ClusterRun(demo.run, stop=signals.stop)
         try:
-            viewer.loop()
-        except (KeyboardInterrupt, _Stop):
-            log.info("stopping")
-            viewer.scrape()
-        engine = cluster_run.engine
-        if engine is not None:
-            log.info("traffic: requests ok=%d failed=%d", engine.requests_ok, engine.requests_failed)
-        sys.stdout.write("\n" + viewer.report() + "\n")
-        sys.stdout.flush()
-        return 0
-    finally:
-        try:
-            cluster_run.close()
+            return _show(cluster_run, demo, signals.stop)
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            cluster_run.close()
+
+
+def _show(cluster_run: ClusterRun, demo: DemoConfig, stop: threading.Event) -> int:
+    log.info("starting: %d nodes, enricher on %s, logs in %s", len(cluster_run.cluster.nodes),
+             cluster_run.metrics_url, cluster_run.workdir)
+    cluster_run.start(traffic=False)  # raises Interrupted once `stop` is set
+    viewer = Viewer(cluster_run, demo.duration_s, demo.top, live=not demo.once,
+                    apply_after_s=demo.apply_after_s)  # the baseline, before any traffic
+    cluster_run.start_traffic()
+    viewer.loop(stop)
+    if stop.is_set():
+        log.info("stopping")
+        viewer.scrape()
+    engine = cluster_run.engine
+    if engine is not None:
+        log.info("traffic: requests ok=%d failed=%d", engine.requests_ok, engine.requests_failed)
+    sys.stdout.write("\n" + viewer.report() + "\n")
+    sys.stdout.flush()
+    return 0

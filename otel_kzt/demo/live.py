@@ -13,6 +13,8 @@ import os
 import select
 import sys
 import termios
+import threading
+import time
 import tty
 from collections.abc import Iterator
 from types import TracebackType
@@ -27,6 +29,7 @@ from otel_kzt.demo.view import Frame
 from otel_kzt.savings.model import Report
 from otel_kzt.savings.render import human_bytes, usd
 
+STOP_POLL_S = 0.1  # how soon a key wait notices a stop signal
 _HEAT_CROSS = (200, 40, 30)  # red: billed
 _HEAT_LOCAL = (30, 140, 60)  # green: the diagonal, free
 
@@ -188,14 +191,21 @@ class Keys:
             self.enabled = False
         return self
 
-    def wait(self, timeout_s: float) -> str | None:
-        """A key pressed within `timeout_s`, else None (sleeps the whole time when keys are off)."""
+    def wait(self, timeout_s: float, stop: threading.Event) -> str | None:
+        """A key pressed within `timeout_s`, else None; returns early once `stop` is set (a signal only
+        sets it: `otel_kzt.signals`), seen within `STOP_POLL_S` while a terminal is read."""
         if not self.enabled:
-            with contextlib.suppress(InterruptedError):
-                select.select([], [], [], max(0.0, timeout_s))
+            stop.wait(max(0.0, timeout_s))
             return None
-        ready, _, _ = select.select([self._stream], [], [], max(0.0, timeout_s))
-        return os.read(self._stream.fileno(), 1).decode(errors="replace") if ready else None
+        deadline = time.monotonic() + timeout_s
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self._stream], [], [], max(0.0, min(left, STOP_POLL_S)))
+            if ready:
+                return os.read(self._stream.fileno(), 1).decode(errors="replace")
+            if left <= STOP_POLL_S:
+                return None
+        return None
 
     def __exit__(self, *exc: object) -> None:
         if self._saved is not None:

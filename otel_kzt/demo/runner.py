@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ ORPHAN_GUARD = ("setpriv", "--pdeathsig", "TERM", "--")
 
 class DemoBusy(KztError):
     """Another run holds the lock of this prefix."""
+
+
+class Interrupted(KztError):
+    """`stop` was set (a signal) while the run was still starting."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class ClusterRun:
     enricher: subprocess.Popen[bytes] | None = None
     engine: Engine | None = None
     services: dict[tuple[str, str], ServiceSpec] = field(init=False)  # as routed now
+    stop: threading.Event = field(default_factory=threading.Event)  # set: the waits of start() give up
 
     def __post_init__(self) -> None:
         cfg = self.config
@@ -143,6 +149,7 @@ class ClusterRun:
         topology.remove_stale(self.cluster)
         for node in self.cluster.nodes:
             self.cleanup_agent(node)  # pins a killed run may have left
+        self._check_stop()
         topology.build(self.cluster, self._topo)
         self.write_metadata()
         self.start_enricher()
@@ -197,7 +204,7 @@ class ClusterRun:
                 self.scrape()
                 return
             except OSError:
-                time.sleep(0.2)
+                self._pause(0.2)
         raise KztError(f"the enricher did not serve {self.metrics_url} within 30s; see {out.name}")
 
     def agent_argv(self, node: NodeSpec) -> list[str]:
@@ -225,9 +232,16 @@ class ClusterRun:
                 seen = set()
             if want <= seen:
                 return
-            time.sleep(0.5)
+            self._pause(0.5)
         raise KztError(f"agents of {sorted(want - seen)} did not report within {timeout_s:.0f}s; "
                        f"logs in {self.workdir}")
+
+    def _pause(self, seconds: float) -> None:
+        if self.stop.wait(seconds):
+            raise Interrupted("stopped while starting")
+
+    def _check_stop(self) -> None:
+        self._pause(0.0)
 
     def scrape(self) -> str:
         with urllib.request.urlopen(self.metrics_url, timeout=5) as resp:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import time
 
 from rich.console import Console
@@ -87,7 +88,8 @@ class Viewer:
         self.applied += done
         return done
 
-    def loop(self) -> None:
+    def loop(self, stop: threading.Event) -> None:
+        """Until `--duration` is over, `q`, or `stop` is set (a signal)."""
         started, duration = self.first.taken, self.duration_s
         prev = self.first
         with interactive() as (scr, keys):
@@ -95,8 +97,8 @@ class Viewer:
                 wait = self.run.config.interval_s
                 if duration is not None:
                     wait = min(wait, max(0.0, duration - (time.monotonic() - started)))
-                key = keys.wait(wait)
-                if key in ("q", "Q"):
+                key = keys.wait(wait, stop)
+                if key in ("q", "Q") or stop.is_set():
                     return
                 due = self.apply_after_s is not None and time.monotonic() - started >= self.apply_after_s
                 if (key in ("a", "A") or due) and self.apply() and due:

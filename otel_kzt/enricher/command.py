@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
-import threading
 from dataclasses import replace
 from typing import Any
 
@@ -19,6 +17,7 @@ from otel_kzt.enricher.config import (
     from_mapping,
 )
 from otel_kzt.errors import ConfigError, KztError
+from otel_kzt.signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -160,21 +159,18 @@ def run(args: argparse.Namespace) -> int:
 
     config = build_config(args)
     service = EnricherService(config)
-    stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
+    with StopSignals() as signals:
         try:
-            service.start()
-        except OSError as exc:
-            raise KztError(f"cannot start: {exc}") from exc
-        log.info("enricher running ports=%s", service.ports)
-        stop.wait()
-        log.info(
-            "enricher stopping: receivers closed first, exporters flushed within %.1fs",
-            config.shutdown_timeout_s,
-        )
-    finally:
-        service.shutdown()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            try:
+                service.start()
+            except OSError as exc:
+                raise KztError(f"cannot start: {exc}") from exc
+            log.info("enricher running ports=%s", service.ports)
+            signals.stop.wait()
+            log.info(
+                "enricher stopping: receivers closed first, exporters flushed within %.1fs",
+                config.shutdown_timeout_s,
+            )
+        finally:
+            service.shutdown()  # more signals meanwhile are only recorded: nothing can interrupt this
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import pty
+import threading
+import time
 
 from otel_kzt.demo.live import Keys, Screen, heat_map, savings, screen
 from otel_kzt.demo.session import plain
@@ -60,14 +62,18 @@ def test_keys_read_single_presses_from_a_terminal_and_restore_it() -> None:
         import termios
 
         before = termios.tcgetattr(follower)
+        stop = threading.Event()
         with Keys(active=True, stream=stream) as keys:
             assert keys.enabled
-            assert keys.wait(0.01) is None
+            assert keys.wait(0.01, stop) is None
             os.write(leader, b"a")
-            assert keys.wait(2.0) == "a"  # no Enter needed (cbreak)
+            assert keys.wait(2.0, stop) == "a"  # no Enter needed (cbreak)
+            stop.set()
+            started = time.monotonic()
+            assert keys.wait(30.0, stop) is None and time.monotonic() - started < 5  # a signal ends the wait
         assert termios.tcgetattr(follower) == before
         with Keys(active=False, stream=stream) as keys:
-            assert not keys.enabled and keys.wait(0.0) is None
+            assert not keys.enabled and keys.wait(30.0, stop) is None
     finally:
         stream.close()
         os.close(leader)
