@@ -284,6 +284,7 @@ ENRICHER_RECEIVER_REASON_LABEL: Final = "reason"
 ENRICHER_REFUSED_INFLIGHT_BYTES: Final = "max_inflight_bytes"
 ENRICHER_REFUSED_CONNECTIONS: Final = "max_connections"
 ENRICHER_REFUSED_CONCURRENT_CALLS: Final = "max_concurrent_calls"
+ENRICHER_REFUSED_EXPORT_QUEUE: Final = "export_queue_full"  # back-pressure from a slow exporter
 # The counting rule (DESIGN §4): points it declines, by `reason` (one of the NOT_COUNTED_* values)
 ENRICHER_NOT_COUNTED: Final = "kzt_enricher_points_not_counted"
 ENRICHER_NOT_COUNTED_REASON_LABEL: Final = "reason"

@@ -31,7 +31,10 @@ DEFAULT_HEADER_TIMEOUT_S: Final = 30.0
 DEFAULT_BODY_TIMEOUT_S: Final = 60.0
 DEFAULT_MAX_SERIES: Final = 200_000
 DEFAULT_SERIES_TTL_S: Final = 600.0
-DEFAULT_EXPORT_QUEUE: Final = 1000
+DEFAULT_EXPORT_QUEUE: Final = 5000  # queued request pieces (one per resource) per exporter
+DEFAULT_EXPORT_QUEUE_BYTES: Final = 128 * 1024 * 1024
+DEFAULT_EXPORT_CONSUMERS: Final = 4
+DEFAULT_EXPORT_BATCH_BYTES: Final = 2 * 1024 * 1024  # below the 4 MiB a gRPC receiver takes by default
 DEFAULT_EXPORT_TIMEOUT_S: Final = 10.0
 DEFAULT_EXPORT_MAX_ELAPSED_S: Final = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
@@ -64,6 +67,9 @@ class ExporterConfig:
     protocol: str = PROTOCOL_GRPC
     headers: tuple[tuple[str, str], ...] = ()
     queue_size: int = DEFAULT_EXPORT_QUEUE
+    queue_bytes: int = DEFAULT_EXPORT_QUEUE_BYTES
+    consumers: int = DEFAULT_EXPORT_CONSUMERS  # senders at once; one series always goes through the same one
+    batch_bytes: int = DEFAULT_EXPORT_BATCH_BYTES  # what is queued is sent together, up to this size
     timeout_s: float = DEFAULT_EXPORT_TIMEOUT_S
     max_elapsed_s: float = DEFAULT_EXPORT_MAX_ELAPSED_S
     insecure: bool = True  # plain-text gRPC unless the URL is https://
@@ -143,7 +149,8 @@ class EnricherConfig:
                 raise ConfigError(
                     f"{where}.endpoint", f"an http/protobuf endpoint is a URL: {exp.endpoint!r}"
                 )
-            _positive(exp.queue_size, f"{where}.queue_size")
+            for name in ("queue_size", "queue_bytes", "consumers", "batch_bytes"):
+                _positive(getattr(exp, name), f"{where}.{name}")
         return self
 
 
@@ -218,7 +225,8 @@ def _exporter(raw: Any, where: str) -> ExporterConfig:
         return ExporterConfig(endpoint=raw)
     if not isinstance(raw, Mapping):
         raise ConfigError(where, "expected a URL or a mapping with `endpoint`")
-    allowed = {"endpoint", "protocol", "headers", "queue_size", "timeout", "max_elapsed", "insecure"}
+    sizes = {"queue_size", "queue_bytes", "consumers", "batch_bytes"}
+    allowed = {"endpoint", "protocol", "headers", "timeout", "max_elapsed", "insecure", *sizes}
     check_keys(raw, allowed, where)
     if "endpoint" not in raw:
         raise ConfigError(f"{where}.endpoint", "required")
@@ -229,7 +237,7 @@ def _exporter(raw: Any, where: str) -> ExporterConfig:
         endpoint=str(raw["endpoint"]),
         protocol=str(raw.get("protocol", PROTOCOL_GRPC)),
         headers=tuple((str(k).lower(), str(v)) for k, v in headers.items()),
-        queue_size=raw.get("queue_size", DEFAULT_EXPORT_QUEUE),
+        **{name: raw[name] for name in sizes if name in raw},
         timeout_s=parse_duration(raw.get("timeout", DEFAULT_EXPORT_TIMEOUT_S), f"{where}.timeout"),
         max_elapsed_s=parse_duration(
             raw.get("max_elapsed", DEFAULT_EXPORT_MAX_ELAPSED_S), f"{where}.max_elapsed"

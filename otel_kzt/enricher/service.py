@@ -27,7 +27,7 @@ from otel_kzt.enricher.processing.cost import load_prices
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
 from otel_kzt.enricher.processing.resolution import Resolver
 from otel_kzt.enricher.receivers.auth import BearerCheck, ServerTls
-from otel_kzt.enricher.receivers.budget import ByteBudget
+from otel_kzt.enricher.receivers.budget import ByteBudget, Downstream
 from otel_kzt.enricher.receivers.caps import ReceiverMetrics
 from otel_kzt.enricher.receivers.grpc import GrpcReceiver
 from otel_kzt.enricher.receivers.http import HttpReceiver
@@ -132,13 +132,21 @@ class EnricherService:
             checkpointer.start()
             collector.source = checkpointer.scrape
             self._stoppers.append(("checkpoint", checkpointer))
-        self._serve(core, index, tls, auth)
+        behind = Downstream(lambda: next((e.name for e in exporters if not e.accepting()), None))
+        self._serve(core, index, tls, auth, behind)
 
-    def _serve(self, core: Core, index: MetadataIndex, tls: ServerTls | None, auth: BearerCheck) -> None:
+    def _serve(
+        self,
+        core: Core,
+        index: MetadataIndex,
+        tls: ServerTls | None,
+        auth: BearerCheck,
+        downstream: Downstream,
+    ) -> None:
         """Bind /metrics, then the receivers (each one registered for shutdown as soon as it runs)."""
         cfg = self.config
         limits = HttpLimits(cfg.max_connections, cfg.header_timeout_s, cfg.body_timeout_s)
-        caps = ReceiverMetrics(ByteBudget(cfg.max_inflight_bytes))  # one budget for both receivers
+        caps = ReceiverMetrics(ByteBudget(cfg.max_inflight_bytes), downstream)  # one budget for both
         self.registry.register(caps)
         if cfg.metrics_endpoint:
             host, port = split_host_port(cfg.metrics_endpoint, "metrics_endpoint")
@@ -150,7 +158,15 @@ class EnricherService:
                 continue
             host, port = split_host_port(endpoint, f"{kind}_endpoint")
             settings = ReceiverSettings(
-                host, port, cfg.max_request_bytes, auth, tls, caps.budget, limits, cfg.max_concurrent_calls
+                host,
+                port,
+                cfg.max_request_bytes,
+                auth,
+                tls,
+                caps.budget,
+                limits,
+                cfg.max_concurrent_calls,
+                downstream,
             )
             receiver = HttpReceiver(settings, core) if kind == "http" else GrpcReceiver(settings, core)
             receiver.report(caps)

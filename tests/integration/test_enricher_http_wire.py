@@ -17,7 +17,10 @@ import grpc
 import pytest
 import zstandard
 from google.rpc import error_details_pb2, status_pb2
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 
 from otel_kzt import schema
 from otel_kzt.enricher.config import ExporterConfig
@@ -148,7 +151,7 @@ def test_inflight_bytes_are_charged_while_bodies_stream_in(
         assert status == 503 and int(headers["Retry-After"]) >= 1
         assert "max_inflight_bytes" in status_pb2.Status.FromString(reply).message
         refused = f'{schema.ENRICHER_RECEIVER_REFUSED}_total{{reason="max_inflight_bytes",receiver="all"}}'
-        assert refused in get(metrics)[1].replace(" 1.0", "")
+        assert f"{refused} 1.0" in get(metrics)[1]
     finally:
         announced.close()
         streamed.close()
@@ -201,3 +204,43 @@ def test_grpc_calls_beyond_the_cap_are_retryable(wire_service: EnricherService) 
         assert status_pb2.Status.FromString(details).details[0].Unpack(retry)
         assert retry.retry_delay.seconds >= 1
         call(request(43), timeout=10)  # the slot was given back
+
+
+class _Stuck(Downstream):
+    """A downstream that takes requests but answers only once released."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        super().__init__()
+
+    def _metrics(self, request: ExportMetricsServiceRequest, ctx: object) -> ExportMetricsServiceResponse:
+        self.release.wait(30)
+        return super()._metrics(request, ctx)
+
+
+@pytest.mark.integration
+def test_a_slow_downstream_pushes_back_instead_of_dropping(metadata_file: Path) -> None:
+    stuck = _Stuck()
+    exporter = ExporterConfig(f"127.0.0.1:{stuck.port}", queue_size=4, consumers=1, max_elapsed_s=30)
+    accepted: list[int] = []
+    try:
+        with running(local_config(metadata_file, exporters=(exporter,), flow_logs_otlp=False)) as svc:
+            for value in range(1, 30):
+                status, headers, _ = post(svc.ports["http"], request(value))
+                if status == 503:
+                    break
+                assert status == 200
+                accepted.append(value)
+            assert status == 503 and int(headers["Retry-After"]) >= 1, "never pushed back"
+            metrics = get(f"http://127.0.0.1:{svc.ports['metrics']}/metrics")[1]
+            refused = f'{schema.ENRICHER_RECEIVER_REFUSED}_total{{reason="export_queue_full",receiver="all"}}'
+            assert f"{refused} 1.0" in metrics
+            stuck.release.set()
+            assert (
+                values(drained(stuck)) == accepted
+            )  # all of them, in order; the refused one was not counted
+            labels = {schema.ENRICHER_EXPORTER_LABEL: exporter.endpoint}
+            assert not svc.registry.get_sample_value(f"{schema.ENRICHER_EXPORT_DROPPED}_total", labels)
+    finally:
+        stuck.release.set()
+        stuck.stop()

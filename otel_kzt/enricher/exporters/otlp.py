@@ -1,187 +1,236 @@
-"""Downstream OTLP exporters: one bounded queue and one worker thread per endpoint, gRPC or HTTP.
+"""Downstream OTLP exporters: queue, batch, consumers, as the Collector's exporter helper does.
 
-Payloads arrive already serialised (the core encodes a request once for every exporter). `submit_*` never
-blocks: a full queue drops the payload and counts it, so a dead downstream never slows receiving or the
-other exporters. Retries back off exponentially on retryable answers only (see
-`otel_kzt.otlp_failures.classify`).
+Payloads arrive already serialised (the core encodes a request once for every exporter). Each request is
+cut into its resources (a serialised request is the concatenation of its `resource_metrics` fields, so the
+pieces are requests too) and each piece queued on the shard of its resource: one agent's series always go
+through the same consumer, so their points reach the downstream in order, retries included. A consumer
+sends what its shard holds as one request (concatenated, up to `batch_bytes`), several consumers at once.
+
+`accepting()` is the back-pressure: while the queue is above its high-water mark and the downstream is
+alive (it accepted something within `max_elapsed`), the receivers answer `retry later` before the core
+counts anything, so agents resend their cumulative totals instead of the exporter dropping them. A dead
+downstream never blocks receiving: then a full queue drops and counts, as before. Retries back off
+exponentially on retryable answers only (`otel_kzt.otlp_failures.classify`); a consumer survives any
+exception a transport raises (counted, logged, treated as a transport failure).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
-from typing import Final, Protocol
-from urllib.parse import urlsplit
-
-import grpc
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
 
 from otel_kzt.enricher.config import PROTOCOL_HTTP, ExporterConfig
+from otel_kzt.enricher.exporters.otlp_transport import LOGS, METRICS, GrpcTransport, HttpTransport, Transport
 from otel_kzt.enricher.exporters.prometheus import HealthMetrics
+from otel_kzt.enricher.processing.protowire import split
 from otel_kzt.errors import ExportError, RetryableExportError
-from otel_kzt.otlp_failures import classify, parse_retry_after, rpc_error_parts
+from otel_kzt.otlp_failures import classify
 
 log = logging.getLogger(__name__)
 
-METRICS: Final = "metrics"
-LOGS: Final = "logs"
-_GRPC_METHODS: Final = {
-    METRICS: "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
-    LOGS: "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
-}
+__all__ = ["LOGS", "METRICS", "Exporter", "Transport"]
 _BACKOFF_INITIAL_S: Final = 0.5
 _BACKOFF_MAX_S: Final = 10.0
+_HIGH_WATER: Final = 0.8  # of queue_size / queue_bytes: above it, back-pressure
+_RM_RESOURCE: Final = 1  # ResourceMetrics.resource / ResourceLogs.resource
+
+TransportFactory = Callable[[ExporterConfig], Transport]
 
 
-class Transport(Protocol):
-    def send(self, signal: str, payload: bytes) -> None:
-        """Deliver one serialised request; raise an ExportError from `classify`."""
-
-    def close(self) -> None: ...
-
-
-class GrpcTransport:
-    def __init__(self, cfg: ExporterConfig) -> None:
-        url = urlsplit(cfg.endpoint if "://" in cfg.endpoint else f"http://{cfg.endpoint}")
-        target = url.netloc or url.path
-        if url.scheme == "https" or (not cfg.insecure and url.scheme != "http"):
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials())
-        else:
-            self._channel = grpc.insecure_channel(target)
-        self._calls = {s: self._channel.unary_unary(m) for s, m in _GRPC_METHODS.items()}
-        self._metadata = tuple(cfg.headers)
-        self._timeout = cfg.timeout_s
-
-    def send(self, signal: str, payload: bytes) -> None:
-        try:
-            self._calls[signal](payload, timeout=self._timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise classify(*rpc_error_parts(exc)) from exc
-
-    def close(self) -> None:
-        self._channel.close()
+@dataclass(slots=True)
+class _Item:
+    signal: str
+    payload: bytes
 
 
-class HttpTransport:
-    def __init__(self, cfg: ExporterConfig) -> None:
-        base = cfg.endpoint.rstrip("/")
-        self._urls = {s: f"{base}/v1/{s}" for s in (METRICS, LOGS)}
-        self._headers = {"Content-Type": "application/x-protobuf", **dict(cfg.headers)}
-        self._timeout = cfg.timeout_s
+class _Shard:
+    """One consumer's FIFO."""
 
-    def send(self, signal: str, payload: bytes) -> None:
-        req = urllib.request.Request(self._urls[signal], data=payload, headers=self._headers, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=self._timeout) as resp:
-                resp.read()
-        except urllib.error.HTTPError as exc:
-            retry_after = parse_retry_after(exc.headers.get("Retry-After") if exc.headers else None)
-            raise classify(exc.code, str(exc.reason), retry_after) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise classify(None, str(exc)) from exc
+    def __init__(self) -> None:
+        self.items: deque[_Item] = deque()
+        self.ready = threading.Condition()
 
-    def close(self) -> None:
-        """Nothing pooled: urllib opens a connection per request."""
+    def take_batch(self, limit: int, wait_s: float) -> list[_Item]:
+        """Everything queued of the first item's signal, up to `limit` bytes (at least one item)."""
+        with self.ready:
+            if not self.items:
+                self.ready.wait(wait_s)
+            if not self.items:
+                return []
+            batch = [self.items.popleft()]
+            size = len(batch[0].payload)
+            while self.items and self.items[0].signal == batch[0].signal:
+                if size + len(self.items[0].payload) > limit:
+                    break
+                size += len(self.items[0].payload)
+                batch.append(self.items.popleft())
+            return batch
+
+
+def _pieces(payload: bytes) -> list[tuple[int, bytes]]:
+    """(shard key, piece) per top-level resource of a serialised request; what cannot be cut goes whole."""
+    try:
+        out = []
+        for _number, whole, body in split(payload):
+            resource = next((p for n, _w, p in split(body) if n == _RM_RESOURCE), b"")
+            out.append((zlib.crc32(resource), whole))
+        return out
+    except (IndexError, ValueError):
+        return [(0, payload)]
 
 
 class Exporter:
-    """One endpoint: bounded queue, one worker, retries, counted drops."""
+    """One endpoint: a bounded, sharded queue, `consumers` workers, retries, counted drops."""
 
     def __init__(
         self,
         cfg: ExporterConfig,
         health: HealthMetrics,
-        transport: Transport | None = None,
+        transport: TransportFactory | None = None,
         backoff_s: float = _BACKOFF_INITIAL_S,
     ) -> None:
         self.name = cfg.endpoint
-        self._cfg = cfg
-        self._health = health
-        self._transport = transport or (
-            HttpTransport(cfg) if cfg.protocol == PROTOCOL_HTTP else GrpcTransport(cfg)
-        )
-        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(cfg.queue_size)
+        self._cfg, self._health, self._backoff_s = cfg, health, backoff_s
+        self._factory = transport or (HttpTransport if cfg.protocol == PROTOCOL_HTTP else GrpcTransport)
+        self._shards = [_Shard() for _ in range(cfg.consumers)]
+        self._lock = threading.Lock()
+        self._items = self._bytes = 0  # queued, all shards
         self._closing = threading.Event()  # no new retries; drain what is queued
         self._abort = threading.Event()  # the shutdown deadline passed
-        self._thread: threading.Thread | None = None
-        self._closed = False
+        self._threads: list[threading.Thread] = []
+        self._last_success = time.monotonic()
+        self._failing = False  # the last attempt failed
         self._last_drop_log = 0.0
-        self._backoff_s = backoff_s
+        self._logs_turn = 0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name=f"kzt-export-{self.name}", daemon=True)
-        self._thread.start()
+        for n, shard in enumerate(self._shards):
+            thread = threading.Thread(
+                target=self._run, args=(shard,), name=f"kzt-export-{n}-{self.name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def accepting(self) -> bool:
+        """False while the queue is above its high-water mark and the downstream is alive."""
+        cfg = self._cfg
+        if self._items < _HIGH_WATER * cfg.queue_size and self._bytes < _HIGH_WATER * cfg.queue_bytes:
+            return True
+        return self._dead()
+
+    def _dead(self) -> bool:
+        return self._failing and time.monotonic() - self._last_success > self._cfg.max_elapsed_s
 
     def submit_metrics(self, payload: bytes) -> None:
-        self._submit(METRICS, payload)
+        for key, piece in _pieces(payload):
+            self._enqueue(key, _Item(METRICS, piece))
 
     def submit_logs(self, payload: bytes) -> None:
-        self._submit(LOGS, payload)
+        self._logs_turn += 1  # flow-log records carry no order worth keeping: spread them
+        self._enqueue(self._logs_turn, _Item(LOGS, payload))
 
-    def _submit(self, signal: str, payload: bytes) -> None:
-        try:
-            self._queue.put_nowait((signal, payload))
-        except queue.Full:
-            self._drop(f"queue full (queue_size={self._cfg.queue_size})")
+    def _enqueue(self, key: int, item: _Item) -> None:
+        size = len(item.payload)
+        with self._lock:
+            full = self._items + 1 > self._cfg.queue_size or self._bytes + size > self._cfg.queue_bytes
+            if not full:
+                self._items += 1
+                self._bytes += size
+        if full:
+            self._drop(f"queue full (queue_size={self._cfg.queue_size}, queue_bytes={self._cfg.queue_bytes})")
+            return
+        shard = self._shards[key % len(self._shards)]
+        with shard.ready:
+            shard.items.append(item)
+            shard.ready.notify()
 
     def _drop(self, why: str, count: int = 1) -> None:
         self._health.export_dropped.labels(self.name).inc(count)
         now = time.monotonic()
         if now - self._last_drop_log > 10.0:
             self._last_drop_log = now
-            log.warning("export dropped: exporter=%s reason=%s", self.name, why)
+            log.warning("export dropped: exporter=%s items=%d reason=%s", self.name, count, why)
 
-    def _run(self) -> None:
-        while not self._abort.is_set():
-            try:
-                signal, payload = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                if self._closing.is_set():
-                    return
-                continue
-            self._deliver(signal, payload)
+    def _run(self, shard: _Shard) -> None:
+        transport = self._factory(self._cfg)
+        try:
+            while not self._abort.is_set():
+                batch = shard.take_batch(self._cfg.batch_bytes, 0.1)
+                if not batch:
+                    if self._closing.is_set():
+                        return
+                    continue
+                try:
+                    self._deliver(transport, batch)
+                except Exception:  # never lose the consumer, whatever happened
+                    log.exception("export consumer error: exporter=%s", self.name)
+                    self._drop("internal error", len(batch))
+                finally:
+                    with self._lock:
+                        self._items -= len(batch)
+                        self._bytes -= sum(len(i.payload) for i in batch)
+        finally:
+            transport.close()
 
-    def _deliver(self, signal: str, payload: bytes) -> None:
+    def _send(self, transport: Transport, signal: str, payload: bytes) -> None:
+        try:
+            transport.send(signal, payload)
+        except ExportError:
+            raise
+        except Exception as exc:  # a transport bug or an exception nobody translated: a transport failure
+            log.exception("export transport raised: exporter=%s", self.name)
+            raise classify(None, f"{type(exc).__name__}: {exc}") from exc
+
+    def _deliver(self, transport: Transport, batch: list[_Item]) -> None:
+        signal, payload = batch[0].signal, b"".join(i.payload for i in batch)
         deadline = time.monotonic() + self._cfg.max_elapsed_s
         delay = self._backoff_s
         while True:
             try:
-                self._transport.send(signal, payload)
+                self._send(transport, signal, payload)
+                self._last_success, self._failing = time.monotonic(), False
                 return
             except ExportError as exc:
+                self._failing = True
                 self._health.export_failures.labels(self.name).inc()
+                retryable = isinstance(exc, RetryableExportError)
                 wait = exc.retry_after_s if isinstance(exc, RetryableExportError) else None
                 wait = delay * (0.5 + random.random()) if wait is None else wait
-                if not isinstance(exc, RetryableExportError) or self._closing.is_set():
-                    self._drop(f"{exc} (not retried)")
+                if not retryable or self._closing.is_set():
+                    self._drop(f"{exc} (not retried)", len(batch))
                     return
                 if time.monotonic() + wait > deadline:
-                    self._drop(f"{exc} (retries exhausted after {self._cfg.max_elapsed_s:.0f}s)")
+                    self._drop(f"{exc} (retries exhausted after {self._cfg.max_elapsed_s:.0f}s)", len(batch))
                     return
                 log.info(
                     "export retry: exporter=%s signal=%s delay=%.2fs error=%s", self.name, signal, wait, exc
                 )
                 if self._closing.wait(wait):
-                    self._drop(f"{exc} (shutting down)")
+                    self._drop(f"{exc} (shutting down)", len(batch))
                     return
                 delay = min(delay * 2, _BACKOFF_MAX_S)
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop retrying, send what is queued until `timeout_s`, count the rest as dropped. Idempotent."""
         self._closing.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._abort.set()
-            self._thread.join(1.0)
-        left = self._queue.qsize()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._abort.set()
+        for thread in self._threads:
+            thread.join(1.0)
+        self._threads = []
+        left = 0
+        for shard in self._shards:
+            with shard.ready:
+                left += len(shard.items)
+                shard.items.clear()
         if left:
             self._drop("shutdown deadline", left)
-            while not self._queue.empty():
-                self._queue.get_nowait()
-        if not self._closed:
-            self._closed = True
-            self._transport.close()

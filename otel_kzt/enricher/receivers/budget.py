@@ -1,4 +1,6 @@
-"""The in-flight byte budget: request bytes held by the receivers at once, across every connection.
+"""Admission: the in-flight byte budget, and the exporters' back-pressure as the receivers see it.
+
+The budget counts request bytes held by the receivers at once, across every connection.
 
 Why: memory must stay bounded however many clients send at once and however slowly (DESIGN §5.9). An HTTP
 body is charged while it streams in (and again for its decompressed form), a gRPC message once received;
@@ -9,6 +11,7 @@ RetryInfo) and what it held is returned at once. Thread-safe: the HTTP loop and 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 from otel_kzt.errors import Overloaded
@@ -65,3 +68,21 @@ class Hold:
     ) -> None:
         held, self.held = self.held, 0
         self._budget._give(held)
+
+
+class Downstream:
+    """Refuses a request before the core counts it while an exporter's queue is full (`full()` names it).
+
+    Agents send cumulative totals: a request answered "retry later" loses nothing, one counted and then
+    dropped by a full exporter queue would be missing downstream until the next interval.
+    """
+
+    def __init__(self, full: Callable[[], str | None] = lambda: None) -> None:
+        self._full = full
+        self.refused = 0
+
+    def check(self) -> None:
+        name = self._full()
+        if name is not None:
+            self.refused += 1
+            raise Overloaded(f"exporter {name} is behind (its queue is full): retry later", RETRY_AFTER_S)

@@ -13,7 +13,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from otel_kzt import schema
-from otel_kzt.enricher.receivers.budget import ByteBudget
+from otel_kzt.enricher.receivers.budget import ByteBudget, Downstream
 
 
 @dataclass(eq=False)  # hashable by identity: a registry keys its collectors
@@ -21,6 +21,7 @@ class ReceiverMetrics(Collector):
     """Register once; add each receiver's readings as it starts."""
 
     budget: ByteBudget
+    downstream: Downstream
     refused: dict[tuple[str, str], Callable[[], int]] = field(default_factory=dict)
     connections: dict[str, Callable[[], int]] = field(default_factory=dict)
 
@@ -31,6 +32,7 @@ class ReceiverMetrics(Collector):
             labels=[schema.ENRICHER_RECEIVER_LABEL, schema.ENRICHER_RECEIVER_REASON_LABEL],
         )
         refused.add_metric(["all", schema.ENRICHER_REFUSED_INFLIGHT_BYTES], float(self.budget.refused))
+        refused.add_metric(["all", schema.ENRICHER_REFUSED_EXPORT_QUEUE], float(self.downstream.refused))
         for (receiver, reason), read in sorted(self.refused.items()):
             refused.add_metric([receiver, reason], float(read()))
         yield refused

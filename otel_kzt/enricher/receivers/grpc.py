@@ -128,8 +128,15 @@ class GrpcReceiver:
         if not self._settings.auth.accepts(authorization if isinstance(authorization, str) else None):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
+    def _admit(self, context: grpc.ServicerContext) -> None:
+        try:
+            self._settings.downstream.check()
+        except Overloaded as exc:
+            _abort_retry_later(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+
     def _metrics(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         self._authorize(context)
+        self._admit(context)
         with self._settings.budget.hold() as hold:
             _charge(hold.take, len(raw), context)
             request = _decode(raw, ExportMetricsServiceRequest, context)
@@ -145,6 +152,7 @@ class GrpcReceiver:
 
     def _logs(self, raw: bytes, context: grpc.ServicerContext) -> bytes:
         self._authorize(context)
+        self._admit(context)
         with self._settings.budget.hold() as hold:
             _charge(hold.take, len(raw), context)
             self._core.consume_logs(_decode(raw, ExportLogsServiceRequest, context))

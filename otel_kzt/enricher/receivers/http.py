@@ -142,6 +142,7 @@ class HttpReceiver:
         length, limit = request.content_length, self._settings.max_request_bytes
         if length is not None and length > limit:
             raise RequestTooLarge(f"request of {length} bytes exceeds max_request_bytes={limit}")
+        self._settings.downstream.check()
         return signal
 
     async def _body(self, request: web.Request, hold: Hold) -> bytes:

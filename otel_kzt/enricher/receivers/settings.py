@@ -11,7 +11,7 @@ from otel_kzt.enricher.config import (
 )
 from otel_kzt.enricher.http_server import HttpLimits
 from otel_kzt.enricher.receivers.auth import BearerCheck, ServerTls
-from otel_kzt.enricher.receivers.budget import ByteBudget
+from otel_kzt.enricher.receivers.budget import ByteBudget, Downstream
 
 
 @dataclass(frozen=True)
@@ -24,3 +24,4 @@ class ReceiverSettings:
     budget: ByteBudget = field(default_factory=lambda: ByteBudget(DEFAULT_MAX_INFLIGHT_BYTES))
     http: HttpLimits = field(default_factory=HttpLimits)
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS  # gRPC
+    downstream: Downstream = field(default_factory=Downstream)
