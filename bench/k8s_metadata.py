@@ -67,7 +67,7 @@ def pod_object(i: int, n_nodes: int, generation: int = 0) -> dict[str, Any]:
 
 def serve(conn: Connection, n_nodes: int, n_pods: int) -> None:
     """The child process: build the cluster into a FakeApiServer, then run churn commands."""
-    from tests.support.k8s_apiserver import FakeApiServer
+    from tests.support.k8s_apiserver import ENRICHER, FakeApiServer
     from tests.support.k8s_objects import make_node
 
     started = time.monotonic()
@@ -77,7 +77,7 @@ def serve(conn: Connection, n_nodes: int, n_pods: int) -> None:
             api.add(make_node(f"node-{n}", [node_ip(n)], zone=zone, provider_id=f"aws:///{zone}/i-{n}"))
         for i in range(n_pods):
             api.add(pod_object(i, n_nodes))
-        conn.send((api.url, time.monotonic() - started))
+        conn.send((api.url, api.token(ENRICHER), time.monotonic() - started))
         while True:
             command = conn.recv()
             if command[0] == "stop":
@@ -178,12 +178,12 @@ def main() -> int:
 def run(args: argparse.Namespace, conn: Connection) -> int:
     import tempfile
 
-    url, build_s = conn.recv()
+    url, token, build_s = conn.recv()  # the enricher's own ServiceAccount token: the shipped RBAC applies
     print(f"server: {args.nodes} nodes + {args.pods} pods built in {build_s:.1f}s at {url}")
     kubeconfig = Path(tempfile.mkdtemp()) / "kubeconfig"
     kubeconfig.write_text(
         f"apiVersion: v1\nkind: Config\nclusters: [{{name: b, cluster: {{server: '{url}'}}}}]\n"
-        "users: [{name: u, user: {token: t}}]\n"
+        f"users: [{{name: u, user: {{token: '{token}'}}}}]\n"
         "contexts: [{name: b, context: {cluster: b, user: u}}]\ncurrent-context: b\n"
     )
     rss_before, _ = rss_mb()

@@ -2,7 +2,7 @@
 
 Agent: not privileged, host network, exactly BPF + PERFMON + NET_ADMIN + SYS_RESOURCE on nothing,
 read-only root, only the bpffs and BTF host paths. Enricher: non-root, no capability at all, read-only
-root. RBAC: get/list/watch on pods (agent) and pods + nodes (enricher), nothing else.
+root. RBAC: get/list/watch on pods + nodes (agent, enricher), nothing else.
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def _rules_of(role: str) -> list[dict[str, Any]]:
 
 
 def test_rbac_is_exactly_least_privilege() -> None:
-    assert _rules_of("otel-kzt-agent") == [{"apiGroups": [""], "resources": ["pods"], "verbs": READ_VERBS}]
+    assert _rules_of("otel-kzt-agent") == [
+        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS}
+    ]
     assert _rules_of("otel-kzt-enricher") == [
         {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS}
     ]

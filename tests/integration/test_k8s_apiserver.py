@@ -14,11 +14,10 @@ from typing import Any
 import pytest
 import urllib3
 from kubernetes import client as k8s_client
-from kubernetes import config as k8s_config
 from kubernetes import watch as k8s_watch
 from kubernetes.client.exceptions import ApiException
 
-from tests.support.k8s_apiserver import FakeApiServer
+from tests.support.k8s_apiserver import ADMIN, ENRICHER, FakeApiServer
 from tests.support.k8s_objects import fresh, make_node, make_pod
 
 
@@ -33,11 +32,8 @@ def api() -> Iterator[FakeApiServer]:
 
 @pytest.fixture
 def core(api: FakeApiServer, tmp_path: Path) -> Iterator[k8s_client.CoreV1Api]:
-    configuration = k8s_client.Configuration()
-    k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-        config_file=api.write_kubeconfig(tmp_path / "kubeconfig"), client_configuration=configuration
-    )
-    with k8s_client.ApiClient(configuration) as api_client:
+    """What the enricher's own ServiceAccount may read: these tests need no more."""
+    with api.client(tmp_path / "kubeconfig", ENRICHER) as api_client:
         yield k8s_client.CoreV1Api(api_client)
 
 
@@ -120,13 +116,15 @@ def test_drop_connections_ends_watches(api: FakeApiServer, core: k8s_client.Core
         response.read()
 
 
-def test_refused_watch_and_unknown_path(api: FakeApiServer, core: k8s_client.CoreV1Api) -> None:
+def test_refused_watch_and_unknown_path(
+    api: FakeApiServer, core: k8s_client.CoreV1Api, tmp_path: Path
+) -> None:
     api.refuse_watches = True
     with pytest.raises(ApiException) as info:
         core.list_node(watch=True, _preload_content=False)
     assert info.value.status == 503
-    with pytest.raises(ApiException) as missing:
-        core.list_namespaced_service("default")
+    with api.client(tmp_path / "admin", ADMIN) as admin, pytest.raises(ApiException) as missing:
+        k8s_client.CoreV1Api(admin).list_namespaced_config_map("default")  # allowed, but not served
     assert missing.value.status == 404
 
 
@@ -137,11 +135,7 @@ def test_history_window_is_bounded_and_older_versions_are_gone(tmp_path: Path) -
             small.add(make_node(f"n{i}", [f"10.1.0.{i}"]))
         assert 10 <= len(small.events) <= 11
         assert small.compacted_rv > first
-        configuration = k8s_client.Configuration()
-        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=small.write_kubeconfig(tmp_path / "kubeconfig"), client_configuration=configuration
-        )
-        with k8s_client.ApiClient(configuration) as api_client:
+        with small.client(tmp_path / "kubeconfig", ENRICHER) as api_client:
             core = k8s_client.CoreV1Api(api_client)
             old = core.list_node(watch=True, resource_version=str(first), _preload_content=False)
             assert json.loads(old.data.splitlines()[0])["object"]["code"] == 410

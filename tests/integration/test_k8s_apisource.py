@@ -21,7 +21,7 @@ from otel_kzt.k8s.apisource import ApiSource, WatchConfig, api_sources
 from otel_kzt.k8s.index import ClusterIndex
 from otel_kzt.k8s.kubeclient import load_api_client
 from otel_kzt.schema import WorkloadKind
-from tests.support.k8s_apiserver import FakeApiServer
+from tests.support.k8s_apiserver import AGENT, ENRICHER, FakeApiServer
 from tests.support.k8s_objects import as_list, fresh, make_node, make_pod
 
 FAST = WatchConfig(page_size=3, initial_backoff_s=0.05, max_backoff_s=0.2, read_timeout_s=10.0)
@@ -59,7 +59,7 @@ def api() -> Iterator[FakeApiServer]:
 
 @pytest.fixture
 def kubeconfig(api: FakeApiServer, tmp_path: Path) -> str:
-    return api.write_kubeconfig(tmp_path / "kubeconfig")
+    return api.write_kubeconfig(tmp_path / "kubeconfig", ENRICHER)
 
 
 @pytest.fixture
@@ -145,7 +145,8 @@ def test_dropped_connections_are_resumed(api: FakeApiServer, handle: MetadataHan
     assert pods_source(handle).gone == 0  # resumed from the last version, no re-list needed
 
 
-def test_node_scoped_watch(api: FakeApiServer, kubeconfig: str) -> None:
+def test_node_scoped_watch(api: FakeApiServer, tmp_path: Path) -> None:
+    kubeconfig = api.write_kubeconfig(tmp_path / "agent-kubeconfig", AGENT)
     with open_metadata(None, node_name="n1", kubeconfig=kubeconfig) as h:
         assert h.wait_ready(10)
         assert pod_name(h, "10.2.0.1") == "web-1"  # on n1
@@ -224,7 +225,7 @@ def test_no_configuration_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
 def test_shutdown_cuts_a_quiet_watch_at_once(tmp_path: Path) -> None:
     with FakeApiServer(bookmark_interval_s=60) as quiet:  # no byte for a minute on an idle watch
         quiet.add(make_node("n1", ["10.1.0.1"]))
-        h = open_metadata(None, kubeconfig=quiet.write_kubeconfig(tmp_path / "kubeconfig"))
+        h = open_metadata(None, kubeconfig=quiet.write_kubeconfig(tmp_path / "kubeconfig", ENRICHER))
         h.start()
         assert h.wait_ready(10)
         quiet.wait_for_watchers("pods", 1)
@@ -261,7 +262,7 @@ def test_malformed_objects_are_skipped_and_counted(api: FakeApiServer, handle: M
 def test_quiet_watch_past_the_read_timeout_reconnects_quietly(tmp_path: Path) -> None:
     with FakeApiServer(bookmark_interval_s=60) as quiet:
         quiet.add(make_node("n1", ["10.1.0.1"]))
-        client, _ = load_api_client(quiet.write_kubeconfig(tmp_path / "kubeconfig"))
+        client, _ = load_api_client(quiet.write_kubeconfig(tmp_path / "kubeconfig", ENRICHER))
         index = ClusterIndex()
         config = WatchConfig(read_timeout_s=0.3, initial_backoff_s=5.0)  # a backoff would stall the test
         with MetadataHandle(index, list(api_sources(client, index, config=config)), "t", client.close) as h:

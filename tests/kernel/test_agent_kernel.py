@@ -35,7 +35,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 
 from otel_kzt import netns, schema
 from otel_kzt.agent.datapath import cleanup
-from tests.support.k8s_apiserver import FakeApiServer
+from tests.support.k8s_apiserver import AGENT, FakeApiServer
 from tests.support.k8s_objects import as_list, make_node, make_pod
 from tests.unit.test_agent_support import GrpcReceiver, HttpReceiver, points
 
@@ -380,10 +380,9 @@ def test_pod_created_mid_run_gets_named(bed: Bed, agents: Any, tmp_path: Path) -
             api.add(obj)
         forward = _Forwarder(UPLINK[N1], api.url.rsplit(":", 1)[1])
         bed.topo.on_close("api forwarder", forward.close)
-        kubeconfig = tmp_path / "kubeconfig"
-        api.write_kubeconfig(kubeconfig)
-        kubeconfig.write_text(kubeconfig.read_text().replace(api.url, f"http://{UPLINK[N1]}:{forward.port}"))
-        agents(N1, "--kubeconfig", str(kubeconfig))
+        # The agent's own ServiceAccount: the RBAC of deploy/rbac.yaml is what it may read.
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", AGENT, f"http://{UPLINK[N1]}:{forward.port}")
+        agents(N1, "--kubeconfig", kubeconfig)
         bed.traffic(P3, "udp", IP[P2], 5003, 50, 100)
         bed.wait_exports(N1, 3)
         assert bed.latest(N1, **{schema.DESTINATION_PORT: 5003}) == {}  # unknown source: not exported

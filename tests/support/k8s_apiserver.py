@@ -1,21 +1,28 @@
-"""A small Kubernetes API server for tests: `/api/v1/pods`, `/api/v1/nodes`, `/api/v1/namespaces/<ns>/pods`.
+"""A small Kubernetes API server for tests that authenticates and authorises like the real one.
 
-It speaks enough of the real protocol for the real `kubernetes` client to list and watch through it:
+It serves pods, nodes, services (`/api/v1/...`), EndpointSlices (`/apis/discovery.k8s.io/v1/...`), the
+discovery documents, `/version` and the health paths, and speaks enough of the real protocol for the real
+`kubernetes` client to list and watch through it:
 
+- authentication: bearer tokens of the ServiceAccounts in `deploy/rbac.yaml` (`token(AGENT)`), an admin
+  token (`system:masters`), anonymous without a header, `401` for any other token;
+- authorisation: RBAC from the same `deploy/rbac.yaml` the deploy tests validate (plus the bootstrap roles
+  every cluster has: discovery, basic-user, public-info); `403` with the real `Status` for the rest;
 - list: `limit` + `continue` pages served from a consistent snapshot, `metadata.resourceVersion`;
   an expired `continue` (snapshot gone, or older than the retained history) answers `410 Gone`;
 - watch (`watch=1`): chunked newline-delimited ADDED / MODIFIED / DELETED events after `resourceVersion`
   (or the current state as ADDED when none is given), BOOKMARKs with `allowWatchBookmarks`,
   `timeoutSeconds`, and an ERROR event holding a `Status` with code 410 when the version is older than the
   retained history;
-- `fieldSelector` on `spec.nodeName`, `metadata.name`, `metadata.namespace` (`=`, `==`, `!=`).
+- `fieldSelector` on the fields the real server supports per resource (`=`, `==`, `!=`).
 
 Tests drive it with `add` / `update` / `delete`, force `410` with `compact()`, cut every open connection
-with `drop_connections()`, and point the client at it with `write_kubeconfig(path)`:
+with `drop_connections()`, change the rules with `set_rbac()`, and point a client at it as a component
+with `write_kubeconfig(path, AGENT)`:
 
     with FakeApiServer() as api:
         api.add(make_node(...))
-        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", ENRICHER)
 """
 
 from __future__ import annotations
@@ -33,10 +40,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes import client as k8s_client
+from kubernetes import config as k8s_config
 
 from tests.support.k8s_handler import ApiHandler
+from tests.support.k8s_rbac import Rbac, Tokens
+from tests.support.k8s_resources import KINDS, RESOURCES
 
-KINDS = {"Pod": "pods", "Node": "nodes"}
+# The components' identities, as deploy/rbac.yaml creates them: (namespace, ServiceAccount).
+AGENT = ("otel-kzt", "otel-kzt-agent")
+ENRICHER = ("otel-kzt", "otel-kzt-enricher")
+ADMIN = ("", "admin")  # system:masters: for tests that drive the server itself, never for a component
+DEFAULT_VERSION = "v1.34.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +61,11 @@ class Stored:
     rv: int
     namespace: str
     name: str
-    node_name: str
+    fields: tuple[tuple[str, str], ...]  # every selectable field's value (see k8s_resources)
     data: bytes
+
+    def field(self, name: str) -> str:
+        return next((value for key, value in self.fields if key == name), "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +93,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeApiServer:
-    """Pods and nodes behind a real-protocol HTTP API on 127.0.0.1:<ephemeral>."""
+    """Pods, nodes, Services and EndpointSlices behind a real-protocol HTTP API on 127.0.0.1:<ephemeral>."""
 
     def __init__(
         self,
@@ -83,12 +101,18 @@ class FakeApiServer:
         history_limit: int = 100_000,
         bookmark_interval_s: float = 0.5,
         snapshots_kept: int = 16,
+        rbac: Rbac | None = None,
+        git_version: str = DEFAULT_VERSION,
     ) -> None:
+        self.rbac = rbac if rbac is not None else Rbac.shipped()
+        self.tokens = Tokens(self.rbac.service_accounts)
+        self.git_version = git_version
+        self.refusals: list[str] = []  # "403 list nodes system:serviceaccount:…", "401 GET /api/v1/pods"
         self.history_limit = history_limit
         self.bookmark_interval_s = bookmark_interval_s
         self._snapshots_kept = snapshots_kept
         self.cond = threading.Condition()
-        self._objects: dict[str, dict[tuple[str, str], Stored]] = {"pods": {}, "nodes": {}}
+        self._objects: dict[str, dict[tuple[str, str], Stored]] = {name: {} for name in RESOURCES}
         self.events: list[Event] = []
         self._rv = 1000
         self.compacted_rv = 1000  # watching or continuing from a version older than this is 410 Gone
@@ -140,18 +164,34 @@ class FakeApiServer:
         host, port = self._server.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def write_kubeconfig(self, path: str | Path) -> str:
-        """A kubeconfig whose current context points the client at this server; returns the path."""
+    def token(self, account: tuple[str, str]) -> str:
+        """The bearer token of `account` (AGENT, ENRICHER, ADMIN, or another ServiceAccount of the RBAC)."""
+        return self.tokens.admin if account == ADMIN else self.tokens.token(*account)
+
+    def write_kubeconfig(self, path: str | Path, account: tuple[str, str], server: str | None = None) -> str:
+        """A kubeconfig that points the client at this server (or `server`) as `account`; returns the path."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester"}}],
+            "clusters": [{"name": "fake", "cluster": {"server": server or self.url}}],
+            "users": [{"name": account[1], "user": {"token": self.token(account)}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": account[1]}}],
             "current-context": "fake",
         }
         Path(path).write_text(yaml.safe_dump(config))
         return str(path)
+
+    def client(self, path: str | Path, account: tuple[str, str]) -> k8s_client.ApiClient:
+        """The real client, as `account`, through a kubeconfig at `path` (as the components load it)."""
+        configuration = k8s_client.Configuration()
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=self.write_kubeconfig(path, account), client_configuration=configuration
+        )
+        return k8s_client.ApiClient(configuration)
+
+    def set_rbac(self, rbac: Rbac) -> None:
+        """New rules from the next request on (tokens stay valid: the accounts are the same)."""
+        self.rbac = rbac
 
     # --- objects -----------------------------------------------------------------------------------------
 
@@ -177,7 +217,7 @@ class FakeApiServer:
             self._rv += 1
             obj = json.loads(old.data)
             obj["metadata"]["resourceVersion"] = str(self._rv)
-            gone = Stored(self._rv, old.namespace, old.name, old.node_name, json.dumps(obj).encode())
+            gone = Stored(self._rv, old.namespace, old.name, old.fields, json.dumps(obj).encode())
             self._record(Event(self._rv, resource, "DELETED", gone))
 
     def objects(self, kind: str) -> list[dict[str, Any]]:
@@ -187,7 +227,7 @@ class FakeApiServer:
     def _put(self, obj: dict[str, Any], event_type: str) -> dict[str, Any]:
         resource = KINDS[obj["kind"]]
         meta = obj["metadata"]
-        namespace = meta.get("namespace", "") if resource == "pods" else ""
+        namespace = meta.get("namespace", "") if RESOURCES[resource].namespaced else ""
         key = (namespace, meta["name"])
         with self.cond:
             exists = key in self._objects[resource]
@@ -196,8 +236,8 @@ class FakeApiServer:
             self._rv += 1
             meta["resourceVersion"] = str(self._rv)
             meta.setdefault("uid", str(uuid.uuid4()))
-            node_name = (obj.get("spec") or {}).get("nodeName") or ""
-            stored = Stored(self._rv, namespace, meta["name"], node_name, json.dumps(obj).encode())
+            fields = RESOURCES[resource].field_values(obj)
+            stored = Stored(self._rv, namespace, meta["name"], fields, json.dumps(obj).encode())
             self._objects[resource][key] = stored
             self._record(Event(self._rv, resource, event_type, stored))
         return obj
