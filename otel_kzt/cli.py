@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
-from otel_kzt import __version__
+from otel_kzt import __version__, logformat
 from otel_kzt.errors import ConfigError, KztError
 
 # command -> (module, help); imported lazily so `otel-kzt agent --help` does not load the enricher.
@@ -45,9 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command is None:
         args = parser.parse_args([*argv, "demo"])
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+    logformat.configure(getattr(args, "log_format", None) or logformat.TEXT, args.log_level)
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args))

@@ -20,6 +20,7 @@ import threading
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
+from otel_kzt import logformat
 from otel_kzt.agent.config import PROTOCOLS, AgentConfig, from_values
 from otel_kzt.configfile import load_yaml, merge
 from otel_kzt.signals import StopSignals
@@ -72,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--cluster-name", help="k8s.cluster.name resource attribute")
     add("--map-size", type=int, help="flow map capacity (default 65536)")
     add("--ephemeral-ports", help="port range never recorded (default 32768-65535)")
+    add("--log-format", choices=logformat.FORMATS, help="text (default) or json: one object a line")
     add("--overlay-ports", help="UDP ports of overlay encapsulation not exported (default 4789,8472,6081)")
 
 
@@ -86,6 +88,7 @@ def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None)
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
+    logformat.configure(config.log_format)
     from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
 
     if args.cleanup:

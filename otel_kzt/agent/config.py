@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from otel_kzt import logformat
 from otel_kzt.configfile import check_keys, parse_duration
 from otel_kzt.errors import ConfigError
 
@@ -61,6 +62,7 @@ KEYS: Final = frozenset(
         "cluster_name",
         "otlp_max_points_per_request",
         "otlp_max_request_bytes",
+        "log_format",
         *_OTLP_ENV,
     }
 )
@@ -93,6 +95,7 @@ class AgentConfig:
     kubeconfig: str | None = None
     cluster_name: str | None = None
     otlp: OtlpConfig = field(default_factory=OtlpConfig)
+    log_format: str = logformat.TEXT
 
 
 def from_values(values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AgentConfig:
@@ -134,7 +137,16 @@ def _build(v: Mapping[str, Any], env_sourced: set[str]) -> AgentConfig:
         kubeconfig=_path(v.get("kubeconfig"), "kubeconfig"),
         cluster_name=_text(v.get("cluster_name"), "cluster_name"),
         otlp=_otlp(v, env_sourced),
+        log_format=_choice(v.get("log_format"), "log_format", logformat.FORMATS),
     )
+
+
+def _choice(raw: Any, name: str, choices: tuple[str, ...]) -> str:
+    """One of `choices` (the first when unset)."""
+    value = _text(raw, name) or choices[0]
+    if value not in choices:
+        raise ConfigError(name, f"must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _otlp(v: Mapping[str, Any], env_sourced: set[str]) -> OtlpConfig:

@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 from typing import Any
 
+from otel_kzt import logformat
 from otel_kzt.configfile import load_yaml, merge, parse_duration
 from otel_kzt.enricher.config import (
     PROTOCOL_GRPC,
@@ -26,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = default_config()
     add = parser.add_argument
     add("--config", metavar="FILE", help="YAML file; every flag below has a twin key (flags win)")
+    add("--log-format", choices=logformat.FORMATS, help="text (default) or json: one object a line")
     add("--grpc-endpoint", help=f"OTLP/gRPC listen address ({d.grpc_endpoint}; empty disables)")
     add("--http-endpoint", help=f"OTLP/HTTP listen address ({d.http_endpoint}; empty disables)")
     add("--metrics-endpoint", help=f"/metrics, /healthz, /readyz address ({d.metrics_endpoint})")
@@ -119,6 +121,7 @@ def build_config(args: argparse.Namespace) -> EnricherConfig:
         "savings_window_s": parse_duration(args.savings_window, "--savings-window")
         if args.savings_window
         else None,
+        "log_format": args.log_format,
     }
     return replace(config, **merge({}, flags)).validate()
 
@@ -158,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from otel_kzt.enricher.service import EnricherService  # heavy imports only when running
 
     config = build_config(args)
+    logformat.configure(config.log_format)
     service = EnricherService(config)
     with StopSignals() as signals:
         try:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final
 
-from otel_kzt import schema
+from otel_kzt import logformat, schema
 from otel_kzt.configfile import check_keys, parse_duration
 from otel_kzt.errors import ConfigError
 
@@ -106,6 +106,7 @@ class EnricherConfig:
     state_file: str | None = None  # None: no checkpoint, a restart starts the counters from zero
     checkpoint_interval_s: float = DEFAULT_CHECKPOINT_INTERVAL_S
     savings_window_s: float = DEFAULT_SAVINGS_WINDOW_S
+    log_format: str = logformat.TEXT
 
     def validate(self) -> EnricherConfig:
         """Raise ConfigError naming the first bad field; return self for chaining."""
@@ -116,6 +117,8 @@ class EnricherConfig:
         _positive(self.max_request_bytes, "max_request_bytes")
         _positive(self.max_inflight_requests, "max_inflight_requests")
         _positive(self.max_series, "max_series")
+        if self.log_format not in logformat.FORMATS:
+            raise ConfigError("log_format", f"must be one of {', '.join(logformat.FORMATS)}")
         if not self.savings_window_s >= 1.0:
             raise ConfigError("savings_window", f"must be at least 1s, got {self.savings_window_s!r}")
         for name in ("max_inflight_bytes", "max_connections", "max_concurrent_calls"):

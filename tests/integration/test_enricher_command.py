@@ -33,8 +33,9 @@ __all__ = ["downstream", "metadata_file"]
 REPO = Path(__file__).resolve().parents[2]
 
 
-def start(metadata: Path, *flags: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
-    argv = [
+def enricher_argv(metadata: Path) -> list[str]:
+    """An enricher on free local ports."""
+    return [
         sys.executable,
         "-m",
         "otel_kzt.cli",
@@ -47,8 +48,11 @@ def start(metadata: Path, *flags: str) -> tuple[subprocess.Popen[str], dict[str,
         "127.0.0.1:0",
         "--metrics-endpoint",
         "127.0.0.1:0",
-        *flags,
     ]
+
+
+def start(metadata: Path, *flags: str) -> tuple[subprocess.Popen[str], dict[str, int]]:
+    argv = [*enricher_argv(metadata), *flags]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:

@@ -1,10 +1,15 @@
 """The enricher's shutdown cannot deadlock: 50 processes each get SIGTERM, SIGTERM and SIGINT within a
 millisecond, at varied moments after start (some while a request is being enriched), and every one exits 0
-within its shutdown timeout. (Before `otel_kzt.signals`, 3 of 6 such enrichers hung forever.)"""
+within its shutdown timeout. (Before `otel_kzt.signals`, 3 of 6 such enrichers hung forever.)
+
+Every other run logs with `--log-format json`: each of its stderr lines is one JSON object."""
 
 from __future__ import annotations
 
+import ast
+import json
 import random
+import re
 import subprocess
 import threading
 import time
@@ -14,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.test_enricher_badinput import good_request, post
-from tests.integration.test_enricher_command import start
+from tests.integration.test_enricher_command import REPO, enricher_argv
 from tests.integration.test_enricher_service import Downstream, downstream, metadata_file
 from tests.support.processes import signal_burst
 
@@ -25,14 +30,37 @@ RUNS, PARALLEL = 50, 4
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
+def _start(metadata: Path, *flags: str) -> tuple[subprocess.Popen[str], dict[str, int], list[str]]:
+    """The enricher, its ports (from its start-up line, text or JSON) and the stderr lines read so far."""
+    proc = subprocess.Popen(
+        [*enricher_argv(metadata), *flags],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        text = json.loads(line)["msg"] if line.startswith("{") else line
+        match = re.search(r"enricher running ports=(\{.*?\})", text)
+        if match:
+            return proc, ast.literal_eval(match.group(1)), lines
+    proc.kill()
+    raise AssertionError(f"enricher did not start: exit {proc.wait()}: {''.join(lines)[-2000:]}")
+
+
 def _one(run: int, metadata: Path, downstream: Downstream) -> tuple[int, int | None, float, int]:
     """(run, exit code or None when it hung, seconds from the burst to the exit, burst ns)."""
-    proc, ports = start(
+    json_logs = ("--log-format", "json") if run % 2 == 0 else ()
+    proc, ports, lines = _start(
         metadata,
         "--export-endpoint",
         f"127.0.0.1:{downstream.port}",
         "--shutdown-timeout",
         f"{SHUTDOWN_TIMEOUT_S}s",
+        *json_logs,
     )
     try:
         rng = random.Random(run)
@@ -42,10 +70,15 @@ def _one(run: int, metadata: Path, downstream: Downstream) -> tuple[int, int | N
         burst_ns = signal_burst(proc.pid)
         sent = time.monotonic()
         try:
-            proc.communicate(timeout=SHUTDOWN_TIMEOUT_S + 30)  # far beyond: a hang, not a slow exit
+            _, err = proc.communicate(timeout=SHUTDOWN_TIMEOUT_S + 30)  # far beyond: a hang, not slow
         except subprocess.TimeoutExpired:
             return run, None, time.monotonic() - sent, burst_ns
-        return run, proc.returncode, time.monotonic() - sent, burst_ns
+        took = time.monotonic() - sent
+        if json_logs:
+            records = [json.loads(line) for line in [*lines, *err.splitlines()] if line.strip()]
+            assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
+            assert any(r["logger"] == "otel_kzt.signals" and r.get("signal") == "SIGTERM" for r in records)
+        return run, proc.returncode, took, burst_ns
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -4,7 +4,8 @@ shutdown timeout (the final export's deadline, --otlp-timeout) and its final exp
 
 The interval is an hour, so the only export of each agent is the one on shutdown: a request from its node
 is the proof that it was delivered. Each run has its own node name; a few run at once, one per node
-namespace (a netns takes one agent's links at a time: they share the hook priority).
+namespace (a netns takes one agent's links at a time: they share the hook priority). Every other run logs
+with `--log-format json`: each line of its stderr is one JSON object (the loader child's lines too).
 
     root netns: OTLP receiver on 0.0.0.0:<port>  ── ks<run>r<i> ═══ ks<run>u<i> ──  ks<run>-n<i> (agents)
                 10.91.<run>.<4i+1>/30                                10.91.<run>.<4i+2>/30
@@ -12,6 +13,7 @@ namespace (a netns takes one agent's links at a time: they share the hook priori
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -82,6 +84,7 @@ def _one(run: int, rx: GrpcReceiver, logs: Path) -> tuple[str, int | None, float
         f"{OTLP_TIMEOUT_S}s",
         "--otlp-endpoint",
         f"http://10.91.{RUN}.{4 * slot + 1}:{rx.port}",
+        *(("--log-format", "json") if run % 2 == 0 else ()),
     ]
     log = logs / f"{node}.log"
     with log.open("w+") as err:
@@ -98,7 +101,12 @@ def _one(run: int, rx: GrpcReceiver, logs: Path) -> tuple[str, int | None, float
                 code: int | None = proc.wait(OTLP_TIMEOUT_S + 30)  # far beyond: a hang, not a slow exit
             except subprocess.TimeoutExpired:
                 code = None
-            return node, code, time.monotonic() - sent
+            took = time.monotonic() - sent
+            if run % 2 == 0:
+                records = [json.loads(line) for line in log.read_text().splitlines()]
+                assert all({"time", "level", "logger", "msg"} <= r.keys() for r in records)
+                assert any(r["msg"] == "agent running" and r.get("node") == node for r in records)
+            return node, code, took
         finally:
             if proc.poll() is None:
                 proc.kill()
