@@ -14,6 +14,11 @@ from typing import Any, Final
 from otel_kzt import logformat, schema
 from otel_kzt.configfile import check_keys, parse_duration
 from otel_kzt.errors import ConfigError
+from otel_kzt.serving.limits import (  # one place for the HTTP guards' defaults
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_CONNECTIONS,
+)
 
 PROTOCOL_GRPC: Final = "grpc"
 PROTOCOL_HTTP: Final = "http/protobuf"
@@ -25,10 +30,7 @@ DEFAULT_METRICS_ENDPOINT: Final = "0.0.0.0:9464"
 DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT: Final = 16
 DEFAULT_MAX_INFLIGHT_BYTES: Final = 256 * 1024 * 1024
-DEFAULT_MAX_CONNECTIONS: Final = 4096
 DEFAULT_MAX_CONCURRENT_CALLS: Final = 64
-DEFAULT_HEADER_TIMEOUT_S: Final = 30.0
-DEFAULT_BODY_TIMEOUT_S: Final = 60.0
 DEFAULT_MAX_SERIES: Final = 200_000
 DEFAULT_SERIES_TTL_S: Final = 600.0
 DEFAULT_EXPORT_QUEUE: Final = 5000  # queued request pieces (one per resource) per exporter

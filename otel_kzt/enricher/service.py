@@ -20,8 +20,6 @@ from otel_kzt.enricher.exporters.otlp import Exporter
 from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
 from otel_kzt.enricher.exporters.savings import SavingsCollector, combined
 from otel_kzt.enricher.exporters.webapi import pages as web_pages
-from otel_kzt.enricher.http_server import HttpLimits
-from otel_kzt.enricher.metrics_port import MetricsPort, Page, PageRequest, Reply
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.processing.cost import load_prices
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
@@ -35,6 +33,8 @@ from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.enricher.state.checkpointer import Checkpointer
 from otel_kzt.enricher.state.savings import SavingsTracker
 from otel_kzt.k8s.model import MetadataIndex
+from otel_kzt.serving.limits import HttpLimits
+from otel_kzt.serving.pages import MetricsPort, Page, PageRequest, Reply
 
 log = logging.getLogger(__name__)
 

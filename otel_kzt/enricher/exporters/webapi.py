@@ -15,9 +15,9 @@ from importlib import resources
 from typing import Any, Final
 
 from otel_kzt.enricher.exporters.summary import summary
-from otel_kzt.enricher.metrics_port import Page, PageRequest, Reply
 from otel_kzt.savings.jsonform import report_to_json
 from otel_kzt.savings.model import Report
+from otel_kzt.serving.pages import Page, PageRequest, Reply
 
 Snapshot = Mapping[str, Mapping[tuple[str, ...], float]]
 

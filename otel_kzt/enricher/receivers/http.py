@@ -30,7 +30,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 
 from otel_kzt import schema
-from otel_kzt.enricher.http_server import AsyncHttpServer
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.receivers import decode
 from otel_kzt.enricher.receivers.budget import Hold
@@ -43,6 +42,7 @@ from otel_kzt.errors import (
     RequestTooLarge,
     UnsupportedMediaType,
 )
+from otel_kzt.serving.server import AsyncHttpServer
 
 log = logging.getLogger(__name__)
 

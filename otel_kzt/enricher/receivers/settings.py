@@ -9,9 +9,9 @@ from otel_kzt.enricher.config import (
     DEFAULT_MAX_INFLIGHT_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
 )
-from otel_kzt.enricher.http_server import HttpLimits
 from otel_kzt.enricher.receivers.auth import BearerCheck, ServerTls
 from otel_kzt.enricher.receivers.budget import ByteBudget, Downstream
+from otel_kzt.serving.limits import HttpLimits
 
 
 @dataclass(frozen=True)

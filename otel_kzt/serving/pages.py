@@ -1,9 +1,10 @@
-"""The metrics port (:9464): GET pages (/metrics, /healthz, /readyz, and whatever else is added).
+"""A metrics port (the enricher's :9464, the agent's :9465): GET pages (/metrics, /healthz, /readyz, and
+whatever else is added).
 
 A page is a plain function `PageRequest -> Reply`, run on one of this port's worker threads (never on the
 event loop), so a page may take its locks and its time without stalling the other connections. Few workers:
 a scrape storm queues here instead of taking the CPU from the receivers. Adding a page is one entry in the
-mapping given to `MetricsPort` (see `EnricherService._pages`).
+mapping given to `MetricsPort` (see `EnricherService._pages`, `otel_kzt.agent.health`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from typing import Final
 
 from aiohttp import web
 
-from otel_kzt.enricher.http_server import AsyncHttpServer, HttpLimits
+from otel_kzt.serving.limits import HttpLimits
+from otel_kzt.serving.server import AsyncHttpServer
 
 TEXT: Final = "text/plain; charset=utf-8"
 JSON: Final = "application/json"

@@ -20,16 +20,11 @@ import ssl
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Final, Protocol, TypeVar
 
 from aiohttp import web
 
-from otel_kzt.enricher.config import (
-    DEFAULT_BODY_TIMEOUT_S,
-    DEFAULT_HEADER_TIMEOUT_S,
-    DEFAULT_MAX_CONNECTIONS,
-)
+from otel_kzt.serving.limits import HttpLimits
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,14 +42,6 @@ class ServerTls(Protocol):
     context: ssl.SSLContext
 
     def refresh(self) -> ssl.SSLContext: ...
-
-
-@dataclass(frozen=True)
-class HttpLimits:
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
-    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
-    lingering_s: float = 10.0
 
 
 class _Gate:
