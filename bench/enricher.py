@@ -272,6 +272,7 @@ def main() -> int:
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--series", type=int, default=500, help="flows per agent (x2 metrics)")
     parser.add_argument("--intervals", type=int, default=6)
+    parser.add_argument("--cluster-agents", type=int, default=1000, help="cluster-scale run (0: skip)")
     args = parser.parse_args()
     index, ips = build_index(args.agents, 30)
     payloads = build_payloads(ips, args.series, args.intervals)
@@ -307,6 +308,11 @@ def main() -> int:
     for name, rate in results.items():
         unit = "dp/s (wall, 2 threads)" if "wall" in name else "dp/s per core"
         print(f"{name:40s} {rate:12,.0f} {unit:24s} {base / rate:5.2f}x the floor")
+    if args.cluster_agents:
+        from bench import enricher_cluster  # the real enricher process at cluster scale, same run
+
+        scale = (args.cluster_agents, 100, 8, 4)
+        enricher_cluster.report(enricher_cluster.run(*scale), *scale)
     return 0
 
 

@@ -57,7 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--otlp-headers", help="key=value[,key=value] request headers (env OTEL_EXPORTER_OTLP_HEADERS)")
     add("--otlp-compression", help="none or gzip")
     add("--otlp-timeout", help="per-request timeout, e.g. 10s")
-    add("--otlp-certificate", metavar="PEM", help="CA bundle to verify the receiver's TLS certificate")
+    add(
+        "--otlp-certificate",
+        metavar="PEM",
+        help="CA bundle to verify the receiver's TLS certificate (re-read when it changes)",
+    )
+    add(
+        "--otlp-bearer-token-file",
+        metavar="FILE",
+        help="send `authorization: Bearer <file content>` (re-read when it changes)",
+    )
     add(
         "--otlp-insecure",
         action="store_const",

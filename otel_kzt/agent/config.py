@@ -63,6 +63,7 @@ KEYS: Final = frozenset(
         "otlp_max_points_per_request",
         "otlp_max_request_bytes",
         "log_format",
+        "otlp_bearer_token_file",
         *_OTLP_ENV,
     }
 )
@@ -75,7 +76,8 @@ class OtlpConfig:
     headers: tuple[tuple[str, str], ...] = ()
     compression: str = "none"
     timeout_s: float = DEFAULT_TIMEOUT_S
-    certificate: str | None = None  # CA bundle (PEM) to verify the receiver with
+    certificate: str | None = None  # CA bundle (PEM) to verify the receiver with; re-read on change
+    bearer_token_file: str | None = None  # sent as `authorization: Bearer <token>`; re-read on change
     insecure: bool = False  # gRPC endpoints without a scheme: plaintext when true
     max_points_per_request: int = DEFAULT_MAX_POINTS
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
@@ -167,6 +169,7 @@ def _otlp(v: Mapping[str, Any], env_sourced: set[str]) -> OtlpConfig:
         compression=compression,
         timeout_s=parse_duration(timeout, "otlp_timeout") or DEFAULT_TIMEOUT_S,
         certificate=certificate,
+        bearer_token_file=_path(v.get("otlp_bearer_token_file"), "otlp_bearer_token_file"),
         insecure=_bool(v.get("otlp_insecure", False), "otlp_insecure"),
         max_points_per_request=_int(
             v.get("otlp_max_points_per_request", DEFAULT_MAX_POINTS), "otlp_max_points_per_request", 2, 10**7

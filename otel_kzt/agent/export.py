@@ -31,6 +31,10 @@ Retries: only what `otel_kzt.otlp_failures.classify` calls retryable is retried,
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
 request dropped. A receiver whose TLS certificate fails verification is not retried either, but it is
 a failure of that receiver: the next one is tried (and it counts as failed for the sticky choice).
+Credentials: the CA bundle (`otlp_certificate`) and the bearer token file (`otlp_bearer_token_file`) are
+re-read when they change (`otel_kzt.filewatch`); every transport is then rebuilt, so a cert-manager
+rotation of the receiver's issuer or a rotated token takes effect at the next export, without a restart.
+
 Nothing queues: an interval's retries end at its deadline (the next interval), and the
 next interval's snapshot, which carries the cumulative totals, replaces what was not delivered.
 """
@@ -46,12 +50,12 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 from otel_kzt.agent.config import GRPC, OtlpConfig
 from otel_kzt.agent.state import ReceiverStore, StoredReceiver
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
-from otel_kzt.errors import ConfigError, PermanentExportError, ReceiverTrustError, RetryableExportError
+from otel_kzt.errors import PermanentExportError, ReceiverTrustError, RetryableExportError
+from otel_kzt.filewatch import WatchedFiles, token_text
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +137,38 @@ class Exporter:
         self._down_until: dict[Target, float] = {}
         self._current: Target | None = None  # the receiver this agent writes to (sticky)
         self._stored = StoredReceiver(store)
-        self._ca = _read_ca(config.certificate)
+        self._ca = self._token = None
+        if config.certificate:
+            self._ca = WatchedFiles([config.certificate], _first, "otlp_certificate")
+        if config.bearer_token_file:
+            self._token = WatchedFiles([config.bearer_token_file], token_text, "otlp_bearer_token_file")
+        self._credentials = self._current_credentials()
         self._lock = threading.Lock()
+
+    def _current_credentials(self) -> tuple[bytes | None, str | None]:
+        """(CA bundle, bearer token) as their files are now (re-read when they change)."""
+        return (
+            self._ca.current() if self._ca is not None else None,
+            self._token.current() if self._token is not None else None,
+        )
+
+    def _refresh_credentials(self) -> None:
+        """A rotated CA bundle or token: every transport is rebuilt with it (connections made anew)."""
+        credentials = self._current_credentials()
+        if credentials != self._credentials:
+            log.info("receiver credentials changed (CA bundle or token file): reconnecting")
+            self._credentials = credentials
+            for transport in self._transports.values():
+                transport.close()
+            self._transports.clear()
 
     def _default_factory(self, target: Target) -> Transport:
         cfg = self._config
+        ca, token = self._credentials
+        headers = cfg.headers if token is None else (*cfg.headers, ("authorization", f"Bearer {token}"))
         if cfg.protocol == GRPC:
-            return GrpcTransport(target, cfg.headers, cfg.compression, self._ca, reconnect_max_s=2.0)
-        return HttpTransport(target, cfg.headers, cfg.compression, self._ca)
+            return GrpcTransport(target, headers, cfg.compression, ca, reconnect_max_s=2.0)
+        return HttpTransport(target, headers, cfg.compression, ca)
 
     @property
     def current(self) -> Target | None:
@@ -174,6 +202,7 @@ class Exporter:
         A lazy iterable is consumed one request at a time, so one request is in memory at once."""
         result = ExportResult()
         with self._lock:
+            self._refresh_credentials()
             targets = self.ranked_targets()
             for body in requests:
                 if self._deliver(body, targets, deadline, stop, result):
@@ -274,10 +303,5 @@ class Exporter:
             self._transports.clear()
 
 
-def _read_ca(path: str | None) -> bytes | None:
-    if path is None:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except OSError as exc:
-        raise ConfigError("otlp_certificate", f"cannot read {path}: {exc.strerror}") from exc
+def _first(contents: tuple[bytes, ...]) -> bytes:
+    return contents[0]

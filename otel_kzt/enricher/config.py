@@ -37,6 +37,7 @@ DEFAULT_EXPORT_QUEUE: Final = 5000  # queued request pieces (one per resource) p
 DEFAULT_EXPORT_QUEUE_BYTES: Final = 128 * 1024 * 1024
 DEFAULT_EXPORT_CONSUMERS: Final = 4
 DEFAULT_EXPORT_BATCH_BYTES: Final = 2 * 1024 * 1024  # below the 4 MiB a gRPC receiver takes by default
+DEFAULT_EXPORT_BATCH_LINGER_S: Final = 0.2  # as the Collector's batch processor's timeout
 DEFAULT_EXPORT_TIMEOUT_S: Final = 10.0
 DEFAULT_EXPORT_MAX_ELAPSED_S: Final = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
@@ -72,6 +73,7 @@ class ExporterConfig:
     queue_bytes: int = DEFAULT_EXPORT_QUEUE_BYTES
     consumers: int = DEFAULT_EXPORT_CONSUMERS  # senders at once; one series always goes through the same one
     batch_bytes: int = DEFAULT_EXPORT_BATCH_BYTES  # what is queued is sent together, up to this size
+    batch_linger_s: float = DEFAULT_EXPORT_BATCH_LINGER_S  # how long a batch may wait to fill up
     timeout_s: float = DEFAULT_EXPORT_TIMEOUT_S
     max_elapsed_s: float = DEFAULT_EXPORT_MAX_ELAPSED_S
     insecure: bool = True  # plain-text gRPC unless the URL is https://
@@ -231,7 +233,16 @@ def _exporter(raw: Any, where: str) -> ExporterConfig:
     if not isinstance(raw, Mapping):
         raise ConfigError(where, "expected a URL or a mapping with `endpoint`")
     sizes = {"queue_size", "queue_bytes", "consumers", "batch_bytes"}
-    allowed = {"endpoint", "protocol", "headers", "timeout", "max_elapsed", "insecure", *sizes}
+    allowed = {
+        "endpoint",
+        "protocol",
+        "headers",
+        "timeout",
+        "max_elapsed",
+        "insecure",
+        "batch_linger",
+        *sizes,
+    }
     check_keys(raw, allowed, where)
     if "endpoint" not in raw:
         raise ConfigError(f"{where}.endpoint", "required")
@@ -248,4 +259,7 @@ def _exporter(raw: Any, where: str) -> ExporterConfig:
             raw.get("max_elapsed", DEFAULT_EXPORT_MAX_ELAPSED_S), f"{where}.max_elapsed"
         ),
         insecure=bool(raw.get("insecure", True)),
+        batch_linger_s=parse_duration(
+            raw.get("batch_linger", DEFAULT_EXPORT_BATCH_LINGER_S), f"{where}.batch_linger"
+        ),
     )

@@ -145,7 +145,7 @@ class AsyncHttpServer:
             self._app,
             handle_signals=False,
             access_log=None,
-            shutdown_timeout=2.0,
+            shutdown_timeout=1.0,  # answers in progress may finish; within the service's shutdown deadline
             keepalive_timeout=limits.header_timeout_s,
             lingering_time=limits.lingering_s,
             auto_decompress=False,  # ours to do, with the size limit applied after decompression

@@ -82,12 +82,17 @@ def post(
 
 
 def drained(ds: Downstream) -> list[ExportMetricsServiceRequest]:
+    """What the downstream got, one request per resource: the exporter batches requests queued together."""
     out = []
     while True:
         try:
-            out.append(ds.metrics.get(timeout=0.5))
+            batch = ds.metrics.get(timeout=0.5)
         except queue.Empty:
             return out
+        for rm in batch.resource_metrics:
+            one = ExportMetricsServiceRequest()
+            one.resource_metrics.append(rm)
+            out.append(one)
 
 
 @pytest.mark.integration

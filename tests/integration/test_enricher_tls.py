@@ -9,6 +9,7 @@ import shutil
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import grpc
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
+from otel_kzt.agent.config import OtlpConfig
+from otel_kzt.agent.encode import RequestEncoder
+from otel_kzt.agent.export import Exporter
 from otel_kzt.enricher.service import EnricherService
 from tests.conftest import require
 from tests.integration.test_enricher_badinput import good_request
@@ -136,3 +140,38 @@ def test_rotated_certificate_and_token_are_used_without_restart(metadata_file: P
             call(body, timeout=10, metadata=(("authorization", "Bearer new-token"),))
     finally:
         svc.shutdown()
+
+
+@pytest.mark.integration
+def test_agent_follows_a_rotated_ca_and_token(metadata_file: Path, tmp_path: Path) -> None:
+    """The issuer itself is replaced (a new CA) and the token rotated: the agent's exporter re-reads its CA
+    bundle and token files and reconnects; an agent that kept the old ones would be refused or distrust
+    the receiver."""
+    old_ca, new_ca = Issuer(tmp_path / "ca1"), Issuer(tmp_path / "ca2")
+    server, client = SecretVolume(tmp_path / "server"), SecretVolume(tmp_path / "client")
+    leaf = old_ca.issue()
+    server.write({"tls.crt": leaf[0], "tls.key": leaf[1], "token": b"t1"})
+    client.write({"ca.crt": old_ca.cert.read_bytes(), "token": b"t1"})
+    config = local_config(
+        metadata_file,
+        tls_cert_file=server.path("tls.crt"),
+        tls_key_file=server.path("tls.key"),
+        bearer_token_file=server.path("token"),
+    )
+    with running(config) as svc:
+        otlp = OtlpConfig(
+            endpoints=(f"https://localhost:{svc.ports['grpc']}",),
+            certificate=client.path("ca.crt"),
+            bearer_token_file=client.path("token"),
+        )
+        exporter = Exporter(otlp, "node-a", resolver=lambda _h, _p: ["127.0.0.1"], max_backoff_s=0.2)
+        body = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
+        try:
+            assert exporter.export([body], time.monotonic() + 5, threading.Event()).sent == 1
+            leaf = new_ca.issue()
+            server.write({"tls.crt": leaf[0], "tls.key": leaf[1], "token": b"t2"})
+            client.write({"ca.crt": new_ca.cert.read_bytes(), "token": b"t2"})
+            threading.Event().wait(1.1)  # files are re-checked at most once a second
+            assert exporter.export([body], time.monotonic() + 5, threading.Event()).sent == 1
+        finally:
+            exporter.close()
