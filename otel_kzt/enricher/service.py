@@ -13,11 +13,15 @@ import threading
 from typing import Protocol, TextIO
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from otel_kzt.enricher.config import EnricherConfig, split_host_port
 from otel_kzt.enricher.exporters.otlp import Exporter
-from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.exporters.prometheus import (
+    Aggregates,
+    AggregatesCollector,
+    Exposition,
+    HealthMetrics,
+)
 from otel_kzt.enricher.exporters.savings import SavingsCollector, combined
 from otel_kzt.enricher.exporters.webapi import pages as web_pages
 from otel_kzt.enricher.processing.core import Core
@@ -61,6 +65,7 @@ class EnricherService:
         self._started = False
         self._stoppers: list[tuple[str, object]] = []  # started parts, in start order
         self.registry = CollectorRegistry()
+        self.exposition = Exposition(self.registry)  # /metrics: rebuilt at most once a second
         self.ports: dict[str, int] = {}
         self.core: Core | None = None
         self.savings: SavingsTracker | None = None
@@ -130,7 +135,7 @@ class EnricherService:
             )
             checkpointer.load()
             checkpointer.start()
-            collector.source = checkpointer.scrape
+            collector.source = checkpointer.persisted  # never more than is on disk
             self._stoppers.append(("checkpoint", checkpointer))
         behind = Downstream(lambda: next((e.name for e in exporters if not e.accepting()), None))
         self._serve(core, index, tls, auth, behind)
@@ -175,11 +180,11 @@ class EnricherService:
 
     def _pages(self, index: MetadataIndex) -> dict[str, Page]:
         """The metrics port's pages; add one here (path -> function of PageRequest returning a Reply)."""
-        registry = self.registry
+        exposition = self.exposition
 
         def metrics(request: PageRequest) -> Reply:
-            encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-            return Reply(200, encoder(registry), content_type)
+            body, content_type = exposition.render(request.headers.get("Accept", ""))
+            return Reply(200, body, content_type)
 
         def readyz(_request: PageRequest) -> Reply:
             ready = index.ready()

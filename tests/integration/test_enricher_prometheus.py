@@ -111,6 +111,7 @@ def start_service(metadata: Path, metrics_port: int, state_file: Path | None = N
             metadata,
             metrics_endpoint=f"127.0.0.1:{metrics_port}",
             state_file=str(state_file) if state_file else None,
+            checkpoint_interval_s=0.2,  # /metrics shows what is on disk: soon after each report
         )
     )
     svc.start()

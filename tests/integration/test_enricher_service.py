@@ -10,6 +10,7 @@ import contextlib
 import json
 import queue
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -209,7 +210,10 @@ def test_health_and_readiness_follow_metadata(metadata_file: Path) -> None:
         assert status == 200 and "kzt_enricher_metadata_synced 0.0" in body
         metadata.index.mark_synced("manual")
         wait_ready(svc)
-        assert "kzt_enricher_metadata_synced 1.0" in get(f"{base}/metrics")[1]
+        deadline = time.monotonic() + 5  # the exposition is rebuilt at most once a second
+        while "kzt_enricher_metadata_synced 1.0" not in get(f"{base}/metrics")[1]:
+            assert time.monotonic() < deadline, "metadata_synced never became 1"
+            time.sleep(0.1)
     finally:
         svc.shutdown()
         svc.shutdown()  # safe twice

@@ -3,18 +3,21 @@ TTL and cap on load, atomic periodic writes."""
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import time
 from pathlib import Path
 
 import pytest
+import zstandard
 from prometheus_client import CollectorRegistry
 
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
 from otel_kzt.enricher.processing.core import Core
-from otel_kzt.enricher.state.checkpoint import VERSION, StateError, capture, decode, encode
+from otel_kzt.enricher.state.checkpoint import StateError, capture
+from otel_kzt.enricher.state.checkpoint_format import VERSION, decode, encode
 from otel_kzt.enricher.state.checkpointer import Checkpointer, write_atomic
 from tests.unit.test_enricher_core import FakeIndex, make_core, request
 
@@ -28,6 +31,10 @@ def core_at(now: list[float], **kw: object) -> Made:
     core, agg, registry, _ = make_core(FakeIndex(), clock=lambda: now[0], **kw)
     now[0] = at
     return core, agg, registry
+
+
+def unpack(data: bytes) -> bytes:
+    return zstandard.ZstdDecompressor().decompress(data)
 
 
 def families(agg: Aggregates) -> frozenset[str]:
@@ -106,7 +113,8 @@ def test_stale_checkpoint_then_new_cumulative_values_gives_exact_totals() -> Non
         gzip.compress(b"[1, 2]"),
         gzip.compress(json.dumps({"format": "otel-kzt-enricher-state", "version": VERSION + 1}).encode()),
         gzip.compress(json.dumps({"format": "something-else", "version": VERSION}).encode()),
-        b"{}",  # plain JSON, not the gzipped format
+        b"{}",  # plain JSON, not compressed
+        zstandard.ZstdCompressor().compress(b'{"format": "otel-kzt-enricher-state", "version": 2, "ser')[:-3],
     ],
 )
 def test_corrupt_or_unknown_file_is_ignored_and_counted(tmp_path: Path, content: bytes) -> None:
@@ -124,12 +132,12 @@ def test_bad_values_and_other_aggregation_are_refused() -> None:
     now = [1000.0]
     core, agg, _ = core_at(now)
     feed(core, 1_000, 2_000, 3.0)
-    doc = json.loads(gzip.decompress(encode(core.capture_state())))
-    doc["series"][0][2][0][1] = -5  # a negative last value
+    doc = json.loads(unpack(encode(core.capture_state())))
+    doc["series"]["last"][0] = -5  # a negative last value
     with pytest.raises(StateError, match="non-negative"):
         decode(gzip.compress(json.dumps(doc).encode()), families(agg))
-    doc = json.loads(gzip.decompress(encode(core.capture_state())))
-    doc["series"][0][7] = 999  # a target set that does not exist
+    doc = json.loads(unpack(encode(core.capture_state())))
+    doc["series"]["targets"][0] = 999  # a target set that does not exist
     with pytest.raises(StateError, match="no entry 999"):
         decode(gzip.compress(json.dumps(doc).encode()), families(agg))
     state = decode(encode(core.capture_state()), families(agg))
@@ -154,7 +162,7 @@ def test_ttl_and_cap_respected_on_load() -> None:
     capped, agg, _ = restored(data, now, series_ttl_s=60.0, max_series=4)
     assert capped.active_series == 4
     kept = capture(agg, capped._table)  # the restored table itself
-    assert max(s.seen for s in kept.series) == 1050.0
+    assert max(kept.series.seen) == 1050.0
     # the restored series continue: 10 more bytes on api -> cache count 10, not 17
     capped.consume_metrics(request([(API, CACHE, 17, 1)], t=4_000))
     assert agg.snapshot()["zone_bytes"][("zone-a", "zone-b")] == 1_000 + 17  # web -> cache + api -> cache
@@ -208,13 +216,57 @@ def test_restored_series_are_resolved_again_against_the_new_metadata() -> None:
     assert snap["pod_cross_zone"] == {("shop", "web-1"): 1_000}
 
 
-def test_a_scrape_hands_out_exactly_what_it_wrote(tmp_path: Path) -> None:
+def test_metrics_shows_the_last_checkpoint_written_and_a_scrape_writes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "state.json.gz"
     core, agg, _ = core_at([1000.0])
     cp = Checkpointer(str(path), core, 3600.0, HealthMetrics(CollectorRegistry()), families=families(agg))
     feed(core, 1_000, 2_000, 3.0)
-    exposed = cp.scrape()
+    assert not any(cp.persisted().values()) and not path.exists()  # nothing written yet: nothing shown
+    assert cp.save()
     on_disk = decode(path.read_bytes(), families(agg))
+    exposed = cp.persisted()
     assert {k: v for k, v in exposed.items() if k != "agents"} == on_disk.totals
     assert exposed["pod_cross_zone"] == {("shop", "web-1"): 1_000, ("shop", "api-1"): 2_000}
     assert exposed["agents"] == {("n-a1",): 1000.0}
+    feed(core, 1_500, 2_000, 3.0, t=3_000)
+    written = path.stat().st_mtime_ns
+    assert cp.persisted()["pod_cross_zone"][("shop", "web-1")] == 1_000  # counted, not yet on disk
+    assert path.stat().st_mtime_ns == written
+    again = Checkpointer(
+        str(path), core_at([1001.0])[0], 3600.0, HealthMetrics(CollectorRegistry()), families=families(agg)
+    )
+    again.load()  # a restarted process shows what its file holds before anything else arrives
+    assert again.persisted() == exposed
+
+
+def test_version_1_files_are_read() -> None:
+    """Written before runs and tombstones: each series' one run goes on after the upgrade."""
+    now = [1000.0]
+    core, agg, _ = core_at(now)
+    feed(core, 1_000, 2_000, 3.0)
+    v2 = json.loads(unpack(encode(core.capture_state())))
+    s = v2["series"]
+    keys = s["keys"].encode("latin-1")
+    offsets = [sum(s["key_lengths"][:i]) for i in range(len(s["key_lengths"]) + 1)]
+    group_rows = [g for g, (_, _, n) in enumerate(s["groups"]) for _ in range(n)]
+    v1 = {
+        **{k: v2[k] for k in ("format", "written", "flow_labels", "labels", "totals", "agents", "targets")},
+        "version": 1,
+        "groups": [(r, m) for r, m, _ in s["groups"]],
+        "series": [
+            (
+                g,
+                base64.b64encode(keys[offsets[i] : offsets[i + 1]]).decode(),
+                s["start"][i],
+                s["last"][i],
+                s["last_time"][i],
+                s["seen"][i],
+                s["targets"][i],
+            )
+            for i, g in enumerate(group_rows)
+        ],
+    }
+    survivor, agg2, _ = restored(gzip.compress(json.dumps(v1).encode()), now)
+    assert survivor.active_series == 6 and totals(agg2) == totals(agg)
+    feed(survivor, 1_500, 2_000, 3.0, t=3_000)
+    assert agg2.snapshot()["pod_cross_zone"][("shop", "web-1")] == 1_500

@@ -7,7 +7,7 @@ Times: the enricher's clock is in seconds (`now`), points carry nanoseconds; `ns
 from __future__ import annotations
 
 from otel_kzt import schema
-from otel_kzt.enricher.state.checkpoint import decode, encode
+from otel_kzt.enricher.state.checkpoint_format import decode, encode
 from tests.unit.test_enricher_core import FakeIndex, ListSink, forwarded, make_core, request
 
 WEB, DB, API, CACHE = "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"

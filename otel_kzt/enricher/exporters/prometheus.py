@@ -8,11 +8,13 @@ registered on an explicit CollectorRegistry (no global state).
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from otel_kzt import schema
@@ -48,6 +50,7 @@ class Aggregates:
         self.agent_last_report: dict[str, float] = {}
         self._orphaned: dict[tuple[int, tuple[str, ...]], float] = {}  # entry -> since no series feeds it
         self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}  # pruned with the entries in retain()
+        self._target_sets: dict[tuple[object, ...], tuple[Target, ...]] = {}  # pruned in retain() too
         # Folds pending per-series increments into the dicts above; set by the core, run under `lock`.
         self.before_snapshot: Callable[[], None] | None = None
 
@@ -58,7 +61,7 @@ class Aggregates:
         attrs = resolved.attrs
         flow_key = self.intern(tuple(attrs.get(a, "") for a in self.flow_labels))
         if metric == schema.FLOW_PACKETS:
-            return ((self.flow_packets, flow_key, 1.0),)
+            return self._share(((self.flow_packets, flow_key, 1.0),))
         out: list[Target] = [(self.flow_bytes, flow_key, 1.0)]
         src_zone, dst_zone = attrs.get(schema.SOURCE_ZONE), attrs.get(schema.DESTINATION_ZONE)
         if src_zone and dst_zone:
@@ -75,7 +78,11 @@ class Aggregates:
             )
             out.append((self.cost, self.intern(cost_key), usd_per_byte))
         out += service_targets(self, attrs, resolved.traffic_class, resolved.services, usd_per_byte)
-        return tuple(out)
+        return self._share(tuple(out))
+
+    def _share(self, targets: tuple[Target, ...]) -> tuple[Target, ...]:
+        """One tuple per distinct set of targets, shared by its series (memory; a checkpoint copies few)."""
+        return self._target_sets.setdefault(tuple((id(d), k, f) for d, k, f in targets), targets)
 
     def intern(self, key: tuple[str, ...]) -> tuple[str, ...]:
         return self._interned.setdefault(key, key)
@@ -109,7 +116,9 @@ class Aggregates:
         entry whose members all went away (pods gone, labels changed) stays for the TTL, then goes.
         """
         keep: dict[int, set[tuple[str, ...]]] = {}
-        for targets in live:
+        distinct = list({id(t): t for t in live}.values())  # series share their targets tuples
+        self._target_sets = {tuple((id(d), k, f) for d, k, f in t): t for t in distinct}
+        for targets in distinct:
             for totals, key, _ in targets:
                 keep.setdefault(id(totals), set()).add(key)
         orphans: dict[tuple[int, tuple[str, ...]], float] = {}
@@ -195,6 +204,34 @@ def _counter(name: str, doc: str, labels: Sequence[str], totals: Mapping[tuple[s
     for key, value in sorted(totals.items()):
         family.add_metric(list(key), value)
     return family
+
+
+class Exposition:
+    """The /metrics body, rebuilt from the registry at most once per `max_age_s` (per format).
+
+    A scrape storm costs one rebuild a second, whatever the number of scrapers: concurrent callers wait for
+    the rebuild in progress and share its result. Nothing here writes (the checkpoint has its own timer).
+    `render` may take tens of milliseconds when it rebuilds (100k series): call it off an event loop.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry, max_age_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._registry, self._max_age_s, self._clock = registry, max_age_s, clock
+        self._lock = threading.Lock()
+        self._built: dict[str, tuple[float, bytes]] = {}  # content type -> (built at, body)
+        self.rebuilds = 0
+
+    def render(self, accept: str) -> tuple[bytes, str]:
+        """(body, content type) for a request's Accept header (text format or OpenMetrics)."""
+        encoder, content_type = choose_encoder(accept)
+        with self._lock:
+            built = self._built.get(content_type)
+            if built is None or self._clock() - built[0] >= self._max_age_s:
+                body = encoder(self._registry)
+                self.rebuilds += 1
+                built = self._built[content_type] = (self._clock(), body)
+        return built[1], content_type
 
 
 class HealthMetrics:

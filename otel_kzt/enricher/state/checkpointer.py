@@ -1,9 +1,12 @@
-"""Writing and loading `--state-file`: atomic writes on a timer, on every /metrics scrape and at shutdown,
-one load before receiving.
+"""Writing and loading `--state-file`: atomic writes on their own timer and at shutdown, one load before
+receiving, and the last snapshot written for /metrics.
 
-What is in the file and how it is restored is checkpoint.py; this is the file and thread handling. A file
-that cannot be used is logged and counted (kzt_enricher_checkpoint_errors{stage="load"}), never fatal: the
-counters then start from zero, as without a state file.
+What is in the file and how it is restored is checkpoint.py (and checkpoint_format.py); this is the file
+and thread handling. /metrics serves the totals of the last checkpoint written (or loaded), never more: so
+after a SIGKILL the restarted process never exposes less than was scraped (a drop would be a reset to
+Prometheus), and a scrape writes nothing. A file that cannot be used is logged and counted
+(kzt_enricher_checkpoint_errors{stage="load"}), never fatal: the counters then start from zero, as without
+a state file.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from otel_kzt.enricher.exporters.prometheus import HealthMetrics, Snapshot
-from otel_kzt.enricher.state.checkpoint import State, StateError, decode, encode
+from otel_kzt.enricher.state.checkpoint import State, StateError, gc_paused
+from otel_kzt.enricher.state.checkpoint_format import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +72,8 @@ class Checkpointer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._write_lock = threading.Lock()  # the periodic and the final write never interleave
+        # the totals of the last checkpoint written or loaded (none yet: every family empty)
+        self._persisted: Snapshot = {name: {} for name in (*families, "agents")}
         for stage in ("load", "write"):  # exported at 0 from the start: alerts can use increase()
             health.checkpoint_errors.labels(stage)
 
@@ -86,6 +92,7 @@ class Checkpointer:
             restored = self._core.restore_state(state)
         except StateError as exc:
             return self._bad(str(exc))
+        self._persisted = _exposed(state)
         log.info(
             "state restored from %s: %d series, written %.1fs ago",
             self.path,
@@ -107,29 +114,25 @@ class Checkpointer:
         while not self._stop.wait(self._interval_s):
             self.save()
 
+    def persisted(self) -> Snapshot:
+        """What /metrics shows: the totals of the last checkpoint on disk (a scrape writes nothing)."""
+        return self._persisted
+
     def save(self) -> bool:
         """One checkpoint; a failure is logged and counted, the next interval tries again."""
-        return self._checkpoint()[1]
-
-    def scrape(self) -> Snapshot:
-        """/metrics through a checkpoint: the totals Prometheus gets are on disk first, so after a SIGKILL
-        the restarted process never exposes less than was scraped (a drop would be a reset to Prometheus).
-        """
-        state, _ = self._checkpoint()
-        return {**state.totals, "agents": {(n,): t for n, t in state.agents.items()}}
-
-    def _checkpoint(self) -> tuple[State, bool]:
         with self._write_lock:
             began = time.perf_counter()
             state = self._core.capture_state()
             copied = time.perf_counter()
             try:
-                data = encode(state)
+                with gc_paused():
+                    data = encode(state)
                 write_atomic(self.path, data)
             except (OSError, ValueError) as exc:
                 self._health.checkpoint_errors.labels("write").inc()
                 log.warning("state checkpoint to %s failed: %s", self.path, exc)
-                return state, False
+                return False
+            self._persisted = _exposed(state)
             self._health.checkpoint_timestamp.set(state.written)
             log.debug(
                 "checkpoint: %d series, %d bytes, capture %.1fms, encode+write %.1fms",
@@ -138,7 +141,7 @@ class Checkpointer:
                 (copied - began) * 1e3,
                 (time.perf_counter() - copied) * 1e3,
             )
-            return state, True
+            return True
 
     def shutdown(self) -> None:
         """Stop the timer and write the final state (the receivers are closed by now)."""
@@ -146,3 +149,7 @@ class Checkpointer:
         if self._thread is not None:
             self._thread.join()
         self.save()
+
+
+def _exposed(state: State) -> Snapshot:
+    return {**state.totals, "agents": {(n,): t for n, t in state.agents.items()}}

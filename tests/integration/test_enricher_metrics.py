@@ -1,0 +1,101 @@
+"""/metrics of a running enricher: an exposition rebuilt at most once a second that a scrape storm shares,
+scrapes that write nothing, and with --state-file the last snapshot on disk (never more)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from otel_kzt import schema
+from otel_kzt.enricher.exporters.prometheus import Exposition
+from tests.integration.test_enricher_prometheus import send
+from tests.integration.test_enricher_service import (
+    POD_IPS,
+    RUN_START_NS,
+    get,
+    local_config,
+    metadata_file,
+    running,
+)
+
+__all__ = ["metadata_file"]
+WEB, CACHE = POD_IPS["web-1"], POD_IPS["cache-1"]
+
+
+def cross_zone(port: int) -> float | None:
+    status, body = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == schema.PROM_POD_CROSS_ZONE_BYTES + "_total" and sample.labels["pod"] == "web-1":
+                return float(sample.value)
+    return None
+
+
+def test_the_exposition_is_rebuilt_at_most_once_a_second_and_shared() -> None:
+    now = [0.0]
+    exposition = Exposition(CollectorRegistry(), clock=lambda: now[0])
+    with ThreadPoolExecutor(8) as pool:  # a storm at one instant: one rebuild, the others take its bytes
+        bodies = set(pool.map(lambda _: exposition.render("")[0], range(64)))
+    assert exposition.rebuilds == 1 and len(bodies) == 1
+    now[0] = 0.9
+    exposition.render("")
+    assert exposition.rebuilds == 1
+    now[0] = 1.0
+    exposition.render("")
+    exposition.render("application/openmetrics-text; version=1.0.0")  # each format has its own
+    assert exposition.rebuilds == 3
+
+
+def test_a_scrape_writes_nothing_and_metrics_shows_what_is_on_disk(
+    metadata_file: Path, tmp_path: Path
+) -> None:
+    state = tmp_path / "state.json.zst"
+    cfg = local_config(metadata_file, state_file=str(state), checkpoint_interval_s=0.2)
+    with running(cfg) as svc:
+        port = svc.ports["metrics"]
+        send(svc.ports["http"], [(WEB, CACHE, 1_000, RUN_START_NS)], RUN_START_NS + 10**9)
+        deadline = time.monotonic() + 10
+        while cross_zone(port) != 1_000:  # shown once the next checkpoint holds it
+            assert time.monotonic() < deadline, "the checkpoint never showed the bytes"
+            time.sleep(0.1)
+    written = state.stat().st_mtime_ns  # the final checkpoint, at shutdown
+    cfg = local_config(metadata_file, state_file=str(state), checkpoint_interval_s=3600.0)
+    with running(cfg) as svc:
+        port = svc.ports["metrics"]
+        assert cross_zone(port) == 1_000  # restored: never less than a scrape saw before the restart
+        send(svc.ports["http"], [(WEB, CACHE, 5_000, RUN_START_NS)], RUN_START_NS + 2 * 10**9)
+        for _ in range(20):
+            assert cross_zone(port) == 1_000  # counted, but not on disk yet: not shown
+        assert state.stat().st_mtime_ns == written  # the scrapes wrote nothing
+    assert state.stat().st_mtime_ns > written
+
+
+def test_a_scrape_storm_leaves_the_receivers_answering(metadata_file: Path) -> None:
+    with running(local_config(metadata_file)) as svc:
+        stop = threading.Event()
+        scrapes: list[int] = []
+
+        def scrape() -> None:
+            while not stop.is_set():
+                scrapes.append(get(f"http://127.0.0.1:{svc.ports['metrics']}/metrics")[0])
+
+        storm = [threading.Thread(target=scrape, name=f"scraper-{i}") for i in range(8)]
+        began = time.monotonic()
+        for thread in storm:
+            thread.start()
+        try:
+            for i in range(40):  # every request answered while the storm goes on
+                send(svc.ports["http"], [(WEB, CACHE, 1_000 + i, RUN_START_NS)], RUN_START_NS + i)
+        finally:
+            stop.set()
+            for thread in storm:
+                thread.join(30)
+        elapsed = time.monotonic() - began
+        assert scrapes and set(scrapes) == {200}
+        assert svc.exposition.rebuilds <= elapsed + 2  # one rebuild a second, however many scrapes
