@@ -33,6 +33,7 @@ from tests.integration.test_enricher_service import (
     get,
     local_config,
     metadata_file,
+    metrics_showing,
     running,
 )
 
@@ -151,7 +152,7 @@ def test_inflight_bytes_are_charged_while_bodies_stream_in(
         assert status == 503 and int(headers["Retry-After"]) >= 1
         assert "max_inflight_bytes" in status_pb2.Status.FromString(reply).message
         refused = f'{schema.ENRICHER_RECEIVER_REFUSED}_total{{reason="max_inflight_bytes",receiver="all"}}'
-        assert f"{refused} 1.0" in get(metrics)[1]
+        metrics_showing(metrics, f"{refused} 1.0")
     finally:
         announced.close()
         streamed.close()
@@ -232,9 +233,8 @@ def test_a_slow_downstream_pushes_back_instead_of_dropping(metadata_file: Path) 
                 assert status == 200
                 accepted.append(value)
             assert status == 503 and int(headers["Retry-After"]) >= 1, "never pushed back"
-            metrics = get(f"http://127.0.0.1:{svc.ports['metrics']}/metrics")[1]
             refused = f'{schema.ENRICHER_RECEIVER_REFUSED}_total{{reason="export_queue_full",receiver="all"}}'
-            assert f"{refused} 1.0" in metrics
+            metrics_showing(f"http://127.0.0.1:{svc.ports['metrics']}/metrics", f"{refused} 1.0")
             stuck.release.set()
             forwarded: list[int] = []
             for _ in range(20):  # until everything accepted has arrived (a loaded machine is slow)

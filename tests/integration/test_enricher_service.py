@@ -143,6 +143,15 @@ def get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def metrics_showing(url: str, text: str, timeout_s: float = 5.0) -> str:
+    """The /metrics body at `url` once it holds `text` (the exposition is rebuilt at most once a second)."""
+    deadline = time.monotonic() + timeout_s
+    while text not in (body := get(url)[1]):
+        assert time.monotonic() < deadline, f"/metrics never showed {text!r}"
+        time.sleep(0.1)
+    return body
+
+
 def wait_ready(service: EnricherService, timeout_s: float = 10.0) -> None:
     event = threading.Event()
     for _ in range(int(timeout_s / 0.05)):
@@ -210,10 +219,7 @@ def test_health_and_readiness_follow_metadata(metadata_file: Path) -> None:
         assert status == 200 and "kzt_enricher_metadata_synced 0.0" in body
         metadata.index.mark_synced("manual")
         wait_ready(svc)
-        deadline = time.monotonic() + 5  # the exposition is rebuilt at most once a second
-        while "kzt_enricher_metadata_synced 1.0" not in get(f"{base}/metrics")[1]:
-            assert time.monotonic() < deadline, "metadata_synced never became 1"
-            time.sleep(0.1)
+        metrics_showing(f"{base}/metrics", "kzt_enricher_metadata_synced 1.0")
     finally:
         svc.shutdown()
         svc.shutdown()  # safe twice
