@@ -206,6 +206,8 @@ PROM_SERVICE_LABELS: Final = ("service_namespace", "service")
 PROM_SAVINGS_USD_PER_MONTH: Final = "kzt_savings_usd_per_month"
 PROM_SAVINGS_LABELS: Final = ("namespace", "service", "workload", "recommendation")
 PROM_SAVINGS_ENABLED: Final = "kzt_savings_enabled"  # 0 while Services/EndpointSlices cannot be read
+PROM_SAVINGS_INFO: Final = "kzt_savings_info"  # value 1: the cluster's version and the setting it accepts
+PROM_SAVINGS_INFO_LABELS: Final = ("kubernetes_version", "setting")
 # The billed (cross-zone, cross-region) flows the savings are computed from, client -> server, so that
 # `otel-kzt report --prometheus` runs the same rules over Prometheus' increases.
 PROM_SAVINGS_FLOW_BYTES: Final = "kzt_savings_flow_bytes"

@@ -20,10 +20,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from otel_kzt import schema
-from otel_kzt.demo import metadata, topology
+from otel_kzt.demo import kubeproxy, metadata, services, topology
 from otel_kzt.demo.cluster import Cluster, NodeSpec, make_cluster
 from otel_kzt.demo.services import ServiceSpec
 from otel_kzt.demo.traffic import Engine
@@ -152,12 +152,16 @@ class ClusterRun:
         self._check_stop()
         topology.build(self.cluster, self._topo)
         self.write_metadata()
+        kubeproxy.install(self.cluster, self.service_objects(), self._topo)
         self.start_enricher()
         for node in self.cluster.nodes:
             self.start_agent(node)
         self.wait_agents_reported(ready_timeout_s)
         if traffic:
             self.start_traffic()
+
+    def service_objects(self) -> list[dict[str, Any]]:
+        return services.objects(self.cluster, tuple(self.services.values()))
 
     def write_metadata(self) -> None:
         """The cluster's objects as routed now, where agents and enricher read them (re-read on change)."""
@@ -172,6 +176,7 @@ class ClusterRun:
             return False
         self.services[(namespace, name)] = spec.with_distribution(value)
         self.write_metadata()
+        kubeproxy.sync_all(self.cluster, self.service_objects())
         log.info("service routed namespace=%s service=%s trafficDistribution=%s", namespace, name, value)
         return True
 

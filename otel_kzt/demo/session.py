@@ -73,8 +73,9 @@ class Viewer:
             log.debug("savings not read: %s", exc)
         return self.report_seen
 
-    def apply(self) -> list[str]:
-        """Apply every prefer-same-zone recommendation of the last report to the story's Services."""
+    def apply(self, asked: bool = True) -> list[str]:
+        """Apply every prefer-same-zone recommendation of the last report to the story's Services
+        (`asked`: a key press, said in the log even when there is nothing to apply yet)."""
         report = self.savings()
         done = []
         for rec in report.recommendations if report is not None else ():
@@ -84,7 +85,7 @@ class Viewer:
         if done:
             log.info("applied recommendations: %s", "; ".join(done))
         else:
-            log.info("no prefer-same-zone recommendation to apply yet")
+            log.log(logging.INFO if asked else logging.DEBUG, "no prefer-same-zone recommendation to apply yet")
         self.applied += done
         return done
 
@@ -101,7 +102,8 @@ class Viewer:
                 if key in ("q", "Q") or stop.is_set():
                     return
                 due = self.apply_after_s is not None and time.monotonic() - started >= self.apply_after_s
-                if (key in ("a", "A") or due) and self.apply() and due:
+                asked = key in ("a", "A")
+                if (asked or due) and self.apply(asked) and due:
                     self.apply_after_s = None  # done; until then it is tried again each interval
                 cur = self.scrape()
                 if self.live and cur is not prev:

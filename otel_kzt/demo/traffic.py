@@ -211,6 +211,10 @@ class Engine:
         finally:
             self._untrack(conn)
 
+    def _close(self, sock: socket.socket) -> None:
+        self._untrack(sock)
+        sock.close()
+
     def _untrack(self, sock: socket.socket) -> None:
         # Closed sockets leave the list, so a long demo or test session does not pile them up.
         with self._lock:
@@ -236,13 +240,14 @@ class Engine:
                     self._track(conns[target])
                 request(conns[target], call.request_bytes, call.response_bytes)
                 self.requests_ok += 1
+                if call.fresh_connections:
+                    self._close(conns.pop(target))
             except OSError as exc:
                 self.requests_failed += 1
                 log.debug("call failed client=%s target=%s error=%s", call.client.name, target, exc)
                 dropped = conns.pop(target, None)
                 if dropped is not None:
-                    self._untrack(dropped)
-                    dropped.close()
+                    self._close(dropped)
         for sock in conns.values():
             sock.close()
 

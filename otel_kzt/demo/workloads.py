@@ -2,8 +2,9 @@
 
 Pure values (placement and call plans); `traffic` runs them. The story is the one the product exists for:
 
-- `shop/web`, a Deployment with one replica per zone, calls `shop/api` (two replicas, two zones) over IPv4
-  and IPv6 in turn: some calls stay on the node, some in the zone, some cross zones;
+- `shop/web`, a Deployment with one replica per zone, calls `shop/api` (two replicas, two zones) through
+  its Service's cluster IP, over IPv4 and IPv6 in turn; kube-proxy (kubeproxy.py) picks an endpoint per
+  connection, in any zone until the Service prefers the same zone;
 - `shop/api` reads from `shop/postgres-0`, a StatefulSet pod that sits in one zone only (its Service is
   headless, as a StatefulSet's governing Service is);
 - `monitoring/prometheus-k8s`, one replica per zone for high availability, each scraping every node's
@@ -21,6 +22,8 @@ from otel_kzt.demo.services import ServicePortSpec, ServiceSpec
 from otel_kzt.schema import WorkloadKind
 
 WEB_PORT = 8080
+API_PORT = 80  # the api Service's port (its endpoints listen on WEB_PORT)
+API_VIP = 0  # the api Service's cluster IP number in the address plan
 DB_PORT = 5432
 EXPORTER_PORT = 9100
 INTERNET_PORT = 443
@@ -46,6 +49,7 @@ class Call:
     request_bytes: int
     response_bytes: int
     period_s: float
+    fresh_connections: bool = False  # one connection per request: each one is routed (kube-proxy) anew
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,8 +102,10 @@ def build_story(cluster: Cluster, speed: float = 1.0) -> Story:
     listeners += [Listener(e.netns, EXPORTER_PORT, f"node-exporter on {e.node.name}") for e in exporters]
     listeners.append(Listener(cluster.internet_netns, INTERNET_PORT, "internet"))
 
-    api_targets = tuple(t for p in api for t in _both(p, WEB_PORT))
-    calls = [Call(w, "shop/api", api_targets, 600, 12_000, 0.1 / speed) for w in web]
+    # web calls api through its Service (kube-proxy picks an endpoint per connection), api calls postgres
+    # by the pod's own address (a headless Service: what DNS answers).
+    api_vips = tuple((cluster.plan.service_ip(API_VIP, family), API_PORT) for family in (4, 6))
+    calls = [Call(w, "shop/api", api_vips, 600, 12_000, 0.1 / speed, fresh_connections=True) for w in web]
     calls += [Call(a, "shop/postgres", _both(db, DB_PORT), 300, 40_000, 0.25 / speed) for a in api]
     # Prometheus scrapes over IPv6, as dual-stack clusters increasingly do.
     scrape_targets = tuple((n.v6, EXPORTER_PORT) for n in cluster.nodes)
@@ -108,7 +114,8 @@ def build_story(cluster: Cluster, speed: float = 1.0) -> Story:
     internet = ((cluster.plan.internet(4), INTERNET_PORT), (cluster.plan.internet(6), INTERNET_PORT))
     calls.append(Call(payments, "payment provider", internet, 3_000, 800, 0.2 / speed))
     services = (
-        ServiceSpec("shop", "api", tuple(api), (ServicePortSpec("http", 80, WEB_PORT),), vip_index=0),
+        ServiceSpec("shop", "api", tuple(api), (ServicePortSpec("http", API_PORT, WEB_PORT),),
+                    vip_index=API_VIP),
         # A StatefulSet's governing Service is headless: clients dial the pod's own address.
         ServiceSpec("shop", "postgres", (db,), (ServicePortSpec("pg", DB_PORT, DB_PORT),), vip_index=1,
                     headless=True),

@@ -55,12 +55,12 @@ class Engine:
             kubernetes_version=_text(version),
             setting=setting.name,
             recommendations=tuple(recs),
-            services=tuple(_with_changes(summaries, services, self.changes.changes())),
+            services=tuple(with_changes(summaries, services, self.changes.changes())),
         )
         return self.report
 
 
-def _with_changes(
+def with_changes(
     summaries: list[ServiceSummary],
     services: Mapping[ServiceKey, ServiceState],
     changes: Mapping[ServiceKey, Change],

@@ -62,3 +62,11 @@ def version_note(version: ClusterVersion | None) -> str:
     if version is None:
         return f"cluster version unknown: {setting.name} needs 1.34 or later (PreferClose on 1.31 to 1.33)"
     return f"Kubernetes {version.major}.{version.minor} accepts {setting.name}"
+
+
+_KNOWN: Final = (CURRENT, *(setting_for(ClusterVersion(1, minor, "")) for minor in (31, 27, 26)))
+
+
+def setting_named(name: str) -> Setting:
+    """The setting a report names (`kzt_savings_info{setting}`); the current one for an unknown name."""
+    return next((s for s in _KNOWN if s.name == name), CURRENT)

@@ -4,7 +4,7 @@ Counters (`kzt_service_traffic_bytes_total`, and the billed client->server flows
 from: `kzt_savings_flow_bytes_total`, `kzt_savings_flow_cost_usd_total`) come from the aggregates snapshot
 `/metrics` is built from, like every other counter. Gauges come from the savings tracker's last step:
 `kzt_service_endpoints`, `kzt_service_routing_info`, `kzt_service_routing_change_timestamp_seconds`,
-`kzt_savings_usd_per_month` and `kzt_savings_enabled`.
+`kzt_savings_usd_per_month`, `kzt_savings_enabled` and `kzt_savings_info`.
 """
 
 from __future__ import annotations
@@ -86,6 +86,15 @@ class SavingsCollector(Collector):
         )
         enabled.add_metric([], 1.0 if report.enabled else 0.0)
         yield enabled
+        info = GaugeMetricFamily(
+            schema.PROM_SAVINGS_INFO,
+            "The cluster's version and the routing setting it "
+            "accepts, which the recommendations name (value 1)",
+            labels=list(schema.PROM_SAVINGS_INFO_LABELS),
+        )
+        if report.enabled:
+            info.add_metric([report.kubernetes_version, report.setting], 1.0)
+        yield info
         endpoints = GaugeMetricFamily(
             schema.PROM_SERVICE_ENDPOINTS,
             "Ready endpoints of each Service per zone",
