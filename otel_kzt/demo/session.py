@@ -85,7 +85,8 @@ class Viewer:
         if done:
             log.info("applied recommendations: %s", "; ".join(done))
         else:
-            log.log(logging.INFO if asked else logging.DEBUG, "no prefer-same-zone recommendation to apply yet")
+            level = logging.INFO if asked else logging.DEBUG  # retried each interval once due: not at INFO
+            log.log(level, "no prefer-same-zone recommendation to apply yet")
         self.applied += done
         return done
 
