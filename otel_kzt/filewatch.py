@@ -94,9 +94,17 @@ class WatchedFiles(Generic[T]):
         log.info("reloaded: field=%s files=%s", self._field, ",".join(self._paths))
 
 
-def token_text(contents: tuple[bytes, ...]) -> str:
-    """A token file's content: one line, surrounding whitespace ignored; empty is unusable."""
-    token = contents[0].decode().strip()
-    if not token:
+def token_lines(contents: tuple[bytes, ...]) -> tuple[str, ...]:
+    """A token file's tokens, one a line (blank lines and surrounding whitespace ignored); none is unusable.
+
+    Several lines make a rotation without a refusal: a receiver accepts every line, a sender sends the first,
+    so the new token goes first, the old one stays below it until every sender has moved."""
+    tokens = tuple(line.strip() for line in contents[0].decode().splitlines() if line.strip())
+    if not tokens:
         raise ValueError("the token file is empty")
-    return token
+    return tokens
+
+
+def token_text(contents: tuple[bytes, ...]) -> str:
+    """The token a sender sends: the first of `token_lines`."""
+    return token_lines(contents)[0]

@@ -169,7 +169,8 @@ def _otlp(v: Mapping[str, Any], env_sourced: set[str]) -> OtlpConfig:
         compression=compression,
         timeout_s=parse_duration(timeout, "otlp_timeout") or DEFAULT_TIMEOUT_S,
         certificate=certificate,
-        bearer_token_file=_path(v.get("otlp_bearer_token_file"), "otlp_bearer_token_file"),
+        # read (and re-read) by the exporter, which names the field when the file is missing
+        bearer_token_file=_text(v.get("otlp_bearer_token_file"), "otlp_bearer_token_file") or None,
         insecure=_bool(v.get("otlp_insecure", False), "otlp_insecure"),
         max_points_per_request=_int(
             v.get("otlp_max_points_per_request", DEFAULT_MAX_POINTS), "otlp_max_points_per_request", 2, 10**7

@@ -89,6 +89,9 @@ def _start(tmp_path: Path, caps: list[str]) -> subprocess.Popen[bytes]:
     args = list(_agent()["args"])  # type: ignore[call-overload]
     args[args.index("--otlp-endpoint") + 1] = f"http://127.0.0.1:{ds.free_port()}"  # nobody listens: fine
     args[args.index("--interval") + 1] = "1s"
+    token = tmp_path / "otlp-token"  # the Secret the DaemonSet mounts
+    token.write_text("kx-token\n")
+    args[args.index("--otlp-bearer-token-file") + 1] = str(token)
     argv = [
         "nsenter",
         f"--net=/run/netns/{NETNS}",

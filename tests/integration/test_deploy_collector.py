@@ -23,7 +23,7 @@ KNOWN_TYPES = {
     "receivers": {"otlp"},
     "processors": {"memory_limiter", "batch"},
     "exporters": {"otlp", "otlphttp", "loadbalancing", "load_balancing", "prometheusremotewrite", "debug"},
-    "extensions": {"health_check"},
+    "extensions": {"health_check", "bearertokenauth"},
     "connectors": set(),
 }
 PIPELINE_ID = re.compile(r"^(metrics|logs|traces)(/[\w.-]+)?$")
@@ -111,3 +111,19 @@ def test_backend_collector_takes_the_enrichers_metrics_and_flow_logs() -> None:
     assert {"prometheusremotewrite", "otlphttp"} <= exporters
     grpc = config["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"]
     assert grpc.endswith(":4317")
+
+
+def test_gateway_requires_and_sends_the_token_the_manifests_mount() -> None:
+    config = _load(df.CONFIG / "collector-agent-gateway.yaml")
+    token = _token_path()
+    extensions = config["extensions"]
+    for protocol in config["receivers"]["otlp"]["protocols"].values():
+        assert extensions[protocol["auth"]["authenticator"]]["filename"] == token
+    (exporter,) = config["exporters"].values()
+    assert extensions[exporter["protocol"]["otlp"]["auth"]["authenticator"]]["filename"] == token
+
+
+def _token_path() -> str:
+    """Where deploy/ mounts the token file: the agent's --otlp-bearer-token-file."""
+    args = df.container(df.get("DaemonSet", "otel-kzt-agent"), "agent")["args"]
+    return str(args[args.index("--otlp-bearer-token-file") + 1])

@@ -16,30 +16,34 @@ from typing import Final
 
 import grpc
 
-from otel_kzt.filewatch import WatchedFiles, token_text
+from otel_kzt.filewatch import WatchedFiles, token_lines
 
 _BEARER: Final = "Bearer "
 
 
 class BearerCheck:
-    """`Authorization: Bearer <token>`, the token given literally or read from a watched file."""
+    """`Authorization: Bearer <token>`, the token given literally or read from a watched file (any of its
+    lines: the new and the old token during a rotation)."""
 
     def __init__(self, token: str | None = None, token_file: str | None = None) -> None:
-        self._fixed = token.encode() if token else None
-        self._file = WatchedFiles([token_file], token_text, "bearer_token_file") if token_file else None
+        self._fixed = (token,) if token else None
+        self._file = WatchedFiles([token_file], token_lines, "bearer_token_file") if token_file else None
 
     @property
     def required(self) -> bool:
         return self._fixed is not None or self._file is not None
 
     def accepts(self, authorization: str | None) -> bool:
-        expected = self._file.current().encode() if self._file is not None else self._fixed
+        expected = self._file.current() if self._file is not None else self._fixed
         if expected is None:
             return True
         given = authorization or ""
         if not given.startswith(_BEARER):
             return False
-        return hmac.compare_digest(given[len(_BEARER) :].strip().encode(), expected)
+        offered = given[len(_BEARER) :].strip().encode()
+        # Every candidate is compared (no early exit), each in constant time.
+        matches = [hmac.compare_digest(offered, token.encode()) for token in expected]
+        return any(matches)
 
 
 def _pem_pair(contents: tuple[bytes, ...]) -> tuple[bytes, bytes]:
