@@ -50,6 +50,8 @@ class DatapathConfig:
     ephemeral_max: int = 65535
     pin_root: str = pins.DEFAULT_PIN_ROOT  # pins under <pin_root>/<pins.pin_dir_name(node_name)>/
     mode: str = "netfilter"  # modes.MODES: where the counter sees packets
+    tc_devices: tuple[str, ...] = ()  # tc: device name patterns (empty: devices.py's default choice)
+    cgroup_root: str | None = None  # cgroup: the cgroup v2 directory (None: the host's cgroup2 mount)
 
     def validate(self) -> None:
         modes.by_name(self.mode)
@@ -68,7 +70,7 @@ class Datapath:
         config.validate()
         self.config = config
         self._dir = pins.node_dir(config.node_name, config.pin_root)
-        self.mode = modes.by_name(config.mode)
+        self.mode = modes.create(config.mode, tc_devices=config.tc_devices, cgroup_root=config.cgroup_root)
         self._features: probe.Features | None = None
         self._cflags: list[str] = []
         self._maps: dict[str, BpfMap] = {}
@@ -86,7 +88,15 @@ class Datapath:
     def _request(self) -> loader.LoadRequest:
         c = self.config
         return loader.LoadRequest(
-            c.node_name, c.pin, c.pin_root, c.map_size, c.ephemeral_min, c.ephemeral_max, c.mode
+            c.node_name,
+            c.pin,
+            c.pin_root,
+            c.map_size,
+            c.ephemeral_min,
+            c.ephemeral_max,
+            c.mode,
+            c.tc_devices,
+            c.cgroup_root,
         )
 
     def _build_flags(self) -> list[str]:
@@ -234,10 +244,7 @@ class Datapath:
             self._close_locked(detach=not self.config.pin)
 
     def _close_locked(self, *, detach: bool) -> None:
-        for fd in self._link_fds:
-            if detach:
-                bpfsys.link_detach(fd)
-            os.close(fd)
+        self.mode.release(self._link_fds, detach=detach)
         self._link_fds = []
         self._tables = None
         for bpf_map in self._maps.values():

@@ -27,7 +27,7 @@ from typing import Any
 
 import otel_kzt
 from otel_kzt import errors
-from otel_kzt.agent.datapath import modes, pins, probe
+from otel_kzt.agent.datapath import modes, modeswitch, pins, probe
 from otel_kzt.agent.datapath.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.agent.datapath.netns_cookie import current_netns_cookie
 from otel_kzt.errors import DatapathError, KztError, ProgramLoadError
@@ -52,6 +52,8 @@ class LoadRequest:
     ephemeral_min: int
     ephemeral_max: int
     mode: str = "netfilter"  # modes.MODES
+    tc_devices: tuple[str, ...] = ()
+    cgroup_root: str | None = None
 
 
 @dataclass
@@ -189,7 +191,7 @@ class _Child:
 
     def __init__(self, request: LoadRequest) -> None:
         self.req = request
-        self.mode = modes.by_name(request.mode)
+        self.mode = modes.create(request.mode, tc_devices=request.tc_devices, cgroup_root=request.cgroup_root)
         self.dir = pins.node_dir(request.node_name, request.pin_root)
         self.bpf: Any = None
         self.cflags: list[str] = []
@@ -204,6 +206,7 @@ class _Child:
             pins.ensure_bpffs(self.req.pin_root)
             pins.reset_if_incompatible(r.node_name, r.pin_root, r.map_size)
             pins.make_node_dir(self.dir)
+            modeswitch.prepare(self.dir, self.mode)
         from bcc import BPF
 
         source = probe.entry_source(self.mode)
@@ -261,6 +264,8 @@ class _Child:
         )
         programs = {"kzt_dispatch": dispatch_fd}
         fds = self.mode.attach(programs, self.dir if self.req.pin else None, adopt=adopt)
+        if self.req.pin:
+            modeswitch.detach_others(self.dir, self.mode)
         self._set_meta(META_DISPATCH_VERSION, DISPATCH_VERSION)
         self._set_meta(META_NETNS_COOKIE, cookie)
         return fds

@@ -19,7 +19,11 @@ class Mode(Protocol):
     entry: str  # its C file under bpf/: defines kzt_dispatch and kzt_count over bpf/count.h
     prog_type: int  # of kzt_dispatch and kzt_count
     attach_type: int
-    link_names: tuple[str, ...]  # its pins in the node directory
+    test_run_function: str  # the kernel function that test-runs its programs (the evictor needs it)
+
+    @property
+    def link_names(self) -> tuple[str, ...]:
+        """Its attachments' pins in the node directory (tc: one per hooked device)."""
 
     def check(self, btf: Btf) -> None:
         """Raise KernelUnsupported (one line naming what is missing) when this kernel cannot run it."""
@@ -29,6 +33,13 @@ class Mode(Protocol):
 
     def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:
         """Attach (or adopt the pinned links under `directory`); returns link fds the caller owns."""
+
+    def owns_pin(self, name: str) -> bool:
+        """Whether a pin of the node directory is one of this mode's attachments (a mode switch removes
+        the other modes' ones)."""
+
+    def release(self, fds: list[int], *, detach: bool) -> None:
+        """Close the link fds `attach` returned; with `detach`, take the attachments off the kernel."""
 
 
 def field_offset(btf: Btf, struct_name: str, field: str, size: int) -> int:

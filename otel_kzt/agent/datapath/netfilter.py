@@ -84,6 +84,7 @@ class NetfilterMode:
     prog_type = BPF_PROG_TYPE_NETFILTER
     attach_type = BPF_NETFILTER
     link_names = tuple(LINK_NAMES.values())
+    test_run_function = "bpf_prog_test_run_nf"  # Linux >= 6.6
 
     def check(self, btf: Btf) -> None:
         if (
@@ -104,6 +105,15 @@ class NetfilterMode:
             path = str(directory / name) if directory is not None else None
             fds.append(attach_or_adopt(programs["kzt_dispatch"], pf, path, adopt=adopt))
         return fds
+
+    def owns_pin(self, name: str) -> bool:
+        return name in self.link_names
+
+    def release(self, fds: list[int], *, detach: bool) -> None:
+        for fd in fds:
+            if detach:
+                bpfsys.link_detach(fd)
+            os.close(fd)
 
 
 MODE = NetfilterMode()

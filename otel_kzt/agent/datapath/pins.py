@@ -19,7 +19,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from otel_kzt.agent.datapath import bpfsys, flowmap
+from otel_kzt.agent.datapath import bpfsys, flowmap, tc
 from otel_kzt.errors import ConfigError, DatapathError, PrivilegeError
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,23 @@ def detach_pinned_links(directory: Path) -> int:
     detached = 0
     entries = sorted(directory.iterdir()) if directory.is_dir() else []
     for path in entries:
-        try:
-            fd = bpfsys.obj_get(str(path))
-        except FileNotFoundError:
-            continue
-        try:
-            if _is_link(fd):
-                bpfsys.link_detach(fd)
-                detached += 1
-        finally:
-            os.close(fd)
+        detached += detach_link_pin(path)
     return detached
+
+
+def detach_link_pin(path: Path) -> bool:
+    """Detach the link pinned at `path`; False when nothing, or no link, is pinned there."""
+    try:
+        fd = bpfsys.obj_get(str(path))
+    except FileNotFoundError:
+        return False
+    try:
+        if _is_link(fd):
+            bpfsys.link_detach(fd)
+            return True
+        return False
+    finally:
+        os.close(fd)
 
 
 def unpin_all(directory: Path) -> None:
@@ -147,6 +153,6 @@ def cleanup(node_name: str, pin_root: str = DEFAULT_PIN_ROOT) -> None:
     if not directory.exists():
         log.info("nothing pinned node=%s dir=%s", node_name, directory)
         return
-    detached = detach_pinned_links(directory)
+    detached = tc.detach_classic_pins(directory) + detach_pinned_links(directory)
     unpin_all(directory)
     log.info("datapath removed node=%s links_detached=%d dir=%s", node_name, detached, directory)

@@ -33,7 +33,7 @@ class Features:
     skb_network_header: int
     skb_len: int
     skb_tail: int  # an offset from head (64-bit kernels): end of the linear data
-    test_run: bool  # BPF_PROG_TEST_RUN for netfilter programs (6.6+): needed by eviction
+    test_run: bool  # BPF_PROG_TEST_RUN for the mode's programs (netfilter: 6.6+): needed by eviction
 
 
 def require_root() -> None:
@@ -61,7 +61,7 @@ def probe(mode: Mode, btf: Btf | None = None) -> Features:
         skb_network_header=field_offset(btf, "sk_buff", "network_header", 2),
         skb_len=field_offset(btf, "sk_buff", "len", 4),
         skb_tail=field_offset(btf, "sk_buff", "tail", 4),
-        test_run=btf.has_type(KIND_FUNC, "bpf_prog_test_run_nf"),
+        test_run=btf.has_type(KIND_FUNC, mode.test_run_function),
     )
     log.debug("datapath features %s", features)
     return features

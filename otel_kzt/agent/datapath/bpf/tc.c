@@ -1,0 +1,76 @@
+/* otel-kzt `tc` mode: exact per-flow counters at the egress of the devices traffic leaves the node by.
+ *
+ * Requires: a kernel with clsact and BPF classifiers (any supported one); tcx links (Linux >= 6.6) let
+ * the dispatcher run first, ahead of a CNI's programs, else it is a classic clsact filter. Runs after
+ * netfilter (source NAT included) and after a CNI's eBPF routing hands the packet to the device, so it sees
+ * what leaves the node whatever moved it there; same-node traffic never reaches these devices.
+ *
+ * Programs (one bcc module; the counting itself is count.h, shared by every mode):
+ *   kzt_dispatch  attached to every hooked device. It only tail-calls progs[0] (an upgrade swaps the
+ *                 counter atomically) and returns TC_ACT_UNSPEC, which tcx reads as TCX_NEXT: the
+ *                 verdict stays with whatever runs after it (a CNI's program, the qdisc).
+ *   kzt_count     the counter. With KZT_TC_INNER (no overlay device hooked) a VXLAN packet to one of
+ *                 KZT_VXLAN_PORT0/1 is counted as its inner packet, the one with the pods' addresses.
+ *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
+ *
+ * Overhead: one 64-byte skb load (two more for a packet shorter than that), one hash lookup, two atomic
+ * adds, one tail call; with KZT_TC_INNER one 48-byte load more. Measured by bench/overhead.py.
+ * Limits: p.len is the skb's length less an Ethernet header; count.h only falls back to it where the IP
+ * header gives no length (BIG TCP, which only Ethernet devices do) and for an unreadable packet.
+ */
+#define KZT_TC_NEXT -1 /* TC_ACT_UNSPEC == TCX_NEXT: never a verdict of ours */
+#define KZT_ETH_HLEN 14
+
+#include "skb.h"
+#include "count.h"
+
+#ifdef KZT_TC_INNER
+/* VXLAN: outer IP, UDP (8), VXLAN (8), inner Ethernet (14); returns the inner IP header's offset or 0. */
+static __always_inline u32 kzt_vxlan_inner(struct kzt_skb_ref *ref)
+{
+    u8 o[48];
+    if (kzt_skb_read(ref, 0, o, sizeof(o)) < 0)
+        return 0;
+    u32 l4 = 0;
+    if ((o[0] >> 4) == 4 && o[9] == 17)
+        l4 = (o[0] & 0x0F) * 4;
+    else if ((o[0] >> 4) == 6 && o[6] == 17)
+        l4 = 40;
+    if (l4 == 0 || l4 > 40)
+        return 0;
+    u16 dport = ((u16)o[l4 + 2] << 8) | o[l4 + 3];
+    if (dport != KZT_VXLAN_PORT0 && dport != KZT_VXLAN_PORT1)
+        return 0;
+    return l4 + 8 + 8 + KZT_ETH_HLEN;
+}
+#endif
+
+int kzt_count(struct __sk_buff *skb)
+{
+    struct kzt_skb_ref ref = {skb, 0};
+    struct kzt_pkt p = {};
+    p.ctx = &ref;
+    p.linear = 0xFFFF; /* kzt_skb_load reads only from the linear part itself */
+    p.len = skb->len > KZT_ETH_HLEN ? skb->len - KZT_ETH_HLEN : skb->len;
+#ifdef KZT_TC_INNER
+    u32 inner = kzt_vxlan_inner(&ref);
+    if (inner) {
+        ref.base = inner;
+        p.len = p.len > inner ? p.len - inner : 0;
+    }
+#endif
+    kzt_count_packet(&p);
+    return KZT_TC_NEXT;
+}
+
+int kzt_dispatch(struct __sk_buff *skb)
+{
+    progs.call(skb, 0);
+    return KZT_TC_NEXT; /* no counter installed yet: the packet goes on untouched */
+}
+
+int kzt_evict(struct __sk_buff *skb)
+{
+    kzt_evict_listed();
+    return KZT_TC_NEXT;
+}

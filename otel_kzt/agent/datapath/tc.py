@@ -1,0 +1,183 @@
+"""The `tc` mode: the counter at the egress of every device traffic leaves the node by (any kernel).
+
+For kernels without netfilter BPF links (EKS AL2023 and Bottlerocket on 6.1, Ubuntu 22.04 on 5.15) and for
+CNIs that move pod packets past netfilter but still hand them to a device (Cilium eBPF host routing,
+Calico eBPF). Which devices: `devices.py`. One pin per device, `tc_<device>` (a `.` in the name becomes
+`%`: bpffs refuses dots): a tcx link on Linux >= 6.6, else the dispatcher program of a classic clsact
+filter (`tclinks.py`). A device no longer chosen at a restart is detached and its pin removed.
+
+It sees traffic after DNAT and after source NAT (a masqueraded pod's packets carry the node's address,
+and count as the node's), and nothing that stays on the node. Without an overlay device among the hooked
+ones, VXLAN packets are counted as their inner packets (`KZT_TC_INNER`); with one, the inner packets are
+counted on the overlay device and the encapsulation on the uplink is left out by the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+from otel_kzt.agent.datapath import bpfsys, devices, tclinks
+from otel_kzt.agent.datapath.btf import Btf
+from otel_kzt.errors import DatapathError, KernelUnsupported
+
+log = logging.getLogger(__name__)
+
+BPF_PROG_TYPE_SCHED_CLS = 3
+PIN_PREFIX = "tc_"
+VXLAN_PORTS = (4789, 8472)  # IANA, and Linux's (flannel's) default
+TRANSIENT_PIN_DIR = "/sys/fs/bpf"  # without pinning, a classic filter still loads its program from a pin
+
+
+def pin_name(device: str) -> str:
+    return PIN_PREFIX + device.replace(".", "%")
+
+
+def device_of_pin(name: str) -> str:
+    return name.removeprefix(PIN_PREFIX).replace("%", ".")
+
+
+class TcMode:
+    """`mode.Mode` for tc: configured with the `--tc-devices` patterns (empty: the default choice)."""
+
+    name = "tc"
+    entry = "tc.c"
+    prog_type = BPF_PROG_TYPE_SCHED_CLS
+    attach_type = -1  # bcc: no expected attach type
+    test_run_function = "bpf_prog_test_run_skb"
+
+    def __init__(self, patterns: Sequence[str] = (), node_addresses: Collection[str] = ()) -> None:
+        self.patterns = tuple(patterns)
+        self.node_addresses = frozenset(node_addresses)
+        self._devices: list[devices.Device] | None = None
+        self._tcx = False
+
+    @property
+    def hooked(self) -> list[devices.Device]:
+        """The devices to hook, chosen once per process (a restart chooses again)."""
+        if self._devices is None:
+            self._devices = devices.discover(self.patterns, self.node_addresses)
+        return self._devices
+
+    @property
+    def link_names(self) -> tuple[str, ...]:
+        return tuple(pin_name(d.name) for d in self.hooked)
+
+    def owns_pin(self, name: str) -> bool:
+        return name.startswith(PIN_PREFIX)
+
+    def check(self, btf: Btf) -> None:
+        if btf.enum_value("bpf_prog_type", "BPF_PROG_TYPE_SCHED_CLS") != BPF_PROG_TYPE_SCHED_CLS:
+            raise KernelUnsupported("kernel has no BPF classifiers (BPF_PROG_TYPE_SCHED_CLS)")
+        self._tcx = btf.enum_value("bpf_attach_type", "BPF_TCX_EGRESS") == tclinks.BPF_TCX_EGRESS
+        if not self.hooked:
+            wanted = ",".join(self.patterns) or "devices with a gateway route, a node address, or overlays"
+            raise DatapathError(f"tc datapath: no device to hook (up, not loopback): {wanted}")
+
+    def cflags(self, btf: Btf) -> list[str]:
+        if any(d.overlay for d in self.hooked):
+            return []
+        return ["-DKZT_TC_INNER", *(f"-DKZT_VXLAN_PORT{i}={p}" for i, p in enumerate(VXLAN_PORTS))]
+
+    def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:
+        dispatch_fd = programs["kzt_dispatch"]
+        fds = []
+        for device in self.hooked:
+            path = str(directory / pin_name(device.name)) if directory is not None else None
+            fd = self._attach_one(dispatch_fd, device, path, adopt=adopt)
+            if fd >= 0:
+                fds.append(fd)
+        if directory is not None:
+            self._drop_unchosen(directory)
+        log.info(
+            "tc datapath on %s (%s)",
+            ",".join(f"{d.name}:{d.reason}" for d in self.hooked),
+            "tcx, first" if self._tcx else "classic clsact filter",
+        )
+        return fds
+
+    def _attach_one(self, dispatch_fd: int, device: devices.Device, path: str | None, *, adopt: bool) -> int:
+        old_fd = -1
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                old_fd = bpfsys.obj_get(path)
+        old = tclinks.tcx_info(old_fd) if old_fd >= 0 else None
+        if self._tcx:
+            if old is not None and adopt and old.ifindex == device.ifindex:
+                log.info("tc link adopted device=%s pin=%s", device.name, path)
+                return old_fd
+            fd = tclinks.tcx_attach(dispatch_fd, device.ifindex, device.name)
+            self._replace_pin(old_fd, old is not None, device.name, path, fd)
+            return fd
+        if old_fd >= 0 and adopt and old is None and tclinks.classic_find(device.name) is not None:
+            os.close(old_fd)
+            log.info("tc filter adopted device=%s pin=%s", device.name, path)
+            return -1
+        self._classic(dispatch_fd, device.name, path, old_fd, old is not None)
+        return -1
+
+    def _replace_pin(self, old_fd: int, old_is_link: bool, device: str, path: str | None, fd: int) -> None:
+        """The new attachment runs first; then the old one goes (for a moment both count: never neither)."""
+        if old_fd >= 0 and path is not None:
+            if old_is_link:
+                bpfsys.link_detach(old_fd)
+            else:
+                tclinks.classic_detach(device)
+            os.close(old_fd)
+            os.unlink(path)
+        if path is not None:
+            bpfsys.obj_pin(fd, path)
+        log.info("tc link attached device=%s pin=%s", device, path)
+
+    def _classic(
+        self, dispatch_fd: int, device: str, path: str | None, old_fd: int, old_is_link: bool
+    ) -> None:
+        """A classic filter takes the program from a pin: the node's pin, or a transient one."""
+        if old_fd >= 0 and path is not None:
+            if old_is_link:
+                bpfsys.link_detach(old_fd)
+            os.close(old_fd)
+            os.unlink(path)
+        pin = path or f"{TRANSIENT_PIN_DIR}/kzt_tc_{os.getpid()}"
+        bpfsys.obj_pin(dispatch_fd, pin)
+        try:
+            tclinks.classic_attach(pin, device)  # replaces an old filter of ours in place
+        finally:
+            if path is None:
+                os.unlink(pin)
+
+    def _drop_unchosen(self, directory: Path) -> None:
+        keep = set(self.link_names)
+        for entry in sorted(directory.glob(PIN_PREFIX + "*")):
+            if entry.name not in keep:
+                tclinks.detach_pinned(str(entry), device_of_pin(entry.name))
+                entry.unlink()
+                log.info("tc device no longer hooked, detached device=%s", device_of_pin(entry.name))
+
+    def release(self, fds: list[int], *, detach: bool) -> None:
+        """Close this process's fds; with `detach`, take the program off every hooked device."""
+        for fd in fds:
+            if detach:
+                bpfsys.link_detach(fd)
+            os.close(fd)
+        if detach and not fds:  # classic filters: no link holds them, remove them by name
+            for device in self.hooked:
+                tclinks.classic_detach(device.name)
+
+
+def detach_classic_pins(directory: Path) -> int:
+    """For cleanup: remove the classic filters a node's `tc_*` program pins stand for (tcx links are
+    detached with every other link)."""
+    removed = 0
+    for entry in sorted(directory.glob(PIN_PREFIX + "*")) if directory.is_dir() else []:
+        fd = bpfsys.obj_get(str(entry))
+        try:
+            is_link = tclinks.tcx_info(fd) is not None
+        finally:
+            os.close(fd)
+        if not is_link:
+            removed += tclinks.classic_detach(device_of_pin(entry.name))
+    return removed
