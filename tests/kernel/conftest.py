@@ -3,13 +3,20 @@ nftables counters as the independent ground truth, and the traffic generators of
 
 Every name (netns, interface, pin, nft table) starts with "kd"; everything is removed even on failure.
 
+The datapath runs in `netfilter` mode unless a test parametrizes the `mode` fixture (indirectly) with
+`MODES`: `tc` then hooks both node devices' egress, `cgroup` the socket egress of a cgroup of the test's
+own, which the test process joins before the topology is built (so every process it starts, and the
+kernel sockets of the namespaces it creates, are below the cgroup root, as a node's pods are).
+
         kd-a (pod A)                 kd-n (node, datapath + nft)              kd-b (pod B)
     10.77.1.2  fd77:1::2  --veth--  10.77.1.1 | 10.77.2.1  --veth--  10.77.2.2  fd77:2::2
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +33,9 @@ from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
 
 TRAFFIC = str(Path(__file__).with_name("traffic.py"))
 PIN_ROOT = "/sys/fs/bpf/otel-kzt"
+MODES = ("netfilter", "tc", "cgroup")
+CGROUP2 = Path("/sys/fs/cgroup/unified")  # this machine is hybrid
+NODE_DEVICES = ("kdna0", "kdnb0")  # tc mode: the node's devices (towards pod A, towards pod B)
 
 
 @dataclass(frozen=True)
@@ -79,11 +89,14 @@ class Net:
         return result
 
     def quiet_ipv6(self) -> None:
-        """Switch IPv6 off in the node: its neighbour discovery and MLD packets are real traffic the
-        datapath counts, which a test that accounts for every byte in the overflow bucket cannot tell
+        """Switch IPv6 off in the node and the pods: their neighbour discovery and MLD packets are real
+        traffic the datapath counts, which a test that accounts for every byte in the overflow bucket cannot tell
         apart from its own."""
         for iface in ("all", "default", "kdna0", "kdnb0"):
             netns.run_in(self.node, ["sysctl", "-q", "-w", f"net.ipv6.conf.{iface}.disable_ipv6=1"])
+        for pod in (self.pod_a, self.pod_b):  # their own MLD reports: counted where sockets are (cgroup)
+            for iface in ("all", "default", "eth0"):
+                netns.run_in(pod, ["sysctl", "-q", "-w", f"net.ipv6.conf.{iface}.disable_ipv6=1"])
 
     def drop_udp_at(self, ns: str) -> None:
         """Drop UDP on input in `ns`: no ICMP errors flow back, so only the sent traffic is counted."""
@@ -138,8 +151,44 @@ def _build(topo: netns.Topology, net: Net) -> None:
     netns.enable_forwarding(net.node)
 
 
+@contextlib.contextmanager
+def joined_cgroup(name: str) -> Iterator[Path]:
+    """Run this process (and all it starts from now on) in a new cgroup below the cgroup2 root."""
+    own = next(
+        line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")
+    )
+    parent = CGROUP2 / own.strip().lstrip("/")  # where the test runner lives, to return there
+    path = CGROUP2 / name
+    path.mkdir(exist_ok=True)
+    (path / "cgroup.procs").write_text(str(os.getpid()))
+    try:
+        yield path
+    finally:
+        (parent / "cgroup.procs").write_text(str(os.getpid()))
+        for pid in (path / "cgroup.procs").read_text().split():  # stragglers: back to the root too
+            with contextlib.suppress(OSError):
+                (parent / "cgroup.procs").write_text(pid)
+        path.rmdir()
+
+
 @pytest.fixture
-def topo() -> Iterator[netns.Topology]:
+def mode(request: pytest.FixtureRequest) -> str:
+    """The datapath mode of the test: `netfilter` unless parametrized (indirect=True) over `MODES`."""
+    return str(getattr(request, "param", "netfilter"))
+
+
+@pytest.fixture
+def cgroup_root(mode: str, request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """In cgroup mode, the cgroup the test runs in (the datapath's root); else None."""
+    if mode != "cgroup":
+        yield None
+        return
+    with joined_cgroup("kd-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:40]) as path:
+        yield str(path)
+
+
+@pytest.fixture
+def topo(cgroup_root: str | None) -> Iterator[netns.Topology]:
     with netns.Topology() as topology:
         yield topology
 
@@ -155,7 +204,9 @@ DatapathFactory = Callable[..., Datapath]
 
 
 @pytest.fixture
-def datapath(net: Net, request: pytest.FixtureRequest) -> Iterator[DatapathFactory]:
+def datapath(
+    net: Net, mode: str, cgroup_root: str | None, request: pytest.FixtureRequest
+) -> Iterator[DatapathFactory]:
     """Start datapaths attached in the node netns; all closed and their pins removed at the end."""
     started: list[Datapath] = []
     node_name = "kd-" + re.sub(r"[^a-z0-9]+", "-", request.node.name.removeprefix("test_").lower())[
@@ -165,7 +216,8 @@ def datapath(net: Net, request: pytest.FixtureRequest) -> Iterator[DatapathFacto
 
     def start(ns: str | None = None, **overrides: Any) -> Datapath:
         """A datapath for this test's node name, attached in the node netns (or `ns`)."""
-        config = DatapathConfig(node_name=node_name, pin_root=PIN_ROOT, **overrides)
+        options: dict[str, Any] = {"mode": mode, "tc_devices": NODE_DEVICES, "cgroup_root": cgroup_root}
+        config = DatapathConfig(node_name=node_name, pin_root=PIN_ROOT, **{**options, **overrides})
         dp = Datapath(config)
         started.append(dp)
         with netns.entered(ns or net.node):

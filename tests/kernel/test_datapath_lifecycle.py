@@ -1,5 +1,6 @@
 """The datapath's life on the real kernel: a full map, ephemeral ports, eviction under traffic, restarts
-(unchanged and changed program), --no-pin and --cleanup."""
+(unchanged and changed program), --no-pin and --cleanup. The full map, the eviction and the restarts run
+in every mode (`MODES`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from otel_kzt import netns
 from otel_kzt.agent.datapath import Datapath, bpfsys, cleanup, flowmap
 from otel_kzt.agent.datapath.netfilter import LINK_PRIORITY
 from otel_kzt.agent.flows import FlowCounters, FlowKey
-from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
+from tests.kernel.conftest import MODES, PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import TCP, UDP, key
 
 pytestmark = pytest.mark.kernel
@@ -27,6 +28,7 @@ def udp_totals(flows: dict[FlowKey, FlowCounters]) -> tuple[int, int]:
     return sum(c.bytes for c in udp), sum(c.packets for c in udp)
 
 
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 def test_full_map_overflow_keeps_total_exact(net: Net, datapath: DatapathFactory) -> None:
     net.drop_udp_at(net.pod_b)
     net.quiet_ipv6()
@@ -62,6 +64,7 @@ def test_ephemeral_client_ports_make_one_flow(
     assert tcp[key(net.b4, net.a4, TCP, sport=8443)].packets >= 10_000
 
 
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 def test_eviction_while_traffic_runs_loses_nothing(
     net: Net, datapath: DatapathFactory, topo: netns.Topology
 ) -> None:
@@ -96,6 +99,7 @@ def test_eviction_while_traffic_runs_loses_nothing(
     assert last.eviction_races > 0 and last.overflow_packets == 0
 
 
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 def test_restart_unchanged_misses_nothing_and_keeps_first_seen(
     net: Net, datapath: DatapathFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -117,6 +121,7 @@ def test_restart_unchanged_misses_nothing_and_keeps_first_seen(
     assert after.first_seen_unix_ns < time.time_ns()
 
 
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 def test_changed_program_replaces_old_without_gap_or_double_count(
     net: Net, datapath: DatapathFactory, topo: netns.Topology, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -4,8 +4,8 @@
  * Reads are relative to the network header (bpf_skb_load_bytes_relative, BPF_HDR_START_NET), so the
  * same code serves devices with and without a link header, and socket egress where the packet starts at
  * its IP header. `base` moves the start to a tunnel's inner IP header. They copy from the linear part of
- * the skb only (where the stack keeps the headers): a packet shorter than the 64-byte header prefix is
- * read for exactly its IP length; a read that still fails is counted in the overflow bucket.
+ * the skb only (where the stack keeps the headers); where that holds less than the 64-byte header
+ * prefix, exactly what it holds is read; a read that still fails is counted in the overflow bucket.
  */
 #ifndef KZT_SKB_H
 #define KZT_SKB_H
@@ -23,20 +23,40 @@ static __always_inline long kzt_skb_read(struct kzt_skb_ref *ref, u32 off, void 
     return bpf_skb_load_bytes_relative(ref->skb, ref->base + off, dst, size, KZT_HDR_START_NET);
 }
 
-/* KZT_LOAD for count.h. Only the first read (the 64-byte prefix at offset 0) can meet a packet shorter
- * than itself: it then reads the IP length the header states, bounded for the verifier. */
+/* The header prefix of a packet whose linear part holds less than 64 bytes from `base` (a short packet,
+ * or a GSO packet from a local socket, whose linear part is its headers): exactly what it holds. The
+ * link header's length is what the skb holds beyond the outer IP packet's own length. */
+static __always_inline long kzt_skb_short(struct kzt_skb_ref *ref, u8 *dst)
+{
+    struct __sk_buff *skb = ref->skb;
+    u8 outer[6];
+    if (bpf_skb_load_bytes_relative(skb, 0, outer, sizeof(outer), KZT_HDR_START_NET) < 0)
+        return -1;
+    u8 version = outer[0] >> 4;
+    u32 l3len = 0;
+    if (version == 4)
+        l3len = ((u32)outer[2] << 8) | outer[3];
+    else if (version == 6)
+        l3len = 40 + (((u32)outer[4] << 8) | outer[5]);
+    else
+        return 0; /* not IP: count.h says so (KZT_STAT_NOT_IP) */
+    if (l3len == 0 || l3len > skb->len)
+        return -1; /* BIG TCP: no length to go by */
+    long linear = (long)skb->data_end - (long)skb->data - (long)(skb->len - l3len) - (long)ref->base;
+    if (linear < 20 || linear >= 64)
+        return -1;
+    return kzt_skb_read(ref, 0, dst, (u32)linear);
+}
+
+/* KZT_LOAD for count.h. Only its first read, the 64-byte prefix at offset 0, can meet a linear part
+ * shorter than itself; every other read stays unread (< 0) beyond the linear part. */
 static __always_inline long kzt_skb_load(void *ctx, u32 off, u8 *dst, u32 size)
 {
     struct kzt_skb_ref *ref = ctx;
     long err = kzt_skb_read(ref, off, dst, size);
     if (err == 0 || off != 0 || size != 64)
         return err;
-    if (kzt_skb_read(ref, 0, dst, 20) < 0)
-        return err;
-    u32 n = (dst[0] >> 4) == 6 ? 40 + (((u32)dst[4] << 8) | dst[5]) : (((u32)dst[2] << 8) | dst[3]);
-    if (n < 20 || n > 64)
-        return err;  /* longer than the prefix yet not readable: not in the linear part */
-    return kzt_skb_read(ref, 0, dst, n);
+    return kzt_skb_short(ref, dst);
 }
 
 #define KZT_LOAD(p, off, dst, size) kzt_skb_load((p)->ctx, (off), (u8 *)(dst), (size))

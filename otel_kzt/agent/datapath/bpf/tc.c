@@ -20,6 +20,8 @@
  */
 #define KZT_TC_NEXT -1 /* TC_ACT_UNSPEC == TCX_NEXT: never a verdict of ours */
 #define KZT_ETH_HLEN 14
+#define KZT_ETH_P_IP 0x0800
+#define KZT_ETH_P_IPV6 0x86DD
 
 #include "skb.h"
 #include "count.h"
@@ -47,6 +49,10 @@ static __always_inline u32 kzt_vxlan_inner(struct kzt_skb_ref *ref)
 
 int kzt_count(struct __sk_buff *skb)
 {
+    if (skb->protocol != bpf_htons(KZT_ETH_P_IP) && skb->protocol != bpf_htons(KZT_ETH_P_IPV6)) {
+        kzt_stat(KZT_STAT_NOT_IP); /* ARP, LLDP ...: not IP traffic */
+        return KZT_TC_NEXT;
+    }
     struct kzt_skb_ref ref = {skb, 0};
     struct kzt_pkt p = {};
     p.ctx = &ref;
