@@ -90,8 +90,8 @@ class Net:
 
     def quiet_ipv6(self) -> None:
         """Switch IPv6 off in the node and the pods: their neighbour discovery and MLD packets are real
-        traffic the datapath counts, which a test that accounts for every byte in the overflow bucket cannot tell
-        apart from its own."""
+        traffic the datapath counts, which a test that accounts for every byte in the overflow bucket
+        cannot tell apart from its own."""
         for iface in ("all", "default", "kdna0", "kdnb0"):
             netns.run_in(self.node, ["sysctl", "-q", "-w", f"net.ipv6.conf.{iface}.disable_ipv6=1"])
         for pod in (self.pod_a, self.pod_b):  # their own MLD reports: counted where sockets are (cgroup)
