@@ -21,7 +21,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from otel_kzt import logformat
-from otel_kzt.agent.config import PROTOCOLS, AgentConfig, from_values
+from otel_kzt.agent.config import DATAPATHS, PROTOCOLS, AgentConfig, from_values
 from otel_kzt.configfile import load_yaml, merge
 from otel_kzt.signals import StopSignals
 
@@ -81,6 +81,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster, then $KUBECONFIG)")
     add("--cluster-name", help="k8s.cluster.name resource attribute")
     add("--map-size", type=int, help="flow map capacity (default 65536)")
+    add(
+        "--datapath",
+        choices=DATAPATHS,
+        help="where packets are counted: auto (default: netfilter where it attaches, else tc), netfilter, "
+        "tc (device egress), cgroup (socket egress)",
+    )
+    add(
+        "--tc-devices",
+        help="tc: devices to hook, comma separated, patterns allowed (default: uplinks, overlays)",
+    )
+    add("--cgroup-root", help="cgroup: the cgroup v2 directory (default: the host's cgroup2 mount)")
     add("--ephemeral-ports", help="port range never recorded (default 32768-65535)")
     add("--log-format", choices=logformat.FORMATS, help="text (default) or json: one object a line")
     add("--overlay-ports", help="UDP ports of overlay encapsulation not exported (default 4789,8472,6081)")
@@ -98,38 +109,39 @@ def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None)
 def run(args: argparse.Namespace) -> int:
     config = load_config(args)
     logformat.configure(config.log_format)
-    from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
+    from otel_kzt.agent.datapath import DatapathConfig, cleanup, printable
 
     if args.cleanup:
         cleanup(config.node_name, config.pin_root)
         log.info("datapath removed: node=%s pin_root=%s", config.node_name, config.pin_root)
         return 0
-    datapath = Datapath(
-        DatapathConfig(
-            config.node_name,
-            pin=config.pin,
-            map_size=config.map_size,
-            ephemeral_min=config.ephemeral_ports[0],
-            ephemeral_max=config.ephemeral_ports[1],
-            pin_root=config.pin_root,
-        )
+    datapath_config = DatapathConfig(
+        config.node_name,
+        pin=config.pin,
+        map_size=config.map_size,
+        ephemeral_min=config.ephemeral_ports[0],
+        ephemeral_max=config.ephemeral_ports[1],
+        pin_root=config.pin_root,
+        tc_devices=config.tc_devices,
+        cgroup_root=config.cgroup_root,
     )
     if args.print_bpf:
-        sys.stdout.write(datapath.bpf_source())
+        sys.stdout.write(printable(datapath_config, config.datapath).bpf_source())
         return 0
     with StopSignals() as signals, ExitStack() as stack:
-        _serve(config, datapath, signals.stop, stack)
+        _serve(config, datapath_config, signals.stop, stack)
     return 0
 
 
-def _serve(config: AgentConfig, datapath: Any, stop: threading.Event, stack: ExitStack) -> None:
+def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, stack: ExitStack) -> None:
+    from otel_kzt.agent.datapath import start_datapath
     from otel_kzt.agent.export import Exporter
     from otel_kzt.agent.local import LocalFlows
     from otel_kzt.agent.service import AgentService
 
     store = _receiver_store(config, stack)  # opened first: the datapath's start may reset the node's pins
+    datapath = start_datapath(datapath_config, config.datapath)  # a failed start undoes itself
     stack.callback(datapath.close)  # pinned: detaches nothing; --no-pin: detaches
-    datapath.start()
     if store is not None:
         store.repin()
     _release_compiler_heap()

@@ -34,6 +34,9 @@ DEFAULT_MAP_SIZE: Final = 65536
 DEFAULT_EPHEMERAL: Final = (32768, 65535)
 DEFAULT_OVERLAY_PORTS: Final = (4789, 8472, 6081)
 DEFAULT_PIN_ROOT: Final = "/sys/fs/bpf/otel-kzt"
+DATAPATH_AUTO: Final = "auto"
+DATAPATHS: Final = (DATAPATH_AUTO, "netfilter", "tc", "cgroup")  # auto first: the default
+IFNAMSIZ: Final = 15  # the longest device name the kernel accepts
 DEFAULT_MAX_POINTS: Final = 20_000
 DEFAULT_MAX_REQUEST_BYTES: Final = 3 * 1024 * 1024  # below gRPC's default 4 MiB receive limit
 
@@ -64,6 +67,9 @@ KEYS: Final = frozenset(
         "otlp_max_request_bytes",
         "log_format",
         "otlp_bearer_token_file",
+        "datapath",
+        "tc_devices",
+        "cgroup_root",
         *_OTLP_ENV,
     }
 )
@@ -98,6 +104,9 @@ class AgentConfig:
     cluster_name: str | None = None
     otlp: OtlpConfig = field(default_factory=OtlpConfig)
     log_format: str = logformat.TEXT
+    datapath: str = DATAPATH_AUTO  # DATAPATHS (DESIGN §3a)
+    tc_devices: tuple[str, ...] = ()  # tc: device name patterns; () = the default choice
+    cgroup_root: str | None = None  # cgroup: a cgroup v2 directory; None = the host's cgroup2 mount
 
 
 def from_values(values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AgentConfig:
@@ -140,7 +149,22 @@ def _build(v: Mapping[str, Any], env_sourced: set[str]) -> AgentConfig:
         cluster_name=_text(v.get("cluster_name"), "cluster_name"),
         otlp=_otlp(v, env_sourced),
         log_format=_choice(v.get("log_format"), "log_format", logformat.FORMATS),
+        datapath=_choice(v.get("datapath"), "datapath", DATAPATHS),
+        tc_devices=_device_patterns(v.get("tc_devices")),
+        cgroup_root=_text(v.get("cgroup_root"), "cgroup_root") or None,
     )
+
+
+def _device_patterns(value: Any) -> tuple[str, ...]:
+    """`--tc-devices`: names or shell patterns (`eth*`), comma separated or a YAML list."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    patterns = tuple(str(p).strip() for p in items if str(p).strip())
+    for pattern in patterns:
+        if len(pattern) > IFNAMSIZ or "/" in pattern or any(c.isspace() for c in pattern):
+            raise ConfigError("tc_devices", f"{pattern!r} is not a device name or pattern")
+    return patterns
 
 
 def _choice(raw: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -117,3 +117,21 @@ def test_run_exits_2_naming_the_field(tmp_path: Path, capsys: pytest.CaptureFixt
     code = cli.main(["agent", "--config", str(tmp_path / "a.yaml")])
     assert code == 2
     assert "idle_timeout" in capsys.readouterr().err
+
+
+def test_datapath_choice_devices_and_cgroup_root() -> None:
+    assert from_values({"node_name": "n1"}).datapath == "auto"
+    config = from_values(
+        {"node_name": "n1", "datapath": "tc", "tc_devices": "eth*, ens5", "cgroup_root": "/sys/fs/cgroup/x"}
+    )
+    assert (config.datapath, config.tc_devices, config.cgroup_root) == (
+        "tc",
+        ("eth*", "ens5"),
+        "/sys/fs/cgroup/x",
+    )
+    assert from_values({"node_name": "n1", "tc_devices": ["eth0", "eth1"]}).tc_devices == ("eth0", "eth1")
+    with pytest.raises(ConfigError, match="datapath: must be one of auto, netfilter, tc, cgroup"):
+        from_values({"node_name": "n1", "datapath": "xdp"})
+    for bad in ("a/b", "way-too-long-device-name", "eth 0"):
+        with pytest.raises(ConfigError, match="tc_devices"):
+            from_values({"node_name": "n1", "tc_devices": bad})

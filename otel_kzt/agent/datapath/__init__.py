@@ -18,12 +18,19 @@ Module map (shared core, then one module per mode):
     netns_cookie.py  the namespace a pinned attachment belongs to
     mode.py        what a mode gives the core (`Mode`); modes.py: the modes by name
     netfilter.py   the `netfilter` mode: links at POSTROUTING (IPv4, IPv6)
+    tc.py          the `tc` mode: the egress of the devices traffic leaves by (devices.py chooses them,
+                   tclinks.py attaches: tcx links, else classic clsact filters)
+    cgroup.py      the `cgroup` mode: socket egress of a cgroup v2 subtree
+    modeswitch.py  a restart into another mode: what goes, what carries on
+    auto.py        `--datapath auto|<mode>`: which mode starts, and why
     bpf/           package data: flow.h (map layout), count.h (the counting every mode shares),
-                   netfilter.c (the netfilter mode's entry file), floor.c (the benchmark's floor)
+                   netfilter.c (the netfilter mode's entry file), floor.c (the benchmark's floor),
+                   skb.h (reading packets through __sk_buff), tc.c and cgroup.c (their modes' entries)
 """
 
 from __future__ import annotations
 
+from otel_kzt.agent.datapath.auto import printable, start_datapath
 from otel_kzt.agent.datapath.core import Datapath, DatapathConfig, cleanup
 
-__all__ = ["Datapath", "DatapathConfig", "cleanup"]
+__all__ = ["Datapath", "DatapathConfig", "cleanup", "printable", "start_datapath"]

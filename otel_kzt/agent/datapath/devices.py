@@ -1,7 +1,7 @@
 """Which network devices the `tc` datapath hooks: the ones traffic leaves the node by.
 
-`--tc-devices` names them (comma separated, shell patterns allowed: `eth*,ens*`). By default a device is
-hooked when it is up, not loopback, and
+`--tc-devices` names them (shell patterns allowed: `eth*,ens*`; parsed by agent/config.py). By
+default a device is hooked when it is up, not loopback, and
 
 - carries a route with a gateway, or a default route, in any routing table (the uplink; on EKS also the
   secondary ENIs, whose default routes live in per-ENI policy-routing tables), or
@@ -26,14 +26,13 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from otel_kzt.errors import ConfigError, DatapathError
+from otel_kzt.errors import DatapathError
 
 log = logging.getLogger(__name__)
 
 OVERLAY_KINDS = frozenset(
     {"vxlan", "geneve", "wireguard", "ipip", "sit", "gre", "gretap", "ip6gre", "ip6tnl"}
 )
-IFNAMSIZ = 15  # longest device name the kernel accepts
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,18 +45,6 @@ class Device:
     @property
     def overlay(self) -> bool:
         return self.kind in OVERLAY_KINDS
-
-
-def parse_patterns(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """`--tc-devices` as patterns; () means the default choice. Names are checked as the kernel would."""
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else [str(v) for v in value]
-    patterns = tuple(p.strip() for p in items if p.strip())
-    for pattern in patterns:
-        if len(pattern) > IFNAMSIZ or "/" in pattern or any(c.isspace() for c in pattern):
-            raise ConfigError("tc_devices", f"{pattern!r} is not a device name or pattern")
-    return patterns
 
 
 def choose(
