@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from otel_kzt.errors import DatapathError, KernelUnsupported, PrivilegeError
@@ -93,6 +93,25 @@ def address(buf: ctypes.Array[ctypes.c_char]) -> int:
 def link_detach(link_fd: int) -> None:
     """Detach a link now, even if pins or other fds still hold it."""
     bpf(BPF_LINK_DETACH, pack_attr("<I", link_fd), "detach link")
+
+
+def replace_pin(path: str | None, old_fd: int, new_fd: int, detach_old: Callable[[int], None]) -> None:
+    """A new attachment runs: take the old one (`old_fd`, -1: none) off, then pin the new one at `path`
+    (None: not pinning). In this order, for a moment both count, never neither."""
+    if old_fd >= 0 and path is not None:
+        detach_old(old_fd)
+        os.close(old_fd)
+        os.unlink(path)
+    if path is not None:
+        obj_pin(new_fd, path)
+
+
+def close_links(link_fds: list[int], *, detach: bool) -> None:
+    """Close link fds; with `detach`, take each link off the kernel first (pins no longer hold it)."""
+    for fd in link_fds:
+        if detach:
+            link_detach(fd)
+        os.close(fd)
 
 
 def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:

@@ -123,17 +123,9 @@ class CgroupMode:
             log.info("cgroup link adopted root=%s pin=%s", root, path)
             return [old_fd]
         fd = link_create_cgroup(programs["kzt_dispatch"], root)
-        if old_fd >= 0 and path is not None:  # the new link counts first: never neither
-            bpfsys.link_detach(old_fd)
-            os.close(old_fd)
-            os.unlink(path)
-        if path is not None:
-            bpfsys.obj_pin(fd, path)
+        bpfsys.replace_pin(path, old_fd, fd, bpfsys.link_detach)
         log.info("cgroup datapath attached root=%s pin=%s", root, path)
         return [fd]
 
     def release(self, fds: list[int], *, detach: bool) -> None:
-        for fd in fds:
-            if detach:
-                bpfsys.link_detach(fd)
-            os.close(fd)
+        bpfsys.close_links(fds, detach=detach)

@@ -110,10 +110,7 @@ class NetfilterMode:
         return name in self.link_names
 
     def release(self, fds: list[int], *, detach: bool) -> None:
-        for fd in fds:
-            if detach:
-                bpfsys.link_detach(fd)
-            os.close(fd)
+        bpfsys.close_links(fds, detach=detach)
 
 
 MODE = NetfilterMode()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 
 from otel_kzt.agent.datapath import bpfsys, devices, tclinks
@@ -110,7 +110,8 @@ class TcMode:
                 log.info("tc link adopted device=%s pin=%s", device.name, path)
                 return old_fd
             fd = tclinks.tcx_attach(dispatch_fd, device.ifindex, device.name)
-            self._replace_pin(old_fd, old is not None, device.name, path, fd)
+            bpfsys.replace_pin(path, old_fd, fd, self._detacher(old is not None, device.name))
+            log.info("tc link attached device=%s pin=%s", device.name, path)
             return fd
         if old_fd >= 0 and adopt and old is None and tclinks.classic_find(device.name) is not None:
             os.close(old_fd)
@@ -119,18 +120,16 @@ class TcMode:
         self._classic(dispatch_fd, device.name, path, old_fd, old is not None)
         return -1
 
-    def _replace_pin(self, old_fd: int, old_is_link: bool, device: str, path: str | None, fd: int) -> None:
-        """The new attachment runs first; then the old one goes (for a moment both count: never neither)."""
-        if old_fd >= 0 and path is not None:
-            if old_is_link:
-                bpfsys.link_detach(old_fd)
-            else:
-                tclinks.classic_detach(device)
-            os.close(old_fd)
-            os.unlink(path)
-        if path is not None:
-            bpfsys.obj_pin(fd, path)
-        log.info("tc link attached device=%s pin=%s", device, path)
+    @staticmethod
+    def _detacher(old_is_link: bool, device: str) -> Callable[[int], None]:
+        """How the attachment a pin stood for comes off: its link, or the classic filter on `device`."""
+        if old_is_link:
+            return bpfsys.link_detach
+
+        def remove_filter(_fd: int) -> None:
+            tclinks.classic_detach(device)
+
+        return remove_filter
 
     def _classic(
         self, dispatch_fd: int, device: str, path: str | None, old_fd: int, old_is_link: bool
@@ -159,10 +158,7 @@ class TcMode:
 
     def release(self, fds: list[int], *, detach: bool) -> None:
         """Close this process's fds; with `detach`, take the program off every hooked device."""
-        for fd in fds:
-            if detach:
-                bpfsys.link_detach(fd)
-            os.close(fd)
+        bpfsys.close_links(fds, detach=detach)
         if detach and not fds:  # classic filters: no link holds them, remove them by name
             for device in self.hooked:
                 tclinks.classic_detach(device.name)
