@@ -66,7 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster, then $KUBECONFIG)")
     add("--cluster-cidr", action="append", metavar="CIDR", help="pod/service range: unknown, not external")
     add("--max-series", type=int, help=f"series tracked for /metrics ({d.max_series})")
-    add("--series-ttl", help="forget series silent this long (10m)")
+    add("--series-ttl", help="forget series silent this long (10m; at least 3 --agent-interval)")
+    add("--series-lateness", help="keep runs and forgotten series' tombstones this long (1h, >= TTL)")
+    add("--max-tombstones", type=int, help=f"forgotten series remembered ({d.max_tombstones})")
+    add("--agent-interval", help="the longest interval the agents report at (10s)")
     add("--flow-aggregation", metavar="ATTR,...", help="attributes kept as kzt_flow_* labels")
     add("--prices-file", metavar="FILE", help="$/GB per traffic class and provider (config/prices.yaml)")
     add("--default-provider", help=f"price table for nodes without providerID ({d.default_provider})")
@@ -78,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="checkpoint of the /metrics counters, restored at start (none: a restart resets them)",
     )
-    add("--checkpoint-interval", help="how often --state-file is written, and on shutdown (10s)")
+    add("--checkpoint-interval", help="how often --state-file is written, and on shutdown (5s)")
     add("--savings-window", help="savings and their evidence at the traffic rate of this last window (1h)")
 
 
@@ -104,7 +107,10 @@ def build_config(args: argparse.Namespace) -> EnricherConfig:
         "kubeconfig": args.kubeconfig,
         "cluster_cidrs": tuple(args.cluster_cidr) if args.cluster_cidr else None,
         "max_series": args.max_series,
-        "series_ttl_s": parse_duration(args.series_ttl, "--series-ttl") if args.series_ttl else None,
+        "series_ttl_s": _duration(args.series_ttl, "--series-ttl"),
+        "series_lateness_s": _duration(args.series_lateness, "--series-lateness"),
+        "max_tombstones": args.max_tombstones,
+        "agent_interval_s": _duration(args.agent_interval, "--agent-interval"),
         "flow_aggregation": _csv(args.flow_aggregation),
         "prices_file": args.prices_file,
         "default_provider": args.default_provider,

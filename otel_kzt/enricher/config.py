@@ -7,6 +7,7 @@ names) and most have a flag (see command.py); flags win over the file.
 from __future__ import annotations
 
 import ipaddress
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Final
@@ -42,7 +43,10 @@ DEFAULT_EXPORT_TIMEOUT_S: Final = 10.0
 DEFAULT_EXPORT_MAX_ELAPSED_S: Final = 60.0
 DEFAULT_SHUTDOWN_TIMEOUT_S: Final = 10.0
 DEFAULT_PROVIDER: Final = "aws"
-DEFAULT_CHECKPOINT_INTERVAL_S: Final = 10.0
+DEFAULT_CHECKPOINT_INTERVAL_S: Final = 5.0  # /metrics shows what is on disk: at most this far behind
+DEFAULT_SERIES_LATENESS_S: Final = 3600.0  # runs and tombstones kept (counting rule, DESIGN §4)
+DEFAULT_AGENT_INTERVAL_S: Final = 10.0  # the agents' --interval default
+MIN_TTL_INTERVALS: Final = 3  # a series must outlive this many agent intervals without a report
 DEFAULT_SAVINGS_WINDOW_S: Final = 3600.0  # DESIGN §4: savings at the traffic rate of the last hour
 KNOWN_FLOW_LABELS: Final = frozenset(
     {
@@ -101,6 +105,9 @@ class EnricherConfig:
     cluster_cidrs: tuple[str, ...] = ()
     max_series: int = DEFAULT_MAX_SERIES
     series_ttl_s: float = DEFAULT_SERIES_TTL_S
+    series_lateness_s: float = DEFAULT_SERIES_LATENESS_S  # >= series_ttl: late runs, tombstones
+    max_tombstones: int = DEFAULT_MAX_SERIES  # forgotten series remembered (0: none)
+    agent_interval_s: float = DEFAULT_AGENT_INTERVAL_S  # the longest interval the agents report at
     flow_aggregation: tuple[str, ...] = schema.DEFAULT_FLOW_AGGREGATION
     prices_file: str | None = None  # None: the built-in table (config/prices.yaml's twin)
     default_provider: str = DEFAULT_PROVIDER
@@ -133,11 +140,11 @@ class EnricherConfig:
                 f"{self.max_inflight_bytes} is below max_request_bytes={self.max_request_bytes}: "
                 "the largest request could never be admitted",
             )
-        for name in ("header_timeout_s", "body_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(_DURATIONS[name], f"must be positive, got {getattr(self, name)!r}")
-        if not self.checkpoint_interval_s > 0:
-            raise ConfigError("checkpoint_interval", f"must be positive, got {self.checkpoint_interval_s!r}")
+        self._check_durations()
+        self._check_counting()
+        self._check_ports()
+        if self.bearer_token is not None and self.bearer_token_file is not None:
+            raise ConfigError("bearer_token_file", "give bearer_token or bearer_token_file, not both")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ConfigError("tls_cert_file", "tls_cert_file and tls_key_file go together")
         for cidr in self.cluster_cidrs:
@@ -158,11 +165,52 @@ class EnricherConfig:
                 )
             for name in ("queue_size", "queue_bytes", "consumers", "batch_bytes"):
                 _positive(getattr(exp, name), f"{where}.{name}")
+            for name in ("timeout", "max_elapsed"):
+                _positive_duration(getattr(exp, f"{name}_s"), f"{where}.{name}")
         return self
+
+    def _check_durations(self) -> None:
+        for attr, key in _DURATIONS.items():
+            _positive_duration(getattr(self, attr), key)
+
+    def _check_counting(self) -> None:
+        """The counting rule's bounds (DESIGN §4) fit together."""
+        least = MIN_TTL_INTERVALS * self.agent_interval_s
+        if self.series_ttl_s < least:
+            raise ConfigError(
+                "series_ttl",
+                f"{self.series_ttl_s:g}s is less than {MIN_TTL_INTERVALS} agent intervals ({least:g}s, "
+                f"agent_interval {self.agent_interval_s:g}s): live series would be forgotten between reports",
+            )
+        if self.series_lateness_s < self.series_ttl_s:
+            raise ConfigError(
+                "series_lateness",
+                f"{self.series_lateness_s:g}s is below series_ttl ({self.series_ttl_s:g}s): a forgotten "
+                "series' return must still be recognised",
+            )
+        if isinstance(self.max_tombstones, bool) or not isinstance(self.max_tombstones, int):
+            raise ConfigError("max_tombstones", f"must be an integer, got {self.max_tombstones!r}")
+        if self.max_tombstones < 0:
+            raise ConfigError("max_tombstones", f"must not be negative, got {self.max_tombstones}")
+
+    def _check_ports(self) -> None:
+        """Two listeners on one fixed port could never both start."""
+        seen: dict[int, str] = {}
+        for name in ("grpc_endpoint", "http_endpoint", "metrics_endpoint"):
+            value = getattr(self, name)
+            port = split_host_port(value, name)[1] if value else 0
+            if port and port in seen:
+                raise ConfigError(name, f"port {port} is also {seen[port]}'s")
+            seen.setdefault(port, name)
 
 
 def default_config() -> EnricherConfig:
     return EnricherConfig()
+
+
+def _positive_duration(value: float, name: str) -> None:
+    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+        raise ConfigError(name, f"must be a positive duration, got {value!r}")
 
 
 def _positive(value: int, name: str) -> None:
@@ -180,6 +228,8 @@ def split_host_port(value: str, name: str) -> tuple[str, int]:
 
 _DURATIONS: Final = {
     "series_ttl_s": "series_ttl",
+    "series_lateness_s": "series_lateness",
+    "agent_interval_s": "agent_interval",
     "shutdown_timeout_s": "shutdown_timeout",
     "checkpoint_interval_s": "checkpoint_interval",
     "savings_window_s": "savings_window",

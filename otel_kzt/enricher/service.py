@@ -115,6 +115,8 @@ class EnricherService:
             flow_logs_otlp=cfg.flow_logs_otlp,
             max_series=cfg.max_series,
             series_ttl_s=cfg.series_ttl_s,
+            lateness_s=cfg.series_lateness_s,
+            max_tombstones=cfg.max_tombstones,
             max_inflight=cfg.max_inflight_requests,
         )
         # Savings: fed from the same totals as /metrics; `/` and `/api/v1/*` show them.

@@ -48,6 +48,8 @@ def test_every_flag_has_a_yaml_twin() -> None:
             # ... and the loader knows it (durations are read without the `_s` of the field)
             durations = {
                 "series_ttl",
+                "series_lateness",
+                "agent_interval",
                 "shutdown_timeout",
                 "checkpoint_interval",
                 "savings_window",
@@ -169,3 +171,65 @@ def test_bad_prices_name_the_field(tmp_path: Path, text: str, field: str) -> Non
     assert info.value.field == field
     with pytest.raises(ConfigError, match="default_provider"):
         load_prices(None, "oracle")
+
+
+@pytest.mark.parametrize(
+    ("argv", "field", "says"),
+    [
+        (["--series-ttl", "0"], "series_ttl", "positive duration"),
+        (["--series-ttl", "20s"], "series_ttl", "agent_interval 10s"),
+        (["--series-ttl", "2m", "--agent-interval", "1m"], "series_ttl", "less than 3 agent intervals"),
+        (["--series-lateness", "5m"], "series_lateness", "below series_ttl"),
+        (["--max-tombstones", "-1"], "max_tombstones", "negative"),
+        (["--agent-interval", "0s"], "agent_interval", "positive duration"),
+        (["--checkpoint-interval", "0"], "checkpoint_interval", "positive duration"),
+        (["--shutdown-timeout", "0s"], "shutdown_timeout", "positive duration"),
+        (["--grpc-endpoint", ":4318"], "http_endpoint", "port 4318 is also grpc_endpoint's"),
+        (["--metrics-port", "4317"], "metrics_endpoint", "port 4317 is also grpc_endpoint's"),
+    ],
+)
+def test_fields_that_do_not_fit_together_are_refused_naming_the_field(
+    argv: list[str], field: str, says: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        command.build_config(parse(*argv))
+    assert info.value.field == field and says in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ("series_ttl: .inf\n", "series_ttl"),
+        ("exporters: [{endpoint: 'x:1', timeout: 0s}]\n", "exporters[0].timeout"),
+        ("bearer_token: a\nbearer_token_file: /t\n", "bearer_token_file"),
+    ],
+)
+def test_bad_combinations_in_yaml_name_the_field(tmp_path: Path, yaml_text: str, field: str) -> None:
+    file = tmp_path / "e.yaml"
+    file.write_text(yaml_text)
+    with pytest.raises(ConfigError) as info:
+        command.build_config(parse("--config", str(file)))
+    assert info.value.field == field
+
+
+def test_counting_bounds_reach_the_core(tmp_path: Path) -> None:
+    cfg = command.build_config(
+        parse(
+            "--series-ttl",
+            "1m",
+            "--agent-interval",
+            "20s",
+            "--series-lateness",
+            "2h",
+            "--max-tombstones",
+            "7",
+        )
+    )
+    assert (cfg.series_ttl_s, cfg.agent_interval_s, cfg.series_lateness_s, cfg.max_tombstones) == (
+        60.0,
+        20.0,
+        7200.0,
+        7,
+    )
+    ports = ("--grpc-endpoint", "127.0.0.1:0", "--http-endpoint", "127.0.0.1:0", "--metrics-port", "0")
+    assert command.build_config(parse(*ports)).validate()  # port 0 (any free port) may repeat
