@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot, idempotent set-up of a Debian 12 machine (as root) for otel-kzt:
 #   - Debian packages: bcc (python3-bpfcc), a kernel header tree for bcc's compile step, iproute2, nftables,
-#     Prometheus (+ promtool), bpftool, python3-venv, chromium (the web view's headless-browser test);
+#     Prometheus (+ promtool), bpftool, python3-venv, chromium (the web view's headless-browser test),
+#     Node.js + npm (the OpenTelemetry JS clients in tests/clients/js, installed with `npm ci`);
 #   - /lib/modules/$(uname -r)/{build,source} links when the running kernel ships no headers (bcc only needs
 #     *a* tree: every struct offset the agent uses comes from the running kernel's BTF);
 #   - bpffs mounted on /sys/fs/bpf (pinning);
@@ -23,6 +24,9 @@ missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js + npm for the OpenTelemetry JS clients the tests drive (any install that provides the commands).
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
 if [ ${#missing[@]} -gt 0 ]; then
     log "installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -67,3 +71,13 @@ site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["pur
 bcc_src=$("$py" -c 'import bcc, os; print(os.path.dirname(bcc.__file__))')
 ln -sfn "$bcc_src" "$site/bcc"
 "$venv/bin/python" -c 'import bcc' || { echo "setup: Debian bcc does not import in $venv" >&2; exit 1; }
+
+# The OpenTelemetry JS OTLP exporters (tests/clients/js), exactly as locked, again when the lock changes.
+js=$root/tests/clients/js
+js_stamp=$js/node_modules/.otel-kzt-setup
+js_want=$(sha256sum "$js/package-lock.json" | cut -c1-16)
+if [ "$(cat "$js_stamp" 2>/dev/null)" != "$js_want" ]; then
+    log "installing the OpenTelemetry JS clients (npm ci in tests/clients/js)"
+    (cd "$js" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+    echo "$js_want" >"$js_stamp"
+fi
