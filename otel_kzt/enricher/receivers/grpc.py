@@ -45,17 +45,21 @@ _RETRY_AFTER_S: Final = 1
 
 
 class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
-    """Admits at most `limit` calls at once; the others are refused before their message is read."""
+    """Admits at most `limit` calls at once; the others are refused before their message is read.
+
+    Both handlers are stream-unary on our side (the wire is the same for a unary client): gRPC then always
+    runs them, even for a call cancelled while it waited for a worker, so an admitted call's slot is always
+    given back; and the refusal aborts without reading the request at all.
+    """
 
     def __init__(self, methods: dict[str, Behaviour], limit: int) -> None:
         self._slots = threading.BoundedSemaphore(limit)
         self._limit = limit
         self.refused = 0
         self._handlers = {
-            method: grpc.unary_unary_rpc_method_handler(self._admitted(behaviour))
+            method: grpc.stream_unary_rpc_method_handler(self._admitted(behaviour))
             for method, behaviour in methods.items()
         }
-        # stream-unary: the refusal aborts without reading the request stream.
         self._refuse = grpc.stream_unary_rpc_method_handler(self._refusal)
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -67,9 +71,13 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
             return self._refuse
         return handler
 
-    def _admitted(self, behaviour: Behaviour) -> Behaviour:
-        def run(raw: bytes, context: grpc.ServicerContext) -> bytes:
+    def _admitted(self, behaviour: Behaviour) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
+        def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             try:
+                raw = next(requests, None)  # the one message of a unary call
+                if raw is None:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+                    raise AssertionError("abort raises")
                 return behaviour(raw, context)
             finally:
                 self._slots.release()
