@@ -14,7 +14,6 @@ from __future__ import annotations
 import http.client
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -24,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.enricher_cluster import free_port, metadata, proc_hwm, wait_ready
+from bench.enricher_cluster import enricher_process, free_port, metadata, proc_hwm, wait_ready
 from tests.integration.test_enricher_http_wire import request
 
 PB = "application/x-protobuf"
@@ -109,24 +108,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="kzt-bench-") as tmp:
         metadata(Path(tmp) / "cluster.json", 4)
         http_port, metrics_port = free_port(), free_port()
-        enricher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "otel_kzt.cli",
-                "enricher",
-                "--kube-metadata",
-                str(Path(tmp) / "cluster.json"),
-                "--grpc-endpoint",
-                "",
-                "--http-endpoint",
-                f"127.0.0.1:{http_port}",
-                "--metrics-endpoint",
-                f"127.0.0.1:{metrics_port}",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        enricher = enricher_process(
+            Path(tmp) / "cluster.json",
+            "--grpc-endpoint", "", "--http-endpoint", f"127.0.0.1:{http_port}",
+            "--metrics-endpoint", f"127.0.0.1:{metrics_port}",
+        )  # fmt: skip
         try:
             wait_ready(metrics_port)
             print(

@@ -166,27 +166,13 @@ def run(agents: int, flows: int, senders: int, count: int) -> Result:
         assert sink.stdout is not None and sink.stdin is not None
         sink_port = int(sink.stdout.readline())
         grpc_port, metrics_port = free_port(), free_port()
-        enricher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "otel_kzt.cli",
-                "enricher",
-                "--kube-metadata",
-                str(Path(tmp) / "cluster.json"),
-                "--cluster-cidr",
-                "10.0.0.0/8",
-                "--grpc-endpoint",
-                f"127.0.0.1:{grpc_port}",
-                "--http-endpoint",
-                "",
-                "--metrics-endpoint",
-                f"127.0.0.1:{metrics_port}",
-                "--export-endpoint",
-                f"127.0.0.1:{sink_port}",
-            ],
-            stdout=subprocess.DEVNULL,  # the default JSON flow logs: written, not kept
-        )
+        enricher = enricher_process(
+            Path(tmp) / "cluster.json",
+            "--cluster-cidr", "10.0.0.0/8",
+            "--grpc-endpoint", f"127.0.0.1:{grpc_port}", "--http-endpoint", "",
+            "--metrics-endpoint", f"127.0.0.1:{metrics_port}",
+            "--export-endpoint", f"127.0.0.1:{sink_port}",
+        )  # fmt: skip
         try:
             wait_ready(metrics_port)
             result = Result(received=agents * flows * 2 * count)
@@ -207,6 +193,13 @@ def run(agents: int, flows: int, senders: int, count: int) -> Result:
             sink.wait(10)
         result.forwarded = int(counts["points"])
         return result
+
+
+def enricher_process(metadata_file: Path, *args: str) -> subprocess.Popen[bytes]:
+    """`otel-kzt enricher` as its own process (its CPU and RSS are its own); the JSON flow logs of the
+    default configuration are written, not kept."""
+    argv = [sys.executable, "-m", "otel_kzt.cli", "enricher", "--kube-metadata", str(metadata_file), *args]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL)
 
 
 def wait_ready(port: int, timeout_s: float = 120.0) -> None:
