@@ -65,7 +65,8 @@ class MetricsPort:
             return _response(Reply(404, f"not found ({known})\n".encode()))
         if request.method not in ("GET", "HEAD"):
             return _response(Reply(405, b"GET only\n", headers={"Allow": "GET, HEAD"}))
-        asked = PageRequest(request.path, dict(request.query), dict(request.headers))
+        # the headers as aiohttp holds them: case-insensitive (`Accept` or `accept`), read-only
+        asked = PageRequest(request.path, dict(request.query), request.headers)
         return _response(await self.server.run_blocking(page, asked))
 
 

@@ -70,6 +70,7 @@ def wire_service(metadata_file: Path, downstream: Downstream) -> Iterator[Enrich
         max_connections=40,
         max_concurrent_calls=1,
         header_timeout_s=1.0,
+        body_timeout_s=3.0,
     )
     with running(config) as svc:
         yield svc
@@ -181,6 +182,16 @@ def test_connection_cap_answers_and_stalled_clients_time_out(wire_service: Enric
     finally:
         for sock in stalled:
             sock.close()
+    # a body that stops coming: answered 408 after body_timeout (3 s), the connection not kept
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+        slow.sendall(
+            f"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Type: {PB}\r\n"
+            "Content-Length: 100\r\n\r\nab".encode()
+        )
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += slow.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408") and b"Connection: close" in answer
     assert post(port, request(31))[0] == 200
 
 
