@@ -22,7 +22,7 @@ from otel_kzt.enricher.exporters.prometheus import (
     Exposition,
     HealthMetrics,
 )
-from otel_kzt.enricher.exporters.savings import SavingsCollector, combined
+from otel_kzt.enricher.exporters.savings import SAVINGS_BYTES, SAVINGS_USD, SavingsCollector, combined
 from otel_kzt.enricher.exporters.webapi import pages as web_pages
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.processing.cost import load_prices
@@ -120,7 +120,7 @@ class EnricherService:
             max_inflight=cfg.max_inflight_requests,
         )
         # Savings: fed from the same totals as /metrics; `/` and `/api/v1/*` show them.
-        totals = lambda: combined(aggregates.snapshot())  # noqa: E731
+        totals = lambda: combined(aggregates.snapshot_of(SAVINGS_BYTES, SAVINGS_USD))  # noqa: E731
         self.savings = savings = SavingsTracker(index, totals, cfg.savings_window_s)
         self.registry.register(SavingsCollector(savings))
         savings.start()

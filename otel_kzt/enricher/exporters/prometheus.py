@@ -154,6 +154,14 @@ class Aggregates:
                 "agents": {(n,): t for n, t in self.agent_last_report.items()},
             }
 
+    def snapshot_of(self, *names: str) -> Snapshot:
+        """Copies of some families only (the savings tracker's every-few-seconds read)."""
+        with self.lock:
+            if self.before_snapshot is not None:
+                self.before_snapshot()
+            families = self.families()
+            return {name: dict(families[name]) for name in names}
+
 
 class AggregatesCollector(Collector):
     """Builds the DESIGN §4 families from a snapshot taken under the lock (by `source` when set: the
