@@ -32,16 +32,32 @@ class Prometheus:
     def __init__(self, base_url: str, timeout_s: float) -> None:
         self.base, self.timeout_s = base_url.rstrip("/"), timeout_s
 
-    def query(self, promql: str, at: float | None = None) -> list[Sample]:
+    def _result(self, promql: str, at: float | None, kind: str) -> tuple[str, list[Any]]:
         params = {"query": promql} if at is None else {"query": promql, "time": f"{at:.3f}"}
         url = f"{self.base}/api/v1/query?{urllib.parse.urlencode(params)}"
         body: Any = get_json(url, self.timeout_s)
         try:
-            if body["status"] != "success" or body["data"]["resultType"] != "vector":
+            if body["status"] != "success" or body["data"]["resultType"] != kind:
                 raise SourceError(f"cannot read {url}: {body.get('error', body['data']['resultType'])}")
-            return [(dict(r["metric"]), float(r["value"][1])) for r in body["data"]["result"]]
+            return url, list(body["data"]["result"])
+        except (KeyError, TypeError) as exc:
+            raise SourceError(f"cannot read {url}: unexpected answer ({exc!r})") from exc
+
+    def query(self, promql: str, at: float | None = None) -> list[Sample]:
+        url, result = self._result(promql, at, "vector")
+        try:
+            return [(dict(r["metric"]), float(r["value"][1])) for r in result]
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise SourceError(f"cannot read {url}: unexpected answer ({exc!r})") from exc
+
+    def first_sample(self, metric: str, window_s: float) -> float | None:
+        """When the window's first sample of `metric` was taken (None: none in the window)."""
+        url, result = self._result(f"{metric}[{max(1, round(window_s))}s]", None, "matrix")
+        try:
+            times = [float(v[0]) for r in result for v in r["values"]]
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise SourceError(f"cannot read {url}: unexpected answer ({exc!r})") from exc
+        return min(times) if times else None
 
 
 def _services(prom: Prometheus, at: float | None = None) -> dict[ServiceKey, ServiceState]:
@@ -121,6 +137,10 @@ def from_prometheus(base_url: str, window_s: float, timeout_s: float = DEFAULT_T
     )
     setting = setting_named(name)
     services = _services(prom)
-    recs, summaries = recommend(services, _flows(prom, window_s), window_s, setting)
+    # Like the enricher's own window: as much of it as there is data for (increase() does not invent
+    # the time before a series' first sample, so the rate is over the time covered).
+    first = prom.first_sample(schema.PROM_SAVINGS_ENABLED, window_s)
+    covered = min(window_s, now - first) if first is not None else 0.0
+    recs, summaries = recommend(services, _flows(prom, window_s), covered, setting)
     summaries = with_changes(summaries, services, _changes(prom, services, window_s, now))
-    return Report(now, True, "", window_s, window_s, version, setting.name, tuple(recs), tuple(summaries))
+    return Report(now, True, "", window_s, covered, version, setting.name, tuple(recs), tuple(summaries))
