@@ -45,19 +45,46 @@ class ServerTls(Protocol):
 
 
 class _Gate:
-    """Counts open connections of one port (touched on the loop thread only)."""
+    """Counts open connections of one port (a lock: a place may be given back by the garbage collector)."""
 
     def __init__(self, limit: int) -> None:
         self.limit, self.open, self.refused = limit, 0, 0
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.open >= self.limit:
+                self.refused += 1
+                return False
+            self.open += 1
+            return True
+
+    def give(self) -> None:
+        with self._lock:
+            self.open -= 1
 
 
 class _Counted(asyncio.Protocol):
-    """Forwards to aiohttp's protocol and gives the connection's place back when it closes."""
+    """Forwards to aiohttp's protocol; holds its place in the gate (taken at accept) until the connection is
+    lost. A TLS connection whose handshake fails (plain text to the TLS port, a scanner) never reaches
+    `connection_made` nor `connection_lost`: its place is given back once the handshake deadline passed."""
 
-    def __init__(self, inner: asyncio.Protocol, gate: _Gate) -> None:
-        self._inner, self._gate = inner, gate
+    def __init__(self, inner: asyncio.Protocol, gate: _Gate, handshake_s: float | None) -> None:
+        self._inner, self._gate, self._held, self._made = inner, gate, True, False
+        if handshake_s is not None:
+            asyncio.get_running_loop().call_later(handshake_s + 0.5, self._unless_made)
+
+    def _give_back(self) -> None:
+        if self._held:
+            self._held = False
+            self._gate.give()
+
+    def _unless_made(self) -> None:
+        if not self._made:
+            self._give_back()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._made = True
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
@@ -73,7 +100,7 @@ class _Counted(asyncio.Protocol):
         self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._gate.open -= 1
+        self._give_back()
         self._inner.connection_lost(exc)
 
 
@@ -164,16 +191,15 @@ class AsyncHttpServer:
 
     def _protocol(self) -> asyncio.Protocol:
         gate = self._gate
-        if gate.open >= gate.limit:
-            gate.refused += 1
+        if not gate.take():
             if gate.refused % 1000 == 1:
                 log.warning("connection refused: port=%s max_connections=%d", self.name, gate.limit)
             return _OverCap()
         if self._tls is not None:
             self._tls.refresh()  # a renewed certificate serves this handshake already
         assert self._runner is not None and self._runner.server is not None
-        gate.open += 1
-        return _Counted(self._runner.server(), gate)
+        handshake_s = self._limits.header_timeout_s if self._tls is not None else None
+        return _Counted(self._runner.server(), gate, handshake_s)
 
     async def _close(self) -> None:
         if self._server is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -175,3 +176,33 @@ def test_agent_follows_a_rotated_ca_and_token(metadata_file: Path, tmp_path: Pat
             assert exporter.export([body], time.monotonic() + 5, threading.Event()).sent == 1
         finally:
             exporter.close()
+
+
+@pytest.mark.integration
+def test_failed_handshakes_keep_no_connection_place(
+    metadata_file: Path, certificate: tuple[Path, Path]
+) -> None:
+    cert, key = certificate
+    config = local_config(
+        metadata_file, tls_cert_file=str(cert), tls_key_file=str(key), max_connections=3, header_timeout_s=1.0
+    )
+    with running(config) as svc:
+        for _ in range(6):  # plain text to the TLS port: the handshake fails, twice the cap
+            with socket.create_connection(("127.0.0.1", svc.ports["http"]), timeout=10) as plain:
+                plain.sendall(b"POST /v1/metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+                while plain.recv(4096):
+                    pass
+        context = ssl.create_default_context(cafile=str(cert))
+        statuses = []
+        for _ in range(20):  # their places come back once the handshake deadline (1 s) passed
+            conn = http.client.HTTPSConnection("127.0.0.1", svc.ports["http"], context=context, timeout=10)
+            try:
+                headers = {"Content-Type": "application/x-protobuf"}
+                conn.request("POST", "/v1/metrics", body=good_request().SerializeToString(), headers=headers)
+                statuses.append(conn.getresponse().status)
+            finally:
+                conn.close()
+            if statuses[-1] == 200:
+                break
+            threading.Event().wait(0.25)
+        assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
