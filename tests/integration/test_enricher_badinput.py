@@ -8,6 +8,7 @@ import gzip
 import http.client
 import json
 import queue
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -81,12 +82,15 @@ def post(
         conn.close()
 
 
-def drained(ds: Downstream) -> list[ExportMetricsServiceRequest]:
-    """What the downstream got, one request per resource: the exporter batches requests queued together."""
-    out = []
+def drained(ds: Downstream, expect: int, deadline_s: float = 30.0) -> list[ExportMetricsServiceRequest]:
+    """What the downstream got, one request per resource (the exporter batches requests queued together):
+    waits up to `deadline_s` for `expect` of them (a loaded machine is slow), then 1 s more for any extra."""
+    out: list[ExportMetricsServiceRequest] = []
+    deadline = time.monotonic() + deadline_s
     while True:
+        wait = max(0.0, deadline - time.monotonic()) if len(out) < expect else 1.0
         try:
-            batch = ds.metrics.get(timeout=0.5)
+            batch = ds.metrics.get(timeout=wait)
         except queue.Empty:
             return out
         for rm in batch.resource_metrics:
@@ -133,7 +137,7 @@ def test_http_bad_input_answers(service: EnricherService, downstream: Downstream
     # still serving; gzip works
     status, _, reply = post(port, gzip.compress(valid), headers={"Content-Encoding": "gzip"})
     assert status == 200 and not ExportMetricsServiceResponse.FromString(reply).HasField("partial_success")
-    forwarded = drained(downstream)
+    forwarded = drained(downstream, 2)
     assert len(forwarded) == 2  # the partial one and the gzip one; nothing of the refused requests
     first = forwarded[0].resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points
     assert [dp.as_int for dp in first] == [10]
@@ -157,7 +161,7 @@ def test_grpc_bad_input_answers(service: EnricherService, downstream: Downstream
         reply = ExportMetricsServiceResponse.FromString(call(request.SerializeToString(), timeout=10))
         assert reply.partial_success.rejected_data_points == 1
         assert ExportMetricsServiceResponse.FromString(call(good_request().SerializeToString(), timeout=10))
-    assert len(drained(downstream)) == 2
+    assert len(drained(downstream, 2)) == 2
 
 
 @pytest.mark.integration
@@ -225,4 +229,4 @@ def test_deeply_nested_json_and_grpc_gzip(service: EnricherService, downstream: 
             call(b"\x0a" + b"\x00" * (2 << 20), timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert post(service.ports["http"], good_request().SerializeToString())[0] == 200
-    assert len(drained(downstream)) == 2
+    assert len(drained(downstream, 2)) == 2
