@@ -41,6 +41,10 @@ ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
 # With --reuse scenarios: every pod IP was first held by an "old-" pod, deleted and taken over at 0.5 s,
 # before the first measurement (1 s); late batches are measured at 0.25 s, while the old pods held them.
 REUSED_AT_S, LATE_AT_NS = 0.5, 250_000_000
+# The flows' start: later than any enricher's start-up, so they count from their first point (a run that
+# began before the enricher started is a baseline, DESIGN §4: it would count only from its second point).
+RUN_START_NS = 4_000_000_000 * 10**9
+DEFAULT_CONFIG = "default configuration, enricher process CPU"
 
 
 def build_index(
@@ -95,7 +99,7 @@ def build_payloads(
                 m.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_CUMULATIVE
                 for s in range(series):
                     dp = m.sum.data_points.add(
-                        start_time_unix_nano=1_000, time_unix_nano=at_ns or 10**9 * (interval + 1)
+                        start_time_unix_nano=RUN_START_NS, time_unix_nano=at_ns or 10**9 * (interval + 1)
                     )
                     dp.as_int = (s + 1) * scale * (interval + 1)
                     p = s % len(local)
@@ -235,11 +239,12 @@ def check_enriched(index: ClusterIndex, payload: bytes) -> None:
     )
 
 
-def check_reuse(index: ClusterIndex, current: bytes, late: bytes) -> None:
-    """Through one core: a point measured after the reuse names the new pod, a late one the old pod."""
+def check_reuse(index: ClusterIndex, rows: list[bytes]) -> None:
+    """Through one core: a point measured after the reuse names the new pod, a late one the old pod
+    (values growing: a late point that adds nothing is not re-exported)."""
     core, sink = make_core(index, flow_logs=False), CheckSink()
     core._sinks = (sink,)
-    for payload, prefix in ((current, "app-"), (late, "old-"), (current, "app-")):
+    for payload, prefix in zip(rows, ("app-", "old-", "app-"), strict=True):
         sink.first = None
         through(core)(payload)
         assert sink.first is not None
@@ -291,7 +296,7 @@ def main() -> int:
     }
     reused, _ = build_index(args.agents, 30, reused=True)
     late = build_payloads(ips, args.series, args.intervals, at_ns=LATE_AT_NS)
-    check_reuse(reused, payloads[0][0], late[0][0])
+    check_reuse(reused, [payloads[0][0], late[1][0], payloads[2][0]])
     mixed = [late[i] if i % 2 else row for i, row in enumerate(payloads)]  # every series switches owner
     results["enricher core, every IP reused once"] = measure(
         through(make_core(reused, False)), payloads, points
@@ -300,6 +305,12 @@ def main() -> int:
         through(make_core(reused, False)), mixed, points
     )
     results["through the gRPC receiver, wall clock"] = over_grpc(index, payloads, points)
+    from bench import enricher_cluster  # the real enricher process, default configuration
+
+    # flow logs on (JSON lines on its stdout, OTLP records), the real gRPC receiver, an exporter to a
+    # downstream process; its CPU from /proc, after the first interval (series known), 2 senders
+    default = enricher_cluster.run(args.agents, args.series, 2, args.intervals)
+    results[DEFAULT_CONFIG] = default.steady_per_cpu_s
     base = results["floor (parse + re-serialise)"]
     print(
         f"{points} data points per interval ({args.agents} agents x {args.series} flows x 2 metrics); "
@@ -308,6 +319,8 @@ def main() -> int:
     for name, rate in results.items():
         unit = "dp/s (wall, 2 threads)" if "wall" in name else "dp/s per core"
         print(f"{name:40s} {rate:12,.0f} {unit:24s} {base / rate:5.2f}x the floor")
+    core, whole = base / results["enricher core"], base / results[DEFAULT_CONFIG]
+    print(f"ratios: enricher core {core:.2f}x (target <= 2x), default configuration {whole:.2f}x (<= 3x)")
     if args.cluster_agents:
         from bench import enricher_cluster  # the real enricher process at cluster scale, same run
 

@@ -162,3 +162,19 @@ def test_series_first_seen_in_another_shape_then_canonical() -> None:
     assert dp.sum.data_points[0].as_int == 10 and core.active_series == 1
     pod = {"namespace": "shop", "pod": "web-1"}
     assert registry.get_sample_value("pod_cross_zone_network_traffic_bytes_total", pod) == 10  # a new run
+
+
+def test_string_attributes_are_what_protobuf_writes() -> None:
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+    from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
+
+    from otel_kzt.enricher.processing.protowire import string_attributes
+
+    pairs = [("k8s.pod.name", "web-1"), ("zone", ""), ("long", "x" * 300), ("ünï", "cödé ✓")]
+    kvs = [KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in pairs]
+    assert string_attributes(pairs, 0x3A) == NumberDataPoint(attributes=kvs).SerializeToString()
+    assert string_attributes(pairs, 0x32) == LogRecord(attributes=kvs).SerializeToString()
+    record = LogRecord.FromString(template().otlp_static)  # the flow log's static part parses back whole
+    assert {kv.key: kv.value.string_value for kv in record.attributes}[schema.TRAFFIC_CLASS] == "cross-zone"
+    assert record.event_name == "kzt.flow" and record.severity_text == "INFO"

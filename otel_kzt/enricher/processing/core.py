@@ -33,7 +33,7 @@ from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
 from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, to_otlp_bytes
 from otel_kzt.enricher.processing.points import Batch, SumEnricher
-from otel_kzt.enricher.processing.protowire import Writer, split
+from otel_kzt.enricher.processing.protowire import Writer, spans
 from otel_kzt.enricher.processing.resolution import Resolver
 from otel_kzt.enricher.state.checkpoint import State, apply, capture
 from otel_kzt.enricher.state.counting import DEFAULT_LATENESS_S, Rule
@@ -42,6 +42,7 @@ from otel_kzt.errors import Overloaded
 from otel_kzt.k8s.model import MetadataIndex
 
 log = logging.getLogger(__name__)
+Part = tuple[bytes, int, int]  # a message inside the request's bytes: buffer, start, end (nothing copied)
 
 # Field numbers of the containers walked as bytes (opentelemetry/proto/.../metrics.proto).
 _REQUEST_RESOURCE_METRICS: Final = 1
@@ -168,53 +169,54 @@ class Core:
     def _request(self, request: ExportMetricsServiceRequest, buf: bytes, batch: Batch) -> bytes:
         resources = iter(request.resource_metrics)
         out = Writer()
-        for number, whole, payload in split(buf):
+        for number, start, body, end in spans(buf, 0, len(buf)):
             if number == _REQUEST_RESOURCE_METRICS:
                 mark = out.open()
-                self._resource(next(resources), payload, batch, out)
-                out.close(whole[0], mark)
+                self._resource(next(resources), (buf, body, end), batch, out)
+                out.close(buf[start], mark)
             else:
-                out.add(whole)
+                out.add(buf[start:end])
         return out.getvalue()
 
-    def _resource(self, rm: ResourceMetrics, buf: bytes, batch: Batch, out: Writer) -> None:
+    def _resource(self, rm: ResourceMetrics, part: Part, batch: Batch, out: Writer) -> None:
+        buf = part[0]
         identity = {
             kv.key: kv.value.string_value for kv in rm.resource.attributes if kv.key in _AGENT_IDENTITY
         }
         node = identity.get(schema.RESOURCE_NODE_NAME)
         if node:
             self._agg.agent_last_report[node] = batch.now
-        fields = list(split(buf))
+        fields = list(spans(*part))
         # Series belong to the sending agent, not to its whole resource: an upgraded agent (new
         # service.version) carries on its cumulative sums, which must continue the same series.
         res_key = (
             "\0".join(identity.get(k, "") for k in _AGENT_IDENTITY).encode()
             if node
-            else next((p for n, _, p in fields if n == _RM_RESOURCE), b"")
+            else next((buf[b:e] for n, _, b, e in fields if n == _RM_RESOURCE), b"")
         )
         scopes = iter(rm.scope_metrics)
-        for number, whole, payload in fields:
+        for number, start, body, end in fields:
             if number == _RM_SCOPE_METRICS:
                 mark = out.open()
-                self._scope(next(scopes), payload, res_key, batch, out)
-                out.close(whole[0], mark)
+                self._scope(next(scopes), (buf, body, end), res_key, batch, out)
+                out.close(buf[start], mark)
             else:
-                out.add(whole)
+                out.add(buf[start:end])
 
-    def _scope(self, sm: ScopeMetrics, buf: bytes, res_key: bytes, batch: Batch, out: Writer) -> None:
-        metrics = iter(sm.metrics)
-        for number, whole, payload in split(buf):
+    def _scope(self, sm: ScopeMetrics, part: Part, res_key: bytes, batch: Batch, out: Writer) -> None:
+        buf, metrics = part[0], iter(sm.metrics)
+        for number, start, body, end in spans(*part):
             if number != _SM_METRICS:
-                out.add(whole)
+                out.add(buf[start:end])
                 continue
             metric = next(metrics)
             batch.received += _count_points(metric)
             if metric.name not in schema.FLOW_METRICS:
-                out.add(whole)  # not ours: passes through untouched
+                out.add(buf[start:end])  # not ours: passes through untouched
             elif self._acceptable(metric, batch):
                 mark = out.open()
-                self._metric(metric.name, payload, res_key, batch, out)
-                out.close(whole[0], mark)
+                self._metric(metric.name, (buf, body, end), res_key, batch, out)
+                out.close(buf[start], mark)
             # else: a kzt.flow.* metric of the wrong kind is refused whole (nothing half-checked goes on)
 
     def _acceptable(self, metric: Metric, batch: Batch) -> bool:
@@ -227,15 +229,15 @@ class Core:
         batch.reject(f"{metric.name} must be a cumulative monotonic Sum", _count_points(metric))
         return False
 
-    def _metric(self, name: str, buf: bytes, res_key: bytes, batch: Batch, out: Writer) -> None:
-        table = self._table.group(res_key, name)
-        for number, whole, payload in split(buf):
+    def _metric(self, name: str, part: Part, res_key: bytes, batch: Batch, out: Writer) -> None:
+        buf, table = part[0], self._table.group(res_key, name)
+        for number, start, body, end in spans(*part):
             if number == _METRIC_SUM:
                 mark = out.open()
-                out.size += self._points.enrich(payload, table, (res_key, name), batch, out.parts)
-                out.close(whole[0], mark)
+                out.size += self._points.enrich((buf, body, end), table, (res_key, name), batch, out.parts)
+                out.close(buf[start], mark)
             else:
-                out.add(whole)
+                out.add(buf[start:end])
 
     def _emit(self, payload: bytes, batch: Batch) -> None:
         records = list(batch.flows.values()) if batch.flows else []

@@ -44,6 +44,8 @@ _EXEMPLARS_TAG: Final = b"\x2a"  # NumberDataPoint.exemplars: field 5, length-de
 _CANONICAL: Final = struct.Struct("<BQBQBq")
 _UNPACK_CANONICAL: Final = _CANONICAL.unpack_from
 _PACK_CANONICAL: Final = _CANONICAL.pack
+# a billed series' increment: its template, series key, increment, interval start and end (ns)
+Billed = tuple[FlowTemplate, bytes, float, int, int]
 _BAD_VALUE: Final = "NaN or negative cumulative value"
 _NO_ADDRESS: Final = "missing source.address or destination.address"
 
@@ -86,19 +88,21 @@ class SumEnricher:
 
     def enrich(
         self,
-        buf: bytes,
+        part: tuple[bytes, int, int],
         table: dict[bytes, Series],
         where: tuple[bytes, str],
         batch: Batch,
         out: list[bytes],
     ) -> int:
-        """The hot loop: every point of one serialised Sum, enriched, appended to `out`; returns the size.
+        """The hot loop: every point of the serialised Sum at `part` (buffer, start, end), enriched,
+        appended to `out`; returns the size.
 
         Written for speed (one struct call reads tags, times and value; no helper calls on a cache hit).
         """
         size_out = 0
         trailer: list[bytes] = []  # aggregation_temporality, is_monotonic, unknown fields
-        pos, end, generation, now, unpack = 0, len(buf), batch.generation, batch.now, _UNPACK_CANONICAL
+        billed: list[Billed] = []  # flow-log increments of this Sum, paired after the loop
+        (buf, pos, end), generation, now, unpack = part, batch.generation, batch.now, _UNPACK_CANONICAL
         count = self._rule.count
         while pos < end:
             if buf[pos] != _POINT_TAG:
@@ -151,17 +155,21 @@ class SumEnricher:
                     continue  # declined and held back: downstream sees each run once, in order
                 entry.total += inc
                 if entry.template is not None:
-                    self._flow(batch, (where[0], key), entry, where[1], inc, end=t)
-            if size != entry.point_len:  # the series was first seen in another shape (object path)
-                entry.set_point_len(size)
-            if start == entry.out_run:  # renamed by the enricher: a stream of its own downstream
-                head = _PACK_CANONICAL(
-                    0x11, entry.out_start, 0x19, t, _INT_VALUE_TAG, value - int(entry.out_offset)
-                )
-                out += (entry.header, head, key, entry.resolved.extra)
-            else:
+                    billed.append((entry.template, key, inc, entry.since, t))
+            if size == entry.plain_len:  # as the series' cached header was computed for, no rename
                 out += (entry.header, raw, entry.resolved.extra)
+            else:
+                if size != entry.point_len:  # first seen in another shape (object path)
+                    entry.set_point_len(size)
+                if start == entry.out_run:  # renamed by the enricher: a stream of its own downstream
+                    offset = int(entry.out_offset)
+                    head = _PACK_CANONICAL(0x11, entry.out_start, 0x19, t, _INT_VALUE_TAG, value - offset)
+                    out += (entry.header, head, key, entry.resolved.extra)
+                else:
+                    out += (entry.header, raw, entry.resolved.extra)
             size_out += entry.size
+        if billed:
+            self._pair(batch, where, billed)
         out += trailer
         return size_out + sum(map(len, trailer))
 
@@ -195,7 +203,7 @@ class SumEnricher:
             if inc:
                 entry.total += inc
                 if entry.template is not None:
-                    self._flow(batch, (where[0], key), entry, where[1], inc, end=t)
+                    self._pair(batch, where, [(entry.template, key, inc, entry.since, t)])
             if start == entry.out_run:  # renamed by the enricher (see the fast path)
                 dp.start_time_unix_nano = entry.out_start
                 if is_int:
@@ -273,22 +281,25 @@ class SumEnricher:
         self._table.relabel(entry, naming, generation)
         entry.set_point_len(point_len)  # other attributes added: another length
 
-    def _flow(
-        self, batch: Batch, flow_id: tuple[bytes, bytes], entry: Series, name: str, inc: float, *, end: int
+    @staticmethod
+    def _pair(
+        batch: Batch, where: GroupKey, billed: list[tuple[FlowTemplate, bytes, float, int, int]]
     ) -> None:
-        """Pair the bytes and packets increments of one flow into one flow-log record; its interval
-        starts where the rule says the increment began (the run's previous point, or its start)."""
+        """Pair the bytes and packets increments of each billed flow into one flow-log record per request;
+        its interval starts where the rule says the increment began (the run's previous point, or its
+        start) and ends at the point's time."""
         flows = batch.flows if batch.flows is not None else {}
         batch.flows = flows
-        record = flows.get(flow_id)
-        if record is None:
-            assert entry.template is not None
-            record = flows[flow_id] = FlowRecord(entry.template, entry.since, end)
-        if name == schema.FLOW_BYTES:
-            record.byte_count += inc
-            record.cost_usd += inc * record.template.usd_per_byte
-        else:
-            record.packet_count += inc
+        resource, is_bytes = where[0], where[1] == schema.FLOW_BYTES
+        for template, key, inc, since, t in billed:
+            record = flows.get((resource, key))
+            if record is None:
+                record = flows[(resource, key)] = FlowRecord(template, since, t)
+            if is_bytes:
+                record.byte_count += inc
+                record.cost_usd += inc * template.usd_per_byte
+            else:
+                record.packet_count += inc
 
 
 def _text(value: AnyValue) -> str:

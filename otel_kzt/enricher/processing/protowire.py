@@ -7,12 +7,13 @@ changed; the flow logs append a few KeyValues. Tests compare each piece against 
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 _ATTRIBUTES_TAG_LOG: Final = 0x32  # LogRecord.attributes: field 6, length-delimited
 _KEY_TAG: Final = 0x0A  # KeyValue.key: field 1
 _VALUE_TAG: Final = 0x12  # KeyValue.value: field 2 (AnyValue)
+_STRING_TAG: Final = 0x0A  # AnyValue.string_value: field 1
 _INT_TAG: Final = 0x18  # AnyValue.int_value: field 3, varint
 _DOUBLE_TAG: Final = 0x21  # AnyValue.double_value: field 4, fixed64
 _SMALL: Final = [bytes((i,)) for i in range(0x80)]
@@ -47,7 +48,7 @@ class AttributeEncoder:
     tag and length (all < 128 for our short keys).
     """
 
-    __slots__ = ("_double_head", "_int_heads")
+    __slots__ = ("_int_heads", "double_head")
 
     def __init__(self, key: str) -> None:
         keyfield = length_delimited(_KEY_TAG, key.encode())
@@ -57,8 +58,9 @@ class AttributeEncoder:
             + bytes((_VALUE_TAG, 1 + k, _INT_TAG))
             for k in range(11)
         ]
-        self._double_head = (
-            bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 11)) + keyfield + bytes((_VALUE_TAG, 9))
+        # ... and a double one is `double_head + value` (little-endian fixed64), the tag included
+        self.double_head = (
+            bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 11)) + keyfield + bytes((_VALUE_TAG, 9, _DOUBLE_TAG))
         )
 
     def int_value(self, value: int) -> bytes:
@@ -66,7 +68,33 @@ class AttributeEncoder:
         return self._int_heads[len(encoded)] + encoded
 
     def double_value(self, value: float) -> bytes:
-        return self._double_head + struct.pack("<Bd", _DOUBLE_TAG, value)
+        return self.double_head + struct.pack("<d", value)
+
+
+# Encoded attribute fields by tag, then (key, value): node, zone, workload and pod names repeat across
+# thousands of series, so a new series' attributes are mostly found here. Bounded: emptied when full.
+_FIELDS: dict[int, dict[tuple[str, str], bytes]] = {}
+_MAX_FIELDS: Final = 200_000
+
+
+def string_attributes(pairs: Iterable[tuple[str, str]], tag: int) -> bytes:
+    """KeyValues with string values, each as the repeated field `tag` (NumberDataPoint.attributes is 0x3a,
+    LogRecord.attributes 0x32): what protobuf would write, without building messages."""
+    cache = _FIELDS.setdefault(tag, {})
+    out = []
+    for pair in pairs:
+        encoded = cache.get(pair)
+        if encoded is None:
+            if len(cache) >= _MAX_FIELDS:
+                cache.clear()
+            encoded = cache[pair] = length_delimited(tag, _key_value(*pair))
+        out.append(encoded)
+    return b"".join(out)
+
+
+def _key_value(key: str, value: str) -> bytes:
+    any_value = length_delimited(_STRING_TAG, value.encode())
+    return length_delimited(_KEY_TAG, key.encode()) + length_delimited(_VALUE_TAG, any_value)
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -113,6 +141,21 @@ def split(buf: bytes) -> Iterator[tuple[int, bytes, bytes]]:
             size, body = read_varint(buf, body)
             payload = buf[body : body + size]
         yield tag >> 3, buf[start:pos], payload
+
+
+def spans(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """The top-level fields of the message in `buf[pos:end]`, as offsets into `buf`: (field number, field
+    start, its payload's start, field end); for a field that is not length-delimited the payload start is
+    the end. Nothing is copied: a request's containers are walked in place, only points are sliced."""
+    while pos < end:
+        start = pos
+        tag, body = read_varint(buf, pos)
+        if tag & 7 == 2:
+            size, body = read_varint(buf, body)
+            pos = body + size
+        else:
+            pos = body = skip_field(buf, start)
+        yield tag >> 3, start, body, pos
 
 
 class Writer:

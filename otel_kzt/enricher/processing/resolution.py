@@ -19,9 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
-
 from otel_kzt import schema
+from otel_kzt.enricher.processing.protowire import string_attributes
 from otel_kzt.enricher.processing.services import (
     KEYS_FOR_RECHECK,
     NO_SERVICES,
@@ -33,6 +32,7 @@ from otel_kzt.k8s.model import Endpoint, MetadataIndex, NodeInfo
 from otel_kzt.schema import TrafficClass
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_POINT_ATTRIBUTES_TAG: Final = 0x3A  # NumberDataPoint.attributes: field 7, length-delimited
 _MAX_CACHED_ENDS: Final = 200_000  # addresses remembered per metadata generation (then start afresh)
 
 
@@ -88,17 +88,13 @@ class Resolver:
         added, cls, src, dst = self._added(given, ready, at_unix_s)
         refs = self._services.ends(given, ready, at_unix_s)
         added += [(k, v) for k, v in wire_attrs(refs) if k not in given]
-        holder = NumberDataPoint()
-        for key, value in added:
-            kv = holder.attributes.add()
-            kv.key = key
-            kv.value.string_value = value
         attrs = dict(given)
         attrs.update(added)
         provider = src.node.provider if src.node is not None else None
         basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs)
         lo, hi = _overlap(src, dst)
-        return Resolved(holder.SerializeToString(), attrs, cls, provider, basis, lo, hi, refs)
+        extra = string_attributes(added, _POINT_ATTRIBUTES_TAG)
+        return Resolved(extra, attrs, cls, provider, basis, lo, hi, refs)
 
     def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
         """The attributes `resolve` adds, as pairs (the benchmark's naive loop uses these)."""

@@ -200,7 +200,7 @@ def apply(state: State, agg: Aggregates, table: SeriesTable, now: float) -> int:
             s.older[i],
         )
         entry.dropped, entry.horizon = s.dropped[i], s.horizon[i]
-        entry.out_run, entry.out_start, entry.out_offset = s.out_run[i], s.out_start[i], s.out_offset[i]
+        entry.set_stream((s.out_run[i], s.out_start[i], s.out_offset[i]))
         table.group(*groups[i])[s.key[i]] = entry
     table.count = sum(len(g) for g in table.groups.values())
     return len(live)

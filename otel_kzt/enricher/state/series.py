@@ -50,6 +50,11 @@ Stream = tuple[int, int, float]
 # A forgotten series: (forgotten at, ns; its runs as Counted.runs(); Counted.dropped)
 Tombstone = tuple[int, list[list[float]], int]
 GroupKey = tuple[bytes, str]
+_NS_MIN, _NS_MAX = -(1 << 63), 1 << 64  # beyond any time_unix_nano: an unbounded window
+
+
+def _ns(seconds: float, unbounded: int) -> int:
+    return unbounded if math.isinf(seconds) else int(seconds * 1e9)
 
 
 def identity_key(dp: NumberDataPoint) -> bytes:
@@ -87,21 +92,22 @@ class Series(Counted):
     header: bytes = b""  # Sum.data_points tag + length of the enriched point
     size: int = 0  # len(header) + the enriched point's length
     point_len: int = -1  # length of the received point these were computed for
+    plain_len: int = -1  # point_len while no run is renamed downstream (-1 then: the hot loop checks)
     seen: float = 0.0
     out_run: int = -1  # the run whose points are re-exported as a renamed stream (-1: none)
     out_start: int = 0  # ... with this start time (the rename)
     out_offset: float = 0.0  # ... and this much taken off their values (counted before the rename)
     total: float = 0.0  # increments not yet folded into the aggregates
-    valid_from: float = -math.inf  # time_unix_nano window [from, until) `resolved` holds for
-    valid_until: float = math.inf
+    valid_from: int = _NS_MIN  # time_unix_nano window [from, until) `resolved` holds for (ints compare
+    valid_until: int = _NS_MAX  # faster with the points' integer times than floats)
     spare: list[tuple[int, Naming]] | None = None  # replaced namings and their generation (see docstring)
 
     def __post_init__(self) -> None:
         self.set_window()
 
     def set_window(self) -> None:
-        self.valid_from = self.resolved.valid_from * 1e9
-        self.valid_until = self.resolved.valid_until * 1e9
+        self.valid_from = _ns(self.resolved.valid_from, _NS_MIN)
+        self.valid_until = _ns(self.resolved.valid_until, _NS_MAX)
 
     def set_point_len(self, point_len: int) -> None:
         """Canonical points of one series all have the same length: the header is computed once."""
@@ -109,6 +115,12 @@ class Series(Counted):
         self.header = bytes((POINT_TAG,)) + varint(enriched)
         self.size = len(self.header) + enriched
         self.point_len = point_len
+        self.plain_len = point_len if self.out_run < 0 else -1
+
+    def set_stream(self, stream: Stream) -> None:
+        """Re-export the run `stream[0]` as a stream of its own (a rename), or nothing (-1)."""
+        self.out_run, self.out_start, self.out_offset = stream
+        self.plain_len = self.point_len if self.out_run < 0 else -1
 
 
 class SeriesTable:
@@ -192,9 +204,9 @@ class SeriesTable:
             del spare[_MAX_SPARE:]
             entry.spare = spare
             if naming.stream is not None:
-                entry.out_run, entry.out_start, entry.out_offset = naming.stream
+                entry.set_stream(naming.stream)
             elif entry.start >= 0:
-                entry.out_run, entry.out_start, entry.out_offset = entry.start, entry.last_time, entry.last
+                entry.set_stream((entry.start, entry.last_time, entry.last))
         entry.generation, entry.resolved = generation, naming.resolved
         entry.targets, entry.template = naming.targets, naming.template
         entry.set_window()
