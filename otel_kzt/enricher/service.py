@@ -7,6 +7,7 @@ twice, before `start()`, and it undoes a half-finished start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import threading
@@ -41,6 +42,7 @@ from otel_kzt.serving.limits import HttpLimits
 from otel_kzt.serving.pages import MetricsPort, Page, PageRequest, Reply
 
 log = logging.getLogger(__name__)
+_GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 
 
 class Metadata(Protocol):
@@ -140,6 +142,7 @@ class EnricherService:
             collector.source = checkpointer.persisted  # never more than is on disk
             self._stoppers.append(("checkpoint", checkpointer))
         behind = Downstream(lambda: next((e.name for e in exporters if not e.accepting()), None))
+        _tune_gc()
         self._serve(core, index, tls, auth, behind)
 
     def _serve(
@@ -213,6 +216,15 @@ class EnricherService:
                     part.shutdown()  # type: ignore[attr-defined]
             except Exception:
                 log.exception("shutdown of %s failed", kind)  # keep stopping the rest
+
+
+def _tune_gc() -> None:
+    """The core keeps ~10 objects per series for hours and allocates a few per data point: with the
+    default threshold a young collection runs every 700 allocations and rescans what survived since.
+    Spaced out, young collections cost ~10% less of the default configuration's CPU (bench/enricher.py).
+    Process-wide, as a service's start may set it; never lowered."""
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, _GC_YOUNG_THRESHOLD), gen1, gen2)
 
 
 def _open_metadata(cfg: EnricherConfig) -> Metadata:
