@@ -74,7 +74,7 @@ class AttributeEncoder:
 # Encoded attribute fields by tag, then (key, value): node, zone, workload and pod names repeat across
 # thousands of series, so a new series' attributes are mostly found here. Bounded: emptied when full.
 _FIELDS: dict[int, dict[tuple[str, str], bytes]] = {}
-_MAX_FIELDS: Final = 200_000
+_MAX_FIELDS: Final = 65_536  # per tag: a few MB
 
 
 def string_attributes(pairs: Iterable[tuple[str, str]], tag: int) -> bytes:
