@@ -244,6 +244,10 @@ AGENT_OVERFLOW_PACKETS: Final = "kzt_agent_overflow_packets"
 AGENT_EXPORTS: Final = "kzt_agent_exports"  # label `result`: ok / failed
 AGENT_EXPORT_DURATION: Final = "kzt_agent_export_duration_seconds"
 AGENT_METADATA_SYNCED: Final = "kzt_agent_metadata_synced"
+AGENT_DATAPATH_INFO: Final = "kzt_agent_datapath_info"  # gauge 1, label `datapath`: the mode counting
+AGENT_DATAPATH_LABEL: Final = "datapath"
+AGENT_DATAPATH_COVERAGE: Final = "kzt_agent_datapath_coverage_ratio"  # counted / pod interface bytes (§3a)
+AGENT_SERVICE_VIP_BYTES: Final = "kzt_agent_service_vip_bytes"  # counter (cgroup mode): bytes to Service VIPs
 
 # The same agent health as OTLP metrics (OpenTelemetry style), sent in the agent's own export requests so
 # any OTLP backend, and the enricher (which passes unknown metrics through), sees them.
@@ -260,6 +264,9 @@ OTLP_AGENT_OVERFLOW_PACKETS: Final = "kzt.agent.overflow.packets"  # sum {packet
 OTLP_AGENT_EXPORTS: Final = "kzt.agent.exports"  # sum {request}, attribute `result`
 OTLP_AGENT_EXPORT_DURATION: Final = "kzt.agent.export.duration"  # gauge s: the last interval's export
 OTLP_AGENT_METADATA_SYNCED: Final = "kzt.agent.metadata.synced"  # gauge 0/1
+OTLP_AGENT_DATAPATH_INFO: Final = "kzt.agent.datapath.info"  # gauge 1, attribute `datapath`
+OTLP_AGENT_DATAPATH_COVERAGE: Final = "kzt.agent.datapath.coverage"  # gauge 1 (when the mode measures it)
+OTLP_AGENT_SERVICE_VIP_BYTES: Final = "kzt.agent.service_vip.bytes"  # sum By (cgroup mode)
 AGENT_RESULT: Final = "result"  # attribute of kzt.agent.exports: `ok` / `failed`
 
 ENRICHER_RECEIVED_POINTS: Final = "kzt_enricher_received_data_points"

@@ -22,7 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 from otel_kzt import logformat
 from otel_kzt.agent.config import DATAPATHS, PROTOCOLS, AgentConfig, from_values
+from otel_kzt.agent.health import Health, metadata_state
 from otel_kzt.configfile import load_yaml, merge
+from otel_kzt.errors import KztError
+from otel_kzt.serving.limits import split_host_port
 from otel_kzt.signals import StopSignals
 
 if TYPE_CHECKING:
@@ -93,6 +96,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--cgroup-root", help="cgroup: the cgroup v2 directory (default: the host's cgroup2 mount)")
     add("--ephemeral-ports", help="port range never recorded (default 32768-65535)")
+    add(
+        "--health-endpoint",
+        metavar="HOST:PORT",
+        help='/healthz, /readyz and the agent\'s own /metrics (default 0.0.0.0:9465; "" disables)',
+    )
     add("--log-format", choices=logformat.FORMATS, help="text (default) or json: one object a line")
     add("--overlay-ports", help="UDP ports of overlay encapsulation not exported (default 4789,8472,6081)")
 
@@ -139,9 +147,13 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
     from otel_kzt.agent.local import LocalFlows
     from otel_kzt.agent.service import AgentService
 
+    health = Health(config.interval_s)
+    health.add_check("datapath", lambda: "not attached yet (compiling, loading, attaching)")
+    _start_health_port(config, health, stack)  # answers while the datapath loads: alive, not ready
     store = _receiver_store(config, stack)  # opened first: the datapath's start may reset the node's pins
     datapath = start_datapath(datapath_config, config.datapath)  # a failed start undoes itself
     stack.callback(datapath.close)  # pinned: detaches nothing; --no-pin: detaches
+    health.add_check("datapath", lambda: None if datapath.attached else "not attached")
     if store is not None:
         store.repin()
     _release_compiler_heap()
@@ -151,10 +163,20 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
         stack.callback(handle.shutdown)
         handle.start()
         index = handle.index
+    health.add_check("metadata", lambda: None if (state := metadata_state(index))[0] else state[1])
     exporter = Exporter(config.otlp, config.node_name, store=store)
     stack.callback(exporter.close)
     local = LocalFlows(config.node_name, index, overlay_ports=config.overlay_ports)
-    service = AgentService(config, datapath, exporter, local, index, host_name=socket.gethostname())
+    service = AgentService(
+        config,
+        datapath,
+        exporter,
+        local,
+        index,
+        host_name=socket.gethostname(),
+        health=health,
+        datapath=datapath.config.mode,
+    )
     log.info(
         "agent running: node=%s endpoints=%s protocol=%s interval_s=%g pin=%s",
         config.node_name,
@@ -164,6 +186,22 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
         config.pin,
     )
     service.run(stop)
+
+
+def _start_health_port(config: AgentConfig, health: Health, stack: ExitStack) -> None:
+    """/healthz, /readyz, /metrics on --health-endpoint; a port in use fails the start (exit 1)."""
+    if not config.health_endpoint:
+        return
+    from otel_kzt.agent.healthport import HealthPort
+
+    host, port = split_host_port(config.health_endpoint, "health_endpoint")
+    server = HealthPort(host, port, health)
+    try:
+        bound = server.start()
+    except OSError as exc:
+        raise KztError(f"cannot serve --health-endpoint {config.health_endpoint}: {exc.strerror}") from exc
+    stack.callback(server.shutdown)
+    log.info("health endpoint: address=%s port=%d", host, bound)
 
 
 def _receiver_store(config: AgentConfig, stack: ExitStack) -> BpffsReceiverStore | None:

@@ -19,6 +19,7 @@ from typing import Any, Final
 from otel_kzt import logformat
 from otel_kzt.configfile import check_keys, parse_duration
 from otel_kzt.errors import ConfigError
+from otel_kzt.serving.limits import split_host_port
 
 GRPC: Final = "grpc"
 HTTP_PROTOBUF: Final = "http/protobuf"
@@ -39,6 +40,7 @@ DATAPATHS: Final = (DATAPATH_AUTO, "netfilter", "tc", "cgroup")  # auto first: t
 IFNAMSIZ: Final = 15  # the longest device name the kernel accepts
 DEFAULT_MAX_POINTS: Final = 20_000
 DEFAULT_MAX_REQUEST_BYTES: Final = 3 * 1024 * 1024  # below gRPC's default 4 MiB receive limit
+DEFAULT_HEALTH_ENDPOINT: Final = "0.0.0.0:9465"  # /healthz, /readyz, /metrics; "" disables
 
 # YAML key -> environment variables consulted when neither flag nor file sets it (first found wins).
 _OTLP_ENV: Final[dict[str, tuple[str, ...]]] = {
@@ -70,6 +72,7 @@ KEYS: Final = frozenset(
         "datapath",
         "tc_devices",
         "cgroup_root",
+        "health_endpoint",
         *_OTLP_ENV,
     }
 )
@@ -107,6 +110,7 @@ class AgentConfig:
     datapath: str = DATAPATH_AUTO  # DATAPATHS (DESIGN §3a)
     tc_devices: tuple[str, ...] = ()  # tc: device name patterns; () = the default choice
     cgroup_root: str | None = None  # cgroup: a cgroup v2 directory; None = the host's cgroup2 mount
+    health_endpoint: str = DEFAULT_HEALTH_ENDPOINT
 
 
 def from_values(values: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> AgentConfig:
@@ -152,6 +156,7 @@ def _build(v: Mapping[str, Any], env_sourced: set[str]) -> AgentConfig:
         datapath=_choice(v.get("datapath"), "datapath", DATAPATHS),
         tc_devices=_device_patterns(v.get("tc_devices")),
         cgroup_root=_text(v.get("cgroup_root"), "cgroup_root") or None,
+        health_endpoint=_listen(v.get("health_endpoint"), "health_endpoint", DEFAULT_HEALTH_ENDPOINT),
     )
 
 
@@ -165,6 +170,14 @@ def _device_patterns(value: Any) -> tuple[str, ...]:
         if len(pattern) > IFNAMSIZ or "/" in pattern or any(c.isspace() for c in pattern):
             raise ConfigError("tc_devices", f"{pattern!r} is not a device name or pattern")
     return patterns
+
+
+def _listen(raw: Any, name: str, default: str) -> str:
+    """A listen address `host:port` (checked here, split where it is bound), or "" for none."""
+    value = default if raw is None else _text(raw, name) or ""
+    if value:
+        split_host_port(value, name)
+    return value
 
 
 def _choice(raw: Any, name: str, choices: tuple[str, ...]) -> str:

@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Protocol
 
 from otel_kzt import __version__, schema
@@ -31,6 +32,7 @@ from otel_kzt.agent.config import AgentConfig
 from otel_kzt.agent.encode import AttrValue, PointHead, RequestEncoder
 from otel_kzt.agent.export import ExportResult
 from otel_kzt.agent.flows import FlowCounters, FlowKey, FlowReader, Snapshot
+from otel_kzt.agent.health import AgentReport, Health, map_fill_ratio, metadata_state
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.telemetry import AgentStats, telemetry_metrics
 from otel_kzt.errors import DatapathError
@@ -74,8 +76,12 @@ class AgentService:
         *,
         host_name: str,
         clock_ns: Callable[[], int] = time.time_ns,
+        health: Health | None = None,
+        datapath: str = "netfilter",
     ) -> None:
         self._config = config
+        self.health = health or Health(config.interval_s)
+        self._datapath = datapath
         self._source = source
         self._sender = sender
         self._local = local
@@ -122,11 +128,15 @@ class AgentService:
             elif idle:
                 idle_other.append(key)
         del all_heads
-        extra = self._telemetry(snapshot, len(heads))
+        report = self._report(snapshot)
+        extra = telemetry_metrics(
+            report, self.stats.view(), self.stats.started_unix_ns, snapshot.taken_unix_ns, exported=len(heads)
+        )
         requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra)
         result = self._sender.export(requests, deadline, stop)
         duration = time.monotonic() - started
         self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
+        self._publish(report, result)
         log.info(
             "export: flows=%d local=%d sent=%d failed=%d duration_s=%.3f",
             len(snapshot.flows),
@@ -159,11 +169,26 @@ class AgentService:
             )
         self.stats.record_finals(len(self._finals), max(0, dropped))
 
-    def _telemetry(self, snapshot: Snapshot, exported: int) -> list[bytes]:
-        synced = self._index.ready() if self._index is not None else False
-        return telemetry_metrics(
-            self.stats.view(), self.stats.started_unix_ns, snapshot, exported=exported, metadata_synced=synced
+    def _report(self, snapshot: Snapshot) -> AgentReport:
+        """This pass's numbers, as the telemetry in its export carries them (exports counted so far)."""
+        view = self.stats.view()
+        return AgentReport(
+            flows_tracked=len(snapshot.flows),
+            map_fill_ratio=map_fill_ratio(snapshot),
+            overflow_bytes=snapshot.overflow_bytes,
+            overflow_packets=snapshot.overflow_packets,
+            exports_ok=view.exports_ok,
+            exports_failed=view.exports_failed,
+            metadata_synced=metadata_state(self._index)[0],
+            datapath=self._datapath,
         )
+
+    def _publish(self, report: AgentReport, result: ExportResult) -> None:
+        """The agent's own /metrics and readiness after this pass's export."""
+        ok, failed = report.exports_ok + result.sent, report.exports_failed + result.failed
+        self.health.publish(replace(report, exports_ok=ok, exports_failed=failed))
+        if result.sent and not result.failed:
+            self.health.delivered()
 
     def _evict(self, keys: list[FlowKey]) -> None:
         if not keys:
@@ -180,9 +205,11 @@ class AgentService:
         """Export every interval until `stop` is set, then one final export (no retries)."""
         interval = self._config.interval_s
         tick = time.monotonic() + interval
+        self.health.loop_ran()  # /healthz judges the loop from here on
         while not stop.wait(max(0.0, tick - time.monotonic())):
             # Retries of this pass end where the next pass begins: the next snapshot supersedes this one.
             self.export_once(tick + interval, stop)
+            self.health.loop_ran()
             tick = max(tick + interval, time.monotonic())
         final = self.export_once(time.monotonic() + self._config.otlp.timeout_s, stop, evict=False)
         log.info("final export on shutdown: sent=%d failed=%d", final.sent, final.failed)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from otel_kzt import schema
 from otel_kzt.agent.encode import gauge_metric, sum_metric
-from otel_kzt.agent.flows import Snapshot
+from otel_kzt.agent.health import AgentReport
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,38 +67,31 @@ class AgentStats:
 
 
 def telemetry_metrics(
-    stats: StatsView,
-    started_unix_ns: int,
-    snapshot: Snapshot,
-    *,
-    exported: int,
-    metadata_synced: bool,
+    report: AgentReport, stats: StatsView, started_unix_ns: int, time_unix_ns: int, *, exported: int
 ) -> list[bytes]:
-    """ScopeMetrics.metrics entries for the agent's health at the snapshot's time."""
+    """ScopeMetrics.metrics entries for the agent's health at the snapshot's time: the numbers of its own
+    /metrics (`report`, the same values) plus the loop's details (`stats`)."""
     start = started_unix_ns
-    time_unix_ns = snapshot.taken_unix_ns
-    exported_flows = exported
-    fill = len(snapshot.flows) / snapshot.capacity if snapshot.capacity else 0.0
-    return [
+    metrics = [
         gauge_metric(
             schema.OTLP_AGENT_FLOWS_TRACKED,
-            "flows in the kernel flow map",
+            "flows in the kernel flow maps",
             "{flow}",
-            [((), float(len(snapshot.flows)))],
+            [((), float(report.flows_tracked))],
             time_unix_ns,
         ),
         gauge_metric(
             schema.OTLP_AGENT_FLOWS_EXPORTED,
             "local flows in this export",
             "{flow}",
-            [((), float(exported_flows))],
+            [((), float(exported))],
             time_unix_ns,
         ),
         gauge_metric(
             schema.OTLP_AGENT_MAP_FILL_RATIO,
-            "flows tracked / flow map capacity",
+            "flows / capacity of the fuller flow map (IPv4, IPv6)",
             "1",
-            [((), fill)],
+            [((), report.map_fill_ratio)],
             time_unix_ns,
         ),
         # The overflow counters live in pinned maps that outlive the process: no start time is known,
@@ -107,14 +100,14 @@ def telemetry_metrics(
             schema.OTLP_AGENT_OVERFLOW_BYTES,
             "bytes of flows that did not fit in the map",
             "By",
-            [((), start, snapshot.overflow_bytes)],
+            [((), start, report.overflow_bytes)],
             time_unix_ns,
         ),
         sum_metric(
             schema.OTLP_AGENT_OVERFLOW_PACKETS,
             "packets of flows that did not fit in the map",
             "{packet}",
-            [((), start, snapshot.overflow_packets)],
+            [((), start, report.overflow_packets)],
             time_unix_ns,
         ),
         sum_metric(
@@ -143,8 +136,8 @@ def telemetry_metrics(
             "export requests by result",
             "{request}",
             [
-                ([(schema.AGENT_RESULT, "ok")], start, stats.exports_ok),
-                ([(schema.AGENT_RESULT, "failed")], start, stats.exports_failed),
+                ([(schema.AGENT_RESULT, "ok")], start, report.exports_ok),
+                ([(schema.AGENT_RESULT, "failed")], start, report.exports_failed),
             ],
             time_unix_ns,
         ),
@@ -159,7 +152,35 @@ def telemetry_metrics(
             schema.OTLP_AGENT_METADATA_SYNCED,
             "1 once Kubernetes metadata has synced",
             "1",
-            [((), 1.0 if metadata_synced else 0.0)],
+            [((), 1.0 if report.metadata_synced else 0.0)],
+            time_unix_ns,
+        ),
+        gauge_metric(
+            schema.OTLP_AGENT_DATAPATH_INFO,
+            "the datapath mode counting (value 1)",
+            "1",
+            [([(schema.AGENT_DATAPATH_LABEL, report.datapath)], 1.0)],
             time_unix_ns,
         ),
     ]
+    if report.coverage_ratio is not None:
+        metrics.append(
+            gauge_metric(
+                schema.OTLP_AGENT_DATAPATH_COVERAGE,
+                "bytes counted / bytes on pod interfaces",
+                "1",
+                [((), report.coverage_ratio)],
+                time_unix_ns,
+            )
+        )
+    if report.service_vip_bytes is not None:
+        metrics.append(
+            sum_metric(
+                schema.OTLP_AGENT_SERVICE_VIP_BYTES,
+                "bytes sent to Service VIPs",
+                "By",
+                [((), start, report.service_vip_bytes)],
+                time_unix_ns,
+            )
+        )
+    return metrics

@@ -19,6 +19,7 @@ from otel_kzt.serving.limits import (  # one place for the HTTP guards' defaults
     DEFAULT_BODY_TIMEOUT_S,
     DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_CONNECTIONS,
+    split_host_port,
 )
 
 PROTOCOL_GRPC: Final = "grpc"
@@ -216,14 +217,6 @@ def _positive_duration(value: float, name: str) -> None:
 def _positive(value: int, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(name, f"must be a positive integer, got {value!r}")
-
-
-def split_host_port(value: str, name: str) -> tuple[str, int]:
-    """`host:port`, `:port` or `[v6]:port` -> (host, port); port 0 picks a free port (tests)."""
-    host, sep, port_text = value.rpartition(":")
-    if not sep or not port_text.isdigit() or int(port_text) > 65535:
-        raise ConfigError(name, f"expected host:port, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port_text)
 
 
 _DURATIONS: Final = {

@@ -15,7 +15,7 @@ from typing import Protocol, TextIO
 
 from prometheus_client import CollectorRegistry
 
-from otel_kzt.enricher.config import EnricherConfig, split_host_port
+from otel_kzt.enricher.config import EnricherConfig
 from otel_kzt.enricher.exporters.otlp import Exporter
 from otel_kzt.enricher.exporters.prometheus import (
     Aggregates,
@@ -38,7 +38,7 @@ from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.enricher.state.checkpointer import Checkpointer
 from otel_kzt.enricher.state.savings import SavingsTracker
 from otel_kzt.k8s.model import MetadataIndex
-from otel_kzt.serving.limits import HttpLimits
+from otel_kzt.serving.limits import HttpLimits, split_host_port
 from otel_kzt.serving.pages import MetricsPort, Page, PageRequest, Reply
 
 log = logging.getLogger(__name__)

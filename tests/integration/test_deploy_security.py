@@ -7,14 +7,12 @@ root. RBAC: get/list/watch on pods + nodes (agent, enricher), nothing else.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from otel_kzt.agent.datapath import pins
+from otel_kzt.agent.config import DEFAULT_HEALTH_ENDPOINT
+from otel_kzt.serving.limits import split_host_port
 from tests.integration import deploy_files as df
 
 # no SYSLOG: see otel_kzt/agent/datapath/bpf/netfilter.c
@@ -76,26 +74,14 @@ def test_agent_env_node_name_comes_from_the_downward_api() -> None:
     assert env["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
 
 
-def test_agent_probes_check_this_nodes_pins() -> None:
+def test_agent_probes_ask_its_health_endpoint() -> None:
+    """Pins outlive a hung agent: the probes ask the agent itself (/healthz, /readyz on --health-endpoint)."""
     agent = df.container(_agent(), "agent")
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        command = agent[probe]["exec"]["command"]
-        assert '"/sys/fs/bpf/otel-kzt/$(echo "$NODE_NAME" | tr . _)"' in command[-1], probe
-        assert "link_v4" in command[-1] and "link_v6" in command[-1], probe  # attached, not just a dir
-
-
-def test_agent_probes_map_dotted_node_names_like_the_agent(tmp_path: Path) -> None:
-    """bpffs refuses '.', so the agent pins under pins.pin_dir_name(node): the probe's shell must agree."""
-    node = "ip-10-0-1-2.eu-west-1.compute.internal"
-    (tmp_path / pins.pin_dir_name(node)).mkdir()
-    for link in ("link_v4", "link_v6"):
-        (tmp_path / pins.pin_dir_name(node) / link).touch()
-    command = df.container(_agent(), "agent")["readinessProbe"]["exec"]["command"]
-    script = command[-1].replace("/sys/fs/bpf/otel-kzt", str(tmp_path))
-    env = {"PATH": os.environ["PATH"], "NODE_NAME": node}
-    assert subprocess.run([*command[:-1], script], env=env, check=False, timeout=10).returncode == 0
-    env["NODE_NAME"] = "ip-10-0-1-3.eu-west-1.compute.internal"  # another node: not ready
-    assert subprocess.run([*command[:-1], script], env=env, check=False, timeout=10).returncode != 0
+    assert agent["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert agent["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    [port] = [p for p in agent["ports"] if p["name"] == "health"]
+    assert port["containerPort"] == split_host_port(DEFAULT_HEALTH_ENDPOINT, "health_endpoint")[1]
+    assert "--health-endpoint" not in agent["args"]  # the default: the port named above
 
 
 def test_enricher_is_non_root_with_no_capabilities() -> None:

@@ -128,6 +128,12 @@ class Datapath:
                 self._close_locked(detach=not c.pin)
                 raise
 
+    @property
+    def attached(self) -> bool:
+        """Started and holding its links (read without the lock: a health check must never wait on a
+        stuck read)."""
+        return self._tables is not None and bool(self._link_fds)
+
     def _features_or_probe(self) -> probe.Features:
         if self._features is None:
             self._features = probe.probe(self.mode)
