@@ -248,6 +248,8 @@ AGENT_DATAPATH_INFO: Final = "kzt_agent_datapath_info"  # gauge 1, label `datapa
 AGENT_DATAPATH_LABEL: Final = "datapath"
 AGENT_DATAPATH_COVERAGE: Final = "kzt_agent_datapath_coverage_ratio"  # counted / pod interface bytes (§3a)
 AGENT_SERVICE_VIP_BYTES: Final = "kzt_agent_service_vip_bytes"  # counter (cgroup mode): bytes to Service VIPs
+# The enricher only: when each node's agent last reported, kept while the node exists (KztAgentSilent).
+AGENT_LAST_REPORT: Final = "kzt_agent_last_report_timestamp_seconds"
 
 # The same agent health as OTLP metrics (OpenTelemetry style), sent in the agent's own export requests so
 # any OTLP backend, and the enricher (which passes unknown metrics through), sees them.
@@ -265,7 +267,7 @@ OTLP_AGENT_EXPORTS: Final = "kzt.agent.exports"  # sum {request}, attribute `res
 OTLP_AGENT_EXPORT_DURATION: Final = "kzt.agent.export.duration"  # gauge s: the last interval's export
 OTLP_AGENT_METADATA_SYNCED: Final = "kzt.agent.metadata.synced"  # gauge 0/1
 OTLP_AGENT_DATAPATH_INFO: Final = "kzt.agent.datapath.info"  # gauge 1, attribute `datapath`
-OTLP_AGENT_DATAPATH_COVERAGE: Final = "kzt.agent.datapath.coverage"  # gauge 1 (when the mode measures it)
+OTLP_AGENT_DATAPATH_COVERAGE: Final = "kzt.agent.datapath.coverage_ratio"  # gauge 0..1 (where measured)
 OTLP_AGENT_SERVICE_VIP_BYTES: Final = "kzt.agent.service_vip.bytes"  # sum By (cgroup mode)
 AGENT_RESULT: Final = "result"  # attribute of kzt.agent.exports: `ok` / `failed`
 
@@ -279,6 +281,7 @@ ENRICHER_SERIES_ACTIVE: Final = "kzt_enricher_series_active"
 # label k8s_node_name: when each agent last reported (the "agents not reporting" alert)
 ENRICHER_AGENT_LAST_REPORT: Final = "kzt_enricher_agent_last_report_timestamp_seconds"
 ENRICHER_AGENT_LAST_REPORT_LABEL: Final = prom_label(RESOURCE_NODE_NAME)
+ENRICHER_AGENTS_REFUSED: Final = "kzt_enricher_agents_refused"  # counter: agents beyond the health cap
 ENRICHER_EXPORTER_LABEL: Final = "exporter"
 # --state-file: failed checkpoint loads (corrupt, unknown version) and writes, by `stage`; last good write
 ENRICHER_CHECKPOINT_ERRORS: Final = "kzt_enricher_checkpoint_errors"

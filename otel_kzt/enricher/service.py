@@ -35,6 +35,7 @@ from otel_kzt.enricher.receivers.caps import ReceiverMetrics
 from otel_kzt.enricher.receivers.grpc import GrpcReceiver
 from otel_kzt.enricher.receivers.http import HttpReceiver
 from otel_kzt.enricher.receivers.settings import ReceiverSettings
+from otel_kzt.enricher.state.agents import AgentsHealth
 from otel_kzt.enricher.state.checkpointer import Checkpointer
 from otel_kzt.enricher.state.savings import SavingsTracker
 from otel_kzt.k8s.model import MetadataIndex
@@ -106,6 +107,8 @@ class EnricherService:
             self._stoppers.append(("exporter", exporter))
         flow_log = FlowLogWriter(self._stdout or sys.stdout) if cfg.flow_logs_stdout else None
         index = metadata.index
+        agents = AgentsHealth(index)  # the agents' own health, one series per node
+        self.registry.register(agents)
         self.core = core = Core(
             index,
             Resolver(index, cfg.cluster_cidrs),
@@ -120,6 +123,7 @@ class EnricherService:
             lateness_s=cfg.series_lateness_s,
             max_tombstones=cfg.max_tombstones,
             max_inflight=cfg.max_inflight_requests,
+            agents=agents,
         )
         # Savings: fed from the same totals as /metrics; `/` and `/api/v1/*` show them.
         totals = lambda: combined(aggregates.snapshot_of(SAVINGS_BYTES, SAVINGS_USD))  # noqa: E731

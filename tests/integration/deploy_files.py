@@ -123,11 +123,21 @@ def known_metrics() -> set[str]:
         schema.ENRICHER_EXPORT_FAILURES,
         schema.ENRICHER_EXPORT_DROPPED,
         schema.ENRICHER_SERIES_DROPPED,
+        schema.AGENT_OVERFLOW_BYTES,  # the agents' health (state/agents.py), label k8s_node_name
+        schema.AGENT_OVERFLOW_PACKETS,
+        schema.AGENT_EXPORTS,
+        schema.AGENT_SERVICE_VIP_BYTES,
     }
     gauges = {
         schema.ENRICHER_METADATA_SYNCED,
         schema.ENRICHER_SERIES_ACTIVE,
         schema.ENRICHER_AGENT_LAST_REPORT,
+        schema.AGENT_LAST_REPORT,
+        schema.AGENT_FLOWS_TRACKED,
+        schema.AGENT_MAP_FILL_RATIO,
+        schema.AGENT_METADATA_SYNCED,
+        schema.AGENT_DATAPATH_INFO,
+        schema.AGENT_DATAPATH_COVERAGE,
     }
     return {f"{c}_total" for c in counters} | gauges | {"up"}
 
@@ -143,6 +153,7 @@ def known_labels() -> set[str]:
         | set(schema.PROM_ZONE_TRAFFIC_LABELS)
         | set(schema.PROM_ESTIMATED_COST_LABELS)
         | {schema.ENRICHER_AGENT_LAST_REPORT_LABEL, schema.ENRICHER_EXPORTER_LABEL, "job", "instance"}
+        | {schema.AGENT_RESULT, schema.AGENT_DATAPATH_LABEL}
     )
 
 

@@ -35,6 +35,7 @@ from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, to_otlp_bytes
 from otel_kzt.enricher.processing.points import Batch, SumEnricher
 from otel_kzt.enricher.processing.protowire import Writer, spans
 from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.state.agents import AgentsHealth
 from otel_kzt.enricher.state.checkpoint import State, apply, capture
 from otel_kzt.enricher.state.counting import DEFAULT_LATENESS_S, Rule
 from otel_kzt.enricher.state.series import SeriesTable
@@ -88,8 +89,10 @@ class Core:
         max_tombstones: int | None = None,
         max_inflight: int = 16,
         clock: Callable[[], float] = time.time,
+        agents: AgentsHealth | None = None,
     ) -> None:
         self._index, self._agg, self._health = index, aggregates, health
+        self._agents = agents
         self._sinks = tuple(sinks)
         self._flow_log = flow_log
         self._clock = clock
@@ -186,6 +189,8 @@ class Core:
         node = identity.get(schema.RESOURCE_NODE_NAME)
         if node:
             self._agg.agent_last_report[node] = batch.now
+            if self._agents is not None:
+                self._agents.observe(node, rm, batch.now)  # its kzt.agent.* health (state/agents.py)
         fields = list(spans(*part))
         # Series belong to the sending agent, not to its whole resource: an upgraded agent (new
         # service.version) carries on its cumulative sums, which must continue the same series.
