@@ -85,3 +85,12 @@ def test_link_helper_fails_clearly_without_a_tree(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "no linux-headers-" in done.stderr
+
+
+def test_the_images_install_the_built_wheel_not_the_source_tree() -> None:
+    """A non-editable install (tests/kernel/test_wheel.py runs such a wheel on the kernel): no `-e`, the
+    wheel pip built from the package, nothing of the tree left to import from."""
+    build = _stages()["build"]
+    assert re.search(r"pip wheel .*--no-deps -w (\S+) \.", build)
+    assert re.search(r"pip install .*otel_kzt-\*\.whl", build)
+    assert " -e " not in build and "--editable" not in build
