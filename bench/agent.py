@@ -11,7 +11,8 @@ receiver process on 127.0.0.1, which counts the data points it got and any `otel
   PeriodicExportingMetricReader with the cardinality cap raised above the flow count, OTLPMetricExporter.
 
 With --kernel (root), also the real path: the bcc datapath counting that many real UDP flows in a network
-namespace, the agent's two intervals on it including the map reads (the datapath's share of the work).
+namespace, the agent's two intervals on it including the map reads (the datapath's share of the work),
+with its health endpoint serving (the agent as it runs; the target is judged on this path too).
 
 Interval 1 is cold (names and serialized attributes cached), interval 2 is the steady state (values changed).
 Prints CPU seconds and peak RSS of both and the ratios.
@@ -195,9 +196,12 @@ DROP_UDP = "table inet kadrop { chain input { type filter hook input priority 0;
 
 def run_kernel(port: int, n: int) -> dict[str, float]:
     """Inside KERNEL_NS: the bcc datapath counts `n` real UDP flows, then two agent intervals on it."""
+    import urllib.request
+
     from otel_kzt.agent.config import AgentConfig, OtlpConfig
     from otel_kzt.agent.datapath import Datapath, DatapathConfig
     from otel_kzt.agent.export import Exporter
+    from otel_kzt.agent.healthport import HealthPort
     from otel_kzt.agent.local import LocalFlows
     from otel_kzt.agent.service import AgentService
 
@@ -218,11 +222,17 @@ def run_kernel(port: int, n: int) -> dict[str, float]:
             None,
             host_name=KERNEL_NS,
         )
+        # The agent as it runs: its health endpoint (aiohttp, prometheus_client) serving the whole time.
+        health = HealthPort("127.0.0.1", 0, service.health)
+        health_port = health.start()
         out: dict[str, float] = {"rss_after_map_mb": peak_rss_mb()}
         for interval in (1, 2):
             started = cpu_s()
             service.export_once(time.monotonic() + 60, threading.Event())
             out[f"cpu_s_{interval}"] = cpu_s() - started
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=10) as resp:
+            assert b"kzt_agent_flows_tracked" in resp.read()
+        health.shutdown()
         exporter.close()
         out["peak_rss_mb"] = peak_rss_mb()
         return out
@@ -322,14 +332,16 @@ def report(n: int, results: dict[str, dict[str, float]]) -> None:
     print(f"{'overflow points':26}{fast['overflow_points']:12,.0f}{sdk['overflow_points']:12,.0f}")
     print(f"{'requests':26}{fast['requests']:12,.0f}{sdk['requests']:12,.0f}")
     ok = fast["cpu_s_2"] <= 0.5 and fast["peak_rss_mb"] <= 150 and fast["points"] == 4 * n
-    verdict = "met" if ok else "MISSED"
     if "kernel" in results:
         k = results["kernel"]
         print(
-            f"real bcc datapath ({n:,} real flows, snapshot included): CPU s {k['cpu_s_1']:.3f} (cold), "
-            f"{k['cpu_s_2']:.3f}; peak RSS {k['peak_rss_mb']:.1f} MB (bcc/LLVM only in the loader child); "
+            f"real bcc datapath ({n:,} real flows, snapshot included, health endpoint serving): "
+            f"CPU s {k['cpu_s_1']:.3f} (cold), {k['cpu_s_2']:.3f} (target 0.5); peak RSS "
+            f"{k['peak_rss_mb']:.1f} MB (target 150; bcc/LLVM only in the loader child); "
             f"points {k['points']:,.0f}, overflow points {k['overflow_points']:.0f}"
         )
+        ok = ok and k["cpu_s_2"] <= 0.5 and k["peak_rss_mb"] <= 150 and k["overflow_points"] == 0
+    verdict = "met" if ok else "MISSED"
     print(f"target (<= 0.5 s CPU per interval, <= 150 MB RSS, every point, none folded): {verdict}")
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from otel_kzt import schema
+from otel_kzt.agent.shared import Shared
 
 AttrValue = str | int | float | bool
 
@@ -91,8 +92,9 @@ class PointHead:
     """The unchanging part of one flow's data point: cached per flow while its names stay the same.
 
     `prefix` is the data_points tag + length + start time; then come the attributes, which protobuf writes
-    after the value (field 7 follows field 6): `attrs` the flow's own (addresses, ports, protocol), and
-    the pod attributes of each end, shared by every flow of that pod (memory: 100,000 flows, 250 pods).
+    after the value (field 7 follows field 6): `attrs` the flow's own (its addresses), `common` the rest of
+    its own (type, protocol, ports: shared by every flow with the same), and the pod attributes of each
+    end, shared by every flow of that pod (memory: 100,000 flows, 250 pods).
     """
 
     start_unix_ns: int
@@ -100,6 +102,7 @@ class PointHead:
     attrs: bytes
     source_pod: bytes = b""
     destination_pod: bytes = b""
+    common: bytes = b""  # written after `attrs`, before the pods
 
     @property
     def size(self) -> int:
@@ -108,7 +111,7 @@ class PointHead:
 
     @property
     def attrs_size(self) -> int:
-        return len(self.attrs) + len(self.source_pod) + len(self.destination_pod)
+        return len(self.attrs) + len(self.common) + len(self.source_pod) + len(self.destination_pod)
 
 
 def point_head(
@@ -116,13 +119,19 @@ def point_head(
     start_unix_ns: int,
     source_pod: bytes = b"",
     destination_pod: bytes = b"",
+    *,
+    shared: Shared | None = None,
+    common: bytes = b"",
 ) -> PointHead:
-    """A flow's head from its attributes (or their serialized field-7 entries) and start time."""
+    """A flow's head from its attributes (or their serialized field-7 entries) and start time; with
+    `shared`, heads of the same start second and size hold one start and one prefix object."""
     encoded = attrs if isinstance(attrs, bytes) else attributes(7, attrs)
-    attrs_len = len(encoded) + len(source_pod) + len(destination_pod)
+    attrs_len = len(encoded) + len(common) + len(source_pod) + len(destination_pod)
     body_len = 9 + _POINT_TAIL_SIZE + attrs_len  # start field + time + value + attributes
     prefix = _TAG_POINT + varint(body_len) + _TAG_START + _pack_Q(start_unix_ns)
-    return PointHead(start_unix_ns, prefix, encoded, source_pod, destination_pod)
+    if shared is not None:
+        start_unix_ns, prefix = shared(start_unix_ns), shared(prefix)
+    return PointHead(start_unix_ns, prefix, encoded, source_pod, destination_pod, common)
 
 
 class Counts(Protocol):
@@ -249,6 +258,7 @@ class RequestEncoder:
                     tail,
                     pack_q(count.bytes),
                     head.attrs,
+                    head.common,
                     head.source_pod,
                     head.destination_pod,
                 )
@@ -257,6 +267,7 @@ class RequestEncoder:
                     tail,
                     pack_q(count.packets),
                     head.attrs,
+                    head.common,
                     head.source_pod,
                     head.destination_pod,
                 )

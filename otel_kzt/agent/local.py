@@ -28,6 +28,7 @@ from typing import Final
 from otel_kzt import schema
 from otel_kzt.agent.encode import AttrValue, PointHead, attributes, point_head
 from otel_kzt.agent.flows import AF_INET, FlowCounters, FlowKey
+from otel_kzt.agent.shared import Shared
 from otel_kzt.k8s.model import Endpoint, MetadataIndex
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class LocalFlows:
         self._cache: dict[FlowKey, PointHead | None] = {}  # None: not ours
         # Serialized pieces: per attribute value, and per end and raw address the pod attributes (b"": none).
         self._pieces: dict[tuple[str, AttrValue], bytes] = {}
+        self._shared = Shared()  # start times and prefixes the cached heads share
         self._pods: dict[str, dict[bytes, bytes]] = {schema.SOURCE: {}, schema.DESTINATION: {}}
         self._node_raw: frozenset[bytes] = frozenset()
         self._generation: int | None = None
@@ -148,6 +150,7 @@ class LocalFlows:
         if len(cache) > len(flows):
             for gone in [k for k in cache if k not in flows]:
                 del cache[gone]
+        self._shared.trim(len(cache))
         return out
 
     def final_heads(self, evicted: dict[FlowKey, FlowCounters]) -> dict[FlowKey, PointHead]:
@@ -216,19 +219,29 @@ class LocalFlows:
         if from_node and key.proto == UDP and key.dst_port in self._overlay_ports:
             return None  # encapsulation: the inner packets are counted
         field = self._field
-        parts = [
+        own = [
             field(schema.SOURCE_ADDRESS, address_text(key.src)),
             # Destinations are many and mostly distinct: serialized per flow, not cached.
             attributes(7, ((schema.DESTINATION_ADDRESS, address_text(key.dst)),)),
+        ]
+        common = [  # the same bytes for every flow of this type, protocol and ports: held once
             field(schema.NETWORK_TYPE, _network_type(key.family)),
             field(schema.NETWORK_TRANSPORT, schema.transport_name(key.proto)),
         ]
         if key.src_port:
-            parts.append(field(schema.SOURCE_PORT, key.src_port))
+            common.append(field(schema.SOURCE_PORT, key.src_port))
         if key.dst_port:
-            parts.append(field(schema.DESTINATION_PORT, key.dst_port))
+            common.append(field(schema.DESTINATION_PORT, key.dst_port))
         destination_pod = self._named(schema.DESTINATION, key.dst)
-        return point_head(b"".join(parts), first_seen_unix_ns, source_pod, destination_pod)
+        shared = self._shared
+        return point_head(
+            b"".join(own),
+            first_seen_unix_ns,
+            source_pod,
+            destination_pod,
+            shared=shared,
+            common=shared(b"".join(common)),
+        )
 
 
 _V6_LOOPBACK = bytes(15) + b"\x01"

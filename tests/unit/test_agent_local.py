@@ -45,7 +45,7 @@ def attrs_of(local: LocalFlows, k: FlowKey) -> dict[str, object] | None:
         return None
     head = heads[k]
     # The attribute fields parse on their own.
-    point = NumberDataPoint.FromString(head.attrs + head.source_pod + head.destination_pod)
+    point = NumberDataPoint.FromString(head.attrs + head.common + head.source_pod + head.destination_pod)
     return {kv.key: getattr(kv.value, kv.value.WhichOneof("value")) for kv in point.attributes}
 
 

@@ -36,6 +36,7 @@ from otel_kzt.agent.datapath import bpfsys, flowmap, loader, modes, pins, probe
 from otel_kzt.agent.datapath.bpfmap import BpfMap
 from otel_kzt.agent.datapath.flowtables import FlowTables
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
+from otel_kzt.agent.shared import Shared
 from otel_kzt.errors import ConfigError, KernelUnsupported
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,12 @@ class Datapath:
         self._link_fds: list[int] = []
         self._lock = threading.Lock()
         self._evicted: dict[FlowKey, FlowCounters] = {}
-        # The previous snapshot, by raw map key: the flow's key and counters (last-seen = when its packet
-        # count last changed).
-        self._last: dict[bytes, tuple[FlowKey, FlowCounters]] = {}
+        # Per raw map key, its decoded key, kept while the flow lives (addresses and ports shared between
+        # keys), and the previous snapshot's counters by key (last-seen = when the packet count last
+        # changed): a steady state allocates little, and 100,000 flows stay within the memory budget.
+        self._keys: dict[bytes, FlowKey] = {}
+        self._prev: dict[FlowKey, FlowCounters] = {}
+        self._shared = Shared()
         self._tables: FlowTables | None = None
 
     # --- start -----------------------------------------------------------------------------------------
@@ -152,10 +156,9 @@ class Datapath:
             tables = self._tables_or_raise()
             now = time.time_ns()
             flows: dict[FlowKey, FlowCounters] = {}
-            last: dict[bytes, tuple[FlowKey, FlowCounters]] = {}
             for layout in flowmap.LAYOUTS.values():
-                self._decode_into(tables, layout, now, flows, last)
-            self._last = last
+                self._decode_into(tables, layout, now, flows)
+            self._forget_gone(flows)
             overflow_bytes, overflow_packets = tables.percpu_sums("overflow", 0)
             evicted, self._evicted = self._evicted, {}
             return Snapshot(
@@ -170,32 +173,37 @@ class Datapath:
             )
 
     def _decode_into(
-        self,
-        tables: FlowTables,
-        layout: flowmap.Layout,
-        now: int,
-        flows: dict[FlowKey, FlowCounters],
-        last: dict[bytes, tuple[FlowKey, FlowCounters]],
+        self, tables: FlowTables, layout: flowmap.Layout, now: int, flows: dict[FlowKey, FlowCounters]
     ) -> None:
         """Decode one family's map straight from the batch buffers (no intermediate copy). An unchanged
         flow keeps the previous snapshot's key and counter objects: a steady state allocates little."""
         offset, ks, vs = tables.boot_offset, layout.key.size, layout.value.size
+        known, prev, shared = self._keys, self._prev, self._shared
         for keys, values, count in tables.batches(layout):
             for i in range(count):
                 raw = bytes(keys[i * ks : (i + 1) * ks])
                 nbytes, packets, first_boot, _dead = flowmap.decode_value(layout, values, i * vs)
-                previous = self._last.get(raw)
-                if previous is None:
-                    key = flowmap.decode_key(layout, raw)
+                key = known.get(raw)
+                if key is None:
+                    key = known[raw] = flowmap.decode_key(layout, raw, shared=shared)
+                counters = prev.get(key)
+                # The kernel keeps no last-seen time (a clock read per packet): the snapshot that first
+                # saw the current packet count stands in for it.
+                if (
+                    counters is None
+                    or counters.packets != packets
+                    or counters.first_seen_unix_ns != first_boot + offset
+                ):
                     counters = FlowCounters(nbytes, packets, first_boot + offset, now)
-                else:
-                    key, counters = previous
-                    # The kernel keeps no last-seen time (a clock read per packet): the snapshot that
-                    # first saw the current packet count stands in for it.
-                    if counters.packets != packets or counters.first_seen_unix_ns != first_boot + offset:
-                        counters = FlowCounters(nbytes, packets, first_boot + offset, now)
                 flows[key] = counters
-                last[raw] = (key, counters)
+
+    def _forget_gone(self, flows: dict[FlowKey, FlowCounters]) -> None:
+        """Keep the decoded keys of the flows still in the maps only; these flows are the next `_prev`."""
+        if len(self._keys) > len(flows):
+            for raw in [raw for raw, key in self._keys.items() if key not in flows]:
+                del self._keys[raw]
+        self._shared.trim(len(self._keys))
+        self._prev = flows
 
     # --- evict -------------------------------------------------------------------------------------------
 
@@ -215,8 +223,9 @@ class Datapath:
                 )
             final = tables.evict(by_layout)
             for key, counters in final.items():
-                previous = self._last.pop(flowmap.encode_key(key), None)
-                last = previous[1].last_seen_unix_ns if previous else counters.last_seen_unix_ns
+                self._keys.pop(flowmap.encode_key(key), None)
+                previous = self._prev.get(key)
+                last = previous.last_seen_unix_ns if previous else counters.last_seen_unix_ns
                 self._evicted[key] = replace(counters, last_seen_unix_ns=last)
             log.debug("evicted flows=%d node=%s", len(final), self.config.node_name)
             return len(final)

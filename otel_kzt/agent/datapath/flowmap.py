@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from otel_kzt.agent.flows import AF_INET, AF_INET6, FlowKey
+from otel_kzt.agent.shared import Shared
 
 PORT_NONE, PORT_SRC, PORT_DST = 0, 1, 2
 
@@ -59,8 +60,12 @@ V6: Final = Layout(
 LAYOUTS: Final = {AF_INET: V4, AF_INET6: V6}
 
 
-def decode_key(layout: Layout, raw: bytes | memoryview, offset: int = 0) -> FlowKey:
+def decode_key(
+    layout: Layout, raw: bytes | memoryview, offset: int = 0, shared: Shared | None = None
+) -> FlowKey:
     proto, side, port, src, dst = layout.key.unpack_from(raw, offset)
+    if shared is not None:
+        src, dst, port = shared(src), shared(dst), shared(port)  # many keys hold the same ones
     return FlowKey(
         family=layout.family,
         src=src,
