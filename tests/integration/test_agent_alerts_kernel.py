@@ -29,6 +29,7 @@ from otel_kzt import netns
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
 from tests.support.k8s_objects import as_list, make_node
+from tests.support.processes import stop
 
 pytestmark = pytest.mark.kernel
 
@@ -81,17 +82,7 @@ class Bed:
         with (self.work / f"agent-{node}.log").open("wb") as log:
             proc = netns.popen_in(ns(node), argv, stdout=subprocess.DEVNULL, stderr=log)
         self.agents[node] = proc
-        self.topo.on_close(f"agent {node}", lambda: _stop(proc))
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        self.topo.on_close(f"agent {node}", lambda: stop(proc))
 
 
 def active(prometheus: ds.PrometheusProcess) -> set[tuple[str, str]]:
@@ -133,7 +124,7 @@ def test_alerts_fire_on_a_full_map_and_a_silent_agent(bed: Bed) -> None:
     # Node a: 40 flows round-robin for the rest of the test, into a 16-entry map.
     argv = [sys.executable, TRAFFIC, "udp-stream", root_ip(0), "20000", "60", "64", "40"]
     traffic = netns.popen_in(ns("a"), argv, stdout=subprocess.DEVNULL)
-    bed.topo.on_close("traffic", lambda: _stop(traffic))
+    bed.topo.on_close("traffic", lambda: stop(traffic))
     want = {("KztAgentMapNearlyFull", ns("a")), ("KztAgentOverflowGrowing", ns("a"))}
     ds.wait_for(lambda: want <= active(prometheus), 40, f"{want} firing")
     bed.agents["b"].kill()

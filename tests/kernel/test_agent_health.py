@@ -34,6 +34,7 @@ from tests.kernel.test_agent_kernel import _Forwarder
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
 from tests.support.k8s_objects import as_list, make_node
 from tests.support.k8s_rbac import Rbac
+from tests.support.processes import stop
 from tests.support.ptrace import held_in_syscall
 from tests.unit.test_agent_support import GrpcReceiver, points
 
@@ -77,13 +78,7 @@ def agent(receiver: GrpcReceiver, tmp_path: Path) -> Iterator[Callable[..., subp
         yield start
     finally:
         for proc in started:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc)
 
 
 def get(path: str) -> tuple[int, str]:

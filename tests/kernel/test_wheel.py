@@ -26,6 +26,7 @@ from otel_kzt import netns, schema
 from tests.conftest import REPO
 from tests.integration import deploy_stack as ds
 from tests.support.k8s_objects import as_list, make_node
+from tests.support.processes import stop
 
 pytestmark = pytest.mark.kernel
 
@@ -116,15 +117,5 @@ def test_the_installed_wheel_runs_enricher_and_agent(venv: Path, node: None, tmp
         ds.wait_for(reported, 120, "the wheel's agent reporting to the wheel's enricher")
         assert "flow counter installed" in (tmp_path / "agent.log").read_text()  # compiled from the wheel
     finally:
-        codes = [_stop(proc) for proc in reversed(procs)]
+        codes = [stop(proc) for proc in reversed(procs)]
     assert codes == [0, 0]  # agent, then enricher: both stopped cleanly by SIGTERM
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> int | None:
-    proc.terminate()
-    try:
-        return proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        return None

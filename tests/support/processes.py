@@ -14,9 +14,11 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -96,3 +98,16 @@ def signal_burst(pid: int, signums: tuple[int, ...] = STOP_BURST) -> int:
     for signum in signums:
         os.kill(pid, signum)
     return time.monotonic_ns() - started
+
+
+def stop(proc: subprocess.Popen[Any], timeout_s: float = 30.0) -> int | None:
+    """SIGTERM, then SIGKILL if it lingers past `timeout_s`; returns the exit code, None when killed."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return None
