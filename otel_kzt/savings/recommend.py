@@ -163,8 +163,9 @@ def _service_recs(
     notes: list[str] = []
     if local and state.prefers_zone:
         notes.append(
-            f"already routed {state.routing}; billed traffic from zones with endpoints remains "
-            "(endpoints overloaded, hints not set, or clients not behind kube-proxy)"
+            f"already routed {state.routing}; billed traffic from zones with endpoints in the window "
+            "(from before a change within it, or: endpoints overloaded, hints not set, clients not behind "
+            "kube-proxy)"
         )
     elif local:
         recs.append(_prefer_same_zone(state, local, scale, setting))

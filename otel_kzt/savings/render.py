@@ -9,12 +9,15 @@ from __future__ import annotations
 import io
 import time
 from collections.abc import Mapping
+from typing import Any, Final
 
 from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from otel_kzt.savings.model import Change, Recommendation, Report, ServiceSummary
+from otel_kzt.savings.model import Change, Period, Recommendation, Report, ServiceSummary
+
+PLAIN_WIDTH = 160  # into a pipe or a file
 
 
 def human_bytes(value: float) -> str:
@@ -50,90 +53,67 @@ def header(report: Report, source: str) -> Text:
     return text
 
 
+EVIDENCE_ROWS = 4  # the biggest zone pairs; --output json has them all
+
+
 def _evidence(rec: Recommendation) -> str:
-    rows = [
-        f"{e.direction.value} {e.client_zone}->{e.server_zone}: {human_bytes(e.bytes)} ({usd(e.usd)})"
-        for e in rec.evidence[:6]
-    ]
-    more = f"; +{len(rec.evidence) - 6} more" if len(rec.evidence) > 6 else ""
-    endpoints = f"\nready endpoints: {zones_text(rec.endpoints_by_zone)}" if rec.endpoints_by_zone else ""
-    return "; ".join(rows) + more + endpoints
+    rows = [f"{e.direction.value} {e.client_zone} -> {e.server_zone}: {human_bytes(e.bytes)}"
+            for e in rec.evidence[:EVIDENCE_ROWS]]
+    if len(rec.evidence) > EVIDENCE_ROWS:
+        rows.append(f"(+{len(rec.evidence) - EVIDENCE_ROWS} more zone pairs)")
+    if rec.endpoints_by_zone:
+        rows.append(f"ready endpoints: {zones_text(rec.endpoints_by_zone)}")
+    return "\n".join(rows)
 
 
-def recommendations_table(report: Report) -> Table:
-    table = Table(
-        title=f"Recommendations: {usd(report.usd_per_month)} / month",
-        title_justify="left",
-        expand=True,
-        show_lines=True,
-    )
-    for name, kw in (
-        ("recommendation", {}),
-        ("for", {}),
-        ("saves / month", {"justify": "right"}),
-        ("kept local", {"justify": "right"}),
-        ("what to do", {"ratio": 3}),
-        ("evidence (window)", {"ratio": 2}),
-    ):
+def _table(title: str, columns: tuple[tuple[str, dict[str, Any]], ...]) -> Table:
+    table = Table(title=title, title_justify="left", expand=True, show_lines=True)
+    for name, kw in columns:
         table.add_column(name, **kw)
-    for rec in report.recommendations:
-        target = f"{rec.namespace}/{rec.service or rec.workload}"
-        table.add_row(
-            rec.kind.value,
-            target,
-            Text(usd(rec.usd_per_month), style="bold green"),
-            f"{human_bytes(rec.bytes_per_second)}/s",
-            rec.action,
-            _evidence(rec),
-        )
     return table
 
 
-def _change(change: Change | None) -> str:
+_RIGHT: Final[dict[str, Any]] = {"justify": "right", "no_wrap": True}
+
+
+def recommendations_table(report: Report) -> Table:
+    table = _table(f"Recommendations: {usd(report.usd_per_month)} / month", (
+        ("recommendation", {"no_wrap": True}), ("for", {}), ("saves / month", _RIGHT), ("kept local", _RIGHT),
+        ("what to do", {"ratio": 3}), ("evidence (window)", {"ratio": 2}),
+    ))  # fmt: skip
+    for rec in report.recommendations:
+        saves = Text(usd(rec.usd_per_month), style="bold green")
+        table.add_row(rec.kind.value, f"{rec.namespace}/{rec.service or rec.workload}", saves,
+                      f"{human_bytes(rec.bytes_per_second)}/s", rec.action, _evidence(rec))  # fmt: skip
+    return table
+
+
+def _period(p: Period) -> str:
+    return f"{human_bytes(p.bytes_per_second)}/s\n{usd(p.usd_per_month)}/month\nover {_minutes(p.seconds)}"
+
+
+def _change_cells(change: Change | None) -> tuple[str, str, str]:
+    """(what changed and when, the before period, the after period)."""
     if change is None:
-        return ""
+        return ("", "", "")
     when = time.strftime("%H:%M:%S", time.localtime(change.at))
-    b, a = change.before, change.after
-    cut = f", {100 * (1 - a.bytes_per_second / b.bytes_per_second):.0f}% less" if b.bytes_per_second else ""
     zones = f"{','.join(change.zones_before) or '-'} -> {','.join(change.zones_after) or '-'}"
-    return "\n".join([
-        f"{when}: {change.routing_before} -> {change.routing_after} (endpoint zones {zones})",
-        f"before {_period(b.bytes_per_second, b.usd_per_month, b.seconds)}",
-        f"after  {_period(a.bytes_per_second, a.usd_per_month, a.seconds)}{cut}",
-    ])  # fmt: skip
-
-
-def _period(bytes_per_second: float, usd_per_month: float, seconds: float) -> str:
-    return f"{human_bytes(bytes_per_second)}/s = {usd(usd_per_month)}/month over {_minutes(seconds)}"
+    b, a = change.before, change.after
+    cut = f"\n{100 * (1 - a.bytes_per_second / b.bytes_per_second):.0f}% less" if b.bytes_per_second else ""
+    what = f"{when}: {change.routing_before} -> {change.routing_after}\nendpoint zones: {zones}"
+    return (what, _period(b), _period(a) + cut)
 
 
 def services_table(services: tuple[ServiceSummary, ...]) -> Table:
-    table = Table(
-        title="Services with billed traffic (window), before and after a change",
-        title_justify="left",
-        expand=True,
-        show_lines=True,
-    )
-    for name, kw in (
-        ("service", {}),
-        ("routing", {}),
-        ("ready endpoints", {}),
-        ("billed", {"justify": "right"}),
-        ("cost / month", {"justify": "right"}),
-        ("last change: before / after", {"ratio": 2}),
-        ("note", {"ratio": 2}),
-    ):
-        table.add_column(name, **kw)
+    table = _table("Services with billed traffic (window); before and after their last change", (
+        ("service", {}), ("routing", {}), ("ready endpoints", {}), ("billed", _RIGHT),
+        ("last change", {"ratio": 2}), ("before", _RIGHT), ("after", _RIGHT), ("note", {"ratio": 3}),
+    ))  # fmt: skip
     for s in services:
-        table.add_row(
-            f"{s.namespace}/{s.name}",
-            s.routing,
-            zones_text(s.endpoints_by_zone),
-            f"{human_bytes(s.bytes_per_second)}/s",
-            usd(s.usd_per_month),
-            _change(s.change),
-            s.note,
-        )
+        endpoints = "\n".join(f"{z or '(no zone)'}: {n}" for z, n in sorted(s.endpoints_by_zone.items()))
+        billed = f"{human_bytes(s.bytes_per_second)}/s\n{usd(s.usd_per_month)}/month"
+        table.add_row(f"{s.namespace}/{s.name}", s.routing, endpoints or "none", billed,
+                      *_change_cells(s.change), s.note)  # fmt: skip
     return table
 
 

