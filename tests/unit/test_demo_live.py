@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import pty
+import select
 import threading
 import time
 
@@ -76,5 +77,30 @@ def test_keys_read_single_presses_from_a_terminal_and_restore_it() -> None:
             assert not keys.enabled and keys.wait(30.0, stop) is None
     finally:
         stream.close()
+        os.close(leader)
+        os.close(follower)
+
+
+def test_screen_redraws_in_place_on_a_terminal() -> None:
+    leader, follower = pty.openpty()
+    out = os.fdopen(follower, "w", closefd=False)
+    try:
+        with Screen(out) as scr:
+            assert scr.live_mode
+            scr.show(savings(None, "h"), "frame one")
+            scr.show(savings(Report(1.0, False, "off for a test", 60.0, 0.0, "", ""), "h"), "frame two")
+        out.flush()
+        written = b""
+        while True:
+            ready, _, _ = select.select([leader], [], [], 0.2)
+            if not ready:
+                break
+            written += os.read(leader, 65536)
+        text = written.decode(errors="replace")
+        assert "frame one" not in text  # the plain frames are for pipes only
+        assert "waiting for the enricher" in text and "off for a test" in text
+        assert "\x1b[1A" in text or "\x1b[A" in text or "\x1b[2K" in text  # the cursor goes back up: redrawn
+    finally:
+        out.close()
         os.close(leader)
         os.close(follower)
