@@ -121,6 +121,8 @@ def test_recheck_sees_a_service_change() -> None:
     resolved = resolver.resolve(_given("10.0.0.1", "10.0.0.2", dport="8080"), True).slim()
     assert resolver.recheck(resolved, True) is resolved
     index.services.listed[("10.0.0.2", 8080, "tcp")] = (ServiceRef("shop", "api-canary"), API)
+    assert resolver.recheck(resolved, True) is resolved  # answers are cached per catalog generation
+    index.services.generation += 1  # what the catalog does on every change
     assert resolver.recheck(resolved, True) is None
 
 

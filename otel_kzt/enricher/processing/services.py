@@ -26,29 +26,48 @@ BILLED_CROSSING: Final = frozenset({TrafficClass.CROSS_ZONE, TrafficClass.CROSS_
 KEYS_FOR_RECHECK: Final = (schema.SOURCE_PORT, schema.DESTINATION_PORT, schema.NETWORK_TRANSPORT)
 
 
+_MAX_CACHED: Final = 100_000  # (address, port, transport) answers kept per catalog generation
+
+
 class ServiceAttribution:
-    """Looks both ends of a flow up in the index's `ServiceCatalog` (seam 5); off while it is unavailable."""
+    """Looks both ends of a flow up in the index's `ServiceCatalog` (seam 5); off while it is unavailable.
+
+    Many series share an endpoint (every client of one pod): answers are cached per (address, port,
+    transport) and catalog generation, so a series seen for the first time usually costs two dict lookups.
+    The time of the point is not part of the key: an endpoint that left its slice keeps its Service until
+    the catalog changes again (the index's grace period covers late points the same way).
+    """
 
     def __init__(self, catalog: ServiceCatalog | None) -> None:
         self._catalog = catalog
+        self._cache: dict[tuple[str, str, str], ServiceRef | None] = {}
+        self._generation = -1
 
     def ends(self, attrs: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Refs:
         catalog = self._catalog
         if not ready or catalog is None or not catalog.available():
             return NO_SERVICES
+        if catalog.generation != self._generation or len(self._cache) >= _MAX_CACHED:
+            self._cache, self._generation = {}, catalog.generation
+        transport = attrs.get(schema.NETWORK_TRANSPORT, "")
         return (
-            _at(catalog, attrs, schema.DESTINATION_ADDRESS, schema.DESTINATION_PORT, at_unix_s),
-            _at(catalog, attrs, schema.SOURCE_ADDRESS, schema.SOURCE_PORT, at_unix_s),
-        )
+            self._at(catalog, attrs.get(schema.DESTINATION_ADDRESS), attrs.get(schema.DESTINATION_PORT),
+                     transport, at_unix_s),
+            self._at(catalog, attrs.get(schema.SOURCE_ADDRESS), attrs.get(schema.SOURCE_PORT), transport,
+                     at_unix_s),
+        )  # fmt: skip
 
-
-def _at(
-    catalog: ServiceCatalog, attrs: Mapping[str, str], address_key: str, port_key: str, at: float | None
-) -> ServiceRef | None:
-    address, port = attrs.get(address_key), attrs.get(port_key)
-    if not address or not port or not port.isdigit():
-        return None
-    return catalog.service_at(address, int(port), attrs.get(schema.NETWORK_TRANSPORT, ""), at)
+    def _at(self, catalog: ServiceCatalog, address: str | None, port: str | None, transport: str,
+            at: float | None) -> ServiceRef | None:  # fmt: skip
+        if not address or not port:
+            return None
+        key = (address, port, transport)
+        try:
+            return self._cache[key]
+        except KeyError:
+            found = catalog.service_at(address, int(port), transport, at) if port.isdigit() else None
+            self._cache[key] = found
+            return found
 
 
 def wire_attrs(refs: Refs) -> list[tuple[str, str]]:
@@ -62,12 +81,17 @@ def wire_attrs(refs: Refs) -> list[tuple[str, str]]:
     ]
 
 
+_WORKLOAD_KEYS: Final = {
+    end: (schema.end_attr(end, schema.NAMESPACE_NAME), schema.end_attr(end, schema.WORKLOAD_KIND),
+          schema.end_attr(end, schema.WORKLOAD_NAME))
+    for end in (schema.SOURCE, schema.DESTINATION)
+}  # fmt: skip
+
+
 def _end(attrs: Mapping[str, str], end: str) -> Workload:
-    return Workload(
-        attrs.get(schema.end_attr(end, schema.NAMESPACE_NAME), ""),
-        attrs.get(schema.end_attr(end, schema.WORKLOAD_KIND), ""),
-        attrs.get(schema.end_attr(end, schema.WORKLOAD_NAME), ""),
-    )
+    ns, kind, name = _WORKLOAD_KEYS[end]
+    get = attrs.get
+    return Workload(get(ns, ""), get(kind, ""), get(name, ""))
 
 
 def service_keys(attrs: Mapping[str, str], cls: TrafficClass, refs: Refs) -> list[tuple[str, ...]]:
@@ -130,7 +154,9 @@ def service_targets(
     families: Families, attrs: Mapping[str, str], cls: TrafficClass, refs: Refs, usd_per_byte: float
 ) -> list[tuple[Totals, tuple[str, ...], float]]:
     """Where a byte series' increments go besides the DESIGN §4 families: its Services' counters and, for
-    a billed flow, the savings' bytes and dollars."""
+    a billed flow, the savings' bytes and dollars. Most series are neither (the first test)."""
+    if refs[0] is None and refs[1] is None and cls not in BILLED_CROSSING:
+        return []
     out = [(families.service_bytes, families.intern(k), 1.0) for k in service_keys(attrs, cls, refs)]
     key = billed_flow_key(attrs, cls, refs)
     if key is not None:
