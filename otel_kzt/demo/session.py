@@ -53,6 +53,7 @@ class Viewer:
         self.first = self.last = parse(run.scrape(), time.monotonic())
         self.report_seen: Report | None = None
         self.applied: list[str] = []
+        self._redrawn = False  # a live screen is being redrawn in place
 
     def scrape(self) -> Scrape:
         """A fresh scrape; a failed one (the enricher busy or restarting) keeps the last good one."""
@@ -83,7 +84,9 @@ class Viewer:
                     rec.namespace, rec.service, rec.setting):
                 done.append(f"{rec.namespace}/{rec.service}: {rec.setting}")
         if done:
-            log.info("applied recommendations: %s", "; ".join(done))
+            # On a live screen the view says it; a log line would tear the redrawn screen.
+            log.log(logging.DEBUG if self._redrawn else logging.INFO, "applied recommendations: %s",
+                    "; ".join(done))
         else:
             level = logging.INFO if asked else logging.DEBUG  # retried each interval once due: not at INFO
             log.log(level, "no prefer-same-zone recommendation to apply yet")
@@ -95,6 +98,7 @@ class Viewer:
         started, duration = self.first.taken, self.duration_s
         prev = self.first
         with interactive() as (scr, keys):
+            self._redrawn = scr.live_mode
             while duration is None or time.monotonic() - started < duration:
                 wait = self.run.config.interval_s
                 if duration is not None:
