@@ -54,6 +54,7 @@ class Viewer:
         self.report_seen: Report | None = None
         self.applied: list[str] = []
         self._redrawn = False  # a live screen is being redrawn in place
+        self.notice = ""  # said on the live screen instead of in the log
 
     def scrape(self) -> Scrape:
         """A fresh scrape; a failed one (the enricher busy or restarting) keeps the last good one."""
@@ -88,8 +89,10 @@ class Viewer:
             log.log(logging.DEBUG if self._redrawn else logging.INFO, "applied recommendations: %s",
                     "; ".join(done))
         else:
-            level = logging.INFO if asked else logging.DEBUG  # retried each interval once due: not at INFO
+            # Retried each interval once due: not at INFO; on a live screen the view says it.
+            level = logging.INFO if asked and not self._redrawn else logging.DEBUG
             log.log(level, "no prefer-same-zone recommendation to apply yet")
+            self.notice = "nothing to apply yet" if asked else self.notice
         self.applied += done
         return done
 
@@ -120,6 +123,8 @@ class Viewer:
         fr = frame(prev, cur, self.top)
         report = self.savings()
         applied = f"applied: {'; '.join(self.applied)}" if self.applied else hint
+        if self.notice and not self.applied:
+            applied = f"{self.notice}; {hint}"
         text = render(fr, self.run.metrics_url, heading) + "\n\n" + plain(savings(report, applied))
         scr.show(screen(fr, report, heading, self.run.metrics_url, applied), text)
 
