@@ -3,7 +3,9 @@
 The real `otel-kzt agent` is started the way the DaemonSet starts it (its args, `NODE_NAME` from the
 environment, `no_new_privs`), inside a network namespace of its own, with the capability bounding set cut
 down to the manifest's `add` list: as root in a container with `drop: [ALL]` plus those, it holds nothing
-else. It must attach and pin (the manifest's readiness probe, run as written, turns true). With one of the
+else. It must attach, pin and export: the manifest's readiness probe (its `httpGet`, path and named port as
+written, asked inside the namespace the way the kubelet asks a hostNetwork pod) turns true, with a real
+`otel-kzt enricher` in the same namespace requiring the token the DaemonSet mounts. With one of the
 datapath capabilities taken away it must fail instead: the manifest asks for nothing it does not need.
 (`SYS_RESOURCE` only matters on kernels before 5.11, so it has no negative case here.) `SYSLOG` is not in
 the manifest: the positive test also checks that, with the manifest's set, /proc/kallsyms shows only zero
@@ -43,9 +45,23 @@ def _manifest_caps() -> list[str]:
     return caps
 
 
-def _probe_command() -> list[str]:
-    command: list[str] = _agent()["readinessProbe"]["exec"]["command"]  # type: ignore[index]
-    return command
+def _probe_url() -> str:
+    """The readiness probe's URL as the kubelet builds it: the named port resolved from the container's."""
+    get: dict[str, object] = _agent()["readinessProbe"]["httpGet"]  # type: ignore[index]
+    port = get["port"]
+    if isinstance(port, str):
+        ports: list[dict[str, object]] = _agent()["ports"]  # type: ignore[assignment]
+        port = next(p["containerPort"] for p in ports if p["name"] == port)
+    return f"http://127.0.0.1:{port}{get['path']}"
+
+
+_PROBE = (
+    "import sys, urllib.request, urllib.error\n"
+    "try:\n"
+    "    urllib.request.urlopen(sys.argv[1], timeout=3).read()\n"
+    "except (urllib.error.URLError, OSError):\n"
+    "    sys.exit(1)\n"
+)
 
 
 def _cleanup() -> None:
@@ -84,13 +100,54 @@ def _setpriv(caps: list[str]) -> list[str]:
     return ["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--"]
 
 
+ENRICHER_GRPC = 14317  # inside the test's own network namespace: nothing else binds there
+
+
+def _token(tmp_path: Path) -> Path:
+    token = tmp_path / "otlp-token"  # the Secret both the DaemonSet and the Deployment mount
+    token.write_text("kx-token\n")
+    return token
+
+
+@pytest.fixture
+def enricher(netns: str, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A real enricher in the agent's namespace, so an export can be delivered and readiness turn true."""
+    metadata = da.write_metadata(tmp_path / "kx-enricher-metadata.json")
+    argv = [
+        "nsenter",
+        f"--net=/run/netns/{netns}",
+        sys.executable,
+        "-m",
+        "otel_kzt.cli",
+        "--log-level",
+        "WARNING",
+        "enricher",
+        "--kube-metadata",
+        str(metadata),
+        "--no-flow-logs-stdout",
+        "--bearer-token-file",
+        str(_token(tmp_path)),
+        "--grpc-endpoint",
+        f"127.0.0.1:{ENRICHER_GRPC}",
+        "--http-endpoint",
+        "127.0.0.1:14318",
+        "--metrics-endpoint",
+        "127.0.0.1:18889",
+    ]
+    with (tmp_path / "enricher.log").open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        _stop(proc)
+
+
 def _start(tmp_path: Path, caps: list[str]) -> subprocess.Popen[bytes]:
     metadata = da.write_metadata(tmp_path / "kx-metadata.json")
     args = list(_agent()["args"])  # type: ignore[call-overload]
-    args[args.index("--otlp-endpoint") + 1] = f"http://127.0.0.1:{ds.free_port()}"  # nobody listens: fine
+    args[args.index("--otlp-endpoint") + 1] = f"http://127.0.0.1:{ENRICHER_GRPC}"
     args[args.index("--interval") + 1] = "1s"
-    token = tmp_path / "otlp-token"  # the Secret the DaemonSet mounts
-    token.write_text("kx-token\n")
+    token = _token(tmp_path)
     args[args.index("--otlp-bearer-token-file") + 1] = str(token)
     argv = [
         "nsenter",
@@ -109,8 +166,9 @@ def _start(tmp_path: Path, caps: list[str]) -> subprocess.Popen[bytes]:
 
 
 def _probe_ok() -> bool:
-    env = {**os.environ, "NODE_NAME": NODE}
-    return subprocess.run(_probe_command(), env=env, check=False, timeout=10).returncode == 0
+    """The manifest's readiness probe, asked from inside the namespace (hostNetwork: the node's port)."""
+    probe = ["nsenter", f"--net=/run/netns/{NETNS}", sys.executable, "-c", _PROBE, _probe_url()]
+    return subprocess.run(probe, capture_output=True, check=False, timeout=10).returncode == 0
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -135,7 +193,9 @@ def _kallsyms_addresses(caps: list[str]) -> set[str]:
     return {line.split()[0] for line in out.splitlines()}
 
 
-def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(netns: str, tmp_path: Path) -> None:
+def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(
+    netns: str, enricher: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
     assert "SYSLOG" not in _manifest_caps()
     # The agent cannot see kernel symbol addresses (bcc's trigger for rewriting bpf_probe_read_kernel),
     # yet it must load: the helper is called by number.
@@ -143,9 +203,11 @@ def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(netns: s
     assert not _probe_ok()
     proc = _start(tmp_path, _manifest_caps())
     try:
-        ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent's pins (readiness probe)")
+        ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent's readiness probe")
         log = next(tmp_path.glob("agent-*.log")).read_text(errors="replace")
         assert proc.poll() is None, f"agent exited {proc.returncode}:\n{log[-2000:]}"
+        assert enricher.poll() is None, (tmp_path / "enricher.log").read_text(errors="replace")[-2000:]
+        assert any(PIN_DIR.iterdir()), f"attached but nothing pinned under {PIN_DIR}"
         status = Path(f"/proc/{_python_child(proc.pid)}/status").read_text()
         effective = int(
             next(line for line in status.splitlines() if line.startswith("CapEff:")).split()[1], 16
@@ -155,11 +217,13 @@ def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(netns: s
         assert effective == _cap_mask(_manifest_caps()) & _own_bounding_set()
     finally:
         _stop(proc)
-    assert proc.returncode == 0  # SIGTERM: final export (refused), clean exit
+    assert proc.returncode == 0  # SIGTERM: final export, clean exit
 
 
 @pytest.mark.parametrize("missing", ["BPF", "PERFMON", "NET_ADMIN"])
-def test_agent_fails_without_each_datapath_capability(netns: str, tmp_path: Path, missing: str) -> None:
+def test_agent_fails_without_each_datapath_capability(
+    netns: str, enricher: subprocess.Popen[bytes], tmp_path: Path, missing: str
+) -> None:
     assert not _probe_ok()
     caps = [c for c in _manifest_caps() if c != missing]
     proc = _start(tmp_path, caps)
