@@ -1,4 +1,5 @@
-"""Metadata from the API server: list + watch of pods and nodes through the real `kubernetes` client.
+"""Metadata from the API server: list + watch of pods and nodes (and, for the enricher, Services and
+EndpointSlices into `index.services`) through the real `kubernetes` client.
 
 Responses are read raw (`_preload_content=False`) and decoded with `json.loads` into the few fields we keep:
 the client's generated models cost seconds and gigabytes at 150,000 pods. One `ApiSource` per resource:
@@ -26,6 +27,9 @@ from kubernetes.client.exceptions import ApiException
 
 from otel_kzt.k8s.decode import decode_node, decode_pod, gc_paused
 from otel_kzt.k8s.index import ClusterIndex
+from otel_kzt.k8s.servicedecode import decode_service, decode_slice
+from otel_kzt.k8s.servicemodel import ClusterVersion
+from otel_kzt.k8s.services import ServiceIndex
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +84,52 @@ def node_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
     )
 
 
+def service_resource(api: k8s_client.CoreV1Api, catalog: ServiceIndex,
+                     version: Callable[[], ClusterVersion | None]) -> _Resource:
+    def replace(records: list[Any]) -> None:
+        catalog.set_version(version() or catalog.cluster_version())  # re-read at each full listing
+        catalog.replace_services(records)
+
+    return _Resource(
+        kind="services",
+        list_call=api.list_service_for_all_namespaces,
+        decode=decode_service,
+        upsert=catalog.upsert_service,
+        delete=lambda record: catalog.delete_service(record.ref),
+        replace=replace,
+    )
+
+
+def slice_resource(api: k8s_client.DiscoveryV1Api, catalog: ServiceIndex) -> _Resource:
+    return _Resource(
+        kind="endpointslices",
+        list_call=api.list_endpoint_slice_for_all_namespaces,
+        decode=decode_slice,
+        upsert=catalog.upsert_slice,
+        delete=catalog.delete_slice,
+        replace=catalog.replace_slices,
+    )
+
+
+def cluster_version(api_client: k8s_client.ApiClient) -> ClusterVersion | None:
+    """The API server's `/version` (minor "30+" on managed clusters is 30); None when it does not say."""
+    try:
+        info = k8s_client.VersionApi(api_client).get_code(_request_timeout=10)
+        minor = "".join(ch for ch in str(info.minor) if ch.isdigit())
+        return ClusterVersion(int(info.major), int(minor), str(info.git_version))
+    except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError, TypeError) as exc:
+        log.warning("cannot read the cluster version (the savings recommend PreferSameZone) error=%s",
+                    _describe(exc))
+        return None
+
+
 class ApiSource:
-    """List + watch one resource into the index, in a daemon thread."""
+    """List + watch one resource into the index (or `gate`: the Service catalog), in a daemon thread."""
 
     def __init__(
         self,
         resource: _Resource,
-        index: ClusterIndex,
+        index: ClusterIndex | ServiceIndex,
         field_selector: str | None = None,
         config: WatchConfig | None = None,
     ) -> None:
@@ -149,10 +192,18 @@ class ApiSource:
             except (ApiException, urllib3.exceptions.HTTPError, OSError, ValueError) as exc:
                 if self._stop.is_set():
                     break
+                self._note_failure(exc)
                 backoff = self._back_off(backoff, _describe(exc))
             except Exception:  # a bug must not silently end the only thread feeding this resource
                 log.exception("metadata source failed unexpectedly resource=%s", self._resource.kind)
                 backoff = self._back_off(backoff, "unexpected error")
+
+    def _note_failure(self, exc: BaseException) -> None:
+        """Tell a catalog that says why it is off (the Service catalog) what failed."""
+        note = getattr(self._index, "note_failure", None)
+        if note is not None:
+            denied = isinstance(exc, ApiException) and exc.status in (401, 403)
+            note(self.name, f"list/watch {self._resource.kind}: {_status_text(exc)}", refused=denied)
 
     def _back_off(self, backoff: float, reason: str) -> float:
         """Sleep a jittered `backoff` (5,000 agents must not reconnect in step); the next one, doubled."""
@@ -299,6 +350,19 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _status_text(exc: BaseException) -> str:
+    """`HTTP 403 Forbidden: services is forbidden: User ...` (the Status message when there is one)."""
+    text = _describe(exc)
+    if isinstance(exc, ApiException) and exc.body:
+        try:
+            message = json.loads(exc.body).get("message")
+        except (ValueError, AttributeError):
+            message = None
+        if message:
+            text += f": {message}"
+    return text
+
+
 def api_sources(
     api_client: k8s_client.ApiClient,
     index: ClusterIndex,
@@ -306,11 +370,20 @@ def api_sources(
     node_name: str | None = None,
     config: WatchConfig | None = None,
 ) -> list[ApiSource]:
-    """The pod and node sources; node-scoped (agent) when `node_name` is given."""
+    """The pod and node sources; node-scoped (agent) when `node_name` is given. Cluster-wide (the
+    enricher) also Services and EndpointSlices, which never hold the index's readiness back."""
     api = k8s_client.CoreV1Api(api_client)
     pod_selector = f"spec.nodeName={node_name}" if node_name else None
     node_selector = f"metadata.name={node_name}" if node_name else None
-    return [
+    sources = [
         ApiSource(node_resource(api, index), index, node_selector, config),
         ApiSource(pod_resource(api, index), index, pod_selector, config),
     ]
+    if node_name is None:
+        catalog = index.services
+        sources += [
+            ApiSource(service_resource(api, catalog, lambda: cluster_version(api_client)), catalog, None,
+                      config),
+            ApiSource(slice_resource(k8s_client.DiscoveryV1Api(api_client), catalog), catalog, None, config),
+        ]
+    return sources

@@ -1,5 +1,8 @@
 """Metadata from a file: a Kubernetes `List` of Nodes and Pods, as `kubectl get nodes,pods -A -o yaml` prints.
 
+Services and EndpointSlices in the same List (`kubectl get nodes,pods,services,endpointslices -A -o yaml`)
+feed the Service catalog (`index.services`); a file without any Service leaves it off, and says so.
+
 JSON is accepted too (`-o json`). The file is re-read when its (inode, size, mtime) changes, by `poll()` or
 by a background thread; a file that is unreadable or half-written at re-read time keeps the last good
 answers (logged), while at start it is an error, because a typo in `--kube-metadata` must not run blind.
@@ -10,35 +13,61 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
+from typing import Final
 
 from otel_kzt.errors import MetadataError
 from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod, gc_paused
 from otel_kzt.k8s.index import ClusterIndex
 from otel_kzt.k8s.listparse import iter_objects
 from otel_kzt.k8s.model import NodeInfo
+from otel_kzt.k8s.servicedecode import ServiceRecord, SliceRecord, decode_service, decode_slice
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POLL_INTERVAL_S = 2.0
 
 
-def parse_objects(text: str, origin: str = "<text>") -> tuple[list[NodeInfo], list[PodRecord]]:
-    """Nodes and pods from a YAML or JSON document (a List, a PodList/NodeList, or single objects)."""
-    nodes: list[NodeInfo] = []
-    pods: list[PodRecord] = []
+NO_SERVICES: Final = ("the metadata file holds no Services (write it with kubectl get "
+                      "nodes,pods,services,endpointslices -A -o yaml)")
+
+
+@dataclass(slots=True)
+class Objects:
+    """What one document holds, decoded."""
+
+    nodes: list[NodeInfo] = field(default_factory=list)
+    pods: list[PodRecord] = field(default_factory=list)
+    services: list[ServiceRecord] = field(default_factory=list)
+    slices: list[SliceRecord] = field(default_factory=list)
+
+
+_DECODERS: Final = {"Pod": ("pods", decode_pod), "Node": ("nodes", decode_node),
+                    "Service": ("services", decode_service), "EndpointSlice": ("slices", decode_slice)}
+
+
+def parse_all(text: str, origin: str = "<text>") -> Objects:
+    """Nodes, pods, Services and EndpointSlices from a YAML or JSON document (a List, or single objects)."""
+    out = Objects()
     skipped = 0
     for kind, obj in iter_objects(text, origin):
+        target = _DECODERS.get(kind)
+        if target is None:
+            continue
         try:
-            if kind == "Pod":
-                pods.append(decode_pod(obj))
-            elif kind == "Node":
-                nodes.append(decode_node(obj))
-        except (KeyError, TypeError, AttributeError) as exc:
+            getattr(out, target[0]).append(target[1](obj))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             skipped += 1
             log.warning("skipping malformed object origin=%s kind=%s error=%r", origin, kind, exc)
-    if not nodes and not pods and not skipped and text.strip():
+    if not (out.nodes or out.pods or out.services or out.slices or skipped) and text.strip():
         log.warning("no Node or Pod objects found origin=%s", origin)
-    return nodes, pods
+    return out
+
+
+def parse_objects(text: str, origin: str = "<text>") -> tuple[list[NodeInfo], list[PodRecord]]:
+    """Nodes and pods from a YAML or JSON document (a List, a PodList/NodeList, or single objects)."""
+    objects = parse_all(text, origin)
+    return objects.nodes, objects.pods
 
 
 class FileSource:
@@ -61,6 +90,7 @@ class FileSource:
         self.reloads = 0
         self.failures = 0
         index.register_source(name)
+        index.services.register_source(name)
 
     def poll(self) -> bool:
         """Re-read the file if it changed. True when the index was refreshed.
@@ -76,7 +106,7 @@ class FileSource:
             with open(self.path, encoding="utf-8") as handle:
                 text = handle.read()
             with gc_paused():  # see decode.gc_paused: big documents otherwise parse in quadratic time
-                nodes, pods = parse_objects(text, self.path)
+                objects = parse_all(text, self.path)
         except (OSError, UnicodeDecodeError, MetadataError) as exc:
             self.failures += 1
             if self._signature is None:
@@ -84,11 +114,19 @@ class FileSource:
             log.warning("cannot re-read metadata file, keeping last content path=%s error=%s", self.path, exc)
             return False
         self._signature = signature
-        self._index.replace_nodes(nodes)
-        self._index.replace_pods(pods)
+        self._index.replace_nodes(objects.nodes)
+        self._index.replace_pods(objects.pods)
+        catalog = self._index.services
+        catalog.replace_services(objects.services)
+        catalog.replace_slices(objects.slices)
+        if objects.services:
+            catalog.mark_synced(self.name)
+        else:
+            catalog.note_failure(self.name, NO_SERVICES, refused=True)
         self._index.mark_synced(self.name)
         self.reloads += 1
-        log.info("metadata file loaded path=%s nodes=%d pods=%d", self.path, len(nodes), len(pods))
+        log.info("metadata file loaded path=%s nodes=%d pods=%d services=%d endpointslices=%d", self.path,
+                 len(objects.nodes), len(objects.pods), len(objects.services), len(objects.slices))
         return True
 
     def start(self) -> None:

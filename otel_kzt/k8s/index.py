@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable
 
 from otel_kzt.k8s.decode import PodRecord, node_endpoint
 from otel_kzt.k8s.model import Endpoint, NodeInfo
+from otel_kzt.k8s.services import ServiceIndex
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class ClusterIndex:
         self._generation = 0
         self.spans_evicted = 0  # history cut short by MAX_SPANS_PER_IP (counted, and logged)
         self.objects_dropped = 0  # pods/nodes refused by the caps (counted, and logged)
+        # Services and EndpointSlices (the ServiceCatalog of seam 5): an endpoint without a zone of its
+        # own takes its node's.
+        self.services = ServiceIndex(node_zone=self._node_zone, grace_s=grace_s, clock=clock)
 
     # --- MetadataIndex ---------------------------------------------------------------------------------
 
@@ -119,6 +123,10 @@ class ClusterIndex:
         if not self._ready:
             return None
         return self._nodes.get(name)
+
+    def _node_zone(self, name: str) -> str | None:
+        info = self._nodes.get(name)
+        return info.zone if info is not None else None
 
     # --- introspection ---------------------------------------------------------------------------------
 
@@ -238,6 +246,8 @@ class ClusterIndex:
         if old == info:
             return
         self._generation += 1
+        if old is None or old.zone != info.zone:
+            self.services.node_zones_changed()
         endpoint = self._node_endpoints.get(info.name)
         if endpoint is None:
             endpoint = self._node_endpoints[info.name] = node_endpoint(info.name)

@@ -131,7 +131,9 @@ def test_rbac_is_exactly_least_privilege() -> None:
         {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS}
     ]
     assert _rules_of("otel-kzt-enricher") == [
-        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS}
+        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS},
+        {"apiGroups": [""], "resources": ["services"], "verbs": READ_VERBS},  # Service attribution, savings
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": READ_VERBS},
     ]
     assert not df.of_kind("Role") and not df.of_kind("RoleBinding")
     assert {r["metadata"]["name"] for r in df.of_kind("ClusterRole")} == {

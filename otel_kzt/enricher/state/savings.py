@@ -95,7 +95,8 @@ class SavingsTracker:
             failing = [f.describe() for f in sync_state().failures if f.resource in SERVICE_RESOURCES]
             if failing:
                 return "; ".join(failing)
-        return NOT_LISTED
+        reason: Callable[[], str] | None = getattr(self._catalog, "reason", None)  # ServiceIndex.reason
+        return (reason() if reason is not None else "") or NOT_LISTED
 
     def _say(self, report: Report) -> None:
         """Log when the savings turn on, or off for a new reason (not at every step)."""
