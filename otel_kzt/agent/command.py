@@ -143,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, stack: ExitStack) -> None:
     from otel_kzt.agent.datapath import start_datapath
+    from otel_kzt.agent.datapath.bpffs import require_host_bpffs
     from otel_kzt.agent.export import Exporter
     from otel_kzt.agent.local import LocalFlows
     from otel_kzt.agent.service import AgentService
+
+    if config.pin:
+        require_host_bpffs(config.pin_root)  # refused before anything starts: pins that would not last
 
     health = Health(config.interval_s)
     health.add_check("datapath", lambda: "not attached yet (compiling, loading, attaching)")

@@ -34,6 +34,7 @@ from tests.kernel.test_agent_kernel import _Forwarder
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
 from tests.support.k8s_objects import as_list, make_node
 from tests.support.k8s_rbac import Rbac
+from tests.support.nodenet import node_behind_veth
 from tests.support.processes import stop
 from tests.support.ptrace import held_in_syscall
 from tests.unit.test_agent_support import GrpcReceiver, points
@@ -52,10 +53,7 @@ TRAFFIC = str(Path(__file__).with_name("traffic.py"))
 def receiver() -> Iterator[GrpcReceiver]:
     rx = GrpcReceiver("0.0.0.0:0")
     with netns.Topology() as topo:
-        topo.netns(NS)
-        topo.veth(None, f"kh{RUN}r", NS, f"kh{RUN}u", a_addrs=[f"{ROOT_IP}/30"], b_addrs=[f"{NODE_IP}/30"])
-        # No IPv6 in the node: router solicitations and MLD reports would be flows of their own.
-        netns.run_in(NS, ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"])
+        node_behind_veth(topo, NS, f"kh{RUN}", ROOT_IP, NODE_IP)
         rx.start()
         topo.on_close("otlp receiver", rx.stop)
         yield rx

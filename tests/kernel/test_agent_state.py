@@ -19,7 +19,7 @@ import pytest
 
 from otel_kzt.agent import command, state
 from otel_kzt.agent.config import AgentConfig
-from otel_kzt.agent.datapath import bpfmap, bpfsys, pins
+from otel_kzt.agent.datapath import bpffs, bpfmap, bpfsys, pins
 from otel_kzt.agent.datapath.bpfmap import BpfMap
 
 pytestmark = pytest.mark.kernel
@@ -39,7 +39,7 @@ store.close()
 
 @pytest.fixture
 def pin_root() -> Iterator[str]:
-    pins.ensure_bpffs(pins.DEFAULT_PIN_ROOT)
+    bpffs.require_host_bpffs(pins.DEFAULT_PIN_ROOT)
     root = f"/sys/fs/bpf/ks-state-{os.getpid()}"
     try:
         yield root

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent.datapath import Datapath, DatapathConfig, bpfsys, cleanup, pins
+from otel_kzt.agent.datapath import Datapath, DatapathConfig, bpffs, bpfsys, cleanup, pins
 from otel_kzt.errors import DatapathError, PrivilegeError
 from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import UDP, key
@@ -51,7 +51,7 @@ def test_dotted_node_name_pins_counts_restarts_and_cleans_up(net: Net, dotted: s
 
 
 def test_bpffs_eperm_for_a_dot_is_a_naming_error_not_a_privilege_error(dotted: str) -> None:
-    pins.ensure_bpffs(PIN_ROOT)
+    bpffs.require_host_bpffs(PIN_ROOT)
     Path(PIN_ROOT).mkdir(exist_ok=True)
     with pytest.raises(DatapathError, match=r"refuses names containing '\.'") as err:
         pins.make_node_dir(Path(PIN_ROOT) / dotted)

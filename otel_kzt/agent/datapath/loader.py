@@ -27,7 +27,7 @@ from typing import Any
 
 import otel_kzt
 from otel_kzt import errors
-from otel_kzt.agent.datapath import modes, modeswitch, pins, probe
+from otel_kzt.agent.datapath import bpffs, modes, modeswitch, pins, probe
 from otel_kzt.agent.datapath.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.agent.datapath.netns_cookie import current_netns_cookie
 from otel_kzt.errors import DatapathError, KztError, ProgramLoadError
@@ -203,7 +203,7 @@ class _Child:
         r = self.req
         self.cflags = cflags(r, features)
         if self.req.pin:
-            pins.ensure_bpffs(self.req.pin_root)
+            bpffs.require_host_bpffs(self.req.pin_root)
             pins.reset_if_incompatible(r.node_name, r.pin_root, r.map_size)
             pins.make_node_dir(self.dir)
             modeswitch.prepare(self.dir, self.mode)

@@ -16,15 +16,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import subprocess
 from pathlib import Path
 
 from otel_kzt.agent.datapath import bpfsys, flowmap, tc
+from otel_kzt.agent.datapath.bpffs import BPFFS
 from otel_kzt.errors import ConfigError, DatapathError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
-BPFFS = Path("/sys/fs/bpf")
 DEFAULT_PIN_ROOT = "/sys/fs/bpf/otel-kzt"
 MAP_NAMES = ("flows4", "flows6", "dying4", "dying6", "overflow", "stats", "progs", "meta")
 # A Kubernetes node name is a DNS subdomain: it is also a safe path component.
@@ -60,24 +59,6 @@ def make_node_dir(directory: Path) -> None:
         raise PrivilegeError(
             f"cannot create {directory}: permission denied (bpffs is root-owned, mode 0700)"
         ) from exc
-
-
-def _is_bpffs(path: Path) -> bool:
-    # statfs magic of bpffs is BPF_FS_MAGIC 0xcafe4a11; /proc/self/mounts is simpler to read.
-    with open("/proc/self/mounts", encoding="ascii", errors="replace") as mounts:
-        return any(line.split()[1:3] == [str(path), "bpf"] for line in mounts if len(line.split()) > 2)
-
-
-def ensure_bpffs(pin_root: str) -> None:
-    """Mount bpffs on /sys/fs/bpf when nothing is mounted there (as on this Debian VM)."""
-    if not pin_root.startswith(str(BPFFS)) or _is_bpffs(BPFFS):
-        return
-    log.info("mounting bpffs path=%s", BPFFS)
-    proc = subprocess.run(
-        ["mount", "-t", "bpf", "bpf", str(BPFFS)], capture_output=True, text=True, check=False
-    )
-    if proc.returncode != 0:
-        raise DatapathError(f"cannot mount bpffs on {BPFFS}: {proc.stderr.strip()}")
 
 
 def _is_link(fd: int) -> bool:
