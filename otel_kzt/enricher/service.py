@@ -38,7 +38,7 @@ from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.enricher.state.agents import AgentsHealth
 from otel_kzt.enricher.state.checkpointer import Checkpointer
 from otel_kzt.enricher.state.savings import SavingsTracker
-from otel_kzt.k8s.model import MetadataIndex
+from otel_kzt.k8s.model import MetadataIndex, sync_summary
 from otel_kzt.serving.limits import HttpLimits, split_host_port
 from otel_kzt.serving.pages import MetricsPort, Page, PageRequest, Reply
 
@@ -196,8 +196,8 @@ class EnricherService:
             return Reply(200, body, content_type)
 
         def readyz(_request: PageRequest) -> Reply:
-            ready = index.ready()
-            return Reply(200 if ready else 503, b"ready\n" if ready else b"metadata not synced\n")
+            ready, why = sync_summary(index)  # names the resource and the HTTP status that fail
+            return Reply(200 if ready else 503, b"ready\n" if ready else f"metadata: {why}\n".encode())
 
         pages = {"/metrics": metrics, "/healthz": lambda _r: Reply(200, b"ok\n"), "/readyz": readyz}
         return {**pages, **self._web}

@@ -8,7 +8,10 @@ the client's generated models cost seconds and gigabytes at 150,000 pods. One `A
 2. watch from the list's `resourceVersion` with bookmarks (so the version we resume from stays fresh);
 3. a watch that ends normally is resumed from the last version seen; `410 Gone` (an ERROR event, or an
    expired `continue`) means our version is older than the server's history: list again;
-4. any other error: reconnect after an exponential backoff with jitter, logged with its delay.
+4. any other error: reconnect after an exponential backoff with jitter (at most 30 s, so a source that
+   keeps failing logs a WARNING naming the resource and the HTTP status at least once a minute); the index
+   keeps the failure streak (`sync_state()`: a 401/403 on pods or nodes makes metadata unsynced, the
+   component unready) until a request of that source is answered again.
 """
 
 from __future__ import annotations
@@ -150,7 +153,12 @@ class ApiSource:
         self.reconnects = 0
         self.gone = 0
         self.bad_objects = 0
-        index.register_source(self.name)
+        self._verb = "list"
+        self._failing = False
+        if isinstance(index, ClusterIndex):
+            index.register_source(self.name, (resource.kind,))
+        else:
+            index.register_source(self.name)  # the Service catalog: its own switch, never readiness
 
     def start(self) -> None:
         if self._thread is not None:
@@ -193,10 +201,10 @@ class ApiSource:
                 if self._stop.is_set():
                     break
                 self._note_failure(exc)
-                backoff = self._back_off(backoff, _describe(exc))
-            except Exception:  # a bug must not silently end the only thread feeding this resource
+                backoff = self._back_off(backoff, exc)
+            except Exception as exc:  # a bug must not silently end the only thread feeding this resource
                 log.exception("metadata source failed unexpectedly resource=%s", self._resource.kind)
-                backoff = self._back_off(backoff, "unexpected error")
+                backoff = self._back_off(backoff, exc)
 
     def _note_failure(self, exc: BaseException) -> None:
         """Tell a catalog that says why it is off (the Service catalog) what failed."""
@@ -205,12 +213,21 @@ class ApiSource:
             denied = isinstance(exc, ApiException) and exc.status in (401, 403)
             note(self.name, f"list/watch {self._resource.kind}: {_status_text(exc)}", refused=denied)
 
-    def _back_off(self, backoff: float, reason: str) -> float:
-        """Sleep a jittered `backoff` (5,000 agents must not reconnect in step); the next one, doubled."""
+    def _back_off(self, backoff: float, exc: BaseException) -> float:
+        """Record the failure, sleep a jittered `backoff` (5,000 agents must not reconnect in step); the
+        next one, doubled."""
         self.reconnects += 1
+        self._failing = True
+        status, reason, message = failure_of(exc)
+        attempts = 0
+        if isinstance(self._index, ClusterIndex):
+            attempts = self._index.source_failed(self.name, self._verb, status, reason, message).attempts
         delay = backoff * (0.5 + random.random())
-        log.warning("metadata list/watch failed, retrying resource=%s delay_s=%.2f error=%s",
-                    self._resource.kind, delay, reason)
+        log.warning(
+            "metadata %s failed, retrying resource=%s status=%s reason=%s delay_s=%.2f attempts=%d error=%s",
+            self._verb, self._resource.kind, status if status is not None else "none", reason, delay,
+            attempts, message,
+        )  # fmt: skip
         self._stop.wait(delay)
         return min(backoff * 2, self._config.max_backoff_s)
 
@@ -259,6 +276,7 @@ class ApiSource:
 
         The response is remembered until `_forget`, so `shutdown()` can cut a blocked read.
         """
+        self._verb = "watch" if params.get("watch") else "list"
         try:
             response: urllib3.BaseHTTPResponse = self._resource.list_call(
                 field_selector=self._selector,
@@ -270,6 +288,10 @@ class ApiSource:
             if exc.status == _GONE:
                 raise _Gone() from exc
             raise
+        if self._failing:
+            self._failing = False
+            self._index.source_answered(self.name)
+            log.info("metadata %s answered again resource=%s", self._verb, self._resource.kind)
         with self._response_lock:
             self._response = response
         if self._stop.is_set():
@@ -304,7 +326,9 @@ class ApiSource:
         if kind == "ERROR":
             if obj.get("code") == _GONE:
                 raise _Gone()
-            raise ValueError(f"watch error event: {obj.get('message') or obj}")
+            error = ApiException(status=obj.get("code"), reason=obj.get("reason") or "watch error event")
+            error.body = json.dumps(obj)
+            raise error
         meta = obj.get("metadata") or {}
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             record = self._decode(obj)
@@ -342,6 +366,21 @@ def _lines(response: urllib3.BaseHTTPResponse) -> Iterator[bytes]:
                 yield line
     if pending.strip():
         yield pending
+
+
+def failure_of(exc: BaseException) -> tuple[int | None, str, str]:
+    """(HTTP status or None, reason, message): from the server's `Status` when it sent one."""
+    if isinstance(exc, ApiException):
+        reason, message = str(exc.reason or ""), ""
+        try:
+            body = json.loads(exc.body) if exc.body else {}
+        except (ValueError, TypeError):
+            body = {}
+        if isinstance(body, dict):
+            reason = str(body.get("reason") or reason)
+            message = str(body.get("message") or "")
+        return exc.status, reason, message or f"HTTP {exc.status} {exc.reason}"
+    return None, type(exc).__name__, str(exc)
 
 
 def _describe(exc: BaseException) -> str:

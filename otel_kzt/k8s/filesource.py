@@ -111,6 +111,7 @@ class FileSource:
             self.failures += 1
             if self._signature is None:
                 raise MetadataError(f"--kube-metadata {self.path}: {exc}") from exc
+            self._index.source_failed(self.name, "read", None, type(exc).__name__, str(exc))
             log.warning("cannot re-read metadata file, keeping last content path=%s error=%s", self.path, exc)
             return False
         self._signature = signature

@@ -80,6 +80,7 @@ class MetadataHandle:
         return {
             "source": self.description,
             "ready": self.index.ready(),
+            "state": self.index.sync_state().describe(),
             "sources": self.index.sources(),
             "pods": self.index.pod_count,
             "nodes": self.index.node_count,

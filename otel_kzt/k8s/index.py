@@ -21,8 +21,9 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 from otel_kzt.k8s.decode import PodRecord, node_endpoint
-from otel_kzt.k8s.model import Endpoint, NodeInfo
+from otel_kzt.k8s.model import Endpoint, NodeInfo, SourceFailure, SyncState
 from otel_kzt.k8s.services import ServiceIndex
+from otel_kzt.k8s.syncstate import CORE_RESOURCES, SourceStates
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class ClusterIndex:
         self._nodes: dict[str, NodeInfo] = {}
         self._node_endpoints: dict[str, Endpoint] = {}
         self._expiry: deque[tuple[float, str]] = deque()  # (when a released span may be dropped, ip)
-        self._sources: dict[str, bool] = {}
+        self._states = SourceStates(clock)
         self._ready = False
         self._generation = 0
         self.spans_evicted = 0  # history cut short by MAX_SPANS_PER_IP (counted, and logged)
@@ -143,24 +144,41 @@ class ClusterIndex:
 
     def sources(self) -> dict[str, bool]:
         """Each registered source and whether it finished its first full sync."""
-        return dict(self._sources)
+        return self._states.names()
+
+    def sync_state(self) -> SyncState:
+        """Synced (every required source listed once and none refused with 401/403 now), whether the
+        Services answer, and every failure now, named by resource, verb and HTTP status."""
+        return self._states.state(self.services.available())
 
     # --- sources ---------------------------------------------------------------------------------------
 
-    def register_source(self, name: str) -> None:
-        """A source that must finish a first full sync before the index answers."""
+    def register_source(
+        self, name: str, resources: tuple[str, ...] = CORE_RESOURCES, required: bool = True
+    ) -> None:
+        """A source of `resources`; a required one must finish a first full sync before the index answers
+        and must not be refused for the component to be ready."""
         with self._lock:
-            self._sources.setdefault(name, False)
-            self._ready = self._ready and self._sources[name]
+            self._states.register(name, resources, required)
+            self._ready = self._states.listed()
 
     def mark_synced(self, name: str) -> None:
         with self._lock:
-            self._sources[name] = True
-            ready = all(self._sources.values())
+            ready = self._states.synced(name)
             if ready and not self._ready:
                 log.info("metadata index ready pods=%d nodes=%d", len(self._pods), len(self._nodes))
                 self._generation += 1
             self._ready = ready
+
+    def source_failed(
+        self, name: str, verb: str, status: int | None, reason: str, message: str
+    ) -> SourceFailure:
+        """One failed request of source `name` (what it listed before keeps answering)."""
+        return self._states.failed(name, verb, status, reason, message)
+
+    def source_answered(self, name: str) -> None:
+        """A request of source `name` was answered: its failure streak is over."""
+        self._states.recovered(name)
 
     def upsert_pod(self, record: PodRecord, now: float | None = None) -> None:
         with self._lock:

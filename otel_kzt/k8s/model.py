@@ -105,3 +105,15 @@ class MetadataIndex(Protocol):
         ...
 
     def node(self, name: str) -> NodeInfo | None: ...
+
+
+def sync_summary(index: MetadataIndex | None) -> tuple[bool, str]:
+    """(synced, one line saying why not) for readiness and `kzt_*_metadata_synced`: the index's
+    `sync_state()` (a 401/403 on a required resource is unsynced, naming it), else plain `ready()`."""
+    if index is None:
+        return False, "metadata not configured (--kube-metadata, --kubeconfig, or run in a cluster)"
+    sync_state = getattr(index, "sync_state", None)  # indexes of tests and benches may have none
+    if sync_state is None:
+        return index.ready(), "metadata synced" if index.ready() else "metadata not synced yet"
+    state: SyncState = sync_state()
+    return state.synced, state.describe()

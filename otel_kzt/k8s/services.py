@@ -142,6 +142,13 @@ class ServiceIndex:
                 self._failures[name] = description
                 self._generation += 1
 
+    def source_answered(self, name: str) -> None:
+        """A request of source `name` was answered again (e.g. its watch, once RBAC allows it again): a
+        refusal it noted is over, without waiting for its next full listing."""
+        with self._lock:
+            if self._failures.pop(name, None) is not None:
+                self._generation += 1
+
     def node_zones_changed(self) -> None:
         """A node's zone label changed (or it appeared): endpoints without a zone of their own follow in
         the next views (cheap: called for every node while nodes are listed)."""

@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from kubernetes import client as k8s_client
 from kubernetes.client.exceptions import ApiException
 
 from tests.integration import deploy_files as df
 from tests.support.k8s_apiserver import ADMIN, AGENT, ENRICHER, FakeApiServer
 from tests.support.k8s_objects import make_node, make_pod
-from tests.support.k8s_rbac import RBAC_FILE, Rbac, load_manifest
+from tests.support.k8s_rbac import RBAC_FILE, RBAC_KINDS, Rbac, load_manifest, shipped_objects
 
 READ = ("get", "list", "watch")
 WRITE = ("create", "update", "patch", "delete", "deletecollection")
@@ -57,9 +58,29 @@ def can_i(api_client: k8s_client.ApiClient, verb: str, resource: str, group: str
 
 
 def test_one_source_of_truth() -> None:
-    """The rules enforced are the objects the deploy tests validate, read from the same file."""
+    """The rules enforced are the objects the deploy tests validate, read from the same files: every RBAC
+    object of the deployment, wherever it sits, and none the kustomization leaves out."""
     assert df.DEPLOY / "rbac.yaml" == RBAC_FILE
-    assert Rbac.shipped().objects == [o for o in df.objects(RBAC_FILE)] == load_manifest()
+    validated = [o for o in df.objects() if o["kind"] in RBAC_KINDS]
+    assert Rbac.shipped().objects == validated == shipped_objects()
+    assert [o for o in df.objects(RBAC_FILE)] == load_manifest() == validated  # all in rbac.yaml today
+    listed = {df.DEPLOY / r for r in yaml.safe_load(df.KUSTOMIZATION.read_text())["resources"]}
+    assert set(df.manifest_files()) == listed  # the deploy tests see exactly what kubectl apply -k applies
+
+
+def test_the_enforced_rbac_grants_exactly_what_the_deploy_tests_validate(tmp_path: Path) -> None:
+    """Asked of the enforcing server through each component's own token: what its ClusterRole in the
+    manifests lists is allowed, the same resource one verb or group off is not."""
+    with FakeApiServer() as api:
+        for account in (AGENT, ENRICHER):
+            role = df.get("ClusterRole", account[1])
+            with api.client(tmp_path / account[1], account) as api_client:
+                for rule in role["rules"]:
+                    for group in rule["apiGroups"]:
+                        for resource in rule["resources"]:
+                            assert all(can_i(api_client, v, resource, group) for v in rule["verbs"])
+                            assert not can_i(api_client, "patch", resource, group), resource
+                            assert not can_i(api_client, "list", resource, "other.example.com"), resource
 
 
 def test_unknown_token_is_401_and_no_token_is_anonymous(api: FakeApiServer) -> None:

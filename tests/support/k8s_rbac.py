@@ -1,6 +1,7 @@
 """Authentication and RBAC authorisation as kube-apiserver does them, for the test API server.
 
-The rules come from the very file the deploy tests validate (`deploy/rbac.yaml`), plus the bootstrap roles
+The rules come from the very manifests the deploy tests validate (every RBAC object of the files
+`deploy/kustomization.yaml` lists: today `deploy/rbac.yaml`), plus the bootstrap roles
 every real cluster binds to all authenticated users (`system:discovery`, `system:basic-user`,
 `system:public-info-viewer`) and `cluster-admin` for `system:masters`. So what the agent and the enricher
 may do in tests is exactly what the shipped manifests grant them in a cluster.
@@ -26,7 +27,11 @@ from typing import Any
 
 import yaml
 
-RBAC_FILE = Path(__file__).resolve().parents[2] / "deploy" / "rbac.yaml"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+RBAC_FILE = DEPLOY / "rbac.yaml"
+KUSTOMIZATION = DEPLOY / "kustomization.yaml"
+# What the authoriser reads from a manifest set: identities, roles and their bindings.
+RBAC_KINDS = frozenset({"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"})
 ADMIN_USER = "kubernetes-admin"
 
 Obj = dict[str, Any]
@@ -142,6 +147,23 @@ def load_manifest(path: Path = RBAC_FILE) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
+def shipped_objects(kustomization: Path = KUSTOMIZATION) -> list[Obj]:
+    """The RBAC objects `kubectl apply -k deploy/` creates: those of every file the kustomization lists,
+    in its order, with its `namespace:` set on namespaced ones as kustomize does. Whatever file of the
+    deployment a role or binding is moved to, the API server enforces it."""
+    spec = yaml.safe_load(kustomization.read_text()) or {}
+    namespace = spec.get("namespace")
+    out: list[Obj] = []
+    for resource in spec.get("resources") or ():
+        for obj in load_manifest(kustomization.parent / resource):
+            if obj.get("kind") not in RBAC_KINDS:
+                continue
+            if namespace and obj["kind"] in ("ServiceAccount", "Role", "RoleBinding"):
+                obj["metadata"]["namespace"] = namespace
+            out.append(obj)
+    return out
+
+
 class Rbac:
     """ServiceAccounts, roles and bindings; `authorize()` answers as the RBAC authoriser does."""
 
@@ -162,8 +184,8 @@ class Rbac:
 
     @classmethod
     def shipped(cls) -> Rbac:
-        """What `deploy/rbac.yaml` grants, read afresh."""
-        return cls(load_manifest())
+        """What the deployment (`kubectl apply -k deploy/`) grants, read afresh."""
+        return cls(shipped_objects())
 
     def without(self, role: str, resource: str) -> Rbac:
         """A copy whose ClusterRole `role` no longer grants `resource` (rules left empty are dropped)."""

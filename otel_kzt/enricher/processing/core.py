@@ -40,7 +40,7 @@ from otel_kzt.enricher.state.checkpoint import State, apply, capture
 from otel_kzt.enricher.state.counting import DEFAULT_LATENESS_S, Rule
 from otel_kzt.enricher.state.series import SeriesTable
 from otel_kzt.errors import Overloaded
-from otel_kzt.k8s.model import MetadataIndex
+from otel_kzt.k8s.model import MetadataIndex, sync_summary
 
 log = logging.getLogger(__name__)
 Part = tuple[bytes, int, int]  # a message inside the request's bytes: buffer, start, end (nothing copied)
@@ -118,7 +118,7 @@ class Core:
             otlp_flow_logs=self._flow_logs_otlp,
         )
         aggregates.before_snapshot = self._table.fold_all
-        health.bind(index.ready, lambda: self._table.count)
+        health.bind(lambda: sync_summary(index)[0], lambda: self._table.count)
 
     @property
     def active_series(self) -> int:
