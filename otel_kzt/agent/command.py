@@ -142,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, stack: ExitStack) -> None:
+    from otel_kzt.agent import coverage
     from otel_kzt.agent.datapath import start_datapath
     from otel_kzt.agent.datapath.bpffs import require_host_bpffs
     from otel_kzt.agent.export import Exporter
@@ -180,6 +181,7 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
         host_name=socket.gethostname(),
         health=health,
         datapath=datapath.config.mode,
+        coverage=coverage.for_datapath(datapath, index, config.node_name),
     )
     log.info(
         "agent running: node=%s endpoints=%s protocol=%s interval_s=%g pin=%s",

@@ -21,6 +21,7 @@ would die with the process, while flows left in the pinned map reach the next on
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -29,6 +30,7 @@ from typing import Protocol
 
 from otel_kzt import __version__, schema
 from otel_kzt.agent.config import AgentConfig
+from otel_kzt.agent.coverage import Counted, CoverageCheck
 from otel_kzt.agent.encode import AttrValue, PointHead, RequestEncoder
 from otel_kzt.agent.export import ExportResult
 from otel_kzt.agent.flows import FlowCounters, FlowKey, FlowReader, Snapshot
@@ -78,10 +80,13 @@ class AgentService:
         clock_ns: Callable[[], int] = time.time_ns,
         health: Health | None = None,
         datapath: str = "netfilter",
+        coverage: CoverageCheck | None = None,
     ) -> None:
         self._config = config
         self.health = health or Health(config.interval_s)
         self._datapath = datapath
+        self._coverage = coverage  # the blind-datapath check (agent/coverage.py), when configured
+        self._counted = Counted()
         self._source = source
         self._sender = sender
         self._local = local
@@ -104,6 +109,8 @@ class AgentService:
         `evict=False` (the export on shutdown): an eviction now would hand final values to a process
         that is about to exit; left in the (pinned) map, the next process exports and evicts them."""
         started = time.monotonic()
+        if self._coverage is not None:
+            self._coverage.sample()  # the devices' counters, read as close to the snapshot as can be
         try:
             snapshot = self._source.snapshot()
         except DatapathError as exc:
@@ -118,9 +125,13 @@ class AgentService:
         counts: list[FlowCounters] = [counters for _, counters in self._finals.values()]
         idle_ours: list[FlowKey] = []
         idle_other: list[FlowKey] = []
+        pod_bytes = all_bytes = 0  # for the blind-datapath check
         for (key, counters), head in zip(snapshot.flows.items(), all_heads, strict=True):
             idle = counters.last_seen_unix_ns < idle_before
+            all_bytes += counters.bytes
             if head is not None:
+                if head.source_pod:
+                    pod_bytes += counters.bytes
                 heads.append(head)
                 counts.append(counters)
                 if idle:
@@ -128,6 +139,7 @@ class AgentService:
             elif idle:
                 idle_other.append(key)
         del all_heads
+        self._counted.pods, self._counted.everything = pod_bytes, all_bytes
         report = self._report(snapshot)
         extra = telemetry_metrics(
             report, self.stats.view(), self.stats.started_unix_ns, snapshot.taken_unix_ns, exported=len(heads)
@@ -159,6 +171,9 @@ class AgentService:
             return
         for key, head in self._local.final_heads(snapshot.evicted).items():
             self._finals[(key, head.start_unix_ns)] = (head, snapshot.evicted[key])
+            if head.source_pod:
+                self._counted.evicted_pods += snapshot.evicted[key].bytes
+        self._counted.evicted_everything += sum(c.bytes for c in snapshot.evicted.values())
         limit = max(1, 2 * snapshot.capacity)  # IPv4 and IPv6 maps
         dropped = len(self._finals) - limit
         if dropped > 0:
@@ -172,6 +187,11 @@ class AgentService:
     def _report(self, snapshot: Snapshot) -> AgentReport:
         """This pass's numbers, as the telemetry in its export carries them (exports counted so far)."""
         view = self.stats.view()
+        synced = metadata_state(self._index)[0]
+        coverage = None
+        if self._coverage is not None:
+            ratio = self._coverage.observe_counted(self._counted, snapshot.overflow_bytes, synced)
+            coverage = None if math.isnan(ratio) else ratio
         return AgentReport(
             flows_tracked=len(snapshot.flows),
             map_fill_ratio=map_fill_ratio(snapshot),
@@ -179,8 +199,9 @@ class AgentService:
             overflow_packets=snapshot.overflow_packets,
             exports_ok=view.exports_ok,
             exports_failed=view.exports_failed,
-            metadata_synced=metadata_state(self._index)[0],
+            metadata_synced=synced,
             datapath=self._datapath,
+            coverage_ratio=coverage,
         )
 
     def _publish(self, report: AgentReport, result: ExportResult) -> None:
