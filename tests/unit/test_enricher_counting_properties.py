@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
@@ -179,6 +179,28 @@ class Bed:
 
 @PROPERTIES
 @given(scenarios())
+# Found by hypothesis (only in a long run): a stale restore after a series' TTL forgot, at the restore,
+# a run that began after the checkpoint, and declined it as a baseline instead of counting it again.
+@example(
+    (
+        [[[0], [0, 0, 0]]],
+        [("point", 0), ("restart", 0), ("point", 1), ("gap", 3), ("point", 2), ("point", 3), ("restart", 1)],
+    )
+)
+@example(
+    (
+        [[[0, 0, 0], [0, 0, 0, 0]], [[0, 0, 0, 0], [1, 0, 0]]],
+        [
+            *(("point", i) for i in range(11)),
+            ("restart", 0),
+            ("point", 11),
+            ("gap", 3),
+            ("point", 12),
+            ("point", 13),
+            ("restart", 1),
+        ],
+    )
+)
 def test_the_aggregates_are_what_the_rule_promises_and_never_exceed_the_truth(
     scenario: tuple[list[list[list[int]]], list[tuple[str, int]]],
 ) -> None:

@@ -126,7 +126,7 @@ class Core:
 
     def capture_state(self) -> State:
         """A consistent copy of the totals and the series' increment state (--state-file)."""
-        return capture(self._agg, self._table)  # takes the lock for the copy only
+        return capture(self._agg, self._table, self._clock())  # takes the lock for the copy only
 
     def restore_state(self, state: State) -> int:
         """Install a checkpoint before the receivers start; returns the series restored."""

@@ -117,7 +117,7 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def capture(agg: Aggregates, table: SeriesTable) -> State:
+def capture(agg: Aggregates, table: SeriesTable, now: float | None = None) -> State:
     """Copy what a restart needs in one instant (takes `agg.lock`, briefly: one flat list).
 
     Pending increments are folded first, so the totals and the series' runs describe the same instant.
@@ -153,7 +153,15 @@ def capture(agg: Aggregates, table: SeriesTable) -> State:
         series = SeriesColumns(groups, *columns)
         tombstones = [(group, key, at, runs, dropped) for (group, key), (at, runs, dropped) in tombs]
     return State(
-        agg.flow_labels, totals, agents, series, time.time(), startup, floor, tombstones, target_sets
+        agg.flow_labels,
+        totals,
+        agents,
+        series,
+        time.time() if now is None else now,
+        startup,
+        floor,
+        tombstones,
+        target_sets,
     )
 
 
@@ -184,11 +192,13 @@ def apply(state: State, agg: Aggregates, table: SeriesTable, now: float) -> int:
             len(ranked) - len(live),
             table.max_series,
         )
-        kept, now_ns = set(live), int(now * 1e9)
+        # Forgotten as of the checkpoint: nothing it holds happened later, so a run that began after it
+        # (its points counted by a process that died before the next checkpoint) counts again in full.
+        kept, at_ns = set(live), int(min(now, state.written or now) * 1e9)
         for i in reversed(ranked):
             if i not in kept:
                 runs = [[s.start[i], s.last[i], s.last_time[i], 0.0], *(s.older[i] or ())]
-                table.bury(groups[i], s.key[i], runs, s.dropped[i], now_ns)
+                table.bury(groups[i], s.key[i], runs, s.dropped[i], at_ns)
     families = agg.families()
     target_sets = [tuple((families[n], agg.intern(k), f) for n, k, f in p) for p in state.target_sets]
     for i in live:
