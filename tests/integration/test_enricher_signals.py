@@ -7,6 +7,7 @@ Every other run logs with `--log-format json`: each of its stderr lines is one J
 from __future__ import annotations
 
 import ast
+import contextlib
 import http.client
 import json
 import random
@@ -55,10 +56,8 @@ def _start(metadata: Path, *flags: str) -> tuple[subprocess.Popen[str], dict[str
 def _post_in_flight(port: int) -> None:
     """One OTLP request racing the signals: answered, or its connection closed by the exiting enricher
     (reset, refused, or closed before a status line). Either is fine: the exit is what is tested."""
-    try:
+    with contextlib.suppress(OSError, http.client.HTTPException):
         post(port, good_request().SerializeToString())
-    except (OSError, http.client.HTTPException):
-        pass
 
 
 def _one(run: int, metadata: Path, downstream: Downstream) -> tuple[int, int | None, float, int]:

@@ -148,7 +148,7 @@ def test_rejected_points_are_declined_too() -> None:
 
 def test_series_renamed_by_the_enricher_is_a_new_stream_downstream() -> None:
     """cache-1 moves from zone-b to zone-a: web -> cache's enriched attributes change, so downstream it is
-    another stream; it starts at the rename with what came since (not the whole 1,000 again)."""
+    another stream; it starts 1 ns after the last point before the rename, with what came since (not the whole 1,000 again)."""
     index = FakeIndex()
     w = World(index)
     w.send([(WEB, CACHE, 1_000, 110)], at=120)
@@ -156,9 +156,9 @@ def test_series_renamed_by_the_enricher_is_a_new_stream_downstream() -> None:
     index.pods[CACHE] = index.pods[API]  # same zone now
     index.gen += 1
     w.send([(WEB, CACHE, 1_500, 110)], at=130)
-    assert forwarded_points(w.sink) == [(ns(120), 500)]
+    assert forwarded_points(w.sink) == [(ns(120) + 1, 500)]
     w.send([(WEB, CACHE, 1_700, 110)], at=140)
-    assert forwarded_points(w.sink) == [(ns(120), 700)]
+    assert forwarded_points(w.sink) == [(ns(120) + 1, 700)]
     w.send([(WEB, CACHE, 20, 150)], at=155)  # the agent restarts the flow: a run of its own, as sent
     assert forwarded_points(w.sink) == [(ns(150), 20)]
     zones = w.agg.snapshot()["zone_bytes"]

@@ -179,6 +179,14 @@ class Bed:
 
 @PROPERTIES
 @given(scenarios())
+# Found by hypothesis: a renamed run's downstream stream began at its last point's time, which a new run
+# of the same series may start at: two runs in one stream, which then went backwards.
+@example(
+    (
+        [[[0, 0, 0], [1, 0, 0]]],
+        [("point", 0), ("rename", 0), ("point", 3), ("point", 2), ("point", 1), ("point", 4), ("point", 5)],
+    )
+)
 # Found by hypothesis (only in a long run): a stale restore after a series' TTL forgot, at the restore,
 # a run that began after the checkpoint, and declined it as a baseline instead of counting it again.
 @example(

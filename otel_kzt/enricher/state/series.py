@@ -205,8 +205,8 @@ class SeriesTable:
             entry.spare = spare
             if naming.stream is not None:
                 entry.set_stream(naming.stream)
-            elif entry.start >= 0:
-                entry.set_stream((entry.start, entry.last_time, entry.last))
+            elif entry.start >= 0:  # starts 1 ns after the run's last point: never a run's own start
+                entry.set_stream((entry.start, entry.last_time + 1, entry.last))
         entry.generation, entry.resolved = generation, naming.resolved
         entry.targets, entry.template = naming.targets, naming.template
         entry.set_window()
