@@ -110,6 +110,18 @@ class Bed:
             for run in (r for series in self.plan for r in series):
                 run.seen, run.baseline = [], None
         self.baselined = 0  # runs this process met first that began before its chain (its not_counted)
+        # An aggregate entry no live series has fed for the TTL leaves /metrics (DESIGN §4: a renamed
+        # series' old labels go); what it held was counted, so the model adds it back.
+        if restored is None:
+            self.retired = self.retired_at_checkpoint = 0.0
+        retain = self.agg.retain
+
+        def retain_and_tally(*args: object, **kwargs: object) -> None:
+            before = sum(self.agg.flow_bytes.values())
+            retain(*args, **kwargs)  # type: ignore[arg-type]
+            self.retired += before - sum(self.agg.flow_bytes.values())
+
+        self.agg.retain = retain_and_tally  # type: ignore[method-assign]
         self.streams: dict[tuple[object, ...], int] = {}  # downstream stream -> its last value
 
     def deliver(self, i: int) -> None:
@@ -149,10 +161,11 @@ class Bed:
             self.delivered, self.checkpoint = [], None
             self.start(restored=None)
             return
-        now = self.snapshot()
+        now, retired_now = self.snapshot(), self.retired
         if kind == 1 and self.checkpoint is not None:  # stale: the last checkpoint, then the agents resend
             data, runs, at = self.checkpoint
             lost = self.delivered[at:]
+            self.retired = self.retired_at_checkpoint  # what retired later was in the lost process only
             self.start(restored=data)
             for series, saved in zip(self.plan, runs, strict=True):
                 for run, (seen, baseline) in zip(series, saved, strict=True):
@@ -162,14 +175,14 @@ class Bed:
                 self.deliver(i)
         else:
             self.start(restored=now[0])
-        self.checkpoint = now
+        self.checkpoint, self.retired_at_checkpoint = now, retired_now
 
     def snapshot(self) -> tuple[bytes, list[list[tuple[list[int], int | None]]], int]:
         runs = [[(list(r.seen), r.baseline) for r in series] for series in self.plan]
         return encode(self.core.capture_state()), runs, len(self.delivered)
 
     def counted(self) -> float:
-        return sum(self.agg.snapshot()["flow_bytes"].values())
+        return sum(self.agg.snapshot()["flow_bytes"].values()) + self.retired
 
     def baselines(self) -> float:
         name = schema.ENRICHER_NOT_COUNTED + "_total"
