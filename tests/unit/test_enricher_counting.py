@@ -148,7 +148,8 @@ def test_rejected_points_are_declined_too() -> None:
 
 def test_series_renamed_by_the_enricher_is_a_new_stream_downstream() -> None:
     """cache-1 moves from zone-b to zone-a: web -> cache's enriched attributes change, so downstream it is
-    another stream; it starts 1 ns after the last point before the rename, with what came since (not the whole 1,000 again)."""
+    another stream; it starts 1 ns after the last point before the rename, with what came since (not the
+    whole 1,000 again)."""
     index = FakeIndex()
     w = World(index)
     w.send([(WEB, CACHE, 1_000, 110)], at=120)
