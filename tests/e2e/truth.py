@@ -1,9 +1,18 @@
 """Ground truth for the end-to-end tests: nftables counters, independent of the eBPF datapath.
 
-Each pod namespace counts what it sends (postrouting) and each node namespace what it originates itself
-(output: host-network traffic), per (source, destination, protocol), in an nftables dynamic set with a
-counter per element. The counter's bytes are the IP packet lengths, the same definition as DESIGN §3.
-Counting at the sender, not at a node, is what makes "each packet counted once" testable.
+Counted per (source, destination, protocol), in nftables dynamic sets with a counter per element; the
+counter's bytes are the IP packet lengths, the same definition as DESIGN §3. Counting at the sender, not
+at a node, is what makes "each packet counted once" testable:
+
+- each pod namespace counts what it sends (postrouting);
+- each node namespace counts what it originates itself (output: host network, NodeLocal DNS answers);
+- where the pod's destination is a cluster IP, kube-proxy's DNAT on the pod's node decides the endpoint:
+  that node counts the pod's forwarded packets of DNATed connections (forward hook, after DNAT, before any
+  source NAT) under the endpoint's address, and those replace the pod's own (pod, cluster IP) counts (whose
+  sums they must equal, or the bed is broken);
+- a connection that a node both DNATs and masquerades (a NodePort, `externalTrafficPolicy: Cluster`) is
+  counted by that node after the masquerade (postrouting, after source NAT), as (node, endpoint): the hop
+  DESIGN §3 makes the node's.
 """
 
 from __future__ import annotations
@@ -11,6 +20,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+from dataclasses import dataclass
 
 from otel_kzt.demo.cluster import Cluster
 from otel_kzt.netns import NetnsError, ns_argv
@@ -19,17 +29,34 @@ TABLE = "kz_truth"
 Pair = tuple[str, str, str]  # (source, destination, transport) as text
 
 
-def _ruleset(hook: str) -> str:
-    return f"""table inet {TABLE} {{
-    set f4 {{ type ipv4_addr . ipv4_addr . inet_proto; flags dynamic; counter; size 65535; }}
-    set f6 {{ type ipv6_addr . ipv6_addr . inet_proto; flags dynamic; counter; size 65535; }}
-    chain count {{
-        type filter hook {hook} priority -300; policy accept;
-        meta nfproto ipv4 add @f4 {{ ip saddr . ip daddr . meta l4proto }}
-        meta nfproto ipv6 add @f6 {{ ip6 saddr . ip6 daddr . meta l4proto }}
-    }}
-}}
-"""
+@dataclass(frozen=True)
+class Point:
+    name: str  # chain and set prefix
+    hook: str
+    priority: int
+    match: str  # nft match ahead of the set update ("" = every packet)
+
+
+SENT = Point("sent", "postrouting", -300, "")
+OWN = Point("own", "output", -300, "")
+DNATED = Point("svc", "forward", -300, 'iifname "vp*" ct direction original ct status dnat')
+NODEPORT = Point("hop", "postrouting", 300, "ct direction original ct status & (snat | dnat) == snat | dnat")
+
+
+def _ruleset(points: tuple[Point, ...]) -> str:
+    parts = []
+    for p in points:
+        match = f"{p.match} " if p.match else ""
+        flags = "flags dynamic; counter; size 65535;"
+        parts.append(f"""    set {p.name}4 {{ type ipv4_addr . ipv4_addr . inet_proto; {flags} }}
+    set {p.name}6 {{ type ipv6_addr . ipv6_addr . inet_proto; {flags} }}
+    chain {p.name} {{
+        type filter hook {p.hook} priority {p.priority}; policy accept;
+        meta nfproto ipv4 {match}add @{p.name}4 {{ ip saddr . ip daddr . meta l4proto }}
+        meta nfproto ipv6 {match}add @{p.name}6 {{ ip6 saddr . ip6 daddr . meta l4proto }}
+    }}""")
+    body = "\n".join(parts)
+    return f"table inet {TABLE} {{\n{body}\n}}\n"
 
 
 def _nft(ns: str, args: list[str], stdin: str | None = None) -> str:
@@ -40,25 +67,59 @@ def _nft(ns: str, args: list[str], stdin: str | None = None) -> str:
     return proc.stdout
 
 
-def _counting_points(cluster: Cluster) -> list[tuple[str, str]]:
-    return [(p.netns, "postrouting") for p in cluster.routed_pods()] + [
-        (n.netns, "output") for n in cluster.nodes]
+def _counting_points(cluster: Cluster) -> list[tuple[str, tuple[Point, ...]]]:
+    return [(p.netns, (SENT,)) for p in cluster.routed_pods()] + [
+        (n.netns, (OWN, DNATED, NODEPORT)) for n in cluster.nodes]
 
 
 def install(cluster: Cluster) -> None:
-    for ns, hook in _counting_points(cluster):
-        _nft(ns, ["-f", "-"], _ruleset(hook))
+    for ns, points in _counting_points(cluster):
+        _nft(ns, ["-f", "-"], _ruleset(points))
+
+
+def _read_set(ns: str, name: str, out: dict[Pair, int]) -> None:
+    doc = json.loads(_nft(ns, ["-j", "list", "set", "inet", TABLE, name]))
+    for entry in doc["nftables"]:
+        for elem in entry.get("set", {}).get("elem", []):
+            src, dst, proto = elem["elem"]["val"]["concat"]
+            key = (str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)), str(proto))
+            out[key] = out.get(key, 0) + int(elem["elem"]["counter"]["bytes"])
+
+
+def read_points(cluster: Cluster) -> dict[str, dict[Pair, int]]:
+    """Bytes per pair for each kind of counting point, summed over the namespaces that have it."""
+    out: dict[str, dict[Pair, int]] = {}
+    for ns, points in _counting_points(cluster):
+        for p in points:
+            for family in ("4", "6"):
+                _read_set(ns, p.name + family, out.setdefault(p.name, {}))
+    return out
+
+
+def _is_service_ip(cluster: Cluster, address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip in ipaddress.ip_network(cluster.plan.service_cidr(ip.version))
 
 
 def read(cluster: Cluster) -> dict[Pair, int]:
-    """Bytes per (source, destination, transport), summed over every counting point."""
+    """Bytes per (source, destination, transport) as DESIGN §3 attributes them (module docstring)."""
+    points = read_points(cluster)
     out: dict[Pair, int] = {}
-    for ns, _hook in _counting_points(cluster):
-        for name in ("f4", "f6"):
-            doc = json.loads(_nft(ns, ["-j", "list", "set", "inet", TABLE, name]))
-            for entry in doc["nftables"]:
-                for elem in entry.get("set", {}).get("elem", []):
-                    src, dst, proto = elem["elem"]["val"]["concat"]
-                    key = (str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)), str(proto))
-                    out[key] = out.get(key, 0) + int(elem["elem"]["counter"]["bytes"])
+    to_service: dict[tuple[str, str, int], int] = {}  # (source, transport, family) -> bytes to cluster IPs
+    for pair, value in points["sent"].items():
+        if _is_service_ip(cluster, pair[1]):
+            if pair[2] == "tcp":  # DNS to the kube-dns cluster IP is answered on the node (NOTRACK)
+                key = (pair[0], pair[2], ipaddress.ip_address(pair[0]).version)
+                to_service[key] = to_service.get(key, 0) + value
+            continue
+        out[pair] = out.get(pair, 0) + value
+    dnated: dict[tuple[str, str, int], int] = {}
+    for pair, value in points["svc"].items():
+        key = (pair[0], pair[2], ipaddress.ip_address(pair[0]).version)
+        dnated[key] = dnated.get(key, 0) + value
+        out[pair] = out.get(pair, 0) + value
+    if to_service != dnated:
+        raise AssertionError(f"pods' bytes to cluster IPs {to_service} != their nodes' DNATed {dnated}")
+    for pair, value in [*points["own"].items(), *points["hop"].items()]:
+        out[pair] = out.get(pair, 0) + value
     return out

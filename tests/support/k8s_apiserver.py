@@ -89,11 +89,11 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, api: FakeApiServer) -> None:
         self.api = api
-        super().__init__(("127.0.0.1", 0), ApiHandler)
+        super().__init__((api.host, 0), ApiHandler)
 
 
 class FakeApiServer:
-    """Pods, nodes, Services and EndpointSlices behind a real-protocol HTTP API on 127.0.0.1:<ephemeral>."""
+    """Pods, nodes, Services and EndpointSlices behind a real-protocol HTTP API on <host>:<ephemeral>."""
 
     def __init__(
         self,
@@ -103,7 +103,9 @@ class FakeApiServer:
         snapshots_kept: int = 16,
         rbac: Rbac | None = None,
         git_version: str = DEFAULT_VERSION,
+        host: str = "127.0.0.1",  # another local address: reachable from network namespaces (e2e nodes)
     ) -> None:
+        self.host = host
         self.rbac = rbac if rbac is not None else Rbac.shipped()
         self.tokens = Tokens(self.rbac.service_accounts)
         self.git_version = git_version
