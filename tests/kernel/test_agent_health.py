@@ -3,8 +3,8 @@
 - its interval loop stuck in a datapath read (the loop's thread held inside `bpf(2)` with ptrace, its
   HTTP thread running): /healthz fails while the endpoint keeps answering, and recovers once the read
   returns;
-- its metadata cannot sync (the API server answers 403: the agent's ClusterRole lacks pods): alive, not
-  ready, and /readyz says which resource failed how;
+- its metadata cannot sync (the API server answers 403: the agent's ClusterRole lacks pods, or nodes):
+  alive, not ready, and /readyz says which resource failed how;
 - /metrics equals the flow map's state: a 16-entry map filled by 40 UDP flows holds 16 flows (the export
   connection, the health endpoint's own answers, the first 14 datagrams' flows) and the other 26 flows'
   bytes are overflow, exactly.
@@ -119,10 +119,13 @@ def test_a_loop_stuck_in_a_datapath_read_fails_healthz_while_the_endpoint_answer
     assert proc.wait(30) == 0
 
 
+@pytest.mark.parametrize("resource", sorted({r for _, r in Rbac.shipped().granted("otel-kzt-agent")}))
 def test_metadata_that_cannot_sync_is_alive_but_not_ready(
-    agent: Callable[..., subprocess.Popen[bytes]], receiver: GrpcReceiver, tmp_path: Path
+    agent: Callable[..., subprocess.Popen[bytes]], receiver: GrpcReceiver, tmp_path: Path, resource: str
 ) -> None:
-    with FakeApiServer(rbac=Rbac.shipped().without("otel-kzt-agent", "pods")) as api:
+    """Each resource the agent's ClusterRole grants, removed in turn: it runs (exports), and says it is
+    not ready, naming the resource and the 403, rather than exporting nothing as if all were well."""
+    with FakeApiServer(rbac=Rbac.shipped().without("otel-kzt-agent", resource)) as api:
         api.add(make_node(NS, [NODE_IP], zone="z1"))
         forward = _Forwarder(ROOT_IP, api.url.rsplit(":", 1)[1])
         try:
@@ -135,6 +138,7 @@ def test_metadata_that_cannot_sync_is_alive_but_not_ready(
             assert get("/healthz")[0] == 200
             status, body = get("/readyz")
             assert status == 503 and "metadata: metadata not synced" in body, body
+            assert f"list {resource}: HTTP 403 Forbidden: {resource}" in body, body
             assert "export:" not in body and "datapath:" not in body  # those two pass
             families = {f.name: f for f in text_string_to_metric_families(get("/metrics")[1])}
             assert families[schema.AGENT_METADATA_SYNCED].samples[0].value == 0

@@ -4,7 +4,8 @@ Every name starts with "ka" plus a per-run number (two runs of this module at on
 namespace, a root interface, a root address or a pin); everything is removed even on failure (Topology,
 agent finalizers, pins).
 
-    root netns: OTLP receiver on 0.0.0.0:<port>, reached at 10.89.<run>.1 (from n1) / .5 (from n2)
+    root netns: OTLP receiver and the RBAC-enforcing API server (agents read it with their own token) on
+                0.0.0.0:<port>, reached at 10.89.<run>.1 (from n1) / .5 (from n2)
 
     ka-p1 10.88.1.2 ─┐                                                      ┌─ ka-p2 10.88.2.2
     ka-p3 10.88.3.2 ─┴─ ka-n1 ══ VXLAN 4789 (10.88.200.0/24) over ka12 ══ ka-n2 ─┘
@@ -36,7 +37,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from otel_kzt import netns, schema
 from otel_kzt.agent.datapath import cleanup
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
-from tests.support.k8s_objects import as_list, make_node, make_pod
+from tests.support.k8s_cluster import ServedCluster
+from tests.support.k8s_objects import make_node, make_pod
 from tests.unit.test_agent_support import GrpcReceiver, HttpReceiver, points
 
 pytestmark = pytest.mark.kernel
@@ -148,8 +150,16 @@ def _objects(with_p3: bool = True) -> list[dict[str, Any]]:
 
 
 class Bed:
-    def __init__(self, topo: netns.Topology, receiver: GrpcReceiver, metadata: Path) -> None:
-        self.topo, self.receiver, self.metadata = topo, receiver, metadata
+    """Agents read metadata from `control` (the RBAC-enforcing API server) with the agent's own token."""
+
+    def __init__(
+        self, topo: netns.Topology, receiver: GrpcReceiver, control: ServedCluster, workdir: Path
+    ) -> None:
+        self.topo, self.receiver, self.control, self.workdir = topo, receiver, control, workdir
+
+    def metadata_args(self, node: str) -> list[str]:
+        """`--kubeconfig` as the agent's ServiceAccount, the server reached from `node`'s netns."""
+        return self.control.args(AGENT, via=UPLINK[node])
 
     def traffic(self, ns: str, *args: object) -> dict[str, Any]:
         proc = netns.run_in(ns, [sys.executable, TRAFFIC, *map(str, args)], timeout=120)
@@ -199,17 +209,20 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    metadata = tmp_path_factory.mktemp("ka") / "cluster.json"
-    metadata.write_text(json.dumps(as_list(_objects())))
+    workdir = tmp_path_factory.mktemp("ka")
     receiver = GrpcReceiver("0.0.0.0:0")
+    control = ServedCluster(workdir, host="0.0.0.0")
     with netns.Topology() as topo:
         _build(topo)
         receiver.start()
         topo.on_close("otlp receiver", receiver.stop)
+        control.start()
+        topo.on_close("test API server", control.stop)
+        control.sync(_objects())
         for node in (N1, N2):
             cleanup(node, PIN_ROOT)  # leftovers of a crashed run
             topo.on_close(f"pins of {node}", lambda node=node: cleanup(node, PIN_ROOT))
-        yield Bed(topo, receiver, metadata)
+        yield Bed(topo, receiver, control, workdir)
 
 
 class Agent:
@@ -217,7 +230,7 @@ class Agent:
 
     def __init__(self, bed: Bed, node: str, *extra: str) -> None:
         self.bed, self.node = bed, node
-        self.log = bed.metadata.parent / f"agent-{node}-{time.monotonic_ns()}.log"
+        self.log = bed.workdir / f"agent-{node}-{time.monotonic_ns()}.log"
         argv = [
             sys.executable,
             "-m",
@@ -233,7 +246,7 @@ class Agent:
             PIN_ROOT,
             "--cluster-name",
             "ka",
-            *(extra or ("--kube-metadata", str(bed.metadata))),
+            *(extra or bed.metadata_args(node)),
         ]
         with self.log.open("wb") as log:
             self.proc = netns.popen_in(node, argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -461,7 +474,7 @@ def test_idle_flow_final_export_then_eviction_loses_nothing(bed: Bed, agents: An
 
     bed.receiver.on_export = race
     try:
-        agents(N1, "--kube-metadata", str(bed.metadata), "--idle-timeout", "1s", "--interval", "2s")
+        agents(N1, *bed.metadata_args(N1), "--idle-timeout", "1s", "--interval", "2s")
         bed.traffic(P1, "udp", IP[P2], 5004, 40, 100)
         wait_for(raced.is_set, 30, "the idle pass")
         assert not errors, errors
@@ -504,7 +517,7 @@ def test_http_protobuf_end_to_end(bed: Bed) -> None:
     try:
         url = f"http://{UPLINK[N1]}:{receiver.port}/v1/metrics"
         http_args = ("--otlp-protocol", "http/protobuf", "--otlp-endpoint", url, "--otlp-compression", "gzip")
-        agent = Agent(bed, N1, "--kube-metadata", str(bed.metadata), *http_args)
+        agent = Agent(bed, N1, *bed.metadata_args(N1), *http_args)
         # The datapath is attached before the first export: traffic from then on is counted.
         wait_for(lambda: bool(receiver.behaviour.bodies), 90, f"a first http/protobuf export ({agent.log})")
         bed.traffic(P1, "udp", IP[P2], 5005, 25, 300)
@@ -540,7 +553,7 @@ def _cli(ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_no_pin_detaches_and_cleanup_uninstalls(bed: Bed, agents: Any) -> None:
     cleanup(N2, PIN_ROOT)
-    agent = agents(N2, "--no-pin", "--kube-metadata", str(bed.metadata))
+    agent = agents(N2, "--no-pin", *bed.metadata_args(N2))
     assert agent.stop() == 0
     assert not (Path(PIN_ROOT) / N2).exists()  # --no-pin: nothing left behind
     assert agents(N1).stop() == 0
