@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STATE_PIN = "agent_state"
 MAP_NAME = "kzt_agent_state"  # at most 15 bytes: the kernel's object name limit
-BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_ARRAY = bpfsys.BPF_MAP_TYPE_ARRAY
 VERSION = 1
 _RECORD = struct.Struct("<IIQ")  # version, reserved (zero), receiver id
 _KEY = bpfmap.u32(0)

@@ -4,9 +4,11 @@ in every mode (`MODES`)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import subprocess
+import threading
 import time
 
 import pytest
@@ -17,6 +19,7 @@ from otel_kzt.agent.datapath.netfilter import LINK_PRIORITY
 from otel_kzt.agent.flows import FlowCounters, FlowKey
 from tests.kernel.conftest import MODES, PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import TCP, UDP, key
+from tests.support.seccomp import refuse_in_this_thread
 
 pytestmark = pytest.mark.kernel
 
@@ -64,17 +67,10 @@ def test_ephemeral_client_ports_make_one_flow(
     assert tcp[key(net.b4, net.a4, TCP, sport=8443)].packets >= 10_000
 
 
-@pytest.mark.parametrize("mode", MODES, indirect=True)
-def test_eviction_while_traffic_runs_loses_nothing(
-    net: Net, datapath: DatapathFactory, topo: netns.Topology
-) -> None:
-    net.drop_udp_at(net.pod_b)
-    net.quiet_ipv6()
-    dp = datapath()
-    done = net.background(topo, net.pod_a, "udp-stream", net.b4, 2000, 2.0, 64, 20)
+def evict_while_traffic_runs(dp: Datapath, until: float) -> tuple[int, int, int, int]:
+    """Snapshot and evict every UDP flow, again and again: (bytes, packets) evicted, rounds, removed."""
     evicted_bytes = evicted_packets = rounds = removed = 0
-    deadline = time.monotonic() + 2.5
-    while time.monotonic() < deadline:
+    while time.monotonic() < until:
         snap = dp.snapshot()
         evicted_bytes, evicted_packets = (
             evicted_bytes + udp_totals(snap.evicted)[0],
@@ -82,6 +78,44 @@ def test_eviction_while_traffic_runs_loses_nothing(
         )
         removed += dp.evict([k for k in snap.flows if k.proto == UDP])
         rounds += 1
+    return evicted_bytes, evicted_packets, rounds, removed
+
+
+def with_membarrier_refused(dp: Datapath, until: float) -> tuple[int, int, int, int]:
+    """The same loop in a thread to which the kernel refuses membarrier (seccomp: EINVAL, what the
+    kernel answers under nohz_full): the eviction's grace periods come from the fallback."""
+    result: list[tuple[int, int, int, int]] = []
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            refuse_in_this_thread(bpfsys.sys_membarrier(), errno.EINVAL)
+            assert bpfsys.membarrier_global() == errno.EINVAL
+            result.append(evict_while_traffic_runs(dp, until))
+        except BaseException as exc:  # re-raised in the test's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, name="membarrier-refused")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return result[0]
+
+
+@pytest.mark.parametrize("grace", ["membarrier", "membarrier-refused"])
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+def test_eviction_while_traffic_runs_loses_nothing(
+    net: Net, datapath: DatapathFactory, topo: netns.Topology, grace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    periods = bpfsys.GracePeriods()  # this test's own: whether membarrier was refused is not kept
+    monkeypatch.setattr(bpfsys, "grace_periods", periods)
+    net.drop_udp_at(net.pod_b)
+    net.quiet_ipv6()
+    dp = datapath()
+    done = net.background(topo, net.pod_a, "udp-stream", net.b4, 2000, 2.0, 64, 20)
+    loop = with_membarrier_refused if grace == "membarrier-refused" else evict_while_traffic_runs
+    evicted_bytes, evicted_packets, rounds, removed = loop(dp, time.monotonic() + 2.5)
     sent = done()["sent"]
     settle()
     last = dp.snapshot()
@@ -90,13 +124,18 @@ def test_eviction_while_traffic_runs_loses_nothing(
     total_packets = live_packets + evicted_packets + final_evicted[1] + last.overflow_packets
     total_bytes = live_bytes + evicted_bytes + final_evicted[0] + last.overflow_bytes
     logging.getLogger(__name__).info(
-        "eviction test sent=%d rounds=%d removed=%d races=%d", sent, rounds, removed, last.eviction_races
-    )
+        "eviction test grace=%s sent=%d rounds=%d removed=%d races=%d slot_updates=%d",
+        grace, sent, rounds, removed, last.eviction_races, periods.by_slot_update,
+    )  # fmt: skip
     assert removed > 20, "evictions must really have happened during the traffic"
     assert total_packets == sent
     assert total_bytes == sent * (UDP_V4_OVERHEAD + 64)
     # Racing packets were kept with their flow (in its final value), not in the overflow bucket.
     assert last.eviction_races > 0 and last.overflow_packets == 0
+    if grace == "membarrier-refused":  # every eviction waited twice, through the map-in-map
+        assert periods.membarrier_errno == errno.EINVAL and periods.by_slot_update >= 2 * rounds
+    else:
+        assert periods.membarrier_errno == 0 and periods.by_slot_update == 0
 
 
 @pytest.mark.parametrize("mode", MODES, indirect=True)

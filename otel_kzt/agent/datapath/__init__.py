@@ -10,7 +10,7 @@ Module map (shared core, then one module per mode):
                    (loadchild.py: its `python -m` entry point)
     probe.py       feature checks and compile flags (shared offsets from BTF); the C sources' paths
     btf.py         reader of the running kernel's BTF (struct offsets, enum values)
-    bpfsys.py      raw bpf(2)/membarrier through ctypes; syscall numbers per architecture
+    bpfsys.py      raw bpf(2)/membarrier through ctypes, RCU grace periods; syscall numbers per architecture
     bpfmap.py      one map by fd (element lookup/update/delete, per-CPU sums)
     flowmap.py     the flow maps' binary layout (mirror of bpf/flow.h) and its decoding
     flowtables.py  batch reads of the flow maps and the lossless eviction protocol

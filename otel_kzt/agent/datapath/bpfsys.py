@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -24,7 +25,11 @@ log = logging.getLogger(__name__)
 SYSCALLS = {"x86_64": (321, 324), "aarch64": (280, 283), "arm64": (280, 283)}
 MEMBARRIER_CMD_GLOBAL = 1
 
+BPF_MAP_TYPE_ARRAY = 2
+BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
+
 BPF_MAP_CREATE = 0
+BPF_MAP_UPDATE_ELEM = 2
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
@@ -114,14 +119,16 @@ def close_links(link_fds: list[int], *, detach: bool) -> None:
         os.close(fd)
 
 
-def map_create(map_type: int, key_size: int, value_size: int, max_entries: int, name: str) -> int:
+def map_create(
+    map_type: int, key_size: int, value_size: int, max_entries: int, name: str, *, inner_map_fd: int = 0
+) -> int:
     """Create a map without bcc (the agent's own small maps); returns its fd. `name`: at most 15 of
-    [A-Za-z0-9_.], what the kernel shows in `bpftool map`."""
+    [A-Za-z0-9_.], what the kernel shows in `bpftool map`; `inner_map_fd`: a map-in-map's template."""
     raw_name = name.encode("ascii")
     if len(raw_name) > 15:
         raise ValueError(f"map name {name!r} is longer than 15 bytes")
     # map_type, key_size, value_size, max_entries, map_flags, inner_map_fd, numa_node, then map_name[16]
-    attr = pack_attr("<IIIIIII", map_type, key_size, value_size, max_entries, 0, 0, 0)
+    attr = pack_attr("<IIIIIII", map_type, key_size, value_size, max_entries, 0, inner_map_fd, 0)
     struct.pack_into("16s", attr, 28, raw_name)
     return bpf(BPF_MAP_CREATE, attr, f"create map {name}")
 
@@ -272,13 +279,66 @@ def map_delete_batch(map_fd: int, keys: ctypes.Array[ctypes.c_char], count: int)
     return int(struct.unpack_from("<I", attr, 32)[0])
 
 
-def synchronize_rcu() -> None:
-    """Wait for an RCU grace period: every BPF program running now (they run under RCU) has finished.
+def membarrier_global() -> int:
+    """membarrier(MEMBARRIER_CMD_GLOBAL): 0, or the errno it was refused with (EINVAL under nohz_full,
+    where the kernel will not disturb isolated CPUs; EPERM or ENOSYS from a seccomp profile)."""
+    if _libc.syscall(sys_membarrier(), MEMBARRIER_CMD_GLOBAL, 0, 0) < 0:
+        return ctypes.get_errno() or errno.EINVAL
+    return 0
+
+
+class GracePeriods:
+    """RCU grace periods for the eviction protocol: every BPF program running when one starts (they run
+    under RCU) has finished when it ends.
 
     membarrier(MEMBARRIER_CMD_GLOBAL) calls synchronize_rcu() when more than one CPU is online (the
     kernel skips it on one CPU; there a preemptible kernel could in theory still hold a reader, so the
-    eviction race window is only closed on SMP machines, which every Kubernetes node is).
+    eviction race window is only closed on SMP machines, which every Kubernetes node is). Where it is
+    refused, the kernel's own wait serves: updating a slot of a map-in-map (BPF_MAP_TYPE_ARRAY_OF_MAPS)
+    calls synchronize_rcu() before bpf(2) returns, so that no program still uses the old inner map
+    (kernel/bpf/syscall.c, maybe_wait_bpf_programs). Never a sleep: a sleep proves nothing.
     """
-    if _libc.syscall(sys_membarrier(), MEMBARRIER_CMD_GLOBAL, 0, 0) < 0:
-        err = ctypes.get_errno()
-        raise DatapathError(f"membarrier(MEMBARRIER_CMD_GLOBAL): {os.strerror(err)}")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.membarrier_errno = 0  # not 0: refused once, the map-in-map is used from then on
+        self.by_slot_update = 0  # grace periods waited for through the map-in-map
+        self._slot: tuple[int, int] | None = None  # (outer, inner) fds, kept for the process's life
+
+    def wait(self) -> None:
+        with self._lock:
+            if not self.membarrier_errno:
+                err = membarrier_global()
+                if not err:
+                    return
+                self.membarrier_errno = err
+                log.warning(
+                    "membarrier(MEMBARRIER_CMD_GLOBAL) refused (%s; nohz_full or a seccomp profile): "
+                    "grace periods come from map-in-map slot updates",
+                    os.strerror(err),
+                )
+            self._slot_update()
+            self.by_slot_update += 1
+
+    def _slot_update(self) -> None:
+        if self._slot is None:
+            inner = map_create(BPF_MAP_TYPE_ARRAY, 4, 4, 1, "kzt_rcu_inner")
+            try:
+                outer = map_create(BPF_MAP_TYPE_ARRAY_OF_MAPS, 4, 4, 1, "kzt_rcu", inner_map_fd=inner)
+            except DatapathError:
+                os.close(inner)
+                raise
+            self._slot = (outer, inner)
+        outer, inner = self._slot
+        key, value = ctypes.c_uint32(0), ctypes.c_uint32(inner)
+        # map_fd, pad, key, value, flags (BPF_ANY)
+        attr = pack_attr("<IIQQQ", outer, 0, ctypes.addressof(key), ctypes.addressof(value), 0)
+        bpf(BPF_MAP_UPDATE_ELEM, attr, "update a map-in-map slot (an RCU grace period)")
+
+
+grace_periods = GracePeriods()
+
+
+def synchronize_rcu() -> None:
+    """Wait for an RCU grace period (GracePeriods)."""
+    grace_periods.wait()
