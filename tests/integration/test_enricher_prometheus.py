@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_CUMULATIVE
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_CUMULATIVE, Metric
 
 from otel_kzt import schema
 from otel_kzt.enricher.service import EnricherService
@@ -91,13 +91,19 @@ def query(base: str, promql: str) -> list[dict[str, object]]:
     return result
 
 
-def send(port: int, points: list[tuple[str, str, int, int]], t: int) -> None:
+def flow_request(node: str = "kzt-e-a1") -> tuple[ExportMetricsServiceRequest, Metric]:
+    """An agent's request from `node` holding an empty cumulative flow-bytes sum to fill."""
     req = ExportMetricsServiceRequest()
     rm = req.resource_metrics.add()
-    rm.resource.attributes.add(key=schema.RESOURCE_NODE_NAME).value.string_value = "kzt-e-a1"
+    rm.resource.attributes.add(key=schema.RESOURCE_NODE_NAME).value.string_value = node
     metric = rm.scope_metrics.add().metrics.add(name=schema.FLOW_BYTES, unit="By")
     metric.sum.is_monotonic = True
     metric.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_CUMULATIVE
+    return req, metric
+
+
+def send(port: int, points: list[tuple[str, str, int, int]], t: int) -> None:
+    req, metric = flow_request()
     for src, dst, value, start in points:
         dp = metric.sum.data_points.add(start_time_unix_nano=start, time_unix_nano=t, as_int=value)
         dp.attributes.add(key=schema.SOURCE_ADDRESS).value.string_value = src

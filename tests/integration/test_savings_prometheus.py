@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_CUMULATIVE
 
 from otel_kzt import schema
 from otel_kzt.savings.jsonform import report_from_json
@@ -30,6 +28,7 @@ from otel_kzt.savings.sources import from_enricher
 from tests.conftest import REPO
 from tests.integration.deploy_stack import PrometheusProcess
 from tests.integration.test_enricher_badinput import post
+from tests.integration.test_enricher_prometheus import flow_request
 from tests.integration.test_enricher_service import (
     POD_IPS,
     RUN_START_NS,
@@ -67,12 +66,7 @@ def _write(path: Path, distribution: str | None = None) -> Path:
 
 def _send(port: int, request: int, response: int, t: int) -> None:
     """web-1 (zone a) -> cache-1:6379 (zone b) and back, cumulative, as an agent reports them."""
-    req = ExportMetricsServiceRequest()
-    rm = req.resource_metrics.add()
-    rm.resource.attributes.add(key=schema.RESOURCE_NODE_NAME).value.string_value = "kzt-e-a1"
-    metric = rm.scope_metrics.add().metrics.add(name=schema.FLOW_BYTES, unit="By")
-    metric.sum.is_monotonic = True
-    metric.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_CUMULATIVE
+    req, metric = flow_request("kzt-e-a1")
     for src, dst, ports, value in (
         (POD_IPS["web-1"], POD_IPS["cache-1"], {schema.DESTINATION_PORT: str(PORT)}, request),
         (POD_IPS["cache-1"], POD_IPS["web-1"], {schema.SOURCE_PORT: str(PORT)}, response),
