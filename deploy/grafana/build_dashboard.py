@@ -205,6 +205,75 @@ def cost_panels(y: int) -> list[dict[str, Any]]:
     ]
 
 
+def savings_panels(y: int) -> list[dict[str, Any]]:
+    svc = "service_namespace, service"
+    recs = "sort_desc(sum by (namespace, service, workload, recommendation) (kzt_savings_usd_per_month))"
+    svc_bytes = f"sum by ({svc}) (rate(kzt_service_traffic_bytes_total{{{CROSS}}}[$__rate_interval]))"
+    svc_cost = (
+        f'sum by ({svc}) (rate(kzt_savings_flow_cost_usd_total{{service!=""}}[$__rate_interval]))'
+        f" * {MONTH_SECONDS}"
+    )
+    hide_time = [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]
+    return [
+        row("Savings: what to change, what it saves", y),
+        panel(
+            "stat",
+            "Savings available per month",
+            [target("sum(kzt_savings_usd_per_month)", instant=True)],
+            (0, y + 1, 5, 7),
+            "currencyUSD",
+            description="Every recommendation of the enricher's savings window, summed over replicas "
+            "(each prices the flows its agents sent). `otel-kzt report` says what to change.",
+        ),
+        panel(
+            "stat",
+            "Savings on (Services readable)",
+            [target("min(kzt_savings_enabled)", instant=True)],
+            (5, y + 1, 4, 7),
+            description="0 while a replica cannot list Services and EndpointSlices (see its log).",
+        ),
+        panel(
+            "table",
+            "Recommendations: what each change saves per month",
+            [target(recs, instant=True)],
+            (9, y + 1, 15, 7),
+            "currencyUSD",
+            description="prefer-same-zone: set the routing the cluster accepts; spread-endpoints: run an "
+            "endpoint in the clients' zones; zone-local-scrape: shard a scraper by zone.",
+            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
+        ),
+        panel(
+            "timeseries",
+            "Cross-zone bytes/s by Service (requests and responses)",
+            [target(svc_bytes, "{{service_namespace}}/{{service}}")],
+            (0, y + 8, 12, 7),
+            "Bps",
+            description="Traffic to and from each Service's endpoints; a routing change shows as a drop.",
+        ),
+        panel(
+            "timeseries",
+            "Billed cost per month by Service",
+            [target(svc_cost, "{{service_namespace}}/{{service}}")],
+            (12, y + 8, 12, 7),
+            "currencyUSD",
+        ),
+        panel(
+            "table",
+            "Service routing (trafficDistribution or topology mode)",
+            [target(f"max by ({svc}, traffic_distribution) (kzt_service_routing_info)", instant=True)],
+            (0, y + 15, 12, 7),
+            transformations=hide_time,
+        ),
+        panel(
+            "table",
+            "Ready endpoints of each Service by zone",
+            [target(f"max by ({svc}, zone) (kzt_service_endpoints)", instant=True)],
+            (12, y + 15, 12, 7),
+            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
+        ),
+    ]
+
+
 def health_panels(y: int) -> list[dict[str, Any]]:
     def rate_by_instance(metric: str) -> str:
         return f"sum by (instance) (rate({metric}[$__rate_interval]))"
@@ -293,7 +362,7 @@ def dashboard() -> dict[str, Any]:
         "sort": 1,
         "current": {"text": "All", "value": "$__all"},
     }
-    panels = [*traffic_panels(0), *cost_panels(25), *health_panels(41)]
+    panels = [*traffic_panels(0), *cost_panels(25), *savings_panels(41), *health_panels(63)]
     datasource_var = {
         "name": "datasource",
         "label": "Prometheus",
@@ -303,7 +372,7 @@ def dashboard() -> dict[str, Any]:
     return {
         "uid": "otel-kzt-cross-zone",
         "title": "otel-kzt: cross-zone traffic and cost",
-        "description": "Kubernetes cross-zone traffic, estimated cost, agent and enricher health.",
+        "description": "Kubernetes cross-zone traffic, estimated cost, savings, agent and enricher health.",
         "tags": ["otel-kzt", "kubernetes", "network", "cost"],
         "timezone": "browser",
         "editable": True,

@@ -22,7 +22,8 @@ from otel_kzt.agent.flows import AF_INET, FlowCounters, FlowKey, Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.service import AgentService
 from otel_kzt.k8s import MetadataHandle, open_metadata
-from tests.support.k8s_objects import as_list, make_node, make_pod
+from tests.support.k8s_objects import as_list, fresh, make_node, make_pod
+from tests.support.service_fixtures import slice_for
 
 # Three nodes in two zones (AWS, so the price table applies), pods named after their workloads.
 NODES = {
@@ -54,7 +55,9 @@ FLOWS: dict[str, list[tuple[str, str, int, int, int, int, int]]] = {
 }
 
 
-def write_metadata(path: Path) -> Path:
+def write_metadata(path: Path, *, services: bool = False) -> Path:
+    """Nodes and pods; `services`: also the `cache` Service (its one endpoint, cache-0, in zone b), whose
+    cross-zone clients in zone a get a spread-endpoints recommendation."""
     nodes = [
         make_node(n, [ip], zone=zone, provider_id=f"aws:///{zone}/i-{n}") for n, (ip, zone) in NODES.items()
     ]
@@ -68,7 +71,13 @@ def write_metadata(path: Path) -> Path:
         )
         for name, (node, ip, kind, owner) in PODS.items()
     ]
-    path.write_text(json.dumps(as_list(nodes + pods)))
+    extra = []
+    if services:
+        svc = fresh("service-clusterip")
+        svc["metadata"]["name"] = "cache"
+        svc["spec"]["ports"] = [{"name": "redis", "protocol": "TCP", "port": 6379, "targetPort": 6379}]
+        extra = [svc, slice_for("cache", "shop", [(PODS["cache-0"][1], NODES["kx-b1"][1])], 6379)]
+    path.write_text(json.dumps(as_list(nodes + pods + extra)))
     return path
 
 

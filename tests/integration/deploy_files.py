@@ -127,6 +127,9 @@ def known_metrics() -> set[str]:
         schema.AGENT_OVERFLOW_PACKETS,
         schema.AGENT_EXPORTS,
         schema.AGENT_SERVICE_VIP_BYTES,
+        schema.PROM_SERVICE_TRAFFIC_BYTES,  # Services and savings (exporters/savings.py)
+        schema.PROM_SAVINGS_FLOW_BYTES,
+        schema.PROM_SAVINGS_FLOW_COST,
     }
     gauges = {
         schema.ENRICHER_METADATA_SYNCED,
@@ -138,6 +141,12 @@ def known_metrics() -> set[str]:
         schema.AGENT_METADATA_SYNCED,
         schema.AGENT_DATAPATH_INFO,
         schema.AGENT_DATAPATH_COVERAGE,
+        schema.PROM_SERVICE_ENDPOINTS,
+        schema.PROM_SERVICE_ROUTING_INFO,
+        schema.PROM_SERVICE_ROUTING_CHANGE,
+        schema.PROM_SAVINGS_USD_PER_MONTH,
+        schema.PROM_SAVINGS_ENABLED,
+        schema.PROM_SAVINGS_INFO,
     }
     return {f"{c}_total" for c in counters} | gauges | {"up"}
 
@@ -154,6 +163,12 @@ def known_labels() -> set[str]:
         | set(schema.PROM_ESTIMATED_COST_LABELS)
         | {schema.ENRICHER_AGENT_LAST_REPORT_LABEL, schema.ENRICHER_EXPORTER_LABEL, "job", "instance"}
         | {schema.AGENT_RESULT, schema.AGENT_DATAPATH_LABEL}
+        | set(schema.PROM_SERVICE_TRAFFIC_LABELS)
+        | set(schema.PROM_SERVICE_ENDPOINTS_LABELS)
+        | set(schema.PROM_SERVICE_ROUTING_INFO_LABELS)
+        | set(schema.PROM_SAVINGS_LABELS)
+        | set(schema.PROM_SAVINGS_INFO_LABELS)
+        | set(schema.PROM_SAVINGS_FLOW_LABELS)
     )
 
 

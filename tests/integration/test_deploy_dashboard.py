@@ -37,6 +37,10 @@ def test_dashboard_covers_what_the_issue_asks_for() -> None:
         "enricher",
         "metadata synced",
         "export failures",
+        "savings available",
+        "recommendations",
+        "by service",
+        "service routing",
     ):
         assert needle in titles, needle
 

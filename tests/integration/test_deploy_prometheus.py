@@ -41,7 +41,7 @@ def substitute(expr: str) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ds.PrometheusProcess]:
     work = tmp_path_factory.mktemp("kx-prom")
-    metadata = da.write_metadata(work / "kx-metadata.json")
+    metadata = da.write_metadata(work / "kx-metadata.json", services=True)
     dead = f"http://{ds.LOCALHOST}:{ds.free_port()}"  # nothing listens: exports fail and are counted
     exporters = [{"endpoint": dead, "queue_size": 1, "max_elapsed": "1s", "timeout": "500ms"}]
     enricher_config = work / "kx-enricher.yaml"
@@ -146,3 +146,13 @@ def test_alert_inputs_exist_and_alerts_fire_only_where_true(stack: ds.Prometheus
     # Exports go to a closed port: failing (pending, `for: 15m`) and dropping (no `for`: firing at once).
     # Everything else is healthy, so nothing else is active.
     assert active() == {"KztEnricherExportFailing": "pending", "KztEnricherExportDropping": "firing"}
+
+
+def test_savings_panels_show_the_cache_recommendation(stack: ds.PrometheusProcess) -> None:
+    """web and api (zone a) read cache (its one endpoint in zone b): run an endpoint in zone a."""
+    rows = stack.query("sum by (namespace, service, recommendation) (kzt_savings_usd_per_month)")
+    assert [(r["metric"]["namespace"], r["metric"]["service"], r["metric"]["recommendation"])
+            for r in rows] == [("shop", "cache", "spread-endpoints")]  # fmt: skip
+    assert float(rows[0]["value"][1]) > 0
+    endpoints = stack.query("max by (zone) (kzt_service_endpoints)")
+    assert {r["metric"]["zone"]: float(r["value"][1]) for r in endpoints} == {"us-east-1b": 1.0}
