@@ -73,12 +73,13 @@ class _Process:
 
 
 class EnricherProcess(_Process):
-    """`otel-kzt enricher` on ephemeral ports, metadata from a file, flow logs off stdout."""
+    """`otel-kzt enricher` on ephemeral ports, flow logs off stdout; metadata from a file, or `metadata` is
+    its flags (`ServedCluster.args(ENRICHER)`: the API server, with the enricher's own token)."""
 
     def __init__(
         self,
         workdir: Path,
-        metadata: Path,
+        metadata: Path | Sequence[str],
         name: str,
         extra: Sequence[str] = (),
         grpc_port: int | None = None,
@@ -92,8 +93,7 @@ class EnricherProcess(_Process):
             "--log-level",
             "WARNING",
             "enricher",
-            "--kube-metadata",
-            str(metadata),
+            *(["--kube-metadata", str(metadata)] if isinstance(metadata, Path) else metadata),
             "--no-flow-logs-stdout",
             "--grpc-endpoint",
             f"{LOCALHOST}:{self.grpc_port}",

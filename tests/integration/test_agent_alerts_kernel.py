@@ -3,7 +3,9 @@ datapath, each in its node's namespace) and evaluates deploy/prometheus/rules.ya
 
 - node a's flow map (16 entries) is full and 40 UDP flows keep coming: KztAgentMapNearlyFull and
   KztAgentOverflowGrowing fire for it, and not for node b;
-- node b's agent is killed: KztAgentSilent fires for it, and not for node a.
+- node b's agent is killed: KztAgentSilent fires for it, and not for node a;
+- the agent's RBAC loses nodes: node a's agent reports metadata unsynced, KztAgentMetadataNotSynced fires.
+Agents and the enricher read metadata from the RBAC-enforcing API server, each with its own token.
 The rules are the shipped ones with time compressed (group interval 1s, `for:` 2s, rate windows 4s, the
 5-minute silence 5s): the expressions and thresholds are otherwise unchanged.
 
@@ -13,7 +15,6 @@ The rules are the shipped ones with time compressed (group interval 1s, `for:` 2
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -28,7 +29,9 @@ import yaml
 from otel_kzt import netns
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
-from tests.support.k8s_objects import as_list, make_node
+from tests.support.k8s_cluster import AGENT, ENRICHER, ServedCluster
+from tests.support.k8s_objects import make_node
+from tests.support.k8s_rbac import Rbac
 from tests.support.processes import stop
 
 pytestmark = pytest.mark.kernel
@@ -67,17 +70,19 @@ def compressed_rules(path: Path) -> Path:
 
 
 class Bed:
+    """Agents and the enricher read metadata from the RBAC-enforcing API server, each with its own token."""
+
     def __init__(self, work: Path, topo: netns.Topology) -> None:
         self.work, self.topo = work, topo
-        self.metadata = work / "cluster.json"
-        nodes = [make_node(ns(n), [node_ip(i)], zone=f"z{i}") for n, i in NODES.items()]
-        self.metadata.write_text(json.dumps(as_list(nodes)))
+        self.control = ServedCluster(work, host="0.0.0.0").start()
+        topo.on_close("test API server", self.control.stop)
+        self.control.sync([make_node(ns(n), [node_ip(i)], zone=f"z{i}") for n, i in NODES.items()])
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
 
     def start_agent(self, node: str, port: int, *extra: str) -> None:
         i = NODES[node]
         argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", ns(node), "--no-pin",
-                "--interval", "1s", "--kube-metadata", str(self.metadata),
+                "--interval", "1s", *self.control.args(AGENT, via=root_ip(i)),
                 "--otlp-endpoint", f"http://{root_ip(i)}:{port}", *extra]  # fmt: skip
         with (self.work / f"agent-{node}.log").open("wb") as log:
             proc = netns.popen_in(ns(node), argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -110,7 +115,7 @@ def test_alerts_fire_on_a_full_map_and_a_silent_agent(bed: Bed) -> None:
     # Reached from the node namespaces: its OTLP receiver listens on every address of the root namespace
     # (a later flag wins over the 127.0.0.1 one EnricherProcess gives).
     listen = ["--grpc-endpoint", f"0.0.0.0:{port}"]
-    enricher = ds.EnricherProcess(bed.work, bed.metadata, "kq-enricher", listen, grpc_port=port)
+    enricher = ds.EnricherProcess(bed.work, bed.control.args(ENRICHER), "kq-enricher", listen, grpc_port=port)
     bed.topo.on_close("enricher", enricher.stop)
     enricher.wait_ready()
     bed.start_agent("a", port, "--map-size", "16")
@@ -132,3 +137,13 @@ def test_alerts_fire_on_a_full_map_and_a_silent_agent(bed: Bed) -> None:
     ds.wait_for(lambda: ("KztAgentSilent", ns("b")) in active(prometheus), 40, "KztAgentSilent for b")
     firing = {(alert, node) for alert, node in active(prometheus) if alert in ALERTS}
     assert firing == want | {("KztAgentSilent", ns("b"))}  # and none of them for the other node
+    assert ("KztAgentMetadataNotSynced", ns("a")) not in active(prometheus)
+    # The agent's ClusterRole loses nodes (its watch is re-authorised when the server cuts it): node a's
+    # agent reports kzt.agent.metadata.synced 0, the enricher (its own role intact) stays ready, the
+    # shipped KztAgentMetadataNotSynced fires for node a.
+    bed.control.api.set_rbac(Rbac.shipped().without("otel-kzt-agent", "nodes"))
+    bed.control.api.drop_connections()
+    ds.wait_for(lambda: ("KztAgentMetadataNotSynced", ns("a")) in active(prometheus), 60, "metadata alert")
+    assert ds.http_get(f"http://{enricher.metrics_target}/readyz")[0] == 200
+    assert any("403 watch nodes system:serviceaccount:otel-kzt:otel-kzt-agent" in r
+               for r in bed.control.api.refusals)  # fmt: skip

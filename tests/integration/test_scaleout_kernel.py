@@ -33,6 +33,7 @@ from tests.e2e import truth
 from tests.e2e.conftest import AGGREGATION, in_scope
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
+from tests.support.k8s_cluster import ENRICHER, ServedRun
 
 pytestmark = [pytest.mark.kernel, pytest.mark.integration]
 
@@ -54,8 +55,9 @@ def _serves(url: str) -> bool:
     return ds.http_get(url)[0] == 200
 
 
-class ReplicatedRun(ClusterRun):
-    """A ClusterRun whose enricher is two replicas and whose agents list both (rendezvous + failover)."""
+class ReplicatedRun(ServedRun):
+    """A ClusterRun whose enricher is two replicas and whose agents list both (rendezvous + failover);
+    metadata from the RBAC-enforcing API server, each component with its own token."""
 
     def split(self) -> None:
         """Pick gRPC ports such that the agents do not all prefer the same replica."""
@@ -73,7 +75,7 @@ class ReplicatedRun(ClusterRun):
         self.replicas: list[subprocess.Popen[bytes] | None] = [None, None]
 
     def replica_argv(self, i: int) -> list[str]:
-        return [
+        argv = [
             sys.executable,
             "-m",
             "otel_kzt.cli",
@@ -88,6 +90,7 @@ class ReplicatedRun(ClusterRun):
             f"127.0.0.1:{self.metrics_ports[i]}",
             *self.config.enricher_args,
         ]
+        return self.metadata_args(argv, ENRICHER)
 
     def start_enricher(self) -> None:
         for i in range(2):

@@ -30,6 +30,7 @@ import pytest
 
 from otel_kzt import netns
 from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
+from tests.support.k8s_cluster import served_cluster  # noqa: F401 -- the API server fixture (metadata)
 
 TRAFFIC = str(Path(__file__).with_name("traffic.py"))
 PIN_ROOT = "/sys/fs/bpf/otel-kzt"

@@ -11,7 +11,6 @@ no download in CI); `otel_kzt` itself is only the installed wheel, which the tes
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -25,7 +24,8 @@ import pytest
 from otel_kzt import netns, schema
 from tests.conftest import REPO
 from tests.integration import deploy_stack as ds
-from tests.support.k8s_objects import as_list, make_node
+from tests.support.k8s_cluster import AGENT, ENRICHER, ServedCluster
+from tests.support.k8s_objects import make_node
 from tests.support.processes import stop
 
 pytestmark = pytest.mark.kernel
@@ -91,22 +91,25 @@ def node() -> Iterator[None]:
         yield
 
 
-def test_the_installed_wheel_runs_enricher_and_agent(venv: Path, node: None, tmp_path: Path) -> None:
+def test_the_installed_wheel_runs_enricher_and_agent(
+    venv: Path, node: None, tmp_path: Path, served_cluster: ServedCluster
+) -> None:
+    """Both read metadata from the RBAC-enforcing API server with their own tokens, through the
+    kubernetes client the wheel's dependencies installed."""
     assert run([str(venv / "otel-kzt"), "--version"], cwd=tmp_path).stdout.startswith("otel-kzt ")
-    metadata = tmp_path / "cluster.json"
-    metadata.write_text(json.dumps(as_list([make_node(NS, [NODE_IP], zone="z1")])))
+    served_cluster.sync([make_node(NS, [NODE_IP], zone="z1")])
     grpc, metrics = ds.free_port(), ds.free_port()
     procs: list[subprocess.Popen[bytes]] = []
     try:
         with (tmp_path / "enricher.log").open("wb") as log:
             procs.append(subprocess.Popen(
-                [str(venv / "otel-kzt"), "enricher", "--kube-metadata", str(metadata), "--grpc-endpoint",
+                [str(venv / "otel-kzt"), "enricher", *served_cluster.args(ENRICHER), "--grpc-endpoint",
                  f"0.0.0.0:{grpc}", "--http-endpoint", "", "--metrics-endpoint", f"127.0.0.1:{metrics}"],
                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log))  # fmt: skip
         with (tmp_path / "agent.log").open("wb") as log:
             procs.append(netns.popen_in(NS, [
                 str(venv / "otel-kzt"), "agent", "--node-name", NS, "--no-pin", "--interval", "0.5s",
-                "--kube-metadata", str(metadata), "--otlp-endpoint", f"http://{ROOT_IP}:{grpc}"],
+                *served_cluster.args(AGENT, via=ROOT_IP), "--otlp-endpoint", f"http://{ROOT_IP}:{grpc}"],
                 cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log))  # fmt: skip
 
         def reported() -> bool:

@@ -10,6 +10,7 @@ token, so agents and enrichers read metadata as in a cluster (DESIGN §5.8), nev
 
 `served_cluster` is a fixture over it (started empty on 0.0.0.0, stopped after the test, even on failure).
 Use a module- or session-scoped copy (`ServedCluster` in your own fixture) when agents outlive a test.
+`ServedRun` is the demo's `ClusterRun` whose agents and enricher read its objects that way.
 """
 
 from __future__ import annotations
@@ -22,10 +23,12 @@ from typing import Any
 
 import pytest
 
+from otel_kzt.demo.cluster import NodeSpec
+from otel_kzt.demo.runner import ClusterRun
 from tests.support.k8s_apiserver import AGENT, ENRICHER, FakeApiServer
 from tests.support.k8s_rbac import Rbac
 
-__all__ = ["AGENT", "ENRICHER", "ServedCluster", "served_cluster"]
+__all__ = ["AGENT", "ENRICHER", "ServedCluster", "ServedRun", "served_cluster"]
 
 _Key = tuple[str, str, str]  # (kind, namespace, name)
 
@@ -90,3 +93,33 @@ class ServedCluster:
 def served_cluster(tmp_path: Path) -> Iterator[ServedCluster]:
     with ServedCluster(tmp_path, host="0.0.0.0") as control:
         yield control
+
+
+class ServedRun(ClusterRun):
+    """The demo's run with its metadata served by a `ServedCluster` on the host's fabric address (which
+    node namespaces reach): agents and enricher get `--kubeconfig` with their own ServiceAccount's token
+    instead of `--kube-metadata`. Every `write_metadata()` (start, a routing change) syncs the server, so
+    components see it through their watches. The server stops with the run's topology."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.control: ServedCluster | None = None
+
+    def write_metadata(self) -> None:
+        super().write_metadata()
+        if self.control is None:
+            self.control = ServedCluster(self.workdir, host=self.cluster.plan.host(4)).start()
+            self._topo.on_close("test API server", self.control.stop)
+        self.control.sync_file(self.metadata_file)
+
+    def metadata_args(self, argv: list[str], account: tuple[str, str]) -> list[str]:
+        """`argv` with its `--kube-metadata FILE` replaced by `account`'s `--kubeconfig`."""
+        assert self.control is not None, "write_metadata() first (start() does)"
+        at = argv.index("--kube-metadata")
+        return [*argv[:at], *self.control.args(account), *argv[at + 2 :]]
+
+    def agent_argv(self, node: NodeSpec) -> list[str]:
+        return self.metadata_args(super().agent_argv(node), AGENT)
+
+    def enricher_argv(self) -> list[str]:
+        return self.metadata_args(super().enricher_argv(), ENRICHER)
