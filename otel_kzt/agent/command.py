@@ -9,9 +9,6 @@ one final export, exit 0; the pinned datapath keeps counting for the next proces
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
-import gc
 import logging
 import os
 import socket
@@ -21,6 +18,7 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
 from otel_kzt import logformat
+from otel_kzt.agent import heap
 from otel_kzt.agent.config import DATAPATHS, PROTOCOLS, AgentConfig, from_values
 from otel_kzt.agent.health import Health, metadata_state
 from otel_kzt.configfile import load_yaml, merge
@@ -151,6 +149,7 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
 
     if config.pin:
         require_host_bpffs(config.pin_root)  # refused before anything starts: pins that would not last
+    heap.keep_big_blocks_mapped()
 
     health = Health(config.interval_s)
     health.add_check("datapath", lambda: "not attached yet (compiling, loading, attaching)")
@@ -161,7 +160,7 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
     health.add_check("datapath", lambda: None if datapath.attached else "not attached")
     if store is not None:
         store.repin()
-    _release_compiler_heap()
+    heap.release_freed()
     handle = _open_metadata(config)
     index = None
     if handle is not None:
@@ -222,21 +221,6 @@ def _receiver_store(config: AgentConfig, stack: ExitStack) -> BpffsReceiverStore
     if store is not None:
         stack.callback(store.close)
     return store
-
-
-def _release_compiler_heap() -> None:
-    """Give the heap freed by bcc's one-off LLVM compile back to the OS (~16 MB of a long-lived process).
-
-    glibc keeps freed memory mapped; `malloc_trim` returns it. Elsewhere (musl ...) nothing is done.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError) as exc:
-        log.debug("malloc_trim unavailable: error=%s", exc)
-        return
-    gc.collect()
-    trim(0)
 
 
 def _open_metadata(config: AgentConfig) -> Any:
