@@ -148,3 +148,18 @@ def test_second_demo_gets_a_clear_error(e2e: ClusterRun) -> None:
     assert "another otel-kzt demo is running" in proc.stderr
     assert all(netns_exists(n.netns) for n in e2e.cluster.nodes)
     assert e2e.scrape()  # the running one is untouched
+
+
+def test_apply_recommendations_mid_run_shows_before_and_after(slot: Slot, demo: list[str]) -> None:
+    """The story's web -> api Service crosses zones until --apply-recommendations sets the setting the
+    report recommends; the final report names the change and the windows before and after it."""
+    proc = subprocess.run([*demo, "--once", "--duration", "36s", "--apply-recommendations", "--apply-after",
+                           "18s", "--savings-window", "15s"], capture_output=True, text=True, timeout=240,
+                          cwd=REPO, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "applied recommendations: shop/api: PreferSameZone" in proc.stderr
+    out = proc.stdout
+    row = next(line for line in out.splitlines() if "shop/api" in line and "PreferSameZone" in line)
+    assert ": none" in row and "less" in out  # the change and what it cut, in the Services table
+    assert "headless Service" in out  # postgres: no routing advice, and the report says why
+    assert_nothing_left(slot)
