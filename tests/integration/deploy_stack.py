@@ -83,10 +83,15 @@ class EnricherProcess(_Process):
         name: str,
         extra: Sequence[str] = (),
         grpc_port: int | None = None,
+        *,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """`wrapper` runs it through another command (`nsenter --net=...`: a network namespace's 127.0.0.1;
+        the ports are picked free on the host's, and a fresh namespace has every port free)."""
         self.name = name
         self.grpc_port, self.http_port, self.metrics_port = grpc_port or free_port(), free_port(), free_port()
         args = [
+            *wrapper,
             sys.executable,
             "-m",
             "otel_kzt.cli",

@@ -100,9 +100,6 @@ def _setpriv(caps: list[str]) -> list[str]:
     return ["setpriv", "--no-new-privs", f"--bounding-set={bounding}", "--"]
 
 
-ENRICHER_GRPC = 14317  # inside the test's own network namespace: nothing else binds there
-
-
 def _token(tmp_path: Path) -> Path:
     token = tmp_path / "otlp-token"  # the Secret both the DaemonSet and the Deployment mount
     token.write_text("kx-token\n")
@@ -110,42 +107,26 @@ def _token(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def enricher(netns: str, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def enricher(netns: str, tmp_path: Path) -> Iterator[ds.EnricherProcess]:
     """A real enricher in the agent's namespace, so an export can be delivered and readiness turn true."""
     metadata = da.write_metadata(tmp_path / "kx-enricher-metadata.json")
-    argv = [
-        "nsenter",
-        f"--net=/run/netns/{netns}",
-        sys.executable,
-        "-m",
-        "otel_kzt.cli",
-        "--log-level",
-        "WARNING",
+    process = ds.EnricherProcess(
+        tmp_path,
+        metadata,
         "enricher",
-        "--kube-metadata",
-        str(metadata),
-        "--no-flow-logs-stdout",
-        "--bearer-token-file",
-        str(_token(tmp_path)),
-        "--grpc-endpoint",
-        f"127.0.0.1:{ENRICHER_GRPC}",
-        "--http-endpoint",
-        "127.0.0.1:14318",
-        "--metrics-endpoint",
-        "127.0.0.1:18889",
-    ]
-    with (tmp_path / "enricher.log").open("wb") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+        extra=["--bearer-token-file", str(_token(tmp_path))],
+        wrapper=["nsenter", f"--net=/run/netns/{netns}"],
+    )
     try:
-        yield proc
+        yield process
     finally:
-        _stop(proc)
+        process.stop()
 
 
-def _start(tmp_path: Path, caps: list[str]) -> subprocess.Popen[bytes]:
+def _start(tmp_path: Path, caps: list[str], enricher: ds.EnricherProcess) -> subprocess.Popen[bytes]:
     metadata = da.write_metadata(tmp_path / "kx-metadata.json")
     args = list(_agent()["args"])  # type: ignore[call-overload]
-    args[args.index("--otlp-endpoint") + 1] = f"http://127.0.0.1:{ENRICHER_GRPC}"
+    args[args.index("--otlp-endpoint") + 1] = enricher.otlp_url
     args[args.index("--interval") + 1] = "1s"
     token = _token(tmp_path)
     args[args.index("--otlp-bearer-token-file") + 1] = str(token)
@@ -194,19 +175,19 @@ def _kallsyms_addresses(caps: list[str]) -> set[str]:
 
 
 def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(
-    netns: str, enricher: subprocess.Popen[bytes], tmp_path: Path
+    netns: str, enricher: ds.EnricherProcess, tmp_path: Path
 ) -> None:
     assert "SYSLOG" not in _manifest_caps()
     # The agent cannot see kernel symbol addresses (bcc's trigger for rewriting bpf_probe_read_kernel),
     # yet it must load: the helper is called by number.
     assert _kallsyms_addresses(_manifest_caps()) == {"0000000000000000"}
     assert not _probe_ok()
-    proc = _start(tmp_path, _manifest_caps())
+    proc = _start(tmp_path, _manifest_caps(), enricher)
     try:
         ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent's readiness probe")
         log = next(tmp_path.glob("agent-*.log")).read_text(errors="replace")
         assert proc.poll() is None, f"agent exited {proc.returncode}:\n{log[-2000:]}"
-        assert enricher.poll() is None, (tmp_path / "enricher.log").read_text(errors="replace")[-2000:]
+        assert enricher.proc.poll() is None, enricher.tail()
         assert any(PIN_DIR.iterdir()), f"attached but nothing pinned under {PIN_DIR}"
         status = Path(f"/proc/{_python_child(proc.pid)}/status").read_text()
         effective = int(
@@ -222,11 +203,11 @@ def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(
 
 @pytest.mark.parametrize("missing", ["BPF", "PERFMON", "NET_ADMIN"])
 def test_agent_fails_without_each_datapath_capability(
-    netns: str, enricher: subprocess.Popen[bytes], tmp_path: Path, missing: str
+    netns: str, enricher: ds.EnricherProcess, tmp_path: Path, missing: str
 ) -> None:
     assert not _probe_ok()
     caps = [c for c in _manifest_caps() if c != missing]
-    proc = _start(tmp_path, caps)
+    proc = _start(tmp_path, caps, enricher)
     try:
         ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent to exit or attach")
         assert not _probe_ok(), f"the agent attached without {missing}: the manifest would over-grant"
