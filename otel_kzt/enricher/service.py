@@ -131,7 +131,8 @@ class EnricherService:
         self.registry.register(SavingsCollector(savings))
         savings.start()
         self._stoppers.append(("savings", savings))
-        self._web = web_pages(aggregates.snapshot, aggregates.flow_labels, lambda: savings.report)
+        self._web = web_pages(aggregates.snapshot, aggregates.flow_labels, lambda: savings.report,
+                              agents=agents.health)
         if cfg.state_file:
             # Restored before anything is received: the first points continue the checkpoint's series.
             checkpointer = Checkpointer(

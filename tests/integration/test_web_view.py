@@ -15,9 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from otel_kzt import schema
 from otel_kzt.demo.view import workload
 from tests.conftest import REPO
+from tests.integration.test_enricher_badinput import post
 from tests.integration.test_enricher_prometheus import send
 from tests.integration.test_enricher_service import NODE_IPS, POD_IPS, get, local_config, running
 from tests.support import browser
+from tests.unit.test_enricher_agents import agent_pass
 
 pytestmark = pytest.mark.integration
 ARTIFACTS = Path(os.environ.get("KZT_TEST_ARTIFACTS", REPO / "test-artifacts"))
@@ -55,6 +57,32 @@ def _from_page(html: str) -> tuple[dict[tuple[str, str], float], dict[tuple[str,
     return zones, talkers
 
 
+AGENT_GAUGES = (schema.AGENT_FLOWS_TRACKED, schema.AGENT_MAP_FILL_RATIO, schema.AGENT_METADATA_SYNCED)
+NODE = schema.prom_label(schema.RESOURCE_NODE_NAME)
+
+
+def _agents_from_metrics(text: str) -> dict[str, dict[str, object]]:
+    """Per node: the agents' gauges, overflow bytes and exports by result, as /metrics has them."""
+    out: dict[str, dict[str, object]] = defaultdict(dict)
+    for name in (*AGENT_GAUGES, f"{schema.AGENT_OVERFLOW_BYTES}_total"):
+        for lb, v in _samples(text, name):
+            out[lb[NODE]][name.removesuffix("_total")] = v
+    for lb, v in _samples(text, f"{schema.AGENT_EXPORTS}_total"):
+        exports = out[lb[NODE]].setdefault("exports", {})
+        exports[lb[schema.AGENT_RESULT]] = v  # type: ignore[index]
+    return dict(out)
+
+
+def _agents_from_page(page: browser.Elements) -> dict[str, dict[str, object]]:
+    out: dict[str, dict[str, object]] = defaultdict(dict)
+    for attrs, _ in page.select("td", "num"):
+        if "data-metric" in attrs:
+            out[attrs["data-node"]][attrs["data-metric"]] = float(attrs["data-value"])
+        elif "data-exports" in attrs and attrs["data-exports"] != "{}":
+            out[attrs["data-node"]]["exports"] = json.loads(attrs["data-exports"])
+    return dict(out)
+
+
 def test_matrix_and_talkers_on_the_page_equal_metrics(tmp_path: Path) -> None:
     from tests.integration.test_enricher_service import write_metadata
 
@@ -72,6 +100,8 @@ def test_matrix_and_talkers_on_the_page_equal_metrics(tmp_path: Path) -> None:
         send(svc.ports["http"], points, now)
         later = [(s, d, v * 2, st) for s, d, v, st in points]
         send(svc.ports["http"], later, now + 10**9)  # then the traffic stops
+        _, telemetry = agent_pass("kzt-e-b1")  # a real agent pass: its flows and its own health
+        assert post(svc.ports["http"], telemetry)[0] == 200
         metrics = get(f"{base}/metrics")[1]
         zones, talkers = _from_metrics(metrics)
         assert zones[("us-east-1b", "us-east-1a")] == 2 * (2_000_003 + 9_999)  # both reports counted
@@ -81,6 +111,10 @@ def test_matrix_and_talkers_on_the_page_equal_metrics(tmp_path: Path) -> None:
         assert page_zones == zones
         assert page_talkers == talkers
         assert page_talkers[("shop/cache", "shop/web")] == 4_000_006
+        page = browser.parse(browser.dump_dom(base + "/"))
+        health = _agents_from_metrics(get(f"{base}/metrics")[1])
+        assert health["kzt-e-b1"]["kzt_agent_flows_tracked"] == 3  # the pass's three flows
+        assert _agents_from_page(page) == health
         shot = browser.screenshot(base + "/", ARTIFACTS / "web-view.png")
         assert shot.stat().st_size > 20_000  # a rendered page, not a blank one
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -217,8 +217,20 @@ def test_summary_is_the_metrics_snapshot_reshaped() -> None:
         {"class": "same-zone", "bytes": 50.0, "usd": 0.0},
         {"class": "cross-zone", "bytes": 300.0, "usd": 4e-6},
     ]
-    assert body["agents"] == [{"node": "n-a", "last_report": 990.0, "age_seconds": 10.0}]
+    assert body["agents"] == [{"node": "n-a", "last_report": 990.0, "age_seconds": 10.0, "reporting": False,
+                               "datapath": None, "metrics": {}, "exports": {}}]  # fmt: skip
     assert json.loads(summary_body(snap, labels, 1000.0)) == body
+    health = [{"node": "n-a", "last_report": 995.0, "reporting": True, "datapath": "netfilter",
+               "metrics": {schema.AGENT_FLOWS_TRACKED: 7.0}, "exports": {"ok": 3.0}},
+              {"node": "n-b", "last_report": 900.0, "reporting": False, "datapath": None, "metrics": {},
+               "exports": {}}]  # fmt: skip
+    agents = summary(snap, labels, 1000.0, health=health)["agents"]
+    assert agents == [
+        {"node": "n-a", "last_report": 990.0, "age_seconds": 10.0, "reporting": True, "datapath": "netfilter",
+         "metrics": {schema.AGENT_FLOWS_TRACKED: 7.0}, "exports": {"ok": 3.0}},
+        {"node": "n-b", "last_report": 900.0, "age_seconds": 100.0, "reporting": False, "datapath": None,
+         "metrics": {}, "exports": {}},
+    ]  # fmt: skip
     # An aggregation without the class label has no talkers (and says nothing wrong).
     assert summary(snap, labels[:-1], 1000.0)["talkers"] == []
 

@@ -6,7 +6,9 @@ Prometheus `rate()` over the counters would, so what the page says equals what `
 - `talkers`: `kzt_flow_bytes_total{kzt_traffic_class="cross-zone"}` summed by workload pair (the labels
   `--flow-aggregation` keeps; a label it drops reads "");
 - `classes`: `kzt_flow_bytes_total` summed by traffic class, `kzt_estimated_cost_usd_total` by class;
-- `agents`: when each agent last reported (`kzt_enricher_agent_last_report_timestamp_seconds`).
+- `agents`: when each agent last reported (`kzt_enricher_agent_last_report_timestamp_seconds`) and, while
+  it reports, its own health as `kzt_agent_*` shows it (datapath, flows tracked, map fill, overflow,
+  exports by result, metadata synced: state/agents.py).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ _PAIR_FIELDS: Final = (
 )  # fmt: skip
 
 
-def summary(snap: Snapshot, flow_labels: Sequence[str], now: float, top: int = DEFAULT_TOP) -> dict[str, Any]:
-    """The body of `/api/v1/summary` (JSON-ready)."""
+def summary(snap: Snapshot, flow_labels: Sequence[str], now: float, top: int = DEFAULT_TOP,
+            health: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:  # fmt: skip
+    """The body of `/api/v1/summary` (JSON-ready); `health`: `AgentsHealth.health()`."""
     return {
         "generated_at": now,
         "zones": [
@@ -43,11 +46,24 @@ def summary(snap: Snapshot, flow_labels: Sequence[str], now: float, top: int = D
         ],
         "talkers": _talkers(snap.get("flow_bytes", {}), flow_labels, top),
         "classes": _classes(snap, flow_labels),
-        "agents": [
-            {"node": node, "last_report": ts, "age_seconds": max(0.0, now - ts)}
-            for (node,), ts in sorted(snap.get("agents", {}).items())
-        ],
+        "agents": _agents(snap.get("agents", {}), health, now),
     }
+
+
+def _agents(last: Mapping[tuple[str, ...], float], health: Sequence[Mapping[str, Any]],
+            now: float) -> list[dict[str, Any]]:  # fmt: skip
+    by_node = {h["node"]: h for h in health}
+    reported = {key[0]: ts for key, ts in last.items()}
+    out = []
+    for node in sorted(set(reported) | set(by_node)):
+        own = by_node.get(node, {})
+        ts = reported.get(node, own.get("last_report", 0.0))
+        out.append({
+            "node": node, "last_report": ts, "age_seconds": max(0.0, now - ts),
+            "reporting": bool(own.get("reporting", False)), "datapath": own.get("datapath"),
+            "metrics": dict(own.get("metrics", {})), "exports": dict(own.get("exports", {})),
+        })  # fmt: skip
+    return out
 
 
 def _talkers(flows: Mapping[tuple[str, ...], float], labels: Sequence[str], top: int) -> list[dict[str, Any]]:

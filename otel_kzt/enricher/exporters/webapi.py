@@ -55,8 +55,8 @@ def savings_body(report: Report) -> bytes:
 
 
 def summary_body(snap: Mapping[str, Mapping[tuple[str, ...], float]], flow_labels: Sequence[str],
-                 now: float) -> bytes:  # fmt: skip
-    return _json(summary(snap, flow_labels, now))
+                 now: float, health: Sequence[Mapping[str, Any]] = ()) -> bytes:  # fmt: skip
+    return _json(summary(snap, flow_labels, now, health=health))
 
 
 def pages(
@@ -64,12 +64,14 @@ def pages(
     flow_labels: Sequence[str],
     report: Callable[[], Report],
     clock: Callable[[], float] = time.time,
+    agents: Callable[[], Sequence[Mapping[str, Any]]] = tuple,
 ) -> dict[str, Page]:
-    """The metrics port's pages for the web view and its API (EnricherService._pages adds them)."""
+    """The metrics port's pages for the web view and its API (EnricherService._pages adds them);
+    `agents`: the agents' health (`AgentsHealth.health`)."""
     fresh = {"Cache-Control": "no-store"}
 
     def summary_page(_request: PageRequest) -> Reply:
-        return Reply(200, summary_body(snapshot(), flow_labels, clock()), JSON, fresh)
+        return Reply(200, summary_body(snapshot(), flow_labels, clock(), agents()), JSON, fresh)
 
     def savings_page(_request: PageRequest) -> Reply:
         return Reply(200, savings_body(report()), JSON, fresh)

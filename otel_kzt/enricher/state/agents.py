@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric as OtlpMetric
 from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics
@@ -67,6 +67,9 @@ _SCALARS: Final = {
     ),
     schema.OTLP_AGENT_SERVICE_VIP_BYTES: (schema.AGENT_SERVICE_VIP_BYTES, True, "bytes sent to Service VIPs"),
 }
+
+
+_Copy = tuple[float, dict[str, float], dict[str, float], str | None]  # last report, values, exports, datapath
 
 
 @dataclass
@@ -160,14 +163,35 @@ class AgentsHealth(Collector):
                 del self._nodes[name]
         return dict(self._nodes)
 
-    def collect(self) -> Iterator[Metric]:
-        now = self._clock()
+    def _copy(self, now: float) -> tuple[dict[str, _Copy], int]:
         with self._lock:
             nodes = {
                 n: (s.last_report, dict(s.values), dict(s.exports), s.datapath)
                 for n, s in self._sweep(now).items()
             }
-            refused = self.refused
+            return nodes, self.refused
+
+    def health(self) -> list[dict[str, Any]]:
+        """Per node, what `collect` exposes, by Prometheus name (the web view's agents panel: the same
+        numbers as /metrics). A node not reporting within `fresh_s` keeps only its last report."""
+        now = self._clock()
+        nodes, _ = self._copy(now)
+        out = []
+        for name, (at, values, results, datapath) in sorted(nodes.items()):
+            fresh = now - at <= self._fresh_s
+            out.append({
+                "node": name,
+                "last_report": at,
+                "reporting": fresh,
+                "datapath": datapath if fresh else None,
+                "metrics": {_SCALARS[k][0]: v for k, v in sorted(values.items())} if fresh else {},
+                "exports": dict(sorted(results.items())) if fresh else {},
+            })  # fmt: skip
+        return out
+
+    def collect(self) -> Iterator[Metric]:
+        now = self._clock()
+        nodes, refused = self._copy(now)
         last = GaugeMetricFamily(
             schema.AGENT_LAST_REPORT, "when the agent last reported (Unix seconds)", labels=[NODE_LABEL]
         )

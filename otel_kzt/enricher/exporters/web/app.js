@@ -114,11 +114,30 @@ function drawClasses(summary, dt) {
   }), "nothing counted yet");
 }
 
+// The agents' own numbers as /metrics has them (kzt_agent_*), while each reports.
+const AGENT_CELLS = [
+  ["kzt_agent_flows_tracked", v => v.toFixed(0)],
+  ["kzt_agent_flow_map_fill_ratio", v => `${(100 * v).toFixed(1)} %`],
+  ["kzt_agent_overflow_bytes", v => bytes(v)],
+  ["kzt_agent_metadata_synced", v => (v >= 1 ? "yes" : "no")],
+];
+
 function drawAgents(summary) {
   fill("agents", summary.agents.map(a => {
     const late = a.age_seconds > 3 * REFRESH_S + 30;
-    return el("tr", {}, el("td", {}, a.node), el("td", { class: "num" }, `${a.age_seconds.toFixed(0)} s ago`),
-      el("td", { class: late ? "bad" : "ok" }, late ? "silent" : "reporting"));
+    const m = a.metrics || {};
+    const failed = (a.exports || {}).failed || 0;
+    const trouble = !a.reporting || late || failed > 0 || m.kzt_agent_metadata_synced === 0 ||
+      m.kzt_agent_overflow_bytes > 0;
+    const state = late || !a.reporting ? "silent" : trouble ? "degraded" : "reporting";
+    const cells = AGENT_CELLS.map(([name, show]) => el("td", m[name] === undefined ? { class: "num" } :
+      { class: "num", "data-node": a.node, "data-metric": name, "data-value": m[name] },
+      m[name] === undefined ? "" : show(m[name])));
+    const exports = Object.entries(a.exports || {}).sort().map(([result, n]) => `${result} ${n}`).join(", ");
+    return el("tr", { "data-node": a.node }, el("td", {}, a.node), el("td", {}, a.datapath || ""),
+      el("td", { class: "num" }, `${a.age_seconds.toFixed(0)} s ago`), ...cells,
+      el("td", { class: "num", "data-node": a.node, "data-exports": JSON.stringify(a.exports || {}) }, exports),
+      el("td", { class: state === "reporting" ? "ok" : "bad" }, state));
   }), "no agent has reported yet");
 }
 
