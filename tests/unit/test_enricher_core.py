@@ -6,6 +6,7 @@ import math
 from collections.abc import Iterable
 
 import pytest
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     AGGREGATION_TEMPORALITY_CUMULATIVE,
@@ -399,3 +400,31 @@ def test_late_older_report_adds_nothing() -> None:
     for value, t in ((100, 2_000), (150, 4_000), (100, 3_000), (170, 5_000)):  # (100, 3000) arrives late
         core.consume_metrics(request([("10.0.0.1", "10.0.0.4", value, 1)], t=t))
     assert sample(registry, "pod_cross_zone_network_traffic_bytes_total", **pod) == 170
+
+
+def test_bytes_and_packets_of_a_flow_are_named_once_per_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two metrics of one flow carry the same attributes: one resolution names both series (and
+    they share its flow-log template), each aggregated where its metric goes."""
+    core, _, registry, sink = make_core(FakeIndex())
+    resolver = core._points._resolver
+    calls: list[object] = []
+    real = resolver.resolve
+    monkeypatch.setattr(resolver, "resolve", lambda *a: calls.append(a) or real(*a))
+    req = request([("10.0.0.1", "10.0.0.4", 3_000, 1), ("10.0.0.1", "10.0.0.5", 900, 1)])
+    packets = request([("10.0.0.1", "10.0.0.4", 2, 1), ("10.0.0.1", "10.0.0.5", 1, 1)], schema.FLOW_PACKETS)
+    req.resource_metrics[0].scope_metrics[0].metrics.append(
+        packets.resource_metrics[0].scope_metrics[0].metrics[0]
+    )
+    assert core.consume_metrics(req).rejected == 0
+    assert len(calls) == 2  # one per flow, not per series
+    groups = core._table.groups.values()
+    templates = [s.template for table in groups for s in table.values()]
+    assert len(templates) == 4 and len({id(t) for t in templates}) == 2
+    pod = {"namespace": "shop", "pod": "web-1"}
+    assert sample(registry, "pod_cross_zone_network_traffic_bytes_total", **pod) == 3_900  # both billed
+    records = [
+        {kv.key: kv.value.int_value for kv in r.attributes if kv.value.HasField("int_value")}
+        for r in ExportLogsServiceRequest.FromString(sink.logs[0]).resource_logs[0].scope_logs[0].log_records
+    ]
+    counts = sorted((r[schema.FLOW_LOG_BYTES], r[schema.FLOW_LOG_PACKETS]) for r in records)
+    assert counts == [(900, 1), (3_000, 2)]  # each flow's bytes and packets paired in one record

@@ -26,7 +26,7 @@ from otel_kzt.enricher.exporters.prometheus import Aggregates
 from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.flowlogs import FlowRecord, FlowTemplate
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
-from otel_kzt.enricher.processing.resolution import Resolver
+from otel_kzt.enricher.processing.resolution import Resolved, Resolver
 from otel_kzt.enricher.state.counting import Rule
 from otel_kzt.enricher.state.series import (
     CANONICAL_PREFIX,
@@ -61,11 +61,26 @@ class Batch:
     rejected: int = 0
     reasons: dict[str, int] | None = None
     flows: dict[tuple[bytes, bytes], FlowRecord] | None = None
+    # (resource, series key, measured at) -> what `_resolve` made of it in this request: the bytes and
+    # packets series of one flow carry the same attributes, so the second is named by the first's answer
+    # (and shares its cached naming and flow-log template: half the resolutions and that memory)
+    named: dict[tuple[bytes, bytes, int], _Named] | None = None
 
     def reject(self, reason: str, count: int = 1) -> None:
         self.rejected += count
         self.reasons = self.reasons or {}
         self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+
+@dataclass(frozen=True, slots=True)
+class _Named:
+    """One resolution within a request: the full answer (labels), its price, the slim form series keep,
+    and the flow-log template."""
+
+    resolved: Resolved
+    usd_per_byte: float
+    slim: Resolved
+    template: FlowTemplate | None
 
 
 class SumEnricher:
@@ -228,6 +243,28 @@ class SumEnricher:
         at = at_ns / 1e9 if at_ns > 0 else None
         if entry is not None and self._reuse(entry, batch, at_ns, at, len(raw)):
             return entry
+        named = self._named(raw, key, where[0], batch, at_ns=at_ns, at=at)
+        if named is None:
+            return None
+        targets = self._agg.targets(where[1], named.resolved, named.usd_per_byte)
+        naming = Naming(named.slim, targets, named.template)
+        if entry is not None:
+            self._table.relabel(entry, naming, batch.generation)
+            entry.set_point_len(len(raw))
+            return entry
+        fresh = Series(batch.generation, naming.resolved, targets, naming.template)
+        fresh.set_point_len(len(raw))
+        return self._table.admit(where, key, fresh, batch.now)
+
+    def _named(
+        self, raw: bytes, key: bytes, resource: bytes, batch: Batch, *, at_ns: int, at: float | None
+    ) -> _Named | None:
+        """The series' attributes resolved as measured at `at_ns`, once per request (see Batch.named)."""
+        named = batch.named if batch.named is not None else {}
+        batch.named = named
+        found = named.get((resource, key, at_ns))
+        if found is not None:
+            return found
         dp = NumberDataPoint.FromString(raw)
         given = {kv.key: _text(kv.value) for kv in dp.attributes}
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
@@ -235,21 +272,14 @@ class SumEnricher:
             return None
         resolved = self._resolver.resolve(given, batch.ready, at)
         usd_per_byte = self._prices.per_byte(resolved.traffic_class, resolved.provider)
-        targets = self._agg.targets(where[1], resolved, usd_per_byte)
         billed = self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES
         template = (
             FlowTemplate(resolved, usd_per_byte, json_lines=self._json_flow_logs, otlp=self._otlp_flow_logs)
             if billed
             else None
         )
-        naming = Naming(resolved.slim(), targets, template)
-        if entry is not None:
-            self._table.relabel(entry, naming, batch.generation)
-            entry.set_point_len(len(raw))
-            return entry
-        fresh = Series(batch.generation, naming.resolved, targets, template)
-        fresh.set_point_len(len(raw))
-        return self._table.admit(where, key, fresh, batch.now)
+        found = named[(resource, key, at_ns)] = _Named(resolved, usd_per_byte, resolved.slim(), template)
+        return found
 
     def _reuse(self, entry: Series, batch: Batch, at_ns: int, at: float | None, point_len: int) -> bool:
         """Name the point with a naming the series already has, if one holds for its measurement time:
