@@ -48,7 +48,8 @@ PORT = 6379
 TOLERANCE = 0.10
 
 
-def _write(path: Path, distribution: str | None = None) -> Path:
+def write_cache_metadata(path: Path, distribution: str | None = None) -> Path:
+    """test_enricher_service's cluster plus the `cache` Service: endpoints in zone a (cache-0) and b."""
     base = json.loads(write_metadata(path).read_text())["items"]
     base.append(make_pod("cache-0", "kzt-e-a2", [CACHE_0], owner=("StatefulSet", "cache"),
                          template_hash=None))
@@ -94,7 +95,7 @@ class Traffic:
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[Any, PrometheusProcess, Path]]:
-    metadata = _write(tmp_path / "cluster.json")
+    metadata = write_cache_metadata(tmp_path / "cluster.json")
     with running(local_config(metadata, savings_window_s=WINDOW_S)) as svc:
         prom = PrometheusProcess(tmp_path, {"kzt": [f"127.0.0.1:{svc.ports['metrics']}"]})
         try:
@@ -153,7 +154,7 @@ def test_report_from_prometheus_says_what_the_enricher_says(stack: Stack) -> Non
     assert s_theirs.routing == s_mine.routing and s_theirs.change is None
 
     # The Service is routed (kubectl patch): the enricher notes the moment; Prometheus holds it too.
-    _write(metadata, "PreferSameZone")
+    write_cache_metadata(metadata, "PreferSameZone")
     _scraped(prom, schema.PROM_SERVICE_ROUTING_CHANGE)
     traffic.run(10)
     time.sleep(2)

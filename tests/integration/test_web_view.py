@@ -131,3 +131,43 @@ def test_static_files_and_api_are_served(tmp_path: Path) -> None:
         savings = json.loads(get(base + "/api/v1/savings")[1])
         assert set(savings) >= {"enabled", "reason", "recommendations", "services", "window_seconds"}
         assert get(base + "/nothing-here")[0] == 404
+
+
+def _recs_from_page(html: str) -> dict[tuple[str, str], float]:
+    page = browser.parse(html)
+    kinds = [a["data-kind"] for a, _ in page.select("tr", "recommendation")]
+    saves = [float(a["data-usd"]) for a, _ in page.select("td", "saving")]
+    # The "for" cell: the second cell of each recommendation row (document order).
+    cells = [(tag, attrs, "".join(text).strip()) for tag, attrs, text in page.found]
+    fors = []
+    for i, (tag, attrs, _) in enumerate(cells):
+        if tag == "tr" and "recommendation" in attrs.get("class", "").split():
+            tds = [c for c in cells[i + 1:] if c[0] == "td"]
+            fors.append(tds[1][2])
+    return {(k, f): u for k, f, u in zip(kinds, fors, saves, strict=True)}
+
+
+def test_recommendations_on_the_page_equal_the_savings_api(tmp_path: Path) -> None:
+    from tests.integration.test_savings_prometheus import Traffic, write_cache_metadata
+
+    with running(local_config(write_cache_metadata(tmp_path / "cluster.json"))) as svc:
+        base = f"http://127.0.0.1:{svc.ports['metrics']}"
+        Traffic(svc.ports["http"]).run(3)  # web (zone a) reads the cache Service's pod in zone b
+        deadline = time.monotonic() + 20
+        while not json.loads(get(f"{base}/api/v1/savings")[1])["recommendations"]:
+            assert time.monotonic() < deadline, "no recommendation within 20 s"
+            time.sleep(0.5)
+        for _ in range(4):  # a savings step between the reads changes the rates: read again
+            before = json.loads(get(f"{base}/api/v1/savings")[1])
+            html = browser.dump_dom(base + "/")
+            after = json.loads(get(f"{base}/api/v1/savings")[1])
+            if before == after:
+                break
+        else:
+            pytest.fail("the savings report changed during every page load")
+        want = {(r["recommendation"], f"{r['namespace']}/{r['service']}"): r["usd_per_month"]
+                for r in after["recommendations"]}  # fmt: skip
+        assert list(want) == [("prefer-same-zone", "shop/cache")] and _recs_from_page(html) == want
+        assert "routing setting this cluster accepts: PreferSameZone" in html
+        shot = browser.screenshot(base + "/", ARTIFACTS / "web-view-savings.png")
+        assert shot.stat().st_size > 20_000
