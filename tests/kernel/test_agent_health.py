@@ -32,6 +32,7 @@ from otel_kzt import netns, schema
 from otel_kzt.agent.datapath import bpfsys
 from tests.kernel.test_agent_kernel import _Forwarder
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
+from tests.support.k8s_cluster import ServedCluster
 from tests.support.k8s_objects import as_list, make_node
 from tests.support.k8s_rbac import Rbac
 from tests.support.nodenet import node_behind_veth
@@ -96,16 +97,24 @@ def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 30.0) -> N
         time.sleep(0.1)
 
 
+def served(control: ServedCluster) -> list[str]:
+    """The agent's metadata flags: the API server (its own token), serving this node."""
+    control.sync([make_node(NS, [NODE_IP], zone="z1")])
+    return control.args(AGENT, via=ROOT_IP)
+
+
 def metadata_file(tmp_path: Path) -> str:
+    """A metadata file, for the one test that counts every flow of the node exactly: the API server's
+    list and watch connections would be flows of their own in its 16-entry map."""
     path = tmp_path / "cluster.json"
     path.write_text(json.dumps(as_list([make_node(NS, [NODE_IP], zone="z1")])))
     return str(path)
 
 
 def test_a_loop_stuck_in_a_datapath_read_fails_healthz_while_the_endpoint_answers(
-    agent: Callable[..., subprocess.Popen[bytes]], tmp_path: Path
+    agent: Callable[..., subprocess.Popen[bytes]], served_cluster: ServedCluster
 ) -> None:
-    proc = agent("--kube-metadata", metadata_file(tmp_path))
+    proc = agent(*served(served_cluster))
     wait_for(lambda: get("/readyz")[0] == 200, "ready")
     with held_in_syscall(proc.pid, proc.pid, bpfsys.sys_bpf()):  # the main thread runs the loop
         wait_for(lambda: get("/healthz")[0] == 503, "/healthz fails", 15)
