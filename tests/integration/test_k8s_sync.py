@@ -7,7 +7,8 @@ component with its own token (DESIGN §5.8):
   ready on pods and nodes and its savings are off (`kzt_savings_enabled 0`, a warning naming why);
 - refused after the first sync (RBAC changed, watches re-established): unready, and ready again once
   the rules are back;
-- a failing source logs a WARNING naming the resource and the HTTP status at least once a minute.
+- a failing source logs a WARNING naming the resource and the HTTP status at least once a minute (also
+  from the real `otel-kzt enricher` process).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from otel_kzt.k8s import MetadataHandle, open_metadata
 from otel_kzt.k8s.apisource import WatchConfig, api_sources
 from otel_kzt.k8s.index import ClusterIndex
 from otel_kzt.k8s.kubeclient import load_api_client
+from tests.integration import deploy_stack as ds
 from tests.integration.test_enricher_service import get, local_config, metrics_showing, write_metadata
 from tests.support.k8s_apiserver import AGENT, ENRICHER, FakeApiServer
 from tests.support.k8s_objects import fresh, make_node, make_pod
@@ -203,3 +205,22 @@ def test_a_refused_source_warns_at_least_once_a_minute(
     lines = [m for m in messages(caplog) if "resource=pods" in m]
     assert all("status=403 reason=Forbidden" in line for line in lines)
     assert 'cannot list resource "pods"' in lines[0]
+
+
+def test_the_enricher_command_refused_pods_is_unready_and_says_so(tmp_path: Path) -> None:
+    """The real `otel-kzt enricher --kubeconfig` process: /readyz 503 naming the 403, the gauge 0, and its
+    log repeats the WARNING with the resource and the status while the refusal lasts."""
+    with FakeApiServer(rbac=Rbac.shipped().without("otel-kzt-enricher", "pods")) as api:
+        api.add_many(objects())
+        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", ENRICHER)
+        enricher = ds.EnricherProcess(tmp_path, ["--kubeconfig", kubeconfig], "kz-refused")
+        try:
+            readyz = f"http://{enricher.metrics_target}/readyz"
+            ds.wait_for(lambda: b"403" in ds.http_get(readyz)[1], 30, "/readyz names the 403")
+            status, body = ds.http_get(readyz)
+            assert status == 503 and b"list pods: HTTP 403 Forbidden: pods is forbidden" in body
+            metrics_showing(f"http://{enricher.metrics_target}/metrics", "kzt_enricher_metadata_synced 0.0")
+            ds.wait_for(lambda: enricher.tail().count("resource=pods status=403") >= 2, 30, "warned twice")
+            assert "WARNING" in enricher.tail()
+        finally:
+            enricher.stop()
