@@ -27,7 +27,8 @@ MOVE_TIMEOUT_S = 30.0
 
 def _block(run: E2ERun, node: NodeSpec, port: int | None) -> None:
     """Refuse (TCP reset) the node's connections to one receiver port; None: refuse nothing."""
-    rule = f"ip daddr {run.cluster.plan.host(4)} tcp dport {port} reject with tcp reset" if port else ""
+    host = run.cluster.plan.host(4)
+    rule = f"ip daddr {host} tcp dport {port} reject with tcp reset" if port else ""
     chain = f"    chain output {{\n        type filter hook output priority 0;\n        {rule}\n    }}"
     nft(node.netns, f"table inet {BLOCK} {{}}\ndelete table inet {BLOCK}\ntable inet {BLOCK} {{\n{chain}\n}}\n")
 
