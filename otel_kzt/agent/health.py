@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from otel_kzt.agent.flows import AF_INET, AF_INET6, Snapshot
-from otel_kzt.k8s.model import MetadataIndex
+from otel_kzt.k8s.model import MetadataIndex, sync_summary
 
 STALE_INTERVALS: Final = 3
 Check = Callable[[], str | None]  # None: passes; else why not, in one line
@@ -52,14 +52,9 @@ def map_fill_ratio(snapshot: Snapshot) -> float:
 
 
 def metadata_state(index: MetadataIndex | None) -> tuple[bool, str]:
-    """(synced, one line saying why not): the same answer for /readyz and kzt_agent_metadata_synced."""
-    if index is None:
-        return False, "metadata not configured (--kube-metadata, --kubeconfig, or run in a cluster)"
-    sync_state = getattr(index, "sync_state", None)  # TODO(k8s seam 4): on every MetadataIndex once landed
-    if sync_state is None:
-        return index.ready(), "metadata synced" if index.ready() else "metadata not synced yet"
-    state = sync_state()
-    return bool(state.synced), str(state.describe())
+    """(synced, one line saying why not): the same answer for /readyz and kzt_agent_metadata_synced
+    (the index's sync state: a 401/403 on pods or nodes, now, is not synced and names the resource)."""
+    return sync_summary(index)
 
 
 class Health:
