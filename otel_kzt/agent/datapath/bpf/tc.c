@@ -14,7 +14,7 @@
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
  * Overhead: one 64-byte skb load (two more for a packet shorter than that), one hash lookup, two atomic
- * adds, one tail call; with KZT_TC_INNER one 48-byte load more. Measured by bench/overhead.py.
+ * adds, one tail call; with KZT_TC_INNER one 48-byte load more. Measured by bench/datapath_overhead.py.
  * Limits: p.len is the skb's length less an Ethernet header; count.h only falls back to it where the IP
  * header gives no length (BIG TCP, which only Ethernet devices do) and for an unreadable packet.
  */
