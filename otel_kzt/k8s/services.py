@@ -71,9 +71,10 @@ class ServiceIndex:
 
     def reason(self) -> str:
         """Why the Services are refused now ("" when available, or merely not listed yet)."""
-        if not self._sources:
-            return "no source of Services"
-        return "; ".join(self._failures[name] for name in sorted(self._failures))
+        with self._lock:  # writers (the sources' threads) add and drop failures
+            if not self._sources:
+                return "no source of Services"
+            return "; ".join(self._failures[name] for name in sorted(self._failures))
 
     @property
     def generation(self) -> int:

@@ -8,16 +8,13 @@ there) still crosses. Checked against nftables ground truth counted at the sende
 
 - at two quiet moments (before and after the change) the Service's cross-zone bytes on /metrics, by
   direction, equal the truth: requests counted at the client's node after kube-proxy's DNAT (the pod
-  itself only sees the cluster IP), responses at the endpoint pod;
+  itself only sees the cluster IP; truth.py), responses at the endpoint pod;
 - the recommendation's estimate is within 10 % of the saving measured by the truth after the change;
 - the enricher recorded the change, and the report shows the windows before and after it.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +23,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_kzt import schema
-from otel_kzt.demo.cluster import Cluster
 from otel_kzt.demo.runner import ClusterRun, RunConfig
 from otel_kzt.demo.traffic import Engine
 from otel_kzt.demo.workloads import WEB_PORT
-from otel_kzt.netns import ns_argv
 from otel_kzt.savings.model import SECONDS_PER_MONTH, Kind, Report
 from otel_kzt.savings.render import render
 from otel_kzt.savings.sources import from_enricher
@@ -44,47 +39,11 @@ WARMUP_S = 5.0
 QUIET_TIMEOUT_S = 40.0
 TOLERANCE = 0.10
 API = ("shop", "api")
-REQUESTS_TABLE = "kz_svc_truth"
-Pair = tuple[str, str]
-
-
-def _requests_ruleset() -> str:
-    """Count, in a node, what its pods send to a Service endpoint after kube-proxy's DNAT."""
-    return f"""table inet {REQUESTS_TABLE} {{
-    set f4 {{ type ipv4_addr . ipv4_addr; flags dynamic; counter; size 65535; }}
-    set f6 {{ type ipv6_addr . ipv6_addr; flags dynamic; counter; size 65535; }}
-    chain count {{
-        type filter hook postrouting priority 300; policy accept;
-        ct status dnat ct direction original meta nfproto ipv4 tcp dport {WEB_PORT} \
-            add @f4 {{ ip saddr . ip daddr }}
-        ct status dnat ct direction original meta nfproto ipv6 tcp dport {WEB_PORT} \
-            add @f6 {{ ip6 saddr . ip6 daddr }}
-    }}
-}}
-"""
-
-
-def _nft(ns: str, args: list[str], stdin: str | None = None) -> str:
-    proc = subprocess.run(ns_argv(ns, ["nft", *args]), input=stdin, capture_output=True, text=True,
-                          timeout=30, check=True)  # fmt: skip
-    return proc.stdout
-
-
-def _requests(cluster: Cluster) -> dict[Pair, int]:
-    out: dict[Pair, int] = {}
-    for node in cluster.nodes:
-        for name in ("f4", "f6"):
-            doc = json.loads(_nft(node.netns, ["-j", "list", "set", "inet", REQUESTS_TABLE, name]))
-            for entry in doc["nftables"]:
-                for elem in entry.get("set", {}).get("elem", []):
-                    src, dst = elem["elem"]["val"]["concat"]
-                    key = (str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)))
-                    out[key] = out.get(key, 0) + int(elem["elem"]["counter"]["bytes"])
-    return out
 
 
 class Truth:
-    """The Service's cross-zone bytes by direction, from the nftables counters alone."""
+    """The Service's cross-zone bytes by direction, from the nftables counters alone (truth.py): requests
+    as the client's node counts them after kube-proxy's DNAT, responses as the endpoint pod sends them."""
 
     def __init__(self, run: ClusterRun) -> None:
         self.cluster = run.cluster
@@ -94,14 +53,20 @@ class Truth:
         self.clients = {a: p.node.zone for p in web for a in (p.v4, p.v6)}
         assert len(web) == 3 and len(spec.pods) == 2
         truth.install(self.cluster)
-        for node in self.cluster.nodes:
-            _nft(node.netns, ["-f", "-"], _requests_ruleset())
 
-    def read(self) -> dict[str, int]:
-        to = sum(b for (src, dst), b in _requests(self.cluster).items()
-                 if src in self.clients and dst in self.endpoints
+    def read(self, *, quiet: bool = False) -> dict[str, int]:
+        """`quiet` (no traffic): through `truth.read`, which also checks that what the pods sent to the
+        cluster IP is what their nodes DNATed; under traffic the two are read at different moments."""
+        if quiet:
+            pairs = truth.read(self.cluster)
+            sent = dnated = pairs
+        else:
+            points = truth.read_points(self.cluster)
+            sent, dnated = points["sent"], points["svc"]
+        to = sum(b for (src, dst, proto), b in dnated.items()
+                 if proto == "tcp" and src in self.clients and dst in self.endpoints
                  and self.clients[src] != self.endpoints[dst])  # fmt: skip
-        from_ = sum(b for (src, dst, proto), b in truth.read(self.cluster).items()
+        from_ = sum(b for (src, dst, proto), b in sent.items()
                     if proto == "tcp" and src in self.endpoints and dst in self.clients
                     and self.endpoints[src] != self.clients[dst])  # fmt: skip
         return {"to": to, "from": from_}
@@ -123,7 +88,7 @@ def _quiet_and_equal(run: ClusterRun, truth_: Truth) -> dict[str, int]:
     """With traffic stopped: poll until /metrics equals the truth; fail with both when it never does."""
     deadline = time.monotonic() + QUIET_TIMEOUT_S
     while True:
-        want, got = truth_.read(), _service_bytes(run)
+        want, got = truth_.read(quiet=True), _service_bytes(run)
         if want == got and want["from"] > 0:
             return want
         if time.monotonic() > deadline:
