@@ -1,10 +1,10 @@
 """Per-point enrichment of one serialised kzt.flow.* Sum: the core's hot loop and its slow paths.
 
 What a point adds is the counting rule's answer (state/counting.py, called from both paths below); the
-increment goes to `Series.total`, billed flows become flow-log records in the request's `Batch`, and a point
-the rule holds back (a duplicate, a stale or late point) is not re-exported. A series renamed by the
-enricher goes on downstream as a new stream: its run's points get the rename as their start and the value
-counted before it taken off (series.py, `out_*`).
+increment goes to the series' accumulator (`Series.acc`), billed flows become flow-log records in the
+request's `Batch`, and a point the rule holds back (a duplicate, a stale or late point) is not
+re-exported. A series renamed by the enricher goes on downstream as a new stream: its run's points get the
+rename as their start and the value counted before it taken off (series.py, `out_*`).
 
 A point in the agent's canonical shape (start, time, integer value first) is named by what follows those
 27 bytes (its series key); the enriched point is the cached length header + the received bytes + the
@@ -168,7 +168,7 @@ class SumEnricher:
             if inc:
                 if inc < 0:
                     continue  # declined and held back: downstream sees each run once, in order
-                entry.total += inc
+                entry.acc[0] += inc
                 if entry.template is not None:
                     billed.append((entry.template, key, inc, entry.since, t))
             if size == entry.plain_len:  # as the series' cached header was computed for, no rename
@@ -216,7 +216,7 @@ class SumEnricher:
             if inc < 0:
                 return b""
             if inc:
-                entry.total += inc
+                entry.acc[0] += inc
                 if entry.template is not None:
                     self._pair(batch, where, [(entry.template, key, inc, entry.since, t)])
             if start == entry.out_run:  # renamed by the enricher (see the fast path)

@@ -202,7 +202,8 @@ def apply(state: State, agg: Aggregates, table: SeriesTable, now: float) -> int:
     families = agg.families()
     target_sets = [tuple((families[n], agg.intern(k), f) for n, k, f in p) for p in state.target_sets]
     for i in live:
-        entry = Series(RESTORED_GENERATION, _RESTORED, target_sets[s.targets[i]], None, seen=s.seen[i])
+        entry = Series(RESTORED_GENERATION, _RESTORED, (), None, seen=s.seen[i])
+        table.aim(entry, target_sets[s.targets[i]])
         entry.start, entry.last, entry.last_time, entry.older = (
             s.start[i],
             s.last[i],
