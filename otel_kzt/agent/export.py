@@ -22,10 +22,14 @@ The choice survives a restart: every change of the current receiver is written t
 `--no-pin`), and a new process whose first candidates include the stored receiver starts on it instead of
 its first-ranked one. A stored receiver that is no longer a candidate is ignored (first-ranked, as before).
 
-Remaining caveat: a transient failover while the old receiver stays alive (a network blip, a slow answer,
-a receiver overloaded for a moment) still moves the agent, and its totals are then counted by both
-replicas until the old one's series TTL expires. Stickiness and the stored choice only remove the moves
-back (after the first choice returns, after an agent restart).
+A move begins new runs (DESIGN §5.7): the receiver the agent leaves counted its runs so far, and the one
+it moves to must not count them again (it has never seen them, so it would count them whole). So nothing
+of the old runs is sent to the new receiver: the export that would move stops before its first request,
+says so (`ExportResult.switched`), and the service evicts every flow from the kernel map; their next
+packets begin new flows, new runs, with starts after the move (kept by the kernel, so an agent restart
+does not bring the old runs back). What the old receiver had not received when it failed is not counted
+(given the choice, nothing counts twice). The receiver that holds the runs is remembered across restarts
+(`agent_state`): a new process that cannot reach it moves the same way.
 
 Retries: only what `otel_kzt.otlp_failures.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
@@ -52,7 +56,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from otel_kzt.agent.config import GRPC, OtlpConfig
-from otel_kzt.agent.state import ReceiverStore, StoredReceiver
+from otel_kzt.agent.state import ReceiverStore, StoredReceiver, receiver_id
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
 from otel_kzt.errors import PermanentExportError, ReceiverTrustError, RetryableExportError
 from otel_kzt.filewatch import WatchedFiles, token_text
@@ -111,6 +115,7 @@ class ExportResult:
     sent: int = 0  # requests accepted (possibly partially)
     failed: int = 0  # requests not delivered (permanent error or deadline)
     rejected_points: int = 0  # partial success
+    switched: bool = False  # stopped to move to another receiver: the caller begins new runs first
 
 
 class Exporter:
@@ -137,6 +142,7 @@ class Exporter:
         self._down_until: dict[Target, float] = {}
         self._current: Target | None = None  # the receiver this agent writes to (sticky)
         self._stored = StoredReceiver(store)
+        self._writer = self._stored.saved  # id of the receiver holding this agent's runs (None: none yet)
         self._ca = self._token = None
         if config.certificate:
             self._ca = WatchedFiles([config.certificate], _first, "otlp_certificate")
@@ -205,7 +211,10 @@ class Exporter:
             self._refresh_credentials()
             targets = self.ranked_targets()
             for body in requests:
-                if self._deliver(body, targets, deadline, stop, result):
+                delivered = self._deliver(body, targets, deadline, stop, result)
+                if result.switched:
+                    break  # this and the rest hold the old runs: not for the new receiver
+                if delivered:
                     result.sent += 1
                 else:
                     result.failed += 1
@@ -244,6 +253,10 @@ class Exporter:
             timeout = min(self._config.timeout_s, deadline - time.monotonic())
             if timeout <= 0:
                 return None, retry_after  # out of time, not out of receivers: the caller's deadline ends it
+            if self._writer is not None and receiver_id(target.url) != self._writer:
+                self._delivered_to(target, targets)  # the receiver from now on: new runs go there
+                result.switched = True
+                return False, 0.0
             try:
                 result.rejected_points += self._transport(target).send(body, timeout)
             except ReceiverTrustError as exc:
@@ -273,6 +286,7 @@ class Exporter:
     def _delivered_to(self, target: Target, targets: list[Target]) -> None:
         """`target` works: it is the current receiver now, first for the rest of this interval."""
         self._down_until.pop(target, None)
+        self._writer = receiver_id(target.url)
         if target != self._current:
             log.log(
                 logging.INFO if self._current is None else logging.WARNING,

@@ -12,6 +12,12 @@ from typing import Protocol
 AF_INET = 4
 AF_INET6 = 6
 
+# How a packet came to the hook (bpf/flow.h KZT_ORIGIN_*): the source is decided by the path (DESIGN §3).
+ORIGIN_UNKNOWN = 0  # the mode cannot tell: decided by the addresses
+ORIGIN_LOCAL = 1  # sent by the node's own stack: the node's
+ORIGIN_FORWARDED = 2  # routed through: ours only when the source is a pod of this node
+ORIGIN_SNAT = 3  # routed through, rewritten both ways by this node's NAT (the NodePort hop): the node's
+
 
 @dataclass(frozen=True, slots=True)
 class FlowKey:
@@ -21,6 +27,7 @@ class FlowKey:
     proto: int  # IANA protocol number
     src_port: int  # 0 unless the source is the listening side
     dst_port: int  # 0 unless the destination is the listening side (or the port is unknown)
+    origin: int = ORIGIN_UNKNOWN  # ORIGIN_*
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +53,9 @@ class Snapshot:
     # Flows removed by Datapath.evict() since the previous snapshot, with their final cumulative counters
     # (including any packet that arrived between the last read and the eviction): report them once more.
     evicted: dict[FlowKey, FlowCounters] = field(default_factory=dict)
+    # When the datapath's maps were made (pinned: survives agent restarts), the start of the cumulative
+    # overflow counters; 0 when unknown (then the process start stands in).
+    started_unix_ns: int = 0
 
 
 class FlowReader(Protocol):

@@ -1,14 +1,29 @@
 """Which flows of the kernel map are this node's to export, and what they are called.
 
-A packet is counted once in the cluster: at its source node (DESIGN §5.2). The map holds every flow the
-POSTROUTING hook saw, including forwarded and arriving traffic; only flows whose source address is
+A packet is counted once in the cluster: at its source node (DESIGN §5.2), and its source is decided by its
+path (DESIGN §3). The map holds every flow the hook saw, including forwarded and arriving traffic; the key
+carries how the packet came there when the mode can tell (`FlowKey.origin`):
 
-- a pod running on this node (not hostNetwork: those carry the node's address), from the metadata index, or
-- one of this node's own addresses (the Node object's addresses, plus the addresses of the interfaces of
-  the agent's network namespace, so node traffic is exported before metadata has synced)
+- sent by the node's own stack (`ORIGIN_LOCAL`): the node's, whatever local address it carries (NodeLocal
+  DNS 169.254.20.10, the kube-dns ClusterIP it answers from, a tunnel or cilium_host address);
+- routed through, rewritten both ways by this node's NAT (`ORIGIN_SNAT`: the NodePort / LoadBalancer hop
+  with externalTrafficPolicy Cluster): the node's;
+- routed through (`ORIGIN_FORWARDED`): ours only when the source is a pod running on this node (not
+  hostNetwork: those carry the node's address), from the metadata index. A source that is one of this
+  node's addresses here is a Service VIP an un-NAT put back (IPVS replies): counted at the backend's node;
+- unknown (`tc`, `cgroup`, bridged): by address, a pod of this node or one of this node's own addresses
+  (the Node object's addresses, plus the addresses of the interfaces of the agent's network namespace, so
+  node traffic is exported before metadata has synced).
 
-are exported. Overlay encapsulation sent from a node address (UDP to a VXLAN/Geneve port) is not exported:
-its inner packets are. Traffic to a loopback address never leaves the node and is not exported either.
+A node's flow carries `source.k8s.node.name`, so the enricher names it by the node whatever its address.
+Overlay encapsulation sent by the node (UDP to a VXLAN/Geneve port) is not exported: its inner packets are.
+Traffic to a loopback address never leaves the node and is not exported either.
+
+Renames (DESIGN §5.7): when a flow's names change under the agent (a pod replaced by another with the same
+address while the kernel key survives, a local destination appearing or leaving), the flow keeps its old
+names for one more export, its last value, and is then evicted from the kernel map (`renamed()`): the next
+packets begin a new flow, a new run, under the new names. Nothing is counted twice under the new name, and
+the new run's start survives agent restarts (the kernel keeps it).
 
 The attributes of a flow only change when the metadata generation or the node addresses change, so they
 are serialized once per flow (`encode.PointHead`) and cached; the cache holds only keys of the last
@@ -27,7 +42,14 @@ from typing import Final
 
 from otel_kzt import schema
 from otel_kzt.agent.encode import AttrValue, PointHead, attributes, point_head
-from otel_kzt.agent.flows import AF_INET, FlowCounters, FlowKey
+from otel_kzt.agent.flows import (
+    AF_INET,
+    ORIGIN_FORWARDED,
+    ORIGIN_LOCAL,
+    ORIGIN_SNAT,
+    FlowCounters,
+    FlowKey,
+)
 from otel_kzt.agent.shared import Shared
 from otel_kzt.k8s.model import Endpoint, MetadataIndex
 
@@ -97,6 +119,9 @@ class LocalFlows:
         self._generation: int | None = None
         self._revalidate = False
         self._node_addresses: frozenset[str] | None = None
+        self._node_attrs = attributes(7, ((schema.SOURCE_NODE_NAME, node_name),))
+        # Exported flows whose names changed: they keep their old head until evicted (`renamed()`).
+        self._renamed: set[FlowKey] = set()
 
     def refresh(self) -> None:
         """Re-read node addresses and the metadata generation, once per interval before `heads()`.
@@ -143,15 +168,42 @@ class LocalFlows:
             head = cache.get(key, _MISSING)
             moved = head is not None and abs(head.start_unix_ns - start) > _SAME_START_NS
             stale = head is _MISSING or moved
-            if stale or (self._revalidate and not self._names_unchanged(key, head)):
+            if stale:
                 head = cache[key] = self._head(key, stable_start(start))
+            elif self._revalidate and key not in self._renamed and not self._names_unchanged(key, head):
+                if head is None:  # a pod that just appeared in the index: nobody counted its bytes
+                    head = cache[key] = self._head(key, stable_start(start))
+                else:  # renamed: one last export under the old names, then a new flow (`renamed()`)
+                    self._renamed.add(key)
             out.append(head)
         self._revalidate = False
         if len(cache) > len(flows):
             for gone in [k for k in cache if k not in flows]:
                 del cache[gone]
+                self._renamed.discard(gone)
         self._shared.trim(len(cache))
         return out
+
+    def forget(self) -> None:
+        """Forget every cached head (new runs begin: the flows are being evicted)."""
+        self._cache.clear()
+        self._renamed.clear()
+
+    def renamed(self) -> list[FlowKey]:
+        """Exported flows whose names changed: evict them once this export is delivered (a new run)."""
+        return list(self._renamed)
+
+    def leaves_now(self, key: FlowKey, counters: FlowCounters, now_unix_ns: int, interval_ns: int) -> bool:
+        """A flow that is not ours leaves the kernel map at once (forwarded traffic must never push local
+        flows into the overflow bucket) unless it may yet become ours: while metadata has not synced, and
+        for one interval while its source is an address nobody knows (a pod whose watch event is late)."""
+        if self._index is None:
+            return True  # nothing can ever name a pod
+        if not self._index.ready():
+            return False
+        if key.src in self._node_raw or counters.first_seen_unix_ns < now_unix_ns - interval_ns:
+            return True
+        return self._index.lookup(address_text(key.src)) is not None  # someone else's pod, or a node
 
     def final_heads(self, evicted: dict[FlowKey, FlowCounters]) -> dict[FlowKey, PointHead]:
         """Point heads of evicted flows that are ours, for their final value; call before `heads()`.
@@ -163,7 +215,8 @@ class LocalFlows:
         out: dict[FlowKey, PointHead] = {}
         for key, counters in evicted.items():
             start = counters.first_seen_unix_ns
-            head = self._cache.get(key, _MISSING)
+            head = self._cache.pop(key, _MISSING)  # a flow of this key in the map now is a new one
+            self._renamed.discard(key)
             if head is None:
                 continue  # decided already: not ours (forwarded, arriving, encapsulation)
             if head is _MISSING or abs(head.start_unix_ns - start) > _SAME_START_NS:
@@ -177,11 +230,19 @@ class LocalFlows:
         return {k: h for k, h in zip(flows, self.heads(flows), strict=True) if h is not None}
 
     def _names_unchanged(self, key: FlowKey, head: PointHead | None) -> bool:
-        from_node = key.src in self._node_raw
+        source = self._source(key)
         if head is None:  # not ours so far: a pod that just appeared in the index makes it ours
-            return from_node or not self._named(schema.SOURCE, key.src)
-        source = b"" if from_node else self._named(schema.SOURCE, key.src)
+            return source is None
         return source == head.source_pod and self._named(schema.DESTINATION, key.dst) == head.destination_pod
+
+    def _source(self, key: FlowKey) -> bytes | None:
+        """The source's serialized attributes when the flow is ours (the node's name, or the pod's), else
+        None: the path decides where the mode tells it, else the address (module docstring)."""
+        if key.origin in (ORIGIN_LOCAL, ORIGIN_SNAT):
+            return self._node_attrs
+        if key.origin != ORIGIN_FORWARDED and key.src in self._node_raw:
+            return self._node_attrs
+        return self._named(schema.SOURCE, key.src) or None
 
     def _field(self, key: str, value: AttrValue) -> bytes:
         """One serialized attribute (field-7 entry) of a low-cardinality value, shared across flows."""
@@ -212,11 +273,16 @@ class LocalFlows:
     def _head(self, key: FlowKey, first_seen_unix_ns: int) -> PointHead | None:
         if _is_loopback(key.dst):
             return None  # never leaves the node
-        from_node = key.src in self._node_raw
-        source_pod = b"" if from_node else self._named(schema.SOURCE, key.src)
-        if not from_node and not source_pod:
+        source = self._source(key)
+        if source is None:
             return None  # forwarded or arriving: counted at its source node
-        if from_node and key.proto == UDP and key.dst_port in self._overlay_ports:
+        from_node = source is self._node_attrs
+        if (
+            from_node
+            and key.origin != ORIGIN_SNAT
+            and key.proto == UDP
+            and key.dst_port in self._overlay_ports
+        ):
             return None  # encapsulation: the inner packets are counted
         field = self._field
         own = [
@@ -237,7 +303,7 @@ class LocalFlows:
         return point_head(
             b"".join(own),
             first_seen_unix_ns,
-            source_pod,
+            source,
             destination_pod,
             shared=shared,
             common=shared(b"".join(common)),

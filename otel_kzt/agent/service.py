@@ -15,7 +15,8 @@ series with a new start time). A final value whose export fails is kept and sent
 until delivered: cumulative, so sending it twice adds nothing. The store is bounded (both flow maps' size);
 what does not fit is given up, counted and logged. The export on shutdown evicts nothing: the final values
 would die with the process, while flows left in the pinned map reach the next one. Flows that are not ours
-(forwarded, arriving) are evicted when idle too, without export, so they do not fill the map.
+(forwarded, arriving) are evicted without export at the interval they are first seen (LocalFlows.leaves_now),
+so forwarded traffic on a busy node never pushes local flows into the overflow bucket.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class AgentService:
         self.stats = AgentStats(clock_ns())
         # Final values of evicted flows not yet delivered, oldest first: (key, start) -> (head, counters).
         self._finals: dict[tuple[FlowKey, int], tuple[PointHead, FlowCounters]] = {}
+        self._drop_finals = False  # the next snapshot's evicted flows are old runs of a receiver left
         self._encoder = RequestEncoder(
             resource_attributes(config, host_name),
             SCOPE_NAME,
@@ -120,6 +122,7 @@ class AgentService:
         self._take_finals(snapshot)  # before heads(): the final value reuses the flow's cached head
         all_heads = self._local.heads(snapshot.flows)
         idle_before = snapshot.taken_unix_ns - int(self._config.idle_timeout_s * 1e9)
+        interval_ns = int(self._config.interval_s * 1e9)
         # Finals first: a new series of the same key in this export must come after the old one's end.
         heads: list[PointHead] = [head for head, _ in self._finals.values()]
         counts: list[FlowCounters] = [counters for _, counters in self._finals.values()]
@@ -136,17 +139,25 @@ class AgentService:
                 counts.append(counters)
                 if idle:
                     idle_ours.append(key)
-            elif idle:
-                idle_other.append(key)
+            elif idle or self._local.leaves_now(key, counters, snapshot.taken_unix_ns, interval_ns):
+                idle_other.append(key)  # not ours: out of the map, it must not push ours into overflow
         del all_heads
         self._counted.pods, self._counted.everything = pod_bytes, all_bytes
         report = self._report(snapshot)
         extra = telemetry_metrics(
-            report, self.stats.view(), self.stats.started_unix_ns, snapshot.taken_unix_ns, exported=len(heads)
+            report,
+            self.stats.view(),
+            self.stats.started_unix_ns,
+            snapshot.taken_unix_ns,
+            exported=len(heads),
+            datapath_started_unix_ns=snapshot.started_unix_ns,
         )
         requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra)
         result = self._sender.export(requests, deadline, stop)
         duration = time.monotonic() - started
+        if result.switched:
+            self._begin_new_runs(snapshot, evict=evict)
+            return result
         self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
         self._publish(report, result)
         log.info(
@@ -160,13 +171,33 @@ class AgentService:
         if result.failed == 0:
             self._finals.clear()  # delivered; on any failure all are sent again (idempotent)
         self.stats.record_finals(len(self._finals), 0)
-        # A local flow's value must have reached the receiver before it is evicted.
+        # A local flow's value must have reached the receiver before it is evicted; a renamed one leaves
+        # after its last value under the old names (its next packets begin a new run, LocalFlows).
         if evict:
-            self._evict(idle_other + (idle_ours if result.failed == 0 else []))
+            self._evict(idle_other + (idle_ours + self._local.renamed() if result.failed == 0 else []))
         return result
+
+    def _begin_new_runs(self, snapshot: Snapshot, *, evict: bool) -> None:
+        """The exporter moved to another receiver (export.py): every flow leaves the kernel map, so its
+        next packets begin a new run there; the old runs' final values stay with the receiver left."""
+        log.warning(
+            "receiver changed: new runs begin, the previous receiver keeps what it counted: flows=%d",
+            len(snapshot.flows),
+        )
+        self._finals.clear()
+        self._drop_finals = True
+        self._local.forget()
+        if evict:
+            self._evict(list(snapshot.flows))
 
     def _take_finals(self, snapshot: Snapshot) -> None:
         """Adds the snapshot's evicted flows that are ours to the finals to export, within the bound."""
+        if self._drop_finals:
+            self._drop_finals = False
+            if snapshot.evicted:
+                self._local.final_heads(snapshot.evicted)  # forgets their cached names
+                log.info("old runs' final values, not sent: flows=%d", len(snapshot.evicted))
+            return
         if not snapshot.evicted:
             return
         for key, head in self._local.final_heads(snapshot.evicted).items():

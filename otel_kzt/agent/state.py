@@ -108,6 +108,11 @@ class StoredReceiver:
                 log.warning("cannot read the stored receiver, starting on the first-ranked: error=%s", exc)
         self._pending = self._saved is not None  # resume() consults it once
 
+    @property
+    def saved(self) -> int | None:
+        """The stored receiver's id (None: nothing stored)."""
+        return self._saved
+
     def resume(self, urls: Sequence[str]) -> str | None:
         """The first time only: the candidate URL matching the stored receiver, else None."""
         if not self._pending:

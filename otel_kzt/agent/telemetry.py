@@ -67,11 +67,18 @@ class AgentStats:
 
 
 def telemetry_metrics(
-    report: AgentReport, stats: StatsView, started_unix_ns: int, time_unix_ns: int, *, exported: int
+    report: AgentReport,
+    stats: StatsView,
+    started_unix_ns: int,
+    time_unix_ns: int,
+    *,
+    exported: int,
+    datapath_started_unix_ns: int = 0,
 ) -> list[bytes]:
     """ScopeMetrics.metrics entries for the agent's health at the snapshot's time: the numbers of its own
     /metrics (`report`, the same values) plus the loop's details (`stats`)."""
     start = started_unix_ns
+    overflow_start = datapath_started_unix_ns or started_unix_ns
     metrics = [
         gauge_metric(
             schema.OTLP_AGENT_FLOWS_TRACKED,
@@ -94,20 +101,20 @@ def telemetry_metrics(
             [((), report.map_fill_ratio)],
             time_unix_ns,
         ),
-        # The overflow counters live in pinned maps that outlive the process: no start time is known,
-        # the process start is the honest lower bound of "since when" for a reader.
+        # The overflow counters live in pinned maps that outlive the process: their start is the
+        # datapath's (pinned), so a restarted agent continues the same run and nothing counts twice.
         sum_metric(
             schema.OTLP_AGENT_OVERFLOW_BYTES,
             "bytes of flows that did not fit in the map",
             "By",
-            [((), start, report.overflow_bytes)],
+            [((), overflow_start, report.overflow_bytes)],
             time_unix_ns,
         ),
         sum_metric(
             schema.OTLP_AGENT_OVERFLOW_PACKETS,
             "packets of flows that did not fit in the map",
             "{packet}",
-            [((), start, report.overflow_packets)],
+            [((), overflow_start, report.overflow_packets)],
             time_unix_ns,
         ),
         sum_metric(

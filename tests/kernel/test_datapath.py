@@ -12,17 +12,23 @@ import ipaddress
 
 import pytest
 
-from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
-from tests.kernel.conftest import MODES, DatapathFactory, Net, settle
+from otel_kzt.agent.flows import ORIGIN_FORWARDED, ORIGIN_UNKNOWN, FlowCounters, FlowKey, Snapshot
+from tests.kernel.conftest import MODE_NOW, MODES, DatapathFactory, Net, settle
 
 pytestmark = [pytest.mark.kernel, pytest.mark.parametrize("mode", MODES, indirect=True)]
 
 UDP, TCP, ICMP, ICMPV6 = 17, 6, 1, 58
 
 
-def key(src: str, dst: str, proto: int, sport: int = 0, dport: int = 0) -> FlowKey:
+def key(
+    src: str, dst: str, proto: int, sport: int = 0, dport: int = 0, *, origin: int | None = None
+) -> FlowKey:
+    """A flow key; unless given, its origin is what the mode tells of the test pods' traffic: netfilter sees
+    it forwarded by the node, the others cannot tell."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    return FlowKey(s.version, s.packed, d.packed, proto, sport, dport)
+    if origin is None:
+        origin = ORIGIN_FORWARDED if MODE_NOW[0] == "netfilter" else ORIGIN_UNKNOWN
+    return FlowKey(s.version, s.packed, d.packed, proto, sport, dport, origin)
 
 
 def flow(snap: Snapshot, k: FlowKey) -> FlowCounters:

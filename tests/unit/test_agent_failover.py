@@ -34,6 +34,9 @@ def test_failover_is_sticky_over_real_grpc() -> None:
         assert (len(first.snapshot()), len(second.snapshot())) == (1, 0)
         port = first.port
         first.stop()
+        moved = exp.export([BODY, BODY], time.monotonic() + 3, stop)
+        # The move sends nothing of the old runs to the new receiver (DESIGN §5.7: new runs begin there).
+        assert (moved.switched, moved.sent, moved.failed, len(second.snapshot())) == (True, 0, 0, 0)
         assert exp.export([BODY], time.monotonic() + 3, stop).sent == 1
         assert len(second.snapshot()) == 1  # failed over
         first.port = port
@@ -73,6 +76,7 @@ class Cluster:
         self.addresses = addresses
         self.down: set[str] = set()
         self.log: list[str] = []
+        self.switches = 0  # moves to another receiver (each begins new runs)
 
     def exporter(self, node: str, down_s: float = 0.0, store: ReceiverStore | None = None) -> Exporter:
         cfg = OtlpConfig(endpoints=("http://enricher.svc:4317",), timeout_s=1.0)
@@ -91,7 +95,14 @@ class Cluster:
         return [t.url for t in rendezvous_rank(node, [Target(url(a), a, False) for a in self.addresses])]
 
     def send(self, exp: Exporter) -> str:
-        assert exp.export([BODY], time.monotonic() + 1, threading.Event()).sent == 1
+        """One interval, as the service runs it: an export that moves to another receiver sends nothing
+        of the old runs there (the service begins new ones), the next interval's export goes there."""
+        result = exp.export([BODY], time.monotonic() + 1, threading.Event())
+        if result.switched:
+            assert (result.sent, result.failed) == (0, 0)
+            self.switches += 1
+            result = exp.export([BODY], time.monotonic() + 1, threading.Event())
+        assert result.sent == 1 and not result.switched
         return self.log[-1]
 
 

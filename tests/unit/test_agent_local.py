@@ -7,7 +7,15 @@ import ipaddress
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from otel_kzt import schema
-from otel_kzt.agent.flows import AF_INET, AF_INET6, FlowCounters, FlowKey
+from otel_kzt.agent.flows import (
+    AF_INET,
+    AF_INET6,
+    ORIGIN_FORWARDED,
+    ORIGIN_LOCAL,
+    ORIGIN_SNAT,
+    FlowCounters,
+    FlowKey,
+)
 from otel_kzt.agent.local import LocalFlows, namespace_addresses
 from otel_kzt.k8s.model import Endpoint, NodeInfo
 from otel_kzt.schema import WorkloadKind
@@ -123,8 +131,16 @@ def test_names_follow_metadata_generation() -> None:
     assert local.head_map(counters)[k] is first  # generation unchanged: the cache is trusted
     idx.generation += 1
     local.refresh()
+    # Renamed under the agent (DESIGN §5.7): one last export under the old names, then the flow leaves
+    # the kernel map and its next packets are a new flow, a new run, under the new names.
+    assert local.head_map(counters)[k] is first
+    assert local.renamed() == [k]
+    assert local.final_heads({k: counters[k]}) == {k: first}  # its final value: the old series
+    assert local.renamed() == []
+    counters[k] = FlowCounters(1, 1, 5 + 10**9, 10**9)  # the new flow of that key: later start
     renamed = local.head_map(counters)[k]
     assert b"web-1b" in renamed.source_pod and renamed is not first
+    assert renamed.start_unix_ns > first.start_unix_ns
     other = key("10.0.1.6", "10.0.2.7")
     counters[other] = FlowCounters(1, 1, 5, 6)
     kept = local.head_map(counters)[other]
@@ -161,3 +177,51 @@ def test_start_times_are_stable_against_clock_offset_wobble() -> None:
     assert restarted.start_unix_ns == head.start_unix_ns  # a new process agrees
     recreated = local.head_map({k: FlowCounters(1, 1, first_seen + 300 * 10**9, first_seen)})[k]
     assert recreated.start_unix_ns == head.start_unix_ns + 300 * 10**9  # evicted and back: a new start
+
+
+def okey(src: str, dst: str, origin: int, dport: int = 0) -> FlowKey:
+    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
+    return FlowKey(AF_INET if s.version == 4 else AF_INET6, s.packed, d.packed, 17, 0, dport, origin)
+
+
+def test_the_path_decides_the_source() -> None:
+    """DESIGN §3: what the node's stack sent is the node's whatever its address; what it forwards is a
+    local pod's or not ours; the NodePort hop its NAT made is the node's."""
+    local = make(iface=frozenset({"127.0.0.1", "10.96.0.10"}))
+    node = {schema.SOURCE_NODE_NAME: NODE}
+    # NodeLocal DNS answering a pod from its link-local address (on no interface the agent listed).
+    dns = attrs_of(local, okey("169.254.20.10", "10.0.1.5", ORIGIN_LOCAL))
+    assert dns is not None and dns.items() >= {**node, schema.DESTINATION_POD_NAME: "web-1"}.items()
+    assert schema.SOURCE_POD_NAME not in dns
+    # The kube-dns ClusterIP NodeLocal DNS answers from, to a pod of another node.
+    assert (attrs_of(local, okey("10.96.0.10", "10.0.2.7", ORIGIN_LOCAL)) or {}).items() >= node.items()
+    # Forwarded with a node address as source: a VIP an un-NAT put back (IPVS replies): not again.
+    assert attrs_of(local, okey("10.96.0.10", "10.0.1.5", ORIGIN_FORWARDED)) is None
+    assert attrs_of(local, okey("10.0.2.7", "10.0.1.5", ORIGIN_FORWARDED)) is None  # arriving
+    got = attrs_of(local, okey("10.0.1.5", "10.0.2.7", ORIGIN_FORWARDED))
+    assert got is not None and got[schema.SOURCE_POD_NAME] == "web-1"
+    # The NodePort hop (DNAT + SNAT by this node) to a backend on another node: the node's.
+    hop = attrs_of(local, okey("192.168.0.1", "10.0.2.7", ORIGIN_SNAT, dport=8080))
+    assert hop is not None and hop.items() >= node.items() and schema.SOURCE_POD_NAME not in hop
+    # Unknown origin (tc, cgroup): by address, as before, the node's addresses named by the node.
+    assert (attrs_of(local, key("192.168.0.1", "10.0.2.7")) or {}).items() >= node.items()
+    assert attrs_of(local, key("10.0.2.7", "10.0.1.5")) is None
+
+
+def test_overlay_encapsulation_stays_unexported_from_the_stack() -> None:
+    assert attrs_of(make(), okey("192.168.0.1", "192.168.0.2", ORIGIN_LOCAL, dport=4789)) is None
+
+
+def test_flows_not_ours_leave_at_once_unless_they_may_become_ours() -> None:
+    idx = index()
+    local = make(idx)
+    now, interval = 100 * 10**9, 10**9
+    fresh = FlowCounters(1, 1, now - interval // 2, now)
+    old = FlowCounters(1, 1, now - 2 * interval, now)
+    remote = okey("10.0.2.7", "10.0.1.5", ORIGIN_FORWARDED)  # another node's pod: known, not ours
+    unknown = okey("10.0.9.9", "10.0.2.7", ORIGIN_FORWARDED)  # maybe a pod whose watch event is late
+    assert local.leaves_now(remote, fresh, now, interval)
+    assert not local.leaves_now(unknown, fresh, now, interval)
+    assert local.leaves_now(unknown, old, now, interval)  # a whole interval later, still nobody's
+    idx.is_ready = False
+    assert not local.leaves_now(remote, old, now, interval)  # before sync nothing is known yet

@@ -158,3 +158,75 @@ def test_unreadable_map_skips_the_interval(receiver: GrpcReceiver) -> None:
     result = svc.export_once(time.monotonic() + 1, threading.Event())
     exp.close()
     assert (result.sent, result.failed) == (0, 1) and receiver.snapshot() == []
+
+
+def test_forwarded_flows_leave_the_map_at_the_first_interval(receiver: GrpcReceiver) -> None:
+    """Not ours: out at once (idle timeout far away), so forwarded traffic never fills the map."""
+    fake = FakeMap()
+    fake.add(POD_FLOW, 100)
+    fake.add(FORWARDED, 100)
+    svc, exp = service(receiver, fake, idle_timeout_s=600.0)
+    once(svc)
+    assert fake.evicted == [FORWARDED] and POD_FLOW in fake.flows
+    exp.close()
+
+
+def test_a_replaced_pod_begins_a_new_run_never_credited_with_the_old(receiver: GrpcReceiver) -> None:
+    """DESIGN §5.7, the measured bug: the new pod of the same address was credited with both pods' bytes.
+    Now the old pod's flow ends under its name and the new pod's bytes are a new flow, a new run."""
+    fake = FakeMap()
+    fake.add(POD_FLOW, 102_800)
+    svc, exp = service(receiver, fake, idle_timeout_s=600.0)
+    idx = svc._index
+    once(svc)
+    fake.now_ns += 5 * SEC  # a quiet moment; the pod is replaced by another with the same address
+    idx.endpoints["10.0.1.5"] = idx.endpoints["10.0.1.5"].__class__(  # type: ignore[union-attr]
+        NODE, idx.endpoints["10.0.1.5"].workload_kind, "web", pod_name="web-new", namespace="shop"
+    )
+    idx.generation += 1
+    once(svc)  # the last export under the old name, then out of the kernel map
+    assert fake.evicted == [POD_FLOW]
+    fake.now_ns += 5 * SEC
+    fake.add(POD_FLOW, 102_800)  # the new pod's traffic: a new kernel entry
+    once(svc)
+    once(svc)
+    by_pod: dict[str, int] = {}
+    starts: dict[str, set[int]] = {}
+    for p in points(receiver.snapshot(), schema.FLOW_BYTES):
+        name = str(p.get(schema.SOURCE_POD_NAME))
+        by_pod[name] = max(by_pod.get(name, 0), int(p["_value"]))
+        starts.setdefault(name, set()).add(int(p["_start"]))
+    assert by_pod == {"web-1": 102_800, "web-new": 102_800}
+    assert min(starts["web-new"]) > max(starts["web-1"])
+    exp.close()
+
+
+def test_a_receiver_switch_begins_new_runs_there(receiver: GrpcReceiver) -> None:
+    """DESIGN §5.7: the receiver moved to never gets the old runs (it would count them whole)."""
+    other = GrpcReceiver().start()
+    try:
+        fake = FakeMap()
+        fake.add(POD_FLOW, 1000)
+        otlp = OtlpConfig(endpoints=(f"http://127.0.0.1:{receiver.port}", f"http://127.0.0.1:{other.port}"))
+        cfg = AgentConfig(node_name=NODE, otlp=otlp, idle_timeout_s=600.0)
+        exp = Exporter(otlp, NODE, max_backoff_s=0.1)
+        first = exp.ranked_targets()[0]
+        a, b = (receiver, other) if str(receiver.port) in first.url else (other, receiver)
+        idx = index()
+        local = LocalFlows(NODE, idx, interface_addresses=frozenset)
+        svc = AgentService(cfg, fake, exp, local, idx, host_name="h")
+        once(svc)
+        assert [p["_value"] for p in points(a.snapshot(), schema.FLOW_BYTES)] == [1000]
+        a.stop()
+        fake.now_ns += SEC
+        fake.add(POD_FLOW, 10)
+        once(svc, 4.0)  # A is gone: the move; every flow leaves the map, nothing of the old runs is sent
+        assert fake.evicted == [POD_FLOW] and points(b.snapshot(), schema.FLOW_BYTES) == []
+        fake.now_ns += SEC
+        fake.add(POD_FLOW, 7)  # after the move: a new flow, a new run
+        once(svc)
+        got = points(b.snapshot(), schema.FLOW_BYTES)
+        assert [p["_value"] for p in got] == [7] and int(got[0]["_start"]) > fake.now_ns - 2 * SEC
+        exp.close()
+    finally:
+        other.stop()

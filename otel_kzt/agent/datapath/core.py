@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from otel_kzt.agent.datapath import bpfsys, flowmap, loader, modes, pins, probe
-from otel_kzt.agent.datapath.bpfmap import BpfMap
+from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
 from otel_kzt.agent.datapath.flowtables import FlowTables
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
 from otel_kzt.agent.shared import Shared
@@ -160,6 +160,7 @@ class Datapath:
                 self._decode_into(tables, layout, now, flows)
             self._forget_gone(flows)
             overflow_bytes, overflow_packets = tables.percpu_sums("overflow", 0)
+            created = self._maps["meta"].lookup(u32(loader.META_CREATED))
             evicted, self._evicted = self._evicted, {}
             return Snapshot(
                 flows=flows,
@@ -170,6 +171,7 @@ class Datapath:
                 insert_failures=tables.percpu_sums("stats", flowmap.STAT_INSERT_FAILED)[0],
                 eviction_races=tables.percpu_sums("stats", flowmap.STAT_EVICT_RACE)[0],
                 evicted=evicted,
+                started_unix_ns=int.from_bytes(created, "little") if created else 0,
             )
 
     def _decode_into(

@@ -14,6 +14,7 @@ from otel_kzt.agent.flows import AF_INET, AF_INET6, FlowKey
 from otel_kzt.agent.shared import Shared
 
 PORT_NONE, PORT_SRC, PORT_DST = 0, 1, 2
+PORT_MASK, ORIGIN_SHIFT = 3, 2  # port_side: the port's side in bits 0-1, the origin (flows.ORIGIN_*) in 2-3
 
 # flow.h KZT_STAT_*
 STAT_INSERT_FAILED, STAT_EVICT_RACE, STAT_NOT_IP, STAT_READ_FAILED = 0, 1, 2, 3
@@ -66,6 +67,7 @@ def decode_key(
     proto, side, port, src, dst = layout.key.unpack_from(raw, offset)
     if shared is not None:
         src, dst, port = shared(src), shared(dst), shared(port)  # many keys hold the same ones
+    origin, side = side >> ORIGIN_SHIFT, side & PORT_MASK
     return FlowKey(
         family=layout.family,
         src=src,
@@ -73,6 +75,7 @@ def decode_key(
         proto=proto,
         src_port=port if side == PORT_SRC else 0,
         dst_port=port if side == PORT_DST else 0,
+        origin=origin,
     )
 
 
@@ -89,7 +92,7 @@ def encode_key(key: FlowKey) -> bytes:
         side, port = PORT_SRC, key.src_port
     elif key.dst_port:
         side, port = PORT_DST, key.dst_port
-    return layout.key.pack(key.proto, side, port, key.src, key.dst)
+    return layout.key.pack(key.proto, side | key.origin << ORIGIN_SHIFT, port, key.src, key.dst)
 
 
 def decode_value(layout: Layout, raw: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, bool]:

@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 180.0  # a compile on a busy node takes seconds; this only catches a hung child
 DISPATCH_VERSION = 1  # bump when kzt_dispatch changes: its links are then replaced, not adopted
 META_COUNTER_HASH, META_DISPATCH_VERSION, META_NETNS_COOKIE, META_BOOT_TO_UNIX = 0, 1, 2, 3
+META_CREATED = 4  # Unix ns when this datapath's maps were made: the overflow counters' start (count.h meta)
 # Every map the agent uses after the load (`progs` too: a program array is emptied by the kernel once
 # no fd or pin refers to it any more).
 MAP_NAMES = (*pins.MAP_NAMES, "evict_keys4", "evict_keys6", "evict_count")
@@ -276,6 +278,7 @@ class _Child:
         if offset == 0:  # a fresh map (the kernel zero-fills arrays): this datapath's first start
             offset = boot_to_unix_offset()
             self._set_meta(META_BOOT_TO_UNIX, offset)
+            self._set_meta(META_CREATED, time.time_ns())
             log.info("boot-to-unix offset recorded node=%s offset_ns=%d", self.req.node_name, offset)
         return offset
 

@@ -1,4 +1,8 @@
-"""The `netfilter` mode: the counter at netfilter POSTROUTING ahead of source NAT (Linux >= 6.4).
+"""The `netfilter` mode: the counter at netfilter POSTROUTING just after source NAT (Linux >= 6.4).
+
+After source NAT, because only there does the hook know that this node's NAT made the node the source of a
+forwarded packet (the NodePort / LoadBalancer hop with externalTrafficPolicy Cluster); the source the
+packet had before NAT comes from conntrack, so a masqueraded pod is still counted as the pod (bpf/origin.h).
 
 bcc 0.26 predates netfilter BPF programs: it loads one (`load_func(name, 32, attach_type=45)`) but cannot
 attach it, so the links are made here with raw `BPF_LINK_CREATE`. One link per family (IPv4, IPv6), each
@@ -30,7 +34,8 @@ NFPROTO_IPV4 = 2
 NFPROTO_IPV6 = 10
 NF_INET_POST_ROUTING = 4
 NF_IP_PRI_NAT_SRC = 100
-LINK_PRIORITY = NF_IP_PRI_NAT_SRC - 1  # ahead of source NAT: pods keep their own address
+LINK_PRIORITY = NF_IP_PRI_NAT_SRC + 1  # just after source NAT (bpf/origin.h restores the source before it)
+LINK_PRIORITIES = (LINK_PRIORITY, LINK_PRIORITY + 1)  # a replacement takes the other one
 LINK_NAMES = {NFPROTO_IPV4: "link_v4", NFPROTO_IPV6: "link_v6"}
 # struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; } when BTF lacks it.
 DEFAULT_CTX_SKB_OFFSET = 8
@@ -59,12 +64,13 @@ def attach_or_adopt(dispatch_fd: int, pf: int, path: str | None, *, adopt: bool)
     if path is not None:
         with contextlib.suppress(FileNotFoundError):  # nothing pinned yet: a first start
             old_fd = bpfsys.obj_get(path)
-    if old_fd >= 0 and adopt:
+    old_priority = bpfsys.link_info(old_fd).priority if old_fd >= 0 else None
+    if old_fd >= 0 and adopt and old_priority in LINK_PRIORITIES:  # else: an older agent's place
         log.info("link adopted pin=%s", path)
         return old_fd
     priority = LINK_PRIORITY
-    if old_fd >= 0 and bpfsys.link_info(old_fd).priority == LINK_PRIORITY:
-        priority = LINK_PRIORITY - 1  # the kernel refuses two links at one (pf, hook, priority)
+    if old_priority == LINK_PRIORITY:
+        priority = LINK_PRIORITY + 1  # the kernel refuses two links at one (pf, hook, priority)
     fd = link_create_netfilter(dispatch_fd, pf, priority)
     if old_fd >= 0 and path is not None:
         bpfsys.link_detach(old_fd)
@@ -74,6 +80,40 @@ def attach_or_adopt(dispatch_fd: int, pf: int, path: str | None, *, adopt: bool)
         bpfsys.obj_pin(fd, path)
     log.info("link attached pf=%d priority=%d pin=%s", pf, priority, path)
     return fd
+
+
+def origin_cflags(btf: Btf) -> list[str]:
+    """The offsets bpf/origin.h reads: skb->sk, IPCB/IP6CB flags in skb->cb, and conntrack (skb->_nfct,
+    nf_conn's status and tuples). A kernel without conntrack in its BTF gets no KZT_OFF_CT_* (no NAT can
+    have happened): the packet's own source is used."""
+    flags = [
+        f"-DKZT_OFF_SKB_SK={field_offset(btf, 'sk_buff', 'sk', 8)}",
+        f"-DKZT_OFF_SKB_CB={btf.field('sk_buff', 'cb')[0]}",
+        f"-DKZT_OFF_IPCB_FLAGS={field_offset(btf, 'inet_skb_parm', 'flags', 2)}",
+        f"-DKZT_OFF_IP6CB_FLAGS={field_offset(btf, 'inet6_skb_parm', 'flags', 2)}",
+        f"-DKZT_OFF_IP6CB_IIF={field_offset(btf, 'inet6_skb_parm', 'iif', 4)}",
+    ]
+    if not btf.has_type(KIND_STRUCT, "nf_conn"):
+        log.info("kernel BTF has no conntrack: sources are taken as the packets carry them")
+        return flags
+    tuplehash = btf.find(KIND_STRUCT, "nf_conntrack_tuple_hash")
+    assert tuplehash is not None  # nf_conn holds two
+    src = (
+        btf.field("nf_conn", "tuplehash")[0]
+        + btf.field("nf_conntrack_tuple_hash", "tuple")[0]
+        + btf.field("nf_conntrack_tuple", "src")[0]
+        + field_offset(btf, "nf_conntrack_man", "u3", 16)
+    )
+    return [
+        *flags,
+        f"-DKZT_OFF_SKB_NFCT={field_offset(btf, 'sk_buff', '_nfct', 8)}",
+        f"-DKZT_OFF_CT_STATUS={field_offset(btf, 'nf_conn', 'status', 8)}",
+        f"-DKZT_OFF_CT_TUPLE_SRC={src}",
+        f"-DKZT_OFF_CT_MAN_PORT={field_offset(btf, 'nf_conntrack_man', 'u', 2)}",
+        f"-DKZT_CT_TUPLEHASH_SIZE={btf.size_of(tuplehash)}",
+        f"-DKZT_IPS_SRC_NAT={btf.enum_value('ip_conntrack_status', 'IPS_SRC_NAT') or 16}",
+        f"-DKZT_IPS_DST_NAT={btf.enum_value('ip_conntrack_status', 'IPS_DST_NAT') or 32}",
+    ]
 
 
 class NetfilterMode:
@@ -97,7 +137,7 @@ class NetfilterMode:
         ctx_skb = DEFAULT_CTX_SKB_OFFSET
         if btf.has_type(KIND_STRUCT, "bpf_nf_ctx"):
             ctx_skb = field_offset(btf, "bpf_nf_ctx", "skb", 8)
-        return [f"-DKZT_OFF_CTX_SKB={ctx_skb}"]
+        return [f"-DKZT_OFF_CTX_SKB={ctx_skb}", *origin_cflags(btf)]
 
     def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:
         fds = []

@@ -4,6 +4,11 @@ Pure logic over the MetadataIndex seam. The core calls `Resolver.resolve` once p
 generation and caches the answer, so nothing here needs to be fast per data point; what it returns is
 shaped so the per-point path can reuse it cheaply (the added attributes pre-serialised as protobuf).
 
+Who sent it (DESIGN §3): a source the agent names by its node (`source.k8s.node.name` without a pod: what
+the node's own stack sent, whatever local address it carries, and the NodePort hop its NAT made) is that
+node, never external. A link-local end (169.254.0.0/16, fe80::/10: NodeLocal DNS, the cloud's metadata
+service) is on the sender's node: same-node, never external.
+
 IP reuse: an address is named by who owned it when the point was measured (`at_unix_s`), not when it
 arrived. An index with `lookup_window` (ClusterIndex) also says over which times its answer holds; a
 `Resolved` carries the intersection of both ends' windows, so the core re-resolves a series only for a
@@ -29,7 +34,7 @@ from otel_kzt.enricher.processing.services import (
     wire_attrs,
 )
 from otel_kzt.k8s.model import Endpoint, MetadataIndex, NodeInfo
-from otel_kzt.schema import TrafficClass
+from otel_kzt.schema import TrafficClass, WorkloadKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _POINT_ATTRIBUTES_TAG: Final = 0x3A  # NumberDataPoint.attributes: field 7, length-delimited
@@ -48,6 +53,7 @@ class Resolved:
     valid_from: float = -math.inf  # measurement times (unix s) [valid_from, valid_until) it holds for
     valid_until: float = math.inf
     services: Refs = NO_SERVICES  # the Services whose endpoints the destination and the source are
+    source_node: str = ""  # the node the sender named the source by (`given_node`): re-checked as that
 
     def slim(self) -> Resolved:
         """What a cached series keeps: `attrs` cut to the addresses, ports and transport (what recheck needs).
@@ -86,6 +92,7 @@ class Resolver:
         """Enrich one series' attributes as measured at `at_unix_s` (None: now); `ready` False (metadata
         not synced) marks it unknown."""
         added, cls, src, dst = self._added(given, ready, at_unix_s)
+        source_node = given_node(given)
         refs = self._services.ends(given, ready, at_unix_s)
         added += [(k, v) for k, v in wire_attrs(refs) if k not in given]
         attrs = dict(given)
@@ -94,7 +101,7 @@ class Resolver:
         basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs)
         lo, hi = _overlap(src, dst)
         extra = string_attributes(added, _POINT_ATTRIBUTES_TAG)
-        return Resolved(extra, attrs, cls, provider, basis, lo, hi, refs)
+        return Resolved(extra, attrs, cls, provider, basis, lo, hi, refs, source_node)
 
     def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
         """The attributes `resolve` adds, as pairs (the benchmark's naive loop uses these)."""
@@ -105,7 +112,7 @@ class Resolver:
     ) -> tuple[list[tuple[str, str]], TrafficClass, _End, _End]:
         src_addr = given.get(schema.SOURCE_ADDRESS, "")
         dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
-        src = self._end(src_addr, at) if ready else _UNKNOWN_END
+        src = self._by_node(given_node(given), self._end(src_addr, at)) if ready else _UNKNOWN_END
         dst = self._end(dst_addr, at) if ready else _UNKNOWN_END
         cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN
         computed = [*_end_attrs(schema.SOURCE, src), *_end_attrs(schema.DESTINATION, dst)]
@@ -119,6 +126,7 @@ class Resolver:
         src, dst = _UNKNOWN_END, _UNKNOWN_END
         if ready:
             src = self._end(resolved.attrs.get(schema.SOURCE_ADDRESS, ""), at_unix_s)
+            src = self._by_node(resolved.source_node, src)
             dst = self._end(resolved.attrs.get(schema.DESTINATION_ADDRESS, ""), at_unix_s)
         refs = self._services.ends(resolved.attrs, ready, at_unix_s)
         if resolved.basis != (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs):
@@ -152,7 +160,19 @@ class Resolver:
         end = self._ends[address] = _End(endpoint, node, lo, hi)
         return end
 
+    def _by_node(self, name: str, found: _End) -> _End:
+        """The source as the sender named it: by its node when it says so, whatever the address."""
+        if not name:
+            return found
+        if found.endpoint is not None and found.endpoint.is_node and found.endpoint.node_name == name:
+            return found
+        node = Endpoint(name, WorkloadKind.NODE, name)
+        return _End(node, self._index.node(name), found.valid_from, found.valid_until)
+
     def classify(self, src: _End, dst: _End, src_addr: str, dst_addr: str) -> TrafficClass:
+        for end, address in ((src, src_addr), (dst, dst_addr)):
+            if end.endpoint is None and _link_local(address):
+                return TrafficClass.SAME_NODE  # only ever the sender's own node
         for end, address in ((src, src_addr), (dst, dst_addr)):
             if end.endpoint is None:
                 # Neither pod nor node: outside the cluster, unless the address is in a cluster range
@@ -175,6 +195,20 @@ class Resolver:
         except ValueError:
             return False
         return any(ip in net for net in self._cidrs)
+
+
+def given_node(given: Mapping[str, str]) -> str:
+    """The node a sender named the source by (`source.k8s.node.name` without a pod), else ""."""
+    if given.get(schema.SOURCE_POD_NAME):
+        return ""
+    return given.get(schema.SOURCE_NODE_NAME, "")
+
+
+def _link_local(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_link_local
+    except ValueError:
+        return False
 
 
 def _timeless(end: _End) -> bool:

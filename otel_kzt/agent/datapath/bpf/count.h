@@ -1,7 +1,8 @@
 /* otel-kzt: the counting shared by every datapath mode (the mode's entry file includes it).
  *
  * What lives here: the maps (flows4/6, overflow, stats, progs, meta, dying4/6, the evictor's command),
- * key building (only the listening side's port; ephemeral ports never enter a key), counting with the
+ * key building (only the listening side's port; ephemeral ports never enter a key; the origin and the
+ * source before NAT when the entry file knows them, `struct kzt_pkt`), counting with the
  * overflow bucket when the map is full, the dying entries of flows being evicted, and the evictor's body.
  * Nothing here knows where the packet was seen: the entry file fills a `struct kzt_pkt` and defines
  *
@@ -39,6 +40,10 @@ struct kzt_pkt {
     const unsigned char *l3;   /* the network header, where the mode reads kernel memory (else 0) */
     u32 linear;                /* bytes after the network header in the linear area */
     u32 len;                   /* the packet's length from its network header (BIG TCP, jumbograms) */
+    u8 origin;                 /* KZT_ORIGIN_*: how the packet came here (0: this mode cannot tell) */
+    u8 has_nat_src;            /* nat_src/nat_sport hold the source as it was before this node's NAT */
+    u16 nat_sport;             /* host order; taken only for protocols with ports */
+    u8 nat_src[16];
 };
 
 #ifdef KZT_PIN_DIR
@@ -52,7 +57,7 @@ KZT_TABLE("hash", struct flow_key6, struct flow_value6, flows6, KZT_MAP_SIZE);
 KZT_TABLE("percpu_array", u32, struct overflow_value, overflow, 1);
 KZT_TABLE("percpu_array", u32, u64, stats, KZT_STAT_MAX);
 KZT_TABLE("prog", u32, u32, progs, 1);
-KZT_TABLE("array", u32, u64, meta, 4);
+KZT_TABLE("array", u32, u64, meta, 8);  /* the loader's records (loader.py META_*) */
 /* Private to one agent process: the evictor's command. */
 /* Packets of flows being evicted (marked dead, or already deleted while a program still held them):
  * the agent adds them to the flow's final value after a second grace period. */
@@ -260,7 +265,8 @@ static __always_inline void kzt_ports(const struct kzt_pkt *p, const u8 *hdr, u3
     } else if (KZT_LOAD(p, l4off, ports, sizeof(ports)) < 0) {
         return;
     }
-    kzt_set_port(side, port, ((u16)ports[0] << 8) | ports[1], ((u16)ports[2] << 8) | ports[3]);
+    u16 sport = p->has_nat_src ? p->nat_sport : ((u16)ports[0] << 8) | ports[1];
+    kzt_set_port(side, port, sport, ((u16)ports[2] << 8) | ports[3]);
 }
 
 /* Count one packet: parse its IP header (one read of the header prefix), build the key (only the
@@ -286,6 +292,9 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
         int later = (((hdr[6] & 0x1F) << 8) | hdr[7]) != 0;
         if (!later && kzt_has_ports(key.proto))
             kzt_ports(p, hdr, (hdr[0] & 0x0F) * 4, &key.port_side, &key.port);
+        if (p->has_nat_src)
+            __builtin_memcpy(key.src, p->nat_src, 4);
+        key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
         kzt_count4(&key, bytes);
     } else if (version == 6) {
         struct flow_key6 key = {};
@@ -300,6 +309,9 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
             l4off = kzt_walk_v6(p, &key.proto, &later);
         if (!later && kzt_has_ports(key.proto))
             kzt_ports(p, hdr, l4off, &key.port_side, &key.port);
+        if (p->has_nat_src)
+            __builtin_memcpy(key.src, p->nat_src, 16);
+        key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
         kzt_count6(&key, bytes);
     } else {
         kzt_stat(KZT_STAT_NOT_IP);

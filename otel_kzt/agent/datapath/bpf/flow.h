@@ -8,14 +8,22 @@
 #ifndef KZT_FLOW_H
 #define KZT_FLOW_H
 
-/* port_side: which end the kept port belongs to (the listening side). */
+/* port_side, bits 0-1: which end the kept port belongs to (the listening side). */
 #define KZT_PORT_NONE 0
 #define KZT_PORT_SRC 1
 #define KZT_PORT_DST 2
+/* port_side, bits 2-3: the packet's origin, how it came to the hook (DESIGN §3: the source is decided by
+ * the path). A mode that cannot tell leaves it 0 and the agent decides by the addresses alone. */
+#define KZT_ORIGIN_SHIFT 2
+#define KZT_ORIGIN_UNKNOWN 0
+#define KZT_ORIGIN_LOCAL 1      /* sent by this node's own stack: the node's, whatever its source address */
+#define KZT_ORIGIN_FORWARDED 2  /* routed through this node: its source is the sender's (a pod, or not ours) */
+#define KZT_ORIGIN_SNAT 3       /* routed through and rewritten both ways by this node's NAT (DNAT + SNAT:
+                                   the NodePort / LoadBalancer hop): the key holds the source after SNAT */
 
 struct flow_key4 {
     u8 proto;       /* IANA protocol number */
-    u8 port_side;   /* KZT_PORT_* */
+    u8 port_side;   /* KZT_PORT_* | KZT_ORIGIN_* << KZT_ORIGIN_SHIFT */
     u16 port;       /* host order; 0 unless port_side != NONE */
     u8 src[4];
     u8 dst[4];

@@ -2,7 +2,8 @@
  *
  * Requires: Linux >= 6.4 for netfilter BPF links (program type 32, attach type 45), >= 6.6 for
  * BPF_PROG_TEST_RUN of netfilter programs (the evictor), kernel BTF for the struct offsets. The hook
- * runs ahead of source NAT, so a pod's packets are counted under the pod's own address.
+ * runs just after source NAT and names the source as it was before (origin.h): a pod's packets are
+ * counted under the pod's own address, the NodePort hop this node's NAT made is the node's.
  *
  * Programs (one bcc module; the counting itself is count.h, shared by every mode):
  *   kzt_dispatch  attached by the two links (v4, v6). It only tail-calls progs[0], so an agent
@@ -31,6 +32,7 @@ static long (*kzt_read_kernel)(void *dst, u32 size, const void *unsafe_ptr) =
 #define KZT_LOAD(p, off, dst, size) kzt_read_kernel((dst), (size), (p)->l3 + (off))
 
 #include "count.h"
+#include "origin.h"
 
 struct kzt_nf_ctx;  /* struct bpf_nf_ctx: only its skb pointer is read, at KZT_OFF_CTX_SKB */
 
@@ -43,6 +45,7 @@ int kzt_count(struct kzt_nf_ctx *ctx)
     p.l3 = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + nh;
     p.linear = *(u32 *)(skb + KZT_OFF_SKB_TAIL) - nh;  /* tail is an offset from head on 64-bit */
     p.len = *(u32 *)(skb + KZT_OFF_SKB_LEN);
+    kzt_nf_origin(skb, &p);
     kzt_count_packet(&p);
     return KZT_NF_ACCEPT;
 }

@@ -1,0 +1,85 @@
+/* otel-kzt `netfilter` mode: who sent a packet, by its path (DESIGN §3), for the flow key.
+ *
+ * The hook runs at POSTROUTING just after source NAT (NF_IP_PRI_NAT_SRC + 1), so it knows whether this
+ * node's NAT rewrote a packet both ways, and takes the source as it was before NAT from conntrack:
+ *
+ *   origin    forwarded: ip_forward() sets IPSKB_FORWARDED in IPCB (skb->cb); IPv6 sets its flag only for
+ *             multicast, so there: a packet that came in on a device (IP6CB's iif) and has no socket.
+ *             Else local when the packet has a socket (every packet the node's stack sends, kernel
+ *             replies included, carries one); else unknown (bridged through br_netfilter, a REJECT):
+ *             the agent then decides by the addresses.
+ *   SNAT hop  forwarded, original direction, and conntrack says this node rewrote both the destination
+ *             and the source (IPS_DST_NAT and IPS_SRC_NAT): kube-proxy's NodePort / LoadBalancer hop with
+ *             externalTrafficPolicy Cluster. The key keeps the source after SNAT (this node's address):
+ *             the hop is the node's, and every outside client of one backend is one flow.
+ *   pre-NAT   otherwise, when this node's NAT rewrote the source (SNAT in the original direction, the
+ *             un-DNAT of a reply), the key gets the source (address and port) it had before: the original
+ *             direction's tuple source, or the reply tuple's. A masqueraded pod stays the pod.
+ *
+ * ICMP errors (conntrack's RELATED) keep the source they carry. No conntrack, or an untracked packet: no
+ * NAT happened here, the source is the packet's. Offsets from BTF (KZT_OFF_*); the IPSKB_* bits are
+ * #defines of the kernel, stable since 2.6.
+ */
+#ifndef KZT_ORIGIN_H
+#define KZT_ORIGIN_H
+
+#include "flow.h"
+
+#define KZT_IPSKB_FORWARDED 1   /* include/net/ip.h: BIT(0) */
+#define KZT_IP6SKB_FORWARDED 2  /* include/linux/ipv6.h */
+#define KZT_NFCT_INFOMASK 7UL
+#define KZT_CT_RELATED 1
+#define KZT_CT_IS_REPLY 3
+#define KZT_CT_RELATED_REPLY 4
+#define KZT_CT_UNTRACKED 7
+
+static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
+{
+    u8 version = 0;
+    if (kzt_read_kernel(&version, 1, p->l3) < 0)
+        return;
+    int v6 = (version >> 4) == 6;
+    int forwarded = 0;
+    if (v6) {
+        /* ip6_forward() sets no flag for unicast: a packet without a socket that came in on a device
+         * (IP6CB's iif, 0 for what the stack builds) is routed through. */
+        struct { int iif; u16 flags; } cb6 = {};
+        kzt_read_kernel(&cb6.iif, sizeof(cb6.iif), skb + KZT_OFF_SKB_CB + KZT_OFF_IP6CB_IIF);
+        kzt_read_kernel(&cb6.flags, sizeof(cb6.flags), skb + KZT_OFF_SKB_CB + KZT_OFF_IP6CB_FLAGS);
+        forwarded = (cb6.flags & KZT_IP6SKB_FORWARDED) || (cb6.iif && !*(u64 *)(skb + KZT_OFF_SKB_SK));
+    } else {
+        u16 flags = 0;
+        kzt_read_kernel(&flags, sizeof(flags), skb + KZT_OFF_SKB_CB + KZT_OFF_IPCB_FLAGS);
+        forwarded = (flags & KZT_IPSKB_FORWARDED) != 0;
+    }
+    if (forwarded)
+        p->origin = KZT_ORIGIN_FORWARDED;
+    else if (*(u64 *)(skb + KZT_OFF_SKB_SK))
+        p->origin = KZT_ORIGIN_LOCAL;
+#ifdef KZT_OFF_CT_STATUS
+    u64 nfct = *(u64 *)(skb + KZT_OFF_SKB_NFCT);
+    const char *ct = (const char *)(nfct & ~KZT_NFCT_INFOMASK);
+    u32 info = nfct & KZT_NFCT_INFOMASK;
+    if (!ct || info == KZT_CT_UNTRACKED || info == KZT_CT_RELATED || info == KZT_CT_RELATED_REPLY)
+        return;
+    u64 status = 0;
+    if (kzt_read_kernel(&status, sizeof(status), ct + KZT_OFF_CT_STATUS) < 0)
+        return;
+    int reply = info >= KZT_CT_IS_REPLY;
+    if (!reply && forwarded && (status & KZT_IPS_SRC_NAT) && (status & KZT_IPS_DST_NAT)) {
+        p->origin = KZT_ORIGIN_SNAT;
+        return;
+    }
+    if (!(status & (reply ? KZT_IPS_DST_NAT : KZT_IPS_SRC_NAT)))
+        return;
+    u32 tuple = KZT_OFF_CT_TUPLE_SRC + (reply ? KZT_CT_TUPLEHASH_SIZE : 0);
+    u8 port[2];  /* nf_conntrack_man: the address (16 bytes), then the port (network order) */
+    if (kzt_read_kernel(p->nat_src, sizeof(p->nat_src), ct + tuple) == 0 &&
+        kzt_read_kernel(port, sizeof(port), ct + tuple + KZT_OFF_CT_MAN_PORT) == 0) {
+        p->nat_sport = ((u16)port[0] << 8) | port[1];
+        p->has_nat_src = 1;
+    }
+#endif
+}
+
+#endif

@@ -1,0 +1,201 @@
+"""Who sent it, by its path (DESIGN §3), on the kernel: what the netfilter hook keys and what the agent
+exports of it, against nftables counters in the node as the ground truth.
+
+The conftest topology (pod A -- node -- pod B) plays each real-cluster shape with the node's own NAT:
+
+- NodePort with externalTrafficPolicy Cluster: A is the outside client, B the backend on "another node";
+  the node DNATs its address:30080 to B:8080 and masquerades (kube-proxy's rules). The hop is the node's,
+  counted once after SNAT, its replies are not this node's to count;
+- a ClusterIP through kube-proxy DNAT: A (this node's pod) to the VIP, B the backend pod: counted once,
+  with the backend pod as destination;
+- NodeLocal DNS answering from 169.254.20.10 and from the kube-dns ClusterIP (both on the node's `lo`):
+  the node's, named by the node;
+- an IPVS-style reply: B's answer gets the VIP as source by a stateless rewrite in the forward chain
+  (the VIP is one of the node's addresses, on a kube-ipvs0 stand-in): not counted again here.
+
+Names: netns and devices are the conftest's ("kd"), the nat tables here start with "ko".
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from otel_kzt import netns, schema
+from otel_kzt.agent.flows import ORIGIN_FORWARDED, ORIGIN_LOCAL, ORIGIN_SNAT, FlowKey, Snapshot
+from otel_kzt.agent.local import LocalFlows
+from otel_kzt.k8s.model import Endpoint, NodeInfo
+from otel_kzt.schema import WorkloadKind
+from tests.kernel.conftest import DatapathFactory, Net, settle
+from tests.kernel.test_datapath import TCP, UDP, flow, key
+from tests.unit.test_agent_local import attrs_of
+from tests.unit.test_agent_support import FakeIndex
+
+pytestmark = pytest.mark.kernel
+
+NODE = "kd-node"
+NODE_A4 = "10.77.1.1"  # the node's address towards pod A
+DNS_LINK_LOCAL, KUBE_DNS, VIP = "169.254.20.10", "10.96.0.10", "10.96.0.60"
+
+
+def index(net: Net) -> FakeIndex:
+    """A is a pod of this node; B a pod of another node."""
+    idx = FakeIndex()
+    idx.endpoints = {
+        net.a4: Endpoint(NODE, WorkloadKind.DEPLOYMENT, "client", pod_name="client-1", namespace="ko"),
+        net.b4: Endpoint(
+            "kd-other", WorkloadKind.DEPLOYMENT, "backend", pod_name="backend-1", namespace="ko"
+        ),
+    }
+    idx.nodes = {NODE: NodeInfo(NODE, "z1", "r1", None, (NODE_A4, net.node_b4))}
+    return idx
+
+
+def local_flows(net: Net) -> LocalFlows:
+    addresses = frozenset({"127.0.0.1", NODE_A4, net.node_b4, DNS_LINK_LOCAL, KUBE_DNS, VIP})
+    local = LocalFlows(NODE, index(net), interface_addresses=lambda: addresses)
+    local.refresh()
+    return local
+
+
+def exported(local: LocalFlows, snap: Snapshot) -> dict[FlowKey, dict[str, object]]:
+    out = {}
+    for k in snap.flows:
+        attrs = attrs_of(local, k)
+        if attrs is not None:
+            out[k] = attrs
+    return out
+
+
+def test_nodeport_hop_is_the_nodes_and_counted_once(
+    net: Net, datapath: DatapathFactory, topo: object
+) -> None:
+    net.nft(f"""
+        table ip konat {{
+            chain pre {{
+                type nat hook prerouting priority dstnat; policy accept;
+                ip daddr {NODE_A4} tcp dport 30080 dnat to {net.b4}:8080
+            }}
+            chain post {{
+                type nat hook postrouting priority srcnat; policy accept;
+                ct status dnat ip daddr {net.b4} masquerade
+            }}
+        }}
+        table inet kd {{
+            counter hop {{ }}
+            counter back {{ }}
+            chain post {{
+                type filter hook postrouting priority 200; policy accept;
+                ip saddr {net.node_b4} ip daddr {net.b4} tcp dport 8080 counter name hop
+                ip saddr {NODE_A4} ip daddr {net.a4} tcp sport 30080 counter name back
+            }}
+        }}""")
+    net.serve_tcp(topo, net.pod_b, 8080)  # type: ignore[arg-type]
+    dp = datapath()
+    net.traffic(net.pod_a, "tcp-send", NODE_A4, 30080, 200_000)
+    settle()
+    snap = dp.snapshot()
+    hop = flow(snap, key(net.node_b4, net.b4, TCP, dport=8080, origin=ORIGIN_SNAT))
+    assert (hop.bytes, hop.packets) == net.nft_counter("hop") and hop.bytes > 200_000
+    # Nothing else of the hop's packets: the outside client's address is on no flow to the backend.
+    assert not [k for k in snap.flows if k.dst == ipaddress.ip_address(net.b4).packed and k != hop_key(net)]
+    # The replies, un-NATed here, keep the backend's address and port: the backend's node counted them.
+    back = flow(snap, key(net.b4, net.a4, TCP, sport=8080, origin=ORIGIN_FORWARDED))
+    assert (back.bytes, back.packets) == net.nft_counter("back")
+    got = exported(local_flows(net), snap)
+    assert set(got) == {hop_key(net)}
+    attrs = got[hop_key(net)]
+    assert attrs[schema.SOURCE_NODE_NAME] == NODE and schema.SOURCE_POD_NAME not in attrs
+    assert attrs[schema.DESTINATION_ADDRESS] == net.b4 and attrs[schema.DESTINATION_PORT] == 8080
+
+
+def hop_key(net: Net) -> FlowKey:
+    return key(net.node_b4, net.b4, TCP, dport=8080, origin=ORIGIN_SNAT)
+
+
+def test_clusterip_dnat_counted_once_at_the_client_with_the_backend(
+    net: Net, datapath: DatapathFactory, topo: object
+) -> None:
+    net.nft(f"""
+        table ip konat {{
+            chain pre {{
+                type nat hook prerouting priority dstnat; policy accept;
+                ip daddr {VIP} tcp dport 80 dnat to {net.b4}:8080
+            }}
+        }}
+        table inet kd {{
+            counter req {{ }}
+            counter resp {{ }}
+            chain post {{
+                type filter hook postrouting priority 200; policy accept;
+                ip saddr {net.a4} ip daddr {net.b4} tcp dport 8080 counter name req
+                ip saddr {VIP} ip daddr {net.a4} tcp sport 80 counter name resp
+            }}
+        }}""")
+    netns.run_in(net.pod_a, ["ip", "route", "add", f"{VIP}/32", "via", NODE_A4])
+    net.serve_tcp(topo, net.pod_b, 8080)  # type: ignore[arg-type]
+    dp = datapath()
+    net.traffic(net.pod_a, "tcp-send", VIP, 80, 100_000)
+    settle()
+    snap = dp.snapshot()
+    req = flow(snap, key(net.a4, net.b4, TCP, dport=8080))
+    assert (req.bytes, req.packets) == net.nft_counter("req")
+    resp = flow(snap, key(net.b4, net.a4, TCP, sport=8080))  # un-DNATed to the VIP after the hook's NAT
+    assert (resp.bytes, resp.packets) == net.nft_counter("resp")
+    got = exported(local_flows(net), snap)
+    assert list(got) == [key(net.a4, net.b4, TCP, dport=8080)]
+    attrs = got[key(net.a4, net.b4, TCP, dport=8080)]
+    assert attrs[schema.SOURCE_POD_NAME] == "client-1" and attrs[schema.DESTINATION_ADDRESS] == net.b4
+
+
+SEND_FROM = (
+    "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
+    "for _ in range(5): s.sendto(b'd' * 120, (sys.argv[2], 40000))"
+)
+
+
+def test_the_nodes_own_answers_are_the_nodes_whatever_the_address(
+    net: Net, datapath: DatapathFactory
+) -> None:
+    net.drop_udp_at(net.pod_a)
+    for address in (DNS_LINK_LOCAL, KUBE_DNS):
+        netns.run_in(net.node, ["ip", "addr", "add", f"{address}/32", "dev", "lo"])
+    dp = datapath()
+    for address in (DNS_LINK_LOCAL, KUBE_DNS):
+        netns.run_in(net.node, ["python3", "-c", SEND_FROM, address, net.a4])
+    settle()
+    snap = dp.snapshot()
+    local = local_flows(net)
+    # Named by the node even where the agent does not list the address (NodeLocal DNS on a device the
+    # agent's namespace does not show, a cilium_host-style address).
+    blind = LocalFlows(NODE, index(net), interface_addresses=lambda: frozenset({"127.0.0.1"}))
+    blind.refresh()
+    for address in (DNS_LINK_LOCAL, KUBE_DNS):
+        k = key(address, net.a4, UDP, sport=53, origin=ORIGIN_LOCAL)
+        assert (flow(snap, k).bytes, flow(snap, k).packets) == (5 * (20 + 8 + 120), 5)
+        for agent in (local, blind):
+            attrs = attrs_of(agent, k)
+            assert attrs is not None and attrs[schema.SOURCE_NODE_NAME] == NODE
+            assert attrs[schema.DESTINATION_POD_NAME] == "client-1"
+
+
+def test_a_reply_an_un_nat_gave_a_vip_source_is_not_counted_again(
+    net: Net, datapath: DatapathFactory
+) -> None:
+    net.drop_udp_at(net.pod_a)
+    netns.run_in(net.node, ["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])  # kube-ipvs0 stand-in
+    net.nft(f"""
+        table ip koipvs {{
+            chain kofwd {{
+                type filter hook forward priority 0; policy accept;
+                ip saddr {net.b4} udp sport 9053 ip saddr set {VIP}
+            }}
+        }}""")
+    dp = datapath()
+    net.traffic(net.pod_b, "udp", net.a4, 40000, 4, 80, 9053)
+    settle()
+    snap = dp.snapshot()
+    k = key(VIP, net.a4, UDP, sport=9053, origin=ORIGIN_FORWARDED)
+    assert flow(snap, k).packets == 4
+    assert attrs_of(local_flows(net), k) is None  # the backend's node counted it at its source
