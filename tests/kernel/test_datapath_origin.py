@@ -60,37 +60,53 @@ def local_flows(net: Net) -> LocalFlows:
 
 
 def exported(local: LocalFlows, snap: Snapshot) -> dict[FlowKey, dict[str, object]]:
+    """What the agent exports of the snapshot's IPv4 flows (the node's own IPv6 neighbour discovery and
+    MLD are node flows too, and beside the point here)."""
     out = {}
     for k in snap.flows:
+        if k.family != 4:
+            continue
         attrs = attrs_of(local, k)
         if attrs is not None:
             out[k] = attrs
     return out
 
 
-def test_nodeport_hop_is_the_nodes_and_counted_once(
-    net: Net, datapath: DatapathFactory, topo: object
-) -> None:
+def kube_proxy(net: Net, dnat: str, masquerade: str, counted: dict[str, str]) -> None:
+    """kube-proxy's rules in the node (a DNAT, optionally a masquerade) and the ground truth: nftables
+    counters at POSTROUTING after every NAT, one per name, matching what leaves."""
+    post = f"chain post {{ type nat hook postrouting priority srcnat; policy accept; {masquerade}; }}"
+    counters = "\n".join(f"counter {name} {{ }}" for name in counted)
+    rules = "\n".join(f"{rule} counter name {name}" for name, rule in counted.items())
     net.nft(f"""
         table ip konat {{
             chain pre {{
                 type nat hook prerouting priority dstnat; policy accept;
-                ip daddr {NODE_A4} tcp dport 30080 dnat to {net.b4}:8080
+                {dnat}
             }}
-            chain post {{
-                type nat hook postrouting priority srcnat; policy accept;
-                ct status dnat ip daddr {net.b4} masquerade
-            }}
+            {post if masquerade else ""}
         }}
         table inet kd {{
-            counter hop {{ }}
-            counter back {{ }}
+            {counters}
             chain post {{
                 type filter hook postrouting priority 200; policy accept;
-                ip saddr {net.node_b4} ip daddr {net.b4} tcp dport 8080 counter name hop
-                ip saddr {NODE_A4} ip daddr {net.a4} tcp sport 30080 counter name back
+                {rules}
             }}
         }}""")
+
+
+def test_nodeport_hop_is_the_nodes_and_counted_once(
+    net: Net, datapath: DatapathFactory, topo: object
+) -> None:
+    kube_proxy(
+        net,
+        f"ip daddr {NODE_A4} tcp dport 30080 dnat to {net.b4}:8080",
+        f"ct status dnat ip daddr {net.b4} masquerade",
+        {
+            "hop": f"ip saddr {net.node_b4} ip daddr {net.b4} tcp dport 8080",
+            "back": f"ip saddr {NODE_A4} ip daddr {net.a4} tcp sport 30080",
+        },
+    )
     net.serve_tcp(topo, net.pod_b, 8080)  # type: ignore[arg-type]
     dp = datapath()
     net.traffic(net.pod_a, "tcp-send", NODE_A4, 30080, 200_000)
@@ -117,22 +133,15 @@ def hop_key(net: Net) -> FlowKey:
 def test_clusterip_dnat_counted_once_at_the_client_with_the_backend(
     net: Net, datapath: DatapathFactory, topo: object
 ) -> None:
-    net.nft(f"""
-        table ip konat {{
-            chain pre {{
-                type nat hook prerouting priority dstnat; policy accept;
-                ip daddr {VIP} tcp dport 80 dnat to {net.b4}:8080
-            }}
-        }}
-        table inet kd {{
-            counter req {{ }}
-            counter resp {{ }}
-            chain post {{
-                type filter hook postrouting priority 200; policy accept;
-                ip saddr {net.a4} ip daddr {net.b4} tcp dport 8080 counter name req
-                ip saddr {VIP} ip daddr {net.a4} tcp sport 80 counter name resp
-            }}
-        }}""")
+    kube_proxy(
+        net,
+        f"ip daddr {VIP} tcp dport 80 dnat to {net.b4}:8080",
+        "",
+        {
+            "req": f"ip saddr {net.a4} ip daddr {net.b4} tcp dport 8080",
+            "resp": f"ip saddr {VIP} ip daddr {net.a4} tcp sport 80",
+        },
+    )
     netns.run_in(net.pod_a, ["ip", "route", "add", f"{VIP}/32", "via", NODE_A4])
     net.serve_tcp(topo, net.pod_b, 8080)  # type: ignore[arg-type]
     dp = datapath()
