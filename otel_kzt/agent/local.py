@@ -184,10 +184,10 @@ class LocalFlows:
         self._shared.trim(len(cache))
         return out
 
-    def forget(self) -> None:
-        """Forget every cached head (new runs begin: the flows are being evicted)."""
-        self._cache.clear()
-        self._renamed.clear()
+    def head_at(self, key: FlowKey, start_unix_ns: int) -> PointHead | None:
+        """The flow's point head with its names now and another start (a run begun at a receiver switch),
+        not cached."""
+        return self._head(key, stable_start(start_unix_ns))
 
     def renamed(self) -> list[FlowKey]:
         """Exported flows whose names changed: evict them once this export is delivered (a new run)."""
@@ -233,7 +233,11 @@ class LocalFlows:
         source = self._source(key)
         if head is None:  # not ours so far: a pod that just appeared in the index makes it ours
             return source is None
-        return source == head.source_pod and self._named(schema.DESTINATION, key.dst) == head.destination_pod
+        if source is self._node_attrs:  # the node's: its name rides in `common`, no pod
+            same_source = not head.source_pod and head.common.endswith(source)
+        else:
+            same_source = source == head.source_pod
+        return same_source and self._named(schema.DESTINATION, key.dst) == head.destination_pod
 
     def _source(self, key: FlowKey) -> bytes | None:
         """The source's serialized attributes when the flow is ours (the node's name, or the pod's), else
@@ -298,12 +302,14 @@ class LocalFlows:
             common.append(field(schema.SOURCE_PORT, key.src_port))
         if key.dst_port:
             common.append(field(schema.DESTINATION_PORT, key.dst_port))
+        if from_node:
+            common.append(source)  # source.k8s.node.name: the same for every node flow, held once
         destination_pod = self._named(schema.DESTINATION, key.dst)
         shared = self._shared
         return point_head(
             b"".join(own),
             first_seen_unix_ns,
-            source,
+            b"" if from_node else source,
             destination_pod,
             shared=shared,
             common=shared(b"".join(common)),

@@ -68,6 +68,14 @@ def resource_attributes(config: AgentConfig, host_name: str) -> dict[str, AttrVa
     return resource
 
 
+def _from_base(
+    rebased: tuple[PointHead, FlowCounters, bool], counters: FlowCounters
+) -> tuple[PointHead, FlowCounters]:
+    """A flow's point on its run begun at a receiver switch: the values since the switch."""
+    head, base, _ = rebased
+    return head, replace(counters, bytes=counters.bytes - base.bytes, packets=counters.packets - base.packets)
+
+
 class AgentService:
     def __init__(
         self,
@@ -96,7 +104,12 @@ class AgentService:
         self.stats = AgentStats(clock_ns())
         # Final values of evicted flows not yet delivered, oldest first: (key, start) -> (head, counters).
         self._finals: dict[tuple[FlowKey, int], tuple[PointHead, FlowCounters]] = {}
-        self._drop_finals = False  # the next snapshot's evicted flows are old runs of a receiver left
+        # The flows of the last export delivered whole (what the receiver holds), and the runs begun at a
+        # receiver switch: key -> (head starting at the switch, the values the receiver left held, whether
+        # the new run reached a receiver: the flow is then evicted, its final value sent on that run).
+        self._delivered: dict[FlowKey, FlowCounters] = {}
+        self._rebased: dict[FlowKey, tuple[PointHead, FlowCounters, bool]] = {}
+        self._unsent: set[FlowKey] = set()  # flows evicted at a switch with no known base: finals unsent
         self._encoder = RequestEncoder(
             resource_attributes(config, host_name),
             SCOPE_NAME,
@@ -123,20 +136,17 @@ class AgentService:
         all_heads = self._local.heads(snapshot.flows)
         idle_before = snapshot.taken_unix_ns - int(self._config.idle_timeout_s * 1e9)
         interval_ns = int(self._config.interval_s * 1e9)
-        # Finals first: a new series of the same key in this export must come after the old one's end.
-        heads: list[PointHead] = [head for head, _ in self._finals.values()]
-        counts: list[FlowCounters] = [counters for _, counters in self._finals.values()]
         idle_ours: list[FlowKey] = []
         idle_other: list[FlowKey] = []
         pod_bytes = all_bytes = 0  # for the blind-datapath check
+        ours: list[tuple[FlowKey, PointHead, FlowCounters]] = []
         for (key, counters), head in zip(snapshot.flows.items(), all_heads, strict=True):
             idle = counters.last_seen_unix_ns < idle_before
             all_bytes += counters.bytes
             if head is not None:
                 if head.source_pod:
                     pod_bytes += counters.bytes
-                heads.append(head)
-                counts.append(counters)
+                ours.append((key, head, counters))
                 if idle:
                     idle_ours.append(key)
             elif idle or self._local.leaves_now(key, counters, snapshot.taken_unix_ns, interval_ns):
@@ -144,20 +154,22 @@ class AgentService:
         del all_heads
         self._counted.pods, self._counted.everything = pod_bytes, all_bytes
         report = self._report(snapshot)
-        extra = telemetry_metrics(
-            report,
-            self.stats.view(),
-            self.stats.started_unix_ns,
-            snapshot.taken_unix_ns,
-            exported=len(heads),
-            datapath_started_unix_ns=snapshot.started_unix_ns,
-        )
-        requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra)
-        result = self._sender.export(requests, deadline, stop)
+        for _move in range(3):  # a receiver switch begins new runs, then the export goes to the new one
+            heads, counts = self._points(ours)
+            extra = telemetry_metrics(
+                report,
+                self.stats.view(),
+                self.stats.started_unix_ns,
+                snapshot.taken_unix_ns,
+                exported=len(heads),
+                datapath_started_unix_ns=snapshot.started_unix_ns,
+            )
+            requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra)
+            result = self._sender.export(requests, deadline, stop)
+            if not result.switched:
+                break
+            self._begin_new_runs(snapshot.taken_unix_ns, ours)
         duration = time.monotonic() - started
-        if result.switched:
-            self._begin_new_runs(snapshot, evict=evict)
-            return result
         self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
         self._publish(report, result)
         log.info(
@@ -168,41 +180,84 @@ class AgentService:
             result.failed,
             duration,
         )
-        if result.failed == 0:
+        rebased: list[FlowKey] = []
+        if result.failed == 0 and not result.switched:
             self._finals.clear()  # delivered; on any failure all are sent again (idempotent)
+            self._delivered = snapshot.flows  # what the receiver holds now (the datapath keeps it anyway)
+            rebased = [k for k, (_, _, done) in self._rebased.items() if not done]
+            for key in rebased:
+                self._rebased[key] = (*self._rebased[key][:2], True)
         self.stats.record_finals(len(self._finals), 0)
         # A local flow's value must have reached the receiver before it is evicted; a renamed one leaves
-        # after its last value under the old names (its next packets begin a new run, LocalFlows).
+        # after its last value under the old names (its next packets begin a new run, LocalFlows); one
+        # whose run began at a receiver switch leaves once that run reached the new receiver.
         if evict:
-            self._evict(idle_other + (idle_ours + self._local.renamed() if result.failed == 0 else []))
+            delivered = idle_ours + self._local.renamed() + rebased if result.failed == 0 else []
+            self._evict(idle_other + delivered + list(self._unsent))
         return result
 
-    def _begin_new_runs(self, snapshot: Snapshot, *, evict: bool) -> None:
-        """The exporter moved to another receiver (export.py): every flow leaves the kernel map, so its
-        next packets begin a new run there; the old runs' final values stay with the receiver left."""
+    def _points(
+        self, ours: list[tuple[FlowKey, PointHead, FlowCounters]]
+    ) -> tuple[list[PointHead], list[FlowCounters]]:
+        """This export's points: the finals first (a new series of the same key in this export must come
+        after the old one's end), then every flow of ours, on its run begun at a receiver switch if any."""
+        heads: list[PointHead] = [head for head, _ in self._finals.values()]
+        counts: list[FlowCounters] = [counters for _, counters in self._finals.values()]
+        rebased = self._rebased
+        for key, head, counters in ours:
+            point = _from_base(rebased[key], counters) if rebased and key in rebased else (head, counters)
+            heads.append(point[0])
+            counts.append(point[1])
+        return heads, counts
+
+    def _begin_new_runs(
+        self, switch_unix_ns: int, ours: list[tuple[FlowKey, PointHead, FlowCounters]]
+    ) -> None:
+        """The exporter is moving to another receiver (export.py), which must not count what the one it
+        leaves counted: each flow that receiver holds a value of begins a new run (start = the switch,
+        values from what it held); flows it never got count whole at the new one. After the new runs'
+        first delivery their flows leave the kernel map: their next packets are new flows, whose starts
+        survive an agent restart. Finals not yet delivered stay with the receiver left (its last values)."""
         log.warning(
-            "receiver changed: new runs begin, the previous receiver keeps what it counted: flows=%d",
-            len(snapshot.flows),
+            "receiver changed: new runs begin where the previous receiver stopped: flows=%d", len(ours)
         )
         self._finals.clear()
-        self._drop_finals = True
-        self._local.forget()
-        if evict:
-            self._evict(list(snapshot.flows))
+        if not self._delivered:
+            # This process delivered nothing yet (it started on a receiver that is gone): what that
+            # receiver holds is not known here. Nothing of the old runs goes to the new one: the flows
+            # leave the kernel map unsent, and their next packets begin new runs.
+            self._unsent.update(key for key, _, _ in ours)
+            ours.clear()
+            return
+        delivered = self._delivered
+        for key, _head, counters in ours:
+            base = delivered.get(key)
+            if key in self._rebased and not self._rebased[key][2]:
+                continue  # its new run has reached no receiver yet: it stays as it is
+            if base is None or base.first_seen_unix_ns != counters.first_seen_unix_ns:
+                self._rebased.pop(key, None)  # never at the previous receiver: counted whole
+                continue
+            head = self._local.head_at(key, switch_unix_ns)
+            if head is not None:
+                self._rebased[key] = (head, base, False)
 
     def _take_finals(self, snapshot: Snapshot) -> None:
         """Adds the snapshot's evicted flows that are ours to the finals to export, within the bound."""
-        if self._drop_finals:
-            self._drop_finals = False
-            if snapshot.evicted:
-                self._local.final_heads(snapshot.evicted)  # forgets their cached names
-                log.info("old runs' final values, not sent: flows=%d", len(snapshot.evicted))
-            return
         if not snapshot.evicted:
             return
-        for key, head in self._local.final_heads(snapshot.evicted).items():
-            self._finals[(key, head.start_unix_ns)] = (head, snapshot.evicted[key])
-            if head.source_pod:
+        unsent = self._unsent.intersection(snapshot.evicted)
+        self._unsent -= unsent
+        for key, cached in self._local.final_heads(snapshot.evicted).items():
+            if key in unsent:
+                continue  # an old run whose receiver is gone (_begin_new_runs)
+            rebased = self._rebased.pop(key, None)
+            final = (
+                (cached, snapshot.evicted[key])
+                if rebased is None
+                else _from_base(rebased, snapshot.evicted[key])
+            )
+            self._finals[(key, final[0].start_unix_ns)] = final
+            if cached.source_pod:
                 self._counted.evicted_pods += snapshot.evicted[key].bytes
         self._counted.evicted_everything += sum(c.bytes for c in snapshot.evicted.values())
         limit = max(1, 2 * snapshot.capacity)  # IPv4 and IPv6 maps

@@ -202,7 +202,8 @@ def test_a_replaced_pod_begins_a_new_run_never_credited_with_the_old(receiver: G
 
 
 def test_a_receiver_switch_begins_new_runs_there(receiver: GrpcReceiver) -> None:
-    """DESIGN §5.7: the receiver moved to never gets the old runs (it would count them whole)."""
+    """DESIGN §5.7: the receiver moved to gets new runs, from what the one left held: summed over both,
+    by run as an enricher counts, every byte once."""
     other = GrpcReceiver().start()
     try:
         fake = FakeMap()
@@ -216,17 +217,20 @@ def test_a_receiver_switch_begins_new_runs_there(receiver: GrpcReceiver) -> None
         local = LocalFlows(NODE, idx, interface_addresses=frozenset)
         svc = AgentService(cfg, fake, exp, local, idx, host_name="h")
         once(svc)
-        assert [p["_value"] for p in points(a.snapshot(), schema.FLOW_BYTES)] == [1000]
         a.stop()
-        fake.now_ns += SEC
-        fake.add(POD_FLOW, 10)
-        once(svc, 4.0)  # A is gone: the move; every flow leaves the map, nothing of the old runs is sent
-        assert fake.evicted == [POD_FLOW] and points(b.snapshot(), schema.FLOW_BYTES) == []
-        fake.now_ns += SEC
-        fake.add(POD_FLOW, 7)  # after the move: a new flow, a new run
+        fake.now_ns += 3 * SEC
+        fake.add(POD_FLOW, 10)  # after A's last value: B's to count
+        once(svc, 4.0)  # A is gone: new runs on B from what A held, then the flow leaves the kernel map
+        (moved,) = points(b.snapshot(), schema.FLOW_BYTES)
+        assert moved["_value"] == 10 and int(moved["_start"]) > fake.now_ns - 2 * SEC
+        assert fake.evicted == [POD_FLOW]
+        fake.now_ns += 3 * SEC
+        fake.add(POD_FLOW, 7)  # a new flow of that key: a new run
         once(svc)
-        got = points(b.snapshot(), schema.FLOW_BYTES)
-        assert [p["_value"] for p in got] == [7] and int(got[0]["_start"]) > fake.now_ns - 2 * SEC
+        runs: dict[int, int] = {}
+        for p in points(a.snapshot() + b.snapshot(), schema.FLOW_BYTES):
+            runs[int(p["_start"])] = max(runs.get(int(p["_start"]), 0), int(p["_value"]))
+        assert sorted(runs.values()) == [7, 10, 1000]  # 1,017 bytes sent, each counted once
         exp.close()
     finally:
         other.stop()
