@@ -193,17 +193,19 @@ class LocalFlows:
         """Exported flows whose names changed: evict them once this export is delivered (a new run)."""
         return list(self._renamed)
 
-    def leaves_now(self, key: FlowKey, counters: FlowCounters, now_unix_ns: int, interval_ns: int) -> bool:
-        """A flow that is not ours leaves the kernel map at once (forwarded traffic must never push local
-        flows into the overflow bucket) unless it may yet become ours: while metadata has not synced, and
-        for one interval while its source is an address nobody knows (a pod whose watch event is late)."""
+    def leaves_now(self, key: FlowKey, counters: FlowCounters) -> bool:
+        """A flow that is not ours leaves the kernel map at once when it can never become ours: its source
+        is someone else's (another node's pod, a node) or one of this node's addresses on a forwarded
+        packet (an un-NATed VIP). Forwarded traffic must never push local flows into the overflow bucket.
+        A source nobody knows stays until idle: it may be a pod of this node whose metadata is late, and
+        its bytes are counted once it is known. Before metadata has synced nothing is known yet."""
         if self._index is None:
             return True  # nothing can ever name a pod
         if not self._index.ready():
             return False
-        if key.src in self._node_raw or counters.first_seen_unix_ns < now_unix_ns - interval_ns:
+        if key.src in self._node_raw:
             return True
-        return self._index.lookup(address_text(key.src)) is not None  # someone else's pod, or a node
+        return self._index.lookup(address_text(key.src)) is not None
 
     def final_heads(self, evicted: dict[FlowKey, FlowCounters]) -> dict[FlowKey, PointHead]:
         """Point heads of evicted flows that are ours, for their final value; call before `heads()`.

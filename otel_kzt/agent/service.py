@@ -135,7 +135,6 @@ class AgentService:
         self._take_finals(snapshot)  # before heads(): the final value reuses the flow's cached head
         all_heads = self._local.heads(snapshot.flows)
         idle_before = snapshot.taken_unix_ns - int(self._config.idle_timeout_s * 1e9)
-        interval_ns = int(self._config.interval_s * 1e9)
         idle_ours: list[FlowKey] = []
         idle_other: list[FlowKey] = []
         pod_bytes = all_bytes = 0  # for the blind-datapath check
@@ -149,7 +148,7 @@ class AgentService:
                 ours.append((key, head, counters))
                 if idle:
                     idle_ours.append(key)
-            elif idle or self._local.leaves_now(key, counters, snapshot.taken_unix_ns, interval_ns):
+            elif idle or self._local.leaves_now(key, counters):
                 idle_other.append(key)  # not ours: out of the map, it must not push ours into overflow
         del all_heads
         self._counted.pods, self._counted.everything = pod_bytes, all_bytes

@@ -215,13 +215,11 @@ def test_overlay_encapsulation_stays_unexported_from_the_stack() -> None:
 def test_flows_not_ours_leave_at_once_unless_they_may_become_ours() -> None:
     idx = index()
     local = make(idx)
-    now, interval = 100 * 10**9, 10**9
-    fresh = FlowCounters(1, 1, now - interval // 2, now)
-    old = FlowCounters(1, 1, now - 2 * interval, now)
+    counters = FlowCounters(1, 1, 5, 6)
     remote = okey("10.0.2.7", "10.0.1.5", ORIGIN_FORWARDED)  # another node's pod: known, not ours
+    vip = okey("192.168.0.1", "10.0.1.5", ORIGIN_FORWARDED)  # a node address, forwarded: an un-NATed VIP
     unknown = okey("10.0.9.9", "10.0.2.7", ORIGIN_FORWARDED)  # maybe a pod whose watch event is late
-    assert local.leaves_now(remote, fresh, now, interval)
-    assert not local.leaves_now(unknown, fresh, now, interval)
-    assert local.leaves_now(unknown, old, now, interval)  # a whole interval later, still nobody's
+    assert local.leaves_now(remote, counters) and local.leaves_now(vip, counters)
+    assert not local.leaves_now(unknown, counters)  # counted once it is known (until idle)
     idx.is_ready = False
-    assert not local.leaves_now(remote, old, now, interval)  # before sync nothing is known yet
+    assert not local.leaves_now(remote, counters)  # before sync nothing is known yet
