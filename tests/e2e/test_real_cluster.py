@@ -84,7 +84,6 @@ def test_service_through_kube_proxy_dnat(e2e: E2ERun) -> None:
     assert not [k for k in rows if _service_ip(e2e, k[1]) and k[2] == "tcp"]  # never towards a cluster IP
 
 
-@pytest.mark.xfail(strict=True, reason="agentcount (issue 10): NodeLocal DNS answers priced external")
 def test_nodelocal_dns_answers_are_the_nodes(e2e: E2ERun) -> None:
     """Every pod asks its node's DNS (169.254.20.10, and the kube-dns cluster IP where node-local-dns binds
     it): the answers are the node's, same-node, never priced as external."""
@@ -103,7 +102,6 @@ def test_nodelocal_dns_answers_are_the_nodes(e2e: E2ERun) -> None:
         assert rows[pair].labels[L(schema.TRAFFIC_CLASS)] == schema.TrafficClass.SAME_NODE.value
 
 
-@pytest.mark.xfail(strict=True, reason="agentcount (issue 10): un-NATed IPVS replies counted again")
 def test_ipvs_replies_are_not_counted_again(e2e: E2ERun) -> None:
     """On the IPVS-style node the endpoints' replies reach POSTROUTING already un-NATed to the cluster IP,
     a local address: forwarded, not the node's; the endpoints' nodes counted them at their source."""
@@ -121,7 +119,6 @@ def test_ipvs_replies_are_not_counted_again(e2e: E2ERun) -> None:
     assert not [k for k in rows if _service_ip(e2e, k[0]) and k[2] == "tcp"]
 
 
-@pytest.mark.xfail(strict=True, reason="agentcount (issue 10): the NodePort hop is counted by no node")
 def test_nodeport_external_traffic_policy_cluster(e2e: E2ERun) -> None:
     """The internet calls a NodePort on a node of one zone; kube-proxy forwards it, masqueraded, to the
     endpoint in the other zone. That hop is the node's traffic to the pod (cross-zone, billed), counted

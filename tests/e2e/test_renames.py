@@ -28,7 +28,6 @@ def _bytes_by_pod(run: E2ERun, pair: truth.Pair, label: str) -> dict[str, int]:
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="agentcount (issue 10): the new pod is credited with both pods' bytes")
 def test_pod_replaced_by_a_pod_with_the_same_ip(e2e: E2ERun) -> None:
     cluster = e2e.cluster
     old = next(p for p in cluster.routed_pods() if p.workload_name == "payments")

@@ -83,7 +83,6 @@ def two_receivers(e2e: E2ERun, slot: Slot) -> Iterator[tuple[NodeSpec, int]]:
         e2e.wait_agents_reported(60.0)
 
 
-@pytest.mark.xfail(strict=True, reason="agentcount (issue 10): receiver switches begin new runs")
 def test_quiet_failover_a_to_b_and_back(e2e: E2ERun, two_receivers: tuple[NodeSpec, int]) -> None:
     node, grpc_b = two_receivers
     jobs = _jobs(e2e, node, 600)
@@ -98,8 +97,6 @@ def test_quiet_failover_a_to_b_and_back(e2e: E2ERun, two_receivers: tuple[NodeSp
         _exact(e2e, jobs)
 
 
-@pytest.mark.xfail(strict=True, reason="agentcount (issue 10): what was counted after the old receiver's "
-                   "last accepted export is sent to no replica")
 def test_failover_while_sending(e2e: E2ERun, two_receivers: tuple[NodeSpec, int]) -> None:
     node, grpc_b = two_receivers
     jobs = _jobs(e2e, node, 700)
