@@ -13,9 +13,9 @@ AF_INET = 4
 AF_INET6 = 6
 
 # How a packet came to the hook (bpf/flow.h KZT_ORIGIN_*): the source is decided by the path (DESIGN §3).
-ORIGIN_UNKNOWN = 0  # the mode cannot tell: decided by the addresses
+ORIGIN_UNKNOWN = 0  # forwarded with its sender's source, or the mode cannot tell: decided by the addresses
 ORIGIN_LOCAL = 1  # sent by the node's own stack: the node's
-ORIGIN_FORWARDED = 2  # routed through: ours only when the source is a pod of this node
+ORIGIN_REWRITTEN = 2  # routed through with a source someone rewrote (IPVS's un-NAT to a VIP): never ours
 ORIGIN_SNAT = 3  # routed through, rewritten both ways by this node's NAT (the NodePort hop): the node's
 
 

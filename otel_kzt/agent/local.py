@@ -8,12 +8,13 @@ carries how the packet came there when the mode can tell (`FlowKey.origin`):
   DNS 169.254.20.10, the kube-dns ClusterIP it answers from, a tunnel or cilium_host address);
 - routed through, rewritten both ways by this node's NAT (`ORIGIN_SNAT`: the NodePort / LoadBalancer hop
   with externalTrafficPolicy Cluster): the node's;
-- routed through (`ORIGIN_FORWARDED`): ours only when the source is a pod running on this node (not
-  hostNetwork: those carry the node's address), from the metadata index. A source that is one of this
-  node's addresses here is a Service VIP an un-NAT put back (IPVS replies): counted at the backend's node;
-- unknown (`tc`, `cgroup`, bridged): by address, a pod of this node or one of this node's own addresses
-  (the Node object's addresses, plus the addresses of the interfaces of the agent's network namespace, so
-  node traffic is exported before metadata has synced).
+- routed through with a source someone other than the sender wrote (`ORIGIN_REWRITTEN`: IPVS un-NATs a
+  reply to its VIP, one of this node's addresses): never ours, the backend's node counted it;
+- otherwise (routed through with the sender's source, or a mode that cannot tell: `tc`, `cgroup`), by
+  address: a pod running on this node (not hostNetwork: those carry the node's address), from the
+  metadata index, or one of this node's own addresses (the Node object's addresses, plus the addresses
+  of the interfaces of the agent's network namespace, so node traffic is exported before metadata has
+  synced).
 
 A node's flow carries `source.k8s.node.name`, so the enricher names it by the node whatever its address.
 Overlay encapsulation sent by the node (UDP to a VXLAN/Geneve port) is not exported: its inner packets are.
@@ -44,8 +45,8 @@ from otel_kzt import schema
 from otel_kzt.agent.encode import AttrValue, PointHead, attributes, point_head
 from otel_kzt.agent.flows import (
     AF_INET,
-    ORIGIN_FORWARDED,
     ORIGIN_LOCAL,
+    ORIGIN_REWRITTEN,
     ORIGIN_SNAT,
     FlowCounters,
     FlowKey,
@@ -195,16 +196,14 @@ class LocalFlows:
 
     def leaves_now(self, key: FlowKey, counters: FlowCounters) -> bool:
         """A flow that is not ours leaves the kernel map at once when it can never become ours: its source
-        is someone else's (another node's pod, a node) or one of this node's addresses on a forwarded
-        packet (an un-NATed VIP). Forwarded traffic must never push local flows into the overflow bucket.
-        A source nobody knows stays until idle: it may be a pod of this node whose metadata is late, and
-        its bytes are counted once it is known. Before metadata has synced nothing is known yet."""
-        if self._index is None:
-            return True  # nothing can ever name a pod
+        is someone else's (another node's pod, a node) or was rewritten on the way (an un-NATed VIP).
+        Forwarded traffic must never push local flows into the overflow bucket. A source nobody knows
+        stays until idle: it may be a pod of this node whose metadata is late, and its bytes are counted
+        once it is known. Before metadata has synced nothing is known yet."""
+        if key.origin == ORIGIN_REWRITTEN or self._index is None:  # never ours; nothing can name a pod
+            return True
         if not self._index.ready():
             return False
-        if key.src in self._node_raw:
-            return True
         return self._index.lookup(address_text(key.src)) is not None
 
     def final_heads(self, evicted: dict[FlowKey, FlowCounters]) -> dict[FlowKey, PointHead]:
@@ -246,7 +245,9 @@ class LocalFlows:
         None: the path decides where the mode tells it, else the address (module docstring)."""
         if key.origin in (ORIGIN_LOCAL, ORIGIN_SNAT):
             return self._node_attrs
-        if key.origin != ORIGIN_FORWARDED and key.src in self._node_raw:
+        if key.origin == ORIGIN_REWRITTEN:
+            return None
+        if key.src in self._node_raw:
             return self._node_attrs
         return self._named(schema.SOURCE, key.src) or None
 

@@ -36,7 +36,6 @@ TRAFFIC = str(Path(__file__).with_name("traffic.py"))
 PIN_ROOT = "/sys/fs/bpf/otel-kzt"
 MODES = ("netfilter", "tc", "cgroup")
 CGROUP2 = Path("/sys/fs/cgroup/unified")  # this machine is hybrid
-MODE_NOW = ["netfilter"]  # the running test's mode: what origin its flow keys carry (test_datapath.key)
 NODE_DEVICES = ("kdna0", "kdnb0")  # tc mode: the node's devices (towards pod A, towards pod B)
 
 
@@ -176,7 +175,6 @@ def joined_cgroup(name: str) -> Iterator[Path]:
 @pytest.fixture
 def mode(request: pytest.FixtureRequest) -> str:
     """The datapath mode of the test: `netfilter` unless parametrized (indirect=True) over `MODES`."""
-    MODE_NOW[0] = getattr(request, "param", "netfilter")
     return str(getattr(request, "param", "netfilter"))
 
 

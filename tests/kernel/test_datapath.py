@@ -12,8 +12,8 @@ import ipaddress
 
 import pytest
 
-from otel_kzt.agent.flows import ORIGIN_FORWARDED, ORIGIN_UNKNOWN, FlowCounters, FlowKey, Snapshot
-from tests.kernel.conftest import MODE_NOW, MODES, DatapathFactory, Net, settle
+from otel_kzt.agent.flows import ORIGIN_UNKNOWN, FlowCounters, FlowKey, Snapshot
+from tests.kernel.conftest import MODES, DatapathFactory, Net, settle
 
 pytestmark = [pytest.mark.kernel, pytest.mark.parametrize("mode", MODES, indirect=True)]
 
@@ -21,13 +21,10 @@ UDP, TCP, ICMP, ICMPV6 = 17, 6, 1, 58
 
 
 def key(
-    src: str, dst: str, proto: int, sport: int = 0, dport: int = 0, *, origin: int | None = None
+    src: str, dst: str, proto: int, sport: int = 0, dport: int = 0, *, origin: int = ORIGIN_UNKNOWN
 ) -> FlowKey:
-    """A flow key; unless given, its origin is what the mode tells of the test pods' traffic: netfilter sees
-    it forwarded by the node, the others cannot tell."""
+    """A flow key; the test pods' traffic, forwarded with its own source, has origin 0 in every mode."""
     s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    if origin is None:
-        origin = ORIGIN_FORWARDED if MODE_NOW[0] == "netfilter" else ORIGIN_UNKNOWN
     return FlowKey(s.version, s.packed, d.packed, proto, sport, dport, origin)
 
 

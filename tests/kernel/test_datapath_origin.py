@@ -23,7 +23,7 @@ import ipaddress
 import pytest
 
 from otel_kzt import netns, schema
-from otel_kzt.agent.flows import ORIGIN_FORWARDED, ORIGIN_LOCAL, ORIGIN_SNAT, FlowKey, Snapshot
+from otel_kzt.agent.flows import ORIGIN_LOCAL, ORIGIN_REWRITTEN, ORIGIN_SNAT, FlowKey, Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.k8s.model import Endpoint, NodeInfo
 from otel_kzt.schema import WorkloadKind
@@ -117,7 +117,7 @@ def test_nodeport_hop_is_the_nodes_and_counted_once(
     # Nothing else of the hop's packets: the outside client's address is on no flow to the backend.
     assert not [k for k in snap.flows if k.dst == ipaddress.ip_address(net.b4).packed and k != hop_key(net)]
     # The replies, un-NATed here, keep the backend's address and port: the backend's node counted them.
-    back = flow(snap, key(net.b4, net.a4, TCP, sport=8080, origin=ORIGIN_FORWARDED))
+    back = flow(snap, key(net.b4, net.a4, TCP, sport=8080))
     assert (back.bytes, back.packets) == net.nft_counter("back")
     got = exported(local_flows(net), snap)
     assert set(got) == {hop_key(net)}
@@ -205,6 +205,6 @@ def test_a_reply_an_un_nat_gave_a_vip_source_is_not_counted_again(
     net.traffic(net.pod_b, "udp", net.a4, 40000, 4, 80, 9053)
     settle()
     snap = dp.snapshot()
-    k = key(VIP, net.a4, UDP, sport=9053, origin=ORIGIN_FORWARDED)
+    k = key(VIP, net.a4, UDP, sport=9053, origin=ORIGIN_REWRITTEN)
     assert flow(snap, k).packets == 4
     assert attrs_of(local_flows(net), k) is None  # the backend's node counted it at its source

@@ -10,9 +10,10 @@ from otel_kzt import schema
 from otel_kzt.agent.flows import (
     AF_INET,
     AF_INET6,
-    ORIGIN_FORWARDED,
     ORIGIN_LOCAL,
+    ORIGIN_REWRITTEN,
     ORIGIN_SNAT,
+    ORIGIN_UNKNOWN,
     FlowCounters,
     FlowKey,
 )
@@ -195,10 +196,11 @@ def test_the_path_decides_the_source() -> None:
     assert schema.SOURCE_POD_NAME not in dns
     # The kube-dns ClusterIP NodeLocal DNS answers from, to a pod of another node.
     assert (attrs_of(local, okey("10.96.0.10", "10.0.2.7", ORIGIN_LOCAL)) or {}).items() >= node.items()
-    # Forwarded with a node address as source: a VIP an un-NAT put back (IPVS replies): not again.
-    assert attrs_of(local, okey("10.96.0.10", "10.0.1.5", ORIGIN_FORWARDED)) is None
-    assert attrs_of(local, okey("10.0.2.7", "10.0.1.5", ORIGIN_FORWARDED)) is None  # arriving
-    got = attrs_of(local, okey("10.0.1.5", "10.0.2.7", ORIGIN_FORWARDED))
+    # Forwarded with a source rewritten on the way: a VIP an un-NAT put back (IPVS replies): not again,
+    # though the VIP is one of this node's addresses.
+    assert attrs_of(local, okey("10.96.0.10", "10.0.1.5", ORIGIN_REWRITTEN)) is None
+    assert attrs_of(local, okey("10.0.2.7", "10.0.1.5", ORIGIN_UNKNOWN)) is None  # arriving
+    got = attrs_of(local, okey("10.0.1.5", "10.0.2.7", ORIGIN_UNKNOWN))
     assert got is not None and got[schema.SOURCE_POD_NAME] == "web-1"
     # The NodePort hop (DNAT + SNAT by this node) to a backend on another node: the node's.
     hop = attrs_of(local, okey("192.168.0.1", "10.0.2.7", ORIGIN_SNAT, dport=8080))
@@ -216,9 +218,9 @@ def test_flows_not_ours_leave_at_once_unless_they_may_become_ours() -> None:
     idx = index()
     local = make(idx)
     counters = FlowCounters(1, 1, 5, 6)
-    remote = okey("10.0.2.7", "10.0.1.5", ORIGIN_FORWARDED)  # another node's pod: known, not ours
-    vip = okey("192.168.0.1", "10.0.1.5", ORIGIN_FORWARDED)  # a node address, forwarded: an un-NATed VIP
-    unknown = okey("10.0.9.9", "10.0.2.7", ORIGIN_FORWARDED)  # maybe a pod whose watch event is late
+    remote = okey("10.0.2.7", "10.0.1.5", ORIGIN_UNKNOWN)  # another node's pod: known, not ours
+    vip = okey("10.96.0.10", "10.0.1.5", ORIGIN_REWRITTEN)  # an un-NATed VIP
+    unknown = okey("10.0.9.9", "10.0.2.7", ORIGIN_UNKNOWN)  # maybe a pod whose watch event is late
     assert local.leaves_now(remote, counters) and local.leaves_now(vip, counters)
     assert not local.leaves_now(unknown, counters)  # counted once it is known (until idle)
     idx.is_ready = False

@@ -13,11 +13,12 @@
 #define KZT_PORT_SRC 1
 #define KZT_PORT_DST 2
 /* port_side, bits 2-3: the packet's origin, how it came to the hook (DESIGN §3: the source is decided by
- * the path). A mode that cannot tell leaves it 0 and the agent decides by the addresses alone. */
+ * the path). 0 keeps a pod's forwarded flow the same key in every mode (a mode switch continues it). */
 #define KZT_ORIGIN_SHIFT 2
-#define KZT_ORIGIN_UNKNOWN 0
+#define KZT_ORIGIN_UNKNOWN 0    /* forwarded with the sender's source, or the mode cannot tell: by address */
 #define KZT_ORIGIN_LOCAL 1      /* sent by this node's own stack: the node's, whatever its source address */
-#define KZT_ORIGIN_FORWARDED 2  /* routed through this node: its source is the sender's (a pod, or not ours) */
+#define KZT_ORIGIN_REWRITTEN 2  /* routed through with a source conntrack did not record (IPVS's un-NAT of a
+                                   reply to its VIP, a stateless rewrite): not the sender's, never ours */
 #define KZT_ORIGIN_SNAT 3       /* routed through and rewritten both ways by this node's NAT (DNAT + SNAT:
                                    the NodePort / LoadBalancer hop): the key holds the source after SNAT */
 

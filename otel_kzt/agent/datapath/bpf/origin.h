@@ -3,11 +3,14 @@
  * The hook runs at POSTROUTING just after source NAT (NF_IP_PRI_NAT_SRC + 1), so it knows whether this
  * node's NAT rewrote a packet both ways, and takes the source as it was before NAT from conntrack:
  *
- *   origin    forwarded: ip_forward() sets IPSKB_FORWARDED in IPCB (skb->cb); IPv6 sets its flag only for
- *             multicast, so there: a packet that came in on a device (IP6CB's iif) and has no socket.
- *             Else local when the packet has a socket (every packet the node's stack sends, kernel
- *             replies included, carries one); else unknown (bridged through br_netfilter, a REJECT):
- *             the agent then decides by the addresses.
+ *   origin    local when not forwarded (ip_forward() sets IPSKB_FORWARDED in IPCB, skb->cb; IPv6 sets
+ *             its flag only for multicast, so there: a packet that came in on a device, IP6CB's iif,
+ *             without a socket) and the packet has a socket (every packet the node's stack sends,
+ *             kernel replies included, carries one). Forwarded, or neither (bridged through
+ *             br_netfilter, a REJECT): 0, the agent decides by the addresses, as in the other modes.
+ *   rewritten forwarded with a source neither the sender's (conntrack's tuple) nor this node's NAT's:
+ *             IPVS's un-NAT of a reply to its VIP before POSTROUTING, a stateless rewrite. Not counted
+ *             here: the backend's node counted it at its source.
  *   SNAT hop  forwarded, original direction, and conntrack says this node rewrote both the destination
  *             and the source (IPS_DST_NAT and IPS_SRC_NAT): kube-proxy's NodePort / LoadBalancer hop with
  *             externalTrafficPolicy Cluster. The key keeps the source after SNAT (this node's address):
@@ -52,9 +55,7 @@ static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
         kzt_read_kernel(&flags, sizeof(flags), skb + KZT_OFF_SKB_CB + KZT_OFF_IPCB_FLAGS);
         forwarded = (flags & KZT_IPSKB_FORWARDED) != 0;
     }
-    if (forwarded)
-        p->origin = KZT_ORIGIN_FORWARDED;
-    else if (*(u64 *)(skb + KZT_OFF_SKB_SK))
+    if (!forwarded && *(u64 *)(skb + KZT_OFF_SKB_SK))
         p->origin = KZT_ORIGIN_LOCAL;
 #ifdef KZT_OFF_CT_STATUS
     u64 nfct = *(u64 *)(skb + KZT_OFF_SKB_NFCT);
@@ -70,15 +71,32 @@ static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
         p->origin = KZT_ORIGIN_SNAT;
         return;
     }
-    if (!(status & (reply ? KZT_IPS_DST_NAT : KZT_IPS_SRC_NAT)))
-        return;
     u32 tuple = KZT_OFF_CT_TUPLE_SRC + (reply ? KZT_CT_TUPLEHASH_SIZE : 0);
-    u8 port[2];  /* nf_conntrack_man: the address (16 bytes), then the port (network order) */
-    if (kzt_read_kernel(p->nat_src, sizeof(p->nat_src), ct + tuple) == 0 &&
-        kzt_read_kernel(port, sizeof(port), ct + tuple + KZT_OFF_CT_MAN_PORT) == 0) {
-        p->nat_sport = ((u16)port[0] << 8) | port[1];
-        p->has_nat_src = 1;
+    if (status & (reply ? KZT_IPS_DST_NAT : KZT_IPS_SRC_NAT)) {
+        u8 port[2];  /* nf_conntrack_man: the address (16 bytes), then the port (network order) */
+        if (kzt_read_kernel(p->nat_src, sizeof(p->nat_src), ct + tuple) == 0 &&
+            kzt_read_kernel(port, sizeof(port), ct + tuple + KZT_OFF_CT_MAN_PORT) == 0) {
+            p->nat_sport = ((u16)port[0] << 8) | port[1];
+            p->has_nat_src = 1;
+        }
+        return;
     }
+    if (!forwarded)
+        return;
+    /* Forwarded, its source untouched by this node's NAT: one conntrack did not record was written by
+     * something else (IPVS un-NATs a reply to its VIP before POSTROUTING): not the sender's address. */
+    u8 recorded[16], now[16] = {};
+    if (kzt_read_kernel(recorded, sizeof(recorded), ct + tuple) < 0)
+        return;
+    if (kzt_read_kernel(now, v6 ? 16 : 4, p->l3 + (v6 ? 8 : 12)) < 0)
+        return;
+    int differs = 0;
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        if ((i < 4 || v6) && recorded[i] != now[i])
+            differs = 1;
+    if (differs)
+        p->origin = KZT_ORIGIN_REWRITTEN;
 #endif
 }
 
