@@ -187,8 +187,10 @@ class LocalFlows:
 
     def head_at(self, key: FlowKey, start_unix_ns: int) -> PointHead | None:
         """The flow's point head with its names now and another start (a run begun at a receiver switch),
-        not cached."""
-        return self._head(key, stable_start(start_unix_ns))
+        not cached. The start is kept to the nanosecond, never a whole second: the kernel flow that follows
+        this run (it is evicted after its first delivery) starts on a whole second (`stable_start`), maybe
+        the same one, and must be another run."""
+        return self._head(key, start_unix_ns + (start_unix_ns % _SECOND_NS == 0))
 
     def renamed(self) -> list[FlowKey]:
         """Exported flows whose names changed: evict them once this export is delivered (a new run)."""

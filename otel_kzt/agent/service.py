@@ -110,6 +110,7 @@ class AgentService:
         self._delivered: dict[FlowKey, FlowCounters] = {}
         self._rebased: dict[FlowKey, tuple[PointHead, FlowCounters, bool]] = {}
         self._unsent: set[FlowKey] = set()  # flows evicted at a switch with no known base: finals unsent
+        self.left_behind_bytes = 0  # bytes of old runs counted by receivers this agent moved away from
         self._encoder = RequestEncoder(
             resource_attributes(config, host_name),
             SCOPE_NAME,
@@ -239,6 +240,7 @@ class AgentService:
             head = self._local.head_at(key, switch_unix_ns)
             if head is not None:
                 self._rebased[key] = (head, base, False)
+                self.left_behind_bytes += base.bytes
 
     def _take_finals(self, snapshot: Snapshot) -> None:
         """Adds the snapshot's evicted flows that are ours to the finals to export, within the bound."""

@@ -93,46 +93,77 @@ def flows_begin_ns() -> int:
 
 
 class FakeDatapath:
-    """Cumulative per-flow counters growing by a fixed step per snapshot until frozen (the kernel's role)."""
+    """Cumulative per-flow counters growing by a fixed step per snapshot until frozen (the kernel's role),
+    evicted as the kernel does: the final value goes to the next snapshot, the flow's next packets are a
+    new entry with a later first-seen time (a whole second later at least: starts are whole seconds)."""
 
     def __init__(self, node: str, start_unix_ns: int) -> None:
         self._flows = {
             FlowKey(AF_INET, _addr(s), _addr(d), proto, sp, dp): (b, p)
             for s, d, proto, sp, dp, b, p in FLOWS[node]
         }
+        self._entry = dict.fromkeys(self._flows, (start_unix_ns, 0))  # the kernel entry: (start, ticks then)
+        self._gone: dict[FlowKey, tuple[int, int]] = dict.fromkeys(self._flows, (0, 0))  # evicted totals
+        self._finals: dict[FlowKey, FlowCounters] = {}
         self._ticks = 0
-        self._start = start_unix_ns
         self._lock = threading.Lock()
         self.frozen = threading.Event()
 
+    def _counters(self, key: FlowKey, now: int) -> FlowCounters:
+        (b, p), (start, then) = self._flows[key], self._entry[key]
+        return FlowCounters(b * (self._ticks - then), p * (self._ticks - then), start, now)
+
     def snapshot(self) -> Snapshot:
+        now = time.time_ns()
         with self._lock:
             if not self.frozen.is_set():
                 self._ticks += 1
-            ticks = self._ticks
-        now = time.time_ns()
-        flows = {k: FlowCounters(b * ticks, p * ticks, self._start, now) for k, (b, p) in self._flows.items()}
-        return Snapshot(flows, 0, 0, 65536, now)
+            finals, self._finals = self._finals, {}
+            flows = {
+                k: self._counters(k, now)
+                for k, (start, then) in self._entry.items()
+                if self._ticks > then and start <= now
+            }
+        return Snapshot(flows, 0, 0, 65536, now, evicted=finals)
 
     def evict(self, keys: Iterable[FlowKey]) -> int:
-        return 0  # flows never go idle in these tests
+        now = time.time_ns()
+        count = 0
+        with self._lock:
+            for key in keys:
+                if key not in self._entry or self._ticks == self._entry[key][1]:
+                    continue
+                final = self._finals[key] = self._counters(key, now)
+                gone = self._gone[key]
+                self._gone[key] = (gone[0] + final.bytes, gone[1] + final.packets)
+                self._entry[key] = (max(now, final.first_seen_unix_ns + 1_000_000_000), self._ticks)
+                count += 1
+        return count
 
     def totals(self) -> dict[FlowKey, tuple[int, int]]:
+        now = time.time_ns()
         with self._lock:
-            return {k: (b * self._ticks, p * self._ticks) for k, (b, p) in self._flows.items()}
+            out = {}
+            for key, (b, p) in self._gone.items():
+                current = self._counters(key, now)
+                out[key] = (b + current.bytes, p + current.packets)
+            return out
 
 
 class Tee:
-    """Sends each request to the main exporter and, unchanged, to a reference exporter."""
+    """Sends each request to the main exporter and, unchanged, to a reference exporter: what the main one
+    delivers or tries to (an export that stops to move to another receiver sends nothing: the service
+    sends that interval again on new runs, and so does the reference then)."""
 
     def __init__(self, main: Exporter, reference: Exporter | None) -> None:
         self.main, self.reference = main, reference
 
     def export(self, requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
         batch = list(requests)
-        if self.reference is not None:
+        result = self.main.export(batch, deadline, stop)
+        if self.reference is not None and not result.switched:
             self.reference.export(batch, deadline, stop)
-        return self.main.export(batch, deadline, stop)
+        return result
 
     def close(self) -> None:
         self.main.close()
