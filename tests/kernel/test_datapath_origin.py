@@ -11,7 +11,8 @@ The conftest topology (pod A -- node -- pod B) plays each real-cluster shape wit
 - NodeLocal DNS answering from 169.254.20.10 and from the kube-dns ClusterIP (both on the node's `lo`):
   the node's, named by the node;
 - an IPVS-style reply: B's answer gets the VIP as source by a stateless rewrite in the forward chain
-  (the VIP is one of the node's addresses, on a kube-ipvs0 stand-in): not counted again here.
+  (the VIP is one of the node's addresses, on a kube-ipvs0 stand-in): not counted again here. A node
+  that proxies Services always tracks connections (kube-proxy's NAT rules); conntrack is what tells.
 
 Names: netns and devices are the conftest's ("kd"), the nat tables here start with "ko".
 """
@@ -196,6 +197,9 @@ def test_a_reply_an_un_nat_gave_a_vip_source_is_not_counted_again(
     netns.run_in(net.node, ["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])  # kube-ipvs0 stand-in
     net.nft(f"""
         table ip koipvs {{
+            chain pre {{
+                type nat hook prerouting priority dstnat; policy accept;
+            }}
             chain kofwd {{
                 type filter hook forward priority 0; policy accept;
                 ip saddr {net.b4} udp sport 9053 ip saddr set {VIP}
