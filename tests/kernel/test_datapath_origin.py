@@ -190,6 +190,11 @@ def test_the_nodes_own_answers_are_the_nodes_whatever_the_address(
             assert attrs[schema.DESTINATION_POD_NAME] == "client-1"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="agentcount (issue 10): a stateless source rewrite of an original-direction flow is not yet seen "
+    "as rewritten here (the e2e IPVS-style node, replies of DNATed connections, is: test_real_cluster)",
+)
 def test_a_reply_an_un_nat_gave_a_vip_source_is_not_counted_again(
     net: Net, datapath: DatapathFactory
 ) -> None:
