@@ -134,9 +134,10 @@ class Datapath:
 
     @property
     def attached(self) -> bool:
-        """Started and holding its links (read without the lock: a health check must never wait on a
-        stuck read)."""
-        return self._tables is not None and bool(self._link_fds)
+        """Started: the loader attached (or adopted) every attachment before it handed over (read without
+        the lock: a health check must never wait on a stuck read). Not "holds link fds": a classic tc
+        filter (kernels before 6.6) is held by no link."""
+        return self._tables is not None
 
     def _features_or_probe(self) -> probe.Features:
         if self._features is None:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 BPF_PROG_TYPE_SCHED_CLS = 3
 PIN_PREFIX = "tc_"
 VXLAN_PORTS = (4789, 8472)  # IANA, and Linux's (flannel's) default
+# "1": classic clsact filters even where tcx links exist: what kernels before 6.6 get by themselves, so the
+# kernel tests can run that path on a newer kernel (the loader child inherits the environment).
+CLASSIC_ENV = "OTEL_KZT_TC_CLASSIC"
 TRANSIENT_PIN_DIR = "/sys/fs/bpf"  # without pinning, a classic filter still loads its program from a pin
 
 
@@ -73,6 +76,8 @@ class TcMode:
         if btf.enum_value("bpf_prog_type", "BPF_PROG_TYPE_SCHED_CLS") != BPF_PROG_TYPE_SCHED_CLS:
             raise KernelUnsupported("kernel has no BPF classifiers (BPF_PROG_TYPE_SCHED_CLS)")
         self._tcx = btf.enum_value("bpf_attach_type", "BPF_TCX_EGRESS") == tclinks.BPF_TCX_EGRESS
+        if os.environ.get(CLASSIC_ENV) == "1":
+            self._tcx = False
         if not self.hooked:
             wanted = ",".join(self.patterns) or "devices with a gateway route, a node address, or overlays"
             raise DatapathError(f"tc datapath: no device to hook (up, not loopback): {wanted}")
