@@ -13,6 +13,11 @@ at a node, is what makes "each packet counted once" testable:
 - a connection that a node both DNATs and masquerades (a NodePort, `externalTrafficPolicy: Cluster`) is
   counted by that node after the masquerade (postrouting, after source NAT), as (node, endpoint): the hop
   DESIGN §3 makes the node's.
+
+nftables counts socket buffers, the datapath what leaves (DESIGN §3: a GSO super-packet is its segments).
+So every sender here sends segments: each counting point's devices get `gso_max_segs 1`, which makes TCP
+build one-segment buffers (it sizes them by the route device's limit). GSO itself is proven against a
+receiver-side oracle in tests/kernel (test_datapath.py's TCP test, test_datapath_wire.py).
 """
 
 from __future__ import annotations
@@ -72,8 +77,18 @@ def _counting_points(cluster: Cluster) -> list[tuple[str, tuple[Point, ...]]]:
         (n.netns, (OWN, DNATED, NODEPORT)) for n in cluster.nodes]
 
 
+def _one_segment_per_buffer(ns: str) -> None:
+    links = json.loads(subprocess.run(ns_argv(ns, ["ip", "-j", "link", "show"]), capture_output=True,
+                                      text=True, timeout=30, check=True).stdout)
+    for link in links:
+        if link["ifname"] != "lo":
+            subprocess.run(ns_argv(ns, ["ip", "link", "set", "dev", link["ifname"], "gso_max_segs", "1"]),
+                           capture_output=True, timeout=30, check=True)
+
+
 def install(cluster: Cluster) -> None:
     for ns, points in _counting_points(cluster):
+        _one_segment_per_buffer(ns)
         _nft(ns, ["-f", "-"], _ruleset(points))
 
 

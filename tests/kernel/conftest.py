@@ -14,10 +14,14 @@ kernel sockets of the namespaces it creates, are below the cgroup root, as a nod
 
 from __future__ import annotations
 
+import array
 import contextlib
+import fcntl
 import json
 import os
 import re
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -37,6 +41,7 @@ PIN_ROOT = "/sys/fs/bpf/otel-kzt"
 MODES = ("netfilter", "tc", "cgroup")
 CGROUP2 = Path("/sys/fs/cgroup/unified")  # this machine is hybrid
 NODE_DEVICES = ("kdna0", "kdnb0")  # tc mode: the node's devices (towards pod A, towards pod B)
+SIOCETHTOOL, ETHTOOL_STSO, ETHTOOL_SGRO = 0x8946, 0x1F, 0x2C  # linux/sockios.h, linux/ethtool.h
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,39 @@ class Net:
             if "counter" in item:
                 return int(item["counter"]["bytes"]), int(item["counter"]["packets"])
         raise AssertionError(f"nft counter {name} not found: {out}")
+
+    def segment_after_node(self) -> None:
+        """The node's devices send one segment per buffer: GSO packets pass the datapath's hook whole and
+        are cut into segments after it, as a node's NIC does with TSO (the datapath counts segments).
+        Two knobs: `gso_max_segs 1` (the stack segments whatever has more than one segment) and TSO off
+        (also for a packet whose segment count is unset, SKB_GSO_DODGY)."""
+        for device in NODE_DEVICES:
+            netns.ip(self.node, "link", "set", "dev", device, "gso_max_segs", "1")
+            self.ethtool(self.node, device, ETHTOOL_STSO, 0)
+
+    def ethtool(self, ns: str, device: str, command: int, value: int) -> None:
+        """An ethtool set command (ETHTOOL_SGRO, ETHTOOL_STSO) by the ioctl itself: the machine need not
+        have ethtool."""
+        data = array.array("I", [command, value])
+        request = struct.pack("16sP", device.encode(), data.buffer_info()[0])
+        with netns.entered(ns), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            fcntl.ioctl(sock, SIOCETHTOOL, request)
+
+    def count_received(self, ns: str, src: str, dst: str, *, match: str, name: str) -> None:
+        """An nftables counter `name` (in `inet kd`) of what `ns` receives from `src` to `dst` matching
+        `match`: the oracle of what reached the other end, segments and not the sender's buffers."""
+        ip = "ip6" if ":" in src else "ip"
+        self.nft(
+            f"""
+            table inet kd {{
+                counter {name} {{ }}
+                chain pre {{
+                    type filter hook prerouting priority -300; policy accept;
+                    {ip} saddr {src} {ip} daddr {dst} {match} counter name {name}
+                }}
+            }}""",
+            ns=ns,
+        )
 
     def background(self, topo: netns.Topology, ns: str, *args: object) -> Callable[[], dict[str, Any]]:
         """Start a traffic.py command in `ns`; returns a function that waits for its JSON summary."""

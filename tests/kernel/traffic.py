@@ -11,6 +11,7 @@ compare the datapath against what was really sent.
     tcp-send DST PORT NBYTES                one connection sending NBYTES, then a clean close
     tcp-connects DST PORT N                 N short connections (aborted with RST: no TIME_WAIT)
     udp-stream DST PORT SECONDS SIZE NFLOWS round-robin over NFLOWS destination ports until SECONDS
+    udp-gso DST PORT COUNT SIZE SEGMENT     COUNT sends of SIZE bytes with UDP_SEGMENT (one GSO packet each)
 """
 
 from __future__ import annotations
@@ -138,6 +139,17 @@ def udp_stream(dst: str, first_port: int, seconds: float, size: int, nflows: int
     return {"sent": sent}
 
 
+UDP_SEGMENT = 103  # linux/udp.h: the socket's sends leave as datagrams of at most this many bytes
+
+
+def udp_gso(dst: str, port: int, count: int, size: int, segment: int) -> dict[str, int]:
+    with socket.socket(_family(dst), socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.IPPROTO_UDP, UDP_SEGMENT, segment)
+        for _ in range(count):
+            sock.sendto(b"g" * size, (dst, port))
+        return {"sent": count, "datagrams": count * -(-size // segment)}
+
+
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "tcp-serve":
@@ -150,6 +162,7 @@ def main(argv: list[str]) -> None:
         "icmp": lambda: icmp(args[0], int(args[1]), int(args[2])),
         "tcp-send": lambda: tcp_send(args[0], int(args[1]), int(args[2])),
         "tcp-connects": lambda: tcp_connects(args[0], int(args[1]), int(args[2])),
+        "udp-gso": lambda: udp_gso(args[0], *map(int, args[1:])),
         "udp-stream": lambda: udp_stream(args[0], int(args[1]), float(args[2]), int(args[3]), int(args[4])),
     }
     print(json.dumps(handlers[cmd]()), flush=True)

@@ -78,6 +78,17 @@ def sample() -> Btf:
         + struct.pack("<Ii", b.name("BPF_PROG_TYPE_NETFILTER"), 32),
     )
     b.add("bpf_prog_test_run_nf", KIND_FUNC, 0, 0)
+    # enum { SKB_GSO_TCPV4 = 1, SKB_GSO_DODGY = 2 }: kernel constants in an anonymous enum
+    b.add(
+        "",
+        KIND_ENUM,
+        2,
+        4,
+        struct.pack("<Ii", b.name("SKB_GSO_TCPV4"), 1) + struct.pack("<Ii", b.name("SKB_GSO_DODGY"), 2),
+    )
+    # struct inet_skb_parm_like { char cb[48]; }: an array's size is its element's times its count
+    array = b.add("", btfmod.KIND_ARRAY, 0, 0, struct.pack("<III", char, u32, 48))
+    b.add("cbs", KIND_STRUCT, 1, 48, member(b, "cb", array, 0))
     return Btf(b.blob())
 
 
@@ -105,6 +116,13 @@ def test_enums_and_presence(sample: Btf) -> None:
     assert not sample.has_type(KIND_FUNC, "bpf_nf_link_attach")
 
 
+def test_enumerators_of_anonymous_enums_and_array_sizes(sample: Btf) -> None:
+    assert (sample.enumerator("SKB_GSO_TCPV4"), sample.enumerator("SKB_GSO_DODGY")) == (1, 2)
+    assert sample.enumerator("BPF_PROG_TYPE_NETFILTER") == 32  # named enums too
+    assert sample.enumerator("SKB_GSO_NOPE") is None
+    assert sample.field("cbs", "cb") == (0, 48)
+
+
 def test_not_btf() -> None:
     with pytest.raises(KernelUnsupported, match="magic"):
         Btf(b"\0" * 64)
@@ -121,6 +139,8 @@ def test_running_kernel_has_what_the_datapath_reads() -> None:
     assert kernel.field("sk_buff", "len")[1] == 4
     assert kernel.field("sk_buff", "network_header")[1] == 2
     assert kernel.field("sk_buff", "head")[1] == 8
+    assert kernel.field("sk_buff", "cb")[1] == 48
+    assert kernel.enumerator("SKB_GSO_TCPV4") == 1  # what count.h's wire-exact rule tests
 
 
 def test_probe_refuses_a_kernel_without_netfilter_links(sample: Btf) -> None:

@@ -70,6 +70,7 @@ class Btf:
         self._str_end = self._str_start + str_len
         self._offsets: list[int] = [0]  # record offset per type id; id 0 is void
         self._by_name: dict[tuple[int, str], list[int]] = {}
+        self._enumerators: dict[str, int] | None = None
         self._index()
 
     def _index(self) -> None:
@@ -127,6 +128,9 @@ class Btf:
         pos, _name, kind, _vlen, _kflag = self._record(self.resolve(type_id))
         if kind == KIND_PTR:
             return 8
+        if kind == KIND_ARRAY:  # element type, index type, element count follow the common record
+            elem, _index, count = struct.unpack_from("<III", self._data, pos + 12)
+            return self.size_of(elem) * int(count)
         return int(struct.unpack_from("<I", self._data, pos + 8)[0])
 
     def _find_member(self, type_id: int, name: str) -> tuple[int, Member] | None:
@@ -153,6 +157,20 @@ class Btf:
         if member.bitfield_size or bits % 8:
             raise KernelUnsupported(f"kernel BTF: {struct_name}.{field_name} is a bitfield")
         return bits // 8, self.size_of(member.type_id)
+
+    def enumerator(self, member_name: str) -> int | None:
+        """The value of an enumerator wherever it is declared (many kernel constants, like the SKB_GSO_*
+        bits, live in anonymous enums); None when absent. Indexed on first use."""
+        if self._enumerators is None:
+            self._enumerators = {}
+            for type_id in range(1, len(self._offsets)):
+                pos, _name, kind, vlen, _kflag = self._record(type_id)
+                if kind != KIND_ENUM:
+                    continue
+                for i in range(vlen):
+                    name_off, value = struct.unpack_from("<Ii", self._data, pos + 12 + 8 * i)
+                    self._enumerators.setdefault(self.string(name_off), int(value))
+        return self._enumerators.get(member_name)
 
     def enum_value(self, enum_name: str, member_name: str) -> int | None:
         """The value of an enumerator of a named enum, or None when absent."""

@@ -116,6 +116,32 @@ def origin_cflags(btf: Btf) -> list[str]:
     ]
 
 
+def wire_cflags(btf: Btf) -> list[str]:
+    """The offsets behind what leaves for a packet (netfilter.c's kzt_wire_info): the output device's
+    MTU, skb_shared_info's GSO fields, the inner transport header of tunnel GSO, conntrack's largest
+    reassembled fragment (frag_max_size in IPCB/IP6CB, which live in skb->cb: KZT_OFF_SKB_CB is
+    origin_cflags')."""
+    gso_size = field_offset(btf, "skb_shared_info", "gso_size", 2)
+    if field_offset(btf, "skb_shared_info", "gso_segs", 2) != gso_size + 2:
+        raise KernelUnsupported("kernel BTF: skb_shared_info.gso_segs does not follow gso_size")
+    _cb, cb_size = btf.field("sk_buff", "cb")
+    ipcb = field_offset(btf, "inet_skb_parm", "frag_max_size", 2)
+    ip6cb = field_offset(btf, "inet6_skb_parm", "frag_max_size", 2)
+    if max(ipcb, ip6cb) + 2 > cb_size:
+        raise KernelUnsupported("kernel BTF: frag_max_size lies outside sk_buff.cb")
+    return [
+        f"-DKZT_OFF_STATE_OUT={field_offset(btf, 'nf_hook_state', 'out', 8)}",
+        f"-DKZT_OFF_STATE_PF={field_offset(btf, 'nf_hook_state', 'pf', 1)}",
+        f"-DKZT_OFF_DEV_MTU={field_offset(btf, 'net_device', 'mtu', 4)}",
+        f"-DKZT_OFF_SKB_END={field_offset(btf, 'sk_buff', 'end', 4)}",
+        f"-DKZT_OFF_SKB_INNER_TH={field_offset(btf, 'sk_buff', 'inner_transport_header', 2)}",
+        f"-DKZT_OFF_IPCB_FRAG_MAX={ipcb}",
+        f"-DKZT_OFF_IP6CB_FRAG_MAX={ip6cb}",
+        f"-DKZT_OFF_SHINFO_GSO_SIZE={gso_size}",
+        f"-DKZT_OFF_SHINFO_GSO_TYPE={field_offset(btf, 'skb_shared_info', 'gso_type', 4)}",
+    ]
+
+
 class NetfilterMode:
     """What the shared core needs from this mode (`mode.Mode`)."""
 
@@ -134,10 +160,16 @@ class NetfilterMode:
             raise KernelUnsupported("kernel has no netfilter BPF programs/links (Linux >= 6.4 needed)")
 
     def cflags(self, btf: Btf) -> list[str]:
-        ctx_skb = DEFAULT_CTX_SKB_OFFSET
+        ctx_state, ctx_skb = 0, DEFAULT_CTX_SKB_OFFSET
         if btf.has_type(KIND_STRUCT, "bpf_nf_ctx"):
+            ctx_state = field_offset(btf, "bpf_nf_ctx", "state", 8)
             ctx_skb = field_offset(btf, "bpf_nf_ctx", "skb", 8)
-        return [f"-DKZT_OFF_CTX_SKB={ctx_skb}", *origin_cflags(btf)]
+        return [
+            f"-DKZT_OFF_CTX_STATE={ctx_state}",
+            f"-DKZT_OFF_CTX_SKB={ctx_skb}",
+            *origin_cflags(btf),
+            *wire_cflags(btf),
+        ]
 
     def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:
         fds = []

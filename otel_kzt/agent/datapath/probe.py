@@ -34,6 +34,23 @@ class Features:
     skb_len: int
     skb_tail: int  # an offset from head (64-bit kernels): end of the linear data
     test_run: bool  # BPF_PROG_TEST_RUN for the mode's programs (netfilter: 6.6+): needed by eviction
+    gso_bits: tuple[tuple[str, int], ...] = ()  # SKB_GSO_* values count.h's kzt_wire tests
+
+
+# The SKB_GSO_* bits count.h reads (-DKZT_GSO_<name>), from the kernel's BTF: their values changed
+# across kernels before, so none is assumed. One missing from this kernel can never be set: 0.
+GSO_BITS = (
+    "TCPV4",
+    "TCPV6",
+    "DODGY",
+    "UDP_L4",
+    "GRE",
+    "GRE_CSUM",
+    "IPXIP4",
+    "IPXIP6",
+    "UDP_TUNNEL",
+    "UDP_TUNNEL_CSUM",
+)
 
 
 def require_root() -> None:
@@ -62,6 +79,7 @@ def probe(mode: Mode, btf: Btf | None = None) -> Features:
         skb_len=field_offset(btf, "sk_buff", "len", 4),
         skb_tail=field_offset(btf, "sk_buff", "tail", 4),
         test_run=btf.has_type(KIND_FUNC, mode.test_run_function),
+        gso_bits=tuple((name, btf.enumerator(f"SKB_GSO_{name}") or 0) for name in GSO_BITS),
     )
     log.debug("datapath features %s", features)
     return features
@@ -84,6 +102,7 @@ def flow_cflags(
         f"-DKZT_OFF_SKB_NH={features.skb_network_header}",
         f"-DKZT_OFF_SKB_LEN={features.skb_len}",
         f"-DKZT_OFF_SKB_TAIL={features.skb_tail}",
+        *(f"-DKZT_GSO_{name}={value:#x}" for name, value in features.gso_bits),
         f"-DKZT_MAP_SIZE={map_size}",
         f"-DKZT_EPH_MIN={ephemeral_min}",
         f"-DKZT_EPH_MAX={ephemeral_max}",

@@ -13,6 +13,10 @@
  *                 sidecar -> backend is one flow on the wire.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
+ * Wire-exact: GSO packets (TCP, UDP_SEGMENT) are counted as their segments, from __sk_buff's gso_size
+ * and gso_segs (count.h's kzt_wire). Not here: a datagram larger than the path MTU, which the stack
+ * fragments after this hook, is one packet (the program cannot read the route's MTU).
+ *
  * Overhead: one 64-byte skb load, one hash lookup, two atomic adds, one tail call per packet sent.
  */
 #define KZT_CG_ALLOW 1
@@ -30,6 +34,8 @@ int kzt_count(struct __sk_buff *skb)
     p.ctx = &ref;
     p.linear = 0xFFFF; /* kzt_skb_load reads only from the linear part itself */
     p.len = skb->len;  /* the packet starts at its IP header here */
+    p.gso_size = skb->gso_size; /* a socket's GSO packet: counted as its segments (count.h) */
+    p.gso_segs = skb->gso_segs;
     kzt_count_packet(&p);
     return KZT_CG_ALLOW;
 }

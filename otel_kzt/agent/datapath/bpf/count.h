@@ -18,9 +18,17 @@
  * final value after one RCU grace period, deletes the flow, and adds the dying entry after a second
  * one: no packet lost, none counted twice.
  *
- * Limits: counts per sk_buff (a GSO super-packet is one packet of its total length); IPv6 walks at most
- * KZT_MAX_EXT extension headers; ports are read only from the linear part of the packet, else the flow
- * is keyed without a port.
+ * Wire-exact (kzt_wire): a packet counts as what leaves for it. A GSO packet is its segments (gso_segs,
+ * or its payload over gso_size where the stack left the count unset, SKB_GSO_DODGY), its bytes its
+ * length plus the headers every further segment repeats: IP (IPv4 options, IPv6 extension headers) and
+ * TCP with options or UDP (UDP GSO); for tunnel GSO everything up to the inner L4 header. A packet the
+ * stack fragments after the hook (netfilter: larger than the output device's MTU, or reassembled by
+ * conntrack and cut again at its original fragment size) is its fragments, each with its own IP header
+ * (IPv6: the unfragmentable part and a fragment header). The entry file says what it knows in
+ * `struct kzt_pkt`; what a mode cannot know is left 0 there (see each entry file).
+ *
+ * Limits: IPv6 walks at most KZT_MAX_EXT extension headers; ports are read only from the linear part of
+ * the packet, else the flow is keyed without a port.
  */
 #ifndef KZT_COUNT_H
 #define KZT_COUNT_H
@@ -44,7 +52,21 @@ struct kzt_pkt {
     u8 has_nat_src;            /* nat_src/nat_sport hold the source as it was before this node's NAT */
     u16 nat_sport;             /* host order; taken only for protocols with ports */
     u8 nat_src[16];
+    /* What leaves for it (kzt_wire); 0 where the mode does not know. */
+    u32 gso_size;              /* payload bytes per segment; 0: not a GSO packet */
+    u32 gso_segs;              /* segments; 0 where the stack left it unset (SKB_GSO_DODGY) */
+    u32 gso_type;              /* SKB_GSO_* bits (KZT_GSO_KNOWN set when the mode read them) */
+    u32 inner_l4;              /* tunnel GSO: bytes from the network header to the inner L4 header */
+    u32 mtu;                   /* netfilter: the output device's MTU (fragmentation after the hook) */
+    u32 frag_max;              /* netfilter: conntrack's reassembly recorded the largest fragment */
 };
+
+/* SKB_GSO_* bits from the kernel's BTF (-D flags); KZT_GSO_KNOWN marks gso_type as read. */
+#define KZT_GSO_KNOWN (1u << 31)
+#define KZT_GSO_TUNNEL (KZT_GSO_GRE | KZT_GSO_GRE_CSUM | KZT_GSO_IPXIP4 | KZT_GSO_IPXIP6 | \
+                        KZT_GSO_UDP_TUNNEL | KZT_GSO_UDP_TUNNEL_CSUM)
+#define KZT_VXLAN_IANA 4789
+#define KZT_VXLAN_LINUX 8472
 
 #ifdef KZT_PIN_DIR
 #define KZT_TABLE(type, k, v, name, n) BPF_TABLE_PINNED(type, k, v, name, n, KZT_PIN_DIR "/" #name)
@@ -75,13 +97,13 @@ static __always_inline void kzt_stat(u32 index)
 }
 
 /* Atomic even per CPU: a softirq may interrupt a process-context hook on the same CPU. */
-static __always_inline void kzt_overflow(u64 bytes, u32 why)
+static __always_inline void kzt_overflow(u64 bytes, u64 packets, u32 why)
 {
     u32 zero = 0;
     struct overflow_value *o = overflow.lookup(&zero);
     if (o) {
         __sync_fetch_and_add(&o->bytes, bytes);
-        __sync_fetch_and_add(&o->packets, 1);
+        __sync_fetch_and_add(&o->packets, packets);
     }
     kzt_stat(why);
 }
@@ -129,58 +151,58 @@ static __always_inline int kzt_eq6(const struct flow_key6 *a, const struct flow_
 
 /* Add to a live element. False when it is being evicted, or when the element was deleted and reused
  * for another key between our lookup and now (hash elements are recycled at once). */
-#define KZT_ACCOUNT(v, key, eq, bytes)                                   \
+#define KZT_ACCOUNT(v, key, eq, bytes, packets)                          \
     ((*(volatile u32 *)&(v)->dead || !eq(&(v)->key, key)) ? 0 :          \
-     (__sync_fetch_and_add(&(v)->bytes, bytes), __sync_fetch_and_add(&(v)->packets, 1), 1))
+     (__sync_fetch_and_add(&(v)->bytes, bytes), __sync_fetch_and_add(&(v)->packets, packets), 1))
 
 /* A packet of a flow being evicted goes to its dying entry (the overflow bucket if that map is full).
  * (bcc allows no map calls inside macros: one function per family.) */
-static __always_inline void kzt_dying_add(struct overflow_value *d, u64 bytes)
+static __always_inline void kzt_dying_add(struct overflow_value *d, u64 bytes, u64 packets)
 {
     __sync_fetch_and_add(&d->bytes, bytes);
-    __sync_fetch_and_add(&d->packets, 1);
+    __sync_fetch_and_add(&d->packets, packets);
     kzt_stat(KZT_STAT_EVICT_RACE);
 }
 
-static __always_inline void kzt_dying4(struct flow_key4 *key, u64 bytes)
+static __always_inline void kzt_dying4(struct flow_key4 *key, u64 bytes, u64 packets)
 {
-    struct overflow_value first = {bytes, 1};
+    struct overflow_value first = {bytes, packets};
     struct overflow_value *d = dying4.lookup(key);
     if (d) {
-        kzt_dying_add(d, bytes);
+        kzt_dying_add(d, bytes, packets);
     } else if (dying4.insert(key, &first) == 0) {
         kzt_stat(KZT_STAT_EVICT_RACE);
     } else if ((d = dying4.lookup(key))) {
-        kzt_dying_add(d, bytes);
+        kzt_dying_add(d, bytes, packets);
     } else {
-        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+        kzt_overflow(bytes, packets, KZT_STAT_EVICT_RACE);
     }
 }
 
-static __always_inline void kzt_dying6(struct flow_key6 *key, u64 bytes)
+static __always_inline void kzt_dying6(struct flow_key6 *key, u64 bytes, u64 packets)
 {
-    struct overflow_value first = {bytes, 1};
+    struct overflow_value first = {bytes, packets};
     struct overflow_value *d = dying6.lookup(key);
     if (d) {
-        kzt_dying_add(d, bytes);
+        kzt_dying_add(d, bytes, packets);
     } else if (dying6.insert(key, &first) == 0) {
         kzt_stat(KZT_STAT_EVICT_RACE);
     } else if ((d = dying6.lookup(key))) {
-        kzt_dying_add(d, bytes);
+        kzt_dying_add(d, bytes, packets);
     } else {
-        kzt_overflow(bytes, KZT_STAT_EVICT_RACE);
+        kzt_overflow(bytes, packets, KZT_STAT_EVICT_RACE);
     }
 }
 
 #define KZT_EEXIST 17
 
-static __always_inline void kzt_count4(struct flow_key4 *key, u64 bytes)
+static __always_inline void kzt_count4(struct flow_key4 *key, u64 bytes, u64 packets)
 {
     struct flow_value4 *v = flows4.lookup(key);
     if (!v) {
         struct flow_value4 init = {};
         init.bytes = bytes;
-        init.packets = 1;
+        init.packets = packets;
         init.first_seen_ns = bpf_ktime_get_boot_ns();
         init.key = *key;
         int err = flows4.insert(key, &init);  /* BPF_NOEXIST: fails when full or another CPU won */
@@ -190,23 +212,23 @@ static __always_inline void kzt_count4(struct flow_key4 *key, u64 bytes)
         if (!v) {
             /* Full; or it existed a moment ago and was just deleted: an eviction in progress. */
             if (err == -KZT_EEXIST)
-                kzt_dying4(key, bytes);
+                kzt_dying4(key, bytes, packets);
             else
-                kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+                kzt_overflow(bytes, packets, KZT_STAT_INSERT_FAILED);
             return;
         }
     }
-    if (!KZT_ACCOUNT(v, key, kzt_eq4, bytes))
-        kzt_dying4(key, bytes);
+    if (!KZT_ACCOUNT(v, key, kzt_eq4, bytes, packets))
+        kzt_dying4(key, bytes, packets);
 }
 
-static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes)
+static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes, u64 packets)
 {
     struct flow_value6 *v = flows6.lookup(key);
     if (!v) {
         struct flow_value6 init = {};
         init.bytes = bytes;
-        init.packets = 1;
+        init.packets = packets;
         init.first_seen_ns = bpf_ktime_get_boot_ns();
         init.key = *key;
         int err = flows6.insert(key, &init);
@@ -215,18 +237,19 @@ static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes)
         v = flows6.lookup(key);
         if (!v) {
             if (err == -KZT_EEXIST)
-                kzt_dying6(key, bytes);
+                kzt_dying6(key, bytes, packets);
             else
-                kzt_overflow(bytes, KZT_STAT_INSERT_FAILED);
+                kzt_overflow(bytes, packets, KZT_STAT_INSERT_FAILED);
             return;
         }
     }
-    if (!KZT_ACCOUNT(v, key, kzt_eq6, bytes))
-        kzt_dying6(key, bytes);
+    if (!KZT_ACCOUNT(v, key, kzt_eq6, bytes, packets))
+        kzt_dying6(key, bytes, packets);
 }
 
-/* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later. */
-static __always_inline u32 kzt_walk_v6(const struct kzt_pkt *p, u8 *proto, int *later)
+/* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later, and *unfrag
+ * to the end of the part a fragmenting stack repeats in every fragment (hop-by-hop, routing headers). */
+static __always_inline u32 kzt_walk_v6(const struct kzt_pkt *p, u8 *proto, int *later, u32 *unfrag)
 {
     u32 off = 40;
 #pragma unroll
@@ -246,9 +269,95 @@ static __always_inline u32 kzt_walk_v6(const struct kzt_pkt *p, u8 *proto, int *
             off += ((u32)eh[1] + 2) * 4;
         } else {
             off += ((u32)eh[1] + 1) * 8;
+            if (nexthdr != 60)
+                *unfrag = off;
         }
     }
     return off;
+}
+
+/* The length of the L4 header every segment repeats: TCP's data offset (options included), UDP's 8;
+ * 0 when not known. One read of its own: only GSO packets (one per dozens of segments) ask. */
+static __always_inline u32 kzt_l4_len(const struct kzt_pkt *p, u32 l4off, u8 proto)
+{
+    if (proto == 17 || proto == 136)
+        return 8;
+    if (proto != 6)
+        return 0;
+    u8 doff;
+    if (KZT_LOAD(p, l4off + 12, &doff, 1) < 0)
+        return 0;
+    return (u32)(doff >> 4) * 4;
+}
+
+/* Where the mode cannot read the GSO type (tc, cgroup): a GSO packet to a VXLAN port is a tunnel's;
+ * returns the inner L4 header's offset (0: not VXLAN) and sets *proto to the inner protocol. */
+static __always_inline u32 kzt_vxlan_l4(const struct kzt_pkt *p, u32 l4off, u8 *proto)
+{
+    u8 udp[4];
+    if (KZT_LOAD(p, l4off, udp, sizeof(udp)) < 0)
+        return 0;
+    u16 dport = ((u16)udp[2] << 8) | udp[3];
+    if (dport != KZT_VXLAN_IANA && dport != KZT_VXLAN_LINUX)
+        return 0;
+    u32 inner = l4off + 8 + 8 + 14; /* UDP, VXLAN, inner Ethernet */
+    u8 ip[10];
+    if (KZT_LOAD(p, inner, ip, sizeof(ip)) < 0)
+        return 0;
+    if ((ip[0] >> 4) == 4) {
+        *proto = ip[9];
+        return inner + (ip[0] & 0x0F) * 4;
+    }
+    *proto = ip[6];
+    return inner + 40;
+}
+
+/* How many packets leave for this one, and its bytes on the wire (in *bytes: its IP length on entry).
+ * `l4off`/`proto` are the parsed L4 header and protocol, `unfrag` the header length a fragment repeats. */
+static __always_inline u64 kzt_wire(const struct kzt_pkt *p, u32 l4off, u8 proto, u32 unfrag, int v6,
+                                    u64 *bytes)
+{
+    if (p->gso_size) {
+        u32 type = p->gso_type;
+        u32 inner = 0;
+        if ((type & KZT_GSO_KNOWN) && (type & KZT_GSO_TUNNEL)) {
+            inner = p->inner_l4;
+            proto = (type & (KZT_GSO_TCPV4 | KZT_GSO_TCPV6)) ? 6 : 17;
+        } else if (!(type & KZT_GSO_KNOWN) && proto == 17) {
+            inner = kzt_vxlan_l4(p, l4off, &proto);
+        }
+        if (inner)
+            l4off = inner;
+        u32 hlen = l4off + kzt_l4_len(p, l4off, proto);
+        u64 segs = p->gso_segs;
+        if (segs == 0 || (type & KZT_GSO_KNOWN && type & KZT_GSO_DODGY)) {
+            /* the stack's count is unset or untrusted (a VM's or a packet socket's): derive it */
+            if (*bytes <= hlen)
+                return 1;
+            segs = (*bytes - hlen + p->gso_size - 1) / p->gso_size;
+        }
+        if (segs <= 1)
+            return 1;
+        *bytes += (segs - 1) * hlen;
+        return segs;
+    }
+    u32 mtu = p->mtu;
+    if (p->frag_max && (mtu == 0 || p->frag_max < mtu))
+        mtu = p->frag_max;
+    if (mtu == 0 || *bytes <= mtu)
+        return 1;
+    /* Fragmented after the hook: every fragment but the last carries `chunk` bytes (a multiple of 8),
+     * the last at most `room`. IPv4 repeats its header, IPv6 its unfragmentable part and a fragment
+     * header. */
+    u32 rep = v6 ? unfrag + 8 : l4off;
+    if (mtu <= rep + 8)
+        return 1;
+    u64 room = mtu - rep;
+    u64 chunk = room & ~7ULL;
+    u64 payload = *bytes - (v6 ? unfrag : l4off); /* > room, as *bytes > mtu */
+    u64 n = 1 + (payload - room + chunk - 1) / chunk;
+    *bytes = payload + n * rep;
+    return n;
 }
 
 /* The ports at l4off (from the header prefix when it holds them, else one more read). `p->linear` is
@@ -277,7 +386,7 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
     u64 bytes;
 
     if (KZT_LOAD(p, 0, hdr, sizeof(hdr)) < 0) {
-        kzt_overflow(p->len, KZT_STAT_READ_FAILED);
+        kzt_overflow(p->len, 1, KZT_STAT_READ_FAILED);
         return;
     }
     u8 version = hdr[0] >> 4;
@@ -290,29 +399,32 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
         if (bytes == 0)
             bytes = p->len;
         int later = (((hdr[6] & 0x1F) << 8) | hdr[7]) != 0;
+        u32 l4off = (hdr[0] & 0x0F) * 4;
         if (!later && kzt_has_ports(key.proto))
-            kzt_ports(p, hdr, (hdr[0] & 0x0F) * 4, &key.port_side, &key.port);
+            kzt_ports(p, hdr, l4off, &key.port_side, &key.port);
         if (p->has_nat_src)
             __builtin_memcpy(key.src, p->nat_src, 4);
         key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
-        kzt_count4(&key, bytes);
+        u64 packets = kzt_wire(p, l4off, key.proto, l4off, 0, &bytes);
+        kzt_count4(&key, bytes, packets);
     } else if (version == 6) {
         struct flow_key6 key = {};
         int later = 0;
-        u32 l4off = 40;
+        u32 l4off = 40, unfrag = 40;
         key.proto = hdr[6];
         __builtin_memcpy(key.src, hdr + 8, 16);
         __builtin_memcpy(key.dst, hdr + 24, 16);
         bytes = ((u32)hdr[4] << 8) | hdr[5];  /* 0 for a jumbogram: the skb has the length */
         bytes = bytes ? bytes + 40 : p->len;
         if (key.proto == 0 || key.proto == 43 || key.proto == 60 || key.proto == 44 || key.proto == 51)
-            l4off = kzt_walk_v6(p, &key.proto, &later);
+            l4off = kzt_walk_v6(p, &key.proto, &later, &unfrag);
         if (!later && kzt_has_ports(key.proto))
             kzt_ports(p, hdr, l4off, &key.port_side, &key.port);
         if (p->has_nat_src)
             __builtin_memcpy(key.src, p->nat_src, 16);
         key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
-        kzt_count6(&key, bytes);
+        u64 packets = kzt_wire(p, l4off, key.proto, unfrag, 1, &bytes);
+        kzt_count6(&key, bytes, packets);
     } else {
         kzt_stat(KZT_STAT_NOT_IP);
     }

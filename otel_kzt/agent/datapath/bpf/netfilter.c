@@ -21,6 +21,7 @@
 #endif
 
 #define KZT_NF_ACCEPT 1
+#define KZT_NFPROTO_IPV6 10
 
 /* bpf_probe_read_kernel() by its helper number. bcc turns every call spelled bpf_probe_read_kernel into
  * bpf_probe_read (which netfilter programs may not call) unless /proc/kallsyms shows it real addresses,
@@ -34,7 +35,42 @@ static long (*kzt_read_kernel)(void *dst, u32 size, const void *unsafe_ptr) =
 #include "count.h"
 #include "origin.h"
 
-struct kzt_nf_ctx;  /* struct bpf_nf_ctx: only its skb pointer is read, at KZT_OFF_CTX_SKB */
+struct kzt_nf_ctx;  /* struct bpf_nf_ctx: its state and skb pointers are read (KZT_OFF_CTX_*) */
+
+/* What count.h's kzt_wire needs to know what leaves: the output device's MTU (the stack fragments a
+ * larger packet after this hook), skb_shared_info's GSO fields (read for every packet: a GSO packet may
+ * be all linear, as a VM's through a tap is), and for a packet with more than its linear part
+ * (reassembled by conntrack, a large local datagram) the size of the largest fragment conntrack's
+ * reassembly recorded (IPCB/IP6CB frag_max_size in skb->cb). Offsets from BTF. */
+static __always_inline void kzt_wire_info(struct kzt_nf_ctx *ctx, char *skb, u16 nh, struct kzt_pkt *p)
+{
+    char *state = *(char **)((char *)ctx + KZT_OFF_CTX_STATE);
+    char *out = *(char **)(state + KZT_OFF_STATE_OUT);
+    if (out)
+        p->mtu = *(u32 *)(out + KZT_OFF_DEV_MTU);
+    u32 end = *(u32 *)(skb + KZT_OFF_SKB_END); /* an offset from head on 64-bit */
+    const unsigned char *shinfo = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + end;
+    u16 gso[2]; /* gso_size, gso_segs: adjacent (checked against BTF) */
+    if (kzt_read_kernel(gso, sizeof(gso), shinfo + KZT_OFF_SHINFO_GSO_SIZE) < 0)
+        return;
+    p->gso_size = gso[0];
+    if (p->gso_size) {
+        u32 type = 0;
+        p->gso_segs = gso[1];
+        if (kzt_read_kernel(&type, sizeof(type), shinfo + KZT_OFF_SHINFO_GSO_TYPE) == 0)
+            p->gso_type = type | KZT_GSO_KNOWN;
+        if (type & KZT_GSO_TUNNEL)
+            p->inner_l4 = (u32)(*(u16 *)(skb + KZT_OFF_SKB_INNER_TH)) - nh;
+        return;
+    }
+    if (p->len <= p->linear) /* reassembled packets and large local datagrams have a frag_list */
+        return;
+    u16 frag_max = 0;
+    u32 cb = KZT_OFF_SKB_CB + (*(u8 *)(state + KZT_OFF_STATE_PF) == KZT_NFPROTO_IPV6 ? KZT_OFF_IP6CB_FRAG_MAX
+                                                                                   : KZT_OFF_IPCB_FRAG_MAX);
+    if (kzt_read_kernel(&frag_max, sizeof(frag_max), skb + cb) == 0)
+        p->frag_max = frag_max;
+}
 
 int kzt_count(struct kzt_nf_ctx *ctx)
 {
@@ -46,6 +82,7 @@ int kzt_count(struct kzt_nf_ctx *ctx)
     p.linear = *(u32 *)(skb + KZT_OFF_SKB_TAIL) - nh;  /* tail is an offset from head on 64-bit */
     p.len = *(u32 *)(skb + KZT_OFF_SKB_LEN);
     kzt_nf_origin(skb, &p);
+    kzt_wire_info(ctx, skb, nh, &p);
     kzt_count_packet(&p);
     return KZT_NF_ACCEPT;
 }

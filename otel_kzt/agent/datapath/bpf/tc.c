@@ -15,6 +15,9 @@
  *
  * Overhead: one 64-byte skb load (two more for a packet shorter than that), one hash lookup, two atomic
  * adds, one tail call; with KZT_TC_INNER one 48-byte load more. Measured by bench/datapath_overhead.py.
+ * Wire-exact: GSO packets are counted as their segments (count.h's kzt_wire, from __sk_buff's gso_size
+ * and gso_segs; the GSO type is not readable here, so a tunnel's GSO is recognised by its VXLAN port);
+ * fragments are made before this hook, so they are counted as they are.
  * Limits: p.len is the skb's length less an Ethernet header; count.h only falls back to it where the IP
  * header gives no length (BIG TCP, which only Ethernet devices do) and for an unreadable packet.
  */
@@ -58,6 +61,8 @@ int kzt_count(struct __sk_buff *skb)
     p.ctx = &ref;
     p.linear = 0xFFFF; /* kzt_skb_load reads only from the linear part itself */
     p.len = skb->len > KZT_ETH_HLEN ? skb->len - KZT_ETH_HLEN : skb->len;
+    p.gso_size = skb->gso_size; /* egress runs before the stack segments: count the segments (count.h) */
+    p.gso_segs = skb->gso_segs;
 #ifdef KZT_TC_INNER
     u32 inner = kzt_vxlan_inner(&ref);
     if (inner) {
