@@ -82,6 +82,12 @@ class Net:
             netns.ip(self.node, "link", "set", "dev", device, "gso_max_segs", "1")
             self.ethtool(self.node, device, ETHTOOL_STSO, 0)
 
+    def one_segment_per_buffer(self) -> None:
+        """The pods' TCP builds one-segment buffers (it sizes them by the route device's gso_max_segs), so
+        an oracle counting buffers at the node counts what the datapath counts: segments."""
+        for pod in (self.pod_a, self.pod_b):
+            netns.ip(pod, "link", "set", "dev", "eth0", "gso_max_segs", "1")
+
     def ethtool(self, ns: str, device: str, command: int, value: int) -> None:
         """An ethtool set command (ETHTOOL_SGRO, ETHTOOL_STSO) by the ioctl itself: the machine need not
         have ethtool."""

@@ -75,7 +75,9 @@ def exported(local: LocalFlows, snap: Snapshot) -> dict[FlowKey, dict[str, objec
 
 def kube_proxy(net: Net, dnat: str, masquerade: str, counted: dict[str, str]) -> None:
     """kube-proxy's rules in the node (a DNAT, optionally a masquerade) and the ground truth: nftables
-    counters at POSTROUTING after every NAT, one per name, matching what leaves."""
+    counters at POSTROUTING after every NAT, one per name, matching what leaves (buffers: so the pods
+    send one segment per buffer)."""
+    net.one_segment_per_buffer()
     post = f"chain post {{ type nat hook postrouting priority srcnat; policy accept; {masquerade}; }}"
     counters = "\n".join(f"counter {name} {{ }}" for name in counted)
     rules = "\n".join(f"{rule} counter name {name}" for name, rule in counted.items())
