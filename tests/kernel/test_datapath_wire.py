@@ -24,7 +24,7 @@ from tests.kernel.test_datapath import TCP, UDP, flow, key
 pytestmark = [pytest.mark.kernel, pytest.mark.parametrize("mode", MODES, indirect=True)]
 
 # (TCP bulk through GSO: test_datapath.py's test_tcp_matches_what_arrives)
-PORT_UDP, PORT_GRO, PORT_FRAG, PORT_DODGY = 8481, 8482, 8483, 8484
+PORT_UDP, PORT_GRO, PORT_FRAG, PORT_DODGY, PORT_VXLAN = 8481, 8482, 8483, 8484, 8485
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -162,3 +162,51 @@ def test_gso_from_a_vm_without_a_segment_count(
         return
     got = flow(snap, key(vm, net.b4, TCP, dport=PORT_DODGY))
     assert (got.bytes, got.packets) == wire
+
+
+VXLAN_OUTER = 20 + 8 + 8 + 14  # outer IPv4, UDP, VXLAN, inner Ethernet: what each outer segment adds
+
+
+def test_tunnel_gso_counts_inner_and_outer_segments(
+    net: Net, datapath: DatapathFactory, topo: netns.Topology, mode: str
+) -> None:
+    """Pod B's side is another node behind a VXLAN overlay: the node forwards pod A's TCP into its VXLAN
+    device, which wraps the GSO packet whole (tunnel GSO), and the uplink cuts it after the hook. Pod B
+    (the remote node) counts the outer segments before it unwraps them; each carries one inner segment.
+    netfilter counts both the inner flow (on the overlay device) and the outer one (node to node, tunnel
+    GSO: every outer segment repeats the inner headers too); tc, hooking only the uplink, counts each
+    outer packet as its inner one; cgroup counts pod A's socket: the inner flow."""
+    macs = {}
+    for ns, local, peer, overlay in (
+        (net.node, net.node_b4, net.b4, "10.99.0.1/24"),
+        (net.pod_b, net.b4, net.node_b4, "10.99.0.2/24"),
+    ):
+        vxlan = ["type", "vxlan", "id", "7", "local", local, "remote", peer, "dstport", "4789"]
+        netns.ip(ns, "link", "add", "kdvx", "mtu", "1450", *vxlan)
+        topo.on_close(f"vxlan in {ns}", lambda ns=ns: netns.delete_link(ns, "kdvx"))
+        # Nothing but pod A's packets inside the tunnel: no IPv6 autoconfiguration, no ARP.
+        netns.run_in(ns, ["sysctl", "-q", "-w", "net.ipv6.conf.kdvx.disable_ipv6=1"])
+        netns.add_address(ns, "kdvx", overlay)
+        netns.ip(ns, "link", "set", "kdvx", "up")
+        macs[ns] = json.loads(netns.ip(ns, "-j", "link", "show", "dev", "kdvx"))[0]["address"]
+    for ns, other, address in ((net.node, net.pod_b, "10.99.0.2"), (net.pod_b, net.node, "10.99.0.1")):
+        netns.ip(ns, "neigh", "add", address, "lladdr", macs[other], "dev", "kdvx", "nud", "permanent")
+    netns.ip(net.pod_b, "route", "add", net.a4, "via", "10.99.0.1", "dev", "kdvx")  # answers: the tunnel
+    netns.ip(net.pod_a, "link", "set", "dev", "eth0", "mtu", "1450")  # segments fit the overlay's MTU
+    remote = "10.99.0.2"
+    net.segment_after_node()
+    net.count_received(net.pod_b, net.node_b4, net.b4, match="udp dport 4789", name="kdwire")
+    net.serve_tcp(topo, net.pod_b, PORT_VXLAN)
+    dp = datapath()
+    net.traffic(net.pod_a, "tcp-send", remote, PORT_VXLAN, 4_000_000)
+    settle()
+    snap = dp.snapshot()
+    outer_bytes, outer_packets = net.nft_counter("kdwire", ns=net.pod_b)
+    assert outer_packets > 4_000_000 // 1500
+    inner = flow(snap, key(net.a4, remote, TCP, dport=PORT_VXLAN))
+    # Both directions' tunnel packets leave by the uplink; pod B's counter sees only node -> pod B ones,
+    # which carry pod A's data (answers go back from pod B to pod A inside its own tunnel packets).
+    assert (inner.bytes, inner.packets) == (outer_bytes - outer_packets * VXLAN_OUTER, outer_packets)
+    if mode == "netfilter":
+        tunnel = flow(snap, key(net.node_b4, net.b4, UDP, dport=4789))
+        assert (tunnel.bytes, tunnel.packets) == (outer_bytes, outer_packets)
