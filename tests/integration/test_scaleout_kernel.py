@@ -4,7 +4,8 @@ The demo's simulated cluster (one node per zone, three zones: network namespaces
 node) runs three real agents whose `--otlp-endpoint` lists two real enricher replicas. Prometheus scrapes
 both replicas. The replicas' summed bytes per address pair must equal the nftables ground truth counted at
 the senders (what one replica shows: tests/e2e prove that), first with both replicas up, then after the
-replica serving most agents is stopped mid-run and more traffic flows.
+replica serving most agents is stopped mid-run and more traffic flows: the stopped replica's last values
+plus the survivor's are the truth (the agents begin new runs at the survivor: nothing counted twice).
 
 Names: prefix `kx` (namespaces, host link, lock /run/otel-kzt-kx.lock), address plan 10.207.0.0/16,
 listener port 27080, OTLP and /metrics ports ephemeral.
@@ -191,7 +192,10 @@ def _wait_sum_equals_truth(run: ReplicatedRun, prometheus: ds.PrometheusProcess)
     def equal() -> bool:
         nonlocal want, got
         want = {k: v for k, v in truth.read(run.cluster).items() if in_scope(run.cluster, k)}
-        rows = prometheus.query(f"sum by ({PAIR}) ({schema.PROM_FLOW_BYTES}_total)")
+        # Each replica's last value, live or stopped: a stopped replica keeps what it counted (the agents
+        # begin new runs at the survivor, DESIGN §5.7), so the sum is the truth only if no byte is counted
+        # twice, nor lost. (A counter's maximum over the run is its last value.)
+        rows = prometheus.query(f"sum by ({PAIR}) (max_over_time({schema.PROM_FLOW_BYTES}_total[30m]))")
         got = {
             (
                 r["metric"][L(schema.SOURCE_ADDRESS)],
