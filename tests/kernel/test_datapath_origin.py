@@ -28,7 +28,7 @@ from otel_kzt.agent.flows import ORIGIN_LOCAL, ORIGIN_REWRITTEN, ORIGIN_SNAT, Fl
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.k8s.model import Endpoint, NodeInfo
 from otel_kzt.schema import WorkloadKind
-from tests.kernel.conftest import DatapathFactory, Net, settle
+from tests.kernel.conftest import MODES, NODE_DEVICES, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import TCP, UDP, flow, key
 from tests.unit.test_agent_local import attrs_of
 from tests.unit.test_agent_support import FakeIndex
@@ -53,8 +53,8 @@ def index(net: Net) -> FakeIndex:
     return idx
 
 
-def local_flows(net: Net) -> LocalFlows:
-    addresses = frozenset({"127.0.0.1", NODE_A4, net.node_b4, DNS_LINK_LOCAL, KUBE_DNS, VIP})
+def local_flows(net: Net, *more: str) -> LocalFlows:
+    addresses = frozenset({"127.0.0.1", NODE_A4, net.node_b4, DNS_LINK_LOCAL, KUBE_DNS, VIP, *more})
     local = LocalFlows(NODE, index(net), interface_addresses=lambda: addresses)
     local.refresh()
     return local
@@ -192,30 +192,45 @@ def test_the_nodes_own_answers_are_the_nodes_whatever_the_address(
             assert attrs[schema.DESTINATION_POD_NAME] == "client-1"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="agentcount (issue 10): a stateless source rewrite of an original-direction flow is not yet seen "
-    "as rewritten here (the e2e IPVS-style node, replies of DNATed connections, is: test_real_cluster)",
-)
+VIP6 = "fd96::60"
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", MODES, indirect=True)
 def test_a_reply_an_un_nat_gave_a_vip_source_is_not_counted_again(
-    net: Net, datapath: DatapathFactory
+    net: Net, datapath: DatapathFactory, mode: str, family: int
 ) -> None:
+    """B's datagrams get the VIP as source in the forward chain, a stateless rewrite conntrack does not
+    record. `netfilter` tells it from the conntrack tuple: REWRITTEN, never exported. `cgroup` sees them
+    at B's socket, before the rewrite: B's, counted at its source. `tc` hooks the uplinks (B's side here),
+    not the client pod's veth the rewritten packets leave by: not seen (docs/datapaths.md)."""
+    b, a, vip, ip = (net.b4, net.a4, VIP, "ip") if family == 4 else (net.b6, net.a6, VIP6, "ip6")
     net.drop_udp_at(net.pod_a)
-    netns.run_in(net.node, ["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])  # kube-ipvs0 stand-in
+    netns.run_in(net.node, ["ip", "addr", "add", f"{vip}/{32 if family == 4 else 128}", "dev", "lo"])
+    # kube-proxy's masquerade rule makes the node track connections, as every Service-proxying node does
+    # (an empty nat chain does not: conntrack starts with the first rule that needs it).
     net.nft(f"""
-        table ip koipvs {{
-            chain pre {{
-                type nat hook prerouting priority dstnat; policy accept;
+        table inet koipvs {{
+            chain post {{
+                type nat hook postrouting priority srcnat; policy accept;
+                meta mark & 0x4000 == 0x4000 masquerade
             }}
             chain kofwd {{
                 type filter hook forward priority 0; policy accept;
-                ip saddr {net.b4} udp sport 9053 ip saddr set {VIP}
+                {ip} saddr {b} udp sport 9053 {ip} saddr set {vip}
             }}
         }}""")
-    dp = datapath()
-    net.traffic(net.pod_b, "udp", net.a4, 40000, 4, 80, 9053)
+    dp = datapath(tc_devices=(NODE_DEVICES[1],))
+    net.traffic(net.pod_b, "udp", a, 40000, 4, 80, 9053)
     settle()
-    snap = dp.snapshot()
-    k = key(VIP, net.a4, UDP, sport=9053, origin=ORIGIN_REWRITTEN)
-    assert flow(snap, k).packets == 4
-    assert attrs_of(local_flows(net), k) is None  # the backend's node counted it at its source
+    udp = {k: c for k, c in dp.snapshot().flows.items() if k.proto == UDP and k.family == family}
+    if mode == "netfilter":
+        k = key(vip, a, UDP, sport=9053, origin=ORIGIN_REWRITTEN)
+        assert list(udp) == [k] and udp[k].packets == 4
+        assert attrs_of(local_flows(net, vip), k) is None  # the backend's node counted it at its source
+    elif mode == "cgroup":
+        k = key(b, a, UDP, sport=9053)
+        assert list(udp) == [k] and udp[k].packets == 4
+        assert attrs_of(local_flows(net, vip), k) is None
+    else:
+        assert not udp
