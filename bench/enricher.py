@@ -23,9 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
-from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_CUMULATIVE
 from prometheus_client import CollectorRegistry
 
+from bench import enricher_cluster
+from bench.payloads import build_payloads, cluster_objects
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
 from otel_kzt.enricher.processing.core import Core
@@ -35,15 +36,11 @@ from otel_kzt.enricher.receivers.grpc import GrpcReceiver
 from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.k8s.decode import decode_node, decode_pod
 from otel_kzt.k8s.index import ClusterIndex
-from tests.support.k8s_objects import make_node, make_pod
+from tests.support.k8s_objects import make_pod
 
-ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
 # With --reuse scenarios: every pod IP was first held by an "old-" pod, deleted and taken over at 0.5 s,
 # before the first measurement (1 s); late batches are measured at 0.25 s, while the old pods held them.
 REUSED_AT_S, LATE_AT_NS = 0.5, 250_000_000
-# The flows' start: later than any enricher's start-up, so they count from their first point (a run that
-# began before the enricher started is a baseline, DESIGN §4: it would count only from its second point).
-RUN_START_NS = 4_000_000_000 * 10**9
 DEFAULT_CONFIG = "default configuration, enricher process CPU"
 
 
@@ -54,16 +51,8 @@ def build_index(
     each pod's IP has a history: another pod held it until REUSED_AT_S)."""
     index = ClusterIndex(clock=lambda: 10.0) if reused else ClusterIndex()  # fixed: nothing expires
     index.register_source("bench")
-    nodes, pods, ips = [], [], []
-    for n in range(agents):
-        name = f"node-{n}"
-        nodes.append(decode_node(make_node(name, [f"192.168.{n // 250}.{n % 250 + 1}"], zone=ZONES[n % 3])))
-        node_ips = [f"10.{n // 250}.{n % 250}.{p + 1}" for p in range(pods_per_node)]
-        ips.append(node_ips)
-        for p, ip in enumerate(node_ips):
-            pods.append(
-                decode_pod(make_pod(f"app-{n}-{p}", name, [ip], owner=("ReplicaSet", f"app{p % 7}-5d8f")))
-            )
+    raw_nodes, raw_pods, ips = cluster_objects(agents, pods_per_node)
+    nodes, pods = [decode_node(n) for n in raw_nodes], [decode_pod(p) for p in raw_pods]
     index.replace_nodes(nodes)
     if reused:
         old = [
@@ -73,52 +62,6 @@ def build_index(
     index.replace_pods(pods, now=REUSED_AT_S if reused else None)
     index.mark_synced("bench")
     return index, ips
-
-
-def build_payloads(
-    ips: list[list[str]], series: int, intervals: int, at_ns: int | None = None
-) -> list[list[bytes]]:
-    """payloads[interval][agent]: one request per agent, bytes and packets for `series` flows, measured
-    at `interval + 1` seconds (or all at `at_ns`)."""
-    out = []
-    flat = [ip for node in ips for ip in node]
-    for interval in range(intervals):
-        row = []
-        for a, local in enumerate(ips):
-            req = ExportMetricsServiceRequest()
-            rm = req.resource_metrics.add()
-            for key, value in (
-                (schema.SERVICE_NAME, schema.AGENT_SERVICE_NAME),
-                (schema.RESOURCE_NODE_NAME, f"node-{a}"),
-            ):
-                rm.resource.attributes.add(key=key).value.string_value = value
-            sm = rm.scope_metrics.add()
-            for metric, scale in ((schema.FLOW_BYTES, 1500), (schema.FLOW_PACKETS, 1)):
-                m = sm.metrics.add(name=metric)
-                m.sum.is_monotonic = True
-                m.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_CUMULATIVE
-                for s in range(series):
-                    dp = m.sum.data_points.add(
-                        start_time_unix_nano=RUN_START_NS, time_unix_nano=at_ns or 10**9 * (interval + 1)
-                    )
-                    dp.as_int = (s + 1) * scale * (interval + 1)
-                    p = s % len(local)
-                    src, dst = local[p], flat[(a * 7919 + s * 104729) % len(flat)]
-                    # what an agent sends (DESIGN §3): addresses, transport, port, and its local source pod
-                    for key, value in (
-                        (schema.SOURCE_ADDRESS, src),
-                        (schema.DESTINATION_ADDRESS, dst),
-                        (schema.NETWORK_TYPE, "ipv4"),
-                        (schema.NETWORK_TRANSPORT, "tcp"),
-                        (schema.DESTINATION_PORT, str(8000 + s % 50)),
-                        (schema.SOURCE_POD_NAME, f"app-{a}-{p}"),
-                        (schema.SOURCE_NAMESPACE_NAME, "shop"),
-                        (schema.SOURCE_POD_UID, f"5b0c8a2e-7f1d-4c3b-9e6a-{a:06d}{p:06d}"),
-                    ):
-                        dp.attributes.add(key=key).value.string_value = value
-            row.append(req.SerializeToString())
-        out.append(row)
-    return out
 
 
 class NullSink:
@@ -305,11 +248,10 @@ def main() -> int:
         through(make_core(reused, False)), mixed, points
     )
     results["through the gRPC receiver, wall clock"] = over_grpc(index, payloads, points)
-    from bench import enricher_cluster  # the real enricher process, default configuration
-
-    # flow logs on (JSON lines on its stdout, OTLP records), the real gRPC receiver, an exporter to a
-    # downstream process; its CPU from /proc, the best interval after the first (series known), as
-    # `measure` takes the best interval of the in-process lines; 2 senders
+    # the real enricher process, default configuration: flow logs on (JSON lines on its stdout, OTLP
+    # records), the real gRPC receiver, an exporter to a downstream process; its CPU from /proc, the best
+    # interval after the first (series known), as `measure` takes the best interval of the in-process
+    # lines; 2 senders
     default = enricher_cluster.run(args.agents, args.series, 2, args.intervals)
     per_interval = default.received / len(default.interval_cpu_s)
     results[DEFAULT_CONFIG] = per_interval / max(min(default.interval_cpu_s[1:]), 1e-9)
@@ -324,9 +266,7 @@ def main() -> int:
     core, whole = base / results["enricher core"], base / results[DEFAULT_CONFIG]
     print(f"ratios: enricher core {core:.2f}x (target <= 2x), default configuration {whole:.2f}x (<= 3x)")
     if args.cluster_agents:
-        from bench import enricher_cluster  # the real enricher process at cluster scale, same run
-
-        scale = (args.cluster_agents, 100, 8, 4)
+        scale = (args.cluster_agents, 100, 8, 4)  # the real enricher process at cluster scale, same run
         enricher_cluster.report(enricher_cluster.run(*scale), *scale)
     return 0
 

@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
-from bench.enricher import ZONES, build_payloads
+from bench.payloads import build_payloads, cluster_objects
 from otel_kzt.otlp_failures import rpc_error_parts
-from tests.support.k8s_objects import as_list, make_node, make_pod
+from tests.support.k8s_objects import as_list
 
 EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 PODS_PER_NODE = 30
@@ -64,16 +64,9 @@ class Result:
 
 
 def metadata(path: Path, agents: int) -> list[list[str]]:
-    """The same cluster as bench/enricher.py's build_index, as the List file the enricher reads."""
-    objects, ips = [], []
-    for n in range(agents):
-        name = f"node-{n}"
-        objects.append(make_node(name, [f"192.168.{n // 250}.{n % 250 + 1}"], zone=ZONES[n % 3]))
-        node_ips = [f"10.{n // 250}.{n % 250}.{p + 1}" for p in range(PODS_PER_NODE)]
-        ips.append(node_ips)
-        for p, ip in enumerate(node_ips):
-            objects.append(make_pod(f"app-{n}-{p}", name, [ip], owner=("ReplicaSet", f"app{p % 7}-5d8f")))
-    path.write_text(json.dumps(as_list(objects)))
+    """The cluster of bench/payloads.py as the List file the enricher reads; its pod IPs per node."""
+    nodes, pods, ips = cluster_objects(agents, PODS_PER_NODE)
+    path.write_text(json.dumps(as_list(nodes + pods)))
     return ips
 
 
