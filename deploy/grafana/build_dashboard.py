@@ -14,6 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository's deploy/
+
+from deploy.generated import write_or_check
+
 TARGET = Path(__file__).resolve().parent / "otel-kzt.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 # Cloud bills count a month as 730 hours.
@@ -27,6 +31,7 @@ SRC_WORKLOAD = "source_k8s_namespace_name, source_k8s_workload_kind, source_k8s_
 DST_WORKLOAD = "destination_k8s_namespace_name, destination_k8s_workload_kind, destination_k8s_workload_name"
 ZONES = "source_cloud_availability_zone, destination_cloud_availability_zone"
 AGENT_AGE = "time() - max by (k8s_node_name) (kzt_enricher_agent_last_report_timestamp_seconds)"
+HIDE_TIME = [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]
 
 
 def target(expr: str, legend: str = "", *, instant: bool = False, ref: str = "A") -> dict[str, Any]:
@@ -62,6 +67,32 @@ def panel(
         "targets": targets,
         **extra,
     }
+
+
+def series(*queries: tuple[str, str]) -> list[dict[str, Any]]:
+    """Range queries drawn together, as (expr, legend); refIds A, B, … in order."""
+    return [target(expr, legend, ref=chr(ord("A") + i)) for i, (expr, legend) in enumerate(queries)]
+
+
+def table(
+    title: str,
+    expr: str,
+    grid: tuple[int, int, int, int],
+    unit: str = "short",
+    *,
+    description: str = "",
+    transformations: list[dict[str, Any]] = HIDE_TIME,
+) -> dict[str, Any]:
+    """A table: one instant query, a row per series (without the time column unless told otherwise)."""
+    return panel(
+        "table",
+        title,
+        [target(expr, instant=True)],
+        grid,
+        unit,
+        description=description,
+        transformations=transformations,
+    )
 
 
 def row(title: str, y: int) -> dict[str, Any]:
@@ -129,32 +160,27 @@ def traffic_panels(y: int) -> list[dict[str, Any]]:
             (0, y + 7, 12, 8),
             "Bps",
         ),
-        panel(
-            "table",
+        table(
             "Zone-to-zone matrix (bytes/s over the range; rows: source zone)",
-            [target(matrix, instant=True)],
+            matrix,
             (12, y + 7, 12, 8),
             "Bps",
             description="Every zone pair, same-zone on the diagonal.",
             transformations=matrix_transform,
         ),
-        panel(
-            "table",
+        table(
             "Top talkers: workload pairs (billed traffic)",
-            [target(talkers, instant=True)],
+            talkers,
             (0, y + 15, 16, 9),
             "Bps",
             description="Cross-zone, cross-region and external bytes/s over the range.",
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
         ),
-        panel(
-            "table",
+        table(
             "Top talkers: pods (kubezonnet metric)",
-            [target(pods, instant=True)],
+            pods,
             (16, y + 15, 8, 9),
             "Bps",
             description="pod_cross_zone_network_traffic_bytes_total, same name and labels as kubezonnet.",
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
         ),
     ]
 
@@ -194,14 +220,7 @@ def cost_panels(y: int) -> list[dict[str, Any]]:
             (12, y + 1, 12, 6),
             "currencyUSD",
         ),
-        panel(
-            "table",
-            "Cost per month by workload (top 20)",
-            [target(by_wl, instant=True)],
-            (0, y + 7, 24, 8),
-            "currencyUSD",
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
-        ),
+        table("Cost per month by workload (top 20)", by_wl, (0, y + 7, 24, 8), "currencyUSD"),
     ]
 
 
@@ -232,15 +251,13 @@ def savings_panels(y: int) -> list[dict[str, Any]]:
             (5, y + 1, 4, 7),
             description="0 while a replica cannot list Services and EndpointSlices (see its log).",
         ),
-        panel(
-            "table",
+        table(
             "Recommendations: what each change saves per month",
-            [target(recs, instant=True)],
+            recs,
             (9, y + 1, 15, 7),
             "currencyUSD",
             description="prefer-same-zone: set the routing the cluster accepts; spread-endpoints: run an "
             "endpoint in the clients' zones; zone-local-scrape: shard a scraper by zone.",
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
         ),
         panel(
             "timeseries",
@@ -257,19 +274,16 @@ def savings_panels(y: int) -> list[dict[str, Any]]:
             (12, y + 8, 12, 7),
             "currencyUSD",
         ),
-        panel(
-            "table",
+        table(
             "Service routing (trafficDistribution or topology mode)",
-            [target(f"max by ({svc}, traffic_distribution) (kzt_service_routing_info)", instant=True)],
+            f"max by ({svc}, traffic_distribution) (kzt_service_routing_info)",
             (0, y + 15, 12, 7),
             transformations=hide_time,
         ),
-        panel(
-            "table",
+        table(
             "Ready endpoints of each Service by zone",
-            [target(f"max by ({svc}, zone) (kzt_service_endpoints)", instant=True)],
+            f"max by ({svc}, zone) (kzt_service_endpoints)",
             (12, y + 15, 12, 7),
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
         ),
     ]
 
@@ -287,14 +301,7 @@ def health_panels(y: int) -> list[dict[str, Any]]:
             (0, y + 1, 4, 6),
             description="Nodes whose agent reported to any replica in the last 2 minutes.",
         ),
-        panel(
-            "table",
-            "Seconds since each agent's last report",
-            [target(AGENT_AGE, instant=True)],
-            (4, y + 1, 8, 6),
-            "s",
-            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True}}}],
-        ),
+        table("Seconds since each agent's last report", AGENT_AGE, (4, y + 1, 8, 6), "s"),
         panel(
             "stat", "Enricher replicas up", [target('sum(up{job="otel-kzt-enricher"})')], (12, y + 1, 4, 6)
         ),
@@ -307,40 +314,30 @@ def health_panels(y: int) -> list[dict[str, Any]]:
         panel(
             "timeseries",
             "Data points received / rejected per second",
-            [
-                target(rate_by_instance("kzt_enricher_received_data_points_total"), "received {{instance}}"),
-                target(
-                    rate_by_instance("kzt_enricher_rejected_data_points_total"),
-                    "rejected {{instance}}",
-                    ref="B",
-                ),
-            ],
+            series(
+                (rate_by_instance("kzt_enricher_received_data_points_total"), "received {{instance}}"),
+                (rate_by_instance("kzt_enricher_rejected_data_points_total"), "rejected {{instance}}"),
+            ),
             (0, y + 7, 12, 7),
             "short",
         ),
         panel(
             "timeseries",
             "Export failures and dropped items per second",
-            [
-                target(rate_by_instance("kzt_enricher_export_failures_total"), "failures {{instance}}"),
-                target(
-                    rate_by_instance("kzt_enricher_export_dropped_items_total"),
-                    "dropped {{instance}}",
-                    ref="B",
-                ),
-            ],
+            series(
+                (rate_by_instance("kzt_enricher_export_failures_total"), "failures {{instance}}"),
+                (rate_by_instance("kzt_enricher_export_dropped_items_total"), "dropped {{instance}}"),
+            ),
             (12, y + 7, 12, 7),
             "short",
         ),
         panel(
             "timeseries",
             "Series: active and dropped by the cap",
-            [
-                target("sum by (instance) (kzt_enricher_series_active)", "active {{instance}}"),
-                target(
-                    rate_by_instance("kzt_enricher_series_dropped_total"), "dropped/s {{instance}}", ref="B"
-                ),
-            ],
+            series(
+                ("sum by (instance) (kzt_enricher_series_active)", "active {{instance}}"),
+                (rate_by_instance("kzt_enricher_series_dropped_total"), "dropped/s {{instance}}"),
+            ),
             (0, y + 14, 24, 7),
             "short",
         ),
@@ -391,14 +388,7 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if TARGET.read_text() != text:
-            sys.stderr.write(f"{TARGET} is stale: run {Path(__file__).name}\n")
-            return 1
-        return 0
-    TARGET.write_text(text)
-    return 0
+    return write_or_check(TARGET, render(), argv, Path(__file__).name)
 
 
 if __name__ == "__main__":

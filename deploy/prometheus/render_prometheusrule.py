@@ -14,6 +14,10 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository's deploy/
+
+from deploy.generated import write_or_check
+
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "rules.yaml"
 TARGET = HERE.parent / "prometheusrule.yaml"
@@ -55,14 +59,7 @@ def render(rules_path: Path = RULES) -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = render()
-    if "--check" in argv:
-        if TARGET.read_text() != text:
-            sys.stderr.write(f"{TARGET} is stale: run {Path(__file__).name}\n")
-            return 1
-        return 0
-    TARGET.write_text(text)
-    return 0
+    return write_or_check(TARGET, render(), argv, Path(__file__).name)
 
 
 if __name__ == "__main__":
