@@ -10,10 +10,14 @@ receiver process on 127.0.0.1, which counts the data points it got and any `otel
 - sdk:  ObservableCounter callbacks (bytes, packets) with pre-built attribute dicts, a
   PeriodicExportingMetricReader with the cardinality cap raised above the flow count, OTLPMetricExporter.
 
-With --kernel (root), also the real path: the bcc datapath counting that many real UDP flows in a network
-namespace, the agent's two intervals on it including the map reads (the datapath's share of the work),
-half the flows sent to again between them, with its health endpoint serving and the agent's heap
-settings (the agent as it runs; the target is judged on this path too).
+With --kernel (root), also the real path, the agent as it is deployed: the bcc datapath of a node
+(network namespace) counting that many real UDP flows that 250 pods (addresses in a pods' namespace) send
+through the node, as pod traffic is forwarded; the agent's metadata from an API server (the test API
+server of tests/support, in a process of its own, as the agent's ServiceAccount: node-scoped list + watch
+through the kubernetes client, as in the DaemonSet), so the flows are named by pod; the blind-datapath
+check, the health endpoint serving and the agent's heap settings; its two intervals including the map
+reads (the datapath's share of the work), half the flows sent to again between them. The target is
+judged on this path too.
 
 Interval 1 is cold (names and serialized attributes cached), interval 2 is the steady state (values changed).
 Prints CPU seconds and peak RSS of both and the ratios.
@@ -63,9 +67,11 @@ def run_receiver(log_path: str) -> None:
     import grpc
     from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
+    from otel_kzt.schema import SOURCE_POD_NAME
+
     class Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
         def Export(self, request, context):  # type: ignore[no-untyped-def]
-            points = overflow = 0
+            points = overflow = named = 0
             for rm in request.resource_metrics:
                 for sm in rm.scope_metrics:
                     for m in sm.metrics:
@@ -74,8 +80,9 @@ def run_receiver(log_path: str) -> None:
                         for p in m.sum.data_points:
                             points += 1
                             overflow += any(kv.key == OVERFLOW_ATTR for kv in p.attributes)
+                            named += any(kv.key == SOURCE_POD_NAME for kv in p.attributes)
             with open(log_path, "a") as f:
-                f.write(f"{points} {overflow} {request.ByteSize()}\n")
+                f.write(f"{points} {overflow} {request.ByteSize()} {named}\n")
             return metrics_service_pb2.ExportMetricsServiceResponse()
 
     server = grpc.server(
@@ -193,36 +200,64 @@ def run_sdk(port: int, n: int) -> dict[str, float]:
 
 # --- the real datapath (--kernel, root) --------------------------------------------------------------------
 
-KERNEL_NS, KERNEL_PEER = "ka-bench", "ka-benchp"
+KERNEL_NS, KERNEL_PEER, KERNEL_PODS = "ka-bench", "ka-benchp", "ka-benchpods"
+PODS = 250
 DROP_UDP = "table inet kadrop { chain input { type filter hook input priority 0; meta l4proto udp drop; }; }"
 
 
-def run_kernel(port: int, n: int) -> dict[str, float]:
-    """Inside KERNEL_NS: the bcc datapath counts `n` real UDP flows, then two agent intervals on it."""
+def pod_address(pod: int) -> str:
+    return f"10.91.{pod // 250}.{pod % 250 + 1}"
+
+
+def run_apiserver(kubeconfig: str, pods: int) -> None:
+    """The node and its pods behind the test API server; writes the agent's kubeconfig, then serves."""
+    from tests.support.k8s_apiserver import AGENT, FakeApiServer
+    from tests.support.k8s_objects import make_node, make_pod
+
+    with FakeApiServer() as api:
+        api.add(make_node(KERNEL_NS, ["10.90.0.1"]))
+        for pod in range(pods):
+            api.add(make_pod(f"web-7f9c8d6b5-{pod:05d}", KERNEL_NS, [pod_address(pod)], namespace="shop"))
+        api.write_kubeconfig(kubeconfig, AGENT)
+        print("ready", flush=True)
+        threading.Event().wait()
+
+
+def run_kernel(port: int, n: int, kubeconfig: str) -> dict[str, float]:
+    """Inside KERNEL_NS: the bcc datapath counts `n` real UDP flows, then two agent intervals on it,
+    wired as `otel-kzt agent` wires them (agent/command.py)."""
     import urllib.request
 
-    from otel_kzt.agent import heap
+    from otel_kzt.agent import coverage, heap
     from otel_kzt.agent.config import AgentConfig, OtlpConfig
-    from otel_kzt.agent.datapath import Datapath, DatapathConfig
+    from otel_kzt.agent.datapath import DatapathConfig, start_datapath
     from otel_kzt.agent.export import Exporter
     from otel_kzt.agent.healthport import HealthPort
     from otel_kzt.agent.local import LocalFlows
     from otel_kzt.agent.service import AgentService
+    from otel_kzt.k8s import open_metadata
 
     heap.keep_big_blocks_mapped()  # as `otel-kzt agent` does
-    datapath = Datapath(DatapathConfig(KERNEL_NS, pin=False, map_size=1 << 18))
-    datapath.start()
+    datapath = start_datapath(DatapathConfig(KERNEL_NS, pin=False, map_size=1 << 18), "netfilter")
+    heap.release_freed()
+    handle = open_metadata(None, node_name=KERNEL_NS, kubeconfig=kubeconfig)
+    senders = pod_senders()
     try:
-        send_flows(range(n))
+        handle.start()
+        if not handle.wait_ready(30):
+            raise RuntimeError(f"metadata not synced: {handle.status()}")
+        send_flows(senders, range(n))
         otlp = OtlpConfig(endpoints=(f"http://127.0.0.1:{port}",), timeout_s=30.0)
         exporter = Exporter(otlp, KERNEL_NS)
         service = AgentService(
-            AgentConfig(node_name=KERNEL_NS, otlp=otlp),
+            AgentConfig(node_name=KERNEL_NS, otlp=otlp, kubeconfig=kubeconfig),
             datapath,
             exporter,
-            LocalFlows(KERNEL_NS, None),
-            None,
+            LocalFlows(KERNEL_NS, handle.index),
+            handle.index,
             host_name=KERNEL_NS,
+            datapath=datapath.config.mode,
+            coverage=coverage.for_datapath(datapath, handle.index, KERNEL_NS),
         )
         # The agent as it runs: its health endpoint (aiohttp, prometheus_client) serving the whole time.
         health = HealthPort("127.0.0.1", 0, service.health)
@@ -234,7 +269,7 @@ def run_kernel(port: int, n: int) -> dict[str, float]:
             out[f"cpu_s_{interval}"] = cpu_s() - started
             out[f"rss_after_{interval}_mb"] = rss_mb()
             if interval == 1:
-                send_flows(range(0, n, 2))  # the steady state: half the flows' values changed
+                send_flows(senders, range(0, n, 2))  # the steady state: half the flows' values changed
         with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=10) as resp:
             assert b"kzt_agent_flows_tracked" in resp.read()
         health.shutdown()
@@ -242,14 +277,30 @@ def run_kernel(port: int, n: int) -> dict[str, float]:
         out["peak_rss_mb"] = peak_rss_mb()
         return out
     finally:
+        for sock in senders:
+            sock.close()
+        handle.shutdown()
         datapath.close()
 
 
-def send_flows(flows: range) -> None:
-    """One datagram on each flow: listening-side ports above the overlay ports, below the ephemeral range."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for i in flows:
-            sock.sendto(b"k" * 64, (f"10.90.0.{2 + i % 8}", 9000 + i // 8))
+def pod_senders() -> list[socket.socket]:
+    """One UDP socket per pod, made in the pods' namespace, bound to the pod's address."""
+    from otel_kzt import netns
+
+    senders = []
+    with netns.entered(KERNEL_PODS):
+        for pod in range(PODS):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            senders.append(sock)
+            sock.bind((pod_address(pod), 0))
+    return senders
+
+
+def send_flows(senders: list[socket.socket], flows: range) -> None:
+    """One datagram on each flow (pod, destination, port): listening-side ports above the overlay ports,
+    below the ephemeral range."""
+    for i in flows:
+        senders[i % PODS].sendto(b"k" * 64, (f"10.90.0.{2 + i // PODS % 8}", 9000 + i // (8 * PODS)))
 
 
 def rss_mb() -> float:
@@ -257,50 +308,65 @@ def rss_mb() -> float:
         return int(statm.read().split()[1]) * 4096 / 2**20
 
 
-def kernel_bed(n: int, log: Path) -> dict[str, float]:
-    """A netns whose own traffic the real datapath counts; receiver and agent both run inside it."""
+def kernel_bed(n: int, tmp: Path) -> dict[str, float]:
+    """A node netns whose forwarded pod traffic the real datapath counts; receiver, API server and agent
+    run inside it."""
     from otel_kzt import netns
 
+    log, kubeconfig = tmp / "kernel.log", tmp / "kubeconfig"
     with netns.Topology() as topo:
-        topo.netns(KERNEL_NS)
-        topo.netns(KERNEL_PEER)
+        for ns in (KERNEL_NS, KERNEL_PEER, KERNEL_PODS):
+            topo.netns(ns)
         peers = [f"10.90.0.{i}/24" for i in range(2, 10)]
         topo.veth(KERNEL_NS, "kab0", KERNEL_PEER, "eth0", a_addrs=["10.90.0.1/24"], b_addrs=peers)
-        netns.ip(KERNEL_NS, "link", "set", "lo", "up")
+        pods = [f"{pod_address(pod)}/16" for pod in range(PODS)]
+        topo.veth(KERNEL_NS, "kapods", KERNEL_PODS, "eth0", a_addrs=["10.91.255.254/16"], b_addrs=pods)
+        topo.route(KERNEL_PODS, "default", via="10.91.255.254")
+        netns.enable_forwarding(KERNEL_NS)
         netns.run_in(KERNEL_PEER, ["nft", "-f", "-"], input=DROP_UDP)
-        argv = [sys.executable, __file__, "--mode", "receiver", "--log", str(log)]
-        receiver = netns.popen_in(KERNEL_NS, argv, stdout=subprocess.PIPE)
-        topo.on_close("receiver", lambda: (receiver.terminate(), receiver.wait()))
-        port = int(receiver.stdout.readline())  # type: ignore[union-attr]
+        children = {}
+        for mode, extra in (("receiver", ["--log", str(log)]), ("apiserver", ["--log", str(kubeconfig)])):
+            argv = [sys.executable, __file__, "--mode", mode, *extra]
+            child = children[mode] = netns.popen_in(KERNEL_NS, argv, stdout=subprocess.PIPE)
+            topo.on_close(mode, lambda child=child: (child.terminate(), child.wait()))
+        port = int(children["receiver"].stdout.readline())  # type: ignore[union-attr]
+        children["apiserver"].stdout.readline()  # type: ignore[union-attr]
         argv = [sys.executable, __file__, "--mode", "kernel", "--port", str(port), "--flows", str(n)]
+        argv += ["--log", str(kubeconfig)]
         out = netns.run_in(KERNEL_NS, argv, timeout=600).stdout
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-    result["points"], result["overflow_points"], result["requests"] = received(log)
+    result["points"], result["overflow_points"], result["requests"], result["pod_points"] = received(log)
     return result
 
 
 # --- driver -----------------------------------------------------------------------------------------------
 
 
-def received(log: Path) -> tuple[int, int, int]:
+def received(log: Path) -> tuple[int, int, int, int]:
+    """(points, overflow points, requests, points named by source pod) the receiver logged."""
     lines = [tuple(map(int, line.split())) for line in log.read_text().splitlines()] if log.exists() else []
-    return sum(x[0] for x in lines), sum(x[1] for x in lines), len(lines)
+    return sum(x[0] for x in lines), sum(x[1] for x in lines), len(lines), sum(x[3] for x in lines)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flows", type=int, default=100_000)
-    parser.add_argument("--mode", choices=["fast", "sdk", "receiver", "kernel"])
+    parser.add_argument("--mode", choices=["fast", "sdk", "receiver", "apiserver", "kernel"])
     parser.add_argument("--kernel", action="store_true", help="also the real bcc datapath (root, netns)")
     parser.add_argument("--port", type=int)
-    parser.add_argument("--log")
+    parser.add_argument("--log", help="receiver: its log; apiserver, kernel: the agent's kubeconfig")
     args = parser.parse_args()
     if args.mode == "receiver":
         run_receiver(args.log)
         return 0
+    if args.mode == "apiserver":
+        run_apiserver(args.log, PODS)
+        return 0
     if args.mode:
-        runner = {"fast": run_fast, "sdk": run_sdk, "kernel": run_kernel}[args.mode]
-        result = runner(args.port, args.flows)
+        if args.mode == "kernel":
+            result = run_kernel(args.port, args.flows, args.log)
+        else:
+            result = {"fast": run_fast, "sdk": run_sdk}[args.mode](args.port, args.flows)
         print(json.dumps(result), flush=True)
         return 0
     import tempfile
@@ -325,11 +391,12 @@ def main() -> int:
                 results[mode]["points"] = after[0] - before[0]
                 results[mode]["overflow_points"] = after[1] - before[1]
                 results[mode]["requests"] = after[2] - before[2]
+                results[mode]["pod_points"] = after[3] - before[3]
         finally:
             receiver.terminate()
             receiver.wait()
         if args.kernel:
-            results["kernel"] = kernel_bed(args.flows, Path(tmp) / "kernel.log")
+            results["kernel"] = kernel_bed(args.flows, Path(tmp))
     report(args.flows, results)
     return 0
 
@@ -352,13 +419,16 @@ def report(n: int, results: dict[str, dict[str, float]]) -> None:
     if "kernel" in results:
         k = results["kernel"]
         print(
-            f"real bcc datapath ({n:,} real flows, snapshot included, health endpoint serving): "
+            f"real bcc datapath ({n:,} real flows of {PODS} pods forwarded by the node, snapshot included, "
+            f"metadata from the API server, health endpoint serving): "
             f"CPU s {k['cpu_s_1']:.3f} (cold), {k['cpu_s_2']:.3f} (half the flows changed; target 0.5); "
             f"peak RSS {k['peak_rss_mb']:.1f} MB (target 150; bcc/LLVM only in the loader child), after "
             f"the intervals {k['rss_after_1_mb']:.1f}, {k['rss_after_2_mb']:.1f} MB; "
-            f"points {k['points']:,.0f}, overflow points {k['overflow_points']:.0f}"
+            f"points {k['points']:,.0f}, named by source pod {k['pod_points']:,.0f}, "
+            f"overflow points {k['overflow_points']:.0f}"
         )
         ok = ok and k["cpu_s_2"] <= 0.5 and k["peak_rss_mb"] <= 150 and k["overflow_points"] == 0
+        ok = ok and k["pod_points"] == 4 * n
     verdict = "met" if ok else "MISSED"
     print(f"target (<= 0.5 s CPU per interval, <= 150 MB RSS, every point, none folded): {verdict}")
 
