@@ -1,8 +1,11 @@
 """Metadata from the API server: list + watch of pods and nodes (and, for the enricher, Services and
 EndpointSlices into `index.services`) through the real `kubernetes` client.
 
-Responses are read raw (`_preload_content=False`) and decoded with `json.loads` into the few fields we keep:
-the client's generated models cost seconds and gigabytes at 150,000 pods. One `ApiSource` per resource:
+Responses are read raw (the client never deserializes them) and decoded with `json.loads` into the few
+fields we keep: the client's generated models cost seconds and gigabytes at 150,000 pods. The requests go
+through the client's `ApiClient` (configuration, authentication, TLS, errors as `ApiException`) but not its
+generated API classes: importing `CoreV1Api` (pydantic-validated signatures of ~1,000 calls, ~250 models)
+costs ~21 MB of RSS in every agent, for four GET paths (`_Lister`). One `ApiSource` per resource:
 
 1. list in pages (`limit`/`continue`), then replace the index's view of that resource and mark it synced;
 2. watch from the list's `resourceVersion` with bookmarks (so the version we resume from stays fresh);
@@ -58,17 +61,54 @@ class _Resource:
     """How to list, decode and apply one resource kind."""
 
     kind: str
-    list_call: Callable[..., Any]
+    list_call: Callable[..., urllib3.BaseHTTPResponse]  # a _Lister
     decode: Callable[[Mapping[str, Any]], Any]
     upsert: Callable[[Any], None]  # takes a decoded record
     delete: Callable[[Any], None]  # takes a decoded record
     replace: Callable[[list[Any]], None]  # takes every decoded record of a full listing
 
 
-def pod_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
+# Query parameters of a list/watch call, as the generated API classes name them -> as the server does.
+_QUERY = {
+    "allow_watch_bookmarks": "allowWatchBookmarks",
+    "_continue": "continue",
+    "field_selector": "fieldSelector",
+    "limit": "limit",
+    "resource_version": "resourceVersion",
+    "timeout_seconds": "timeoutSeconds",
+    "watch": "watch",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Lister:
+    """`GET <path>` (list, or watch with `watch=True`) through the client's ApiClient, answered raw: what
+    `CoreV1Api.list_node(..., _preload_content=False)` does, without importing the generated classes."""
+
+    api_client: k8s_client.ApiClient
+    path: str  # /api/v1/pods, /apis/discovery.k8s.io/v1/endpointslices ...
+
+    def __call__(self, *, _request_timeout: Any, **params: Any) -> urllib3.BaseHTTPResponse:
+        query = [(_QUERY[name], value) for name, value in params.items() if value is not None]
+        request = self.api_client.param_serialize(
+            method="GET",
+            resource_path=self.path,
+            query_params=query,
+            header_params={"Accept": "application/json"},
+            auth_settings=["BearerToken"],
+        )
+        response = self.api_client.call_api(*request, _request_timeout=_request_timeout)
+        if not 200 <= response.status <= 299:
+            response.read()  # type: ignore[no-untyped-call]
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        raw: urllib3.BaseHTTPResponse = response.response
+        return raw
+
+
+def pod_resource(api_client: k8s_client.ApiClient, index: ClusterIndex) -> _Resource:
     return _Resource(
         kind="pods",
-        list_call=api.list_pod_for_all_namespaces,
+        list_call=_Lister(api_client, "/api/v1/pods"),
         decode=decode_pod,
         upsert=index.upsert_pod,
         delete=lambda record: index.delete_pod(record.uid),
@@ -76,10 +116,10 @@ def pod_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
     )
 
 
-def node_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
+def node_resource(api_client: k8s_client.ApiClient, index: ClusterIndex) -> _Resource:
     return _Resource(
         kind="nodes",
-        list_call=api.list_node,
+        list_call=_Lister(api_client, "/api/v1/nodes"),
         decode=decode_node,
         upsert=index.upsert_node,
         delete=lambda info: index.delete_node(info.name),
@@ -87,7 +127,7 @@ def node_resource(api: k8s_client.CoreV1Api, index: ClusterIndex) -> _Resource:
     )
 
 
-def service_resource(api: k8s_client.CoreV1Api, catalog: ServiceIndex,
+def service_resource(api_client: k8s_client.ApiClient, catalog: ServiceIndex,
                      version: Callable[[], ClusterVersion | None]) -> _Resource:
     def replace(records: list[Any]) -> None:
         catalog.set_version(version() or catalog.cluster_version())  # re-read at each full listing
@@ -95,7 +135,7 @@ def service_resource(api: k8s_client.CoreV1Api, catalog: ServiceIndex,
 
     return _Resource(
         kind="services",
-        list_call=api.list_service_for_all_namespaces,
+        list_call=_Lister(api_client, "/api/v1/services"),
         decode=decode_service,
         upsert=catalog.upsert_service,
         delete=lambda record: catalog.delete_service(record.ref),
@@ -103,10 +143,10 @@ def service_resource(api: k8s_client.CoreV1Api, catalog: ServiceIndex,
     )
 
 
-def slice_resource(api: k8s_client.DiscoveryV1Api, catalog: ServiceIndex) -> _Resource:
+def slice_resource(api_client: k8s_client.ApiClient, catalog: ServiceIndex) -> _Resource:
     return _Resource(
         kind="endpointslices",
-        list_call=api.list_endpoint_slice_for_all_namespaces,
+        list_call=_Lister(api_client, "/apis/discovery.k8s.io/v1/endpointslices"),
         decode=decode_slice,
         upsert=catalog.upsert_slice,
         delete=catalog.delete_slice,
@@ -280,7 +320,6 @@ class ApiSource:
         try:
             response: urllib3.BaseHTTPResponse = self._resource.list_call(
                 field_selector=self._selector,
-                _preload_content=False,
                 _request_timeout=(self._config.connect_timeout_s, self._config.read_timeout_s),
                 **params,
             )
@@ -411,18 +450,17 @@ def api_sources(
 ) -> list[ApiSource]:
     """The pod and node sources; node-scoped (agent) when `node_name` is given. Cluster-wide (the
     enricher) also Services and EndpointSlices, which never hold the index's readiness back."""
-    api = k8s_client.CoreV1Api(api_client)
     pod_selector = f"spec.nodeName={node_name}" if node_name else None
     node_selector = f"metadata.name={node_name}" if node_name else None
     sources = [
-        ApiSource(node_resource(api, index), index, node_selector, config),
-        ApiSource(pod_resource(api, index), index, pod_selector, config),
+        ApiSource(node_resource(api_client, index), index, node_selector, config),
+        ApiSource(pod_resource(api_client, index), index, pod_selector, config),
     ]
     if node_name is None:
         catalog = index.services
         sources += [
-            ApiSource(service_resource(api, catalog, lambda: cluster_version(api_client)), catalog, None,
-                      config),
-            ApiSource(slice_resource(k8s_client.DiscoveryV1Api(api_client), catalog), catalog, None, config),
+            ApiSource(service_resource(api_client, catalog, lambda: cluster_version(api_client)), catalog,
+                      None, config),
+            ApiSource(slice_resource(api_client, catalog), catalog, None, config),
         ]
     return sources
