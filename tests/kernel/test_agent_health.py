@@ -6,8 +6,8 @@
 - its metadata cannot sync (the API server answers 403: the agent's ClusterRole lacks pods, or nodes):
   alive, not ready, and /readyz says which resource failed how;
 - /metrics equals the flow map's state: a 16-entry map filled by 40 UDP flows holds 16 flows (the export
-  connection, the health endpoint's own answers, the first 14 datagrams' flows) and the other 26 flows'
-  bytes are overflow, exactly.
+  and API server connections, the health endpoint's own answers, the first 14 datagrams' flows) and the
+  other 26 flows' bytes are overflow, exactly.
 
     root netns: OTLP receiver, API server  ── kh<run>r ═══ kh<run>u ──  kh<run>-n (the agent; IPv6 off)
                 10.92.<run>.1/30                                     10.92.<run>.2/30
@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from otel_kzt.agent.datapath import bpfsys
 from tests.kernel.test_agent_kernel import _Forwarder
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
 from tests.support.k8s_cluster import ServedCluster
-from tests.support.k8s_objects import as_list, make_node
+from tests.support.k8s_objects import make_node
 from tests.support.k8s_rbac import Rbac
 from tests.support.nodenet import node_behind_veth
 from tests.support.processes import stop
@@ -103,14 +102,6 @@ def served(control: ServedCluster) -> list[str]:
     return control.args(AGENT, via=ROOT_IP)
 
 
-def metadata_file(tmp_path: Path) -> str:
-    """A metadata file, for the one test that counts every flow of the node exactly: the API server's
-    list and watch connections would be flows of their own in its 16-entry map."""
-    path = tmp_path / "cluster.json"
-    path.write_text(json.dumps(as_list([make_node(NS, [NODE_IP], zone="z1")])))
-    return str(path)
-
-
 def test_a_loop_stuck_in_a_datapath_read_fails_healthz_while_the_endpoint_answers(
     agent: Callable[..., subprocess.Popen[bytes]], served_cluster: ServedCluster
 ) -> None:
@@ -160,12 +151,13 @@ def test_metadata_that_cannot_sync_is_alive_but_not_ready(
 
 
 def test_metrics_equal_the_flow_maps_state(
-    agent: Callable[..., subprocess.Popen[bytes]], receiver: GrpcReceiver, tmp_path: Path
+    agent: Callable[..., subprocess.Popen[bytes]], receiver: GrpcReceiver, served_cluster: ServedCluster
 ) -> None:
     size, flows = 100, 40
     before = len(receiver.snapshot())  # the receiver is the module's: earlier tests' requests are in it
-    proc = agent("--kube-metadata", metadata_file(tmp_path), "--map-size", "16")
-    wait_for(lambda: get("/readyz")[0] == 200, "ready (the export connection's flow is in the map)")
+    proc = agent(*served(served_cluster), "--map-size", "16")
+    # Ready: metadata listed (the API server's flow is in the map) and an export delivered (its flow too).
+    wait_for(lambda: get("/readyz")[0] == 200, "ready")
     netns.run_in(
         NS, [sys.executable, TRAFFIC, "udp-ports", ROOT_IP, "20000", str(flows), str(size)], timeout=60
     )
@@ -177,7 +169,10 @@ def test_metrics_equal_the_flow_maps_state(
     def value(name: str) -> float:
         return float(families[name].samples[0].value)
 
-    in_map = 16 - 2  # the export connection and the health endpoint's answers came first
+    # Two flows came first: the health endpoint's answers (port 9465), and the export and the API server's
+    # list/watch connections as one (node -> root TCP: both servers listen on ephemeral ports, which never
+    # enter a key).
+    in_map = 16 - 2
     assert value(schema.AGENT_FLOWS_TRACKED) == 16
     assert value(schema.AGENT_MAP_FILL_RATIO) == 1.0
     datagram = 20 + 8 + size  # IPv4 + UDP headers + payload

@@ -12,6 +12,9 @@ can carry the packets).
   egress; what stays on the node, which tc does not see by design, is not expected: no wolf cried.
 - `netfilter` on the same node routed the usual way: covered, no warning (no wolf either).
 
+The agent runs as deployed: its metadata from the RBAC-enforcing test API server in the root namespace,
+with its own ServiceAccount's token (its list/watch connections leave over the uplink, as in a cluster).
+
     root netns                       kb<run>-n (node)                      pods
     OTLP receiver, UDP sink                       ┌── kb<run>a ═ eth0  kb<run>-a 10.94.1.2/24
     10.93.<run>.1/30 kb<run>r ═══ kb<run>u ───────┤
@@ -36,7 +39,8 @@ import pytest
 from otel_kzt import netns, schema
 from tests.kernel.conftest import joined_cgroup
 from tests.kernel.hostrouting import host_routing
-from tests.support.k8s_objects import as_list, make_node, make_pod
+from tests.support.k8s_cluster import AGENT, ServedCluster
+from tests.support.k8s_objects import make_node, make_pod
 from tests.support.processes import stop
 from tests.unit.test_agent_support import GrpcReceiver, points
 
@@ -111,25 +115,23 @@ def node(request: pytest.FixtureRequest) -> Iterator[tuple[GrpcReceiver, int]]:
         yield rx, sink.getsockname()[1]
 
 
-def _agent(tmp_path: Path, receiver: GrpcReceiver, mode: str) -> tuple[subprocess.Popen[bytes], Path]:
-    metadata = tmp_path / "cluster.json"
-    metadata.write_text(
-        json.dumps(
-            as_list(
-                [
-                    make_node(NS, [NODE_IP], zone="z1"),
-                    make_pod("kb-a", NS, [A], namespace="kb"),
-                    make_pod("kb-b", NS, [B], namespace="kb"),
-                ]
-            )
-        )
+def _agent(
+    tmp_path: Path, receiver: GrpcReceiver, control: ServedCluster, mode: str
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """The agent as deployed: metadata from the API server with its own token (via the uplink)."""
+    control.sync(
+        [
+            make_node(NS, [NODE_IP], zone="z1"),
+            make_pod("kb-a", NS, [A], namespace="kb"),
+            make_pod("kb-b", NS, [B], namespace="kb"),
+        ]
     )
     own_cgroup = next(
         line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")
     )
     argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NS, "--no-pin",
             "--interval", f"{INTERVAL_S}s", "--otlp-timeout", "1s",
-            "--otlp-endpoint", f"http://{ROOT_IP}:{receiver.port}", "--kube-metadata", str(metadata),
+            "--otlp-endpoint", f"http://{ROOT_IP}:{receiver.port}", *control.args(AGENT, via=ROOT_IP),
             "--datapath", mode, "--cgroup-root", f"/sys/fs/cgroup/unified{own_cgroup.strip()}"]  # fmt: skip
     log = tmp_path / f"agent-{mode}.log"
     with log.open("wb") as out:
@@ -187,10 +189,12 @@ def _warnings(log: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("mode", ["netfilter", "cgroup", "tc"])
-def test_host_routing_past_netfilter(node: tuple[GrpcReceiver, int], tmp_path: Path, mode: str) -> None:
+def test_host_routing_past_netfilter(
+    node: tuple[GrpcReceiver, int], served_cluster: ServedCluster, tmp_path: Path, mode: str
+) -> None:
     receiver, sink_port = node
     with netns.entered(NS), host_routing([(DEV_A, B, DEV_B), (DEV_A, ROOT_IP, UPLINK)]):
-        proc, log = _agent(tmp_path, receiver, mode)
+        proc, log = _agent(tmp_path, receiver, served_cluster, mode)
         try:
             if mode == "netfilter":  # a few intervals of pod traffic: the agent says it is blind
                 off_node = _send_until(lambda: any(r < 0.5 for r in _coverage(receiver)), "blind", sink_port)
@@ -217,10 +221,12 @@ def test_host_routing_past_netfilter(node: tuple[GrpcReceiver, int], tmp_path: P
             stop(proc)
 
 
-def test_routed_the_usual_way_netfilter_reads_covered(node: tuple[GrpcReceiver, int], tmp_path: Path) -> None:
+def test_routed_the_usual_way_netfilter_reads_covered(
+    node: tuple[GrpcReceiver, int], served_cluster: ServedCluster, tmp_path: Path
+) -> None:
     receiver, _ = node
     netns.enable_forwarding(NS)
-    proc, log = _agent(tmp_path, receiver, "netfilter")
+    proc, log = _agent(tmp_path, receiver, served_cluster, "netfilter")
     try:
         _send_until(lambda: len(_coverage(receiver)) >= 3, "three verdicts")
         coverage = _coverage(receiver)
