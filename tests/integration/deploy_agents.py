@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from otel_kzt.agent.config import AgentConfig, OtlpConfig
 from otel_kzt.agent.export import Exporter, ExportResult
@@ -55,9 +56,9 @@ FLOWS: dict[str, list[tuple[str, str, int, int, int, int, int]]] = {
 }
 
 
-def write_metadata(path: Path, *, services: bool = False) -> Path:
-    """Nodes and pods; `services`: also the `cache` Service (its one endpoint, cache-0, in zone b), whose
-    cross-zone clients in zone a get a spread-endpoints recommendation."""
+def cluster_objects(*, services: bool = False) -> list[dict[str, Any]]:
+    """Nodes and pods as the API server holds them; `services`: also the `cache` Service (its one endpoint,
+    cache-0, in zone b), whose cross-zone clients in zone a get a spread-endpoints recommendation."""
     nodes = [
         make_node(n, [ip], zone=zone, provider_id=f"aws:///{zone}/i-{n}") for n, (ip, zone) in NODES.items()
     ]
@@ -77,7 +78,12 @@ def write_metadata(path: Path, *, services: bool = False) -> Path:
         svc["metadata"]["name"] = "cache"
         svc["spec"]["ports"] = [{"name": "redis", "protocol": "TCP", "port": 6379, "targetPort": 6379}]
         extra = [svc, slice_for("cache", "shop", [(PODS["cache-0"][1], NODES["kx-b1"][1])], 6379)]
-    path.write_text(json.dumps(as_list(nodes + pods + extra)))
+    return nodes + pods + extra
+
+
+def write_metadata(path: Path, *, services: bool = False) -> Path:
+    """`cluster_objects` as a `kubectl get -o json` List file."""
+    path.write_text(json.dumps(as_list(cluster_objects(services=services))))
     return path
 
 

@@ -5,7 +5,8 @@ environment, `no_new_privs`), inside a network namespace of its own, with the ca
 down to the manifest's `add` list: as root in a container with `drop: [ALL]` plus those, it holds nothing
 else. It must attach, pin and export: the manifest's readiness probe (its `httpGet`, path and named port as
 written, asked inside the namespace the way the kubelet asks a hostNetwork pod) turns true, with a real
-`otel-kzt enricher` in the same namespace requiring the token the DaemonSet mounts. With one of the
+`otel-kzt enricher` in the same namespace requiring the token the DaemonSet mounts, and both reading their
+metadata from the RBAC-enforcing test API server with their own ServiceAccounts' tokens. With one of the
 datapath capabilities taken away it must fail instead: the manifest asks for nothing it does not need.
 (`SYS_RESOURCE` only matters on kernels before 5.11, so it has no negative case here.) `SYSLOG` is not in
 the manifest: the positive test also checks that, with the manifest's set, /proc/kallsyms shows only zero
@@ -25,9 +26,12 @@ from pathlib import Path
 
 import pytest
 
+from otel_kzt.netns import entered
 from tests.integration import deploy_agents as da
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
+from tests.support.k8s_cluster import AGENT, ENRICHER, ServedCluster
+from tests.support.k8s_objects import make_node
 
 pytestmark = [pytest.mark.kernel, pytest.mark.integration]
 
@@ -107,12 +111,25 @@ def _token(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def enricher(netns: str, tmp_path: Path) -> Iterator[ds.EnricherProcess]:
+def control(netns: str, tmp_path: Path) -> Iterator[ServedCluster]:
+    """The RBAC-enforcing test API server on the namespace's 127.0.0.1 (its listening socket made inside),
+    serving the small cluster and this node: the agent and the enricher list and watch it with their own
+    ServiceAccounts' tokens, as deployed (in place of the in-cluster configuration, which needs TLS)."""
+    with entered(netns):
+        served = ServedCluster(tmp_path).start()
+    try:
+        served.sync([*da.cluster_objects(), make_node(NODE, ["127.0.0.1"], zone="us-east-1a")])
+        yield served
+    finally:
+        served.stop()
+
+
+@pytest.fixture
+def enricher(netns: str, control: ServedCluster, tmp_path: Path) -> Iterator[ds.EnricherProcess]:
     """A real enricher in the agent's namespace, so an export can be delivered and readiness turn true."""
-    metadata = da.write_metadata(tmp_path / "kx-enricher-metadata.json")
     process = ds.EnricherProcess(
         tmp_path,
-        metadata,
+        control.args(ENRICHER),
         "enricher",
         extra=["--bearer-token-file", str(_token(tmp_path))],
         wrapper=["nsenter", f"--net=/run/netns/{netns}"],
@@ -123,8 +140,9 @@ def enricher(netns: str, tmp_path: Path) -> Iterator[ds.EnricherProcess]:
         process.stop()
 
 
-def _start(tmp_path: Path, caps: list[str], enricher: ds.EnricherProcess) -> subprocess.Popen[bytes]:
-    metadata = da.write_metadata(tmp_path / "kx-metadata.json")
+def _start(
+    tmp_path: Path, caps: list[str], enricher: ds.EnricherProcess, control: ServedCluster
+) -> subprocess.Popen[bytes]:
     args = list(_agent()["args"])  # type: ignore[call-overload]
     args[args.index("--otlp-endpoint") + 1] = enricher.otlp_url
     args[args.index("--interval") + 1] = "1s"
@@ -138,8 +156,7 @@ def _start(tmp_path: Path, caps: list[str], enricher: ds.EnricherProcess) -> sub
         "-m",
         "otel_kzt.cli",
         *args,
-        "--kube-metadata",
-        str(metadata),
+        *control.args(AGENT),
     ]
     env = {**os.environ, "NODE_NAME": NODE}
     with (tmp_path / f"agent-{'-'.join(caps) or 'none'}.log").open("wb") as log:
@@ -175,14 +192,14 @@ def _kallsyms_addresses(caps: list[str]) -> set[str]:
 
 
 def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(
-    netns: str, enricher: ds.EnricherProcess, tmp_path: Path
+    netns: str, control: ServedCluster, enricher: ds.EnricherProcess, tmp_path: Path
 ) -> None:
     assert "SYSLOG" not in _manifest_caps()
     # The agent cannot see kernel symbol addresses (bcc's trigger for rewriting bpf_probe_read_kernel),
     # yet it must load: the helper is called by number.
     assert _kallsyms_addresses(_manifest_caps()) == {"0000000000000000"}
     assert not _probe_ok()
-    proc = _start(tmp_path, _manifest_caps(), enricher)
+    proc = _start(tmp_path, _manifest_caps(), enricher, control)
     try:
         ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent's readiness probe")
         log = next(tmp_path.glob("agent-*.log")).read_text(errors="replace")
@@ -203,11 +220,11 @@ def test_agent_attaches_and_pins_with_exactly_the_manifest_capabilities(
 
 @pytest.mark.parametrize("missing", ["BPF", "PERFMON", "NET_ADMIN"])
 def test_agent_fails_without_each_datapath_capability(
-    netns: str, enricher: ds.EnricherProcess, tmp_path: Path, missing: str
+    netns: str, control: ServedCluster, enricher: ds.EnricherProcess, tmp_path: Path, missing: str
 ) -> None:
     assert not _probe_ok()
     caps = [c for c in _manifest_caps() if c != missing]
-    proc = _start(tmp_path, caps, enricher)
+    proc = _start(tmp_path, caps, enricher, control)
     try:
         ds.wait_for(lambda: proc.poll() is not None or _probe_ok(), 90, "the agent to exit or attach")
         assert not _probe_ok(), f"the agent attached without {missing}: the manifest would over-grant"
