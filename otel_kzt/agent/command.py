@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +147,7 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
     from otel_kzt.agent.export import Exporter
     from otel_kzt.agent.local import LocalFlows
     from otel_kzt.agent.service import AgentService
+    from otel_kzt.agent.vipbytes import ServiceVipBytes
 
     if config.pin:
         require_host_bpffs(config.pin_root)  # refused before anything starts: pins that would not last
@@ -161,7 +163,8 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
     if store is not None:
         store.repin()
     heap.release_freed()
-    handle = _open_metadata(config)
+    cgroup = datapath.config.mode == "cgroup"  # counts at the socket: sees Service VIPs (vipbytes.py)
+    handle = _open_metadata(config, service_vips=cgroup)
     index = None
     if handle is not None:
         stack.callback(handle.shutdown)
@@ -181,6 +184,7 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
         health=health,
         datapath=datapath.config.mode,
         coverage=coverage.for_datapath(datapath, index, config.node_name),
+        vips=ServiceVipBytes(index.services, time.time_ns()) if cgroup and index is not None else None,
     )
     log.info(
         "agent running: node=%s endpoints=%s protocol=%s interval_s=%g pin=%s",
@@ -223,12 +227,18 @@ def _receiver_store(config: AgentConfig, stack: ExitStack) -> BpffsReceiverStore
     return store
 
 
-def _open_metadata(config: AgentConfig) -> Any:
-    """The node-scoped metadata source, or None when none is configured or discoverable."""
+def _open_metadata(config: AgentConfig, *, service_vips: bool) -> Any:
+    """The node-scoped metadata source (with every Service's cluster IPs when `service_vips`), or None
+    when none is configured or discoverable."""
     from otel_kzt.k8s import open_metadata
 
     explicit = config.kube_metadata or config.kubeconfig
     if not explicit and not (os.environ.get("KUBERNETES_SERVICE_HOST") or os.environ.get("KUBECONFIG")):
         log.warning("no Kubernetes metadata configured: only the node's own addresses are exported")
         return None
-    return open_metadata(config.kube_metadata, node_name=config.node_name, kubeconfig=config.kubeconfig)
+    return open_metadata(
+        config.kube_metadata,
+        node_name=config.node_name,
+        kubeconfig=config.kubeconfig,
+        service_vips=service_vips,
+    )

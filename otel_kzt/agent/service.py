@@ -38,6 +38,7 @@ from otel_kzt.agent.flows import FlowCounters, FlowKey, FlowReader, Snapshot
 from otel_kzt.agent.health import AgentReport, Health, map_fill_ratio, metadata_state
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.telemetry import AgentStats, telemetry_metrics
+from otel_kzt.agent.vipbytes import ServiceVipBytes
 from otel_kzt.errors import DatapathError
 from otel_kzt.k8s.model import MetadataIndex
 
@@ -90,12 +91,14 @@ class AgentService:
         health: Health | None = None,
         datapath: str = "netfilter",
         coverage: CoverageCheck | None = None,
+        vips: ServiceVipBytes | None = None,
     ) -> None:
         self._config = config
         self.health = health or Health(config.interval_s)
         self._datapath = datapath
         self._coverage = coverage  # the blind-datapath check (agent/coverage.py), when configured
         self._counted = Counted()
+        self._vips = vips  # bytes to Service VIPs (agent/vipbytes.py), where the mode sees VIPs (cgroup)
         self._source = source
         self._sender = sender
         self._local = local
@@ -289,6 +292,7 @@ class AgentService:
             metadata_synced=synced,
             datapath=self._datapath,
             coverage_ratio=coverage,
+            service_vip_bytes=self._vips.observe(snapshot) if self._vips is not None else None,
         )
 
     def _publish(self, report: AgentReport, result: ExportResult) -> None:

@@ -447,20 +447,25 @@ def api_sources(
     *,
     node_name: str | None = None,
     config: WatchConfig | None = None,
+    service_vips: bool = False,
 ) -> list[ApiSource]:
     """The pod and node sources; node-scoped (agent) when `node_name` is given. Cluster-wide (the
-    enricher) also Services and EndpointSlices, which never hold the index's readiness back."""
+    enricher) also Services and EndpointSlices, which never hold the index's readiness back. An agent
+    with `service_vips` (cgroup mode: it counts bytes to Service VIPs) also lists Services, cluster-wide
+    (their cluster IPs: it needs no endpoints, and no version)."""
     pod_selector = f"spec.nodeName={node_name}" if node_name else None
     node_selector = f"metadata.name={node_name}" if node_name else None
     sources = [
         ApiSource(node_resource(api_client, index), index, node_selector, config),
         ApiSource(pod_resource(api_client, index), index, pod_selector, config),
     ]
+    catalog = index.services
     if node_name is None:
-        catalog = index.services
         sources += [
             ApiSource(service_resource(api_client, catalog, lambda: cluster_version(api_client)), catalog,
                       None, config),
             ApiSource(slice_resource(api_client, catalog), catalog, None, config),
         ]
+    elif service_vips:
+        sources.append(ApiSource(service_resource(api_client, catalog, lambda: None), catalog, None, config))
     return sources

@@ -7,8 +7,9 @@
 
 A file (`--kube-metadata`) wins; otherwise the API server: an explicit `kubeconfig` argument, else the
 in-cluster service account, else `$KUBECONFIG` / `~/.kube/config`. With `node_name` (the agent) only that
-node's pods are watched (`spec.nodeName=<node>`), and only that node (`metadata.name=<node>`); a file is
-loaded whole either way (it holds what its writer chose).
+node's pods are watched (`spec.nodeName=<node>`), and only that node (`metadata.name=<node>`), plus with
+`service_vips` every Service (the agent's `cgroup` mode); a file is loaded whole either way (it holds what
+its writer chose).
 
 `handle.start()` on a file reads it at once and raises MetadataError if it cannot; on the API server it
 returns at once and the sources retry with backoff until the server answers (`index.ready()` stays false).
@@ -116,8 +117,10 @@ def open_metadata(
     kubeconfig: str | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    service_vips: bool = False,
 ) -> MetadataHandle:
-    """Build (not start) the metadata sources and their index. Raises MetadataError on bad configuration."""
+    """Build (not start) the metadata sources and their index. Raises MetadataError on bad configuration.
+    `service_vips`: a node-scoped handle (the agent) also lists Services, for their cluster IPs."""
     index = ClusterIndex(grace_s=grace_s)
     if kube_metadata_file:
         source = FileSource(kube_metadata_file, index, poll_interval_s=poll_interval_s)
@@ -127,6 +130,8 @@ def open_metadata(
     from otel_kzt.k8s.kubeclient import load_api_client
 
     api_client, where = load_api_client(kubeconfig)  # MetadataError when no configuration is usable
-    sources: list[Source] = list(api_sources(api_client, index, node_name=node_name))
+    sources: list[Source] = list(
+        api_sources(api_client, index, node_name=node_name, service_vips=service_vips)
+    )
     scope = f" node={node_name}" if node_name else ""
     return MetadataHandle(index, sources, f"api:{where}{scope}", on_shutdown=api_client.close)

@@ -175,6 +175,10 @@ class ServiceCatalog(Protocol):
         """`services_at(...)[0]`, or None."""
         ...
 
+    def service_of_vip(self, address: str) -> ServiceRef | None:
+        """The Service one of whose cluster IPs `address` is (a VIP, before kube-proxy's DNAT), else None."""
+        ...
+
     def services(self) -> tuple[ServiceView, ...]:
         """Every Service with its routing and endpoints, sorted by ref."""
         ...

@@ -8,6 +8,10 @@ Services are an addition to pods and nodes: the index answers only while every s
 here has listed once and none is refused now (`available()`); `reason()` says why not, for the warning
 and `/api/v1/savings`. The change time of a Service's routing or of its ready endpoints' zones is kept
 (`ServiceView.changed_unix_s`).
+
+A Service's cluster IPs (its VIPs) name it too (`service_of_vip`): what a socket addresses before
+kube-proxy's DNAT, which the agent's `cgroup` mode counts (DESIGN §3a). A cluster IP belongs to one
+Service at a time, so the address alone decides.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class ServiceIndex:
         self._listed: dict[_Key, Counter[tuple[int | None, ServiceRef]]] = {}  # writer side, refcounts
         self._entry_count = 0
         self._answers: dict[_Key, tuple[_Entry, ...]] = {}  # reader side
+        self._vips: dict[str, ServiceRef] = {}  # cluster IP -> its Service (reader side, item by item)
         self._signatures: dict[ServiceRef, tuple[str, frozenset[str]]] = {}
         self._changed: dict[ServiceRef, float] = {}
         self._sources: dict[str, bool] = {}
@@ -102,6 +107,12 @@ class ServiceIndex:
     ) -> ServiceRef | None:
         found = self.services_at(address, port, protocol, at_unix_s)
         return found[0] if found else None
+
+    def service_of_vip(self, address: str) -> ServiceRef | None:
+        """The Service whose cluster IP `address` (canonical text) is, else None (or not available)."""
+        if not self.available():
+            return None
+        return self._vips.get(address)
 
     def services(self) -> tuple[ServiceView, ...]:
         if not self.available():
@@ -168,13 +179,17 @@ class ServiceIndex:
 
     def upsert_service(self, record: ServiceRecord, now: float | None = None) -> None:
         with self._lock:
-            if self._services.get(record.ref) != record:
+            old = self._services.get(record.ref)
+            if old != record:
                 self._services[record.ref] = record
+                self._revip(old, record)
                 self._touched({record.ref}, self._now(now))
 
     def delete_service(self, ref: ServiceRef, now: float | None = None) -> None:
         with self._lock:
-            if self._services.pop(ref, None) is not None:
+            old = self._services.pop(ref, None)
+            if old is not None:
+                self._revip(old, None)
                 self._signatures.pop(ref, None)
                 self._changed.pop(ref, None)
                 self._generation += 1
@@ -185,6 +200,8 @@ class ServiceIndex:
             fresh = {r.ref: r for r in records}
             touched = {ref for ref, r in fresh.items() if self._services.get(ref) != r}
             gone = set(self._services) - set(fresh)
+            for ref in touched | gone:
+                self._revip(self._services.get(ref), fresh.get(ref))
             self._services = fresh
             for ref in gone:
                 self._signatures.pop(ref, None)
@@ -220,6 +237,16 @@ class ServiceIndex:
 
     def _now(self, now: float | None) -> float:
         return self._clock() if now is None else now
+
+    def _revip(self, old: ServiceRecord | None, new: ServiceRecord | None) -> None:
+        """Readers see each cluster IP's answer change alone (one dict store each, no lock on their side)."""
+        if old is not None:
+            for address in old.cluster_ips:
+                if self._vips.get(address) == old.ref:
+                    del self._vips[address]
+        if new is not None:
+            for address in new.cluster_ips:
+                self._vips[address] = new.ref
 
     def _put_slice(self, record: SliceRecord, now: float) -> None:
         old = self._slices.get(record.key)

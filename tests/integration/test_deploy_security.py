@@ -128,7 +128,8 @@ def _rules_of(role: str) -> list[dict[str, Any]]:
 
 def test_rbac_is_exactly_least_privilege() -> None:
     assert _rules_of("otel-kzt-agent") == [
-        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS}
+        {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS},
+        {"apiGroups": [""], "resources": ["services"], "verbs": READ_VERBS},  # cgroup mode: Service VIPs
     ]
     assert _rules_of("otel-kzt-enricher") == [
         {"apiGroups": [""], "resources": ["pods", "nodes"], "verbs": READ_VERBS},

@@ -104,17 +104,17 @@ def test_unknown_token_is_401_and_no_token_is_anonymous(api: FakeApiServer) -> N
 
 def test_forbidden_is_the_real_status(api: FakeApiServer, tmp_path: Path) -> None:
     with api.client(tmp_path / "agent", AGENT) as agent:
-        code, body = refused(k8s_client.CoreV1Api(agent).list_service_for_all_namespaces)
+        code, body = refused(k8s_client.CoreV1Api(agent).list_config_map_for_all_namespaces)
         assert code == 403
         assert body == {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
             "status": "Failure",
-            "message": 'services is forbidden: User "system:serviceaccount:otel-kzt:otel-kzt-agent" cannot '
-            'list resource "services" in API group "" at the cluster scope',
+            "message": 'configmaps is forbidden: User "system:serviceaccount:otel-kzt:otel-kzt-agent" cannot '
+            'list resource "configmaps" in API group "" at the cluster scope',
             "reason": "Forbidden",
-            "details": {"kind": "services"},
+            "details": {"kind": "configmaps"},
             "code": 403,
         }
         _, named = refused(k8s_client.CoreV1Api(agent).read_namespaced_secret, "token", "shop")
@@ -129,7 +129,7 @@ def test_forbidden_is_the_real_status(api: FakeApiServer, tmp_path: Path) -> Non
             'otel-kzt:otel-kzt-agent" cannot watch resource "deployments" '
             'in API group "apps" at the cluster scope'
         )
-    assert "403 list services system:serviceaccount:otel-kzt:otel-kzt-agent" in api.refusals
+    assert "403 list configmaps system:serviceaccount:otel-kzt:otel-kzt-agent" in api.refusals
 
 
 @pytest.mark.parametrize("account", [AGENT, ENRICHER], ids=["agent", "enricher"])

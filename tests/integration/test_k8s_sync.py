@@ -28,6 +28,7 @@ from otel_kzt.k8s import MetadataHandle, open_metadata
 from otel_kzt.k8s.apisource import WatchConfig, api_sources
 from otel_kzt.k8s.index import ClusterIndex
 from otel_kzt.k8s.kubeclient import load_api_client
+from otel_kzt.k8s.servicemodel import ServiceRef
 from tests.integration import deploy_stack as ds
 from tests.integration.test_enricher_service import get, local_config, metrics_showing, write_metadata
 from tests.support.k8s_apiserver import AGENT, ENRICHER, FakeApiServer
@@ -90,7 +91,29 @@ def test_the_agent_reads_no_services(api: FakeApiServer, tmp_path: Path) -> None
     assert {r.split()[1] for r in api.requests if r.split()[0] in ("list", "watch")} == {"pods", "nodes"}
 
 
-@pytest.mark.parametrize("resource", sorted({r for _, r in Rbac.shipped().granted("otel-kzt-agent")}))
+def test_the_agent_in_cgroup_mode_reads_service_vips_with_its_own_role(
+    api: FakeApiServer, tmp_path: Path
+) -> None:
+    """`service_vips` (cgroup mode): every Service's cluster IPs, cluster-wide, granted by the shipped
+    role; no EndpointSlices, no version. Refused, the agent stays ready and knows no VIP."""
+    kubeconfig = api.write_kubeconfig(tmp_path / "k", AGENT)
+    with open_metadata(None, node_name=NODE, kubeconfig=kubeconfig, service_vips=True) as h:
+        assert h.wait_ready(10)
+        eventually(h.index.services.available, "Services listed")
+        assert h.index.services.service_of_vip("172.20.41.17") == ServiceRef("shop", "checkout")
+    assert not api.refusals
+    listed = {r.split()[1] for r in api.requests if r.split()[0] in ("list", "watch")}
+    assert listed == {"pods", "nodes", "services"}
+    with FakeApiServer(rbac=Rbac.shipped().without("otel-kzt-agent", "services")) as denied:
+        denied.add_many(objects())
+        kubeconfig = denied.write_kubeconfig(tmp_path / "denied", AGENT)
+        with open_metadata(None, node_name=NODE, kubeconfig=kubeconfig, service_vips=True) as h:
+            eventually(lambda: "403" in h.index.services.reason(), "the 403 noted")
+            assert h.wait_ready(10) and metadata_state(h.index)[0]
+            assert h.index.services.service_of_vip("172.20.41.17") is None
+
+
+@pytest.mark.parametrize("resource", sorted(REQUIRED))
 def test_agent_without_a_granted_resource_is_not_ready(tmp_path: Path, resource: str) -> None:
     """The agent's readiness check (`metadata_state`, what /readyz and kzt_agent_metadata_synced show) on
     its real metadata path; tests/kernel/test_agent_health.py shows the same from the running agent."""

@@ -19,6 +19,7 @@ PODS = {
     "10.0.0.2": Endpoint("n-b", WorkloadKind.DEPLOYMENT, "api", "api-1", "shop", "u2"),
 }
 API = ServiceRef("shop", "api")
+API_VIP = "10.96.0.20"
 
 
 class FakeCatalog:
@@ -26,6 +27,7 @@ class FakeCatalog:
 
     def __init__(self) -> None:
         self.listed: dict[tuple[str, int, str], tuple[ServiceRef, ...]] = {("10.0.0.2", 8080, "tcp"): (API,)}
+        self.vips = {API_VIP: API}
         self.up = True
         self.generation = 1
 
@@ -40,6 +42,9 @@ class FakeCatalog:
                    ) -> ServiceRef | None:  # fmt: skip
         found = self.services_at(address, port, protocol, at_unix_s)
         return found[0] if found else None
+
+    def service_of_vip(self, address: str) -> ServiceRef | None:
+        return self.vips.get(address) if self.up else None
 
     def services(self) -> tuple[ServiceView, ...]:
         return ()
@@ -124,6 +129,28 @@ def test_recheck_sees_a_service_change() -> None:
     assert resolver.recheck(resolved, True) is resolved  # answers are cached per catalog generation
     index.services.generation += 1  # what the catalog does on every change
     assert resolver.recheck(resolved, True) is None
+
+
+def test_a_request_to_a_service_vip_is_named_by_the_service_and_classed_unknown() -> None:
+    """What a socket addressed before kube-proxy's DNAT (cgroup mode): the Service is known, the zone of
+    the backend it reaches is not. Never external: it is not priced as internet egress."""
+    index = Index()
+    resolved = Resolver(index).resolve(_given("10.0.0.1", API_VIP, dport="80"), True)  # type: ignore[arg-type]
+    assert resolved.services == (API, None) and resolved.traffic_class is TrafficClass.UNKNOWN
+    attrs = resolved.attrs
+    assert attrs[schema.DESTINATION_SERVICE_NAMESPACE] == "shop"
+    assert attrs[schema.DESTINATION_SERVICE_NAME] == "api"
+    assert schema.DESTINATION_POD_NAME not in attrs and schema.DESTINATION_ZONE not in attrs
+    assert service_keys(resolved.attrs, resolved.traffic_class, resolved.services) == [
+        ("shop", "api", "to", "shop", "Deployment", "web", "unknown")]
+    assert billed_flow_key(resolved.attrs, resolved.traffic_class, resolved.services) is None
+    resolver = Resolver(index)  # type: ignore[arg-type]
+    slim = resolver.resolve(_given("10.0.0.1", API_VIP, dport="80"), True).slim()
+    index.services.vips.clear()  # the Service was deleted: its address means nothing now
+    index.services.generation += 1
+    assert resolver.recheck(slim, True) is None
+    gone = resolver.resolve(_given("10.0.0.1", API_VIP, dport="80"), True)
+    assert gone.traffic_class is TrafficClass.EXTERNAL and gone.services == (None, None)
 
 
 def test_free_and_portless_flows_are_not_billed_flows() -> None:

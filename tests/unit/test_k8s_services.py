@@ -75,6 +75,28 @@ def test_endpoints_by_target_port_never_the_service_port() -> None:
     assert index.service_at("fd00:2::1f", 8443, "tcp") == PAYMENTS
 
 
+def test_a_cluster_ip_names_its_service_until_it_moves_or_goes() -> None:
+    index = catalog(shapes())
+    assert index.service_of_vip("172.20.41.17") == CHECKOUT
+    assert index.service_of_vip("172.20.9.200") == index.service_of_vip("fd00:20::c8") == PAYMENTS
+    assert index.service_of_vip("10.0.1.17") is None  # an endpoint is no VIP
+    assert index.service_of_vip("None") is None  # headless: no VIP at all
+    index.delete_service(PAYMENTS)
+    assert index.service_of_vip("172.20.9.200") is None
+    moved = fresh("service-clusterip")
+    moved["spec"]["clusterIP"], moved["spec"]["clusterIPs"] = "172.20.41.99", ["172.20.41.99"]
+    index.upsert_service(decode_service(moved))
+    assert index.service_of_vip("172.20.41.17") is None and index.service_of_vip("172.20.41.99") == CHECKOUT
+    # A full listing in which another Service took the old address (released, then re-allocated).
+    taker = fresh("service-prefer-same-zone")
+    taker["spec"]["clusterIPs"] = ["172.20.41.99"]
+    index.replace_services([decode_service(taker), decode_service(fresh("service-clusterip"))])
+    assert index.service_of_vip("172.20.41.99") == PAYMENTS
+    assert index.service_of_vip("172.20.41.17") == CHECKOUT
+    index.note_failure("api-services", "list/watch services: HTTP 403 Forbidden", refused=True)
+    assert index.service_of_vip("172.20.41.17") is None  # refused: unknown, never stale
+
+
 def test_ready_endpoints_by_zone_dual_stack_once_terminating_not() -> None:
     views = {v.ref.name: v for v in catalog(shapes(), nodes={
         "ip-10-0-2-77.eu-west-1.compute.internal": "eu-west-1b"}).services()}

@@ -175,9 +175,11 @@ class Resolver:
                 return TrafficClass.SAME_NODE  # only ever the sender's own node
         for end, address in ((src, src_addr), (dst, dst_addr)):
             if end.endpoint is None:
-                # Neither pod nor node: outside the cluster, unless the address is in a cluster range
-                # (a pod we have not seen yet, a service VIP): then we do not know.
-                return TrafficClass.UNKNOWN if self._in_cluster(address) else TrafficClass.EXTERNAL
+                # Neither pod nor node: outside the cluster, unless the address is a Service's cluster IP
+                # (its backend's zone is not known where the socket addressed the VIP) or in a cluster
+                # range (a pod we have not seen yet): then we do not know.
+                inside = self._services.vip(address) is not None or self._in_cluster(address)
+                return TrafficClass.UNKNOWN if inside else TrafficClass.EXTERNAL
         assert src.endpoint is not None and dst.endpoint is not None
         if src.endpoint.node_name and src.endpoint.node_name == dst.endpoint.node_name:
             return TrafficClass.SAME_NODE

@@ -7,6 +7,9 @@ the listening side's, which the agent records alone, so at most one end usually 
 destination's Service goes on the wire (`destination.k8s.service.*`); both count for
 `kzt_service_traffic_bytes_total`, and billed (cross-zone, cross-region) flows feed the savings as
 client -> server pairs (otel_kzt.savings.model.flow_key).
+
+A destination that is a Service's cluster IP (what a socket addressed before kube-proxy's DNAT: the agent's
+`cgroup` mode, DESIGN §3a) is traffic to that Service too; which zone its backend is in is not known.
 """
 
 from __future__ import annotations
@@ -50,12 +53,20 @@ class ServiceAttribution:
         if catalog.generation != self._generation or len(self._cache) >= _MAX_CACHED:
             self._cache, self._generation = {}, catalog.generation
         transport = attrs.get(schema.NETWORK_TRANSPORT, "")
+        destination = attrs.get(schema.DESTINATION_ADDRESS)
         return (
-            self._at(catalog, attrs.get(schema.DESTINATION_ADDRESS), attrs.get(schema.DESTINATION_PORT),
-                     transport, at_unix_s),
+            self._at(catalog, destination, attrs.get(schema.DESTINATION_PORT), transport, at_unix_s)
+            or self.vip(destination or ""),
             self._at(catalog, attrs.get(schema.SOURCE_ADDRESS), attrs.get(schema.SOURCE_PORT), transport,
                      at_unix_s),
         )  # fmt: skip
+
+    def vip(self, address: str) -> ServiceRef | None:
+        """The Service whose cluster IP `address` is, None when it is none or Services are off."""
+        catalog = self._catalog
+        if catalog is None or not address:
+            return None
+        return catalog.service_of_vip(address)
 
     def _at(self, catalog: ServiceCatalog, address: str | None, port: str | None, transport: str,
             at: float | None) -> ServiceRef | None:  # fmt: skip
