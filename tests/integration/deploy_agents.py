@@ -1,18 +1,20 @@
 """In-process agents for the deployment tests, and the small cluster they run in.
 
-`start_agent` runs the agent's own interval loop (`AgentService`), naming (`LocalFlows`) and export layer
-(`Exporter`: rendezvous choice, failover, retries) over real gRPC, fed by `FakeDatapath` instead of the
-kernel: the scale-out and dashboard questions are about routing and totals, not about counting packets
-(tests/integration/test_scaleout_kernel.py does that part with real agents). `Agent.close()` stops it.
+`start_agent` runs the agent's own interval loop (`AgentService`), naming (`LocalFlows`), metadata (list and
+watch of the RBAC-enforcing test API server with the agent's own ServiceAccount token, as deployed) and
+export layer (`Exporter`: rendezvous choice, failover, retries) over real gRPC, fed by `FakeDatapath`
+instead of the kernel: the scale-out and dashboard questions are about routing and totals, not about
+counting packets (tests/integration/test_scaleout_kernel.py does that part with real agents).
+`Agent.close()` stops it. The enrichers of these tests read the same `ServedCluster` with their own token.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from otel_kzt.agent.export import Exporter, ExportResult
 from otel_kzt.agent.flows import AF_INET, FlowCounters, FlowKey, Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.service import AgentService
+from otel_kzt.agent.state import ReceiverStore
 from otel_kzt.k8s import MetadataHandle, open_metadata
-from tests.support.k8s_objects import as_list, fresh, make_node, make_pod
+from tests.support.k8s_cluster import AGENT, ServedCluster
+from tests.support.k8s_objects import fresh, make_node, make_pod
 from tests.support.service_fixtures import slice_for
 
 # Three nodes in two zones (AWS, so the price table applies), pods named after their workloads.
@@ -81,10 +85,12 @@ def cluster_objects(*, services: bool = False) -> list[dict[str, Any]]:
     return nodes + pods + extra
 
 
-def write_metadata(path: Path, *, services: bool = False) -> Path:
-    """`cluster_objects` as a `kubectl get -o json` List file."""
-    path.write_text(json.dumps(as_list(cluster_objects(services=services))))
-    return path
+@contextlib.contextmanager
+def served(workdir: Path, *, services: bool = False) -> Iterator[ServedCluster]:
+    """The test API server on 127.0.0.1 serving `cluster_objects`, stopped after the block even on failure."""
+    with ServedCluster(workdir) as control:
+        control.sync(cluster_objects(services=services))
+        yield control
 
 
 def _addr(text: str) -> bytes:
@@ -101,7 +107,15 @@ def flows_begin_ns() -> int:
 class FakeDatapath:
     """Cumulative per-flow counters growing by a fixed step per snapshot until frozen (the kernel's role),
     evicted as the kernel does: the final value goes to the next snapshot, the flow's next packets are a
-    new entry with a later first-seen time (a whole second later at least: starts are whole seconds)."""
+    new entry with a later first-seen time (a whole second later at least: starts are whole seconds).
+
+    Why not the kernel here: these tests check the deployment's wiring (which replica each agent picks,
+    failover, sums over replicas, every dashboard query and rule in Prometheus) against a ground truth
+    that must be exact at any instant (`totals()`, frozen on demand), on three nodes in one process. The
+    real datapath's counting, the agent process and its export to real enrichers on the kernel are the
+    kernel tests' and test_scaleout_kernel.py's (real agents in node namespaces, the same replicas and
+    reference). It stands in at the `Datapath` seam (`snapshot`, `evict`) only, with the node's address:
+    the loop, naming, metadata and export above it are the agent's own."""
 
     def __init__(self, node: str, start_unix_ns: int) -> None:
         self._flows = {
@@ -198,24 +212,30 @@ class Agent:
 def start_agent(
     node: str,
     endpoints: Sequence[str],
-    metadata: Path,
+    control: ServedCluster,
     *,
     interval_s: float = 0.5,
     reference: str | None = None,
     down_s: float = 30.0,
+    datapath: FakeDatapath | None = None,
+    store: ReceiverStore | None = None,
 ) -> Agent:
-    """The agent's loop for `node`, exporting over gRPC to `endpoints` (and a copy to `reference`)."""
+    """The agent's loop for `node`, exporting over gRPC to `endpoints` (and a copy to `reference`), its
+    metadata from `control`. `datapath` and `store`: a previous agent process's counters and receiver
+    store (a restart: the pinned map and state hand them over); new ones by default."""
     otlp = OtlpConfig(endpoints=tuple(endpoints), timeout_s=2.0)
     config = AgentConfig(node_name=node, pin=False, interval_s=interval_s, otlp=otlp)
-    handle = open_metadata(str(metadata), node_name=node)
+    handle = open_metadata(None, node_name=node, kubeconfig=str(control.kubeconfig(AGENT)))
     handle.start()
-    assert handle.wait_ready(10), "metadata file did not load"
-    exporter = Exporter(otlp, node, down_s=down_s, max_backoff_s=1.0)
+    if not handle.wait_ready(10):
+        handle.shutdown()
+        raise AssertionError(f"{node}: metadata did not sync from the API server")
+    exporter = Exporter(otlp, node, down_s=down_s, max_backoff_s=1.0, store=store)
     ref = Exporter(replace(otlp, endpoints=(reference,)), node) if reference else None
     sender = Tee(exporter, ref)
     node_ip = NODES[node][0]
     local = LocalFlows(node, handle.index, interface_addresses=lambda: frozenset({node_ip}))
-    datapath = FakeDatapath(node, flows_begin_ns())
+    datapath = datapath or FakeDatapath(node, flows_begin_ns())
     service = AgentService(config, datapath, sender, local, handle.index, host_name=node)
     stop = threading.Event()
     thread = threading.Thread(target=service.run, args=(stop,), name=f"kx-agent-{node}", daemon=True)

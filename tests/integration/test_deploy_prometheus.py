@@ -1,16 +1,18 @@
 """Every dashboard query and every rule runs against a real Prometheus scraping a real enricher.
 
-The stack: `otel-kzt enricher` (subprocess, metadata from a file, one downstream export endpoint that
-refuses connections, with a 1-item queue and 1s of retries, so that export failures and drops happen and
-their series exist), three agents' export loops sending realistic
-flows over OTLP/gRPC, and Debian's Prometheus scraping every second with deploy/prometheus/rules.yaml
-loaded (group intervals shortened to 1s in a temporary copy, nothing else changed).
+The stack: `otel-kzt enricher` (subprocess, metadata from the test API server with its own token, one
+downstream export endpoint that refuses connections, with a 1-item queue and 1s of retries, so that export
+failures and drops happen and their series exist), three agents' export loops (metadata from the same server
+with the agent's token) sending realistic flows over OTLP/gRPC, and Debian's Prometheus scraping every second
+with deploy/prometheus/rules.yaml loaded (group intervals shortened to 1s in a temporary copy, nothing else
+changed).
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +22,7 @@ from otel_kzt import schema
 from tests.integration import deploy_agents as da
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
+from tests.support.k8s_cluster import ENRICHER, ServedCluster
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +44,11 @@ def substitute(expr: str) -> str:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ds.PrometheusProcess]:
     work = tmp_path_factory.mktemp("kx-prom")
-    metadata = da.write_metadata(work / "kx-metadata.json", services=True)
+    with da.served(work, services=True) as control:
+        yield from _stack(work, control)
+
+
+def _stack(work: Path, control: ServedCluster) -> Iterator[ds.PrometheusProcess]:
     dead = f"http://{ds.LOCALHOST}:{ds.free_port()}"  # nothing listens: exports fail and are counted
     exporters = [{"endpoint": dead, "queue_size": 1, "max_elapsed": "1s", "timeout": "500ms"}]
     enricher_config = work / "kx-enricher.yaml"
@@ -53,11 +60,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ds.PrometheusPro
     rules_path.write_text(yaml.safe_dump(rules))
     closers: list[Any] = []
     try:
-        enricher = ds.EnricherProcess(work, metadata, "kx-enricher", ["--config", str(enricher_config)])
+        enricher = ds.EnricherProcess(
+            work, control.args(ENRICHER), "kx-enricher", ["--config", str(enricher_config)]
+        )
         closers.append(enricher.stop)
         enricher.wait_ready()
         for node in da.NODES:
-            closers.append(da.start_agent(node, [enricher.otlp_url], metadata).close)
+            closers.append(da.start_agent(node, [enricher.otlp_url], control).close)
         prometheus = ds.PrometheusProcess(work, {JOB: [enricher.metrics_target]}, [rules_path])
         closers.append(prometheus.stop)
         # Enough scrapes for every rate window, and one rule evaluation after the data arrived.

@@ -1,12 +1,12 @@
 """Scale-out: two enricher replicas give the same Prometheus answers as one, also when one is stopped.
 
-Three agents (the agent's real interval loop, naming and exporter, over real gRPC, fed by a fake
-datapath) list both replicas as `--otlp-endpoint`; each picks one by rendezvous hashing of its node name
-(single writer per series) and fails over to the other when its replica goes away. Every request an agent
-sends is also sent, byte for byte, to a third enricher: the one-replica reference. Prometheus scrapes all
-three; the sum over the two replicas must equal the reference for every exposed counter family, and the
-bytes must equal the fake datapath's ground truth: first with both replicas up, then after one is stopped
-mid-run while traffic keeps growing.
+Three agents (the agent's real interval loop, naming, metadata and exporter, over real gRPC, fed by a fake
+datapath: deploy_agents.py says why) list both replicas as `--otlp-endpoint`; each picks one by rendezvous
+hashing of its node name (single writer per series) and fails over to the other when its replica goes away.
+Every request an agent sends is also sent, byte for byte, to a third enricher: the one-replica reference.
+Prometheus scrapes all three; the sum over the two replicas must equal the reference for every exposed counter
+family, and the bytes must equal the fake datapath's ground truth: first with both replicas up, then after one
+is stopped mid-run while traffic keeps growing.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from otel_kzt import schema
 from otel_kzt.agent.export import expand, rendezvous_rank, resolve
 from tests.integration import deploy_agents as da
 from tests.integration import deploy_stack as ds
+from tests.support.k8s_cluster import ENRICHER, ServedCluster
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +63,12 @@ def _split_ports() -> tuple[list[int], dict[str, int]]:
 
 @pytest.fixture
 def bed(tmp_path: Path) -> Iterator[Bed]:
-    metadata = da.write_metadata(tmp_path / "kx-metadata.json")
+    with da.served(tmp_path) as control:
+        yield from _bed(tmp_path, control)
+
+
+def _bed(tmp_path: Path, control: ServedCluster) -> Iterator[Bed]:
+    metadata = control.args(ENRICHER)
     closers: list[object] = []
     try:
         reference = ds.EnricherProcess(tmp_path, metadata, "kx-reference")
@@ -83,7 +89,7 @@ def bed(tmp_path: Path) -> Iterator[Bed]:
         )
         closers.append(prometheus.stop)
         urls = [r.otlp_url for r in replicas]
-        agents = [da.start_agent(node, urls, metadata, reference=reference.otlp_url) for node in da.NODES]
+        agents = [da.start_agent(node, urls, control, reference=reference.otlp_url) for node in da.NODES]
         closers.extend(a.close for a in agents)
         yield Bed(prometheus, replicas, agents, home)
     finally:

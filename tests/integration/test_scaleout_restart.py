@@ -17,25 +17,20 @@ overcount the same way; resuming on the stored receiver, it stays, and the sums 
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_kzt import schema
-from otel_kzt.agent.config import AgentConfig, OtlpConfig
-from otel_kzt.agent.export import Exporter
-from otel_kzt.agent.local import LocalFlows
-from otel_kzt.agent.service import AgentService
-from otel_kzt.agent.state import MemoryReceiverStore, ReceiverStore
-from otel_kzt.k8s import open_metadata
+from otel_kzt.agent.state import MemoryReceiverStore
 from tests.integration import deploy_agents as da
 from tests.integration import deploy_stack as ds
 from tests.integration.test_scaleout import _split_ports
+from tests.support.k8s_cluster import ENRICHER, ServedCluster
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +41,7 @@ FLOW_BYTES = f"{schema.PROM_FLOW_BYTES}_total"
 
 @dataclass
 class Bed:
-    tmp: Path
-    metadata: Path
+    control: ServedCluster  # the metadata every agent and enricher lists and watches
     ports: list[int]
     home: dict[str, int]  # node -> index of the replica it ranks first
     reference: ds.EnricherProcess
@@ -57,72 +51,51 @@ class Bed:
     left_behind: int = 0  # bytes agents closed since left with the receiver they moved away from
 
     def start_agent(self, node: str, datapath: da.FakeDatapath) -> None:
-        urls = [r.otlp_url for r in self.replicas]
+        """An agent process for `node` with its receiver store and `datapath`'s counters (a restart: the
+        pinned map and state hand them over)."""
         self.agents.append(
-            start_agent(
+            da.start_agent(
                 node,
-                urls=urls,
+                [r.otlp_url for r in self.replicas],
+                self.control,
+                interval_s=INTERVAL_S,
                 reference=self.reference.otlp_url,
-                metadata=self.metadata,
+                down_s=DOWN_S,
                 datapath=datapath,
                 store=self.stores[node],
             )
         )
 
 
-def start_agent(
-    node: str,
-    *,
-    urls: Sequence[str],
-    reference: str,
-    metadata: Path,
-    datapath: da.FakeDatapath,
-    store: ReceiverStore,
-) -> da.Agent:
-    """`deploy_agents.start_agent` with a receiver store, and the counters of a previous agent process."""
-    otlp = OtlpConfig(endpoints=tuple(urls), timeout_s=2.0)
-    config = AgentConfig(node_name=node, pin=False, interval_s=INTERVAL_S, otlp=otlp)
-    handle = open_metadata(str(metadata), node_name=node)
-    handle.start()
-    if not handle.wait_ready(10):
-        handle.shutdown()
-        raise AssertionError("metadata file did not load")
-    exporter = Exporter(otlp, node, down_s=DOWN_S, max_backoff_s=1.0, store=store)
-    sender = da.Tee(exporter, Exporter(replace(otlp, endpoints=(reference,)), node))
-    local = LocalFlows(node, handle.index, interface_addresses=lambda: frozenset({da.NODES[node][0]}))
-    service = AgentService(config, datapath, sender, local, handle.index, host_name=node)
-    stop = threading.Event()
-    thread = threading.Thread(target=service.run, args=(stop,), name=f"ks-agent-{node}", daemon=True)
-    thread.start()
-    return da.Agent(node, datapath, exporter, service, handle, sender, stop, thread)
+def _enricher(control: ServedCluster, name: str, grpc_port: int | None = None) -> ds.EnricherProcess:
+    """A replica (or the reference), its metadata from `control` with the enricher's own token."""
+    return ds.EnricherProcess(control.workdir, control.args(ENRICHER), name, grpc_port=grpc_port)
 
 
 @pytest.fixture
 def bed(tmp_path: Path) -> Iterator[Bed]:
     """Three agents with receiver stores (`bed.stores`), two replicas, the reference; all stopped after."""
-    metadata = da.write_metadata(tmp_path / "ks-metadata.json")
-    processes: list[ds.EnricherProcess] = []
-    bed: Bed | None = None
-    try:
-        reference = ds.EnricherProcess(tmp_path, metadata, "ks-reference")
-        processes.append(reference)
-        ports, home = _split_ports()
-        replicas = [
-            ds.EnricherProcess(tmp_path, metadata, f"ks-r{i}", grpc_port=p) for i, p in enumerate(ports)
-        ]
-        processes.extend(replicas)
-        for enricher in processes:
-            enricher.wait_ready()
-        bed = Bed(tmp_path, metadata, ports, home, reference, replicas, [])
-        for node in da.NODES:
-            bed.stores[node] = MemoryReceiverStore()
-            bed.start_agent(node, da.FakeDatapath(node, da.flows_begin_ns()))
-        yield bed
-    finally:
-        for agent in bed.agents if bed else []:
-            agent.close()
-        for enricher in {id(p): p for p in [*processes, *(bed.replicas if bed else [])]}.values():
-            enricher.stop()
+    with da.served(tmp_path) as control:
+        processes: list[ds.EnricherProcess] = []
+        bed: Bed | None = None
+        try:
+            reference = _enricher(control, "ks-reference")
+            processes.append(reference)
+            ports, home = _split_ports()
+            replicas = [_enricher(control, f"ks-r{i}", p) for i, p in enumerate(ports)]
+            processes.extend(replicas)
+            for enricher in processes:
+                enricher.wait_ready()
+            bed = Bed(control, ports, home, reference, replicas, [])
+            for node in da.NODES:
+                bed.stores[node] = MemoryReceiverStore()
+                bed.start_agent(node, da.FakeDatapath(node, da.flows_begin_ns()))
+            yield bed
+        finally:
+            for agent in bed.agents if bed else []:
+                agent.close()
+            for enricher in {id(p): p for p in [*processes, *(bed.replicas if bed else [])]}.values():
+                enricher.stop()
 
 
 def _samples(enricher: ds.EnricherProcess, name: str) -> list[tuple[dict[str, str], float]]:
@@ -171,7 +144,7 @@ def _fail_over_and_back(bed: Bed) -> tuple[ds.EnricherProcess, ds.EnricherProces
         20,
         "every agent failing over to the survivor",
     )
-    restarted = ds.EnricherProcess(bed.tmp, bed.metadata, f"ks-r{victim}-again", grpc_port=bed.ports[victim])
+    restarted = _enricher(bed.control, f"ks-r{victim}-again", bed.ports[victim])
     bed.replicas[victim] = restarted
     restarted.wait_ready()
     return survivor, restarted
