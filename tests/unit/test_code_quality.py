@@ -5,6 +5,7 @@ Run in the suite (not only in an editor) so that CI refuses a change that breaks
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,62 @@ def test_enricher_parts_import_one_way() -> None:
             ]
             offenders += [f"{path.relative_to(REPO)}: {m}" for m in imports if m.startswith(forbidden)]
     assert offenders == []
+
+
+def _module_files() -> dict[str, Path]:
+    """Every module of the package, the benchmarks, the deploy tooling and the tests, by dotted name."""
+    found = {}
+    for root in ("otel_kzt", "bench", "deploy", "tests"):
+        for path in (REPO / root).rglob("*.py"):
+            parts = path.relative_to(REPO).with_suffix("").parts
+            if "node_modules" in parts:
+                continue
+            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return found
+
+
+def _imported(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The repository's modules `name` imports, at the top or inside a function (a lazy import closes a
+    circle as well), not those under `if TYPE_CHECKING:` (never run). `from pkg import sub` is `pkg.sub`."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    todo: list[ast.AST] = [ast.parse(path.read_text())]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{base}" if base else anchor
+            subs = {f"{base}.{alias.name}" for alias in node.names} & modules.keys()
+            found.update(subs or {base})
+    return {m for m in found if m in modules and m != name}
+
+
+def test_no_import_cycles() -> None:
+    """No module reaches itself through its imports (the house rule; bench/enricher.py and
+    bench/enricher_cluster.py once did, through a lazy import)."""
+    modules = _module_files()
+    graph = {name: _imported(name, path, modules) for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles: list[list[str]] = []
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in sorted(graph[name]):
+            if state.get(dep) == 1:
+                cycles.append([*path[path.index(dep) :], dep])
+            elif dep not in state:
+                visit(dep, [*path, dep])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
