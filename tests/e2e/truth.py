@@ -11,8 +11,8 @@ at a node, is what makes "each packet counted once" testable:
   source NAT) under the endpoint's address, and those replace the pod's own (pod, cluster IP) counts (whose
   sums they must equal, or the bed is broken);
 - a connection that a node both DNATs and masquerades (a NodePort, `externalTrafficPolicy: Cluster`) is
-  counted by that node after the masquerade (postrouting, after source NAT), as (node, endpoint): the hop
-  DESIGN §3 makes the node's.
+  counted by that node after the masquerade (postrouting, after source NAT, its source now the node's), as
+  (node, endpoint): the hop DESIGN §3 makes the node's.
 
 nftables counts socket buffers, the datapath what leaves (DESIGN §3: a GSO super-packet is its segments).
 So every sender here sends segments: each counting point's devices get `gso_max_segs 1`, which makes TCP
@@ -45,7 +45,12 @@ class Point:
 SENT = Point("sent", "postrouting", -300, "")
 OWN = Point("own", "output", -300, "")
 DNATED = Point("svc", "forward", -300, 'iifname "vp*" ct direction original ct status dnat')
-NODEPORT = Point("hop", "postrouting", 300, "ct direction original ct status & (snat | dnat) == snat | dnat")
+# Masqueraded: the source now one of the node's own addresses. The SNAT bit alone is not enough: conntrack
+# also sets it when it gives a pod's DNATed connection another source port (its reply tuple still held by
+# the pod's earlier connection to the same backend port from the same port, in TIME_WAIT); that one keeps
+# the pod's address and is the pod's, counted at DNATED.
+NODEPORT = Point("hop", "postrouting", 300,
+                 "ct direction original ct status & (snat | dnat) == snat | dnat fib saddr type local")
 
 
 def _ruleset(points: tuple[Point, ...]) -> str:

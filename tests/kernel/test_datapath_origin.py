@@ -37,18 +37,15 @@ pytestmark = pytest.mark.kernel
 
 NODE = "kd-node"
 NODE_A4 = "10.77.1.1"  # the node's address towards pod A
-DNS_LINK_LOCAL, KUBE_DNS, VIP = "169.254.20.10", "10.96.0.10", "10.96.0.60"
+DNS_LINK_LOCAL, KUBE_DNS, VIP, VIP6 = "169.254.20.10", "10.96.0.10", "10.96.0.60", "fd96::60"
 
 
 def index(net: Net) -> FakeIndex:
     """A is a pod of this node; B a pod of another node."""
     idx = FakeIndex()
-    idx.endpoints = {
-        net.a4: Endpoint(NODE, WorkloadKind.DEPLOYMENT, "client", pod_name="client-1", namespace="ko"),
-        net.b4: Endpoint(
-            "kd-other", WorkloadKind.DEPLOYMENT, "backend", pod_name="backend-1", namespace="ko"
-        ),
-    }
+    client = Endpoint(NODE, WorkloadKind.DEPLOYMENT, "client", pod_name="client-1", namespace="ko")
+    backend = Endpoint("kd-other", WorkloadKind.DEPLOYMENT, "backend", pod_name="backend-1", namespace="ko")
+    idx.endpoints = {net.a4: client, net.a6: client, net.b4: backend, net.b6: backend}
     idx.nodes = {NODE: NodeInfo(NODE, "z1", "r1", None, (NODE_A4, net.node_b4))}
     return idx
 
@@ -73,16 +70,16 @@ def exported(local: LocalFlows, snap: Snapshot) -> dict[FlowKey, dict[str, objec
     return out
 
 
-def kube_proxy(net: Net, dnat: str, masquerade: str, counted: dict[str, str]) -> None:
-    """kube-proxy's rules in the node (a DNAT, optionally a masquerade) and the ground truth: nftables
-    counters at POSTROUTING after every NAT, one per name, matching what leaves (buffers: so the pods
-    send one segment per buffer)."""
+def kube_proxy(net: Net, dnat: str, masquerade: str, counted: dict[str, str], table: str = "ip") -> None:
+    """kube-proxy's rules in the node (a DNAT, optionally a masquerade; in a `table` family table) and the
+    ground truth: nftables counters at POSTROUTING after every NAT, one per name, matching what leaves
+    (buffers: so the pods send one segment per buffer)."""
     net.one_segment_per_buffer()
     post = f"chain post {{ type nat hook postrouting priority srcnat; policy accept; {masquerade}; }}"
     counters = "\n".join(f"counter {name} {{ }}" for name in counted)
     rules = "\n".join(f"{rule} counter name {name}" for name, rule in counted.items())
     net.nft(f"""
-        table ip konat {{
+        table {table} konat {{
             chain pre {{
                 type nat hook prerouting priority dstnat; policy accept;
                 {dnat}
@@ -161,6 +158,52 @@ def test_clusterip_dnat_counted_once_at_the_client_with_the_backend(
     assert attrs[schema.SOURCE_POD_NAME] == "client-1" and attrs[schema.DESTINATION_ADDRESS] == net.b4
 
 
+# From one source port: a direct connection to B:8080, closed first (TIME_WAIT), then one to the VIP:80.
+SAME_PORT_TWICE = (
+    "import socket,sys\n"
+    "for dst, port in ((sys.argv[1], 8080), (sys.argv[2], 80)):\n"
+    "    s = socket.socket(socket.AF_INET6 if ':' in dst else socket.AF_INET, socket.SOCK_STREAM)\n"
+    "    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('', 40404))\n"
+    "    s.connect((dst, port)); s.sendall(b'c' * 5000); s.shutdown(socket.SHUT_WR); s.recv(1); s.close()"
+)
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_clusterip_dnat_whose_port_conntrack_remapped_is_still_the_pods(
+    net: Net, datapath: DatapathFactory, topo: object, family: int
+) -> None:
+    """A pod's connection to a VIP whose DNATed reply tuple an earlier connection of the pod still holds
+    (its direct connection to the same backend port from the same port, in TIME_WAIT): conntrack gives it
+    another source port (IPS_SRC_NAT with the pod's address). Not a masquerade, not the NodePort hop:
+    the pod's, under the same flow as its direct connection (the flake of issue 10's e2e DNAT test)."""
+    a, b, vip, ip, gw = (
+        (net.a4, net.b4, VIP, "ip", NODE_A4) if family == 4 else (net.a6, net.b6, VIP6, "ip6", "fd77:1::1")
+    )
+    to = f"{b}:8080" if family == 4 else f"[{b}]:8080"
+    kube_proxy(
+        net,
+        f"{ip} daddr {vip} tcp dport 80 dnat {ip} to {to}",
+        "",
+        {
+            "req": f"{ip} saddr {a} {ip} daddr {b} tcp dport 8080",
+            "remapped": f"{ip} saddr {a} {ip} daddr {b} ct direction original ct status snat",
+        },
+        table="inet",
+    )
+    netns.run_in(net.pod_a, ["ip", "route", "add", f"{vip}/{32 if family == 4 else 128}", "via", gw])
+    net.serve_tcp(topo, net.pod_b, 8080)  # type: ignore[arg-type]
+    dp = datapath()
+    netns.run_in(net.pod_a, ["python3", "-c", SAME_PORT_TWICE, b, vip])
+    settle()
+    assert net.nft_counter("remapped")[1] > 0  # conntrack did give the second connection another port
+    tcp = {k: c for k, c in dp.snapshot().flows.items() if k.proto == TCP and k.family == family}
+    req = key(a, b, TCP, dport=8080)
+    assert (tcp[req].bytes, tcp[req].packets) == net.nft_counter("req") and tcp[req].bytes > 10_000
+    assert not [k for k in tcp if k.origin == ORIGIN_SNAT]
+    attrs = attrs_of(local_flows(net), req)
+    assert attrs is not None and attrs[schema.SOURCE_POD_NAME] == "client-1"
+
+
 SEND_FROM = (
     "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 53))\n"
     "for _ in range(5): s.sendto(b'd' * 120, (sys.argv[2], 40000))"
@@ -190,9 +233,6 @@ def test_the_nodes_own_answers_are_the_nodes_whatever_the_address(
             attrs = attrs_of(agent, k)
             assert attrs is not None and attrs[schema.SOURCE_NODE_NAME] == NODE
             assert attrs[schema.DESTINATION_POD_NAME] == "client-1"
-
-
-VIP6 = "fd96::60"
 
 
 @pytest.mark.parametrize("family", [4, 6])

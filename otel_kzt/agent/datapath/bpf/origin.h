@@ -12,9 +12,13 @@
  *             IPVS's un-NAT of a reply to its VIP before POSTROUTING, a stateless rewrite. Not counted
  *             here: the backend's node counted it at its source.
  *   SNAT hop  forwarded, original direction, and conntrack says this node rewrote both the destination
- *             and the source (IPS_DST_NAT and IPS_SRC_NAT): kube-proxy's NodePort / LoadBalancer hop with
- *             externalTrafficPolicy Cluster. The key keeps the source after SNAT (this node's address):
- *             the hop is the node's, and every outside client of one backend is one flow.
+ *             and the source address (IPS_DST_NAT and IPS_SRC_NAT, the source now not the one conntrack
+ *             recorded): kube-proxy's NodePort / LoadBalancer hop with externalTrafficPolicy Cluster. The
+ *             key keeps the source after SNAT (this node's address): the hop is the node's, and every
+ *             outside client of one backend is one flow. IPS_SRC_NAT with the sender's own address is
+ *             conntrack's clash resolution, not a masquerade: a pod's DNATed connection whose reply tuple
+ *             an earlier connection still holds (the pod's direct connection to the same backend port from
+ *             the same port, in TIME_WAIT) gets another source port. That is the pod's: pre-NAT below.
  *   pre-NAT   otherwise, when this node's NAT rewrote the source (SNAT in the original direction, the
  *             un-DNAT of a reply), the key gets the source (address and port) it had before: the original
  *             direction's tuple source, or the reply tuple's. A masqueraded pod stays the pod.
@@ -35,6 +39,23 @@
 #define KZT_CT_IS_REPLY 3
 #define KZT_CT_RELATED_REPLY 4
 #define KZT_CT_UNTRACKED 7
+
+/* Whether the packet's source address (now, after this node's SNAT) is not the one the conntrack tuple
+ * at `recorded` holds (0 when either cannot be read: the source is then taken as it is). */
+static __always_inline int kzt_source_differs(const char *recorded, const struct kzt_pkt *p, int v6)
+{
+    u8 was[16], now[16] = {};
+    if (kzt_read_kernel(was, sizeof(was), recorded) < 0)
+        return 0;
+    if (kzt_read_kernel(now, v6 ? 16 : 4, p->l3 + (v6 ? 8 : 12)) < 0)
+        return 0;
+    int differs = 0;
+#pragma unroll
+    for (int i = 0; i < 16; i++)
+        if ((i < 4 || v6) && was[i] != now[i])
+            differs = 1;
+    return differs;
+}
 
 static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
 {
@@ -67,11 +88,12 @@ static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
     if (kzt_read_kernel(&status, sizeof(status), ct + KZT_OFF_CT_STATUS) < 0)
         return;
     int reply = info >= KZT_CT_IS_REPLY;
-    if (!reply && forwarded && (status & KZT_IPS_SRC_NAT) && (status & KZT_IPS_DST_NAT)) {
+    u32 tuple = KZT_OFF_CT_TUPLE_SRC + (reply ? KZT_CT_TUPLEHASH_SIZE : 0);
+    if (!reply && forwarded && (status & KZT_IPS_SRC_NAT) && (status & KZT_IPS_DST_NAT) &&
+        kzt_source_differs(ct + tuple, p, v6)) {
         p->origin = KZT_ORIGIN_SNAT;
         return;
     }
-    u32 tuple = KZT_OFF_CT_TUPLE_SRC + (reply ? KZT_CT_TUPLEHASH_SIZE : 0);
     if (status & (reply ? KZT_IPS_DST_NAT : KZT_IPS_SRC_NAT)) {
         u8 port[2];  /* nf_conntrack_man: the address (16 bytes), then the port (network order) */
         if (kzt_read_kernel(p->nat_src, sizeof(p->nat_src), ct + tuple) == 0 &&
@@ -85,17 +107,7 @@ static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
         return;
     /* Forwarded, its source untouched by this node's NAT: one conntrack did not record was written by
      * something else (IPVS un-NATs a reply to its VIP before POSTROUTING): not the sender's address. */
-    u8 recorded[16], now[16] = {};
-    if (kzt_read_kernel(recorded, sizeof(recorded), ct + tuple) < 0)
-        return;
-    if (kzt_read_kernel(now, v6 ? 16 : 4, p->l3 + (v6 ? 8 : 12)) < 0)
-        return;
-    int differs = 0;
-#pragma unroll
-    for (int i = 0; i < 16; i++)
-        if ((i < 4 || v6) && recorded[i] != now[i])
-            differs = 1;
-    if (differs)
+    if (kzt_source_differs(ct + tuple, p, v6))
         p->origin = KZT_ORIGIN_REWRITTEN;
 #endif
 }
