@@ -8,15 +8,15 @@ DNAT in the node sends on to pod B, the Service's endpoint (on "another node" in
   is a VIP's.
 
 The oracle, in every mode, is what pod B receives (nftables in its prerouting, one segment per buffer).
-The metadata is one `--kube-metadata` file read by the agent's and the enricher's code alike.
+The metadata comes from the RBAC-enforcing test API server, as deployed: the agent's side (naming, VIP
+bytes) lists and watches it node-scoped with the agent's ServiceAccount token, the enricher's side
+(resolution) cluster-wide with the enricher's.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -24,11 +24,13 @@ from otel_kzt import netns, schema
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.vipbytes import ServiceVipBytes
 from otel_kzt.enricher.processing.resolution import Resolver
-from otel_kzt.k8s import MetadataHandle, open_metadata
+from otel_kzt.k8s import open_metadata
+from otel_kzt.k8s.index import ClusterIndex
 from otel_kzt.schema import TrafficClass
 from tests.kernel.conftest import MODES, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import TCP, flow, key
-from tests.support.k8s_objects import as_list, fresh, make_node, make_pod
+from tests.support.k8s_cluster import AGENT, ENRICHER, ServedCluster
+from tests.support.k8s_objects import fresh, make_node, make_pod
 from tests.support.service_fixtures import slice_for
 from tests.unit.test_agent_local import attrs_of
 
@@ -40,13 +42,14 @@ PORT, TARGET = 80, 8080
 
 
 @pytest.fixture
-def metadata(net: Net, tmp_path: Path) -> Iterator[MetadataHandle]:
-    """Pod A on this node (zone z1), pod B checkout's endpoint on another node (zone z2)."""
+def metadata(net: Net, served_cluster: ServedCluster) -> Iterator[tuple[ClusterIndex, ClusterIndex]]:
+    """(the agent's index, the enricher's): pod A on this node (zone z1), pod B checkout's endpoint on
+    another node (zone z2)."""
     service = fresh("service-clusterip")
     service["spec"].update(clusterIPs=[VIP[4], VIP[6]], ipFamilies=["IPv4", "IPv6"])
     slice6 = slice_for("checkout", "shop", [(net.b6, "z2")], TARGET)
     slice6["metadata"]["name"], slice6["addressType"] = "checkout-v6", "IPv6"
-    objects = [
+    served_cluster.sync([
         make_node(NODE, ["10.77.1.1", net.node_b4], zone="z1"),
         make_node(OTHER, ["10.77.9.9"], zone="z2"),
         make_pod("client-1", NODE, [net.a4, net.a6]),
@@ -54,12 +57,18 @@ def metadata(net: Net, tmp_path: Path) -> Iterator[MetadataHandle]:
         service,
         slice_for("checkout", "shop", [(net.b4, "z2")], TARGET),
         slice6,
-    ]
-    path = tmp_path / "cluster.json"
-    path.write_text(json.dumps(as_list(objects)))
-    with open_metadata(str(path)) as handle:
-        assert handle.wait_ready(10) and handle.index.services.available()
-        yield handle
+    ])  # fmt: skip
+    # The agent lists Services only in cgroup mode (VIP bytes); here in every mode, so that "no byte is a
+    # VIP's" after the DNAT is checked against VIPs it knows.
+    as_agent, as_enricher = (str(served_cluster.kubeconfig(a, via="127.0.0.1")) for a in (AGENT, ENRICHER))
+    agent = open_metadata(None, node_name=NODE, kubeconfig=as_agent, service_vips=True)
+    enricher = open_metadata(None, kubeconfig=as_enricher)
+    with agent, enricher:
+        deadline = time.monotonic() + 20
+        while not all(h.index.ready() and h.index.services.available() for h in (agent, enricher)):
+            assert time.monotonic() < deadline, f"metadata not synced: {agent.status()} {enricher.status()}"
+            time.sleep(0.05)
+        yield agent.index, enricher.index
 
 
 def kube_proxy(net: Net) -> None:
@@ -79,7 +88,7 @@ def test_a_connection_to_a_service_vip(
     net: Net,
     datapath: DatapathFactory,
     topo: netns.Topology,
-    metadata: MetadataHandle,
+    metadata: tuple[ClusterIndex, ClusterIndex],
     *,
     mode: str,
     family: int,
@@ -90,7 +99,7 @@ def test_a_connection_to_a_service_vip(
     net.one_segment_per_buffer()
     net.count_received(net.pod_b, src, backend, match=f"tcp dport {TARGET}", name="kdwire")
     net.serve_tcp(topo, net.pod_b, TARGET)
-    index = metadata.index
+    index, enricher_index = metadata
     dp = datapath()
     vips = ServiceVipBytes(index.services, time.time_ns())
     vips.observe(dp.snapshot())
@@ -113,7 +122,7 @@ def test_a_connection_to_a_service_vip(
     exported = attrs_of(local, to_vip if mode == "cgroup" else to_backend)
     assert exported is not None and exported[schema.SOURCE_POD_NAME] == "client-1"
     given = {k: str(v) for k, v in exported.items()}
-    resolved = Resolver(index).resolve(given, True)
+    resolved = Resolver(enricher_index).resolve(given, True)
     attrs = resolved.attrs
     assert (attrs[schema.DESTINATION_SERVICE_NAMESPACE], attrs[schema.DESTINATION_SERVICE_NAME]) == (
         "shop",
