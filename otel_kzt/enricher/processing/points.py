@@ -9,12 +9,12 @@ rename as their start and the value counted before it taken off (series.py, `out
 A point in the agent's canonical shape (start, time, integer value first) is named by what follows those
 27 bytes (its series key); the enriched point is the cached length header + the received bytes + the
 cached, pre-serialised added attributes (concatenation merges repeated fields). Anything else takes the
-object path.
+object path. A Sum in the same shape as its group's previous one (the agents' steady state) is checked
+whole against that pass's layout and only counted per point (repeats.py).
 """
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,9 +26,11 @@ from otel_kzt.enricher.exporters.prometheus import Aggregates
 from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.flowlogs import FlowRecord, FlowTemplate
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
+from otel_kzt.enricher.processing.repeats import Layout, Seen, layout
 from otel_kzt.enricher.processing.resolution import Resolved, Resolver
 from otel_kzt.enricher.state.counting import Rule
 from otel_kzt.enricher.state.series import (
+    CANONICAL_POINT,
     CANONICAL_PREFIX,
     GroupKey,
     Naming,
@@ -40,12 +42,12 @@ from otel_kzt.enricher.state.series import (
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _INT_VALUE_TAG: Final = 0x31
 _EXEMPLARS_TAG: Final = b"\x2a"  # NumberDataPoint.exemplars: field 5, length-delimited
-# tag, start, tag, time, tag, as_int: the first 27 bytes of a canonical point
-_CANONICAL: Final = struct.Struct("<BQBQBq")
-_UNPACK_CANONICAL: Final = _CANONICAL.unpack_from
-_PACK_CANONICAL: Final = _CANONICAL.pack
+_UNPACK_CANONICAL: Final = CANONICAL_POINT.unpack_from
+_PACK_CANONICAL: Final = CANONICAL_POINT.pack
 # a billed series' increment: its template, series key, increment, interval start and end (ns)
 Billed = tuple[FlowTemplate, bytes, float, int, int]
+Part = tuple[bytes, int, int]  # a Sum inside the request's bytes: buffer, start, end
+Table = dict[bytes, Series]  # one group's series by key
 _BAD_VALUE: Final = "NaN or negative cumulative value"
 _NO_ADDRESS: Final = "missing source.address or destination.address"
 
@@ -100,23 +102,74 @@ class SumEnricher:
         self._rule: Rule = table.rule
         self._json_flow_logs, self._otlp_flow_logs = json_flow_logs, otlp_flow_logs
         self._flow_logs = json_flow_logs or otlp_flow_logs
+        # (resource, metric) -> the shape of its last Sum, valid in the series table's `_epoch`
+        self._layouts: dict[GroupKey, Layout] = {}
+        self._epoch = table.epoch
 
-    def enrich(
+    def enrich(self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes]) -> int:
+        """Every point of the serialised Sum at `part` (buffer, start, end), enriched, appended to `out`;
+        returns the size. A Sum in its group's last shape is counted from its layout (repeats.py)."""
+        if self._epoch != self._table.epoch:  # series forgotten: layouts may hold them
+            self._layouts.clear()
+            self._epoch = self._table.epoch
+        known = self._layouts.get(where)
+        if known is not None and known.generation == batch.generation:
+            read = known.read(*part)
+            if read is not None:
+                return self._repeat(known, read, where, batch, out)
+        return self._general(part, table, where, batch, out)
+
+    def _repeat(
         self,
-        part: tuple[bytes, int, int],
-        table: dict[bytes, Series],
-        where: tuple[bytes, str],
+        known: Layout,
+        read: tuple[tuple[bytes, ...], list[int]],
+        where: GroupKey,
         batch: Batch,
         out: list[bytes],
     ) -> int:
-        """The hot loop: every point of the serialised Sum at `part` (buffer, start, end), enriched,
-        appended to `out`; returns the size.
+        """A Sum checked to be in its layout's shape: only the counting is done per point."""
+        raws, flat = read
+        count, now, billed, declined = self._rule.count, batch.now, [], None
+        points = zip(known.entries, known.keys, flat[1::6], flat[3::6], flat[5::6], strict=True)
+        for entry, key, start, t, value in points:
+            entry.seen = now
+            inc = count(entry, start, t, value, now)
+            if inc:
+                if inc < 0:  # declined and held back (see the general pass)
+                    declined = declined or set()
+                    declined.add(id(entry))
+                    continue
+                entry.acc[0] += inc
+                if entry.template is not None:
+                    billed.append((entry.template, key, inc, entry.since, t))
+        if billed:
+            self._pair(batch, where, billed)
+        if declined is None:
+            out += known.enriched(raws)
+            size = known.size
+        else:
+            size = len(known.trailer)
+            for entry, header, raw, extra in zip(
+                known.entries, known.headers, raws, known.extras, strict=True
+            ):
+                if id(entry) not in declined:
+                    out += (header, raw, extra)
+                    size += entry.size
+        if known.trailer:
+            out.append(known.trailer)
+        return size
+
+    def _general(self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes]) -> int:
+        """The hot loop of a Sum in another shape: each point named by its series key, resolved when
+        needed; the group's layout is made from a pass where every point was plain, or dropped.
 
         Written for speed (one struct call reads tags, times and value; no helper calls on a cache hit).
         """
         size_out = 0
         trailer: list[bytes] = []  # aggregation_temporality, is_monotonic, unknown fields
         billed: list[Billed] = []  # flow-log increments of this Sum, paired after the loop
+        seen: list[Seen] = []  # the plain points, for the layout
+        plain = True  # every point plain and nothing resolved: a layout is made
         (buf, pos, end), generation, now, unpack = part, batch.generation, batch.now, _UNPACK_CANONICAL
         count = self._rule.count
         while pos < end:
@@ -125,6 +178,7 @@ class SumEnricher:
                 trailer.append(buf[pos:after])
                 pos = after
                 continue
+            head = pos
             size = buf[pos + 1]
             if size < 0x80:
                 pos += 2
@@ -134,7 +188,7 @@ class SumEnricher:
             else:
                 size, pos = read_varint(buf, pos + 1)
             raw = buf[pos : pos + size]
-            pos += size
+            point, pos = pos, pos + size
             canonical = False
             if size >= CANONICAL_PREFIX:
                 tag0, start, tag9, t, tag18, value = unpack(raw)
@@ -147,12 +201,14 @@ class SumEnricher:
                 odd = self._odd_point(raw, table, where, batch)
                 out.append(odd)
                 size_out += len(odd)
+                plain = False
                 continue
             if (
                 entry is None
                 or entry.generation != generation
                 or not entry.valid_from <= t < entry.valid_until  # measured across an address reuse
             ):
+                plain = False
                 entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
                 if entry is None:
                     continue
@@ -162,30 +218,39 @@ class SumEnricher:
                     continue
             if value < 0:
                 batch.reject(_BAD_VALUE)
+                plain = False
                 continue
             entry.seen = now
             inc = count(entry, start, t, value, now)
             if inc:
                 if inc < 0:
+                    plain = False
                     continue  # declined and held back: downstream sees each run once, in order
                 entry.acc[0] += inc
                 if entry.template is not None:
                     billed.append((entry.template, key, inc, entry.since, t))
             if size == entry.plain_len:  # as the series' cached header was computed for, no rename
                 out += (entry.header, raw, entry.resolved.extra)
+                seen.append((head, point, entry, key))
             else:
+                plain = False
                 if size != entry.point_len:  # first seen in another shape (object path)
                     entry.set_point_len(size)
                 if start == entry.out_run:  # renamed by the enricher: a stream of its own downstream
                     offset = int(entry.out_offset)
-                    head = _PACK_CANONICAL(0x11, entry.out_start, 0x19, t, _INT_VALUE_TAG, value - offset)
-                    out += (entry.header, head, key, entry.resolved.extra)
+                    prefix = _PACK_CANONICAL(0x11, entry.out_start, 0x19, t, _INT_VALUE_TAG, value - offset)
+                    out += (entry.header, prefix, key, entry.resolved.extra)
                 else:
                     out += (entry.header, raw, entry.resolved.extra)
             size_out += entry.size
         if billed:
             self._pair(batch, where, billed)
         out += trailer
+        made = layout(generation, part, seen, b"".join(trailer)) if plain and seen else None
+        if made is None:
+            self._layouts.pop(where, None)
+        else:
+            self._layouts[where] = made
         return size_out + sum(map(len, trailer))
 
     def _odd_point(self, raw: bytes, table: dict[bytes, Series], where: GroupKey, batch: Batch) -> bytes:

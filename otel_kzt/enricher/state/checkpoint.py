@@ -214,4 +214,5 @@ def apply(state: State, agg: Aggregates, table: SeriesTable, now: float) -> int:
         entry.set_stream((s.out_run[i], s.out_start[i], s.out_offset[i]))
         table.group(*groups[i])[s.key[i]] = entry
     table.count = sum(len(g) for g in table.groups.values())
+    table.epoch += 1
     return len(live)

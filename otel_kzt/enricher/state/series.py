@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 # each. Encoders that write fields in number order (upb, Go, Java) put them first: after these 27 bytes
 # come the attributes (and flags), which name the series.
 CANONICAL_PREFIX: Final = 27
+CANONICAL_POINT: Final = struct.Struct("<BQBQBq")  # tag, start, tag, time, tag, as_int: those 27 bytes
 POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _CAP_LOG_EVERY_S: Final = 60.0
 _MAX_SPARE: Final = 3  # namings kept aside per series (an address reused more often falls back to resolve)
@@ -153,6 +155,9 @@ class SeriesTable:
         # id(targets) -> (targets, its pending increments): the accumulators series share (see the top)
         self._pending: dict[int, tuple[tuple[Target, ...], list[float]]] = {}
         self._last_sweep: float | None = None
+        # moves whenever series are forgotten or replaced: what holds series (processing/repeats.py
+        # layouts) is valid only in the epoch it was made in
+        self.epoch = 0
 
     def take_evicted(self) -> dict[str, int]:
         """Counting state given up to a cap since the last call, by kind (`run`, `tombstone`)."""
@@ -242,6 +247,7 @@ class SeriesTable:
         if now - self._last_sweep < min(self.ttl_s / 4, 30.0):
             return
         self._last_sweep = now
+        self.epoch += 1
         self.fold_all()  # forgotten series' increments too, before `retain` judges what is fed
         cutoff, now_ns, rule = now - self.ttl_s, int(now * 1e9), self.rule
         live: list[tuple[Target, ...]] = []

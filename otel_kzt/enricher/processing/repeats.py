@@ -1,0 +1,117 @@
+"""A Sum that comes again in the shape of its group's previous one: read in bulk and checked whole.
+
+Agents send the same series in the same order every interval, so a Sum differs from the previous one of
+its group (resource, metric) only in the start, time and value of each point. After a general pass in
+which every point took the plain path (points.py: a known series, a naming that holds, counted or idle,
+no rename, nothing resolved), the group keeps that pass's `Layout`: where its points lie, their series
+and the cached pieces of their enriched form. The next Sum of the group is read with one struct call
+(each point's header bytes as integers, then its bytes), and used only when it is exactly that shape:
+same length, headers, tags, series keys and trailing fields, every time inside every series' window, no
+negative value. Only then are its points counted, one rule call each (state/counting.py, unchanged); its
+enriched form is the cached headers and added attributes interleaved with the received points. Any
+other Sum takes the general pass, before anything is counted.
+
+A layout holds while its series' namings do: they change only in a pass over the group (which replaces
+or drops the layout, points.py), when the metadata generation moves (checked per Sum), or when series are
+forgotten (the series table's epoch moves).
+"""
+
+from __future__ import annotations
+
+import struct
+from itertools import chain
+from typing import Final
+
+from otel_kzt.enricher.state.series import CANONICAL_POINT, Series
+
+_UNPACK_CANONICAL: Final = CANONICAL_POINT.unpack_from
+_START_TAG, _TIME_TAG, _INT_TAG = 0x11, 0x19, 0x31  # the tags of a canonical point's first 27 bytes
+# A point of the plain path as the general pass saw it: its header's start, its start, series and key.
+Seen = tuple[int, int, Series, bytes]
+
+
+class Layout:
+    """The shape of one group's Sum and the cached pieces of its enriched form."""
+
+    __slots__ = (
+        "entries",
+        "extras",
+        "generation",
+        "headers",
+        "heads",
+        "keys",
+        "points",
+        "reader",
+        "size",
+        "trailer",
+        "valid_from",
+        "valid_until",
+        "width",
+    )
+
+    def __init__(self, generation: int, buf: bytes, seen: list[Seen], trailer: bytes) -> None:
+        """From a general pass's plain points (see `layout`) and the Sum's fields after them, in metadata
+        `generation`."""
+        self.generation = generation
+        self.width = seen[0][1] - seen[0][0]  # header bytes per point
+        self.points = len(seen)
+        self.entries = tuple(s[2] for s in seen)
+        self.keys = tuple(s[3] for s in seen)
+        self.headers = tuple(e.header for e in self.entries)
+        self.extras = tuple(e.resolved.extra for e in self.entries)
+        self.trailer = trailer
+        fmt = "".join(f"{self.width}B{len(k) + CANONICAL_POINT.size}s" for k in self.keys)
+        self.reader = struct.Struct(f"<{fmt}{len(trailer)}s" if trailer else f"<{fmt}")
+        # per header byte position, the value every point has there
+        self.heads = tuple(tuple(buf[s[0] + i] for s in seen) for i in range(self.width))
+        self.size = sum(e.size for e in self.entries) + len(trailer)
+        self.valid_from = max(e.valid_from for e in self.entries)
+        self.valid_until = min(e.valid_until for e in self.entries)
+
+    def read(self, buf: bytes, body: int, end: int) -> tuple[tuple[bytes, ...], list[int]] | None:
+        """The Sum at buf[body:end] as (each point's bytes, its 27-byte prefixes' fields flat), when it
+        is exactly this shape; None otherwise."""
+        reader, n, step = self.reader, self.points, self.width + 1
+        if end - body != reader.size:
+            return None
+        fields = reader.unpack_from(buf, body)
+        last = n * step
+        for i, expected in enumerate(self.heads):
+            if fields[i:last:step] != expected:
+                return None
+        if self.trailer and fields[-1] != self.trailer:
+            return None
+        raws: tuple[bytes, ...] = fields[self.width : last : step]
+        if not all(map(bytes.endswith, raws, self.keys)):  # each point's length is its key's + 27
+            return None
+        flat = list(chain.from_iterable(map(_UNPACK_CANONICAL, raws)))
+        if (
+            flat[0::6].count(_START_TAG) != n
+            or flat[2::6].count(_TIME_TAG) != n
+            or flat[4::6].count(_INT_TAG) != n
+        ):
+            return None
+        times = flat[3::6]
+        if min(times) < self.valid_from or max(times) >= self.valid_until or min(flat[5::6]) < 0:
+            return None
+        return raws, flat
+
+    def enriched(self, raws: tuple[bytes, ...]) -> chain[bytes]:
+        """The enriched points, as pieces: cached header, the received point, the added attributes."""
+        return chain.from_iterable(zip(self.headers, raws, self.extras, strict=True))
+
+
+def layout(generation: int, part: tuple[bytes, int, int], seen: list[Seen], trailer: bytes) -> Layout | None:
+    """The layout of the Sum at `part` (buffer, start, end) whose points, all plain, lie one after the
+    other from its start with headers of one length, its other fields after them; None for any other."""
+    buf, body, end = part
+    if not seen or seen[0][0] != body:
+        return None
+    width, expected = seen[0][1] - seen[0][0], body
+    for head, point, _, key in seen:
+        if head != expected or point - head != width:
+            return None
+        expected = point + CANONICAL_POINT.size + len(key)
+    if expected + len(trailer) != end:
+        return None
+    return Layout(generation, buf, seen, trailer)
