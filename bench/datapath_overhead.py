@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import socket
@@ -27,14 +28,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from otel_kzt import netns  # noqa: E402
-from otel_kzt.agent.datapath import bpfsys, cgroup, modes, netfilter, pins, tclinks  # noqa: E402
+from otel_kzt.agent.datapath import bpfsys, cgroup, modes, netfilter, pins, probe, tclinks  # noqa: E402
 from tests.support.processes import stop  # noqa: E402
 
 NODE, POD_A, POD_B = "kdo-n", "kdo-a", "kdo-b"
@@ -135,29 +136,47 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def program_stats() -> dict[str, tuple[int, int]]:
-    """(run_time_ns, run_cnt) summed per program name of ours (kzt_*) on the machine right now."""
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
-    totals: dict[str, tuple[int, int]] = {}
-    for prog in json.loads(out):
-        name = str(prog.get("name", ""))
-        if name in ("kzt_dispatch", "kzt_count"):
-            ns, cnt = totals.get(name, (0, 0))
-            totals[name] = (ns + int(prog.get("run_time_ns", 0)), cnt + int(prog.get("run_cnt", 0)))
-    return totals
+def prog_stats(fd: int) -> tuple[int, int]:
+    info = bpfsys.prog_info(fd)
+    return info.run_time_ns, info.run_cnt
+
+
+# What lets a packet on at each mode's hook, for the floor (NF_ACCEPT, TCX_NEXT, allow).
+FLOOR_RETURN = {"netfilter": 1, "tc": -1, "cgroup": 1}
+
+
+def attach(mode: str, prog: int, info: bpfsys.LinkInfo, before: bool = False) -> int:
+    """A link running `prog` where the agent's link `info` runs it (`before`: netfilter runs it first)."""
+    with netns.entered(NODE):
+        if mode == "netfilter":
+            return netfilter.link_create_netfilter(prog, info.pf, info.priority - int(before))
+        if mode == "tc":  # tcx puts each new link first
+            return tclinks.tcx_attach(prog, info.pf, f"ifindex {info.pf}")
+        return cgroup.link_create_cgroup(prog, str(CGROUP))
 
 
 class Toggle:
-    """Takes the running agent's attachments off the kernel and puts its dispatcher back, same place."""
+    """Takes the running agent's attachments off the kernel and puts its dispatcher back, same place; and
+    the floor (bpf/floor.c, an empty program of the mode's type) at the same hooks, on its own or beside."""
 
     def __init__(self, mode: str) -> None:
+        from bcc import BPF  # only the floor needs bcc in this process
+
         self.mode = mode
         directory = pins.node_dir(NODE, pins.DEFAULT_PIN_ROOT)
         owner = modes.MODES[mode]
         self.pinned = [bpfsys.obj_get(str(p)) for p in sorted(directory.iterdir()) if owner.owns_pin(p.name)]
         self.infos = [bpfsys.link_info(fd) for fd in self.pinned]
         self.progs = [bpfsys.prog_fd_by_id(info.prog_id) for info in self.infos]
+        # one program behind all of a mode's links: its stats once
+        self.measured = list({i.prog_id: fd for i, fd in zip(self.infos, self.progs, strict=True)}.values())
+        self.floor_bpf = BPF(src_file=str(probe.FLOOR_SOURCE).encode(),
+                             cflags=[f"-DKZT_FLOOR_RETURN={FLOOR_RETURN[mode]}"])  # fmt: skip
+        self.floor = int(
+            self.floor_bpf.load_func(b"kzt_floor", owner.prog_type, attach_type=owner.attach_type).fd
+        )
         self.ours: list[int] = []
+        self.floors: list[int] = []
         self.released: list[int] = []
         self.on = True
 
@@ -171,20 +190,28 @@ class Toggle:
             bpfsys.close_links(self.ours, detach=True)
             self.ours = []
         else:
-            with netns.entered(NODE):
-                for info, prog in zip(self.infos, self.progs, strict=True):
-                    if self.mode == "netfilter":
-                        self.ours.append(netfilter.link_create_netfilter(prog, info.pf, info.priority))
-                    elif self.mode == "tc":
-                        self.ours.append(tclinks.tcx_attach(prog, info.pf, f"ifindex {info.pf}"))
-                    else:
-                        self.ours.append(cgroup.link_create_cgroup(prog, str(CGROUP)))
+            self.ours = [
+                attach(self.mode, prog, info) for info, prog in zip(self.infos, self.progs, strict=True)
+            ]
         self.on = on
 
+    def set_floor(self, on: bool) -> None:
+        if on and not self.floors:
+            self.floors = [attach(self.mode, self.floor, info, before=True) for info in self.infos]
+        elif not on:
+            bpfsys.close_links(self.floors, detach=True)
+            self.floors = []
+
+    def state(self, name: str) -> None:
+        """'off' (neither), 'floor' (the floor alone), 'on' (the agent's program alone)."""
+        self.set(name == "on")
+        self.set_floor(name == "floor")
+
     def close(self) -> None:
-        self.set(False)
+        self.state("off")
         for fd in self.pinned + self.released + self.progs:
             os.close(fd)
+        self.floor_bpf.cleanup()
 
 
 @contextlib.contextmanager
@@ -208,33 +235,59 @@ def agent(mode: str, sink_port: int, log_path: Path) -> Iterator[int]:
         pins.cleanup(NODE)
 
 
-def where_the_cost_goes(pid: int) -> tuple[float, float, int]:
-    """With the agent attached: the program's ns/packet over a 1 s UDP run with bpf_stats on (off while
-    throughput is measured: the stats' clock reads cost too), and the agent's CPU per interval with no
+def ns_per_run(groups: dict[str, list[int]], run: Callable[[], object]) -> dict[str, tuple[float, int]]:
+    """Per group of programs (summed over its hooks): ns per run while `run` sends, and the runs."""
+    before = {name: [prog_stats(fd) for fd in fds] for name, fds in groups.items()}
+    run()
+    result = {}
+    for name, fds in groups.items():
+        deltas = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(map(prog_stats, fds), before[name], strict=True)]
+        runs = sum(d[1] for d in deltas)
+        result[name] = (sum(d[0] for d in deltas) / max(1, runs), runs)
+    return result
+
+
+def where_the_cost_goes(toggle: Toggle, pid: int) -> dict[str, float]:
+    """With the agent's program and the floor both attached (the floor first, same packets): each one's
+    ns per run over a 1 s UDP run and a 1 s TCP run (one run per GSO packet) with bpf_stats on (off while
+    throughput is measured: the stats' clock reads cost too); and the agent's CPU per interval with no
     traffic (with traffic, softirq time is charged to whatever task runs)."""
+    toggle.state("on")
+    toggle.set_floor(True)
+    cost: dict[str, float] = {}
     STATS_SYSCTL.write_text("1")
     try:
-        before = program_stats()
-        role(POD_A, "udp-send", B, UDP_PORT, 1.0)
-        after = program_stats()
+        groups = {"program": toggle.measured, "floor": [toggle.floor]}
+        for proto, args in (("udp", ("udp-send", B, UDP_PORT, 1.0)), ("tcp", ("tcp-send", B, TCP_PORT, 1.0))):
+            for name, (ns, runs) in ns_per_run(groups, functools.partial(role, POD_A, *args)).items():
+                cost[f"{proto}_{name}_ns"], cost[f"{proto}_{name}_runs"] = ns, runs
     finally:
         STATS_SYSCTL.write_text("0")
-    ns = sum(after[n][0] - before.get(n, (0, 0))[0] for n in after)
-    runs = after.get("kzt_dispatch", (0, 0))[1] - before.get("kzt_dispatch", (0, 0))[1]
+        toggle.set_floor(False)
     cpu, started = cpu_seconds(pid), time.monotonic()
     time.sleep(3 * INTERVAL_S)
-    per_interval = (cpu_seconds(pid) - cpu) / (time.monotonic() - started) * INTERVAL_S
-    return ns / max(1, runs), per_interval, runs
+    cost["agent_cpu_s"] = (cpu_seconds(pid) - cpu) / (time.monotonic() - started) * INTERVAL_S
+    return cost
+
+
+STATES = ("off", "floor", "on")
+
+
+def spread(values: list[float]) -> str:
+    """Median [25th - 75th percentile] of per-run ratios, in %."""
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return f"{statistics.median(values) * 100:.1f} [{q[0] * 100:.1f}-{q[2] * 100:.1f}]"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="netfilter,tc,cgroup")
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--seconds", type=float, default=1.0)
     parser.add_argument(
-        "--aa", action="store_true", help="A/A run: 'with' stays detached too (the noise floor of the method)"
+        "--aa", action="store_true", help="A/A run: 'on' and 'floor' stay detached too (the method's noise)"
     )
+    parser.add_argument("--stats-only", action="store_true", help="only the programs' ns/run, no throughput")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -270,49 +323,48 @@ def main() -> int:
         measure(1.0)  # warm up
         results = []
         for mode in args.modes.split(","):
-            runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+            runs: dict[str, list[tuple[float, float]]] = {state: [] for state in STATES}
             with agent(mode, sink_port, log_path) as pid:
                 toggle = Toggle(mode)
                 try:
-                    cost = [where_the_cost_goes(pid)]
-                    for i in range(args.repeats):
-                        for on in (False, True) if i % 2 == 0 else (True, False):
-                            toggle.set(on and not args.aa)
-                            runs[on].append(measure(args.seconds))
-                    toggle.set(True)
-                    cost.append(where_the_cost_goes(pid))
+                    costs = [where_the_cost_goes(toggle, pid)]
+                    for i in range(0 if args.stats_only else args.repeats):
+                        order = STATES[i % 3 :] + STATES[: i % 3]  # each state first, middle and last
+                        for state in order if i % 2 == 0 else reversed(order):
+                            toggle.state("off" if args.aa else state)
+                            runs[state].append(measure(args.seconds))
+                    costs.append(where_the_cost_goes(toggle, pid))
                 finally:
                     toggle.close()
-            off_tcp = statistics.median(r[0] for r in runs[False])
-            on_tcp = statistics.median(r[0] for r in runs[True])
-            off_udp = statistics.median(r[1] for r in runs[False])
-            on_udp = statistics.median(r[1] for r in runs[True])
-            pairs = list(zip(runs[False], runs[True], strict=True))
-            tcp_pairs = [b[0] / a[0] for a, b in pairs]
-            udp_pairs = [b[1] / a[1] for a, b in pairs]
-            line = {
-                "mode": mode,
-                "tcp_without_MBps": round(off_tcp / 1e6, 1),
-                "tcp_with_MBps": round(on_tcp / 1e6, 1),
-                "tcp_ratio": round(on_tcp / off_tcp, 4),
-                "udp_without_kpps": round(off_udp / 1e3, 1),
-                "udp_with_kpps": round(on_udp / 1e3, 1),
-                "udp_ratio": round(on_udp / off_udp, 4),
-                "program_ns_per_packet": round(statistics.median(c[0] for c in cost), 1),
-                "agent_cpu_s_per_interval": round(statistics.median(c[1] for c in cost), 3),
-                "program_runs": [c[2] for c in cost],
-                "tcp_ratio_of_pairs": round(statistics.median(tcp_pairs), 4),
-                "udp_ratio_of_pairs": round(statistics.median(udp_pairs), 4),
-            }
+            cost = {key: statistics.median(c[key] for c in costs) for key in costs[0]}
+            line: dict[str, object] = {"mode": mode}
+            line.update({key: round(value, 3 if key == "agent_cpu_s" else 1) for key, value in cost.items()})
+            for proto in ("udp", "tcp"):
+                line[f"{proto}_ratio_to_floor"] = round(
+                    cost[f"{proto}_program_ns"] / cost[f"{proto}_floor_ns"], 2
+                )
+            if not args.stats_only:
+                for j, (proto, unit, scale) in enumerate((("tcp", "MBps", 1e6), ("udp", "kpps", 1e3))):
+                    off = [r[j] for r in runs["off"]]
+                    line[f"{proto}_off_{unit}"] = round(statistics.median(off) / scale, 1)
+                    for state in ("floor", "on"):
+                        pairs = [b[j] / a[j] for a, b in zip(runs["off"], runs[state], strict=True)]
+                        line[f"{proto}_{state}_vs_off"] = spread(pairs)
             results.append(line)
             print(json.dumps(line), flush=True)
     for r in results:
-        print(
-            f"{r['mode']:9s} TCP {r['tcp_ratio'] * 100:6.1f} % (pairs {r['tcp_ratio_of_pairs'] * 100:5.1f}; "
-            f"target 99)  UDP {r['udp_ratio'] * 100:6.1f} % (pairs {r['udp_ratio_of_pairs'] * 100:5.1f}; "
-            f"target 97)  program {r['program_ns_per_packet']} ns/pkt  "
-            f"agent CPU {r['agent_cpu_s_per_interval']} s/interval"
+        text = (
+            f"{r['mode']:9s} program/floor ns per run: UDP {r['udp_program_ns']}/{r['udp_floor_ns']} "
+            f"({r['udp_ratio_to_floor']}x)  TCP {r['tcp_program_ns']}/{r['tcp_floor_ns']} "
+            f"({r['tcp_ratio_to_floor']}x)  agent CPU {r['agent_cpu_s']} s/interval"
         )
+        if not args.stats_only:
+            text += (
+                f"\n          with/without %: TCP {r['tcp_on_vs_off']} (target 99; floor alone "
+                f"{r['tcp_floor_vs_off']})  UDP {r['udp_on_vs_off']} (target 97; floor alone "
+                f"{r['udp_floor_vs_off']})"
+            )
+        print(text)
     return 0
 
 
