@@ -16,6 +16,7 @@ a session waits for one.
 from __future__ import annotations
 
 import ipaddress
+import socket
 import subprocess
 import time
 import urllib.request
@@ -39,7 +40,7 @@ from otel_kzt.demo.runner import (
     RunLock,
     stop_process,
 )
-from otel_kzt.demo.traffic import Engine, exchange
+from otel_kzt.demo.traffic import Engine, exchange, request, run_in_netns
 from otel_kzt.demo.view import FLOW_BYTES, parse
 from otel_kzt.demo.workloads import Listener
 from tests.conftest import kernel_unavailable_reason
@@ -63,10 +64,12 @@ L = schema.prom_label
 
 @dataclass(frozen=True)
 class Row:
-    """One address pair in the enricher's /metrics: bytes and the labels it was given."""
+    """One address pair in the enricher's /metrics: bytes and the labels it was given (`labels`: its last
+    series'; `named`: every series', so one misnamed series cannot hide behind the others)."""
 
     bytes: float
     labels: dict[str, str]
+    named: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -272,7 +275,8 @@ def enricher_rows(run: ClusterRun) -> dict[truth.Pair, Row]:
     rows: dict[truth.Pair, Row] = {}
     for key, labels, value in enricher_series(run):
         previous = rows.get(key)
-        rows[key] = Row(value + (previous.bytes if previous else 0.0), labels)
+        before = (previous.bytes, previous.named) if previous else (0.0, ())
+        rows[key] = Row(value + before[0], labels, (*before[1], labels))
     return rows
 
 
@@ -328,6 +332,23 @@ def wait_exact(run: ClusterRun, timeout_s: float = EXACT_TIMEOUT_S) -> tuple[dic
             KNOWN_WRONG.update(diff)
             pytest.fail(f"enricher bytes differ from nftables ground truth (pair: (truth, enricher)): {diff}")
         time.sleep(0.5)
+
+
+def exchange_from_port(ns: str, address: str, port: int, sport: int, *, request_bytes: int,
+                       response_bytes: int) -> None:
+    """`exchange`, from source port `sport` (SO_REUSEADDR: again while an earlier one is in TIME_WAIT)."""
+    def body() -> None:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.settimeout(5.0)
+            sock.bind(("", sport))
+            sock.connect((address, port))
+            request(sock, request_bytes, response_bytes)
+            sock.shutdown(socket.SHUT_WR)
+            sock.recv(1)  # the server's FIN: every packet of the exchange has left
+
+    run_in_netns(ns, body)
 
 
 def run_exchanges(jobs: list[tuple[str, str, int, int]], workers: int = 16, port: int = TEST_PORT) -> None:
