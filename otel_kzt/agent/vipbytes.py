@@ -48,19 +48,26 @@ class ServiceVipBytes:
                 self._add(key, final)
                 del seen[key]
         if self._catalog.generation != self._generation or len(self._is_vip) > 4 * max(len(seen), 1024):
-            self._is_vip, self._generation = {}, self._catalog.generation
-        is_vip = self._is_vip
-        for key, counters in snapshot.flows.items():
-            if key in seen:
-                self._add(key, counters)
-                continue
-            vip = is_vip.get(key.dst)
+            # Asked afresh, but the destinations of VIP flows in the map stay VIPs (a Service deleted while
+            # its connections last).
+            self._is_vip = dict.fromkeys((key.dst for key in seen), True)
+            self._generation = self._catalog.generation
+        is_vip, catalog, started = self._is_vip, self._catalog, self._started
+        total = self.total
+        for key, counters in snapshot.flows.items():  # 100,000 flows an interval: checks inlined
+            dst = key.dst
+            vip = is_vip.get(dst)  # first: a bytes hash is cached, a FlowKey's is not
             if vip is None:
-                vip = is_vip[key.dst] = self._catalog.service_of_vip(address_text(key.dst)) is not None
-            if vip:
-                before = counters.first_seen_unix_ns < self._started
-                seen[key] = counters.bytes if before else 0
-                self._add(key, counters)
+                vip = is_vip[dst] = catalog.service_of_vip(address_text(dst)) is not None
+            if not vip:
+                continue
+            counted = seen.get(key)
+            if counted is None:  # a new VIP flow: whole, unless the previous process saw its start
+                counted = seen[key] = counters.bytes if counters.first_seen_unix_ns < started else 0
+            if counters.bytes > counted:
+                total += counters.bytes - counted
+                seen[key] = counters.bytes
+        self.total = total
         if len(seen) > len(snapshot.flows):
             for gone in [k for k in seen if k not in snapshot.flows]:
                 del seen[gone]  # left the map without a final value here (the previous process evicted it)
