@@ -12,7 +12,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_kzt import schema
-from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, FlowRecord, FlowTemplate, to_otlp_bytes
+from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, FlowRecords, FlowTemplate
 from otel_kzt.enricher.processing.protowire import AttributeEncoder, Writer, split, varint
 from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
@@ -27,6 +27,7 @@ def test_varint_and_attributes_match_protobuf(value: int) -> None:
     encoder = AttributeEncoder("kzt.flow.bytes")
     expected = LogRecord(attributes=[KeyValue(key="kzt.flow.bytes", value=AnyValue(int_value=value))])
     assert encoder.int_value(value) == expected.SerializeToString()
+    assert encoder.int_values([value, value]) == [expected.SerializeToString()] * 2  # the table's too
     as_double = LogRecord(attributes=[KeyValue(key="kzt.flow.bytes", value=AnyValue(double_value=value / 3))])
     assert encoder.double_value(value / 3) == as_double.SerializeToString()
 
@@ -52,27 +53,30 @@ def template(cls: TrafficClass = TrafficClass.CROSS_ZONE) -> FlowTemplate:
     return FlowTemplate(Resolved(b"", attrs, cls, "aws"), 0.02 / 1e9, json_lines=True, otlp=True)
 
 
-def test_flow_record_json_and_otlp() -> None:
-    record = FlowRecord(
-        template(), 1_000_000_000, 3_500_000_000, byte_count=1500, packet_count=1, cost_usd=3e-8
-    )
-    line = json.loads(record.json_line())
+def test_flow_records_json_and_otlp() -> None:
+    records = FlowRecords()
+    for resource in (b"node-1", b"node-2"):  # one series key sent by two agents: two flows
+        records.add(resource, [(template(), b"key", 1500.0, 1_000_000_000, 3_500_000_000)], is_bytes=True)
+        records.add(resource, [(template(), b"key", 1.0, 2_000_000_000, 3_500_000_000)], is_bytes=False)
+    lines = [json.loads(line) for line in records.json_lines().decode().splitlines()]
+    assert len(lines) == 2
+    line = lines[0]
     assert line["event"] == "kzt.flow" and line[schema.TRAFFIC_CLASS] == "cross-zone"
-    assert (line["kzt.flow.bytes"], line["kzt.flow.packets"], line["kzt.estimated_cost_usd"]) == (
-        1500,
-        1,
-        3e-8,
-    )
+    assert (line["kzt.flow.bytes"], line["kzt.flow.packets"]) == (1500, 1)
+    assert line["kzt.estimated_cost_usd"] == pytest.approx(3e-8)
+    # the record spans its first increment's interval
     assert (line["kzt.interval.start"], line["kzt.interval.end"]) == (1.0, 3.5)
-    logs = ExportLogsServiceRequest.FromString(to_otlp_bytes([record, record]))
+    logs = ExportLogsServiceRequest.FromString(records.otlp_request())
     resource = {kv.key: kv.value.string_value for kv in logs.resource_logs[0].resource.attributes}
     assert resource[schema.SERVICE_NAME] == schema.ENRICHER_SERVICE_NAME
-    records = logs.resource_logs[0].scope_logs[0].log_records
-    assert len(records) == 2 and records[0].time_unix_nano == 3_500_000_000
-    attrs = {kv.key: kv.value for kv in records[0].attributes}
-    assert attrs["kzt.flow.bytes"].int_value == 1500 and attrs["kzt.estimated_cost_usd"].double_value == 3e-8
+    otlp = logs.resource_logs[0].scope_logs[0].log_records
+    assert len(otlp) == 2 and otlp[0].time_unix_nano == 3_500_000_000
+    attrs = {kv.key: kv.value for kv in otlp[0].attributes}
+    assert attrs["kzt.flow.bytes"].int_value == 1500 and attrs["kzt.flow.packets"].int_value == 1
+    assert attrs["kzt.estimated_cost_usd"].double_value == line["kzt.estimated_cost_usd"]
+    assert attrs["kzt.interval.start"].double_value == 1.0
     assert (
-        attrs[schema.DESTINATION_ADDRESS].string_value == "10.0.0.4" and records[0].event_name == "kzt.flow"
+        attrs[schema.DESTINATION_ADDRESS].string_value == "10.0.0.4" and otlp[0].event_name == "kzt.flow"
     )
 
 

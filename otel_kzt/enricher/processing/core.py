@@ -31,7 +31,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
 from otel_kzt.enricher.processing.cost import PriceTable
-from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, to_otlp_bytes
+from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
 from otel_kzt.enricher.processing.points import Batch, SumEnricher
 from otel_kzt.enricher.processing.protowire import Writer, spans
 from otel_kzt.enricher.processing.resolution import Resolver
@@ -245,12 +245,12 @@ class Core:
                 out.add(buf[start:end])
 
     def _emit(self, payload: bytes, batch: Batch) -> None:
-        records = list(batch.flows.values()) if batch.flows else []
-        if records and self._flow_log is not None:
+        records = batch.flows if batch.flows is not None and batch.flows.rows else None
+        if records is not None and self._flow_log is not None:
             self._flow_log.write(records)
         if not self._sinks:
             return
-        logs = to_otlp_bytes(records) if records and self._flow_logs_otlp else None
+        logs = records.otlp_request() if records is not None and self._flow_logs_otlp else None
         for sink in self._sinks:
             if payload:  # an empty request has nothing to forward
                 sink.submit_metrics(payload)

@@ -24,7 +24,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates
 from otel_kzt.enricher.processing.cost import PriceTable
-from otel_kzt.enricher.processing.flowlogs import FlowRecord, FlowTemplate
+from otel_kzt.enricher.processing.flowlogs import Billed, FlowRecords, FlowTemplate
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
 from otel_kzt.enricher.processing.repeats import Layout, Seen, layout
 from otel_kzt.enricher.processing.resolution import Resolved, Resolver
@@ -44,8 +44,6 @@ _INT_VALUE_TAG: Final = 0x31
 _EXEMPLARS_TAG: Final = b"\x2a"  # NumberDataPoint.exemplars: field 5, length-delimited
 _UNPACK_CANONICAL: Final = CANONICAL_POINT.unpack_from
 _PACK_CANONICAL: Final = CANONICAL_POINT.pack
-# a billed series' increment: its template, series key, increment, interval start and end (ns)
-Billed = tuple[FlowTemplate, bytes, float, int, int]
 Part = tuple[bytes, int, int]  # a Sum inside the request's bytes: buffer, start, end
 Table = dict[bytes, Series]  # one group's series by key
 _BAD_VALUE: Final = "NaN or negative cumulative value"
@@ -62,7 +60,7 @@ class Batch:
     received: int = 0
     rejected: int = 0
     reasons: dict[str, int] | None = None
-    flows: dict[tuple[bytes, bytes], FlowRecord] | None = None
+    flows: FlowRecords | None = None
     # (resource, series key, measured at) -> what `_resolve` made of it in this request: the bytes and
     # packets series of one flow carry the same attributes, so the second is named by the first's answer
     # (and shares its cached naming and flow-log template: half the resolutions and that memory)
@@ -377,24 +375,11 @@ class SumEnricher:
         entry.set_point_len(point_len)  # other attributes added: another length
 
     @staticmethod
-    def _pair(
-        batch: Batch, where: GroupKey, billed: list[tuple[FlowTemplate, bytes, float, int, int]]
-    ) -> None:
-        """Pair the bytes and packets increments of each billed flow into one flow-log record per request;
-        its interval starts where the rule says the increment began (the run's previous point, or its
-        start) and ends at the point's time."""
-        flows = batch.flows if batch.flows is not None else {}
-        batch.flows = flows
-        resource, is_bytes = where[0], where[1] == schema.FLOW_BYTES
-        for template, key, inc, since, t in billed:
-            record = flows.get((resource, key))
-            if record is None:
-                record = flows[(resource, key)] = FlowRecord(template, since, t)
-            if is_bytes:
-                record.byte_count += inc
-                record.cost_usd += inc * template.usd_per_byte
-            else:
-                record.packet_count += inc
+    def _pair(batch: Batch, where: GroupKey, billed: list[Billed]) -> None:
+        """Pair the bytes and packets increments of each billed flow into one flow-log record per request."""
+        if batch.flows is None:
+            batch.flows = FlowRecords()
+        batch.flows.add(where[0], billed, is_bytes=where[1] == schema.FLOW_BYTES)
 
 
 def _text(value: AnyValue) -> str:

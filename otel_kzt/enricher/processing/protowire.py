@@ -17,6 +17,7 @@ _STRING_TAG: Final = 0x0A  # AnyValue.string_value: field 1
 _INT_TAG: Final = 0x18  # AnyValue.int_value: field 3, varint
 _DOUBLE_TAG: Final = 0x21  # AnyValue.double_value: field 4, fixed64
 _SMALL: Final = [bytes((i,)) for i in range(0x80)]
+_SMALL_INTS: Final = 0x4000  # AttributeEncoder.int_values's table: the one- and two-byte varints
 
 
 def varint(n: int) -> bytes:
@@ -48,7 +49,7 @@ class AttributeEncoder:
     tag and length (all < 128 for our short keys).
     """
 
-    __slots__ = ("_int_heads", "double_head")
+    __slots__ = ("_int_heads", "_small", "double_head")
 
     def __init__(self, key: str) -> None:
         keyfield = length_delimited(_KEY_TAG, key.encode())
@@ -58,6 +59,7 @@ class AttributeEncoder:
             + bytes((_VALUE_TAG, 1 + k, _INT_TAG))
             for k in range(11)
         ]
+        self._small: list[bytes] = []  # the KeyValues of 0 .. _SMALL_INTS - 1, made on first use
         # ... and a double one is `double_head + value` (little-endian fixed64), the tag included
         self.double_head = (
             bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 11)) + keyfield + bytes((_VALUE_TAG, 9, _DOUBLE_TAG))
@@ -66,6 +68,28 @@ class AttributeEncoder:
     def int_value(self, value: int) -> bytes:
         encoded = varint(value)
         return self._int_heads[len(encoded)] + encoded
+
+    def int_values(self, values: Iterable[float]) -> list[bytes]:
+        """`int_value` of each value (truncated to int), without a call per value for the common sizes:
+        one- and two-byte varints from a table (packet counts), three and four bytes inline (bytes)."""
+        if not self._small:
+            self._small = [self.int_value(n) for n in range(_SMALL_INTS)]
+        small, one, head3, head4 = self._small, self.int_value, self._int_heads[3], self._int_heads[4]
+        out: list[bytes] = []
+        add = out.append
+        for n in map(int, values):
+            if 0 <= n < _SMALL_INTS:
+                add(small[n])
+            elif 0 < n < 0x200000:
+                add(head3 + bytes(((n & 0x7F) | 0x80, (n >> 7 & 0x7F) | 0x80, n >> 14)))
+            elif 0 < n < 0x10000000:
+                add(
+                    head4
+                    + bytes(((n & 0x7F) | 0x80, (n >> 7 & 0x7F) | 0x80, (n >> 14 & 0x7F) | 0x80, n >> 21))
+                )
+            else:
+                add(one(n))
+        return out
 
     def double_value(self, value: float) -> bytes:
         return self.double_head + struct.pack("<d", value)
