@@ -4,8 +4,11 @@ downstream, fed by many agents through concurrent senders (DESIGN §5.9, issue 1
 Agents are 1,000 requests per interval (100 flows x bytes and packets each), sent by 8 threads, 4 intervals;
 a refusal with a retry delay (back-pressure) is retried after it, as agents do. Printed: points received,
 forwarded (counted by the downstream process), dropped (the enricher's own counter), refusals, the enricher
-process's CPU seconds and peak RSS, points per CPU-second. Targets: nothing dropped, >= 200k points per
-CPU-second, <= 1 GiB RSS.
+process's CPU seconds and peak RSS, points per CPU-second, and its CPU by thread (named for their roles:
+`kzt-otlp-grpc_N` the receiver's workers, which decode and run the core; `kzt-export-*` the exporter's
+consumers; `Thread-N (_serve)` grpcio's server poller; `event_engine` grpcio's C threads) for the first
+interval (every series new) and the later ones. Targets: nothing dropped, >= 200k points per CPU-second,
+<= 1 GiB RSS.
 
     .venv/bin/python bench/enricher_cluster.py [--agents 1000] [--flows 100] [--senders 8] [--intervals 4]
 """
@@ -16,6 +19,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +56,8 @@ class Result:
     rss_peak: int = 0
     wall_s: float = 0.0
     interval_cpu_s: list[float] = field(default_factory=list)
+    requests_forwarded: int = 0  # downstream requests: the exporter's batching
+    roles_cpu_s: list[Counter[str]] = field(default_factory=list)  # per interval, by thread name
 
     @property
     def per_cpu_s(self) -> float:
@@ -92,17 +99,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def thread_cpu_s(pid: int) -> Counter[str]:
+    """CPU seconds of the process' threads by name (digits folded: a pool's workers are one role), in
+    nanoseconds (schedstat): /proc/PID/stat counts clock ticks (10 ms), too coarse for an interval of
+    ~0.1 s (the default configuration's). The enricher's threads live as long as it does (pools), so the
+    sum over live threads is the process' CPU (within 1% of the ticks over a whole run)."""
+    out: Counter[str] = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            name = re.sub(r"\d+", "N", (task / "comm").read_text().strip())
+            out[name] += int((task / "schedstat").read_text().split()[0]) / 1e9
+    return out
+
+
 def proc_cpu_s(pid: int) -> float:
-    """CPU seconds of the process' threads, in nanoseconds (schedstat): /proc/PID/stat counts clock ticks
-    (10 ms), too coarse for an interval of ~0.1 s (the default configuration's). The enricher's threads
-    live as long as it does (pools), so the sum over live threads is the process' CPU (within 1% of the
-    ticks over a whole run); without schedstat, the ticks."""
-    total, tasks = 0, Path(f"/proc/{pid}/task")
+    """The process' CPU seconds: its threads' (schedstat), or without schedstat the ticks."""
     try:
-        for task in tasks.iterdir():
-            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
-                total += int((task / "schedstat").read_text().split()[0])
-        return total / 1e9
+        return sum(thread_cpu_s(pid).values())
     except (FileNotFoundError, IndexError, ValueError):
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -183,10 +196,13 @@ def run(agents: int, flows: int, senders: int, count: int) -> Result:
             result = Result(received=agents * flows * 2 * count)
             t0 = time.monotonic()
             for row in rows:  # interval by interval, each until the enricher is idle again (exported)
-                cpu0 = proc_cpu_s(enricher.pid)
+                roles0 = thread_cpu_s(enricher.pid)
                 result.refusals += send_all(grpc_port, [row], senders)
                 wait_idle(enricher.pid)
-                result.interval_cpu_s.append(proc_cpu_s(enricher.pid) - cpu0)
+                roles = thread_cpu_s(enricher.pid)
+                roles.subtract(roles0)
+                result.roles_cpu_s.append(roles)
+                result.interval_cpu_s.append(sum(roles.values()))
             result.cpu_s, result.wall_s = sum(result.interval_cpu_s), time.monotonic() - t0
             result.rss_peak = proc_hwm(enricher.pid)
             result.dropped = int(scrape(metrics_port, "kzt_enricher_export_dropped_items_total"))
@@ -196,14 +212,15 @@ def run(agents: int, flows: int, senders: int, count: int) -> Result:
             sink.stdin.close()
             counts = json.loads(sink.stdout.readline())
             sink.wait(10)
-        result.forwarded = int(counts["points"])
+        result.forwarded, result.requests_forwarded = int(counts["points"]), int(counts["requests"])
         return result
 
 
 def enricher_process(metadata_file: Path, *args: str) -> subprocess.Popen[bytes]:
-    """`otel-kzt enricher` as its own process (its CPU and RSS are its own); the JSON flow logs of the
-    default configuration are written, not kept."""
-    argv = [sys.executable, "-m", "otel_kzt.cli", "enricher", "--kube-metadata", str(metadata_file), *args]
+    """`otel-kzt enricher` as its own process (its CPU and RSS are its own), its threads named for their
+    roles (bench/named_threads.py); the JSON flow logs of the default configuration are written, not kept."""
+    argv = [sys.executable, str(HERE / "named_threads.py"), "enricher", "--kube-metadata", str(metadata_file)]
+    argv.extend(args)
     return subprocess.Popen(argv, stdout=subprocess.DEVNULL)
 
 
@@ -227,6 +244,7 @@ def report(r: Result, agents: int, flows: int, senders: int, count: int) -> None
     )
     print(f"  points received      {r.received:>12,}")
     print(f"  points forwarded     {r.forwarded:>12,}   target: all ({r.forwarded / r.received:.1%})")
+    print(f"  in requests          {r.requests_forwarded:>12,}   (the exporter's batches)")
     print(f"  export dropped       {r.dropped:>12,}   target: 0")
     print(f"  retry-later answers  {r.refusals:>12,}   (back-pressure; the senders retried)")
     per_interval = ", ".join(f"{c:.2f}" for c in r.interval_cpu_s)
@@ -237,6 +255,21 @@ def report(r: Result, agents: int, flows: int, senders: int, count: int) -> None
     steady = r.steady_per_cpu_s
     print(f"    after interval 1   {steady:>12,.0f}   (series known: {steady / 200_000:.2f}x the target)")
     print(f"  enricher peak RSS    {r.rss_peak / 2**20:>12,.0f} MiB target: <= 1024 MiB")
+    for label, part in (("interval 1", r.roles_cpu_s[:1]), ("later, each", r.roles_cpu_s[1:])):
+        print(f"  CPU by thread, {label:11s} {roles_line(part)}")
+
+
+def roles_line(intervals: list[Counter[str]], top: int = 6) -> str:
+    """The threads that used the most CPU, mean seconds per interval (what dominates, named)."""
+    total: Counter[str] = Counter()
+    for roles in intervals:
+        total.update(roles)
+    ranked = [
+        (name, cpu / max(len(intervals), 1))
+        for name, cpu in total.most_common(top)
+        if cpu >= 0.005 * len(intervals)
+    ]
+    return ", ".join(f"{name} {cpu:.2f}s" for name, cpu in ranked)
 
 
 def main() -> int:
