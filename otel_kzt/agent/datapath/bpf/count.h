@@ -46,6 +46,7 @@
 struct kzt_pkt {
     void *ctx;                 /* the program's context, for KZT_LOAD */
     const unsigned char *l3;   /* the network header, where the mode reads kernel memory (else 0) */
+    const u8 *hdr;             /* its KZT_HDR_READ-byte prefix, when the entry file read it already (else 0) */
     u32 linear;                /* bytes after the network header in the linear area */
     u32 len;                   /* the packet's length from its network header (BIG TCP, jumbograms) */
     u8 origin;                 /* KZT_ORIGIN_*: how the packet came here (0: this mode cannot tell) */
@@ -277,15 +278,18 @@ static __always_inline u32 kzt_walk_v6(const struct kzt_pkt *p, u8 *proto, int *
 }
 
 /* The length of the L4 header every segment repeats: TCP's data offset (options included), UDP's 8;
- * 0 when not known. One read of its own: only GSO packets (one per dozens of segments) ask. */
-static __always_inline u32 kzt_l4_len(const struct kzt_pkt *p, u32 l4off, u8 proto)
+ * 0 when not known. From the header prefix when it holds it (a GSO packet's headers are always in its
+ * linear part), else one read of its own. */
+static __always_inline u32 kzt_l4_len(const struct kzt_pkt *p, const u8 *hdr, u32 l4off, u8 proto)
 {
     if (proto == 17 || proto == 136)
         return 8;
     if (proto != 6)
         return 0;
     u8 doff;
-    if (KZT_LOAD(p, l4off + 12, &doff, 1) < 0)
+    if (l4off + 12 < KZT_HDR_READ)
+        doff = hdr[(l4off + 12) & (KZT_HDR_READ - 1)];
+    else if (KZT_LOAD(p, l4off + 12, &doff, 1) < 0)
         return 0;
     return (u32)(doff >> 4) * 4;
 }
@@ -314,8 +318,8 @@ static __always_inline u32 kzt_vxlan_l4(const struct kzt_pkt *p, u32 l4off, u8 *
 
 /* How many packets leave for this one, and its bytes on the wire (in *bytes: its IP length on entry).
  * `l4off`/`proto` are the parsed L4 header and protocol, `unfrag` the header length a fragment repeats. */
-static __always_inline u64 kzt_wire(const struct kzt_pkt *p, u32 l4off, u8 proto, u32 unfrag, int v6,
-                                    u64 *bytes)
+static __always_inline u64 kzt_wire(const struct kzt_pkt *p, const u8 *hdr, u32 l4off, u8 proto, u32 unfrag,
+                                    int v6, u64 *bytes)
 {
     if (p->gso_size) {
         u32 type = p->gso_type;
@@ -328,7 +332,7 @@ static __always_inline u64 kzt_wire(const struct kzt_pkt *p, u32 l4off, u8 proto
         }
         if (inner)
             l4off = inner;
-        u32 hlen = l4off + kzt_l4_len(p, l4off, proto);
+        u32 hlen = l4off + kzt_l4_len(p, hdr, l4off, proto);
         u64 segs = p->gso_segs;
         if (segs == 0 || (type & KZT_GSO_KNOWN && type & KZT_GSO_DODGY)) {
             /* the stack's count is unset or untrusted (a VM's or a packet socket's): derive it */
@@ -382,12 +386,16 @@ static __always_inline void kzt_ports(const struct kzt_pkt *p, const u8 *hdr, u3
  * listening side's port; ephemeral ports never enter a key), add to its flow (or the overflow bucket). */
 static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
 {
-    u8 hdr[KZT_HDR_READ];
+    u8 buf[KZT_HDR_READ] __attribute__((aligned(8)));
+    const u8 *hdr = p->hdr;
     u64 bytes;
 
-    if (KZT_LOAD(p, 0, hdr, sizeof(hdr)) < 0) {
-        kzt_overflow(p->len, 1, KZT_STAT_READ_FAILED);
-        return;
+    if (!hdr) {
+        if (KZT_LOAD(p, 0, buf, sizeof(buf)) < 0) {
+            kzt_overflow(p->len, 1, KZT_STAT_READ_FAILED);
+            return;
+        }
+        hdr = buf;
     }
     u8 version = hdr[0] >> 4;
     if (version == 4) {
@@ -405,7 +413,7 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
         if (p->has_nat_src)
             __builtin_memcpy(key.src, p->nat_src, 4);
         key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
-        u64 packets = kzt_wire(p, l4off, key.proto, l4off, 0, &bytes);
+        u64 packets = kzt_wire(p, hdr, l4off, key.proto, l4off, 0, &bytes);
         kzt_count4(&key, bytes, packets);
     } else if (version == 6) {
         struct flow_key6 key = {};
@@ -423,7 +431,7 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
         if (p->has_nat_src)
             __builtin_memcpy(key.src, p->nat_src, 16);
         key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
-        u64 packets = kzt_wire(p, l4off, key.proto, unfrag, 1, &bytes);
+        u64 packets = kzt_wire(p, hdr, l4off, key.proto, unfrag, 1, &bytes);
         kzt_count6(&key, bytes, packets);
     } else {
         kzt_stat(KZT_STAT_NOT_IP);

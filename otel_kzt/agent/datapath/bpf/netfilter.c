@@ -12,9 +12,12 @@
  *   kzt_count     the counter: finds the skb's network header and hands it to kzt_count_packet.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
- * Overhead: one 64-byte probe read, one hash lookup (12-byte key for IPv4, 36 for IPv6), two atomic
- * adds per packet, one tail call; no clock read except when a flow is inserted (the agent derives
- * idleness from unchanged counters). Measured by bench/datapath.py.
+ * Overhead: one 64-byte probe read of the header (read here once; origin.h and count.h parse it), one of
+ * the GSO fields and, for a tracked forwarded packet, conntrack's status and tuple: probe reads cost
+ * ~15 ns each, so what BTF lets the verifier check (sk_buff's fields, skb->cb) is read directly. One
+ * hash lookup (12-byte key for IPv4, 36 for IPv6), two atomic adds per packet, one tail call; no clock
+ * read except when a flow is inserted (the agent derives idleness from unchanged counters). Measured
+ * by bench/datapath_overhead.py against an empty program at the same hook (docs/datapaths.md).
  */
 #ifndef KZT_OFF_CTX_SKB
 #error "KZT_OFF_* flags missing: this file is compiled by otel_kzt.agent.datapath"
@@ -65,11 +68,10 @@ static __always_inline void kzt_wire_info(struct kzt_nf_ctx *ctx, char *skb, u16
     }
     if (p->len <= p->linear) /* reassembled packets and large local datagrams have a frag_list */
         return;
-    u16 frag_max = 0;
-    u32 cb = KZT_OFF_SKB_CB + (*(u8 *)(state + KZT_OFF_STATE_PF) == KZT_NFPROTO_IPV6 ? KZT_OFF_IP6CB_FRAG_MAX
-                                                                                   : KZT_OFF_IPCB_FRAG_MAX);
-    if (kzt_read_kernel(&frag_max, sizeof(frag_max), skb + cb) == 0)
-        p->frag_max = frag_max;
+    if (*(u8 *)(state + KZT_OFF_STATE_PF) == KZT_NFPROTO_IPV6)
+        p->frag_max = *(u16 *)(skb + KZT_OFF_SKB_CB + KZT_OFF_IP6CB_FRAG_MAX);
+    else
+        p->frag_max = *(u16 *)(skb + KZT_OFF_SKB_CB + KZT_OFF_IPCB_FRAG_MAX);
 }
 
 int kzt_count(struct kzt_nf_ctx *ctx)
@@ -81,6 +83,12 @@ int kzt_count(struct kzt_nf_ctx *ctx)
     p.l3 = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + nh;
     p.linear = *(u32 *)(skb + KZT_OFF_SKB_TAIL) - nh;  /* tail is an offset from head on 64-bit */
     p.len = *(u32 *)(skb + KZT_OFF_SKB_LEN);
+    u8 hdr[KZT_HDR_READ]; /* read once here: origin.h and count.h both parse it */
+    if (kzt_read_kernel(hdr, sizeof(hdr), p.l3) < 0) {
+        kzt_overflow(p.len, 1, KZT_STAT_READ_FAILED);
+        return KZT_NF_ACCEPT;
+    }
+    p.hdr = hdr;
     kzt_nf_origin(skb, &p);
     kzt_wire_info(ctx, skb, nh, &p);
     kzt_count_packet(&p);

@@ -40,15 +40,15 @@
 #define KZT_CT_RELATED_REPLY 4
 #define KZT_CT_UNTRACKED 7
 
-/* Whether the packet's source address (now, after this node's SNAT) is not the one the conntrack tuple
- * at `recorded` holds (0 when either cannot be read: the source is then taken as it is). */
+/* Whether the packet's source address (now, after this node's SNAT; from the header prefix netfilter.c
+ * read) is not the one the conntrack tuple at `recorded` holds (0 when that cannot be read: the source is
+ * then taken as it is). */
 static __always_inline int kzt_source_differs(const char *recorded, const struct kzt_pkt *p, int v6)
 {
-    u8 was[16], now[16] = {};
+    u8 was[16];
     if (kzt_read_kernel(was, sizeof(was), recorded) < 0)
         return 0;
-    if (kzt_read_kernel(now, v6 ? 16 : 4, p->l3 + (v6 ? 8 : 12)) < 0)
-        return 0;
+    const u8 *now = p->hdr + (v6 ? 8 : 12);
     int differs = 0;
 #pragma unroll
     for (int i = 0; i < 16; i++)
@@ -59,21 +59,16 @@ static __always_inline int kzt_source_differs(const char *recorded, const struct
 
 static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
 {
-    u8 version = 0;
-    if (kzt_read_kernel(&version, 1, p->l3) < 0)
-        return;
-    int v6 = (version >> 4) == 6;
+    int v6 = (p->hdr[0] >> 4) == 6;
     int forwarded = 0;
     if (v6) {
         /* ip6_forward() sets no flag for unicast: a packet without a socket that came in on a device
          * (IP6CB's iif, 0 for what the stack builds) is routed through. */
-        struct { int iif; u16 flags; } cb6 = {};
-        kzt_read_kernel(&cb6.iif, sizeof(cb6.iif), skb + KZT_OFF_SKB_CB + KZT_OFF_IP6CB_IIF);
-        kzt_read_kernel(&cb6.flags, sizeof(cb6.flags), skb + KZT_OFF_SKB_CB + KZT_OFF_IP6CB_FLAGS);
-        forwarded = (cb6.flags & KZT_IP6SKB_FORWARDED) || (cb6.iif && !*(u64 *)(skb + KZT_OFF_SKB_SK));
+        int iif = *(int *)(skb + KZT_OFF_SKB_CB + KZT_OFF_IP6CB_IIF);
+        u16 flags = *(u16 *)(skb + KZT_OFF_SKB_CB + KZT_OFF_IP6CB_FLAGS);
+        forwarded = (flags & KZT_IP6SKB_FORWARDED) || (iif && !*(u64 *)(skb + KZT_OFF_SKB_SK));
     } else {
-        u16 flags = 0;
-        kzt_read_kernel(&flags, sizeof(flags), skb + KZT_OFF_SKB_CB + KZT_OFF_IPCB_FLAGS);
+        u16 flags = *(u16 *)(skb + KZT_OFF_SKB_CB + KZT_OFF_IPCB_FLAGS);
         forwarded = (flags & KZT_IPSKB_FORWARDED) != 0;
     }
     if (!forwarded && *(u64 *)(skb + KZT_OFF_SKB_SK))
