@@ -75,9 +75,24 @@ def test_flow_records_json_and_otlp() -> None:
     assert attrs["kzt.flow.bytes"].int_value == 1500 and attrs["kzt.flow.packets"].int_value == 1
     assert attrs["kzt.estimated_cost_usd"].double_value == line["kzt.estimated_cost_usd"]
     assert attrs["kzt.interval.start"].double_value == 1.0
-    assert (
-        attrs[schema.DESTINATION_ADDRESS].string_value == "10.0.0.4" and otlp[0].event_name == "kzt.flow"
+    assert attrs[schema.DESTINATION_ADDRESS].string_value == "10.0.0.4" and otlp[0].event_name == "kzt.flow"
+
+
+def test_a_flow_log_record_longer_than_the_head_table() -> None:
+    attrs = {schema.SOURCE_ADDRESS: "10.0.0.1", schema.DESTINATION_ADDRESS: "x" * 20_000}
+    long = FlowTemplate(Resolved(b"", attrs, TrafficClass.EXTERNAL, "aws"), 1e-10, json_lines=True, otlp=True)
+    records = FlowRecords()
+    for tpl, key in ((long, b"long"), (template(), b"short")):
+        records.add(b"node", [(tpl, key, 1e9, 1, 2)], is_bytes=True)
+    otlp = (
+        ExportLogsServiceRequest.FromString(records.otlp_request()).resource_logs[0].scope_logs[0].log_records
     )
+    assert len(otlp) == 2
+    short = {kv.key: kv.value for kv in otlp[1].attributes}
+    assert short[schema.DESTINATION_ADDRESS].string_value == "10.0.0.4"  # the next record read whole too
+    sent = {kv.key: kv.value for kv in otlp[0].attributes}
+    assert sent[schema.DESTINATION_ADDRESS].string_value == "x" * 20_000
+    assert sent["kzt.flow.bytes"].int_value == 10**9
 
 
 def test_odd_shaped_points_take_the_object_path_in_order() -> None:

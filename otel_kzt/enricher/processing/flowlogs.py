@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import threading
+from collections.abc import Iterable
 from itertools import chain, repeat
 from operator import add, attrgetter
 from typing import Any, BinaryIO, Final, TextIO
@@ -162,7 +163,7 @@ class FlowRecords:
         # each: ScopeLogs.log_records tag + length, the static part, times and doubles, the two counts
         # (concatenation = protobuf merge)
         records = zip(
-            map(_LOG_RECORD_HEADS.__getitem__, sizes),
+            _record_heads(sizes),
             map(_otlp_static, templates),
             numbers,
             counts,
@@ -175,15 +176,17 @@ class FlowRecords:
         return b"".join(pieces)
 
 
-class _Heads(dict[int, bytes]):
-    """ScopeLogs.log_records tag + length, by length (few distinct lengths: made once each)."""
-
-    def __missing__(self, size: int) -> bytes:
-        head = self[size] = bytes((_LOG_RECORDS_TAG,)) + varint(size)
-        return head
+_SHORT_RECORD: Final = 0x4000  # records shorter than this (two-byte lengths) take their head from a table
+_record_heads_table: list[bytes] = []  # made on first use (16k small bytes)
 
 
-_LOG_RECORD_HEADS: Final = _Heads()
+def _record_heads(sizes: Iterable[int]) -> list[bytes]:
+    """ScopeLogs.log_records tag + length, for records of these sizes."""
+    table = _record_heads_table
+    if not table:
+        table += (bytes((_LOG_RECORDS_TAG,)) + varint(n) for n in range(_SHORT_RECORD))
+    long = bytes((_LOG_RECORDS_TAG,))
+    return [table[n] if n < _SHORT_RECORD else long + varint(n) for n in sizes]
 
 
 class FlowLogWriter:
