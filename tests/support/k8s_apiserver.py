@@ -4,8 +4,11 @@ It serves pods, nodes, services (`/api/v1/...`), EndpointSlices (`/apis/discover
 discovery documents, `/version` and the health paths, and speaks enough of the real protocol for the real
 `kubernetes` client to list and watch through it:
 
+- TLS with `tls_dir=`: a private CA (`ca_file`) and a serving certificate for the listening address, which
+  clients verify (`https://`; kubeconfigs name the CA, in-cluster clients read it as `ca.crt`);
 - authentication: bearer tokens of the ServiceAccounts in `deploy/rbac.yaml` (`token(AGENT)`), an admin
-  token (`system:masters`), anonymous without a header, `401` for any other token;
+  token (`system:masters`), anonymous without a header, `401` for any other token; `rotate_token(AGENT)`
+  replaces one, refusing the old one from then on (a bound token replaced by kubelet, the worst case);
 - authorisation: RBAC from the same `deploy/rbac.yaml` the deploy tests validate (plus the bootstrap roles
   every cluster has: discovery, basic-user, public-info); `403` with the real `Status` for the rest;
 - list: `limit` + `continue` pages served from a consistent snapshot, `metadata.resourceVersion`;
@@ -30,6 +33,7 @@ from __future__ import annotations
 import bisect
 import json
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -46,6 +50,7 @@ from kubernetes import config as k8s_config
 from tests.support.k8s_handler import ApiHandler
 from tests.support.k8s_rbac import Rbac, Tokens
 from tests.support.k8s_resources import KINDS, RESOURCES
+from tests.support.tls import Issuer
 
 # The components' identities, as deploy/rbac.yaml creates them: (namespace, ServiceAccount).
 AGENT = ("otel-kzt", "otel-kzt-agent")
@@ -91,6 +96,12 @@ class _Server(ThreadingHTTPServer):
         self.api = api
         super().__init__((api.host, 0), ApiHandler)
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        if self.api.ssl_context is not None:  # the handshake happens in the handler's thread, on first read
+            conn = self.api.ssl_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
+
 
 class FakeApiServer:
     """Pods, nodes, Services and EndpointSlices behind a real-protocol HTTP API on <host>:<ephemeral>."""
@@ -104,8 +115,21 @@ class FakeApiServer:
         rbac: Rbac | None = None,
         git_version: str = DEFAULT_VERSION,
         host: str = "127.0.0.1",  # another local address: reachable from network namespaces (e2e nodes)
+        tls_dir: Path | None = None,  # serve HTTPS with a new CA and certificate kept there
+        tls_ips: tuple[str, ...] = (),  # more addresses the certificate is valid for (`via` addresses)
     ) -> None:
         self.host = host
+        self.ca_file: Path | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        if tls_dir is not None:
+            issuer = Issuer(Path(tls_dir))
+            ips = tuple(dict.fromkeys(["127.0.0.1", *([host] if host != "0.0.0.0" else []), *tls_ips]))
+            crt, key = issuer.issue("kubernetes.default.svc", ips)
+            (issuer.dir / "serving.crt").write_bytes(crt)
+            (issuer.dir / "serving.key").write_bytes(key)
+            self.ca_file = issuer.cert
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(issuer.dir / "serving.crt", issuer.dir / "serving.key")
         self.rbac = rbac if rbac is not None else Rbac.shipped()
         self.tokens = Tokens(self.rbac.service_accounts)
         self.git_version = git_version
@@ -164,24 +188,42 @@ class FakeApiServer:
     def url(self) -> str:
         assert self._server is not None, "server not started"
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self.scheme}://{host!s}:{port}"
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.ssl_context is None else "https"
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return int(self._server.server_address[1])
 
     def token(self, account: tuple[str, str]) -> str:
         """The bearer token of `account` (AGENT, ENRICHER, ADMIN, or another ServiceAccount of the RBAC)."""
         return self.tokens.admin if account == ADMIN else self.tokens.token(*account)
+
+    def rotate_token(self, account: tuple[str, str]) -> str:
+        """A new token for `account`, the old one refused from the next request on (open watches go on, as
+        a real server authenticates a request once); returns the new token."""
+        return self.tokens.rotate(*account)
 
     def write_kubeconfig(self, path: str | Path, account: tuple[str, str], server: str | None = None) -> str:
         """A kubeconfig that points the client at this server (or `server`) as `account`; returns the path."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": server or self.url}}],
+            "clusters": [{"name": "fake", "cluster": self._cluster(server or self.url)}],
             "users": [{"name": account[1], "user": {"token": self.token(account)}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": account[1]}}],
             "current-context": "fake",
         }
         Path(path).write_text(yaml.safe_dump(config))
         return str(path)
+
+    def _cluster(self, server: str) -> dict[str, str]:
+        ca = {} if self.ca_file is None else {"certificate-authority": str(self.ca_file)}
+        return {"server": server, **ca}
 
     def client(self, path: str | Path, account: tuple[str, str]) -> k8s_client.ApiClient:
         """The real client, as `account`, through a kubeconfig at `path` (as the components load it)."""
@@ -269,8 +311,8 @@ class FakeApiServer:
             self.drop_epoch += 1
             self.cond.notify_all()
         for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
+            try:  # the socket's own shutdown: an SSLSocket's would unwrap it under its handler's feet
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 continue  # already closed by the other side: nothing left to cut
 
@@ -323,4 +365,3 @@ class FakeApiServer:
         """Events newer than `rv` (caller holds `cond`)."""
         start = bisect.bisect_right(self.events, rv, key=lambda e: e.rv)
         return self.events[start:]
-
