@@ -48,6 +48,7 @@ def test_clients_verify_the_server_through_the_ca(api: FakeApiServer, tmp_path: 
             k8s_client.CoreV1Api(client).list_node(_request_timeout=5)
         assert isinstance(raised.value.reason, urllib3.exceptions.SSLError)
         assert "CERTIFICATE_VERIFY_FAILED" in str(raised.value.reason)
+    wait_for(lambda: "TLSV1_ALERT_UNKNOWN_CA" in api.tls_failures, 10, "the server told of the refusal")
 
 
 def test_the_pod_sees_its_volume_and_the_host_does_not(api: FakeApiServer, tmp_path: Path) -> None:

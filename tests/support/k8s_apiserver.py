@@ -34,6 +34,7 @@ import bisect
 import json
 import socket
 import ssl
+import sys
 import threading
 import time
 import uuid
@@ -102,6 +103,13 @@ class _Server(ThreadingHTTPServer):
             conn = self.api.ssl_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         return conn, addr
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError):  # a client refused the certificate (or spoke plain HTTP)
+            self.api.tls_failures.append(str(exc.reason))
+            return
+        super().handle_error(request, client_address)
+
 
 class FakeApiServer:
     """Pods, nodes, Services and EndpointSlices behind a real-protocol HTTP API on <host>:<ephemeral>."""
@@ -133,6 +141,7 @@ class FakeApiServer:
         self.rbac = rbac if rbac is not None else Rbac.shipped()
         self.tokens = Tokens(self.rbac.service_accounts)
         self.git_version = git_version
+        self.tls_failures: list[str] = []  # handshakes that failed: "TLSV1_ALERT_UNKNOWN_CA"
         self.refusals: list[str] = []  # "403 list nodes system:serviceaccount:…", "401 GET /api/v1/pods"
         self.history_limit = history_limit
         self.bookmark_interval_s = bookmark_interval_s
