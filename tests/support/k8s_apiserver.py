@@ -88,6 +88,18 @@ class Snapshot:
     items: list[bytes]
 
 
+def _pki(tls_dir: Path, ips: tuple[str, ...]) -> Path:
+    """A CA and a serving certificate for `ips` under `tls_dir`, made once: servers given the same directory
+    (a session's, say) share them, as a cluster's API servers share its CA (openssl costs ~1 s a pair)."""
+    pki = tls_dir / "-".join(ips)
+    if not (pki / "serving.key").exists():
+        issuer = Issuer(pki)
+        crt, key = issuer.issue("kubernetes.default.svc", ips)
+        (pki / "serving.crt").write_bytes(crt)
+        (pki / "serving.key").write_bytes(key)  # last: its presence says the set is complete
+    return pki
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins every handler thread: nothing is left running
     block_on_close = True
@@ -123,21 +135,18 @@ class FakeApiServer:
         rbac: Rbac | None = None,
         git_version: str = DEFAULT_VERSION,
         host: str = "127.0.0.1",  # another local address: reachable from network namespaces (e2e nodes)
-        tls_dir: Path | None = None,  # serve HTTPS with a new CA and certificate kept there
+        tls_dir: Path | None = None,  # serve HTTPS with the CA and certificate kept there (made if absent)
         tls_ips: tuple[str, ...] = (),  # more addresses the certificate is valid for (`via` addresses)
     ) -> None:
         self.host = host
         self.ca_file: Path | None = None
         self.ssl_context: ssl.SSLContext | None = None
         if tls_dir is not None:
-            issuer = Issuer(Path(tls_dir))
             ips = tuple(dict.fromkeys(["127.0.0.1", *([host] if host != "0.0.0.0" else []), *tls_ips]))
-            crt, key = issuer.issue("kubernetes.default.svc", ips)
-            (issuer.dir / "serving.crt").write_bytes(crt)
-            (issuer.dir / "serving.key").write_bytes(key)
-            self.ca_file = issuer.cert
+            pki = _pki(Path(tls_dir), ips)
+            self.ca_file = pki / "ca.crt"
             self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.ssl_context.load_cert_chain(issuer.dir / "serving.crt", issuer.dir / "serving.key")
+            self.ssl_context.load_cert_chain(pki / "serving.crt", pki / "serving.key")
         self.rbac = rbac if rbac is not None else Rbac.shipped()
         self.tokens = Tokens(self.rbac.service_accounts)
         self.git_version = git_version
