@@ -38,6 +38,7 @@ class Aggregates:
     def __init__(self, flow_labels: Sequence[str]) -> None:
         self.lock = threading.Lock()
         self.flow_labels = tuple(flow_labels)
+        self._blanks = ("",) * len(self.flow_labels)  # each label's default (map(attrs.get, labels, blanks))
         self.flow_bytes: Totals = {}
         self.flow_packets: Totals = {}
         self.pod_cross_zone: Totals = {}
@@ -59,7 +60,7 @@ class Aggregates:
 
         Label tuples are interned: thousands of series feed the same workload-level entry."""
         attrs = resolved.attrs
-        flow_key = self.intern(tuple(attrs.get(a, "") for a in self.flow_labels))
+        flow_key = self.intern(tuple(map(attrs.get, self.flow_labels, self._blanks)))
         if metric == schema.FLOW_PACKETS:
             return self._share(((self.flow_packets, flow_key, 1.0),))
         out: list[Target] = [(self.flow_bytes, flow_key, 1.0)]
@@ -82,7 +83,7 @@ class Aggregates:
 
     def _share(self, targets: tuple[Target, ...]) -> tuple[Target, ...]:
         """One tuple per distinct set of targets, shared by its series (memory; a checkpoint copies few)."""
-        return self._target_sets.setdefault(tuple((id(d), k, f) for d, k, f in targets), targets)
+        return self._target_sets.setdefault(tuple([(id(d), k, f) for d, k, f in targets]), targets)
 
     def intern(self, key: tuple[str, ...]) -> tuple[str, ...]:
         return self._interned.setdefault(key, key)

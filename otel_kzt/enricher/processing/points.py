@@ -115,10 +115,7 @@ class SumEnricher:
             read = known.read(*part)
             if read is not None:
                 return self._repeat(known, read, where, batch, out)
-            # a current layout that did not fit: the group is irregular; learn again from the next pass
-            del self._layouts[where]
-            return self._general(part, table, where, batch, out, learn=False)
-        return self._general(part, table, where, batch, out, learn=True)
+        return self._general(part, table, where, batch, out)
 
     def _repeat(
         self,
@@ -160,12 +157,9 @@ class SumEnricher:
             out.append(known.trailer)
         return size
 
-    def _general(
-        self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes], *, learn: bool
-    ) -> int:
+    def _general(self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes]) -> int:
         """The hot loop of a Sum in another shape: each point named by its series key, resolved when
-        needed. With `learn` (no current layout for the group), the plain points are recorded while every
-        point so far was plain, and the group's layout is made from a pass where every point was.
+        needed; the group's layout is made from a pass where every point was plain, or dropped.
 
         Written for speed (one struct call reads tags, times and value; no helper calls on a cache hit).
         """
@@ -173,7 +167,7 @@ class SumEnricher:
         trailer: list[bytes] = []  # aggregation_temporality, is_monotonic, unknown fields
         billed: list[Billed] = []  # flow-log increments of this Sum, paired after the loop
         seen: list[Seen] = []  # the plain points, for the layout
-        plain = learn  # every point plain and nothing resolved: a layout is made
+        plain = True  # every point plain and nothing resolved: a layout is made
         (buf, pos, end), generation, now, unpack = part, batch.generation, batch.now, _UNPACK_CANONICAL
         count = self._rule.count
         while pos < end:
@@ -235,8 +229,7 @@ class SumEnricher:
                     billed.append((entry.template, key, inc, entry.since, t))
             if size == entry.plain_len:  # as the series' cached header was computed for, no rename
                 out += (entry.header, raw, entry.resolved.extra)
-                if plain:
-                    seen.append((head, point, entry, key))
+                seen.append((head, point, entry, key))
             else:
                 plain = False
                 if size != entry.point_len:  # first seen in another shape (object path)
@@ -251,12 +244,11 @@ class SumEnricher:
         if billed:
             self._pair(batch, where, billed)
         out += trailer
-        if learn:
-            made = layout(generation, part, seen, b"".join(trailer)) if plain and seen else None
-            if made is None:
-                self._layouts.pop(where, None)
-            else:
-                self._layouts[where] = made
+        made = layout(generation, part, seen, b"".join(trailer)) if plain and seen else None
+        if made is None:
+            self._layouts.pop(where, None)
+        else:
+            self._layouts[where] = made
         return size_out + sum(map(len, trailer))
 
     def _odd_point(self, raw: bytes, table: dict[bytes, Series], where: GroupKey, batch: Batch) -> bytes:
@@ -318,12 +310,11 @@ class SumEnricher:
         if named is None:
             return None
         targets = self._agg.targets(where[1], named.resolved, named.usd_per_byte)
-        naming = Naming(named.slim, targets, named.template)
         if entry is not None:
-            self._table.relabel(entry, naming, batch.generation)
+            self._table.relabel(entry, Naming(named.slim, targets, named.template), batch.generation)
             entry.set_point_len(len(raw))
             return entry
-        fresh = Series(batch.generation, naming.resolved, targets, naming.template)
+        fresh = Series(batch.generation, named.slim, targets, named.template)
         fresh.set_point_len(len(raw))
         return self._table.admit(where, key, fresh, batch.now)
 
@@ -336,8 +327,7 @@ class SumEnricher:
         found = named.get((resource, key, at_ns))
         if found is not None:
             return found
-        dp = NumberDataPoint.FromString(raw)
-        given = {kv.key: _text(kv.value) for kv in dp.attributes}
+        given = _given(NumberDataPoint.FromString(raw))
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
             batch.reject(_NO_ADDRESS)
             return None
@@ -388,6 +378,16 @@ class SumEnricher:
         if batch.flows is None:
             batch.flows = FlowRecords()
         batch.flows.add(where[0], billed, is_bytes=where[1] == schema.FLOW_BYTES)
+
+
+def _given(dp: NumberDataPoint) -> dict[str, str]:
+    """A point's attributes as label text. Agents send strings: read as such, and only when a value
+    reads empty (maybe another kind) is each read by its kind."""
+    attributes = dp.attributes
+    given = {kv.key: kv.value.string_value for kv in attributes}
+    if "" in given.values():
+        given = {kv.key: _text(kv.value) for kv in attributes}
+    return given
 
 
 def _text(value: AnyValue) -> str:

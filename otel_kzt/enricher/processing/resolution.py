@@ -58,8 +58,12 @@ class Resolved:
     def slim(self) -> Resolved:
         """What a cached series keeps: `attrs` cut to the addresses, ports and transport (what recheck needs).
         The full map served the aggregation labels and flow-log template, built once before this."""
-        keep = {k: self.attrs[k] for k in _SLIM_KEYS if k in self.attrs}
-        return dataclasses.replace(self, attrs=keep)
+        attrs = self.attrs
+        keep = {k: attrs[k] for k in _SLIM_KEYS if k in attrs}
+        return Resolved(
+            self.extra, keep, self.traffic_class, self.provider, self.basis,
+            self.valid_from, self.valid_until, self.services, self.source_node,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -55,10 +55,7 @@ Stream = tuple[int, int, float]
 Tombstone = tuple[int, list[list[float]], int]
 GroupKey = tuple[bytes, str]
 _NS_MIN, _NS_MAX = -(1 << 63), 1 << 64  # beyond any time_unix_nano: an unbounded window
-
-
-def _ns(seconds: float, unbounded: int) -> int:
-    return unbounded if math.isinf(seconds) else int(seconds * 1e9)
+_INFINITE: Final = (-math.inf, math.inf)
 
 
 def identity_key(dp: NumberDataPoint) -> bytes:
@@ -112,8 +109,9 @@ class Series(Counted):
         self.set_window()
 
     def set_window(self) -> None:
-        self.valid_from = _ns(self.resolved.valid_from, _NS_MIN)
-        self.valid_until = _ns(self.resolved.valid_until, _NS_MAX)
+        lo, hi = self.resolved.valid_from, self.resolved.valid_until  # unbounded: an infinite end
+        self.valid_from = _NS_MIN if lo in _INFINITE else int(lo * 1e9)
+        self.valid_until = _NS_MAX if hi in _INFINITE else int(hi * 1e9)
 
     def set_point_len(self, point_len: int) -> None:
         """Canonical points of one series all have the same length: the header is computed once."""
