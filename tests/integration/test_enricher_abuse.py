@@ -20,14 +20,15 @@ from tests.integration.test_enricher_badinput import PB, drained, post
 from tests.integration.test_enricher_http_wire import request, values
 from tests.integration.test_enricher_service import (
     Downstream,
+    api_pki,
     downstream,
+    enricher_kubeconfig,
     get,
-    local_config,
-    metadata_file,
     running,
+    served_config,
 )
 
-__all__ = ["downstream", "metadata_file"]
+__all__ = ["api_pki", "downstream", "enricher_kubeconfig"]
 LIMIT = 4 << 20
 BUDGET = 16 << 20
 # Peak RSS growth allowed while 24 clients post near-limit bodies: the budget, the decoded copies of what it
@@ -42,10 +43,10 @@ def rss() -> int:
 
 
 @pytest.fixture
-def abused(metadata_file: Path, downstream: Downstream) -> Iterator[EnricherService]:
+def abused(enricher_kubeconfig: Path, downstream: Downstream) -> Iterator[EnricherService]:
     exporter = ExporterConfig(f"127.0.0.1:{downstream.port}", max_elapsed_s=5.0)
-    config = local_config(
-        metadata_file, exporters=(exporter,), max_request_bytes=LIMIT, max_inflight_bytes=BUDGET
+    config = served_config(
+        enricher_kubeconfig, exporters=(exporter,), max_request_bytes=LIMIT, max_inflight_bytes=BUDGET
     )
     with running(config) as svc:
         yield svc

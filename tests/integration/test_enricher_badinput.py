@@ -26,14 +26,16 @@ from tests.integration.test_enricher_service import (
     POD_IPS,
     RUN_START_NS,
     Downstream,
+    api_pki,
     downstream,
+    enricher_kubeconfig,
     local_config,
     metadata_file,
     running,
     service,
 )
 
-__all__ = ["downstream", "metadata_file", "service"]
+__all__ = ["api_pki", "downstream", "enricher_kubeconfig", "metadata_file", "service"]
 METRICS_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 PB = "application/x-protobuf"
 

@@ -28,24 +28,25 @@ from tests.integration.test_enricher_otlp import send_with_sdk
 from tests.integration.test_enricher_service import (
     POD_IPS,
     Downstream,
+    api_pki,
     downstream,
-    local_config,
-    metadata_file,
+    enricher_kubeconfig,
     running,
+    served_config,
 )
 
-__all__ = ["downstream", "metadata_file"]
+__all__ = ["api_pki", "downstream", "enricher_kubeconfig"]
 JS = Path(__file__).resolve().parents[1] / "clients" / "js"
 TOKEN = "js-and-python-token"
 CASES = [(p, c) for p in ("grpc", "http-json", "http-proto") for c in ("none", "gzip")]
 
 
 @pytest.fixture
-def guarded(metadata_file: Path, downstream: Downstream, tmp_path: Path) -> Iterator[EnricherService]:
+def guarded(enricher_kubeconfig: Path, downstream: Downstream, tmp_path: Path) -> Iterator[EnricherService]:
     token = tmp_path / "token"
     token.write_text(TOKEN)
     exporter = ExporterConfig(f"127.0.0.1:{downstream.port}", max_elapsed_s=5.0)
-    config = local_config(metadata_file, exporters=(exporter,), bearer_token_file=str(token))
+    config = served_config(enricher_kubeconfig, exporters=(exporter,), bearer_token_file=str(token))
     with running(config) as svc:
         yield svc
 

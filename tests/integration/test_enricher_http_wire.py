@@ -29,15 +29,16 @@ from tests.integration.test_enricher_badinput import METRICS_METHOD, PB, drained
 from tests.integration.test_enricher_service import (
     POD_IPS,
     Downstream,
+    api_pki,
     downstream,
+    enricher_kubeconfig,
     get,
-    local_config,
-    metadata_file,
     metrics_showing,
     running,
+    served_config,
 )
 
-__all__ = ["downstream", "metadata_file"]
+__all__ = ["api_pki", "downstream", "enricher_kubeconfig"]
 LIMIT = 1 << 20
 
 
@@ -60,10 +61,10 @@ def values(forwarded: list[ExportMetricsServiceRequest]) -> list[int]:
 
 
 @pytest.fixture
-def wire_service(metadata_file: Path, downstream: Downstream) -> Iterator[EnricherService]:
+def wire_service(enricher_kubeconfig: Path, downstream: Downstream) -> Iterator[EnricherService]:
     exporter = ExporterConfig(f"127.0.0.1:{downstream.port}", max_elapsed_s=5.0)
-    config = local_config(
-        metadata_file,
+    config = served_config(
+        enricher_kubeconfig,
         exporters=(exporter,),
         max_request_bytes=LIMIT,
         max_inflight_bytes=5 * LIMIT // 2,
@@ -231,12 +232,12 @@ class _Stuck(Downstream):
 
 
 @pytest.mark.integration
-def test_a_slow_downstream_pushes_back_instead_of_dropping(metadata_file: Path) -> None:
+def test_a_slow_downstream_pushes_back_instead_of_dropping(enricher_kubeconfig: Path) -> None:
     stuck = _Stuck()
     exporter = ExporterConfig(f"127.0.0.1:{stuck.port}", queue_size=4, consumers=1, max_elapsed_s=30)
     accepted: list[int] = []
     try:
-        with running(local_config(metadata_file, exporters=(exporter,), flow_logs_otlp=False)) as svc:
+        with running(served_config(enricher_kubeconfig, exporters=(exporter,), flow_logs_otlp=False)) as svc:
             for value in range(1, 30):
                 status, headers, _ = post(svc.ports["http"], request(value))
                 if status == 503:

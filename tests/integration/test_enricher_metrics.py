@@ -17,13 +17,14 @@ from tests.integration.test_enricher_prometheus import send
 from tests.integration.test_enricher_service import (
     POD_IPS,
     RUN_START_NS,
+    api_pki,
+    enricher_kubeconfig,
     get,
-    local_config,
-    metadata_file,
     running,
+    served_config,
 )
 
-__all__ = ["metadata_file"]
+__all__ = ["api_pki", "enricher_kubeconfig"]
 WEB, CACHE = POD_IPS["web-1"], POD_IPS["cache-1"]
 
 
@@ -53,10 +54,10 @@ def test_the_exposition_is_rebuilt_at_most_once_a_second_and_shared() -> None:
 
 
 def test_a_scrape_writes_nothing_and_metrics_shows_what_is_on_disk(
-    metadata_file: Path, tmp_path: Path
+    enricher_kubeconfig: Path, tmp_path: Path
 ) -> None:
     state = tmp_path / "state.json.zst"
-    cfg = local_config(metadata_file, state_file=str(state), checkpoint_interval_s=0.2)
+    cfg = served_config(enricher_kubeconfig, state_file=str(state), checkpoint_interval_s=0.2)
     with running(cfg) as svc:
         port = svc.ports["metrics"]
         send(svc.ports["http"], [(WEB, CACHE, 1_000, RUN_START_NS)], RUN_START_NS + 10**9)
@@ -65,7 +66,7 @@ def test_a_scrape_writes_nothing_and_metrics_shows_what_is_on_disk(
             assert time.monotonic() < deadline, "the checkpoint never showed the bytes"
             time.sleep(0.1)
     written = state.stat().st_mtime_ns  # the final checkpoint, at shutdown
-    cfg = local_config(metadata_file, state_file=str(state), checkpoint_interval_s=3600.0)
+    cfg = served_config(enricher_kubeconfig, state_file=str(state), checkpoint_interval_s=3600.0)
     with running(cfg) as svc:
         port = svc.ports["metrics"]
         assert cross_zone(port) == 1_000  # restored: never less than a scrape saw before the restart
@@ -76,8 +77,8 @@ def test_a_scrape_writes_nothing_and_metrics_shows_what_is_on_disk(
     assert state.stat().st_mtime_ns > written
 
 
-def test_a_scrape_storm_leaves_the_receivers_answering(metadata_file: Path) -> None:
-    with running(local_config(metadata_file)) as svc:
+def test_a_scrape_storm_leaves_the_receivers_answering(enricher_kubeconfig: Path) -> None:
+    with running(served_config(enricher_kubeconfig)) as svc:
         stop = threading.Event()
         scrapes: list[int] = []
 

@@ -23,13 +23,15 @@ from tests.integration.test_enricher_service import (
     NODE_IPS,
     POD_IPS,
     Downstream,
+    api_pki,
     downstream,
+    enricher_kubeconfig,
     get,
-    metadata_file,
     service,
 )
 
-__all__ = ["downstream", "metadata_file", "service"]  # fixtures re-used from the service tests
+# fixtures re-used from the service tests
+__all__ = ["api_pki", "downstream", "enricher_kubeconfig", "service"]
 
 Flow = tuple[str, str, int]  # source address, destination address, cumulative bytes
 

@@ -25,13 +25,14 @@ from tests.conftest import require
 from tests.integration.test_enricher_badinput import post
 from tests.integration.test_enricher_service import (
     POD_IPS,
+    api_pki,
+    enricher_kubeconfig,
     get,
-    local_config,
-    metadata_file,
+    served_config,
     wait_ready,
 )
 
-__all__ = ["metadata_file"]
+__all__ = ["api_pki", "enricher_kubeconfig"]
 PROMETHEUS = "/usr/bin/prometheus"
 RATE_QUERY = "topk(20, rate(pod_cross_zone_network_traffic_bytes_total[5m])) / 1e6"
 INCREASE_QUERY = "topk(20, increase(pod_cross_zone_network_traffic_bytes_total[1w])) / 1e6"
@@ -111,10 +112,10 @@ def send(port: int, points: list[tuple[str, str, int, int]], t: int) -> None:
     assert post(port, req.SerializeToString())[0] == 200
 
 
-def start_service(metadata: Path, metrics_port: int, state_file: Path | None = None) -> EnricherService:
+def start_service(kubeconfig: Path, metrics_port: int, state_file: Path | None = None) -> EnricherService:
     svc = EnricherService(
-        local_config(
-            metadata,
+        served_config(
+            kubeconfig,
             metrics_endpoint=f"127.0.0.1:{metrics_port}",
             state_file=str(state_file) if state_file else None,
             checkpoint_interval_s=0.2,  # /metrics shows what is on disk: soon after each report
@@ -141,12 +142,12 @@ def wait_scrapes(base: str, n: int = 2) -> None:
 @pytest.mark.integration
 @pytest.mark.parametrize("stateful", [False, True], ids=["no-state-file", "state-file"])
 def test_kubezonnet_queries_and_restarts(
-    prometheus: tuple[str, int], metadata_file: Path, tmp_path: Path, stateful: bool
+    prometheus: tuple[str, int], enricher_kubeconfig: Path, tmp_path: Path, stateful: bool
 ) -> None:
     base, port = prometheus
     web, api, cache, etl = (POD_IPS[p] for p in ("web-1", "api-1", "cache-1", "etl-1"))
     state = tmp_path / "enricher-state.json.gz" if stateful else None
-    svc = start_service(metadata_file, port, state)
+    svc = start_service(enricher_kubeconfig, port, state)
     try:
         # agent start times (s1, and s2 after web's agent restarted): after this enricher's start-up,
         # before the next one's (its start-up is what it could have seen from)
@@ -167,7 +168,7 @@ def test_kubezonnet_queries_and_restarts(
             )
             wait_scrapes(base)
         svc.shutdown()  # enricher restart: without a state file the new one counts from zero
-        svc = start_service(metadata_file, port, state)
+        svc = start_service(enricher_kubeconfig, port, state)
         send(svc.ports["http"], [(web, cache, 900_000, s2), (api, etl, 600_000, s1)], t + 1_000_000_000)
         send(svc.ports["http"], [(web, cache, 1_000_000, s2), (api, etl, 650_000, s1)], t + 2_000_000_000)
         wait_scrapes(base, 3)

@@ -1,7 +1,10 @@
 """The enricher service in-process: start/stop contract, health endpoints, and shared test helpers.
 
-Helpers here (a metadata file, a downstream OTLP gRPC receiver, a running service) are imported by the
-other enricher integration tests. Everything binds port 0 on 127.0.0.1.
+Helpers here (the cluster's objects as a metadata file or served by the test API server, a downstream OTLP
+gRPC receiver, a running service) are imported by the other enricher integration tests. The `service`
+fixture reads metadata as in a cluster: through the RBAC-enforcing API server over verified HTTPS with the
+enricher's own token; the file (`--kube-metadata`, a product feature) stays where a test is about it or
+needs no API server. Everything binds port 0 on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,6 +36,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from otel_kzt.enricher.config import EnricherConfig, ExporterConfig
 from otel_kzt.enricher.service import EnricherService
 from otel_kzt.k8s import ClusterIndex
+from tests.support.k8s_apiserver import ENRICHER, FakeApiServer
 from tests.support.k8s_objects import as_list, make_node, make_pod
 
 LOCAL = "127.0.0.1:0"
@@ -53,7 +58,8 @@ NODE_IPS = {
 }
 
 
-def write_metadata(path: Path) -> Path:
+def cluster_objects() -> list[dict[str, Any]]:
+    """The Nodes and Pods of these tests (two zones of one region, a node of another region)."""
     nodes = [
         make_node("kzt-e-a1", [NODE_IPS["kzt-e-a1"]], zone="us-east-1a", provider_id="aws:///us-east-1a/i-1"),
         make_node("kzt-e-a2", [NODE_IPS["kzt-e-a2"]], zone="us-east-1a", provider_id="aws:///us-east-1a/i-2"),
@@ -75,7 +81,11 @@ def write_metadata(path: Path) -> Path:
             template_hash=None,
         ),
     ]
-    path.write_text(json.dumps(as_list(nodes + pods)))
+    return nodes + pods
+
+
+def write_metadata(path: Path) -> Path:
+    path.write_text(json.dumps(as_list(cluster_objects())))
     return path
 
 
@@ -120,13 +130,19 @@ class Downstream:
         self.server.stop(0).wait()
 
 
-def local_config(metadata: Path, **kw: object) -> EnricherConfig:
+def served_config(kubeconfig: Path, **kw: object) -> EnricherConfig:
+    """`local_config` reading metadata through the API server `kubeconfig` names."""
+    return local_config(None, kubeconfig=str(kubeconfig), **kw)
+
+
+def local_config(metadata: Path | None, **kw: object) -> EnricherConfig:
+    """`metadata`: a metadata file, or None with `kubeconfig=` (the API server)."""
     return replace(
         EnricherConfig(
             grpc_endpoint=LOCAL,
             http_endpoint=LOCAL,
             metrics_endpoint=LOCAL,
-            kube_metadata=str(metadata),
+            kube_metadata=str(metadata) if metadata is not None else None,
             cluster_cidrs=("10.0.0.0/8",),
             flow_logs_stdout=False,
             shutdown_timeout_s=2.0,
@@ -187,10 +203,24 @@ def metadata_file(tmp_path: Path) -> Path:
     return write_metadata(tmp_path / "cluster.json")
 
 
+@pytest.fixture(scope="session")
+def api_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One CA and serving certificate for the session's test API servers."""
+    return tmp_path_factory.mktemp("pki")
+
+
 @pytest.fixture
-def service(metadata_file: Path, downstream: Downstream) -> Iterator[EnricherService]:
+def enricher_kubeconfig(tmp_path: Path, api_pki: Path) -> Iterator[Path]:
+    """The enricher's kubeconfig for a test API server (HTTPS, RBAC) serving `cluster_objects()`."""
+    with FakeApiServer(tls_dir=api_pki) as api:
+        api.add_many(cluster_objects())
+        yield Path(api.write_kubeconfig(tmp_path / "kubeconfig-enricher", ENRICHER))
+
+
+@pytest.fixture
+def service(enricher_kubeconfig: Path, downstream: Downstream) -> Iterator[EnricherService]:
     exporter = ExporterConfig(f"127.0.0.1:{downstream.port}", max_elapsed_s=5.0)
-    with running(local_config(metadata_file, exporters=(exporter,), max_request_bytes=1 << 20)) as svc:
+    with running(served_config(enricher_kubeconfig, exporters=(exporter,), max_request_bytes=1 << 20)) as svc:
         yield svc
 
 

@@ -25,10 +25,16 @@ from otel_kzt.enricher.service import EnricherService
 from tests.conftest import require
 from tests.integration.test_enricher_badinput import good_request
 from tests.integration.test_enricher_otlp import send_with_sdk
-from tests.integration.test_enricher_service import POD_IPS, local_config, metadata_file, running
+from tests.integration.test_enricher_service import (
+    POD_IPS,
+    api_pki,
+    enricher_kubeconfig,
+    running,
+    served_config,
+)
 from tests.support.tls import Issuer, SecretVolume, der, served_certificate
 
-__all__ = ["metadata_file"]
+__all__ = ["api_pki", "enricher_kubeconfig"]
 
 
 @pytest.fixture
@@ -63,14 +69,14 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.fixture
 def tls_service(
-    metadata_file: Path, certificate: tuple[Path, Path], tmp_path: Path
+    enricher_kubeconfig: Path, certificate: tuple[Path, Path], tmp_path: Path
 ) -> Iterator[EnricherService]:
     token = tmp_path / "token"
     token.write_text("tls-token")
     cert, key = certificate
     with running(
-        local_config(
-            metadata_file, tls_cert_file=str(cert), tls_key_file=str(key), bearer_token_file=str(token)
+        served_config(
+            enricher_kubeconfig, tls_cert_file=str(cert), tls_key_file=str(key), bearer_token_file=str(token)
         )
     ) as svc:
         yield svc
@@ -105,15 +111,17 @@ def test_tls_receivers(tls_service: EnricherService, certificate: tuple[Path, Pa
 
 
 @pytest.mark.integration
-def test_rotated_certificate_and_token_are_used_without_restart(metadata_file: Path, tmp_path: Path) -> None:
+def test_rotated_certificate_and_token_are_used_without_restart(
+    enricher_kubeconfig: Path, tmp_path: Path
+) -> None:
     """A cert-manager renewal (new key, same issuer) and a token rotation, delivered the way kubelet updates
     a Secret volume: new connections get the new certificate on both receivers, the new token is required."""
     issuer, volume = Issuer(tmp_path / "ca"), SecretVolume(tmp_path / "secret")
     first, second = issuer.issue(), issuer.issue()
     volume.write({"tls.crt": first[0], "tls.key": first[1], "token": b"old-token\n"})
     svc = EnricherService(
-        local_config(
-            metadata_file,
+        served_config(
+            enricher_kubeconfig,
             tls_cert_file=volume.path("tls.crt"),
             tls_key_file=volume.path("tls.key"),
             bearer_token_file=volume.path("token"),
@@ -144,7 +152,7 @@ def test_rotated_certificate_and_token_are_used_without_restart(metadata_file: P
 
 
 @pytest.mark.integration
-def test_agent_follows_a_rotated_ca_and_token(metadata_file: Path, tmp_path: Path) -> None:
+def test_agent_follows_a_rotated_ca_and_token(enricher_kubeconfig: Path, tmp_path: Path) -> None:
     """The issuer itself is replaced (a new CA) and the token rotated: the agent's exporter re-reads its CA
     bundle and token files and reconnects; an agent that kept the old ones would be refused or distrust
     the receiver."""
@@ -153,8 +161,8 @@ def test_agent_follows_a_rotated_ca_and_token(metadata_file: Path, tmp_path: Pat
     leaf = old_ca.issue()
     server.write({"tls.crt": leaf[0], "tls.key": leaf[1], "token": b"t1"})
     client.write({"ca.crt": old_ca.cert.read_bytes(), "token": b"t1"})
-    config = local_config(
-        metadata_file,
+    config = served_config(
+        enricher_kubeconfig,
         tls_cert_file=server.path("tls.crt"),
         tls_key_file=server.path("tls.key"),
         bearer_token_file=server.path("token"),
@@ -180,11 +188,15 @@ def test_agent_follows_a_rotated_ca_and_token(metadata_file: Path, tmp_path: Pat
 
 @pytest.mark.integration
 def test_failed_handshakes_keep_no_connection_place(
-    metadata_file: Path, certificate: tuple[Path, Path]
+    enricher_kubeconfig: Path, certificate: tuple[Path, Path]
 ) -> None:
     cert, key = certificate
-    config = local_config(
-        metadata_file, tls_cert_file=str(cert), tls_key_file=str(key), max_connections=3, header_timeout_s=1.0
+    config = served_config(
+        enricher_kubeconfig,
+        tls_cert_file=str(cert),
+        tls_key_file=str(key),
+        max_connections=3,
+        header_timeout_s=1.0,
     )
     with running(config) as svc:
         for _ in range(6):  # plain text to the TLS port: the handshake fails, twice the cap

@@ -36,6 +36,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 
 from otel_kzt import netns, schema
 from otel_kzt.agent.datapath import cleanup
+from tests.support.incluster import InCluster
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
 from tests.support.k8s_cluster import ServedCluster
 from tests.support.k8s_objects import make_node, make_pod
@@ -228,10 +229,12 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
 class Agent:
     """One `otel-kzt agent` process in a node netns; stopped (SIGTERM, then SIGKILL) by its finalizer."""
 
-    def __init__(self, bed: Bed, node: str, *extra: str) -> None:
+    def __init__(self, bed: Bed, node: str, *extra: str, pod: InCluster | None = None) -> None:
+        """`pod`: run it in that pod's view (in-cluster configuration, no metadata flags)."""
         self.bed, self.node = bed, node
         self.log = bed.workdir / f"agent-{node}-{time.monotonic_ns()}.log"
         argv = [
+            *(pod.wrapper(UPLINK[node]) if pod else ()),
             sys.executable,
             "-m",
             "otel_kzt.cli",
@@ -246,7 +249,7 @@ class Agent:
             PIN_ROOT,
             "--cluster-name",
             "ka",
-            *(extra or bed.metadata_args(node)),
+            *(extra or ([] if pod else bed.metadata_args(node))),
         ]
         with self.log.open("wb") as log:
             self.proc = netns.popen_in(node, argv, stdout=subprocess.DEVNULL, stderr=log)
@@ -270,8 +273,8 @@ class Agent:
 def agents(bed: Bed) -> Iterator[Callable[..., Agent]]:
     started: list[Agent] = []
 
-    def start(node: str, *extra: str) -> Agent:
-        agent = Agent(bed, node, *extra)
+    def start(node: str, *extra: str, pod: InCluster | None = None) -> Agent:
+        agent = Agent(bed, node, *extra, pod=pod)
         started.append(agent)
         agent.wait_running()
         return agent
@@ -394,7 +397,9 @@ def test_pod_created_mid_run_gets_named(bed: Bed, agents: Any, tmp_path: Path) -
         forward = _Forwarder(UPLINK[N1], api.url.rsplit(":", 1)[1])
         bed.topo.on_close("api forwarder", forward.close)
         # The agent's own ServiceAccount: the RBAC of deploy/rbac.yaml is what it may read.
-        kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", AGENT, f"http://{UPLINK[N1]}:{forward.port}")
+        kubeconfig = api.write_kubeconfig(
+            tmp_path / "kubeconfig", AGENT, f"http://{UPLINK[N1]}:{forward.port}"
+        )
         agents(N1, "--kubeconfig", kubeconfig)
         bed.traffic(P3, "udp", IP[P2], 5003, 50, 100)
         bed.wait_exports(N1, 3)
@@ -408,6 +413,28 @@ def test_pod_created_mid_run_gets_named(bed: Bed, agents: Any, tmp_path: Path) -
         # Counted all along: what was sent before the pod was known is in the total.
         assert (b["_value"], p["_value"]) == bed.nft("d5003") == (60 * 128, 60)
         forward.close()
+
+
+def test_agent_in_cluster_names_pods_across_a_token_rotation(bed: Bed, agents: Any, tmp_path: Path) -> None:
+    """The agent in a pod's view (ServiceAccount volume, HTTPS verified through its ca.crt, no kubeconfig):
+    after kubelet rotates its token (the old one refused at once), it still learns new pods. Without the
+    token re-read (k8s/kubeclient.py) it sent the old one for a minute: 401, the pod stayed unnamed."""
+    with FakeApiServer(tls_dir=tmp_path / "pki", host="0.0.0.0", tls_ips=(UPLINK[N1],)) as api:
+        api.add_many(_objects(with_p3=False))
+        pod = InCluster(tmp_path, api, AGENT)
+        agents(N1, pod=pod)
+        assert api.refusals == [] and "watch pods" in api.requests
+        pod.rotate()
+        start = len(api.requests)
+        api.drop_connections()  # every watch reconnects with whatever token the agent sends now
+        api.add(make_pod(P3, N1, [IP[P3]], uid=UID[P3]))
+        wait_for(lambda: "watch pods" in api.requests[start:], 30, "the pod watch resumed")
+        bed.traffic(P3, "udp", IP[P2], 5013, 10, 100)
+        match = {schema.SOURCE_ADDRESS: IP[P3], schema.DESTINATION_PORT: 5013}
+        wait_for(lambda: bool(bed.latest(N1, **match)), 30, "named flow")
+        b, _ = flow(bed, N1, IP[P3], IP[P2], 5013)
+        assert (b[schema.SOURCE_POD_NAME], b[schema.SOURCE_POD_UID]) == (P3, UID[P3])
+        assert all(r.startswith("401 ") for r in api.refusals), api.refusals
 
 
 class _Forwarder:

@@ -7,6 +7,12 @@ receives (nftables in its prerouting: the oracle at the receiver), IPv4 and IPv6
 - the overlay device hooked too: the inner packets are counted there, the uplink counts the tunnel
   (node 1 to node 2) apart, and the agent exports only the pods' flow (the overlay ports rule).
 
+- a VLAN-tagged frame inside the VXLAN payload (802.1Q, and QinQ with an 802.1ad outer tag), only the
+  uplink hooked: the inner IP header is found past the tags. The kernel has no VLAN devices here
+  (no 8021q), so node 1 writes the frames to the overlay with a packet socket, priority-tagged (VLAN ID
+  0, which node 2 strips on receive); the first tag's TCI starts with a 4 (priority 2), which a parse
+  that skipped no tag would take for an IPv4 header.
+
 The uplink cuts the node's GSO packets (tunnel GSO, `gso_max_segs 1`) after the hook, so pod B receives
 segments, which the datapath counts (count.h's kzt_wire).
 
@@ -16,6 +22,7 @@ segments, which the datapath counts (count.h's kzt_wire).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +49,10 @@ UPLINK, OVERLAY = "kx12", "kvx"
 NODE_NAME = "kx-vxlan"
 MTU = 1430  # the overlay's (an IPv6 underlay adds 70 bytes to 1500): pod packets fit it whole
 UDP_PORT, TCP_PORT, UDP_COUNT, UDP_SIZE = 7301, 7302, 40, 1200
+
+
+# The tags inside the VXLAN payload (TPID:TCI, outer first): priority 2 and 3, VLAN ID 0.
+TAGS = {"vlan": "8100:4000", "qinq": "88a8:4000,8100:6000"}
 
 
 @dataclass(frozen=True)
@@ -114,15 +125,19 @@ def _oracle() -> None:
     )
 
 
-@pytest.fixture(params=[(4789, 4), (8472, 4), (4789, 6)], ids=["iana", "flannel", "iana-ipv6-underlay"])
-def overlay(request: pytest.FixtureRequest) -> Iterator[Overlay]:
+def _overlay(port: int, family: int) -> Iterator[Overlay]:
     with netns.Topology() as topo:
-        _nodes(topo, *request.param)
+        _nodes(topo, port, family)
         _oracle()
         Net(N1, A, B).serve_tcp(topo, B, TCP_PORT)
         cleanup(NODE_NAME, PIN_ROOT)
         topo.on_close("pins", lambda: cleanup(NODE_NAME, PIN_ROOT))
-        yield Overlay(topo, *request.param)
+        yield Overlay(topo, port, family)
+
+
+@pytest.fixture(params=[(4789, 4), (8472, 4), (4789, 6)], ids=["iana", "flannel", "iana-ipv6-underlay"])
+def overlay(request: pytest.FixtureRequest) -> Iterator[Overlay]:
+    yield from _overlay(*request.param)
 
 
 def _datapath(overlay: Overlay, devices: tuple[str, ...]) -> Datapath:
@@ -153,6 +168,29 @@ def _exported(snap: Snapshot) -> set[tuple[str, str]]:
 def test_pod_flows_inside_the_tunnel_count_by_their_inner_addresses(
     overlay: Overlay, hooked: tuple[str, ...]
 ) -> None:
+    _counted_by_inner_addresses(overlay, hooked)
+
+
+@pytest.mark.parametrize("tags", ["vlan", "qinq"])
+def test_a_vlan_tagged_inner_frame_counts_by_its_inner_addresses(overlay: Overlay, tags: str) -> None:
+    """Over an IPv6 underlay the inner EtherType lies past the outer 64-byte prefix."""
+    dp = _datapath(overlay, (UPLINK,))
+    (a4, a6), (b4, b6) = ADDR[A], ADDR[B]
+    mac = json.loads(netns.ip(N2, "-j", "link", "show", OVERLAY))[0]["address"]
+    for src, dst in ((a4, b4), (a6, b6)):
+        netns.run_in(N1, [sys.executable, TRAFFIC, "udp-tagged", OVERLAY, mac, src, dst, str(UDP_PORT),
+                          str(UDP_COUNT), str(UDP_SIZE), TAGS[tags]], timeout=60)  # fmt: skip
+    settle()
+    snap = dp.snapshot()
+    udp4, udp6 = (UDP_COUNT * (20 + 8 + UDP_SIZE), UDP_COUNT), (UDP_COUNT * (40 + 8 + UDP_SIZE), UDP_COUNT)
+    assert (overlay.counted("u4"), overlay.counted("u6")) == (udp4, udp6)  # node 2 took the tagged frames
+    for k, counter in ((key(a4, b4, UDP, dport=UDP_PORT), "u4"), (key(a6, b6, UDP, dport=UDP_PORT), "u6")):
+        got = flow(snap, k)
+        assert (got.bytes, got.packets) == overlay.counted(counter), counter
+    assert [k for k in snap.flows if k.proto == UDP and overlay.port in (k.src_port, k.dst_port)] == []
+
+
+def _counted_by_inner_addresses(overlay: Overlay, hooked: tuple[str, ...]) -> None:
     dp = _datapath(overlay, hooked)
     (a4, a6), (b4, b6) = ADDR[A], ADDR[B]
     overlay.traffic("udp", b4, UDP_PORT, UDP_COUNT, UDP_SIZE)

@@ -12,6 +12,9 @@ compare the datapath against what was really sent.
     tcp-connects DST PORT N                 N short connections (aborted with RST: no TIME_WAIT)
     udp-stream DST PORT SECONDS SIZE NFLOWS round-robin over NFLOWS destination ports until SECONDS
     udp-gso DST PORT COUNT SIZE SEGMENT     COUNT sends of SIZE bytes with UDP_SEGMENT (one GSO packet each)
+    udp-tagged DEV MAC SRC DST PORT COUNT SIZE TAGS
+                                            COUNT UDP datagrams as Ethernet frames to MAC on DEV (a packet
+                                            socket) behind VLAN tags TAGS ("88a8:4000,8100:6000": TPID:TCI)
 """
 
 from __future__ import annotations
@@ -150,6 +153,39 @@ def udp_gso(dst: str, port: int, count: int, size: int, segment: int) -> dict[st
         return {"sent": count, "datagrams": count * -(-size // segment)}
 
 
+def udp_tagged(args: list[str]) -> dict[str, int]:
+    """Frames built whole (the kernel adds no tag of its own without a VLAN device): IPv4 with its header
+    checksum and no UDP checksum, IPv6 with the UDP checksum over its pseudo-header."""
+    dev, mac, src, dst, tags = args[0], args[1], args[2], args[3], args[7]
+    port, count, size = map(int, args[4:7])
+    v6 = ":" in src
+    family = socket.AF_INET6 if v6 else socket.AF_INET
+    saddr, daddr = socket.inet_pton(family, src), socket.inet_pton(family, dst)
+    payload = b"t" * size
+    udp_len = 8 + size
+    if v6:
+        pseudo = saddr + daddr + struct.pack("!IxxxB", udp_len, 17)
+        csum = _checksum(pseudo + struct.pack("!HHHH", 40000, port, udp_len, 0) + payload) or 0xFFFF
+        ip = struct.pack("!IHBB", 6 << 28, udp_len, 17, 64) + saddr + daddr
+        ethertype = 0x86DD
+    else:
+        csum = 0
+        head = struct.pack("!BBHHHBBH", 0x45, 0, 20 + udp_len, 0, 0x4000, 64, 17, 0) + saddr + daddr
+        ip = head[:10] + struct.pack("!H", _checksum(head)) + head[12:]
+        ethertype = 0x0800
+    with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as sock:
+        sock.bind((dev, 0))
+        own = sock.getsockname()[4]
+        eth = bytes.fromhex(mac.replace(":", "")) + own
+        for tag in filter(None, tags.split(",")):
+            tpid, tci = (int(x, 16) for x in tag.split(":"))
+            eth += struct.pack("!HH", tpid, tci)
+        frame = eth + struct.pack("!H", ethertype) + ip + struct.pack("!HHHH", 40000, port, udp_len, csum)
+        for _ in range(count):
+            sock.send(frame + payload)
+    return {"sent": count}
+
+
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "tcp-serve":
@@ -163,6 +199,7 @@ def main(argv: list[str]) -> None:
         "tcp-send": lambda: tcp_send(args[0], int(args[1]), int(args[2])),
         "tcp-connects": lambda: tcp_connects(args[0], int(args[1]), int(args[2])),
         "udp-gso": lambda: udp_gso(args[0], *map(int, args[1:])),
+        "udp-tagged": lambda: udp_tagged(args),
         "udp-stream": lambda: udp_stream(args[0], int(args[1]), float(args[2]), int(args[3]), int(args[4])),
     }
     print(json.dumps(handlers[cmd]()), flush=True)

@@ -4,8 +4,11 @@ It serves pods, nodes, services (`/api/v1/...`), EndpointSlices (`/apis/discover
 discovery documents, `/version` and the health paths, and speaks enough of the real protocol for the real
 `kubernetes` client to list and watch through it:
 
+- TLS with `tls_dir=`: a private CA (`ca_file`) and a serving certificate for the listening address, which
+  clients verify (`https://`; kubeconfigs name the CA, in-cluster clients read it as `ca.crt`);
 - authentication: bearer tokens of the ServiceAccounts in `deploy/rbac.yaml` (`token(AGENT)`), an admin
-  token (`system:masters`), anonymous without a header, `401` for any other token;
+  token (`system:masters`), anonymous without a header, `401` for any other token; `rotate_token(AGENT)`
+  replaces one, refusing the old one from then on (a bound token replaced by kubelet, the worst case);
 - authorisation: RBAC from the same `deploy/rbac.yaml` the deploy tests validate (plus the bootstrap roles
   every cluster has: discovery, basic-user, public-info); `403` with the real `Status` for the rest;
 - list: `limit` + `continue` pages served from a consistent snapshot, `metadata.resourceVersion`;
@@ -30,6 +33,8 @@ from __future__ import annotations
 import bisect
 import json
 import socket
+import ssl
+import sys
 import threading
 import time
 import uuid
@@ -46,6 +51,7 @@ from kubernetes import config as k8s_config
 from tests.support.k8s_handler import ApiHandler
 from tests.support.k8s_rbac import Rbac, Tokens
 from tests.support.k8s_resources import KINDS, RESOURCES
+from tests.support.tls import Issuer
 
 # The components' identities, as deploy/rbac.yaml creates them: (namespace, ServiceAccount).
 AGENT = ("otel-kzt", "otel-kzt-agent")
@@ -82,6 +88,18 @@ class Snapshot:
     items: list[bytes]
 
 
+def _pki(tls_dir: Path, ips: tuple[str, ...]) -> Path:
+    """A CA and a serving certificate for `ips` under `tls_dir`, made once: servers given the same directory
+    (a session's, say) share them, as a cluster's API servers share its CA (openssl costs ~1 s a pair)."""
+    pki = tls_dir / "-".join(ips)
+    if not (pki / "serving.key").exists():
+        issuer = Issuer(pki)
+        crt, key = issuer.issue("kubernetes.default.svc", ips)
+        (pki / "serving.crt").write_bytes(crt)
+        (pki / "serving.key").write_bytes(key)  # last: its presence says the set is complete
+    return pki
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = False  # server_close() joins every handler thread: nothing is left running
     block_on_close = True
@@ -90,6 +108,19 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, api: FakeApiServer) -> None:
         self.api = api
         super().__init__((api.host, 0), ApiHandler)
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, addr = super().get_request()
+        if self.api.ssl_context is not None:  # the handshake happens in the handler's thread, on first read
+            conn = self.api.ssl_context.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
+        return conn, addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ssl.SSLError):  # a client refused the certificate (or spoke plain HTTP)
+            self.api.tls_failures.append(str(exc.reason))
+            return
+        super().handle_error(request, client_address)
 
 
 class FakeApiServer:
@@ -104,11 +135,22 @@ class FakeApiServer:
         rbac: Rbac | None = None,
         git_version: str = DEFAULT_VERSION,
         host: str = "127.0.0.1",  # another local address: reachable from network namespaces (e2e nodes)
+        tls_dir: Path | None = None,  # serve HTTPS with the CA and certificate kept there (made if absent)
+        tls_ips: tuple[str, ...] = (),  # more addresses the certificate is valid for (`via` addresses)
     ) -> None:
         self.host = host
+        self.ca_file: Path | None = None
+        self.ssl_context: ssl.SSLContext | None = None
+        if tls_dir is not None:
+            ips = tuple(dict.fromkeys(["127.0.0.1", *([host] if host != "0.0.0.0" else []), *tls_ips]))
+            pki = _pki(Path(tls_dir), ips)
+            self.ca_file = pki / "ca.crt"
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(pki / "serving.crt", pki / "serving.key")
         self.rbac = rbac if rbac is not None else Rbac.shipped()
         self.tokens = Tokens(self.rbac.service_accounts)
         self.git_version = git_version
+        self.tls_failures: list[str] = []  # handshakes that failed: "TLSV1_ALERT_UNKNOWN_CA"
         self.refusals: list[str] = []  # "403 list nodes system:serviceaccount:…", "401 GET /api/v1/pods"
         self.history_limit = history_limit
         self.bookmark_interval_s = bookmark_interval_s
@@ -164,24 +206,42 @@ class FakeApiServer:
     def url(self) -> str:
         assert self._server is not None, "server not started"
         host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return f"{self.scheme}://{host!s}:{port}"
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.ssl_context is None else "https"
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "server not started"
+        return int(self._server.server_address[1])
 
     def token(self, account: tuple[str, str]) -> str:
         """The bearer token of `account` (AGENT, ENRICHER, ADMIN, or another ServiceAccount of the RBAC)."""
         return self.tokens.admin if account == ADMIN else self.tokens.token(*account)
+
+    def rotate_token(self, account: tuple[str, str]) -> str:
+        """A new token for `account`, the old one refused from the next request on (open watches go on, as
+        a real server authenticates a request once); returns the new token."""
+        return self.tokens.rotate(*account)
 
     def write_kubeconfig(self, path: str | Path, account: tuple[str, str], server: str | None = None) -> str:
         """A kubeconfig that points the client at this server (or `server`) as `account`; returns the path."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": server or self.url}}],
+            "clusters": [{"name": "fake", "cluster": self._cluster(server or self.url)}],
             "users": [{"name": account[1], "user": {"token": self.token(account)}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": account[1]}}],
             "current-context": "fake",
         }
         Path(path).write_text(yaml.safe_dump(config))
         return str(path)
+
+    def _cluster(self, server: str) -> dict[str, str]:
+        ca = {} if self.ca_file is None else {"certificate-authority": str(self.ca_file)}
+        return {"server": server, **ca}
 
     def client(self, path: str | Path, account: tuple[str, str]) -> k8s_client.ApiClient:
         """The real client, as `account`, through a kubeconfig at `path` (as the components load it)."""
@@ -269,8 +329,8 @@ class FakeApiServer:
             self.drop_epoch += 1
             self.cond.notify_all()
         for conn in connections:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
+            try:  # the socket's own shutdown: an SSLSocket's would unwrap it under its handler's feet
+                socket.socket.shutdown(conn, socket.SHUT_RDWR)
             except OSError:
                 continue  # already closed by the other side: nothing left to cut
 
@@ -323,4 +383,3 @@ class FakeApiServer:
         """Events newer than `rv` (caller holds `cond`)."""
         start = bisect.bisect_right(self.events, rv, key=lambda e: e.rv)
         return self.events[start:]
-

@@ -54,7 +54,7 @@ class ServedCluster:
 
     @property
     def port(self) -> int:
-        return int(self.api.url.rsplit(":", 1)[1])
+        return self.api.port
 
     def sync(self, objects: Iterable[dict[str, Any]]) -> None:
         """Make the served objects equal `objects` (a List's items, or the items of several): new ones are
@@ -78,10 +78,10 @@ class ServedCluster:
         self.sync(json.loads(Path(path).read_text()).get("items") or ())
 
     def kubeconfig(self, account: tuple[str, str], via: str | None = None) -> Path:
-        """A kubeconfig as `account` whose server is http://<via>:<port> (default: the listening host)."""
+        """A kubeconfig as `account` whose server is http(s)://<via>:<port> (default: the listening host)."""
         host = via or self.api.host
         path = self.workdir / f"kubeconfig-{account[1]}-{host.replace(':', '_')}"
-        self.api.write_kubeconfig(path, account, f"http://{host}:{self.port}")
+        self.api.write_kubeconfig(path, account, f"{self.api.scheme}://{host}:{self.port}")
         return path
 
     def args(self, account: tuple[str, str], via: str | None = None) -> list[str]:

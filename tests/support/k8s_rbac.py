@@ -328,6 +328,14 @@ class Tokens:
         """The token of an existing ServiceAccount (KeyError for one the manifests do not create)."""
         return self._by_account[(namespace, name)]
 
+    def rotate(self, namespace: str, name: str) -> str:
+        """A new token for the ServiceAccount; the old one is refused from now on (KeyError: no account)."""
+        old = self._by_account[(namespace, name)]
+        new = f"sa.{namespace}.{name}.{secrets.token_hex(8)}"
+        self._users[new] = self._users.pop(old)
+        self._by_account[(namespace, name)] = new
+        return new
+
     def user(self, authorization: str | None) -> User | None:
         """The user an `Authorization` header names; ANONYMOUS without one; None for a bad token (401)."""
         if not authorization:

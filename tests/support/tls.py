@@ -35,11 +35,12 @@ class Issuer:
             "-keyout", str(self.key), "-out", str(self.cert),
         )  # fmt: skip
 
-    def issue(self, name: str = "localhost") -> tuple[bytes, bytes]:
-        """(certificate PEM, key PEM) of a new leaf with a new key, valid for 127.0.0.1 and `name`."""
+    def issue(self, name: str = "localhost", ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) of a new leaf with a new key, valid for `ips` and `name`."""
         n = next(_SERIAL)
         key, csr, crt, ext = (self.dir / f"leaf{n}.{s}" for s in ("key", "csr", "crt", "ext"))
-        ext.write_text(f"subjectAltName=IP:127.0.0.1,DNS:{name}\n")
+        names = ",".join([*(f"IP:{ip}" for ip in ips), f"DNS:{name}"])
+        ext.write_text(f"subjectAltName={names}\n")
         _openssl(
             "req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
             "-keyout", str(key), "-out", str(csr),

@@ -59,6 +59,42 @@ def test_an_evicted_flow_adds_its_last_bytes_and_the_next_one_counts_whole() -> 
     assert vips.observe(fake.snapshot()) == 1000 + 40 + 70
 
 
+def test_a_flow_begun_and_evicted_between_two_reads_counts_whole() -> None:
+    """Seen only as an evicted final value: all of it was sent since the last read."""
+    fake, catalog = FakeMap(), Catalog()
+    vips = ServiceVipBytes(catalog, started_unix_ns=fake.now_ns - SEC)
+    assert vips.observe(fake.snapshot()) == 0
+    fake.add(TO_VIP, 700, 3)
+    fake.add(TO_POD, 5000)
+    fake.race[TO_VIP] = (30, 1)
+    fake.evict([TO_VIP, TO_POD])
+    assert vips.observe(fake.snapshot()) == 730  # the pod flow is no VIP flow
+    assert vips.observe(fake.snapshot()) == 730  # reported once
+    fake.add(TO_VIP, 5)  # the same key again, read this time
+    assert vips.observe(fake.snapshot()) == 735
+
+
+def test_an_evicted_flow_whose_service_was_listed_meanwhile_counts_whole() -> None:
+    fake, catalog = FakeMap(), Catalog()
+    catalog.vips = {}
+    vips = ServiceVipBytes(catalog, started_unix_ns=fake.now_ns - SEC)
+    fake.add(TO_VIP, 1000)
+    assert vips.observe(fake.snapshot()) == 0  # not a VIP yet
+    catalog.vips, catalog.generation = {VIP: API}, 2
+    fake.evict([TO_VIP])
+    assert vips.observe(fake.snapshot()) == 1000
+
+
+def test_a_flow_of_the_previous_process_evicted_before_the_first_read_is_the_restart_gap() -> None:
+    """Begun under the previous process, which reported it until its last read; what followed is in
+    neither run (the documented restart gap), so nothing of it is counted here."""
+    fake, catalog = FakeMap(), Catalog()
+    fake.add(TO_VIP, 1000)
+    vips = ServiceVipBytes(catalog, started_unix_ns=fake.now_ns + SEC)
+    fake.evict([TO_VIP])
+    assert vips.observe(fake.snapshot()) == 0
+
+
 def test_a_flow_older_than_the_process_counts_from_its_first_read() -> None:
     """The previous agent process reported what it sent until then (its own run of the counter)."""
     fake, catalog = FakeMap(), Catalog()

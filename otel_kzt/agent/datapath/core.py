@@ -25,8 +25,10 @@ that (NTP) shifts no start time, so first-seen times stay on the clock as it was
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterable
@@ -182,22 +184,24 @@ class Datapath:
         flow keeps the previous snapshot's key and counter objects: a steady state allocates little."""
         offset, ks, vs = tables.boot_offset, layout.key.size, layout.value.size
         known, prev, shared = self._keys, self._prev, self._shared
+        raw_key, value = _raw_key(ks), layout.value
         for keys, values, count in tables.batches(layout):
-            for i in range(count):
-                raw = bytes(keys[i * ks : (i + 1) * ks])
-                nbytes, packets, first_boot, _dead = flowmap.decode_value(layout, values, i * vs)
+            # Both buffers unpacked by C iterators: no slice, no call per flow.
+            raws, decoded = raw_key.iter_unpack(keys[: count * ks]), value.iter_unpack(values[: count * vs])
+            for (raw,), (nbytes, packets, first_boot, _dead, _key) in zip(raws, decoded, strict=True):
                 key = known.get(raw)
                 if key is None:
                     key = known[raw] = flowmap.decode_key(layout, raw, shared=shared)
                 counters = prev.get(key)
+                first_seen = first_boot + offset
                 # The kernel keeps no last-seen time (a clock read per packet): the snapshot that first
                 # saw the current packet count stands in for it.
                 if (
                     counters is None
                     or counters.packets != packets
-                    or counters.first_seen_unix_ns != first_boot + offset
+                    or counters.first_seen_unix_ns != first_seen
                 ):
-                    counters = FlowCounters(nbytes, packets, first_boot + offset, now)
+                    counters = FlowCounters(nbytes, packets, first_seen, now)
                 flows[key] = counters
 
     def _forget_gone(self, flows: dict[FlowKey, FlowCounters]) -> None:
@@ -271,6 +275,12 @@ class Datapath:
         if self._evict_fd >= 0:
             os.close(self._evict_fd)
         self._evict_fd = -1
+
+
+@functools.cache
+def _raw_key(size: int) -> struct.Struct:
+    """A whole raw key as one bytes field (what `_keys` is keyed by)."""
+    return struct.Struct(f"{size}s")
 
 
 def cleanup(node_name: str, pin_root: str = pins.DEFAULT_PIN_ROOT) -> None:

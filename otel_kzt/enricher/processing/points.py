@@ -115,7 +115,10 @@ class SumEnricher:
             read = known.read(*part)
             if read is not None:
                 return self._repeat(known, read, where, batch, out)
-        return self._general(part, table, where, batch, out)
+            # a current layout that did not fit: the group is irregular; learn again from the next pass
+            del self._layouts[where]
+            return self._general(part, table, where, batch, out, learn=False)
+        return self._general(part, table, where, batch, out, learn=True)
 
     def _repeat(
         self,
@@ -157,9 +160,12 @@ class SumEnricher:
             out.append(known.trailer)
         return size
 
-    def _general(self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes]) -> int:
+    def _general(
+        self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes], *, learn: bool
+    ) -> int:
         """The hot loop of a Sum in another shape: each point named by its series key, resolved when
-        needed; the group's layout is made from a pass where every point was plain, or dropped.
+        needed. With `learn` (no current layout for the group), the plain points are recorded while every
+        point so far was plain, and the group's layout is made from a pass where every point was.
 
         Written for speed (one struct call reads tags, times and value; no helper calls on a cache hit).
         """
@@ -167,7 +173,7 @@ class SumEnricher:
         trailer: list[bytes] = []  # aggregation_temporality, is_monotonic, unknown fields
         billed: list[Billed] = []  # flow-log increments of this Sum, paired after the loop
         seen: list[Seen] = []  # the plain points, for the layout
-        plain = True  # every point plain and nothing resolved: a layout is made
+        plain = learn  # every point plain and nothing resolved: a layout is made
         (buf, pos, end), generation, now, unpack = part, batch.generation, batch.now, _UNPACK_CANONICAL
         count = self._rule.count
         while pos < end:
@@ -229,7 +235,8 @@ class SumEnricher:
                     billed.append((entry.template, key, inc, entry.since, t))
             if size == entry.plain_len:  # as the series' cached header was computed for, no rename
                 out += (entry.header, raw, entry.resolved.extra)
-                seen.append((head, point, entry, key))
+                if plain:
+                    seen.append((head, point, entry, key))
             else:
                 plain = False
                 if size != entry.point_len:  # first seen in another shape (object path)
@@ -244,11 +251,12 @@ class SumEnricher:
         if billed:
             self._pair(batch, where, billed)
         out += trailer
-        made = layout(generation, part, seen, b"".join(trailer)) if plain and seen else None
-        if made is None:
-            self._layouts.pop(where, None)
-        else:
-            self._layouts[where] = made
+        if learn:
+            made = layout(generation, part, seen, b"".join(trailer)) if plain and seen else None
+            if made is None:
+                self._layouts.pop(where, None)
+            else:
+                self._layouts[where] = made
         return size_out + sum(map(len, trailer))
 
     def _odd_point(self, raw: bytes, table: dict[bytes, Series], where: GroupKey, batch: Batch) -> bytes:

@@ -294,6 +294,27 @@ static __always_inline u32 kzt_l4_len(const struct kzt_pkt *p, const u8 *hdr, u3
     return (u32)(doff >> 4) * 4;
 }
 
+/* A VXLAN payload's Ethernet header at `eth`: the offset of the inner IP header after it and up to two
+ * VLAN tags (802.1Q 0x8100; QinQ: an 802.1ad 0x88A8 or 802.1Q outer tag before a 802.1Q one); 0 where
+ * the frame carries something else (ARP, a third tag, MPLS). */
+static __always_inline u32 kzt_vxlan_ip(const struct kzt_pkt *p, u32 eth)
+{
+    u8 t[10]; /* EtherType, then (tagged) TCI and EtherType twice */
+    if (KZT_LOAD(p, eth + 12, t, sizeof(t)) < 0)
+        return 0;
+    u16 type = ((u16)t[0] << 8) | t[1];
+    u32 off = eth + 14;
+    if (type == 0x8100 || type == 0x88A8) {
+        type = ((u16)t[4] << 8) | t[5];
+        off += 4;
+        if (type == 0x8100) {
+            type = ((u16)t[8] << 8) | t[9];
+            off += 4;
+        }
+    }
+    return (type == 0x0800 || type == 0x86DD) ? off : 0;
+}
+
 /* Where the mode cannot read the GSO type (tc, cgroup): a GSO packet to a VXLAN port is a tunnel's;
  * returns the inner L4 header's offset (0: not VXLAN) and sets *proto to the inner protocol. */
 static __always_inline u32 kzt_vxlan_l4(const struct kzt_pkt *p, u32 l4off, u8 *proto)
@@ -304,7 +325,9 @@ static __always_inline u32 kzt_vxlan_l4(const struct kzt_pkt *p, u32 l4off, u8 *
     u16 dport = ((u16)udp[2] << 8) | udp[3];
     if (dport != KZT_VXLAN_IANA && dport != KZT_VXLAN_LINUX)
         return 0;
-    u32 inner = l4off + 8 + 8 + 14; /* UDP, VXLAN, inner Ethernet */
+    u32 inner = kzt_vxlan_ip(p, l4off + 8 + 8); /* UDP, VXLAN, inner Ethernet (and tags) */
+    if (inner == 0)
+        return 0;
     u8 ip[10];
     if (KZT_LOAD(p, inner, ip, sizeof(ip)) < 0)
         return 0;

@@ -10,11 +10,14 @@
  *                 counter atomically) and returns TC_ACT_UNSPEC, which tcx reads as TCX_NEXT: the
  *                 verdict stays with whatever runs after it (a CNI's program, the qdisc).
  *   kzt_count     the counter. With KZT_TC_INNER (no overlay device hooked) a VXLAN packet to one of
- *                 KZT_VXLAN_PORT0/1 is counted as its inner packet, the one with the pods' addresses.
+ *                 KZT_VXLAN_PORT0/1 is counted as its inner packet, the one with the pods' addresses,
+ *                 behind up to two VLAN tags in the inner frame (802.1Q, QinQ: count.h's kzt_vxlan_ip);
+ *                 one whose inner frame is not IP (the overlay's ARP; three tags) is not IP traffic.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
  * Overhead: one 64-byte skb load (two more for a packet shorter than that), one hash lookup, two atomic
- * adds, one tail call; with KZT_TC_INNER one 48-byte load more. Measured by bench/datapath_overhead.py.
+ * adds, one tail call; with KZT_TC_INNER the same load serves the VXLAN check (a VXLAN packet: a 10-byte
+ * load of its inner EtherType and tags, and the inner packet's 64 bytes). Measured by bench/datapath_overhead.py.
  * Wire-exact: GSO packets are counted as their segments (count.h's kzt_wire, from __sk_buff's gso_size
  * and gso_segs; the GSO type is not readable here, so a tunnel's GSO is recognised by its VXLAN port);
  * fragments are made before this hook, so they are counted as they are.
@@ -30,12 +33,10 @@
 #include "count.h"
 
 #ifdef KZT_TC_INNER
-/* VXLAN: outer IP, UDP (8), VXLAN (8), inner Ethernet (14); returns the inner IP header's offset or 0. */
-static __always_inline u32 kzt_vxlan_inner(struct kzt_skb_ref *ref)
+/* VXLAN, from the outer header prefix: outer IP, UDP (8) to one of the ports; returns the offset of the
+ * VXLAN payload's Ethernet header (after the 8-byte VXLAN header) or 0. */
+static __always_inline u32 kzt_vxlan_eth(const u8 *o)
 {
-    u8 o[48];
-    if (kzt_skb_read(ref, 0, o, sizeof(o)) < 0)
-        return 0;
     u32 l4 = 0;
     if ((o[0] >> 4) == 4 && o[9] == 17)
         l4 = (o[0] & 0x0F) * 4;
@@ -43,10 +44,10 @@ static __always_inline u32 kzt_vxlan_inner(struct kzt_skb_ref *ref)
         l4 = 40;
     if (l4 == 0 || l4 > 40)
         return 0;
-    u16 dport = ((u16)o[l4 + 2] << 8) | o[l4 + 3];
+    u16 dport = ((u16)o[(l4 + 2) & 63] << 8) | o[(l4 + 3) & 63];
     if (dport != KZT_VXLAN_PORT0 && dport != KZT_VXLAN_PORT1)
         return 0;
-    return l4 + 8 + 8 + KZT_ETH_HLEN;
+    return l4 + 8 + 8;
 }
 #endif
 
@@ -64,10 +65,23 @@ int kzt_count(struct __sk_buff *skb)
     p.gso_size = skb->gso_size; /* egress runs before the stack segments: count the segments (count.h) */
     p.gso_segs = skb->gso_segs;
 #ifdef KZT_TC_INNER
-    u32 inner = kzt_vxlan_inner(&ref);
-    if (inner) {
-        ref.base = inner;
-        p.len = p.len > inner ? p.len - inner : 0;
+    /* One read of the header prefix serves both the VXLAN check and the count (count.h's p.hdr). A
+     * VXLAN packet's headers to its inner IP header are more than 64 bytes, in the linear part: one
+     * whose prefix cannot be read whole is no VXLAN packet count.h could parse inside. */
+    u8 hdr[KZT_HDR_READ] __attribute__((aligned(8)));
+    if (kzt_skb_read(&ref, 0, hdr, sizeof(hdr)) == 0) {
+        p.hdr = hdr;
+        u32 eth = kzt_vxlan_eth(hdr);
+        if (eth) {
+            u32 inner = kzt_vxlan_ip(&p, eth);
+            if (inner == 0) {
+                kzt_stat(KZT_STAT_NOT_IP); /* the overlay's own ARP: no pod's IP traffic */
+                return KZT_TC_NEXT;
+            }
+            ref.base = inner;
+            p.hdr = 0;
+            p.len = p.len > inner ? p.len - inner : 0;
+        }
     }
 #endif
     kzt_count_packet(&p);
