@@ -208,3 +208,14 @@ def test_rules_change_at_once_and_tokens_stay_valid(api: FakeApiServer, tmp_path
         assert can_i(admin, "delete", "secrets")  # system:masters: cluster-admin
     with pytest.raises(KeyError):
         api.token(("otel-kzt", "no-such-account"))  # tokens exist only for ServiceAccounts of the RBAC
+
+
+def test_a_rotated_token_replaces_the_old_one(api: FakeApiServer) -> None:
+    old = api.token(ENRICHER)
+    new = api.rotate_token(ENRICHER)
+    assert new != old and api.token(ENRICHER) == new and api.token(AGENT) != new
+    with raw_client(api, old) as stale:
+        assert refused(k8s_client.CoreV1Api(stale).list_node)[0] == 401
+    with raw_client(api, new) as fresh:  # the same account: the same rules
+        assert len(k8s_client.CoreV1Api(fresh).list_node().items) == len(api.objects("Node"))
+        assert refused(k8s_client.CoreV1Api(fresh).list_namespaced_secret, "otel-kzt")[0] == 403
