@@ -226,26 +226,35 @@ def _overlap(src: _End, dst: _End) -> tuple[float, float]:
     return max(src.valid_from, dst.valid_from), min(src.valid_until, dst.valid_until)
 
 
+# Each end's attribute names, made once: pod, namespace, uid, node, workload kind and name, zone, region
+_END_KEYS: Final = {
+    end: tuple(
+        schema.end_attr(end, suffix)
+        for suffix in (
+            schema.POD_NAME, schema.NAMESPACE_NAME, schema.POD_UID, schema.NODE_NAME,
+            schema.WORKLOAD_KIND, schema.WORKLOAD_NAME, schema.AVAILABILITY_ZONE, schema.REGION,
+        )
+    )
+    for end in (schema.SOURCE, schema.DESTINATION)
+}  # fmt: skip
+
+
 def _end_attrs(end: str, info: _End) -> list[tuple[str, str]]:
     ep = info.endpoint
     if ep is None:
         return []
+    pod, namespace, uid, node_key, kind, name, zone, region = _END_KEYS[end]
     out: list[tuple[str, str]] = []
-    if not ep.is_node:
-        out += [
-            (schema.end_attr(end, schema.POD_NAME), ep.pod_name or ""),
-            (schema.end_attr(end, schema.NAMESPACE_NAME), ep.namespace or ""),
-            (schema.end_attr(end, schema.POD_UID), ep.pod_uid or ""),
-        ]
+    if ep.workload_kind is not WorkloadKind.NODE:
+        out += [(pod, ep.pod_name or ""), (namespace, ep.namespace or ""), (uid, ep.pod_uid or "")]
     if ep.node_name:
-        out.append((schema.end_attr(end, schema.NODE_NAME), ep.node_name))
-    out += [
-        (schema.end_attr(end, schema.WORKLOAD_KIND), ep.workload_kind.value),
-        (schema.end_attr(end, schema.WORKLOAD_NAME), ep.workload_name),
-    ]
-    if info.node is not None and info.node.zone:
-        out.append((schema.end_attr(end, schema.AVAILABILITY_ZONE), info.node.zone))
-    if info.node is not None and info.node.region:
-        out.append((schema.end_attr(end, schema.REGION), info.node.region))
+        out.append((node_key, ep.node_name))
+    out += [(kind, ep.workload_kind.value), (name, ep.workload_name)]
+    node = info.node
+    if node is not None:
+        if node.zone:
+            out.append((zone, node.zone))
+        if node.region:
+            out.append((region, node.region))
     # Empty values (a pod without a uid in a file fixture) say nothing: leave them out.
     return [(k, v) for k, v in out if v]
