@@ -250,6 +250,11 @@ def main() -> int:
     parser.add_argument("--intervals", type=int, default=6)
     parser.add_argument("--cluster-agents", type=int, default=1000, help="cluster-scale run (0: skip)")
     args = parser.parse_args()
+    if args.intervals < 3 or args.agents < 1 or args.series < 1 or args.cluster_agents < 0:
+        parser.error(
+            "--intervals >= 3 (the reuse check reads three), --agents and --series >= 1, "
+            "--cluster-agents >= 0"
+        )
     index, ips = build_index(args.agents, 30)
     payloads = build_payloads(ips, args.series, args.intervals)
     points = args.agents * args.series * 2
