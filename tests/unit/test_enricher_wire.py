@@ -13,7 +13,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_kzt import schema
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, FlowRecords, FlowTemplate
-from otel_kzt.enricher.processing.protowire import AttributeEncoder, Writer, split, varint
+from otel_kzt.enricher.processing.protowire import AttributeEncoder, Writer, spans, varint
 from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
 from tests.unit.test_enricher_core import FakeIndex, attrs_of, make_core, request
@@ -32,15 +32,15 @@ def test_varint_and_attributes_match_protobuf(value: int) -> None:
     assert encoder.double_value(value / 3) == as_double.SerializeToString()
 
 
-def test_split_and_writer_rebuild_the_same_bytes() -> None:
+def test_spans_and_writer_rebuild_the_same_bytes() -> None:
     buf = request([("10.0.0.1", "10.0.0.4", 5, 1), ("10.0.0.2", "10.0.0.4", 6, 1)]).SerializeToString()
     out = Writer()
-    for number, whole, payload in split(buf):
+    for number, start, body, end in spans(buf, 0, len(buf)):
         assert number == 1
         mark = out.open()
-        for inner in split(payload):
-            out.add(inner[1])
-        out.close(whole[0], mark)
+        for _inner, inner_start, _inner_body, inner_end in spans(buf, body, end):
+            out.add(buf[inner_start:inner_end])
+        out.close(buf[start], mark)
     assert out.getvalue() == buf and out.size == len(buf)
 
 

@@ -149,24 +149,6 @@ def skip_field(buf: bytes, pos: int) -> int:
     raise ValueError(f"unsupported protobuf wire type {wire} (groups)")
 
 
-def split(buf: bytes) -> Iterator[tuple[int, bytes, bytes]]:
-    """The top-level fields of one message: (field number, the whole field, its payload if length-delimited).
-
-    Used per container (request, resource, scope, metric), never per data point. `buf` was produced or
-    accepted by the protobuf library, so only the four live wire types occur.
-    """
-    pos, end = 0, len(buf)
-    while pos < end:
-        start = pos
-        pos = skip_field(buf, pos)
-        tag, body = read_varint(buf, start)
-        payload = b""
-        if tag & 7 == 2:
-            size, body = read_varint(buf, body)
-            payload = buf[body : body + size]
-        yield tag >> 3, buf[start:pos], payload
-
-
 def spans(buf: bytes, pos: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """The top-level fields of the message in `buf[pos:end]`, as offsets into `buf`: (field number, field
     start, its payload's start, field end); for a field that is not length-delimited the payload start is

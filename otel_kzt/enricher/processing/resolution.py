@@ -60,10 +60,17 @@ class Resolved:
         The full map served the aggregation labels and flow-log template, built once before this."""
         attrs = self.attrs
         keep = {k: attrs[k] for k in _SLIM_KEYS if k in attrs}
-        return Resolved(
-            self.extra, keep, self.traffic_class, self.provider, self.basis,
-            self.valid_from, self.valid_until, self.services, self.source_node,
-        )  # fmt: skip
+        return Resolved(  # by keyword, not dataclasses.replace (a field-by-field copy per new series)
+            extra=self.extra,
+            attrs=keep,
+            traffic_class=self.traffic_class,
+            provider=self.provider,
+            basis=self.basis,
+            valid_from=self.valid_from,
+            valid_until=self.valid_until,
+            services=self.services,
+            source_node=self.source_node,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +252,7 @@ def _end_attrs(end: str, info: _End) -> list[tuple[str, str]]:
         return []
     pod, namespace, uid, node_key, kind, name, zone, region = _END_KEYS[end]
     out: list[tuple[str, str]] = []
-    if ep.workload_kind is not WorkloadKind.NODE:
+    if not ep.is_node:
         out += [(pod, ep.pod_name or ""), (namespace, ep.namespace or ""), (uid, ep.pod_uid or "")]
     if ep.node_name:
         out.append((node_key, ep.node_name))
