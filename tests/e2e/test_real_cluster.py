@@ -107,7 +107,9 @@ def _reuse_a_port_of_a_direct_connection(run: E2ERun, client: PodSpec) -> None:
     ports the direct one used: the flake of issue 10 (two connections counted twice by the old ground
     truth, and credited to the node by the old datapath)."""
     for family in (0, 1):
-        sport = 40_404 + family
+        # Below ip_local_port_range (32768-60999): none of the 500 connections above can hold this port in
+        # TIME_WAIT without SO_REUSEADDR, which would refuse the bind (it did, in CI: EADDRINUSE).
+        sport = 20_404 + family
         for endpoint in run.real.catalog.pods:
             exchange_from_port(client.netns, endpoint.addresses[family], TEST_PORT, sport,
                                request_bytes=600, response_bytes=3_000)
