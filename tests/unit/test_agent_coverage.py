@@ -54,6 +54,20 @@ def test_pod_and_device_traffic_is_ip_level() -> None:
     assert devices_sent(links(), {"eth0"}).bytes == 50_000
 
 
+def test_netkit_pod_devices_count_as_pods_in_either_mode() -> None:
+    """Cilium's netkit devices are pods' devices too (docs/datapaths.md): in L3 mode (its default) they have
+    no link header (`link_type` none), in L2 mode an Ethernet one; a netkit pair inside the node is not a
+    pod's, nor is a device of another kind."""
+    l3 = {**veth("nk0", rx=(70_000, 100)), "link_type": "none", "linkinfo": {"info_kind": "netkit"}}
+    l2 = {**veth("nk1", rx=(14_000 + 14 * 10, 10)), "linkinfo": {"info_kind": "netkit"}}
+    inside = {**veth("nk2", rx=(10**6, 10), peer=False), "linkinfo": {"info_kind": "netkit"}}
+    bridge = {**veth("br0", rx=(10**6, 10)), "linkinfo": {"info_kind": "bridge"}}
+    assert pod_sent([l3, l2, inside, bridge], uplinks=set()) == pod_sent([l3, l2], uplinks=set())
+    assert pod_sent([l3, l2], uplinks=set()).bytes == 70_000 + 14_000
+    assert pod_sent([l3, l2], uplinks=set()).packets == 110
+    assert pod_sent([l3, l2], uplinks={"nk0"}).bytes == 14_000  # an uplink is never a pod's
+
+
 def test_no_verdict_on_the_baseline_on_little_traffic_and_without_metadata() -> None:
     links = Links()
     check = CoverageCheck("netfilter", uplinks=lambda: {"eth0"}, links=links)
