@@ -186,6 +186,9 @@ def test_bad_prices_name_the_field(tmp_path: Path, text: str, field: str) -> Non
         (["--shutdown-timeout", "0s"], "shutdown_timeout", "positive duration"),
         (["--grpc-endpoint", ":4318"], "http_endpoint", "port 4318 is also grpc_endpoint's"),
         (["--metrics-port", "4317"], "metrics_endpoint", "port 4317 is also grpc_endpoint's"),
+        (["--max-inflight-bytes", "1000", "--max-request-bytes", "1001"], "max_inflight_bytes", "never be"),
+        (["--max-connections", "0"], "max_connections", "positive integer"),
+        (["--max-concurrent-calls", "-1"], "max_concurrent_calls", "positive integer"),
     ],
 )
 def test_fields_that_do_not_fit_together_are_refused_naming_the_field(
