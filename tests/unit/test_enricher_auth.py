@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 from pathlib import Path
 
@@ -30,3 +31,24 @@ def test_no_token_accepts_everything_and_an_empty_file_is_a_config_error(tmp_pat
     empty.write_text("\n")
     with pytest.raises(ConfigError, match="bearer_token_file"):
         BearerCheck(token_file=str(empty))
+
+
+def test_tokens_are_compared_in_constant_time_against_every_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The comparison is `hmac.compare_digest`, once per accepted token and with no early exit, so neither
+    a token's bytes nor which line matched shows in the answer's timing (an `==` would pass the tests
+    above)."""
+    token = tmp_path / "token"
+    token.write_text("first\nsecond\n")
+    check = BearerCheck(token_file=str(token))
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    assert check.accepts("Bearer first")
+    assert compared == [(b"first", b"first"), (b"first", b"second")]
