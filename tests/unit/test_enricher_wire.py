@@ -5,15 +5,18 @@ from __future__ import annotations
 import io
 import json
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
 from otel_kzt import schema
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, FlowRecords, FlowTemplate
-from otel_kzt.enricher.processing.protowire import AttributeEncoder, Writer, spans, varint
+from otel_kzt.enricher.processing.protowire import AttributeEncoder, Writer, spans, string_attributes, varint
 from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
 from tests.unit.test_enricher_core import FakeIndex, attrs_of, make_core, request
@@ -197,3 +200,40 @@ def test_string_attributes_are_what_protobuf_writes() -> None:
     record = LogRecord.FromString(template().otlp_static)  # the flow log's static part parses back whole
     assert {kv.key: kv.value.string_value for kv in record.attributes}[schema.TRAFFIC_CLASS] == "cross-zone"
     assert record.event_name == "kzt.flow" and record.severity_text == "INFO"
+
+
+_keys = st.sampled_from(
+    [schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS, schema.SOURCE_POD_NAME, schema.DESTINATION_ZONE,
+     schema.TRAFFIC_CLASS, "event", "ünï", "a", "b.c"]
+) | st.text(max_size=12)  # fmt: skip
+_values = st.sampled_from(["", "10.0.0.1", "x" * 200, "cödé ✓", '"quoted"\\ \n']) | st.text(max_size=150)
+_attr_sets = st.dictionaries(_keys, _values, max_size=12)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(_attr_sets, min_size=1, max_size=4), st.sampled_from(TrafficClass))
+def test_a_flow_template_is_what_the_libraries_write(
+    attr_sets: list[dict[str, str]], cls: TrafficClass
+) -> None:
+    """Its pieces come from caches (key order, JSON members, fields): the same bytes as orjson and protobuf
+    writing the whole record, whatever the keys (one named `event` too) and values, in any key order."""
+    for attrs in [*attr_sets, dict(reversed(attr_sets[0].items()))]:
+        made = FlowTemplate(Resolved(b"", attrs, cls, "aws"), 1e-11, json_lines=True, otlp=True)
+        ordered = sorted(attrs.items())
+        assert made.json_prefix == orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME, **dict(ordered)})[:-1]
+        head = LogRecord(
+            severity_number=SEVERITY_NUMBER_INFO,
+            severity_text="INFO",
+            event_name=schema.FLOW_LOG_EVENT_NAME,
+            body=AnyValue(
+                string_value=f"{cls.value} flow {attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
+                f"{attrs.get(schema.DESTINATION_ADDRESS, '?')}"
+            ),
+        )
+        assert made.otlp_static == head.SerializeToString() + string_attributes(ordered, 0x32)
+        assert (
+            LogRecord.FromString(made.otlp_static).attributes
+            == LogRecord(
+                attributes=[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in ordered]
+            ).attributes
+        )
