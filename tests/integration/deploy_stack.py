@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,14 +22,13 @@ from typing import Any
 
 import yaml
 
+from tests.support import ports
+
 LOCALHOST = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCALHOST, 0))
-        port: int = s.getsockname()[1]
-        return port
+    return ports.free_port(LOCALHOST)
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -31,17 +30,12 @@ from tests.integration.test_enricher_service import (
     served_config,
     wait_ready,
 )
+from tests.support.ports import free_port
 
 __all__ = ["api_pki", "enricher_kubeconfig"]
 PROMETHEUS = "/usr/bin/prometheus"
 RATE_QUERY = "topk(20, rate(pod_cross_zone_network_traffic_bytes_total[5m])) / 1e6"
 INCREASE_QUERY = "topk(20, increase(pod_cross_zone_network_traffic_bytes_total[1w])) / 1e6"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

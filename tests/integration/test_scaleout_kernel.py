@@ -14,7 +14,6 @@ listener port 27080, OTLP and /metrics ports ephemeral.
 from __future__ import annotations
 
 import functools
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from tests.e2e.conftest import AGGREGATION, in_scope
 from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
 from tests.support.k8s_cluster import ENRICHER, ServedRun
+from tests.support.ports import free_port
 
 pytestmark = [pytest.mark.kernel, pytest.mark.integration]
 
@@ -43,13 +43,6 @@ NET_ID = 207
 TEST_PORT = 27080
 L = schema.prom_label
 PAIR = f"{L(schema.SOURCE_ADDRESS)}, {L(schema.DESTINATION_ADDRESS)}, {L(schema.NETWORK_TRANSPORT)}"
-
-
-def _free_port_any() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))  # free on every address: the replicas listen on the fabric's host address
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _serves(url: str) -> bool:
@@ -64,7 +57,8 @@ class ReplicatedRun(ServedRun):
         """Pick gRPC ports such that the agents do not all prefer the same replica."""
         host = self.cluster.plan.host(4)
         for _ in range(50):
-            self.grpc_ports = [_free_port_any(), _free_port_any()]
+            # free on every address: the replicas listen on the fabric's host address
+            self.grpc_ports = [free_port(""), free_port("")]
             urls = [f"http://{host}:{p}" for p in self.grpc_ports]
             self.home = {
                 n.name: urls.index(rendezvous_rank(n.name, expand(urls, False, resolve))[0].url)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
@@ -17,6 +16,7 @@ from otel_kzt.savings.engine import Engine
 from otel_kzt.savings.jsonform import report_from_json, report_to_json
 from otel_kzt.savings.model import Direction, Report, ServiceState, Workload, flow_key
 from otel_kzt.savings.render import render
+from tests.support.ports import free_port
 
 WEB, API = Workload("shop", "Deployment", "web"), Workload("shop", "Deployment", "api")
 
@@ -25,8 +25,10 @@ def _report(until: int = 20) -> Report:
     """web (a, c) -> api (endpoints in a, b) at 1 MB/s from each zone; at t=11 api is set to
     PreferSameZone, after which a's clients stay in a (c has no endpoint: it still crosses)."""
     engine = Engine(window_s=10.0)
-    keys = [flow_key(WEB, "a", API, "b", service=("shop", "api"), direction=Direction.FROM),
-            flow_key(WEB, "c", API, "a", service=("shop", "api"), direction=Direction.FROM)]
+    keys = [
+        flow_key(WEB, "a", API, "b", service=("shop", "api"), direction=Direction.FROM),
+        flow_key(WEB, "c", API, "a", service=("shop", "api"), direction=Direction.FROM),
+    ]
     api = ServiceState("shop", "api", "ClusterIP", schema.ROUTING_NONE, {"a": 1, "b": 1})
     db = ServiceState("shop", "postgres", "ClusterIP", schema.ROUTING_HEADLESS, {"a": 1})
     pg = Workload("shop", "StatefulSet", "postgres")
@@ -100,14 +102,8 @@ def test_report_command_table(enricher_url: str, capsys: pytest.CaptureFixture[s
     assert "spread-endpoints" in capsys.readouterr().out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_unreadable_source_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
-    url = f"http://127.0.0.1:{_free_port()}"
+    url = f"http://127.0.0.1:{free_port()}"
     assert cli.main(["report", "--enricher", url]) == 1
     assert f"cannot read {url}/api/v1/savings" in capsys.readouterr().err
 
