@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from otel_kzt import schema
-from otel_kzt.enricher.processing.resolution import Resolver
-from otel_kzt.enricher.processing.services import billed_flow_key, service_keys
+from otel_kzt.enricher.exporters.prometheus import Aggregates
+from otel_kzt.enricher.processing.resolution import Resolved, Resolver
+from otel_kzt.enricher.processing.services import billed_flow_key, service_keys, service_targets
 from otel_kzt.k8s.model import Endpoint, NodeInfo
 from otel_kzt.k8s.servicemodel import ClusterVersion, ServiceRef, ServiceView
 from otel_kzt.savings.model import Direction, Workload, flow_key
@@ -160,3 +164,70 @@ def test_free_and_portless_flows_are_not_billed_flows() -> None:
     assert billed_flow_key(portless, TrafficClass.CROSS_ZONE, (None, None)) is None
     no_zone = {schema.SOURCE_ZONE: "a", schema.DESTINATION_PORT: "80"}
     assert billed_flow_key(no_zone, TrafficClass.CROSS_REGION, (None, None)) is None
+
+
+def _targets_as_made_whole(agg: Aggregates, metric: str, resolved: Resolved, usd: float) -> list[object]:
+    """Aggregates.targets' answer computed afresh, step by step (what its shared sets must equal)."""
+    attrs, cls = resolved.attrs, resolved.traffic_class
+    labels = tuple(attrs.get(k, "") for k in agg.flow_labels)
+    if metric == schema.FLOW_PACKETS:
+        return [(id(agg.flow_packets), labels, 1.0)]
+    out: list[object] = [(id(agg.flow_bytes), labels, 1.0)]
+    if attrs.get(schema.SOURCE_ZONE) and attrs.get(schema.DESTINATION_ZONE):
+        out.append((id(agg.zone_bytes), (attrs[schema.SOURCE_ZONE], attrs[schema.DESTINATION_ZONE]), 1.0))
+    pod, namespace = attrs.get(schema.SOURCE_POD_NAME), attrs.get(schema.SOURCE_NAMESPACE_NAME)
+    if cls in (TrafficClass.CROSS_ZONE, TrafficClass.CROSS_REGION) and pod and namespace:
+        out.append((id(agg.pod_cross_zone), (namespace, pod), 1.0))
+    if cls in schema.BILLED_CLASSES and usd > 0:
+        workload = (schema.SOURCE_NAMESPACE_NAME, schema.SOURCE_WORKLOAD_KIND, schema.SOURCE_WORKLOAD_NAME)
+        cost_key = (*(attrs.get(k, "") for k in workload), cls.value)
+        out.append((id(agg.cost), cost_key, usd))
+    out += [(id(d), k, f) for d, k, f in service_targets(agg, attrs, cls, resolved.services, usd)]
+    return out
+
+
+_KEYS = [
+    schema.SOURCE_ZONE, schema.DESTINATION_ZONE, schema.SOURCE_POD_NAME, schema.SOURCE_NAMESPACE_NAME,
+    schema.SOURCE_WORKLOAD_KIND, schema.SOURCE_WORKLOAD_NAME, schema.DESTINATION_NAMESPACE_NAME,
+    schema.DESTINATION_WORKLOAD_KIND, schema.DESTINATION_WORKLOAD_NAME, schema.DESTINATION_PORT,
+    schema.SOURCE_PORT, schema.TRAFFIC_CLASS, schema.DESTINATION_POD_NAME,
+]  # fmt: skip
+_values = st.sampled_from(["", "a", "b", None])  # None: the attribute left out
+_rarely = st.sampled_from([False] * 5 + [True])
+_series = st.tuples(
+    st.sampled_from([schema.FLOW_BYTES, schema.FLOW_BYTES, schema.FLOW_PACKETS]),
+    st.dictionaries(st.sampled_from(_KEYS), _values, max_size=2),  # what it changes of the first's
+    _rarely,  # same-zone instead of the example's class
+    _rarely,  # retain() before it: the shared sets start afresh
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    st.fixed_dictionaries({k: _values for k in _KEYS}),
+    st.tuples(
+        st.sampled_from([TrafficClass.CROSS_ZONE, TrafficClass.CROSS_REGION, TrafficClass.EXTERNAL]),
+        st.tuples(st.sampled_from([None, API]), st.sampled_from([None, ServiceRef("shop", "web")])),
+        st.sampled_from([0.0, 1e-11]),  # USD per byte
+    ),
+    st.lists(_series, min_size=1, max_size=40),
+    st.sampled_from([schema.DEFAULT_FLOW_AGGREGATION, (schema.TRAFFIC_CLASS,), (schema.DESTINATION_PORT,)]),
+)
+def test_series_targets_equal_their_sets_made_whole(
+    first: dict[str, str | None],
+    naming: tuple[TrafficClass, tuple[ServiceRef | None, ServiceRef | None], float],
+    series: list[tuple[str, dict[str, str | None], bool, bool]],
+    flow_labels: tuple[str, ...],
+) -> None:
+    """Targets are shared between series by what they read: each set equals the one made from its own
+    attributes, whichever (nearly alike) series made it first, and across the pruning (retain) that
+    empties the sharing, whatever the flow labels."""
+    agg = Aggregates(flow_labels)
+    cls, refs, usd = naming
+    for metric, changes, same_zone, prune in series:
+        if prune:
+            agg.retain([], 0.0, 60.0)
+        attrs = {k: v for k, v in {**first, **changes}.items() if v is not None}
+        resolved = Resolved(b"", attrs, TrafficClass.SAME_ZONE if same_zone else cls, "aws", services=refs)
+        made = agg.targets(metric, resolved, usd)
+        assert [(id(d), k, f) for d, k, f in made] == _targets_as_made_whole(agg, metric, resolved, usd)

@@ -30,6 +30,16 @@ Snapshot = dict[str, dict[tuple[str, ...], float]]  # family name (and "agents")
 Target = tuple[Totals, tuple[str, ...], float]
 
 _CROSS_ZONE_CLASSES: Final = frozenset({TrafficClass.CROSS_ZONE, TrafficClass.CROSS_REGION})
+# What a byte series' targets read besides its flow labels, class, price, Services and which ports it has
+# (the source pod's own target aside): series equal in these share their targets (Aggregates.targets).
+_BYTES_BASIS: Final = tuple(
+    schema.end_attr(end, suffix)
+    for end in (schema.SOURCE, schema.DESTINATION)
+    for suffix in (schema.AVAILABILITY_ZONE, schema.NAMESPACE_NAME, schema.WORKLOAD_KIND,
+                   schema.WORKLOAD_NAME)
+)  # fmt: skip
+# Aggregates.targets' parts of byte series: targets before the pod's, after it, the sets by pod
+_BytesParts = tuple[tuple[Target, ...], tuple[Target, ...], dict[tuple[str, str] | None, tuple[Target, ...]]]
 
 
 class Aggregates:
@@ -52,24 +62,50 @@ class Aggregates:
         self._orphaned: dict[tuple[int, tuple[str, ...]], float] = {}  # entry -> since no series feeds it
         self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}  # pruned with the entries in retain()
         self._target_sets: dict[tuple[object, ...], tuple[Target, ...]] = {}  # pruned in retain() too
+        # shortcuts to those sets for new series (see `targets`), emptied in retain()
+        self._packets_sets: dict[tuple[str, ...], tuple[Target, ...]] = {}
+        self._bytes_sets: dict[tuple[object, ...], _BytesParts] = {}
         # Folds pending per-series increments into the dicts above; set by the core, run under `lock`.
         self.before_snapshot: Callable[[], None] | None = None
 
     def targets(self, metric: str, resolved: Resolved, usd_per_byte: float) -> tuple[Target, ...]:
         """Where increments of one series go; computed once per series and metadata generation.
 
-        Label tuples are interned: thousands of series feed the same workload-level entry."""
+        Label tuples are interned: thousands of series feed the same workload-level entry. A new series
+        (100k in a cluster's first interval) mostly finds its set made for another: packets by their
+        flow labels, bytes by what their targets read (`_BYTES_BASIS`) and then their source pod."""
         attrs = resolved.attrs
-        flow_key = self.intern(tuple(map(attrs.get, self.flow_labels, self._blanks)))
+        labels = tuple(map(attrs.get, self.flow_labels, self._blanks))
         if metric == schema.FLOW_PACKETS:
-            return self._share(((self.flow_packets, flow_key, 1.0),))
-        out: list[Target] = [(self.flow_bytes, flow_key, 1.0)]
+            found = self._packets_sets.get(labels)
+            if found is None:
+                found = self._share(((self.flow_packets, self.intern(labels), 1.0),))
+                self._packets_sets[labels] = found
+            return found
+        cls = resolved.traffic_class
+        basis = (labels, cls, usd_per_byte, resolved.services, *map(attrs.get, _BYTES_BASIS),
+                 not attrs.get(schema.DESTINATION_PORT), not attrs.get(schema.SOURCE_PORT))  # fmt: skip
+        made = self._bytes_sets.get(basis)
+        if made is None:
+            made = self._bytes_sets[basis] = self._bytes_parts(labels, resolved, usd_per_byte)
+        before, after, by_pod = made
+        pod, namespace = attrs.get(schema.SOURCE_POD_NAME), attrs.get(schema.SOURCE_NAMESPACE_NAME)
+        pod_key = (namespace, pod) if cls in _CROSS_ZONE_CLASSES and pod and namespace else None
+        found = by_pod.get(pod_key)
+        if found is None:
+            middle = () if pod_key is None else ((self.pod_cross_zone, self.intern(pod_key), 1.0),)
+            found = by_pod[pod_key] = self._share(before + middle + after)
+        return found
+
+    def _bytes_parts(self, labels: tuple[str, ...], resolved: Resolved, usd_per_byte: float) -> _BytesParts:
+        """A byte series' targets before its source pod's (flow, zones) and after it (cost, Services,
+        savings), and the full sets by pod made of them."""
+        attrs = resolved.attrs
+        before: list[Target] = [(self.flow_bytes, self.intern(labels), 1.0)]
         src_zone, dst_zone = attrs.get(schema.SOURCE_ZONE), attrs.get(schema.DESTINATION_ZONE)
         if src_zone and dst_zone:
-            out.append((self.zone_bytes, self.intern((src_zone, dst_zone)), 1.0))
-        pod, namespace = attrs.get(schema.SOURCE_POD_NAME), attrs.get(schema.SOURCE_NAMESPACE_NAME)
-        if resolved.traffic_class in _CROSS_ZONE_CLASSES and pod and namespace:
-            out.append((self.pod_cross_zone, self.intern((namespace, pod)), 1.0))
+            before.append((self.zone_bytes, self.intern((src_zone, dst_zone)), 1.0))
+        after: list[Target] = []
         if resolved.traffic_class in schema.BILLED_CLASSES and usd_per_byte > 0:
             cost_key = (
                 attrs.get(schema.SOURCE_NAMESPACE_NAME, ""),
@@ -77,9 +113,9 @@ class Aggregates:
                 attrs.get(schema.SOURCE_WORKLOAD_NAME, ""),
                 resolved.traffic_class.value,
             )
-            out.append((self.cost, self.intern(cost_key), usd_per_byte))
-        out += service_targets(self, attrs, resolved.traffic_class, resolved.services, usd_per_byte)
-        return self._share(tuple(out))
+            after.append((self.cost, self.intern(cost_key), usd_per_byte))
+        after += service_targets(self, attrs, resolved.traffic_class, resolved.services, usd_per_byte)
+        return tuple(before), tuple(after), {}
 
     def _share(self, targets: tuple[Target, ...]) -> tuple[Target, ...]:
         """One tuple per distinct set of targets, shared by its series (memory; a checkpoint copies few)."""
@@ -119,6 +155,7 @@ class Aggregates:
         keep: dict[int, set[tuple[str, ...]]] = {}
         distinct = list({id(t): t for t in live}.values())  # series share their targets tuples
         self._target_sets = {tuple((id(d), k, f) for d, k, f in t): t for t in distinct}
+        self._packets_sets, self._bytes_sets = {}, {}
         for targets in distinct:
             for totals, key, _ in targets:
                 keep.setdefault(id(totals), set()).add(key)
