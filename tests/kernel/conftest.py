@@ -99,13 +99,23 @@ class Net:
     def count_received(self, ns: str, src: str, dst: str, *, match: str, name: str) -> None:
         """An nftables counter `name` (in `inet kd`) of what `ns` receives from `src` to `dst` matching
         `match`: the oracle of what reached the other end, segments and not the sender's buffers."""
+        self._count(ns, "prerouting priority -300", (src, dst, match), name)
+
+    def count_leaving_node(self, src: str, dst: str, *, match: str, name: str) -> None:
+        """A counter `name` of the node's POSTROUTING (before any hook of the datapath's): the buffers as
+        the node's stack sends them, GSO packets whole, before a device cuts them into segments."""
+        self._count(self.node, "postrouting priority 0", (src, dst, match), name)
+
+    def _count(self, ns: str, hook: str, what: tuple[str, str, str], name: str) -> None:
+        """A counter in chain `hook` ("prerouting priority -300") of `what` (src, dst, nft match)."""
+        src, dst, match = what
         ip = "ip6" if ":" in src else "ip"
         self.nft(
             f"""
             table inet kd {{
                 counter {name} {{ }}
-                chain pre {{
-                    type filter hook prerouting priority -300; policy accept;
+                chain {hook.split(maxsplit=1)[0]} {{
+                    type filter hook {hook}; policy accept;
                     {ip} saddr {src} {ip} daddr {dst} {match} counter name {name}
                 }}
             }}""",

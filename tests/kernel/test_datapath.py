@@ -80,6 +80,7 @@ def test_tcp_matches_what_arrives(net: Net, datapath: DatapathFactory, topo: obj
     net.segment_after_node()
     net.count_received(net.pod_b, src, dst, match="tcp dport 8080", name="kdfwd")
     net.count_received(net.pod_a, dst, src, match="tcp sport 8080", name="kdback")
+    net.count_leaving_node(src, dst, match="tcp dport 8080", name="kdbuffers")
     net.serve_tcp(topo, net.pod_b, 8080)  # type: ignore[arg-type]
     dp = datapath()
     net.traffic(net.pod_a, "tcp-send", dst, 8080, 8_000_000)
@@ -89,6 +90,8 @@ def test_tcp_matches_what_arrives(net: Net, datapath: DatapathFactory, topo: obj
     back = flow(snap, key(dst, src, TCP, sport=8080))
     wire_bytes, wire_packets = net.nft_counter("kdfwd", ns=net.pod_b)
     assert wire_packets > 8_000_000 // 1500  # segments reached pod B, not the sender's super-packets
+    # ...which did pass the node (and every mode's hook) whole: else counting buffers would pass too
+    assert net.nft_counter("kdbuffers")[1] * 2 < wire_packets
     assert (fwd.bytes, fwd.packets) == (wire_bytes, wire_packets)
     assert (back.bytes, back.packets) == net.nft_counter("kdback", ns=net.pod_a)
 
