@@ -14,10 +14,10 @@ import time
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent.datapath import Datapath, bpfsys, cleanup, flowmap
+from otel_kzt.agent.datapath import Datapath, bpfsys, cleanup, flowmap, modes
 from otel_kzt.agent.datapath.netfilter import LINK_PRIORITY
 from otel_kzt.agent.flows import ORIGIN_LOCAL, FlowCounters, FlowKey
-from tests.kernel.conftest import MODES, PIN_ROOT, DatapathFactory, Net, settle
+from tests.kernel.conftest import MODES, NODE_DEVICES, PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import TCP, UDP, key
 from tests.support.seccomp import refuse_in_this_thread
 
@@ -189,32 +189,32 @@ def _link_exists(link_id: int) -> bool:
     return proc.returncode == 0
 
 
-def test_no_pin_detaches_on_close(net: Net, datapath: DatapathFactory) -> None:
+LINKS = {"netfilter": 2, "tc": len(NODE_DEVICES), "cgroup": 1}  # IPv4 + IPv6 hooks; devices; the root
+MAP_PINS = ["dying4", "dying6", "flows4", "flows6", "meta", "overflow", "progs", "stats"]
+
+
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+def test_no_pin_detaches_on_close(net: Net, datapath: DatapathFactory, mode: str) -> None:
     dp = datapath(pin=False)
     ids = _link_ids(dp)
-    assert len(ids) == 2 and all(_link_exists(i) for i in ids)
+    assert len(ids) == LINKS[mode] and all(_link_exists(i) for i in ids)
     assert not os.path.exists(os.path.join(PIN_ROOT, dp.config.node_name))
     dp.close()
     dp.close()  # safe twice
     assert not any(_link_exists(i) for i in ids)
 
 
-def test_cleanup_detaches_and_unpins(net: Net, datapath: DatapathFactory) -> None:
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+def test_cleanup_detaches_and_unpins(net: Net, datapath: DatapathFactory, mode: str) -> None:
     dp = datapath()
     ids = _link_ids(dp)
+    assert len(ids) == LINKS[mode]
     directory = os.path.join(PIN_ROOT, dp.config.node_name)
-    assert sorted(os.listdir(directory)) == [
-        "dying4",
-        "dying6",
-        "flows4",
-        "flows6",
-        "link_v4",
-        "link_v6",
-        "meta",
-        "overflow",
-        "progs",
-        "stats",
-    ]
+    attachments = sorted(set(os.listdir(directory)) - set(MAP_PINS))
+    assert set(MAP_PINS) <= set(os.listdir(directory))
+    assert len(attachments) == LINKS[mode] and all(modes.MODES[mode].owns_pin(n) for n in attachments)
+    if mode == "netfilter":
+        assert attachments == ["link_v4", "link_v6"]
     dp.close()
     assert all(_link_exists(i) for i in ids), "pinned links outlive the agent"
     cleanup(dp.config.node_name, PIN_ROOT)
