@@ -1,7 +1,8 @@
 """Property-based proof of the counting rule (DESIGN §4, §5.7) on the real enrichment core.
 
 Hypothesis draws true flows (series with restarts: several runs, each a cumulative sequence), then a
-delivery: every point in any order (an evicted run's final after the next run's points, late points),
+delivery: every point in any order (an evicted run's final after the next run's points, late points), each
+as an integer (the canonical fast path) or a double (the object path, as other senders write it),
 duplicates and retries, idle gaps longer than the series TTL (forgotten series come back), enrichment
 renames (metadata moves a pod to another zone), and enricher restarts: with the state file (as at
 SIGTERM), from a stale state file (as after SIGKILL, with the agents re-sending what followed it), and
@@ -71,7 +72,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[list[list[int]]], list[tuple[str, i
     order = draw(st.permutations(range(len(points))))
     steps: list[tuple[str, int]] = []
     for i in order:
-        steps.append(("point", i))
+        steps.append((draw(st.sampled_from(["point", "point", "point", "double"])), i))
         extra = draw(st.sampled_from(["", "", "", "", "again", "gap", "rename", "state", "stale", "fresh"]))
         if extra == "again":  # a duplicate now, or a retry of an earlier point
             steps.append(("point", draw(st.sampled_from([i, *order[: order.index(i) + 1]]))))
@@ -122,9 +123,11 @@ class Bed:
             self.retired += before - sum(self.agg.flow_bytes.values())
 
         self.agg.retain = retain_and_tally  # type: ignore[method-assign]
-        self.streams: dict[tuple[object, ...], int] = {}  # downstream stream -> its last value
+        self.streams: dict[tuple[object, ...], float] = {}  # downstream stream -> its last value
 
-    def deliver(self, i: int) -> None:
+    def deliver(self, i: int, *, double: bool = False) -> None:
+        """Point i, as the agent encodes it (an integer: the canonical fast path) or `double` (as_double, as
+        other senders write it: the object path); both count by the one rule."""
         s, r, v = self.points[i]
         run = self.plan[s][r]
         self.now[0] += 0.001
@@ -137,7 +140,8 @@ class Bed:
         self.delivered.append(i)
         port = {schema.DESTINATION_PORT: str(s + 1)}
         t = run.start_ns + (v + 1) * 1_000_000  # measured after its start, in value order
-        self.core.consume_metrics(request([(WEB, CACHE, run.values[v], run.start_ns)], t=t, **port))
+        value: int | float = float(run.values[v]) if double else run.values[v]
+        self.core.consume_metrics(request([(WEB, CACHE, value, run.start_ns)], t=t, **port))
         self.check_downstream()
 
     def check_downstream(self) -> None:
@@ -147,8 +151,9 @@ class Bed:
         for dp in sent.resource_metrics[0].scope_metrics[0].metrics[0].sum.data_points:
             attrs = tuple(sorted((kv.key, kv.value.string_value) for kv in dp.attributes))
             stream = (attrs, dp.start_time_unix_nano)
-            assert dp.as_int >= self.streams.get(stream, 0), "a re-exported stream went backwards"
-            self.streams[stream] = dp.as_int
+            value = dp.as_double if dp.WhichOneof("value") == "as_double" else dp.as_int
+            assert value >= self.streams.get(stream, 0), "a re-exported stream went backwards"
+            self.streams[stream] = value
 
     def rename(self) -> None:
         """Metadata moves the destination pod to the other zone (and back): every series is renamed."""
@@ -229,8 +234,8 @@ def test_the_aggregates_are_what_the_rule_promises_and_never_exceed_the_truth(
     bed = Bed(plan)
     truth = sum(run.values[-1] for series in bed.plan for run in series)
     for kind, arg in steps:
-        if kind == "point":
-            bed.deliver(arg)
+        if kind in ("point", "double"):
+            bed.deliver(arg, double=kind == "double")
         elif kind == "gap":
             bed.now[0] += GAPS_S[arg]
         elif kind == "rename":
