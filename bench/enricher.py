@@ -105,10 +105,11 @@ def make_core(index: ClusterIndex, flow_logs: bool, json_lines: bool = False) ->
 
 
 def through(core: Core) -> Callable[[bytes], None]:
-    """What a receiver does: decode (all or nothing), then hand request and its bytes to the core."""
+    """What a receiver does: hand the request's bytes to the core (which reads a steady request from its
+    bytes alone and decodes any other, all or nothing)."""
 
     def run(payload: bytes) -> None:
-        core.consume_metrics(ExportMetricsServiceRequest.FromString(payload), raw=payload)
+        core.consume_encoded(payload, ExportMetricsServiceRequest.FromString)
 
     return run
 

@@ -86,12 +86,12 @@ def test_a_real_agent_pass_through_the_core_equals_the_agents_own_metrics() -> N
 
 def test_stale_health_goes_the_last_report_stays_while_the_node_exists() -> None:
     _, payload = agent_pass()
-    request = ExportMetricsServiceRequest.FromString(payload)
+    metrics = ExportMetricsServiceRequest.FromString(payload).resource_metrics[0].scope_metrics[0].metrics
     clock = [0.0]
     idx = FakeIndex()
     agents = AgentsHealth(idx, fresh_s=120, retention_s=3600, clock=lambda: clock[0])
-    agents.observe(NODE, request.resource_metrics[0], 0.0)
-    agents.observe("gone-node", request.resource_metrics[0], 0.0)  # not in the metadata
+    agents.observe(NODE, metrics, 0.0)
+    agents.observe("gone-node", metrics, 0.0)  # not in the metadata
     registry = CollectorRegistry()
     registry.register(agents)
     clock[0] = 121.0
@@ -105,10 +105,10 @@ def test_stale_health_goes_the_last_report_stays_while_the_node_exists() -> None
 
 def test_the_cap_refuses_new_nodes_and_counts_them() -> None:
     _, payload = agent_pass()
-    rm = ExportMetricsServiceRequest.FromString(payload).resource_metrics[0]
+    metrics = ExportMetricsServiceRequest.FromString(payload).resource_metrics[0].scope_metrics[0].metrics
     agents = AgentsHealth(None, max_agents=2, clock=lambda: 0.0)
     for node in ("a", "b", "c"):
-        agents.observe(node, rm, 0.0)
+        agents.observe(node, metrics, 0.0)
     registry = CollectorRegistry()
     registry.register(agents)
     got = scrape(registry)

@@ -59,7 +59,8 @@ def encode(points: list[tuple[int, int, int]], t: int) -> bytes:
 
 
 class Twins:
-    """Two cores over one index and clock, one keeping layouts: everything they produce, side by side."""
+    """Two cores over one index and clock, one keeping layouts and given encoded requests: everything they
+    produce, side by side."""
 
     def __init__(self) -> None:
         self.index, self.now = FakeIndex(), [100.0]
@@ -76,7 +77,10 @@ class Twins:
     def send(self, payload: bytes) -> None:
         seen = []
         for core, agg, registry, sink, stream in self.beds:
-            outcome = core.consume_metrics(ExportMetricsServiceRequest.FromString(payload), raw=payload)
+            if core._points._layouts.__class__ is NoLayouts:  # decoded, every Sum the general pass
+                outcome = core.consume_metrics(ExportMetricsServiceRequest.FromString(payload), raw=payload)
+            else:  # as the receivers hand it: steady requests read from their bytes alone (encoded.py)
+                outcome = core.consume_encoded(payload, ExportMetricsServiceRequest.FromString)
             with agg.lock:
                 agg.before_snapshot and agg.before_snapshot()
                 totals = {name: dict(family) for name, family in agg.families().items()}

@@ -4,8 +4,9 @@ Per request: validate the kzt.flow.* points (rejected ones are removed and repor
 add the DESIGN §3 attributes, turn cumulative values into increments for the /metrics aggregates, pair
 bytes and packets into flow-log records, then hand the re-serialised request to the exporters.
 
-Speed: the same series arrive every interval. The request is walked as bytes next to its decoded form:
-decisions (metric names and kinds) come from the objects, the output is re-assembled from the input bytes
+Speed: the same series arrive every interval. The request is walked as bytes next to a plan of it: the
+decisions (metric names and kinds) come from the decoded objects, or for a steady request from its bytes
+alone (encoded.py: such a request is not decoded at all); the output is re-assembled from the input bytes
 and the cached, pre-serialised enrichment of each series (points.py), and joined once. Nothing is
 re-encoded by the protobuf library on the hot path.
 """
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -25,12 +26,12 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     AGGREGATION_TEMPORALITY_CUMULATIVE,
     Metric,
     ResourceMetrics,
-    ScopeMetrics,
 )
 
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
 from otel_kzt.enricher.processing.cost import PriceTable
+from otel_kzt.enricher.processing.encoded import MetricPlan, Planner, ResourcePlan, count_points, sender
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
 from otel_kzt.enricher.processing.points import Batch, SumEnricher
 from otel_kzt.enricher.processing.protowire import Writer, spans
@@ -51,8 +52,6 @@ _RM_RESOURCE: Final = 1
 _RM_SCOPE_METRICS: Final = 2
 _SM_METRICS: Final = 2
 _METRIC_SUM: Final = 7
-# Resource attributes that name a sender (the rest, like service.version, may change across restarts).
-_AGENT_IDENTITY: Final = (schema.CLUSTER_NAME, schema.SERVICE_NAME, schema.RESOURCE_NODE_NAME)
 
 
 class Sink(Protocol):
@@ -117,6 +116,7 @@ class Core:
             json_flow_logs=flow_log is not None,
             otlp_flow_logs=self._flow_logs_otlp,
         )
+        self._planner = Planner(self._points)
         aggregates.before_snapshot = self._table.fold_all
         health.bind(lambda: sync_summary(index)[0], lambda: self._table.count)
 
@@ -138,17 +138,38 @@ class Core:
 
         `raw` is the request's encoding when the receiver has it (saves one serialisation).
         """
+        return self._consume(request.SerializeToString() if raw is None else raw, request, None)
+
+    def consume_encoded(self, raw: bytes, decode: Callable[[bytes], ExportMetricsServiceRequest]) -> Outcome:
+        """`consume_metrics` of an encoded request: a steady one is walked from its bytes alone
+        (encoded.py), any other decoded by `decode` (which raises for an undecodable one: nothing counted)."""
+        return self._consume(raw, None, decode)
+
+    def _consume(
+        self,
+        buf: bytes,
+        request: ExportMetricsServiceRequest | None,
+        decode: Callable[[bytes], ExportMetricsServiceRequest] | None,
+    ) -> Outcome:
         if not self._slots.acquire(blocking=False):
             raise Overloaded("enricher busy: too many requests in flight", retry_after_s=1.0)
         try:
             ready = self._index.ready()
             batch = Batch(self._index.generation if ready else -1, ready, self._clock())
-            buf = request.SerializeToString() if raw is None else raw
-            with self._agg.lock:
-                payload = self._request(request, buf, batch)
-                self._table.maybe_sweep(batch.now)
-                declined = self._rule.take_declined()
-                evicted = self._table.take_evicted()
+            done = None
+            if request is None:
+                with self._agg.lock:
+                    plan = self._planner.plan(buf, batch.generation)
+                    if plan is not None:
+                        done = self._walk(buf, iter(plan), batch)
+                if done is None:
+                    assert decode is not None
+                    request = decode(buf)  # outside the lock: the slow path
+            if done is None:
+                assert request is not None
+                with self._agg.lock:
+                    done = self._walk(buf, map(_plan, request.resource_metrics), batch)
+            payload, declined, evicted = done
             if batch.rejected:
                 self._health.rejected.inc(batch.rejected)
                 declined[schema.NOT_COUNTED_REJECTED] = batch.rejected
@@ -160,6 +181,14 @@ class Core:
         message = "; ".join(f"{n} data points: {r}" for r, n in sorted((batch.reasons or {}).items()))
         return Outcome(batch.rejected, message)
 
+    def _walk(
+        self, buf: bytes, plans: Iterator[ResourcePlan], batch: Batch
+    ) -> tuple[bytes, dict[str, int], dict[str, int]]:
+        """The enriched request, the points declined and the state evicted; under the aggregates lock."""
+        payload = self._request(buf, plans, batch)
+        self._table.maybe_sweep(batch.now)
+        return payload, self._rule.take_declined(), self._table.take_evicted()
+
     def consume_logs(self, request: ExportLogsServiceRequest) -> None:
         """Logs pass through untouched to every exporter."""
         if self._sinks:
@@ -169,77 +198,65 @@ class Core:
 
     # Objects and encoded fields are zipped: repeated fields keep their order in any encoding.
 
-    def _request(self, request: ExportMetricsServiceRequest, buf: bytes, batch: Batch) -> bytes:
-        resources = iter(request.resource_metrics)
+    def _request(self, buf: bytes, plans: Iterator[ResourcePlan], batch: Batch) -> bytes:
         out = Writer()
         for number, start, body, end in spans(buf, 0, len(buf)):
             if number == _REQUEST_RESOURCE_METRICS:
                 mark = out.open()
-                self._resource(next(resources), (buf, body, end), batch, out)
+                self._resource(next(plans), (buf, body, end), batch, out)
                 out.close(buf[start], mark)
             else:
                 out.add(buf[start:end])
         return out.getvalue()
 
-    def _resource(self, rm: ResourceMetrics, part: Part, batch: Batch, out: Writer) -> None:
-        buf = part[0]
-        identity = {
-            kv.key: kv.value.string_value for kv in rm.resource.attributes if kv.key in _AGENT_IDENTITY
-        }
-        node = identity.get(schema.RESOURCE_NODE_NAME)
+    def _resource(self, plan: ResourcePlan, part: Part, batch: Batch, out: Writer) -> None:
+        buf, node = part[0], plan.node
         if node:
             self._agg.agent_last_report[node] = batch.now
             if self._agents is not None:
-                self._agents.observe(node, rm, batch.now)  # its kzt.agent.* health (state/agents.py)
+                self._agents.observe(node, plan.metrics, batch.now)  # its kzt.agent.* health (agents.py)
         fields = list(spans(*part))
-        # Series belong to the sending agent, not to its whole resource: an upgraded agent (new
-        # service.version) carries on its cumulative sums, which must continue the same series.
-        res_key = (
-            "\0".join(identity.get(k, "") for k in _AGENT_IDENTITY).encode()
-            if node
-            else next((buf[b:e] for n, _, b, e in fields if n == _RM_RESOURCE), b"")
-        )
-        scopes = iter(rm.scope_metrics)
+        res_key = plan.key
+        if res_key is None:
+            res_key = next((buf[b:e] for n, _, b, e in fields if n == _RM_RESOURCE), b"")
+        scopes = iter(plan.scopes)
         for number, start, body, end in fields:
             if number == _RM_SCOPE_METRICS:
                 mark = out.open()
-                self._scope(next(scopes), (buf, body, end), res_key, batch, out)
+                self._scope(iter(next(scopes)), (buf, body, end), res_key, batch, out)
                 out.close(buf[start], mark)
             else:
                 out.add(buf[start:end])
 
-    def _scope(self, sm: ScopeMetrics, part: Part, res_key: bytes, batch: Batch, out: Writer) -> None:
-        buf, metrics = part[0], iter(sm.metrics)
+    def _scope(
+        self, metrics: Iterator[MetricPlan], part: Part, res_key: bytes, batch: Batch, out: Writer
+    ) -> None:
+        buf = part[0]
         for number, start, body, end in spans(*part):
             if number != _SM_METRICS:
                 out.add(buf[start:end])
                 continue
             metric = next(metrics)
-            batch.received += _count_points(metric)
-            if metric.name not in schema.FLOW_METRICS:
+            batch.received += metric.points
+            if not metric.flow:
                 out.add(buf[start:end])  # not ours: passes through untouched
-            elif self._acceptable(metric, batch):
+            elif metric.refused:  # of the wrong kind: refused whole (nothing half-checked goes on)
+                batch.reject(f"{metric.name} must be a cumulative monotonic Sum", metric.points)
+            else:
                 mark = out.open()
-                self._metric(metric.name, (buf, body, end), res_key, batch, out)
+                self._metric(metric, (buf, body, end), res_key, batch, out)
                 out.close(buf[start], mark)
-            # else: a kzt.flow.* metric of the wrong kind is refused whole (nothing half-checked goes on)
 
-    def _acceptable(self, metric: Metric, batch: Batch) -> bool:
-        if (
-            metric.WhichOneof("data") == "sum"
-            and metric.sum.is_monotonic
-            and (metric.sum.aggregation_temporality == AGGREGATION_TEMPORALITY_CUMULATIVE)
-        ):
-            return True
-        batch.reject(f"{metric.name} must be a cumulative monotonic Sum", _count_points(metric))
-        return False
-
-    def _metric(self, name: str, part: Part, res_key: bytes, batch: Batch, out: Writer) -> None:
-        buf, table = part[0], self._table.group(res_key, name)
+    def _metric(self, metric: MetricPlan, part: Part, res_key: bytes, batch: Batch, out: Writer) -> None:
+        buf, where, steady = part[0], (res_key, metric.name), metric.steady
+        table = self._table.group(res_key, metric.name) if steady is None else {}
         for number, start, body, end in spans(*part):
             if number == _METRIC_SUM:
                 mark = out.open()
-                out.size += self._points.enrich((buf, body, end), table, (res_key, name), batch, out.parts)
+                if steady is None:
+                    out.size += self._points.enrich((buf, body, end), table, where, batch, out.parts)
+                else:
+                    out.size += self._points.repeat(steady, where, batch, out.parts)
                 out.close(buf[start], mark)
             else:
                 out.add(buf[start:end])
@@ -258,6 +275,24 @@ class Core:
                 sink.submit_logs(logs)
 
 
-def _count_points(metric: Metric) -> int:
-    kind = metric.WhichOneof("data")
-    return len(getattr(metric, kind).data_points) if kind else 0
+def _plan(rm: ResourceMetrics) -> ResourcePlan:
+    """The object path's plan of a decoded resource (the walk reads it as it goes)."""
+    node, key = sender(rm.resource, b"")
+    return ResourcePlan(
+        node,
+        key if node else None,
+        (metric for sm in rm.scope_metrics for metric in sm.metrics),
+        (map(_metric_plan, sm.metrics) for sm in rm.scope_metrics),
+    )
+
+
+def _metric_plan(metric: Metric) -> MetricPlan:
+    name, points = metric.name, count_points(metric)
+    if name not in schema.FLOW_METRICS:
+        return MetricPlan(name, points)
+    acceptable = (
+        metric.WhichOneof("data") == "sum"
+        and metric.sum.is_monotonic
+        and metric.sum.aggregation_temporality == AGGREGATION_TEMPORALITY_CUMULATIVE
+    )
+    return MetricPlan(name, points, flow=True, refused=not acceptable)

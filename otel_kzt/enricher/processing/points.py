@@ -46,6 +46,7 @@ _UNPACK_CANONICAL: Final = CANONICAL_POINT.unpack_from
 _PACK_CANONICAL: Final = CANONICAL_POINT.pack
 Part = tuple[bytes, int, int]  # a Sum inside the request's bytes: buffer, start, end
 Table = dict[bytes, Series]  # one group's series by key
+Steady = tuple[Layout, tuple[tuple[bytes, ...], list[int]]]  # a Sum read from its group's layout
 _BAD_VALUE: Final = "NaN or negative cumulative value"
 _NO_ADDRESS: Final = "missing source.address or destination.address"
 
@@ -104,12 +105,28 @@ class SumEnricher:
         self._layouts: dict[GroupKey, Layout] = {}
         self._epoch = table.epoch
 
-    def enrich(self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes]) -> int:
-        """Every point of the serialised Sum at `part` (buffer, start, end), enriched, appended to `out`;
-        returns the size. A Sum in its group's last shape is counted from its layout (repeats.py)."""
+    def steady(self, part: Part, where: GroupKey, generation: int) -> Steady | None:
+        """The Sum at `part` read from its group's current layout, if it fits (nothing counted yet)."""
+        self._current()
+        known = self._layouts.get(where)
+        if known is None or known.generation != generation:
+            return None
+        read = known.read(*part)
+        return None if read is None else (known, read)
+
+    def repeat(self, steady: Steady, where: GroupKey, batch: Batch, out: list[bytes]) -> int:
+        """`enrich` of a Sum `steady` read (in this request, under the same lock)."""
+        return self._repeat(*steady, where, batch, out)
+
+    def _current(self) -> None:
         if self._epoch != self._table.epoch:  # series forgotten: layouts may hold them
             self._layouts.clear()
             self._epoch = self._table.epoch
+
+    def enrich(self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes]) -> int:
+        """Every point of the serialised Sum at `part` (buffer, start, end), enriched, appended to `out`;
+        returns the size. A Sum in its group's last shape is counted from its layout (repeats.py)."""
+        self._current()
         known = self._layouts.get(where)
         if known is not None and known.generation == batch.generation:
             read = known.read(*part)

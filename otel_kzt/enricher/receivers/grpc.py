@@ -1,6 +1,7 @@
-"""OTLP/gRPC receiver: a thin transport that decodes one request and hands it to the core.
+"""OTLP/gRPC receiver: a thin transport that hands one request's bytes to the core.
 
-Generic handlers take the raw bytes so decoding errors are ours to answer (INVALID_ARGUMENT). gRPC itself
+Generic handlers take the raw bytes: the core reads a steady request from them alone and has any other
+decoded here, so decoding errors are ours to answer (INVALID_ARGUMENT). gRPC itself
 enforces the message size (RESOURCE_EXHAUSTED, no RetryInfo: too large stays too large) and speaks gzip
 and deflate. Bounded and retryable beyond: more than `max_concurrent_calls` calls at once, or a message
 that does not fit the shared in-flight byte budget, is answered RESOURCE_EXHAUSTED with a RetryInfo delay
@@ -147,9 +148,10 @@ class GrpcReceiver:
         self._admit(context)
         with self._settings.budget.hold() as hold:
             _charge(hold.take, len(raw), context)
-            request = _decode(raw, ExportMetricsServiceRequest, context)
-            try:
-                outcome = self._core.consume_metrics(request, raw=raw)
+            try:  # a steady request is read from its bytes alone; the core decodes any other
+                outcome = self._core.consume_encoded(
+                    raw, lambda body: _decode(body, ExportMetricsServiceRequest, context)
+                )
             except Overloaded as exc:
                 _abort_retry_later(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         response = ExportMetricsServiceResponse()

@@ -173,8 +173,13 @@ class HttpReceiver:
         if arrived.signal == "logs":
             self._core.consume_logs(decode.parse(data, content_type, ExportLogsServiceRequest))
             return decode.to_body(ExportLogsServiceResponse(), reply_type)
-        request = decode.parse(data, content_type, ExportMetricsServiceRequest)
-        outcome = self._core.consume_metrics(request, raw=data if content_type == decode.PROTOBUF else None)
+        if content_type == decode.PROTOBUF:  # a steady request is read from its bytes alone
+            outcome = self._core.consume_encoded(
+                data, lambda body: decode.parse(body, content_type, ExportMetricsServiceRequest)
+            )
+        else:
+            request = decode.parse(data, content_type, ExportMetricsServiceRequest)
+            outcome = self._core.consume_metrics(request)
         response = ExportMetricsServiceResponse()
         if outcome.rejected:
             response.partial_success.rejected_data_points = outcome.rejected

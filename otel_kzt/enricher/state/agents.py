@@ -18,12 +18,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric as OtlpMetric
-from opentelemetry.proto.metrics.v1.metrics_pb2 import ResourceMetrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -109,8 +108,9 @@ class AgentsHealth(Collector):
         self._nodes: dict[str, _Node] = {}
         self.refused = 0  # reports of nodes beyond max_agents
 
-    def observe(self, node: str, rm: ResourceMetrics, now: float) -> None:
-        """Keep the `kzt.agent.*` values of one agent's resource (the core's hook, per resource)."""
+    def observe(self, node: str, metrics: Iterable[OtlpMetric], now: float) -> None:
+        """Keep the `kzt.agent.*` values of one agent's resource, its `metrics` (the core's hook, per
+        resource)."""
         with self._lock:
             state = self._nodes.get(node)
             if state is None:
@@ -123,10 +123,9 @@ class AgentsHealth(Collector):
                     return
                 state = self._nodes[node] = _Node(now)
             state.last_report = now
-            for sm in rm.scope_metrics:
-                for metric in sm.metrics:
-                    if metric.name.startswith("kzt.agent."):
-                        self._keep(state, metric)
+            for metric in metrics:
+                if metric.name.startswith("kzt.agent."):
+                    self._keep(state, metric)
 
     @staticmethod
     def _keep(state: _Node, metric: OtlpMetric) -> None:
