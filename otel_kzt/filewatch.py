@@ -98,7 +98,8 @@ def token_lines(contents: tuple[bytes, ...]) -> tuple[str, ...]:
     """A token file's tokens, one a line (blank lines and surrounding whitespace ignored); none is unusable.
 
     Several lines make a rotation without a refusal: a receiver accepts every line, a sender sends the first,
-    so the new token goes first, the old one stays below it until every sender has moved."""
+    so the new token is added below the old one until every receiver has it, then goes first until every
+    sender has moved, and only then is the old one removed (deploy/README.md)."""
     tokens = tuple(line.strip() for line in contents[0].decode().splitlines() if line.strip())
     if not tokens:
         raise ValueError("the token file is empty")

@@ -218,3 +218,36 @@ def test_failed_handshakes_keep_no_connection_place(
                 break
             threading.Event().wait(0.25)
         assert statuses[-1] == 200 and set(statuses) <= {200, 503}, statuses
+
+
+ROTATION = [b"t1\n", b"t1\nt2\n", b"t2\nt1\n", b"t2\n"]  # deploy/README.md's token rotation, step by step
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("first", ["agent", "enricher"])
+def test_the_documented_token_rotation_is_never_refused(
+    enricher_kubeconfig: Path, tmp_path: Path, first: str
+) -> None:
+    """deploy/README.md's token rotation, each step reaching one pod's Secret volume before the other's
+    (kubelet updates them independently): every export between is accepted. The receiver accepts every
+    line, the agent sends the first, so the new token goes second before it goes first."""
+    server, client = SecretVolume(tmp_path / "server"), SecretVolume(tmp_path / "client")
+    server.write({"token": ROTATION[0]})
+    client.write({"token": ROTATION[0]})
+    with running(served_config(enricher_kubeconfig, bearer_token_file=server.path("token"))) as svc:
+        otlp = OtlpConfig(
+            endpoints=(f"http://127.0.0.1:{svc.ports['grpc']}",), bearer_token_file=client.path("token")
+        )
+        exporter = Exporter(otlp, "node-a", max_backoff_s=0.2)
+        body = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
+        order = (client, server) if first == "agent" else (server, client)
+        try:
+            assert exporter.export([body], time.monotonic() + 5, threading.Event()).sent == 1
+            for step in ROTATION[1:]:
+                for volume in order:
+                    volume.write({"token": step})
+                    threading.Event().wait(1.1)  # files are re-checked at most once a second
+                    result = exporter.export([body], time.monotonic() + 5, threading.Event())
+                    assert result.sent == 1, (step, "agent" if volume is client else "enricher", "updated")
+        finally:
+            exporter.close()
