@@ -22,8 +22,11 @@ metrics for its share of flows. Nothing is ever folded into an overflow series.
 from __future__ import annotations
 
 import struct
+from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
+from operator import attrgetter
 from typing import Protocol
 
 from otel_kzt import schema
@@ -94,7 +97,8 @@ class PointHead:
     `prefix` is the data_points tag + length + start time; then come the attributes, which protobuf writes
     after the value (field 7 follows field 6): `attrs` the flow's own (its addresses), `common` the rest of
     its own (type, protocol, ports: shared by every flow with the same), and the pod attributes of each
-    end, shared by every flow of that pod (memory: 100,000 flows, 250 pods).
+    end, shared by every flow of that pod (memory: 100,000 flows, 250 pods). `size`, the bytes this point
+    takes inside `Sum`, is kept (not a property): every interval sums it over every flow to cut requests.
     """
 
     start_unix_ns: int
@@ -103,15 +107,7 @@ class PointHead:
     source_pod: bytes = b""
     destination_pod: bytes = b""
     common: bytes = b""  # written after `attrs`, before the pods
-
-    @property
-    def size(self) -> int:
-        """Bytes this point takes inside `Sum`."""
-        return len(self.prefix) + _POINT_TAIL_SIZE + self.attrs_size
-
-    @property
-    def attrs_size(self) -> int:
-        return len(self.attrs) + len(self.common) + len(self.source_pod) + len(self.destination_pod)
+    size: int = 0  # len(prefix) + time, value + every attribute (point_head computes it)
 
 
 def point_head(
@@ -124,14 +120,15 @@ def point_head(
     common: bytes = b"",
 ) -> PointHead:
     """A flow's head from its attributes (or their serialized field-7 entries) and start time; with
-    `shared`, heads of the same start second and size hold one start and one prefix object."""
+    `shared`, heads of the same start second and size hold one start, one prefix and one size object."""
     encoded = attrs if isinstance(attrs, bytes) else attributes(7, attrs)
     attrs_len = len(encoded) + len(common) + len(source_pod) + len(destination_pod)
     body_len = 9 + _POINT_TAIL_SIZE + attrs_len  # start field + time + value + attributes
     prefix = _TAG_POINT + varint(body_len) + _TAG_START + _pack_Q(start_unix_ns)
+    size = len(prefix) + _POINT_TAIL_SIZE + attrs_len
     if shared is not None:
-        start_unix_ns, prefix = shared(start_unix_ns), shared(prefix)
-    return PointHead(start_unix_ns, prefix, encoded, source_pod, destination_pod, common)
+        start_unix_ns, prefix, size = shared(start_unix_ns), shared(prefix), shared(size)
+    return PointHead(start_unix_ns, prefix, encoded, source_pod, destination_pod, common, size)
 
 
 class Counts(Protocol):
@@ -155,12 +152,12 @@ _PACKETS_HEADER = _metric_header(
 _SUM_TRAILER = bytes([(2 << 3) | _WIRE_VARINT, _CUMULATIVE, (3 << 3) | _WIRE_VARINT, 1])
 
 
-def _sum_metric(header: bytes, point_parts: list[bytes], points_size: int) -> list[bytes]:
-    """Metric(header, sum(7){points, CUMULATIVE, monotonic}) as parts to join (no copy of the points)."""
+def _sum_head(header: bytes, points_size: int) -> list[bytes]:
+    """The 3 pieces before the points of Metric(header, sum(7){points, CUMULATIVE, monotonic})."""
     sum_len = points_size + len(_SUM_TRAILER)
     sum_field = bytes([(7 << 3) | _WIRE_LEN]) + varint(sum_len)
     metric_len = len(header) + len(sum_field) + sum_len
-    return [bytes([(2 << 3) | _WIRE_LEN]) + varint(metric_len), header, sum_field, *point_parts, _SUM_TRAILER]
+    return [bytes([(2 << 3) | _WIRE_LEN]) + varint(metric_len), header, sum_field]
 
 
 Attrs = Sequence[tuple[str, AttrValue]]
@@ -175,7 +172,8 @@ def sum_metric(
     for attrs, start, value in points:
         head = point_head(attrs, start)
         parts += (head.prefix, tail, _pack_q(value), head.attrs)
-    return b"".join(_sum_metric(_metric_header(name, description, unit), parts, sum(map(len, parts))))
+    metric = _sum_head(_metric_header(name, description, unit), sum(map(len, parts)))
+    return b"".join([*metric, *parts, _SUM_TRAILER])
 
 
 def gauge_metric(
@@ -226,18 +224,14 @@ class RequestEncoder:
             start = end
 
     def _chunk_end(self, heads: Sequence[PointHead], start: int) -> tuple[int, int]:
-        """End index of the request starting at `start` and the size of one metric's points in it."""
-        size = 0
-        end = start
-        limit = min(len(heads), start + self._max_flows)
+        """End index of the request starting at `start` and the size of one metric's points in it: the
+        running sizes summed in C, the cut found by bisection (at least one flow)."""
         budget = self._max_bytes // 2  # the two metrics have the same size
-        while end < limit:
-            point = heads[end].size
-            if end > start and size + point > budget:
-                break
-            size += point
-            end += 1
-        return end, size
+        totals = list(accumulate(map(_SIZE, heads[start : start + self._max_flows])))
+        if not totals:
+            return start, 0
+        count = max(1, bisect_right(totals, budget))
+        return start + count, totals[count - 1]
 
     def _request(
         self,
@@ -249,30 +243,21 @@ class RequestEncoder:
     ) -> bytes:
         parts: list[bytes] = [b"", b"", self._resource, b"", self._scope]  # headers filled in below
         if heads:
-            byte_parts: list[bytes] = []
-            packet_parts: list[bytes] = []
-            pack_q = _pack_q
-            for head, count in zip(heads, counts, strict=True):
-                byte_parts += (
-                    head.prefix,
-                    tail,
-                    pack_q(count.bytes),
-                    head.attrs,
-                    head.common,
-                    head.source_pod,
-                    head.destination_pod,
-                )
-                packet_parts += (
-                    head.prefix,
-                    tail,
-                    pack_q(count.packets),
-                    head.attrs,
-                    head.common,
-                    head.source_pod,
-                    head.destination_pod,
-                )
-            parts += _sum_metric(_BYTES_HEADER, byte_parts, size)
-            parts += _sum_metric(_PACKETS_HEADER, packet_parts, size)
+            # Each point is 7 pieces: prefix, tail, value, attrs, common, source pod, destination pod,
+            # laid out by strided slice assignment (C loops), not a Python loop over the flows.
+            n = len(heads)
+            points: list[bytes] = [tail] * (7 * n)
+            points[0::7] = map(_PREFIX, heads)
+            points[3::7] = map(_ATTRS, heads)
+            points[4::7] = map(_COMMON, heads)
+            points[5::7] = map(_SOURCE_POD, heads)
+            points[6::7] = map(_DESTINATION_POD, heads)
+            for header, value in ((_BYTES_HEADER, _BYTES), (_PACKETS_HEADER, _PACKETS)):
+                points[2::7] = map(_pack_q, map(value, counts))
+                parts += _sum_head(header, size)
+                parts += points
+                parts.append(_SUM_TRAILER)
+            del points
         parts += extra
         # Lengths are summed, not built: the points are copied once, by the final join.
         scope_len = sum(map(len, parts[4:]))
@@ -281,3 +266,9 @@ class RequestEncoder:
         parts[0] = bytes([(1 << 3) | _WIRE_LEN])
         parts[1] = varint(rm_len)
         return b"".join(parts)
+
+
+_SIZE = attrgetter("size")
+_PREFIX, _ATTRS, _COMMON = attrgetter("prefix"), attrgetter("attrs"), attrgetter("common")
+_SOURCE_POD, _DESTINATION_POD = attrgetter("source_pod"), attrgetter("destination_pod")
+_BYTES, _PACKETS = attrgetter("bytes"), attrgetter("packets")

@@ -212,6 +212,7 @@ class Exporter:
             targets = self.ranked_targets()
             for body in requests:
                 delivered = self._deliver(body, targets, deadline, stop, result)
+                del body  # gone before the next one is built: one request (up to 3 MB) in memory, not two
                 if result.switched:
                     break  # this and the rest hold the old runs: not for the new receiver
                 if delivered:

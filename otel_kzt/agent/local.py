@@ -296,9 +296,10 @@ class LocalFlows:
         field = self._field
         own = [
             field(schema.SOURCE_ADDRESS, address_text(key.src)),
-            # Destinations are many and mostly distinct: serialized per flow, not cached.
+            # Destinations are many: not cached on their own (the address pair is shared, below).
             attributes(7, ((schema.DESTINATION_ADDRESS, address_text(key.dst)),)),
         ]
+        shared = self._shared
         common = [  # the same bytes for every flow of this type, protocol and ports: held once
             field(schema.NETWORK_TYPE, _network_type(key.family)),
             field(schema.NETWORK_TRANSPORT, schema.transport_name(key.proto)),
@@ -310,9 +311,8 @@ class LocalFlows:
         if from_node:
             common.append(source)  # source.k8s.node.name: the same for every node flow, held once
         destination_pod = self._named(schema.DESTINATION, key.dst)
-        shared = self._shared
         return point_head(
-            b"".join(own),
+            shared(b"".join(own)),  # one object per address pair: its flows differ by port or protocol
             first_seen_unix_ns,
             b"" if from_node else source,
             destination_pod,

@@ -77,6 +77,15 @@ def _from_base(
     return head, replace(counters, bytes=counters.bytes - base.bytes, packets=counters.packets - base.packets)
 
 
+def _held(flows: dict[FlowKey, FlowCounters], ours: _Ours) -> tuple[list[FlowKey], list[FlowCounters]] | None:
+    """Every flow of a delivered snapshot, as lists: ours' own when it holds them all (the usual case)."""
+    if not flows:
+        return None
+    if len(ours.keys) == len(flows):  # every flow, in the snapshot's order
+        return ours.keys, ours.counts
+    return list(flows), list(flows.values())
+
+
 @dataclass(slots=True)
 class _Ours:
     """This pass's flows to export, as parallel lists (key, head, counters): no tuple per flow."""
@@ -121,10 +130,12 @@ class AgentService:
         self.stats = AgentStats(clock_ns())
         # Final values of evicted flows not yet delivered, oldest first: (key, start) -> (head, counters).
         self._finals: dict[tuple[FlowKey, int], tuple[PointHead, FlowCounters]] = {}
-        # The flows of the last export delivered whole (what the receiver holds), and the runs begun at a
-        # receiver switch: key -> (head starting at the switch, the values the receiver left held, whether
-        # the new run reached a receiver: the flow is then evicted, its final value sent on that run).
-        self._delivered: dict[FlowKey, FlowCounters] = {}
+        # The flows of the last export delivered whole (what the receiver holds, as lists of keys and
+        # counters: the snapshot's dict, ~5 MB at 100,000 flows, would stay through the next snapshot and
+        # export; None: nothing delivered yet), and the runs begun at a receiver switch: key -> (head
+        # starting at the switch, the values the receiver left held, whether the new run reached a
+        # receiver: the flow is then evicted, its final value sent on that run).
+        self._delivered: tuple[list[FlowKey], list[FlowCounters]] | None = None
         self._rebased: dict[FlowKey, tuple[PointHead, FlowCounters, bool]] = {}
         self._unsent: set[FlowKey] = set()  # flows evicted at a switch with no known base: finals unsent
         self.left_behind_bytes = 0  # bytes of old runs counted by receivers this agent moved away from
@@ -204,7 +215,7 @@ class AgentService:
         rebased: list[FlowKey] = []
         if result.failed == 0 and not result.switched:
             self._finals.clear()  # delivered; on any failure all are sent again (idempotent)
-            self._delivered = snapshot.flows  # what the receiver holds now (the datapath keeps it anyway)
+            self._delivered = _held(snapshot.flows, ours)  # what the receiver holds now
             rebased = [k for k, (_, _, done) in self._rebased.items() if not done]
             for key in rebased:
                 self._rebased[key] = (*self._rebased[key][:2], True)
@@ -242,14 +253,14 @@ class AgentService:
             "receiver changed: new runs begin where the previous receiver stopped: flows=%d", len(ours.keys)
         )
         self._finals.clear()
-        if not self._delivered:
+        if self._delivered is None:
             # This process delivered nothing yet (it started on a receiver that is gone): what that
             # receiver holds is not known here. Nothing of the old runs goes to the new one: the flows
             # leave the kernel map unsent, and their next packets begin new runs.
             self._unsent.update(ours.keys)
             ours.clear()
             return
-        delivered = self._delivered
+        delivered = dict(zip(*self._delivered, strict=True))
         for key, counters in zip(ours.keys, ours.counts, strict=True):
             base = delivered.get(key)
             if key in self._rebased and not self._rebased[key][2]:

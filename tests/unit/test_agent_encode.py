@@ -9,6 +9,7 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from otel_kzt import schema
 from otel_kzt.agent.encode import (
     RequestEncoder,
+    attributes,
     gauge_metric,
     point_head,
     sum_metric,
@@ -123,6 +124,42 @@ def test_split_by_bytes() -> None:
         for r in requests
     )
     assert total == 2000
+
+
+def test_split_by_bytes_cuts_where_the_next_point_would_pass_the_budget() -> None:
+    """Heads in pieces (own attributes, common, both pods; some empty), cut by bytes: each request is the
+    reference message of its flows, byte for byte, and holds as many as fit in half the byte budget (one
+    metric's points); a point bigger than that goes alone."""
+    flows = _flows(400)
+    flows[7] = ([*flows[7][0], (schema.SOURCE_POD_NAME, "p" * 9000)], *flows[7][1:])
+    pieces = [
+        (attributes(7, a[:2]), attributes(7, a[2:3]), attributes(7, a[3:]), b"")
+        if i % 3
+        else (attributes(7, a), b"", b"", b"")
+        for i, (a, *_) in enumerate(flows)
+    ]
+    heads = [
+        point_head(own, start, source, destination, common=common)
+        for (own, common, source, destination), (_, start, _, _) in zip(pieces, flows, strict=True)
+    ]
+    counts = [FlowCounters(b, p, 0, 0) for _, _, b, p in flows]
+    budget = 8 * 1024
+    encoder = RequestEncoder(RESOURCE, "otel-kzt", "0.1.0", max_points=100_000, max_bytes=2 * budget)
+    start = 0
+    for raw in encoder.encode(heads, counts, T):
+        end = start + len(
+            ExportMetricsServiceRequest.FromString(raw)
+            .resource_metrics[0]
+            .scope_metrics[0]
+            .metrics[0]
+            .sum.data_points
+        )
+        assert raw == _reference(flows[start:end]).SerializeToString(deterministic=True)
+        size = sum(h.size for h in heads[start:end])
+        assert size <= budget or end == start + 1
+        assert end == len(flows) or size + heads[end].size > budget
+        start = end
+    assert start == len(flows)
 
 
 def test_empty_export_still_carries_extra_metrics() -> None:

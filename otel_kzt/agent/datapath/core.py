@@ -196,12 +196,10 @@ class Datapath:
                 first_seen = first_boot + offset
                 # The kernel keeps no last-seen time (a clock read per packet): the snapshot that first
                 # saw the current packet count stands in for it.
-                if (
-                    counters is None
-                    or counters.packets != packets
-                    or counters.first_seen_unix_ns != first_seen
-                ):
+                if counters is None or counters.first_seen_unix_ns != first_seen:
                     counters = FlowCounters(nbytes, packets, first_seen, now)
+                elif counters.packets != packets:  # the same run: its start object is kept (memory)
+                    counters = FlowCounters(nbytes, packets, counters.first_seen_unix_ns, now)
                 flows[key] = counters
 
     def _forget_gone(self, flows: dict[FlowKey, FlowCounters]) -> None:
