@@ -1,7 +1,8 @@
 """Benchmark: what users feel of the agent, per datapath mode: pod-to-pod TCP bulk throughput and 64-byte
 UDP packet rate with the agent running against without it, alternated in one run, medians of repeats.
 
-    .venv/bin/python bench/datapath_overhead.py [--modes netfilter,tc,cgroup] [--repeats 5] [--seconds 3]
+    .venv/bin/python bench/datapath_overhead.py [--modes netfilter,tc,cgroup] [--repeats 9] [--seconds 1]
+        [--conntrack] [--aa] [--stats-only]
 
 Topology: pod netns kdo-a -> node netns kdo-n (routed; the agent runs here) -> pod netns kdo-b. The real
 `otel-kzt agent` (1 s interval, exporting to bench/otlp_sink.py in the node) runs for the whole of a mode's
@@ -9,6 +10,10 @@ measurements; "without" takes its attachments off the kernel (the links its pins
 attaches its own dispatcher again in the same place, so no restart (and no compile) sits between the two,
 and pairs of short runs can alternate many times (off, on, on, off, ...): on a shared machine the noise is
 larger than the effect, so the medians of many pairs are what count.
+
+`--conntrack` makes the node track what it forwards, as every Kubernetes node does (kube-proxy, a CNI's
+policy): the path without the agent grows by conntrack's work, and the netfilter program reads what
+conntrack recorded for every packet (bpf/origin.h), which it skips on an untracked node.
 
 Where the cost goes, per mode: the counting program's own ns/packet (kernel.bpf_stats_enabled:
 run_time_ns / run_cnt of kzt_dispatch + kzt_count) and the agent's CPU seconds per interval while the
@@ -92,7 +97,17 @@ def role_udp_send(dst: str, port: int, seconds: float) -> None:
 # --- the bench ---------------------------------------------------------------------------------------
 
 
-def build(topo: netns.Topology) -> None:
+# As on a Kubernetes node (kube-proxy, a CNI's policy): conntrack tracks what the node forwards, and the
+# netfilter program then reads what it records (bpf/origin.h) for every packet.
+NODE_CONNTRACK = """table inet kdo {
+    chain forward {
+        type filter hook forward priority 0;
+        ct state established,related,new counter accept
+    }
+}"""
+
+
+def build(topo: netns.Topology, conntrack: bool) -> None:
     for ns in (NODE, POD_A, POD_B):
         topo.netns(ns)
     topo.veth(NODE, "kdon0", POD_A, "eth0", a_addrs=["10.79.1.1/24"], b_addrs=[f"{A}/24"])
@@ -108,6 +123,8 @@ def build(topo: netns.Topology) -> None:
         }}
     }}"""
     netns.run_in(POD_B, ["nft", "-f", "-"], input=script)
+    if conntrack:
+        netns.run_in(NODE, ["nft", "-f", "-"], input=NODE_CONNTRACK)
 
 
 def udp_received() -> int:
@@ -288,6 +305,9 @@ def main() -> int:
         "--aa", action="store_true", help="A/A run: 'on' and 'floor' stay detached too (the method's noise)"
     )
     parser.add_argument("--stats-only", action="store_true", help="only the programs' ns/run, no throughput")
+    parser.add_argument(
+        "--conntrack", action="store_true", help="the node tracks connections, as a Kubernetes node does"
+    )
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -307,7 +327,7 @@ def main() -> int:
         stack.callback(CGROUP.rmdir)
         stack.callback(lambda: (CGROUP.parent / "cgroup.procs").write_text(str(os.getpid())))
         topo = stack.enter_context(netns.Topology())
-        build(topo)
+        build(topo, args.conntrack)
         sink = netns.popen_in(NODE, [sys.executable, str(ROOT / "bench" / "otlp_sink.py")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
         stack.callback(sink.wait)
