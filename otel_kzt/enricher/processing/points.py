@@ -190,7 +190,7 @@ class SumEnricher:
         trailer: list[bytes] = []  # aggregation_temporality, is_monotonic, unknown fields
         billed: list[Billed] = []  # flow-log increments of this Sum, paired after the loop
         seen: list[Seen] = []  # the plain points, for the layout
-        plain = learn  # every point plain and nothing resolved: a layout is made
+        plain = learn  # every point plain: a layout is made
         (buf, pos, end), generation, now, unpack = part, batch.generation, batch.now, _UNPACK_CANONICAL
         count = self._rule.count
         while pos < end:
@@ -228,12 +228,13 @@ class SumEnricher:
                 entry is None
                 or entry.generation != generation
                 or not entry.valid_from <= t < entry.valid_until  # measured across an address reuse
-            ):
-                plain = False
+            ):  # named here: the layout holds the naming it ends with (a new series too)
                 entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
                 if entry is None:
+                    plain = False
                     continue
                 if not entry.targets:  # over the series cap: enriched and forwarded, not counted
+                    plain = False
                     out += (entry.header, raw, entry.resolved.extra)
                     size_out += entry.size
                     continue

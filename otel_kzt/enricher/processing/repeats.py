@@ -2,14 +2,14 @@
 
 Agents send the same series in the same order every interval, so a Sum differs from the previous one of
 its group (resource, metric) only in the start, time and value of each point. After a general pass in
-which every point took the plain path (points.py: a known series, a naming that holds, counted or idle,
-no rename, nothing resolved), the group keeps that pass's `Layout`: where its points lie, their series
-and the cached pieces of their enriched form. The next Sum of the group is read with one struct call
-(each point's header bytes as integers, then its bytes), and used only when it is exactly that shape:
-same length, headers, tags, series keys and trailing fields, every time inside every series' window, no
-negative value. Only then are its points counted, one rule call each (state/counting.py, unchanged); its
-enriched form is the cached headers and added attributes interleaved with the received points. Any
-other Sum takes the general pass, before anything is counted.
+which every point took the plain path (points.py: a series tracked and named as of its point, counted or
+idle, no rename; new series of a first interval too), the group keeps that pass's `Layout`: where its
+points lie, their series and the cached pieces of their enriched form. The next Sum of the group is read
+with one struct call (each point's header bytes as integers, then its bytes), and used only when it is
+exactly that shape: same length, headers, tags, series keys and trailing fields, every time inside every
+series' window, no negative value. Only then are its points counted, one rule call each
+(state/counting.py, unchanged); its enriched form is the cached headers and added attributes interleaved
+with the received points. Any other Sum takes the general pass, before anything is counted.
 
 A layout holds while its series' namings do: they change only in a pass over the group (which replaces
 or drops the layout, points.py), when the metadata generation moves (checked per Sum), or when series are
