@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import struct
 from itertools import chain
+from operator import attrgetter, itemgetter
 from typing import Final
 
 from otel_kzt.enricher.state.series import CANONICAL_POINT, Series
@@ -28,6 +29,27 @@ _UNPACK_CANONICAL: Final = CANONICAL_POINT.unpack_from
 _START_TAG, _TIME_TAG, _INT_TAG = 0x11, 0x19, 0x31  # the tags of a canonical point's first 27 bytes
 # A point of the plain path as the general pass saw it: its header's start, its start, series and key.
 Seen = tuple[int, int, Series, bytes]
+_HEAD, _POINT, _ENTRY, _KEY = itemgetter(0), itemgetter(1), itemgetter(2), itemgetter(3)
+_HEADER, _EXTRA, _SIZE = attrgetter("header"), attrgetter("resolved.extra"), attrgetter("size")
+_VALID_FROM, _VALID_UNTIL = attrgetter("valid_from"), attrgetter("valid_until")
+
+
+class _Codes(dict[int, str]):
+    """The reader's struct codes of one point (its header bytes, then its bytes) by its key's length."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def __missing__(self, key_len: int) -> str:
+        if len(self) >= _MAX_CODES:
+            self.clear()
+        code = self[key_len] = f"{self.width}B{key_len + CANONICAL_POINT.size}s"
+        return code
+
+
+_MAX_CODES: Final = 4096  # key lengths remembered per header width
+_CODES: dict[int, _Codes] = {}  # by header width (bytes of tag and length: 2 or 3 in practice)
 
 
 class Layout:
@@ -53,20 +75,24 @@ class Layout:
         """From a general pass's plain points (see `layout`) and the Sum's fields after them, in metadata
         `generation`."""
         self.generation = generation
-        self.width = seen[0][1] - seen[0][0]  # header bytes per point
+        self.width = width = seen[0][1] - seen[0][0]  # header bytes per point
         self.points = len(seen)
-        self.entries = tuple(s[2] for s in seen)
-        self.keys = tuple(s[3] for s in seen)
-        self.headers = tuple(e.header for e in self.entries)
-        self.extras = tuple(e.resolved.extra for e in self.entries)
+        # mapped C calls rather than a generator per field: a layout is made per group in the first
+        # interval (2,000 of 100 points in a 1,000-agent cluster)
+        self.entries = entries = tuple(map(_ENTRY, seen))
+        self.keys = tuple(map(_KEY, seen))
+        self.headers = tuple(map(_HEADER, entries))
+        self.extras = tuple(map(_EXTRA, entries))
         self.trailer = trailer
-        fmt = "".join(f"{self.width}B{len(k) + CANONICAL_POINT.size}s" for k in self.keys)
+        codes = _CODES.get(width) or _CODES.setdefault(width, _Codes(width))
+        fmt = "".join(map(codes.__getitem__, map(len, self.keys)))
         self.reader = struct.Struct(f"<{fmt}{len(trailer)}s" if trailer else f"<{fmt}")
         # per header byte position, the value every point has there
-        self.heads = tuple(tuple(buf[s[0] + i] for s in seen) for i in range(self.width))
-        self.size = sum(e.size for e in self.entries) + len(trailer)
-        self.valid_from = max(e.valid_from for e in self.entries)
-        self.valid_until = min(e.valid_until for e in self.entries)
+        headers = map(buf.__getitem__, map(slice, map(_HEAD, seen), map(_POINT, seen)))
+        self.heads = tuple(zip(*headers, strict=True))  # (all of one width: `layout` checks)
+        self.size = sum(map(_SIZE, entries)) + len(trailer)
+        self.valid_from = max(map(_VALID_FROM, entries))
+        self.valid_until = min(map(_VALID_UNTIL, entries))
 
     def read(self, buf: bytes, body: int, end: int) -> tuple[tuple[bytes, ...], list[int]] | None:
         """The Sum at buf[body:end] as (each point's bytes, its 27-byte prefixes' fields flat), when it
