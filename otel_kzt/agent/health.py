@@ -14,8 +14,10 @@ read that never returns) leaves the endpoints answering, and answering that it i
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Final
 
 from otel_kzt.agent.flows import AF_INET, AF_INET6, Snapshot
@@ -41,14 +43,15 @@ class AgentReport:
     service_vip_bytes: int | None = None  # bytes sent to Service VIPs (cgroup mode)
 
 
+_FAMILY = attrgetter("family")
+
+
 def map_fill_ratio(snapshot: Snapshot) -> float:
     """Each address family has its own map of `capacity` entries: the fuller one is what fills up."""
     if not snapshot.capacity:
         return 0.0
-    per_family = {AF_INET: 0, AF_INET6: 0}
-    for key in snapshot.flows:
-        per_family[key.family] = per_family.get(key.family, 0) + 1
-    return max(per_family.values()) / snapshot.capacity
+    per_family = Counter(map(_FAMILY, snapshot.flows))  # counted in C: 100,000 keys per interval
+    return max(per_family.get(AF_INET, 0), per_family.get(AF_INET6, 0)) / snapshot.capacity
 
 
 def metadata_state(index: MetadataIndex | None) -> tuple[bool, str]:

@@ -184,11 +184,11 @@ class Datapath:
         flow keeps the previous snapshot's key and counter objects: a steady state allocates little."""
         offset, ks, vs = tables.boot_offset, layout.key.size, layout.value.size
         known, prev, shared = self._keys, self._prev, self._shared
-        raw_key, value = _raw_key(ks), layout.value
+        raw_key, value = _raw_key(ks), layout.counts
         for keys, values, count in tables.batches(layout):
             # Both buffers unpacked by C iterators: no slice, no call per flow.
             raws, decoded = raw_key.iter_unpack(keys[: count * ks]), value.iter_unpack(values[: count * vs])
-            for (raw,), (nbytes, packets, first_boot, _dead, _key) in zip(raws, decoded, strict=True):
+            for (raw,), (nbytes, packets, first_boot) in zip(raws, decoded, strict=True):
                 key = known.get(raw)
                 if key is None:
                     key = known[raw] = flowmap.decode_key(layout, raw, shared=shared)

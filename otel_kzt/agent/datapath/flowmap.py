@@ -6,6 +6,7 @@ the loader so the layout can be unit-tested without a kernel.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from typing import Final
@@ -36,8 +37,19 @@ class Layout:
     value: struct.Struct  # bytes u64, packets u64, first_seen_ns u64, dead u32, pad u32, key, pad u32
 
     @property
+    def counts(self) -> struct.Struct:
+        """A value's bytes, packets and first_seen_ns only, the rest skipped: what a snapshot reads (no
+        objects made for the dead flag and the key copy, per flow and read)."""
+        return _counts(self.value.size)
+
+    @property
     def width(self) -> int:
         return 4 if self.family == AF_INET else 16
+
+
+@functools.cache
+def _counts(value_size: int) -> struct.Struct:
+    return struct.Struct(f"<QQQ{value_size - 24}x")
 
 
 V4: Final = Layout(
