@@ -9,7 +9,6 @@ compare the datapath against what was really sent.
     icmp DST COUNT SIZE                     echo requests (raw socket), waits for the replies
     tcp-serve PORT                          accept connections forever, discard what arrives
     tcp-send DST PORT NBYTES                one connection sending NBYTES, then a clean close
-    tcp-send-dstopts DST PORT NBYTES        the same over IPv6 with a destination-options header
     tcp-connects DST PORT N                 N short connections (aborted with RST: no TIME_WAIT)
     udp-stream DST PORT SECONDS SIZE NFLOWS round-robin over NFLOWS destination ports until SECONDS
     udp-gso DST PORT COUNT SIZE SEGMENT     COUNT sends of SIZE bytes with UDP_SEGMENT (one GSO packet each)
@@ -108,12 +107,8 @@ def tcp_serve(port: int) -> None:
                     pass
 
 
-def tcp_send(dst: str, port: int, nbytes: int, dstopts: bool = False) -> dict[str, int]:
-    with socket.socket(socket.AF_INET6 if ":" in dst else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        if dstopts:  # every segment, and every GSO packet's headers, carry an 8-byte extension header
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
-        sock.connect((dst, port))
+def tcp_send(dst: str, port: int, nbytes: int) -> dict[str, int]:
+    with socket.create_connection((dst, port), timeout=10) as sock:
         chunk = b"t" * 65536
         left = nbytes
         while left > 0:
@@ -202,7 +197,6 @@ def main(argv: list[str]) -> None:
         "udp-dstopts": lambda: udp_dstopts(args[0], int(args[1]), int(args[2]), int(args[3])),
         "icmp": lambda: icmp(args[0], int(args[1]), int(args[2])),
         "tcp-send": lambda: tcp_send(args[0], int(args[1]), int(args[2])),
-        "tcp-send-dstopts": lambda: tcp_send(args[0], int(args[1]), int(args[2]), dstopts=True),
         "tcp-connects": lambda: tcp_connects(args[0], int(args[1]), int(args[2])),
         "udp-gso": lambda: udp_gso(args[0], *map(int, args[1:])),
         "udp-tagged": lambda: udp_tagged(args),
