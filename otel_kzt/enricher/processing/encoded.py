@@ -26,6 +26,7 @@ from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from otel_kzt import schema
 from otel_kzt.enricher.processing.points import Steady, SumEnricher
+from otel_kzt.enricher.processing.protowire import read_varint
 
 # Single-byte tags (field << 3 | 2) of the length-delimited fields a steady request holds.
 _FIELD_1, _FIELD_2, _FIELD_3 = 0x0A, 0x12, 0x1A  # resource / scope / name, scope_metrics / metrics ...
@@ -96,7 +97,7 @@ class Planner:
                     raise _NotSteady
                 plan.append(self._resource((buf, body, end)))
             return plan
-        except (_NotSteady, DecodeError, UnicodeDecodeError, IndexError):
+        except (_NotSteady, DecodeError, ValueError, IndexError):  # ValueError: bad UTF-8, a long varint
             return None
 
     def _resource(self, part: Part) -> ResourcePlan:
@@ -176,25 +177,12 @@ def _fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int, int]]:
         start, tag = pos, buf[pos]
         if tag & 0x87 != 2:  # another wire type, or a tag of more than one byte
             raise _NotSteady
-        size, body = _size(buf, pos + 1)
+        size, body = read_varint(buf, pos + 1)
         pos = body + size
         if pos > end:
             raise _NotSteady
         out.append((tag, start, body, pos))
     return out
-
-
-def _size(buf: bytes, pos: int) -> tuple[int, int]:
-    """A length varint at `pos` -> (value, position after it); at most 10 bytes (garbage of 0xff bytes
-    would otherwise be read as one huge number, each byte costing more)."""
-    value = shift = 0
-    for stop in range(pos + 1, min(pos + 10, len(buf)) + 1):
-        byte = buf[stop - 1]
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, stop
-        shift += 7
-    raise _NotSteady
 
 
 def _bounded(cache: Sized) -> None:

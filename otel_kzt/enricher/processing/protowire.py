@@ -122,15 +122,17 @@ def _key_value(key: str, value: str) -> bytes:
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    """A varint at `pos` -> (value, position after it)."""
-    value, shift = 0, 0
-    while True:
-        b = buf[pos]
+    """A varint at `pos` -> (value, position after it); at most 10 bytes, as protobuf reads them (garbage
+    of 0xff bytes would otherwise be read as one huge number, each byte costing more): ValueError beyond,
+    IndexError at the buffer's end."""
+    value = shift = 0
+    for stop in range(pos + 1, pos + 11):
+        b = buf[stop - 1]
         value |= (b & 0x7F) << shift
-        pos += 1
         if b < 0x80:
-            return value, pos
+            return value, stop
         shift += 7
+    raise ValueError("varint longer than 10 bytes")
 
 
 def skip_field(buf: bytes, pos: int) -> int:
