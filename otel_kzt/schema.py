@@ -315,3 +315,14 @@ NOT_COUNTED_REASONS: Final = (
 # Counting state given up to a cap, by `state`: `run` (runs per series), `tombstone` (forgotten series)
 ENRICHER_COUNTING_EVICTED: Final = "kzt_enricher_counting_state_evicted"
 ENRICHER_COUNTING_STATE_LABEL: Final = "state"
+# How the flow metrics were read (processing/encoded.py, repeats.py), by `read`: a request from its bytes
+# alone (`bytes`, a steady agent's) or decoded whole (`decoded`); a flow Sum checked whole against its
+# group's last shape (`layout`) or walked point by point (`points`). A sender whose steady requests are
+# always `decoded` costs the enricher the slow path every interval.
+ENRICHER_METRIC_REQUESTS: Final = "kzt_enricher_metric_requests"
+ENRICHER_FLOW_SUMS: Final = "kzt_enricher_flow_sums"
+ENRICHER_READ_LABEL: Final = "read"
+READ_BYTES: Final = "bytes"
+READ_DECODED: Final = "decoded"
+READ_LAYOUT: Final = "layout"
+READ_POINTS: Final = "points"

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from prometheus_client import CollectorRegistry
 
 from otel_kzt import schema
 from otel_kzt.enricher.state.agents import AgentsHealth
@@ -36,15 +37,34 @@ def test_a_steady_request_is_not_decoded(monkeypatch: pytest.MonkeyPatch) -> Non
     """The first request is decoded (every series new, its layout learnt in that pass); from the second
     on, none is, and the outcome equals the decoded object path's (Twins compares them)."""
     twins, decodes = Twins(), Decodes()
-    core = twins.beds[0][0]
+    core, registry = twins.beds[0][0], twins.beds[0][2]
     consume = core.consume_encoded
     monkeypatch.setattr(core, "consume_encoded", lambda raw, _decode: consume(raw, decodes))
-    counts = []
+    counts, reads = [], []
     for i in range(5):
         twins.now[0] += 1.0
         twins.send(steady(i))
         counts.append(decodes.calls)
+        reads.append(how_read(registry))
     assert counts == [1, 1, 1, 1, 1]
+    # what the enricher tells about it (/metrics): requests read from bytes or decoded, Sums by layout or
+    # point by point; the core without layouts, given decoded requests, reads everything the slow way
+    assert reads == [(i, 1, 2 * i, 2) for i in range(5)]
+    assert how_read(twins.beds[1][2]) == (0, 5, 0, 10)
+
+
+def how_read(registry: CollectorRegistry) -> tuple[float, ...]:
+    """(requests from bytes, decoded; flow Sums by layout, point by point) as counted on /metrics."""
+    pairs = [
+        (schema.ENRICHER_METRIC_REQUESTS, schema.READ_BYTES),
+        (schema.ENRICHER_METRIC_REQUESTS, schema.READ_DECODED),
+        (schema.ENRICHER_FLOW_SUMS, schema.READ_LAYOUT),
+        (schema.ENRICHER_FLOW_SUMS, schema.READ_POINTS),
+    ]
+    return tuple(
+        registry.get_sample_value(name + "_total", {schema.ENRICHER_READ_LABEL: read}) or 0.0
+        for name, read in pairs
+    )
 
 
 def schema_url(payload: bytes, url: bytes) -> bytes:

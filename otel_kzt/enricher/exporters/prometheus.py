@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -280,6 +280,21 @@ class Exposition:
         return built[1], content_type
 
 
+# How requests and flow Sums were read (HealthMetrics.count_reads): name, help, the `read` values
+_READS: Final = (
+    (
+        schema.ENRICHER_METRIC_REQUESTS,
+        "Metric export requests by how they were read: from their bytes alone (steady) or decoded",
+        (schema.READ_BYTES, schema.READ_DECODED),
+    ),
+    (
+        schema.ENRICHER_FLOW_SUMS,
+        "kzt.flow.* Sums by how they were read: checked whole against their last shape or point by point",
+        (schema.READ_LAYOUT, schema.READ_POINTS),
+    ),
+)
+
+
 class HealthMetrics:
     """The enricher's own counters, on the same explicit registry."""
 
@@ -327,22 +342,33 @@ class HealthMetrics:
             registry=registry,
         )
 
-        self.not_counted = Counter(
+        # counters by a label, each value exported at 0 from the start: alerts can use increase()
+        self.not_counted = _labelled(
+            registry,
             schema.ENRICHER_NOT_COUNTED,
             "Data points the counting rule declined (DESIGN §4), by reason",
-            [schema.ENRICHER_NOT_COUNTED_REASON_LABEL],
-            registry=registry,
+            schema.ENRICHER_NOT_COUNTED_REASON_LABEL,
+            schema.NOT_COUNTED_REASONS,
         )
-        self.counting_evicted = Counter(
+        self.counting_evicted = _labelled(
+            registry,
             schema.ENRICHER_COUNTING_EVICTED,
             "Counting state given up to a cap: runs per series, tombstones of forgotten series",
-            [schema.ENRICHER_COUNTING_STATE_LABEL],
-            registry=registry,
+            schema.ENRICHER_COUNTING_STATE_LABEL,
+            ("run", "tombstone"),
         )
-        for reason in schema.NOT_COUNTED_REASONS:  # exported at 0 from the start: alerts can use increase()
-            self.not_counted.labels(reason)
-        for state in ("run", "tombstone"):
-            self.counting_evicted.labels(state)
+        (self._read_bytes, self._read_decoded), (self._read_layout, self._read_points) = (
+            map(_labelled(registry, name, doc, schema.ENRICHER_READ_LABEL, values).labels, values)
+            for name, doc, values in _READS
+        )
+
+    def count_reads(self, *, from_bytes: bool, layout_sums: int, point_sums: int) -> None:
+        """One request's reads (schema.ENRICHER_METRIC_REQUESTS, ENRICHER_FLOW_SUMS)."""
+        (self._read_bytes if from_bytes else self._read_decoded).inc()
+        if layout_sums:
+            self._read_layout.inc(layout_sums)
+        if point_sums:
+            self._read_points.inc(point_sums)
 
     def count_declined(self, declined: Mapping[str, int], evicted: Mapping[str, int]) -> None:
         for reason, n in declined.items():
@@ -353,3 +379,11 @@ class HealthMetrics:
     def bind(self, synced: Callable[[], bool], active: Callable[[], int]) -> None:
         self.metadata_synced.set_function(lambda: 1.0 if synced() else 0.0)
         self.series_active.set_function(lambda: float(active()))
+
+
+def _labelled(registry: CollectorRegistry, name: str, doc: str, label: str, values: Iterable[str]) -> Counter:
+    """A counter by `label`, each of `values` exported (at 0) from the start."""
+    counter = Counter(name, doc, [label], registry=registry)
+    for value in values:
+        counter.labels(value)
+    return counter

@@ -174,6 +174,9 @@ class Core:
                 self._health.rejected.inc(batch.rejected)
                 declined[schema.NOT_COUNTED_REJECTED] = batch.rejected
             self._health.received.inc(batch.received)
+            self._health.count_reads(
+                from_bytes=request is None, layout_sums=batch.layout_sums, point_sums=batch.point_sums
+            )
             self._health.count_declined(declined, evicted)
             self._emit(payload, batch)
         finally:

@@ -66,6 +66,8 @@ class Batch:
     # packets series of one flow carry the same attributes, so the second is named by the first's answer
     # (and shares its cached naming and flow-log template: half the resolutions and that memory)
     named: dict[tuple[bytes, bytes, int], _Named] | None = None
+    layout_sums: int = 0  # flow Sums read from their group's layout (repeats.py) ...
+    point_sums: int = 0  # ... and point by point (the general pass)
 
     def reject(self, reason: str, count: int = 1) -> None:
         self.rejected += count
@@ -147,6 +149,7 @@ class SumEnricher:
     ) -> int:
         """A Sum checked to be in its layout's shape: only the counting is done per point."""
         raws, flat = read
+        batch.layout_sums += 1
         count, now, billed, declined = self._rule.count, batch.now, [], None
         points = zip(known.entries, known.keys, flat[1::6], flat[3::6], flat[5::6], strict=True)
         for entry, key, start, t, value in points:
@@ -186,6 +189,7 @@ class SumEnricher:
 
         Written for speed (one struct call reads tags, times and value; no helper calls on a cache hit).
         """
+        batch.point_sums += 1
         size_out = 0
         trailer: list[bytes] = []  # aggregation_temporality, is_monotonic, unknown fields
         billed: list[Billed] = []  # flow-log increments of this Sum, paired after the loop

@@ -1,12 +1,17 @@
-// Sends kzt.flow.bytes / kzt.flow.packets cumulative sums once, through one of the OpenTelemetry JS OTLP
-// metric exporters, as a Node.js service instrumented with the OpenTelemetry SDK would.
-//   node send.js PROTOCOL URL COMPRESSION FLOWS_JSON
-//   PROTOCOL: grpc | http-json | http-proto; COMPRESSION: none | gzip;
-//   FLOWS_JSON: [[source address, destination address, bytes], ...]
+// Sends kzt.flow.bytes / kzt.flow.packets cumulative sums through one of the OpenTelemetry JS OTLP metric
+// exporters, as a Node.js service instrumented with the OpenTelemetry SDK would: one export per interval.
+//   node send.js PROTOCOL URL COMPRESSION VALUE_TYPE NODE_NAME
+//   PROTOCOL: grpc | http-json | http-proto; COMPRESSION: none | gzip; VALUE_TYPE: int | double
+//   (observable counters are doubles unless told otherwise; the agent sends integers).
+// Each line on stdin is one interval: [[attributes, bytes, packets], ...], the flows' cumulative values;
+// the reader collects them (and a kzt.agent.flows.tracked gauge) and exports once (forceFlush), then the
+// line `ok` (or `failed: <error>`) is written to stdout. At the end of stdin the provider shuts down.
 // Headers (the bearer token) come from OTEL_EXPORTER_OTLP_HEADERS, as for any OTLP exporter.
-// Exit 0 when the export succeeded, 1 with the error on stderr otherwise.
+// Exit 0 when every export succeeded, 1 otherwise.
 "use strict";
 
+const readline = require("node:readline");
+const { ValueType } = require("@opentelemetry/api");
 const { MeterProvider, PeriodicExportingMetricReader } = require("@opentelemetry/sdk-metrics");
 const { resourceFromAttributes } = require("@opentelemetry/resources");
 
@@ -15,9 +20,13 @@ const EXPORTERS = {
   "http-json": () => require("@opentelemetry/exporter-metrics-otlp-http").OTLPMetricExporter,
   "http-proto": () => require("@opentelemetry/exporter-metrics-otlp-proto").OTLPMetricExporter,
 };
+const METRICS = [
+  ["kzt.flow.bytes", "By", 1],
+  ["kzt.flow.packets", "{packet}", 2],
+];
 
 async function main() {
-  const [protocol, url, compression, flowsJson] = process.argv.slice(2);
+  const [protocol, url, compression, valueType, node] = process.argv.slice(2);
   const Exporter = EXPORTERS[protocol]();
   const exporter = new Exporter({ url, compression, timeoutMillis: 10000 });
   let failure = null;
@@ -29,32 +38,35 @@ async function main() {
     });
   const reader = new PeriodicExportingMetricReader({ exporter, exportIntervalMillis: 3600000 });
   const provider = new MeterProvider({
-    resource: resourceFromAttributes({
-      "service.name": "otel-kzt-agent",
-      "k8s.node.name": `js-${protocol}-${compression}`,
-    }),
+    resource: resourceFromAttributes({ "service.name": "otel-kzt-agent", "k8s.node.name": node }),
     readers: [reader],
   });
-  const meter = provider.getMeter("otel_kzt.js_client");
-  const flows = JSON.parse(flowsJson);
-  for (const [name, unit, scale] of [["kzt.flow.bytes", "By", 1], ["kzt.flow.packets", "{packet}", 1000]]) {
-    meter.createObservableCounter(name, { unit }).addCallback((result) => {
-      for (const [src, dst, value] of flows) {
-        result.observe(Math.floor(value / scale), {
-          "source.address": src,
-          "destination.address": dst,
-          "network.transport": "tcp",
-          "destination.port": "443",
-        });
-      }
-    });
+  const meter = provider.getMeter("otel_kzt.js_client", "1.4.2", {
+    schemaUrl: "https://opentelemetry.io/schemas/1.26.0",
+  });
+  let flows = [];
+  const type = valueType === "int" ? ValueType.INT : ValueType.DOUBLE;
+  for (const [name, unit, column] of METRICS) {
+    meter
+      .createObservableCounter(name, { unit, valueType: type, description: `${name} of each flow` })
+      .addCallback((result) => {
+        for (const flow of flows) result.observe(flow[column], flow[0]);
+      });
   }
-  await reader.forceFlush();
+  meter
+    .createObservableGauge("kzt.agent.flows.tracked", { unit: "{flow}", valueType: ValueType.INT })
+    .addCallback((result) => result.observe(flows.length));
+  let failed = false;
+  for await (const line of readline.createInterface({ input: process.stdin })) {
+    if (!line.trim()) continue;
+    flows = JSON.parse(line);
+    failure = null;
+    await reader.forceFlush();
+    if (failure) failed = true;
+    process.stdout.write(failure ? `failed: ${failure.message || failure}\n` : "ok\n");
+  }
   await provider.shutdown();
-  if (failure) {
-    process.stderr.write(`export failed: ${failure.message || failure}\n`);
-    process.exit(1);
-  }
+  process.exit(failed ? 1 : 0);
 }
 
 main().catch((err) => {
