@@ -266,7 +266,7 @@ class LocalFlows:
     def _named(self, end: str, raw: bytes) -> bytes:
         """Serialized pod attributes of address `raw` at `end` if it is a pod on this node, else b"".
 
-        Keyed by the raw address object the flow key already holds, so the cache costs only its slots.
+        Keyed by the raw address (4 or 16 bytes): one entry per address, however many flows it has.
         """
         cache = self._pods[end]
         named = cache.get(raw)

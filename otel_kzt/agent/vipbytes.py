@@ -62,7 +62,7 @@ class ServiceVipBytes:
         total = self.total
         for key, counters in snapshot.flows.items():  # 100,000 flows an interval: checks inlined
             dst = key.dst
-            vip = is_vip.get(dst)  # first: a bytes hash is cached, a FlowKey's is not
+            vip = is_vip.get(dst)  # by destination first: a few hundred, where the flows are many
             if vip is None:
                 vip = is_vip[dst] = catalog.service_of_vip(address_text(dst)) is not None
             if not vip:

@@ -281,7 +281,7 @@ def test_eviction_interrupted_by_a_crash_is_finished_by_the_next_agent(
     settle()
     k = key(net.a4, net.b4, UDP, dport=53)
     assert first._tables is not None
-    assert first._tables.mark_dead(flowmap.V4, [flowmap.encode_key(k)]) == 1
+    assert first._tables.mark_dead(flowmap.V4, [k]) == 1
     first.close()  # "crash": marked dead, never collected
     net.traffic(net.pod_a, "udp", net.b4, 53, 3, 10)  # these race with the eviction: its dying entry
     second = datapath()

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from otel_kzt.agent import flows
 from otel_kzt.agent.datapath import DatapathConfig, flowmap, pins
 from otel_kzt.agent.datapath.probe import BPF_DIR
 from otel_kzt.agent.flows import FlowKey
@@ -26,36 +27,63 @@ def test_layout_sizes_match_the_c_header() -> None:
 
 
 @pytest.mark.parametrize(
-    "key",
+    ("fields", "raw"),
     [
-        FlowKey(4, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 17, 0, 53),
-        FlowKey(4, bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]), 6, 443, 0),
-        FlowKey(6, bytes(range(16)), bytes(range(16, 32)), 58, 0, 0),
+        (
+            (4, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 17, 0, 53),
+            bytes([17, 2, 53, 0, 10, 0, 0, 1, 10, 0, 0, 2]),
+        ),
+        (
+            (4, bytes([10, 0, 0, 2]), bytes([10, 0, 0, 1]), 6, 443, 0),
+            bytes([6, 1, 187, 1, 10, 0, 0, 2, 10, 0, 0, 1]),
+        ),
+        ((6, bytes(range(16)), bytes(range(16, 32)), 58, 0, 0, 3), bytes([58, 12, 0, 0, *range(32)])),
     ],
 )
-def test_key_round_trip(key: FlowKey) -> None:
-    raw = flowmap.encode_key(key)
-    layout = flowmap.LAYOUTS[key.family]
-    assert len(raw) == layout.key.size
-    assert flowmap.decode_key(layout, raw) == key
+def test_key_is_the_map_key_and_reads_back(fields: tuple[int, ...], raw: bytes) -> None:
+    key = FlowKey(*fields)  # type: ignore[arg-type]
+    assert key == raw and len(key) == flowmap.LAYOUTS[key.family].key.size
+    read = FlowKey.of_raw(raw)
+    assert read == key and hash(read) == hash(key) and type(read) is FlowKey
+    family, src, dst, proto, sport, dport, *origin = fields
+    assert (read.family, read.src, read.dst, read.proto, read.src_port, read.dst_port) == (
+        family,
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+    )
+    assert read.origin == (origin[0] if origin else 0)
+    assert repr(read).startswith(f"FlowKey(family={family}, src={src!r}")
 
 
 def test_key_wire_bytes() -> None:
-    raw = flowmap.encode_key(FlowKey(4, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 6, 0, 8080))
-    assert raw == bytes([6, flowmap.PORT_DST]) + struct.pack("<H", 8080) + bytes([10, 0, 0, 1, 10, 0, 0, 2])
+    raw = FlowKey(4, bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), 6, 0, 8080)
+    assert raw == bytes([6, flows.PORT_DST]) + struct.pack("<H", 8080) + bytes([10, 0, 0, 1, 10, 0, 0, 2])
 
 
 @pytest.mark.parametrize(
-    ("key", "message"),
+    ("fields", "message"),
     [
-        (FlowKey(4, bytes(4), bytes(4), 6, 80, 8080), "at most one port"),
-        (FlowKey(4, bytes(16), bytes(4), 6, 0, 80), "4 bytes"),
-        (FlowKey(5, bytes(4), bytes(4), 6, 0, 80), "unknown address family"),
+        ((4, bytes(4), bytes(4), 6, 80, 8080), "at most one port"),
+        ((4, bytes(16), bytes(4), 6, 0, 80), "4 bytes"),
+        ((6, bytes(16), bytes(4), 6, 0, 80), "16 bytes"),
+        ((5, bytes(4), bytes(4), 6, 0, 80), "unknown address family"),
+        ((4, bytes(4), bytes(4), 256, 0, 80), "out of range"),
+        ((4, bytes(4), bytes(4), 6, 0, 65536), "out of range"),
+        ((4, bytes(4), bytes(4), 6, 0, 80, 4), "unknown origin"),
     ],
 )
-def test_bad_keys_are_refused(key: FlowKey, message: str) -> None:
+def test_bad_keys_are_refused(fields: tuple[int, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        flowmap.encode_key(key)
+        FlowKey(*fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [0, 11, 13, 35, 37])
+def test_raw_keys_of_another_size_are_refused(size: int) -> None:
+    with pytest.raises(ValueError, match="12 or 36 bytes"):
+        FlowKey.of_raw(bytes(size))
 
 
 def test_value_decoding() -> None:

@@ -38,7 +38,6 @@ from otel_kzt.agent.datapath import bpfsys, flowmap, loader, modes, pins, probe
 from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
 from otel_kzt.agent.datapath.flowtables import FlowTables
 from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
-from otel_kzt.agent.shared import Shared
 from otel_kzt.errors import ConfigError, KernelUnsupported
 
 log = logging.getLogger(__name__)
@@ -81,12 +80,12 @@ class Datapath:
         self._link_fds: list[int] = []
         self._lock = threading.Lock()
         self._evicted: dict[FlowKey, FlowCounters] = {}
-        # Per raw map key, its decoded key, kept while the flow lives (addresses and ports shared between
-        # keys), and the previous snapshot's counters by key (last-seen = when the packet count last
-        # changed): a steady state allocates little, and 100,000 flows stay within the memory budget.
+        # Each live flow's key, found by the raw key a read returns (a FlowKey equals its raw bytes: one
+        # object per flow however often it is read, the one every cache holds), and the previous
+        # snapshot's counters by key (last-seen = when the packet count last changed): a steady state
+        # allocates little, and 100,000 flows stay within the memory budget.
         self._keys: dict[bytes, FlowKey] = {}
         self._prev: dict[FlowKey, FlowCounters] = {}
-        self._shared = Shared()
         self._tables: FlowTables | None = None
 
     # --- start -----------------------------------------------------------------------------------------
@@ -183,7 +182,7 @@ class Datapath:
         """Decode one family's map straight from the batch buffers (no intermediate copy). An unchanged
         flow keeps the previous snapshot's key and counter objects: a steady state allocates little."""
         offset, ks, vs = tables.boot_offset, layout.key.size, layout.value.size
-        known, prev, shared = self._keys, self._prev, self._shared
+        known, prev = self._keys, self._prev
         raw_key, value = _raw_key(ks), layout.counts
         for keys, values, count in tables.batches(layout):
             # Both buffers unpacked by C iterators: no slice, no call per flow.
@@ -191,7 +190,8 @@ class Datapath:
             for (raw,), (nbytes, packets, first_boot) in zip(raws, decoded, strict=True):
                 key = known.get(raw)
                 if key is None:
-                    key = known[raw] = flowmap.decode_key(layout, raw, shared=shared)
+                    key = FlowKey.of_raw(raw)
+                    known[key] = key
                 counters = prev.get(key)
                 first_seen = first_boot + offset
                 # The kernel keeps no last-seen time (a clock read per packet): the snapshot that first
@@ -205,9 +205,8 @@ class Datapath:
     def _forget_gone(self, flows: dict[FlowKey, FlowCounters]) -> None:
         """Keep the decoded keys of the flows still in the maps only; these flows are the next `_prev`."""
         if len(self._keys) > len(flows):
-            for raw in [raw for raw, key in self._keys.items() if key not in flows]:
-                del self._keys[raw]
-        self._shared.trim(len(self._keys))
+            for key in [key for key in self._keys if key not in flows]:
+                del self._keys[key]
         self._prev = flows
 
     # --- evict -------------------------------------------------------------------------------------------
@@ -219,7 +218,7 @@ class Datapath:
         `Snapshot.eviction_races`); a packet after the eviction starts the flow anew."""
         by_layout: dict[flowmap.Layout, list[bytes]] = {layout: [] for layout in flowmap.LAYOUTS.values()}
         for key in dict.fromkeys(keys):
-            by_layout[flowmap.LAYOUTS[key.family]].append(flowmap.encode_key(key))
+            by_layout[flowmap.LAYOUTS[key.family]].append(key)
         with self._lock:
             tables = self._tables_or_raise()
             if self._evict_fd < 0:
@@ -228,7 +227,7 @@ class Datapath:
                 )
             final = tables.evict(by_layout)
             for key, counters in final.items():
-                self._keys.pop(flowmap.encode_key(key), None)
+                self._keys.pop(key, None)
                 previous = self._prev.get(key)
                 last = previous.last_seen_unix_ns if previous else counters.last_seen_unix_ns
                 self._evicted[key] = replace(counters, last_seen_unix_ns=last)
@@ -277,7 +276,7 @@ class Datapath:
 
 @functools.cache
 def _raw_key(size: int) -> struct.Struct:
-    """A whole raw key as one bytes field (what `_keys` is keyed by)."""
+    """A whole raw key as one bytes field (what `_keys` is looked up by)."""
     return struct.Struct(f"{size}s")
 
 

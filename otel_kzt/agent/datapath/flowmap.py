@@ -1,7 +1,8 @@
-"""The flow maps' binary layout (mirror of `bpf/flow.h`) and its decoding into `flows.FlowKey`.
+"""The flow maps' binary layout (mirror of `bpf/flow.h`): map names, value formats, stats indexes.
 
-IPv4 and IPv6 flows live in two maps (`flows4`, `flows6`) with keys of 12 and 36 bytes. Kept apart from
-the loader so the layout can be unit-tested without a kernel.
+IPv4 and IPv6 flows live in two maps (`flows4`, `flows6`) with keys of 12 and 36 bytes; a key is a
+`flows.FlowKey` as read (its layout lives there). Kept apart from the loader so the layout can be
+unit-tested without a kernel.
 """
 
 from __future__ import annotations
@@ -11,11 +12,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from otel_kzt.agent.flows import AF_INET, AF_INET6, FlowKey
-from otel_kzt.agent.shared import Shared
-
-PORT_NONE, PORT_SRC, PORT_DST = 0, 1, 2
-PORT_MASK, ORIGIN_SHIFT = 3, 2  # port_side: the port's side in bits 0-1, the origin (flows.ORIGIN_*) in 2-3
+from otel_kzt.agent.flows import AF_INET, AF_INET6, KEY_FORMATS
 
 # flow.h KZT_STAT_*
 STAT_INSERT_FAILED, STAT_EVICT_RACE, STAT_NOT_IP, STAT_READ_FAILED = 0, 1, 2, 3
@@ -33,7 +30,7 @@ class Layout:
     dying_name: str  # packets that raced with an eviction, per flow (struct overflow_value)
     evict_keys: str  # the evictor's command array for this family
     evict_count_index: int  # evict_count[i] holds how many keys are listed
-    key: struct.Struct  # proto u8, port_side u8, port u16, src, dst
+    key: struct.Struct  # flows.KEY_FORMATS: proto u8, port_side u8, port u16, src, dst
     value: struct.Struct  # bytes u64, packets u64, first_seen_ns u64, dead u32, pad u32, key, pad u32
 
     @property
@@ -58,7 +55,7 @@ V4: Final = Layout(
     "dying4",
     "evict_keys4",
     0,
-    struct.Struct("<BBH4s4s"),
+    KEY_FORMATS[AF_INET],
     struct.Struct("<QQQIxxxx12sxxxx"),
 )
 V6: Final = Layout(
@@ -67,44 +64,10 @@ V6: Final = Layout(
     "dying6",
     "evict_keys6",
     1,
-    struct.Struct("<BBH16s16s"),
+    KEY_FORMATS[AF_INET6],
     struct.Struct("<QQQIxxxx36sxxxx"),
 )
 LAYOUTS: Final = {AF_INET: V4, AF_INET6: V6}
-
-
-def decode_key(
-    layout: Layout, raw: bytes | memoryview, offset: int = 0, shared: Shared | None = None
-) -> FlowKey:
-    proto, side, port, src, dst = layout.key.unpack_from(raw, offset)
-    if shared is not None:
-        src, dst, port = shared(src), shared(dst), shared(port)  # many keys hold the same ones
-    origin, side = side >> ORIGIN_SHIFT, side & PORT_MASK
-    return FlowKey(
-        family=layout.family,
-        src=src,
-        dst=dst,
-        proto=proto,
-        src_port=port if side == PORT_SRC else 0,
-        dst_port=port if side == PORT_DST else 0,
-        origin=origin,
-    )
-
-
-def encode_key(key: FlowKey) -> bytes:
-    layout = LAYOUTS.get(key.family)
-    if layout is None:
-        raise ValueError(f"unknown address family {key.family}")
-    if len(key.src) != layout.width or len(key.dst) != layout.width:
-        raise ValueError(f"IPv{key.family} addresses are {layout.width} bytes")
-    if key.src_port and key.dst_port:
-        raise ValueError("a flow key keeps at most one port (the listening side's)")
-    side, port = PORT_NONE, 0
-    if key.src_port:
-        side, port = PORT_SRC, key.src_port
-    elif key.dst_port:
-        side, port = PORT_DST, key.dst_port
-    return layout.key.pack(key.proto, side | key.origin << ORIGIN_SHIFT, port, key.src, key.dst)
 
 
 def decode_value(layout: Layout, raw: bytes | memoryview, offset: int = 0) -> tuple[int, int, int, bool]:

@@ -117,7 +117,7 @@ class FlowTables:
                 nbytes, packets = flowmap.OVERFLOW_FORMAT.unpack(extra)
                 total = replace(counters, bytes=counters.bytes + nbytes, packets=counters.packets + packets)
                 dying.delete(raw)
-            result[flowmap.decode_key(layout, raw)] = total
+            result[FlowKey.of_raw(raw)] = total
         return result
 
     def sweep_dying(self, layout: Layout) -> dict[FlowKey, FlowCounters]:
@@ -134,5 +134,5 @@ class FlowTables:
         left: dict[FlowKey, FlowCounters] = {}
         for raw, (nbytes, packets) in entries:  # deleted after the read: a batch read needs a stable map
             dying.delete(raw)
-            left[flowmap.decode_key(layout, raw)] = FlowCounters(nbytes, packets, now, now)
+            left[FlowKey.of_raw(raw)] = FlowCounters(nbytes, packets, now, now)
         return left
