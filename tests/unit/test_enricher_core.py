@@ -335,7 +335,7 @@ def test_generation_change_without_changed_answers_skips_re_resolution(
     core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 10, 1)]))
     index.gen += 1  # some other pod changed
     monkeypatch.setattr(
-        core._points._resolver, "resolve", lambda *a: pytest.fail("re-resolved an unchanged series")
+        core._points._resolver, "resolve_encoded", lambda *a: pytest.fail("re-resolved an unchanged series")
     )
     core.consume_metrics(request([("10.0.0.1", "10.0.0.4", 20, 1)]))
     assert attrs_of(sink)[0][schema.TRAFFIC_CLASS] == "cross-zone"
@@ -408,8 +408,8 @@ def test_bytes_and_packets_of_a_flow_are_named_once_per_request(monkeypatch: pyt
     core, _, registry, sink = make_core(FakeIndex())
     resolver = core._points._resolver
     calls: list[object] = []
-    real = resolver.resolve
-    monkeypatch.setattr(resolver, "resolve", lambda *a: calls.append(a) or real(*a))
+    real = resolver.resolve_encoded
+    monkeypatch.setattr(resolver, "resolve_encoded", lambda *a: calls.append(a) or real(*a))
     req = request([("10.0.0.1", "10.0.0.4", 3_000, 1), ("10.0.0.1", "10.0.0.5", 900, 1)])
     packets = request([("10.0.0.1", "10.0.0.4", 2, 1), ("10.0.0.1", "10.0.0.5", 1, 1)], schema.FLOW_PACKETS)
     req.resource_metrics[0].scope_metrics[0].metrics.append(

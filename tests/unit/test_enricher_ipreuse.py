@@ -19,6 +19,7 @@ from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.processing.cost import load_prices
+from otel_kzt.enricher.processing.pieces import Pieces
 from otel_kzt.enricher.processing.resolution import Resolved, Resolver
 from otel_kzt.k8s.decode import PodRecord, decode_node, decode_pod
 from otel_kzt.k8s.index import ClusterIndex
@@ -76,9 +77,11 @@ class CountingResolver(Resolver):
 
     resolves = 0
 
-    def resolve(self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Resolved:
+    def resolve_encoded(
+        self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None
+    ) -> tuple[Resolved, list[Pieces]]:
         self.resolves += 1
-        return super().resolve(given, ready, at_unix_s)
+        return super().resolve_encoded(given, ready, at_unix_s)
 
 
 def make_core(

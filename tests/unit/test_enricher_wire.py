@@ -13,9 +13,11 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
+from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from otel_kzt import schema
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter, FlowRecords, FlowTemplate
+from otel_kzt.enricher.processing.pieces import pieces, received
 from otel_kzt.enricher.processing.protowire import AttributeEncoder, Writer, spans, string_attributes, varint
 from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
@@ -219,6 +221,11 @@ def test_a_flow_template_is_what_the_libraries_write(
     writing the whole record, whatever the keys (one named `event` too) and values, in any key order."""
     for attrs in [*attr_sets, dict(reversed(attr_sets[0].items()))]:
         made = FlowTemplate(Resolved(b"", attrs, cls, "aws"), 1e-11, json_lines=True, otlp=True)
+        encoded = pieces(list(attrs.items()))  # the core's way: the pieces it has, in attrs order
+        also = FlowTemplate(
+            Resolved(b"", attrs, cls, "aws"), 1e-11, json_lines=True, otlp=True, encoded=encoded
+        )
+        assert (also.json_prefix, also.otlp_static) == (made.json_prefix, made.otlp_static)
         ordered = sorted(attrs.items())
         assert made.json_prefix == orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME, **dict(ordered)})[:-1]
         head = LogRecord(
@@ -237,3 +244,40 @@ def test_a_flow_template_is_what_the_libraries_write(
                 attributes=[KeyValue(key=k, value=AnyValue(string_value=v)) for k, v in ordered]
             ).attributes
         )
+
+
+_attribute_values = st.one_of(
+    st.text(max_size=140).map(lambda v: AnyValue(string_value=v)),
+    st.integers(-(2**63), 2**63 - 1).map(lambda v: AnyValue(int_value=v)),
+    st.booleans().map(lambda v: AnyValue(bool_value=v)),
+    st.just(AnyValue()),
+)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(
+    st.lists(st.tuples(_keys | st.text(max_size=140), _attribute_values), max_size=10),
+    st.integers(0, 3),
+)
+def test_a_series_key_is_read_as_protobuf_reads_it(
+    attributes: list[tuple[str, AnyValue]], flags: int
+) -> None:
+    """`received` reads a series key's attributes without decoding it: exactly the (key, string) pairs
+    protobuf decodes, each with its pieces, for what agents write (string values, every field shorter than
+    128 bytes, no flags); None for anything else (then the core decodes the point)."""
+    point = NumberDataPoint(attributes=[KeyValue(key=k, value=v) for k, v in attributes], flags=flags)
+    key = point.SerializeToString()
+    readable = not flags and all(
+        k
+        and v.WhichOneof("value") == "string_value"
+        and len(KeyValue(key=k, value=v).SerializeToString()) < 128
+        for k, v in attributes
+    )  # an empty key is left out by protobuf: another shape
+    for _ in range(2):  # made, then from the cache
+        got = received(key)
+        assert (got is not None) == readable
+        if got is not None:
+            assert [(p[3], p[4]) for p in got] == [(kv.key, kv.value.string_value) for kv in point.attributes]
+            assert b"".join(p[0] for p in got) == key
+            assert [p[1:] for p in got] == [p[1:] for p in pieces([(p[3], p[4]) for p in got])]
+    assert received(key + b"\x3a") is None and received(key + b"\x3a\x05\x0a") is None  # truncated

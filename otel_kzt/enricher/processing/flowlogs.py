@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from operator import add, attrgetter
 from typing import Any, BinaryIO, Final, TextIO
@@ -24,12 +24,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
 from otel_kzt import __version__, schema
-from otel_kzt.enricher.processing.protowire import (
-    AttributeEncoder,
-    length_delimited,
-    string_attributes,
-    varint,
-)
+from otel_kzt.enricher.processing.pieces import JSON_MEMBER, LOG_FIELD, Pieces, pieces
+from otel_kzt.enricher.processing.protowire import AttributeEncoder, length_delimited, varint
 from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
 
@@ -38,7 +34,6 @@ _RESOURCE_TAG: Final = 0x0A  # ResourceLogs.resource (field 1)
 _SCOPE_LOGS_TAG: Final = 0x12  # ResourceLogs.scope_logs (field 2)
 _SCOPE_TAG: Final = 0x0A  # ScopeLogs.scope (field 1)
 _LOG_RECORDS_TAG: Final = 0x12  # ScopeLogs.log_records (field 2, length-delimited)
-_ATTRIBUTES_TAG: Final = 0x32  # LogRecord.attributes (field 6)
 _TIME_TAG: Final = 0x09  # LogRecord.time_unix_nano (field 1, fixed64)
 _OBSERVED_TAG: Final = 0x59  # LogRecord.observed_time_unix_nano (field 11, fixed64)
 _BYTES_ATTR: Final = AttributeEncoder(schema.FLOW_LOG_BYTES)
@@ -59,27 +54,44 @@ class FlowTemplate:
 
     A new series costs one (cluster scale: 100k new flows in an agent interval), so the pieces are cached:
     the attributes' sorted order per set of keys (most series share one), each attribute's JSON member and
-    protobuf field per (key, value) (pods, workloads, zones repeat), the record head but for its body."""
+    protobuf field per (key, value) (pieces.py: pods, workloads, zones repeat), the record head but for its
+    body."""
 
     __slots__ = ("json_prefix", "otlp_fixed", "otlp_static", "traffic_class", "usd_per_byte")
 
-    def __init__(self, resolved: Resolved, usd_per_byte: float, *, json_lines: bool, otlp: bool) -> None:
-        """Render only the forms that are written (each is about a kilobyte per billed series)."""
+    def __init__(
+        self,
+        resolved: Resolved,
+        usd_per_byte: float,
+        *,
+        json_lines: bool,
+        otlp: bool,
+        encoded: Sequence[Pieces] | None = None,
+    ) -> None:
+        """Render only the forms that are written (each is about a kilobyte per billed series). `encoded`:
+        the pieces of `resolved.attrs` in its order, when the caller has them (else looked up)."""
         self.traffic_class: TrafficClass = resolved.traffic_class
         self.usd_per_byte = usd_per_byte
         attrs = resolved.attrs
-        order = _sorted_keys(attrs)
-        pairs = list(zip(order, map(attrs.__getitem__, order), strict=True))
+        keys = tuple(attrs)
+        order = _sorted_order(keys)
+        pairs: list[tuple[str, str]] = []
+        if encoded is None or len(encoded) != len(keys) or "event" in attrs:
+            values = tuple(attrs.values())
+            pairs = [(keys[i], values[i]) for i in order]
+            ordered = pieces(pairs) if json_lines or otlp else []
+        else:
+            ordered = list(map(encoded.__getitem__, order))
         self.json_prefix = b""  # the line up to its numbers, UTF-8 (written to the byte stream as it is)
         if json_lines:
-            self.json_prefix = _json_prefix_of(attrs, pairs)
+            self.json_prefix = _json_prefix_of(attrs, pairs, ordered)
         self.otlp_static = b""
         if otlp:
             body = (
                 f"{resolved.traffic_class.value} flow {attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
                 f"{attrs.get(schema.DESTINATION_ADDRESS, '?')}"
             )
-            fields = string_attributes(pairs, _ATTRIBUTES_TAG)
+            fields = b"".join(map(LOG_FIELD, ordered))
             self.otlp_static = b"".join((_HEAD_BEFORE_BODY, _body_field(body), _HEAD_AFTER_BODY, fields))
         self.otlp_fixed = len(self.otlp_static) + _NUMBERS.size  # a record's length, but for its counts
 
@@ -102,37 +114,27 @@ def _body_field(text: str) -> bytes:
 
 
 _JSON_HEAD: Final = orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME})[:-1]
-_MAX_CACHED: Final = 65_536  # sorted key orders, JSON members: emptied when full (bounded memory)
-_orders: dict[tuple[str, ...], tuple[str, ...]] = {}
-_json_members: dict[tuple[str, str], bytes] = {}
+_MAX_CACHED: Final = 65_536  # sorted key orders: emptied when full (bounded memory)
+_orders: dict[tuple[str, ...], tuple[int, ...]] = {}
 
 
-def _sorted_keys(attrs: Mapping[str, str]) -> tuple[str, ...]:
-    """The keys in sorted order (what `sorted(attrs.items())` orders by: keys are unique)."""
-    keys = tuple(attrs)
+def _sorted_order(keys: tuple[str, ...]) -> tuple[int, ...]:
+    """The keys' positions in sorted key order (what `sorted(attrs.items())` orders by: keys are unique)."""
     order = _orders.get(keys)
     if order is None:
         if len(_orders) >= _MAX_CACHED:
             _orders.clear()
-        order = _orders[keys] = tuple(sorted(keys))
+        order = _orders[keys] = tuple(sorted(range(len(keys)), key=keys.__getitem__))
     return order
 
 
-def _json_prefix_of(attrs: Mapping[str, str], pairs: list[tuple[str, str]]) -> bytes:
-    """`{"event":"kzt.flow",` and the attributes in order, as orjson writes that object (without its
-    closing brace): each member is cached, the object joined. An attribute named `event` takes the event's
-    place, as in a dict: that rare line is written whole."""
+def _json_prefix_of(attrs: Mapping[str, str], pairs: list[tuple[str, str]], ordered: list[Pieces]) -> bytes:
+    """`{"event":"kzt.flow",` and the attributes in sorted order, as orjson writes that object (without
+    its closing brace): their members (`ordered`, their pieces) joined. An attribute named `event` takes
+    the event's place, as in a dict: that rare line is written whole (from `pairs`, sorted)."""
     if "event" in attrs:
         return orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME, **dict(pairs)})[:-1]
-    members, out = _json_members, [_JSON_HEAD]
-    for pair in pairs:
-        member = members.get(pair)
-        if member is None:
-            if len(members) >= _MAX_CACHED:
-                members.clear()
-            member = members[pair] = b"," + orjson.dumps(pair[0]) + b":" + orjson.dumps(pair[1])
-        out.append(member)
-    return b"".join(out)
+    return _JSON_HEAD + b"".join(map(JSON_MEMBER, ordered))
 
 
 # A billed series' increment: its template, series key, increment, interval start and end (ns)

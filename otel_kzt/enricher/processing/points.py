@@ -25,6 +25,7 @@ from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates
 from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.flowlogs import Billed, FlowRecords, FlowTemplate
+from otel_kzt.enricher.processing.pieces import KEY, VALUE, received
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
 from otel_kzt.enricher.processing.repeats import Layout, Seen, layout
 from otel_kzt.enricher.processing.resolution import Resolved, Resolver
@@ -357,18 +358,25 @@ class SumEnricher:
         found = named.get((resource, key, at_ns))
         if found is not None:
             return found
-        given = _given(NumberDataPoint.FromString(raw))
+        carried = received(key)  # the attributes as agents write them, read from the key (cached)
+        if carried is None:
+            given = _given(NumberDataPoint.FromString(raw))
+        else:
+            given = dict(zip(map(KEY, carried), map(VALUE, carried), strict=True))
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
             batch.reject(_NO_ADDRESS)
             return None
-        resolved = self._resolver.resolve(given, batch.ready, at)
+        resolved, added = self._resolver.resolve_encoded(given, batch.ready, at)
         usd_per_byte = self._prices.per_byte(resolved.traffic_class, resolved.provider)
-        billed = self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES
-        template = (
-            FlowTemplate(resolved, usd_per_byte, json_lines=self._json_flow_logs, otlp=self._otlp_flow_logs)
-            if billed
-            else None
-        )
+        template = None
+        if self._flow_logs and resolved.traffic_class in schema.BILLED_CLASSES:
+            template = FlowTemplate(
+                resolved,
+                usd_per_byte,
+                json_lines=self._json_flow_logs,
+                otlp=self._otlp_flow_logs,
+                encoded=None if carried is None else carried + added,
+            )
         found = named[(resource, key, at_ns)] = _Named(resolved, usd_per_byte, resolved.slim(), template)
         return found
 

@@ -95,25 +95,11 @@ class AttributeEncoder:
         return self.double_head + struct.pack("<d", value)
 
 
-# Encoded attribute fields by tag, then (key, value): node, zone, workload and pod names repeat across
-# thousands of series, so a new series' attributes are mostly found here. Bounded: emptied when full.
-_FIELDS: dict[int, dict[tuple[str, str], bytes]] = {}
-_MAX_FIELDS: Final = 65_536  # per tag: a few MB
-
-
 def string_attributes(pairs: Iterable[tuple[str, str]], tag: int) -> bytes:
     """KeyValues with string values, each as the repeated field `tag` (NumberDataPoint.attributes is 0x3a,
-    LogRecord.attributes 0x32): what protobuf would write, without building messages."""
-    cache = _FIELDS.setdefault(tag, {})
-    out = []
-    for pair in pairs:
-        encoded = cache.get(pair)
-        if encoded is None:
-            if len(cache) >= _MAX_FIELDS:
-                cache.clear()
-            encoded = cache[pair] = length_delimited(tag, _key_value(*pair))
-        out.append(encoded)
-    return b"".join(out)
+    LogRecord.attributes 0x32): what protobuf would write, without building messages (the hot paths take
+    them cached per pair from pieces.py)."""
+    return b"".join([length_delimited(tag, _key_value(*pair)) for pair in pairs])
 
 
 def _key_value(key: str, value: str) -> bytes:

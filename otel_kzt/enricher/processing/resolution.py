@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from otel_kzt import schema
-from otel_kzt.enricher.processing.protowire import string_attributes
+from otel_kzt.enricher.processing.pieces import POINT_FIELD, Pieces, pieces
 from otel_kzt.enricher.processing.services import (
     KEYS_FOR_RECHECK,
     NO_SERVICES,
@@ -37,7 +37,6 @@ from otel_kzt.k8s.model import Endpoint, MetadataIndex, NodeInfo
 from otel_kzt.schema import TrafficClass, WorkloadKind
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-_POINT_ATTRIBUTES_TAG: Final = 0x3A  # NumberDataPoint.attributes: field 7, length-delimited
 _MAX_CACHED_ENDS: Final = 200_000  # addresses remembered per metadata generation (then start afresh)
 
 
@@ -102,6 +101,13 @@ class Resolver:
     def resolve(self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Resolved:
         """Enrich one series' attributes as measured at `at_unix_s` (None: now); `ready` False (metadata
         not synced) marks it unknown."""
+        return self.resolve_encoded(given, ready, at_unix_s)[0]
+
+    def resolve_encoded(
+        self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None
+    ) -> tuple[Resolved, list[Pieces]]:
+        """`resolve`, and the pieces of the attributes it adds, in the order `attrs` holds them after the
+        given ones (a flow-log template is made of them, pieces.py)."""
         added, cls, src, dst = self._added(given, ready, at_unix_s)
         source_node = given_node(given)
         refs = self._services.ends(given, ready, at_unix_s)
@@ -111,8 +117,9 @@ class Resolver:
         provider = src.node.provider if src.node is not None else None
         basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs)
         lo, hi = _overlap(src, dst)
-        extra = string_attributes(added, _POINT_ATTRIBUTES_TAG)
-        return Resolved(extra, attrs, cls, provider, basis, lo, hi, refs, source_node)
+        encoded = pieces(added)
+        extra = b"".join(map(POINT_FIELD, encoded))
+        return Resolved(extra, attrs, cls, provider, basis, lo, hi, refs, source_node), encoded
 
     def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
         """The attributes `resolve` adds, as pairs (the benchmark's naive loop uses these)."""
