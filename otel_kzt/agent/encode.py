@@ -265,7 +265,22 @@ class RequestEncoder:
         rm_len = len(self._resource) + len(parts[3]) + scope_len
         parts[0] = bytes([(1 << 3) | _WIRE_LEN])
         parts[1] = varint(rm_len)
+        return _joined(parts)
+
+
+# bytes.join keeps an 80-byte record per piece while it copies (~5 MB for a 3 MB request of 70,000
+# pieces, fresh mmapped pages every request): the pieces are joined this many at a time, then the runs.
+_JOIN_RUN = 1024
+
+
+def _joined(parts: list[bytes]) -> bytes:
+    """`b"".join(parts)`, with the join's per-piece records bounded to one run (heap reused, not mapped):
+    the same bytes for ~3 MB more copying and ~5 MB less at the peak."""
+    if len(parts) <= _JOIN_RUN:
         return b"".join(parts)
+    runs = [b"".join(parts[i : i + _JOIN_RUN]) for i in range(0, len(parts), _JOIN_RUN)]
+    del parts[:]  # the pieces' list goes before the request is made: the runs hold the bytes now
+    return b"".join(runs)
 
 
 _SIZE = attrgetter("size")
