@@ -102,6 +102,7 @@ def run_receiver(log_path: str) -> None:
 def run_fast(port: int, n: int) -> dict[str, float]:
     import ipaddress
 
+    from otel_kzt import gctune
     from otel_kzt.agent import heap
     from otel_kzt.agent.config import AgentConfig, OtlpConfig
     from otel_kzt.agent.export import Exporter
@@ -113,6 +114,7 @@ def run_fast(port: int, n: int) -> dict[str, float]:
     from tests.unit.test_agent_support import FakeIndex, FakeMap
 
     heap.keep_big_blocks_mapped()  # as `otel-kzt agent` does
+    gctune.space_collections()
     index = FakeIndex()
     for pod in range(250):
         index.endpoints[f"10.0.1.{pod + 1}"] = Endpoint(
@@ -228,6 +230,7 @@ def run_kernel(port: int, n: int, kubeconfig: str) -> dict[str, float]:
     wired as `otel-kzt agent` wires them (agent/command.py)."""
     import urllib.request
 
+    from otel_kzt import gctune
     from otel_kzt.agent import coverage, heap
     from otel_kzt.agent.config import AgentConfig, OtlpConfig
     from otel_kzt.agent.datapath import DatapathConfig, start_datapath
@@ -238,6 +241,7 @@ def run_kernel(port: int, n: int, kubeconfig: str) -> dict[str, float]:
     from otel_kzt.k8s import open_metadata
 
     heap.keep_big_blocks_mapped()  # as `otel-kzt agent` does
+    gctune.space_collections()
     datapath = start_datapath(DatapathConfig(KERNEL_NS, pin=False, map_size=1 << 18), "netfilter")
     heap.release_freed()
     handle = open_metadata(None, node_name=KERNEL_NS, kubeconfig=kubeconfig)

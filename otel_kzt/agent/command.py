@@ -18,7 +18,7 @@ import time
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from otel_kzt import logformat
+from otel_kzt import gctune, logformat
 from otel_kzt.agent import heap
 from otel_kzt.agent.config import DATAPATHS, PROTOCOLS, AgentConfig, from_values
 from otel_kzt.agent.health import Health, metadata_state
@@ -152,6 +152,7 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
     if config.pin:
         require_host_bpffs(config.pin_root)  # refused before anything starts: pins that would not last
     heap.keep_big_blocks_mapped()
+    gctune.space_collections()  # ~1M long-lived objects at 100,000 flows
 
     health = Health(config.interval_s)
     health.add_check("datapath", lambda: "not attached yet (compiling, loading, attaching)")

@@ -7,7 +7,6 @@ twice, before `start()`, and it undoes a half-finished start.
 
 from __future__ import annotations
 
-import gc
 import logging
 import sys
 import threading
@@ -15,6 +14,7 @@ from typing import Protocol, TextIO
 
 from prometheus_client import CollectorRegistry
 
+from otel_kzt import gctune
 from otel_kzt.enricher.config import EnricherConfig
 from otel_kzt.enricher.exporters.otlp import Exporter
 from otel_kzt.enricher.exporters.prometheus import (
@@ -43,7 +43,6 @@ from otel_kzt.serving.limits import HttpLimits, split_host_port
 from otel_kzt.serving.pages import MetricsPort, Page, PageRequest, Reply
 
 log = logging.getLogger(__name__)
-_GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython's default: 700)
 
 
 class Metadata(Protocol):
@@ -147,7 +146,7 @@ class EnricherService:
             collector.source = checkpointer.persisted  # never more than is on disk
             self._stoppers.append(("checkpoint", checkpointer))
         behind = Downstream(lambda: next((e.name for e in exporters if not e.accepting()), None))
-        _tune_gc()
+        gctune.space_collections()  # a long-lived heap of ~10 objects per series
         self._serve(core, index, tls, auth, behind)
 
     def _serve(
@@ -221,15 +220,6 @@ class EnricherService:
                     part.shutdown()  # type: ignore[attr-defined]
             except Exception:
                 log.exception("shutdown of %s failed", kind)  # keep stopping the rest
-
-
-def _tune_gc() -> None:
-    """The core keeps ~10 objects per series for hours and allocates a few per data point: with the
-    default threshold a young collection runs every 700 allocations and rescans what survived since.
-    Spaced out, young collections cost ~10% less of the default configuration's CPU (bench/enricher.py).
-    Process-wide, as a service's start may set it; never lowered."""
-    gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(max(gen0, _GC_YOUNG_THRESHOLD), gen1, gen2)
 
 
 def _open_metadata(cfg: EnricherConfig) -> Metadata:
