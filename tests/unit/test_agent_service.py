@@ -137,7 +137,9 @@ def test_run_stops_with_a_final_export(receiver: GrpcReceiver) -> None:
     stop = threading.Event()
     thread = threading.Thread(target=svc.run, args=(stop,))
     thread.start()
-    time.sleep(0.35)
+    deadline = time.monotonic() + 30  # two exports seen, however loaded the machine (no timing assert)
+    while len(points(receiver.snapshot(), schema.FLOW_BYTES)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     fake.add(POD_FLOW, 5)
     stop.set()
     thread.join(5)
