@@ -7,7 +7,10 @@ re-exported. A series renamed by the enricher goes on downstream as a new stream
 rename as their start and the value counted before it taken off (series.py, `out_*`).
 
 A point in the agent's canonical shape (start, time, integer value first) is named by what follows those
-27 bytes (its series key); the enriched point is the cached length header + the received bytes + the
+27 bytes (its series key) when those bytes are its identity as the object path writes it (attributes, then
+flags, as protobuf writes them: checked when a series is named, so the table holds only such keys). Field
+order is free on the wire: an exemplar or a second time after the attributes would make a new key every
+interval, each point counted whole. The enriched point is the cached length header + the received bytes + the
 cached, pre-serialised added attributes (concatenation merges repeated fields). Anything else takes the
 object path. A Sum in the same shape as its group's previous one (the agents' steady state) is checked
 whole against that pass's layout and only counted per point (repeats.py).
@@ -42,7 +45,6 @@ from otel_kzt.enricher.state.series import (
 
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
 _INT_VALUE_TAG: Final = 0x31
-_EXEMPLARS_TAG: Final = b"\x2a"  # NumberDataPoint.exemplars: field 5, length-delimited
 _UNPACK_CANONICAL: Final = CANONICAL_POINT.unpack_from
 _PACK_CANONICAL: Final = CANONICAL_POINT.pack
 Part = tuple[bytes, int, int]  # a Sum inside the request's bytes: buffer, start, end
@@ -74,6 +76,12 @@ class Batch:
         self.rejected += count
         self.reasons = self.reasons or {}
         self.reasons[reason] = self.reasons.get(reason, 0) + count
+
+
+class _NotAKey(Exception):
+    """The bytes after a canonical prefix are not the point's series key: fields other than its attributes
+    and flags (exemplars, a time or value again), or those not as protobuf writes them. The object path
+    names the point."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,27 +230,30 @@ class SumEnricher:
             if canonical:
                 key = raw[CANONICAL_PREFIX:]
                 entry = table.get(key)
-                canonical = entry is not None or key[:1] != _EXEMPLARS_TAG  # exemplars: not identity
-            if not canonical:  # another shape: the object path
+                if (
+                    entry is None
+                    or entry.generation != generation
+                    or not entry.valid_from <= t < entry.valid_until  # measured across an address reuse
+                ):  # named here: the layout holds the naming it ends with (a new series too)
+                    try:
+                        entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
+                    except _NotAKey:
+                        canonical = False
+                    else:
+                        if entry is None:
+                            plain = False
+                            continue
+                        if not entry.targets:  # over the series cap: enriched and forwarded, not counted
+                            plain = False
+                            out += (entry.header, raw, entry.resolved.extra)
+                            size_out += entry.size
+                            continue
+            if not canonical or entry is None:  # another shape (or not a key): the object path
                 odd = self._odd_point(raw, table, where, batch)
                 out.append(odd)
                 size_out += len(odd)
                 plain = False
                 continue
-            if (
-                entry is None
-                or entry.generation != generation
-                or not entry.valid_from <= t < entry.valid_until  # measured across an address reuse
-            ):  # named here: the layout holds the naming it ends with (a new series too)
-                entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
-                if entry is None:
-                    plain = False
-                    continue
-                if not entry.targets:  # over the series cap: enriched and forwarded, not counted
-                    plain = False
-                    out += (entry.header, raw, entry.resolved.extra)
-                    size_out += entry.size
-                    continue
             if value < 0:
                 batch.reject(_BAD_VALUE)
                 plain = False
@@ -358,9 +369,12 @@ class SumEnricher:
         found = named.get((resource, key, at_ns))
         if found is not None:
             return found
-        carried = received(key)  # the attributes as agents write them, read from the key (cached)
+        carried = received(key)  # the attributes as agents write them, read from the key (cached): a key
         if carried is None:
-            given = _given(NumberDataPoint.FromString(raw))
+            dp = NumberDataPoint.FromString(raw)
+            if identity_key(dp) != key:  # more than its attributes and flags as protobuf writes them
+                raise _NotAKey
+            given = _given(dp)
         else:
             given = dict(zip(map(KEY, carried), map(VALUE, carried), strict=True))
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
