@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from otel_kzt import gctune, logformat
 from otel_kzt.agent import heap
 from otel_kzt.agent.config import DATAPATHS, PROTOCOLS, AgentConfig, from_values
+from otel_kzt.agent.datapath.pins import DEFAULT_PIN_ROOT
 from otel_kzt.agent.health import Health, metadata_state
 from otel_kzt.configfile import load_yaml, merge
 from otel_kzt.errors import KztError
@@ -47,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const=False,
         help="detach the datapath on exit instead of keeping it pinned for the next process",
     )
-    add("--pin-root", help="bpffs directory of the pins (default /sys/fs/bpf/otel-kzt)")
+    add("--pin-root", help=f"bpffs directory of the pins (default {DEFAULT_PIN_ROOT})")
     add("--cleanup", action="store_true", help="detach and unpin this node's datapath, then exit")
     add("--print-bpf", action="store_true", help="print the final eBPF C source and exit")
     add(

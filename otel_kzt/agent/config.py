@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from otel_kzt import logformat
+from otel_kzt.agent.datapath.pins import DEFAULT_PIN_ROOT
 from otel_kzt.configfile import check_keys, parse_duration
 from otel_kzt.errors import ConfigError
 from otel_kzt.serving.limits import split_host_port
@@ -34,7 +35,6 @@ DEFAULT_TIMEOUT_S: Final = 10.0
 DEFAULT_MAP_SIZE: Final = 65536
 DEFAULT_EPHEMERAL: Final = (32768, 65535)
 DEFAULT_OVERLAY_PORTS: Final = (4789, 8472, 6081)
-DEFAULT_PIN_ROOT: Final = "/sys/fs/bpf/otel-kzt"
 DATAPATH_AUTO: Final = "auto"
 DATAPATHS: Final = (DATAPATH_AUTO, "netfilter", "tc", "cgroup")  # auto first: the default
 IFNAMSIZ: Final = 15  # the longest device name the kernel accepts

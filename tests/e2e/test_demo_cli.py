@@ -28,7 +28,6 @@ from tests.support.processes import STOP_BURST, signal_burst
 pytestmark = pytest.mark.kernel
 
 ZONES, PER_ZONE = 2, 1
-PIN_ROOT = Path("/sys/fs/bpf/otel-kzt")
 
 
 @pytest.fixture
@@ -45,7 +44,7 @@ def assert_nothing_left(slot: Slot) -> None:
     cluster = make_cluster(prefix, net_id, ZONES, PER_ZONE)
     assert not [p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{prefix}-")]
     assert not Path(f"/sys/class/net/{cluster.host_link}").exists()
-    assert not [n.name for n in cluster.nodes if node_dir(n.name, str(PIN_ROOT)).exists()]
+    assert not [n.name for n in cluster.nodes if node_dir(n.name).exists()]
     leftovers = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():

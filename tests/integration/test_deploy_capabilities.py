@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from otel_kzt.agent.datapath.pins import node_dir
 from otel_kzt.netns import entered
 from tests.integration import deploy_agents as da
 from tests.integration import deploy_files as df
@@ -37,7 +38,7 @@ pytestmark = [pytest.mark.kernel, pytest.mark.integration]
 
 NETNS = "kx-cap"
 NODE = "kx-cap-node"
-PIN_DIR = Path("/sys/fs/bpf/otel-kzt") / NODE
+PIN_DIR = node_dir(NODE)  # the default pin root
 
 
 def _agent() -> dict[str, object]:

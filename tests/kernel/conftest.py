@@ -34,10 +34,11 @@ import pytest
 
 from otel_kzt import netns
 from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
+from otel_kzt.agent.datapath.pins import DEFAULT_PIN_ROOT
 from tests.support.k8s_cluster import served_cluster  # noqa: F401 -- the API server fixture (metadata)
 
 TRAFFIC = str(Path(__file__).with_name("traffic.py"))
-PIN_ROOT = "/sys/fs/bpf/otel-kzt"
+PIN_ROOT = DEFAULT_PIN_ROOT
 MODES = ("netfilter", "tc", "cgroup")
 CGROUP2 = Path("/sys/fs/cgroup/unified")  # this machine is hybrid
 NODE_DEVICES = ("kdna0", "kdnb0")  # tc mode: the node's devices (towards pod A, towards pod B)

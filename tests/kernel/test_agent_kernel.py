@@ -36,6 +36,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 
 from otel_kzt import netns, schema
 from otel_kzt.agent.datapath import cleanup
+from otel_kzt.agent.datapath.pins import DEFAULT_PIN_ROOT as PIN_ROOT
 from tests.support.incluster import InCluster
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
 from tests.support.k8s_cluster import ServedCluster
@@ -45,7 +46,6 @@ from tests.unit.test_agent_support import GrpcReceiver, HttpReceiver, points
 pytestmark = pytest.mark.kernel
 
 TRAFFIC = str(Path(__file__).with_name("traffic.py"))
-PIN_ROOT = "/sys/fs/bpf/otel-kzt"
 RUN = os.getpid() % 200 + 20
 N1, N2, P1, P2, P3 = (f"ka{RUN}-{name}" for name in ("n1", "n2", "p1", "p2", "p3"))
 IP = {P1: "10.88.1.2", P2: "10.88.2.2", P3: "10.88.3.2", N1: "10.88.12.1", N2: "10.88.12.2"}

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from otel_kzt.agent.datapath import modes
-from tests.kernel.conftest import DatapathFactory, Net, joined_cgroup, settle
+from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, joined_cgroup, settle
 from tests.kernel.test_datapath import UDP, key
 
 pytestmark = pytest.mark.kernel
@@ -64,7 +64,7 @@ def test_switching_modes_keeps_totals_and_series(
         dp = datapath(mode=mode, cgroup_root=cgroup_root)  # a restart: the previous one was closed, pinned
         if step:
             assert f"datapath mode changes to {mode}" in caplog.text
-        pin_dir = next(Path("/sys/fs/bpf/otel-kzt").glob(dp.config.node_name))
+        pin_dir = next(Path(PIN_ROOT).glob(dp.config.node_name))
         attached = _attachments(pin_dir)
         assert all(not names for m, names in attached.items() if m != mode), attached  # the old ones went
         assert attached[mode], attached

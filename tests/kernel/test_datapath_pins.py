@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from otel_kzt import netns
+from otel_kzt.agent import state
 from otel_kzt.agent.datapath import Datapath, DatapathConfig, bpffs, bpfsys, cleanup, pins
 from otel_kzt.errors import DatapathError, PrivilegeError
 from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
@@ -59,6 +60,26 @@ def test_bpffs_eperm_for_a_dot_is_a_naming_error_not_a_privilege_error(dotted: s
     with pytest.raises(DatapathError, match=r"refuses names containing '\.'") as err:
         bpfsys.obj_get(f"{PIN_ROOT}/{dotted}/meta")
     assert not isinstance(err.value, PrivilegeError)
+
+
+def test_cleanup_of_the_last_node_removes_the_pin_root() -> None:
+    """An uninstall leaves nothing in bpffs: the pin root goes with the last node's pins, not before."""
+    root = f"/sys/fs/bpf/kd-root-{os.getpid()}"
+    bpffs.require_host_bpffs(root)
+    nodes = ("kd-root-a", "kd-root-b")
+    try:
+        for node in nodes:
+            store = state.open_node_store(node, root)  # a real pin in each node's directory
+            assert store is not None
+            store.close()
+        cleanup(nodes[0], root)
+        assert sorted(p.name for p in Path(root).iterdir()) == [nodes[1]]  # the other node's pins stay
+        cleanup(nodes[1], root)
+        assert not Path(root).exists()
+        cleanup(nodes[1], root)  # again: nothing to do, no error
+    finally:
+        for node in nodes:
+            cleanup(node, root)
 
 
 def test_changed_map_size_resets_the_node(

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Final
 
 from otel_kzt.agent.datapath import bpfsys, flowmap, tc
 from otel_kzt.agent.datapath.bpffs import BPFFS
@@ -24,7 +25,7 @@ from otel_kzt.errors import ConfigError, DatapathError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PIN_ROOT = "/sys/fs/bpf/otel-kzt"
+DEFAULT_PIN_ROOT: Final = "/sys/fs/bpf/otel-kzt"  # the agent's --pin-root default (agent/config.py)
 MAP_NAMES = ("flows4", "flows6", "dying4", "dying6", "overflow", "stats", "progs", "meta")
 # A Kubernetes node name is a DNS subdomain: it is also a safe path component.
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
@@ -133,7 +134,20 @@ def cleanup(node_name: str, pin_root: str = DEFAULT_PIN_ROOT) -> None:
     directory = node_dir(node_name, pin_root)
     if not directory.exists():
         log.info("nothing pinned node=%s dir=%s", node_name, directory)
+    else:
+        detached = tc.detach_classic_pins(directory) + detach_pinned_links(directory)
+        unpin_all(directory)
+        log.info("datapath removed node=%s links_detached=%d dir=%s", node_name, detached, directory)
+    remove_empty_root(pin_root)
+
+
+def remove_empty_root(pin_root: str) -> None:
+    """The pin root goes with its last node's pins (the agent made it for them): an uninstall leaves
+    nothing in bpffs. Kept while another node's pins are in it; a mount point (bpffs itself) stays."""
+    root = Path(os.path.abspath(pin_root))
+    if root == BPFFS or not root.is_dir():
         return
-    detached = tc.detach_classic_pins(directory) + detach_pinned_links(directory)
-    unpin_all(directory)
-    log.info("datapath removed node=%s links_detached=%d dir=%s", node_name, detached, directory)
+    try:
+        root.rmdir()
+    except OSError as exc:  # ENOTEMPTY: other nodes' pins; EBUSY: a mount point
+        log.debug("pin root kept root=%s reason=%s", root, exc.strerror)
