@@ -30,6 +30,7 @@ BPF_MAP_TYPE_ARRAY_OF_MAPS = 12
 
 BPF_MAP_CREATE = 0
 BPF_MAP_UPDATE_ELEM = 2
+BPF_PROG_LOAD = 5
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_TEST_RUN = 10
@@ -85,7 +86,7 @@ def bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str, path: str | None
     return result
 
 
-def pack_attr(fmt: str, *values: int) -> ctypes.Array[ctypes.c_char]:
+def pack_attr(fmt: str, *values: int | bytes) -> ctypes.Array[ctypes.c_char]:
     buf = ctypes.create_string_buffer(ATTR_SIZE)
     struct.pack_into(fmt, buf, 0, *values)
     return buf
@@ -93,6 +94,19 @@ def pack_attr(fmt: str, *values: int) -> ctypes.Array[ctypes.c_char]:
 
 def address(buf: ctypes.Array[ctypes.c_char]) -> int:
     return ctypes.addressof(buf)
+
+
+def prog_load(prog_type: int, insns: bytes, attach_type: int, name: str) -> int:
+    """Load a GPL program of raw instructions (the loader's feature probes); returns its fd."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    # prog_type, insn_cnt, insns, license, log_level, log_size, log_buf, kern_version, prog_flags,
+    # prog_name, prog_ifindex, expected_attach_type
+    attr = pack_attr(
+        "<IIQQIIQII16sII", prog_type, len(insns) // 8, address(code), address(license_), 0, 0, 0, 0, 0,
+        name.encode()[:15], 0, attach_type,
+    )  # fmt: skip
+    return bpf(BPF_PROG_LOAD, attr, f"load program {name}")
 
 
 def link_detach(link_fd: int) -> None:

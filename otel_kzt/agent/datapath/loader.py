@@ -28,7 +28,8 @@ from typing import Any
 
 import otel_kzt
 from otel_kzt import errors
-from otel_kzt.agent.datapath import bpffs, modes, modeswitch, pins, probe
+from otel_kzt.agent.datapath import bpffs, kfunc, modes, modeswitch, pins, probe
+from otel_kzt.agent.datapath.btf import kernel_btf
 from otel_kzt.agent.datapath.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.agent.datapath.netns_cookie import current_netns_cookie
 from otel_kzt.errors import DatapathError, KztError, ProgramLoadError
@@ -197,6 +198,7 @@ class _Child:
         self.dir = pins.node_dir(request.node_name, request.pin_root)
         self.bpf: Any = None
         self.cflags: list[str] = []
+        self.kfuncs: dict[int, int] = {}  # placeholder -> BTF id (kfunc.py): rewritten before each load
 
     def run(self) -> tuple[dict[str, Any], list[tuple[str, int]]]:
         probe.require_bcc()
@@ -204,6 +206,7 @@ class _Child:
         features = probe.probe(self.mode)
         r = self.req
         self.cflags = cflags(r, features)
+        self.kfuncs = kfunc.ids(kernel_btf())
         if self.req.pin:
             bpffs.require_host_bpffs(self.req.pin_root)
             pins.reset_if_incompatible(r.node_name, r.pin_root, r.map_size)
@@ -226,6 +229,7 @@ class _Child:
         return result, fds
 
     def _load_func(self, name: str) -> int:
+        kfunc.rewrite_bcc(self.bpf, name.encode(), self.kfuncs)
         try:
             fn = self.bpf.load_func(name.encode(), self.mode.prog_type, attach_type=self.mode.attach_type)
         except Exception as exc:  # bcc raises bare Exception; the verifier log went to stderr

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 from pathlib import Path
 
-from otel_kzt.agent.datapath import bpfsys
+from otel_kzt.agent.datapath import bpfsys, kfunc
 from otel_kzt.agent.datapath.bpfsys import ENOTSUPP, BpfCallError
 from otel_kzt.agent.datapath.btf import KIND_STRUCT, Btf
+from otel_kzt.agent.datapath.kfunc import insn
 from otel_kzt.agent.datapath.mode import field_offset
-from otel_kzt.errors import KernelUnsupported
+from otel_kzt.errors import KernelUnsupported, PrivilegeError
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ NF_IP_PRI_NAT_SRC = 100
 LINK_PRIORITY = NF_IP_PRI_NAT_SRC + 1  # just after source NAT (bpf/origin.h restores the source before it)
 LINK_PRIORITIES = (LINK_PRIORITY, LINK_PRIORITY + 1)  # a replacement takes the other one
 LINK_NAMES = {NFPROTO_IPV4: "link_v4", NFPROTO_IPV6: "link_v6"}
+LDX_DW, LDX_B, MOV_K, EXIT = 0x79, 0x71, 0xB7, 0x95  # BPF opcodes of the probe programs
 # struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; } when BTF lacks it.
 DEFAULT_CTX_SKB_OFFSET = 8
 
@@ -142,6 +145,66 @@ def wire_cflags(btf: Btf) -> list[str]:
     ]
 
 
+def _probe(insns: list[bytes], name: str) -> bool:
+    """Whether the kernel loads a netfilter program of these instructions (False without root)."""
+    try:
+        fd = bpfsys.prog_load(BPF_PROG_TYPE_NETFILTER, b"".join(insns), BPF_NETFILTER, name)
+    except (BpfCallError, PrivilegeError) as exc:
+        log.debug("probe %s refused: %s", name, exc)
+        return False
+    os.close(fd)
+    return True
+
+
+@functools.cache
+def direct_reads(ctx_skb: int, skb_head: int) -> bool:
+    """Linux >= 6.17: a pointer to a non-struct type read from a BTF object (skb->head) may be
+    dereferenced, with fault-safe loads, instead of probe reads (~10 ns each)."""
+    return _probe(
+        [
+            insn(LDX_DW, dst=2, src=1, off=ctx_skb),  # r2 = ctx->skb (trusted sk_buff)
+            insn(LDX_DW, dst=2, src=2, off=skb_head),  # r2 = skb->head
+            insn(LDX_B, dst=0, src=2),  # r0 = *(u8 *)r2: refused where r2 is a number
+            insn(MOV_K, imm=1),
+            insn(EXIT),
+        ],
+        "kzt_probe_mem",
+    )
+
+
+@functools.cache
+def rdonly_cast(cast_id: int, struct_id: int) -> bool:
+    """Whether netfilter programs may call the kfunc bpf_rdonly_cast (Linux >= 6.2, JIT on)."""
+    return _probe(
+        [
+            insn(MOV_K, dst=1),
+            insn(MOV_K, dst=2, imm=struct_id),
+            insn(kfunc.BPF_CALL, src=kfunc.BPF_PSEUDO_KFUNC_CALL, imm=cast_id),
+            insn(MOV_K, imm=1),
+            insn(EXIT),
+        ],
+        "kzt_probe_cast",
+    )
+
+
+def read_cflags(btf: Btf, ctx_skb: int) -> list[str]:
+    """How netfilter.c reads kernel memory that BTF does not type for the verifier: the header prefix
+    and skb_shared_info (behind skb->head), conntrack's entry (behind skb->_nfct, a number). Plain loads
+    where the kernel takes them (KZT_DIRECT_MEM; conntrack through bpf_rdonly_cast, which the verifier
+    turns into a move: KZT_KFUNC_RDONLY_CAST), else probe reads; each measured ~10 ns a packet. Without
+    root (`--print-bpf` may run so) nothing can be probed: the probe-read form."""
+    flags = []
+    if direct_reads(ctx_skb, field_offset(btf, "sk_buff", "head", 8)):
+        flags.append("-DKZT_DIRECT_MEM")
+    cast = kfunc.ids(btf).get(kfunc.placeholder("bpf_rdonly_cast"))
+    nf_conn = btf.find(KIND_STRUCT, "nf_conn")
+    if cast is not None and nf_conn is not None and rdonly_cast(cast, nf_conn):
+        flags.append(f"-DKZT_KFUNC_RDONLY_CAST={kfunc.placeholder('bpf_rdonly_cast')}")
+        flags.append(f"-DKZT_BTF_NF_CONN={nf_conn}")
+    log.debug("netfilter reads: %s", flags or "probe reads")
+    return flags
+
+
 class NetfilterMode:
     """What the shared core needs from this mode (`mode.Mode`)."""
 
@@ -169,6 +232,7 @@ class NetfilterMode:
             f"-DKZT_OFF_CTX_SKB={ctx_skb}",
             *origin_cflags(btf),
             *wire_cflags(btf),
+            *read_cflags(btf, ctx_skb),
         ]
 
     def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:

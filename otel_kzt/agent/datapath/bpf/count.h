@@ -109,6 +109,22 @@ static __always_inline void kzt_overflow(u64 bytes, u64 packets, u32 why)
     kzt_stat(why);
 }
 
+/* A value clang cannot see through (an empty asm), for offsets into stack buffers: clang may otherwise
+ * fold them into forms the verifier refuses, an OR on a pointer whose alignment it knows, or drop a
+ * mask it proves redundant after a range check (the verifier may not follow that check through a
+ * register copy, and then sees a read of unbounded stack). */
+static __always_inline u32 kzt_opaque(u32 value)
+{
+    asm volatile("" : "+r"(value));
+    return value;
+}
+
+/* An offset into the header prefix whose bound the verifier sees. */
+static __always_inline u32 kzt_hdr_index(u32 off)
+{
+    return kzt_opaque(off) & (KZT_HDR_READ - 1);
+}
+
 static __always_inline int kzt_is_ephemeral(u16 port)
 {
     return port >= KZT_EPH_MIN && port <= KZT_EPH_MAX;
@@ -288,7 +304,7 @@ static __always_inline u32 kzt_l4_len(const struct kzt_pkt *p, const u8 *hdr, u3
         return 0;
     u8 doff;
     if (l4off + 12 < KZT_HDR_READ)
-        doff = hdr[(l4off + 12) & (KZT_HDR_READ - 1)];
+        doff = hdr[kzt_hdr_index(l4off + 12)];
     else if (KZT_LOAD(p, l4off + 12, &doff, 1) < 0)
         return 0;
     return (u32)(doff >> 4) * 4;
@@ -396,8 +412,7 @@ static __always_inline void kzt_ports(const struct kzt_pkt *p, const u8 *hdr, u3
     if (l4off + 4 > p->linear)
         return;
     if (l4off <= KZT_HDR_READ - 4) {
-        l4off &= KZT_HDR_READ - 1;  /* a bound the verifier can see */
-        __builtin_memcpy(ports, hdr + l4off, 4);
+        __builtin_memcpy(ports, hdr + kzt_hdr_index(l4off), 4);
     } else if (KZT_LOAD(p, l4off, ports, sizeof(ports)) < 0) {
         return;
     }

@@ -12,12 +12,17 @@
  *   kzt_count     the counter: finds the skb's network header and hands it to kzt_count_packet.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
- * Overhead: one 64-byte probe read of the header (read here once; origin.h and count.h parse it), one of
- * the GSO fields and, for a tracked forwarded packet, conntrack's status and tuple: probe reads cost
- * ~15 ns each, so what BTF lets the verifier check (sk_buff's fields, skb->cb) is read directly. One
- * hash lookup (12-byte key for IPv4, 36 for IPv6), two atomic adds per packet, one tail call; no clock
- * read except when a flow is inserted (the agent derives idleness from unchanged counters). Measured
- * by bench/datapath_overhead.py against an empty program at the same hook (docs/datapaths.md).
+ * Overhead: the 64-byte header prefix (read here once; origin.h and count.h parse it), the GSO fields
+ * and, for a tracked forwarded packet, conntrack's status and tuple. What BTF lets the verifier check
+ * (sk_buff's fields, skb->cb, the hook state) is read directly. The rest lies behind a number for the
+ * verifier of older kernels (skb->head, skb->_nfct) and is read with plain loads where the kernel takes
+ * them, else with probe reads (~10 ns each): KZT_DIRECT_MEM (Linux >= 6.17: skb->head is memory the
+ * verifier lets us load from, fault-safe) for the header and skb_shared_info, KZT_KFUNC_RDONLY_CAST
+ * (the kfunc bpf_rdonly_cast, Linux >= 6.2, which the verifier turns into a move) for conntrack's entry;
+ * the loader probes both (netfilter.py). One hash lookup (12-byte key for IPv4, 36 for IPv6), two
+ * atomic adds per packet, one tail call; no clock read except when a flow is inserted (the agent derives
+ * idleness from unchanged counters). Measured by bench/datapath_overhead.py against an empty program at
+ * the same hook (bench/datapath.md).
  */
 #ifndef KZT_OFF_CTX_SKB
 #error "KZT_OFF_* flags missing: this file is compiled by otel_kzt.agent.datapath"
@@ -32,6 +37,13 @@
  * bcc's own helpers.h does, under another name, escapes that rewrite: the agent needs no CAP_SYSLOG. */
 static long (*kzt_read_kernel)(void *dst, u32 size, const void *unsafe_ptr) =
     (void *)BPF_FUNC_probe_read_kernel;
+
+#ifdef KZT_BTF_NF_CONN
+/* bpf_rdonly_cast(obj, btf_id): `obj` as an untrusted pointer to the BTF type (conntrack's struct
+ * nf_conn), whose fields are then plain fault-safe loads. bcc cannot call kfuncs: this is a helper call
+ * to a placeholder number, which the loader rewrites into the kfunc call (kfunc.py). */
+static const char *(*kzt_rdonly_cast)(const void *obj, u32 btf_id) = (void *)KZT_KFUNC_RDONLY_CAST;
+#endif
 
 #define KZT_LOAD(p, off, dst, size) kzt_read_kernel((dst), (size), (p)->l3 + (off))
 
@@ -53,15 +65,26 @@ static __always_inline void kzt_wire_info(struct kzt_nf_ctx *ctx, char *skb, u16
         p->mtu = *(u32 *)(out + KZT_OFF_DEV_MTU);
     u32 end = *(u32 *)(skb + KZT_OFF_SKB_END); /* an offset from head on 64-bit */
     const unsigned char *shinfo = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + end;
+    u32 gso_size, segs = 0, type = 0;
+#ifdef KZT_DIRECT_MEM
+    gso_size = *(const u16 *)(shinfo + KZT_OFF_SHINFO_GSO_SIZE);
+    if (gso_size) {
+        segs = *(const u16 *)(shinfo + KZT_OFF_SHINFO_GSO_SIZE + 2);
+        type = *(const u32 *)(shinfo + KZT_OFF_SHINFO_GSO_TYPE) | KZT_GSO_KNOWN;
+    }
+#else
     u16 gso[2]; /* gso_size, gso_segs: adjacent (checked against BTF) */
     if (kzt_read_kernel(gso, sizeof(gso), shinfo + KZT_OFF_SHINFO_GSO_SIZE) < 0)
         return;
-    p->gso_size = gso[0];
-    if (p->gso_size) {
-        u32 type = 0;
-        p->gso_segs = gso[1];
-        if (kzt_read_kernel(&type, sizeof(type), shinfo + KZT_OFF_SHINFO_GSO_TYPE) == 0)
-            p->gso_type = type | KZT_GSO_KNOWN;
+    gso_size = gso[0];
+    segs = gso[1];
+    if (gso_size && kzt_read_kernel(&type, sizeof(type), shinfo + KZT_OFF_SHINFO_GSO_TYPE) == 0)
+        type |= KZT_GSO_KNOWN;
+#endif
+    if (gso_size) {
+        p->gso_size = gso_size;
+        p->gso_segs = segs;
+        p->gso_type = type;
         if (type & KZT_GSO_TUNNEL)
             p->inner_l4 = (u32)(*(u16 *)(skb + KZT_OFF_SKB_INNER_TH)) - nh;
         return;
@@ -83,11 +106,22 @@ int kzt_count(struct kzt_nf_ctx *ctx)
     p.l3 = *(unsigned char **)(skb + KZT_OFF_SKB_HEAD) + nh;
     p.linear = *(u32 *)(skb + KZT_OFF_SKB_TAIL) - nh;  /* tail is an offset from head on 64-bit */
     p.len = *(u32 *)(skb + KZT_OFF_SKB_LEN);
-    u8 hdr[KZT_HDR_READ]; /* read once here: origin.h and count.h both parse it */
+    u8 hdr[KZT_HDR_READ] __attribute__((aligned(8))); /* read once here: origin.h and count.h both parse it */
+#ifdef KZT_DIRECT_MEM
+    {
+        /* Within the head buffer even for a shorter linear part: skb_shared_info follows `end` there. */
+        const u64 *src = (const u64 *)p.l3;
+        u64 *dst = (u64 *)hdr;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            dst[i] = src[i];
+    }
+#else
     if (kzt_read_kernel(hdr, sizeof(hdr), p.l3) < 0) {
         kzt_overflow(p.len, 1, KZT_STAT_READ_FAILED);
         return KZT_NF_ACCEPT;
     }
+#endif
     p.hdr = hdr;
     kzt_nf_origin(skb, &p);
     kzt_wire_info(ctx, skb, nh, &p);

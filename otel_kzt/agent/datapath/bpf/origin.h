@@ -45,10 +45,15 @@
  * then taken as it is). */
 static __always_inline int kzt_source_differs(const char *recorded, const struct kzt_pkt *p, int v6)
 {
-    u8 was[16];
+    u8 was[16] __attribute__((aligned(8)));
+#ifdef KZT_BTF_NF_CONN
+    ((u64 *)was)[0] = *(const u64 *)recorded;
+    ((u64 *)was)[1] = *(const u64 *)(recorded + 8);
+#else
     if (kzt_read_kernel(was, sizeof(was), recorded) < 0)
         return 0;
-    const u8 *now = p->hdr + (v6 ? 8 : 12);
+#endif
+    const u8 *now = p->hdr + kzt_opaque(v6 ? 8 : 12);
     int differs = 0;
 #pragma unroll
     for (int i = 0; i < 16; i++)
@@ -79,9 +84,14 @@ static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
     u32 info = nfct & KZT_NFCT_INFOMASK;
     if (!ct || info == KZT_CT_UNTRACKED || info == KZT_CT_RELATED || info == KZT_CT_RELATED_REPLY)
         return;
+#ifdef KZT_BTF_NF_CONN
+    ct = kzt_rdonly_cast(ct, KZT_BTF_NF_CONN);
+    u64 status = *(const u64 *)(ct + KZT_OFF_CT_STATUS);
+#else
     u64 status = 0;
     if (kzt_read_kernel(&status, sizeof(status), ct + KZT_OFF_CT_STATUS) < 0)
         return;
+#endif
     int reply = info >= KZT_CT_IS_REPLY;
     u32 tuple = KZT_OFF_CT_TUPLE_SRC + (reply ? KZT_CT_TUPLEHASH_SIZE : 0);
     if (!reply && forwarded && (status & KZT_IPS_SRC_NAT) && (status & KZT_IPS_DST_NAT) &&
@@ -90,12 +100,20 @@ static __always_inline void kzt_nf_origin(char *skb, struct kzt_pkt *p)
         return;
     }
     if (status & (reply ? KZT_IPS_DST_NAT : KZT_IPS_SRC_NAT)) {
+#ifdef KZT_BTF_NF_CONN
+        u64 addr[2] = {*(const u64 *)(ct + tuple), *(const u64 *)(ct + tuple + 8)};
+        __builtin_memcpy(p->nat_src, addr, 16);
+        u16 port = *(const u16 *)(ct + tuple + KZT_OFF_CT_MAN_PORT);
+        p->nat_sport = bpf_ntohs(port);
+        p->has_nat_src = 1;
+#else
         u8 port[2];  /* nf_conntrack_man: the address (16 bytes), then the port (network order) */
         if (kzt_read_kernel(p->nat_src, sizeof(p->nat_src), ct + tuple) == 0 &&
             kzt_read_kernel(port, sizeof(port), ct + tuple + KZT_OFF_CT_MAN_PORT) == 0) {
             p->nat_sport = ((u16)port[0] << 8) | port[1];
             p->has_nat_src = 1;
         }
+#endif
         return;
     }
     if (!forwarded)
