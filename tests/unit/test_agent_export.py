@@ -21,18 +21,12 @@ from otel_kzt.agent.export import Exporter, expand, rendezvous_rank
 from otel_kzt.agent.transport import Target
 from otel_kzt.errors import PermanentExportError, RetryableExportError
 from otel_kzt.otlp_failures import classify
+from tests.unit.test_agent_service import receiver
 from tests.unit.test_agent_support import Failure, GrpcReceiver, HttpReceiver
 
+__all__ = ["receiver"]  # the fixture, re-used
+
 BODY = next(RequestEncoder({"service.name": "t"}, "s", "1").encode([], [], 123))
-
-
-@pytest.fixture
-def receiver() -> Iterator[GrpcReceiver]:
-    r = GrpcReceiver().start()
-    try:
-        yield r
-    finally:
-        r.stop()
 
 
 @pytest.fixture

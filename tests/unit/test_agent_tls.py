@@ -56,8 +56,9 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return _self_signed(tmp_path_factory.mktemp("tls"), "ka")
 
 
-@pytest.fixture
-def grpc_tls(cert: tuple[Path, Path]) -> Iterator[GrpcReceiver]:
+@contextlib.contextmanager
+def _grpc_server(cert: tuple[Path, Path]) -> Iterator[GrpcReceiver]:
+    """A TLS gRPC receiver of the test certificate, on a port of its own."""
     receiver = GrpcReceiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Servicer(receiver), server)
@@ -68,6 +69,12 @@ def grpc_tls(cert: tuple[Path, Path]) -> Iterator[GrpcReceiver]:
         yield receiver
     finally:
         server.stop(None).wait()
+
+
+@pytest.fixture
+def grpc_tls(cert: tuple[Path, Path]) -> Iterator[GrpcReceiver]:
+    with _grpc_server(cert) as receiver:
+        yield receiver
 
 
 def _export(cfg: OtlpConfig, resolver: object = None, deadline_s: float = 3.0) -> int:
@@ -98,16 +105,8 @@ class _Served:
 @contextlib.contextmanager
 def _server(protocol: str, cert: tuple[Path, Path]) -> Iterator[_Served]:
     if protocol == GRPC:
-        receiver = GrpcReceiver()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Servicer(receiver), server)
-        creds = grpc.ssl_server_credentials([(cert[0].read_bytes(), cert[1].read_bytes())])
-        receiver.port = server.add_secure_port("127.0.0.1:0", creds)
-        server.start()
-        try:
+        with _grpc_server(cert) as receiver:
             yield _Served(receiver.port, lambda: len(receiver.snapshot()))
-        finally:
-            server.stop(None).wait()
         return
     got: list[bytes] = []
 
