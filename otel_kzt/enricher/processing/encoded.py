@@ -172,6 +172,7 @@ def count_points(metric: Metric) -> int:
 def _fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int, int]]:
     """(tag, start, payload start, end) of each field of the message at buf[pos:end]; only single-byte
     tags of length-delimited fields (all that a steady request's containers hold), each inside it."""
+    # Not protowire.spans: that one walks any field of a trusted (decoded) message; this one is the check
     out = []
     while pos < end:
         start, tag = pos, buf[pos]

@@ -25,7 +25,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
 from otel_kzt import __version__, schema
 from otel_kzt.enricher.processing.pieces import JSON_MEMBER, LOG_FIELD, Pieces, pieces
-from otel_kzt.enricher.processing.protowire import AttributeEncoder, length_delimited, varint
+from otel_kzt.enricher.processing.protowire import STRING_TAG, AttributeEncoder, length_delimited, varint
 from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.schema import TrafficClass
 
@@ -106,11 +106,10 @@ def _record_head_parts() -> tuple[bytes, bytes]:
 
 _HEAD_BEFORE_BODY, _HEAD_AFTER_BODY = _record_head_parts()
 _BODY_TAG: Final = 0x2A  # LogRecord.body: field 5 (AnyValue)
-_STRING_VALUE_TAG: Final = 0x0A  # AnyValue.string_value: field 1
 
 
 def _body_field(text: str) -> bytes:
-    return length_delimited(_BODY_TAG, length_delimited(_STRING_VALUE_TAG, text.encode()))
+    return length_delimited(_BODY_TAG, length_delimited(STRING_TAG, text.encode()))
 
 
 _JSON_HEAD: Final = orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME})[:-1]

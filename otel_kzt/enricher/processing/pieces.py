@@ -17,7 +17,7 @@ from typing import Final
 
 import orjson
 
-from otel_kzt.enricher.processing.protowire import string_attributes
+from otel_kzt.enricher.processing.protowire import KEY_TAG, STRING_TAG, VALUE_TAG, string_attributes
 
 Pair = tuple[str, str]
 # NumberDataPoint.attributes field, LogRecord.attributes field, JSON member (`,"key":"value"`), key, value
@@ -29,9 +29,6 @@ KEY: Final = itemgetter(3)
 VALUE: Final = itemgetter(4)
 _POINT_ATTRIBUTES_TAG: Final = 0x3A  # NumberDataPoint.attributes: field 7, length-delimited
 _LOG_ATTRIBUTES_TAG: Final = b"\x32"  # LogRecord.attributes: field 6, length-delimited (same length)
-_KEY_TAG: Final = 0x0A  # KeyValue.key
-_VALUE_TAG: Final = 0x12  # KeyValue.value (AnyValue)
-_STRING_TAG: Final = 0x0A  # AnyValue.string_value
 _SHORT: Final = 0x80  # lengths below this take one byte
 _MAX_CACHED: Final = 131_072  # per cache: ~30 MB at most
 _by_pair: dict[Pair, Pieces] = {}
@@ -76,12 +73,12 @@ def received(key: bytes) -> list[Pieces] | None:
 def _parsed(field: bytes) -> Pieces | None:
     """A point field `0x3a L (0x0a len key) (0x12 len (0x0a len value))`, every length one byte."""
     size = len(field)
-    key_len = field[3] if size > 3 and field[2] == _KEY_TAG else _SHORT
+    key_len = field[3] if size > 3 and field[2] == KEY_TAG else _SHORT
     value_at = 4 + key_len
-    if key_len >= _SHORT or size < value_at + 4 or field[value_at] != _VALUE_TAG:
+    if key_len >= _SHORT or size < value_at + 4 or field[value_at] != VALUE_TAG:
         return None
     any_len, string_len = field[value_at + 1], field[value_at + 3]
-    if field[value_at + 2] != _STRING_TAG or any_len != size - value_at - 2 or string_len != any_len - 2:
+    if field[value_at + 2] != STRING_TAG or any_len != size - value_at - 2 or string_len != any_len - 2:
         return None
     try:
         pair = (field[4:value_at].decode(), field[value_at + 4 :].decode())

@@ -11,9 +11,11 @@ from collections.abc import Iterable, Iterator
 from typing import Final
 
 _ATTRIBUTES_TAG_LOG: Final = 0x32  # LogRecord.attributes: field 6, length-delimited
-_KEY_TAG: Final = 0x0A  # KeyValue.key: field 1
-_VALUE_TAG: Final = 0x12  # KeyValue.value: field 2 (AnyValue)
-_STRING_TAG: Final = 0x0A  # AnyValue.string_value: field 1
+# The tags of a string attribute (KeyValue{key, AnyValue{string_value}}): pieces.py reads them, flowlogs.py
+# writes a string AnyValue
+KEY_TAG: Final = 0x0A  # KeyValue.key: field 1
+VALUE_TAG: Final = 0x12  # KeyValue.value: field 2 (AnyValue)
+STRING_TAG: Final = 0x0A  # AnyValue.string_value: field 1
 _INT_TAG: Final = 0x18  # AnyValue.int_value: field 3, varint
 _DOUBLE_TAG: Final = 0x21  # AnyValue.double_value: field 4, fixed64
 _SMALL: Final = [bytes((i,)) for i in range(0x80)]
@@ -52,17 +54,17 @@ class AttributeEncoder:
     __slots__ = ("_int_heads", "_small", "double_head")
 
     def __init__(self, key: str) -> None:
-        keyfield = length_delimited(_KEY_TAG, key.encode())
+        keyfield = length_delimited(KEY_TAG, key.encode())
         self._int_heads = [
             bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 3 + k))
             + keyfield
-            + bytes((_VALUE_TAG, 1 + k, _INT_TAG))
+            + bytes((VALUE_TAG, 1 + k, _INT_TAG))
             for k in range(11)
         ]
         self._small: list[bytes] = []  # the KeyValues of 0 .. _SMALL_INTS - 1, made on first use
         # ... and a double one is `double_head + value` (little-endian fixed64), the tag included
         self.double_head = (
-            bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 11)) + keyfield + bytes((_VALUE_TAG, 9, _DOUBLE_TAG))
+            bytes((_ATTRIBUTES_TAG_LOG, len(keyfield) + 11)) + keyfield + bytes((VALUE_TAG, 9, _DOUBLE_TAG))
         )
 
     def int_value(self, value: int) -> bytes:
@@ -103,8 +105,8 @@ def string_attributes(pairs: Iterable[tuple[str, str]], tag: int) -> bytes:
 
 
 def _key_value(key: str, value: str) -> bytes:
-    any_value = length_delimited(_STRING_TAG, value.encode())
-    return length_delimited(_KEY_TAG, key.encode()) + length_delimited(_VALUE_TAG, any_value)
+    any_value = length_delimited(STRING_TAG, value.encode())
+    return length_delimited(KEY_TAG, key.encode()) + length_delimited(VALUE_TAG, any_value)
 
 
 def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
