@@ -2,7 +2,7 @@
 UDP packet rate with the agent running against without it, alternated in one run, medians of repeats.
 
     .venv/bin/python bench/datapath_overhead.py [--modes netfilter,tc,cgroup] [--repeats 9] [--seconds 1]
-        [--conntrack] [--aa] [--stats-only]
+        [--conntrack] [--aa] [--stats-only] [--stopped]
 
 Topology: pod netns kdo-a -> node netns kdo-n (routed; the agent runs here) -> pod netns kdo-b. The real
 `otel-kzt agent` (1 s interval, exporting to bench/otlp_sink.py in the node) runs for the whole of a mode's
@@ -16,8 +16,11 @@ policy): the path without the agent grows by conntrack's work, and the netfilter
 conntrack recorded for every packet (bpf/origin.h), which it skips on an untracked node.
 
 Where the cost goes, per mode: the counting program's own ns/packet (kernel.bpf_stats_enabled:
-run_time_ns / run_cnt of kzt_dispatch + kzt_count) and the agent's CPU seconds per interval while the
-traffic ran. Targets (issue 13): TCP >= 99 %, UDP >= 97 % of without. Needs root; names start "kdo".
+run_time_ns / run_cnt of kzt_dispatch + kzt_count), and the agent's CPU seconds per second, idle and
+while each state's traffic ran. `--stopped` adds a fourth state, the links detached and the agent stopped
+(SIGSTOP): a node without the agent, so off/stopped is what the agent process's own work (its intervals,
+competing for the node's CPUs) costs the traffic, apart from the program's. Targets (issue 13): TCP >= 99 %,
+UDP >= 97 % of without. Needs root; names start "kdo".
 Not a test: numbers depend on the machine.
 """
 
@@ -28,6 +31,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -288,6 +292,18 @@ def where_the_cost_goes(toggle: Toggle, pid: int) -> dict[str, float]:
 
 
 STATES = ("off", "floor", "on")
+STOPPED = "stopped"  # --stopped: off, and the agent process stopped too
+
+
+@contextlib.contextmanager
+def agent_stopped(pid: int, stopped: bool) -> Iterator[None]:
+    if stopped:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        if stopped:
+            os.kill(pid, signal.SIGCONT)
 
 
 def spread(values: list[float]) -> str:
@@ -307,6 +323,11 @@ def main() -> int:
     parser.add_argument("--stats-only", action="store_true", help="only the programs' ns/run, no throughput")
     parser.add_argument(
         "--conntrack", action="store_true", help="the node tracks connections, as a Kubernetes node does"
+    )
+    parser.add_argument(
+        "--stopped",
+        action="store_true",
+        help="also measure with the agent's process stopped (no agent at all)",
     )
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -342,17 +363,25 @@ def main() -> int:
         stack.callback(STATS_SYSCTL.write_text, old_stats)
         measure(1.0)  # warm up
         results = []
+        states = (*STATES, STOPPED) if args.stopped else STATES
         for mode in args.modes.split(","):
-            runs: dict[str, list[tuple[float, float]]] = {state: [] for state in STATES}
+            runs: dict[str, list[tuple[float, float]]] = {state: [] for state in states}
+            agent_cpu: dict[str, list[float]] = {state: [] for state in states}
             with agent(mode, sink_port, log_path) as pid:
                 toggle = Toggle(mode)
                 try:
                     costs = [where_the_cost_goes(toggle, pid)]
                     for i in range(0 if args.stats_only else args.repeats):
-                        order = STATES[i % 3 :] + STATES[: i % 3]  # each state first, middle and last
+                        k = i % len(states)
+                        order = states[k:] + states[:k]  # each state in each place in turn
                         for state in order if i % 2 == 0 else reversed(order):
-                            toggle.state("off" if args.aa else state)
-                            runs[state].append(measure(args.seconds))
+                            toggle.state("off" if args.aa or state == STOPPED else state)
+                            with agent_stopped(pid, state == STOPPED and not args.aa):
+                                cpu, started = cpu_seconds(pid), time.monotonic()
+                                runs[state].append(measure(args.seconds))
+                                agent_cpu[state].append(
+                                    (cpu_seconds(pid) - cpu) / (time.monotonic() - started)
+                                )
                     costs.append(where_the_cost_goes(toggle, pid))
                 finally:
                     toggle.close()
@@ -370,6 +399,12 @@ def main() -> int:
                     for state in ("floor", "on"):
                         pairs = [b[j] / a[j] for a, b in zip(runs["off"], runs[state], strict=True)]
                         line[f"{proto}_{state}_vs_off"] = spread(pairs)
+                    if args.stopped:
+                        for state in ("off", "on"):
+                            pairs = [b[j] / a[j] for a, b in zip(runs[STOPPED], runs[state], strict=True)]
+                            line[f"{proto}_{state}_vs_stopped"] = spread(pairs)
+                for state in states:  # the agent's CPU s per s while each state's traffic ran
+                    line[f"agent_cpu_{state}"] = round(statistics.median(agent_cpu[state]), 4)
             results.append(line)
             print(json.dumps(line), flush=True)
     for r in results:
@@ -384,6 +419,14 @@ def main() -> int:
                 f"{r['tcp_floor_vs_off']})  UDP {r['udp_on_vs_off']} (target 97; floor alone "
                 f"{r['udp_floor_vs_off']})"
             )
+            text += "\n          agent CPU s/s under traffic: " + " ".join(
+                f"{state} {r[f'agent_cpu_{state}']}" for state in states
+            )
+            if args.stopped:
+                text += (
+                    f"\n          against the agent stopped %: off TCP {r['tcp_off_vs_stopped']} UDP "
+                    f"{r['udp_off_vs_stopped']}  on TCP {r['tcp_on_vs_stopped']} UDP {r['udp_on_vs_stopped']}"
+                )
         print(text)
     return 0
 
