@@ -46,7 +46,7 @@ def ld(tag: int, body: bytes) -> bytes:
     return bytes((tag,)) + varint(len(body)) + body
 
 
-def point(style: Style, src: str, dst: str, t: int, value: int) -> bytes:
+def point(style: Style, src: str, dst: str, t: int, value: int, *, start: int = START) -> bytes:
     """One NumberDataPoint, its fields written in the style's order."""
     order, flags, int_port = style
     port = AnyValue(int_value=443) if int_port else AnyValue(string_value="443")
@@ -62,7 +62,7 @@ def point(style: Style, src: str, dst: str, t: int, value: int) -> bytes:
         seen.add(name)
         decoy = DECOY.get(name, 0) if first else 0
         if name == "start":
-            out.append(b"\x11" + struct.pack("<Q", START + decoy))
+            out.append(b"\x11" + struct.pack("<Q", start + decoy))
         elif name == "time":
             out.append(b"\x19" + struct.pack("<Q", t + decoy))
         elif name == "value":
@@ -76,21 +76,28 @@ def point(style: Style, src: str, dst: str, t: int, value: int) -> bytes:
     return b"".join(out)
 
 
-def request(styles: Mapping[tuple[int, str], Style], values: list[int], t: int) -> bytes:
+def request(
+    styles: Mapping[tuple[int, str], Style],
+    values: list[int],
+    t: int,
+    *,
+    flows: tuple[tuple[str, str], ...] = FLOWS,
+    node: str = "n-a1",
+    start: int = START,
+) -> bytes:
     """One agent's request, bytes and packets of every flow, encoded by hand around the points."""
     resource = Resource(
-        attributes=[KeyValue(key=schema.RESOURCE_NODE_NAME, value=AnyValue(string_value="n-a1"))]
+        attributes=[KeyValue(key=schema.RESOURCE_NODE_NAME, value=AnyValue(string_value=node))]
     )
     trailer = Sum(aggregation_temporality=AGGREGATION_TEMPORALITY_CUMULATIVE, is_monotonic=True)
     metrics = []
     for name, scale in METRICS:
         points = b"".join(
-            ld(0x0A, point(styles[(flow, name)], *FLOWS[flow], t, value * scale))
+            ld(0x0A, point(styles[(flow, name)], *flows[flow], t, value * scale, start=start))
             for flow, value in enumerate(values)
         )
-        metrics.append(
-            ld(0x12, Metric(name=name).SerializeToString() + ld(0x3A, points + trailer.SerializeToString()))
-        )
+        header = Metric(name=name).SerializeToString()
+        metrics.append(ld(0x12, header + ld(0x3A, points + trailer.SerializeToString())))
     body = ld(0x0A, resource.SerializeToString()) + ld(0x12, b"".join(metrics))
     return ld(0x0A, body)
 
