@@ -399,10 +399,12 @@ def main() -> int:
                     for state in ("floor", "on"):
                         pairs = [b[j] / a[j] for a, b in zip(runs["off"], runs[state], strict=True)]
                         line[f"{proto}_{state}_vs_off"] = spread(pairs)
+                        line[f"{proto}_{state}_pairs"] = [round(x, 4) for x in pairs]  # to pool runs
                     if args.stopped:
                         for state in ("off", "on"):
                             pairs = [b[j] / a[j] for a, b in zip(runs[STOPPED], runs[state], strict=True)]
                             line[f"{proto}_{state}_vs_stopped"] = spread(pairs)
+                            line[f"{proto}_{state}_stopped_pairs"] = [round(x, 4) for x in pairs]
                 for state in states:  # the agent's CPU s per s while each state's traffic ran
                     line[f"agent_cpu_{state}"] = round(statistics.median(agent_cpu[state]), 4)
             results.append(line)
