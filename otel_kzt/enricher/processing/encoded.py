@@ -15,7 +15,7 @@ The caches hold encoded pieces already checked; bounded (emptied when full: a ca
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sized
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
@@ -25,6 +25,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import Metric
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 
 from otel_kzt import schema
+from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.points import Steady, SumEnricher
 from otel_kzt.enricher.processing.protowire import read_varint
 
@@ -85,6 +86,9 @@ class Planner:
         self._resources: dict[bytes, tuple[str | None, bytes]] = {}
         self._scopes: set[bytes] = set()
         self._headers: dict[bytes, str] = {}  # a metric's fields but its Sum -> its name
+        self._resources_cap = Cap("encoded.resources", _MAX_CACHED)
+        self._scopes_cap = Cap("encoded.scopes", _MAX_CACHED)
+        self._headers_cap = Cap("encoded.headers", _MAX_CACHED)
         self._generation = 0  # of the request being planned
 
     def plan(self, buf: bytes, generation: int) -> Plan | None:
@@ -109,7 +113,7 @@ class Planner:
         known = self._resources.get(resource)
         if known is None:
             known = sender(Resource.FromString(resource), resource)
-            _bounded(self._resources)
+            self._resources_cap.room(self._resources)
             self._resources[resource] = known
         node, key = known
         metrics: list[Metric] = []
@@ -133,7 +137,7 @@ class Planner:
                 scope = buf[body:stop]
                 if scope not in self._scopes:
                     InstrumentationScope.FromString(scope)
-                    _bounded(self._scopes)
+                    self._scopes_cap.room(self._scopes)
                     self._scopes.add(scope)
             elif tag == _FIELD_3:
                 buf[body:stop].decode()
@@ -150,7 +154,7 @@ class Planner:
             header = b"".join(buf[s:e] for tag, s, _, e in fields if tag != _SUM)
             name = self._headers.get(header)
             if name is None:
-                _bounded(self._headers)
+                self._headers_cap.room(self._headers)
                 name = self._headers[header] = Metric.FromString(header).name
             if name in schema.FLOW_METRICS:
                 steady = self._points.steady((buf, *sums[0]), (key, name), self._generation)
@@ -184,9 +188,3 @@ def _fields(buf: bytes, pos: int, end: int) -> list[tuple[int, int, int, int]]:
             raise _NotSteady
         out.append((tag, start, body, pos))
     return out
-
-
-def _bounded(cache: Sized) -> None:
-    """Room in a cache: emptied when full."""
-    if len(cache) >= _MAX_CACHED:
-        cache.clear()  # type: ignore[attr-defined]

@@ -24,6 +24,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
 from otel_kzt import __version__, schema
+from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.pieces import JSON_MEMBER, LOG_FIELD, Pieces, pieces
 from otel_kzt.enricher.processing.protowire import STRING_TAG, AttributeEncoder, length_delimited, varint
 from otel_kzt.enricher.processing.resolution import Resolved
@@ -113,7 +114,7 @@ def _body_field(text: str) -> bytes:
 
 
 _JSON_HEAD: Final = orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME})[:-1]
-_MAX_CACHED: Final = 65_536  # sorted key orders: emptied when full (bounded memory)
+_ORDERS_CAP: Final = Cap("flowlogs.orders", 65_536)  # sorted key orders (bounded memory)
 _orders: dict[tuple[str, ...], tuple[int, ...]] = {}
 
 
@@ -121,8 +122,7 @@ def _sorted_order(keys: tuple[str, ...]) -> tuple[int, ...]:
     """The keys' positions in sorted key order (what `sorted(attrs.items())` orders by: keys are unique)."""
     order = _orders.get(keys)
     if order is None:
-        if len(_orders) >= _MAX_CACHED:
-            _orders.clear()
+        _ORDERS_CAP.room(_orders)
         order = _orders[keys] = tuple(sorted(range(len(keys)), key=keys.__getitem__))
     return order
 

@@ -17,6 +17,7 @@ from typing import Final
 
 import orjson
 
+from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.protowire import KEY_TAG, STRING_TAG, VALUE_TAG, string_attributes
 
 Pair = tuple[str, str]
@@ -31,6 +32,8 @@ _POINT_ATTRIBUTES_TAG: Final = 0x3A  # NumberDataPoint.attributes: field 7, leng
 _LOG_ATTRIBUTES_TAG: Final = b"\x32"  # LogRecord.attributes: field 6, length-delimited (same length)
 _SHORT: Final = 0x80  # lengths below this take one byte
 _MAX_CACHED: Final = 131_072  # per cache: ~30 MB at most
+_PAIRS_CAP: Final = Cap("pieces.by_pair", _MAX_CACHED)
+_FIELDS_CAP: Final = Cap("pieces.by_field", _MAX_CACHED)
 _by_pair: dict[Pair, Pieces] = {}
 _by_field: dict[bytes, Pieces] = {}  # the point field (as received) -> its pieces
 
@@ -87,15 +90,13 @@ def _parsed(field: bytes) -> Pieces | None:
     made = _by_pair.get(pair) or _made(pair)
     if made[0] != field:  # not as protobuf writes it (cannot be, given the checks: kept as the proof)
         return None
-    if len(_by_field) >= _MAX_CACHED:
-        _by_field.clear()
+    _FIELDS_CAP.room(_by_field)
     _by_field[field] = made
     return made
 
 
 def _made(pair: Pair) -> Pieces:
-    if len(_by_pair) >= _MAX_CACHED:
-        _by_pair.clear()
+    _PAIRS_CAP.room(_by_pair)
     point = string_attributes((pair,), _POINT_ATTRIBUTES_TAG)  # tag, length, KeyValue
     member = b"," + orjson.dumps(pair[0]) + b":" + orjson.dumps(pair[1])
     made = _by_pair[pair] = (point, _LOG_ATTRIBUTES_TAG + point[1:], member, pair[0], pair[1])

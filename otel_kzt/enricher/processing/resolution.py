@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from otel_kzt import schema
+from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.pieces import POINT_FIELD, Pieces, pieces
 from otel_kzt.enricher.processing.services import (
     KEYS_FOR_RECHECK,
@@ -94,6 +95,7 @@ class Resolver:
         self._cidrs: tuple[Network, ...] = tuple(ipaddress.ip_network(c, strict=False) for c in cluster_cidrs)
         # address -> end, for one metadata generation: many series share an address (a busy service)
         self._ends: dict[str, _End] = {}
+        self._ends_cap = Cap("resolution.ends", _MAX_CACHED_ENDS)
         self._ends_generation = -1
         self._lookup_window: _LookupWindow | None = getattr(index, "lookup_window", None)
         self._services = ServiceAttribution(getattr(index, "services", None))
@@ -160,7 +162,7 @@ class Resolver:
 
     def _end(self, address: str, at: float | None) -> _End:
         generation = self._index.generation
-        if generation != self._ends_generation or len(self._ends) >= _MAX_CACHED_ENDS:
+        if generation != self._ends_generation:
             self._ends, self._ends_generation = {}, generation
         end = self._ends.get(address)
         # A cached answer serves every time in its window (one per address: most never change owner).
@@ -175,6 +177,7 @@ class Resolver:
         node = None
         if endpoint is not None and endpoint.node_name:
             node = self._index.node(endpoint.node_name)
+        self._ends_cap.room(self._ends)
         end = self._ends[address] = _End(endpoint, node, lo, hi)
         return end
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Final, Protocol
 
 from otel_kzt import schema
+from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.k8s.servicemodel import ServiceCatalog, ServiceRef
 from otel_kzt.savings.model import Direction, FlowKey, Workload, flow_key
 from otel_kzt.schema import TrafficClass
@@ -44,13 +45,14 @@ class ServiceAttribution:
     def __init__(self, catalog: ServiceCatalog | None) -> None:
         self._catalog = catalog
         self._cache: dict[tuple[str, str, str], ServiceRef | None] = {}
+        self._cap = Cap("services.answers", _MAX_CACHED)
         self._generation = -1
 
     def ends(self, attrs: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Refs:
         catalog = self._catalog
         if not ready or catalog is None or not catalog.available():
             return NO_SERVICES
-        if catalog.generation != self._generation or len(self._cache) >= _MAX_CACHED:
+        if catalog.generation != self._generation:
             self._cache, self._generation = {}, catalog.generation
         transport = attrs.get(schema.NETWORK_TRANSPORT, "")
         destination = attrs.get(schema.DESTINATION_ADDRESS)
@@ -77,6 +79,7 @@ class ServiceAttribution:
             return self._cache[key]
         except KeyError:
             found = catalog.service_at(address, int(port), transport, at) if port.isdigit() else None
+            self._cap.room(self._cache)
             self._cache[key] = found
             return found
 
