@@ -2,7 +2,7 @@
 UDP packet rate with the agent running against without it, alternated in one run, medians of repeats.
 
     .venv/bin/python bench/datapath_overhead.py [--modes netfilter,tc,cgroup] [--repeats 9] [--seconds 1]
-        [--conntrack] [--aa] [--stats-only] [--stopped]
+        [--conntrack] [--kube-proxy] [--aa] [--stats-only] [--stopped]
 
 Topology: pod netns kdo-a -> node netns kdo-n (routed; the agent runs here) -> pod netns kdo-b. The real
 `otel-kzt agent` (1 s interval, exporting to bench/otlp_sink.py in the node) runs for the whole of a mode's
@@ -13,7 +13,9 @@ larger than the effect, so the medians of many pairs are what count.
 
 `--conntrack` makes the node track what it forwards, as every Kubernetes node does (kube-proxy, a CNI's
 policy): the path without the agent grows by conntrack's work, and the netfilter program reads what
-conntrack recorded for every packet (bpf/origin.h), which it skips on an untracked node.
+conntrack recorded for every packet (bpf/origin.h), which it skips on an untracked node. `--kube-proxy`
+adds kube-proxy's nftables-mode rules (Service DNAT, masquerade), so the node's netfilter hooks run for
+every packet whether the agent is there or not, as on a real node.
 
 Where the cost goes, per mode: the counting program's own ns/packet (kernel.bpf_stats_enabled:
 run_time_ns / run_cnt of kzt_dispatch + kzt_count), and the agent's CPU seconds per second, idle and
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import os
@@ -111,7 +114,36 @@ NODE_CONNTRACK = """table inet kdo {
 }"""
 
 
-def build(topo: netns.Topology, conntrack: bool) -> None:
+# As on a node where kube-proxy runs in nftables mode (Kubernetes >= 1.31; iptables mode registers the
+# same hooks): Service VIPs DNAT-ed at prerouting and output through a verdict map, masquerade at
+# postrouting for marked packets, conntrack on everything. The nat chains run for a connection's first
+# packet only; each later packet pays conntrack and the nat hooks' fast path, and the agent's netfilter
+# program joins hooks that already run at POSTROUTING, as on a real node.
+NODE_KUBE_PROXY = f"""table ip kube-proxy {{
+    map service-ips {{
+        type ipv4_addr . inet_proto . inet_service : verdict
+        elements = {{ 10.96.0.10 . udp . 53 : goto service-dns,
+                     10.96.7.7 . tcp . {TCP_PORT} : goto service-b }}
+    }}
+    chain service-dns {{ meta mark set meta mark | 0x4000; meta l4proto udp dnat to {B}:53; }}
+    chain service-b {{ meta l4proto tcp dnat to {B}:{TCP_PORT}; }}
+    chain services {{ ip daddr . meta l4proto . th dport vmap @service-ips; }}
+    chain nat-prerouting {{ type nat hook prerouting priority dstnat; jump services; }}
+    chain nat-output {{ type nat hook output priority -100; jump services; }}
+    chain masquerading {{
+        meta mark & 0x4000 == 0 return
+        meta mark set meta mark ^ 0x4000
+        masquerade fully-random
+    }}
+    chain nat-postrouting {{ type nat hook postrouting priority srcnat; jump masquerading; }}
+    chain filter-forward {{
+        type filter hook forward priority -110;
+        ct state invalid drop
+    }}
+}}"""
+
+
+def build(topo: netns.Topology, conntrack: bool, kube_proxy: bool = False) -> None:
     for ns in (NODE, POD_A, POD_B):
         topo.netns(ns)
     topo.veth(NODE, "kdon0", POD_A, "eth0", a_addrs=["10.79.1.1/24"], b_addrs=[f"{A}/24"])
@@ -129,6 +161,8 @@ def build(topo: netns.Topology, conntrack: bool) -> None:
     netns.run_in(POD_B, ["nft", "-f", "-"], input=script)
     if conntrack:
         netns.run_in(NODE, ["nft", "-f", "-"], input=NODE_CONNTRACK)
+    if kube_proxy:
+        netns.run_in(NODE, ["nft", "-f", "-"], input=NODE_KUBE_PROXY)
 
 
 def udp_received() -> int:
@@ -170,7 +204,12 @@ def attach(mode: str, prog: int, info: bpfsys.LinkInfo, before: bool = False) ->
     """A link running `prog` where the agent's link `info` runs it (`before`: netfilter runs it first)."""
     with netns.entered(NODE):
         if mode == "netfilter":
-            return netfilter.link_create_netfilter(prog, info.pf, info.priority - int(before))
+            try:
+                return netfilter.link_create_netfilter(prog, info.pf, info.priority - int(before))
+            except bpfsys.BpfCallError as exc:  # source NAT's hook holds the place before (--kube-proxy)
+                if not before or exc.errno != errno.EBUSY:
+                    raise
+                return netfilter.link_create_netfilter(prog, info.pf, info.priority + 1)
         if mode == "tc":  # tcx puts each new link first
             return tclinks.tcx_attach(prog, info.pf, f"ifindex {info.pf}")
         return cgroup.link_create_cgroup(prog, str(CGROUP))
@@ -329,6 +368,10 @@ def main() -> int:
         action="store_true",
         help="also measure with the agent's process stopped (no agent at all)",
     )
+    parser.add_argument(
+        "--kube-proxy", action="store_true",
+        help="the node also has kube-proxy's nftables rules (Service DNAT, masquerade): a real node's hooks",
+    )  # fmt: skip
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -348,7 +391,7 @@ def main() -> int:
         stack.callback(CGROUP.rmdir)
         stack.callback(lambda: (CGROUP.parent / "cgroup.procs").write_text(str(os.getpid())))
         topo = stack.enter_context(netns.Topology())
-        build(topo, args.conntrack)
+        build(topo, args.conntrack, args.kube_proxy)
         sink = netns.popen_in(NODE, [sys.executable, str(ROOT / "bench" / "otlp_sink.py")],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
         stack.callback(sink.wait)
