@@ -315,6 +315,9 @@ NOT_COUNTED_REASONS: Final = (
 # Counting state given up to a cap, by `state`: `run` (runs per series), `tombstone` (forgotten series)
 ENRICHER_COUNTING_EVICTED: Final = "kzt_enricher_counting_state_evicted"
 ENRICHER_COUNTING_STATE_LABEL: Final = "state"
+# The caches emptied on reaching their cap (processing/bounded.py, DESIGN §5.6), by `cache` (the Cap's name)
+ENRICHER_CACHE_RESETS: Final = "kzt_enricher_cache_resets"
+ENRICHER_CACHE_LABEL: Final = "cache"
 # How the flow metrics were read (processing/encoded.py, repeats.py), by `read`: a request from its bytes
 # alone (`bytes`, a steady agent's) or decoded whole (`decoded`); a flow Sum checked whole against its
 # group's last shape (`layout`) or walked point by point (`points`). A sender whose steady requests are

@@ -338,8 +338,22 @@ def health_panels(y: int) -> list[dict[str, Any]]:
                 ("sum by (instance) (kzt_enricher_series_active)", "active {{instance}}"),
                 (rate_by_instance("kzt_enricher_series_dropped_total"), "dropped/s {{instance}}"),
             ),
-            (0, y + 14, 24, 7),
+            (0, y + 14, 12, 7),
             "short",
+        ),
+        panel(
+            "timeseries",
+            "Caches emptied at their cap per second",
+            [
+                target(
+                    "sum by (instance, cache) (rate(kzt_enricher_cache_resets_total[$__rate_interval]))",
+                    "{{cache}} {{instance}}",
+                )
+            ],
+            (12, y + 14, 12, 7),
+            "short",
+            description="Nothing is lost, only time: an emptied cache's entries are made again. Steady "
+            "emptying means more distinct addresses or series than a cache holds (DESIGN 5.6).",
         ),
     ]
 

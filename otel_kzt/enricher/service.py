@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from otel_kzt import gctune
 from otel_kzt.enricher.config import EnricherConfig
+from otel_kzt.enricher.exporters.caches import CacheResets
 from otel_kzt.enricher.exporters.otlp import Exporter
 from otel_kzt.enricher.exporters.prometheus import (
     Aggregates,
@@ -124,6 +125,7 @@ class EnricherService:
             max_inflight=cfg.max_inflight_requests,
             agents=agents,
         )
+        self.registry.register(CacheResets(core.caps))
         # Savings: fed from the same totals as /metrics; `/` and `/api/v1/*` show them.
         totals = lambda: combined(aggregates.snapshot_of(SAVINGS_BYTES, SAVINGS_USD))  # noqa: E731
         self.savings = savings = SavingsTracker(index, totals, cfg.savings_window_s)

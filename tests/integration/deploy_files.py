@@ -123,6 +123,7 @@ def known_metrics() -> set[str]:
         schema.ENRICHER_EXPORT_FAILURES,
         schema.ENRICHER_EXPORT_DROPPED,
         schema.ENRICHER_SERIES_DROPPED,
+        schema.ENRICHER_CACHE_RESETS,
         schema.AGENT_OVERFLOW_BYTES,  # the agents' health (state/agents.py), label k8s_node_name
         schema.AGENT_OVERFLOW_PACKETS,
         schema.AGENT_EXPORTS,
@@ -162,6 +163,7 @@ def known_labels() -> set[str]:
         | set(schema.PROM_ZONE_TRAFFIC_LABELS)
         | set(schema.PROM_ESTIMATED_COST_LABELS)
         | {schema.ENRICHER_AGENT_LAST_REPORT_LABEL, schema.ENRICHER_EXPORTER_LABEL, "job", "instance"}
+        | {schema.ENRICHER_CACHE_LABEL}
         | {schema.AGENT_RESULT, schema.AGENT_DATAPATH_LABEL}
         | set(schema.PROM_SERVICE_TRAFFIC_LABELS)
         | set(schema.PROM_SERVICE_ENDPOINTS_LABELS)

@@ -1,5 +1,6 @@
 """/metrics of a running enricher: an exposition rebuilt at most once a second that a scrape storm shares,
-scrapes that write nothing, and with --state-file the last snapshot on disk (never more)."""
+scrapes that write nothing, with --state-file the last snapshot on disk (never more), and every cache's
+emptyings at its cap."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Exposition
+from otel_kzt.enricher.processing import resolution
 from tests.integration.test_enricher_prometheus import send
 from tests.integration.test_enricher_service import (
     POD_IPS,
@@ -20,12 +23,26 @@ from tests.integration.test_enricher_service import (
     api_pki,
     enricher_kubeconfig,
     get,
+    local_config,
+    metrics_showing,
     running,
     served_config,
+    write_metadata,
 )
 
 __all__ = ["api_pki", "enricher_kubeconfig"]
 WEB, CACHE = POD_IPS["web-1"], POD_IPS["cache-1"]
+# Every capped cache of the enricher (processing/bounded.py Cap), by its `cache` label
+CACHES = {
+    "resolution.ends",
+    "services.answers",
+    "encoded.resources",
+    "encoded.scopes",
+    "encoded.headers",
+    "pieces.by_pair",
+    "pieces.by_field",
+    "flowlogs.orders",
+}
 
 
 def cross_zone(port: int) -> float | None:
@@ -100,3 +117,34 @@ def test_a_scrape_storm_leaves_the_receivers_answering(enricher_kubeconfig: Path
         elapsed = time.monotonic() - began
         assert scrapes and set(scrapes) == {200}
         assert svc.exposition.rebuilds <= elapsed + 2  # one rebuild a second, however many scrapes
+
+
+def cache_resets(port: int) -> dict[str, float]:
+    status, body = get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200
+    return {
+        sample.labels[schema.ENRICHER_CACHE_LABEL]: sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == schema.ENRICHER_CACHE_RESETS + "_total"
+    }
+
+
+def test_a_cache_emptied_at_its_cap_is_counted_on_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The resolver remembers 2 addresses (200,000 in production): the first series' two ends fill it, the
+    # second series' source empties it once.
+    monkeypatch.setattr(resolution, "_MAX_CACHED_ENDS", 2)
+    with running(local_config(write_metadata(tmp_path / "cluster.json"))) as svc:
+        port = svc.ports["metrics"]
+        shown = cache_resets(port)
+        assert set(shown) == CACHES and shown["resolution.ends"] == 0  # each cache from the start, at 0
+        api, etl = POD_IPS["api-1"], POD_IPS["etl-1"]
+        send(
+            svc.ports["http"],
+            [(WEB, CACHE, 1_000, RUN_START_NS), (api, etl, 500, RUN_START_NS)],
+            RUN_START_NS,
+        )
+        metrics_showing(f"http://127.0.0.1:{port}/metrics", 'cache_resets_total{cache="resolution.ends"} 1.0')
+        assert cross_zone(port) == 1_000  # nothing lost: the emptied cache's answers are made again

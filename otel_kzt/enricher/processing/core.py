@@ -30,9 +30,12 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
+from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.encoded import MetricPlan, Planner, ResourcePlan, count_points, sender
+from otel_kzt.enricher.processing.flowlogs import CAPS as FLOW_LOG_CAPS
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
+from otel_kzt.enricher.processing.pieces import CAPS as PIECES_CAPS
 from otel_kzt.enricher.processing.points import Batch, SumEnricher
 from otel_kzt.enricher.processing.protowire import Writer, spans
 from otel_kzt.enricher.processing.resolution import Resolver
@@ -117,6 +120,9 @@ class Core:
             otlp_flow_logs=self._flow_logs_otlp,
         )
         self._planner = Planner(self._points)
+        # Every capped cache of the enrichment, for /metrics (exporters/caches.py): this core's own, and the
+        # encodings' (pieces, flow-log key orders), which a process shares
+        self.caps: tuple[Cap, ...] = (*resolver.caps, *self._planner.caps, *PIECES_CAPS, *FLOW_LOG_CAPS)
         aggregates.before_snapshot = self._table.fold_all
         health.bind(lambda: sync_summary(index)[0], lambda: self._table.count)
 

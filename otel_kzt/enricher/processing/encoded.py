@@ -89,6 +89,7 @@ class Planner:
         self._resources_cap = Cap("encoded.resources", _MAX_CACHED)
         self._scopes_cap = Cap("encoded.scopes", _MAX_CACHED)
         self._headers_cap = Cap("encoded.headers", _MAX_CACHED)
+        self.caps = (self._resources_cap, self._scopes_cap, self._headers_cap)  # on /metrics
         self._generation = 0  # of the request being planned
 
     def plan(self, buf: bytes, generation: int) -> Plan | None:

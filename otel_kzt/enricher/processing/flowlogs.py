@@ -116,6 +116,7 @@ def _body_field(text: str) -> bytes:
 _JSON_HEAD: Final = orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME})[:-1]
 _ORDERS_CAP: Final = Cap("flowlogs.orders", 65_536)  # sorted key orders (bounded memory)
 _orders: dict[tuple[str, ...], tuple[int, ...]] = {}
+CAPS: Final = (_ORDERS_CAP,)  # on /metrics (exporters/caches.py)
 
 
 def _sorted_order(keys: tuple[str, ...]) -> tuple[int, ...]:

@@ -34,6 +34,7 @@ _SHORT: Final = 0x80  # lengths below this take one byte
 _MAX_CACHED: Final = 131_072  # per cache: ~30 MB at most
 _PAIRS_CAP: Final = Cap("pieces.by_pair", _MAX_CACHED)
 _FIELDS_CAP: Final = Cap("pieces.by_field", _MAX_CACHED)
+CAPS: Final = (_PAIRS_CAP, _FIELDS_CAP)  # on /metrics (exporters/caches.py)
 _by_pair: dict[Pair, Pieces] = {}
 _by_field: dict[bytes, Pieces] = {}  # the point field (as received) -> its pieces
 

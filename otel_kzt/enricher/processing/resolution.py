@@ -99,6 +99,7 @@ class Resolver:
         self._ends_generation = -1
         self._lookup_window: _LookupWindow | None = getattr(index, "lookup_window", None)
         self._services = ServiceAttribution(getattr(index, "services", None))
+        self.caps = (self._ends_cap, *self._services.caps)  # on /metrics
 
     def resolve(self, given: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Resolved:
         """Enrich one series' attributes as measured at `at_unix_s` (None: now); `ready` False (metadata

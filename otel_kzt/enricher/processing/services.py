@@ -46,6 +46,7 @@ class ServiceAttribution:
         self._catalog = catalog
         self._cache: dict[tuple[str, str, str], ServiceRef | None] = {}
         self._cap = Cap("services.answers", _MAX_CACHED)
+        self.caps = (self._cap,)  # on /metrics
         self._generation = -1
 
     def ends(self, attrs: Mapping[str, str], ready: bool, at_unix_s: float | None = None) -> Refs:
