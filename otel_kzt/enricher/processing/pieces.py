@@ -79,26 +79,32 @@ def _parsed(field: bytes) -> Pieces | None:
     size = len(field)
     key_len = field[3] if size > 3 and field[2] == KEY_TAG else _SHORT
     value_at = 4 + key_len
-    if key_len >= _SHORT or size < value_at + 4 or field[value_at] != VALUE_TAG:
+    # an empty key is not written by protobuf (proto3): `0a 00` would not be the field as it writes it
+    if not 0 < key_len < _SHORT or size < value_at + 4 or field[value_at] != VALUE_TAG:
         return None
     any_len, string_len = field[value_at + 1], field[value_at + 3]
     if field[value_at + 2] != STRING_TAG or any_len != size - value_at - 2 or string_len != any_len - 2:
         return None
     try:
-        pair = (field[4:value_at].decode(), field[value_at + 4 :].decode())
+        key, value = field[4:value_at].decode(), field[value_at + 4 :].decode()
     except UnicodeDecodeError:
         return None
-    made = _by_pair.get(pair) or _made(pair)
-    if made[0] != field:  # not as protobuf writes it (cannot be, given the checks: kept as the proof)
-        return None
+    # The checks above make `field` the one encoding protobuf (and `_made`) writes for (key, value), so
+    # its pieces are made from it, apart from the added pairs' cache: the received fields of 100k series
+    # (an address, pod and uid per pod) would crowd that cache out and have it emptied again and again.
     _FIELDS_CAP.room(_by_field)
-    _by_field[field] = made
+    made = _by_field[field] = (field, _LOG_ATTRIBUTES_TAG + field[1:], _member(key, value), key, value)
     return made
 
 
 def _made(pair: Pair) -> Pieces:
     _PAIRS_CAP.room(_by_pair)
+    key, value = pair
     point = string_attributes((pair,), _POINT_ATTRIBUTES_TAG)  # tag, length, KeyValue
-    member = b"," + orjson.dumps(pair[0]) + b":" + orjson.dumps(pair[1])
-    made = _by_pair[pair] = (point, _LOG_ATTRIBUTES_TAG + point[1:], member, pair[0], pair[1])
+    made = _by_pair[pair] = (point, _LOG_ATTRIBUTES_TAG + point[1:], _member(key, value), key, value)
     return made
+
+
+def _member(key: str, value: str) -> bytes:
+    """The JSON member `,"key":"value"` as orjson writes it."""
+    return b"," + orjson.dumps(key) + b":" + orjson.dumps(value)

@@ -26,7 +26,7 @@ from typing import Final
 
 from otel_kzt import schema
 from otel_kzt.enricher.processing.bounded import Cap
-from otel_kzt.enricher.processing.pieces import POINT_FIELD, Pieces, pieces
+from otel_kzt.enricher.processing.pieces import KEY, POINT_FIELD, VALUE, Pieces, pieces
 from otel_kzt.enricher.processing.services import (
     KEYS_FOR_RECHECK,
     NO_SERVICES,
@@ -73,15 +73,39 @@ class Resolved:
         )
 
 
-@dataclass(frozen=True, slots=True)
 class _End:
-    endpoint: Endpoint | None
-    node: NodeInfo | None
-    valid_from: float = -math.inf  # the index's answer holds for measurement times in [from, until)
-    valid_until: float = math.inf
+    """One address's answer, cached per metadata generation; the attributes it gives a flow's source or
+    destination are encoded the first time it is that end (one per cached address and role, not per
+    series: each pod serves several series at cluster scale)."""
+
+    __slots__ = ("_as_destination", "_as_source", "endpoint", "node", "valid_from", "valid_until")
+
+    def __init__(
+        self,
+        endpoint: Endpoint | None,
+        node: NodeInfo | None,
+        valid_from: float = -math.inf,  # the index's answer holds for measurement times in [from, until)
+        valid_until: float = math.inf,
+    ) -> None:
+        self.endpoint, self.node, self.valid_from, self.valid_until = endpoint, node, valid_from, valid_until
+        self._as_source: tuple[Pieces, ...] | None = None
+        self._as_destination: tuple[Pieces, ...] | None = None
+
+    def as_source(self) -> tuple[Pieces, ...]:
+        """The attributes this answer gives a flow's source, encoded (made once)."""
+        if self._as_source is None:
+            self._as_source = tuple(pieces(_end_attrs(schema.SOURCE, self)))
+        return self._as_source
+
+    def as_destination(self) -> tuple[Pieces, ...]:
+        """The attributes this answer gives a flow's destination, encoded (made once)."""
+        if self._as_destination is None:
+            self._as_destination = tuple(pieces(_end_attrs(schema.DESTINATION, self)))
+        return self._as_destination
 
 
 _UNKNOWN_END: Final = _End(None, None)
+_CLASS_PIECES: Final = {cls: pieces([(schema.TRAFFIC_CLASS, cls.value)])[0] for cls in TrafficClass}
 _SLIM_KEYS: Final = (schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS, *KEYS_FOR_RECHECK)
 
 # ClusterIndex.lookup_window: an answer and the times [from, until) it holds for (not in the seam's Protocol,
@@ -111,34 +135,34 @@ class Resolver:
     ) -> tuple[Resolved, list[Pieces]]:
         """`resolve`, and the pieces of the attributes it adds, in the order `attrs` holds them after the
         given ones (a flow-log template is made of them, pieces.py)."""
-        added, cls, src, dst = self._added(given, ready, at_unix_s)
+        encoded, cls, src, dst = self._added(given, ready, at_unix_s)
         source_node = given_node(given)
         refs = self._services.ends(given, ready, at_unix_s)
-        added += [(k, v) for k, v in wire_attrs(refs) if k not in given]
+        if refs is not NO_SERVICES:
+            encoded += pieces([(k, v) for k, v in wire_attrs(refs) if k not in given])
         attrs = dict(given)
-        attrs.update(added)
+        attrs.update(zip(map(KEY, encoded), map(VALUE, encoded), strict=True))
         provider = src.node.provider if src.node is not None else None
         basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs)
         lo, hi = _overlap(src, dst)
-        encoded = pieces(added)
         extra = b"".join(map(POINT_FIELD, encoded))
         return Resolved(extra, attrs, cls, provider, basis, lo, hi, refs, source_node), encoded
 
     def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
         """The attributes `resolve` adds, as pairs (the benchmark's naive loop uses these)."""
-        return self._added(given, ready)[0]
+        return [(KEY(p), VALUE(p)) for p in self._added(given, ready)[0]]
 
     def _added(
         self, given: Mapping[str, str], ready: bool, at: float | None = None
-    ) -> tuple[list[tuple[str, str]], TrafficClass, _End, _End]:
+    ) -> tuple[list[Pieces], TrafficClass, _End, _End]:
+        """The encoded attributes both ends and the class add (those `given` lacks), the class and ends."""
         src_addr = given.get(schema.SOURCE_ADDRESS, "")
         dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
         src = self._by_node(given_node(given), self._end(src_addr, at)) if ready else _UNKNOWN_END
         dst = self._end(dst_addr, at) if ready else _UNKNOWN_END
         cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN
-        computed = [*_end_attrs(schema.SOURCE, src), *_end_attrs(schema.DESTINATION, dst)]
-        computed.append((schema.TRAFFIC_CLASS, cls.value))
-        return [(k, v) for k, v in computed if k not in given], cls, src, dst
+        computed = (*src.as_source(), *dst.as_destination(), _CLASS_PIECES[cls])
+        return [p for p in computed if KEY(p) not in given], cls, src, dst
 
     def recheck(self, resolved: Resolved, ready: bool, at_unix_s: float | None = None) -> Resolved | None:
         """After a metadata change, or for a point measured outside `resolved`'s window: the same answer
