@@ -8,7 +8,8 @@ compare the datapath against what was really sent.
     udp-dstopts DST PORT COUNT SIZE         IPv6 with a destination-options extension header
     icmp DST COUNT SIZE                     echo requests (raw socket), waits for the replies
     tcp-serve PORT                          accept connections forever, discard what arrives
-    tcp-send DST PORT NBYTES                one connection sending NBYTES, then a clean close
+    tcp-send DST PORT NBYTES [DSTOPTS]      one connection sending NBYTES, then a clean close; over IPv6
+                                            every packet with a DSTOPTS-byte destination-options header
     tcp-connects DST PORT N                 N short connections (aborted with RST: no TIME_WAIT)
     udp-stream DST PORT SECONDS SIZE NFLOWS round-robin over NFLOWS destination ports until SECONDS
     udp-gso DST PORT COUNT SIZE SEGMENT     COUNT sends of SIZE bytes with UDP_SEGMENT (one GSO packet each)
@@ -46,11 +47,20 @@ def udp_ports(dst: str, first: int, n: int, size: int) -> dict[str, int]:
         return {"sent": n}
 
 
+def _dstopts(sock: socket.socket, length: int) -> None:
+    """Every packet of `sock` carries a destination-options header of `length` bytes (a multiple of 8):
+    next header (the kernel fills it in), its length in 8-byte units after the first 8, then one option
+    (type, data length, zeros) filling the rest: PadN where that is at most 7 bytes, as receivers allow
+    no more padding (RFC 4942; Linux drops the packet), else an experimental one to skip (0x1E)."""
+    fill = length - 2
+    option = 1 if fill <= 7 else 0x1E
+    header = bytes([0, length // 8 - 1, option, fill - 2]) + bytes(fill - 2)
+    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, header)
+
+
 def udp_dstopts(dst: str, port: int, count: int, size: int) -> dict[str, int]:
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
-        # 8-byte destination options header: next header and length are filled in by the kernel,
-        # the 6 bytes of options are one PadN.
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))
+        _dstopts(sock, 8)
         for _ in range(count):
             sock.sendto(b"d" * size, (dst, port))
         return {"sent": count}
@@ -107,8 +117,12 @@ def tcp_serve(port: int) -> None:
                     pass
 
 
-def tcp_send(dst: str, port: int, nbytes: int) -> dict[str, int]:
-    with socket.create_connection((dst, port), timeout=10) as sock:
+def tcp_send(dst: str, port: int, nbytes: int, dstopts: int = 0) -> dict[str, int]:
+    with socket.socket(_family(dst), socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        if dstopts:  # before connect: TCP's MSS leaves room for it (tcp_v6_connect)
+            _dstopts(sock, dstopts)
+        sock.connect((dst, port))
         chunk = b"t" * 65536
         left = nbytes
         while left > 0:
@@ -196,7 +210,7 @@ def main(argv: list[str]) -> None:
         "udp-ports": lambda: udp_ports(args[0], int(args[1]), int(args[2]), int(args[3])),
         "udp-dstopts": lambda: udp_dstopts(args[0], int(args[1]), int(args[2]), int(args[3])),
         "icmp": lambda: icmp(args[0], int(args[1]), int(args[2])),
-        "tcp-send": lambda: tcp_send(args[0], int(args[1]), int(args[2])),
+        "tcp-send": lambda: tcp_send(args[0], *map(int, args[1:])),
         "tcp-connects": lambda: tcp_connects(args[0], int(args[1]), int(args[2])),
         "udp-gso": lambda: udp_gso(args[0], *map(int, args[1:])),
         "udp-tagged": lambda: udp_tagged(args),
