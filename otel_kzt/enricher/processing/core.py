@@ -271,7 +271,7 @@ class Core:
                 out.add(buf[start:end])
 
     def _emit(self, payload: bytes, batch: Batch) -> None:
-        records = batch.flows if batch.flows is not None and batch.flows.rows else None
+        records = batch.flows if batch.flows is not None and len(batch.flows) else None
         if records is not None and self._flow_log is not None:
             self._flow_log.write(records)
         if not self._sinks:

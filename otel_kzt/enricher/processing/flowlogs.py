@@ -15,7 +15,7 @@ import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import chain, repeat
-from operator import add, attrgetter
+from operator import add, attrgetter, itemgetter, mul
 from typing import Any, BinaryIO, Final, TextIO
 
 import orjson
@@ -139,51 +139,151 @@ def _json_prefix_of(attrs: Mapping[str, str], pairs: list[tuple[str, str]], orde
 
 # A billed series' increment: its template, series key, increment, interval start and end (ns)
 Billed = tuple[FlowTemplate, bytes, float, int, int]
-# One record: [template, interval start ns, end ns, bytes, packets, cost USD]
-Row = list[Any]
-_BYTES, _PACKETS, _COST = 3, 4, 5
 _seconds: Final = (1e9).__rtruediv__  # ns -> Unix seconds, as `ns / 1e9`, mapped in C
 _json_prefix: Final = attrgetter("json_prefix")
 _otlp_static: Final = attrgetter("otlp_static")
 _otlp_fixed: Final = attrgetter("otlp_fixed")
+_usd_per_byte: Final = attrgetter("usd_per_byte")
+_TEMPLATE, _KEY, _INC, _SINCE, _T = (itemgetter(i) for i in range(5))
+
+
+class _Block:
+    """Records in columns, in the order they were first seen: a template, an interval (start and end,
+    ns), bytes, packets and cost. Made from one metric's billed series (`of`); the other metric's, when
+    they are the same series in the same order (the agents' case), fill their column in one go (`pair`)."""
+
+    __slots__ = ("byte_counts", "costs", "ends", "is_bytes", "keys", "packet_counts", "starts", "templates")
+
+    def __init__(self) -> None:
+        self.templates: list[FlowTemplate] = []
+        self.keys: list[bytes] = []
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.byte_counts: list[float] = []
+        self.packet_counts: list[float] = []
+        self.costs: list[float] = []
+        self.is_bytes: bool | None = None  # of which metric it was made and not paired yet: `pair` may
+
+    @classmethod
+    def of(cls, billed: list[Billed], is_bytes: bool) -> _Block:
+        """The records of distinct series' increments (the counts as the row-wise sums make them)."""
+        block = cls()
+        block.templates = list(map(_TEMPLATE, billed))
+        block.keys = list(map(_KEY, billed))
+        block.starts = list(map(_SINCE, billed))
+        block.ends = list(map(_T, billed))
+        block.is_bytes = is_bytes
+        n = len(billed)
+        block.byte_counts, block.packet_counts, block.costs = [0.0] * n, [0.0] * n, [0.0] * n
+        block.fill(billed, is_bytes)
+        return block
+
+    def pair(self, billed: list[Billed], is_bytes: bool) -> bool:
+        """Fill in the other metric's increments when they are of this block's series, in its order."""
+        if self.is_bytes is None or self.is_bytes == is_bytes or list(map(_KEY, billed)) != self.keys:
+            return False
+        self.fill(billed, is_bytes)
+        self.is_bytes = None
+        return True
+
+    def fill(self, billed: list[Billed], is_bytes: bool) -> None:
+        incs = list(map(_INC, billed))
+        if is_bytes:  # 0.0 + inc, as a row's sum from 0.0 is
+            self.byte_counts = list(map(float, incs))
+            self.costs = list(map(mul, incs, map(_usd_per_byte, map(_TEMPLATE, billed))))
+        else:
+            self.packet_counts = list(map(float, incs))
+
+    def append(self, template: FlowTemplate, key: bytes, since: int, t: int) -> int:
+        """A record with nothing counted yet (a block that grows is made empty: its columns are its own)."""
+        self.templates.append(template)
+        self.keys.append(key)
+        self.starts.append(since)
+        self.ends.append(t)
+        self.byte_counts.append(0.0)
+        self.packet_counts.append(0.0)
+        self.costs.append(0.0)
+        return len(self.templates) - 1
 
 
 class FlowRecords:
     """The flow-log records of one request: one per billed flow, its bytes and packets increments paired
-    by resource and series key. Kept as rows and rendered in bulk (every record's numbers formatted and
-    packed by mapped C calls, the pieces joined once): a record per billed flow and interval is the
-    enricher's default configuration."""
+    by resource and series key, in the order each flow was first seen. Kept in columns and rendered in
+    bulk (every record's numbers formatted and packed by mapped C calls, the pieces joined once): a
+    record per billed flow and interval is the enricher's default configuration.
 
-    __slots__ = ("_by_key", "rows")
+    A resource's first billed series (its bytes Sum, say) make a block; its other metric's, when they
+    are the same distinct series in the same order (agents send both Sums that way), fill the block's
+    other column by position. Anything else pairs series by key, record by record, new ones appended."""
+
+    __slots__ = ("_blocks", "_by_key", "_first", "_tail")
 
     def __init__(self) -> None:
-        self._by_key: dict[bytes, dict[bytes, Row]] = {}  # resource -> series key -> its row
-        self.rows: list[Row] = []
+        self._blocks: list[_Block] = []  # in the order their records were first seen
+        self._first: dict[bytes, _Block] = {}  # resource -> the block of its first billed series
+        self._by_key: dict[bytes, dict[bytes, tuple[_Block, int]]] = {}  # resource -> key -> its record
+        self._tail: _Block | None = None  # the last block, when records are appended to it one by one
 
-    def add(self, resource: bytes, billed: list[Billed], *, is_bytes: bool) -> None:
-        """Pair the increments of one metric's billed series; a flow's record spans the interval of its
-        first increment in the request (the rule's: from the run's previous point, or its start)."""
+    def __len__(self) -> int:
+        return sum(len(block.keys) for block in self._blocks)
+
+    def add(self, resource: bytes, billed: list[Billed], *, is_bytes: bool, distinct: bool = False) -> None:
+        """Pair the increments of one metric's billed series (`distinct`: no key twice); a flow's record
+        spans the interval of its first increment in the request (the rule's: from the run's previous
+        point, or its start)."""
+        if resource not in self._by_key:
+            first = self._first.get(resource)
+            if first is None and distinct:
+                self._first[resource] = block = _Block.of(billed, is_bytes)
+                self._blocks.append(block)
+                self._tail = None
+                return
+            if first is not None and first.pair(billed, is_bytes):
+                return
+        self._add_by_key(resource, billed, is_bytes)
+
+    def _add_by_key(self, resource: bytes, billed: list[Billed], is_bytes: bool) -> None:
         by_key = self._by_key.get(resource)
-        if by_key is None:
+        if by_key is None:  # the resource's block so far, by key
+            first = self._first.get(resource)
             by_key = self._by_key[resource] = {}
-        rows, column = self.rows, _BYTES if is_bytes else _PACKETS
+            if first is not None:
+                first.is_bytes = None
+                by_key.update((key, (first, i)) for i, key in enumerate(first.keys))
         for template, key, inc, since, t in billed:
-            row = by_key.get(key)
-            if row is None:
-                row = by_key[key] = [template, since, t, 0.0, 0.0, 0.0]
-                rows.append(row)
-            row[column] += inc
+            at = by_key.get(key)
+            if at is None:
+                tail = self._tail
+                if tail is None:
+                    tail = self._tail = _Block()
+                    self._blocks.append(tail)
+                at = by_key[key] = (tail, tail.append(template, key, since, t))
+            block, i = at
             if is_bytes:
-                row[_COST] += inc * template.usd_per_byte
+                block.byte_counts[i] += inc
+                block.costs[i] += inc * template.usd_per_byte
+            else:
+                block.packet_counts[i] += inc
+
+    def _columns(self) -> tuple[list[Any], ...]:
+        """templates, starts, ends, bytes, packets and costs of every record."""
+        blocks = self._blocks
+        if len(blocks) == 1:
+            b = blocks[0]
+            return b.templates, b.starts, b.ends, b.byte_counts, b.packet_counts, b.costs
+        return tuple(
+            list(chain.from_iterable(map(attrgetter(name), blocks)))
+            for name in ("templates", "starts", "ends", "byte_counts", "packet_counts", "costs")
+        )
 
     def json_lines(self) -> bytes:
         """Every record as a JSON line: the template's prefix, then the numbers. The floats (times, cost)
         of all records are written by one orjson call (shortest round-trip form, as repr, several times
         faster than formatting each)."""
-        if not self.rows:
-            return b""
-        templates, starts, ends, byte_counts, packet_counts, costs = zip(*self.rows, strict=True)
+        templates, starts, ends, byte_counts, packet_counts, costs = self._columns()
         n = len(templates)
+        if not n:
+            return b""
         floats = orjson.dumps([*map(_seconds, starts), *map(_seconds, ends), *costs])[1:-1].split(b",")
         numbers = zip(
             floats[:n],
@@ -200,7 +300,7 @@ class FlowRecords:
         """Every record as a LogRecord of one serialised OTLP logs request (resource
         service.name=otel-kzt-enricher), joined once: the enclosing headers are computed from the pieces'
         lengths (each copy of a large buffer costs more than all the records' rendering on a VM)."""
-        templates, starts, ends, byte_counts, packet_counts, costs = zip(*self.rows, strict=True)
+        templates, starts, ends, byte_counts, packet_counts, costs = self._columns()
         counts = list(map(add, _BYTES_ATTR.int_values(byte_counts), _PACKETS_ATTR.int_values(packet_counts)))
         sizes = map(add, map(_otlp_fixed, templates), map(len, counts))
         numbers = map(

@@ -173,7 +173,7 @@ class SumEnricher:
                 if entry.template is not None:
                     billed.append((entry.template, key, inc, entry.since, t))
         if billed:
-            self._pair(batch, where, billed)
+            self._pair(batch, where, billed, distinct=known.distinct)
         if declined is None:
             out += known.enriched(raws)
             size = known.size
@@ -425,11 +425,12 @@ class SumEnricher:
         entry.set_point_len(point_len)  # other attributes added: another length
 
     @staticmethod
-    def _pair(batch: Batch, where: GroupKey, billed: list[Billed]) -> None:
-        """Pair the bytes and packets increments of each billed flow into one flow-log record per request."""
+    def _pair(batch: Batch, where: GroupKey, billed: list[Billed], *, distinct: bool = False) -> None:
+        """Pair the bytes and packets increments of each billed flow into one flow-log record per request
+        (`distinct`: no series twice in `billed`)."""
         if batch.flows is None:
             batch.flows = FlowRecords()
-        batch.flows.add(where[0], billed, is_bytes=where[1] == schema.FLOW_BYTES)
+        batch.flows.add(where[0], billed, is_bytes=where[1] == schema.FLOW_BYTES, distinct=distinct)
 
 
 def _given(dp: NumberDataPoint) -> dict[str, str]:

@@ -56,6 +56,7 @@ class Layout:
     """The shape of one group's Sum and the cached pieces of its enriched form."""
 
     __slots__ = (
+        "distinct",
         "entries",
         "extras",
         "generation",
@@ -81,6 +82,7 @@ class Layout:
         # interval (2,000 of 100 points in a 1,000-agent cluster)
         self.entries = entries = tuple(map(_ENTRY, seen))
         self.keys = tuple(map(_KEY, seen))
+        self.distinct = len(set(self.keys)) == len(self.keys)  # no series twice (flow-log pairing)
         self.headers = tuple(map(_HEADER, entries))
         self.extras = tuple(map(_EXTRA, entries))
         self.trailer = trailer
