@@ -248,12 +248,13 @@ class SumEnricher:
                             out += (entry.header, raw, entry.resolved.extra)
                             size_out += entry.size
                             continue
-            if not canonical or entry is None:  # another shape (or not a key): the object path
+            if not canonical:  # another shape (or not a key): the object path
                 odd = self._odd_point(raw, table, where, batch)
                 out.append(odd)
                 size_out += len(odd)
                 plain = False
                 continue
+            assert entry is not None  # canonical: found or resolved above, a None skipped there (for mypy)
             if value < 0:
                 batch.reject(_BAD_VALUE)
                 plain = False
