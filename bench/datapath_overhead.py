@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from otel_kzt import netns  # noqa: E402
 from otel_kzt.agent.datapath import bpfsys, cgroup, modes, netfilter, pins, probe, tclinks  # noqa: E402
-from tests.support.processes import stop  # noqa: E402
+from tests.support.processes import CLI, stop  # noqa: E402
 
 NODE, POD_A, POD_B = "kdo-n", "kdo-a", "kdo-b"
 A, B = "10.79.1.2", "10.79.2.2"
@@ -277,7 +277,7 @@ class Toggle:
 @contextlib.contextmanager
 def agent(mode: str, sink_port: int, log_path: Path) -> Iterator[int]:
     pins.cleanup(NODE)  # a previous run's
-    argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NODE,
+    argv = [*CLI, "agent", "--node-name", NODE,
             "--interval", f"{INTERVAL_S}s", "--datapath", mode, "--tc-devices", "kdon0,kdon1",
             "--cgroup-root", str(CGROUP), "--health-endpoint", "127.0.0.1:9465",
             "--otlp-endpoint", f"http://127.0.0.1:{sink_port}"]  # fmt: skip

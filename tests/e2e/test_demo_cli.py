@@ -9,7 +9,6 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ from otel_kzt.demo.runner import LOCK_DIR, ClusterRun, RunLock
 from otel_kzt.netns import NETNS_DIR, netns_exists
 from tests.conftest import REPO
 from tests.e2e.conftest import GRPC_PORT, Slot
-from tests.support.processes import STOP_BURST, signal_burst
+from tests.support.processes import CLI, STOP_BURST, signal_burst
 
 pytestmark = pytest.mark.kernel
 
@@ -34,7 +33,7 @@ ZONES, PER_ZONE = 2, 1
 def demo(slot: Slot) -> list[str]:
     """The demo command line of this session's slot (its own prefix, addresses and ports)."""
     prefix, net_id, metrics_port = slot.demo
-    return [sys.executable, "-m", "otel_kzt.cli", "demo", "--prefix", prefix, "--net-id", str(net_id),
+    return [*CLI, "demo", "--prefix", prefix, "--net-id", str(net_id),
             "--zones", str(ZONES), "--nodes-per-zone", str(PER_ZONE), "--metrics-port", str(metrics_port),
             "--otlp-port", str(GRPC_PORT), "--interval", "1s"]
 
@@ -145,7 +144,7 @@ def test_killed_demo_is_cleaned_up_by_the_next(tmp_path: Path, slot: Slot, demo:
 def test_second_demo_gets_a_clear_error(e2e: ClusterRun) -> None:
     """While the session's run holds its lock, a demo of the same prefix refuses and touches nothing."""
     cfg = e2e.config
-    proc = subprocess.run([sys.executable, "-m", "otel_kzt.cli", "demo", "--prefix", cfg.prefix,
+    proc = subprocess.run([*CLI, "demo", "--prefix", cfg.prefix,
                            "--net-id", str(cfg.net_id), "--once"], capture_output=True, text=True,
                           timeout=60, cwd=REPO, check=False)
     assert proc.returncode == 1

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,6 +22,7 @@ from typing import Any
 import yaml
 
 from tests.support import ports
+from tests.support.processes import CLI
 
 LOCALHOST = "127.0.0.1"
 
@@ -90,9 +90,7 @@ class EnricherProcess(_Process):
         self.grpc_port, self.http_port, self.metrics_port = grpc_port or free_port(), free_port(), free_port()
         args = [
             *wrapper,
-            sys.executable,
-            "-m",
-            "otel_kzt.cli",
+            *CLI,
             "--log-level",
             "WARNING",
             "enricher",

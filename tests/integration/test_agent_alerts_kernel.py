@@ -32,7 +32,7 @@ from tests.integration import deploy_stack as ds
 from tests.support.k8s_cluster import AGENT, ENRICHER, ServedCluster
 from tests.support.k8s_objects import make_node
 from tests.support.k8s_rbac import Rbac
-from tests.support.processes import stop
+from tests.support.processes import CLI, stop
 
 pytestmark = pytest.mark.kernel
 
@@ -81,7 +81,7 @@ class Bed:
 
     def start_agent(self, node: str, port: int, *extra: str) -> None:
         i = NODES[node]
-        argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", ns(node), "--no-pin",
+        argv = [*CLI, "agent", "--node-name", ns(node), "--no-pin",
                 "--interval", "1s", *self.control.args(AGENT, via=root_ip(i)),
                 "--otlp-endpoint", f"http://{root_ip(i)}:{port}", *extra]  # fmt: skip
         with (self.work / f"agent-{node}.log").open("wb") as log:

@@ -33,6 +33,7 @@ from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
 from tests.support.k8s_cluster import AGENT, ENRICHER, ServedCluster
 from tests.support.k8s_objects import make_node
+from tests.support.processes import CLI
 
 pytestmark = [pytest.mark.kernel, pytest.mark.integration]
 
@@ -74,9 +75,7 @@ def _cleanup() -> None:
         [
             "nsenter",
             f"--net=/run/netns/{NETNS}",
-            sys.executable,
-            "-m",
-            "otel_kzt.cli",
+            *CLI,
             "agent",
             "--cleanup",
             "--node-name",
@@ -153,9 +152,7 @@ def _start(
         "nsenter",
         f"--net=/run/netns/{NETNS}",
         *_setpriv(caps),
-        sys.executable,
-        "-m",
-        "otel_kzt.cli",
+        *CLI,
         *args,
         *control.args(AGENT),
     ]

@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tests.integration.test_enricher_service import (
     get,
     metadata_file,
 )
+from tests.support.processes import CLI
 
 __all__ = ["downstream", "metadata_file"]
 REPO = Path(__file__).resolve().parents[2]
@@ -36,9 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 def enricher_argv(metadata: Path) -> list[str]:
     """An enricher on free local ports."""
     return [
-        sys.executable,
-        "-m",
-        "otel_kzt.cli",
+        *CLI,
         "enricher",
         "--kube-metadata",
         str(metadata),
@@ -94,7 +92,7 @@ def test_bad_config_exits_2_and_busy_port_exits_1(metadata_file: Path, tmp_path:
     bad = tmp_path / "bad.yaml"
     bad.write_text("series_ttl: forever\n")
     result = subprocess.run(
-        [sys.executable, "-m", "otel_kzt.cli", "enricher", "--config", str(bad)],
+        [*CLI, "enricher", "--config", str(bad)],
         cwd=REPO,
         capture_output=True,
         check=False,
@@ -106,9 +104,7 @@ def test_bad_config_exits_2_and_busy_port_exits_1(metadata_file: Path, tmp_path:
     try:
         clash = subprocess.run(
             [
-                sys.executable,
-                "-m",
-                "otel_kzt.cli",
+                *CLI,
                 "enricher",
                 "--kube-metadata",
                 str(metadata_file),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +36,7 @@ from tests.integration.test_enricher_service import (
     write_metadata,
 )
 from tests.support.k8s_objects import as_list, fresh, make_pod
+from tests.support.processes import CLI
 from tests.support.service_fixtures import slice_for
 
 pytestmark = pytest.mark.integration
@@ -120,7 +120,7 @@ def _close(a: float, b: float) -> bool:
 
 
 def _cli(url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "otel_kzt.cli", "report", "--prometheus", url, "--window",
+    return subprocess.run([*CLI, "report", "--prometheus", url, "--window",
                            f"{WINDOW_S:.0f}s", *args], capture_output=True, text=True, cwd=REPO, timeout=60,
                           check=False)  # fmt: skip
 

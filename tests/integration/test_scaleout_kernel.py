@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +34,7 @@ from tests.integration import deploy_files as df
 from tests.integration import deploy_stack as ds
 from tests.support.k8s_cluster import ENRICHER, ServedRun
 from tests.support.ports import free_port
+from tests.support.processes import CLI
 
 pytestmark = [pytest.mark.kernel, pytest.mark.integration]
 
@@ -71,9 +71,7 @@ class ReplicatedRun(ServedRun):
 
     def replica_argv(self, i: int) -> list[str]:
         argv = [
-            sys.executable,
-            "-m",
-            "otel_kzt.cli",
+            *CLI,
             "enricher",
             "--kube-metadata",
             str(self.metadata_file),

@@ -35,7 +35,7 @@ from tests.support.k8s_cluster import ServedCluster
 from tests.support.k8s_objects import make_node
 from tests.support.k8s_rbac import Rbac
 from tests.support.nodenet import node_behind_veth
-from tests.support.processes import stop
+from tests.support.processes import CLI, stop
 from tests.support.ptrace import held_in_syscall
 from tests.unit.test_agent_support import GrpcReceiver, points
 
@@ -64,7 +64,7 @@ def agent(receiver: GrpcReceiver, tmp_path: Path) -> Iterator[Callable[..., subp
     started: list[subprocess.Popen[bytes]] = []
 
     def start(*extra: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NS, "--no-pin",
+        argv = [*CLI, "agent", "--node-name", NS, "--no-pin",
                 "--interval", f"{INTERVAL_S}s", "--otlp-timeout", "1s",
                 "--otlp-endpoint", f"http://{ROOT_IP}:{receiver.port}", *extra]  # fmt: skip
         with (tmp_path / f"agent-{len(started)}.log").open("wb") as log:

@@ -41,6 +41,7 @@ from tests.support.incluster import InCluster
 from tests.support.k8s_apiserver import AGENT, FakeApiServer
 from tests.support.k8s_cluster import ServedCluster
 from tests.support.k8s_objects import make_node, make_pod
+from tests.support.processes import CLI
 from tests.unit.test_agent_support import GrpcReceiver, HttpReceiver, points
 
 pytestmark = pytest.mark.kernel
@@ -235,9 +236,7 @@ class Agent:
         self.log = bed.workdir / f"agent-{node}-{time.monotonic_ns()}.log"
         argv = [
             *(pod.wrapper(UPLINK[node]) if pod else ()),
-            sys.executable,
-            "-m",
-            "otel_kzt.cli",
+            *CLI,
             "agent",
             "--node-name",
             node,
@@ -575,7 +574,7 @@ def _http_request(headers: dict[str, str], body: bytes) -> ExportMetricsServiceR
 
 
 def _cli(ns: str | None, *args: str) -> subprocess.CompletedProcess[str]:
-    return netns.run_in(ns, [sys.executable, "-m", "otel_kzt.cli", "agent", *args], timeout=120, check=False)
+    return netns.run_in(ns, [*CLI, "agent", *args], timeout=120, check=False)
 
 
 def test_no_pin_detaches_and_cleanup_uninstalls(bed: Bed, agents: Any) -> None:

@@ -26,7 +26,7 @@ import pytest
 from otel_kzt import netns, schema
 from otel_kzt.agent.datapath import pins
 from tests.support.nodenet import node_behind_veth
-from tests.support.processes import stop
+from tests.support.processes import CLI, stop
 from tests.unit.test_agent_support import GrpcReceiver, points
 
 pytestmark = pytest.mark.kernel
@@ -61,7 +61,7 @@ def receiver() -> Iterator[GrpcReceiver]:
 
 
 def agent_argv(receiver: GrpcReceiver, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NODE, "--pin-root", PIN_ROOT,
+    return [*CLI, "agent", "--node-name", NODE, "--pin-root", PIN_ROOT,
             "--interval", "0.3s", "--otlp-timeout", "1s", "--health-endpoint", "",
             "--otlp-endpoint", f"http://{ROOT_IP}:{receiver.port}", *extra]  # fmt: skip
 

@@ -10,7 +10,6 @@ receiver and the API server are reached on 127.0.0.1 there.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ from tests.kernel.test_datapath_service_vip import (
     metadata,  # noqa: F401 -- the fixture (the served cluster)
 )
 from tests.support.k8s_cluster import AGENT, ServedCluster
-from tests.support.processes import stop
+from tests.support.processes import CLI, stop
 from tests.unit.test_agent_support import GrpcReceiver, points
 
 pytestmark = [pytest.mark.kernel, pytest.mark.parametrize("mode", ["cgroup"], indirect=True)]
@@ -44,7 +43,7 @@ def test_the_agent_exports_the_vip_flow_and_its_bytes(
     net.serve_tcp(topo, net.pod_b, TARGET)
     receiver = GrpcReceiver("127.0.0.1:0").start()
     topo.on_close("otlp receiver", receiver.stop)
-    argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NODE, "--no-pin",
+    argv = [*CLI, "agent", "--node-name", NODE, "--no-pin",
             "--interval", "0.5s", "--otlp-endpoint", f"http://127.0.0.1:{receiver.port}",
             *served_cluster.args(AGENT, via="127.0.0.1"), "--datapath", "cgroup",
             "--cgroup-root", cgroup_root, "--health-endpoint", ""]  # fmt: skip

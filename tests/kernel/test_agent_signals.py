@@ -18,7 +18,6 @@ import os
 import random
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from otel_kzt import netns, schema
-from tests.support.processes import signal_burst
+from tests.support.processes import CLI, signal_burst
 from tests.unit.test_agent_support import GrpcReceiver
 
 pytestmark = pytest.mark.kernel
@@ -71,9 +70,7 @@ def _one(run: int, rx: GrpcReceiver, logs: Path) -> tuple[str, int | None, float
     (run % PARALLEL) run one after the other."""
     node, slot = f"ks{RUN}-a{run}", run % PARALLEL
     argv = [
-        sys.executable,
-        "-m",
-        "otel_kzt.cli",
+        *CLI,
         "agent",
         "--node-name",
         node,

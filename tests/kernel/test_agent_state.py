@@ -21,6 +21,7 @@ from otel_kzt.agent import command, state
 from otel_kzt.agent.config import AgentConfig
 from otel_kzt.agent.datapath import bpffs, bpfmap, bpfsys, pins
 from otel_kzt.agent.datapath.bpfmap import BpfMap
+from tests.support.processes import CLI
 
 pytestmark = pytest.mark.kernel
 
@@ -131,9 +132,7 @@ def test_cleanup_command_removes_it(pin_root: str) -> None:
     store.close()
     subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "otel_kzt.cli",
+            *CLI,
             "agent",
             "--cleanup",
             "--node-name",

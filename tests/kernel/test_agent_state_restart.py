@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from otel_kzt.agent.datapath import bpfsys, pins
 from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
 from otel_kzt.agent.export import rendezvous_rank
 from otel_kzt.agent.transport import Target
+from tests.support.processes import CLI
 from tests.unit.test_agent_support import GrpcReceiver
 
 pytestmark = pytest.mark.kernel
@@ -107,7 +107,7 @@ def agent(tmp_path: Path) -> Iterator[Start]:
     started: list[subprocess.Popen[bytes]] = []
 
     def start(endpoints: str, *extra: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NODE, "--pin-root", PIN_ROOT]
+        argv = [*CLI, "agent", "--node-name", NODE, "--pin-root", PIN_ROOT]
         argv += ["--interval", "0.3s", "--otlp-timeout", "1s", "--otlp-endpoint", endpoints, *extra]
         with (tmp_path / f"agent-{len(started)}.log").open("wb") as log:
             started.append(netns.popen_in(NS, argv, stdout=subprocess.DEVNULL, stderr=log))

@@ -41,7 +41,7 @@ from tests.kernel.conftest import joined_cgroup
 from tests.kernel.hostrouting import host_routing
 from tests.support.k8s_cluster import AGENT, ServedCluster
 from tests.support.k8s_objects import make_node, make_pod
-from tests.support.processes import stop
+from tests.support.processes import CLI, stop
 from tests.unit.test_agent_support import GrpcReceiver, points
 
 pytestmark = pytest.mark.kernel
@@ -129,7 +129,7 @@ def _agent(
     own_cgroup = next(
         line[3:] for line in Path("/proc/self/cgroup").read_text().splitlines() if line.startswith("0::")
     )
-    argv = [sys.executable, "-m", "otel_kzt.cli", "agent", "--node-name", NS, "--no-pin",
+    argv = [*CLI, "agent", "--node-name", NS, "--no-pin",
             "--interval", f"{INTERVAL_S}s", "--otlp-timeout", "1s",
             "--otlp-endpoint", f"http://{ROOT_IP}:{receiver.port}", *control.args(AGENT, via=ROOT_IP),
             "--datapath", mode, "--cgroup-root", f"/sys/fs/cgroup/unified{own_cgroup.strip()}"]  # fmt: skip

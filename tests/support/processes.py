@@ -5,6 +5,7 @@ a killed agent, anything started with `start_new_session`) is re-parented to the
 init. So at the end the session's descendants are exactly what it left running: `leftovers()` finds
 them, `kill_and_reap()` ends them with SIGKILL, and the run fails naming them (tests/conftest.py).
 Processes of other sessions on the same machine are never descendants, so they are never touched.
+`CLI` is how tests and benches start otel-kzt itself.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import ctypes.util
 import os
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 PR_SET_CHILD_SUBREAPER = 36
+# otel-kzt's command line, run by this interpreter from this checkout: [*CLI, "agent", ...]
+CLI: Final = (sys.executable, "-m", "otel_kzt.cli")
 
 
 @dataclass(frozen=True)
