@@ -42,6 +42,7 @@ CACHES = {
     "pieces.by_pair",
     "pieces.by_field",
     "flowlogs.orders",
+    "repeats.codes",
 }
 
 

@@ -38,6 +38,7 @@ from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
 from otel_kzt.enricher.processing.pieces import CAPS as PIECES_CAPS
 from otel_kzt.enricher.processing.points import Batch, SumEnricher
 from otel_kzt.enricher.processing.protowire import Writer, spans
+from otel_kzt.enricher.processing.repeats import CAPS as REPEATS_CAPS
 from otel_kzt.enricher.processing.resolution import Resolver
 from otel_kzt.enricher.state.agents import AgentsHealth
 from otel_kzt.enricher.state.checkpoint import State, apply, capture
@@ -121,8 +122,9 @@ class Core:
         )
         self._planner = Planner(self._points)
         # Every capped cache of the enrichment, for /metrics (exporters/caches.py): this core's own, and the
-        # encodings' (pieces, flow-log key orders), which a process shares
-        self.caps: tuple[Cap, ...] = (*resolver.caps, *self._planner.caps, *PIECES_CAPS, *FLOW_LOG_CAPS)
+        # encodings' (pieces, flow-log key orders, point readers' struct codes), which a process shares
+        shared = (*PIECES_CAPS, *FLOW_LOG_CAPS, *REPEATS_CAPS)
+        self.caps: tuple[Cap, ...] = (*resolver.caps, *self._planner.caps, *shared)
         aggregates.before_snapshot = self._table.fold_all
         health.bind(lambda: sync_summary(index)[0], lambda: self._table.count)
 

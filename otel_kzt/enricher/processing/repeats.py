@@ -23,6 +23,7 @@ from itertools import chain
 from operator import attrgetter, itemgetter
 from typing import Final
 
+from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.state.series import CANONICAL_POINT, Series
 
 _UNPACK_CANONICAL: Final = CANONICAL_POINT.unpack_from
@@ -42,13 +43,13 @@ class _Codes(dict[int, str]):
         self.width = width
 
     def __missing__(self, key_len: int) -> str:
-        if len(self) >= _MAX_CODES:
-            self.clear()
+        _CODES_CAP.room(self)
         code = self[key_len] = f"{self.width}B{key_len + CANONICAL_POINT.size}s"
         return code
 
 
-_MAX_CODES: Final = 4096  # key lengths remembered per header width
+_CODES_CAP: Final = Cap("repeats.codes", 4096)  # key lengths remembered per header width
+CAPS: Final = (_CODES_CAP,)  # on /metrics (exporters/caches.py)
 _CODES: dict[int, _Codes] = {}  # by header width (bytes of tag and length: 2 or 3 in practice)
 
 
