@@ -242,6 +242,20 @@ def test_run(prog_fd: int) -> int:
     return int(struct.unpack_from("<I", attr, 4)[0])
 
 
+BPF_PROG_TYPE_RAW_TRACEPOINT = 17
+BPF_F_TEST_RUN_ON_CPU = 1
+
+
+def test_run_on_cpu(prog_fd: int, cpu: int) -> int:
+    """Run a raw tracepoint program once on `cpu` (an IPI when it is not this CPU; Linux >= 5.10), with
+    no context; returns its return value. ENXIO: the CPU is offline."""
+    # test: prog_fd, retval, data_size_in/out, data_in/out, repeat, duration, ctx_size_in/out,
+    # ctx_in/out, flags, cpu
+    attr = pack_attr("<IIIIQQIIIIQQII", prog_fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, BPF_F_TEST_RUN_ON_CPU, cpu)
+    bpf(BPF_PROG_TEST_RUN, attr, f"test-run program on CPU {cpu}")
+    return int(struct.unpack_from("<I", attr, 4)[0])
+
+
 def map_batches(
     map_fd: int, key_size: int, value_size: int, chunk: int
 ) -> Iterator[tuple[memoryview, memoryview, int]]:

@@ -77,6 +77,7 @@ class Datapath:
         self._cflags: list[str] = []
         self._maps: dict[str, BpfMap] = {}
         self._evict_fd = -1
+        self._flush_fd = -1  # count.h's kzt_flush (write-combining slots), when compiled with them
         self._link_fds: list[int] = []
         self._lock = threading.Lock()
         self._evicted: dict[FlowKey, FlowCounters] = {}
@@ -121,12 +122,14 @@ class Datapath:
             c = self.config
             loaded = loader.load(self._request())  # the child's fds are ours from here on
             self._cflags = loaded.cflags
-            self._link_fds, self._evict_fd = loaded.link_fds, loaded.evict_fd
-            loaded.link_fds, loaded.evict_fd = [], -1
+            self._link_fds, self._evict_fd, self._flush_fd = loaded.link_fds, loaded.evict_fd, loaded.flush_fd
+            loaded.link_fds, loaded.evict_fd, loaded.flush_fd = [], -1, -1
             try:
                 for name in list(loaded.maps):
                     self._maps[name] = BpfMap(loaded.maps.pop(name), name)  # it owns the fd now
-                self._tables = FlowTables(self._maps, c.map_size, self._evict_fd, loaded.boot_offset)
+                self._tables = FlowTables(
+                    self._maps, c.map_size, self._evict_fd, loaded.boot_offset, self._flush_fd
+                )
                 self._finish_leftover_evictions()
             except BaseException:
                 loaded.close()
@@ -156,6 +159,7 @@ class Datapath:
         """Cumulative counters of every flow, the overflow bucket and the counted losses."""
         with self._lock:
             tables = self._tables_or_raise()
+            tables.flush()
             now = time.time_ns()
             flows: dict[FlowKey, FlowCounters] = {}
             for layout in flowmap.LAYOUTS.values():
@@ -244,6 +248,7 @@ class Datapath:
             for layout in flowmap.LAYOUTS.values()
         }
         bpfsys.synchronize_rcu()
+        tables.flush()  # what the slots hold of a dead flow goes to its dying entry
         finals = {layout: tables.collect_dead(layout, raw_keys) for layout, raw_keys in dead.items()}
         bpfsys.synchronize_rcu()
         for layout, final in finals.items():
@@ -269,9 +274,10 @@ class Datapath:
         for bpf_map in self._maps.values():
             bpf_map.close()
         self._maps = {}
-        if self._evict_fd >= 0:
-            os.close(self._evict_fd)
-        self._evict_fd = -1
+        for fd in (self._evict_fd, self._flush_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._evict_fd = self._flush_fd = -1
 
 
 @functools.cache

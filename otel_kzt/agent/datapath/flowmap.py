@@ -30,6 +30,7 @@ class Layout:
     dying_name: str  # packets that raced with an eviction, per flow (struct overflow_value)
     evict_keys: str  # the evictor's command array for this family
     evict_count_index: int  # evict_count[i] holds how many keys are listed
+    slot_name: str  # each CPU's write-combining slot (struct kzt_slot4/6: busy u32, key, bytes, packets)
     key: struct.Struct  # flows.KEY_FORMATS: proto u8, port_side u8, port u16, src, dst
     value: struct.Struct  # bytes u64, packets u64, first_seen_ns u64, dead u32, pad u32, key, pad u32
 
@@ -38,6 +39,10 @@ class Layout:
         """A value's bytes, packets and first_seen_ns only, the rest skipped: what a snapshot reads (no
         objects made for the dead flag and the key copy, per flow and read)."""
         return _counts(self.value.size)
+
+    @property
+    def slot_size(self) -> int:
+        return 4 + self.key.size + 16
 
     @property
     def width(self) -> int:
@@ -55,6 +60,7 @@ V4: Final = Layout(
     "dying4",
     "evict_keys4",
     0,
+    "slot4",
     KEY_FORMATS[AF_INET],
     struct.Struct("<QQQIxxxx12sxxxx"),
 )
@@ -64,6 +70,7 @@ V6: Final = Layout(
     "dying6",
     "evict_keys6",
     1,
+    "slot6",
     KEY_FORMATS[AF_INET6],
     struct.Struct("<QQQIxxxx36sxxxx"),
 )

@@ -1,5 +1,6 @@
-"""Map-level work on a loaded datapath: batch reads of the flow maps, per-CPU sums, and the lossless
-eviction protocol (mark dead in the kernel, wait a grace period, read the final value, delete).
+"""Map-level work on a loaded datapath: batch reads of the flow maps, per-CPU sums, emptying every CPU's
+write-combining slot into them (`flush`, before each read), and the lossless eviction protocol (mark dead
+in the kernel, wait a grace period, read the final value, delete).
 
 `FlowTables` works on the maps of `bpf/count.h` by fd (`bpfmap`: raw `bpf(2)`, no bcc in this process);
 `Datapath` owns the lifecycle and the locking.
@@ -7,13 +8,15 @@ eviction protocol (mark dead in the kernel, wait a grace period, read the final 
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 
 from otel_kzt.agent.datapath import bpfsys, flowmap
-from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
+from otel_kzt.agent.datapath.bpfmap import BpfMap, possible_cpus, u32
+from otel_kzt.agent.datapath.bpfsys import BpfCallError
 from otel_kzt.agent.datapath.flowmap import Layout
 from otel_kzt.agent.flows import FlowCounters, FlowKey
 
@@ -23,6 +26,8 @@ EVICT_BATCH = 64  # keys per evictor run (KZT_EVICT_BATCH)
 DYING_SIZE = 4096  # flows whose racing packets can be kept apart at once (KZT_DYING_SIZE); then overflow
 EVICT_RESULT_INDEX = 2  # evict_count[2]: how many flows the evictor marked
 READ_CHUNK = 8192  # flows per batch read: a fixed ~1 MB of buffers instead of a full map's worth
+FLUSH_TRIES = 200  # runs of kzt_flush per CPU while its slot is busy (nanoseconds, unless a run inside
+FLUSH_WAIT_S = 50e-6  # it was preempted), this far apart: ~10 ms, then the slot waits for the next read
 
 RawFlows = dict[bytes, tuple[int, int, int, bool]]  # raw key -> (bytes, packets, first_seen boot ns, dead)
 
@@ -33,9 +38,13 @@ def boot_to_unix_offset() -> int:
 
 
 class FlowTables:
-    def __init__(self, maps: dict[str, BpfMap], map_size: int, evict_fd: int, boot_offset: int) -> None:
+    def __init__(
+        self, maps: dict[str, BpfMap], map_size: int, evict_fd: int, boot_offset: int, flush_fd: int = -1
+    ) -> None:
         self._maps = maps
         self._evict_fd = evict_fd
+        self._flush_fd = flush_fd
+        self._cpus = range(possible_cpus()) if flush_fd >= 0 else range(0)
         self.boot_offset = boot_offset  # fixed per datapath (pinned): first-seen times never wobble
         self._chunk = min(map_size, READ_CHUNK)
 
@@ -53,6 +62,26 @@ class FlowTables:
             for i in range(count)
         }
 
+    def flush(self) -> None:
+        """Empty every CPU's write-combining slot into the maps (count.h, KZT_WC): what is read after
+        holds every packet counted before. The map only grows by this, so a read never counts a packet
+        twice. A slot still busy after FLUSH_TRIES runs (its run preempted that long) keeps its counts
+        for the next read (logged), and an offline CPU's until it is back: late, never lost."""
+        for cpu in self._cpus:
+            for _ in range(FLUSH_TRIES):
+                try:
+                    if bpfsys.test_run_on_cpu(self._flush_fd, cpu) == 0:
+                        break
+                except BpfCallError as exc:
+                    if exc.errno != errno.ENXIO:  # ENXIO: the CPU is offline
+                        raise
+                    break
+                time.sleep(FLUSH_WAIT_S)
+            else:
+                log.warning(
+                    "write-combining slot of CPU %d stayed busy: its counts wait for a later read", cpu
+                )
+
     def percpu_sums(self, table: str, index: int) -> list[int]:
         """Each u64 field of a per-CPU entry summed over CPUs: [bytes, packets] or [count]."""
         return self._maps[table].percpu_u64_sums(u32(index))
@@ -60,7 +89,12 @@ class FlowTables:
     # --- eviction --------------------------------------------------------------------------------------
 
     def mark_dead(self, layout: Layout, batch: list[bytes]) -> int:
-        """Run the evictor on up to EVICT_BATCH keys of one family; returns how many it marked."""
+        """Run the evictor on up to EVICT_BATCH keys of one family, after the slots are flushed (a flow
+        whose packets all wait in a slot is not in the map yet); returns how many it marked."""
+        self.flush()
+        return self._mark(layout, batch)
+
+    def _mark(self, layout: Layout, batch: list[bytes]) -> int:
         table, count = self._maps[layout.evict_keys], self._maps["evict_count"]
         for i, raw in enumerate(batch):
             table.update(u32(i), raw)
@@ -75,13 +109,17 @@ class FlowTables:
         """The whole protocol; returns the final counters of the flows it removed.
 
         1. the evictor marks the flows dead: from then on their packets go to dying4/6;
-        2. grace period: no program still adds to a flow it saw alive; read the final values, delete;
+        2. grace period: no program still adds to a flow it saw alive; the slots are flushed (what they
+           hold of a dead flow goes to its dying entry); read the final values, delete;
         3. grace period: no program still holds a deleted flow; add and delete their dying entries.
+        A flow's packets still in a slot after step 2 reach the map later, as a packet after the eviction.
         """
+        self.flush()
         for layout, raw_keys in by_layout.items():
             for start in range(0, len(raw_keys), EVICT_BATCH):
-                self.mark_dead(layout, raw_keys[start : start + EVICT_BATCH])
+                self._mark(layout, raw_keys[start : start + EVICT_BATCH])
         bpfsys.synchronize_rcu()
+        self.flush()
         finals = {layout: self.collect_dead(layout, raw_keys) for layout, raw_keys in by_layout.items()}
         bpfsys.synchronize_rcu()
         result: dict[FlowKey, FlowCounters] = {}

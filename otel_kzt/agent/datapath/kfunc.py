@@ -34,6 +34,9 @@ def ids(btf: Btf) -> dict[int, int]:
     return {number: type_id for number, type_id in found.items() if type_id is not None}
 
 
+LDX_DW, LDX_B, MOV_K, EXIT = 0x79, 0x71, 0xB7, 0x95  # BPF opcodes of the loader's probe programs
+
+
 def insn(op: int, dst: int = 0, src: int = 0, off: int = 0, imm: int = 0) -> bytes:
     """One BPF instruction (for the loader's probe programs)."""
     return _INSN.pack(op, src << 4 | dst, off, imm)

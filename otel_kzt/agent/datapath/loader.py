@@ -3,10 +3,10 @@
 bcc links LLVM/clang (about 100 MB resident once loaded, never given back): the long-running agent must
 not load it. `load()` starts `python -m otel_kzt.agent.datapath.loadchild`, which does all of bcc's work
 (compile the mode's entry file under `bpf/`, load the programs, install the counter, attach or adopt the
-mode's links, pin when pinning) and
-sends back over a Unix socket, with SCM_RIGHTS, an fd for every map, for the evictor program and for each
-link. The parent then owns them: maps are read with raw `bpf(2)` calls (`bpfmap`), and without pins its
-link fds are the only hold on the links, so closing them detaches.
+mode's links, pin when pinning) and sends back over a Unix socket, with SCM_RIGHTS, an fd for every map,
+for the evictor and the flusher programs and for each link. The parent then owns them: maps are read
+with raw `bpf(2)` calls (`bpfmap`), and without pins its link fds are the only hold on the links, so
+closing them detaches.
 
 The child runs in the calling thread's network namespace (fork copies it), its log records are replayed
 into the parent's loggers, and its errors come back as the same `otel_kzt.errors` class.
@@ -28,7 +28,7 @@ from typing import Any
 
 import otel_kzt
 from otel_kzt import errors
-from otel_kzt.agent.datapath import bpffs, kfunc, modes, modeswitch, pins, probe
+from otel_kzt.agent.datapath import bpffs, bpfsys, kfunc, modes, modeswitch, pins, probe
 from otel_kzt.agent.datapath.btf import kernel_btf
 from otel_kzt.agent.datapath.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.agent.datapath.netns_cookie import current_netns_cookie
@@ -65,12 +65,13 @@ class Loaded:
 
     maps: dict[str, int]
     evict_fd: int  # -1 when the kernel cannot test-run netfilter programs (eviction unsupported)
+    flush_fd: int  # count.h's kzt_flush; -1 when compiled without write-combining (no KZT_WC)
     link_fds: list[int]
     boot_offset: int  # boot-time -> Unix ns, fixed per datapath (pinned in meta)
     cflags: list[str]  # what the program was compiled with (for --print-bpf)
 
     def close(self) -> None:
-        for fd in [*self.maps.values(), *self.link_fds, self.evict_fd]:
+        for fd in [*self.maps.values(), *self.link_fds, self.evict_fd, self.flush_fd]:
             if fd >= 0:
                 os.close(fd)
 
@@ -154,9 +155,11 @@ def _unpack(ok: dict[str, Any], fds: list[int]) -> Loaded:
     links = sorted((n for n in by_name if n.startswith("link")), key=lambda n: int(n.removeprefix("link")))
     link_fds = [by_name.pop(name) for name in links]
     evict_fd = by_name.pop("kzt_evict", -1)
+    flush_fd = by_name.pop("kzt_flush", -1)
     return Loaded(
         maps=by_name,
         evict_fd=evict_fd,
+        flush_fd=flush_fd,
         link_fds=link_fds,
         boot_offset=int(ok["boot_offset"]),
         cflags=list(ok["cflags"]),
@@ -223,15 +226,20 @@ class _Child:
         fds = [(name, int(self.bpf[name.encode()].map_fd)) for name in MAP_NAMES]
         if features.test_run:
             fds.append(("kzt_evict", self._load_func("kzt_evict")))
+        if features.write_combine:  # loaded before any counter that fills the slots runs
+            fds.append(("kzt_flush", self._load_func("kzt_flush", bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, -1)))
         self._install_counter()
         fds += [(f"link{i}", fd) for i, fd in enumerate(self._links(dispatch_fd))]
         result = {"fds": [n for n, _ in fds], "boot_offset": self._boot_offset(), "cflags": self.cflags}
         return result, fds
 
-    def _load_func(self, name: str) -> int:
+    def _load_func(self, name: str, prog_type: int | None = None, attach_type: int | None = None) -> int:
+        """Load one function of the module: the mode's program type unless told otherwise."""
         kfunc.rewrite_bcc(self.bpf, name.encode(), self.kfuncs)
+        if prog_type is None:
+            prog_type, attach_type = self.mode.prog_type, self.mode.attach_type
         try:
-            fn = self.bpf.load_func(name.encode(), self.mode.prog_type, attach_type=self.mode.attach_type)
+            fn = self.bpf.load_func(name.encode(), prog_type, attach_type=attach_type)
         except Exception as exc:  # bcc raises bare Exception; the verifier log went to stderr
             raise ProgramLoadError(f"loading {name} failed (verifier log above): {exc}") from exc
         return int(fn.fd)

@@ -24,7 +24,7 @@ from pathlib import Path
 from otel_kzt.agent.datapath import bpfsys, kfunc
 from otel_kzt.agent.datapath.bpfsys import ENOTSUPP, BpfCallError
 from otel_kzt.agent.datapath.btf import KIND_STRUCT, Btf
-from otel_kzt.agent.datapath.kfunc import insn
+from otel_kzt.agent.datapath.kfunc import EXIT, LDX_B, LDX_DW, MOV_K, insn
 from otel_kzt.agent.datapath.mode import field_offset
 from otel_kzt.errors import KernelUnsupported, PrivilegeError
 
@@ -39,7 +39,6 @@ NF_IP_PRI_NAT_SRC = 100
 LINK_PRIORITY = NF_IP_PRI_NAT_SRC + 1  # just after source NAT (bpf/origin.h restores the source before it)
 LINK_PRIORITIES = (LINK_PRIORITY, LINK_PRIORITY + 1)  # a replacement takes the other one
 LINK_NAMES = {NFPROTO_IPV4: "link_v4", NFPROTO_IPV6: "link_v6"}
-LDX_DW, LDX_B, MOV_K, EXIT = 0x79, 0x71, 0xB7, 0x95  # BPF opcodes of the probe programs
 # struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; } when BTF lacks it.
 DEFAULT_CTX_SKB_OFFSET = 8
 

@@ -1,8 +1,8 @@
 """Where a node's datapath lives in bpffs, and how it is removed (`otel-kzt agent --cleanup`).
 
     <pin_root>/<dir>/<the mode's links>     e.g. link_v4, link_v6 (netfilter), running the dispatcher
-    <pin_root>/<dir>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta   the maps (bcc's
-                                                          BPF_TABLE_PINNED)
+    <pin_root>/<dir>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta, slot4, slot6
+                                            the maps (bcc's BPF_TABLE_PINNED)
     <pin_root>/<dir>/agent_state            the agent's own receiver choice (agent/state.py), kept
                                             through a datapath reset
 
@@ -26,7 +26,7 @@ from otel_kzt.errors import ConfigError, DatapathError, PrivilegeError
 log = logging.getLogger(__name__)
 
 DEFAULT_PIN_ROOT: Final = "/sys/fs/bpf/otel-kzt"  # the agent's --pin-root default (agent/config.py)
-MAP_NAMES = ("flows4", "flows6", "dying4", "dying6", "overflow", "stats", "progs", "meta")
+MAP_NAMES = ("flows4", "flows6", "dying4", "dying6", "overflow", "stats", "progs", "meta", "slot4", "slot6")
 # A Kubernetes node name is a DNS subdomain: it is also a safe path component.
 _NODE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 
@@ -107,23 +107,23 @@ def reset_if_incompatible(node_name: str, pin_root: str, map_size: int) -> None:
     be mixed (a changed program with the same layout is replaced in place instead)."""
     directory = node_dir(node_name, pin_root)
     for layout in flowmap.LAYOUTS.values():
-        try:
-            fd = bpfsys.obj_get(str(directory / layout.map_name))
-        except FileNotFoundError:
-            continue
-        try:
-            info = bpfsys.map_info(fd)
-        finally:
-            os.close(fd)
-        want = (layout.key.size, layout.value.size, map_size)
-        got = (info.key_size, info.value_size, info.max_entries)
-        if got != want:
+        for name, want in (
+            (layout.map_name, (layout.key.size, layout.value.size, map_size)),
+            (layout.slot_name, (4, layout.slot_size, 1)),
+        ):
+            try:
+                fd = bpfsys.obj_get(str(directory / name))
+            except FileNotFoundError:
+                continue
+            try:
+                info = bpfsys.map_info(fd)
+            finally:
+                os.close(fd)
+            got = (info.key_size, info.value_size, info.max_entries)
+            if got == want:
+                continue
             log.warning(
-                "pinned %s (key, value, entries)=%s, want %s: resetting node=%s",
-                layout.map_name,
-                got,
-                want,
-                node_name,
+                "pinned %s (key, value, entries)=%s, want %s: resetting node=%s", name, got, want, node_name
             )
             cleanup(node_name, pin_root)
             return

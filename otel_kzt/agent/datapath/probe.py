@@ -7,6 +7,7 @@ the shared ones here, the mode's own from its module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -14,9 +15,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from otel_kzt.agent.datapath import bpfsys
 from otel_kzt.agent.datapath.btf import KIND_FUNC, Btf, kernel_btf
+from otel_kzt.agent.datapath.kfunc import EXIT, MOV_K, insn
 from otel_kzt.agent.datapath.mode import Mode, field_offset
-from otel_kzt.errors import BccMissing, PrivilegeError
+from otel_kzt.errors import BccMissing, DatapathError, PrivilegeError
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class Features:
     skb_tail: int  # an offset from head (64-bit kernels): end of the linear data
     test_run: bool  # BPF_PROG_TEST_RUN for the mode's programs (netfilter: 6.6+): needed by eviction
     gso_bits: tuple[tuple[str, int], ...] = ()  # SKB_GSO_* values count.h's kzt_wire tests
+    write_combine: bool = False  # count.h's per-CPU slots (KZT_WC): the agent can flush every CPU's
 
 
 # The SKB_GSO_* bits count.h reads (-DKZT_GSO_<name>), from the kernel's BTF: their values changed
@@ -80,9 +84,33 @@ def probe(mode: Mode, btf: Btf | None = None) -> Features:
         skb_tail=field_offset(btf, "sk_buff", "tail", 4),
         test_run=btf.has_type(KIND_FUNC, mode.test_run_function),
         gso_bits=tuple((name, btf.enumerator(f"SKB_GSO_{name}") or 0) for name in GSO_BITS),
+        write_combine=can_flush_cpus(),
     )
     log.debug("datapath features %s", features)
     return features
+
+
+@functools.cache
+def can_flush_cpus() -> bool:
+    """Whether the agent can run a program on a CPU of its choice (count.h's kzt_flush): a raw tracepoint
+    program (CAP_PERFMON) test-run with BPF_F_TEST_RUN_ON_CPU (Linux >= 5.10). Without it count.h adds
+    every packet to the map itself, as it must when nothing could empty the slots. False without root
+    (`--print-bpf`): that form is printed."""
+    try:
+        fd = bpfsys.prog_load(
+            bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, insn(MOV_K, imm=0) + insn(EXIT), 0, "kzt_probe_cpu"
+        )
+    except (DatapathError, PrivilegeError) as exc:
+        log.debug("probe kzt_probe_cpu refused: %s", exc)
+        return False
+    try:
+        bpfsys.test_run_on_cpu(fd, min(os.sched_getaffinity(0)))
+    except DatapathError as exc:
+        log.debug("test run on a CPU refused: %s", exc)
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def flow_cflags(
@@ -109,6 +137,8 @@ def flow_cflags(
         f"-DKZT_EVICT_BATCH={evict_batch}",
         f"-DKZT_DYING_SIZE={dying_size}",
     ]
+    if features.write_combine:
+        flags.append("-DKZT_WC")
     if pin_dir is not None:
         flags.append(f'-DKZT_PIN_DIR="{pin_dir}"')
     return flags

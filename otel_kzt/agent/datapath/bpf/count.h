@@ -18,6 +18,17 @@
  * final value after one RCU grace period, deletes the flow, and adds the dying entry after a second
  * one: no packet lost, none counted twice.
  *
+ * Write-combining (KZT_WC, where the agent can run a program on a chosen CPU): each CPU keeps its last
+ * flow's counts in a per-CPU slot (slot4/6) and adds them to the flow map, with the usual lookup and two
+ * atomic adds, only when a packet of another flow comes, or when the agent runs kzt_flush on that CPU
+ * (before every read and in every eviction, flowtables.py). A packet of the slot's flow is two plain adds:
+ * no hash lookup, no locked instruction (~30 ns of ~55 over an empty program, bench/datapath.md). A run
+ * that interrupts another inside the slot (a softirq over a process-context hook, the agent's flush as an
+ * IPI) finds it busy and counts in the map itself, and kzt_flush reports busy to be retried: the map only
+ * ever grows by what was counted, so a read never counts a packet twice, totals never go back, and after
+ * the flushes a read holds every packet counted before them. The evictor's protocol is unchanged: a
+ * flushed slot of a dead flow goes to its dying entry, as a late packet does.
+ *
  * Wire-exact (kzt_wire): a packet counts as what leaves for it. A GSO packet is its segments (gso_segs,
  * or its payload over gso_size where the stack left the count unset, SKB_GSO_DODGY), its bytes its
  * length plus the headers every further segment repeats: IP (IPv4 options, IPv6 extension headers) and
@@ -86,6 +97,10 @@ KZT_TABLE("array", u32, u64, meta, 8);  /* the loader's records (loader.py META_
  * the agent adds them to the flow's final value after a second grace period. */
 KZT_TABLE("hash", struct flow_key4, struct overflow_value, dying4, KZT_DYING_SIZE);
 KZT_TABLE("hash", struct flow_key6, struct overflow_value, dying6, KZT_DYING_SIZE);
+/* Each CPU's write-combining slot (always made and pinned, so that a build with KZT_WC and one without
+ * share one layout; used with KZT_WC only). */
+KZT_TABLE("percpu_array", u32, struct kzt_slot4, slot4, 1);
+KZT_TABLE("percpu_array", u32, struct kzt_slot6, slot6, 1);
 BPF_ARRAY(evict_keys4, struct flow_key4, KZT_EVICT_BATCH);
 BPF_ARRAY(evict_keys6, struct flow_key6, KZT_EVICT_BATCH);
 BPF_ARRAY(evict_count, u32, 3);  /* [0] IPv4 keys listed, [1] IPv6 keys listed (in); [2] marked (out) */
@@ -263,6 +278,108 @@ static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes, u64 pac
     if (!KZT_ACCOUNT(v, key, kzt_eq6, bytes, packets))
         kzt_dying6(key, bytes, packets);
 }
+
+/* The slot's flow continues: two plain adds. Another flow: the slot's counts go to the map first. A run
+ * that finds the slot busy interrupted another on this CPU: it counts in the map itself. (One function
+ * per family: bcc allows no map calls inside macros.) The empty asm statements keep the compiler from
+ * moving the slot's updates outside `busy`; a CPU sees its own stores in order, and only runs on the
+ * same CPU touch a per-CPU slot. */
+static __always_inline void kzt_combine4(struct flow_key4 *key, u64 bytes, u64 packets)
+{
+    u32 zero = 0;
+    struct kzt_slot4 *s = slot4.lookup(&zero);
+    if (!s || *(volatile u32 *)&s->busy) {
+        kzt_count4(key, bytes, packets);
+        return;
+    }
+    *(volatile u32 *)&s->busy = 1;
+    asm volatile("" ::: "memory");
+    if (s->packets && kzt_eq4(&s->key, key)) {
+        s->bytes += bytes;
+        s->packets += packets;
+    } else {
+        if (s->packets)
+            kzt_count4(&s->key, s->bytes, s->packets);
+        s->key = *key;
+        s->bytes = bytes;
+        s->packets = packets;
+    }
+    asm volatile("" ::: "memory");
+    *(volatile u32 *)&s->busy = 0;
+}
+
+static __always_inline void kzt_combine6(struct flow_key6 *key, u64 bytes, u64 packets)
+{
+    u32 zero = 0;
+    struct kzt_slot6 *s = slot6.lookup(&zero);
+    if (!s || *(volatile u32 *)&s->busy) {
+        kzt_count6(key, bytes, packets);
+        return;
+    }
+    *(volatile u32 *)&s->busy = 1;
+    asm volatile("" ::: "memory");
+    if (s->packets && kzt_eq6(&s->key, key)) {
+        s->bytes += bytes;
+        s->packets += packets;
+    } else {
+        if (s->packets)
+            kzt_count6(&s->key, s->bytes, s->packets);
+        s->key = *key;
+        s->bytes = bytes;
+        s->packets = packets;
+    }
+    asm volatile("" ::: "memory");
+    *(volatile u32 *)&s->busy = 0;
+}
+
+/* Empty this CPU's slots into the maps; 1 when a slot was busy (the agent runs it again). */
+static __always_inline int kzt_flush_slot4(void)
+{
+    u32 zero = 0;
+    struct kzt_slot4 *s = slot4.lookup(&zero);
+    if (!s)
+        return 0;
+    if (*(volatile u32 *)&s->busy)
+        return 1;
+    *(volatile u32 *)&s->busy = 1;
+    asm volatile("" ::: "memory");
+    if (s->packets) {
+        kzt_count4(&s->key, s->bytes, s->packets);
+        s->bytes = 0;
+        s->packets = 0;
+    }
+    asm volatile("" ::: "memory");
+    *(volatile u32 *)&s->busy = 0;
+    return 0;
+}
+
+static __always_inline int kzt_flush_slot6(void)
+{
+    u32 zero = 0;
+    struct kzt_slot6 *s = slot6.lookup(&zero);
+    if (!s)
+        return 0;
+    if (*(volatile u32 *)&s->busy)
+        return 1;
+    *(volatile u32 *)&s->busy = 1;
+    asm volatile("" ::: "memory");
+    if (s->packets) {
+        kzt_count6(&s->key, s->bytes, s->packets);
+        s->bytes = 0;
+        s->packets = 0;
+    }
+    asm volatile("" ::: "memory");
+    *(volatile u32 *)&s->busy = 0;
+    return 0;
+}
+
+#ifdef KZT_WC
+#define KZT_ADD4 kzt_combine4
+#define KZT_ADD6 kzt_combine6
+#else
+#define KZT_ADD4 kzt_count4
+#define KZT_ADD6 kzt_count6
+#endif
 
 /* Walks IPv6 extension headers from byte 40; returns the L4 offset, sets *proto and *later, and *unfrag
  * to the end of the part a fragmenting stack repeats in every fragment (hop-by-hop, routing headers). */
@@ -452,7 +569,7 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
             __builtin_memcpy(key.src, p->nat_src, 4);
         key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
         u64 packets = kzt_wire(p, hdr, l4off, key.proto, l4off, 0, &bytes);
-        kzt_count4(&key, bytes, packets);
+        KZT_ADD4(&key, bytes, packets);
     } else if (version == 6) {
         struct flow_key6 key = {};
         int later = 0;
@@ -470,7 +587,7 @@ static __always_inline void kzt_count_packet(const struct kzt_pkt *p)
             __builtin_memcpy(key.src, p->nat_src, 16);
         key.port_side |= (p->origin & 3) << KZT_ORIGIN_SHIFT;
         u64 packets = kzt_wire(p, hdr, l4off, key.proto, unfrag, 1, &bytes);
-        kzt_count6(&key, bytes, packets);
+        KZT_ADD6(&key, bytes, packets);
     } else {
         kzt_stat(KZT_STAT_NOT_IP);
     }
@@ -507,6 +624,14 @@ static __always_inline void kzt_evict_listed(void)
     u32 *result = evict_count.lookup(&two);
     if (result)
         *result = marked;
+}
+
+/* The flusher: the agent test-runs it on every CPU (a raw tracepoint program, BPF_F_TEST_RUN_ON_CPU)
+ * before it reads the maps and while it evicts; returns 1 when a slot was busy. Shared by every mode: it
+ * needs no packet. */
+int kzt_flush(void *ctx)
+{
+    return kzt_flush_slot4() | kzt_flush_slot6();
 }
 
 #endif

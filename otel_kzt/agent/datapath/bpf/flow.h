@@ -66,6 +66,22 @@ struct overflow_value {
     u64 packets;
 };
 
+/* A CPU's write-combining slot (count.h, KZT_WC): the flow its last packets belonged to and their counts,
+ * not yet in the flow map. `busy`: a run on this CPU is inside the slot (a nested run goes to the map). */
+struct kzt_slot4 {
+    u32 busy;
+    struct flow_key4 key;
+    u64 bytes;
+    u64 packets;  /* 0: the slot is empty */
+};
+
+struct kzt_slot6 {
+    u32 busy;
+    struct flow_key6 key;
+    u64 bytes;
+    u64 packets;
+};
+
 /* Per-CPU event counters (index into the stats array). */
 #define KZT_STAT_INSERT_FAILED 0  /* flow map full: counted in the overflow bucket */
 #define KZT_STAT_EVICT_RACE 1     /* packet of a flow being evicted: kept in its dying entry */
