@@ -89,6 +89,7 @@ class CgroupMode:
     attach_type = BPF_CGROUP_INET_EGRESS
     link_names: tuple[str, ...] = (LINK_NAME,)
     test_run_function = "bpf_prog_test_run_skb"
+    runs_on_one_cpu = True  # cgroup programs run with migration disabled
 
     def __init__(self, root: str | None = None) -> None:
         self.root = root

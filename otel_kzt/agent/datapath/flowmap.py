@@ -30,7 +30,7 @@ class Layout:
     dying_name: str  # packets that raced with an eviction, per flow (struct overflow_value)
     evict_keys: str  # the evictor's command array for this family
     evict_count_index: int  # evict_count[i] holds how many keys are listed
-    slot_name: str  # each CPU's write-combining slot (struct kzt_slot4/6: busy u32, key, bytes, packets)
+    slot_name: str  # each CPU's write-combining slot (struct kzt_slot4/6: busy u64, key, bytes, packets)
     key: struct.Struct  # flows.KEY_FORMATS: proto u8, port_side u8, port u16, src, dst
     value: struct.Struct  # bytes u64, packets u64, first_seen_ns u64, dead u32, pad u32, key, pad u32
 
@@ -42,7 +42,7 @@ class Layout:
 
     @property
     def slot_size(self) -> int:
-        return 4 + self.key.size + 16
+        return 8 + (self.key.size + 7) // 8 * 8 + 16
 
     @property
     def width(self) -> int:

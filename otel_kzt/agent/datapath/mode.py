@@ -22,6 +22,11 @@ class Mode(Protocol):
     test_run_function: str  # the kernel function that test-runs its programs (the evictor needs it)
 
     @property
+    def runs_on_one_cpu(self) -> bool:
+        """Whether a run of its programs always finishes on the CPU it started on (it may be interrupted
+        or preempted there): count.h's per-CPU write-combining slots need it."""
+
+    @property
     def link_names(self) -> tuple[str, ...]:
         """Its attachments' pins in the node directory (tc: one per hooked device)."""
 

@@ -19,6 +19,7 @@ import errno
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 
 from otel_kzt.agent.datapath import bpfsys, kfunc
@@ -204,6 +205,12 @@ def read_cflags(btf: Btf, ctx_skb: int) -> list[str]:
     return flags
 
 
+def kernel_release() -> tuple[int, int]:
+    """The running kernel's major and minor version."""
+    match = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 class NetfilterMode:
     """What the shared core needs from this mode (`mode.Mode`)."""
 
@@ -213,6 +220,13 @@ class NetfilterMode:
     attach_type = BPF_NETFILTER
     link_names = tuple(LINK_NAMES.values())
     test_run_function = "bpf_prog_test_run_nf"  # Linux >= 6.6
+
+    @property
+    def runs_on_one_cpu(self) -> bool:
+        """Linux >= 6.17 runs netfilter programs with migration disabled (bpf_prog_run_pin_on_cpu);
+        before, a local packet's run could move to another CPU when preempted. (Stable kernels that took
+        the fix count exactly too, without the slots.)"""
+        return kernel_release() >= (6, 17)
 
     def check(self, btf: Btf) -> None:
         if (

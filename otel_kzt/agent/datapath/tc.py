@@ -51,6 +51,7 @@ class TcMode:
     prog_type = BPF_PROG_TYPE_SCHED_CLS
     attach_type = -1  # bcc: no expected attach type
     test_run_function = "bpf_prog_test_run_skb"
+    runs_on_one_cpu = True  # tcx and tc egress run with bottom halves off
 
     def __init__(self, patterns: Sequence[str] = (), node_addresses: Collection[str] = ()) -> None:
         self.patterns = tuple(patterns)

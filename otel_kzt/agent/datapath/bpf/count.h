@@ -279,21 +279,33 @@ static __always_inline void kzt_count6(struct flow_key6 *key, u64 bytes, u64 pac
         kzt_dying6(key, bytes, packets);
 }
 
+/* Take a CPU's slot: one exchange, so that a run that interrupts or preempts another between its test
+ * and its set cannot share the slot with it. False: another run on this CPU holds it. */
+static __always_inline int kzt_slot_enter(u64 *busy)
+{
+    return __sync_lock_test_and_set(busy, 1) == 0;
+}
+
+/* Give the slot back; the empty asm keeps the compiler from moving the slot's updates past it. Only
+ * this CPU's runs touch its slot (programs run pinned to a CPU, and the agent's kzt_flush runs on it),
+ * and a CPU sees its own stores in order. */
+static __always_inline void kzt_slot_leave(u64 *busy)
+{
+    asm volatile("" ::: "memory");
+    *(volatile u64 *)busy = 0;
+}
+
 /* The slot's flow continues: two plain adds. Another flow: the slot's counts go to the map first. A run
  * that finds the slot busy interrupted another on this CPU: it counts in the map itself. (One function
- * per family: bcc allows no map calls inside macros.) The empty asm statements keep the compiler from
- * moving the slot's updates outside `busy`; a CPU sees its own stores in order, and only runs on the
- * same CPU touch a per-CPU slot. */
+ * per family: bcc allows no map calls inside macros.) */
 static __always_inline void kzt_combine4(struct flow_key4 *key, u64 bytes, u64 packets)
 {
     u32 zero = 0;
     struct kzt_slot4 *s = slot4.lookup(&zero);
-    if (!s || *(volatile u32 *)&s->busy) {
+    if (!s || !kzt_slot_enter(&s->busy)) {
         kzt_count4(key, bytes, packets);
         return;
     }
-    *(volatile u32 *)&s->busy = 1;
-    asm volatile("" ::: "memory");
     if (s->packets && kzt_eq4(&s->key, key)) {
         s->bytes += bytes;
         s->packets += packets;
@@ -304,20 +316,17 @@ static __always_inline void kzt_combine4(struct flow_key4 *key, u64 bytes, u64 p
         s->bytes = bytes;
         s->packets = packets;
     }
-    asm volatile("" ::: "memory");
-    *(volatile u32 *)&s->busy = 0;
+    kzt_slot_leave(&s->busy);
 }
 
 static __always_inline void kzt_combine6(struct flow_key6 *key, u64 bytes, u64 packets)
 {
     u32 zero = 0;
     struct kzt_slot6 *s = slot6.lookup(&zero);
-    if (!s || *(volatile u32 *)&s->busy) {
+    if (!s || !kzt_slot_enter(&s->busy)) {
         kzt_count6(key, bytes, packets);
         return;
     }
-    *(volatile u32 *)&s->busy = 1;
-    asm volatile("" ::: "memory");
     if (s->packets && kzt_eq6(&s->key, key)) {
         s->bytes += bytes;
         s->packets += packets;
@@ -328,8 +337,7 @@ static __always_inline void kzt_combine6(struct flow_key6 *key, u64 bytes, u64 p
         s->bytes = bytes;
         s->packets = packets;
     }
-    asm volatile("" ::: "memory");
-    *(volatile u32 *)&s->busy = 0;
+    kzt_slot_leave(&s->busy);
 }
 
 /* Empty this CPU's slots into the maps; 1 when a slot was busy (the agent runs it again). */
@@ -339,17 +347,14 @@ static __always_inline int kzt_flush_slot4(void)
     struct kzt_slot4 *s = slot4.lookup(&zero);
     if (!s)
         return 0;
-    if (*(volatile u32 *)&s->busy)
+    if (!kzt_slot_enter(&s->busy))
         return 1;
-    *(volatile u32 *)&s->busy = 1;
-    asm volatile("" ::: "memory");
     if (s->packets) {
         kzt_count4(&s->key, s->bytes, s->packets);
         s->bytes = 0;
         s->packets = 0;
     }
-    asm volatile("" ::: "memory");
-    *(volatile u32 *)&s->busy = 0;
+    kzt_slot_leave(&s->busy);
     return 0;
 }
 
@@ -359,17 +364,14 @@ static __always_inline int kzt_flush_slot6(void)
     struct kzt_slot6 *s = slot6.lookup(&zero);
     if (!s)
         return 0;
-    if (*(volatile u32 *)&s->busy)
+    if (!kzt_slot_enter(&s->busy))
         return 1;
-    *(volatile u32 *)&s->busy = 1;
-    asm volatile("" ::: "memory");
     if (s->packets) {
         kzt_count6(&s->key, s->bytes, s->packets);
         s->bytes = 0;
         s->packets = 0;
     }
-    asm volatile("" ::: "memory");
-    *(volatile u32 *)&s->busy = 0;
+    kzt_slot_leave(&s->busy);
     return 0;
 }
 

@@ -69,14 +69,14 @@ struct overflow_value {
 /* A CPU's write-combining slot (count.h, KZT_WC): the flow its last packets belonged to and their counts,
  * not yet in the flow map. `busy`: a run on this CPU is inside the slot (a nested run goes to the map). */
 struct kzt_slot4 {
-    u32 busy;
+    u64 busy;     /* 64 bits: bcc's clang exchanges no narrower word */
     struct flow_key4 key;
     u64 bytes;
     u64 packets;  /* 0: the slot is empty */
 };
 
 struct kzt_slot6 {
-    u32 busy;
+    u64 busy;
     struct flow_key6 key;
     u64 bytes;
     u64 packets;
