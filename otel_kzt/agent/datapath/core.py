@@ -77,7 +77,7 @@ class Datapath:
         self._cflags: list[str] = []
         self._maps: dict[str, BpfMap] = {}
         self._evict_fd = -1
-        self._flush_fd = -1  # count.h's kzt_flush (write-combining slots), when compiled with them
+        self._flush_fd = -1  # count.h's kzt_flush (empties the write-combining slots), when it can run
         self._link_fds: list[int] = []
         self._lock = threading.Lock()
         self._evicted: dict[FlowKey, FlowCounters] = {}

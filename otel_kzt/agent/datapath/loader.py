@@ -65,7 +65,7 @@ class Loaded:
 
     maps: dict[str, int]
     evict_fd: int  # -1 when the kernel cannot test-run netfilter programs (eviction unsupported)
-    flush_fd: int  # count.h's kzt_flush; -1 when compiled without write-combining (no KZT_WC)
+    flush_fd: int  # count.h's kzt_flush; -1 when the agent cannot run it on a chosen CPU
     link_fds: list[int]
     boot_offset: int  # boot-time -> Unix ns, fixed per datapath (pinned in meta)
     cflags: list[str]  # what the program was compiled with (for --print-bpf)
@@ -226,7 +226,7 @@ class _Child:
         fds = [(name, int(self.bpf[name.encode()].map_fd)) for name in MAP_NAMES]
         if features.test_run:
             fds.append(("kzt_evict", self._load_func("kzt_evict")))
-        if features.write_combine:  # loaded before any counter that fills the slots runs
+        if features.flush:  # also without KZT_WC: a previous build (another mode) may have filled them
             fds.append(("kzt_flush", self._load_func("kzt_flush", bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, -1)))
         self._install_counter()
         fds += [(f"link{i}", fd) for i, fd in enumerate(self._links(dispatch_fd))]

@@ -38,8 +38,8 @@ class Features:
     skb_tail: int  # an offset from head (64-bit kernels): end of the linear data
     test_run: bool  # BPF_PROG_TEST_RUN for the mode's programs (netfilter: 6.6+): needed by eviction
     gso_bits: tuple[tuple[str, int], ...] = ()  # SKB_GSO_* values count.h's kzt_wire tests
-    write_combine: bool = False  # count.h's per-CPU slots (KZT_WC): runs stay on one CPU, the agent can
-    # run kzt_flush on each
+    flush: bool = False  # the agent can run kzt_flush on every CPU (empties slots a previous build filled)
+    write_combine: bool = False  # count.h's per-CPU slots (KZT_WC): flush, and runs stay on one CPU
 
 
 # The SKB_GSO_* bits count.h reads (-DKZT_GSO_<name>), from the kernel's BTF: their values changed
@@ -85,7 +85,8 @@ def probe(mode: Mode, btf: Btf | None = None) -> Features:
         skb_tail=field_offset(btf, "sk_buff", "tail", 4),
         test_run=btf.has_type(KIND_FUNC, mode.test_run_function),
         gso_bits=tuple((name, btf.enumerator(f"SKB_GSO_{name}") or 0) for name in GSO_BITS),
-        write_combine=mode.runs_on_one_cpu and can_flush_cpus(),
+        flush=can_flush_cpus(),
+        write_combine=can_flush_cpus() and mode.runs_on_one_cpu,
     )
     log.debug("datapath features %s", features)
     return features

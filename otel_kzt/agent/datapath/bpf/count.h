@@ -18,13 +18,15 @@
  * final value after one RCU grace period, deletes the flow, and adds the dying entry after a second
  * one: no packet lost, none counted twice.
  *
- * Write-combining (KZT_WC, where the agent can run a program on a chosen CPU): each CPU keeps its last
+ * Write-combining (KZT_WC: where every run stays on its CPU and the agent can run a program on a chosen
+ * CPU, probe.py; else each packet goes to the map as below): each CPU keeps its last
  * flow's counts in a per-CPU slot (slot4/6) and adds them to the flow map, with the usual lookup and two
  * atomic adds, only when a packet of another flow comes, or when the agent runs kzt_flush on that CPU
- * (before every read and in every eviction, flowtables.py). A packet of the slot's flow is two plain adds:
- * no hash lookup, no locked instruction (~30 ns of ~55 over an empty program, bench/datapath.md). A run
- * that interrupts another inside the slot (a softirq over a process-context hook, the agent's flush as an
- * IPI) finds it busy and counts in the map itself, and kzt_flush reports busy to be retried: the map only
+ * (before every read and in every eviction, flowtables.py). A packet of the slot's flow takes the slot
+ * with one exchange on a word only its CPU touches and adds with two plain adds: no hash lookup (netfilter
+ * UDP: ~33 ns over an empty program instead of ~62, bench/datapath.md). A run that interrupts or preempts
+ * another inside the slot (a softirq over a process-context hook, the agent's flush as an IPI) finds it
+ * busy and counts in the map itself, and kzt_flush reports busy to be retried: the map only
  * ever grows by what was counted, so a read never counts a packet twice, totals never go back, and after
  * the flushes a read holds every packet counted before them. The evictor's protocol is unchanged: a
  * flushed slot of a dead flow goes to its dying entry, as a late packet does.
@@ -296,7 +298,7 @@ static __always_inline void kzt_slot_leave(u64 *busy)
 }
 
 /* The slot's flow continues: two plain adds. Another flow: the slot's counts go to the map first. A run
- * that finds the slot busy interrupted another on this CPU: it counts in the map itself. (One function
+ * that finds the slot busy interrupted or preempted another on this CPU: it counts in the map itself. (One function
  * per family: bcc allows no map calls inside macros.) */
 static __always_inline void kzt_combine4(struct flow_key4 *key, u64 bytes, u64 packets)
 {

@@ -19,8 +19,9 @@
  * them, else with probe reads (~10 ns each): KZT_DIRECT_MEM (Linux >= 6.17: skb->head is memory the
  * verifier lets us load from, fault-safe) for the header and skb_shared_info, KZT_KFUNC_RDONLY_CAST
  * (the kfunc bpf_rdonly_cast, Linux >= 6.2, which the verifier turns into a move) for conntrack's entry;
- * the loader probes both (netfilter.py). One hash lookup (12-byte key for IPv4, 36 for IPv6), two
- * atomic adds per packet, one tail call; no clock read except when a flow is inserted (the agent derives
+ * the loader probes both (netfilter.py). The flow's count (count.h: a packet of the CPU's last flow is
+ * two plain adds to its slot on Linux >= 6.17, else one hash lookup, 12-byte key for IPv4, 36 for IPv6,
+ * and two atomic adds), one tail call; no clock read except when a flow is inserted (the agent derives
  * idleness from unchanged counters). Measured by bench/datapath_overhead.py against an empty program at
  * the same hook (bench/datapath.md).
  */

@@ -15,8 +15,8 @@
  *                 one whose inner frame is not IP (the overlay's ARP; three tags) is not IP traffic.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
- * Overhead: one 64-byte skb load (two more for a packet shorter than that), one hash lookup, two atomic
- * adds, one tail call; with KZT_TC_INNER the same load serves the VXLAN check (a VXLAN packet: a 10-byte
+ * Overhead: one 64-byte skb load (two more for a packet shorter than that), the flow's count (count.h:
+ * the CPU's slot, or one hash lookup and two atomic adds), one tail call; with KZT_TC_INNER the same load serves the VXLAN check (a VXLAN packet: a 10-byte
  * load of its inner EtherType and tags, and the inner packet's 64 bytes). Measured by bench/datapath_overhead.py.
  * Wire-exact: GSO packets are counted as their segments (count.h's kzt_wire, from __sk_buff's gso_size
  * and gso_segs; the GSO type is not readable here, so a tunnel's GSO is recognised by its VXLAN port);
