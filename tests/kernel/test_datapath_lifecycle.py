@@ -190,7 +190,7 @@ def _link_exists(link_id: int) -> bool:
 
 
 LINKS = {"netfilter": 2, "tc": len(NODE_DEVICES), "cgroup": 1}  # IPv4 + IPv6 hooks; devices; the root
-MAP_PINS = ["dying4", "dying6", "flows4", "flows6", "meta", "overflow", "progs", "stats"]
+MAP_PINS = ["dying4", "dying6", "flows4", "flows6", "meta", "overflow", "progs", "slot4", "slot6", "stats"]
 
 
 @pytest.mark.parametrize("mode", MODES, indirect=True)
