@@ -30,6 +30,11 @@ pytestmark = pytest.mark.integration
 
 RUNS, PARALLEL = 50, 4
 SHUTDOWN_TIMEOUT_S = 5.0
+# The deadline bounds the exporters' flush; closing the receivers and the interpreter's exit come on top. An
+# exit later than both together is a deadline ignored; a loaded machine stretches the rest, not the flush
+# (one run took 5.12 s from the burst while four helpers' benches ran beside the suite). Still below the
+# default deadline (10 s), so an ignored --shutdown-timeout shows here.
+LATEST_EXIT_S = SHUTDOWN_TIMEOUT_S + 4.0
 
 
 def _start(metadata: Path, *flags: str) -> tuple[subprocess.Popen[str], dict[str, int], list[str]]:
@@ -102,8 +107,6 @@ def test_fifty_enrichers_survive_a_signal_burst(metadata_file: Path, downstream:
         results = list(pool.map(lambda run: _one(run, metadata_file, downstream), range(RUNS)))
     hung = [run for run, code, _, _ in results if code is None]
     failed = [(run, code) for run, code, _, _ in results if code not in (None, 0)]
-    slow = [
-        (run, round(took, 2)) for run, code, took, _ in results if code == 0 and took > SHUTDOWN_TIMEOUT_S
-    ]
+    slow = [(run, round(took, 2)) for run, code, took, _ in results if code == 0 and took > LATEST_EXIT_S]
     assert (hung, failed, slow) == ([], [], [])
     assert sorted(burst for *_, burst in results)[RUNS // 2] < 1_000_000  # the median burst: < 1 ms
