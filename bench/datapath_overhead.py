@@ -143,7 +143,8 @@ NODE_KUBE_PROXY = f"""table ip kube-proxy {{
 }}"""
 
 
-def build(topo: netns.Topology, conntrack: bool, kube_proxy: bool = False) -> None:
+def build(topo: netns.Topology, conntrack: bool, kube_proxy: bool = False, udp_ports: int = 1) -> None:
+    """The three netns; pod B drops UDP to `udp_ports` ports from UDP_PORT on (no ICMP errors back)."""
     for ns in (NODE, POD_A, POD_B):
         topo.netns(ns)
     topo.veth(NODE, "kdon0", POD_A, "eth0", a_addrs=["10.79.1.1/24"], b_addrs=[f"{A}/24"])
@@ -151,11 +152,12 @@ def build(topo: netns.Topology, conntrack: bool, kube_proxy: bool = False) -> No
     topo.route(POD_A, "default", via="10.79.1.1")
     topo.route(POD_B, "default", via="10.79.2.1")
     netns.enable_forwarding(NODE)
+    ports = f"{UDP_PORT}-{UDP_PORT + udp_ports - 1}" if udp_ports > 1 else str(UDP_PORT)
     script = f"""table inet kdo {{
         counter kdoudp {{ }}
         chain input {{
             type filter hook input priority 0;
-            udp dport {UDP_PORT} counter name kdoudp drop
+            udp dport {ports} counter name kdoudp drop
         }}
     }}"""
     netns.run_in(POD_B, ["nft", "-f", "-"], input=script)

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 BPF_DIR = Path(__file__).resolve().parent / "bpf"
 _LOCAL_INCLUDE = re.compile(r'^#include "([a-z0-9_]+\.h)"\s*$')
 FLOOR_SOURCE = BPF_DIR / "floor.c"
+# "1": no write-combining slots where they could run (count.h then adds every packet to the map), for
+# bench/datapath_udp.py to measure what the slots save; not a setting (the loader child inherits it).
+NO_WRITE_COMBINE_ENV = "OTEL_KZT_NO_WRITE_COMBINE"
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,7 +89,9 @@ def probe(mode: Mode, btf: Btf | None = None) -> Features:
         test_run=btf.has_type(KIND_FUNC, mode.test_run_function),
         gso_bits=tuple((name, btf.enumerator(f"SKB_GSO_{name}") or 0) for name in GSO_BITS),
         flush=can_flush_cpus(),
-        write_combine=can_flush_cpus() and mode.runs_on_one_cpu,
+        write_combine=(
+            can_flush_cpus() and mode.runs_on_one_cpu and os.environ.get(NO_WRITE_COMBINE_ENV) != "1"
+        ),
     )
     log.debug("datapath features %s", features)
     return features
