@@ -329,3 +329,86 @@ READ_BYTES: Final = "bytes"
 READ_DECODED: Final = "decoded"
 READ_LAYOUT: Final = "layout"
 READ_POINTS: Final = "points"
+
+# --- Everything on the enricher's /metrics -------------------------------------------------------------
+# The one list of what a scrape can show (counters without the `_total` the client adds), with the default
+# flow aggregation's labels. deploy/'s alert rules and dashboard are checked against it, and a test checks
+# a running enricher's /metrics against it both ways, so neither can fall behind the code.
+
+ENRICHER_PROM_COUNTERS: Final = frozenset(
+    {
+        PROM_POD_CROSS_ZONE_BYTES,
+        PROM_FLOW_BYTES,
+        PROM_FLOW_PACKETS,
+        PROM_ZONE_TRAFFIC_BYTES,
+        PROM_ESTIMATED_COST,
+        PROM_SERVICE_TRAFFIC_BYTES,  # Services and savings (exporters/savings.py)
+        PROM_SAVINGS_FLOW_BYTES,
+        PROM_SAVINGS_FLOW_COST,
+        ENRICHER_RECEIVED_POINTS,  # the enricher's own health (exporters/prometheus.py HealthMetrics)
+        ENRICHER_REJECTED_POINTS,
+        ENRICHER_EXPORT_FAILURES,
+        ENRICHER_EXPORT_DROPPED,
+        ENRICHER_SERIES_DROPPED,
+        ENRICHER_CHECKPOINT_ERRORS,
+        ENRICHER_NOT_COUNTED,
+        ENRICHER_COUNTING_EVICTED,
+        ENRICHER_METRIC_REQUESTS,
+        ENRICHER_FLOW_SUMS,
+        ENRICHER_CACHE_RESETS,  # exporters/caches.py
+        ENRICHER_RECEIVER_REFUSED,  # receivers/caps.py
+        ENRICHER_AGENTS_REFUSED,  # the agents' health (state/agents.py), label k8s_node_name
+        AGENT_OVERFLOW_BYTES,
+        AGENT_OVERFLOW_PACKETS,
+        AGENT_EXPORTS,
+        AGENT_SERVICE_VIP_BYTES,
+    }
+)
+ENRICHER_PROM_GAUGES: Final = frozenset(
+    {
+        ENRICHER_METADATA_SYNCED,
+        ENRICHER_SERIES_ACTIVE,
+        ENRICHER_CHECKPOINT_TIMESTAMP,
+        ENRICHER_AGENT_LAST_REPORT,
+        ENRICHER_RECEIVER_INFLIGHT_BYTES,
+        ENRICHER_RECEIVER_CONNECTIONS,
+        AGENT_LAST_REPORT,
+        AGENT_FLOWS_TRACKED,
+        AGENT_MAP_FILL_RATIO,
+        AGENT_METADATA_SYNCED,
+        AGENT_DATAPATH_INFO,
+        AGENT_DATAPATH_COVERAGE,
+        PROM_SERVICE_ENDPOINTS,
+        PROM_SERVICE_ROUTING_INFO,
+        PROM_SERVICE_ROUTING_CHANGE,
+        PROM_SAVINGS_USD_PER_MONTH,
+        PROM_SAVINGS_ENABLED,
+        PROM_SAVINGS_INFO,
+    }
+)
+ENRICHER_PROM_LABELS: Final = frozenset(
+    {
+        *(prom_label(a) for a in DEFAULT_FLOW_AGGREGATION),
+        *PROM_POD_CROSS_ZONE_LABELS,
+        *PROM_ZONE_TRAFFIC_LABELS,
+        *PROM_ESTIMATED_COST_LABELS,
+        *PROM_SERVICE_TRAFFIC_LABELS,
+        *PROM_SERVICE_ENDPOINTS_LABELS,
+        *PROM_SERVICE_ROUTING_INFO_LABELS,
+        *PROM_SERVICE_LABELS,
+        *PROM_SAVINGS_LABELS,
+        *PROM_SAVINGS_INFO_LABELS,
+        *PROM_SAVINGS_FLOW_LABELS,
+        ENRICHER_AGENT_LAST_REPORT_LABEL,
+        ENRICHER_EXPORTER_LABEL,
+        ENRICHER_CHECKPOINT_STAGE_LABEL,
+        ENRICHER_RECEIVER_LABEL,
+        ENRICHER_RECEIVER_REASON_LABEL,
+        ENRICHER_NOT_COUNTED_REASON_LABEL,
+        ENRICHER_COUNTING_STATE_LABEL,
+        ENRICHER_CACHE_LABEL,
+        ENRICHER_READ_LABEL,
+        AGENT_RESULT,
+        AGENT_DATAPATH_LABEL,
+    }
+)

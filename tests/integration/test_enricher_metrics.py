@@ -1,6 +1,6 @@
 """/metrics of a running enricher: an exposition rebuilt at most once a second that a scrape storm shares,
-scrapes that write nothing, with --state-file the last snapshot on disk (never more), and every cache's
-emptyings at its cap."""
+scrapes that write nothing, with --state-file the last snapshot on disk (never more), every cache's
+emptyings at its cap, and exactly the names otel_kzt.schema lists (deploy/'s rules are checked against it)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Exposition
 from otel_kzt.enricher.processing import resolution
-from tests.integration.test_enricher_prometheus import send
+from tests.integration.test_enricher_badinput import post
+from tests.integration.test_enricher_prometheus import flow_request, send
 from tests.integration.test_enricher_service import (
     POD_IPS,
     RUN_START_NS,
@@ -46,14 +48,18 @@ CACHES = {
 }
 
 
-def cross_zone(port: int) -> float | None:
+def scraped(port: int, name: str) -> list[Sample]:
+    """The samples named `name` on the enricher's /metrics now."""
     status, body = get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            if sample.name == schema.PROM_POD_CROSS_ZONE_BYTES + "_total" and sample.labels["pod"] == "web-1":
-                return float(sample.value)
-    return None
+    return [s for family in text_string_to_metric_families(body) for s in family.samples if s.name == name]
+
+
+def cross_zone(port: int) -> float | None:
+    web = [
+        s for s in scraped(port, schema.PROM_POD_CROSS_ZONE_BYTES + "_total") if s.labels["pod"] == "web-1"
+    ]
+    return float(web[0].value) if web else None
 
 
 def test_the_exposition_is_rebuilt_at_most_once_a_second_and_shared() -> None:
@@ -121,13 +127,9 @@ def test_a_scrape_storm_leaves_the_receivers_answering(enricher_kubeconfig: Path
 
 
 def cache_resets(port: int) -> dict[str, float]:
-    status, body = get(f"http://127.0.0.1:{port}/metrics")
-    assert status == 200
     return {
-        sample.labels[schema.ENRICHER_CACHE_LABEL]: sample.value
-        for family in text_string_to_metric_families(body)
-        for sample in family.samples
-        if sample.name == schema.ENRICHER_CACHE_RESETS + "_total"
+        s.labels[schema.ENRICHER_CACHE_LABEL]: s.value
+        for s in scraped(port, schema.ENRICHER_CACHE_RESETS + "_total")
     }
 
 
@@ -149,3 +151,43 @@ def test_a_cache_emptied_at_its_cap_is_counted_on_metrics(
         )
         metrics_showing(f"http://127.0.0.1:{port}/metrics", 'cache_resets_total{cache="resolution.ends"} 1.0')
         assert cross_zone(port) == 1_000  # nothing lost: the emptied cache's answers are made again
+
+
+def agent_health_request(node: str) -> bytes:
+    """One agent's report holding every kzt.agent.* metric the schema names, each as a one-point Sum (the
+    enricher keeps the last value whatever the kind), with the `result` and `datapath` attributes."""
+    req, _ = flow_request(node)
+    scope = req.resource_metrics[0].scope_metrics[0]
+    del scope.metrics[:]
+    for name in sorted(v for k, v in vars(schema).items() if k.startswith("OTLP_AGENT_")):
+        point = scope.metrics.add(name=name).sum.data_points.add(time_unix_nano=RUN_START_NS, as_double=1.0)
+        point.attributes.add(key=schema.AGENT_RESULT).value.string_value = "ok"
+        point.attributes.add(key=schema.AGENT_DATAPATH_LABEL).value.string_value = "netfilter"
+    return bytes(req.SerializeToString())
+
+
+def test_metrics_shows_exactly_the_names_the_schema_lists(tmp_path: Path) -> None:
+    # Everything a scrape can show: a flow (the aggregates), an agent's full health report (its families
+    # appear only once an agent reported), a checkpoint (--state-file).
+    cfg = local_config(write_metadata(tmp_path / "cluster.json"), state_file=str(tmp_path / "state"))
+    with running(cfg) as svc:
+        send(svc.ports["http"], [(WEB, CACHE, 1_000, RUN_START_NS)], RUN_START_NS + 10**9)
+        assert post(svc.ports["http"], agent_health_request("kzt-e-a1"))[0] == 200
+        url = f"http://127.0.0.1:{svc.ports['metrics']}/metrics"
+        body = metrics_showing(url, schema.AGENT_DATAPATH_COVERAGE)
+    families = list(text_string_to_metric_families(body))
+    by_type: dict[str, set[str]] = {}
+    for family in families:
+        by_type.setdefault(family.type, set()).add(family.name)
+    assert by_type.pop("counter") == schema.ENRICHER_PROM_COUNTERS
+    # the text format gives a client-library counter's creation time as a gauge of its own, `<name>_created`
+    created = {
+        name for name in by_type["gauge"] if name.removesuffix("_created") in schema.ENRICHER_PROM_COUNTERS
+    }
+    assert by_type.pop("gauge") - created == schema.ENRICHER_PROM_GAUGES
+    assert not by_type  # no histogram, summary or untyped family
+    labels = {label for family in families for sample in family.samples for label in sample.labels}
+    assert labels <= schema.ENRICHER_PROM_LABELS, labels - schema.ENRICHER_PROM_LABELS
+    shown = {schema.ENRICHER_RECEIVER_LABEL, schema.ENRICHER_READ_LABEL, schema.ENRICHER_CACHE_LABEL}
+    assert shown <= labels  # the families with samples did show their labels
+
