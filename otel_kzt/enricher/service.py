@@ -167,6 +167,7 @@ class EnricherService:
         if cfg.metrics_endpoint:
             host, port = split_host_port(cfg.metrics_endpoint, "metrics_endpoint")
             metrics = MetricsPort(host, port, self._pages(index), limits)
+            caps.add_port("metrics", metrics.server)  # its connection cap is counted like the receivers'
             self.ports["metrics"] = metrics.start()
             self._stoppers.append(("metrics", metrics))
         for kind, endpoint in (("http", cfg.http_endpoint), ("grpc", cfg.grpc_endpoint)):

@@ -4,6 +4,7 @@ emptyings at its cap, and exactly the names otel_kzt.schema lists (deploy/'s rul
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -191,3 +192,30 @@ def test_metrics_shows_exactly_the_names_the_schema_lists(tmp_path: Path) -> Non
     shown = {schema.ENRICHER_RECEIVER_LABEL, schema.ENRICHER_READ_LABEL, schema.ENRICHER_CACHE_LABEL}
     assert shown <= labels  # the families with samples did show their labels
 
+
+def refused_connections(port: int) -> dict[str, float]:
+    """kzt_enricher_receiver_refused_total{reason="max_connections"} by receiver (port)."""
+    return {
+        s.labels[schema.ENRICHER_RECEIVER_LABEL]: s.value
+        for s in scraped(port, schema.ENRICHER_RECEIVER_REFUSED + "_total")
+        if s.labels[schema.ENRICHER_RECEIVER_REASON_LABEL] == schema.ENRICHER_REFUSED_CONNECTIONS
+    }
+
+
+def test_the_metrics_ports_connection_cap_is_counted_like_the_receivers(tmp_path: Path) -> None:
+    cfg = local_config(write_metadata(tmp_path / "cluster.json"), max_connections=3, header_timeout_s=1.0)
+    with running(cfg) as svc:
+        port = svc.ports["metrics"]
+        assert refused_connections(port) == {"http": 0, "metrics": 0}
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as over:
+                over.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert over.recv(4096).startswith(b"HTTP/1.1 503")
+        finally:
+            for sock in idle:
+                sock.close()
+        deadline = time.monotonic() + 10
+        while refused_connections(port) != {"http": 0, "metrics": 1}:  # rebuilt at most once a second
+            assert time.monotonic() < deadline, refused_connections(port)
+            time.sleep(0.2)

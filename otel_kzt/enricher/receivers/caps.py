@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 
 from otel_kzt import schema
 from otel_kzt.enricher.receivers.budget import ByteBudget, Downstream
+from otel_kzt.serving.server import AsyncHttpServer
 
 
 @dataclass(eq=False)  # hashable by identity: a registry keys its collectors
@@ -24,6 +25,12 @@ class ReceiverMetrics(Collector):
     downstream: Downstream
     refused: dict[tuple[str, str], Callable[[], int]] = field(default_factory=dict)
     connections: dict[str, Callable[[], int]] = field(default_factory=dict)
+
+    def add_port(self, name: str, server: AsyncHttpServer) -> None:
+        """An HTTP port's connection cap (the OTLP receiver's, the metrics port's): what it refused, what
+        it holds."""
+        self.refused[name, schema.ENRICHER_REFUSED_CONNECTIONS] = lambda: server.refused_connections
+        self.connections[name] = lambda: server.connections
 
     def collect(self) -> Iterator[Metric]:
         refused = CounterMetricFamily(

@@ -29,7 +29,6 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceResponse,
 )
 
-from otel_kzt import schema
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.receivers import decode
 from otel_kzt.enricher.receivers.budget import Hold
@@ -85,9 +84,7 @@ class HttpReceiver:
         )
 
     def report(self, caps: ReceiverMetrics) -> None:
-        server = self.server
-        caps.refused["http", schema.ENRICHER_REFUSED_CONNECTIONS] = lambda: server.refused_connections
-        caps.connections["http"] = lambda: server.connections
+        caps.add_port("http", self.server)
 
     def start(self) -> int:
         return self.server.start()
