@@ -33,3 +33,11 @@ def test_every_alert_of_the_design_is_a_shipped_rule() -> None:
     rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "rules.yaml").read_text())
     shipped = {r["alert"] for group in rules["groups"] for r in group["rules"] if "alert" in r}
     assert sorted(named - shipped) == []
+
+
+def test_every_name_the_enricher_exposes_is_documented() -> None:
+    """The other way round: each family on the enricher's /metrics (the schema's one list, which
+    test_enricher_metrics checks against a running enricher) is named in the design or deploy/README.md."""
+    docs = DESIGN + (REPO / "deploy" / "README.md").read_text() + (REPO / "README.md").read_text()
+    names = {f"{c}_total" for c in schema.ENRICHER_PROM_COUNTERS} | set(schema.ENRICHER_PROM_GAUGES)
+    assert sorted(n for n in names if not re.search(rf"\b{n}\b", docs)) == []
