@@ -120,12 +120,14 @@ def test_concurrent_near_limit_bodies_are_each_answered_in_bounded_memory(abused
 def test_scrape_storm_does_not_starve_the_receivers(abused: EnricherService) -> None:
     metrics = f"http://127.0.0.1:{abused.ports['metrics']}/metrics"
     stop = threading.Event()
-    scrapes = [0]
+    scrapes: list[int] = []  # every scrape's status (an assert in a scraper thread would fail nothing)
 
     def scrape() -> None:
         while not stop.is_set():
-            assert get(metrics)[0] == 200
-            scrapes[0] += 1
+            try:
+                scrapes.append(get(metrics)[0])
+            except OSError:  # refused, reset, timed out: no answer
+                scrapes.append(0)
 
     storm = [threading.Thread(target=scrape) for _ in range(8)]
     for thread in storm:
@@ -136,5 +138,5 @@ def test_scrape_storm_does_not_starve_the_receivers(abused: EnricherService) -> 
         stop.set()
         for thread in storm:
             thread.join()
-    assert answers == [200] * 20 and scrapes[0] > 0
+    assert answers == [200] * 20 and scrapes and set(scrapes) == {200}
     assert healthy(abused)
