@@ -197,3 +197,16 @@ def test_stop_ends_retries_at_once(receiver: GrpcReceiver) -> None:
     exp.close()
     assert (result.sent, result.failed) == (0, 1)
     assert time.monotonic() - started < 2.0  # not the 5 s the server asked for
+
+
+def test_http_answers_that_are_not_http_are_retried_until_one_is() -> None:
+    """The agent's HTTP transport turns whatever a broken receiver or middlebox answers into a retryable
+    failure, never an exception out of the export loop (the enricher's exporter has the same test)."""
+    from tests.unit.test_enricher_exporter import BROKEN_ANSWERS, _Scripted
+
+    server = _Scripted(list(BROKEN_ANSWERS))
+    try:
+        sent, failed, _ = deliver(exporter(f"http://127.0.0.1:{server.port}", HTTP_PROTOBUF), deadline_s=20.0)
+    finally:
+        server.close()
+    assert (sent, failed) == (1, 0) and server.bodies == len(BROKEN_ANSWERS) + 1  # each retried, then 200

@@ -260,15 +260,22 @@ class _Scripted:
         self.sock.close()
 
 
+# What a broken receiver or a middlebox may answer instead of HTTP: each one a retryable failure (the agent's
+# transport has the same test, tests/unit/test_agent_export.py).
+BROKEN_ANSWERS = (
+    b"HTTP/1.1 2",  # truncated head
+    b"HTTX/1.1 two hundred\r\n\r\n",  # bad status line
+    b"\x00\xff garbage \x13\x37" * 10,  # garbage
+    b"",  # closed without an answer
+    b"HTTP/1.1 503 Busy\r\nRetry-After: soon\r\nConnection: close\r\n"  # garbled details
+    b"Content-Length: 3\r\n\r\n\xff\xfe\x00",
+)
+
+
 def test_consumers_survive_truncated_garbled_and_missing_answers() -> None:
     server = _Scripted(
         [
-            b"HTTP/1.1 2",  # truncated head
-            b"HTTX/1.1 two hundred\r\n\r\n",  # bad status line
-            b"\x00\xff garbage \x13\x37" * 10,  # garbage
-            b"",  # closed without an answer
-            b"HTTP/1.1 503 Busy\r\nRetry-After: soon\r\nConnection: close\r\n"  # garbled details
-            b"Content-Length: 3\r\n\r\n\xff\xfe\x00",
+            *BROKEN_ANSWERS,
             # the receiver said 200: delivered, though the body is cut short (resending would duplicate)
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
         ]
