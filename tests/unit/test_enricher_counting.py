@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from otel_kzt import schema
 from otel_kzt.enricher.state.checkpoint_format import decode, encode
+from otel_kzt.enricher.state.counting import DEFAULT_MAX_RUNS
 from tests.unit.test_enricher_core import FakeIndex, ListSink, forwarded, make_core, request
 
 WEB, DB, API, CACHE = "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"
@@ -95,6 +96,25 @@ def test_run_beyond_the_lateness_is_declined_as_late() -> None:
     assert w.declined(schema.NOT_COUNTED_LATE_RUN) == 1
     w.send([(WEB, CACHE, 70, 100)], at=122)  # an even older run, never seen: may have been given up too
     assert w.declined(schema.NOT_COUNTED_LATE_RUN) == 2
+
+
+def test_runs_beyond_the_cap_are_given_up_counted_and_their_late_points_declined() -> None:
+    """A series keeps its newest run and DEFAULT_MAX_RUNS older ones (flows restarting faster than the
+    lateness bound): the oldest beyond is given up, counted in counting_state_evicted{state="run"}, and its
+    late final is declined as `late_run` instead of being counted whole again."""
+    w = World(lateness_s=3600.0)
+    starts = [110 + 10 * i for i in range(DEFAULT_MAX_RUNS + 2)]  # six runs, one after another
+    for i, start in enumerate(starts):
+        w.send([(WEB, CACHE, 100, start)], at=start + 5)
+        evicted = w.registry.get_sample_value(
+            schema.ENRICHER_COUNTING_EVICTED + "_total", {schema.ENRICHER_COUNTING_STATE_LABEL: "run"}
+        )
+        assert evicted == max(0, i - DEFAULT_MAX_RUNS)
+    assert w.pod() == 100 * len(starts)
+    w.send([(WEB, CACHE, 150, starts[0])], at=starts[0] + 6)  # the first run's final: given up
+    assert w.pod() == 100 * len(starts) and w.declined(schema.NOT_COUNTED_LATE_RUN) == 1
+    w.send([(WEB, CACHE, 150, starts[1])], at=starts[1] + 6)  # the second is still kept: +50
+    assert w.pod() == 100 * len(starts) + 50
 
 
 def test_series_forgotten_while_its_pods_other_series_live_comes_back_continued() -> None:
