@@ -134,3 +134,22 @@ def test_no_import_cycles() -> None:
         if name not in state:
             visit(name, [name])
     assert cycles == [], "\n".join(" -> ".join(c) for c in cycles)
+
+
+_DATAPATH = "otel_kzt.agent.datapath"
+_MODE_MODULES = ("netfilter", "tc", "tclinks", "cgroup", "modes", "mode", "modeswitch", "auto", "loader")
+
+
+def test_the_rest_of_the_agent_does_not_know_the_modes() -> None:
+    """Issue 13: outside otel_kzt/agent/datapath/ the agent reads flows and starts the datapath through the
+    package (`otel_kzt.agent.datapath`, flows.py), never through a mode's module or the loader."""
+    modules = _module_files()
+    forbidden = {f"{_DATAPATH}.{m}" for m in _MODE_MODULES}
+    assert forbidden <= modules.keys()  # the names above are the package's modules
+    offenders = sorted(
+        f"{name}: {dep}"
+        for name, path in modules.items()
+        if name.startswith("otel_kzt.") and not name.startswith(_DATAPATH)
+        for dep in _imported(name, path, modules) & forbidden
+    )
+    assert offenders == []
