@@ -65,13 +65,14 @@ def test_gro_merged_packets_count_as_the_segments_they_were(
     assert (got.bytes, got.packets) == wire
 
 
-# Headroom on the node's device towards pod B, for a Linux forwarding bug (6.18): the check that a
-# forwarded GSO packet's segments fit the MTU (skb_gso_validate_network_len) reads TCP's header length at
-# the transport header, which ip6_rcv_core leaves at the first extension header. Behind an 8-byte one that
-# is the top byte of TCP's sequence number; where it reads longer than the real headers (up to 60 bytes
-# against the extension's and TCP's 40), the packet is refused as too big for an MTU it fits and the
-# connection stalls (measured: 12 of 30 connections; 11 of 11 whose first sequence number was
-# >= 0xB0000000). 28 bytes cover the longest misreading, whatever the extension header.
+# Headroom on the node's device towards pod B, for a Linux forwarding bug (6.18.44; not reported upstream
+# yet: docs/kernel-report-ip6-forward-gso.md). The check that a forwarded GSO packet's segments fit the MTU
+# (skb_gso_validate_network_len) reads TCP's header length at the transport header, which ip6_rcv_core
+# leaves at the first extension header. Behind an 8-byte one that is the top byte of TCP's sequence number;
+# where it reads longer than the real headers (up to 60 bytes against the extension's and TCP's 40), the
+# packet is refused as too big for an MTU it fits and the connection stalls (measured: 12 of 30
+# connections; 11 of 11 whose first sequence number was >= 0xB0000000). 28 bytes cover the longest
+# misreading, whatever the extension header.
 FORWARD_CHECK_HEADROOM = 60 - 32
 
 
