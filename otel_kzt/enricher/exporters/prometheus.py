@@ -38,8 +38,20 @@ _BYTES_BASIS: Final = tuple(
     for suffix in (schema.AVAILABILITY_ZONE, schema.NAMESPACE_NAME, schema.WORKLOAD_KIND,
                    schema.WORKLOAD_NAME)
 )  # fmt: skip
-# Aggregates.targets' parts of byte series: targets before the pod's, after it, the sets by pod
-_BytesParts = tuple[tuple[Target, ...], tuple[Target, ...], dict[tuple[str, str] | None, tuple[Target, ...]]]
+# Aggregates.targets' parts of byte series: targets before the pod's, after it, the sets by pod, and the
+# keys of the parts before and after (Aggregates._share: a set's key is made of its parts' keys)
+_BytesParts = tuple[
+    tuple[Target, ...],
+    tuple[Target, ...],
+    dict[tuple[str, str] | None, tuple[Target, ...]],
+    tuple[object, ...],
+    tuple[object, ...],
+]
+
+
+def _share_key(targets: Sequence[Target]) -> tuple[object, ...]:
+    """What makes two sets of targets the same: each target's counters (by identity), labels and factor."""
+    return tuple([(id(d), k, f) for d, k, f in targets])
 
 
 class Aggregates:
@@ -88,13 +100,18 @@ class Aggregates:
         made = self._bytes_sets.get(basis)
         if made is None:
             made = self._bytes_sets[basis] = self._bytes_parts(labels, resolved, usd_per_byte)
-        before, after, by_pod = made
+        before, after, by_pod, before_key, after_key = made
         pod, namespace = attrs.get(schema.SOURCE_POD_NAME), attrs.get(schema.SOURCE_NAMESPACE_NAME)
         pod_key = (namespace, pod) if cls in _CROSS_ZONE_CLASSES and pod and namespace else None
         found = by_pod.get(pod_key)
         if found is None:
-            middle = () if pod_key is None else ((self.pod_cross_zone, self.intern(pod_key), 1.0),)
-            found = by_pod[pod_key] = self._share(before + middle + after)
+            if pod_key is None:
+                targets, key = before + after, before_key + after_key
+            else:
+                middle = (self.pod_cross_zone, self.intern(pod_key), 1.0)
+                targets = (*before, middle, *after)
+                key = (*before_key, (id(self.pod_cross_zone), middle[1], 1.0), *after_key)
+            found = by_pod[pod_key] = self._target_sets.setdefault(key, targets)
         return found
 
     def _bytes_parts(self, labels: tuple[str, ...], resolved: Resolved, usd_per_byte: float) -> _BytesParts:
@@ -115,11 +132,11 @@ class Aggregates:
             )
             after.append((self.cost, self.intern(cost_key), usd_per_byte))
         after += service_targets(self, attrs, resolved.traffic_class, resolved.services, usd_per_byte)
-        return tuple(before), tuple(after), {}
+        return tuple(before), tuple(after), {}, _share_key(before), _share_key(after)
 
     def _share(self, targets: tuple[Target, ...]) -> tuple[Target, ...]:
         """One tuple per distinct set of targets, shared by its series (memory; a checkpoint copies few)."""
-        return self._target_sets.setdefault(tuple([(id(d), k, f) for d, k, f in targets]), targets)
+        return self._target_sets.setdefault(_share_key(targets), targets)
 
     def intern(self, key: tuple[str, ...]) -> tuple[str, ...]:
         return self._interned.setdefault(key, key)
@@ -154,7 +171,7 @@ class Aggregates:
         """
         keep: dict[int, set[tuple[str, ...]]] = {}
         distinct = list({id(t): t for t in live}.values())  # series share their targets tuples
-        self._target_sets = {tuple((id(d), k, f) for d, k, f in t): t for t in distinct}
+        self._target_sets = {_share_key(t): t for t in distinct}
         self._packets_sets, self._bytes_sets = {}, {}
         for targets in distinct:
             for totals, key, _ in targets:

@@ -84,7 +84,7 @@ class _NotAKey(Exception):
     names the point."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # never changed once made (not frozen: see Resolved)
 class _Named:
     """One resolution within a request: the full answer (labels), its price, the slim form series keep,
     and the flow-log template."""
