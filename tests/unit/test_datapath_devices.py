@@ -83,6 +83,13 @@ def test_multipath_and_gateway_routes_count_every_nexthop_device() -> None:
     assert names(choose(links, [], routes)) == ["bond0", "ens5", "ens6"]
 
 
+def test_only_ethernet_devices_are_marked_ether() -> None:
+    """tc reads past a 14-byte link header only where every hooked device has one (tc.py's cflags)."""
+    wg = {**link(3, "wg0", "wireguard"), "link_type": "none"}
+    devices = choose([LO, link(2, "eth0"), wg], [], [{"dst": "default", "dev": "eth0"}])
+    assert [(d.name, d.ether) for d in devices] == [("eth0", True), ("wg0", False)]
+
+
 def test_patterns_pick_exactly_the_named_devices_that_are_up() -> None:
     devices = choose(EKS_LINKS, EKS_ADDRS, EKS_ROUTES, patterns=("eth*", "eni3c4d"))
     assert names(devices) == ["eth0", "eth1", "eni3c4d"]  # eth2 is down, lo never

@@ -41,6 +41,7 @@ class Device:
     ifindex: int
     kind: str  # linkinfo kind ("vxlan", "veth" ...), "" for physical devices
     reason: str  # why it is hooked: "explicit", "route", "node-address", "overlay"
+    ether: bool = False  # an Ethernet link header (`link_type` "ether"): the tc program may read past it
 
     @property
     def overlay(self) -> bool:
@@ -63,7 +64,13 @@ def choose(
     else:
         chosen = _default_choice(candidates, addresses, routes, node_addresses)
     devices = [
-        Device(name, int(candidates[name]["ifindex"]), _kind(candidates[name]), reason)
+        Device(
+            name,
+            int(candidates[name]["ifindex"]),
+            _kind(candidates[name]),
+            reason,
+            candidates[name].get("link_type") == "ether",
+        )
         for name, reason in chosen.items()
     ]
     return sorted(devices, key=lambda d: d.ifindex)

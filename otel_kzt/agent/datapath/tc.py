@@ -84,9 +84,13 @@ class TcMode:
             raise DatapathError(f"tc datapath: no device to hook (up, not loopback): {wanted}")
 
     def cflags(self, btf: Btf) -> list[str]:
+        # Every hooked device frames its packets in Ethernet: skb.h may copy the header prefix straight from
+        # behind a 14-byte link header (a frame that says otherwise still goes through the helper).
+        ether = ["-DKZT_SKB_ETHER"] if all(d.ether for d in self.hooked) else []
         if any(d.overlay for d in self.hooked):
-            return []
-        return ["-DKZT_TC_INNER", *(f"-DKZT_VXLAN_PORT{i}={p}" for i, p in enumerate(VXLAN_PORTS))]
+            return ether
+        inner = ["-DKZT_TC_INNER", *(f"-DKZT_VXLAN_PORT{i}={p}" for i, p in enumerate(VXLAN_PORTS))]
+        return ether + inner
 
     def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:
         dispatch_fd = programs["kzt_dispatch"]

@@ -15,7 +15,9 @@
  *                 one whose inner frame is not IP (the overlay's ARP; three tags) is not IP traffic.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
- * Overhead: one 64-byte skb load (two more for a packet shorter than that), the flow's count (count.h:
+ * Overhead: the 64-byte header prefix, copied from the packet behind its Ethernet header where every
+ * hooked device is an Ethernet device and the frame bears it out (skb.h's KZT_SKB_ETHER), else one skb
+ * load (two more for a packet shorter than that), the flow's count (count.h:
  * the CPU's slot, or one hash lookup and two atomic adds), one tail call; with KZT_TC_INNER the same load serves the VXLAN check (a VXLAN packet: a 10-byte
  * load of its inner EtherType and tags, and the inner packet's 64 bytes). Measured by bench/datapath_overhead.py.
  * Wire-exact: GSO packets are counted as their segments (count.h's kzt_wire, from __sk_buff's gso_size
@@ -69,7 +71,7 @@ int kzt_count(struct __sk_buff *skb)
      * VXLAN packet's headers to its inner IP header are more than 64 bytes, in the linear part: one
      * whose prefix cannot be read whole is no VXLAN packet count.h could parse inside. */
     u8 hdr[KZT_HDR_READ] __attribute__((aligned(8)));
-    if (kzt_skb_read(&ref, 0, hdr, sizeof(hdr)) == 0) {
+    if (kzt_skb_prefix(&ref, hdr) == 0) {
         p.hdr = hdr;
         u32 eth = kzt_vxlan_eth(hdr);
         if (eth) {
