@@ -33,8 +33,11 @@ does not bring the old runs back). What the old receiver had not received when i
 
 Retries: only what `otel_kzt.otlp_failures.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
-request dropped. A receiver whose TLS certificate fails verification is not retried either, but it is
-a failure of that receiver: the next one is tried (and it counts as failed for the sticky choice).
+request dropped. An exception a transport raises that is no `ExportError` (a bug, or a failure nobody
+translated) is what the enricher's exporter makes of it too, a transport failure with no status
+(`classify(None, ...)`: retryable), logged once per kind (`otel_kzt.ratelog`). A receiver whose TLS
+certificate fails verification is not retried either, but it is a failure of that receiver: the next one
+is tried (and it counts as failed for the sticky choice).
 Credentials: the CA bundle (`otlp_certificate`) and the bearer token file (`otlp_bearer_token_file`) are
 re-read when they change (`otel_kzt.filewatch`); every transport is then rebuilt, so a cert-manager
 rotation of the receiver's issuer or a rotated token takes effect at the next export, without a restart.
@@ -58,8 +61,10 @@ from dataclasses import dataclass
 from otel_kzt.agent.config import GRPC, OtlpConfig
 from otel_kzt.agent.state import ReceiverStore, StoredReceiver, receiver_id
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
-from otel_kzt.errors import PermanentExportError, ReceiverTrustError, RetryableExportError
+from otel_kzt.errors import ExportError, PermanentExportError, ReceiverTrustError, RetryableExportError
 from otel_kzt.filewatch import WatchedFiles, token_text
+from otel_kzt.otlp_failures import classify
+from otel_kzt.ratelog import KindLog
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +155,7 @@ class Exporter:
             self._token = WatchedFiles([config.bearer_token_file], token_text, "otlp_bearer_token_file")
         self._credentials = self._current_credentials()
         self._lock = threading.Lock()
+        self._untranslated = KindLog(log)
 
     def _current_credentials(self) -> tuple[bytes | None, str | None]:
         """(CA bundle, bearer token) as their files are now (re-read when they change)."""
@@ -259,7 +265,7 @@ class Exporter:
                 result.switched = True
                 return False, 0.0
             try:
-                result.rejected_points += self._transport(target).send(body, timeout)
+                result.rejected_points += self._send(target, body, timeout)
             except ReceiverTrustError as exc:
                 # About the receiver, not the request: not again this interval; another may be trusted.
                 self._down_until[target] = time.monotonic() + self._down_s
@@ -283,6 +289,16 @@ class Exporter:
             log.error("export dropped: no receiver is trusted (retrying will not fix a certificate)")
             return False, 0.0
         return None, retry_after
+
+    def _send(self, target: Target, body: bytes, timeout: float) -> int:
+        """One request to `target`: every failure as an ExportError (the one rule, otlp_failures)."""
+        try:
+            return self._transport(target).send(body, timeout)
+        except ExportError:
+            raise
+        except Exception as exc:  # a transport bug or an exception nobody translated: a transport failure
+            self._untranslated.error(exc, "export transport raised: endpoint=%s", target.url)
+            raise classify(None, f"{type(exc).__name__}: {exc}") from exc
 
     def _delivered_to(self, target: Target, targets: list[Target]) -> None:
         """`target` works: it is the current receiver now, first for the rest of this interval."""

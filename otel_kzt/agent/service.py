@@ -17,6 +17,11 @@ what does not fit is given up, counted and logged. The export on shutdown evicts
 would die with the process, while flows left in the pinned map reach the next one. Flows that are not ours
 (forwarded, arriving) are evicted without export at the interval they are first seen (LocalFlows.leaves_now),
 so forwarded traffic on a busy node never pushes local flows into the overflow bucket.
+
+A pass that raises what nothing translated (a bug in encoding, a sender's own error) does not end the loop:
+it counts as one failed export, is logged once per kind (`otel_kzt.ratelog`), and the next pass, whose
+snapshot is cumulative, carries everything; the datapath and the state kept across passes stay. A datapath
+error that gets this far, and KeyboardInterrupt / SystemExit, still end the process.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from otel_kzt.agent.telemetry import AgentStats, telemetry_metrics
 from otel_kzt.agent.vipbytes import ServiceVipBytes
 from otel_kzt.errors import DatapathError
 from otel_kzt.k8s.model import MetadataIndex
+from otel_kzt.ratelog import KindLog
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +145,7 @@ class AgentService:
         self._index = index
         self._clock_ns = clock_ns
         self.stats = AgentStats(clock_ns())
+        self._pass_errors = KindLog(log)
         # Final values of evicted flows not yet delivered, oldest first: (key, start) -> (head, counters).
         self._finals: dict[tuple[FlowKey, int], tuple[PointHead, FlowCounters]] = {}
         # The flows of the last export delivered whole (what the receiver holds, as lists of keys and
@@ -348,6 +355,18 @@ class AgentService:
         self.stats.record_evicted(evicted)
         log.debug("evicted idle flows: asked=%d evicted=%d", len(keys), evicted)
 
+    def _pass(self, deadline: float, stop: threading.Event, *, evict: bool = True) -> ExportResult:
+        """`export_once`, surviving any Exception but a DatapathError: one failed export (see the top)."""
+        started = time.monotonic()
+        try:
+            return self.export_once(deadline, stop, evict=evict)
+        except DatapathError:
+            raise  # the flow map is gone: nothing left to export from
+        except Exception as exc:
+            self.stats.record_export(0, 1, 0, time.monotonic() - started)
+            self._pass_errors.error(exc, "export pass failed; the next one carries the cumulative totals")
+            return ExportResult(failed=1)
+
     def run(self, stop: threading.Event) -> None:
         """Export every interval until `stop` is set, then one final export (no retries)."""
         interval = self._config.interval_s
@@ -355,10 +374,10 @@ class AgentService:
         self.health.loop_ran()  # /healthz judges the loop from here on
         while not stop.wait(max(0.0, tick - time.monotonic())):
             # Retries of this pass end where the next pass begins: the next snapshot supersedes this one.
-            self.export_once(tick + interval, stop)
+            self._pass(tick + interval, stop)
             self.health.loop_ran()
             tick = max(tick + interval, time.monotonic())
-        final = self.export_once(time.monotonic() + self._config.otlp.timeout_s, stop, evict=False)
+        final = self._pass(time.monotonic() + self._config.otlp.timeout_s, stop, evict=False)
         log.info("final export on shutdown: sent=%d failed=%d", final.sent, final.failed)
         if self._finals:
             # Their flows are gone from the kernel map: these values exist only in this process.

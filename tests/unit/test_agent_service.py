@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from types import SimpleNamespace
 
 import grpc
 import pytest
 
 from otel_kzt import schema
 from otel_kzt.agent.config import AgentConfig, OtlpConfig
-from otel_kzt.agent.export import Exporter
+from otel_kzt.agent.export import Exporter, ExportResult
 from otel_kzt.agent.flows import Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.service import AgentService
+from otel_kzt.errors import DatapathError
 from tests.unit.test_agent_local import NODE, index, key
 from tests.unit.test_agent_support import Failure, FakeMap, GrpcReceiver, points
 
@@ -236,3 +238,81 @@ def test_a_receiver_switch_begins_new_runs_there(receiver: GrpcReceiver) -> None
         exp.close()
     finally:
         other.stop()
+
+
+def _run_until(svc: AgentService, fake: FakeMap, receiver: GrpcReceiver) -> list[object]:
+    """Runs the loop (interval 0.1 s) until two exports delivered, adds 5 bytes, stops: the flow's values."""
+    stop = threading.Event()
+    thread = threading.Thread(target=svc.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 20  # however loaded the machine (no timing assert)
+    while len(points(receiver.snapshot(), schema.FLOW_BYTES)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    fake.add(POD_FLOW, 5)
+    stop.set()
+    thread.join(5)
+    assert not thread.is_alive()
+    return [p["_value"] for p in points(receiver.snapshot(), schema.FLOW_BYTES)]
+
+
+def test_an_untranslated_transport_error_is_a_retryable_failure(
+    receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from otel_kzt.agent.transport import GrpcTransport
+
+    real, raised = GrpcTransport.send, []
+
+    def send(self: GrpcTransport, body: bytes, timeout_s: float) -> int:
+        if len(raised) < 3:
+            raised.append(1)
+            raise RuntimeError("a bug in the transport")
+        return real(self, body, timeout_s)
+
+    monkeypatch.setattr(GrpcTransport, "send", send)
+    fake = FakeMap()
+    fake.add(POD_FLOW, 10)
+    svc, exp = service(receiver, fake, interval_s=0.1)
+    values = _run_until(svc, fake, receiver)
+    exp.close()
+    assert len(raised) == 3 and len(values) >= 3 and set(values[:-1]) == {10} and values[-1] == 15
+    logged = [r for r in caplog.records if "export transport raised" in r.getMessage()]
+    assert len(logged) == 1 and "kind=RuntimeError" in logged[0].getMessage()  # once per kind
+
+
+def test_a_pass_that_raises_is_one_failed_export_and_the_loop_goes_on(
+    receiver: GrpcReceiver, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeMap()
+    fake.add(POD_FLOW, 10)
+    svc, exp = service(receiver, fake, interval_s=0.1)
+    real, calls = exp.export, []
+
+    def export(requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
+        calls.append(1)
+        if len(calls) <= 2:
+            raise RuntimeError("nobody translated this")
+        return real(requests, deadline, stop)
+
+    svc._sender = SimpleNamespace(export=export)  # type: ignore[assignment]
+    values = _run_until(svc, fake, receiver)
+    exp.close()
+    assert len(values) >= 2 and set(values[:-1]) == {10} and values[-1] == 15  # cumulative, nothing lost
+    last = receiver.snapshot()[-1:]
+    exports = {p[schema.AGENT_RESULT]: p["_value"] for p in points(last, schema.OTLP_AGENT_EXPORTS)}
+    assert exports["failed"] == 2
+    logged = [r for r in caplog.records if "export pass failed" in r.getMessage()]
+    assert len(logged) == 1  # the second of the same kind, within the minute, only counted
+
+
+@pytest.mark.parametrize("fatal", [SystemExit(2), KeyboardInterrupt(), DatapathError("flow map gone")])
+def test_fatal_conditions_still_end_the_loop(receiver: GrpcReceiver, fatal: BaseException) -> None:
+    def export(requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
+        raise fatal
+
+    fake = FakeMap()
+    fake.add(POD_FLOW, 10)
+    svc, exp = service(receiver, fake, interval_s=0.05)
+    svc._sender = SimpleNamespace(export=export)  # type: ignore[assignment]
+    with pytest.raises(type(fatal)):
+        svc.run(threading.Event())
+    exp.close()
