@@ -31,14 +31,20 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 
 from bench.payloads import build_payloads, cluster_objects
-from otel_kzt.otlp_failures import rpc_error_parts
+from otel_kzt import schema
+from otel_kzt.errors import RetryableExportError
+from otel_kzt.otlp_failures import classify, rpc_error_parts
 from tests.support.k8s_objects import as_list
 
 EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
@@ -52,12 +58,25 @@ class Result:
     forwarded: int = 0
     dropped: int = 0
     refusals: int = 0
+    sent: list[Sent] = field(default_factory=list)  # per sender, all intervals
+    enricher: dict[str, float] = field(default_factory=dict)  # its own counters after the last interval
+    downstream: list[tuple[str, int]] = field(default_factory=list)  # the sink's count: when, points
     cpu_s: float = 0.0
     rss_peak: int = 0
     wall_s: float = 0.0
     interval_cpu_s: list[float] = field(default_factory=list)
     requests_forwarded: int = 0  # downstream requests: the exporter's batching
     roles_cpu_s: list[Counter[str]] = field(default_factory=list)  # per interval, by thread name
+
+    @property
+    def accepted(self) -> int:
+        """Points the enricher answered OK for (less partial rejections): what must reach downstream."""
+        return sum(one.points_ok for one in self.sent)
+
+    @property
+    def lost(self) -> int:
+        """Accepted and not forwarded (with 0 dropped counted, a loss nobody counted)."""
+        return self.accepted - self.forwarded - self.dropped
 
     @property
     def per_cpu_s(self) -> float:
@@ -127,37 +146,151 @@ def proc_hwm(pid: int) -> int:
 
 
 def scrape(port: int, name: str) -> float:
+    return scrape_all(port, (name,))[name]
+
+
+def scrape_all(port: int, names: tuple[str, ...]) -> dict[str, float]:
+    """Each name's samples summed over their labels, from the enricher's /metrics."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
-        text = resp.read().decode()
-    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name))
+        lines = resp.read().decode().splitlines()
+    return {name: sum(float(ln.split()[-1]) for ln in lines if ln.startswith(name)) for name in names}
 
 
-def send_all(port: int, rows: list[list[bytes]], senders: int) -> int:
-    """Each sender owns every `senders`-th agent and sends its intervals in order; returns refusals."""
-    refusals = [0] * senders
+ENRICHER_COUNTERS: Final = tuple(
+    f"{name}_total"
+    for name in (
+        schema.ENRICHER_RECEIVED_POINTS,
+        schema.ENRICHER_REJECTED_POINTS,
+        schema.ENRICHER_RECEIVER_REFUSED,
+        schema.ENRICHER_EXPORT_FAILURES,
+        schema.ENRICHER_EXPORT_DROPPED,
+    )
+)
+
+
+class Sink:
+    """bench/otlp_sink.py in its own process: its port, and its counts now or after it stopped."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "otlp_sink.py")],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        self.port = int(self.stdout.readline())
+
+    def counts(self) -> dict[str, int]:
+        self.stdin.write("\n")
+        self.stdin.flush()
+        return dict(json.loads(self.stdout.readline()))
+
+    def stop(self) -> dict[str, int]:
+        self.stdin.close()
+        counts = dict(json.loads(self.stdout.readline()))
+        self.proc.wait(10)
+        return counts
+
+    def wait_for(self, points: int, quiet_s: float = 5.0) -> int:
+        """Until the sink holds `points`, or its count stood still for `quiet_s` (the exporter idle)."""
+        last, since = -1, time.monotonic()
+        while True:
+            now = self.counts()["points"]
+            if now >= points or time.monotonic() - since > quiet_s:
+                return now
+            if now != last:
+                last, since = now, time.monotonic()
+            time.sleep(0.2)
+
+
+@dataclass
+class Sent:
+    """What one sender's requests became, so every point's fate is printed: answered OK (its points
+    accepted, less any partial rejection), or given up (`failed`, with the reason in `errors`). Retries
+    are counted apart: `refused` after a retry-later answer (its delay), `retried` after a transient
+    failure with no delay (backoff), both as agents do (otel_kzt/otlp_failures.py decides which)."""
+
+    requests: int = 0  # attempts, retries included
+    ok: int = 0
+    refused: int = 0
+    retried: int = 0
+    failed: int = 0
+    points_ok: int = 0
+    points_rejected: int = 0  # partial success: the enricher answered OK but rejected these
+    points_failed: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: Sent) -> None:
+        for name in ("requests", "ok", "refused", "retried", "failed", "points_ok", "points_rejected"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.points_failed += other.points_failed
+        self.errors.update(other.errors)
+
+
+def points_in(payload: bytes) -> int:
+    req = ExportMetricsServiceRequest.FromString(payload)
+    return sum(
+        len(m.sum.data_points) for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+    )
+
+
+def send_all(port: int, rows: list[list[bytes]], senders: int, attempts: int = 8) -> list[Sent]:
+    """Each sender owns every `senders`-th agent and sends its intervals in order; what each request
+    became, per sender. A request is given up after `attempts` transient failures or a permanent one,
+    and a sender that fails otherwise gives up the rest of its share: both counted, never silent."""
+    sent = [Sent() for _ in range(senders)]
+
+    def send(call: grpc.UnaryUnaryMultiCallable, payload: bytes, mine: Sent) -> None:
+        points, backoff = points_in(payload), 0.2
+        for _attempt in range(attempts):
+            mine.requests += 1
+            try:
+                raw = call(payload, timeout=60)
+            except grpc.RpcError as exc:
+                code, details, delay = rpc_error_parts(exc)
+                if not isinstance(classify(code, details, delay), RetryableExportError):
+                    mine.errors[f"{code and code.name}: {details}"] += 1
+                    break
+                mine.errors[f"{code and code.name}: {details} (retried)"] += 1
+                if delay is not None:
+                    mine.refused += 1
+                else:
+                    mine.retried += 1
+                    delay, backoff = backoff, min(backoff * 2, 5.0)
+                time.sleep(delay)
+                continue
+            rejected = ExportMetricsServiceResponse.FromString(raw).partial_success.rejected_data_points
+            mine.ok += 1
+            mine.points_ok += points - rejected
+            mine.points_rejected += rejected
+            return
+        mine.failed += 1
+        mine.points_failed += points
 
     def run(s: int) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            call = channel.unary_unary(EXPORT)
-            for row in rows:
-                for payload in row[s::senders]:
-                    while True:
-                        try:
-                            call(payload, timeout=60)
-                            break
-                        except grpc.RpcError as exc:
-                            _code, _, delay = rpc_error_parts(exc)
-                            if delay is None:
-                                raise
-                            refusals[s] += 1
-                            time.sleep(delay)
+        mine = sent[s]
+        share = [payload for row in rows for payload in row[s::senders]]
+        done = 0
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.unary_unary(EXPORT)
+                for payload in share:
+                    send(call, payload, mine)
+                    done += 1
+        except Exception as exc:  # the rest of this sender's share is given up: counted, never lost
+            mine.errors[f"sender stopped: {exc!r}"] += 1
+            for payload in share[done:]:
+                mine.failed += 1
+                mine.points_failed += points_in(payload)
 
     threads = [threading.Thread(target=run, args=(s,)) for s in range(senders)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    return sum(refusals)
+    return sent
 
 
 def wait_idle(pid: int, quiet_s: float = 1.0) -> None:
@@ -175,43 +308,40 @@ def run(agents: int, flows: int, senders: int, count: int) -> Result:
     with tempfile.TemporaryDirectory(prefix="kzt-bench-") as tmp:
         ips = metadata(Path(tmp) / "cluster.json", agents)
         rows = intervals(build_payloads(ips, flows, 1)[0], count)
-        sink = subprocess.Popen(
-            [sys.executable, str(HERE / "otlp_sink.py")],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert sink.stdout is not None and sink.stdin is not None
-        sink_port = int(sink.stdout.readline())
+        sink = Sink()
         grpc_port, metrics_port = free_port(), free_port()
         enricher = enricher_process(
             Path(tmp) / "cluster.json",
             "--cluster-cidr", "10.0.0.0/8",
             "--grpc-endpoint", f"127.0.0.1:{grpc_port}", "--http-endpoint", "",
             "--metrics-endpoint", f"127.0.0.1:{metrics_port}",
-            "--export-endpoint", f"127.0.0.1:{sink_port}",
+            "--export-endpoint", f"127.0.0.1:{sink.port}",
         )  # fmt: skip
         try:
             wait_ready(metrics_port)
-            result = Result(received=agents * flows * 2 * count)
+            result = Result(received=agents * flows * 2 * count, sent=[Sent() for _ in range(senders)])
             t0 = time.monotonic()
             for row in rows:  # interval by interval, each until the enricher is idle again (exported)
                 roles0 = thread_cpu_s(enricher.pid)
-                result.refusals += send_all(grpc_port, [row], senders)
+                for total, one in zip(result.sent, send_all(grpc_port, [row], senders), strict=True):
+                    total.add(one)
                 wait_idle(enricher.pid)
                 roles = thread_cpu_s(enricher.pid)
                 roles.subtract(roles0)
                 result.roles_cpu_s.append(roles)
                 result.interval_cpu_s.append(sum(roles.values()))
             result.cpu_s, result.wall_s = sum(result.interval_cpu_s), time.monotonic() - t0
+            result.refusals = sum(one.refused for one in result.sent)
             result.rss_peak = proc_hwm(enricher.pid)
-            result.dropped = int(scrape(metrics_port, "kzt_enricher_export_dropped_items_total"))
+            result.downstream.append(("enricher idle", sink.counts()["points"]))
+            result.enricher = scrape_all(metrics_port, ENRICHER_COUNTERS)
+            result.dropped = int(result.enricher[f"{schema.ENRICHER_EXPORT_DROPPED}_total"])
+            result.downstream.append(("after draining", sink.wait_for(result.accepted - result.dropped)))
         finally:
             enricher.send_signal(signal.SIGTERM)
             enricher.wait(30)
-            sink.stdin.close()
-            counts = json.loads(sink.stdout.readline())
-            sink.wait(10)
+            counts = sink.stop()
+        result.downstream.append(("enricher stopped", int(counts["points"])))
         result.forwarded, result.requests_forwarded = int(counts["points"]), int(counts["requests"])
         return result
 
@@ -247,6 +377,21 @@ def report(r: Result, agents: int, flows: int, senders: int, count: int) -> None
     print(f"  in requests          {r.requests_forwarded:>12,}   (the exporter's batches)")
     print(f"  export dropped       {r.dropped:>12,}   target: 0")
     print(f"  retry-later answers  {r.refusals:>12,}   (back-pressure; the senders retried)")
+    print(f"  points accepted      {r.accepted:>12,}   (answered OK, less partial rejections)")
+    print(f"  accepted, not forwarded, not dropped {r.lost:,}   target: 0")
+    print("  downstream points    " + ", ".join(f"{when} {n:,}" for when, n in r.downstream))
+    print(
+        "  enricher counters    "
+        + ", ".join(f"{k.removeprefix('kzt_enricher_')} {v:,.0f}" for k, v in r.enricher.items())
+    )
+    for s, one in enumerate(r.sent):
+        print(
+            f"  sender {s}: requests {one.requests:,} ok {one.ok:,} refused {one.refused:,} retried "
+            f"{one.retried:,} failed {one.failed:,}; points ok {one.points_ok:,} rejected "
+            f"{one.points_rejected:,} failed {one.points_failed:,}"
+        )
+        for reason, n in one.errors.most_common():
+            print(f"    {n:,} x {reason}")
     per_interval = ", ".join(f"{c:.2f}" for c in r.interval_cpu_s)
     print(
         f"  enricher CPU         {r.cpu_s:>12.2f} s  per interval: {per_interval} s (wall {r.wall_s:.1f} s)"
@@ -281,6 +426,10 @@ def main() -> int:
     args = parser.parse_args()
     result = run(args.agents, args.flows, args.senders, args.intervals)
     report(result, args.agents, args.flows, args.senders, args.intervals)
+    given_up = sum(one.points_failed for one in result.sent)
+    if result.lost or given_up or result.accepted != result.received:
+        print(f"FAILED: {given_up:,} points given up by the senders, {result.lost:,} accepted and lost")
+        return 1
     return 0
 
 

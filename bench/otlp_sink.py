@@ -1,7 +1,8 @@
 """A downstream OTLP/gRPC receiver for benchmarks, in its own process so its CPU is not the enricher's.
 
 Counts the data points of every metrics request and the log records of every logs request; prints its
-port on the first line, then, when its standard input closes, the counts as one JSON line and exits.
+port on the first line; for every line on its standard input the counts so far as one JSON line; when its
+standard input closes, it stops receiving, prints the final counts the same way and exits.
 
     python bench/otlp_sink.py
 """
@@ -56,7 +57,9 @@ def main() -> int:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(port, flush=True)
-    sys.stdin.read()  # until the benchmark closes our stdin
+    for _line in sys.stdin:  # until the benchmark closes our stdin: the counts so far, when asked
+        with lock:
+            print(json.dumps(counts), flush=True)
     server.stop(1).wait()
     with lock:
         print(json.dumps(counts), flush=True)
