@@ -11,6 +11,7 @@ billed flow and interval, in the enricher's default configuration).
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections.abc import Iterable, Mapping, Sequence
@@ -331,14 +332,19 @@ class FlowRecords:
 
 
 _SHORT_RECORD: Final = 0x4000  # records shorter than this (two-byte lengths) take their head from a table
-_record_heads_table: list[bytes] = []  # made on first use (16k small bytes)
+
+
+@functools.cache
+def _record_heads_table() -> tuple[bytes, ...]:
+    """Made on first use (16k small bytes) and whole before anyone sees it: the receiver's workers reach
+    the first use together, and a list filled in place was read half made (IndexError: the request
+    answered UNKNOWN, its points not forwarded). Threads arriving together may each make one."""
+    return tuple(bytes((_LOG_RECORDS_TAG,)) + varint(n) for n in range(_SHORT_RECORD))
 
 
 def _record_heads(sizes: Iterable[int]) -> list[bytes]:
     """ScopeLogs.log_records tag + length, for records of these sizes."""
-    table = _record_heads_table
-    if not table:
-        table += (bytes((_LOG_RECORDS_TAG,)) + varint(n) for n in range(_SHORT_RECORD))
+    table = _record_heads_table()
     long = bytes((_LOG_RECORDS_TAG,))
     return [table[n] if n < _SHORT_RECORD else long + varint(n) for n in sizes]
 
