@@ -289,6 +289,7 @@ ENRICHER_CHECKPOINT_STAGE_LABEL: Final = "stage"
 ENRICHER_CHECKPOINT_TIMESTAMP: Final = "kzt_enricher_checkpoint_timestamp_seconds"
 # The receivers' caps (DESIGN §5.9): what each refused, and what is held now.
 ENRICHER_RECEIVER_REFUSED: Final = "kzt_enricher_receiver_refused"  # counter: _total on /metrics
+ENRICHER_RECEIVER_ERRORS: Final = "kzt_enricher_receiver_errors"  # counter: requests failed by a bug of ours
 ENRICHER_RECEIVER_INFLIGHT_BYTES: Final = "kzt_enricher_receiver_inflight_bytes"
 ENRICHER_RECEIVER_CONNECTIONS: Final = "kzt_enricher_receiver_connections"
 ENRICHER_RECEIVER_LABEL: Final = "receiver"
@@ -357,6 +358,7 @@ ENRICHER_PROM_COUNTERS: Final = frozenset(
         ENRICHER_FLOW_SUMS,
         ENRICHER_CACHE_RESETS,  # exporters/caches.py
         ENRICHER_RECEIVER_REFUSED,  # receivers/caps.py
+        ENRICHER_RECEIVER_ERRORS,  # receivers/caps.py
         ENRICHER_AGENTS_REFUSED,  # the agents' health (state/agents.py), label k8s_node_name
         AGENT_OVERFLOW_BYTES,
         AGENT_OVERFLOW_PACKETS,

@@ -219,6 +219,45 @@ def test_grpc_calls_beyond_the_cap_are_retryable(wire_service: EnricherService) 
         call(request(43), timeout=10)  # the slot was given back
 
 
+@pytest.mark.integration
+def test_an_error_of_ours_is_answered_retry_later_counted_and_loses_nothing(
+    wire_service: EnricherService, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in the core (here: an exception injected the first time each request arrives) must not lose
+    the request: grpcio's default answer (UNKNOWN) and a 500 are not retried by OTLP clients."""
+    core = wire_service.core
+    assert core is not None
+    consume, failed = core.consume_encoded, []
+
+    def failing_once(raw: bytes, decode: object) -> object:
+        if raw not in failed:
+            failed.append(raw)
+            raise IndexError("injected")
+        return consume(raw, decode)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(core, "consume_encoded", failing_once)
+    with grpc.insecure_channel(f"127.0.0.1:{wire_service.ports['grpc']}") as channel:
+        call = channel.unary_unary(METRICS_METHOD)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(request(51), timeout=10)
+        error = caught.value
+        assert error.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        details = dict(error.trailing_metadata())["grpc-status-details-bin"]  # type: ignore[attr-defined]
+        retry = error_details_pb2.RetryInfo()
+        assert status_pb2.Status.FromString(details).details[0].Unpack(retry)
+        assert retry.retry_delay.seconds >= 1
+        call(request(51), timeout=10)  # the sender's retry
+    status, headers, reply = post(wire_service.ports["http"], request(52, dst="api-1"))
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert "internal error" in status_pb2.Status.FromString(reply).message
+    assert post(wire_service.ports["http"], request(52, dst="api-1"))[0] == 200
+    assert len(failed) == 2
+    assert sorted(values(drained(downstream, 2))) == [51, 52]  # each value once, none lost
+    metrics = f"http://127.0.0.1:{wire_service.ports['metrics']}/metrics"
+    for receiver in ("grpc", "http"):
+        metrics_showing(metrics, f'{schema.ENRICHER_RECEIVER_ERRORS}_total{{receiver="{receiver}"}} 1.0')
+
+
 class _Stuck(Downstream):
     """A downstream that takes requests but answers only once released."""
 

@@ -1,4 +1,5 @@
-"""The receivers' caps on /metrics: what each one refused, and the bytes and connections held now.
+"""The receivers' caps on /metrics: what each one refused, and the bytes and connections held now; and
+the requests each failed by an error of ours.
 
 Read at scrape time from the live counters (the budget, each HTTP port's connection gate, the gRPC
 admission), so nothing is counted twice and no request path touches a metric.
@@ -6,6 +7,8 @@ admission), so nothing is counted twice and no request path touches a metric.
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -14,7 +17,27 @@ from prometheus_client.registry import Collector
 
 from otel_kzt import schema
 from otel_kzt.enricher.receivers.budget import ByteBudget, Downstream
+from otel_kzt.ratelog import KindLog
 from otel_kzt.serving.server import AsyncHttpServer
+
+
+class Errors:
+    """Requests a receiver failed by an error of ours (a bug, never the request's fault).
+
+    They are answered `retry later`, as the Collector's receivers answer any error that is not permanent:
+    the sender keeps the data and sends it again, and the counting rule counts a value sent twice once.
+    Each kind is logged with its traceback once a minute at most.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = KindLog(logger)
+        self._lock = threading.Lock()  # gRPC's workers count from their own threads
+        self.value = 0
+
+    def add(self, exc: BaseException, where: str) -> None:
+        with self._lock:
+            self.value += 1
+        self._log.error(exc, "otlp: internal error, answered retry later where=%s", where)
 
 
 @dataclass(eq=False)  # hashable by identity: a registry keys its collectors
@@ -25,6 +48,7 @@ class ReceiverMetrics(Collector):
     downstream: Downstream
     refused: dict[tuple[str, str], Callable[[], int]] = field(default_factory=dict)
     connections: dict[str, Callable[[], int]] = field(default_factory=dict)
+    errors: dict[str, Errors] = field(default_factory=dict)
 
     def add_port(self, name: str, server: AsyncHttpServer) -> None:
         """An HTTP port's connection cap (the OTLP receiver's, the metrics port's): what it refused, what
@@ -56,3 +80,11 @@ class ReceiverMetrics(Collector):
         for receiver, read in sorted(self.connections.items()):
             connections.add_metric([receiver], float(read()))
         yield connections
+        errors = CounterMetricFamily(
+            schema.ENRICHER_RECEIVER_ERRORS,
+            "Requests a receiver failed by an error of the enricher's own (a bug), answered `retry later`",
+            labels=[schema.ENRICHER_RECEIVER_LABEL],
+        )
+        for receiver, count in sorted(self.errors.items()):
+            errors.add_metric([receiver], float(count.value))
+        yield errors

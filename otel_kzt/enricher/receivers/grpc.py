@@ -32,7 +32,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 
 from otel_kzt import schema
 from otel_kzt.enricher.processing.core import Core
-from otel_kzt.enricher.receivers.caps import ReceiverMetrics
+from otel_kzt.enricher.receivers.caps import Errors, ReceiverMetrics
 from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.errors import Overloaded
 
@@ -57,8 +57,9 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._slots = threading.BoundedSemaphore(limit)
         self._limit = limit
         self.refused = 0
+        self.errors = Errors(log)
         self._handlers = {
-            method: grpc.stream_unary_rpc_method_handler(self._admitted(behaviour))
+            method: grpc.stream_unary_rpc_method_handler(self._admitted(method, behaviour))
             for method, behaviour in methods.items()
         }
         self._refuse = grpc.stream_unary_rpc_method_handler(self._refusal)
@@ -72,7 +73,9 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
             return self._refuse
         return handler
 
-    def _admitted(self, behaviour: Behaviour) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
+    def _admitted(
+        self, method: str, behaviour: Behaviour
+    ) -> Callable[[Iterator[bytes], grpc.ServicerContext], bytes]:
         def run(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
             try:
                 raw = next(requests, None)  # the one message of a unary call
@@ -80,6 +83,11 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
                     raise AssertionError("abort raises")
                 return behaviour(raw, context)
+            except Exception as exc:
+                if context.code() is not None:  # our own answer: abort() set it, then raised
+                    raise
+                self.errors.add(exc, method)  # else grpcio would answer UNKNOWN: not retried, lost
+                _abort_retry_later(context, grpc.StatusCode.UNAVAILABLE, "internal error, retry later")
             finally:
                 self._slots.release()
 
@@ -104,6 +112,7 @@ class GrpcReceiver:
     def report(self, caps: ReceiverMetrics) -> None:
         admission = self.admission
         caps.refused["grpc", schema.ENRICHER_REFUSED_CONCURRENT_CALLS] = lambda: admission.refused
+        caps.errors["grpc"] = admission.errors
 
     def start(self) -> int:
         settings = self._settings

@@ -32,7 +32,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.receivers import decode
 from otel_kzt.enricher.receivers.budget import Hold
-from otel_kzt.enricher.receivers.caps import ReceiverMetrics
+from otel_kzt.enricher.receivers.caps import Errors, ReceiverMetrics
 from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.errors import (
     InvalidRequest,
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 _STATUS: Final = {InvalidRequest: 400, RequestTooLarge: 413, UnsupportedMediaType: 415, Overloaded: 503}
 _GRPC_CODE: Final = {400: 3, 401: 16, 404: 5, 408: 4, 413: 8, 415: 3, 503: 14}
 _SIGNALS: Final = {"/v1/metrics": "metrics", "/v1/logs": "logs"}
+_RETRY_AFTER_S: Final = 1  # after an error of ours
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +72,7 @@ class HttpReceiver:
 
     def __init__(self, settings: ReceiverSettings, core: Core, workers: int = 4) -> None:
         self._settings, self._core = settings, core
+        self.errors = Errors(log)
         app = web.Application(client_max_size=settings.max_request_bytes)
         app.router.add_route("*", "/{tail:.*}", self._handle)
         self.server = AsyncHttpServer(
@@ -85,6 +87,7 @@ class HttpReceiver:
 
     def report(self, caps: ReceiverMetrics) -> None:
         caps.add_port("http", self.server)
+        caps.errors["http"] = self.errors
 
     def start(self) -> int:
         return self.server.start()
@@ -114,9 +117,10 @@ class HttpReceiver:
             return _error(400, f"incomplete request body: {exc}", reply_type, close=True)
         except HTTPException:
             raise
-        except Exception:  # a bug of ours: answer 500 and keep serving
-            log.exception("otlp http: internal error path=%s", request.path)
-            return _error(500, "internal error", reply_type, close=True)
+        except Exception as exc:  # a bug of ours: retryable (a 500 is not: the sender would drop the data)
+            self.errors.add(exc, request.path)
+            headers = {"Retry-After": str(_RETRY_AFTER_S)}
+            return _error(503, "internal error, retry later", reply_type, headers, close=True)
 
     def _check(self, request: web.Request, content_type: str) -> str:
         """Everything decidable from the head, before a byte of the body is read."""
