@@ -164,11 +164,11 @@ class ClusterIndex:
 
     def mark_synced(self, name: str) -> None:
         with self._lock:
-            ready = self._states.synced(name)
-            if ready and not self._ready:
-                log.info("metadata index ready pods=%d nodes=%d", len(self._pods), len(self._nodes))
-                self._generation += 1
+            ready, was = self._states.synced(name), self._ready
             self._ready = ready
+            if ready and not was:  # answering from now on: a new generation, once lookups answer
+                log.info("metadata index ready pods=%d nodes=%d", len(self._pods), len(self._nodes))
+                self._bump()
 
     def source_failed(
         self, name: str, verb: str, status: int | None, reason: str, message: str
@@ -239,21 +239,21 @@ class ClusterIndex:
         self._pods[record.uid] = record
         if old is not None and old.ips == record.ips and old.endpoint == record.endpoint:
             return  # a status update that changes nothing we answer: no generation bump
-        self._generation += 1
         if old is not None:
             for ip in old.ips:
                 if ip not in record.ips:
                     self._release(ip, record.uid, now)
         for ip in record.ips:
             self._bind(ip, record.endpoint, now)
+        self._bump()
 
     def _delete_pod(self, uid: str, now: float) -> None:
         old = self._pods.pop(uid, None)
         if old is None:
             return
-        self._generation += 1
         for ip in old.ips:
             self._release(ip, uid, now)
+        self._bump()
 
     def _upsert_node(self, info: NodeInfo, now: float) -> None:
         old = self._nodes.get(info.name)
@@ -263,9 +263,6 @@ class ClusterIndex:
         self._nodes[info.name] = info
         if old == info:
             return
-        self._generation += 1
-        if old is None or old.zone != info.zone:
-            self.services.node_zones_changed()
         endpoint = self._node_endpoints.get(info.name)
         if endpoint is None:
             endpoint = self._node_endpoints[info.name] = node_endpoint(info.name)
@@ -274,15 +271,24 @@ class ClusterIndex:
                 self._release(ip, info.name, now)
         for ip in info.addresses:
             self._bind(ip, endpoint, now)
+        if old is None or old.zone != info.zone:
+            self.services.node_zones_changed()
+        self._bump()
 
     def _delete_node(self, name: str, now: float) -> None:
         old = self._nodes.pop(name, None)
         self._node_endpoints.pop(name, None)
         if old is None:
             return
-        self._generation += 1
         for ip in old.addresses:
             self._release(ip, name, now)
+        self._bump()
+
+    def _bump(self) -> None:
+        """A new generation, once the change is in place: the enricher's workers read the index without
+        its lock and cache each answer under the generation they read first (processing/resolution.py),
+        so a generation moved before its bindings were swapped in had a stale answer cached under it."""
+        self._generation += 1
 
     def _bind(self, ip: str, endpoint: Endpoint, now: float) -> None:
         value = self._by_ip.get(ip)
