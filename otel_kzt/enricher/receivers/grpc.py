@@ -83,6 +83,8 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
                     raise AssertionError("abort raises")
                 return behaviour(raw, context)
+            except grpc.RpcError:
+                raise  # the call itself ended (a client that cancelled while it waited): nothing of ours
             except Exception as exc:
                 if context.code() is not None:  # our own answer: abort() set it, then raised
                     raise
