@@ -159,7 +159,12 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
     health.add_check("datapath", lambda: "not attached yet (compiling, loading, attaching)")
     _start_health_port(config, health, stack)  # answers while the datapath loads: alive, not ready
     store = _receiver_store(config, stack)  # opened first: the datapath's start may reset the node's pins
-    datapath = start_datapath(datapath_config, config.datapath)  # a failed start undoes itself
+    try:
+        datapath = start_datapath(datapath_config, config.datapath)  # a failed start undoes itself
+    except BaseException:
+        if store is not None:
+            store.withdraw()  # and the state it pinned for this start goes too
+        raise
     stack.callback(datapath.close)  # pinned: detaches nothing; --no-pin: detaches
     health.add_check("datapath", lambda: None if datapath.attached else "not attached")
     if store is not None:

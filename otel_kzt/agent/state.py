@@ -142,16 +142,33 @@ class StoredReceiver:
 class BpffsReceiverStore:
     """The pinned `agent_state` array map of one node; owns its fd (`close()` is safe twice)."""
 
-    def __init__(self, bpf_map: BpfMap, path: Path) -> None:
+    def __init__(self, bpf_map: BpfMap, path: Path, *, created: bool = False) -> None:
         self._map, self.path = bpf_map, path
+        self.created = created  # pinned by this process: nothing was stored before it
 
     @classmethod
     def open(cls, path: Path) -> BpffsReceiverStore:
         """Open the pinned map at `path`, or create and pin it; a map of another shape is replaced."""
         bpf_map = _open_pinned(path)
         if bpf_map is None:
-            bpf_map = _create_pinned(path)
+            bpf_map, created = _create_pinned(path)
+            return cls(bpf_map, path, created=created)
         return cls(bpf_map, path)
+
+    def withdraw(self) -> None:
+        """Undo `open` for a start that failed: a pin this process created goes, with the node directory
+        and pin root when they are left empty (an agent that never ran leaves nothing in bpffs). A store
+        that was there before stays: it holds an earlier run's choice."""
+        if not self.created:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+            self.path.parent.rmdir()
+        except OSError as exc:  # ENOTEMPTY: the node's datapath pins, kept
+            log.debug("node pin directory kept: dir=%s reason=%s", self.path.parent, exc.strerror)
+            return
+        pins.remove_empty_root(str(self.path.parent.parent))
+        log.info("removed the receiver state pinned for a start that failed: path=%s", self.path)
 
     def load(self) -> int | None:
         return decode(self._map.lookup(_KEY), str(self.path))
@@ -222,7 +239,8 @@ def _open_pinned(path: Path) -> BpfMap | None:
     return None
 
 
-def _create_pinned(path: Path) -> BpfMap:
+def _create_pinned(path: Path) -> tuple[BpfMap, bool]:
+    """A new pinned map (True), or the one another agent of the node pinned meanwhile (False)."""
     fd = bpfsys.map_create(BPF_MAP_TYPE_ARRAY, len(_KEY), _RECORD.size, 1, MAP_NAME)
     try:
         bpfsys.obj_pin(fd, str(path))
@@ -234,6 +252,6 @@ def _create_pinned(path: Path) -> BpfMap:
         adopted = _open_pinned(path)
         if adopted is None:
             raise
-        return adopted
+        return adopted, False
     log.info("created pinned receiver state: path=%s", path)
-    return BpfMap(fd, STATE_PIN)
+    return BpfMap(fd, STATE_PIN), True

@@ -162,3 +162,18 @@ def test_probe_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "bcc", None)  # import bcc -> ImportError
     with pytest.raises(BccMissing, match="python3-bpfcc"):
         probe.require_bcc()
+
+
+def test_the_absent_seam_hides_named_enumerators_from_the_mode_checks_only(
+    sample: Btf, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otel_kzt.agent.datapath import probe
+
+    monkeypatch.delenv(probe.ABSENT_ENV, raising=False)
+    assert probe.as_checked(sample) is sample
+    monkeypatch.setenv(probe.ABSENT_ENV, "BPF_PROG_TYPE_NETFILTER,,SKB_GSO_TCPV4")
+    seen = probe.as_checked(sample)
+    assert seen.enum_value("bpf_prog_type", "BPF_PROG_TYPE_NETFILTER") is None
+    assert seen.enum_value("bpf_prog_type", "BPF_PROG_TYPE_XDP") == 6
+    assert seen.field("sk_buff", "len") == (0, 4)  # everything else reads as before
+    assert sample.enum_value("bpf_prog_type", "BPF_PROG_TYPE_NETFILTER") == 32  # the original is untouched

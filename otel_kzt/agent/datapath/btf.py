@@ -12,6 +12,7 @@ type or function exists (feature probes).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import struct
@@ -71,6 +72,7 @@ class Btf:
         self._offsets: list[int] = [0]  # record offset per type id; id 0 is void
         self._by_name: dict[tuple[int, str], list[int]] = {}
         self._enumerators: dict[str, int] | None = None
+        self._absent: frozenset[str] = frozenset()
         self._index()
 
     def _index(self) -> None:
@@ -172,10 +174,17 @@ class Btf:
                     self._enumerators.setdefault(self.string(name_off), int(value))
         return self._enumerators.get(member_name)
 
+    def without(self, enumerators: frozenset[str]) -> Btf:
+        """This BTF as a kernel lacking `enumerators` would show it to `enum_value` (probe.py's test
+        seam); shares the index, leaves this object as it is."""
+        view = copy.copy(self)
+        view._absent = self._absent | enumerators
+        return view
+
     def enum_value(self, enum_name: str, member_name: str) -> int | None:
         """The value of an enumerator of a named enum, or None when absent."""
         type_id = self.find(KIND_ENUM, enum_name)
-        if type_id is None:
+        if type_id is None or member_name in self._absent:
             return None
         pos, _name, _kind, vlen, _kflag = self._record(type_id)
         for i in range(vlen):

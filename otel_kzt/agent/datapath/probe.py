@@ -30,6 +30,11 @@ FLOOR_SOURCE = BPF_DIR / "floor.c"
 # "1": no write-combining slots where they could run (count.h then adds every packet to the map), for
 # bench/datapath_udp.py to measure what the slots save; not a setting (the loader child inherits it).
 NO_WRITE_COMBINE_ENV = "OTEL_KZT_NO_WRITE_COMBINE"
+# A test seam, not a setting: comma-separated kernel enumerators (BPF_NETFILTER, BPF_PROG_TYPE_SCHED_CLS,
+# BPF_CGROUP_INET_EGRESS ...) that the mode checks see as absent, so a kernel test can run the agent as on
+# a kernel without a mode (tests/kernel/test_agent_mode_missing.py). Read here only; the loader child
+# inherits it.
+ABSENT_ENV = "OTEL_KZT_TEST_ABSENT"
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +84,7 @@ def require_bcc() -> None:
 def probe(mode: Mode, btf: Btf | None = None) -> Features:
     """Check the kernel can run the datapath in `mode` and collect the offsets it needs."""
     btf = btf or kernel_btf()
-    mode.check(btf)
+    mode.check(as_checked(btf))
     features = Features(
         mode_cflags=tuple(mode.cflags(btf)),
         skb_head=field_offset(btf, "sk_buff", "head", 8),
@@ -95,6 +100,15 @@ def probe(mode: Mode, btf: Btf | None = None) -> Features:
     )
     log.debug("datapath features %s", features)
     return features
+
+
+def as_checked(btf: Btf) -> Btf:
+    """The BTF the mode checks read: the kernel's, less what the `ABSENT_ENV` test seam takes away."""
+    absent = frozenset(name for name in os.environ.get(ABSENT_ENV, "").split(",") if name)
+    if not absent:
+        return btf
+    log.debug("test seam %s: checks see %s as absent", ABSENT_ENV, ",".join(sorted(absent)))
+    return btf.without(absent)
 
 
 @functools.cache
