@@ -20,7 +20,8 @@ so forwarded traffic on a busy node never pushes local flows into the overflow b
 
 A pass that raises what nothing translated (a bug in encoding, a sender's own error) does not end the loop:
 it counts as one failed export, is logged once per kind (`otel_kzt.ratelog`), and the next pass, whose
-snapshot is cumulative, carries everything; the datapath and the state kept across passes stay. A datapath
+snapshot is cumulative, carries everything; the datapath and the state kept across passes stay (the finals
+a snapshot handed over are held before anything can raise, and stored all or nothing). A datapath
 error that gets this far, and KeyboardInterrupt / SystemExit, still end the process.
 """
 
@@ -148,6 +149,9 @@ class AgentService:
         self._pass_errors = KindLog(log)
         # Final values of evicted flows not yet delivered, oldest first: (key, start) -> (head, counters).
         self._finals: dict[tuple[FlowKey, int], tuple[PointHead, FlowCounters]] = {}
+        # Evicted flows' final counters as snapshots handed them over, not yet in `_finals` (a pass that
+        # raised in between leaves them for the next one; see _take_finals).
+        self._handed: list[dict[FlowKey, FlowCounters]] = []
         # The flows of the last export delivered whole (what the receiver holds, as lists of keys and
         # counters: the snapshot's dict, ~5 MB at 100,000 flows, would stay through the next snapshot and
         # export; None: nothing delivered yet), and the runs begun at a receiver switch: key -> (head
@@ -178,8 +182,10 @@ class AgentService:
         except DatapathError as exc:
             log.error("cannot read the flow map: error=%s", exc)
             return ExportResult(failed=1)
+        if snapshot.evicted:  # the datapath has let go of these: held before anything else can raise
+            self._handed.append(snapshot.evicted)
         self._local.refresh()
-        self._take_finals(snapshot)  # before heads(): the final value reuses the flow's cached head
+        self._take_finals(snapshot.capacity)  # before heads(): the final value reuses the flow's cached head
         all_heads = self._local.heads(snapshot.flows)
         idle_before = snapshot.taken_unix_ns - int(self._config.idle_timeout_s * 1e9)
         # Split by C loops (compress over the heads, None: not ours), no Python loop over 100,000 flows;
@@ -287,26 +293,40 @@ class AgentService:
                 self._rebased[key] = (head, base, False)
                 self.left_behind_bytes += base.bytes
 
-    def _take_finals(self, snapshot: Snapshot) -> None:
-        """Adds the snapshot's evicted flows that are ours to the finals to export, within the bound."""
-        if not snapshot.evicted:
+    def _take_finals(self, capacity: int) -> None:
+        """Adds the handed-over evicted flows that are ours to the finals to export, within the bound.
+
+        All or nothing: everything is worked out first and stored at the end, where nothing can raise, so
+        a pass that raises in between leaves `_handed` (and the runs begun at a switch) as they were and
+        the next pass takes them again (a head popped from the cache is built again, the same series)."""
+        if not self._handed:
             return
-        unsent = self._unsent.intersection(snapshot.evicted)
+        finals: dict[tuple[FlowKey, int], tuple[PointHead, FlowCounters]] = {}
+        unsent: set[FlowKey] = set()
+        ended: list[FlowKey] = []  # runs begun at a switch that these finals end
+        pod_bytes = all_bytes = 0
+        for evicted in self._handed:
+            gone = self._unsent.intersection(evicted)
+            unsent |= gone
+            for key, cached in self._local.final_heads(evicted).items():
+                if key in gone:
+                    continue  # an old run whose receiver is gone (_begin_new_runs)
+                rebased = self._rebased.get(key)
+                final = (cached, evicted[key]) if rebased is None else _from_base(rebased, evicted[key])
+                if rebased is not None:
+                    ended.append(key)
+                finals[(key, final[0].start_unix_ns)] = final
+                if cached.source_pod:
+                    pod_bytes += evicted[key].bytes
+            all_bytes += sum(c.bytes for c in evicted.values())
+        self._handed.clear()
         self._unsent -= unsent
-        for key, cached in self._local.final_heads(snapshot.evicted).items():
-            if key in unsent:
-                continue  # an old run whose receiver is gone (_begin_new_runs)
-            rebased = self._rebased.pop(key, None)
-            final = (
-                (cached, snapshot.evicted[key])
-                if rebased is None
-                else _from_base(rebased, snapshot.evicted[key])
-            )
-            self._finals[(key, final[0].start_unix_ns)] = final
-            if cached.source_pod:
-                self._counted.evicted_pods += snapshot.evicted[key].bytes
-        self._counted.evicted_everything += sum(c.bytes for c in snapshot.evicted.values())
-        limit = max(1, 2 * snapshot.capacity)  # IPv4 and IPv6 maps
+        for key in ended:
+            self._rebased.pop(key, None)
+        self._finals.update(finals)
+        self._counted.evicted_pods += pod_bytes
+        self._counted.evicted_everything += all_bytes
+        limit = max(1, 2 * capacity)  # IPv4 and IPv6 maps
         dropped = len(self._finals) - limit
         if dropped > 0:
             for old in list(self._finals)[:dropped]:

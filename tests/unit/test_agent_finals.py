@@ -8,8 +8,10 @@ Exports go over real gRPC to an in-process receiver.
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
+import pytest
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from otel_kzt import schema
@@ -142,3 +144,42 @@ def test_shutdown_export_leaves_idle_flows_to_the_next_process(receiver: GrpcRec
     exp.close()
     assert fake.evicted == [] and POD_FLOW in fake.flows
     assert [v for _, v, _ in _series(receiver.snapshot())] == [100]
+
+
+@pytest.mark.parametrize("where", ["refresh", "final_heads"])
+def test_a_pass_that_raises_after_the_hand_off_loses_no_final(
+    receiver: GrpcReceiver, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The snapshot hands the finals over (the datapath forgets them); a pass that raises before they are
+    stored (the node's addresses unreadable; a bug while their heads are built, after the head cache was
+    popped) must leave them for the next pass, which exports them on their series."""
+    fake = FakeMap()
+    fake.add(POD_FLOW, 100, 2)
+    svc, exp = service(receiver, fake, idle_timeout_s=IDLE_S)
+    once(svc)
+    fake.now_ns += int(IDLE_S + 1) * SEC
+    fake.race[POD_FLOW] = (30, 1)
+    once(svc)  # exported idle, then evicted: the final (130, 3) waits in the map for the next snapshot
+    assert fake.evicted == [POD_FLOW] and fake.finals
+    real = getattr(svc._local, where)
+
+    def fails_once(*args: object) -> object:
+        monkeypatch.setattr(svc._local, where, real)
+        real(*args)  # whatever it changes, changed
+        raise RuntimeError(f"injected in {where}")
+
+    monkeypatch.setattr(svc._local, where, fails_once)
+    result = svc._pass(time.monotonic() + 2.0, threading.Event())
+    assert result.failed == 1 and not fake.finals  # handed over, the pass failed
+    assert getattr(svc._local, where) == real
+    once(svc)
+    once(svc)  # delivered: forgotten
+    exp.close()
+    start = _series(receiver.snapshot())[0][0]
+    assert _series(receiver.snapshot()) == [(start, 100, 2), (start, 100, 2), (start, 130, 3)]
+    first, final = (
+        {k: v for k, v in points([r], schema.FLOW_BYTES)[0].items() if k not in ("_value", "_time")}
+        for r in (receiver.snapshot()[0], receiver.snapshot()[-2])
+    )
+    assert first == final  # the same series, its head built again where the cache had lost it
+    assert _last(receiver, schema.OTLP_AGENT_FINALS_PENDING) == 0.0
