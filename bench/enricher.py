@@ -17,6 +17,8 @@ import argparse
 import dataclasses
 import io
 import itertools
+import os
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +34,7 @@ from bench import enricher_cluster
 from bench.payloads import build_payloads, cluster_objects
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
+from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.processing.cost import load_prices
 from otel_kzt.enricher.processing.flowlogs import FlowLogWriter
@@ -46,6 +49,8 @@ from tests.support.k8s_objects import make_pod
 # before the first measurement (1 s); late batches are measured at 0.25 s, while the old pods held them.
 REUSED_AT_S, LATE_AT_NS = 0.5, 250_000_000
 DEFAULT_CONFIG = "default configuration, enricher process CPU"
+DEFAULT_CONFIG_PYTHON = "... the same, hot loops in Python"
+PYTHON_CORE = "enricher core, Python loops"
 
 
 def build_index(
@@ -86,13 +91,14 @@ class NullSink:
         """Discard."""
 
 
-def make_core(index: ClusterIndex, flow_logs: bool, json_lines: bool = False) -> Core:
+def make_core(index: ClusterIndex, flow_logs: bool, json_lines: bool = False, python: bool = False) -> Core:
     """A core with a sink that keeps nothing; `flow_logs`: OTLP flow logs, `json_lines`: JSON lines too
-    (written to a stream that keeps nothing), as in the enricher's default configuration."""
+    (written to a stream that keeps nothing), as in the enricher's default configuration; `python`: its
+    hot loops in Python even when the C extension is built (processing/native.py)."""
     registry = CollectorRegistry()
     agg = Aggregates(schema.DEFAULT_FLOW_AGGREGATION)
     registry.register(AggregatesCollector(agg))
-    return Core(
+    core = Core(
         index,
         Resolver(index, ("10.0.0.0/8",)),
         agg,
@@ -102,6 +108,9 @@ def make_core(index: ClusterIndex, flow_logs: bool, json_lines: bool = False) ->
         flow_log=FlowLogWriter(io.TextIOWrapper(NullStream(), write_through=True)) if json_lines else None,
         flow_logs_otlp=flow_logs,
     )
+    if python:
+        core._points._loop = None
+    return core
 
 
 def through(core: Core) -> Callable[[bytes], None]:
@@ -244,17 +253,43 @@ def side_by_side(
     return best
 
 
+def default_configuration(agents: int, series: int, intervals: int, rounds: int) -> dict[str, float]:
+    """The real enricher process (`enricher_cluster.run`) with its hot loops in C and in Python
+    (OTEL_KZT_NO_NATIVE=1), one process after the other in `rounds` alternating rounds: each path's
+    median of its processes' best steady interval, in data points per CPU second."""
+    rates: dict[str, list[float]] = {DEFAULT_CONFIG: [], DEFAULT_CONFIG_PYTHON: []}
+    saved = os.environ.get(native.DISABLE_ENV)
+    try:
+        for i in range(rounds):
+            for name in list(rates)[i % 2 :] + list(rates)[: i % 2]:
+                if name == DEFAULT_CONFIG_PYTHON:
+                    os.environ[native.DISABLE_ENV] = "1"
+                else:
+                    os.environ.pop(native.DISABLE_ENV, None)
+                run = enricher_cluster.run(agents, series, 2, intervals)
+                per_interval = run.received / len(run.interval_cpu_s)
+                rates[name].append(per_interval / max(min(run.interval_cpu_s[1:]), 1e-9))
+    finally:
+        os.environ.pop(native.DISABLE_ENV, None)
+        if saved is not None:
+            os.environ[native.DISABLE_ENV] = saved
+    for name, got in rates.items():
+        print(f"{name}: " + ", ".join(f"{r:,.0f}" for r in got) + " dp/s per core")
+    return {name: statistics.median(got) for name, got in rates.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=20)
     parser.add_argument("--series", type=int, default=500, help="flows per agent (x2 metrics)")
     parser.add_argument("--intervals", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3, help="default-configuration runs of each path")
     parser.add_argument("--cluster-agents", type=int, default=1000, help="cluster-scale run (0: skip)")
     args = parser.parse_args()
-    if args.intervals < 3 or args.agents < 1 or args.series < 1 or args.cluster_agents < 0:
+    if args.intervals < 3 or args.agents < 1 or args.series < 1 or args.cluster_agents < 0 or args.rounds < 1:
         parser.error(
             "--intervals >= 3 (the reuse check reads three), --agents and --series >= 1, "
-            "--cluster-agents >= 0"
+            "--cluster-agents >= 0, --rounds >= 1"
         )
     index, ips = build_index(args.agents, 30)
     payloads = build_payloads(ips, args.series, args.intervals)
@@ -267,6 +302,8 @@ def main() -> int:
             "enricher core": through(make_core(index, flow_logs=False)),
             "enricher core + OTLP flow logs": through(make_core(index, flow_logs=True)),
             "enricher core + JSON and OTLP flow logs": through(make_core(index, True, json_lines=True)),
+            PYTHON_CORE: through(make_core(index, flow_logs=False, python=True)),
+            "... + JSON and OTLP flow logs, Python loops": through(make_core(index, True, True, python=True)),
             "enricher core, metadata churning": churning(make_core(churned, False), churned),
             "naive attribute loop": naive(Resolver(index, ("10.0.0.0/8",))),
         },
@@ -287,10 +324,8 @@ def main() -> int:
     # the real enricher process, default configuration: flow logs on (JSON lines on its stdout, OTLP
     # records), the real gRPC receiver, an exporter to a downstream process; its CPU from /proc, the best
     # interval after the first (series known), as `measure` takes the best interval of the in-process
-    # lines; 2 senders
-    default = enricher_cluster.run(args.agents, args.series, 2, args.intervals)
-    per_interval = default.received / len(default.interval_cpu_s)
-    results[DEFAULT_CONFIG] = per_interval / max(min(default.interval_cpu_s[1:]), 1e-9)
+    # lines; 2 senders. Its hot loops in C (when built) and in Python, in alternating processes.
+    results.update(default_configuration(args.agents, args.series, args.intervals, args.rounds))
     base = results["floor (parse + re-serialise)"]
     print(
         f"{points} data points per interval ({args.agents} agents x {args.series} flows x 2 metrics); "
@@ -301,6 +336,10 @@ def main() -> int:
         print(f"{name:40s} {rate:12,.0f} {unit:24s} {base / rate:5.2f}x the floor")
     core, whole = base / results["enricher core"], base / results[DEFAULT_CONFIG]
     print(f"ratios: enricher core {core:.2f}x (target <= 2x), default configuration {whole:.2f}x (<= 3x)")
+    core_py, whole_py = base / results[PYTHON_CORE], base / results[DEFAULT_CONFIG_PYTHON]
+    print(
+        f"  hot loops: {native.PATH}; in Python: core {core_py:.2f}x, default configuration {whole_py:.2f}x"
+    )
     if args.cluster_agents:
         scale = (args.cluster_agents, 100, 8, 4)  # the real enricher process at cluster scale, same run
         enricher_cluster.report(enricher_cluster.run(*scale), *scale)

@@ -6,7 +6,8 @@
 #   - /lib/modules/$(uname -r)/{build,source} links when the running kernel ships no headers (bcc only needs
 #     *a* tree: every struct offset the agent uses comes from the running kernel's BTF);
 #   - bpffs mounted on /sys/fs/bpf (pinning);
-#   - .venv with the PyPI dependencies, plus a link to Debian's bcc module (bcc is not on PyPI).
+#   - .venv with the PyPI dependencies, plus a link to Debian's bcc module (bcc is not on PyPI); the install
+#     compiles the enricher's C extension (gcc, python3-dev), again when its source changes.
 # Re-running it is cheap: each step checks before it acts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 pkgs=(python3 python3-venv python3-bpfcc iproute2 nftables prometheus bpftool linux-headers-amd64 procps
-      iputils-ping openssl util-linux libcap2-bin chromium)
+      iputils-ping openssl util-linux libcap2-bin chromium gcc python3-dev)
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -59,7 +60,7 @@ fi
 py=/usr/bin/python3
 venv=$root/.venv
 stamp=$venv/.otel-kzt-setup
-want=$(sha256sum pyproject.toml | cut -c1-16)
+want=$(cat pyproject.toml otel_kzt/enricher/processing/*.c | sha256sum | cut -c1-16)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "creating virtualenv $venv"
     [ -x "$venv/bin/python" ] || "$py" -m venv "$venv"

@@ -18,6 +18,7 @@ whole against that pass's layout and only counted per point (repeats.py).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -26,6 +27,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates
+from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.flowlogs import Billed, FlowRecords, FlowTemplate
 from otel_kzt.enricher.processing.pieces import KEY, VALUE, received
@@ -50,6 +52,8 @@ _PACK_CANONICAL: Final = CANONICAL_POINT.pack
 Part = tuple[bytes, int, int]  # a Sum inside the request's bytes: buffer, start, end
 Table = dict[bytes, Series]  # one group's series by key
 Steady = tuple[Layout, tuple[tuple[bytes, ...], list[int]]]  # a Sum read from its group's layout
+# the C loop (processing/_native.c `repeat`): (entries, keys, flat, now, count) -> (billed, declined) or None
+_Loop = Callable[..., tuple[list[Billed], set[int] | None] | None]
 _BAD_VALUE: Final = "NaN or negative cumulative value"
 _NO_ADDRESS: Final = "missing source.address or destination.address"
 
@@ -115,6 +119,10 @@ class SumEnricher:
         # (resource, metric) -> the shape of its last Sum, valid in the series table's `_epoch`
         self._layouts: dict[GroupKey, Layout] = {}
         self._epoch = table.epoch
+        # the layout pass's per-point loop: the C extension's when built and not disabled, else None
+        # (`_count_each`); the tests set it to None to run both paths on the same input
+        self._loop: _Loop | None = None if native.MODULE is None else native.MODULE.repeat
+        native.announce()
 
     def steady(self, part: Part, where: GroupKey, generation: int) -> Steady | None:
         """The Sum at `part` read from its group's current layout, if it fits (nothing counted yet)."""
@@ -159,21 +167,15 @@ class SumEnricher:
         """A Sum checked to be in its layout's shape: only the counting is done per point."""
         raws, flat = read
         batch.layout_sums += 1
-        count, now, billed, declined = self._rule.count, batch.now, [], None
-        points = zip(known.entries, known.keys, flat[1::6], flat[3::6], flat[5::6], strict=True)
-        for entry, key, start, t, value in points:
-            entry.seen = now
-            inc = count(entry, start, t, value, now)
-            if inc:
-                if inc < 0:  # declined and held back (see the general pass)
-                    declined = declined or set()
-                    declined.add(id(entry))
-                    continue
-                entry.acc[0] += inc
-                if entry.template is not None:
-                    billed.append((entry.template, key, inc, entry.since, t))
+        counted = (
+            None
+            if self._loop is None
+            else self._loop(known.entries, known.keys, flat, batch.now, self._rule.count)
+        )
+        billed, declined = self._count_each(known, flat, batch.now) if counted is None else counted
         if billed:
             self._pair(batch, where, billed, distinct=known.distinct)
+        size: int
         if declined is None:
             out += known.enriched(raws)
             size = known.size
@@ -188,6 +190,25 @@ class SumEnricher:
         if known.trailer:
             out.append(known.trailer)
         return size
+
+    def _count_each(self, known: Layout, flat: list[int], now: float) -> tuple[list[Billed], set[int] | None]:
+        """`_repeat`'s per-point loop in Python: each point counted by the rule, its increment accumulated
+        and billed; the declined as ids of their series (None: none). processing/_native.c `repeat` is
+        the same loop in C, taking the rule's common branch itself (the default when built: native.py)."""
+        count, billed, declined = self._rule.count, [], None
+        points = zip(known.entries, known.keys, flat[1::6], flat[3::6], flat[5::6], strict=True)
+        for entry, key, start, t, value in points:
+            entry.seen = now
+            inc = count(entry, start, t, value, now)
+            if inc:
+                if inc < 0:  # declined and held back (see the general pass)
+                    declined = declined or set()
+                    declined.add(id(entry))
+                    continue
+                entry.acc[0] += inc
+                if entry.template is not None:
+                    billed.append((entry.template, key, inc, entry.since, t))
+        return billed, declined
 
     def _general(
         self, part: Part, table: Table, where: GroupKey, batch: Batch, out: list[bytes], *, learn: bool

@@ -9,7 +9,11 @@ evicted flow's final value that arrives after the next run began still adds its 
 given up leaves its start in `Counted.dropped`, so its late points are recognised and declined.
 
 Both enrichment paths (the canonical fast path and the object path, processing/points.py) call
-`Rule.count`; what it declines is tallied by reason for `kzt_enricher_points_not_counted_total`.
+`Rule.count`; what it declines is tallied by reason for `kzt_enricher_points_not_counted_total`. This is
+the rule's statement and its reference: the C extension's loop over a Sum read from its layout
+(processing/_native.c, when built) takes only `count`'s first branch itself (the newest run, integers,
+a grown value or an idle report) and hands every other point to `count`; a property test runs the core
+with and without it on the same deliveries (tests/unit/test_enricher_native.py).
 Re-export follows the rule too: what it declines as a duplicate, stale or late is not forwarded
 (`NOT_FORWARDED`), so each run reaches downstream in order and once.
 """
@@ -72,7 +76,8 @@ class Rule:
 
     def count(self, s: Counted, start: int, t: int, value: float, now: float) -> float:
         """The increment a point (run `start`, time `t` ns, cumulative `value`) adds; 0 when it adds
-        nothing but goes on downstream, NOT_FORWARDED when it is declined and held back."""
+        nothing but goes on downstream, NOT_FORWARDED when it is declined and held back. Its first
+        branch, for integers, is also written in processing/_native.c (`count_common`): change both."""
         if start == s.start:
             last = s.last
             if value > last:

@@ -1,0 +1,119 @@
+"""The C extension (processing/_native.c) is a fast path of the counting rule, not a second rule: hypothesis
+drives the real core with the extension and without it (the Python loop calling state/counting.py for
+every point) through the same deliveries (growing values, also measured before the last; idle, stale and
+late points, restarts, duplicate requests, reordering, renames, gaps past the sweep and the TTL) and
+requires everything they produce to be identical: aggregates, not_counted and the other health counters,
+re-exported bytes, flow logs.
+
+In CI (CI=true) the extension must be built: a missing one fails here, it is not skipped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from otel_kzt.enricher.processing import native
+from tests.unit import test_enricher_repeats
+from tests.unit.test_enricher_core import PODS
+from tests.unit.test_enricher_repeats import FLOWS, TTL_S, encode
+
+needs_native = pytest.mark.skipif(
+    not native.BUILT and os.environ.get("CI") != "true", reason=f"C extension not built: {native.PATH}"
+)
+CHANGES = ("grow",) * 8 + ("idle", "idle", "stale", "late", "restart", "huge", "missing")
+STEPS = ("send",) * 8 + ("rewind", "again", "shuffle", "rename", "sweep", "forget")
+PROPERTIES = settings(
+    max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def test_the_extension_is_built_in_ci() -> None:
+    """CI installs the package as a user would (scripts/setup.sh): the extension must have been built (and
+    is in use unless OTEL_KZT_NO_NATIVE says otherwise)."""
+    if os.environ.get("CI") != "true" and not native.BUILT:
+        pytest.skip(f"not CI and not built: {native.PATH}")
+    assert native.BUILT, native.PATH
+    disabled = os.environ.get(native.DISABLE_ENV, "") not in ("", "0")
+    assert native.PATH.startswith("Python" if disabled else "C extension"), native.PATH
+
+
+def test_the_python_path_is_selectable() -> None:
+    """OTEL_KZT_NO_NATIVE=1 runs the Python loop (and says so), whether the extension is built or not."""
+    code = "from otel_kzt.enricher.processing import native; print(native.MODULE is None, native.PATH)"
+    env = {**os.environ, native.DISABLE_ENV: "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    why = "disabled by OTEL_KZT_NO_NATIVE" if native.BUILT else "not built"
+    assert out.stdout.startswith(f"True Python (the C extension is {why}"), out.stdout
+
+
+class Twins(test_enricher_repeats.Twins):
+    """Two cores over one index and clock, both keeping layouts, the first counting them in C, the other
+    in Python (whatever OTEL_KZT_NO_NATIVE says): everything they produce, side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        in_c, python = self.beds[0][0]._points, self.beds[1][0]._points
+        assert native.EXTENSION is not None, native.PATH  # in CI: a failure, not a skip
+        in_c._loop, python._layouts, python._loop = native.EXTENSION.repeat, {}, None
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> list[tuple[str, list[tuple[int, str]]]]:
+    flows = draw(st.integers(1, len(FLOWS)))
+    steps = []
+    for _ in range(draw(st.integers(1, 24))):
+        step = draw(st.sampled_from(STEPS))
+        sends = step in ("send", "rewind")
+        changes = [(f, draw(st.sampled_from(CHANGES))) for f in range(flows)] if sends else []
+        steps.append((step, changes))
+    return steps
+
+
+@needs_native
+@PROPERTIES
+@given(scenarios())
+def test_the_extension_counts_and_forwards_what_the_python_rule_does(
+    steps: list[tuple[str, list[tuple[int, str]]]],
+) -> None:
+    twins = Twins()
+    starts, values = [1_000] * len(FLOWS), [0] * len(FLOWS)
+    previous: list[tuple[int, int]] = [(1_000, 0)] * len(FLOWS)  # each flow's last run before its restart
+    order, t, last = list(range(len(FLOWS))), 2_000_000_000, b""
+    for step, changes in steps:
+        twins.now[0] += 1.0
+        t += 1_000_000_000 if step != "rewind" else -2_500_000_000  # a sender's clock stepped back
+        if step == "again" and last:
+            twins.send(last)
+        elif step == "shuffle":
+            order.reverse()
+        elif step == "rename":
+            other = PODS["10.0.0.3"] if twins.index.pods["10.0.0.4"] == PODS["10.0.0.4"] else PODS["10.0.0.4"]
+            twins.index.pods["10.0.0.4"] = other
+            twins.index.gen += 1
+        elif step in ("sweep", "forget"):
+            twins.now[0] += TTL_S / 4 + 1 if step == "sweep" else TTL_S + 1
+        sent = []
+        for flow, change in sorted(changes, key=lambda c: order.index(c[0])):
+            if change == "grow":
+                values[flow] += 3
+            elif change == "restart":
+                previous[flow] = (starts[flow], values[flow])
+                starts[flow], values[flow] = starts[flow] + 1, 1
+            elif change == "huge" and values[flow] < 5 * 10**15:  # near int64's end once scaled to bytes
+                values[flow] += 10**15
+            elif change == "missing":
+                continue
+            if change == "late":  # the previous run's final value again, and a little more
+                start, value = previous[flow][0], previous[flow][1] + 1
+                previous[flow] = (start, value)
+            else:
+                start, value = starts[flow], values[flow] - (change == "stale")
+            sent.append((flow, start, value))
+        if sent:
+            last = encode(sent, t)
+            twins.send(last)
