@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+from otel_kzt.tally import Tally
+
 log = logging.getLogger(__name__)
 
 
@@ -23,16 +25,21 @@ class _Cache(Protocol):
 class Cap:
     """How many entries one cache holds; `resets` counts the times it was emptied on reaching them."""
 
-    __slots__ = ("limit", "name", "resets")
+    __slots__ = ("_resets", "limit", "name")
 
     def __init__(self, name: str, limit: int) -> None:
         self.name = name
         self.limit = limit
-        self.resets = 0
+        self._resets = Tally()  # the caches are shared by the receivers' threads
+
+    @property
+    def resets(self) -> int:
+        return self._resets.value
 
     def room(self, cache: _Cache) -> None:
-        """Make room for one more entry: empty the cache when it holds `limit` (call before inserting)."""
+        """Make room for one more entry: empty the cache when it holds `limit` (call before inserting).
+        The check is all an insert pays; only emptying counts, under the tally's lock."""
         if len(cache) >= self.limit:
             cache.clear()
-            self.resets += 1
-            log.info("cache emptied at its cap cache=%s cap=%d resets=%d", self.name, self.limit, self.resets)
+            resets = self._resets.add()
+            log.info("cache emptied at its cap cache=%s cap=%d resets=%d", self.name, self.limit, resets)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 from otel_kzt.errors import Overloaded
+from otel_kzt.tally import Tally
 
 RETRY_AFTER_S = 1.0
 
@@ -79,10 +80,14 @@ class Downstream:
 
     def __init__(self, full: Callable[[], str | None] = lambda: None) -> None:
         self._full = full
-        self.refused = 0
+        self._refused = Tally()  # every receiver's threads check
+
+    @property
+    def refused(self) -> int:
+        return self._refused.value
 
     def check(self) -> None:
         name = self._full()
         if name is not None:
-            self.refused += 1
+            self._refused.add()
             raise Overloaded(f"exporter {name} is behind (its queue is full): retry later", RETRY_AFTER_S)

@@ -8,7 +8,6 @@ admission), so nothing is counted twice and no request path touches a metric.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ from otel_kzt import schema
 from otel_kzt.enricher.receivers.budget import ByteBudget, Downstream
 from otel_kzt.ratelog import KindLog
 from otel_kzt.serving.server import AsyncHttpServer
+from otel_kzt.tally import Tally
 
 
 class Errors:
@@ -31,12 +31,14 @@ class Errors:
 
     def __init__(self, logger: logging.Logger) -> None:
         self._log = KindLog(logger)
-        self._lock = threading.Lock()  # gRPC's workers count from their own threads
-        self.value = 0
+        self._count = Tally()  # gRPC's workers count from their own threads
+
+    @property
+    def value(self) -> int:
+        return self._count.value
 
     def add(self, exc: BaseException, where: str) -> None:
-        with self._lock:
-            self.value += 1
+        self._count.add()
         self._log.error(exc, "otlp: internal error, answered retry later where=%s", where)
 
 

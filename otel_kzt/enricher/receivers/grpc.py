@@ -35,6 +35,7 @@ from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.receivers.caps import Errors, ReceiverMetrics
 from otel_kzt.enricher.receivers.settings import ReceiverSettings
 from otel_kzt.errors import Overloaded
+from otel_kzt.tally import Tally
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=Message)
@@ -56,7 +57,7 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
     def __init__(self, methods: dict[str, Behaviour], limit: int) -> None:
         self._slots = threading.BoundedSemaphore(limit)
         self._limit = limit
-        self.refused = 0
+        self._refused = Tally()
         self.errors = Errors(log)
         self._handlers = {
             method: grpc.stream_unary_rpc_method_handler(self._admitted(method, behaviour))
@@ -69,9 +70,13 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
         if handler is None:
             return None
         if not self._slots.acquire(blocking=False):
-            self.refused += 1
+            self._refused.add()
             return self._refuse
         return handler
+
+    @property
+    def refused(self) -> int:
+        return self._refused.value
 
     def _admitted(
         self, method: str, behaviour: Behaviour
