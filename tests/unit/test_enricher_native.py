@@ -1,9 +1,10 @@
-"""The C extension (processing/_native.c) is a fast path of the counting rule, not a second rule: hypothesis
-drives the real core with the extension and without it (the Python loop calling state/counting.py for
-every point) through the same deliveries (growing values, also measured before the last; idle, stale and
-late points, restarts, duplicate requests, reordering, renames, gaps past the sweep and the TTL) and
-requires everything they produce to be identical: aggregates, not_counted and the other health counters,
-re-exported bytes, flow logs.
+"""The C extension (processing/_native*.c) is a fast path of the counting rule and of the OTLP flow-log
+encoding, not a second statement of either: hypothesis drives the real core with the extension and without
+it (the Python loop calling state/counting.py for every point, flowlogs.py writing the records) through
+the same deliveries (growing values, also measured before the last; idle, stale and late points,
+restarts, duplicate requests, reordering, renames, gaps past the sweep and the TTL) and requires
+everything they produce to be identical: aggregates, not_counted and the other health counters,
+re-exported bytes, OTLP and JSON flow logs.
 
 In CI (CI=true) the extension must be built: a missing one fails here, it is not skipped."""
 
@@ -60,6 +61,7 @@ class Twins(test_enricher_repeats.Twins):
         in_c, python = self.beds[0][0]._points, self.beds[1][0]._points
         assert native.EXTENSION is not None, native.PATH  # in CI: a failure, not a skip
         in_c._loop, python._layouts, python._loop = native.EXTENSION.repeat, {}, None
+        in_c._otlp_logs, python._otlp_logs = native.EXTENSION.otlp_logs, None
 
 
 @st.composite

@@ -190,10 +190,15 @@ error:
     return NULL;
 }
 
+PyObject *otlp_logs(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_flowlogs.c */
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_O, "bind(Series): the class whose slots the loop reads and writes."},
     {"repeat", (PyCFunction)(void (*)(void))repeat, METH_FASTCALL,
      "repeat(entries, keys, flat, now, count) -> (billed, declined) or None: _repeat's per-point loop."},
+    {"otlp_logs", (PyCFunction)(void (*)(void))otlp_logs, METH_FASTCALL,
+     "otlp_logs(resource, scope, bytes_heads, packets_heads, cost_head, start_head, templates, starts, ends, "
+     "byte_counts, packet_counts, costs) -> the OTLP flow-log request's bytes, or None (_native_flowlogs.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import struct
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, repeat
 from operator import add, attrgetter, itemgetter, mul
 from typing import Any, BinaryIO, Final, TextIO
@@ -25,6 +25,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
 from otel_kzt import __version__, schema
+from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.pieces import JSON_MEMBER, LOG_FIELD, Pieces, pieces
 from otel_kzt.enricher.processing.protowire import STRING_TAG, AttributeEncoder, length_delimited, varint
@@ -217,9 +218,11 @@ class FlowRecords:
     are the same distinct series in the same order (agents send both Sums that way), fill the block's
     other column by position. Anything else pairs series by key, record by record, new ones appended."""
 
-    __slots__ = ("_blocks", "_by_key", "_first", "_tail")
+    __slots__ = ("_blocks", "_by_key", "_first", "_otlp_logs", "_tail")
 
-    def __init__(self) -> None:
+    def __init__(self, otlp_logs: OtlpLogs | None = None) -> None:
+        """`otlp_logs`: the C writer of `otlp_request` (None: the Python code here)."""
+        self._otlp_logs = otlp_logs
         self._blocks: list[_Block] = []  # in the order their records were first seen
         self._first: dict[bytes, _Block] = {}  # resource -> the block of its first billed series
         self._by_key: dict[bytes, dict[bytes, tuple[_Block, int]]] = {}  # resource -> key -> its record
@@ -302,6 +305,13 @@ class FlowRecords:
         service.name=otel-kzt-enricher), joined once: the enclosing headers are computed from the pieces'
         lengths (each copy of a large buffer costs more than all the records' rendering on a VM)."""
         templates, starts, ends, byte_counts, packet_counts, costs = self._columns()
+        if self._otlp_logs is not None:  # the same bytes, written in one buffer (None: a value it declines)
+            written = self._otlp_logs(
+                _RESOURCE_FIELD, _SCOPE_FIELD, _BYTES_HEADS, _PACKETS_HEADS, _COST_HEAD, _START_HEAD,
+                templates, starts, ends, byte_counts, packet_counts, costs,
+            )  # fmt: skip
+            if written is not None:
+                return written
         counts = list(map(add, _BYTES_ATTR.int_values(byte_counts), _PACKETS_ATTR.int_values(packet_counts)))
         sizes = map(add, map(_otlp_fixed, templates), map(len, counts))
         numbers = map(
@@ -331,6 +341,17 @@ class FlowRecords:
         return b"".join(pieces)
 
 
+def _int_heads(encoder: AttributeEncoder) -> tuple[bytes, ...]:
+    """What precedes a k-byte varint in `encoder.int_value`, by k (0: unused), for the C writer."""
+    return (b"", *(encoder.int_value(1 << 7 * (k - 1))[:-k] for k in range(1, 11)))
+
+
+# processing/_native_flowlogs.c `otlp_logs`: (resource, scope, the two heads by varint length, the cost
+# and start heads, then the columns) -> the request, or None for values it leaves to the Python code
+OtlpLogs = Callable[..., bytes | None]
+DEFAULT_OTLP_LOGS: Final[OtlpLogs | None] = None if native.MODULE is None else native.MODULE.otlp_logs
+_BYTES_HEADS: Final = _int_heads(_BYTES_ATTR)
+_PACKETS_HEADS: Final = _int_heads(_PACKETS_ATTR)
 _SHORT_RECORD: Final = 0x4000  # records shorter than this (two-byte lengths) take their head from a table
 
 

@@ -3,6 +3,7 @@
 The extension is built by the package's install and is optional there (no compiler: the install goes on),
 so the enricher runs either way; `OTEL_KZT_NO_NATIVE=1` selects the Python path on purpose (tests drive
 both on the same input and require the same output). Which one runs is logged once, at the first core.
+Its users hand it what it needs (points.py binds the Series class): this module imports none of them.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import logging
 import os
 from types import ModuleType
 from typing import Final
-
-from otel_kzt.enricher.state.series import Series
 
 DISABLE_ENV: Final = "OTEL_KZT_NO_NATIVE"
 _log = logging.getLogger(__name__)
@@ -24,7 +23,6 @@ def _load() -> tuple[ModuleType | None, str]:
         from otel_kzt.enricher.processing import _native  # type: ignore[attr-defined]
     except ImportError as e:
         return None, str(e)
-    _native.bind(Series)
     return _native, ""
 
 

@@ -29,7 +29,7 @@ from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates
 from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.cost import PriceTable
-from otel_kzt.enricher.processing.flowlogs import Billed, FlowRecords, FlowTemplate
+from otel_kzt.enricher.processing.flowlogs import DEFAULT_OTLP_LOGS, Billed, FlowRecords, FlowTemplate
 from otel_kzt.enricher.processing.pieces import KEY, VALUE, received
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
 from otel_kzt.enricher.processing.repeats import Layout, Seen, layout
@@ -54,6 +54,8 @@ Table = dict[bytes, Series]  # one group's series by key
 Steady = tuple[Layout, tuple[tuple[bytes, ...], list[int]]]  # a Sum read from its group's layout
 # the C loop (processing/_native.c `repeat`): (entries, keys, flat, now, count) -> (billed, declined) or None
 _Loop = Callable[..., tuple[list[Billed], set[int] | None] | None]
+if native.EXTENSION is not None:
+    native.EXTENSION.bind(Series)  # the slots its loop reads and writes
 _BAD_VALUE: Final = "NaN or negative cumulative value"
 _NO_ADDRESS: Final = "missing source.address or destination.address"
 
@@ -122,6 +124,7 @@ class SumEnricher:
         # the layout pass's per-point loop: the C extension's when built and not disabled, else None
         # (`_count_each`); the tests set it to None to run both paths on the same input
         self._loop: _Loop | None = None if native.MODULE is None else native.MODULE.repeat
+        self._otlp_logs = DEFAULT_OTLP_LOGS  # the same for the OTLP flow-log records (flowlogs.py)
         native.announce()
 
     def steady(self, part: Part, where: GroupKey, generation: int) -> Steady | None:
@@ -446,12 +449,11 @@ class SumEnricher:
         self._table.relabel(entry, naming, generation)
         entry.set_point_len(point_len)  # other attributes added: another length
 
-    @staticmethod
-    def _pair(batch: Batch, where: GroupKey, billed: list[Billed], *, distinct: bool = False) -> None:
+    def _pair(self, batch: Batch, where: GroupKey, billed: list[Billed], *, distinct: bool = False) -> None:
         """Pair the bytes and packets increments of each billed flow into one flow-log record per request
         (`distinct`: no series twice in `billed`)."""
         if batch.flows is None:
-            batch.flows = FlowRecords()
+            batch.flows = FlowRecords(self._otlp_logs)
         batch.flows.add(where[0], billed, is_bytes=where[1] == schema.FLOW_BYTES, distinct=distinct)
 
 

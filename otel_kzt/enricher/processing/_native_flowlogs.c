@@ -1,0 +1,220 @@
+/* A request's OTLP flow-log records written in C (processing/flowlogs.py `FlowRecords.otlp_request`).
+ *
+ * flowlogs.py is the statement of the encoding and its Python reference; this writes the same bytes in
+ * one buffer (no piece per number, no join): per record the ScopeLogs.log_records head, the template's
+ * static part, the times and doubles as `_NUMBERS` packs them, the bytes and packets KeyValues as
+ * `AttributeEncoder.int_value` writes them. Any value outside what it handles (a count that is not a
+ * finite number in [0, 2^64), a time that is not an int of 64 bits, an attribute missing) gives None: the
+ * caller runs the Python code, which writes it or raises as it always did.
+ * tests/unit/test_enricher_native.py compares the two on the same deliveries.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef struct {
+    PyObject *statics; /* borrowed from the template */
+    Py_ssize_t size;   /* the record's length after its head */
+    uint64_t end, byte_count, packet_count;
+    double cost, start_s;
+} Record;
+
+static Py_ssize_t varint_len(uint64_t n) {
+    Py_ssize_t len = 1;
+    while (n >= 0x80) {
+        n >>= 7;
+        len++;
+    }
+    return len;
+}
+
+static char *put_varint(char *p, uint64_t n) {
+    while (n >= 0x80) {
+        *p++ = (char)((n & 0x7F) | 0x80);
+        n >>= 7;
+    }
+    *p++ = (char)n;
+    return p;
+}
+
+static char *put_bytes(char *p, PyObject *b) {
+    Py_ssize_t n = PyBytes_GET_SIZE(b);
+    memcpy(p, PyBytes_AS_STRING(b), n);
+    return p + n;
+}
+
+static char *put_u64(char *p, uint64_t v) { /* little-endian fixed64 */
+    for (int i = 0; i < 8; i++) p[i] = (char)(v >> (8 * i));
+    return p + 8;
+}
+
+static char *put_double(char *p, double d) {
+    uint64_t v;
+    memcpy(&v, &d, 8);
+    return put_u64(p, v);
+}
+
+/* A count as `int(value)` then `varint` take it, when in [0, 2^64); 0 otherwise. */
+static int count_of(PyObject *o, uint64_t *out) {
+    if (PyFloat_CheckExact(o)) {
+        double d = PyFloat_AS_DOUBLE(o);
+        if (!(d >= 0.0 && d < 18446744073709551616.0)) return 0;
+        *out = (uint64_t)d;
+        return 1;
+    }
+    if (PyLong_CheckExact(o)) {
+        *out = PyLong_AsUnsignedLongLong(o);
+        if (*out == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/* An int of 64 bits (unsigned), 0 otherwise. */
+static int u64_of(PyObject *o, uint64_t *out) {
+    if (!PyLong_CheckExact(o)) return 0;
+    *out = PyLong_AsUnsignedLongLong(o);
+    if (*out == (uint64_t)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return 0;
+    }
+    return 1;
+}
+
+/* A float as struct's "d" takes it (`start / 1e9` for the start), 0 with no error set otherwise. */
+static int double_of(PyObject *o, double *out) {
+    if (PyFloat_CheckExact(o)) {
+        *out = PyFloat_AS_DOUBLE(o);
+        return 1;
+    }
+    if (PyLong_CheckExact(o)) {
+        *out = PyLong_AsDouble(o);
+        if (*out == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return 0;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+static PyObject *get_head(PyObject *heads, Py_ssize_t len) {
+    if (len >= PyTuple_GET_SIZE(heads)) return NULL;
+    PyObject *h = PyTuple_GET_ITEM(heads, len);
+    return PyBytes_CheckExact(h) ? h : NULL;
+}
+
+enum {
+    A_RESOURCE, A_SCOPE, A_BYTES_HEADS, A_PACKETS_HEADS, A_COST_HEAD, A_START_HEAD,
+    A_TEMPLATES, A_STARTS, A_ENDS, A_BYTE_COUNTS, A_PACKET_COUNTS, A_COSTS, N_ARGS
+};
+#define LOG_RECORDS_TAG 0x12
+#define SCOPE_LOGS_TAG 0x12
+#define RESOURCE_LOGS_TAG 0x0A
+#define TIME_TAG 0x09
+#define OBSERVED_TAG 0x59
+
+/* otlp_logs(resource_field, scope_field, bytes_heads, packets_heads, cost_head, start_head, templates,
+ *           starts, ends, byte_counts, packet_counts, costs) -> the request's bytes, or None. */
+PyObject *otlp_logs(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != N_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "otlp_logs() takes 12 arguments");
+        return NULL;
+    }
+    for (int i = A_RESOURCE; i <= A_START_HEAD; i++)
+        if (!(i == A_BYTES_HEADS || i == A_PACKETS_HEADS ? PyTuple_CheckExact(args[i]) : PyBytes_CheckExact(args[i])))
+            Py_RETURN_NONE;
+    Py_ssize_t n = -1;
+    for (int i = A_TEMPLATES; i < N_ARGS; i++) {
+        if (!PyList_CheckExact(args[i])) Py_RETURN_NONE;
+        if (n < 0) n = PyList_GET_SIZE(args[i]);
+        if (PyList_GET_SIZE(args[i]) != n) Py_RETURN_NONE;
+    }
+    static PyObject *static_name = NULL, *fixed_name = NULL;
+    if (static_name == NULL && (static_name = PyUnicode_InternFromString("otlp_static")) == NULL) return NULL;
+    if (fixed_name == NULL && (fixed_name = PyUnicode_InternFromString("otlp_fixed")) == NULL) return NULL;
+    PyObject *cost_head = args[A_COST_HEAD], *start_head = args[A_START_HEAD];
+    PyObject *bytes_heads = args[A_BYTES_HEADS], *packets_heads = args[A_PACKETS_HEADS];
+    Record *records = PyMem_Malloc(sizeof(Record) * (n ? n : 1));
+    if (records == NULL) return PyErr_NoMemory();
+    PyObject *out = NULL, *held = PyList_New(0); /* the templates' static parts, kept alive */
+    if (held == NULL) goto done;
+    Py_ssize_t total = PyBytes_GET_SIZE(args[A_RESOURCE]) + PyBytes_GET_SIZE(args[A_SCOPE]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Record *r = &records[i];
+        PyObject *template = PyList_GET_ITEM(args[A_TEMPLATES], i);
+        PyObject *start = PyList_GET_ITEM(args[A_STARTS], i);
+        if (!count_of(PyList_GET_ITEM(args[A_BYTE_COUNTS], i), &r->byte_count) ||
+            !count_of(PyList_GET_ITEM(args[A_PACKET_COUNTS], i), &r->packet_count) ||
+            !u64_of(PyList_GET_ITEM(args[A_ENDS], i), &r->end) ||
+            !double_of(PyList_GET_ITEM(args[A_COSTS], i), &r->cost) || !double_of(start, &r->start_s))
+            goto fallback;
+        r->start_s = r->start_s / 1e9;
+        PyObject *statics = PyObject_GetAttr(template, static_name);
+        if (statics == NULL || !PyBytes_CheckExact(statics) || PyList_Append(held, statics) < 0) {
+            Py_XDECREF(statics);
+            goto fallback;
+        }
+        Py_DECREF(statics);
+        r->statics = statics; /* held alive by `held` */
+        PyObject *fixed_o = PyObject_GetAttr(template, fixed_name);
+        if (fixed_o == NULL) goto fallback;
+        Py_ssize_t fixed = PyLong_CheckExact(fixed_o) ? PyLong_AsSsize_t(fixed_o) : -1;
+        Py_DECREF(fixed_o);
+        if (fixed < 0) goto fallback;
+        Py_ssize_t blen = varint_len(r->byte_count), plen = varint_len(r->packet_count);
+        PyObject *bh = get_head(bytes_heads, blen), *ph = get_head(packets_heads, plen);
+        if (bh == NULL || ph == NULL) goto fallback;
+        r->size = fixed + PyBytes_GET_SIZE(bh) + blen + PyBytes_GET_SIZE(ph) + plen;
+        total += 1 + varint_len((uint64_t)r->size) + PyBytes_GET_SIZE(statics) + 18 +
+                 PyBytes_GET_SIZE(cost_head) + 8 + PyBytes_GET_SIZE(start_head) + 8 + PyBytes_GET_SIZE(bh) +
+                 blen + PyBytes_GET_SIZE(ph) + plen;
+    }
+    /* the envelope, as otlp_request computes it: scope_logs = everything but the two heads */
+    Py_ssize_t scope_len = total - PyBytes_GET_SIZE(args[A_RESOURCE]);
+    Py_ssize_t scope_head = 1 + varint_len((uint64_t)scope_len);
+    Py_ssize_t whole = total + scope_head;
+    out = PyBytes_FromStringAndSize(NULL, 1 + varint_len((uint64_t)whole) + whole);
+    if (out == NULL) goto done;
+    char *p = PyBytes_AS_STRING(out);
+    *p++ = RESOURCE_LOGS_TAG;
+    p = put_varint(p, (uint64_t)whole);
+    p = put_bytes(p, args[A_RESOURCE]);
+    *p++ = SCOPE_LOGS_TAG;
+    p = put_varint(p, (uint64_t)scope_len);
+    p = put_bytes(p, args[A_SCOPE]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Record *r = &records[i];
+        *p++ = LOG_RECORDS_TAG;
+        p = put_varint(p, (uint64_t)r->size);
+        p = put_bytes(p, r->statics);
+        *p++ = TIME_TAG;
+        p = put_u64(p, r->end);
+        *p++ = OBSERVED_TAG;
+        p = put_u64(p, r->end);
+        p = put_bytes(p, cost_head);
+        p = put_double(p, r->cost);
+        p = put_bytes(p, start_head);
+        p = put_double(p, r->start_s);
+        p = put_bytes(p, PyTuple_GET_ITEM(bytes_heads, varint_len(r->byte_count)));
+        p = put_varint(p, r->byte_count);
+        p = put_bytes(p, PyTuple_GET_ITEM(packets_heads, varint_len(r->packet_count)));
+        p = put_varint(p, r->packet_count);
+    }
+    if (p != PyBytes_AS_STRING(out) + PyBytes_GET_SIZE(out)) {
+        Py_CLEAR(out);
+        PyErr_SetString(PyExc_SystemError, "otlp_logs: size computed wrong");
+    }
+    goto done;
+fallback:
+    PyErr_Clear();
+    out = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(held);
+    PyMem_Free(records);
+    return out;
+}
