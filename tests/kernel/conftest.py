@@ -74,12 +74,12 @@ class Net:
                 return int(item["counter"]["bytes"]), int(item["counter"]["packets"])
         raise AssertionError(f"nft counter {name} not found: {out}")
 
-    def segment_after_node(self) -> None:
+    def segment_after_node(self, devices: tuple[str, ...] = NODE_DEVICES) -> None:
         """The node's devices send one segment per buffer: GSO packets pass the datapath's hook whole and
         are cut into segments after it, as a node's NIC does with TSO (the datapath counts segments).
         Two knobs: `gso_max_segs 1` (the stack segments whatever has more than one segment) and TSO off
         (also for a packet whose segment count is unset, SKB_GSO_DODGY)."""
-        for device in NODE_DEVICES:
+        for device in devices:
             netns.ip(self.node, "link", "set", "dev", device, "gso_max_segs", "1")
             self.ethtool(self.node, device, ETHTOOL_STSO, 0)
 
