@@ -11,6 +11,7 @@ interval (every series new) and the later ones. Targets: nothing dropped, >= 200
 <= 1 GiB RSS.
 
     .venv/bin/python bench/enricher_cluster.py [--agents 1000] [--flows 100] [--senders 8] [--intervals 4]
+        [--enricher-arg=--grpc-workers=2 ...]
 """
 
 from __future__ import annotations
@@ -304,7 +305,7 @@ def wait_idle(pid: int, quiet_s: float = 1.0) -> None:
         last = now
 
 
-def run(agents: int, flows: int, senders: int, count: int) -> Result:
+def run(agents: int, flows: int, senders: int, count: int, extra: tuple[str, ...] = ()) -> Result:
     with tempfile.TemporaryDirectory(prefix="kzt-bench-") as tmp:
         ips = metadata(Path(tmp) / "cluster.json", agents)
         rows = intervals(build_payloads(ips, flows, 1)[0], count)
@@ -316,6 +317,7 @@ def run(agents: int, flows: int, senders: int, count: int) -> Result:
             "--grpc-endpoint", f"127.0.0.1:{grpc_port}", "--http-endpoint", "",
             "--metrics-endpoint", f"127.0.0.1:{metrics_port}",
             "--export-endpoint", f"127.0.0.1:{sink.port}",
+            *extra,
         )  # fmt: skip
         try:
             wait_ready(metrics_port)
@@ -423,8 +425,11 @@ def main() -> int:
     parser.add_argument("--flows", type=int, default=100)
     parser.add_argument("--senders", type=int, default=8)
     parser.add_argument("--intervals", type=int, default=4)
+    parser.add_argument(
+        "--enricher-arg", action="append", default=[], metavar="ARG", help="passed to the enricher (repeat)"
+    )
     args = parser.parse_args()
-    result = run(args.agents, args.flows, args.senders, args.intervals)
+    result = run(args.agents, args.flows, args.senders, args.intervals, tuple(args.enricher_arg))
     report(result, args.agents, args.flows, args.senders, args.intervals)
     given_up = sum(one.points_failed for one in result.sent)
     if result.lost or given_up or result.accepted != result.received:

@@ -51,6 +51,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-connections", type=int, help=f"open connections per HTTP port ({d.max_connections})")
     add("--max-concurrent-calls", type=int, help=f"gRPC calls at once ({d.max_concurrent_calls})")
+    add(
+        "--grpc-workers",
+        type=int,
+        help=f"threads serving gRPC calls, the other admitted calls wait ({d.grpc_workers})",
+    )
     add("--header-timeout", help="deadline for a request head, also the keep-alive idle time (30s)")
     add("--body-timeout", help="deadline for a whole request body (60s)")
     add("--tls-cert-file", help="serve both receivers over TLS with this certificate (PEM, reloaded)")
@@ -98,6 +103,7 @@ def build_config(args: argparse.Namespace) -> EnricherConfig:
         "max_inflight_bytes": args.max_inflight_bytes,
         "max_connections": args.max_connections,
         "max_concurrent_calls": args.max_concurrent_calls,
+        "grpc_workers": args.grpc_workers,
         "header_timeout_s": _duration(args.header_timeout, "--header-timeout"),
         "body_timeout_s": _duration(args.body_timeout, "--body-timeout"),
         "tls_cert_file": args.tls_cert_file,

@@ -33,6 +33,7 @@ DEFAULT_MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_MAX_INFLIGHT: Final = 16
 DEFAULT_MAX_INFLIGHT_BYTES: Final = 256 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_CALLS: Final = 64
+DEFAULT_GRPC_WORKERS: Final = 8  # threads decoding and enriching gRPC calls; admitted calls beyond wait
 DEFAULT_MAX_SERIES: Final = 200_000
 DEFAULT_SERIES_TTL_S: Final = 600.0
 DEFAULT_EXPORT_QUEUE: Final = 5000  # queued request pieces (one per resource) per exporter
@@ -94,6 +95,7 @@ class EnricherConfig:
     max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES  # request bytes held by the receivers at once
     max_connections: int = DEFAULT_MAX_CONNECTIONS  # per HTTP port
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS  # gRPC calls at once
+    grpc_workers: int = DEFAULT_GRPC_WORKERS  # gRPC calls served at once (the others admitted wait)
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S  # request head (and keep-alive idle) deadline
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S  # whole-body deadline
     tls_cert_file: str | None = None
@@ -133,7 +135,7 @@ class EnricherConfig:
             raise ConfigError("log_format", f"must be one of {', '.join(logformat.FORMATS)}")
         if not self.savings_window_s >= 1.0:
             raise ConfigError("savings_window", f"must be at least 1s, got {self.savings_window_s!r}")
-        for name in ("max_inflight_bytes", "max_connections", "max_concurrent_calls"):
+        for name in ("max_inflight_bytes", "max_connections", "max_concurrent_calls", "grpc_workers"):
             _positive(getattr(self, name), name)
         if self.max_inflight_bytes < self.max_request_bytes:
             raise ConfigError(

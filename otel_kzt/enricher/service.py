@@ -177,13 +177,14 @@ class EnricherService:
             settings = ReceiverSettings(
                 host,
                 port,
-                cfg.max_request_bytes,
-                auth,
-                tls,
-                caps.budget,
-                limits,
-                cfg.max_concurrent_calls,
-                downstream,
+                max_request_bytes=cfg.max_request_bytes,
+                auth=auth,
+                tls=tls,
+                budget=caps.budget,
+                http=limits,
+                max_concurrent_calls=cfg.max_concurrent_calls,
+                downstream=downstream,
+                grpc_workers=cfg.grpc_workers,
             )
             receiver = HttpReceiver(settings, core) if kind == "http" else GrpcReceiver(settings, core)
             receiver.report(caps)

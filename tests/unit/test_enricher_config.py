@@ -189,6 +189,7 @@ def test_bad_prices_name_the_field(tmp_path: Path, text: str, field: str) -> Non
         (["--max-inflight-bytes", "1000", "--max-request-bytes", "1001"], "max_inflight_bytes", "never be"),
         (["--max-connections", "0"], "max_connections", "positive integer"),
         (["--max-concurrent-calls", "-1"], "max_concurrent_calls", "positive integer"),
+        (["--grpc-workers", "0"], "grpc_workers", "positive integer"),
     ],
 )
 def test_fields_that_do_not_fit_together_are_refused_naming_the_field(

@@ -109,8 +109,8 @@ class _Admission(grpc.GenericRpcHandler):  # type: ignore[misc]
 
 
 class GrpcReceiver:
-    def __init__(self, settings: ReceiverSettings, core: Core, workers: int = 8) -> None:
-        self._settings, self._core, self._workers = settings, core, workers
+    def __init__(self, settings: ReceiverSettings, core: Core) -> None:
+        self._settings, self._core = settings, core
         self._server: grpc.Server | None = None
         self.admission = _Admission(
             {METRICS_METHOD: self._metrics, LOGS_METHOD: self._logs}, settings.max_concurrent_calls
@@ -124,7 +124,7 @@ class GrpcReceiver:
     def start(self) -> int:
         settings = self._settings
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="kzt-otlp-grpc"),
+            ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix="kzt-otlp-grpc"),
             options=[
                 ("grpc.max_receive_message_length", settings.max_request_bytes),
                 ("grpc.so_reuseport", 0),

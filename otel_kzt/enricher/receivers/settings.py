@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from otel_kzt.enricher.config import (
+    DEFAULT_GRPC_WORKERS,
     DEFAULT_MAX_CONCURRENT_CALLS,
     DEFAULT_MAX_INFLIGHT_BYTES,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -25,3 +26,4 @@ class ReceiverSettings:
     http: HttpLimits = field(default_factory=HttpLimits)
     max_concurrent_calls: int = DEFAULT_MAX_CONCURRENT_CALLS  # gRPC
     downstream: Downstream = field(default_factory=Downstream)
+    grpc_workers: int = DEFAULT_GRPC_WORKERS  # gRPC calls served at once
