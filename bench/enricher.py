@@ -109,7 +109,7 @@ def make_core(index: ClusterIndex, flow_logs: bool, json_lines: bool = False, py
         flow_logs_otlp=flow_logs,
     )
     if python:
-        core._points._loop = core._points._otlp_logs = None
+        core._points._loop = core._points._otlp_logs = core._points._read_layout = None
     return core
 
 

@@ -1,10 +1,11 @@
-"""The C extension (processing/_native*.c) is a fast path of the counting rule and of the OTLP flow-log
-encoding, not a second statement of either: hypothesis drives the real core with the extension and without
-it (the Python loop calling state/counting.py for every point, flowlogs.py writing the records) through
-the same deliveries (growing values, also measured before the last; idle, stale and late points,
-restarts, duplicate requests, reordering, renames, gaps past the sweep and the TTL) and requires
-everything they produce to be identical: aggregates, not_counted and the other health counters,
-re-exported bytes, OTLP and JSON flow logs.
+"""The C extension (processing/_native*.c) is a fast path of the counting rule, the layout reader and the
+OTLP flow-log encoding, not a second statement of any: hypothesis drives the real core with the extension
+and without it (repeats.py reading, the Python loop calling state/counting.py for every point, flowlogs.py
+writing the records) through the same deliveries (growing values, also measured before the last; idle,
+stale, negative and late points, restarts, a Sum's fields after its points changed, duplicate requests,
+reordering, renames, gaps past the sweep and the TTL) and requires everything they produce to be
+identical: aggregates, not_counted and the other health counters, re-exported bytes, OTLP and JSON flow
+logs.
 
 In CI (CI=true) the extension must be built: a missing one fails here, it is not skipped."""
 
@@ -17,6 +18,8 @@ import sys
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_DELTA
 
 from otel_kzt.enricher.processing import native
 from tests.unit import test_enricher_repeats
@@ -26,8 +29,8 @@ from tests.unit.test_enricher_repeats import FLOWS, TTL_S, encode
 needs_native = pytest.mark.skipif(
     not native.BUILT and os.environ.get("CI") != "true", reason=f"C extension not built: {native.PATH}"
 )
-CHANGES = ("grow",) * 8 + ("idle", "idle", "stale", "late", "restart", "huge", "missing")
-STEPS = ("send",) * 8 + ("rewind", "again", "shuffle", "rename", "sweep", "forget")
+CHANGES = ("grow",) * 8 + ("idle", "idle", "stale", "late", "restart", "huge", "negative", "missing")
+STEPS = ("send",) * 8 + ("rewind", "delta", "again", "shuffle", "rename", "sweep", "forget")
 PROPERTIES = settings(
     max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
@@ -62,6 +65,7 @@ class Twins(test_enricher_repeats.Twins):
         assert native.EXTENSION is not None, native.PATH  # in CI: a failure, not a skip
         in_c._loop, python._layouts, python._loop = native.EXTENSION.repeat, {}, None
         in_c._otlp_logs, python._otlp_logs = native.EXTENSION.otlp_logs, None
+        in_c._read_layout, python._read_layout = native.EXTENSION.read_layout, None
 
 
 @st.composite
@@ -70,7 +74,7 @@ def scenarios(draw: st.DrawFn) -> list[tuple[str, list[tuple[int, str]]]]:
     steps = []
     for _ in range(draw(st.integers(1, 24))):
         step = draw(st.sampled_from(STEPS))
-        sends = step in ("send", "rewind")
+        sends = step in ("send", "rewind", "delta")
         changes = [(f, draw(st.sampled_from(CHANGES))) for f in range(flows)] if sends else []
         steps.append((step, changes))
     return steps
@@ -85,7 +89,7 @@ def test_the_extension_counts_and_forwards_what_the_python_rule_does(
     twins = Twins()
     starts, values = [1_000] * len(FLOWS), [0] * len(FLOWS)
     previous: list[tuple[int, int]] = [(1_000, 0)] * len(FLOWS)  # each flow's last run before its restart
-    order, t, last = list(range(len(FLOWS))), 2_000_000_000, b""
+    order, t, last = list(range(len(FLOWS))), 100_000_000_000, b""  # room for rewinds
     for step, changes in steps:
         twins.now[0] += 1.0
         t += 1_000_000_000 if step != "rewind" else -2_500_000_000  # a sender's clock stepped back
@@ -114,8 +118,19 @@ def test_the_extension_counts_and_forwards_what_the_python_rule_does(
                 start, value = previous[flow][0], previous[flow][1] + 1
                 previous[flow] = (start, value)
             else:
-                start, value = starts[flow], values[flow] - (change == "stale")
+                start, value = (
+                    starts[flow],
+                    -1 if change == "negative" else values[flow] - (change == "stale"),
+                )
             sent.append((flow, start, value))
         if sent:
-            last = encode(sent, t)
+            last = encode(sent, t) if step != "delta" else delta(encode(sent, t))
             twins.send(last)
+
+
+def delta(payload: bytes) -> bytes:
+    """The request with its Sums' fields after the points changed (delta temporality: refused whole)."""
+    req = ExportMetricsServiceRequest.FromString(payload)
+    for m in req.resource_metrics[0].scope_metrics[0].metrics:
+        m.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_DELTA
+    return req.SerializeToString()

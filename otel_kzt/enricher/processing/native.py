@@ -1,4 +1,4 @@
-"""Which path the core's hot loops run: the C extension (processing/_native.c) or the Python one.
+"""Which path the core's hot code runs: the C extension (processing/_native*.c) or the Python one.
 
 The extension is built by the package's install and is optional there (no compiler: the install goes on),
 so the enricher runs either way; `OTEL_KZT_NO_NATIVE=1` selects the Python path on purpose (tests drive
@@ -35,7 +35,7 @@ if EXTENSION is None:
 elif _disabled:
     PATH = f"Python (the C extension is disabled by {DISABLE_ENV})"
 else:
-    PATH = "C extension (processing/_native.c)"
+    PATH = "C extension (processing/_native*.c)"
 _announced = False
 
 

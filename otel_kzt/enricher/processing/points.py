@@ -32,7 +32,7 @@ from otel_kzt.enricher.processing.cost import PriceTable
 from otel_kzt.enricher.processing.flowlogs import DEFAULT_OTLP_LOGS, Billed, FlowRecords, FlowTemplate
 from otel_kzt.enricher.processing.pieces import KEY, VALUE, received
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
-from otel_kzt.enricher.processing.repeats import Layout, Seen, layout
+from otel_kzt.enricher.processing.repeats import CRead, Layout, Seen, layout
 from otel_kzt.enricher.processing.resolution import Resolved, Resolver
 from otel_kzt.enricher.state.counting import Rule
 from otel_kzt.enricher.state.series import (
@@ -125,6 +125,7 @@ class SumEnricher:
         # (`_count_each`); the tests set it to None to run both paths on the same input
         self._loop: _Loop | None = None if native.MODULE is None else native.MODULE.repeat
         self._otlp_logs = DEFAULT_OTLP_LOGS  # the same for the OTLP flow-log records (flowlogs.py)
+        self._read_layout: CRead | None = None if native.MODULE is None else native.MODULE.read_layout
         native.announce()
 
     def steady(self, part: Part, where: GroupKey, generation: int) -> Steady | None:
@@ -311,7 +312,11 @@ class SumEnricher:
             self._pair(batch, where, billed)
         out += trailer
         if learn:
-            made = layout(generation, part, seen, b"".join(trailer)) if plain and seen else None
+            made = (
+                layout(generation, part, seen, b"".join(trailer), self._read_layout)
+                if plain and seen
+                else None
+            )
             if made is None:
                 self._layouts.pop(where, None)
             else:

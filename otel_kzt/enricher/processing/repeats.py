@@ -19,6 +19,7 @@ forgotten (the series table's epoch moves).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from itertools import chain
 from operator import attrgetter, itemgetter
 from typing import Final
@@ -51,21 +52,27 @@ class _Codes(dict[int, str]):
 _CODES_CAP: Final = Cap("repeats.codes", 4096)  # key lengths remembered per header width
 CAPS: Final = (_CODES_CAP,)  # on /metrics (exporters/caches.py)
 _CODES: dict[int, _Codes] = {}  # by header width (bytes of tag and length: 2 or 3 in practice)
+# _native_layout.c `read_layout`: (buf, body, end, received headers, keys, trailer, lo, hi) -> `read`'s answer
+CRead = Callable[..., tuple[tuple[bytes, ...], list[int]] | None]
 
 
 class Layout:
     """The shape of one group's Sum and the cached pieces of its enriched form."""
 
     __slots__ = (
+        "c_read",
         "distinct",
         "entries",
         "extras",
         "generation",
         "headers",
         "heads",
+        "hi",
         "keys",
+        "lo",
         "points",
         "reader",
+        "received",
         "size",
         "trailer",
         "valid_from",
@@ -73,10 +80,12 @@ class Layout:
         "width",
     )
 
-    def __init__(self, generation: int, buf: bytes, seen: list[Seen], trailer: bytes) -> None:
+    def __init__(
+        self, generation: int, buf: bytes, seen: list[Seen], trailer: bytes, c_read: CRead | None = None
+    ) -> None:
         """From a general pass's plain points (see `layout`) and the Sum's fields after them, in metadata
-        `generation`."""
-        self.generation = generation
+        `generation`; `c_read`: `read` in C (processing/_native_layout.c), None: in Python."""
+        self.generation, self.c_read = generation, c_read
         self.width = width = seen[0][1] - seen[0][0]  # header bytes per point
         self.points = len(seen)
         # mapped C calls rather than a generator per field: a layout is made per group in the first
@@ -96,10 +105,17 @@ class Layout:
         self.size = sum(map(_SIZE, entries)) + len(trailer)
         self.valid_from = max(map(_VALID_FROM, entries))
         self.valid_until = min(map(_VALID_UNTIL, entries))
+        # for the C reader (processing/_native_layout.c): each point's received header, and the times
+        # allowed as the closed range a fixed64 can fall in
+        self.received = tuple(map(bytes, zip(*self.heads, strict=True)))
+        self.lo, self.hi = max(self.valid_from, 0), min(self.valid_until, 1 << 64) - 1
 
     def read(self, buf: bytes, body: int, end: int) -> tuple[tuple[bytes, ...], list[int]] | None:
         """The Sum at buf[body:end] as (each point's bytes, its 27-byte prefixes' fields flat), when it
-        is exactly this shape; None otherwise."""
+        is exactly this shape; None otherwise. processing/_native_layout.c `read_layout` gives the same
+        answer in C (the core's default when built: points.py)."""
+        if self.c_read is not None:
+            return self.c_read(buf, body, end, self.received, self.keys, self.trailer, self.lo, self.hi)
         reader, n, step = self.reader, self.points, self.width + 1
         if end - body != reader.size:
             return None
@@ -130,7 +146,13 @@ class Layout:
         return chain.from_iterable(zip(self.headers, raws, self.extras, strict=True))
 
 
-def layout(generation: int, part: tuple[bytes, int, int], seen: list[Seen], trailer: bytes) -> Layout | None:
+def layout(
+    generation: int,
+    part: tuple[bytes, int, int],
+    seen: list[Seen],
+    trailer: bytes,
+    c_read: CRead | None = None,
+) -> Layout | None:
     """The layout of the Sum at `part` (buffer, start, end) whose points, all plain, lie one after the
     other from its start with headers of one length, its other fields after them; None for any other."""
     buf, body, end = part
@@ -143,4 +165,4 @@ def layout(generation: int, part: tuple[bytes, int, int], seen: list[Seen], trai
         expected = point + CANONICAL_POINT.size + len(key)
     if expected + len(trailer) != end:
         return None
-    return Layout(generation, buf, seen, trailer)
+    return Layout(generation, buf, seen, trailer, c_read)
