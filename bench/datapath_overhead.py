@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from otel_kzt import netns  # noqa: E402
-from otel_kzt.agent.datapath import bpfsys, cgroup, modes, netfilter, pins, probe, tclinks  # noqa: E402
+from otel_kzt.agent.datapath import bpfsys, cgroup, modes, netfilter, pins, probe, tc, tclinks  # noqa: E402
 from tests.support.processes import CLI, stop  # noqa: E402
 
 NODE, POD_A, POD_B = "kdo-n", "kdo-a", "kdo-b"
@@ -240,6 +240,8 @@ class Toggle:
         self.ours: list[int] = []
         self.floors: list[int] = []
         self.released: list[int] = []
+        self.alt_fd: int | None = None  # a variant of the counter (bench/datapath_udp.py --alt)
+        self.alts: list[int] = []
         self.on = True
 
     def set(self, on: bool) -> None:
@@ -264,16 +266,90 @@ class Toggle:
             bpfsys.close_links(self.floors, detach=True)
             self.floors = []
 
+    def set_alt(self, on: bool) -> None:
+        """The variant program (`alt_fd`, attached where the agent's links are) on or off."""
+        if on and not self.alts and self.alt_fd is not None:
+            self.alts = [attach(self.mode, self.alt_fd, info) for info in self.infos]
+        elif not on:
+            bpfsys.close_links(self.alts, detach=True)
+            self.alts = []
+
     def state(self, name: str) -> None:
-        """'off' (neither), 'floor' (the floor alone), 'on' (the agent's program alone)."""
+        """'off' (neither), 'floor' (the floor alone), 'on' (the agent's program alone), 'alt' (the
+        variant alone)."""
         self.set(name == "on")
         self.set_floor(name == "floor")
+        self.set_alt(name == "alt")
 
     def close(self) -> None:
         self.state("off")
         for fd in self.pinned + self.released + self.progs:
             os.close(fd)
         self.floor_bpf.cleanup()
+
+
+class ClassicToggle:
+    """Toggle's states for tc mode on classic clsact filters (the agent run with tc.CLASSIC_ENV): "off" has
+    no clsact qdisc on the hooked devices (as without the agent), "on" the agent's pinned dispatcher as a
+    direct-action cls_bpf filter, the floor a filter at a lower preference (it runs first)."""
+
+    def __init__(self, mode: str) -> None:
+        from bcc import BPF
+
+        self.mode = mode
+        directory = pins.node_dir(NODE, pins.DEFAULT_PIN_ROOT)
+        self.pins = sorted(str(p) for p in directory.iterdir() if p.name.startswith(tc.PIN_PREFIX))
+        self.devices = [tc.device_of_pin(Path(p).name) for p in self.pins]
+        self.progs = [bpfsys.obj_get(p) for p in self.pins]
+        self.measured = self.progs[:1]  # one dispatcher behind every filter
+        self.floor_bpf = BPF(src_file=str(probe.FLOOR_SOURCE).encode(),
+                             cflags=[f"-DKZT_FLOOR_RETURN={FLOOR_RETURN[mode]}"])  # fmt: skip
+        self.floor = int(self.floor_bpf.load_func(b"kzt_floor", tc.BPF_PROG_TYPE_SCHED_CLS).fd)
+        self.floor_pin = f"/sys/fs/bpf/kdo-floor-{os.getpid()}"
+        bpfsys.obj_pin(self.floor, self.floor_pin)
+        self.on, self.floor_on = True, False
+
+    def _apply(self, on: bool, floor: bool) -> None:
+        if (on, floor) == (self.on, self.floor_on):
+            return
+        cmds = []
+        for dev in self.devices:
+            if self.on or self.floor_on:
+                cmds.append(f"qdisc del dev {dev} clsact")
+            if on or floor:
+                cmds.append(f"qdisc add dev {dev} clsact")
+            if floor:
+                cmds.append(f"filter add dev {dev} egress pref 1 bpf direct-action pinned {self.floor_pin}")
+            if on:
+                pin = self.pins[self.devices.index(dev)]
+                cmds.append(f"filter add dev {dev} egress pref 2 handle {hex(tclinks.CLASSIC_HANDLE)} "
+                            f"bpf direct-action pinned {pin}")  # fmt: skip
+        if cmds:
+            netns.run_in(NODE, ["tc", "-batch", "-"], input="\n".join(cmds) + "\n")
+        self.on, self.floor_on = on, floor
+
+    def set_floor(self, on: bool) -> None:
+        self._apply(self.on, on)
+
+    def state(self, name: str) -> None:
+        self._apply(name == "on", name == "floor")
+
+    def close(self) -> None:
+        self.state("off")
+        for fd in self.progs:
+            os.close(fd)
+        os.unlink(self.floor_pin)
+        self.floor_bpf.cleanup()
+
+
+AnyToggle = Toggle | ClassicToggle
+
+
+def toggle_for(mode: str) -> AnyToggle:
+    """The mode's Toggle; tc's classic filters (the agent told so by tc.CLASSIC_ENV) get their own."""
+    if mode == "tc" and os.environ.get(tc.CLASSIC_ENV) == "1":
+        return ClassicToggle(mode)
+    return Toggle(mode)
 
 
 @contextlib.contextmanager

@@ -54,14 +54,15 @@ from bench.datapath_overhead import (
     STATS_SYSCTL,
     UDP_PAYLOAD,
     UDP_PORT,
+    AnyToggle,
     B,
-    Toggle,
     agent,
     build,
     ns_per_run,
+    toggle_for,
 )
 from otel_kzt import netns
-from otel_kzt.agent.datapath import probe
+from otel_kzt.agent.datapath import probe, tc
 
 STATES = ("off", "aa", "floor", "on")
 # A Williams square: over four blocks every state follows every other once, so what a state leaves behind
@@ -143,7 +144,7 @@ def net_rx_per_cpu() -> list[int]:
     return [int(v) for v in line.split()[1:]]
 
 
-def cost(toggle: Toggle, sender: Sender) -> tuple[float, float, list[int]]:
+def cost(toggle: AnyToggle, sender: Sender) -> tuple[float, float, list[int]]:
     """Program and floor ns per run over 1 s of the shape (both attached, bpf_stats on only here), and the
     share of NET_RX softirqs on the sender's CPU (the path stays on it)."""
     toggle.state("on")
@@ -169,13 +170,16 @@ def median_ci(values: list[float], reps: int = 2000) -> tuple[float, float, floa
 Run = dict[str, float]  # one timed run: sent, received, seconds, cpu_s, stats_on
 
 
-def blocks(toggle: Toggle, sender: Sender, n: int, seconds: float, aa: bool) -> list[dict[str, Run]]:
+def blocks(toggle: AnyToggle, sender: Sender, n: int, seconds: float, aa: bool) -> list[dict[str, Run]]:
     """`n` blocks (after WARMUP_BLOCKS not kept) of one run per state, in ORDERS' orders in turn."""
     out = []
     for i in range(WARMUP_BLOCKS + n):
         block = {}
         for state in ORDERS[i % len(ORDERS)]:
-            toggle.state("off" if aa or state == "aa" else state)
+            if state == "aa" and toggle.alt_fd is not None:
+                toggle.state("alt")
+            else:
+                toggle.state("off" if aa or state == "aa" else state)
             sender.run(SETTLE_S)
             run = sender.run(seconds)
             run["stats_on"] = float(STATS_SYSCTL.read_text().strip() != "0")
@@ -200,11 +204,13 @@ def summarise(rounds: list[dict[str, Run]]) -> dict[str, object]:
             q = statistics.quantiles(ratios, n=4)
             line[f"{state}_{est}"] = [round(100 * x, 2) for x in (med, lo, hi)]
             line[f"{state}_{est}_iqr"] = [round(100 * q[0], 1), round(100 * q[2], 1)]
-        ratios = [f(b["on"]) / f(b["floor"]) for b in rounds]
-        line[f"on_floor_{est}"] = [round(100 * x, 2) for x in median_ci(ratios)]
+        for a, b_ in (("on", "floor"), ("on", "aa")):
+            ratios = [f(b[a]) / f(b[b_]) for b in rounds]
+            line[f"{a}_{b_}_{est}"] = [round(100 * x, 2) for x in median_ci(ratios)]
     ns = {s: [r[s]["cpu_s"] / r[s]["received"] * 1e9 for r in rounds] for s in ("off", "floor", "on")}
     line["off_ns_per_pkt_cpu"] = round(statistics.median(ns["off"]), 1)
-    for a, b in (("on", "off"), ("floor", "off"), ("on", "floor")):
+    ns["aa"] = [r["aa"]["cpu_s"] / r["aa"]["received"] * 1e9 for r in rounds]
+    for a, b in (("on", "off"), ("floor", "off"), ("on", "floor"), ("on", "aa")):
         diff = [x - y for x, y in zip(ns[a], ns[b], strict=True)]
         line[f"ns_{a}_minus_{b}"] = [round(x, 1) for x in median_ci(diff)]
     runs = [r for b in rounds for r in b.values()]
@@ -213,7 +219,7 @@ def summarise(rounds: list[dict[str, Run]]) -> dict[str, object]:
     return line
 
 
-def measure_shape(toggle: Toggle, sender: Sender, args: argparse.Namespace) -> dict[str, object]:
+def measure_shape(toggle: AnyToggle, sender: Sender, args: argparse.Namespace) -> dict[str, object]:
     """One mode's blocks for one shape, the programs' ns per run before and after, and the load."""
     sender.run(1.0)  # warm up
     load, started = os.getloadavg()[0], time.monotonic()
@@ -221,6 +227,8 @@ def measure_shape(toggle: Toggle, sender: Sender, args: argparse.Namespace) -> d
     rounds = blocks(toggle, sender, args.blocks, args.seconds, args.aa)
     costs.append(cost(toggle, sender))
     line: dict[str, object] = {"write_combine": not args.no_write_combine, "blocks": args.blocks}
+    line["tc_classic"] = args.tc_classic
+    line["alt"] = args.alt
     line["seconds"] = args.seconds
     program = statistics.median(c[0] for c in costs)
     floor = statistics.median(c[1] for c in costs)
@@ -246,6 +254,9 @@ def main() -> int:
     parser.add_argument("--kube-proxy", action="store_true", help="the node has kube-proxy's rules")
     parser.add_argument("--no-write-combine", action="store_true", help="the program without the slots")
     parser.add_argument("--aa", action="store_true", help="every state detached (the method's noise)")
+    parser.add_argument("--alt", help="DIR[:-DFLAG,...]: a counter built from another bpf/ directory "
+                        "takes the aa state's place (aa is then alt/off): two programs in one run")
+    parser.add_argument("--tc-classic", action="store_true", help="tc: classic clsact filters, not tcx")
     parser.add_argument("--role", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -253,6 +264,8 @@ def main() -> int:
         return 0
     if args.no_write_combine:
         os.environ[probe.NO_WRITE_COMBINE_ENV] = "1"  # the agent's loader reads it
+    if args.tc_classic:
+        os.environ[tc.CLASSIC_ENV] = "1"  # the agent's tc mode reads it; so does toggle_for
     shapes = {"bulk": 1, "churn": args.flows}
     shapes = {s: shapes[s] for s in args.shapes.split(",")}
     log_path = Path(f"/tmp/kdo-agent-{os.getpid()}.log")
@@ -280,7 +293,10 @@ def main() -> int:
             stack.callback(senders[shape].close)
         for mode in args.modes.split(","):
             with agent(mode, sink_port, log_path):
-                toggle = Toggle(mode)
+                toggle = toggle_for(mode)
+                if args.alt:
+                    alt_bpf, toggle.alt_fd = build_alt(mode, args.alt)
+                    stack.callback(alt_bpf.cleanup)
                 try:
                     for shape, sender in senders.items():
                         line = measure_shape(toggle, sender, args)
@@ -292,17 +308,50 @@ def main() -> int:
     return 0
 
 
+def build_alt(mode: str, spec: str) -> tuple[object, int]:
+    """The counter (kzt_count, no dispatcher) of `mode` built by bcc from the bpf/ directory of `spec`
+    with its extra flags, as the agent would build it (default map size and ports, unpinned maps)."""
+    from bcc import BPF
+
+    from otel_kzt.agent import config
+    from otel_kzt.agent.datapath import cgroup as cgroup_mode
+    from otel_kzt.agent.datapath import flowtables
+
+    directory, _, flags = spec.partition(":")
+    owner: object = tc.TcMode(["kdon0", "kdon1"]) if mode == "tc" else cgroup_mode.CgroupMode(str(CGROUP))
+    if mode not in ("tc", "cgroup"):
+        raise SystemExit("--alt: tc or cgroup")
+    saved = probe.BPF_DIR
+    probe.BPF_DIR = Path(directory)
+    try:
+        with netns.entered(NODE):
+            features = probe.probe(owner)  # type: ignore[arg-type]
+        cflags = probe.flow_cflags(
+            features, map_size=config.DEFAULT_MAP_SIZE, ephemeral_min=config.DEFAULT_EPHEMERAL[0],
+            ephemeral_max=config.DEFAULT_EPHEMERAL[1], evict_batch=flowtables.EVICT_BATCH,
+            dying_size=flowtables.DYING_SIZE, pin_dir=None,
+        ) + [f for f in flags.split(",") if f]  # fmt: skip
+        bpf = BPF(text=probe.program_text(owner).encode(), cflags=cflags)  # type: ignore[arg-type]
+    finally:
+        probe.BPF_DIR = saved
+    types = (owner.prog_type,) if mode == "tc" else (owner.prog_type, owner.attach_type)  # type: ignore
+    kind = types
+    return bpf, int(bpf.load_func(b"kzt_count", *kind).fd)
+
+
 def text(r: dict[str, object]) -> str:
     def cell(key: str) -> str:
         med, lo, hi = cast(list[float], r[key])  # a median_ci triple
         return f"{med:.2f} [{lo:.2f}-{hi:.2f}]"
 
     return (
-        f"{r['mode']:9s} {r['shape']:5s} wc={r['write_combine']!s:5s} on/off cpu {cell('on_cpu')} "
+        f"{r['mode']:9s} {r['shape']:5s} classic={r['tc_classic']!s:5s} wc={r['write_combine']!s:5s} on/off cpu {cell('on_cpu')} "
         f"wall {cell('on_wall')} | floor/off cpu {cell('floor_cpu')} | aa cpu {cell('aa_cpu')} "
         f"wall {cell('aa_wall')} | over floor {r['over_floor_ns']} ns (bpf_stats), "
         f"on-floor {cell('ns_on_minus_floor')} ns (cpu) | off {r['off_kpps_cpu']} kpps cpu, "
         f"{r['off_kpps_wall']} wall; load {r['load']}"
+        + (f"\n  alt={r['alt']}: on/alt cpu {cell('on_aa_cpu')}, on-alt {cell('ns_on_minus_aa')} ns"
+           if r["alt"] else "")
     )
 
 
