@@ -345,7 +345,8 @@ def text(r: dict[str, object]) -> str:
         return f"{med:.2f} [{lo:.2f}-{hi:.2f}]"
 
     return (
-        f"{r['mode']:9s} {r['shape']:5s} classic={r['tc_classic']!s:5s} wc={r['write_combine']!s:5s} on/off cpu {cell('on_cpu')} "
+        f"{r['mode']:9s} {r['shape']:5s} classic={r['tc_classic']!s:5s} wc={r['write_combine']!s:5s} "
+        f"on/off cpu {cell('on_cpu')} "
         f"wall {cell('on_wall')} | floor/off cpu {cell('floor_cpu')} | aa cpu {cell('aa_cpu')} "
         f"wall {cell('aa_wall')} | over floor {r['over_floor_ns']} ns (bpf_stats), "
         f"on-floor {cell('ns_on_minus_floor')} ns (cpu) | off {r['off_kpps_cpu']} kpps cpu, "
