@@ -254,8 +254,11 @@ def main() -> int:
     parser.add_argument("--kube-proxy", action="store_true", help="the node has kube-proxy's rules")
     parser.add_argument("--no-write-combine", action="store_true", help="the program without the slots")
     parser.add_argument("--aa", action="store_true", help="every state detached (the method's noise)")
-    parser.add_argument("--alt", help="DIR[:-DFLAG,...]: a counter built from another bpf/ directory "
-                        "takes the aa state's place (aa is then alt/off): two programs in one run")
+    parser.add_argument(
+        "--alt",
+        help="DIR[:-DFLAG,...]: a counter built from another bpf/ directory "
+        "takes the aa state's place (aa is then alt/off): two programs in one run",
+    )
     parser.add_argument("--tc-classic", action="store_true", help="tc: classic clsact filters, not tcx")
     parser.add_argument("--role", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -351,8 +354,11 @@ def text(r: dict[str, object]) -> str:
         f"wall {cell('aa_wall')} | over floor {r['over_floor_ns']} ns (bpf_stats), "
         f"on-floor {cell('ns_on_minus_floor')} ns (cpu) | off {r['off_kpps_cpu']} kpps cpu, "
         f"{r['off_kpps_wall']} wall; load {r['load']}"
-        + (f"\n  alt={r['alt']}: on/alt cpu {cell('on_aa_cpu')}, on-alt {cell('ns_on_minus_aa')} ns"
-           if r["alt"] else "")
+        + (
+            f"\n  alt={r['alt']}: on/alt cpu {cell('on_aa_cpu')}, on-alt {cell('ns_on_minus_aa')} ns"
+            if r["alt"]
+            else ""
+        )
     )
 
 
