@@ -286,6 +286,7 @@ ENRICHER_EXPORTER_LABEL: Final = "exporter"
 # --state-file: failed checkpoint loads (corrupt, unknown version) and writes, by `stage`; last good write
 ENRICHER_CHECKPOINT_ERRORS: Final = "kzt_enricher_checkpoint_errors"
 ENRICHER_CHECKPOINT_STAGE_LABEL: Final = "stage"
+CHECKPOINT_STAGES: Final = ("load", "write")  # exported at 0 from the start, with or without --state-file
 ENRICHER_CHECKPOINT_TIMESTAMP: Final = "kzt_enricher_checkpoint_timestamp_seconds"
 # The receivers' caps (DESIGN §5.9): what each refused, and what is held now.
 ENRICHER_RECEIVER_REFUSED: Final = "kzt_enricher_receiver_refused"  # counter: _total on /metrics

@@ -347,11 +347,13 @@ class HealthMetrics:
         self.series_active = Gauge(
             schema.ENRICHER_SERIES_ACTIVE, "Series tracked for /metrics aggregation", registry=registry
         )
-        self.checkpoint_errors = Counter(
+        # by stage, each exported at 0 from the start: an alert's rate() sees the first failed write
+        self.checkpoint_errors = _labelled(
+            registry,
             schema.ENRICHER_CHECKPOINT_ERRORS,
             "State checkpoints that could not be loaded (corrupt, unknown version) or written",
-            [schema.ENRICHER_CHECKPOINT_STAGE_LABEL],
-            registry=registry,
+            schema.ENRICHER_CHECKPOINT_STAGE_LABEL,
+            schema.CHECKPOINT_STAGES,
         )
         self.checkpoint_timestamp = Gauge(
             schema.ENRICHER_CHECKPOINT_TIMESTAMP,

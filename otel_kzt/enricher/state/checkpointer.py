@@ -74,8 +74,6 @@ class Checkpointer:
         self._write_lock = threading.Lock()  # the periodic and the final write never interleave
         # the totals of the last checkpoint written or loaded (none yet: every family empty)
         self._persisted: Snapshot = {name: {} for name in (*families, "agents")}
-        for stage in ("load", "write"):  # exported at 0 from the start: alerts can use increase()
-            health.checkpoint_errors.labels(stage)
 
     def load(self) -> int:
         """Restore the file if there is a usable one; a bad one is logged and counted, never fatal."""
