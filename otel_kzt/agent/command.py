@@ -169,6 +169,8 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
     health.add_check("datapath", lambda: None if datapath.attached else "not attached")
     if store is not None:
         store.repin()
+    else:  # --no-pin, once started: a start that fails leaves an earlier run's choice as it was
+        _discard_receiver_store(config)
     heap.release_freed()
     cgroup = datapath.config.mode == "cgroup"  # counts at the socket: sees Service VIPs (vipbytes.py)
     handle = _open_metadata(config, service_vips=cgroup)
@@ -222,16 +224,21 @@ def _start_health_port(config: AgentConfig, health: Health, stack: ExitStack) ->
 
 def _receiver_store(config: AgentConfig, stack: ExitStack) -> BpffsReceiverStore | None:
     """The pinned store of the receiver choice; None with --no-pin, when nothing may outlive the process."""
-    from otel_kzt.agent.state import discard_node_store, open_node_store
+    from otel_kzt.agent.state import open_node_store
 
     if not config.pin:
-        discard_node_store(config.node_name, config.pin_root)
         return None
-
     store = open_node_store(config.node_name, config.pin_root)
     if store is not None:
         stack.callback(store.close)
     return store
+
+
+def _discard_receiver_store(config: AgentConfig) -> None:
+    """--no-pin stores no choice, so an earlier run's would be stale for the next pinned run."""
+    from otel_kzt.agent.state import discard_node_store
+
+    discard_node_store(config.node_name, config.pin_root)
 
 
 def _open_metadata(config: AgentConfig, *, service_vips: bool) -> Any:

@@ -6,6 +6,9 @@ real. `--datapath netfilter|tc|cgroup` made unable to run: exit 1, exactly one l
 is missing, and nothing left attached or pinned (bpffs, BPF links, tc filters as before the run; the
 receiver state the agent pinned before its datapath start is withdrawn too). `--datapath auto` with
 netfilter taken away starts `tc` and logs why; with tc taken away as well, one line names both reasons.
+Each case runs pinned (the default) and with `--no-pin`, which must pin nothing, leave nothing attached
+once it exits (no `--cleanup` needed) and fail the same way. A start that fails leaves a receiver choice an
+earlier run stored as it was, pinned or not (it was not made stale: nothing was exported).
 
     root netns  km<run>r ═══ km<run>u  km<run>-n (the agent; default route via the root netns)
                 10.68.<run>.1/30       10.68.<run>.2/30
@@ -25,6 +28,8 @@ import pytest
 from otel_kzt import netns
 from otel_kzt.agent.datapath import auto, cleanup, pins, tc
 from otel_kzt.agent.datapath.probe import ABSENT_ENV
+from otel_kzt.agent.state import node_state_path, open_node_store, receiver_id
+from tests.support import processes
 from tests.support.nodenet import node_behind_veth
 from tests.support.processes import CLI, stop
 
@@ -43,6 +48,7 @@ MISSING = {  # mode -> (the capability taken away, the line the agent must print
     "cgroup": ("BPF_CGROUP_INET_EGRESS", NO_CGROUP_EGRESS),
     "cgroup-link": ("BPF_LINK_TYPE_CGROUP", "kernel has no cgroup BPF links (Linux >= 5.7)"),
 }
+PINNING = {"pinned": (), "no-pin": ("--no-pin",)}  # the agent flags of each way to run
 
 
 @pytest.fixture
@@ -58,8 +64,8 @@ def node() -> Iterator[str]:
             cleanup(NS, pins.DEFAULT_PIN_ROOT)
 
 
-def argv(datapath: str, *extra: str) -> list[str]:
-    return [*CLI, *extra, "agent", "--node-name", NS, "--datapath", datapath,
+def argv(datapath: str, *extra: str, agent: tuple[str, ...] = ()) -> list[str]:
+    return [*CLI, *extra, "agent", *agent, "--node-name", NS, "--datapath", datapath,
             "--interval", "0.5s", "--otlp-timeout", "1s",
             "--otlp-endpoint", f"http://{ROOT_IP}:4317"]  # fmt: skip
 
@@ -77,21 +83,29 @@ def kernel_state() -> tuple[frozenset[str], frozenset[int], str]:
     return paths, links, filters
 
 
-def assert_nothing_left(before: tuple[frozenset[str], frozenset[int], str]) -> None:
+def assert_nothing_left(
+    before: tuple[frozenset[str], frozenset[int], str], *, node_dir: bool = False
+) -> None:
+    """Nothing new in bpffs, no new BPF link, no tc filter; the node's pin directory only if it was
+    there before (`node_dir`: an earlier run's stored receiver)."""
     paths, links, filters = kernel_state()
-    assert not pins.node_dir(NS).exists()
+    assert pins.node_dir(NS).exists() == node_dir
     assert paths - before[0] == set(), "pinned after the run"
     assert links - before[1] == set(), "BPF links left attached"
     assert filters == before[2] == "", "tc filters left on the uplink"
+    assert processes.leftovers(os.getpid()) == [], "processes left running"
 
 
+@pytest.mark.parametrize("pinning", list(PINNING))
 @pytest.mark.parametrize("mode", list(MISSING))
-def test_a_mode_that_cannot_run_exits_with_one_line_naming_what_is_missing(node: str, mode: str) -> None:
+def test_a_mode_that_cannot_run_exits_with_one_line_naming_what_is_missing(
+    node: str, mode: str, pinning: str
+) -> None:
     absent, line = MISSING[mode]
     before = kernel_state()
     # WARNING: the INFO lines of a normal start (health endpoint, state pinned) are not what is checked
     datapath = mode.split("-", maxsplit=1)[0]
-    command = argv(datapath, "--log-level", "WARNING")
+    command = argv(datapath, "--log-level", "WARNING", agent=PINNING[pinning])
     done = netns.run_in(node, command, env=env(absent), timeout=120, check=False)
     assert done.returncode == 1, done.stderr
     assert done.stderr.splitlines() == [f"otel-kzt agent: {line}"]
@@ -99,11 +113,37 @@ def test_a_mode_that_cannot_run_exits_with_one_line_naming_what_is_missing(node:
     assert_nothing_left(before)
 
 
-def test_auto_without_netfilter_starts_tc_and_logs_why(node: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pinning", list(PINNING))
+def test_a_failed_start_keeps_the_receiver_an_earlier_run_stored(node: str, pinning: str) -> None:
+    earlier = receiver_id(f"http://{ROOT_IP}:4317")
+    store = open_node_store(NS)
+    assert store is not None
+    try:
+        store.save(earlier)
+    finally:
+        store.close()
+    before = kernel_state()
+    command = argv("netfilter", "--log-level", "WARNING", agent=PINNING[pinning])
+    done = netns.run_in(node, command, env=env("BPF_NETFILTER"), timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [f"otel-kzt agent: {NO_NETFILTER}"]
+    assert_nothing_left(before, node_dir=True)
+    assert node_state_path(NS).exists(), "an earlier run's stored receiver removed by a failed start"
+    kept = open_node_store(NS)
+    assert kept is not None
+    try:
+        assert kept.load() == earlier
+    finally:
+        kept.close()
+
+
+@pytest.mark.parametrize("pinning", list(PINNING))
+def test_auto_without_netfilter_starts_tc_and_logs_why(node: str, tmp_path: Path, pinning: str) -> None:
     before = kernel_state()
     log_path = tmp_path / "agent.log"
     with log_path.open("wb") as log:
-        proc = netns.popen_in(node, argv("auto"), env=env("BPF_NETFILTER"), stdout=log, stderr=log)
+        command = argv("auto", agent=PINNING[pinning])
+        proc = netns.popen_in(node, command, env=env("BPF_NETFILTER"), stdout=log, stderr=log)
     try:
         want = f"datapath auto: using tc (netfilter: {NO_NETFILTER})"
         deadline = time.monotonic() + 90
@@ -114,21 +154,30 @@ def test_auto_without_netfilter_starts_tc_and_logs_why(node: str, tmp_path: Path
         logged = log_path.read_text()
         warned = f"WARNING {auto.__name__} datapath auto: netfilter cannot run here: {NO_NETFILTER}"
         assert warned in logged
-        pinned = {p.name for p in pins.node_dir(NS).iterdir()}
-        assert tc.pin_name(UPLINK) in pinned and not pinned & {"link_v4", "link_v6"}, pinned
+        filters = netns.run_in(NS, ["tc", "filter", "show", "dev", UPLINK, "egress"]).stdout
+        if pinning == "pinned":
+            pinned = {p.name for p in pins.node_dir(NS).iterdir()}
+            assert tc.pin_name(UPLINK) in pinned and not pinned & {"link_v4", "link_v6"}, pinned
+        else:  # attached (a tcx link, or a classic filter), pinned nowhere
+            assert not pins.node_dir(NS).exists()
+            assert kernel_state()[0] == before[0], "--no-pin pinned something"
+            assert kernel_state()[1] - before[1] or filters, "tc attached nothing"
         assert stop(proc) == 0, log_path.read_text()
     finally:
         stop(proc)
-    done = netns.run_in(node, [*CLI, "agent", "--cleanup", "--node-name", NS], timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    assert_nothing_left(before)
+    if pinning == "pinned":
+        cleaned = netns.run_in(node, [*CLI, "agent", "--cleanup", "--node-name", NS], timeout=60, check=False)
+        assert cleaned.returncode == 0, cleaned.stderr
+    assert_nothing_left(before)  # --no-pin: detached by the agent's own exit
 
 
-def test_auto_when_no_mode_can_run_names_every_reason_in_one_line(node: str) -> None:
+@pytest.mark.parametrize("pinning", list(PINNING))
+def test_auto_when_no_mode_can_run_names_every_reason_in_one_line(node: str, pinning: str) -> None:
     before = kernel_state()
     done = netns.run_in(
         node,
-        argv("auto", "--log-level", "ERROR"),  # the WARNING per mode tried is the log of why (above)
+        # the WARNING per mode tried is the log of why (above)
+        argv("auto", "--log-level", "ERROR", agent=PINNING[pinning]),
         env=env("BPF_NETFILTER", "BPF_PROG_TYPE_SCHED_CLS"),
         timeout=120,
         check=False,

@@ -157,9 +157,13 @@ def test_agent_wiring_persists_only_when_pinned(pin_root: str) -> None:
         store = command._receiver_store(pinned, stack)
         assert store is not None and store.path.exists()
         store.save(5)
-    with ExitStack() as stack:  # --no-pin after a pinned run: the stored choice would be stale later
+    # --no-pin after a pinned run: the stored choice would be stale later, so it goes once the datapath
+    # started (not before: a start that fails leaves it, test_agent_mode_missing.py)
+    with ExitStack() as stack:
         assert command._receiver_store(unpinned, stack) is None
-        assert not state.node_state_path(NODE, pin_root).exists()
+        assert state.node_state_path(NODE, pin_root).exists()
+    command._discard_receiver_store(unpinned)
+    assert not state.node_state_path(NODE, pin_root).exists()
 
 
 def test_choice_outlives_a_reset_of_the_node_pins(pin_root: str) -> None:
