@@ -108,7 +108,7 @@ def main() -> int:
             dp.start()
         stack.callback(dp.close)
         pf = netfilter.NFPROTO_IPV6 if args.ipv6 else netfilter.NFPROTO_IPV4
-        link = next(fd for fd in dp._link_fds if bpfsys.link_info(fd).pf == pf)
+        link = next(fd for fd in dp.link_fds if bpfsys.link_info(fd).pf == pf)
         flow_fd = bpfsys.prog_fd_by_id(bpfsys.link_info(link).prog_id)
         stack.callback(os.close, flow_fd)
         fds = {"floor": attach_floor(stack, pf), "flow": flow_fd}

@@ -95,17 +95,25 @@ def entered(name: str) -> Iterator[None]:
     For in-process work bound to a namespace at creation time (a netfilter BPF link attaches in the
     namespace of the thread that creates it); sockets created inside stay in that namespace.
     """
+    target = os.open(netns_path(name), os.O_RDONLY)
+    try:
+        with entered_fd(target):
+            yield
+    finally:
+        os.close(target)
+
+
+@contextmanager
+def entered_fd(target: int) -> Iterator[None]:
+    """`entered` by an open namespace fd (`/proc/thread-self/ns/net` kept from earlier: a datapath going
+    back to the namespace it started in); the fd stays the caller's."""
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        target = os.open(netns_path(name), os.O_RDONLY)
+        _setns(target)
         try:
-            _setns(target)
-            try:
-                yield
-            finally:
-                _setns(own)
+            yield
         finally:
-            os.close(target)
+            _setns(own)
     finally:
         os.close(own)
 

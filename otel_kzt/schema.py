@@ -248,6 +248,11 @@ AGENT_DATAPATH_INFO: Final = "kzt_agent_datapath_info"  # gauge 1, label `datapa
 AGENT_DATAPATH_LABEL: Final = "datapath"
 AGENT_DATAPATH_COVERAGE: Final = "kzt_agent_datapath_coverage_ratio"  # counted / pod interface bytes (§3a)
 AGENT_SERVICE_VIP_BYTES: Final = "kzt_agent_service_vip_bytes"  # counter (cgroup mode): bytes to Service VIPs
+AGENT_DATAPATH_DEVICES: Final = "kzt_agent_datapath_devices"  # gauge (tc mode): devices hooked now
+# counter (tc mode), label `change`: devices hooked / unhooked while running, or waiting for a restart
+AGENT_DATAPATH_DEVICE_CHANGES: Final = "kzt_agent_datapath_device_changes"
+AGENT_DEVICE_CHANGE_LABEL: Final = "change"
+DEVICE_CHANGES: Final = ("added", "removed", "deferred")  # every one exported, at 0 until it happens
 # The enricher only: when each node's agent last reported, kept while the node exists (KztAgentSilent).
 AGENT_LAST_REPORT: Final = "kzt_agent_last_report_timestamp_seconds"
 
@@ -269,6 +274,8 @@ OTLP_AGENT_METADATA_SYNCED: Final = "kzt.agent.metadata.synced"  # gauge 0/1
 OTLP_AGENT_DATAPATH_INFO: Final = "kzt.agent.datapath.info"  # gauge 1, attribute `datapath`
 OTLP_AGENT_DATAPATH_COVERAGE: Final = "kzt.agent.datapath.coverage_ratio"  # gauge 0..1 (where measured)
 OTLP_AGENT_SERVICE_VIP_BYTES: Final = "kzt.agent.service_vip.bytes"  # sum By (cgroup mode)
+OTLP_AGENT_DATAPATH_DEVICES: Final = "kzt.agent.datapath.devices"  # gauge {device} (tc mode)
+OTLP_AGENT_DATAPATH_DEVICE_CHANGES: Final = "kzt.agent.datapath.device_changes"  # sum {device}, `change`
 AGENT_RESULT: Final = "result"  # attribute of kzt.agent.exports: `ok` / `failed`
 
 ENRICHER_RECEIVED_POINTS: Final = "kzt_enricher_received_data_points"
@@ -365,6 +372,7 @@ ENRICHER_PROM_COUNTERS: Final = frozenset(
         AGENT_OVERFLOW_PACKETS,
         AGENT_EXPORTS,
         AGENT_SERVICE_VIP_BYTES,
+        AGENT_DATAPATH_DEVICE_CHANGES,
     }
 )
 ENRICHER_PROM_GAUGES: Final = frozenset(
@@ -381,6 +389,7 @@ ENRICHER_PROM_GAUGES: Final = frozenset(
         AGENT_METADATA_SYNCED,
         AGENT_DATAPATH_INFO,
         AGENT_DATAPATH_COVERAGE,
+        AGENT_DATAPATH_DEVICES,
         PROM_SERVICE_ENDPOINTS,
         PROM_SERVICE_ROUTING_INFO,
         PROM_SERVICE_ROUTING_CHANGE,
@@ -413,5 +422,6 @@ ENRICHER_PROM_LABELS: Final = frozenset(
         ENRICHER_READ_LABEL,
         AGENT_RESULT,
         AGENT_DATAPATH_LABEL,
+        AGENT_DEVICE_CHANGE_LABEL,
     }
 )

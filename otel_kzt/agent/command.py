@@ -194,6 +194,7 @@ def _serve(config: AgentConfig, datapath_config: Any, stop: threading.Event, sta
         datapath=datapath.config.mode,
         coverage=coverage.for_datapath(datapath, index, config.node_name),
         vips=ServiceVipBytes(index.services, time.time_ns()) if cgroup and index is not None else None,
+        devices=datapath,  # tc: hooks devices that appear while it runs (no counts in the other modes)
     )
     log.info(
         "agent running: node=%s endpoints=%s protocol=%s interval_s=%g pin=%s",

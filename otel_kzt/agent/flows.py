@@ -133,6 +133,17 @@ class Snapshot:
     started_unix_ns: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class DeviceCounts:
+    """The devices a datapath counts at (tc: the hooked devices, followed while it runs), and the changes
+    since the process started (the start's own choice not counted)."""
+
+    hooked: int
+    added: int
+    removed: int
+    deferred: int  # chosen, but the loaded program was not compiled for it: hooked by the next start
+
+
 class FlowReader(Protocol):
     """The seam between the kernel and the exporter (a fake in unit tests, the bcc datapath for real)."""
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Final
 
-from otel_kzt.agent.flows import AF_INET, AF_INET6, Snapshot
+from otel_kzt import schema
+from otel_kzt.agent.flows import AF_INET, AF_INET6, DeviceCounts, Snapshot
 from otel_kzt.k8s.model import MetadataIndex, sync_summary
 
 STALE_INTERVALS: Final = 3
@@ -41,6 +42,7 @@ class AgentReport:
     datapath: str  # the mode counting (`netfilter`, `tc`, `cgroup`)
     coverage_ratio: float | None = None  # counted / pod interface bytes, where the mode measures it
     service_vip_bytes: int | None = None  # bytes sent to Service VIPs (cgroup mode)
+    devices: DeviceCounts | None = None  # the devices counted at (tc mode), followed while running
 
 
 _FAMILY = attrgetter("family")
@@ -52,6 +54,12 @@ def map_fill_ratio(snapshot: Snapshot) -> float:
         return 0.0
     per_family = Counter(map(_FAMILY, snapshot.flows))  # counted in C: 100,000 keys per interval
     return max(per_family.get(AF_INET, 0), per_family.get(AF_INET6, 0)) / snapshot.capacity
+
+
+def device_changes(devices: DeviceCounts) -> list[tuple[str, int]]:
+    """(change, count) for every `schema.DEVICE_CHANGES` value, in that order."""
+    counts = (devices.added, devices.removed, devices.deferred)
+    return list(zip(schema.DEVICE_CHANGES, counts, strict=True))
 
 
 def metadata_state(index: MetadataIndex | None) -> tuple[bool, str]:

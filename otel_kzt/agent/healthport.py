@@ -16,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from otel_kzt import schema
-from otel_kzt.agent.health import AgentReport, Health
+from otel_kzt.agent.health import AgentReport, Health, device_changes
 from otel_kzt.serving.limits import HttpLimits
 from otel_kzt.serving.pages import MetricsPort, Page, PageRequest, Reply
 
@@ -58,6 +58,16 @@ def report_metrics(report: AgentReport) -> Iterator[Metric]:
         )
     if report.service_vip_bytes is not None:
         yield _counter(schema.AGENT_SERVICE_VIP_BYTES, "bytes sent to Service VIPs", report.service_vip_bytes)
+    if report.devices is not None:
+        yield _gauge(schema.AGENT_DATAPATH_DEVICES, "network devices hooked", report.devices.hooked)
+        changes = CounterMetricFamily(
+            schema.AGENT_DATAPATH_DEVICE_CHANGES,
+            "devices hooked or unhooked while running, or waiting for a restart (deferred)",
+            labels=[schema.AGENT_DEVICE_CHANGE_LABEL],
+        )
+        for change, count in device_changes(report.devices):
+            changes.add_metric([change], count)
+        yield changes
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

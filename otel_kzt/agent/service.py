@@ -43,7 +43,7 @@ from otel_kzt.agent.config import AgentConfig
 from otel_kzt.agent.coverage import Counted, CoverageCheck
 from otel_kzt.agent.encode import AttrValue, PointHead, RequestEncoder
 from otel_kzt.agent.export import ExportResult
-from otel_kzt.agent.flows import FlowCounters, FlowKey, FlowReader, Snapshot
+from otel_kzt.agent.flows import DeviceCounts, FlowCounters, FlowKey, FlowReader, Snapshot
 from otel_kzt.agent.health import AgentReport, Health, map_fill_ratio, metadata_state
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.telemetry import AgentStats, telemetry_metrics
@@ -69,6 +69,12 @@ class FlowSource(FlowReader, Protocol):
     """The datapath as the loop uses it: read cumulative counters, evict idle flows."""
 
     def evict(self, keys: Iterable[FlowKey]) -> int: ...
+
+
+class DeviceSource(Protocol):
+    """The datapath's devices followed every interval (tc mode: tcwatch.py); None in the other modes."""
+
+    def rescan_devices(self) -> DeviceCounts | None: ...
 
 
 class Sender(Protocol):
@@ -133,6 +139,7 @@ class AgentService:
         datapath: str = "netfilter",
         coverage: CoverageCheck | None = None,
         vips: ServiceVipBytes | None = None,
+        devices: DeviceSource | None = None,
     ) -> None:
         self._config = config
         self.health = health or Health(config.interval_s)
@@ -141,6 +148,9 @@ class AgentService:
         self._counted = Counted()
         self._vips = vips  # bytes to Service VIPs (agent/vipbytes.py), where the mode sees VIPs (cgroup)
         self._source = source
+        self._devices = devices  # re-scanned every pass, before the snapshot
+        self._device_counts: DeviceCounts | None = None
+        self._device_errors = KindLog(log)
         self._sender = sender
         self._local = local
         self._index = index
@@ -175,6 +185,7 @@ class AgentService:
         `evict=False` (the export on shutdown): an eviction now would hand final values to a process
         that is about to exit; left in the (pinned) map, the next process exports and evicts them."""
         started = time.monotonic()
+        self._rescan_devices()
         if self._coverage is not None:
             self._coverage.sample()  # the devices' counters, read as close to the snapshot as can be
         try:
@@ -336,6 +347,16 @@ class AgentService:
             )
         self.stats.record_finals(len(self._finals), max(0, dropped))
 
+    def _rescan_devices(self) -> None:
+        """Hook the devices that appeared, unhook those gone. Whatever fails here (the datapath logs and
+        retries its own errors) costs this pass nothing but the re-scan: the counts stay the last ones."""
+        if self._devices is None:
+            return
+        try:
+            self._device_counts = self._devices.rescan_devices()
+        except Exception as exc:
+            self._device_errors.error(exc, "datapath devices not re-scanned; tried again next interval")
+
     def _report(self, snapshot: Snapshot) -> AgentReport:
         """This pass's numbers, as the telemetry in its export carries them (exports counted so far)."""
         view = self.stats.view()
@@ -355,6 +376,7 @@ class AgentService:
             datapath=self._datapath,
             coverage_ratio=coverage,
             service_vip_bytes=self._vips.observe(snapshot) if self._vips is not None else None,
+            devices=self._device_counts,
         )
 
     def _publish(self, report: AgentReport, result: ExportResult) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from otel_kzt import schema
 from otel_kzt.agent.encode import gauge_metric, sum_metric
-from otel_kzt.agent.health import AgentReport
+from otel_kzt.agent.flows import DeviceCounts
+from otel_kzt.agent.health import AgentReport, device_changes
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,4 +191,28 @@ def telemetry_metrics(
                 time_unix_ns,
             )
         )
+    if report.devices is not None:
+        metrics += _device_metrics(report.devices, start, time_unix_ns)
     return metrics
+
+
+def _device_metrics(devices: DeviceCounts, start: int, time_unix_ns: int) -> list[bytes]:
+    return [
+        gauge_metric(
+            schema.OTLP_AGENT_DATAPATH_DEVICES,
+            "network devices hooked",
+            "{device}",
+            [((), float(devices.hooked))],
+            time_unix_ns,
+        ),
+        sum_metric(
+            schema.OTLP_AGENT_DATAPATH_DEVICE_CHANGES,
+            "devices hooked or unhooked while running, or waiting for a restart (deferred)",
+            "{device}",
+            [
+                ([(schema.AGENT_DEVICE_CHANGE_LABEL, change)], start, count)
+                for change, count in device_changes(devices)
+            ],
+            time_unix_ns,
+        ),
+    ]

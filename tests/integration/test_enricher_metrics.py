@@ -131,7 +131,8 @@ def test_a_cache_emptied_at_its_cap_is_counted_on_metrics(
 
 def agent_health_request(node: str) -> bytes:
     """One agent's report holding every kzt.agent.* metric the schema names, each as a one-point Sum (the
-    enricher keeps the last value whatever the kind), with the `result` and `datapath` attributes."""
+    enricher keeps the last value whatever the kind), with the `result`, `datapath` and `change`
+    attributes."""
     req, _ = flow_request(node)
     scope = req.resource_metrics[0].scope_metrics[0]
     del scope.metrics[:]
@@ -139,6 +140,7 @@ def agent_health_request(node: str) -> bytes:
         point = scope.metrics.add(name=name).sum.data_points.add(time_unix_nano=RUN_START_NS, as_double=1.0)
         point.attributes.add(key=schema.AGENT_RESULT).value.string_value = "ok"
         point.attributes.add(key=schema.AGENT_DATAPATH_LABEL).value.string_value = "netfilter"
+        point.attributes.add(key=schema.AGENT_DEVICE_CHANGE_LABEL).value.string_value = "added"
     return bytes(req.SerializeToString())
 
 

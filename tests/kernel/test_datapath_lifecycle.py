@@ -181,7 +181,7 @@ def test_changed_program_replaces_old_without_gap_or_double_count(
 
 
 def _link_ids(dp: Datapath) -> list[int]:
-    return [bpfsys.link_info(fd).link_id for fd in dp._link_fds]
+    return [bpfsys.link_info(fd).link_id for fd in dp.link_fds]
 
 
 def _link_exists(link_id: int) -> bool:
@@ -250,7 +250,7 @@ def test_new_dispatcher_replaces_pinned_links(
     assert "flow counter adopted unchanged" in caplog.text
     new_ids = _link_ids(second)
     assert set(new_ids).isdisjoint(old_ids) and not any(_link_exists(i) for i in old_ids)
-    assert {bpfsys.link_info(fd).priority for fd in second._link_fds} == {LINK_PRIORITY + 1}
+    assert {bpfsys.link_info(fd).priority for fd in second.link_fds} == {LINK_PRIORITY + 1}
     net.traffic(net.pod_a, "udp", net.b4, 53, 4, 10)
     settle()
     assert second.snapshot().flows[key(net.a4, net.b4, UDP, dport=53)].packets == 7

@@ -13,21 +13,26 @@ PREROUTING is the oracle: each flow's bytes and packets equal what arrived at it
 TCP bulk transfer segmented after the hook), and nothing of it arrived at the other peer, so the datapath
 counted it once, at the uplink it left by, never also at the other one or at a pod-facing device.
 
-Devices are chosen once per process (tc.py: "a restart chooses again"); the agent does not claim to hook
-a device that appears while it runs. What it claims is tested: a second uplink plugged in after the start
-is not counted until the next start, which hooks it, adopts the first uplink's attachment and keeps
-its counts.
+Devices are chosen again while the datapath runs (tcwatch.py, every agent interval): a second uplink
+plugged in after the start is hooked by the next re-scan and its flows counted exactly from then on,
+pinned like the start's; renamed, it keeps its attachment; unplugged, its link, fd and pin go, and the
+first uplink counts on throughout. A restart adopts what the re-scan hooked.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent.datapath import pins, tc
-from otel_kzt.agent.flows import Snapshot
+from otel_kzt.agent.datapath import bpfsys, pins, tc, tclinks
+from otel_kzt.agent.flows import DeviceCounts, Snapshot
 from tests.kernel.conftest import PIN_ROOT, DatapathFactory, Net, settle
 from tests.kernel.test_datapath import TCP, UDP, flow, ip_header, key
 
@@ -146,43 +151,134 @@ def test_two_uplinks_each_flow_counted_once_at_the_uplink_it_left_by(
     assert tcp_a.packets > TCP_BYTES // 1500 and tcp_b.packets > TCP_BYTES // 1500  # segments, both
 
 
-def test_an_uplink_plugged_in_after_the_start_is_hooked_by_the_next_start(
-    net: Net, topo: netns.Topology, datapath: DatapathFactory, caplog: pytest.LogCaptureFixture
+def links_of(prog_id: int) -> list[dict[str, Any]]:
+    """The kernel's links running program `prog_id` (what a leak would leave)."""
+    listed = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True)
+    return [link for link in json.loads(listed.stdout or "[]") if link.get("prog_id") == prog_id]
+
+
+def bpf_link_fds() -> int:
+    """This process's open BPF link fds."""
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if _target(fd) == "anon_inode:bpf_link")
+
+
+def _target(fd: Path) -> str:
+    try:
+        return os.readlink(fd)
+    except OSError:
+        return ""
+
+
+def pinned_link_id(node: str, device: str) -> int:
+    fd = bpfsys.obj_get(str(pins.node_dir(node, PIN_ROOT) / tc.pin_name(device)))
+    try:
+        link = tclinks.tcx_info(fd)
+        assert link is not None
+        return link.link_id
+    finally:
+        os.close(fd)
+
+
+def dispatcher_id(node: str, device: str) -> int:
+    """The program a device's pin runs: the dispatcher (tcx: the link's program; classic: the pin's)."""
+    fd = bpfsys.obj_get(str(pins.node_dir(node, PIN_ROOT) / tc.pin_name(device)))
+    try:
+        link = tclinks.tcx_info(fd)
+        return link.prog_id if link is not None else bpfsys.prog_info(fd).prog_id
+    finally:
+        os.close(fd)
+
+
+def test_an_uplink_plugged_in_while_running_is_hooked_by_the_rescan_and_let_go_when_unplugged(
+    net: Net, topo: netns.Topology, datapath: DatapathFactory, attach: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     up1, peer1 = uplink(net, topo, 1)
     main_default_by(net, 1)
     dst, a, b = REMOTE[4], net.a4, net.b4
     pod_a_ports = f"udp dport {UDP_FIRST}-{UDP_FIRST + UDP_FLOWS - 1}"
     net.count_received(peer1, a, dst, match=pod_a_ports, name="kdhap1")
-    first = datapath(tc_devices=())
-    node = first.config.node_name
+    dp = datapath(tc_devices=())
+    node = dp.config.node_name
     assert hooked(node) == {up1}
-    udp_flows(net, net.pod_a, dst, UDP_FIRST)  # before the second uplink: counted at kdu1
+    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=0, removed=0, deferred=0)  # nothing new
+    links_at_start = bpf_link_fds()
+    dispatcher = dispatcher_id(node, up1)
+    udp_flows(net, net.pod_a, dst, UDP_FIRST)  # counted at kdu1
 
     up2, peer2 = uplink(net, topo, 2)  # plugged in while the datapath runs
     route_pod_b_by(net, up2, 2)
     peers = [peer1, peer2]
-    unhooked, later = UDP_FIRST + 100, UDP_FIRST + 200
-    count_at_peers(net, peers, b, dst, match=f"udp dport {unhooked}-{unhooked + UDP_FLOWS - 1}", name="kdhu")
-    count_at_peers(net, peers, b, dst, match=f"udp dport {later}-{later + UDP_FLOWS - 1}", name="kdhl")
-    net.count_received(peer2, a, dst, match=pod_a_ports, name="kdhap2")
-    udp_flows(net, net.pod_b, dst, unhooked)
+    before, hot = UDP_FIRST + 100, UDP_FIRST + 200
+    count_at_peers(net, peers, b, dst, match=f"udp dport {before}-{before + UDP_FLOWS - 1}", name="kdhu")
+    count_at_peers(net, peers, b, dst, match=f"udp dport {hot}-{hot + UDP_FLOWS - 1}", name="kdhl")
+    udp_flows(net, net.pod_b, dst, before)  # before the re-scan: left by kdu2 unseen
+    caplog.set_level(logging.INFO, logger="otel_kzt.agent")
+    assert dp.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, deferred=0)
+    assert f"hooked while running device={up2} reason=route" in caplog.text
+    assert hooked(node) == {up1, up2}  # pinned like the start's
+    assert dispatcher_id(node, up2) == dispatcher  # the loaded dispatcher, no new load
+    assert bpf_link_fds() == links_at_start + (attach == "tcx")
+    udp_flows(net, net.pod_b, dst, hot)
+    udp_flows(net, net.pod_a, dst, UDP_FIRST)
     settle()
+    snap = dp.snapshot()
+    assert arrived(net, peers, "kdhu")[0] == (0, 0)
     assert arrived(net, peers, "kdhu")[1][1] == UDP_FLOWS * UDP_ROUNDS  # it left by kdu2 ...
-    snap = first.snapshot()
-    assert not [k for k in snap.flows if k.dst_port in range(unhooked, unhooked + UDP_FLOWS)]  # ... unseen
-    assert hooked(node) == {up1}
+    assert not [k for k in snap.flows if k.dst_port in range(before, before + UDP_FLOWS)]  # before the hook
+    assert arrived(net, peers, "kdhl") == [(0, 0), udp_total(snap, b, dst, hot)]  # exact from the hook on
+    assert arrived(net, [peer1], "kdha") == [udp_total(snap, a, dst, UDP_FIRST, rounds=2 * UDP_ROUNDS)]
 
-    first.close()  # a restart: the next process chooses the devices again
+    netns.ip(net.node, "link", "set", up2, "down")  # a rename needs the device down: between two scans
+    netns.ip(net.node, "link", "set", up2, "name", "kdv2")
+    netns.ip(net.node, "link", "set", "kdv2", "up")
+    # Its routes went with the down (and its IPv6 addresses): table 102's IPv4 default again, its
+    # gateway resolved before the pod's datagrams (they would wait for ARP, and some be dropped).
+    netns.ip(net.node, "-4", "route", "add", "default", "via", "10.78.2.2", "dev", "kdv2", "table", TABLE)
+    netns.run_in(net.node, ["ping", "-c1", "-W2", "10.78.2.2"])
+    assert dp.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, deferred=0)
+    assert hooked(node) == {up1, "kdv2"}  # the pin moved, the attachment stayed
+    assert bpf_link_fds() == links_at_start + (attach == "tcx")
+    udp_flows(net, net.pod_b, dst, hot)
+    settle()
+    snap = dp.snapshot()
+    assert arrived(net, peers, "kdhl") == [(0, 0), udp_total(snap, b, dst, hot, rounds=2 * UDP_ROUNDS)]
+
+    netns.delete_link(net.node, "kdv2")  # unplugged
+    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=1, removed=1, deferred=0)
+    assert "unhooked device=kdv2 gone" in caplog.text
+    assert hooked(node) == {up1}
+    assert bpf_link_fds() == links_at_start  # its fd closed ...
+    if attach == "tcx":  # ... and no link of the dispatcher left but kdu1's
+        assert [link["id"] for link in links_of(dispatcher)] == [pinned_link_id(node, up1)]
+    udp_flows(net, net.pod_a, dst, UDP_FIRST)
+    settle()
+    snap = dp.snapshot()
+    assert arrived(net, [peer1], "kdha") == [udp_total(snap, a, dst, UDP_FIRST, rounds=3 * UDP_ROUNDS)]
+
+
+def test_an_uplink_hooked_while_running_is_adopted_by_the_next_start(
+    net: Net, topo: netns.Topology, datapath: DatapathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    up1, peer1 = uplink(net, topo, 1)
+    main_default_by(net, 1)
+    dst, b = REMOTE[4], net.b4
+    first = datapath(tc_devices=())
+    node = first.config.node_name
+    up2, peer2 = uplink(net, topo, 2)
+    route_pod_b_by(net, up2, 2)
+    peers = [peer1, peer2]
+    count_at_peers(net, peers, b, dst, match=f"udp dport {UDP_FIRST}-{UDP_FIRST + UDP_FLOWS - 1}", name="kdr")
+    assert first.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, deferred=0)
+    udp_flows(net, net.pod_b, dst, UDP_FIRST)  # through the link the re-scan made
+
+    first.close()  # a restart: the pins hold both attachments
     caplog.clear()
     caplog.set_level(logging.INFO, logger="otel_kzt.agent")
     second = datapath(tc_devices=())
     assert hooked(node) == {up1, up2}
-    assert f"adopted device={up1} " in caplog.text and f"attached device={up2} " in caplog.text
-    udp_flows(net, net.pod_a, dst, UDP_FIRST)  # through kdu1's adopted link: carries on
-    udp_flows(net, net.pod_b, dst, later)
+    assert f"adopted device={up1} " in caplog.text and f"adopted device={up2} " in caplog.text
+    udp_flows(net, net.pod_b, dst, UDP_FIRST)
     settle()
     snap = second.snapshot()
-    both_starts = udp_total(snap, a, dst, UDP_FIRST, rounds=2 * UDP_ROUNDS)  # kdu1 kept counting
-    assert arrived(net, peers, "kdha") == [both_starts, (0, 0)]
-    assert arrived(net, peers, "kdhl") == [(0, 0), udp_total(snap, b, dst, later)]
+    assert arrived(net, peers, "kdr") == [(0, 0), udp_total(snap, b, dst, UDP_FIRST, rounds=2 * UDP_ROUNDS)]

@@ -7,6 +7,10 @@ receives (nftables in its prerouting: the oracle at the receiver), IPv4 and IPv6
 - the overlay device hooked too: the inner packets are counted there, the uplink counts the tunnel
   (node 1 to node 2) apart, and the agent exports only the pods' flow (the overlay ports rule).
 
+- an overlay device that appears while only the uplink is hooked is not hooked while running (the
+  program counts VXLAN on the uplink as inner packets: it would count them twice, tcwatch.py), counted
+  as deferred once, and the pods' flows stay counted exactly, at the uplink.
+
 - a VLAN-tagged frame inside the VXLAN payload (802.1Q, and QinQ with an 802.1ad outer tag), only the
   uplink hooked: the inner IP header is found past the tags. The kernel has no VLAN devices here
   (no 8021q), so node 1 writes the frames to the overlay with a packet socket, priority-tagged (VLAN ID
@@ -30,8 +34,8 @@ from dataclasses import dataclass
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup
-from otel_kzt.agent.flows import Snapshot
+from otel_kzt.agent.datapath import Datapath, DatapathConfig, cleanup, pins, tc
+from otel_kzt.agent.flows import DeviceCounts, Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.k8s.model import Endpoint
 from otel_kzt.schema import WorkloadKind
@@ -46,6 +50,7 @@ N1, N2, A, B = "kx-1", "kx-2", "kx-a", "kx-b"
 UNDERLAY = {4: ("10.66.12.1", "10.66.12.2"), 6: ("fd66:12::1", "fd66:12::2")}  # node 1's, node 2's
 ADDR = {A: ("10.66.1.2", "fd66:1::2"), B: ("10.66.2.2", "fd66:2::2")}
 UPLINK, OVERLAY = "kx12", "kvx"
+LATE = "kvy"  # a second overlay device, made while the datapath runs
 NODE_NAME = "kx-vxlan"
 MTU = 1430  # the overlay's (an IPv6 underlay adds 70 bytes to 1500): pod packets fit it whole
 UDP_PORT, TCP_PORT, UDP_COUNT, UDP_SIZE = 7301, 7302, 40, 1200
@@ -190,8 +195,27 @@ def test_a_vlan_tagged_inner_frame_counts_by_its_inner_addresses(overlay: Overla
     assert [k for k in snap.flows if k.proto == UDP and overlay.port in (k.src_port, k.dst_port)] == []
 
 
-def _counted_by_inner_addresses(overlay: Overlay, hooked: tuple[str, ...]) -> None:
-    dp = _datapath(overlay, hooked)
+def test_an_overlay_device_appearing_while_only_the_uplink_is_hooked_waits_for_the_next_start(
+    overlay: Overlay,
+) -> None:
+    dp = _datapath(overlay, (UPLINK, LATE))  # the uplink, and the late overlay once it is there
+    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=0, removed=0, deferred=0)
+    local, remote = UNDERLAY[overlay.family]
+    vxlan = ["type", "vxlan", "id", "43", "local", local, "remote", remote, "dstport", str(overlay.port)]
+    netns.ip(N1, "link", "add", LATE, *vxlan, "dev", UPLINK)
+    overlay.topo.on_close(f"vxlan {LATE}", lambda: netns.delete_link(N1, LATE))
+    netns.ip(N1, "link", "set", LATE, "up")
+    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=0, removed=0, deferred=1)
+    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=0, removed=0, deferred=1)  # once
+    directory = pins.node_dir(NODE_NAME, PIN_ROOT)
+    assert sorted(p.name for p in directory.glob(tc.PIN_PREFIX + "*")) == [tc.pin_name(UPLINK)]
+    _counted_by_inner_addresses(overlay, (UPLINK,), dp)  # still once each, at the uplink
+
+
+def _counted_by_inner_addresses(
+    overlay: Overlay, hooked: tuple[str, ...], dp: Datapath | None = None
+) -> None:
+    dp = dp or _datapath(overlay, hooked)
     (a4, a6), (b4, b6) = ADDR[A], ADDR[B]
     overlay.traffic("udp", b4, UDP_PORT, UDP_COUNT, UDP_SIZE)
     overlay.traffic("udp", b6, UDP_PORT, UDP_COUNT, UDP_SIZE)

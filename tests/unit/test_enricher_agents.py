@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from otel_kzt import schema
 from otel_kzt.agent.config import AgentConfig
 from otel_kzt.agent.export import ExportResult
+from otel_kzt.agent.flows import DeviceCounts
 from otel_kzt.agent.healthport import HealthPort
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.service import AgentService
@@ -37,7 +38,24 @@ class Capture:
         return ExportResult(sent=1)
 
 
-def agent_pass(node: str = NODE, overflow: tuple[int, int] = (5_000, 7)) -> tuple[AgentService, bytes]:
+class FakeDevices:
+    """A tc datapath's device re-scan: the counts given, in turn; an exception is raised."""
+
+    def __init__(self, *results: DeviceCounts | Exception) -> None:
+        self.results = list(results)
+        self.rescans = 0
+
+    def rescan_devices(self) -> DeviceCounts | None:
+        self.rescans += 1
+        result = self.results.pop(0)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+def agent_pass(
+    node: str = NODE, overflow: tuple[int, int] = (5_000, 7), devices: FakeDevices | None = None
+) -> tuple[AgentService, bytes]:
     fake = FakeMap(capacity=4)
     for port in (80, 443, 5432):
         fake.add(key("10.0.1.5", "10.0.2.7", dport=port), 1000)
@@ -45,7 +63,7 @@ def agent_pass(node: str = NODE, overflow: tuple[int, int] = (5_000, 7)) -> tupl
     sender = Capture()
     svc = AgentService(
         AgentConfig(node_name=node), fake, sender, LocalFlows(node, index(), interface_addresses=frozenset),
-        index(), host_name="h",
+        index(), host_name="h", devices=devices,
     )  # fmt: skip
     svc.export_once(time.monotonic() + 5, threading.Event())
     return svc, sender.requests[-1]
@@ -82,6 +100,57 @@ def test_a_real_agent_pass_through_the_core_equals_the_agents_own_metrics() -> N
     assert got[(schema.AGENT_DATAPATH_INFO, (("datapath", "netfilter"), ("k8s_node_name", NODE)))] == 1
     assert got[(schema.AGENT_EXPORTS + "_total", (("k8s_node_name", NODE), ("result", "ok")))] == 0
     assert got[(schema.AGENT_LAST_REPORT, (("k8s_node_name", NODE),))] == 100.0
+
+
+def test_a_tc_agents_device_counts_reach_the_enricher_as_on_its_own_metrics() -> None:
+    devices = FakeDevices(DeviceCounts(hooked=2, added=3, removed=1, deferred=1))
+    svc, payload = agent_pass(devices=devices)
+    assert devices.rescans == 1  # every pass re-scans
+    agents = AgentsHealth(FakeIndex(), clock=lambda: 100.0)
+    registry = CollectorRegistry()
+    registry.register(agents)
+    agents.observe(
+        NODE,
+        ExportMetricsServiceRequest.FromString(payload).resource_metrics[0].scope_metrics[0].metrics,
+        100.0,
+    )
+    got = scrape(registry)
+    own = scrape(HealthPort("127.0.0.1", 0, svc.health).registry)
+    node = ("k8s_node_name", NODE)
+    changes = schema.AGENT_DATAPATH_DEVICE_CHANGES + "_total"
+    assert got[(schema.AGENT_DATAPATH_DEVICES, (node,))] == own[(schema.AGENT_DATAPATH_DEVICES, ())] == 2
+    for change, value in (("added", 3), ("removed", 1), ("deferred", 1)):
+        label = (schema.AGENT_DEVICE_CHANGE_LABEL, change)
+        assert got[(changes, (label, node))] == own[(changes, (label,))] == value, change
+    assert agents.health()[0]["metrics"][f'{changes.removesuffix("_total")}{{change="added"}}'] == 3
+
+
+def test_a_failing_device_rescan_costs_the_export_nothing_and_keeps_the_last_counts() -> None:
+    fake = FakeMap(capacity=4)
+    fake.add(key("10.0.1.5", "10.0.2.7", dport=80), 1000)
+    devices = FakeDevices(DeviceCounts(1, 0, 0, 0), RuntimeError("ip: no such file"))
+    sender = Capture()
+    svc = AgentService(
+        AgentConfig(node_name=NODE), fake, sender, LocalFlows(NODE, index(), interface_addresses=frozenset),
+        index(), host_name="h", devices=devices,
+    )  # fmt: skip
+    for _ in range(2):
+        assert svc.export_once(time.monotonic() + 5, threading.Event()).sent == 1
+    assert devices.rescans == 2
+    report = svc.health.report
+    assert report is not None and report.devices == DeviceCounts(1, 0, 0, 0)
+    assert svc.stats.view().exports_failed == 0
+
+
+def test_no_device_counts_in_the_other_modes() -> None:
+    svc, payload = agent_pass()
+    own = scrape(HealthPort("127.0.0.1", 0, svc.health).registry)
+    assert not [k for k in own if k[0].startswith(schema.AGENT_DATAPATH_DEVICES)]  # absent, not 0
+    names = {
+        m.name
+        for m in ExportMetricsServiceRequest.FromString(payload).resource_metrics[0].scope_metrics[0].metrics
+    }
+    assert schema.OTLP_AGENT_DATAPATH_DEVICES not in names
 
 
 def test_stale_health_goes_the_last_report_stays_while_the_node_exists() -> None:

@@ -19,7 +19,8 @@ Module map (shared core, then one module per mode):
     mode.py        what a mode gives the core (`Mode`); modes.py: the modes by name
     netfilter.py   the `netfilter` mode: links at POSTROUTING (IPv4, IPv6)
     tc.py          the `tc` mode: the egress of the devices traffic leaves by (devices.py chooses them,
-                   tclinks.py attaches: tcx links, else classic clsact filters)
+                   tclinks.py attaches: tcx links, else classic clsact filters; tcwatch.py follows the
+                   devices while the agent runs)
     cgroup.py      the `cgroup` mode: socket egress of a cgroup v2 subtree
     modeswitch.py  a restart into another mode: what goes, what carries on
     auto.py        `--datapath auto|<mode>`: which mode starts, and why

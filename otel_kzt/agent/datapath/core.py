@@ -37,7 +37,9 @@ from dataclasses import dataclass, replace
 from otel_kzt.agent.datapath import bpfsys, flowmap, loader, modes, pins, probe
 from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
 from otel_kzt.agent.datapath.flowtables import FlowTables
-from otel_kzt.agent.flows import FlowCounters, FlowKey, Snapshot
+from otel_kzt.agent.datapath.tc import TcMode
+from otel_kzt.agent.datapath.tcwatch import DeviceWatch
+from otel_kzt.agent.flows import DeviceCounts, FlowCounters, FlowKey, Snapshot
 from otel_kzt.errors import ConfigError, KernelUnsupported
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ class Datapath:
         self._evict_fd = -1
         self._flush_fd = -1  # count.h's kzt_flush (empties the write-combining slots), when it can run
         self._link_fds: list[int] = []
+        self._devices: DeviceWatch | None = None  # tc: the hooked devices, followed while running
         self._lock = threading.Lock()
         self._evicted: dict[FlowKey, FlowCounters] = {}
         # Each live flow's key, found by the raw key a read returns (a FlowKey equals its raw bytes: one
@@ -125,6 +128,7 @@ class Datapath:
             self._link_fds, self._evict_fd, self._flush_fd = loaded.link_fds, loaded.evict_fd, loaded.flush_fd
             loaded.link_fds, loaded.evict_fd, loaded.flush_fd = [], -1, -1
             try:
+                self._watch_devices(loaded)
                 for name in list(loaded.maps):
                     self._maps[name] = BpfMap(loaded.maps.pop(name), name)  # it owns the fd now
                 self._tables = FlowTables(
@@ -135,6 +139,32 @@ class Datapath:
                 loaded.close()
                 self._close_locked(detach=not c.pin)
                 raise
+
+    def _watch_devices(self, loaded: loader.Loaded) -> None:
+        """tc: the link fds and the dispatcher go to the device watch (in the namespace of this thread,
+        the one the loader attached in)."""
+        if loaded.tc is None or not isinstance(self.mode, TcMode):
+            return
+        hooked = self.mode.take_over(loaded.tc)
+        directory = self._dir if self.config.pin else None
+        self._devices = DeviceWatch(
+            self.mode, loaded.dispatch_fd, hooked, self._link_fds, directory=directory, cflags=loaded.cflags
+        )
+        loaded.dispatch_fd, self._link_fds = -1, []
+
+    def rescan_devices(self) -> DeviceCounts | None:
+        """tc: hook the devices that leave the node now and were not hooked, unhook those gone (the
+        agent calls it every interval, tcwatch.py); None in the other modes. Never raises for a device:
+        what fails is logged and tried again at the next call."""
+        watch = self._devices
+        return watch.rescan() if watch is not None else None
+
+    @property
+    def link_fds(self) -> list[int]:
+        """The links this process holds now (tc: its hooked devices' tcx links), for inspection; the
+        datapath keeps owning them."""
+        watch = self._devices
+        return watch.link_fds() if watch is not None else list(self._link_fds)
 
     @property
     def attached(self) -> bool:
@@ -268,7 +298,11 @@ class Datapath:
             self._close_locked(detach=not self.config.pin)
 
     def _close_locked(self, *, detach: bool) -> None:
-        self.mode.release(self._link_fds, detach=detach)
+        if self._devices is not None:  # tc: it holds the links now
+            self._devices.close(detach=detach)
+            self._devices = None
+        else:
+            self.mode.release(self._link_fds, detach=detach)
         self._link_fds = []
         self._tables = None
         for bpf_map in self._maps.values():

@@ -4,7 +4,8 @@ bcc links LLVM/clang (about 100 MB resident once loaded, never given back): the 
 not load it. `load()` starts `python -m otel_kzt.agent.datapath.loadchild`, which does all of bcc's work
 (compile the mode's entry file under `bpf/`, load the programs, install the counter, attach or adopt the
 mode's links, pin when pinning) and sends back over a Unix socket, with SCM_RIGHTS, an fd for every map,
-for the evictor and the flusher programs and for each link. The parent then owns them: maps are read
+for the evictor and the flusher programs and for each link (tc: and for the dispatcher, which the agent
+attaches to devices that appear later, `tcwatch.py`, without bcc). The parent then owns them: maps are read
 with raw `bpf(2)` calls (`bpfmap`), and without pins its link fds are the only hold on the links, so
 closing them detaches.
 
@@ -28,7 +29,7 @@ from typing import Any
 
 import otel_kzt
 from otel_kzt import errors
-from otel_kzt.agent.datapath import bpffs, bpfsys, kfunc, modes, modeswitch, pins, probe
+from otel_kzt.agent.datapath import bpffs, bpfsys, kfunc, modes, modeswitch, pins, probe, tc
 from otel_kzt.agent.datapath.btf import kernel_btf
 from otel_kzt.agent.datapath.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.agent.datapath.netns_cookie import current_netns_cookie
@@ -69,9 +70,12 @@ class Loaded:
     link_fds: list[int]
     boot_offset: int  # boot-time -> Unix ns, fixed per datapath (pinned in meta)
     cflags: list[str]  # what the program was compiled with (for --print-bpf)
+    # tc: the dispatcher (-1 in the other modes) and TcMode.handover, for devices hooked while running
+    dispatch_fd: int = -1
+    tc: dict[str, Any] | None = None
 
     def close(self) -> None:
-        for fd in [*self.maps.values(), *self.link_fds, self.evict_fd, self.flush_fd]:
+        for fd in [*self.maps.values(), *self.link_fds, self.evict_fd, self.flush_fd, self.dispatch_fd]:
             if fd >= 0:
                 os.close(fd)
 
@@ -156,6 +160,7 @@ def _unpack(ok: dict[str, Any], fds: list[int]) -> Loaded:
     link_fds = [by_name.pop(name) for name in links]
     evict_fd = by_name.pop("kzt_evict", -1)
     flush_fd = by_name.pop("kzt_flush", -1)
+    dispatch_fd = by_name.pop("kzt_dispatch", -1)
     return Loaded(
         maps=by_name,
         evict_fd=evict_fd,
@@ -163,6 +168,8 @@ def _unpack(ok: dict[str, Any], fds: list[int]) -> Loaded:
         link_fds=link_fds,
         boot_offset=int(ok["boot_offset"]),
         cflags=list(ok["cflags"]),
+        dispatch_fd=dispatch_fd,
+        tc=ok.get("tc"),
     )
 
 
@@ -230,7 +237,16 @@ class _Child:
             fds.append(("kzt_flush", self._load_func("kzt_flush", bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, -1)))
         self._install_counter()
         fds += [(f"link{i}", fd) for i, fd in enumerate(self._links(dispatch_fd))]
-        result = {"fds": [n for n, _ in fds], "boot_offset": self._boot_offset(), "cflags": self.cflags}
+        tc_state = None
+        if isinstance(self.mode, tc.TcMode):  # the agent hooks devices that appear later (tcwatch.py)
+            fds.append(("kzt_dispatch", dispatch_fd))
+            tc_state = self.mode.handover()
+        result = {
+            "fds": [n for n, _ in fds],
+            "boot_offset": self._boot_offset(),
+            "cflags": self.cflags,
+            "tc": tc_state,
+        }
         return result, fds
 
     def _load_func(self, name: str, prog_type: int | None = None, attach_type: int | None = None) -> int:

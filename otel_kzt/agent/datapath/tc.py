@@ -4,7 +4,8 @@ For kernels without netfilter BPF links (EKS AL2023 and Bottlerocket on 6.1, Ubu
 CNIs that move pod packets past netfilter but still hand them to a device (Cilium eBPF host routing,
 Calico eBPF). Which devices: `devices.py`. One pin per device, `tc_<device>` (a `.` in the name becomes
 `%`: bpffs refuses dots): a tcx link on Linux >= 6.6, else the dispatcher program of a classic clsact
-filter (`tclinks.py`). A device no longer chosen at a restart is detached and its pin removed.
+filter (`tclinks.py`). A device no longer chosen at a restart is detached and its pin removed; while the
+agent runs, `tcwatch.py` chooses again every interval and follows (devices plugged in, unplugged, renamed).
 
 It sees traffic after DNAT and after source NAT (a masqueraded pod's packets carry the node's address,
 and count as the node's), and nothing that stays on the node. Without an overlay device among the hooked
@@ -18,7 +19,9 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 from otel_kzt.agent.datapath import bpfsys, devices, tclinks
 from otel_kzt.agent.datapath.btf import Btf
@@ -61,10 +64,16 @@ class TcMode:
 
     @property
     def hooked(self) -> list[devices.Device]:
-        """The devices to hook, chosen once per process (a restart chooses again)."""
+        """The devices to hook: chosen at the first ask (the loader child's), then the agent's take-over
+        and tcwatch.py's updates."""
         if self._devices is None:
             self._devices = devices.discover(self.patterns, self.node_addresses)
         return self._devices
+
+    @hooked.setter
+    def hooked(self, now: list[devices.Device]) -> None:
+        """What tcwatch.py hooked while running: what `release` detaches."""
+        self._devices = list(now)
 
     @property
     def link_names(self) -> tuple[str, ...]:
@@ -108,6 +117,24 @@ class TcMode:
             "tcx, first" if self._tcx else "classic clsact filter",
         )
         return fds
+
+    def handover(self) -> dict[str, Any]:
+        """What the loader child tells the agent of its attachments (tcwatch.py keeps them up to date):
+        tcx or classic, and the devices hooked, in the order of the link fds `attach` returned."""
+        return {"tcx": self._tcx, "devices": [asdict(d) for d in self.hooked]}
+
+    def take_over(self, state: dict[str, Any]) -> list[devices.Device]:
+        """The agent's side of `handover`: the child's choice, not a new one in whatever namespace the
+        agent's thread is in."""
+        self._tcx = bool(state["tcx"])
+        self._devices = [devices.Device(**d) for d in state["devices"]]
+        return list(self._devices)
+
+    def attach_device(self, dispatch_fd: int, device: devices.Device, directory: Path | None) -> int:
+        """Hook one more device as `attach` does (a stale pin of its name is replaced, never adopted);
+        returns its tcx link fd, -1 for a classic filter."""
+        path = str(directory / pin_name(device.name)) if directory is not None else None
+        return self._attach_one(dispatch_fd, device, path, adopt=False)
 
     def _attach_one(self, dispatch_fd: int, device: devices.Device, path: str | None, *, adopt: bool) -> int:
         old_fd = -1
@@ -167,7 +194,8 @@ class TcMode:
                 log.info("tc device no longer hooked, detached device=%s", device_of_pin(entry.name))
 
     def release(self, fds: list[int], *, detach: bool) -> None:
-        """Close this process's fds; with `detach`, take the program off every hooked device."""
+        """Close this process's fds; with `detach`, take the program off every hooked device (the agent's
+        `take_over` list: run in the namespace they are in)."""
         bpfsys.close_links(fds, detach=detach)
         if detach and not fds:  # classic filters: no link holds them, remove them by name
             for device in self.hooked:

@@ -65,10 +65,20 @@ _SCALARS: Final = {
         "bytes counted / bytes on pod interfaces",
     ),
     schema.OTLP_AGENT_SERVICE_VIP_BYTES: (schema.AGENT_SERVICE_VIP_BYTES, True, "bytes sent to Service VIPs"),
+    schema.OTLP_AGENT_DATAPATH_DEVICES: (schema.AGENT_DATAPATH_DEVICES, False, "network devices hooked (tc)"),
+}
+# OTLP Sum with one string attribute per point -> (Prometheus counter, that label, help)
+_LABELLED: Final = {
+    schema.OTLP_AGENT_DATAPATH_DEVICE_CHANGES: (
+        schema.AGENT_DATAPATH_DEVICE_CHANGES,
+        schema.AGENT_DEVICE_CHANGE_LABEL,
+        "devices hooked or unhooked while running, or waiting for a restart (tc)",
+    ),
 }
 
 
-_Copy = tuple[float, dict[str, float], dict[str, float], str | None]  # last report, values, exports, datapath
+# last report, values, exports, datapath, labelled counters ((OTLP name, label value) -> value)
+_Copy = tuple[float, dict[str, float], dict[str, float], str | None, dict[tuple[str, str], float]]
 
 
 @dataclass
@@ -77,6 +87,26 @@ class _Node:
     values: dict[str, float] = field(default_factory=dict)  # OTLP name -> last value
     exports: dict[str, float] = field(default_factory=dict)  # result -> last cumulative count
     datapath: str | None = None
+    labelled: dict[tuple[str, str], float] = field(default_factory=dict)  # `_LABELLED`'s, by label value
+
+
+def _labelled_name(key: tuple[str, str]) -> str:
+    """`name{label="value"}` of a `_LABELLED` counter's series, as the web view lists it."""
+    prom, label, _ = _LABELLED[key[0]]
+    return f'{prom}{{{label}="{key[1]}"}}'
+
+
+def _add_labelled(
+    families: dict[str, GaugeMetricFamily | CounterMetricFamily],
+    node: str,
+    labelled: dict[tuple[str, str], float],
+) -> None:
+    for (otlp_name, value), count in sorted(labelled.items()):
+        prom, label, doc = _LABELLED[otlp_name]
+        family = families.get(prom)
+        if family is None:
+            family = families[prom] = CounterMetricFamily(prom, doc, labels=[NODE_LABEL, label])
+        family.add_metric([node, value], count)
 
 
 def _value(metric: OtlpMetric) -> tuple[float, dict[str, str]] | None:
@@ -88,8 +118,12 @@ def _value(metric: OtlpMetric) -> tuple[float, dict[str, str]] | None:
     if not points:
         return None
     point = points[-1]
-    value = point.as_double if point.WhichOneof("value") == "as_double" else float(point.as_int)
-    return value, {kv.key: kv.value.string_value for kv in point.attributes}
+    return _number(point), {kv.key: kv.value.string_value for kv in point.attributes}
+
+
+def _number(point: Any) -> float:
+    """A NumberDataPoint's value, double or int."""
+    return float(point.as_double if point.WhichOneof("value") == "as_double" else point.as_int)
 
 
 class AgentsHealth(Collector):
@@ -144,6 +178,12 @@ class AgentsHealth(Collector):
                     state.exports[result] = float(point.as_int)
         elif metric.name == schema.OTLP_AGENT_DATAPATH_INFO:
             state.datapath = attrs.get(schema.AGENT_DATAPATH_LABEL) or None
+        elif metric.name in _LABELLED and metric.WhichOneof("data") == "sum":
+            label = _LABELLED[metric.name][1]
+            for point in metric.sum.data_points:
+                key = next((kv.value.string_value for kv in point.attributes if kv.key == label), "")
+                if key:
+                    state.labelled[(metric.name, key)] = _number(point)
 
     def _forget_one(self, now: float) -> bool:
         """Room for a new node: drop the one silent longest, if it is beyond `fresh_s`."""
@@ -165,7 +205,7 @@ class AgentsHealth(Collector):
     def _copy(self, now: float) -> tuple[dict[str, _Copy], int]:
         with self._lock:
             nodes = {
-                n: (s.last_report, dict(s.values), dict(s.exports), s.datapath)
+                n: (s.last_report, dict(s.values), dict(s.exports), s.datapath, dict(s.labelled))
                 for n, s in self._sweep(now).items()
             }
             return nodes, self.refused
@@ -176,14 +216,16 @@ class AgentsHealth(Collector):
         now = self._clock()
         nodes, _ = self._copy(now)
         out = []
-        for name, (at, values, results, datapath) in sorted(nodes.items()):
+        for name, (at, values, results, datapath, labelled) in sorted(nodes.items()):
             fresh = now - at <= self._fresh_s
+            metrics = {_SCALARS[k][0]: v for k, v in sorted(values.items())}
+            metrics.update({_labelled_name(k): v for k, v in sorted(labelled.items())})
             out.append({
                 "node": name,
                 "last_report": at,
                 "reporting": fresh,
                 "datapath": datapath if fresh else None,
-                "metrics": {_SCALARS[k][0]: v for k, v in sorted(values.items())} if fresh else {},
+                "metrics": metrics if fresh else {},
                 "exports": dict(sorted(results.items())) if fresh else {},
             })  # fmt: skip
         return out
@@ -205,7 +247,7 @@ class AgentsHealth(Collector):
             "the datapath mode counting on the node (value 1)",
             labels=[NODE_LABEL, schema.AGENT_DATAPATH_LABEL],
         )
-        for name, (at, values, results, datapath) in sorted(nodes.items()):
+        for name, (at, values, results, datapath, labelled) in sorted(nodes.items()):
             last.add_metric([name], at)
             if now - at > self._fresh_s:
                 continue
@@ -220,6 +262,7 @@ class AgentsHealth(Collector):
                 exports.add_metric([name, result], count)
             if datapath:
                 info.add_metric([name, datapath], 1)
+            _add_labelled(families, name, labelled)
         yield last
         yield from families.values()
         yield exports

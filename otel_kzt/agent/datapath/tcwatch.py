@@ -1,0 +1,194 @@
+"""The `tc` mode's devices kept up to date while the agent runs (a secondary ENI attached later, a new
+VXLAN device): `rescan()`, once per agent interval, chooses the devices again by the rule the start uses
+(devices.py), in the network namespace the datapath started in, and
+
+- hooks a new one with the dispatcher the loader loaded (the agent holds its fd: no compile, no bcc), as
+  the start does (tc.py: a tcx link first in line, returning TCX_NEXT, else a classic clsact filter),
+  pinned as the start pins it, so the next agent adopts it;
+- takes the attachment and the pin off a device that is gone or no longer chosen (a device deleted takes
+  its tcx link or filter with it: the fd and the pin, the last holds, are let go);
+- moves the pin of a hooked device that was renamed (same ifindex): its attachment stays, nothing missed.
+
+A device the loaded program was not compiled for waits for the next start, which compiles again: one
+without an Ethernet header while every hooked device had one (the program copies headers from behind one,
+skb.h's KZT_SKB_ETHER), and the first overlay device while none was hooked (the program counts the uplinks'
+VXLAN packets as their inner packets, KZT_TC_INNER: the overlay's own egress would count them twice; a
+VXLAN overlay's traffic is therefore still counted, at the uplink). Such a device is logged and counted
+(`deferred`) once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from otel_kzt import netns
+from otel_kzt.agent.datapath import bpfsys, devices, tclinks
+from otel_kzt.agent.datapath.devices import Device
+from otel_kzt.agent.datapath.tc import TcMode, pin_name
+from otel_kzt.agent.flows import DeviceCounts
+from otel_kzt.errors import DatapathError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class _Hook:
+    device: Device
+    fd: int  # the tcx link's fd; -1 for a classic filter (no link: the filter is found by its handle)
+
+
+class DeviceWatch:
+    """Owns the tc attachments after the load: their link fds, the dispatcher's fd, the namespace's fd."""
+
+    def __init__(
+        self,
+        mode: TcMode,
+        dispatch_fd: int,
+        hooked: Sequence[Device],
+        link_fds: Sequence[int],
+        *,
+        directory: Path | None,
+        cflags: Sequence[str],
+    ) -> None:
+        """`link_fds`: `TcMode.attach`'s, one per hooked device in order with tcx, none with classic."""
+        fds = list(link_fds) or [-1] * len(hooked)
+        if len(fds) != len(hooked):
+            raise DatapathError(f"tc: {len(fds)} link fds for {len(hooked)} hooked devices")
+        self._mode, self._dispatch_fd, self._dir = mode, dispatch_fd, directory
+        self._hooks = {d.name: _Hook(d, fd) for d, fd in zip(hooked, fds, strict=True)}
+        self._ether = "-DKZT_SKB_ETHER" in cflags
+        self._inner = "-DKZT_TC_INNER" in cflags
+        self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)  # where the loader attached
+        self._lock = threading.Lock()
+        self._added = self._removed = 0
+        self._deferred: set[tuple[str, int]] = set()
+
+    def counts(self) -> DeviceCounts:
+        with self._lock:
+            return DeviceCounts(len(self._hooks), self._added, self._removed, len(self._deferred))
+
+    def link_fds(self) -> list[int]:
+        with self._lock:
+            return [h.fd for h in self._hooks.values() if h.fd >= 0]
+
+    def rescan(self) -> DeviceCounts:
+        """Choose the devices again and follow: hook new ones, unhook gone ones, move renamed ones' pins.
+        A failure (the device list, one device's attach) is logged and retried at the next call."""
+        with self._lock:
+            if self._netns < 0:
+                return DeviceCounts(0, self._added, self._removed, len(self._deferred))  # closed
+            with netns.entered_fd(self._netns):
+                try:
+                    chosen = devices.discover(self._mode.patterns, self._mode.node_addresses)
+                except DatapathError as exc:
+                    log.warning("tc devices not re-scanned: %s", exc)
+                else:
+                    self._follow(chosen)
+                self._mode.hooked = [h.device for h in self._hooks.values()]
+        return self.counts()
+
+    def _follow(self, chosen: list[Device]) -> None:
+        by_name = {d.name: d for d in chosen}
+        by_index = {d.ifindex: d for d in chosen}
+        for name, hook in list(self._hooks.items()):
+            now = by_name.get(name)
+            if now is not None and now.ifindex == hook.device.ifindex:
+                continue
+            renamed = by_index.get(hook.device.ifindex)
+            if renamed is not None and renamed.name not in self._hooks:
+                self._rename(hook, renamed)
+            else:
+                self._unhook(hook)
+        for device in chosen:
+            if device.name not in self._hooks:
+                self._hook(device)
+
+    def _pin(self, name: str) -> str | None:
+        return str(self._dir / pin_name(name)) if self._dir is not None else None
+
+    def _fits(self, device: Device) -> str | None:
+        """Why the loaded program cannot count on `device` (None: it can)."""
+        if self._ether and not device.ether:
+            return "no Ethernet header, and the program was compiled for Ethernet devices only"
+        if self._inner and device.overlay:
+            return "the program counts VXLAN on the uplinks as inner packets (no overlay was hooked)"
+        return None
+
+    def _hook(self, device: Device) -> None:
+        why = self._fits(device)
+        if why is not None:
+            if (device.name, device.ifindex) not in self._deferred:
+                self._deferred.add((device.name, device.ifindex))
+                log.warning("tc device hooked at the next start device=%s reason=%s: %s",
+                            device.name, device.reason, why)  # fmt: skip
+            return
+        try:
+            fd = self._mode.attach_device(self._dispatch_fd, device, self._dir)
+        except DatapathError as exc:
+            log.warning("tc device not hooked, retried next interval device=%s error=%s", device.name, exc)
+            return
+        self._hooks[device.name] = _Hook(device, fd)
+        self._added += 1
+        log.info("tc device hooked while running device=%s reason=%s ifindex=%d",
+                 device.name, device.reason, device.ifindex)  # fmt: skip
+
+    def _unhook(self, hook: _Hook) -> None:
+        name = hook.device.name
+        present = _ifindex(name) == hook.device.ifindex  # else deleted: its attachment went with it
+        try:
+            if present and hook.fd >= 0:
+                bpfsys.link_detach(hook.fd)
+            elif present:
+                tclinks.classic_detach(name)
+        except DatapathError as exc:
+            log.warning("tc device: detaching failed, its pin and fd let go device=%s error=%s", name, exc)
+        if hook.fd >= 0:
+            os.close(hook.fd)
+        path = self._pin(name)
+        if path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        del self._hooks[name]
+        self._removed += 1
+        log.info("tc device unhooked device=%s %s", name, "no longer chosen" if present else "gone")
+
+    def _rename(self, hook: _Hook, device: Device) -> None:
+        old, new = self._pin(hook.device.name), self._pin(device.name)
+        if old is not None and new is not None:
+            try:
+                os.rename(old, new)
+            except OSError as exc:  # then as a device gone and one new: re-attached under its new name
+                log.warning("tc device renamed, pin not moved device=%s error=%s", device.name, exc)
+                self._unhook(hook)
+                return
+        del self._hooks[hook.device.name]
+        self._hooks[device.name] = _Hook(device, hook.fd)
+        log.info("tc device renamed, attachment kept device=%s was=%s", device.name, hook.device.name)
+
+    def close(self, *, detach: bool) -> None:
+        """Let go of every fd; with `detach`, take the program off every hooked device. Safe twice."""
+        with self._lock:
+            if self._netns < 0:
+                return
+            fds = [h.fd for h in self._hooks.values() if h.fd >= 0]
+            with netns.entered_fd(self._netns):
+                self._mode.release(fds, detach=detach)
+            self._hooks.clear()
+            for fd in (self._dispatch_fd, self._netns):
+                os.close(fd)
+            self._dispatch_fd = self._netns = -1
+
+
+def _ifindex(name: str) -> int:
+    """The device's ifindex in the calling thread's namespace; 0 when there is none by that name."""
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return 0
