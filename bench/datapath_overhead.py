@@ -353,9 +353,9 @@ def toggle_for(mode: str) -> AnyToggle:
 
 
 @contextlib.contextmanager
-def agent(mode: str, sink_port: int, log_path: Path) -> Iterator[int]:
+def agent(mode: str, sink_port: int, log_path: Path, extra: tuple[str, ...] = ()) -> Iterator[int]:
     pins.cleanup(NODE)  # a previous run's
-    argv = [*CLI, "agent", "--node-name", NODE,
+    argv = [*CLI, "agent", *extra, "--node-name", NODE,
             "--interval", f"{INTERVAL_S}s", "--datapath", mode, "--tc-devices", "kdon0,kdon1",
             "--cgroup-root", str(CGROUP), "--health-endpoint", "127.0.0.1:9465",
             "--otlp-endpoint", f"http://127.0.0.1:{sink_port}"]  # fmt: skip

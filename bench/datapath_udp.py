@@ -3,7 +3,7 @@ a precision that can decide issue 13's target (>= 97 %) on a shared 2-core machi
 
     .venv/bin/python bench/datapath_udp.py [--modes netfilter,tc,cgroup] [--shapes bulk,churn]
         [--blocks 800] [--seconds 0.025] [--flows 5000] [--cpu 1] [--conntrack] [--kube-proxy]
-        [--no-write-combine] [--aa]
+        [--no-write-combine] [--aa] [--alt DIR[:-DFLAG,...]] [--tc-classic] [--pods-known]
 
 Why not datapath_overhead.py's rounds: each of its runs starts a new sender on whatever CPU is free, and
 its pairs of 1 s runs vary by +-5-10 %, against an effect of 1-3 %. Here, on the same topology and agent:
@@ -22,8 +22,10 @@ its pairs of 1 s runs vary by +-5-10 %, against an effect of 1-3 %. Here, on the
 Shapes: `bulk`, one flow (one connected socket); `churn`, every packet another flow (the destination port
 round-robin over `--flows` ports: ephemeral source ports never enter a flow key, count.h), so each packet
 flushes the CPU's write-combining slot into the map, their worst case. `--no-write-combine` builds the
-agent's program without the slots (probe.NO_WRITE_COMBINE_ENV). Program and floor ns per run (bpf_stats on,
-both attached, the floor first) before and after each shape's blocks. Needs root; names start "kdo".
+agent's program without the slots (probe.NO_WRITE_COMBINE_ENV). `--pods-known`: the agent is told
+pod A is a pod of this node (pods_known_args), so its flows stay in the map until idle instead of
+leaving at every interval. Program and floor ns per run (bpf_stats on, both attached, the floor first)
+before and after each shape's blocks. Needs root; names start "kdo".
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, cast
 
@@ -54,6 +57,7 @@ from bench.datapath_overhead import (
     STATS_SYSCTL,
     UDP_PAYLOAD,
     UDP_PORT,
+    A,
     AnyToggle,
     B,
     agent,
@@ -63,6 +67,7 @@ from bench.datapath_overhead import (
 )
 from otel_kzt import netns
 from otel_kzt.agent.datapath import probe, tc
+from tests.support.k8s_objects import make_node, make_pod
 
 STATES = ("off", "aa", "floor", "on")
 # A Williams square: over four blocks every state follows every other once, so what a state leaves behind
@@ -245,13 +250,9 @@ def measure_shape(toggle: AnyToggle, sender: Sender, args: argparse.Namespace) -
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="netfilter,tc,cgroup")
-    parser.add_argument("--shapes", default="bulk,churn")
     parser.add_argument("--blocks", type=int, default=800)
     parser.add_argument("--seconds", type=float, default=0.025, help="one timed run")
-    parser.add_argument("--flows", type=int, default=5000, help="churn: flows round-robin")
-    parser.add_argument("--cpu", type=int, default=1, help="the sender's CPU")
-    parser.add_argument("--conntrack", action="store_true", help="the node tracks connections")
-    parser.add_argument("--kube-proxy", action="store_true", help="the node has kube-proxy's rules")
+    bed_arguments(parser)
     parser.add_argument("--no-write-combine", action="store_true", help="the program without the slots")
     parser.add_argument("--aa", action="store_true", help="every state detached (the method's noise)")
     parser.add_argument(
@@ -269,9 +270,49 @@ def main() -> int:
         os.environ[probe.NO_WRITE_COMBINE_ENV] = "1"  # the agent's loader reads it
     if args.tc_classic:
         os.environ[tc.CLASSIC_ENV] = "1"  # the agent's tc mode reads it; so does toggle_for
+    shapes = shapes_of(args)
+    with contextlib.ExitStack() as stack:
+        senders, sink_port = stack.enter_context(bed(args, shapes))
+        log_path = Path(f"/tmp/kdo-agent-{os.getpid()}.log")
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kdo-udp-")))
+        extra = pods_known_args(directory) if args.pods_known else ()
+        for mode in args.modes.split(","):
+            with agent(mode, sink_port, log_path, extra):
+                toggle = toggle_for(mode)
+                if args.alt:
+                    alt_bpf, toggle.alt_fd = build_alt(mode, args.alt)
+                    stack.callback(alt_bpf.cleanup)
+                try:
+                    for shape, sender in senders.items():
+                        line = measure_shape(toggle, sender, args)
+                        line.update(mode=mode, shape=shape, flows=shapes[shape])
+                        print(json.dumps(line), flush=True)
+                        print(text(line), flush=True)
+                finally:
+                    toggle.close()
+    return 0
+
+
+def bed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The bed's flags (bed(), shapes(), pods_known_args())."""
+    parser.add_argument("--shapes", default="bulk,churn")
+    parser.add_argument("--flows", type=int, default=5000, help="churn: flows round-robin")
+    parser.add_argument("--cpu", type=int, default=1, help="the sender's CPU")
+    parser.add_argument("--conntrack", action="store_true", help="the node tracks connections")
+    parser.add_argument("--kube-proxy", action="store_true", help="the node has kube-proxy's rules")
+    parser.add_argument("--pods-known", action="store_true", help="the agent knows pod A as this node's")
+
+
+def shapes_of(args: argparse.Namespace) -> dict[str, int]:
+    """Each shape asked for and its flows: bulk one, churn --flows."""
     shapes = {"bulk": 1, "churn": args.flows}
-    shapes = {s: shapes[s] for s in args.shapes.split(",")}
-    log_path = Path(f"/tmp/kdo-agent-{os.getpid()}.log")
+    return {s: shapes[s] for s in args.shapes.split(",")}
+
+
+@contextlib.contextmanager
+def bed(args: argparse.Namespace, shapes: dict[str, int]) -> Iterator[tuple[dict[str, Sender], int]]:
+    """The topology (args.conntrack, args.kube_proxy), the OTLP sink, pod B's counter, bpf_stats off and
+    one pinned sender per shape (flows) on args.cpu; yields the senders and the sink's port."""
     old_stats = STATS_SYSCTL.read_text().strip()
     CGROUP.mkdir(exist_ok=True)
     (CGROUP / "cgroup.procs").write_text(str(os.getpid()))  # the senders are below the cgroup root
@@ -294,21 +335,18 @@ def main() -> int:
         for shape, flows in shapes.items():
             senders[shape] = Sender(flows, args.cpu, receiver.pid)
             stack.callback(senders[shape].close)
-        for mode in args.modes.split(","):
-            with agent(mode, sink_port, log_path):
-                toggle = toggle_for(mode)
-                if args.alt:
-                    alt_bpf, toggle.alt_fd = build_alt(mode, args.alt)
-                    stack.callback(alt_bpf.cleanup)
-                try:
-                    for shape, sender in senders.items():
-                        line = measure_shape(toggle, sender, args)
-                        line.update(mode=mode, shape=shape, flows=shapes[shape])
-                        print(json.dumps(line), flush=True)
-                        print(text(line), flush=True)
-                finally:
-                    toggle.close()
-    return 0
+        yield senders, sink_port
+
+
+def pods_known_args(directory: Path) -> tuple[str, ...]:
+    """The agent's flags for a metadata file naming this node and pod A on it (a Kubernetes List): pod A's
+    flows are then the agent's own and stay in the map until idle, as a node's pods' do. Without it
+    nothing names pod A, and every flow leaves the map at the interval it is first seen
+    (LocalFlows.leaves_now), as forwarded traffic does."""
+    items = [make_node(NODE, ["10.79.1.1"]), make_pod("kdo-a", NODE, [A])]
+    path = directory / "metadata.json"
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    return ("--kube-metadata", str(path))
 
 
 def build_alt(mode: str, spec: str) -> tuple[object, int]:
@@ -337,9 +375,8 @@ def build_alt(mode: str, spec: str) -> tuple[object, int]:
         bpf = BPF(text=probe.program_text(owner).encode(), cflags=cflags)  # type: ignore[arg-type]
     finally:
         probe.BPF_DIR = saved
-    types = (owner.prog_type,) if mode == "tc" else (owner.prog_type, owner.attach_type)  # type: ignore
-    kind = types
-    return bpf, int(bpf.load_func(b"kzt_count", *kind).fd)
+    kind = owner.prog_type, owner.attach_type  # type: ignore[attr-defined]  (tc's is -1: none)
+    return bpf, int(bpf.load_func(b"kzt_count", kind[0], attach_type=kind[1]).fd)
 
 
 def text(r: dict[str, object]) -> str:
