@@ -7,8 +7,9 @@ forwarded (counted by the downstream process), dropped (the enricher's own count
 process's CPU seconds and peak RSS, points per CPU-second, and its CPU by thread (named for their roles:
 `kzt-otlp-grpc_N` the receiver's workers, which decode and run the core; `kzt-export-*` the exporter's
 consumers; `Thread-N (_serve)` grpcio's server poller; `event_engine` grpcio's C threads) for the first
-interval (every series new) and the later ones. Targets: nothing dropped, >= 200k points per CPU-second,
-<= 1 GiB RSS.
+interval (every series new) and the later ones, and the part of it the cyclic garbage collector took
+(gc.callbacks in the process, bench/named_threads.py), by generation. Targets: nothing dropped, >= 200k
+points per CPU-second, <= 1 GiB RSS.
 
     .venv/bin/python bench/enricher_cluster.py [--agents 1000] [--flows 100] [--senders 8] [--intervals 4]
         [--enricher-arg=--grpc-workers=2 ...]
@@ -68,6 +69,7 @@ class Result:
     interval_cpu_s: list[float] = field(default_factory=list)
     requests_forwarded: int = 0  # downstream requests: the exporter's batching
     roles_cpu_s: list[Counter[str]] = field(default_factory=list)  # per interval, by thread name
+    gc_s: list[GcShare] = field(default_factory=list)  # per interval: the collector's part of the CPU
 
     @property
     def accepted(self) -> int:
@@ -88,6 +90,29 @@ class Result:
         """After the first interval: every series seen before (its naming cached), as in a running cluster."""
         later = self.interval_cpu_s[1:]
         return self.received * len(later) / len(self.interval_cpu_s) / max(sum(later), 1e-9)
+
+
+@dataclass(frozen=True)
+class GcShare:
+    """The cyclic collector's CPU seconds and collections per generation over one interval."""
+
+    seconds: tuple[float, ...] = (0.0, 0.0, 0.0)
+    collections: tuple[int, ...] = (0, 0, 0)
+
+    @classmethod
+    def read(cls, path: Path) -> GcShare:
+        """The process' totals so far (bench/named_threads.py rewrites the file after each collection)."""
+        try:
+            got = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # none yet, or read while being rewritten
+            return cls()
+        return cls(tuple(got["seconds"]), tuple(got["collections"]))
+
+    def since(self, before: GcShare) -> GcShare:
+        return GcShare(
+            tuple(a - b for a, b in zip(self.seconds, before.seconds, strict=True)),
+            tuple(a - b for a, b in zip(self.collections, before.collections, strict=True)),
+        )
 
 
 def metadata(path: Path, agents: int) -> list[list[str]]:
@@ -311,6 +336,7 @@ def run(agents: int, flows: int, senders: int, count: int, extra: tuple[str, ...
         rows = intervals(build_payloads(ips, flows, 1)[0], count)
         sink = Sink()
         grpc_port, metrics_port = free_port(), free_port()
+        gc_file = Path(tmp) / "gc.json"
         enricher = enricher_process(
             Path(tmp) / "cluster.json",
             "--cluster-cidr", "10.0.0.0/8",
@@ -318,13 +344,14 @@ def run(agents: int, flows: int, senders: int, count: int, extra: tuple[str, ...
             "--metrics-endpoint", f"127.0.0.1:{metrics_port}",
             "--export-endpoint", f"127.0.0.1:{sink.port}",
             *extra,
+            gc_file=gc_file,
         )  # fmt: skip
         try:
             wait_ready(metrics_port)
             result = Result(received=agents * flows * 2 * count, sent=[Sent() for _ in range(senders)])
             t0 = time.monotonic()
             for row in rows:  # interval by interval, each until the enricher is idle again (exported)
-                roles0 = thread_cpu_s(enricher.pid)
+                roles0, gc0 = thread_cpu_s(enricher.pid), GcShare.read(gc_file)
                 for total, one in zip(result.sent, send_all(grpc_port, [row], senders), strict=True):
                     total.add(one)
                 wait_idle(enricher.pid)
@@ -332,6 +359,7 @@ def run(agents: int, flows: int, senders: int, count: int, extra: tuple[str, ...
                 roles.subtract(roles0)
                 result.roles_cpu_s.append(roles)
                 result.interval_cpu_s.append(sum(roles.values()))
+                result.gc_s.append(GcShare.read(gc_file).since(gc0))
             result.cpu_s, result.wall_s = sum(result.interval_cpu_s), time.monotonic() - t0
             result.refusals = sum(one.refused for one in result.sent)
             result.rss_peak = proc_hwm(enricher.pid)
@@ -348,12 +376,16 @@ def run(agents: int, flows: int, senders: int, count: int, extra: tuple[str, ...
         return result
 
 
-def enricher_process(metadata_file: Path, *args: str) -> subprocess.Popen[bytes]:
+def enricher_process(metadata_file: Path, *args: str, gc_file: Path | None = None) -> subprocess.Popen[bytes]:
     """`otel-kzt enricher` as its own process (its CPU and RSS are its own), its threads named for their
-    roles (bench/named_threads.py); the JSON flow logs of the default configuration are written, not kept."""
+    roles and its collector's time kept in `gc_file` when given (bench/named_threads.py); the JSON flow
+    logs of the default configuration are written, not kept."""
     argv = [sys.executable, str(HERE / "named_threads.py"), "enricher", "--kube-metadata", str(metadata_file)]
     argv.extend(args)
-    return subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if gc_file is not None:
+        env["KZT_BENCH_GC_FILE"] = str(gc_file)
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
 
 
 def wait_ready(port: int, timeout_s: float = 120.0) -> None:
@@ -404,6 +436,15 @@ def report(r: Result, agents: int, flows: int, senders: int, count: int) -> None
     print(f"  enricher peak RSS    {r.rss_peak / 2**20:>12,.0f} MiB target: <= 1024 MiB")
     for label, part in (("interval 1", r.roles_cpu_s[:1]), ("later, each", r.roles_cpu_s[1:])):
         print(f"  CPU by thread, {label:11s} {roles_line(part)}")
+    for i, (share, cpu) in enumerate(zip(r.gc_s, r.interval_cpu_s, strict=True)):
+        spent = sum(share.seconds)
+        gens = ", ".join(
+            f"gen{g} {n} x {sec:.2f}s"
+            for g, (n, sec) in enumerate(zip(share.collections, share.seconds, strict=True))
+        )
+        print(
+            f"  GC, interval {i + 1:<7d} {spent:>8.2f} s  ({spent / max(cpu, 1e-9):.0%} of its CPU): {gens}"
+        )
 
 
 def roles_line(intervals: list[Counter[str]], top: int = 6) -> str:
