@@ -400,3 +400,44 @@ def test_back_pressure_while_the_downstream_is_alive_drops_when_it_is_dead() -> 
         wait_for(dead.accepting)  # failing for longer than max_elapsed: accept (and drop) instead of blocking
     finally:
         dead.shutdown(0.5)
+
+
+class _Recording:
+    def __init__(self, sent: list[bytes]) -> None:
+        self._sent = sent
+
+    def send(self, signal: str, payload: bytes) -> None:
+        self._sent.append(payload)
+
+    def close(self) -> None:
+        """Nothing held."""
+
+
+def test_a_lingering_consumer_is_woken_by_a_full_batch_and_an_idle_one_by_its_first_item() -> None:
+    sent: list[bytes] = []
+    lingering = Exporter(
+        ExporterConfig("rec:1", consumers=1, batch_bytes=3, batch_linger_s=30.0),
+        HealthMetrics(CollectorRegistry()),
+        transport=lambda _c: _Recording(sent),
+    )
+    lingering.start()
+    try:
+        for piece in (b"a", b"b", b"c"):  # the third fills the batch: sent at once, not after 30 s
+            time.sleep(0.2)  # the consumer waits: for a first item, then for a fuller batch
+            lingering.submit_metrics(piece)
+        wait_for(lambda: sent == [b"abc"], 3.0)
+    finally:
+        lingering.shutdown(1.0)
+    sent.clear()
+    prompt = Exporter(
+        ExporterConfig("rec:2", consumers=1, batch_linger_s=0.0),
+        HealthMetrics(CollectorRegistry()),
+        transport=lambda _c: _Recording(sent),
+    )
+    prompt.start()
+    try:
+        time.sleep(0.2)  # the consumer waits for a first item (it would look again only after 5 s)
+        prompt.submit_metrics(b"x")
+        wait_for(lambda: sent == [b"x"], 2.0)
+    finally:
+        prompt.shutdown(1.0)

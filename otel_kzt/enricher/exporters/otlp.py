@@ -58,23 +58,30 @@ class _Item:
 class _Shard:
     """One consumer's FIFOs, one per signal (no order is kept between metrics and logs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self.items: dict[str, deque[_Item]] = {METRICS: deque(), LOGS: deque()}
         self.size = {METRICS: 0, LOGS: 0}
         self.ready = threading.Condition()
+        self._limit = limit  # a batch's bytes
 
     def __len__(self) -> int:
         return sum(len(q) for q in self.items.values())
 
     def put(self, item: _Item) -> None:
+        """Queue `item`; the consumer is woken only when that changes what it waits for: the first item
+        (it waits for one) or a full batch (it lingers for one). Each wake-up of a waiting thread costs
+        both threads a futex call and a GIL hand-over: ~0.1 ms of a receiver's worker per request."""
         with self.ready:
+            first = not len(self)
             self.items[item.signal].append(item)
             self.size[item.signal] += len(item.payload)
-            self.ready.notify()
+            if first or self.size[item.signal] >= self._limit:
+                self.ready.notify()
 
-    def take_batch(self, limit: int, linger_s: float, wait_s: float, closing: threading.Event) -> list[_Item]:
-        """The oldest signal's items, up to `limit` bytes (at least one item). Waits up to `linger_s` after
-        the first item for a fuller batch: fewer, larger requests cost the downstream and us much less."""
+    def take_batch(self, linger_s: float, wait_s: float, closing: threading.Event) -> list[_Item]:
+        """The oldest signal's items, up to a batch's bytes (at least one item). Waits up to `linger_s`
+        after the first item for a fuller batch: fewer, larger requests cost the downstream and us less."""
+        limit = self._limit
         with self.ready:
             # closing is read under the lock that shutdown's wake-up takes: no wake-up is missed
             if not len(self) and (closing.is_set() or not self.ready.wait(wait_s)) and not len(self):
@@ -129,7 +136,7 @@ class Exporter:
         self.name = cfg.endpoint
         self._cfg, self._health, self._backoff_s = cfg, health, backoff_s
         self._factory = transport or (HttpTransport if cfg.protocol == PROTOCOL_HTTP else GrpcTransport)
-        self._shards = [_Shard() for _ in range(cfg.consumers)]
+        self._shards = [_Shard(cfg.batch_bytes) for _ in range(cfg.consumers)]
         self._lock = threading.Lock()
         self._items = self._bytes = 0  # queued, all shards
         self._closing = threading.Event()  # no new retries; drain what is queued
@@ -189,9 +196,7 @@ class Exporter:
         transport = self._factory(self._cfg)
         try:
             while not self._abort.is_set():
-                batch = shard.take_batch(
-                    self._cfg.batch_bytes, self._cfg.batch_linger_s, _IDLE_WAIT_S, self._closing
-                )
+                batch = shard.take_batch(self._cfg.batch_linger_s, _IDLE_WAIT_S, self._closing)
                 if not batch:
                     if self._closing.is_set():
                         return
