@@ -14,7 +14,7 @@ from typing import Protocol, TextIO
 
 from prometheus_client import CollectorRegistry
 
-from otel_kzt import gctune
+from otel_kzt import gctune, malloctune
 from otel_kzt.enricher.config import EnricherConfig
 from otel_kzt.enricher.exporters.caches import CacheResets
 from otel_kzt.enricher.exporters.otlp import Exporter
@@ -132,8 +132,9 @@ class EnricherService:
         self.registry.register(SavingsCollector(savings))
         savings.start()
         self._stoppers.append(("savings", savings))
-        self._web = web_pages(aggregates.snapshot, aggregates.flow_labels, lambda: savings.report,
-                              agents=agents.health)
+        self._web = web_pages(
+            aggregates.snapshot, aggregates.flow_labels, lambda: savings.report, agents=agents.health
+        )
         if cfg.state_file:
             # Restored before anything is received: the first points continue the checkpoint's series.
             checkpointer = Checkpointer(
@@ -149,6 +150,7 @@ class EnricherService:
             self._stoppers.append(("checkpoint", checkpointer))
         behind = Downstream(lambda: next((e.name for e in exporters if not e.accepting()), None))
         gctune.space_collections()  # a long-lived heap of ~10 objects per series
+        malloctune.keep_freed_buffers()  # megabyte buffers per request, reused without page faults
         self._serve(core, index, tls, auth, behind)
 
     def _serve(
