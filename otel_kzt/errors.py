@@ -19,6 +19,7 @@ Foreign exceptions (bcc's bare `Exception`, `grpc.RpcError`, the kubernetes clie
     └── ExportError               sending OTLP downstream failed
         ├── PermanentExportError  never retried (bad request, auth, ...)
         └── RetryableExportError  retried with backoff (carries the server's retry delay, if any)
+            └── NotSent           no connection: the request never left, the receiver cannot hold it
 """
 
 from __future__ import annotations
@@ -98,3 +99,8 @@ class RetryableExportError(ExportError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class NotSent(RetryableExportError):
+    """No connection to the receiver could be made: the request never left this process, so the receiver
+    cannot have counted it (any other failure may come after it did: a late answer, a reset)."""

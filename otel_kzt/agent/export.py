@@ -27,9 +27,12 @@ it moves to must not count them again (it has never seen them, so it would count
 of the old runs is sent to the new receiver: the export that would move stops before its first request,
 says so (`ExportResult.switched`), and the service evicts every flow from the kernel map; their next
 packets begin new flows, new runs, with starts after the move (kept by the kernel, so an agent restart
-does not bring the old runs back). What the old receiver had not received when it failed is not counted
-(given the choice, nothing counts twice). The receiver that holds the runs is remembered across restarts
-(`agent_state`): a new process that cannot reach it moves the same way.
+does not bring the old runs back). The new runs begin at the values last sent to the old receiver
+(`ExportResult.tried`), answered or not: a request whose answer came too late may have been counted. So
+what it was sent and did not count is not counted (given the choice, nothing counts twice); only a
+request that never left (`NotSent`: no connection) is not the old receiver's. The receiver that holds
+the runs is remembered across restarts (`agent_state`): a new process that cannot reach it moves the
+same way.
 
 Retries: only what `otel_kzt.otlp_failures.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
@@ -61,7 +64,13 @@ from dataclasses import dataclass
 from otel_kzt.agent.config import GRPC, OtlpConfig
 from otel_kzt.agent.state import ReceiverStore, StoredReceiver, receiver_id
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
-from otel_kzt.errors import ExportError, PermanentExportError, ReceiverTrustError, RetryableExportError
+from otel_kzt.errors import (
+    ExportError,
+    NotSent,
+    PermanentExportError,
+    ReceiverTrustError,
+    RetryableExportError,
+)
 from otel_kzt.filewatch import WatchedFiles, token_text
 from otel_kzt.otlp_failures import classify
 from otel_kzt.ratelog import KindLog
@@ -121,6 +130,7 @@ class ExportResult:
     failed: int = 0  # requests not delivered (permanent error or deadline)
     rejected_points: int = 0  # partial success
     switched: bool = False  # stopped to move to another receiver: the caller begins new runs first
+    tried: int = 0  # sends that reached (or may have reached) a receiver: it may have counted their values
 
 
 class Exporter:
@@ -278,11 +288,16 @@ class Exporter:
                 )
                 return False, 0.0
             except RetryableExportError as exc:
+                if not isinstance(exc, NotSent):
+                    result.tried += 1  # a late answer, a reset: the receiver may have counted it
+                    if self._writer is None:  # ... so it holds the runs: another one must begin new ones
+                        self._writer = receiver_id(target.url)
                 self._down_until[target] = time.monotonic() + self._down_s
                 retryable = True
                 retry_after = max(retry_after, exc.retry_after_s or 0.0)
                 log.warning("export failed, trying next receiver: endpoint=%s error=%s", target.url, exc)
                 continue
+            result.tried += 1
             self._delivered_to(target, targets)
             return True, 0.0
         if not retryable:

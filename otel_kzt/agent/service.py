@@ -101,10 +101,9 @@ def _from_base(
     return head, replace(counters, bytes=counters.bytes - base.bytes, packets=counters.packets - base.packets)
 
 
-def _held(flows: dict[FlowKey, FlowCounters], ours: _Ours) -> tuple[list[FlowKey], list[FlowCounters]] | None:
-    """Every flow of a delivered snapshot, as lists: ours' own when it holds them all (the usual case)."""
-    if not flows:
-        return None
+def _held(flows: dict[FlowKey, FlowCounters], ours: _Ours) -> tuple[list[FlowKey], list[FlowCounters]]:
+    """Every flow of a snapshot sent, as lists: ours' own when it holds them all (the usual case). None
+    of a snapshot without flows: every later flow is new to the receiver."""
     if len(ours.keys) == len(flows):  # every flow, in the snapshot's order
         return ours.keys, ours.counts
     return list(flows), list(flows.values())
@@ -162,14 +161,18 @@ class AgentService:
         # Evicted flows' final counters as snapshots handed them over, not yet in `_finals` (a pass that
         # raised in between leaves them for the next one; see _take_finals).
         self._handed: list[dict[FlowKey, FlowCounters]] = []
-        # The flows of the last export delivered whole (what the receiver holds, as lists of keys and
-        # counters: the snapshot's dict, ~5 MB at 100,000 flows, would stay through the next snapshot and
-        # export; None: nothing delivered yet), and the runs begun at a receiver switch: key -> (head
+        # The flows of the last export handed to the receiver, delivered or not (what it may hold: an
+        # answer can time out after the receiver counted; as lists of keys and counters: the snapshot's
+        # dict, ~5 MB at 100,000 flows, would stay through the next snapshot and export; None: nothing
+        # handed over yet), and the runs begun at a receiver switch: key -> (head
         # starting at the switch, the values the receiver left held, whether the new run reached a
         # receiver: the flow is then evicted, its final value sent on that run).
         self._delivered: tuple[list[FlowKey], list[FlowCounters]] | None = None
         self._rebased: dict[FlowKey, tuple[PointHead, FlowCounters, bool]] = {}
         self._unsent: set[FlowKey] = set()  # flows evicted at a switch with no known base: finals unsent
+        self._sent_since_move = (
+            False  # an export was sent since the last switch: runs begun there may be held
+        )
         self.left_behind_bytes = 0  # bytes of old runs counted by receivers this agent moved away from
         self._encoder = RequestEncoder(
             resource_attributes(config, host_name),
@@ -216,7 +219,7 @@ class AgentService:
         del mine, all_heads
         self._counted.pods, self._counted.everything = pod_bytes, all_bytes
         report = self._report(snapshot)
-        for _move in range(3):  # a receiver switch begins new runs, then the export goes to the new one
+        for move in range(3):  # a receiver switch begins new runs, then the export goes to the new one
             heads, counts = self._points(ours)
             exported = len(heads)  # heads may be ours' own list, which a receiver switch clears
             extra = telemetry_metrics(
@@ -229,9 +232,13 @@ class AgentService:
             )
             requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra)
             result = self._sender.export(requests, deadline, stop)
+            if result.tried:  # answered or not (a late answer after it counted): the receiver may hold it
+                self._delivered = _held(snapshot.flows, ours)
+                self._sent_since_move = True
             if not result.switched:
                 break
-            self._begin_new_runs(snapshot.taken_unix_ns, ours)
+            # each move of a pass begins runs of their own: 2 ns apart, as head_at may add one
+            self._begin_new_runs(snapshot.taken_unix_ns + 2 * move, ours)
         duration = time.monotonic() - started
         self.stats.record_export(result.sent, result.failed, result.rejected_points, duration)
         self._publish(report, result)
@@ -246,7 +253,6 @@ class AgentService:
         rebased: list[FlowKey] = []
         if result.failed == 0 and not result.switched:
             self._finals.clear()  # delivered; on any failure all are sent again (idempotent)
-            self._delivered = _held(snapshot.flows, ours)  # what the receiver holds now
             rebased = [k for k, (_, _, done) in self._rebased.items() if not done]
             for key in rebased:
                 self._rebased[key] = (*self._rebased[key][:2], True)
@@ -276,33 +282,37 @@ class AgentService:
 
     def _begin_new_runs(self, switch_unix_ns: int, ours: _Ours) -> None:
         """The exporter is moving to another receiver (export.py), which must not count what the one it
-        leaves counted: each flow that receiver holds a value of begins a new run (start = the switch,
-        values from what it held); flows it never got count whole at the new one. After the new runs'
-        first delivery their flows leave the kernel map: their next packets are new flows, whose starts
-        survive an agent restart. Finals not yet delivered stay with the receiver left (its last values)."""
+        leaves counted: each flow that receiver may hold a value of begins a new run (start = the switch,
+        values from the last sent to it, answered or not); flows it never got count whole at the new one.
+        After the new runs' first delivery their flows leave the kernel map: their next packets are new
+        flows, whose starts survive an agent restart. Finals not yet delivered stay with the receiver left
+        (its last values)."""
         log.warning(
             "receiver changed: new runs begin where the previous receiver stopped: flows=%d", len(ours.keys)
         )
         self._finals.clear()
         if self._delivered is None:
-            # This process delivered nothing yet (it started on a receiver that is gone): what that
+            # This process handed nothing over yet (it started on a receiver that is gone): what that
             # receiver holds is not known here. Nothing of the old runs goes to the new one: the flows
             # leave the kernel map unsent, and their next packets begin new runs.
             self._unsent.update(ours.keys)
             ours.clear()
             return
         delivered = dict(zip(*self._delivered, strict=True))
+        sent, self._sent_since_move = self._sent_since_move, False
         for key, counters in zip(ours.keys, ours.counts, strict=True):
             base = delivered.get(key)
-            if key in self._rebased and not self._rebased[key][2]:
-                continue  # its new run has reached no receiver yet: it stays as it is
+            begun = self._rebased.get(key)  # a run begun at an earlier switch
+            if begun is not None and not begun[2] and not sent:
+                continue  # its new run was sent to no receiver yet: it stays as it is
             if base is None or base.first_seen_unix_ns != counters.first_seen_unix_ns:
                 self._rebased.pop(key, None)  # never at the previous receiver: counted whole
                 continue
             head = self._local.head_at(key, switch_unix_ns)
             if head is not None:
                 self._rebased[key] = (head, base, False)
-                self.left_behind_bytes += base.bytes
+                # the receiver left holds the run from the earlier switch's base, if one was begun
+                self.left_behind_bytes += base.bytes - (begun[1].bytes if begun is not None else 0)
 
     def _take_finals(self, capacity: int) -> None:
         """Adds the handed-over evicted flows that are ours to the finals to export, within the bound.

@@ -20,13 +20,17 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
 from otel_kzt import __version__
-from otel_kzt.errors import ReceiverTrustError, RetryableExportError
+from otel_kzt.errors import NotSent, ReceiverTrustError, RetryableExportError
 from otel_kzt.otlp_failures import classify, parse_retry_after, rpc_error_parts
 
 log = logging.getLogger(__name__)
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 USER_AGENT = f"otel-kzt-agent/{__version__}"
+# gRPC's answer when the channel has no connection to pick for the call (every address refused, none
+# reachable): the call is failed before anything is written.
+_GRPC_NO_CONNECTION = "failed to connect to all addresses"
+
 
 @dataclass(frozen=True, slots=True)
 class Target:
@@ -101,7 +105,11 @@ class GrpcTransport:
                 body, timeout=timeout_s, metadata=self._metadata, compression=self._compression
             )
         except grpc.RpcError as exc:
-            raise classify(*rpc_error_parts(exc)) from exc
+            status, details, retry_after = rpc_error_parts(exc)
+            error = classify(status, details, retry_after)  # a certificate refused first: not retried
+            if type(error) is RetryableExportError and details.startswith(_GRPC_NO_CONNECTION):
+                error = NotSent(str(error), retry_after)
+            raise error from exc
         return _partial_success(response, self._where)
 
     def close(self) -> None:
@@ -157,6 +165,7 @@ class HttpTransport:
         payload = gzip.compress(body, compresslevel=1) if self._gzip else body
         connection = self._connection(timeout_s)
         try:
+            self._connect(connection)
             connection.request("POST", self._url.path or "/v1/metrics", payload, self._headers)
             response = connection.getresponse()
             data = response.read()
@@ -177,6 +186,16 @@ class HttpTransport:
         except Exception as exc:  # protobuf raises DecodeError; a 2xx with a foreign body is still accepted
             log.warning("unreadable OTLP response body: endpoint=%s error=%s", self._target.url, exc)
             return 0
+
+    def _connect(self, connection: http.client.HTTPConnection) -> None:
+        """The connection (and TLS handshake) before anything is sent: a failure here is `NotSent`."""
+        try:
+            connection.connect()
+        except ssl.SSLCertVerificationError:
+            raise  # the receiver's certificate: send() says so
+        except OSError as exc:
+            connection.close()
+            raise NotSent(f"{self._target.url}: {exc}") from exc
 
     def close(self) -> None:
         """Nothing held between requests (one connection per send)."""

@@ -42,6 +42,7 @@ PODS = {  # name -> (node, ip, owner kind, owner name)
     "cache-0": ("kx-b1", "10.61.3.30", "StatefulSet", "cache"),
 }
 EXTERNAL = "203.0.113.7"
+REFERENCE_DEADLINE_S = 20.0  # however loaded the machine, the reference gets what the main receiver was sent
 # Per node: (source ip, destination ip, protocol, src port, dst port, bytes per tick, packets per tick).
 FLOWS: dict[str, list[tuple[str, str, int, int, int, int, int]]] = {
     "kx-a1": [
@@ -172,8 +173,10 @@ class FakeDatapath:
 
 class Tee:
     """Sends each request to the main exporter and, unchanged, to a reference exporter: what the main one
-    delivers or tries to (an export that stops to move to another receiver sends nothing: the service
-    sends that interval again on new runs, and so does the reference then)."""
+    sent (`ExportResult.tried`), delivered or not, as its receiver may have counted it and a move begins
+    new runs from there (DESIGN §5.7); nothing of an export that moved before it sent anything (the
+    service sends that interval again on new runs, and so does the reference then). The reference gets
+    its own deadline: the one receiver that has everything must not miss what the main one timed out on."""
 
     def __init__(self, main: Exporter, reference: Exporter | None) -> None:
         self.main, self.reference = main, reference
@@ -181,8 +184,8 @@ class Tee:
     def export(self, requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
         batch = list(requests)
         result = self.main.export(batch, deadline, stop)
-        if self.reference is not None and not result.switched:
-            self.reference.export(batch, deadline, stop)
+        if self.reference is not None and result.tried:
+            self.reference.export(batch, max(deadline, time.monotonic() + REFERENCE_DEADLINE_S), stop)
         return result
 
     def close(self) -> None:

@@ -18,8 +18,8 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from otel_kzt.agent.config import GRPC, HTTP_PROTOBUF, OtlpConfig
 from otel_kzt.agent.encode import RequestEncoder
 from otel_kzt.agent.export import Exporter, expand, rendezvous_rank
-from otel_kzt.agent.transport import Target
-from otel_kzt.errors import PermanentExportError, RetryableExportError
+from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target
+from otel_kzt.errors import NotSent, PermanentExportError, RetryableExportError
 from otel_kzt.otlp_failures import classify
 from tests.unit.test_agent_service import receiver
 from tests.unit.test_agent_support import Failure, GrpcReceiver, HttpReceiver
@@ -210,3 +210,30 @@ def test_http_answers_that_are_not_http_are_retried_until_one_is() -> None:
     finally:
         server.close()
     assert (sent, failed) == (1, 0) and server.bodies == len(BROKEN_ANSWERS) + 1  # each retried, then 200
+
+
+@pytest.mark.parametrize("protocol", [GRPC, HTTP_PROTOBUF])
+def test_a_request_that_never_left_is_not_sent_one_answered_late_may_have_been_counted(
+    receiver: GrpcReceiver, protocol: str
+) -> None:
+    """`NotSent` (nothing listens: connection refused) is the one failure after which the receiver cannot
+    hold the request; a deadline that passes while the receiver works on it is not (DESIGN §5.7: the
+    agent's next receiver begins from what this one was sent)."""
+    closed = GrpcReceiver().start()
+    port = closed.port
+    closed.stop()
+    target = Target(f"http://127.0.0.1:{port}", "127.0.0.1", False)
+    with pytest.raises(NotSent):
+        _transport(target, protocol).send(BODY, 2.0)
+    if protocol == GRPC:
+        receiver.on_export = lambda _request: time.sleep(1.0)  # recorded, then answered too late
+        late = Target(f"http://127.0.0.1:{receiver.port}", "127.0.0.1", False)
+        with pytest.raises(RetryableExportError) as raised:
+            _transport(late, protocol).send(BODY, 0.3)
+        assert not isinstance(raised.value, NotSent) and len(receiver.snapshot()) == 1
+
+
+def _transport(target: Target, protocol: str) -> GrpcTransport | HttpTransport:
+    if protocol == GRPC:
+        return GrpcTransport(target, (), "none", None, reconnect_max_s=1.0)
+    return HttpTransport(target, (), "none", None)

@@ -11,11 +11,12 @@ import grpc
 import pytest
 
 from otel_kzt import schema
-from otel_kzt.agent.config import AgentConfig, OtlpConfig
+from otel_kzt.agent.config import DEFAULT_TIMEOUT_S, AgentConfig, OtlpConfig
 from otel_kzt.agent.export import Exporter, ExportResult
 from otel_kzt.agent.flows import Snapshot
 from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.service import AgentService
+from otel_kzt.enricher.state.counting import Counted, Rule
 from otel_kzt.errors import DatapathError
 from tests.unit.test_agent_local import NODE, index, key
 from tests.unit.test_agent_support import Failure, FakeMap, GrpcReceiver, points
@@ -205,6 +206,22 @@ def test_a_replaced_pod_begins_a_new_run_never_credited_with_the_old(receiver: G
     exp.close()
 
 
+def _two_receivers(
+    receiver: GrpcReceiver, other: GrpcReceiver, fake: FakeMap, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> tuple[AgentService, Exporter, GrpcReceiver, GrpcReceiver]:
+    """An agent listing both receivers: (its loop, its exporter, the receiver it ranks first, the other)."""
+    otlp = OtlpConfig(
+        endpoints=(f"http://127.0.0.1:{receiver.port}", f"http://127.0.0.1:{other.port}"), timeout_s=timeout_s
+    )
+    cfg = AgentConfig(node_name=NODE, otlp=otlp, idle_timeout_s=600.0)
+    exp = Exporter(otlp, NODE, max_backoff_s=0.1)
+    first = exp.ranked_targets()[0]
+    a, b = (receiver, other) if str(receiver.port) in first.url else (other, receiver)
+    idx = index()
+    local = LocalFlows(NODE, idx, interface_addresses=frozenset)
+    return AgentService(cfg, fake, exp, local, idx, host_name="h"), exp, a, b
+
+
 def test_a_receiver_switch_begins_new_runs_there(receiver: GrpcReceiver) -> None:
     """DESIGN §5.7: the receiver moved to gets new runs, from what the one left held: summed over both,
     by run as an enricher counts, every byte once."""
@@ -212,14 +229,7 @@ def test_a_receiver_switch_begins_new_runs_there(receiver: GrpcReceiver) -> None
     try:
         fake = FakeMap()
         fake.add(POD_FLOW, 1000)
-        otlp = OtlpConfig(endpoints=(f"http://127.0.0.1:{receiver.port}", f"http://127.0.0.1:{other.port}"))
-        cfg = AgentConfig(node_name=NODE, otlp=otlp, idle_timeout_s=600.0)
-        exp = Exporter(otlp, NODE, max_backoff_s=0.1)
-        first = exp.ranked_targets()[0]
-        a, b = (receiver, other) if str(receiver.port) in first.url else (other, receiver)
-        idx = index()
-        local = LocalFlows(NODE, idx, interface_addresses=frozenset)
-        svc = AgentService(cfg, fake, exp, local, idx, host_name="h")
+        svc, exp, a, b = _two_receivers(receiver, other, fake)
         once(svc)
         a.stop()
         fake.now_ns += 3 * SEC
@@ -316,3 +326,50 @@ def test_fatal_conditions_still_end_the_loop(receiver: GrpcReceiver, fatal: Base
     with pytest.raises(type(fatal)):
         svc.run(threading.Event())
     exp.close()
+
+
+def _counted(*receivers: GrpcReceiver) -> int:
+    """The flow bytes the counting rule (DESIGN §4) counts at each receiver, summed over them: what the
+    sum over enricher replicas shows."""
+    total = 0
+    for r in receivers:
+        rule, series = Rule(3600.0, startup_ns=0), {}
+        for p in points(r.snapshot(), schema.FLOW_BYTES):
+            name = tuple(sorted((k, str(v)) for k, v in p.items() if not k.startswith("_")))
+            counted = series.setdefault(name, Counted())
+            total += max(0, int(rule.count(counted, int(p["_start"]), int(p["_time"]), p["_value"], 0.0)))
+    return total
+
+
+@pytest.mark.parametrize("at_once", [True, False], ids=["same-export", "next-export"])
+def test_a_receiver_that_counted_an_export_it_did_not_answer_in_time_is_not_counted_again(
+    receiver: GrpcReceiver, at_once: bool
+) -> None:
+    """DESIGN §5.7 through a move between two live receivers: A counts an export but answers after the
+    agent's timeout, the agent moves to B (at once, in the same export, or at the next, A being marked
+    down). B's new runs start from the values sent to A, not from the last ones A confirmed: before, A
+    and B counted 1,027 bytes of 1,017 sent (the 10 A took too late, on both)."""
+    other = GrpcReceiver().start()
+    try:
+        fake = FakeMap()
+        fake.add(POD_FLOW, 1000)
+        svc, exp, a, b = _two_receivers(receiver, other, fake, timeout_s=0.3 if at_once else 5.0)
+        once(svc)
+        answered = threading.Event()
+        a.on_export = lambda _request: answered.wait(5)  # counted, answered too late
+        fake.now_ns += 3 * SEC
+        fake.add(POD_FLOW, 10)
+        once(svc, 4.0 if at_once else 0.5)  # at once: timed out, then B; else: the deadline passes
+        if not at_once:
+            assert points(b.snapshot(), schema.FLOW_BYTES) == []  # still A's: it was not marked down yet
+            once(svc)  # A marked down: B first, the move
+        answered.set()
+        assert points(b.snapshot(), schema.FLOW_BYTES), "the agent did not move to B"
+        assert [p["_value"] for p in points(a.snapshot(), schema.FLOW_BYTES)] == [1000, 1010]
+        fake.now_ns += 3 * SEC
+        fake.add(POD_FLOW, 7)  # a new flow of that key (the moved one left the map): B's
+        once(svc)
+        assert _counted(a, b) == 1017  # each byte once: A's 1,010, then B's 7
+        exp.close()
+    finally:
+        other.stop()
