@@ -74,26 +74,29 @@ def env(*absent: str) -> dict[str, str]:
     return {**os.environ, ABSENT_ENV: ",".join(absent)}
 
 
-def kernel_state() -> tuple[frozenset[str], frozenset[int], str]:
-    """What a run could leave behind: every bpffs path, every BPF link id, the uplink's tc filters."""
+def kernel_state() -> tuple[frozenset[str], frozenset[int], str, frozenset[int]]:
+    """What a run could leave behind: every bpffs path, every BPF link id, the uplink's tc filters, and
+    the session's running descendants (a session-scoped stack of earlier tests may still be running)."""
     paths = frozenset(str(p) for p in BPFFS.rglob("*"))
     listed = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, check=True)
     links = frozenset(int(link["id"]) for link in json.loads(listed.stdout or "[]"))
     filters = netns.run_in(NS, ["tc", "filter", "show", "dev", UPLINK, "egress"]).stdout
-    return paths, links, filters
+    running = frozenset(p.pid for p in processes.leftovers(os.getpid()))
+    return paths, links, filters, running
 
 
 def assert_nothing_left(
-    before: tuple[frozenset[str], frozenset[int], str], *, node_dir: bool = False
+    before: tuple[frozenset[str], frozenset[int], str, frozenset[int]], *, node_dir: bool = False
 ) -> None:
     """Nothing new in bpffs, no new BPF link, no tc filter; the node's pin directory only if it was
     there before (`node_dir`: an earlier run's stored receiver)."""
-    paths, links, filters = kernel_state()
+    paths, links, filters, _ = kernel_state()
     assert pins.node_dir(NS).exists() == node_dir
     assert paths - before[0] == set(), "pinned after the run"
     assert links - before[1] == set(), "BPF links left attached"
     assert filters == before[2] == "", "tc filters left on the uplink"
-    assert processes.leftovers(os.getpid()) == [], "processes left running"
+    started = [p for p in processes.leftovers(os.getpid()) if p.pid not in before[3]]
+    assert started == [], "processes left running"
 
 
 @pytest.mark.parametrize("pinning", list(PINNING))
