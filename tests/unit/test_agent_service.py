@@ -295,13 +295,15 @@ def test_a_pass_that_raises_is_one_failed_export_and_the_loop_goes_on(
     fake = FakeMap()
     fake.add(POD_FLOW, 10)
     svc, exp = service(receiver, fake, interval_s=0.1)
-    real, calls = exp.export, []
+    real, calls, real_failed = exp.export, [], []
 
     def export(requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
         calls.append(1)
         if len(calls) <= 2:
             raise RuntimeError("nobody translated this")
-        return real(requests, deadline, stop)
+        result = real(requests, deadline, stop)
+        real_failed.append(result.failed)  # a real send can miss its 0.1 s interval on a loaded machine
+        return result
 
     svc._sender = SimpleNamespace(export=export)  # type: ignore[assignment]
     values = _run_until(svc, fake, receiver)
@@ -309,7 +311,7 @@ def test_a_pass_that_raises_is_one_failed_export_and_the_loop_goes_on(
     assert len(values) >= 2 and set(values[:-1]) == {10} and values[-1] == 15  # cumulative, nothing lost
     last = receiver.snapshot()[-1:]
     exports = {p[schema.AGENT_RESULT]: p["_value"] for p in points(last, schema.OTLP_AGENT_EXPORTS)}
-    assert exports["failed"] == 2
+    assert 2 <= exports["failed"] <= 2 + sum(real_failed)  # the two raising passes, and any real miss
     logged = [r for r in caplog.records if "export pass failed" in r.getMessage()]
     assert len(logged) == 1  # the second of the same kind, within the minute, only counted
 
