@@ -42,6 +42,7 @@ BPF_LINK_DETACH = 34
 ATTR_SIZE = 144  # large enough for every command used here
 ENOTSUPP = 524  # the kernel-internal "not supported" that bpf(2) leaks to userspace
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
 BPF_MAP_DELETE_BATCH = 27
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -305,6 +306,15 @@ def map_delete_batch(map_fd: int, keys: ctypes.Array[ctypes.c_char], count: int)
         if exc.errno != errno.ENOENT:
             raise
     return int(struct.unpack_from("<I", attr, 32)[0])
+
+
+def map_update_batch(
+    map_fd: int, keys: ctypes.Array[ctypes.c_char], values: ctypes.Array[ctypes.c_char], count: int
+) -> None:
+    """Write `count` keys and values (one after the other in each buffer) in one call; raises on any
+    failure (an array map's index out of range: EINVAL)."""
+    attr = pack_attr("<QQQQIIQQ", 0, 0, address(keys), address(values), count, map_fd, 0, 0)
+    bpf(BPF_MAP_UPDATE_BATCH, attr, "batch-write a map")
 
 
 def membarrier_global() -> int:

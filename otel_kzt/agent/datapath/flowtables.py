@@ -8,6 +8,7 @@ in the kernel, wait a grace period, read the final value, delete).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import time
@@ -30,6 +31,29 @@ FLUSH_TRIES = 200  # runs of kzt_flush per CPU while its slot is busy (nanosecon
 FLUSH_WAIT_S = 50e-6  # it was preempted), this far apart: ~10 ms, then the slot waits for the next read
 
 RawFlows = dict[bytes, tuple[int, int, int, bool]]  # raw key -> (bytes, packets, first_seen boot ns, dead)
+
+
+def delete_all(table: BpfMap, raw_keys: list[bytes]) -> None:
+    """Delete keys that are there, one batch call for all; a key found gone stops the batch (ENOENT), and
+    the rest go one by one."""
+    if not raw_keys:
+        return
+    size = table.key_size
+    done = bpfsys.map_delete_batch(
+        table.fd, ctypes.create_string_buffer(b"".join(raw_keys), len(raw_keys) * size), len(raw_keys)
+    )
+    for raw in raw_keys[done:]:
+        table.delete(raw)
+
+
+def read_dying(dying: BpfMap) -> dict[bytes, tuple[int, int]]:
+    """A dying map's entries (raw key -> bytes, packets), in batch reads."""
+    ks, vs = dying.key_size, dying.value_size
+    return {
+        bytes(keys[i * ks : (i + 1) * ks]): flowmap.OVERFLOW_FORMAT.unpack_from(values, i * vs)
+        for keys, values, count in bpfsys.map_batches(dying.fd, ks, vs, READ_CHUNK)
+        for i in range(count)
+    }
 
 
 def boot_to_unix_offset() -> int:
@@ -96,8 +120,14 @@ class FlowTables:
 
     def _mark(self, layout: Layout, batch: list[bytes]) -> int:
         table, count = self._maps[layout.evict_keys], self._maps["evict_count"]
-        for i, raw in enumerate(batch):
-            table.update(u32(i), raw)
+        if batch:  # the listed keys in one call, not one per key
+            indices = b"".join(u32(i) for i in range(len(batch)))
+            bpfsys.map_update_batch(
+                table.fd,
+                ctypes.create_string_buffer(indices, len(indices)),
+                ctypes.create_string_buffer(b"".join(batch), len(batch) * table.value_size),
+                len(batch),
+            )
         for layout_other in flowmap.LAYOUTS.values():
             n = len(batch) if layout_other is layout else 0
             count.update(u32(layout_other.evict_count_index), u32(n))
@@ -140,22 +170,27 @@ class FlowTables:
             if not dead:
                 continue  # inserted again after the evictor ran: a live flow, leave it alone
             final[raw] = FlowCounters(nbytes, packets, first_boot + offset, now)
-            flows.delete(raw)
+        # Dead since the grace period: nothing adds to them any more, so their values are final whether
+        # they go now or after the last lookup.
+        delete_all(flows, list(final))
         return final
 
     def fold_dying(self, layout: Layout, final: dict[bytes, FlowCounters]) -> dict[FlowKey, FlowCounters]:
         """Add each flow's dying entry (packets that raced with its eviction) and delete it (after the
         second grace period, when nothing can add to it any more)."""
         dying = self._maps[layout.dying_name]
+        # One batch read of the dying map (at most DYING_SIZE entries, most often none) instead of a
+        # lookup per flow; entries of other keys are left as they are.
+        extras = {raw: v for raw, v in read_dying(dying).items() if raw in final} if final else {}
         result: dict[FlowKey, FlowCounters] = {}
         for raw, counters in final.items():
-            extra = dying.lookup(raw)
+            extra = extras.get(raw)
             total = counters
             if extra is not None:
-                nbytes, packets = flowmap.OVERFLOW_FORMAT.unpack(extra)
+                nbytes, packets = extra
                 total = replace(counters, bytes=counters.bytes + nbytes, packets=counters.packets + packets)
-                dying.delete(raw)
             result[FlowKey.of_raw(raw)] = total
+        delete_all(dying, list(extras))  # after the read: a batch read needs a stable map
         return result
 
     def sweep_dying(self, layout: Layout) -> dict[FlowKey, FlowCounters]:
@@ -163,14 +198,6 @@ class FlowTables:
         of flows already deleted, reported as evicted flows of their own."""
         dying = self._maps[layout.dying_name]
         now = time.time_ns()
-        ks, vs = dying.key_size, dying.value_size
-        entries = [
-            (bytes(keys[i * ks : (i + 1) * ks]), flowmap.OVERFLOW_FORMAT.unpack_from(values, i * vs))
-            for keys, values, count in bpfsys.map_batches(dying.fd, ks, vs, READ_CHUNK)
-            for i in range(count)
-        ]
-        left: dict[FlowKey, FlowCounters] = {}
-        for raw, (nbytes, packets) in entries:  # deleted after the read: a batch read needs a stable map
-            dying.delete(raw)
-            left[FlowKey.of_raw(raw)] = FlowCounters(nbytes, packets, now, now)
-        return left
+        entries = read_dying(dying)
+        delete_all(dying, list(entries))  # after the read: a batch read needs a stable map
+        return {FlowKey.of_raw(raw): FlowCounters(b, p, now, now) for raw, (b, p) in entries.items()}
