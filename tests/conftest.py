@@ -6,17 +6,22 @@ started that still runs is killed and the run fails, naming it.
 Kernel tests (`@pytest.mark.kernel`) need root, BTF, bcc and network namespaces. Off CI they skip with the
 reason when those are missing; with `CI` set they fail instead, so a CI machine that cannot run them never
 passes by skipping them.
+
+Log capture: pytest's walk over every logger at the start of each phase takes logging's lock
+(`_lock_logger_walk`), so a thread creating a logger then cannot fail the phase.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from _pytest.logging import catching_logs
 
 from tests.support import processes
 
@@ -60,8 +65,32 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     pytest.skip(reason)
 
 
+def _lock_logger_walk() -> None:
+    """Hold logging's lock while pytest's log capture attaches itself (`catching_logs.__enter__`, at the
+    start of every setup, call and teardown, and of collection and the session's end).
+
+    That `__enter__` walks `logging.Logger.manager.loggerDict` without the lock. A thread that creates a
+    logger meanwhile (`logging.getLogger` of a new name, as a module imported lazily makes its own: an
+    in-process agent's first export imports `grpc._channel` and `grpc._simple_stubs` in its thread) adds
+    to the dict under the walk, and the phase fails with `RuntimeError: dictionary changed size during
+    iteration`, its one frame contextlib's `__enter__` (test_scaleout_restart, 1 run of 24 under load).
+    `getLogger` adds under `logging._lock`, an RLock that `__enter__`'s own `addHandler` and `setLevel`
+    take again: walking under it orders the two."""
+    enter = catching_logs.__enter__
+    if getattr(enter, "__wrapped__", None) is not None:
+        return  # already wrapped (a second configure in the same process: pytester)
+
+    @functools.wraps(enter)
+    def locked(self: catching_logs[logging.Handler]) -> logging.Handler:
+        with logging._lock:  # type: ignore[attr-defined]
+            return enter(self)
+
+    catching_logs.__enter__ = locked  # type: ignore[method-assign,assignment]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     processes.become_subreaper()
+    _lock_logger_walk()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
