@@ -14,7 +14,8 @@ without an Ethernet header while every hooked device had one (the program copies
 skb.h's KZT_SKB_ETHER), and the first overlay device while none was hooked (the program counts the uplinks'
 VXLAN packets as their inner packets, KZT_TC_INNER: the overlay's own egress would count them twice; a
 VXLAN overlay's traffic is therefore still counted, at the uplink). Such a device is logged and counted
-(`deferred`) once.
+(`deferred`) once. A device whose attach keeps failing is retried every interval and logged at its first
+failure, then at most once per `FAILED_LOG_EVERY_S` with the failures not logged since.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ from otel_kzt.agent.flows import DeviceCounts
 from otel_kzt.errors import DatapathError
 
 log = logging.getLogger(__name__)
+FAILED_LOG_EVERY_S = 300.0  # a device that cannot be hooked: one warning per device in this time
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,7 @@ class DeviceWatch:
         *,
         directory: Path | None,
         cflags: Sequence[str],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """`link_fds`: `TcMode.attach`'s, one per hooked device in order with tcx, none with classic."""
         fds = list(link_fds) or [-1] * len(hooked)
@@ -69,6 +73,8 @@ class DeviceWatch:
         self._lock = threading.Lock()
         self._added = self._removed = 0
         self._deferred: set[tuple[str, int]] = set()
+        self._clock = clock
+        self._failing: dict[str, tuple[float, int]] = {}  # device -> (its last warning, failures since)
 
     def counts(self) -> DeviceCounts:
         with self._lock:
@@ -106,6 +112,8 @@ class DeviceWatch:
                 self._rename(hook, renamed)
             else:
                 self._unhook(hook)
+        for name in [n for n in self._failing if n not in by_name]:
+            del self._failing[name]  # gone before it could be hooked: nothing left to warn about
         for device in chosen:
             if device.name not in self._hooks:
                 self._hook(device)
@@ -132,12 +140,23 @@ class DeviceWatch:
         try:
             fd = self._mode.attach_device(self._dispatch_fd, device, self._dir)
         except DatapathError as exc:
-            log.warning("tc device not hooked, retried next interval device=%s error=%s", device.name, exc)
+            self._failed(device.name, exc)
             return
+        self._failing.pop(device.name, None)
         self._hooks[device.name] = _Hook(device, fd)
         self._added += 1
         log.info("tc device hooked while running device=%s reason=%s ifindex=%d",
                  device.name, device.reason, device.ifindex)  # fmt: skip
+
+    def _failed(self, name: str, exc: DatapathError) -> None:
+        now = self._clock()
+        last, quiet = self._failing.get(name, (None, 0))
+        if last is not None and now - last < FAILED_LOG_EVERY_S:
+            self._failing[name] = (last, quiet + 1)
+            return
+        self._failing[name] = (now, 0)
+        log.warning("tc device not hooked, retried next interval device=%s not_logged=%d error=%s",
+                    name, quiet, exc)  # fmt: skip
 
     def _unhook(self, hook: _Hook) -> None:
         name = hook.device.name
