@@ -19,6 +19,7 @@ Foreign exceptions (bcc's bare `Exception`, `grpc.RpcError`, the kubernetes clie
     └── ExportError               sending OTLP downstream failed
         ├── PermanentExportError  never retried (bad request, auth, ...)
         └── RetryableExportError  retried with backoff (carries the server's retry delay, if any)
+            ├── NoAnswer          sent, no answer before the deadline: the receiver may have counted it
             └── NotSent           no connection: the request never left, the receiver cannot hold it
 """
 
@@ -99,6 +100,12 @@ class RetryableExportError(ExportError):
     def __init__(self, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class NoAnswer(RetryableExportError):
+    """Sent, and no answer came before the deadline: the receiver may have counted it and answered late.
+    The one failure after which a move begins new runs at the values sent (DESIGN §5.7). Any other
+    failure is an answer that refused the request or a connection that broke before an answer: not counted."""
 
 
 class NotSent(RetryableExportError):

@@ -27,12 +27,13 @@ it moves to must not count them again (it has never seen them, so it would count
 of the old runs is sent to the new receiver: the export that would move stops before its first request,
 says so (`ExportResult.switched`), and the service evicts every flow from the kernel map; their next
 packets begin new flows, new runs, with starts after the move (kept by the kernel, so an agent restart
-does not bring the old runs back). The new runs begin at the values last sent to the old receiver
-(`ExportResult.tried`), answered or not: a request whose answer came too late may have been counted. So
-what it was sent and did not count is not counted (given the choice, nothing counts twice); only a
-request that never left (`NotSent`: no connection) is not the old receiver's. The receiver that holds
-the runs is remembered across restarts (`agent_state`): a new process that cannot reach it moves the
-same way.
+does not bring the old runs back). The new runs begin at the values last accepted by the old receiver, or sent
+to it without an answer before the deadline (`NoAnswer`, `ExportResult.tried`): a request answered too
+late may have been counted, so what such a request held is not counted again (given the choice, nothing
+counts twice). A refusal is an answer (not counted, OTLP's retryable), and a connection that broke or
+never was (reset, refused) left no count behind: the new runs begin before those values, nothing lost.
+The receiver that holds the runs is remembered across restarts (`agent_state`): a new process that
+cannot reach it moves the same way.
 
 Retries: only what `otel_kzt.otlp_failures.classify` calls retryable is retried, with exponential backoff and
 jitter, waiting at least the server's `RetryInfo` / `Retry-After`; permanent errors are logged and the
@@ -66,7 +67,7 @@ from otel_kzt.agent.state import ReceiverStore, StoredReceiver, receiver_id
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target, Transport
 from otel_kzt.errors import (
     ExportError,
-    NotSent,
+    NoAnswer,
     PermanentExportError,
     ReceiverTrustError,
     RetryableExportError,
@@ -288,8 +289,8 @@ class Exporter:
                 )
                 return False, 0.0
             except RetryableExportError as exc:
-                if not isinstance(exc, NotSent):
-                    result.tried += 1  # a late answer, a reset: the receiver may have counted it
+                if isinstance(exc, NoAnswer):
+                    result.tried += 1  # no answer in time: the receiver may have counted it
                     if self._writer is None:  # ... so it holds the runs: another one must begin new ones
                         self._writer = receiver_id(target.url)
                 self._down_until[target] = time.monotonic() + self._down_s

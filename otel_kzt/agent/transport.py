@@ -20,7 +20,7 @@ from google.rpc import status_pb2
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
 from otel_kzt import __version__
-from otel_kzt.errors import NotSent, ReceiverTrustError, RetryableExportError
+from otel_kzt.errors import NoAnswer, NotSent, ReceiverTrustError, RetryableExportError
 from otel_kzt.otlp_failures import classify, parse_retry_after, rpc_error_parts
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,9 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             status, details, retry_after = rpc_error_parts(exc)
             error = classify(status, details, retry_after)  # a certificate refused first: not retried
-            if type(error) is RetryableExportError and details.startswith(_GRPC_NO_CONNECTION):
+            if type(error) is RetryableExportError and status == grpc.StatusCode.DEADLINE_EXCEEDED:
+                error = NoAnswer(str(error), retry_after)  # the receiver may be counting it still
+            elif type(error) is RetryableExportError and details.startswith(_GRPC_NO_CONNECTION):
                 error = NotSent(str(error), retry_after)
             raise error from exc
         return _partial_success(response, self._where)
@@ -173,6 +175,8 @@ class HttpTransport:
             raise ReceiverTrustError(
                 f"{self._target.url}: TLS certificate verification failed: {exc}"
             ) from exc
+        except TimeoutError as exc:  # sent (the connection was made), no answer in time
+            raise NoAnswer(f"{self._target.url}: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:
             # Refused, reset, timed out, TLS failure mid-stream: the receiver may be back next time.
             raise RetryableExportError(f"{self._target.url}: {exc}") from exc
