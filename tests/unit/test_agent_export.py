@@ -19,7 +19,7 @@ from otel_kzt.agent.config import GRPC, HTTP_PROTOBUF, OtlpConfig
 from otel_kzt.agent.encode import RequestEncoder
 from otel_kzt.agent.export import Exporter, expand, rendezvous_rank
 from otel_kzt.agent.transport import GrpcTransport, HttpTransport, Target
-from otel_kzt.errors import NotSent, PermanentExportError, RetryableExportError
+from otel_kzt.errors import NoAnswer, NotSent, PermanentExportError, RetryableExportError
 from otel_kzt.otlp_failures import classify
 from tests.unit.test_agent_service import receiver
 from tests.unit.test_agent_support import Failure, GrpcReceiver, HttpReceiver
@@ -230,7 +230,7 @@ def test_a_request_that_never_left_is_not_sent_one_answered_late_may_have_been_c
         late = Target(f"http://127.0.0.1:{receiver.port}", "127.0.0.1", False)
         with pytest.raises(RetryableExportError) as raised:
             _transport(late, protocol).send(BODY, 0.3)
-        assert not isinstance(raised.value, NotSent) and len(receiver.snapshot()) == 1
+        assert isinstance(raised.value, NoAnswer) and len(receiver.snapshot()) == 1
 
 
 def _transport(target: Target, protocol: str) -> GrpcTransport | HttpTransport:
