@@ -479,30 +479,42 @@ class _Forwarder:
 def test_idle_flow_final_export_then_eviction_loses_nothing(bed: Bed, agents: Any) -> None:
     """Packets sent after the idle pass read the map, before the eviction, reach the old series' final
     value: the receiver holds back its answer to that pass (the agent evicts only once it is delivered)
-    while the test sends them."""
+    while the test sends them.
+
+    The racing packets leave from a socket opened in the pod's netns beforehand, so the held answer lasts
+    microseconds, well inside the agent's deadline even on a loaded machine (a sender process started
+    there took longer than the 2 s deadline in CI: the pass then failed, the next pass saw the same idle
+    value and a second race sent 7 more). The race is claimed once, under a lock, whatever comes next."""
     match = {schema.SOURCE_ADDRESS: IP[P1], schema.DESTINATION_PORT: 5004}
     sightings: list[int] = []
-    raced = threading.Event()
+    claim = threading.Lock()
+    raced, sent = threading.Event(), threading.Event()
     errors: list[BaseException] = []
+    with netns.entered(P1):
+        pod_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # stays in P1's netns
 
     def race(request: Any) -> None:
         values = [p["_value"] for p in points([request], schema.FLOW_BYTES) if _matches(p, match)]
-        if raced.is_set() or values != [40 * 128]:
-            return
-        sightings.append(1)
-        if len(sightings) < 2:
-            return  # the pass that saw the last packet: not idle yet
+        with claim:
+            if raced.is_set() or values != [40 * 128]:
+                return
+            sightings.append(1)
+            if len(sightings) < 2:
+                return  # the pass that saw the last packet: not idle yet
+            raced.set()  # claimed: a retry or the next pass holding the same value races no more
         try:  # the value is unchanged for an interval (2s > idle 1s): this pass evicts once answered
-            bed.traffic(P1, "udp", IP[P2], 5004, 7, 100)
+            for _ in range(7):
+                pod_socket.sendto(b"u" * 100, (IP[P2], 5004))
         except BaseException as exc:  # reported by the test thread, not swallowed by the gRPC server
             errors.append(exc)
-        raced.set()
+        finally:
+            sent.set()
 
     bed.receiver.on_export = race
     try:
         agents(N1, *bed.metadata_args(N1), "--idle-timeout", "1s", "--interval", "2s")
         bed.traffic(P1, "udp", IP[P2], 5004, 40, 100)
-        wait_for(raced.is_set, 30, "the idle pass")
+        wait_for(sent.is_set, 30, "the idle pass")
         assert not errors, errors
         evicted = schema.OTLP_AGENT_FLOWS_EVICTED
         last = lambda: points(bed.node_requests(N1)[-1:], evicted)  # noqa: E731
@@ -514,6 +526,7 @@ def test_idle_flow_final_export_then_eviction_loses_nothing(bed: Bed, agents: An
         bed.wait_exports(N1, 1)
     finally:
         bed.receiver.on_export = None
+        pod_socket.close()
     finals: dict[object, tuple[int, int]] = {}
     for b, p in bed_points(bed, match):
         finals[b["_start"]] = (int(str(b["_value"])), int(str(p["_value"])))
