@@ -210,15 +210,19 @@ class RequestEncoder:
         counts: Sequence[Counts],
         time_unix_ns: int,
         extra: Sequence[bytes] = (),
+        ends: list[int] | None = None,
     ) -> Iterator[bytes]:
         """Serialized requests for the flows `heads[i]` with values `counts[i]`, built one at a time as the
         caller sends them (only one request is in memory at once); `extra` metrics ride in the first one.
-        Always at least one request. Parallel sequences, not per-flow objects: 100,000 flows per interval."""
+        Always at least one request. Parallel sequences, not per-flow objects: 100,000 flows per interval.
+        `ends` gets each request's end index in `heads` as it is built (which flows a request held)."""
         tail = _TAG_TIME + _pack_Q(time_unix_ns) + _TAG_AS_INT
         start = 0
         first = True
         while start < len(heads) or first:
             end, size = self._chunk_end(heads, start)
+            if ends is not None:
+                ends.append(end)
             yield self._request(heads[start:end], counts[start:end], size, tail, extra if first else ())
             first = False
             start = end

@@ -27,11 +27,12 @@ it moves to must not count them again (it has never seen them, so it would count
 of the old runs is sent to the new receiver: the export that would move stops before its first request,
 says so (`ExportResult.switched`), and the service evicts every flow from the kernel map; their next
 packets begin new flows, new runs, with starts after the move (kept by the kernel, so an agent restart
-does not bring the old runs back). The new runs begin at the values last accepted by the old receiver, or sent
-to it without an answer before the deadline (`NoAnswer`, `ExportResult.tried`): a request answered too
-late may have been counted, so what such a request held is not counted again (given the choice, nothing
-counts twice). A refusal is an answer (not counted, OTLP's retryable), and a connection that broke or
-never was (reset, refused) left no count behind: the new runs begin before those values, nothing lost.
+does not bring the old runs back). The new runs begin at the values last accepted by the old receiver, or
+sent to it without an answer before the deadline (`NoAnswer`; `ExportResult.held` says it per request): a
+request answered too late may have been counted, so what such a request held is not counted again (given
+the choice, nothing counts twice). A refusal is an answer (not counted, OTLP's retryable), and a
+connection that broke or never was (reset, refused) left no count behind: the new runs begin before those
+values, nothing lost.
 The receiver that holds the runs is remembered across restarts (`agent_state`): a new process that
 cannot reach it moves the same way.
 
@@ -60,7 +61,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from otel_kzt.agent.config import GRPC, OtlpConfig
 from otel_kzt.agent.state import ReceiverStore, StoredReceiver, receiver_id
@@ -132,6 +133,9 @@ class ExportResult:
     rejected_points: int = 0  # partial success
     switched: bool = False  # stopped to move to another receiver: the caller begins new runs first
     tried: int = 0  # sends that reached (or may have reached) a receiver: it may have counted their values
+    # Per request handed to export(), in order: whether a receiver may hold it (answered, or sent with no
+    # answer in time). Requests not reached (after a switch) are not listed.
+    held: list[bool] = field(default_factory=list)
 
 
 class Exporter:
@@ -228,7 +232,9 @@ class Exporter:
             self._refresh_credentials()
             targets = self.ranked_targets()
             for body in requests:
+                tried = result.tried
                 delivered = self._deliver(body, targets, deadline, stop, result)
+                result.held.append(result.tried > tried)
                 del body  # gone before the next one is built: one request (up to 3 MB) in memory, not two
                 if result.switched:
                     break  # this and the rest hold the old runs: not for the new receiver

@@ -101,12 +101,40 @@ def _from_base(
     return head, replace(counters, bytes=counters.bytes - base.bytes, packets=counters.packets - base.packets)
 
 
-def _held(flows: dict[FlowKey, FlowCounters], ours: _Ours) -> tuple[list[FlowKey], list[FlowCounters]]:
-    """Every flow of a snapshot sent, as lists: ours' own when it holds them all (the usual case). None
-    of a snapshot without flows: every later flow is new to the receiver."""
-    if len(ours.keys) == len(flows):  # every flow, in the snapshot's order
-        return ours.keys, ours.counts
-    return list(flows), list(flows.values())
+def _held(
+    prior: tuple[list[FlowKey], list[FlowCounters]] | None,
+    flows: dict[FlowKey, FlowCounters],
+    ours: _Ours,
+    held: list[tuple[int, int]] | None,
+) -> tuple[list[FlowKey], list[FlowCounters]]:
+    """What the receiver may hold after an export, as lists. `held` None: every request of it (the usual
+    case): every flow of the snapshot at its value now, ours' own lists when it holds them all. Else the
+    ranges of ours the receiver may hold: those at their value now, the others at what it held before (an
+    export split into requests that ended part-way: a flow whose request never reached it was not counted
+    there, and a move must begin its new run where that receiver stopped, not where it would have)."""
+    if held is None:
+        if len(ours.keys) == len(flows):  # every flow, in the snapshot's order
+            return ours.keys, ours.counts
+        return list(flows), list(flows.values())
+    values = dict(zip(*prior, strict=True)) if prior is not None else {}
+    for start, end in held:
+        values.update(zip(ours.keys[start:end], ours.counts[start:end], strict=True))
+    kept = [key for key in values if key in flows]  # bounded by the map: flows gone leave
+    return kept, [values[key] for key in kept]
+
+
+def _held_ranges(ends: list[int], held: list[bool], offset: int, total: int) -> list[tuple[int, int]] | None:
+    """The ranges of ours (points after `offset` finals, of `total`) in the requests a receiver may hold;
+    None when it may hold every request. `ends`: the end in the points of each request built (an export
+    that stopped at a switch built no more), `held` per request sent."""
+    if ends[-1:] == [total] and len(held) == len(ends) and all(held):
+        return None
+    ranges, start = [], 0
+    for end, kept in zip(ends, held, strict=False):  # requests not reached after a switch: not held
+        if kept and end > offset:
+            ranges.append((max(start, offset) - offset, end - offset))
+        start = end
+    return ranges
 
 
 @dataclass(slots=True)
@@ -230,10 +258,12 @@ class AgentService:
                 exported=exported,
                 datapath_started_unix_ns=snapshot.started_unix_ns,
             )
-            requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra)
+            ends: list[int] = []
+            requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra, ends)
             result = self._sender.export(requests, deadline, stop)
             if result.tried:  # answered or not (a late answer after it counted): the receiver may hold it
-                self._delivered = _held(snapshot.flows, ours)
+                held = _held_ranges(ends, result.held, exported - len(ours.keys), exported)  # finals first
+                self._delivered = _held(self._delivered, snapshot.flows, ours, held)
                 self._sent_since_move = True
             if not result.switched:
                 break

@@ -5,9 +5,10 @@ The agent's loop (`AgentService`) and export layer (`Exporter`: sticky choice, f
 fake transports, one per receiver, each counting what it receives with the enricher's own counting rule
 (`Rule`, DESIGN §4). A drawn script says how each send ends: delivered; counted but answered too late (a
 timeout after the receiver counted it); lost without being counted; refused before anything left
-(`NotSent`). Flows grow between intervals. Summed over receivers, what the rule counted equals what the
-flows sent: a late answer is not counted again by the receiver moved to, and a send lost or never made
-is counted there.
+(`NotSent`); rejected (a permanent error: an answer, nothing counted). An export may be split into
+several requests, each ending its own way. Flows grow between intervals. Summed over receivers, what the
+rule counted equals what the flows sent: a late answer is not counted again by the receiver moved to, and
+a send lost or never made is counted there.
 """
 
 from __future__ import annotations
@@ -27,16 +28,20 @@ from otel_kzt.agent.local import LocalFlows
 from otel_kzt.agent.service import AgentService
 from otel_kzt.agent.transport import Target
 from otel_kzt.enricher.state.counting import Counted, Rule
-from otel_kzt.errors import NoAnswer, NotSent, RetryableExportError
+from otel_kzt.errors import NoAnswer, NotSent, PermanentExportError, RetryableExportError
 from tests.unit.test_agent_local import NODE, index, key
 from tests.unit.test_agent_support import FakeMap, points
 
-FLOWS = [key("10.0.1.5", "10.0.2.7", dport=5432), key("10.0.1.5", "10.0.2.9", dport=80)]
+FLOWS = [
+    key("10.0.1.5", "10.0.2.7", dport=5432),
+    key("10.0.1.5", "10.0.2.9", dport=80),
+    key("10.0.1.6", "10.0.2.9", dport=443),
+]
 URLS = tuple(f"http://10.9.0.{i}:4317" for i in range(1, 4))
-OUTCOMES = ("ok", "late", "lost", "refused")
+OUTCOMES = ("ok", "late", "lost", "refused", "rejected")
 SEC = 10**9
 PROPERTIES = settings(
-    max_examples=150, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    max_examples=400, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 
 
@@ -67,6 +72,8 @@ class ScriptedTransport:
         outcome = self.receivers.script.popleft() if self.receivers.script else "ok"
         if outcome == "refused":
             raise NotSent(f"{self.url}: connection refused")
+        if outcome == "rejected":
+            raise PermanentExportError(f"{self.url}: 400 bad request (an answer: nothing counted)")
         if outcome == "lost":
             raise RetryableExportError(f"{self.url}: connection reset before it was read")
         self.receivers.receive(self.url, body)
@@ -83,10 +90,15 @@ class ScriptedTransport:
     script=st.lists(st.sampled_from(OUTCOMES), max_size=40),
     growth=st.lists(st.lists(st.integers(0, 1000), min_size=len(FLOWS), max_size=len(FLOWS)), max_size=12),
     down_s=st.sampled_from([0.0, 30.0]),
+    max_points=st.sampled_from([20_000, 2, 4]),
 )
-def test_moves_never_count_a_byte_twice(script: list[str], growth: list[list[int]], down_s: float) -> None:
+def test_moves_never_count_a_byte_twice(
+    script: list[str], growth: list[list[int]], down_s: float, max_points: int
+) -> None:
+    """`max_points` 2 or 4: one or two flows per request, so an export of several requests can end
+    part-way (a move after some of its requests reached the receiver left), or lose one in the middle."""
     receivers = Receivers(script)
-    otlp = OtlpConfig(endpoints=URLS, timeout_s=1.0)
+    otlp = OtlpConfig(endpoints=URLS, timeout_s=1.0, max_points_per_request=max_points)
     exporter = Exporter(
         otlp,
         NODE,
