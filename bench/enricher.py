@@ -109,7 +109,8 @@ def make_core(index: ClusterIndex, flow_logs: bool, json_lines: bool = False, py
         flow_logs_otlp=flow_logs,
     )
     if python:
-        core._points._loop = core._points._otlp_logs = core._points._read_layout = None
+        points = core._points
+        points._loop = points._otlp_logs = points._json_lines = points._read_layout = None
     return core
 
 
@@ -258,6 +259,7 @@ def default_configuration(agents: int, series: int, intervals: int, rounds: int)
     (OTEL_KZT_NO_NATIVE=1), one process after the other in `rounds` alternating rounds: each path's
     median of its processes' best steady interval, in data points per CPU second."""
     rates: dict[str, list[float]] = {DEFAULT_CONFIG: [], DEFAULT_CONFIG_PYTHON: []}
+    runs: dict[str, list[enricher_cluster.Result]] = {name: [] for name in rates}
     saved = os.environ.get(native.DISABLE_ENV)
     try:
         for i in range(rounds):
@@ -267,6 +269,7 @@ def default_configuration(agents: int, series: int, intervals: int, rounds: int)
                 else:
                     os.environ.pop(native.DISABLE_ENV, None)
                 run = enricher_cluster.run(agents, series, 2, intervals)
+                runs[name].append(run)
                 per_interval = run.received / len(run.interval_cpu_s)
                 rates[name].append(per_interval / max(min(run.interval_cpu_s[1:]), 1e-9))
     finally:
@@ -275,6 +278,14 @@ def default_configuration(agents: int, series: int, intervals: int, rounds: int)
             os.environ[native.DISABLE_ENV] = saved
     for name, got in rates.items():
         print(f"{name}: " + ", ".join(f"{r:,.0f}" for r in got) + " dp/s per core")
+        # by thread, the steady intervals of every run: CPU, and the counts that hold under load
+        cpu, faults, switches = (
+            [counts for run in runs[name] for counts in getattr(run, kind)[1:]]
+            for kind in ("roles_cpu_s", "roles_faults", "roles_switches")
+        )
+        print(f"  CPU by thread per steady interval: {enricher_cluster.roles_line(cpu)}")
+        print(f"  minor faults by thread per steady interval: {enricher_cluster.events_line(faults)}")
+        print(f"  context switches by thread per steady interval: {enricher_cluster.events_line(switches)}")
     return {name: statistics.median(got) for name, got in rates.items()}
 
 

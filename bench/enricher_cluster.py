@@ -7,9 +7,10 @@ forwarded (counted by the downstream process), dropped (the enricher's own count
 process's CPU seconds and peak RSS, points per CPU-second, and its CPU by thread (named for their roles:
 `kzt-otlp-grpc_N` the receiver's workers, which decode and run the core; `kzt-export-*` the exporter's
 consumers; `Thread-N (_serve)` grpcio's server poller; `event_engine` grpcio's C threads) for the first
-interval (every series new) and the later ones, and the part of it the cyclic garbage collector took
-(gc.callbacks in the process, bench/named_threads.py), by generation. Targets: nothing dropped, >= 200k
-points per CPU-second, <= 1 GiB RSS.
+interval (every series new) and the later ones, with the later intervals' minor page faults and context
+switches by thread (counts: they hold on a loaded machine, where CPU seconds swing), and the part of it
+the cyclic garbage collector took (gc.callbacks in the process, bench/named_threads.py), by generation.
+Targets: nothing dropped, >= 200k points per CPU-second, <= 1 GiB RSS.
 
     .venv/bin/python bench/enricher_cluster.py [--agents 1000] [--flows 100] [--senders 8] [--intervals 4]
         [--enricher-arg=--grpc-workers=2 ...]
@@ -69,6 +70,10 @@ class Result:
     interval_cpu_s: list[float] = field(default_factory=list)
     requests_forwarded: int = 0  # downstream requests: the exporter's batching
     roles_cpu_s: list[Counter[str]] = field(default_factory=list)  # per interval, by thread name
+    # per interval, by thread name: minor page faults and context switches (voluntary + not), which hold
+    # on a loaded machine where CPU seconds do not
+    roles_faults: list[Counter[str]] = field(default_factory=list)
+    roles_switches: list[Counter[str]] = field(default_factory=list)
     gc_s: list[GcShare] = field(default_factory=list)  # per interval: the collector's part of the CPU
 
     @property
@@ -155,6 +160,20 @@ def thread_cpu_s(pid: int) -> Counter[str]:
             name = re.sub(r"\d+", "N", (task / "comm").read_text().strip())
             out[name] += int((task / "schedstat").read_text().split()[0]) / 1e9
     return out
+
+
+def thread_events(pid: int) -> tuple[Counter[str], Counter[str]]:
+    """Minor page faults (/proc/PID/task/TID/stat) and context switches (status: voluntary and not) of the
+    process' threads by name, digits folded as in `thread_cpu_s`."""
+    faults: Counter[str] = Counter()
+    switches: Counter[str] = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that just ended
+            name = re.sub(r"\d+", "N", (task / "comm").read_text().strip())
+            faults[name] += int((task / "stat").read_text().rsplit(")", 1)[1].split()[7])
+            status = (task / "status").read_text().splitlines()
+            switches[name] += sum(int(ln.split()[1]) for ln in status if "ctxt_switches:" in ln)
+    return faults, switches
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -352,11 +371,17 @@ def run(agents: int, flows: int, senders: int, count: int, extra: tuple[str, ...
             t0 = time.monotonic()
             for row in rows:  # interval by interval, each until the enricher is idle again (exported)
                 roles0, gc0 = thread_cpu_s(enricher.pid), GcShare.read(gc_file)
+                faults0, switches0 = thread_events(enricher.pid)
                 for total, one in zip(result.sent, send_all(grpc_port, [row], senders), strict=True):
                     total.add(one)
                 wait_idle(enricher.pid)
                 roles = thread_cpu_s(enricher.pid)
                 roles.subtract(roles0)
+                faults, switches = thread_events(enricher.pid)
+                faults.subtract(faults0)
+                switches.subtract(switches0)
+                result.roles_faults.append(faults)
+                result.roles_switches.append(switches)
                 result.roles_cpu_s.append(roles)
                 result.interval_cpu_s.append(sum(roles.values()))
                 result.gc_s.append(GcShare.read(gc_file).since(gc0))
@@ -436,6 +461,8 @@ def report(r: Result, agents: int, flows: int, senders: int, count: int) -> None
     print(f"  enricher peak RSS    {r.rss_peak / 2**20:>12,.0f} MiB target: <= 1024 MiB")
     for label, part in (("interval 1", r.roles_cpu_s[:1]), ("later, each", r.roles_cpu_s[1:])):
         print(f"  CPU by thread, {label:11s} {roles_line(part)}")
+    print(f"  minor faults by thread, later, each: {events_line(r.roles_faults[1:])}")
+    print(f"  context switches by thread, later, each: {events_line(r.roles_switches[1:])}")
     for i, (share, cpu) in enumerate(zip(r.gc_s, r.interval_cpu_s, strict=True)):
         spent = sum(share.seconds)
         gens = ", ".join(
@@ -458,6 +485,15 @@ def roles_line(intervals: list[Counter[str]], top: int = 6) -> str:
         if cpu >= 0.005 * len(intervals)
     ]
     return ", ".join(f"{name} {cpu:.2f}s" for name, cpu in ranked)
+
+
+def events_line(intervals: list[Counter[str]], top: int = 5) -> str:
+    """The threads with the most events (faults, switches), mean count per interval."""
+    total: Counter[str] = Counter()
+    for counts in intervals:
+        total.update(counts)
+    n = max(len(intervals), 1)
+    return ", ".join(f"{name} {count / n:,.0f}" for name, count in total.most_common(top) if count >= n)
 
 
 def main() -> int:

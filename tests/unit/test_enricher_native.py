@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_DELTA
 
-from otel_kzt.enricher.processing import native
+from otel_kzt.enricher.processing import flowlogs, native
+from otel_kzt.enricher.processing.flowlogs import FlowRecords
 from tests.unit import test_enricher_repeats
 from tests.unit.test_enricher_core import PODS
 from tests.unit.test_enricher_repeats import FLOWS, TTL_S, encode
+from tests.unit.test_enricher_wire import template as wire_template
 
 needs_native = pytest.mark.skipif(
     not native.BUILT and os.environ.get("CI") != "true", reason=f"C extension not built: {native.PATH}"
@@ -65,6 +67,7 @@ class Twins(test_enricher_repeats.Twins):
         assert native.EXTENSION is not None, native.PATH  # in CI: a failure, not a skip
         in_c._loop, python._layouts, python._loop = native.EXTENSION.repeat, {}, None
         in_c._otlp_logs, python._otlp_logs = native.EXTENSION.otlp_logs, None
+        in_c._json_lines, python._json_lines = native.EXTENSION.json_lines, None
         in_c._read_layout, python._read_layout = native.EXTENSION.read_layout, None
 
 
@@ -134,3 +137,35 @@ def delta(payload: bytes) -> bytes:
     for m in req.resource_metrics[0].scope_metrics[0].metrics:
         m.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_DELTA
     return req.SerializeToString()
+
+
+@needs_native
+def test_the_json_lines_writer_writes_what_the_python_code_does_and_declines_the_rest() -> None:
+    """The same lines for the values a record holds (float and int counts, records of several resources
+    and keys); a count out of its range, or floats that are not 3 a record, are left to the Python code
+    (which writes them or raises, as it always did); orjson's null for a float is copied as it is."""
+    assert native.EXTENSION is not None
+    in_c, python = native.EXTENSION.json_lines, None
+    cases: list[list[tuple[bytes, bytes, float, float, int, int]]] = [
+        [(b"n1", b"a", 1500.0, 1.0, 1_000_000_000, 3_500_000_000)],
+        [(b"n1", b"a", 3.9, 2, 1, 2), (b"n2", b"a", 10**12 + 0.5, 7.0, 1_500_000_001, 2**62)],
+        [(b"n1", b"a", 1e-300, 0.0, 0, 1), (b"n1", b"b", 5.0, 2**40, 2, 3)],  # two keys, one block
+        [(b"n1", b"a", 1e300, 1.0, 1, 2)],  # declined by the C writer: int() of it is beyond 64 bits
+    ]
+    for records in cases:
+        made = []
+        for writer in (in_c, python):
+            flows = FlowRecords(None, writer)
+            for resource, key, byte_count, packets, start, end in records:
+                tpl = wire_template()
+                flows.add(resource, [(tpl, key, byte_count, start, end)], is_bytes=True)
+                flows.add(resource, [(tpl, key, packets, start, end)], is_bytes=False)
+            made.append(flows.json_lines())
+        assert made[0] == made[1] and made[0].count(b"\n") == len(records)
+    glue, tpl = flowlogs._JSON_GLUE, wire_template()
+    floats = b"[1.0,2.0,null]"
+    assert in_c(glue, [tpl], floats, [1e300], [1.0]) is None
+    assert in_c(glue, [tpl], b"[1.0,2.0]", [1.0], [1.0]) is None  # not 3 floats a record
+    assert in_c(glue, [tpl], floats, [-2.5], [7]).endswith(
+        b':-2,"kzt.flow.packets":7,"kzt.estimated_cost_usd":null}\n'
+    )

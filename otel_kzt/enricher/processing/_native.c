@@ -191,6 +191,7 @@ error:
 }
 
 PyObject *otlp_logs(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_flowlogs.c */
+PyObject *json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_flowlogs.c */
 PyObject *read_layout(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_layout.c */
 
 static PyMethodDef methods[] = {
@@ -200,6 +201,9 @@ static PyMethodDef methods[] = {
     {"otlp_logs", (PyCFunction)(void (*)(void))otlp_logs, METH_FASTCALL,
      "otlp_logs(resource, scope, bytes_heads, packets_heads, cost_head, start_head, templates, starts, ends, "
      "byte_counts, packet_counts, costs) -> the OTLP flow-log request's bytes, or None (_native_flowlogs.c)."},
+    {"json_lines", (PyCFunction)(void (*)(void))json_lines, METH_FASTCALL,
+     "json_lines(glue, templates, floats, byte_counts, packet_counts) -> the JSON flow-log lines' bytes, or "
+     "None (_native_flowlogs.c)."},
     {"read_layout", (PyCFunction)(void (*)(void))read_layout, METH_FASTCALL,
      "read_layout(buf, body, end, received, keys, trailer, lo, hi) -> (raws, flat) or None: Layout.read "
      "(_native_layout.c)."},

@@ -1,4 +1,5 @@
-/* A request's OTLP flow-log records written in C (processing/flowlogs.py `FlowRecords.otlp_request`).
+/* A request's flow logs written in C: its OTLP records (processing/flowlogs.py `FlowRecords.otlp_request`),
+ * and below its JSON lines (`FlowRecords.json_lines`).
  *
  * flowlogs.py is the statement of the encoding and its Python reference; this writes the same bytes in
  * one buffer (no piece per number, no join): per record the ScopeLogs.log_records head, the template's
@@ -216,5 +217,129 @@ fallback:
 done:
     Py_XDECREF(held);
     PyMem_Free(records);
+    return out;
+}
+
+/* ---- JSON lines (flowlogs.py `FlowRecords.json_lines`) ----------------------------------------------
+ * Per record: the template's `json_prefix`, then the glue around the numbers as `_JSON_NUMBERS` puts
+ * them: start, end (floats), bytes, packets (`%d` of `int(value)`), cost (float). The floats are orjson's
+ * tokens, written by one orjson call in Python ("[s0,...,e0,...,c0,...]": starts, ends, costs) and copied
+ * here as they are: the same bytes as the Python code. None for anything else (a count not a finite float
+ * or an int of 64 bits, a prefix not bytes, the floats not 3n tokens): the Python code writes it. */
+
+static char *put_i64(char *p, long long v) {
+    char digits[24];
+    int k = 0;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        digits[k++] = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0) *p++ = '-';
+    while (k) *p++ = digits[--k];
+    return p;
+}
+
+/* `int(value)` of a float or int, as a long long; 0 when it is neither or out of range. */
+static int int_of(PyObject *o, long long *out) {
+    if (PyFloat_CheckExact(o)) {
+        double d = PyFloat_AS_DOUBLE(o);
+        if (!(d > -9.2e18 && d < 9.2e18)) return 0; /* NaN and infinities too */
+        *out = (long long)d;                         /* truncation, as int() */
+        return 1;
+    }
+    if (PyLong_CheckExact(o)) {
+        int overflow = 0;
+        *out = PyLong_AsLongLongAndOverflow(o, &overflow);
+        if (overflow || (*out == -1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            return 0;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+enum { J_GLUE, J_TEMPLATES, J_FLOATS, J_BYTE_COUNTS, J_PACKET_COUNTS, J_ARGS };
+#define GLUES 6
+
+/* json_lines(glue, templates, floats, byte_counts, packet_counts) -> the lines' bytes, or None.
+ * glue: the 6 bytes around the 5 numbers of a line's tail. */
+PyObject *json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != J_ARGS) {
+        PyErr_SetString(PyExc_TypeError, "json_lines() takes 5 arguments");
+        return NULL;
+    }
+    PyObject *glue = args[J_GLUE], *templates = args[J_TEMPLATES], *floats = args[J_FLOATS];
+    PyObject *byte_counts = args[J_BYTE_COUNTS], *packet_counts = args[J_PACKET_COUNTS];
+    if (!PyTuple_CheckExact(glue) || PyTuple_GET_SIZE(glue) != GLUES || !PyBytes_CheckExact(floats) ||
+        !PyList_CheckExact(templates) || !PyList_CheckExact(byte_counts) || !PyList_CheckExact(packet_counts))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(templates), glue_len = 0;
+    if (PyList_GET_SIZE(byte_counts) != n || PyList_GET_SIZE(packet_counts) != n) Py_RETURN_NONE;
+    for (int g = 0; g < GLUES; g++) {
+        if (!PyBytes_CheckExact(PyTuple_GET_ITEM(glue, g))) Py_RETURN_NONE;
+        glue_len += PyBytes_GET_SIZE(PyTuple_GET_ITEM(glue, g));
+    }
+    const char *f = PyBytes_AS_STRING(floats), *f_end = f + PyBytes_GET_SIZE(floats);
+    if (n == 0 || f_end - f < 2 || f[0] != '[' || f_end[-1] != ']') Py_RETURN_NONE;
+    /* the three cursors: the first start, end and cost token */
+    const char *cur[3] = {f + 1, NULL, NULL};
+    Py_ssize_t seen = 0;
+    for (const char *q = f + 1; q < f_end; q++) {
+        if (*q != ',' && *q != ']') continue;
+        seen++;
+        if (seen == n) cur[1] = q + 1;
+        if (seen == 2 * n) cur[2] = q + 1;
+    }
+    if (seen != 3 * n) Py_RETURN_NONE;
+    static PyObject *prefix_name = NULL;
+    if (prefix_name == NULL && (prefix_name = PyUnicode_InternFromString("json_prefix")) == NULL) return NULL;
+    PyObject *prefixes = PyList_New(n); /* held while writing */
+    if (prefixes == NULL) return NULL;
+    PyObject *out = NULL;
+    /* bound: prefixes, glue, the float tokens (less the brackets and commas), two counts of <= 20 chars */
+    Py_ssize_t bound = (f_end - f) + n * (glue_len + 40);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *prefix = PyObject_GetAttr(PyList_GET_ITEM(templates, i), prefix_name);
+        if (prefix == NULL) {
+            PyErr_Clear();
+            goto fallback;
+        }
+        PyList_SET_ITEM(prefixes, i, prefix);
+        if (!PyBytes_CheckExact(prefix)) goto fallback;
+        bound += PyBytes_GET_SIZE(prefix);
+    }
+    out = PyBytes_FromStringAndSize(NULL, bound);
+    if (out == NULL) goto done;
+    char *p = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long counts[2];
+        if (!int_of(PyList_GET_ITEM(byte_counts, i), &counts[0]) ||
+            !int_of(PyList_GET_ITEM(packet_counts, i), &counts[1]))
+            goto fallback;
+        p = put_bytes(p, PyList_GET_ITEM(prefixes, i));
+        for (int g = 0; g < 5; g++) {
+            p = put_bytes(p, PyTuple_GET_ITEM(glue, g));
+            if (g == 2 || g == 3) {
+                p = put_i64(p, counts[g - 2]);
+                continue;
+            }
+            int c = g < 2 ? g : 2;
+            const char *end = memchr(cur[c], ',', f_end - cur[c]);
+            if (end == NULL) end = f_end - 1; /* the last token, before ']' */
+            memcpy(p, cur[c], end - cur[c]);
+            p += end - cur[c];
+            cur[c] = end + 1;
+        }
+        p = put_bytes(p, PyTuple_GET_ITEM(glue, 5));
+    }
+    if (_PyBytes_Resize(&out, p - PyBytes_AS_STRING(out)) < 0) out = NULL;
+    goto done;
+fallback:
+    Py_CLEAR(out);
+    out = Py_NewRef(Py_None);
+done:
+    Py_DECREF(prefixes);
     return out;
 }

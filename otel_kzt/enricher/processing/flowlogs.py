@@ -12,6 +12,7 @@ billed flow and interval, in the enricher's default configuration).
 from __future__ import annotations
 
 import functools
+import re
 import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -50,6 +51,7 @@ _JSON_NUMBERS: Final = (  # the floats as orjson wrote them (JSON reads them bac
     f',"{schema.FLOW_LOG_INTERVAL_START}":%s,"{schema.FLOW_LOG_INTERVAL_END}":%s,'
     f'"{schema.FLOW_LOG_BYTES}":%d,"{schema.FLOW_LOG_PACKETS}":%d,"{schema.FLOW_LOG_COST}":%s}}\n'
 ).encode()
+_JSON_GLUE: Final = tuple(re.split(rb"%[sd]", _JSON_NUMBERS))  # around its 5 numbers, for the C writer
 
 
 class FlowTemplate:
@@ -218,11 +220,13 @@ class FlowRecords:
     are the same distinct series in the same order (agents send both Sums that way), fill the block's
     other column by position. Anything else pairs series by key, record by record, new ones appended."""
 
-    __slots__ = ("_blocks", "_by_key", "_first", "_otlp_logs", "_tail")
+    __slots__ = ("_blocks", "_by_key", "_first", "_json_lines", "_otlp_logs", "_tail")
 
-    def __init__(self, otlp_logs: OtlpLogs | None = None) -> None:
-        """`otlp_logs`: the C writer of `otlp_request` (None: the Python code here)."""
+    def __init__(self, otlp_logs: OtlpLogs | None = None, json_lines: JsonLines | None = None) -> None:
+        """`otlp_logs`, `json_lines`: the C writers of `otlp_request` and `json_lines` (None: the Python
+        code here)."""
         self._otlp_logs = otlp_logs
+        self._json_lines = json_lines
         self._blocks: list[_Block] = []  # in the order their records were first seen
         self._first: dict[bytes, _Block] = {}  # resource -> the block of its first billed series
         self._by_key: dict[bytes, dict[bytes, tuple[_Block, int]]] = {}  # resource -> key -> its record
@@ -288,7 +292,12 @@ class FlowRecords:
         n = len(templates)
         if not n:
             return b""
-        floats = orjson.dumps([*map(_seconds, starts), *map(_seconds, ends), *costs])[1:-1].split(b",")
+        tokens = orjson.dumps([*map(_seconds, starts), *map(_seconds, ends), *costs])
+        if self._json_lines is not None:  # the same bytes, written in one buffer (None: a value it declines)
+            written = self._json_lines(_JSON_GLUE, templates, tokens, byte_counts, packet_counts)
+            if written is not None:
+                return written
+        floats = tokens[1:-1].split(b",")
         numbers = zip(
             floats[:n],
             floats[n : 2 * n],
@@ -350,6 +359,9 @@ def _int_heads(encoder: AttributeEncoder) -> tuple[bytes, ...]:
 # and start heads, then the columns) -> the request, or None for values it leaves to the Python code
 OtlpLogs = Callable[..., bytes | None]
 DEFAULT_OTLP_LOGS: Final[OtlpLogs | None] = None if native.MODULE is None else native.MODULE.otlp_logs
+# ... `json_lines`: (the glue around a line's numbers, templates, orjson's floats, bytes, packets)
+JsonLines = Callable[..., bytes | None]
+DEFAULT_JSON_LINES: Final[JsonLines | None] = None if native.MODULE is None else native.MODULE.json_lines
 _BYTES_HEADS: Final = _int_heads(_BYTES_ATTR)
 _PACKETS_HEADS: Final = _int_heads(_PACKETS_ATTR)
 _SHORT_RECORD: Final = 0x4000  # records shorter than this (two-byte lengths) take their head from a table

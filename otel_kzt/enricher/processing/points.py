@@ -29,7 +29,13 @@ from otel_kzt import schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates
 from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.cost import PriceTable
-from otel_kzt.enricher.processing.flowlogs import DEFAULT_OTLP_LOGS, Billed, FlowRecords, FlowTemplate
+from otel_kzt.enricher.processing.flowlogs import (
+    DEFAULT_JSON_LINES,
+    DEFAULT_OTLP_LOGS,
+    Billed,
+    FlowRecords,
+    FlowTemplate,
+)
 from otel_kzt.enricher.processing.pieces import KEY, VALUE, received
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
 from otel_kzt.enricher.processing.repeats import CRead, Layout, Seen, layout
@@ -125,6 +131,7 @@ class SumEnricher:
         # (`_count_each`); the tests set it to None to run both paths on the same input
         self._loop: _Loop | None = None if native.MODULE is None else native.MODULE.repeat
         self._otlp_logs = DEFAULT_OTLP_LOGS  # the same for the OTLP flow-log records (flowlogs.py)
+        self._json_lines = DEFAULT_JSON_LINES  # ... and their JSON lines
         self._read_layout: CRead | None = None if native.MODULE is None else native.MODULE.read_layout
         native.announce()
 
@@ -458,7 +465,7 @@ class SumEnricher:
         """Pair the bytes and packets increments of each billed flow into one flow-log record per request
         (`distinct`: no series twice in `billed`)."""
         if batch.flows is None:
-            batch.flows = FlowRecords(self._otlp_logs)
+            batch.flows = FlowRecords(self._otlp_logs, self._json_lines)
         batch.flows.add(where[0], billed, is_bytes=where[1] == schema.FLOW_BYTES, distinct=distinct)
 
 
