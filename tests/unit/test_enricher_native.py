@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -55,6 +56,24 @@ def test_the_python_path_is_selectable() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     why = "disabled by OTEL_KZT_NO_NATIVE" if native.BUILT else "not built"
     assert out.stdout.startswith(f"True Python (the C extension is {why}"), out.stdout
+
+
+def test_an_extension_built_from_older_sources_counts_as_not_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One lacking a function its users take (a worktree not rebuilt) is not used: the Python path runs."""
+    from otel_kzt.enricher import processing
+
+    stale = types.ModuleType("otel_kzt.enricher.processing._native")
+    stale.__file__ = "/stale/_native.so"
+    for name in native.FUNCTIONS[:-1]:
+        setattr(stale, name, len)
+    monkeypatch.setattr(processing, "_native", stale, raising=False)
+    monkeypatch.setitem(sys.modules, "otel_kzt.enricher.processing._native", stale)
+    assert native._load() == (
+        None,
+        f"/stale/_native.so is built from older sources (no {native.FUNCTIONS[-1]}): rebuild it",
+    )
+    setattr(stale, native.FUNCTIONS[-1], len)
+    assert native._load() == (stale, "")
 
 
 class Twins(test_enricher_repeats.Twins):

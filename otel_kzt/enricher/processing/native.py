@@ -14,6 +14,9 @@ from types import ModuleType
 from typing import Final
 
 DISABLE_ENV: Final = "OTEL_KZT_NO_NATIVE"
+# What its users take from it: an extension built from older sources (a worktree not rebuilt) lacks some,
+# and is treated as not built rather than failing at the first use
+FUNCTIONS: Final = ("bind", "repeat", "otlp_logs", "json_lines", "read_layout")
 _log = logging.getLogger(__name__)
 
 
@@ -23,6 +26,9 @@ def _load() -> tuple[ModuleType | None, str]:
         from otel_kzt.enricher.processing import _native  # type: ignore[attr-defined]
     except ImportError as e:
         return None, str(e)
+    missing = [name for name in FUNCTIONS if not hasattr(_native, name)]
+    if missing:
+        return None, f"{_native.__file__} is built from older sources (no {', '.join(missing)}): rebuild it"
     return _native, ""
 
 
