@@ -193,6 +193,10 @@ error:
 PyObject *otlp_logs(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_flowlogs.c */
 PyObject *json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_flowlogs.c */
 PyObject *read_layout(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_layout.c */
+PyObject *received_given(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_named.c */
+PyObject *joined(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_named.c */
+PyObject *encoded(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_named.c */
+PyObject *rendered(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_named.c */
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_O, "bind(Series): the class whose slots the loop reads and writes."},
@@ -207,6 +211,17 @@ static PyMethodDef methods[] = {
     {"read_layout", (PyCFunction)(void (*)(void))read_layout, METH_FASTCALL,
      "read_layout(buf, body, end, received, keys, trailer, lo, hi) -> (raws, flat) or None: Layout.read "
      "(_native_layout.c)."},
+    {"received_given", (PyCFunction)(void (*)(void))received_given, METH_FASTCALL,
+     "received_given(key, by_field, parse) -> (pieces, given) or None: pieces.received and its attributes "
+     "(_native_named.c)."},
+    {"joined", (PyCFunction)(void (*)(void))joined, METH_FASTCALL,
+     "joined(given, computed, services) -> (added, attrs, extra): Resolver.resolve_encoded's join "
+     "(_native_named.c)."},
+    {"encoded", (PyCFunction)(void (*)(void))encoded, METH_FASTCALL,
+     "encoded(key, value) -> pieces or None: one string attribute's pieces (_native_named.c)."},
+    {"rendered", (PyCFunction)(void (*)(void))rendered, METH_FASTCALL,
+     "rendered(encoded, order, json_head, before, body, after) -> (json_prefix, otlp_static): a flow-log "
+     "template's rendering (_native_named.c)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -21,7 +21,7 @@ typedef struct {
     double cost, start_s;
 } Record;
 
-static Py_ssize_t varint_len(uint64_t n) {
+Py_ssize_t varint_len(uint64_t n) { /* also _native_named.c's */
     Py_ssize_t len = 1;
     while (n >= 0x80) {
         n >>= 7;
@@ -30,7 +30,7 @@ static Py_ssize_t varint_len(uint64_t n) {
     return len;
 }
 
-static char *put_varint(char *p, uint64_t n) {
+char *put_varint(char *p, uint64_t n) { /* also _native_named.c's */
     while (n >= 0x80) {
         *p++ = (char)((n & 0x7F) | 0x80);
         n >>= 7;

@@ -80,24 +80,26 @@ class FlowTemplate:
         attrs = resolved.attrs
         keys = tuple(attrs)
         order = _sorted_order(keys)
-        pairs: list[tuple[str, str]] = []
-        if encoded is None or len(encoded) != len(keys) or "event" in attrs:
-            values = tuple(attrs.values())
-            pairs = [(keys[i], values[i]) for i in order]
-            ordered = pieces(pairs) if json_lines or otlp else []
-        else:
-            ordered = list(map(encoded.__getitem__, order))
-        self.json_prefix = b""  # the line up to its numbers, UTF-8 (written to the byte stream as it is)
-        if json_lines:
-            self.json_prefix = _json_prefix_of(attrs, pairs, ordered)
-        self.otlp_static = b""
+        body = None
         if otlp:
             body = (
                 f"{resolved.traffic_class.value} flow {attrs.get(schema.SOURCE_ADDRESS, '?')} -> "
                 f"{attrs.get(schema.DESTINATION_ADDRESS, '?')}"
             )
-            fields = b"".join(map(LOG_FIELD, ordered))
-            self.otlp_static = b"".join((_HEAD_BEFORE_BODY, _body_field(body), _HEAD_AFTER_BODY, fields))
+        # the line up to its numbers, UTF-8 (written to the byte stream as it is); the record but its numbers
+        self.json_prefix, self.otlp_static = b"", b""
+        if encoded is None or len(encoded) != len(keys) or "event" in attrs:
+            values = tuple(attrs.values())
+            pairs = [(keys[i], values[i]) for i in order]
+            ordered = pieces(pairs) if json_lines or otlp else []
+            if json_lines:
+                self.json_prefix = _json_prefix_of(attrs, pairs, ordered)
+            if body is not None:
+                self.otlp_static = rendered(ordered, tuple(range(len(ordered))), None, body)[1]
+        elif json_lines or otlp:
+            json_head = _JSON_HEAD if json_lines else None
+            listed = encoded if type(encoded) is list else list(encoded)
+            self.json_prefix, self.otlp_static = rendered(listed, order, json_head, body)
         self.otlp_fixed = len(self.otlp_static) + _NUMBERS.size  # a record's length, but for its counts
 
 
@@ -110,11 +112,37 @@ def _record_head_parts() -> tuple[bytes, bytes]:
 
 
 _HEAD_BEFORE_BODY, _HEAD_AFTER_BODY = _record_head_parts()
+Rendered = tuple[bytes, bytes]
+_C_RENDERED: Final[Callable[..., Rendered] | None] = None if native.MODULE is None else native.MODULE.rendered
 _BODY_TAG: Final = 0x2A  # LogRecord.body: field 5 (AnyValue)
 
 
 def _body_field(text: str) -> bytes:
     return length_delimited(_BODY_TAG, length_delimited(STRING_TAG, text.encode()))
+
+
+def rendered(
+    encoded: list[Pieces], order: tuple[int, ...], json_head: bytes | None, body: str | None
+) -> Rendered:
+    """A template's JSON prefix (`json_head` and the JSON members of `encoded` in `order`; b"" without a
+    head) and OTLP record but for its numbers (with the text `body` and the log fields in `order`; b""
+    without a body): the C extension's (the default when built: native.py) or `rendered_py`."""
+    if _C_RENDERED is not None:
+        return _C_RENDERED(encoded, order, json_head, _HEAD_BEFORE_BODY, body, _HEAD_AFTER_BODY)
+    return rendered_py(encoded, order, json_head, body)
+
+
+def rendered_py(
+    encoded: list[Pieces], order: tuple[int, ...], json_head: bytes | None, body: str | None, *,
+    before: bytes = _HEAD_BEFORE_BODY, after: bytes = _HEAD_AFTER_BODY,
+) -> Rendered:  # fmt: skip
+    """`rendered` in Python (`before` and `after`: the record head's parts around its body): the statement
+    (_native_named.c `rendered` is the same in C)."""
+    ordered = list(map(encoded.__getitem__, order))
+    json_prefix = b"" if json_head is None else json_head + b"".join(map(JSON_MEMBER, ordered))
+    if body is None:
+        return json_prefix, b""
+    return json_prefix, b"".join((before, _body_field(body), after, b"".join(map(LOG_FIELD, ordered))))
 
 
 _JSON_HEAD: Final = orjson.dumps({"event": schema.FLOW_LOG_EVENT_NAME})[:-1]

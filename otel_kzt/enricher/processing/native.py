@@ -16,7 +16,10 @@ from typing import Final
 DISABLE_ENV: Final = "OTEL_KZT_NO_NATIVE"
 # What its users take from it: an extension built from older sources (a worktree not rebuilt) lacks some,
 # and is treated as not built rather than failing at the first use
-FUNCTIONS: Final = ("bind", "repeat", "otlp_logs", "json_lines", "read_layout")
+FUNCTIONS: Final = (
+    "bind", "repeat", "otlp_logs", "json_lines", "read_layout",
+    "received_given", "joined", "encoded", "rendered",
+)  # fmt: skip
 _log = logging.getLogger(__name__)
 
 

@@ -11,12 +11,13 @@ emptied when full.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from operator import itemgetter
 from typing import Final
 
 import orjson
 
+from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.protowire import KEY_TAG, STRING_TAG, VALUE_TAG, string_attributes
 
@@ -74,6 +75,53 @@ def received(key: bytes) -> list[Pieces] | None:
     return found  # type: ignore[return-value]  # every None replaced
 
 
+Given = tuple[list[Pieces], dict[str, str]]
+Joined = tuple[list[Pieces], dict[str, str], bytes]
+# the C extension's versions of the two below (processing/_native_named.c), None: the Python ones
+Computed = tuple[Iterable[Pieces], ...]
+_CReceived = Callable[[bytes, dict[bytes, Pieces], Callable[[bytes], Pieces | None]], Given | None]
+_CJoined = Callable[[dict[str, str], Computed, Sequence[Pieces]], Joined]
+_C_RECEIVED: Final[_CReceived | None] = None if native.MODULE is None else native.MODULE.received_given
+_C_JOINED: Final[_CJoined | None] = None if native.MODULE is None else native.MODULE.joined
+_C_ENCODED: Final[Callable[[str, str], Pieces | None] | None] = (
+    None if native.MODULE is None else native.MODULE.encoded
+)
+
+
+def received_given(key: bytes) -> Given | None:
+    """`received`, and the attributes it reads as a dict (key -> value, in order): what a new series is
+    named from. The C extension's (the default when built: native.py) or `received_given_py`."""
+    if _C_RECEIVED is not None:
+        return _C_RECEIVED(key, _by_field, _parsed)
+    return received_given_py(key)
+
+
+def received_given_py(key: bytes) -> Given | None:
+    """`received_given` in Python: the statement (_native_named.c `received_given` is its loop in C)."""
+    carried = received(key)
+    if carried is None:
+        return None
+    return carried, dict(zip(map(KEY, carried), map(VALUE, carried), strict=True))
+
+
+def joined(given: Mapping[str, str], computed: Computed, services: Sequence[Pieces]) -> Joined:
+    """What a flow's ends add to its `given` attributes: (the pieces of `computed`, in order, whose key
+    `given` lacks, then every piece of `services`; `given` updated by those; their point fields joined).
+    The C extension's (the default when built) or `joined_py`."""
+    if _C_JOINED is not None and type(given) is dict:
+        return _C_JOINED(given, computed, services)
+    return joined_py(given, computed, services)
+
+
+def joined_py(given: Mapping[str, str], computed: Computed, services: Sequence[Pieces]) -> Joined:
+    """`joined` in Python: the statement (_native_named.c `joined` is its loop in C)."""
+    added = [p for pieces_ in computed for p in pieces_ if KEY(p) not in given]
+    added += services
+    attrs = dict(given)
+    attrs.update(zip(map(KEY, added), map(VALUE, added), strict=True))
+    return added, attrs, b"".join(map(POINT_FIELD, added))
+
+
 def _parsed(field: bytes) -> Pieces | None:
     """A point field `0x3a L (0x0a len key) (0x12 len (0x0a len value))`, every length one byte."""
     size = len(field)
@@ -89,20 +137,31 @@ def _parsed(field: bytes) -> Pieces | None:
         key, value = field[4:value_at].decode(), field[value_at + 4 :].decode()
     except UnicodeDecodeError:
         return None
-    # The checks above make `field` the one encoding protobuf (and `_made`) writes for (key, value), so
-    # its pieces are made from it, apart from the added pairs' cache: the received fields of 100k series
+    # The checks above make `field` the one encoding protobuf (and `_encoded`) writes for (key, value), so
+    # its pieces are made for it, apart from the added pairs' cache: the received fields of 100k series
     # (an address, pod and uid per pod) would crowd that cache out and have it emptied again and again.
     _FIELDS_CAP.room(_by_field)
-    made = _by_field[field] = (field, _LOG_ATTRIBUTES_TAG + field[1:], _member(key, value), key, value)
+    made = _by_field[field] = _encoded(key, value)
     return made
 
 
 def _made(pair: Pair) -> Pieces:
     _PAIRS_CAP.room(_by_pair)
-    key, value = pair
-    point = string_attributes((pair,), _POINT_ATTRIBUTES_TAG)  # tag, length, KeyValue
-    made = _by_pair[pair] = (point, _LOG_ATTRIBUTES_TAG + point[1:], _member(key, value), key, value)
+    made = _by_pair[pair] = _encoded(*pair)
     return made
+
+
+def _encoded(key: str, value: str) -> Pieces:
+    """One string attribute's pieces: the C extension's `encoded` (the default when built) or
+    `_encoded_py` (which also raises for a string with no UTF-8 form)."""
+    made = None if _C_ENCODED is None else _C_ENCODED(key, value)
+    return _encoded_py(key, value) if made is None else made
+
+
+def _encoded_py(key: str, value: str) -> Pieces:
+    """The statement (_native_named.c `encoded` is the same in C)."""
+    point = string_attributes(((key, value),), _POINT_ATTRIBUTES_TAG)  # tag, length, KeyValue
+    return (point, _LOG_ATTRIBUTES_TAG + point[1:], _member(key, value), key, value)
 
 
 def _member(key: str, value: str) -> bytes:

@@ -36,7 +36,7 @@ from otel_kzt.enricher.processing.flowlogs import (
     FlowRecords,
     FlowTemplate,
 )
-from otel_kzt.enricher.processing.pieces import KEY, VALUE, received
+from otel_kzt.enricher.processing.pieces import received_given
 from otel_kzt.enricher.processing.protowire import length_delimited, read_varint, skip_field
 from otel_kzt.enricher.processing.repeats import CRead, Layout, Seen, layout
 from otel_kzt.enricher.processing.resolution import Resolved, Resolver
@@ -406,14 +406,15 @@ class SumEnricher:
         found = named.get((resource, key, at_ns))
         if found is not None:
             return found
-        carried = received(key)  # the attributes as agents write them, read from the key (cached): a key
-        if carried is None:
+        read = received_given(key)  # the attributes as agents write them, read from the key (cached): a key
+        if read is None:
+            carried = None
             dp = NumberDataPoint.FromString(raw)
             if identity_key(dp) != key:  # more than its attributes and flags as protobuf writes them
                 raise _NotAKey
             given = _given(dp)
         else:
-            given = dict(zip(map(KEY, carried), map(VALUE, carried), strict=True))
+            carried, given = read
         if not given.get(schema.SOURCE_ADDRESS) or not given.get(schema.DESTINATION_ADDRESS):
             batch.reject(_NO_ADDRESS)
             return None

@@ -26,7 +26,7 @@ from typing import Final
 
 from otel_kzt import schema
 from otel_kzt.enricher.processing.bounded import Cap
-from otel_kzt.enricher.processing.pieces import KEY, POINT_FIELD, VALUE, Pieces, pieces
+from otel_kzt.enricher.processing.pieces import KEY, VALUE, Pieces, joined, pieces
 from otel_kzt.enricher.processing.services import (
     KEYS_FOR_RECHECK,
     NO_SERVICES,
@@ -136,17 +136,17 @@ class Resolver:
         """`resolve`, and the pieces of the attributes it adds, in the order `attrs` holds them after the
         given ones (a flow-log template is made of them, pieces.py)."""
         source_node = given_node(given)
-        encoded, cls, src, dst = self._added(given, ready, at_unix_s, source_node)
+        cls, src, dst = self._ends_of(given, ready, at_unix_s, source_node)
         refs = self._services.ends(given, ready, at_unix_s)
-        if refs is not NO_SERVICES:
-            encoded += pieces([(k, v) for k, v in wire_attrs(refs) if k not in given])
-        attrs = dict(given)
-        attrs.update(zip(map(KEY, encoded), map(VALUE, encoded), strict=True))
+        services = (
+            [] if refs is NO_SERVICES else pieces([(k, v) for k, v in wire_attrs(refs) if k not in given])
+        )
+        computed = (src.as_source(), dst.as_destination(), (_CLASS_PIECES[cls],))
+        encoded, attrs, extra = joined(given, computed, services)
         provider = src.node.provider if src.node is not None else None
         basis = (ready, src.endpoint, src.node, dst.endpoint, dst.node, refs)
         lo = src.valid_from if src.valid_from > dst.valid_from else dst.valid_from  # the windows' overlap
         hi = src.valid_until if src.valid_until < dst.valid_until else dst.valid_until
-        extra = b"".join(map(POINT_FIELD, encoded))
         return Resolved(extra, attrs, cls, provider, basis, lo, hi, refs, source_node), encoded
 
     def added(self, given: Mapping[str, str], ready: bool) -> list[tuple[str, str]]:
@@ -158,13 +158,20 @@ class Resolver:
     ) -> tuple[list[Pieces], TrafficClass, _End, _End]:
         """The encoded attributes both ends and the class add (those `given` lacks), the class and ends;
         `source_node`: given_node(given)."""
+        cls, src, dst = self._ends_of(given, ready, at, source_node)
+        computed = (*src.as_source(), *dst.as_destination(), _CLASS_PIECES[cls])
+        return [p for p in computed if KEY(p) not in given], cls, src, dst
+
+    def _ends_of(
+        self, given: Mapping[str, str], ready: bool, at: float | None, source_node: str
+    ) -> tuple[TrafficClass, _End, _End]:
+        """A flow's class and ends; `source_node`: given_node(given)."""
         src_addr = given.get(schema.SOURCE_ADDRESS, "")
         dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
         src = self._by_node(source_node, self._end(src_addr, at)) if ready else _UNKNOWN_END
         dst = self._end(dst_addr, at) if ready else _UNKNOWN_END
         cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN
-        computed = (*src.as_source(), *dst.as_destination(), _CLASS_PIECES[cls])
-        return [p for p in computed if KEY(p) not in given], cls, src, dst
+        return cls, src, dst
 
     def recheck(self, resolved: Resolved, ready: bool, at_unix_s: float | None = None) -> Resolved | None:
         """After a metadata change, or for a point measured outside `resolved`'s window: the same answer
