@@ -283,7 +283,7 @@ def default_configuration(agents: int, series: int, intervals: int, rounds: int)
             [counts for run in runs[name] for counts in getattr(run, kind)[1:]]
             for kind in ("roles_cpu_s", "roles_faults", "roles_switches")
         )
-        print(f"  CPU by thread per steady interval: {enricher_cluster.roles_line(cpu)}")
+        print(f"  CPU by thread per steady interval, ms: {enricher_cluster.events_line(cpu, scale=1000)}")
         print(f"  minor faults by thread per steady interval: {enricher_cluster.events_line(faults)}")
         print(f"  context switches by thread per steady interval: {enricher_cluster.events_line(switches)}")
     return {name: statistics.median(got) for name, got in rates.items()}

@@ -487,13 +487,16 @@ def roles_line(intervals: list[Counter[str]], top: int = 6) -> str:
     return ", ".join(f"{name} {cpu:.2f}s" for name, cpu in ranked)
 
 
-def events_line(intervals: list[Counter[str]], top: int = 5) -> str:
-    """The threads with the most events (faults, switches), mean count per interval."""
+def events_line(intervals: list[Counter[str]], top: int = 5, scale: float = 1.0) -> str:
+    """The threads with the most events (faults, switches; CPU seconds x `scale`), mean per interval."""
     total: Counter[str] = Counter()
     for counts in intervals:
         total.update(counts)
     n = max(len(intervals), 1)
-    return ", ".join(f"{name} {count / n:,.0f}" for name, count in total.most_common(top) if count >= n)
+    ranked = [(name, count * scale / n) for name, count in total.most_common(top)]
+    return ", ".join(
+        f"{name} {mean:,.1f}" if scale != 1 else f"{name} {mean:,.0f}" for name, mean in ranked if mean >= 1
+    )
 
 
 def main() -> int:
