@@ -15,7 +15,10 @@
  *                 one whose inner frame is not IP (the overlay's ARP; three tags) is not IP traffic.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
- * Overhead: the 64-byte header prefix, copied from the packet behind its Ethernet header where every
+ * Overhead: the common packet (KZT_SKB_ETHER: IPv4 without options, TCP or UDP, not GSO unless TCP's) takes
+ * kzt_fast4, which reads the few fields of the key straight from the packet, no copy of the header prefix
+ * and no helper, and adds to the CPU's slot (bench/datapath.md, session 26). Every other packet: the
+ * 64-byte header prefix, copied from the packet behind its Ethernet header where every
  * hooked device is an Ethernet device and the frame bears it out (skb.h's KZT_SKB_ETHER), else one skb
  * load (two more for a packet shorter than that), the flow's count (count.h:
  * the CPU's slot, or one hash lookup and two atomic adds), one tail call; with KZT_TC_INNER the same load serves the VXLAN check (a VXLAN packet: a 10-byte
@@ -53,8 +56,63 @@ static __always_inline u32 kzt_vxlan_eth(const u8 *o)
 }
 #endif
 
+#if defined(KZT_SKB_ETHER) && !defined(KZT_TC_NO_FAST4)
+#define KZT_TC_FAST4
+/* The common case, read straight from the packet with no copy of the header prefix: an IPv4 packet
+ * without options in an Ethernet frame whose EtherType and IP length bear out that its network header is
+ * 14 bytes in (as skb.h's kzt_skb_ether), not a later fragment, TCP or UDP with its ports in the linear
+ * part, not a GSO packet unless TCP's (its header length in the linear part too), and (KZT_TC_INNER) not
+ * to a VXLAN port. It builds the key, bytes and packets count.h's kzt_count_packet would (no origin, no
+ * source before NAT in tc; kzt_wire's TCP GSO rule) and adds them the same way. 0: not such a packet,
+ * nothing counted; the full path takes it. */
+static __always_inline int kzt_fast4(struct __sk_buff *skb)
+{
+    const u8 *data = (const u8 *)(long)skb->data;
+    const u8 *ip = data + KZT_ETH_HLEN;
+    if ((const void *)(ip + 24) > (const void *)(long)skb->data_end)
+        return 0;
+    if (*(const u16 *)(data + 12) != bpf_htons(KZT_ETH_P_IP) || ip[0] != 0x45)
+        return 0;
+    u32 l3len = ((u32)ip[2] << 8) | ip[3];
+    u8 proto = ip[9];
+    if (l3len != skb->len - KZT_ETH_HLEN || ((ip[6] & 0x1F) | ip[7]) || (proto != 6 && proto != 17))
+        return 0;
+    u32 ports = *(const u32 *)(ip + 20); /* network order: the verifier lets x86 load unaligned */
+    u16 sport = bpf_ntohs((u16)ports), dport = bpf_ntohs((u16)(ports >> 16));
+#ifdef KZT_TC_INNER
+    if (proto == 17 && (dport == KZT_VXLAN_PORT0 || dport == KZT_VXLAN_PORT1))
+        return 0;
+#endif
+    u64 bytes = l3len, packets = 1;
+    u32 gso_size = skb->gso_size;
+    if (__builtin_expect(gso_size != 0, 0)) {
+        if (proto != 6 || (const void *)(ip + 33) > (const void *)(long)skb->data_end)
+            return 0;
+        u32 hlen = 20 + (u32)(ip[32] >> 4) * 4;
+        u64 segs = skb->gso_segs;
+        if (segs == 0)
+            segs = bytes <= hlen ? 1 : (bytes - hlen + gso_size - 1) / gso_size;
+        if (segs > 1) {
+            bytes += (segs - 1) * hlen;
+            packets = segs;
+        }
+    }
+    struct flow_key4 key = {};
+    key.proto = proto;
+    *(u32 *)key.src = *(const u32 *)(ip + 12);
+    *(u32 *)key.dst = *(const u32 *)(ip + 16);
+    kzt_set_port(&key.port_side, &key.port, sport, dport);
+    KZT_ADD4(&key, bytes, packets);
+    return 1;
+}
+#endif
+
 int kzt_count(struct __sk_buff *skb)
 {
+#ifdef KZT_TC_FAST4
+    if (skb->protocol == bpf_htons(KZT_ETH_P_IP) && kzt_fast4(skb))
+        return KZT_TC_NEXT;
+#endif
     if (skb->protocol != bpf_htons(KZT_ETH_P_IP) && skb->protocol != bpf_htons(KZT_ETH_P_IPV6)) {
         kzt_stat(KZT_STAT_NOT_IP); /* ARP, LLDP ...: not IP traffic */
         return KZT_TC_NEXT;
