@@ -80,14 +80,22 @@ class Aggregates:
         # Folds pending per-series increments into the dicts above; set by the core, run under `lock`.
         self.before_snapshot: Callable[[], None] | None = None
 
-    def targets(self, metric: str, resolved: Resolved, usd_per_byte: float) -> tuple[Target, ...]:
+    def flow_label_values(self, attrs: Mapping[str, str]) -> tuple[str, ...]:
+        """A series' flow labels' values (`targets` reads them; a flow's bytes and packets share them)."""
+        return tuple(map(attrs.get, self.flow_labels, self._blanks))
+
+    def targets(
+        self, metric: str, resolved: Resolved, usd_per_byte: float, labels: tuple[str, ...] | None = None
+    ) -> tuple[Target, ...]:
         """Where increments of one series go; computed once per series and metadata generation.
 
         Label tuples are interned: thousands of series feed the same workload-level entry. A new series
         (100k in a cluster's first interval) mostly finds its set made for another: packets by their
-        flow labels, bytes by what their targets read (`_BYTES_BASIS`) and then their source pod."""
+        flow labels, bytes by what their targets read (`_BYTES_BASIS`) and then their source pod.
+        `labels`: flow_label_values(resolved.attrs), when the caller has them."""
         attrs = resolved.attrs
-        labels = tuple(map(attrs.get, self.flow_labels, self._blanks))
+        if labels is None:
+            labels = self.flow_label_values(attrs)
         if metric == schema.FLOW_PACKETS:
             found = self._packets_sets.get(labels)
             if found is None:

@@ -105,6 +105,7 @@ class _Named:
     usd_per_byte: float
     slim: Resolved
     template: FlowTemplate | None
+    labels: tuple[str, ...]  # the flow labels' values (Aggregates.flow_label_values), for both metrics
 
 
 class SumEnricher:
@@ -388,7 +389,7 @@ class SumEnricher:
         named = self._named(raw, key, where[0], batch, at_ns=at_ns, at=at)
         if named is None:
             return None
-        targets = self._agg.targets(where[1], named.resolved, named.usd_per_byte)
+        targets = self._agg.targets(where[1], named.resolved, named.usd_per_byte, named.labels)
         if entry is not None:
             self._table.relabel(entry, Naming(named.slim, targets, named.template), batch.generation)
             entry.set_point_len(len(raw))
@@ -429,7 +430,10 @@ class SumEnricher:
                 otlp=self._otlp_flow_logs,
                 encoded=None if carried is None else carried + added,
             )
-        found = named[(resource, key, at_ns)] = _Named(resolved, usd_per_byte, resolved.slim(), template)
+        labels = self._agg.flow_label_values(resolved.attrs)
+        found = named[(resource, key, at_ns)] = _Named(
+            resolved, usd_per_byte, resolved.slim(), template, labels
+        )
         return found
 
     def _reuse(self, entry: Series, batch: Batch, at_ns: int, at: float | None, point_len: int) -> bool:
