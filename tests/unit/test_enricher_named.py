@@ -65,14 +65,17 @@ def _cold(cold: bool) -> None:
 
 @needs_native
 @PROPERTIES
-@given(keys(), st.booleans())
-def test_received_given_in_c_is_the_python_one(key: bytes, cold: bool) -> None:
+@given(keys(), st.booleans(), st.sampled_from([0, 1, 1 << 20]))
+def test_received_given_in_c_is_the_python_one(key: bytes, cold: bool, limit: int) -> None:
+    """`limit`: the fields' cache size from which C leaves a miss to Python's `_parsed` (0: always)."""
     _cold(cold)
     python = pieces.received_given_py(key)
+    cached = dict(pieces._by_field)  # what Python's parse left in the cache
     _cold(cold)
     assert native.EXTENSION is not None
-    c = native.EXTENSION.received_given(key, pieces._by_field, pieces._parsed)
+    c = native.EXTENSION.received_given(key, pieces._by_field, pieces._parsed, limit)
     assert c == python
+    assert pieces._by_field == cached
     if python is not None:  # the statement itself: what protobuf reads from the same bytes
         dp = NumberDataPoint.FromString(key)
         assert [(p[3], p[4]) for p in python[0]] == [(kv.key, kv.value.string_value) for kv in dp.attributes]
@@ -121,7 +124,7 @@ def test_a_bad_piece_is_a_type_error() -> None:
     with pytest.raises(TypeError):
         native.EXTENSION.joined({}, ((("a", "b"),),), [])
     with pytest.raises(TypeError):
-        native.EXTENSION.received_given(b"\x3a\x00", {b"\x3a\x00": ("x",)}, pieces._parsed)
+        native.EXTENSION.received_given(b"\x3a\x00", {b"\x3a\x00": ("x",)}, pieces._parsed, 1 << 20)
 
 
 # any text: escapes, control characters, DEL, non-ASCII, long (lengths of two varint bytes), lone surrogates
@@ -198,3 +201,24 @@ def test_rendered_in_c_is_the_python_one(
         assert [(kv.key, kv.value.string_value) for kv in record.attributes] == [
             (p[3], p[4]) for p in ordered
         ]
+
+
+@needs_native
+@pytest.mark.parametrize("limit", [0, 1 << 20])
+def test_every_byte_of_a_field_changed(limit: int) -> None:
+    """Each byte of received fields (tags, every length, text) changed by small steps and into other
+    kinds: C and Python answer the same (a length that no longer fits the field is no field of theirs)."""
+    assert native.EXTENSION is not None
+    dp = NumberDataPoint()
+    for key, value in (("source.address", "10.0.0.1"), ("k", "é"), ("a", "")):
+        dp.attributes.add(key=key).value.string_value = value
+    key = identity_key(dp)
+    for at in range(len(key)):
+        for step in (1, 2, 3, 0x7F, 0x80, 0xFE, 0xFF):
+            changed = key[:at] + bytes(((key[at] + step) & 0xFF,)) + key[at + 1 :]
+            pieces._by_field.clear()
+            python = pieces.received_given_py(changed)
+            cached = dict(pieces._by_field)
+            pieces._by_field.clear()
+            assert native.EXTENSION.received_given(changed, pieces._by_field, pieces._parsed, limit) == python
+            assert pieces._by_field == cached, (at, step)

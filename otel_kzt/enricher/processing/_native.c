@@ -212,7 +212,8 @@ static PyMethodDef methods[] = {
      "read_layout(buf, body, end, received, keys, trailer, lo, hi) -> (raws, flat) or None: Layout.read "
      "(_native_layout.c)."},
     {"received_given", (PyCFunction)(void (*)(void))received_given, METH_FASTCALL,
-     "received_given(key, by_field, parse) -> (pieces, given) or None: pieces.received and its attributes "
+     "received_given(key, by_field, parse, limit) -> (pieces, given) or None: pieces.received and its "
+     "attributes "
      "(_native_named.c)."},
     {"joined", (PyCFunction)(void (*)(void))joined, METH_FASTCALL,
      "joined(given, computed, services) -> (added, attrs, extra): Resolver.resolve_encoded's join "

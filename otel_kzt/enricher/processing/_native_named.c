@@ -28,15 +28,45 @@ static int check_pieces(PyObject *p) {
     return -1;
 }
 
-/* received_given(key, by_field, parse) -> (pieces, given) or None: pieces.received(key) and the dict
- * {key: value} of its attributes in order. A field missing from by_field is parse(field) (which caches
- * it), looked up only after every field was, as pieces.received does; a parse answering None: None. */
+PyObject *encoded(PyObject *self, PyObject *const *args, Py_ssize_t nargs);
+
+/* pieces.py `_parsed` of a point field `3a L (0a len key) (12 len (0a len value))`, every length one
+ * byte, while by_field holds fewer than `limit` (else parse(field): the Python one makes room): its
+ * pieces, cached in by_field; None (a new reference) for a field not in that shape or not UTF-8. */
+static PyObject *parsed(PyObject *field, PyObject *by_field, Py_ssize_t limit, PyObject *parse) {
+    if (PyDict_GET_SIZE(by_field) >= limit) return PyObject_CallOneArg(parse, field);
+    const unsigned char *f = (const unsigned char *)PyBytes_AS_STRING(field);
+    Py_ssize_t size = PyBytes_GET_SIZE(field);
+    Py_ssize_t key_len = size > 3 && f[2] == 0x0A ? f[3] : SHORT, value_at = 4 + key_len;
+    if (!(0 < key_len && key_len < SHORT) || size < value_at + 4 || f[value_at] != 0x12) Py_RETURN_NONE;
+    Py_ssize_t any_len = f[value_at + 1], string_len = f[value_at + 3];
+    if (f[value_at + 2] != 0x0A || any_len != size - value_at - 2 || string_len != any_len - 2) Py_RETURN_NONE;
+    PyObject *pair[2] = {PyUnicode_DecodeUTF8((const char *)f + 4, key_len, NULL), NULL};
+    if (pair[0] != NULL) pair[1] = PyUnicode_DecodeUTF8((const char *)f + value_at + 4, string_len, NULL);
+    if (pair[1] == NULL) {
+        Py_XDECREF(pair[0]);
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return NULL;
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *made = encoded(NULL, pair, 2); /* never None: decoded text has a UTF-8 form */
+    Py_DECREF(pair[0]);
+    Py_DECREF(pair[1]);
+    if (made != NULL && PyDict_SetItem(by_field, field, made) < 0) Py_CLEAR(made);
+    return made;
+}
+
+/* received_given(key, by_field, parse, limit) -> (pieces, given) or None: pieces.received(key) and the
+ * dict {key: value} of its attributes in order. A field missing from by_field is parsed (see `parsed`)
+ * and cached, looked up only after every field was, as pieces.received does; one not parsed: None. */
 PyObject *received_given(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyBytes_CheckExact(args[0]) || !PyDict_CheckExact(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "received_given(bytes, dict, parse)");
+    if (nargs != 4 || !PyBytes_CheckExact(args[0]) || !PyDict_CheckExact(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "received_given(bytes, dict, parse, int)");
         return NULL;
     }
     PyObject *key = args[0], *by_field = args[1], *parse = args[2];
+    Py_ssize_t limit = PyLong_AsSsize_t(args[3]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
     const unsigned char *k = (const unsigned char *)PyBytes_AS_STRING(key);
     Py_ssize_t pos = 0, end = PyBytes_GET_SIZE(key), n = 0;
     while (pos < end) { /* count and check the fields */
@@ -62,15 +92,15 @@ PyObject *received_given(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     }
     for (Py_ssize_t i = 0; missing && i < n; i++) {
         if (PyList_GET_ITEM(found, i) != Py_None) continue;
-        PyObject *parsed = PyObject_CallOneArg(parse, PyList_GET_ITEM(fields, i));
-        if (parsed == NULL) goto error;
-        if (parsed == Py_None) {
-            Py_DECREF(parsed);
+        PyObject *made = parsed(PyList_GET_ITEM(fields, i), by_field, limit, parse);
+        if (made == NULL) goto error;
+        if (made == Py_None) {
+            Py_DECREF(made);
             Py_DECREF(found);
             Py_DECREF(fields);
             Py_RETURN_NONE;
         }
-        PyList_SetItem(found, i, parsed); /* steals parsed, drops the None */
+        PyList_SetItem(found, i, made); /* steals made, drops the None */
     }
     Py_CLEAR(fields);
     if ((given = PyDict_New()) == NULL) goto error;

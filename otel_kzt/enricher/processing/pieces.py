@@ -79,7 +79,7 @@ Given = tuple[list[Pieces], dict[str, str]]
 Joined = tuple[list[Pieces], dict[str, str], bytes]
 # the C extension's versions of the two below (processing/_native_named.c), None: the Python ones
 Computed = tuple[Iterable[Pieces], ...]
-_CReceived = Callable[[bytes, dict[bytes, Pieces], Callable[[bytes], Pieces | None]], Given | None]
+_CReceived = Callable[[bytes, dict[bytes, Pieces], Callable[[bytes], Pieces | None], int], Given | None]
 _CJoined = Callable[[dict[str, str], Computed, Sequence[Pieces]], Joined]
 _C_RECEIVED: Final[_CReceived | None] = None if native.MODULE is None else native.MODULE.received_given
 _C_JOINED: Final[_CJoined | None] = None if native.MODULE is None else native.MODULE.joined
@@ -92,7 +92,7 @@ def received_given(key: bytes) -> Given | None:
     """`received`, and the attributes it reads as a dict (key -> value, in order): what a new series is
     named from. The C extension's (the default when built: native.py) or `received_given_py`."""
     if _C_RECEIVED is not None:
-        return _C_RECEIVED(key, _by_field, _parsed)
+        return _C_RECEIVED(key, _by_field, _parsed, _FIELDS_CAP.limit)
     return received_given_py(key)
 
 
