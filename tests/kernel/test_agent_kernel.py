@@ -481,45 +481,59 @@ def test_idle_flow_final_export_then_eviction_loses_nothing(bed: Bed, agents: An
     value: the receiver holds back its answer to that pass (the agent evicts only once it is delivered)
     while the test sends them.
 
-    The racing packets leave from a socket opened in the pod's netns beforehand, so the held answer lasts
-    microseconds, well inside the agent's deadline even on a loaded machine (a sender process started
-    there took longer than the 2 s deadline in CI: the pass then failed, the next pass saw the same idle
-    value and a second race sent 7 more). The race is claimed once, under a lock, whatever comes next."""
+    Both sends are timed by the agent's own passes, from a socket opened in the pod's netns beforehand
+    (microseconds, well inside the agent's 2 s deadline on a loaded machine). A flow's last-seen time is
+    the snapshot that first saw its packet count, so the 40 packets, sent inside one pass's held answer,
+    are seen by the next pass (not idle: just seen) and idle at the one after (2 s > 1 s): that pass
+    evicts once answered, and the 7 racing packets are sent inside its held answer. (Timed by a sender
+    process, the 7 took longer than the deadline under load: that pass failed, the next one held the same
+    idle value and raced again.) Should that pass's answer still miss its deadline, nothing is evicted,
+    the 47 are exported as a value and evicted later: the test still holds."""
     match = {schema.SOURCE_ADDRESS: IP[P1], schema.DESTINATION_PORT: 5004}
-    sightings: list[int] = []
+    phase = [0]  # 0: send the 40; 1, 2: passes that saw the 40 (the second races the 7); 3: done
     claim = threading.Lock()
-    raced, sent = threading.Event(), threading.Event()
+    sent = threading.Event()
     errors: list[BaseException] = []
     with netns.entered(P1):
         pod_socket = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # stays in P1's netns
 
+    def send(count: int) -> None:
+        for _ in range(count):
+            pod_socket.sendto(b"u" * 100, (IP[P2], 5004))
+
     def race(request: Any) -> None:
+        node = {kv.key: kv.value.string_value for kv in request.resource_metrics[0].resource.attributes}
+        if node.get(schema.RESOURCE_NODE_NAME) != N1:
+            return
         values = [p["_value"] for p in points([request], schema.FLOW_BYTES) if _matches(p, match)]
-        with claim:
-            if raced.is_set() or values != [40 * 128]:
-                return
-            sightings.append(1)
-            if len(sightings) < 2:
-                return  # the pass that saw the last packet: not idle yet
-            raced.set()  # claimed: a retry or the next pass holding the same value races no more
-        try:  # the value is unchanged for an interval (2s > idle 1s): this pass evicts once answered
-            for _ in range(7):
-                pod_socket.sendto(b"u" * 100, (IP[P2], 5004))
-        except BaseException as exc:  # reported by the test thread, not swallowed by the gRPC server
-            errors.append(exc)
-        finally:
-            sent.set()
+        with claim:  # one request at a time: a retry and the next pass can overlap under load
+            try:  # reported by the test thread, not swallowed by the gRPC server
+                if phase[0] == 0 and not values:
+                    send(40)  # after this pass's snapshot
+                    phase[0] = 1
+                elif phase[0] == 1 and values == [40 * 128]:
+                    phase[0] = 2  # the pass that first saw them: not idle yet
+                elif phase[0] == 2 and values == [40 * 128]:
+                    send(7)  # the idle pass: read, not yet evicted (it evicts once answered)
+                    phase[0] = 3
+                    sent.set()
+            except BaseException as exc:
+                errors.append(exc)
+                sent.set()
 
     bed.receiver.on_export = race
     try:
-        agents(N1, *bed.metadata_args(N1), "--idle-timeout", "1s", "--interval", "2s")
-        bed.traffic(P1, "udp", IP[P2], 5004, 40, 100)
+        agent = agents(N1, *bed.metadata_args(N1), "--idle-timeout", "1s", "--interval", "2s")
         wait_for(sent.is_set, 30, "the idle pass")
         assert not errors, errors
         evicted = schema.OTLP_AGENT_FLOWS_EVICTED
         last = lambda: points(bed.node_requests(N1)[-1:], evicted)  # noqa: E731
         wait_for(lambda: any(p["_value"] != 0 for p in last()), 30, "eviction")
-        wait_for(lambda: 47 * 128 in [b["_value"] for b, _ in bed_points(bed, match)], 30, "the final value")
+        seen = lambda: [(b["_start"], b["_value"]) for b, _ in bed_points(bed, match)]  # noqa: E731
+        try:
+            wait_for(lambda: 47 * 128 in [v for _, v in seen()], 30, "the final value")
+        except AssertionError as exc:  # what the receiver got, and what the agent said
+            raise AssertionError(f"{exc}: seen {seen()}\n{agent.log.read_text()[-6000:]}") from None
         time.sleep(2.5)  # the next flow on this key starts well after the first one
         bed.traffic(P1, "udp", IP[P2], 5004, 10, 100)
         wait_for(lambda: len({b["_start"] for b, _ in bed_points(bed, match)}) == 2, 30, "the new series")
