@@ -67,6 +67,7 @@ from bench.datapath_overhead import (
 )
 from otel_kzt import netns
 from otel_kzt.agent.datapath import probe, tc
+from otel_kzt.agent.datapath.bpfmap import BpfMap
 from tests.support.k8s_objects import make_node, make_pod
 
 STATES = ("off", "aa", "floor", "on")
@@ -376,7 +377,18 @@ def build_alt(mode: str, spec: str) -> tuple[object, int]:
     finally:
         probe.BPF_DIR = saved
     kind = owner.prog_type, owner.attach_type  # type: ignore[attr-defined]  (tc's is -1: none)
-    return bpf, int(bpf.load_func(b"kzt_count", kind[0], attach_type=kind[1]).fd)
+    fd = int(bpf.load_func(b"kzt_count", kind[0], attach_type=kind[1]).fd)
+    try:
+        maps = [BpfMap(os.dup(bpf[name.encode()].map_fd), name) for name in tc.DEV_MAPS]
+    except KeyError:  # a source before the per-device flags, or cgroup
+        return bpf, fd
+    if isinstance(owner, tc.TcMode):
+        dev = tc.DeviceConfig(*maps)
+        try:
+            owner.configure(dev, [])  # the devices' flags, as the agent's loader writes them
+        finally:
+            dev.close()
+    return bpf, fd
 
 
 def text(r: dict[str, object]) -> str:

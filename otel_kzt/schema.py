@@ -249,10 +249,10 @@ AGENT_DATAPATH_LABEL: Final = "datapath"
 AGENT_DATAPATH_COVERAGE: Final = "kzt_agent_datapath_coverage_ratio"  # counted / pod interface bytes (§3a)
 AGENT_SERVICE_VIP_BYTES: Final = "kzt_agent_service_vip_bytes"  # counter (cgroup mode): bytes to Service VIPs
 AGENT_DATAPATH_DEVICES: Final = "kzt_agent_datapath_devices"  # gauge (tc mode): devices hooked now
-# counter (tc mode), label `change`: devices hooked / unhooked while running, or waiting for a restart
+# counter (tc mode), label `change`: devices hooked / unhooked while running, or left to the uplinks
 AGENT_DATAPATH_DEVICE_CHANGES: Final = "kzt_agent_datapath_device_changes"
 AGENT_DEVICE_CHANGE_LABEL: Final = "change"
-DEVICE_CHANGES: Final = ("added", "removed", "deferred")  # every one exported, at 0 until it happens
+DEVICE_CHANGES: Final = ("added", "removed", "covered")  # every one exported, at 0 until it happens
 # The enricher only: when each node's agent last reported, kept while the node exists (KztAgentSilent).
 AGENT_LAST_REPORT: Final = "kzt_agent_last_report_timestamp_seconds"
 

@@ -141,7 +141,7 @@ class DeviceCounts:
     hooked: int
     added: int
     removed: int
-    deferred: int  # chosen, but the loaded program was not compiled for it: hooked by the next start
+    covered: int  # chosen and not hooked: a VXLAN overlay whose packets the uplinks count inside (tc.py)
 
 
 class FlowReader(Protocol):

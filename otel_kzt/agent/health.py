@@ -58,7 +58,7 @@ def map_fill_ratio(snapshot: Snapshot) -> float:
 
 def device_changes(devices: DeviceCounts) -> list[tuple[str, int]]:
     """(change, count) for every `schema.DEVICE_CHANGES` value, in that order."""
-    counts = (devices.added, devices.removed, devices.deferred)
+    counts = (devices.added, devices.removed, devices.covered)
     return list(zip(schema.DEVICE_CHANGES, counts, strict=True))
 
 

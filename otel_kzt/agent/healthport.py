@@ -62,7 +62,7 @@ def report_metrics(report: AgentReport) -> Iterator[Metric]:
         yield _gauge(schema.AGENT_DATAPATH_DEVICES, "network devices hooked", report.devices.hooked)
         changes = CounterMetricFamily(
             schema.AGENT_DATAPATH_DEVICE_CHANGES,
-            "devices hooked or unhooked while running, or waiting for a restart (deferred)",
+            "devices hooked or unhooked while running, or counted at the uplinks instead (covered)",
             labels=[schema.AGENT_DEVICE_CHANGE_LABEL],
         )
         for change, count in device_changes(report.devices):

@@ -207,7 +207,7 @@ def _device_metrics(devices: DeviceCounts, start: int, time_unix_ns: int) -> lis
         ),
         sum_metric(
             schema.OTLP_AGENT_DATAPATH_DEVICE_CHANGES,
-            "devices hooked or unhooked while running, or waiting for a restart (deferred)",
+            "devices hooked or unhooked while running, or counted at the uplinks instead (covered)",
             "{device}",
             [
                 ([(schema.AGENT_DEVICE_CHANGE_LABEL, change)], start, count)

@@ -29,9 +29,9 @@ pytestmark = pytest.mark.integration
 # What Grafana would put in for the template variables (scrape interval 1s: rate windows of 4s hold 4).
 SUBSTITUTIONS = {"$__rate_interval": "4s", "$__range": "1m", "$namespace": ".*"}
 JOB = "otel-kzt-enricher"
-# Agents' series a datapath mode exposes only where it measures them (coverage: DESIGN §3a; the devices
-# followed: tc mode only): their rules must evaluate, but these agents' datapath has none to show.
-MEASURED_BY_SOME_MODES = {schema.AGENT_DATAPATH_COVERAGE, f"{schema.AGENT_DATAPATH_DEVICE_CHANGES}_total"}
+# Agents' series a datapath mode exposes only where it measures them (coverage: DESIGN §3a): their rules
+# must evaluate, but these agents' datapath has none to show.
+MEASURED_BY_SOME_MODES = {schema.AGENT_DATAPATH_COVERAGE}
 
 
 def substitute(expr: str) -> str:

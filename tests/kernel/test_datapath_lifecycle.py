@@ -14,7 +14,7 @@ import time
 import pytest
 
 from otel_kzt import netns
-from otel_kzt.agent.datapath import Datapath, bpfsys, cleanup, flowmap, modes
+from otel_kzt.agent.datapath import Datapath, bpfsys, cleanup, flowmap, modes, tc
 from otel_kzt.agent.datapath.netfilter import LINK_PRIORITY
 from otel_kzt.agent.flows import ORIGIN_LOCAL, FlowCounters, FlowKey
 from tests.kernel.conftest import MODES, NODE_DEVICES, PIN_ROOT, DatapathFactory, Net, settle
@@ -191,6 +191,7 @@ def _link_exists(link_id: int) -> bool:
 
 LINKS = {"netfilter": 2, "tc": len(NODE_DEVICES), "cgroup": 1}  # IPv4 + IPv6 hooks; devices; the root
 MAP_PINS = ["dying4", "dying6", "flows4", "flows6", "meta", "overflow", "progs", "slot4", "slot6", "stats"]
+MODE_MAP_PINS = {"tc": tc.DEV_MAPS}  # tc's devices' flags
 
 
 @pytest.mark.parametrize("mode", MODES, indirect=True)
@@ -210,8 +211,9 @@ def test_cleanup_detaches_and_unpins(net: Net, datapath: DatapathFactory, mode: 
     ids = _link_ids(dp)
     assert len(ids) == LINKS[mode]
     directory = os.path.join(PIN_ROOT, dp.config.node_name)
-    attachments = sorted(set(os.listdir(directory)) - set(MAP_PINS))
-    assert set(MAP_PINS) <= set(os.listdir(directory))
+    maps = {*MAP_PINS, *MODE_MAP_PINS.get(mode, ())}
+    attachments = sorted(set(os.listdir(directory)) - maps)
+    assert maps <= set(os.listdir(directory))
     assert len(attachments) == LINKS[mode] and all(modes.MODES[mode].owns_pin(n) for n in attachments)
     if mode == "netfilter":
         assert attachments == ["link_v4", "link_v6"]

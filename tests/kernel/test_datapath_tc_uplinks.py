@@ -201,7 +201,7 @@ def test_an_uplink_plugged_in_while_running_is_hooked_by_the_rescan_and_let_go_w
     dp = datapath(tc_devices=())
     node = dp.config.node_name
     assert hooked(node) == {up1}
-    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=0, removed=0, deferred=0)  # nothing new
+    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=0, removed=0, covered=0)  # nothing new
     links_at_start = bpf_link_fds()
     dispatcher = dispatcher_id(node, up1)
     udp_flows(net, net.pod_a, dst, UDP_FIRST)  # counted at kdu1
@@ -214,7 +214,7 @@ def test_an_uplink_plugged_in_while_running_is_hooked_by_the_rescan_and_let_go_w
     count_at_peers(net, peers, b, dst, match=f"udp dport {hot}-{hot + UDP_FLOWS - 1}", name="kdhl")
     udp_flows(net, net.pod_b, dst, before)  # before the re-scan: left by kdu2 unseen
     caplog.set_level(logging.INFO, logger="otel_kzt.agent")
-    assert dp.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, deferred=0)
+    assert dp.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, covered=0)
     assert f"hooked while running device={up2} reason=route" in caplog.text
     assert hooked(node) == {up1, up2}  # pinned like the start's
     assert dispatcher_id(node, up2) == dispatcher  # the loaded dispatcher, no new load
@@ -236,7 +236,7 @@ def test_an_uplink_plugged_in_while_running_is_hooked_by_the_rescan_and_let_go_w
     # gateway resolved before the pod's datagrams (they would wait for ARP, and some be dropped).
     netns.ip(net.node, "-4", "route", "add", "default", "via", "10.78.2.2", "dev", "kdv2", "table", TABLE)
     netns.run_in(net.node, ["ping", "-c1", "-W2", "10.78.2.2"])
-    assert dp.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, deferred=0)
+    assert dp.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, covered=0)
     assert hooked(node) == {up1, "kdv2"}  # the pin moved, the attachment stayed
     assert bpf_link_fds() == links_at_start + (attach == "tcx")
     udp_flows(net, net.pod_b, dst, hot)
@@ -245,7 +245,7 @@ def test_an_uplink_plugged_in_while_running_is_hooked_by_the_rescan_and_let_go_w
     assert arrived(net, peers, "kdhl") == [(0, 0), udp_total(snap, b, dst, hot, rounds=2 * UDP_ROUNDS)]
 
     netns.delete_link(net.node, "kdv2")  # unplugged
-    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=1, removed=1, deferred=0)
+    assert dp.rescan_devices() == DeviceCounts(hooked=1, added=1, removed=1, covered=0)
     assert "unhooked device=kdv2 gone" in caplog.text
     assert hooked(node) == {up1}
     assert bpf_link_fds() == links_at_start  # its fd closed ...
@@ -269,7 +269,7 @@ def test_an_uplink_hooked_while_running_is_adopted_by_the_next_start(
     route_pod_b_by(net, up2, 2)
     peers = [peer1, peer2]
     count_at_peers(net, peers, b, dst, match=f"udp dport {UDP_FIRST}-{UDP_FIRST + UDP_FLOWS - 1}", name="kdr")
-    assert first.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, deferred=0)
+    assert first.rescan_devices() == DeviceCounts(hooked=2, added=1, removed=0, covered=0)
     udp_flows(net, net.pod_b, dst, UDP_FIRST)  # through the link the re-scan made
 
     first.close()  # a restart: the pins hold both attachments

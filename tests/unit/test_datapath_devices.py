@@ -84,7 +84,7 @@ def test_multipath_and_gateway_routes_count_every_nexthop_device() -> None:
 
 
 def test_only_ethernet_devices_are_marked_ether() -> None:
-    """tc reads past a 14-byte link header only where every hooked device has one (tc.py's cflags)."""
+    """tc reads past a 14-byte link header only on a device that has one (tc.py DEV_ETHER, per device)."""
     wg = {**link(3, "wg0", "wireguard"), "link_type": "none"}
     devices = choose([LO, link(2, "eth0"), wg], [], [{"dst": "default", "dev": "eth0"}])
     assert [(d.name, d.ether) for d in devices] == [("eth0", True), ("wg0", False)]

@@ -38,6 +38,29 @@ class FailingMode:
     def release(self, fds: list[int], *, detach: bool) -> None:
         assert fds == []
 
+    def covered(self, device: Device) -> bool:
+        return False
+
+    def flags(self, device: Device) -> int:
+        return 1
+
+
+class Flags:
+    """The DeviceConfig surface DeviceWatch uses: the flags written, by ifindex."""
+
+    def __init__(self) -> None:
+        self.written: dict[int, int] = {}
+        self.closed = False
+
+    def set(self, ifindex: int, flags: int) -> None:
+        self.written[ifindex] = flags
+
+    def clear(self, ifindex: int) -> None:
+        self.written.pop(ifindex, None)
+
+    def close(self) -> None:
+        self.closed = True
+
 
 @pytest.fixture
 def chosen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Device]]:
@@ -47,7 +70,7 @@ def chosen(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Device]]:
     yield now
 
 
-def watch(mode: FailingMode, clock: list[float]) -> tcwatch.DeviceWatch:
+def watch(mode: FailingMode, clock: list[float], flags: Flags | None = None) -> tcwatch.DeviceWatch:
     dispatch = os.open("/dev/null", os.O_RDONLY)  # stands for the dispatcher's fd: closed by close()
     return tcwatch.DeviceWatch(
         mode,  # type: ignore[arg-type]
@@ -55,7 +78,7 @@ def watch(mode: FailingMode, clock: list[float]) -> tcwatch.DeviceWatch:
         [],
         [],
         directory=None,
-        cflags=[],
+        config=flags or Flags(),  # type: ignore[arg-type]
         clock=lambda: clock[0],
     )
 
@@ -68,11 +91,12 @@ def test_a_failing_device_is_retried_every_interval_and_warned_about_at_most_onc
     chosen: list[Device], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger=tcwatch.__name__)
-    mode, clock = FailingMode(fail_until=25), [1000.0]
-    w = watch(mode, clock)
+    mode, clock, flags = FailingMode(fail_until=25), [1000.0], Flags()
+    w = watch(mode, clock, flags)
     try:
         for _ in range(20):  # 20 intervals of 10 s: within one period
             assert w.rescan().hooked == 0
+            assert flags.written == {}  # written before each attempt, taken back when it fails
             clock[0] += 10.0
         assert mode.attempts == 20
         assert len(warnings(caplog)) == 1
@@ -86,9 +110,11 @@ def test_a_failing_device_is_retried_every_interval_and_warned_about_at_most_onc
         assert w.counts().hooked == 0 and mode.attempts == 25
         counts = w.rescan()  # the 26th attempt succeeds
         assert (counts.hooked, counts.added) == (1, 1)
+        assert flags.written == {ENI.ifindex: 1}
         assert len(warnings(caplog)) == 2
     finally:
         w.close(detach=False)
+    assert flags.closed
 
 
 def test_a_device_gone_while_failing_is_forgotten_and_warned_about_afresh_when_it_comes_back(

@@ -103,7 +103,7 @@ def test_a_real_agent_pass_through_the_core_equals_the_agents_own_metrics() -> N
 
 
 def test_a_tc_agents_device_counts_reach_the_enricher_as_on_its_own_metrics() -> None:
-    devices = FakeDevices(DeviceCounts(hooked=2, added=3, removed=1, deferred=1))
+    devices = FakeDevices(DeviceCounts(hooked=2, added=3, removed=1, covered=1))
     svc, payload = agent_pass(devices=devices)
     assert devices.rescans == 1  # every pass re-scans
     agents = AgentsHealth(FakeIndex(), clock=lambda: 100.0)
@@ -119,7 +119,7 @@ def test_a_tc_agents_device_counts_reach_the_enricher_as_on_its_own_metrics() ->
     node = ("k8s_node_name", NODE)
     changes = schema.AGENT_DATAPATH_DEVICE_CHANGES + "_total"
     assert got[(schema.AGENT_DATAPATH_DEVICES, (node,))] == own[(schema.AGENT_DATAPATH_DEVICES, ())] == 2
-    for change, value in (("added", 3), ("removed", 1), ("deferred", 1)):
+    for change, value in (("added", 3), ("removed", 1), ("covered", 1)):
         label = (schema.AGENT_DEVICE_CHANGE_LABEL, change)
         assert got[(changes, (label, node))] == own[(changes, (label,))] == value, change
     assert agents.health()[0]["metrics"][f'{changes.removesuffix("_total")}{{change="added"}}'] == 3

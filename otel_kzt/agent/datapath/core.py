@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from otel_kzt.agent.datapath import bpfsys, flowmap, loader, modes, pins, probe
 from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
 from otel_kzt.agent.datapath.flowtables import FlowTables
-from otel_kzt.agent.datapath.tc import TcMode
+from otel_kzt.agent.datapath.tc import DEV_MAPS, DeviceConfig, TcMode
 from otel_kzt.agent.datapath.tcwatch import DeviceWatch
 from otel_kzt.agent.flows import DeviceCounts, FlowCounters, FlowKey, Snapshot
 from otel_kzt.errors import ConfigError, KernelUnsupported
@@ -147,9 +147,11 @@ class Datapath:
             return
         hooked = self.mode.take_over(loaded.tc)
         directory = self._dir if self.config.pin else None
+        slots, more = (BpfMap(loaded.maps.pop(name), name) for name in DEV_MAPS)
         self._devices = DeviceWatch(
-            self.mode, loaded.dispatch_fd, hooked, self._link_fds, directory=directory, cflags=loaded.cflags
-        )
+            self.mode, loaded.dispatch_fd, hooked, self._link_fds, directory=directory,
+            config=DeviceConfig(slots, more),
+        )  # fmt: skip
         loaded.dispatch_fd, self._link_fds = -1, []
 
     def rescan_devices(self) -> DeviceCounts | None:

@@ -30,6 +30,7 @@ from otel_kzt.errors import DatapathError
 
 log = logging.getLogger(__name__)
 
+VXLAN_DEFAULT_PORT = 8472  # the kernel's, for a VXLAN device made without `dstport`
 OVERLAY_KINDS = frozenset(
     {"vxlan", "geneve", "wireguard", "ipip", "sit", "gre", "gretap", "ip6gre", "ip6tnl"}
 )
@@ -42,6 +43,7 @@ class Device:
     kind: str  # linkinfo kind ("vxlan", "veth" ...), "" for physical devices
     reason: str  # why it is hooked: "explicit", "route", "node-address", "overlay"
     ether: bool = False  # an Ethernet link header (`link_type` "ether"): the tc program may read past it
+    port: int = 0  # a VXLAN device's UDP destination port (Linux's default 8472 when not shown); else 0
 
     @property
     def overlay(self) -> bool:
@@ -70,6 +72,7 @@ def choose(
             _kind(candidates[name]),
             reason,
             candidates[name].get("link_type") == "ether",
+            _vxlan_port(candidates[name]),
         )
         for name, reason in chosen.items()
     ]
@@ -120,6 +123,13 @@ def _usable(link: Mapping[str, Any]) -> bool:
 def _kind(link: Mapping[str, Any]) -> str:
     info = link.get("linkinfo") or {}
     return str(info.get("info_kind", ""))
+
+
+def _vxlan_port(link: Mapping[str, Any]) -> int:
+    if _kind(link) != "vxlan":
+        return 0
+    data = (link.get("linkinfo") or {}).get("info_data") or {}
+    return int(data.get("port") or VXLAN_DEFAULT_PORT)
 
 
 def _normalize(address: str) -> str:

@@ -5,7 +5,8 @@ not load it. `load()` starts `python -m otel_kzt.agent.datapath.loadchild`, whic
 (compile the mode's entry file under `bpf/`, load the programs, install the counter, attach or adopt the
 mode's links, pin when pinning) and sends back over a Unix socket, with SCM_RIGHTS, an fd for every map,
 for the evictor and the flusher programs and for each link (tc: and for the dispatcher, which the agent
-attaches to devices that appear later, `tcwatch.py`, without bcc). The parent then owns them: maps are read
+attaches to devices that appear later, `tcwatch.py`, without bcc, after writing their flags in the tcdev
+maps the child filled for the start's devices). The parent then owns them: maps are read
 with raw `bpf(2)` calls (`bpfmap`), and without pins its link fds are the only hold on the links, so
 closing them detaches.
 
@@ -30,6 +31,7 @@ from typing import Any
 import otel_kzt
 from otel_kzt import errors
 from otel_kzt.agent.datapath import bpffs, bpfsys, kfunc, modes, modeswitch, pins, probe, tc
+from otel_kzt.agent.datapath.bpfmap import BpfMap
 from otel_kzt.agent.datapath.btf import kernel_btf
 from otel_kzt.agent.datapath.flowtables import DYING_SIZE, EVICT_BATCH, boot_to_unix_offset
 from otel_kzt.agent.datapath.netns_cookie import current_netns_cookie
@@ -230,11 +232,14 @@ class _Child:
         except Exception as exc:  # bcc raises bare Exception
             raise ProgramLoadError(f"compiling {source} failed: {exc}") from exc
         dispatch_fd = self._load_func("kzt_dispatch")
-        fds = [(name, int(self.bpf[name.encode()].map_fd)) for name in MAP_NAMES]
+        names = [*MAP_NAMES, *(tc.DEV_MAPS if isinstance(self.mode, tc.TcMode) else ())]
+        fds = [(name, int(self.bpf[name.encode()].map_fd)) for name in names]
         if features.test_run:
             fds.append(("kzt_evict", self._load_func("kzt_evict")))
         if features.flush:  # also without KZT_WC: a previous build (another mode) may have filled them
             fds.append(("kzt_flush", self._load_func("kzt_flush", bpfsys.BPF_PROG_TYPE_RAW_TRACEPOINT, -1)))
+        if isinstance(self.mode, tc.TcMode):  # before the counter (a new one reads them) and the links
+            self._configure_devices(self.mode)
         self._install_counter()
         fds += [(f"link{i}", fd) for i, fd in enumerate(self._links(dispatch_fd))]
         tc_state = None
@@ -248,6 +253,17 @@ class _Child:
             "tc": tc_state,
         }
         return result, fds
+
+    def _configure_devices(self, mode: tc.TcMode) -> None:
+        """tc: each device to hook gets its flags (Ethernet, VXLAN inside) in the pinned tcdev maps."""
+        slots, more = (self.bpf[name.encode()] for name in tc.DEV_MAPS)
+        config = tc.DeviceConfig(
+            BpfMap(os.dup(slots.map_fd), "tcdev"), BpfMap(os.dup(more.map_fd), "tcdev_more")
+        )
+        try:
+            mode.configure(config, [int(k.value) for k in more])
+        finally:
+            config.close()
 
     def _load_func(self, name: str, prog_type: int | None = None, attach_type: int | None = None) -> int:
         """Load one function of the module: the mode's program type unless told otherwise."""

@@ -2,7 +2,8 @@
 
     <pin_root>/<dir>/<the mode's links>     e.g. link_v4, link_v6 (netfilter), running the dispatcher
     <pin_root>/<dir>/flows4, flows6, dying4, dying6, overflow, stats, progs, meta, slot4, slot6
-                                            the maps (bcc's BPF_TABLE_PINNED)
+                                            the maps (bcc's BPF_TABLE_PINNED); tc also tcdev, tcdev_more
+                                            (its devices' flags, tc.py DeviceConfig)
     <pin_root>/<dir>/agent_state            the agent's own receiver choice (agent/state.py), kept
                                             through a datapath reset
 

@@ -8,9 +8,14 @@ filter (`tclinks.py`). A device no longer chosen at a restart is detached and it
 agent runs, `tcwatch.py` chooses again every interval and follows (devices plugged in, unplugged, renamed).
 
 It sees traffic after DNAT and after source NAT (a masqueraded pod's packets carry the node's address,
-and count as the node's), and nothing that stays on the node. Without an overlay device among the hooked
-ones, VXLAN packets are counted as their inner packets (`KZT_TC_INNER`); with one, the inner packets are
-counted on the overlay device and the encapsulation on the uplink is left out by the agent.
+and count as the node's), and nothing that stays on the node. Without an overlay device among the devices
+hooked at the start, VXLAN packets are counted as their inner packets (`DEV_INNER`); with one, the inner
+packets are counted on the overlay device and the encapsulation on the uplink is left out by the agent.
+
+One program build serves every device: what differs by device is a few flags the program reads per
+packet (`DeviceConfig`, tc.c's tcdev), written before the device is hooked: whether it frames its packets
+in Ethernet (`DEV_ETHER`), and whether VXLAN is counted inside (`DEV_INNER`). So the device set decides
+no compile flag, and a device of any kind can be hooked while the agent runs.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Collection, Sequence
+import struct
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from otel_kzt.agent.datapath import bpfsys, devices, tclinks
+from otel_kzt.agent.datapath.bpfmap import BpfMap, u32
 from otel_kzt.agent.datapath.btf import Btf
 from otel_kzt.errors import DatapathError, KernelUnsupported
 
@@ -31,7 +38,12 @@ log = logging.getLogger(__name__)
 
 BPF_PROG_TYPE_SCHED_CLS = 3
 PIN_PREFIX = "tc_"
-VXLAN_PORTS = (4789, 8472)  # IANA, and Linux's (flannel's) default
+VXLAN_PORTS = (4789, 8472)  # IANA, and Linux's (flannel's) default: tc.c counts these inside (count.h)
+# A device's flags (tc.c KZT_DEV_*): an Ethernet link header; VXLAN to VXLAN_PORTS counted as its inner packet
+DEV_ETHER, DEV_INNER = 1, 2
+DEV_SLOTS = 256  # tc.c KZT_DEV_SLOTS
+DEV_MAPS = ("tcdev", "tcdev_more")  # tc's own maps, pinned beside the others (loader.py sends their fds)
+_DEV = struct.Struct("<II")  # struct kzt_dev: ifindex, flags
 # "1": classic clsact filters even where tcx links exist: what kernels before 6.6 get by themselves, so the
 # kernel tests can run that path on a newer kernel (the loader child inherits the environment).
 CLASSIC_ENV = "OTEL_KZT_TC_CLASSIC"
@@ -60,6 +72,7 @@ class TcMode:
         self.patterns = tuple(patterns)
         self.node_addresses = frozenset(node_addresses)
         self._devices: list[devices.Device] | None = None
+        self._inner: bool | None = None
         self._tcx = False
 
     @property
@@ -74,6 +87,31 @@ class TcMode:
     def hooked(self, now: list[devices.Device]) -> None:
         """What tcwatch.py hooked while running: what `release` detaches."""
         self._devices = list(now)
+
+    @property
+    def inner(self) -> bool:
+        """Whether the uplinks count VXLAN as its inner packets: decided by the devices hooked at the start
+        (no overlay device among them), kept while the agent runs."""
+        if self._inner is None:
+            self._inner = not any(d.overlay for d in self.hooked)
+        return self._inner
+
+    def flags(self, device: devices.Device) -> int:
+        """What the program is told of `device` (DeviceConfig): DEV_ETHER, DEV_INNER."""
+        inner = self.inner and not device.overlay
+        return (DEV_ETHER if device.ether else 0) | (DEV_INNER if inner else 0)
+
+    def covered(self, device: devices.Device) -> bool:
+        """A VXLAN overlay on a port the uplinks count inside (`inner`): its packets are counted there,
+        as their inner packets, exactly; hooking it too would count them twice, so it is not hooked."""
+        return self.inner and device.kind == "vxlan" and device.port in VXLAN_PORTS
+
+    def configure(self, config: DeviceConfig, more_keys: Iterable[int]) -> None:
+        """The loader's step before it installs the counter and attaches: every device to hook gets its
+        flags; entries of devices no longer hooked (`more_keys`: the ifindexes in tcdev_more) go."""
+        for device in self.hooked:
+            config.set(device.ifindex, self.flags(device))
+        config.keep_only({d.ifindex for d in self.hooked}, more_keys)
 
     @property
     def link_names(self) -> tuple[str, ...]:
@@ -93,13 +131,7 @@ class TcMode:
             raise DatapathError(f"tc datapath: no device to hook (up, not loopback): {wanted}")
 
     def cflags(self, btf: Btf) -> list[str]:
-        # Every hooked device frames its packets in Ethernet: skb.h may copy the header prefix straight from
-        # behind a 14-byte link header (a frame that says otherwise still goes through the helper).
-        ether = ["-DKZT_SKB_ETHER"] if all(d.ether for d in self.hooked) else []
-        if any(d.overlay for d in self.hooked):
-            return ether
-        inner = ["-DKZT_TC_INNER", *(f"-DKZT_VXLAN_PORT{i}={p}" for i, p in enumerate(VXLAN_PORTS))]
-        return ether + inner
+        return []  # nothing depends on the devices: each one's flags are read per packet (DeviceConfig)
 
     def attach(self, programs: dict[str, int], directory: Path | None, *, adopt: bool) -> list[int]:
         dispatch_fd = programs["kzt_dispatch"]
@@ -121,12 +153,13 @@ class TcMode:
     def handover(self) -> dict[str, Any]:
         """What the loader child tells the agent of its attachments (tcwatch.py keeps them up to date):
         tcx or classic, and the devices hooked, in the order of the link fds `attach` returned."""
-        return {"tcx": self._tcx, "devices": [asdict(d) for d in self.hooked]}
+        return {"tcx": self._tcx, "inner": self.inner, "devices": [asdict(d) for d in self.hooked]}
 
     def take_over(self, state: dict[str, Any]) -> list[devices.Device]:
         """The agent's side of `handover`: the child's choice, not a new one in whatever namespace the
         agent's thread is in."""
         self._tcx = bool(state["tcx"])
+        self._inner = bool(state["inner"])
         self._devices = [devices.Device(**d) for d in state["devices"]]
         return list(self._devices)
 
@@ -215,3 +248,52 @@ def detach_classic_pins(directory: Path) -> int:
         if not is_link:
             removed += tclinks.classic_detach(device_of_pin(entry.name))
     return removed
+
+
+class DeviceConfig:
+    """The flags tc.c reads per packet for each hooked device (tcdev, tcdev_more): written before a device
+    is hooked, removed after it is unhooked. Owns its two maps' fds."""
+
+    def __init__(self, slots: BpfMap, more: BpfMap) -> None:
+        self._slots, self._more = slots, more
+
+    def _slot(self, ifindex: int) -> tuple[bytes, int, int]:
+        """The array slot of `ifindex`: its key, the device it holds (0: none) and that one's flags."""
+        key = u32(ifindex % DEV_SLOTS)
+        owner, flags = _DEV.unpack(self._slots.lookup(key) or bytes(_DEV.size))
+        return key, owner, flags
+
+    def set(self, ifindex: int, flags: int) -> None:
+        key, owner, _flags = self._slot(ifindex)
+        if owner in (0, ifindex):
+            self._slots.update(key, _DEV.pack(ifindex, flags))
+            self._more.delete(u32(ifindex))
+        else:  # the slot is another hooked device's: the program looks in tcdev_more next
+            self._more.update(u32(ifindex), u32(flags))
+
+    def clear(self, ifindex: int) -> None:
+        key, owner, _flags = self._slot(ifindex)
+        if owner == ifindex:
+            self._slots.update(key, _DEV.pack(0, 0))
+        self._more.delete(u32(ifindex))
+
+    def get(self, ifindex: int) -> int | None:
+        """The flags the program finds for `ifindex` (None: none, it counts as on a device with none)."""
+        _key, owner, flags = self._slot(ifindex)
+        if owner == ifindex:
+            return flags
+        raw = self._more.lookup(u32(ifindex))
+        return struct.unpack("<I", raw)[0] if raw is not None else None
+
+    def keep_only(self, keep: Collection[int], more_keys: Iterable[int]) -> None:
+        for slot in range(DEV_SLOTS):
+            key, owner, _flags = self._slot(slot)
+            if owner and owner not in keep:
+                self._slots.update(key, _DEV.pack(0, 0))
+        for ifindex in list(more_keys):
+            if ifindex not in keep:
+                self._more.delete(u32(ifindex))
+
+    def close(self) -> None:
+        self._slots.close()
+        self._more.close()

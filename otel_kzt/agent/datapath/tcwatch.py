@@ -2,19 +2,18 @@
 VXLAN device): `rescan()`, once per agent interval, chooses the devices again by the rule the start uses
 (devices.py), in the network namespace the datapath started in, and
 
-- hooks a new one with the dispatcher the loader loaded (the agent holds its fd: no compile, no bcc), as
-  the start does (tc.py: a tcx link first in line, returning TCX_NEXT, else a classic clsact filter),
-  pinned as the start pins it, so the next agent adopts it;
-- takes the attachment and the pin off a device that is gone or no longer chosen (a device deleted takes
-  its tcx link or filter with it: the fd and the pin, the last holds, are let go);
+- hooks a new one of any kind with the dispatcher the loader loaded (the agent holds its fd: no compile, no
+  bcc), as the start does (tc.py: a tcx link first in line, returning TCX_NEXT, else a classic clsact
+  filter), pinned as the start pins it, so the next agent adopts it; its flags (Ethernet or not, VXLAN
+  counted inside or not: tc.py DeviceConfig) are written first, so its first packet is read right;
+- takes the attachment, the flags and the pin off a device that is gone or no longer chosen (a device
+  deleted takes its tcx link or filter with it: the fd and the pin, the last holds, are let go);
 - moves the pin of a hooked device that was renamed (same ifindex): its attachment stays, nothing missed.
 
-A device the loaded program was not compiled for waits for the next start, which compiles again: one
-without an Ethernet header while every hooked device had one (the program copies headers from behind one,
-skb.h's KZT_SKB_ETHER), and the first overlay device while none was hooked (the program counts the uplinks'
-VXLAN packets as their inner packets, KZT_TC_INNER: the overlay's own egress would count them twice; a
-VXLAN overlay's traffic is therefore still counted, at the uplink). Such a device is logged and counted
-(`deferred`) once. A device whose attach keeps failing is retried every interval and logged at its first
+One kind of device is chosen and not hooked: a VXLAN overlay on 4789 or 8472 appearing where the uplinks
+count VXLAN as its inner packets (no overlay was hooked at the start, tc.py `covered`). Its packets are
+counted there, exactly; its own egress would count them a second time. It is logged and counted
+(`covered`) once. A device whose attach keeps failing is retried every interval and logged at its first
 failure, then at most once per `FAILED_LOG_EVERY_S` with the failures not logged since.
 """
 
@@ -33,7 +32,7 @@ from pathlib import Path
 from otel_kzt import netns
 from otel_kzt.agent.datapath import bpfsys, devices, tclinks
 from otel_kzt.agent.datapath.devices import Device
-from otel_kzt.agent.datapath.tc import TcMode, pin_name
+from otel_kzt.agent.datapath.tc import DeviceConfig, TcMode, pin_name
 from otel_kzt.agent.flows import DeviceCounts
 from otel_kzt.errors import DatapathError
 
@@ -58,27 +57,28 @@ class DeviceWatch:
         link_fds: Sequence[int],
         *,
         directory: Path | None,
-        cflags: Sequence[str],
+        config: DeviceConfig,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """`link_fds`: `TcMode.attach`'s, one per hooked device in order with tcx, none with classic."""
+        """`link_fds`: `TcMode.attach`'s, one per hooked device in order with tcx, none with classic.
+        `config`: the devices' flags (the loader wrote the hooked ones'); owned from here on."""
         fds = list(link_fds) or [-1] * len(hooked)
         if len(fds) != len(hooked):
+            config.close()
             raise DatapathError(f"tc: {len(fds)} link fds for {len(hooked)} hooked devices")
         self._mode, self._dispatch_fd, self._dir = mode, dispatch_fd, directory
         self._hooks = {d.name: _Hook(d, fd) for d, fd in zip(hooked, fds, strict=True)}
-        self._ether = "-DKZT_SKB_ETHER" in cflags
-        self._inner = "-DKZT_TC_INNER" in cflags
+        self._config = config
         self._netns = os.open("/proc/thread-self/ns/net", os.O_RDONLY)  # where the loader attached
         self._lock = threading.Lock()
         self._added = self._removed = 0
-        self._deferred: set[tuple[str, int]] = set()
+        self._covered: set[tuple[str, int]] = set()
         self._clock = clock
         self._failing: dict[str, tuple[float, int]] = {}  # device -> (its last warning, failures since)
 
     def counts(self) -> DeviceCounts:
         with self._lock:
-            return DeviceCounts(len(self._hooks), self._added, self._removed, len(self._deferred))
+            return DeviceCounts(len(self._hooks), self._added, self._removed, len(self._covered))
 
     def link_fds(self) -> list[int]:
         with self._lock:
@@ -89,7 +89,7 @@ class DeviceWatch:
         A failure (the device list, one device's attach) is logged and retried at the next call."""
         with self._lock:
             if self._netns < 0:
-                return DeviceCounts(0, self._added, self._removed, len(self._deferred))  # closed
+                return DeviceCounts(0, self._added, self._removed, len(self._covered))  # closed
             with netns.entered_fd(self._netns):
                 try:
                     chosen = devices.discover(self._mode.patterns, self._mode.node_addresses)
@@ -121,32 +121,26 @@ class DeviceWatch:
     def _pin(self, name: str) -> str | None:
         return str(self._dir / pin_name(name)) if self._dir is not None else None
 
-    def _fits(self, device: Device) -> str | None:
-        """Why the loaded program cannot count on `device` (None: it can)."""
-        if self._ether and not device.ether:
-            return "no Ethernet header, and the program was compiled for Ethernet devices only"
-        if self._inner and device.overlay:
-            return "the program counts VXLAN on the uplinks as inner packets (no overlay was hooked)"
-        return None
-
     def _hook(self, device: Device) -> None:
-        why = self._fits(device)
-        if why is not None:
-            if (device.name, device.ifindex) not in self._deferred:
-                self._deferred.add((device.name, device.ifindex))
-                log.warning("tc device hooked at the next start device=%s reason=%s: %s",
-                            device.name, device.reason, why)  # fmt: skip
+        if self._mode.covered(device):
+            if (device.name, device.ifindex) not in self._covered:
+                self._covered.add((device.name, device.ifindex))
+                log.info("tc device not hooked, its VXLAN packets are counted inside at the uplinks "
+                         "device=%s port=%d", device.name, device.port)  # fmt: skip
             return
         try:
+            self._config.set(device.ifindex, self._mode.flags(device))  # before its first packet
             fd = self._mode.attach_device(self._dispatch_fd, device, self._dir)
         except DatapathError as exc:
+            with contextlib.suppress(DatapathError):
+                self._config.clear(device.ifindex)
             self._failed(device.name, exc)
             return
         self._failing.pop(device.name, None)
         self._hooks[device.name] = _Hook(device, fd)
         self._added += 1
-        log.info("tc device hooked while running device=%s reason=%s ifindex=%d",
-                 device.name, device.reason, device.ifindex)  # fmt: skip
+        log.info("tc device hooked while running device=%s reason=%s ifindex=%d flags=%d",
+                 device.name, device.reason, device.ifindex, self._mode.flags(device))  # fmt: skip
 
     def _failed(self, name: str, exc: DatapathError) -> None:
         now = self._clock()
@@ -170,6 +164,10 @@ class DeviceWatch:
             log.warning("tc device: detaching failed, its pin and fd let go device=%s error=%s", name, exc)
         if hook.fd >= 0:
             os.close(hook.fd)
+        try:
+            self._config.clear(hook.device.ifindex)  # after the detach: no packet of it runs the program
+        except DatapathError as exc:
+            log.warning("tc device: its flags not removed device=%s error=%s", name, exc)
         path = self._pin(name)
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -202,6 +200,7 @@ class DeviceWatch:
             self._hooks.clear()
             for fd in (self._dispatch_fd, self._netns):
                 os.close(fd)
+            self._config.close()
             self._dispatch_fd = self._netns = -1
 
 

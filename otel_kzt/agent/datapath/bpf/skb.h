@@ -8,9 +8,10 @@
  * prefix, exactly what it holds is read; a read that still fails is counted in the overflow bucket.
  * Where the entry file defines KZT_SKB_DATA_AT_NET (cgroup: skb->data is the network header) the header
  * prefix is read directly from the packet instead, ~15 ns less than the helper call per packet. With
- * KZT_SKB_ETHER (tc, when every hooked device is an Ethernet device: the loader's flag) it is read
- * directly from behind the 14-byte Ethernet header wherever the frame bears that out (kzt_skb_ether),
- * ~30 ns less per packet on the 2-core VM (bench/datapath.md); other frames go through the helper.
+ * KZT_SKB_ETHER (tc) it is read directly from behind the 14-byte Ethernet header where the packet's
+ * device is an Ethernet device (`ether`: the agent's flags for the device, tc.c's tcdev) and the frame
+ * bears that out (kzt_skb_ether), ~30 ns less per packet on the 2-core VM (bench/datapath.md); other
+ * devices and frames go through the helper.
  */
 #ifndef KZT_SKB_H
 #define KZT_SKB_H
@@ -21,6 +22,7 @@
 struct kzt_skb_ref {
     struct __sk_buff *skb;
     u32 base;  /* bytes from the network header to the IP header parsed (a tunnel's inner packet) */
+    u32 ether; /* KZT_SKB_ETHER: the device frames its packets in Ethernet (else 0: no link header known) */
 };
 
 static __always_inline long kzt_skb_read(struct kzt_skb_ref *ref, u32 off, void *dst, u32 size)
@@ -33,14 +35,15 @@ static __always_inline long kzt_skb_read(struct kzt_skb_ref *ref, u32 off, void 
 /* The 64-byte header prefix copied from the packet behind its Ethernet header, when the frame shows that
  * is where its network header is: its EtherType is the skb's protocol and the IP header's length
  * accounts for the rest of the packet exactly (so not a frame with a tag between the link and the IP
- * header, nor a padded one, nor BIG TCP's length 0: those, a tunnel's inner packet (`base`) and a linear
- * part shorter than 78 bytes go through the helper). < 0 when not copied. */
+ * header, nor a padded one, nor BIG TCP's length 0: those, a tunnel's inner packet (`base`), a device
+ * without Ethernet headers (`ether` 0: a WireGuard or IP tunnel device's packet starts at its IP header)
+ * and a linear part shorter than 78 bytes go through the helper). < 0 when not copied. */
 static __always_inline long kzt_skb_ether(struct kzt_skb_ref *ref, u8 *dst)
 {
     struct __sk_buff *skb = ref->skb;
     const u8 *data = (const u8 *)(long)skb->data;
     const u64 *ip = (const u64 *)(data + KZT_SKB_ETH_HLEN);
-    if (ref->base || (const void *)(ip + 8) > (const void *)(long)skb->data_end)
+    if (!ref->ether || ref->base || (const void *)(ip + 8) > (const void *)(long)skb->data_end)
         return -1;
     if (*(const u16 *)(data + 12) != (u16)skb->protocol)
         return -1;

@@ -9,35 +9,68 @@
  *   kzt_dispatch  attached to every hooked device. It only tail-calls progs[0] (an upgrade swaps the
  *                 counter atomically) and returns TC_ACT_UNSPEC, which tcx reads as TCX_NEXT: the
  *                 verdict stays with whatever runs after it (a CNI's program, the qdisc).
- *   kzt_count     the counter. With KZT_TC_INNER (no overlay device hooked) a VXLAN packet to one of
- *                 KZT_VXLAN_PORT0/1 is counted as its inner packet, the one with the pods' addresses,
+ *   kzt_count     the counter. On a device flagged KZT_DEV_INNER (no overlay device hooked) a VXLAN packet
+ *                 to 4789 or 8472 is counted as its inner packet, the one with the pods' addresses,
  *                 behind up to two VLAN tags in the inner frame (802.1Q, QinQ: count.h's kzt_vxlan_ip);
  *                 one whose inner frame is not IP (the overlay's ARP; three tags) is not IP traffic.
  *   kzt_evict     run by the agent through BPF_PROG_TEST_RUN: kzt_evict_listed.
  *
- * Overhead: the common packet (KZT_SKB_ETHER: IPv4 without options, TCP or UDP, not GSO unless TCP's) takes
- * kzt_fast4, which reads the few fields of the key straight from the packet, no copy of the header prefix
- * and no helper, and adds to the CPU's slot (bench/datapath.md, session 26). Every other packet: the
- * 64-byte header prefix, copied from the packet behind its Ethernet header where every
- * hooked device is an Ethernet device and the frame bears it out (skb.h's KZT_SKB_ETHER), else one skb
- * load (two more for a packet shorter than that), the flow's count (count.h:
- * the CPU's slot, or one hash lookup and two atomic adds), one tail call; with KZT_TC_INNER the same load serves the VXLAN check (a VXLAN packet: a 10-byte
- * load of its inner EtherType and tags, and the inner packet's 64 bytes). Measured by bench/datapath_overhead.py.
+ * One build serves every device: what differs between devices is read per packet from tcdev, the flags
+ * the agent writes for a device before it hooks it (tc.py DeviceConfig): KZT_DEV_ETHER (the device frames
+ * its packets in Ethernet: the fast path and the direct header copy may read behind 14 bytes) and
+ * KZT_DEV_INNER (count VXLAN as its inner packets). A device with no flags (none written) takes the
+ * helper's reads, right on any device, and counts VXLAN as it is. So a device of any kind is hooked while
+ * the agent runs without compiling again (tcwatch.py).
+ *
+ * Overhead: the device's flags (one inlined array lookup: tcdev's slot of the ifindex). The common packet
+ * (on an Ethernet device: IPv4 without options, TCP or UDP, not GSO unless TCP's) takes kzt_fast4, which
+ * reads the few fields of the key straight from the packet, no copy of the header prefix and no helper,
+ * and adds to the CPU's slot (bench/datapath.md, sessions 26-27). Every other packet: the 64-byte header
+ * prefix, copied from the packet behind its Ethernet header where the device is an Ethernet device and
+ * the frame bears it out (skb.h's kzt_skb_ether), else one skb load (two more for a packet shorter than
+ * that), the flow's count (count.h: the CPU's slot, or one hash lookup and two atomic adds), one tail
+ * call; with KZT_DEV_INNER the same load serves the VXLAN check (a VXLAN packet: a 10-byte load of its
+ * inner EtherType and tags, and the inner packet's 64 bytes). Measured by bench/datapath_overhead.py.
  * Wire-exact: GSO packets are counted as their segments (count.h's kzt_wire, from __sk_buff's gso_size
  * and gso_segs; the GSO type is not readable here, so a tunnel's GSO is recognised by its VXLAN port);
  * fragments are made before this hook, so they are counted as they are.
- * Limits: p.len is the skb's length less an Ethernet header; count.h only falls back to it where the IP
- * header gives no length (BIG TCP, which only Ethernet devices do) and for an unreadable packet.
+ * Limits: p.len is the skb's length less the device's link header (14 bytes on an Ethernet device, else
+ * none); count.h only falls back to it where the IP header gives no length (BIG TCP, which only Ethernet
+ * devices do) and for an unreadable packet.
  */
 #define KZT_TC_NEXT -1 /* TC_ACT_UNSPEC == TCX_NEXT: never a verdict of ours */
 #define KZT_ETH_HLEN 14
 #define KZT_ETH_P_IP 0x0800
 #define KZT_ETH_P_IPV6 0x86DD
 
+#define KZT_SKB_ETHER /* skb.h: the header prefix may be copied from behind an Ethernet header (ref.ether) */
 #include "skb.h"
 #include "count.h"
 
-#ifdef KZT_TC_INNER
+/* A hooked device's flags (tc.py DEV_*), by ifindex: in the array's slot ifindex % KZT_DEV_SLOTS when that
+ * slot is the device's (`ifindex` says whose it is), else in tcdev_more (two hooked devices sharing a
+ * slot). Pinned with the other maps: a counter adopted unchanged, or a new one, reads what the agent
+ * wrote. */
+#define KZT_DEV_ETHER 1
+#define KZT_DEV_INNER 2
+#define KZT_DEV_SLOTS 256
+struct kzt_dev {
+    u32 ifindex;
+    u32 flags;
+};
+KZT_TABLE("array", u32, struct kzt_dev, tcdev, KZT_DEV_SLOTS);
+KZT_TABLE("hash", u32, u32, tcdev_more, KZT_DEV_SLOTS);
+
+static __always_inline u32 kzt_dev_flags(struct __sk_buff *skb)
+{
+    u32 ifindex = skb->ifindex, slot = ifindex & (KZT_DEV_SLOTS - 1);
+    struct kzt_dev *dev = tcdev.lookup(&slot);
+    if (__builtin_expect(dev && dev->ifindex == ifindex, 1))
+        return dev->flags;
+    u32 *more = tcdev_more.lookup(&ifindex);
+    return more ? *more : 0;
+}
+
 /* VXLAN, from the outer header prefix: outer IP, UDP (8) to one of the ports; returns the offset of the
  * VXLAN payload's Ethernet header (after the 8-byte VXLAN header) or 0. */
 static __always_inline u32 kzt_vxlan_eth(const u8 *o)
@@ -50,22 +83,21 @@ static __always_inline u32 kzt_vxlan_eth(const u8 *o)
     if (l4 == 0 || l4 > 40)
         return 0;
     u16 dport = ((u16)o[(l4 + 2) & 63] << 8) | o[(l4 + 3) & 63];
-    if (dport != KZT_VXLAN_PORT0 && dport != KZT_VXLAN_PORT1)
+    if (dport != KZT_VXLAN_IANA && dport != KZT_VXLAN_LINUX)
         return 0;
     return l4 + 8 + 8;
 }
-#endif
 
-#if defined(KZT_SKB_ETHER) && !defined(KZT_TC_NO_FAST4)
+#ifndef KZT_TC_NO_FAST4
 #define KZT_TC_FAST4
 /* The common case, read straight from the packet with no copy of the header prefix: an IPv4 packet
  * without options in an Ethernet frame whose EtherType and IP length bear out that its network header is
  * 14 bytes in (as skb.h's kzt_skb_ether), not a later fragment, TCP or UDP with its ports in the linear
- * part, not a GSO packet unless TCP's (its header length in the linear part too), and (KZT_TC_INNER) not
+ * part, not a GSO packet unless TCP's (its header length in the linear part too), and (KZT_DEV_INNER) not
  * to a VXLAN port. It builds the key, bytes and packets count.h's kzt_count_packet would (no origin, no
  * source before NAT in tc; kzt_wire's TCP GSO rule) and adds them the same way. 0: not such a packet,
- * nothing counted; the full path takes it. */
-static __always_inline int kzt_fast4(struct __sk_buff *skb)
+ * nothing counted; the full path takes it. Only for a device flagged KZT_DEV_ETHER. */
+static __always_inline int kzt_fast4(struct __sk_buff *skb, u32 dev)
 {
     const u8 *data = (const u8 *)(long)skb->data;
     const u8 *ip = data + KZT_ETH_HLEN;
@@ -79,10 +111,8 @@ static __always_inline int kzt_fast4(struct __sk_buff *skb)
         return 0;
     u32 ports = *(const u32 *)(ip + 20); /* network order: the verifier lets x86 load unaligned */
     u16 sport = bpf_ntohs((u16)ports), dport = bpf_ntohs((u16)(ports >> 16));
-#ifdef KZT_TC_INNER
-    if (proto == 17 && (dport == KZT_VXLAN_PORT0 || dport == KZT_VXLAN_PORT1))
+    if (proto == 17 && (dev & KZT_DEV_INNER) && (dport == KZT_VXLAN_IANA || dport == KZT_VXLAN_LINUX))
         return 0;
-#endif
     u64 bytes = l3len, packets = 1;
     u32 gso_size = skb->gso_size;
     if (__builtin_expect(gso_size != 0, 0)) {
@@ -109,27 +139,28 @@ static __always_inline int kzt_fast4(struct __sk_buff *skb)
 
 int kzt_count(struct __sk_buff *skb)
 {
+    u32 dev = kzt_dev_flags(skb);
 #ifdef KZT_TC_FAST4
-    if (skb->protocol == bpf_htons(KZT_ETH_P_IP) && kzt_fast4(skb))
+    if ((dev & KZT_DEV_ETHER) && skb->protocol == bpf_htons(KZT_ETH_P_IP) && kzt_fast4(skb, dev))
         return KZT_TC_NEXT;
 #endif
     if (skb->protocol != bpf_htons(KZT_ETH_P_IP) && skb->protocol != bpf_htons(KZT_ETH_P_IPV6)) {
         kzt_stat(KZT_STAT_NOT_IP); /* ARP, LLDP ...: not IP traffic */
         return KZT_TC_NEXT;
     }
-    struct kzt_skb_ref ref = {skb, 0};
+    struct kzt_skb_ref ref = {skb, 0, dev & KZT_DEV_ETHER};
     struct kzt_pkt p = {};
     p.ctx = &ref;
     p.linear = 0xFFFF; /* kzt_skb_load reads only from the linear part itself */
-    p.len = skb->len > KZT_ETH_HLEN ? skb->len - KZT_ETH_HLEN : skb->len;
+    u32 link = (dev & KZT_DEV_ETHER) ? KZT_ETH_HLEN : 0; /* the link header skb->len holds */
+    p.len = skb->len > link ? skb->len - link : skb->len;
     p.gso_size = skb->gso_size; /* egress runs before the stack segments: count the segments (count.h) */
     p.gso_segs = skb->gso_segs;
-#ifdef KZT_TC_INNER
-    /* One read of the header prefix serves both the VXLAN check and the count (count.h's p.hdr). A
-     * VXLAN packet's headers to its inner IP header are more than 64 bytes, in the linear part: one
-     * whose prefix cannot be read whole is no VXLAN packet count.h could parse inside. */
+    /* KZT_DEV_INNER: one read of the header prefix serves both the VXLAN check and the count (count.h's
+     * p.hdr). A VXLAN packet's headers to its inner IP header are more than 64 bytes, in the linear
+     * part: one whose prefix cannot be read whole is no VXLAN packet count.h could parse inside. */
     u8 hdr[KZT_HDR_READ] __attribute__((aligned(8)));
-    if (kzt_skb_prefix(&ref, hdr) == 0) {
+    if ((dev & KZT_DEV_INNER) && kzt_skb_prefix(&ref, hdr) == 0) {
         p.hdr = hdr;
         u32 eth = kzt_vxlan_eth(hdr);
         if (eth) {
@@ -143,7 +174,6 @@ int kzt_count(struct __sk_buff *skb)
             p.len = p.len > inner ? p.len - inner : 0;
         }
     }
-#endif
     kzt_count_packet(&p);
     return KZT_TC_NEXT;
 }
