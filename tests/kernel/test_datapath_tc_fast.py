@@ -1,11 +1,11 @@
-"""tc's fast path (tc.c's kzt_fast4) counts every packet exactly as the full path does, and each device's
-flags (tc.py DeviceConfig, read per packet) choose the path.
+"""tc's fast paths (tc.c's kzt_fast4 and kzt_fast6) count every packet exactly as the full path does,
+and each device's flags (tc.py DeviceConfig, read per packet) choose the path.
 
 The tc counter is built as the agent builds it, without the write-combining slots so that each packet
 lands in the flow map at once, and its device's flags are written as the agent writes them (the test run's
 device is lo, ifindex 1):
 - `fast`: an Ethernet uplink where VXLAN is counted inside (DEV_ETHER | DEV_INNER), as shipped;
-- `full`: the same flags, built with -DKZT_TC_NO_FAST4 (every packet through count.h's full path);
+- `full`: the same flags, built with -DKZT_TC_NO_FAST (every packet through count.h's full path);
 - `helper`: DEV_INNER only, as for a device without Ethernet headers (no fast path, no direct header copy:
   every read through the helper), written to tcdev_more because another device holds its array slot;
 - `outer`: DEV_ETHER only, as where an overlay device was hooked at the start: VXLAN counted as it is.
@@ -33,7 +33,7 @@ from otel_kzt.agent.datapath.btf import KIND_STRUCT, kernel_btf
 
 pytestmark = pytest.mark.kernel
 
-NO_FAST = "-DKZT_TC_NO_FAST4"
+NO_FAST = "-DKZT_TC_NO_FAST"
 DST, DST6 = "10.78.0.1", "fd78::1"
 UDP, TCP = 17, 6
 

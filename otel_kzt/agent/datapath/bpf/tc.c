@@ -23,9 +23,10 @@
  * the agent runs without compiling again (tcwatch.py).
  *
  * Overhead: the device's flags (one inlined array lookup: tcdev's slot of the ifindex). The common packet
- * (on an Ethernet device: IPv4 without options, TCP or UDP, not GSO unless TCP's) takes kzt_fast4, which
- * reads the few fields of the key straight from the packet, no copy of the header prefix and no helper,
- * and adds to the CPU's slot (bench/datapath.md, sessions 26-27). Every other packet: the 64-byte header
+ * (on an Ethernet device: IPv4 without options or IPv6 without extension headers, TCP or UDP, not GSO
+ * unless TCP's) takes kzt_fast4 or kzt_fast6, which read the few fields of the key straight from the
+ * packet, no copy of the header prefix and no helper, and add to the CPU's slot (bench/datapath.md,
+ * sessions 26 and 28; -DKZT_TC_NO_FAST leaves them out, for the test). Every other packet: the 64-byte header
  * prefix, copied from the packet behind its Ethernet header where the device is an Ethernet device and
  * the frame bears it out (skb.h's kzt_skb_ether), else one skb load (two more for a packet shorter than
  * that), the flow's count (count.h: the CPU's slot, or one hash lookup and two atomic adds), one tail
@@ -88,8 +89,8 @@ static __always_inline u32 kzt_vxlan_eth(const u8 *o)
     return l4 + 8 + 8;
 }
 
-#ifndef KZT_TC_NO_FAST4
-#define KZT_TC_FAST4
+#ifndef KZT_TC_NO_FAST
+#define KZT_TC_FAST
 /* The common case, read straight from the packet with no copy of the header prefix: an IPv4 packet
  * without options in an Ethernet frame whose EtherType and IP length bear out that its network header is
  * 14 bytes in (as skb.h's kzt_skb_ether), not a later fragment, TCP or UDP with its ports in the linear
@@ -135,14 +136,66 @@ static __always_inline int kzt_fast4(struct __sk_buff *skb, u32 dev)
     KZT_ADD4(&key, bytes, packets);
     return 1;
 }
+
+/* kzt_fast4's IPv6 twin: a 40-byte IPv6 header with no extension header (next header TCP or UDP) in an
+ * Ethernet frame whose EtherType and payload length bear out that its network header is 14 bytes in (a
+ * jumbogram's length 0 does not), the ports in the linear part, not a GSO packet unless TCP's, and
+ * (KZT_DEV_INNER) not to a VXLAN port. The key, bytes and packets count.h's kzt_count_packet would build
+ * (kzt_wire's TCP GSO rule: hlen = 40 + doff * 4), added the same way. 0: the full path takes it. */
+static __always_inline int kzt_fast6(struct __sk_buff *skb, u32 dev)
+{
+    const u8 *data = (const u8 *)(long)skb->data;
+    const u8 *ip = data + KZT_ETH_HLEN;
+    if ((const void *)(ip + 44) > (const void *)(long)skb->data_end)
+        return 0;
+    if (*(const u16 *)(data + 12) != bpf_htons(KZT_ETH_P_IPV6) || (ip[0] >> 4) != 6)
+        return 0;
+    u32 l3len = 40 + (((u32)ip[4] << 8) | ip[5]);
+    u8 proto = ip[6];
+    if (l3len != skb->len - KZT_ETH_HLEN || (proto != 6 && proto != 17))
+        return 0;
+    u32 ports = *(const u32 *)(ip + 40);
+    u16 sport = bpf_ntohs((u16)ports), dport = bpf_ntohs((u16)(ports >> 16));
+    if (proto == 17 && (dev & KZT_DEV_INNER) && (dport == KZT_VXLAN_IANA || dport == KZT_VXLAN_LINUX))
+        return 0;
+    u64 bytes = l3len, packets = 1;
+    u32 gso_size = skb->gso_size;
+    if (__builtin_expect(gso_size != 0, 0)) {
+        if (proto != 6 || (const void *)(ip + 53) > (const void *)(long)skb->data_end)
+            return 0;
+        u32 hlen = 40 + (u32)(ip[52] >> 4) * 4;
+        u64 segs = skb->gso_segs;
+        if (segs == 0)
+            segs = bytes <= hlen ? 1 : (bytes - hlen + gso_size - 1) / gso_size;
+        if (segs > 1) {
+            bytes += (segs - 1) * hlen;
+            packets = segs;
+        }
+    }
+    struct flow_key6 key = {};
+    key.proto = proto;
+    const u32 *addr = (const u32 *)(ip + 8); /* source, then destination: 8 words */
+    u32 *src = (u32 *)key.src, *dst = (u32 *)key.dst;
+    src[0] = addr[0], src[1] = addr[1], src[2] = addr[2], src[3] = addr[3];
+    dst[0] = addr[4], dst[1] = addr[5], dst[2] = addr[6], dst[3] = addr[7];
+    kzt_set_port(&key.port_side, &key.port, sport, dport);
+    KZT_ADD6(&key, bytes, packets);
+    return 1;
+}
 #endif
 
 int kzt_count(struct __sk_buff *skb)
 {
     u32 dev = kzt_dev_flags(skb);
-#ifdef KZT_TC_FAST4
-    if ((dev & KZT_DEV_ETHER) && skb->protocol == bpf_htons(KZT_ETH_P_IP) && kzt_fast4(skb, dev))
-        return KZT_TC_NEXT;
+#ifdef KZT_TC_FAST
+    if (dev & KZT_DEV_ETHER) {
+        if (skb->protocol == bpf_htons(KZT_ETH_P_IP)) {
+            if (kzt_fast4(skb, dev))
+                return KZT_TC_NEXT;
+        } else if (skb->protocol == bpf_htons(KZT_ETH_P_IPV6) && kzt_fast6(skb, dev)) {
+            return KZT_TC_NEXT;
+        }
+    }
 #endif
     if (skb->protocol != bpf_htons(KZT_ETH_P_IP) && skb->protocol != bpf_htons(KZT_ETH_P_IPV6)) {
         kzt_stat(KZT_STAT_NOT_IP); /* ARP, LLDP ...: not IP traffic */
