@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterable
 
@@ -14,7 +15,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
 )
 from prometheus_client import CollectorRegistry
 
-from otel_kzt import schema
+from otel_kzt import gctune, schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, AggregatesCollector, HealthMetrics
 from otel_kzt.enricher.processing.core import Core
 from otel_kzt.enricher.processing.cost import load_prices
@@ -428,3 +429,20 @@ def test_bytes_and_packets_of_a_flow_are_named_once_per_request(monkeypatch: pyt
     ]
     counts = sorted((r[schema.FLOW_LOG_BYTES], r[schema.FLOW_LOG_PACKETS]) for r in records)
     assert counts == [(900, 1), (3_000, 2)]  # each flow's bytes and packets paired in one record
+
+
+@pytest.mark.parametrize("new", [63, 64])
+def test_a_request_of_many_new_series_sets_them_aside_until_one_of_few(new: int) -> None:
+    """64 new series in a request make it part of a burst (gctune.burst: what it allocated is kept out of
+    young garbage collections); the next request, of the same series, ends it."""
+    gctune.burst(False)
+    try:
+        core, *_ = make_core(FakeIndex())
+        flows = [("10.0.0.1", f"10.1.0.{i}", 10, 1) for i in range(new)]
+        core.consume_metrics(request(flows))
+        assert (gc.get_freeze_count() > 0) == (new >= 64)
+        core.consume_metrics(request([(s, d, 20, start) for s, d, _, start in flows], t=3_000))
+        assert gc.get_freeze_count() == 0
+        assert core.active_series == new
+    finally:
+        gctune.burst(False)

@@ -28,7 +28,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import (
     ResourceMetrics,
 )
 
-from otel_kzt import schema
+from otel_kzt import gctune, schema
 from otel_kzt.enricher.exporters.prometheus import Aggregates, HealthMetrics
 from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.cost import PriceTable
@@ -56,6 +56,9 @@ _RM_RESOURCE: Final = 1
 _RM_SCOPE_METRICS: Final = 2
 _SM_METRICS: Final = 2
 _METRIC_SUM: Final = 7
+# New series in one request that make it part of a burst (a cluster's first interval: an agent's every flow),
+# during which young garbage collections are spaced out further (gctune.burst)
+_BURST_SERIES: Final = 64
 
 
 class Sink(Protocol):
@@ -196,7 +199,9 @@ class Core:
         self, buf: bytes, plans: Iterator[ResourcePlan], batch: Batch
     ) -> tuple[bytes, dict[str, int], dict[str, int]]:
         """The enriched request, the points declined and the state evicted; under the aggregates lock."""
+        before = self._table.count
         payload = self._request(buf, plans, batch)
+        gctune.burst(self._table.count - before >= _BURST_SERIES)
         self._table.maybe_sweep(batch.now)
         return payload, self._rule.take_declined(), self._table.take_evicted()
 
