@@ -56,6 +56,11 @@ Tombstone = tuple[int, list[list[float]], int]
 GroupKey = tuple[bytes, str]
 _NS_MIN, _NS_MAX = -(1 << 63), 1 << 64  # beyond any time_unix_nano: an unbounded window
 _INFINITE: Final = (-math.inf, math.inf)
+# Sum.data_points tag and length of an enriched point, by its length: one bytes object per length, shared
+# by the series of that length (most series of a cluster have one of a few), kept for the lengths that
+# take two varint bytes or fewer (at most 16,384)
+_HEADERS: dict[int, bytes] = {}
+_CACHED_HEADERS: Final = 0x4000
 
 
 def identity_key(dp: NumberDataPoint) -> bytes:
@@ -116,8 +121,9 @@ class Series(Counted):
     def set_point_len(self, point_len: int) -> None:
         """Canonical points of one series all have the same length: the header is computed once."""
         enriched = point_len + len(self.resolved.extra)
-        self.header = bytes((POINT_TAG,)) + varint(enriched)
-        self.size = len(self.header) + enriched
+        header = _HEADERS.get(enriched) or _header(enriched)
+        self.header = header
+        self.size = len(header) + enriched
         self.point_len = point_len
         self.plain_len = point_len if self.out_run < 0 else -1
 
@@ -125,6 +131,13 @@ class Series(Counted):
         """Re-export the run `stream[0]` as a stream of its own (a rename), or nothing (-1)."""
         self.out_run, self.out_start, self.out_offset = stream
         self.plain_len = self.point_len if self.out_run < 0 else -1
+
+
+def _header(enriched: int) -> bytes:
+    header = bytes((POINT_TAG,)) + varint(enriched)
+    if enriched < _CACHED_HEADERS:
+        _HEADERS[enriched] = header
+    return header
 
 
 class SeriesTable:
@@ -193,7 +206,10 @@ class SeriesTable:
             forgotten, runs, dropped = tomb
             entry.set_runs(runs)
             entry.dropped, entry.horizon = dropped, forgotten
-        self.group(*where)[key] = entry
+        group = self.groups.get(where)
+        if group is None:
+            group = self.groups[where] = {}
+        group[key] = entry
         self.count += 1
         return entry
 
