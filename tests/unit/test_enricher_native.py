@@ -170,6 +170,9 @@ def test_the_json_lines_writer_writes_what_the_python_code_does_and_declines_the
         [(b"n1", b"a", 3.9, 2, 1, 2), (b"n2", b"a", 10**12 + 0.5, 7.0, 1_500_000_001, 2**62)],
         [(b"n1", b"a", 1e-300, 0.0, 0, 1), (b"n1", b"b", 5.0, 2**40, 2, 3)],  # two keys, one block
         [(b"n1", b"a", 1e300, 1.0, 1, 2)],  # declined by the C writer: int() of it is beyond 64 bits
+        # one interval for all (an agent's request): its start and end written once, copied in each line
+        [(b"n1", k, 1500.0 * i, i, 1_000_000_000, 2_000_000_001) for i, k in enumerate((b"a", b"b", b"c"))],
+        [(b"n1", b"a", 3.0, 1, 5, 9), (b"n1", b"b", 2**63, 1, 5, 9)],  # ... a count it declines
     ]
     for records in cases:
         made = []
@@ -185,6 +188,11 @@ def test_the_json_lines_writer_writes_what_the_python_code_does_and_declines_the
     floats = b"[1.0,2.0,null]"
     assert in_c(glue, [tpl], floats, [1e300], [1.0]) is None
     assert in_c(glue, [tpl], b"[1.0,2.0]", [1.0], [1.0]) is None  # not 3 floats a record
+    # shared: one start and one end token for every record, then a cost each (n + 2 tokens)
+    each = in_c(glue, [tpl, tpl], b"[1.5,1.5,2.5,2.5,0.25,0.5]", [3, 4], [5, 6])
+    assert each is not None and in_c(glue, [tpl, tpl], b"[1.5,2.5,0.25,0.5]", [3, 4], [5, 6], True) == each
+    assert in_c(glue, [tpl, tpl], b"[1.5,2.5,0.25]", [3, 4], [5, 6], True) is None
+    assert in_c(glue, [tpl, tpl], b"[1.5,1.5,2.5,2.5,0.25,0.5]", [3, 4], [5, 6], True) is None
     assert in_c(glue, [tpl], floats, [-2.5], [7]).endswith(
         b':-2,"kzt.flow.packets":7,"kzt.estimated_cost_usd":null}\n'
     )

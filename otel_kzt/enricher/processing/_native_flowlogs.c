@@ -224,8 +224,10 @@ done:
  * Per record: the template's `json_prefix`, then the glue around the numbers as `_JSON_NUMBERS` puts
  * them: start, end (floats), bytes, packets (`%d` of `int(value)`), cost (float). The floats are orjson's
  * tokens, written by one orjson call in Python ("[s0,...,e0,...,c0,...]": starts, ends, costs) and copied
- * here as they are: the same bytes as the Python code. None for anything else (a count not a finite float
- * or an int of 64 bits, a prefix not bytes, the floats not 3n tokens): the Python code writes it. */
+ * here as they are: the same bytes as the Python code. With `shared` (the agents' case: every record of a
+ * request spans the same interval) the floats are "[start,end,c0,...]", the start and end tokens written
+ * in every line. None for anything else (a count not a finite float or an int of 64 bits, a prefix not
+ * bytes, the floats not 3n tokens, n + 2 when shared): the Python code writes it. */
 
 static char *put_i64(char *p, long long v) {
     char digits[24];
@@ -263,13 +265,15 @@ static int int_of(PyObject *o, long long *out) {
 enum { J_GLUE, J_TEMPLATES, J_FLOATS, J_BYTE_COUNTS, J_PACKET_COUNTS, J_ARGS };
 #define GLUES 6
 
-/* json_lines(glue, templates, floats, byte_counts, packet_counts) -> the lines' bytes, or None.
+/* json_lines(glue, templates, floats, byte_counts, packet_counts[, shared]) -> the lines' bytes, or None.
  * glue: the 6 bytes around the 5 numbers of a line's tail. */
 PyObject *json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != J_ARGS) {
-        PyErr_SetString(PyExc_TypeError, "json_lines() takes 5 arguments");
+    if (nargs != J_ARGS && nargs != J_ARGS + 1) {
+        PyErr_SetString(PyExc_TypeError, "json_lines() takes 5 or 6 arguments");
         return NULL;
     }
+    int shared = nargs > J_ARGS ? PyObject_IsTrue(args[J_ARGS]) : 0;
+    if (shared < 0) return NULL;
     PyObject *glue = args[J_GLUE], *templates = args[J_TEMPLATES], *floats = args[J_FLOATS];
     PyObject *byte_counts = args[J_BYTE_COUNTS], *packet_counts = args[J_PACKET_COUNTS];
     if (!PyTuple_CheckExact(glue) || PyTuple_GET_SIZE(glue) != GLUES || !PyBytes_CheckExact(floats) ||
@@ -283,16 +287,16 @@ PyObject *json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     }
     const char *f = PyBytes_AS_STRING(floats), *f_end = f + PyBytes_GET_SIZE(floats);
     if (n == 0 || f_end - f < 2 || f[0] != '[' || f_end[-1] != ']') Py_RETURN_NONE;
-    /* the three cursors: the first start, end and cost token */
+    /* the three cursors: the first start, end and cost token (shared: the one start and end token) */
     const char *cur[3] = {f + 1, NULL, NULL};
-    Py_ssize_t seen = 0;
+    Py_ssize_t seen = 0, per = shared ? 1 : n;
     for (const char *q = f + 1; q < f_end; q++) {
         if (*q != ',' && *q != ']') continue;
         seen++;
-        if (seen == n) cur[1] = q + 1;
-        if (seen == 2 * n) cur[2] = q + 1;
+        if (seen == per) cur[1] = q + 1;
+        if (seen == 2 * per) cur[2] = q + 1;
     }
-    if (seen != 3 * n) Py_RETURN_NONE;
+    if (seen != 2 * per + n) Py_RETURN_NONE;
     static PyObject *prefix_name = NULL;
     if (prefix_name == NULL && (prefix_name = PyUnicode_InternFromString("json_prefix")) == NULL) return NULL;
     PyObject *prefixes = PyList_New(n); /* held while writing */
@@ -330,7 +334,7 @@ PyObject *json_lines(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             if (end == NULL) end = f_end - 1; /* the last token, before ']' */
             memcpy(p, cur[c], end - cur[c]);
             p += end - cur[c];
-            cur[c] = end + 1;
+            if (c == 2 || !shared) cur[c] = end + 1;
         }
         p = put_bytes(p, PyTuple_GET_ITEM(glue, 5));
     }

@@ -315,13 +315,21 @@ class FlowRecords:
     def json_lines(self) -> bytes:
         """Every record as a JSON line: the template's prefix, then the numbers. The floats (times, cost)
         of all records are written by one orjson call (shortest round-trip form, as repr, several times
-        faster than formatting each)."""
+        faster than formatting each). For the C writer, an interval every record shares (an agent's
+        request: one export time, one previous one) is written once and copied into each line."""
         templates, starts, ends, byte_counts, packet_counts, costs = self._columns()
         n = len(templates)
         if not n:
             return b""
-        tokens = orjson.dumps([*map(_seconds, starts), *map(_seconds, ends), *costs])
         if self._json_lines is not None:  # the same bytes, written in one buffer (None: a value it declines)
+            start, end = starts[0], ends[0]
+            if starts.count(start) == n and ends.count(end) == n:
+                tokens = orjson.dumps([_seconds(start), _seconds(end), *costs])
+                written = self._json_lines(_JSON_GLUE, templates, tokens, byte_counts, packet_counts, True)
+                if written is not None:
+                    return written
+        tokens = orjson.dumps([*map(_seconds, starts), *map(_seconds, ends), *costs])
+        if self._json_lines is not None:
             written = self._json_lines(_JSON_GLUE, templates, tokens, byte_counts, packet_counts)
             if written is not None:
                 return written
@@ -387,7 +395,8 @@ def _int_heads(encoder: AttributeEncoder) -> tuple[bytes, ...]:
 # and start heads, then the columns) -> the request, or None for values it leaves to the Python code
 OtlpLogs = Callable[..., bytes | None]
 DEFAULT_OTLP_LOGS: Final[OtlpLogs | None] = None if native.MODULE is None else native.MODULE.otlp_logs
-# ... `json_lines`: (the glue around a line's numbers, templates, orjson's floats, bytes, packets)
+# ... `json_lines`: (the glue around a line's numbers, templates, orjson's floats, bytes, packets[, shared:
+# the floats are one start, one end, then the costs: every record spans that interval])
 JsonLines = Callable[..., bytes | None]
 DEFAULT_JSON_LINES: Final[JsonLines | None] = None if native.MODULE is None else native.MODULE.json_lines
 _BYTES_HEADS: Final = _int_heads(_BYTES_ATTR)
