@@ -12,6 +12,7 @@ In CI (CI=true) the extension must be built: a missing one fails here, it is not
 from __future__ import annotations
 
 import os
+import struct
 import subprocess
 import sys
 import types
@@ -24,6 +25,7 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_D
 
 from otel_kzt.enricher.processing import flowlogs, native
 from otel_kzt.enricher.processing.flowlogs import FlowRecords
+from otel_kzt.enricher.processing.repeats import layout
 from tests.unit import test_enricher_repeats
 from tests.unit.test_enricher_core import PODS
 from tests.unit.test_enricher_repeats import FLOWS, TTL_S, encode
@@ -196,3 +198,28 @@ def test_the_json_lines_writer_writes_what_the_python_code_does_and_declines_the
     assert in_c(glue, [tpl], floats, [-2.5], [7]).endswith(
         b':-2,"kzt.flow.packets":7,"kzt.estimated_cost_usd":null}\n'
     )
+
+
+@needs_native
+def test_the_layout_reader_gives_each_point_its_own_start_time_and_value() -> None:
+    """A Sum read in C as Layout.read reads it in Python: runs of points sharing a start or a time (the C
+    reader hands them one int each) and points that do not, each value its own."""
+    assert native.EXTENSION is not None
+    points = [(5, 9, 1), (5, 9, 2), (7, 9, 3), (7, 11, 4), (5, 11, 5), (2**64 - 1, 11, 6), (5, 12, 7)]
+    keys = [b"\x3a\x02k%d" % i for i in range(len(points))]
+    body, seen = b"", []
+    for (start, t, value), key in zip(points, keys, strict=True):
+        point = struct.pack("<BQBQBq", 0x11, start, 0x19, t, 0x31, value) + key
+        seen.append((len(body), len(body) + 2, types.SimpleNamespace(
+            header=b"", resolved=types.SimpleNamespace(extra=b""), size=0, valid_from=0, valid_until=2**64,
+        ), key))  # fmt: skip
+        body += bytes((0x0A, len(point))) + point
+    buf, trailer = body + b"\x10\x02", b"\x10\x02"
+    made = {}
+    for name, reader in (("c", native.EXTENSION.read_layout), ("python", None)):
+        shape = layout(1, (buf, 0, len(buf)), seen, trailer, reader)  # type: ignore[arg-type]
+        assert shape is not None
+        made[name] = shape.read(buf, 0, len(buf))
+    assert made["c"] == made["python"]
+    assert made["c"] is not None and made["c"][1][1::6] == [p[0] for p in points]
+    assert made["c"][1][3::6] == [p[1] for p in points] and made["c"][1][5::6] == [p[2] for p in points]

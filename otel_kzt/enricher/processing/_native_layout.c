@@ -17,10 +17,26 @@
 #define TIME_TAG 0x19
 #define INT_TAG 0x31
 
-static uint64_t u64_at(const unsigned char *p) {
+static uint64_t u64_at(const unsigned char *p) { /* little-endian fixed64 */
     uint64_t v = 0;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    memcpy(&v, p, 8);
+#else
     for (int i = 7; i >= 0; i--) v = (v << 8) | p[i];
+#endif
     return v;
+}
+
+/* The int of a point's start or time: the previous point's object when it is the same value (a Sum's
+ * points mostly share them), else a new one; a new reference. */
+static PyObject *time_int(uint64_t v, uint64_t *last_v, PyObject **last) {
+    if (*last == NULL || v != *last_v) {
+        PyObject *made = PyLong_FromUnsignedLongLong(v);
+        if (made == NULL) return NULL;
+        Py_XSETREF(*last, made);
+        *last_v = v;
+    }
+    return Py_NewRef(*last);
 }
 
 /* read_layout(buf, body, end, received, keys, trailer, lo, hi) -> (raws, flat) or None */
@@ -72,7 +88,8 @@ PyObject *read_layout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     }
     Py_ssize_t tl = PyBytes_GET_SIZE(trailer);
     if (stop - p != tl || memcmp(p, PyBytes_AS_STRING(trailer), tl) != 0) Py_RETURN_NONE;
-    PyObject *raws = PyTuple_New(n), *flat = PyList_New(6 * n);
+    PyObject *raws = PyTuple_New(n), *flat = PyList_New(6 * n), *last_start = NULL, *last_time = NULL;
+    uint64_t last_start_v = 0, last_time_v = 0;
     if (raws == NULL || flat == NULL) goto error;
     p = base + body;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -82,8 +99,8 @@ PyObject *read_layout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         if (raw == NULL) goto error;
         PyTuple_SET_ITEM(raws, i, raw);
         PyObject *fields[6] = {
-            PyLong_FromLong(START_TAG), PyLong_FromUnsignedLongLong(u64_at(p + 1)),
-            PyLong_FromLong(TIME_TAG),  PyLong_FromUnsignedLongLong(u64_at(p + 10)),
+            PyLong_FromLong(START_TAG), time_int(u64_at(p + 1), &last_start_v, &last_start),
+            PyLong_FromLong(TIME_TAG),  time_int(u64_at(p + 10), &last_time_v, &last_time),
             PyLong_FromLong(INT_TAG),   PyLong_FromLongLong((int64_t)u64_at(p + 19)),
         };
         for (int f = 0; f < 6; f++) {
@@ -95,9 +112,13 @@ PyObject *read_layout(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
         }
         p += size;
     }
+    Py_XDECREF(last_start);
+    Py_XDECREF(last_time);
     return Py_BuildValue("(NN)", raws, flat);
 error:
     Py_XDECREF(raws);
     Py_XDECREF(flat);
+    Py_XDECREF(last_start);
+    Py_XDECREF(last_time);
     return NULL;
 }
