@@ -158,6 +158,10 @@ class Bed:
         self, topo: netns.Topology, receiver: GrpcReceiver, control: ServedCluster, workdir: Path
     ) -> None:
         self.topo, self.receiver, self.control, self.workdir = topo, receiver, control, workdir
+        # id(request) -> (request, its node, its flows: (ident, bytes point, packets point)); see _parsed.
+        self._parsed_cache: dict[
+            int, tuple[Any, str, list[tuple[str, dict[str, object], dict[str, object]]]]
+        ] = {}
 
     def metadata_args(self, node: str) -> list[str]:
         """`--kubeconfig` as the agent's ServiceAccount, the server reached from `node`'s netns."""
@@ -173,26 +177,42 @@ class Bed:
         item = next(i for i in json.loads(out)["nftables"] if "counter" in i)
         return int(item["counter"]["bytes"]), int(item["counter"]["packets"])
 
-    def node_requests(self, node: str) -> list[Any]:
-        return [
-            r
-            for r in self.receiver.snapshot()
-            if any(
-                kv.key == schema.RESOURCE_NODE_NAME and kv.value.string_value == node
-                for kv in r.resource_metrics[0].resource.attributes
+    def _parsed(self, request: Any) -> tuple[str, list[tuple[str, dict[str, object], dict[str, object]]]]:
+        """A request's node and flows, parsed once. The receiver lives for the whole module and agents
+        adopt the pinned map of the test before, so its 5,000 flows are exported again and again: waits
+        that parsed every request at each poll (~0.1 s of CPU per such request) took longer than their
+        timeouts on a loaded machine, with the value there all along (the CI of c6c96d0)."""
+        cached = self._parsed_cache.get(id(request))
+        if cached is None or cached[0] is not request:  # the entry keeps its request: no id is reused
+            node = next(
+                (kv.value.string_value for kv in request.resource_metrics[0].resource.attributes
+                 if kv.key == schema.RESOURCE_NODE_NAME),
+                "",
+            )  # fmt: skip
+            pairs = zip(
+                points([request], schema.FLOW_BYTES), points([request], schema.FLOW_PACKETS), strict=True
             )
-        ]
+            flows = [
+                (json.dumps({k: v for k, v in b.items() if not k.startswith("_")}, sort_keys=True), b, p)
+                for b, p in pairs
+            ]
+            cached = self._parsed_cache[id(request)] = (request, node, flows)
+        return cached[1], cached[2]
+
+    def node_requests(self, node: str) -> list[Any]:
+        return [r for r in self.receiver.snapshot() if self._parsed(r)[0] == node]
+
+    def node_flows(self, node: str) -> Iterator[tuple[str, dict[str, object], dict[str, object]]]:
+        """(ident, bytes point, packets point) of every flow `node` exported, oldest first (read only)."""
+        for request in self.node_requests(node):
+            yield from self._parsed(request)[1]
 
     def latest(self, node: str, **match: object) -> dict[str, tuple[dict[str, object], dict[str, object]]]:
         """The last exported (bytes point, packets point) per flow of `node` whose attributes match."""
         out: dict[str, tuple[dict[str, object], dict[str, object]]] = {}
-        for request in self.node_requests(node):
-            byte_points = points([request], schema.FLOW_BYTES)
-            packet_points = points([request], schema.FLOW_PACKETS)
-            for b, p in zip(byte_points, packet_points, strict=True):
-                if all(b.get(k) == v for k, v in match.items()):
-                    ident = json.dumps({k: v for k, v in b.items() if not k.startswith("_")}, sort_keys=True)
-                    out[ident] = (b, p)
+        for ident, b, p in self.node_flows(node):
+            if all(b.get(k) == v for k, v in match.items()):
+                out[ident] = (b, p)
         return out
 
     def wait_exports(self, node: str, count: int = 2, timeout: float = 60.0) -> None:
@@ -556,11 +576,7 @@ def _matches(point: dict[str, object], match: dict[str, object]) -> bool:
 
 def bed_points(bed: Bed, match: dict[str, object]) -> list[tuple[dict[str, object], dict[str, object]]]:
     """Every exported (bytes, packets) point of `match`, oldest first (latest() keeps one per series)."""
-    out = []
-    for request in bed.node_requests(N1):
-        pairs = zip(points([request], schema.FLOW_BYTES), points([request], schema.FLOW_PACKETS), strict=True)
-        out += [(b, p) for b, p in pairs if all(b.get(k) == v for k, v in match.items())]
-    return out
+    return [(b, p) for _, b, p in bed.node_flows(N1) if all(b.get(k) == v for k, v in match.items())]
 
 
 def test_http_protobuf_end_to_end(bed: Bed) -> None:
