@@ -11,10 +11,11 @@ later. Process-wide, as a service's start may set it; never lowered.
 A burst of new, long-lived objects (the enricher's first interval in a large cluster: 200k series, ~8
 objects each) is kept out of the young collections while it lasts (`burst`): each would walk every object
 allocated since the last one, find them all alive, and every tenth walk the previous ten's survivors
-again. After each step of a burst what it allocated is frozen (gc.freeze: set aside, not walked; still
-freed when nothing refers to it); when the burst ends, or BURST_DEFERRED allocations were set aside, it all
-goes back to the oldest generation (gc.unfreeze), where any cycle in it is collected as before. So at most
-BURST_DEFERRED allocations wait for the collector.
+again. After each step of a burst every tracked object is frozen (gc.freeze moves all generations, the
+older ones too, to the permanent one: not walked; still freed when nothing refers to it); when the burst
+ends, or BURST_DEFERRED allocations were set aside, it all goes back to the oldest generation
+(gc.unfreeze), where any cycle in it is collected as before. So while a burst lasts, at most
+BURST_DEFERRED new allocations (and the cycles already among the older objects) wait for the collector.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def space_collections() -> None:
 
 
 def burst(on: bool) -> None:
-    """After one step of a burst of new, long-lived objects (`on`): what was allocated since the last
-    collection is set aside; after any other step, or past the bound, everything set aside goes back."""
+    """After one step of a burst of new, long-lived objects (`on`): every tracked object is set aside, the
+    step's new ones counted against the bound; after any other step, or past the bound, all goes back."""
     global _deferred
     with _lock:
         if on:
