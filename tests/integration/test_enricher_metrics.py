@@ -46,6 +46,7 @@ CACHES = {
     "pieces.by_field",
     "flowlogs.orders",
     "repeats.codes",
+    "repeats.headers",
 }
 
 

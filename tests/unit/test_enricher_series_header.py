@@ -39,3 +39,14 @@ def test_series_of_one_length_share_one_header_where_cached() -> None:
     assert _series(200).header is _series(200).header
     assert _series(200).header is not _series(201).header
     assert _series(0x200000).header == _series(0x200000).header
+
+
+def test_series_of_one_length_share_its_size_and_point_length_ints() -> None:
+    a, b = _series(int("300")), _series(int("300"))  # made at run time, above the small-int cache:
+    # each int an object of its own unless shared
+    assert (
+        (a.size, a.point_len, a.plain_len)
+        == (b.size, b.point_len, b.plain_len)
+        == (len(a.header) + 307, 300, 300)
+    )
+    assert a.size is b.size and a.point_len is b.point_len and a.plain_len is a.point_len

@@ -106,6 +106,7 @@ class _Named:
     slim: Resolved
     template: FlowTemplate | None
     labels: tuple[str, ...]  # the flow labels' values (Aggregates.flow_label_values), for both metrics
+    key: bytes  # the series key as first seen in the request: both metrics' series are tracked by it
 
 
 class SumEnricher:
@@ -239,6 +240,9 @@ class SumEnricher:
         plain = learn  # every point plain: a layout is made
         (buf, pos, end), generation, now, unpack = part, batch.generation, batch.now, _UNPACK_CANONICAL
         count = self._rule.count
+        # a Sum's points mostly share their start and time: one int object each, not one per point (the
+        # series keep them: 200k new series in a cluster's first interval)
+        last_start = last_t = -1
         while pos < end:
             if buf[pos] != _POINT_TAG:
                 after = skip_field(buf, pos)
@@ -260,6 +264,14 @@ class SumEnricher:
             if size >= CANONICAL_PREFIX:
                 tag0, start, tag9, t, tag18, value = unpack(raw)
                 canonical = tag0 == 0x11 and tag9 == 0x19 and tag18 == _INT_VALUE_TAG
+                if start == last_start:
+                    start = last_start
+                else:
+                    last_start = start
+                if t == last_t:
+                    t = last_t
+                else:
+                    last_t = t
             if canonical:
                 key = raw[CANONICAL_PREFIX:]
                 entry = table.get(key)
@@ -269,13 +281,14 @@ class SumEnricher:
                     or not entry.valid_from <= t < entry.valid_until  # measured across an address reuse
                 ):  # named here: the layout holds the naming it ends with (a new series too)
                     try:
-                        entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
+                        tracked = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
                     except _NotAKey:
                         canonical = False
                     else:
-                        if entry is None:
+                        if tracked is None:
                             plain = False
                             continue
+                        entry, key = tracked  # the key object the table holds (a layout keeps it too)
                         if not entry.targets:  # over the series cap: enriched and forwarded, not counted
                             plain = False
                             out += (entry.header, raw, entry.resolved.extra)
@@ -344,9 +357,10 @@ class SumEnricher:
             or entry.generation != batch.generation
             or not entry.valid_from <= t < entry.valid_until
         ):
-            entry = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
-            if entry is None:
+            tracked = self._resolve(raw, key, entry, where, batch=batch, at_ns=t)
+            if tracked is None:
                 return b""
+            entry = tracked[0]
         is_int = dp.WhichOneof("value") == "as_int"
         value = dp.as_int if is_int else dp.as_double
         if value != value or value < 0:  # noqa: PLR0124
@@ -380,12 +394,14 @@ class SumEnricher:
         *,
         batch: Batch,
         at_ns: int,
-    ) -> Series | None:
+    ) -> tuple[Series, bytes] | None:
         """Slow path: a new series, metadata changed since it was resolved, or a point measured outside
-        the times its naming holds for (its address reused): named as of its measurement time."""
+        the times its naming holds for (its address reused): named as of its measurement time. With the
+        key object the table tracks it by: a new flow's two series (bytes, packets: the same attributes)
+        share the first one's."""
         at = at_ns / 1e9 if at_ns > 0 else None
         if entry is not None and self._reuse(entry, batch, at_ns, at, len(raw)):
-            return entry
+            return entry, key
         named = self._named(raw, key, where[0], batch, at_ns=at_ns, at=at)
         if named is None:
             return None
@@ -393,10 +409,10 @@ class SumEnricher:
         if entry is not None:
             self._table.relabel(entry, Naming(named.slim, targets, named.template), batch.generation)
             entry.set_point_len(len(raw))
-            return entry
+            return entry, key
         fresh = Series(batch.generation, named.slim, targets, named.template)
         fresh.set_point_len(len(raw))
-        return self._table.admit(where, key, fresh, batch.now)
+        return self._table.admit(where, named.key, fresh, batch.now), named.key
 
     def _named(
         self, raw: bytes, key: bytes, resource: bytes, batch: Batch, *, at_ns: int, at: float | None
@@ -432,7 +448,7 @@ class SumEnricher:
             )
         labels = self._agg.flow_label_values(resolved.attrs)
         found = named[(resource, key, at_ns)] = _Named(
-            resolved, usd_per_byte, resolved.slim(), template, labels
+            resolved, usd_per_byte, resolved.slim(), template, labels, key
         )
         return found
 

@@ -50,8 +50,21 @@ class _Codes(dict[int, str]):
 
 
 _CODES_CAP: Final = Cap("repeats.codes", 4096)  # key lengths remembered per header width
-CAPS: Final = (_CODES_CAP,)  # on /metrics (exporters/caches.py)
 _CODES: dict[int, _Codes] = {}  # by header width (bytes of tag and length: 2 or 3 in practice)
+_HEADERS_CAP: Final = Cap("repeats.headers", 4096)  # received point headers shared by the layouts
+_HEADERS: dict[bytes, bytes] = {}
+
+
+def _shared_header(header: bytes) -> bytes:
+    """One bytes object per received point header (Sum.data_points tag and length)."""
+    shared = _HEADERS.get(header)
+    if shared is None:
+        _HEADERS_CAP.room(_HEADERS)
+        shared = _HEADERS[header] = header
+    return shared
+
+
+CAPS: Final = (_CODES_CAP, _HEADERS_CAP)  # on /metrics (exporters/caches.py)
 # _native_layout.c `read_layout`: (buf, body, end, received headers, keys, trailer, lo, hi) -> `read`'s answer
 CRead = Callable[..., tuple[tuple[bytes, ...], list[int]] | None]
 
@@ -60,18 +73,18 @@ class Layout:
     """The shape of one group's Sum and the cached pieces of its enriched form."""
 
     __slots__ = (
+        "_heads",
+        "_reader",
         "c_read",
         "distinct",
         "entries",
         "extras",
         "generation",
         "headers",
-        "heads",
         "hi",
         "keys",
         "lo",
         "points",
-        "reader",
         "received",
         "size",
         "trailer",
@@ -86,7 +99,7 @@ class Layout:
         """From a general pass's plain points (see `layout`) and the Sum's fields after them, in metadata
         `generation`; `c_read`: `read` in C (processing/_native_layout.c), None: in Python."""
         self.generation, self.c_read = generation, c_read
-        self.width = width = seen[0][1] - seen[0][0]  # header bytes per point
+        self.width = seen[0][1] - seen[0][0]  # header bytes per point
         self.points = len(seen)
         # mapped C calls rather than a generator per field: a layout is made per group in the first
         # interval (2,000 of 100 points in a 1,000-agent cluster)
@@ -96,19 +109,38 @@ class Layout:
         self.headers = tuple(map(_HEADER, entries))
         self.extras = tuple(map(_EXTRA, entries))
         self.trailer = trailer
-        codes = _CODES.get(width) or _CODES.setdefault(width, _Codes(width))
-        fmt = "".join(map(codes.__getitem__, map(len, self.keys)))
-        self.reader = struct.Struct(f"<{fmt}{len(trailer)}s" if trailer else f"<{fmt}")
-        # per header byte position, the value every point has there
+        # each point's received header (tag and length: all of one width, `layout` checks), one shared
+        # bytes object per value (a few lengths recur over a cluster's 2,000 layouts of 100 points)
         headers = map(buf.__getitem__, map(slice, map(_HEAD, seen), map(_POINT, seen)))
-        self.heads = tuple(zip(*headers, strict=True))  # (all of one width: `layout` checks)
+        self.received = tuple(map(_shared_header, headers))
         self.size = sum(map(_SIZE, entries)) + len(trailer)
         self.valid_from = max(map(_VALID_FROM, entries))
         self.valid_until = min(map(_VALID_UNTIL, entries))
-        # for the C reader (processing/_native_layout.c): each point's received header, and the times
-        # allowed as the closed range a fixed64 can fall in
-        self.received = tuple(map(bytes, zip(*self.heads, strict=True)))
+        # for the C reader (processing/_native_layout.c): the times allowed as the closed range a fixed64
+        # can fall in
         self.lo, self.hi = max(self.valid_from, 0), min(self.valid_until, 1 << 64) - 1
+        # the Python reader's struct and expected header bytes: made on its first `read` (with the C
+        # reader, never: a struct of 100 codes per layout was ~0.15 KB per flow at cluster scale)
+        self._reader: struct.Struct | None = None
+        self._heads: tuple[tuple[int, ...], ...] = ()
+
+    @property
+    def reader(self) -> struct.Struct:
+        """The Python reader: one struct call reads each point's header bytes as integers, then its bytes
+        (and the trailer)."""
+        if self._reader is None:
+            codes = _CODES.get(self.width) or _CODES.setdefault(self.width, _Codes(self.width))
+            fmt = "".join(map(codes.__getitem__, map(len, self.keys)))
+            trailer = self.trailer
+            self._reader = struct.Struct(f"<{fmt}{len(trailer)}s" if trailer else f"<{fmt}")
+        return self._reader
+
+    @property
+    def heads(self) -> tuple[tuple[int, ...], ...]:
+        """Per header byte position, the value every point has there."""
+        if not self._heads:
+            self._heads = tuple(zip(*self.received, strict=True))
+        return self._heads
 
     def read(self, buf: bytes, body: int, end: int) -> tuple[tuple[bytes, ...], list[int]] | None:
         """The Sum at buf[body:end] as (each point's bytes, its 27-byte prefixes' fields flat), when it

@@ -56,10 +56,12 @@ Tombstone = tuple[int, list[list[float]], int]
 GroupKey = tuple[bytes, str]
 _NS_MIN, _NS_MAX = -(1 << 63), 1 << 64  # beyond any time_unix_nano: an unbounded window
 _INFINITE: Final = (-math.inf, math.inf)
-# Sum.data_points tag and length of an enriched point, by its length: one bytes object per length, shared
-# by the series of that length (most series of a cluster have one of a few), kept for the lengths that
-# take two varint bytes or fewer (at most 16,384)
-_HEADERS: dict[int, bytes] = {}
+# Sum.data_points tag and length of an enriched point, and the size (header + point), by its length: one
+# bytes and one int object per length, shared by the series of that length (most series of a cluster have
+# one of a few), kept for the lengths that take two varint bytes or fewer (at most 16,384); the received
+# points' lengths likewise (an int above 256 is an object of its own: 200k series, 2 ints each)
+_HEADERS: dict[int, tuple[bytes, int]] = {}
+_POINT_LENS: dict[int, int] = {}
 _CACHED_HEADERS: Final = 0x4000
 
 
@@ -121,10 +123,8 @@ class Series(Counted):
     def set_point_len(self, point_len: int) -> None:
         """Canonical points of one series all have the same length: the header is computed once."""
         enriched = point_len + len(self.resolved.extra)
-        header = _HEADERS.get(enriched) or _header(enriched)
-        self.header = header
-        self.size = len(header) + enriched
-        self.point_len = point_len
+        self.header, self.size = _HEADERS.get(enriched) or _header(enriched)
+        self.point_len = point_len = _POINT_LENS.get(point_len) or _point_len(point_len)
         self.plain_len = point_len if self.out_run < 0 else -1
 
     def set_stream(self, stream: Stream) -> None:
@@ -133,11 +133,18 @@ class Series(Counted):
         self.plain_len = self.point_len if self.out_run < 0 else -1
 
 
-def _header(enriched: int) -> bytes:
+def _header(enriched: int) -> tuple[bytes, int]:
     header = bytes((POINT_TAG,)) + varint(enriched)
+    made = header, len(header) + enriched
     if enriched < _CACHED_HEADERS:
-        _HEADERS[enriched] = header
-    return header
+        _HEADERS[enriched] = made
+    return made
+
+
+def _point_len(point_len: int) -> int:
+    if point_len < _CACHED_HEADERS:
+        _POINT_LENS[point_len] = point_len
+    return point_len
 
 
 class SeriesTable:
