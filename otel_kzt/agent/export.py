@@ -132,10 +132,14 @@ class ExportResult:
     failed: int = 0  # requests not delivered (permanent error or deadline)
     rejected_points: int = 0  # partial success
     switched: bool = False  # stopped to move to another receiver: the caller begins new runs first
-    tried: int = 0  # sends that reached (or may have reached) a receiver: it may have counted their values
     # Per request handed to export(), in order: whether a receiver may hold it (answered, or sent with no
-    # answer in time). Requests not reached (after a switch) are not listed.
+    # answer in time: it may have counted its values). Requests not reached (after a switch) are not listed.
     held: list[bool] = field(default_factory=list)
+
+    @property
+    def reached(self) -> bool:
+        """Whether a receiver may hold any request of this export."""
+        return any(self.held)
 
 
 class Exporter:
@@ -232,9 +236,8 @@ class Exporter:
             self._refresh_credentials()
             targets = self.ranked_targets()
             for body in requests:
-                tried = result.tried
+                result.held.append(False)  # set by _round once a receiver may hold it
                 delivered = self._deliver(body, targets, deadline, stop, result)
-                result.held.append(result.tried > tried)
                 del body  # gone before the next one is built: one request (up to 3 MB) in memory, not two
                 if result.switched:
                     break  # this and the rest hold the old runs: not for the new receiver
@@ -296,7 +299,7 @@ class Exporter:
                 return False, 0.0
             except RetryableExportError as exc:
                 if isinstance(exc, NoAnswer):
-                    result.tried += 1  # no answer in time: the receiver may have counted it
+                    result.held[-1] = True  # no answer in time: the receiver may have counted it
                     if self._writer is None:  # ... so it holds the runs: another one must begin new ones
                         self._writer = receiver_id(target.url)
                 self._down_until[target] = time.monotonic() + self._down_s
@@ -304,7 +307,7 @@ class Exporter:
                 retry_after = max(retry_after, exc.retry_after_s or 0.0)
                 log.warning("export failed, trying next receiver: endpoint=%s error=%s", target.url, exc)
                 continue
-            result.tried += 1
+            result.held[-1] = True
             self._delivered_to(target, targets)
             return True, 0.0
         if not retryable:

@@ -261,7 +261,7 @@ class AgentService:
             ends: list[int] = []
             requests = self._encoder.encode(heads, counts, snapshot.taken_unix_ns, extra, ends)
             result = self._sender.export(requests, deadline, stop)
-            if result.tried:  # answered or not (a late answer after it counted): the receiver may hold it
+            if result.reached:  # answered or not (a late answer after it counted): the receiver may hold it
                 held = _held_ranges(ends, result.held, exported - len(ours.keys), exported)  # finals first
                 self._delivered = _held(self._delivered, snapshot.flows, ours, held)
                 self._sent_since_move = True

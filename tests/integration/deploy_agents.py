@@ -173,7 +173,7 @@ class FakeDatapath:
 
 class Tee:
     """Sends each request to the main exporter and, unchanged, to a reference exporter: what the main one
-    sent (`ExportResult.tried`), delivered or not, as its receiver may have counted it and a move begins
+    sent (`ExportResult.reached`), delivered or not, as its receiver may have counted it and a move begins
     new runs from there (DESIGN §5.7); nothing of an export that moved before it sent anything (the
     service sends that interval again on new runs, and so does the reference then). The reference gets
     its own deadline: the one receiver that has everything must not miss what the main one timed out on."""
@@ -184,7 +184,7 @@ class Tee:
     def export(self, requests: Iterable[bytes], deadline: float, stop: threading.Event) -> ExportResult:
         batch = list(requests)
         result = self.main.export(batch, deadline, stop)
-        if self.reference is not None and result.tried:
+        if self.reference is not None and result.reached:
             self.reference.export(batch, max(deadline, time.monotonic() + REFERENCE_DEADLINE_S), stop)
         return result
 
