@@ -19,7 +19,7 @@ from google.rpc import error_details_pb2, status_pb2
 from prometheus_client import CollectorRegistry
 
 from otel_kzt.enricher.config import PROTOCOL_HTTP, ExporterConfig
-from otel_kzt.enricher.exporters.otlp import LOGS, METRICS, Exporter, _Item, _Shard
+from otel_kzt.enricher.exporters.otlp import Exporter
 from otel_kzt.enricher.exporters.prometheus import HealthMetrics
 from otel_kzt.errors import PermanentExportError, RetryableExportError
 from otel_kzt.otlp_failures import classify
@@ -441,62 +441,3 @@ def test_a_lingering_consumer_is_woken_by_a_full_batch_and_an_idle_one_by_its_fi
         wait_for(lambda: sent == [b"x"], 2.0)
     finally:
         prompt.shutdown(1.0)
-
-
-class _WaiterCheck:
-    """Stands in for a waiting consumer's lock: records whether the shard's lock was free when `put`
-    (or `wake`) released it, then releases the real one."""
-
-    def __init__(self, shard: _Shard, real: threading.Lock) -> None:
-        self._shard, self._real = shard, real
-        self.lock_free_at_release: list[bool] = []
-
-    def release(self) -> None:
-        self.lock_free_at_release.append(not self._shard.lock.locked())
-        self._real.release()
-
-
-def _waiting(shard: _Shard, take: Callable[[], list[_Item]]) -> tuple[list[list[_Item]], threading.Thread]:
-    """A consumer thread in `take`, returned once it waits (its waiter lock registered)."""
-    got: list[list[_Item]] = []
-    thread = threading.Thread(target=lambda: got.append(take()), daemon=True)
-    thread.start()
-    wait_for(lambda: shard._waiter is not None, 2.0)
-    return got, thread
-
-
-def test_a_waiting_consumer_is_woken_after_the_shard_lock_is_let_go() -> None:
-    """The woken consumer must find the shard's lock free (else it wakes into it and sleeps again): the
-    first item of an idle shard and a full batch of a lingering one, then shutdown's wake-up."""
-    shard, closing = _Shard(limit=4), threading.Event()
-    got, thread = _waiting(shard, lambda: shard.take_batch(30.0, 30.0, closing))
-    assert shard._waiter is not None
-    idle = _WaiterCheck(shard, shard._waiter)
-    shard._waiter = idle  # type: ignore[assignment]
-    shard.put(_Item(METRICS, b"ab", time.monotonic()))  # the first item: wakes it; it lingers for more
-    wait_for(lambda: shard._waiter is not None and shard._waiter is not idle, 2.0)
-    lingering = _WaiterCheck(shard, shard._waiter)  # type: ignore[arg-type]
-    shard._waiter = lingering  # type: ignore[assignment]
-    shard.put(_Item(METRICS, b"cd", time.monotonic()))  # a full batch (4 bytes): sent now, not in 30 s
-    thread.join(2.0)
-    assert [[i.payload for i in batch] for batch in got] == [[b"ab", b"cd"]]
-    assert idle.lock_free_at_release == [True] and lingering.lock_free_at_release == [True]
-
-    closing_got, closing_thread = _waiting(shard, lambda: shard.take_batch(30.0, 30.0, closing))
-    check = _WaiterCheck(shard, shard._waiter)  # type: ignore[arg-type]
-    shard._waiter = check  # type: ignore[assignment]
-    closing.set()
-    shard.wake()
-    closing_thread.join(2.0)
-    assert closing_got == [[]] and check.lock_free_at_release == [True]
-
-
-def test_a_wait_that_times_out_leaves_no_waiter_and_the_next_item_is_taken() -> None:
-    shard, closing = _Shard(limit=1 << 20), threading.Event()
-    assert shard.take_batch(0.0, 0.05, closing) == []  # nothing came: the wait ended by itself
-    assert shard._waiter is None
-    shard.put(_Item(LOGS, b"x", time.monotonic()))  # nobody waits: nothing to release
-    shard.put(_Item(METRICS, b"y", time.monotonic()))
-    assert [i.payload for i in shard.take_batch(0.0, 0.05, closing)] == [b"x"]  # the oldest signal first
-    assert [i.payload for i in shard.take_batch(0.0, 0.05, closing)] == [b"y"]
-    assert len(shard) == 0 and shard.size == {METRICS: 0, LOGS: 0}

@@ -56,17 +56,12 @@ class _Item:
 
 
 class _Shard:
-    """One consumer's FIFOs, one per signal (no order is kept between metrics and logs).
-
-    The consumer waits on a lock of its own (`_waiter`), which `put` releases after it has let go of the
-    shard's lock: the woken consumer then takes the shard's lock at once instead of waking into a lock the
-    worker still holds and sleeping again (a `threading.Condition` can only be notified under its lock)."""
+    """One consumer's FIFOs, one per signal (no order is kept between metrics and logs)."""
 
     def __init__(self, limit: int) -> None:
         self.items: dict[str, deque[_Item]] = {METRICS: deque(), LOGS: deque()}
         self.size = {METRICS: 0, LOGS: 0}
-        self.lock = threading.Lock()
-        self._waiter: threading.Lock | None = None  # held while the consumer waits; released to wake it
+        self.ready = threading.Condition()
         self._limit = limit  # a batch's bytes
 
     def __len__(self) -> int:
@@ -76,56 +71,31 @@ class _Shard:
         """Queue `item`; the consumer is woken only when that changes what it waits for: the first item
         (it waits for one) or a full batch (it lingers for one). Each wake-up of a waiting thread costs
         both threads a futex call and a GIL hand-over: ~0.1 ms of a receiver's worker per request."""
-        with self.lock:
+        with self.ready:
             first = not len(self)
             self.items[item.signal].append(item)
             self.size[item.signal] += len(item.payload)
-            waiter = self._waiter if first or self.size[item.signal] >= self._limit else None
-            if waiter is not None:
-                self._waiter = None
-        if waiter is not None:
-            waiter.release()
-
-    def wake(self) -> None:
-        """Wake the consumer if it waits (shutdown: it looks at the flags again)."""
-        with self.lock:
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            waiter.release()
-
-    def _wait(self, timeout_s: float) -> None:
-        """Called and returns with `lock` held: until `put`/`wake` wakes the consumer or `timeout_s`."""
-        waiter = threading.Lock()
-        waiter.acquire()
-        self._waiter = waiter
-        self.lock.release()
-        try:
-            waiter.acquire(timeout=timeout_s)
-        finally:
-            self.lock.acquire()
-            if self._waiter is waiter:  # timed out: nobody took it
-                self._waiter = None
+            if first or self.size[item.signal] >= self._limit:
+                self.ready.notify()
 
     def take_batch(self, linger_s: float, wait_s: float, closing: threading.Event) -> list[_Item]:
         """The oldest signal's items, up to a batch's bytes (at least one item). Waits up to `linger_s`
         after the first item for a fuller batch: fewer, larger requests cost the downstream and us less."""
         limit = self._limit
-        with self.lock:
+        with self.ready:
             # closing is read under the lock that shutdown's wake-up takes: no wake-up is missed
-            if not len(self):
-                if closing.is_set():
-                    return []
-                self._wait(wait_s)
-                if not len(self):
-                    return []
+            if not len(self) and (closing.is_set() or not self.ready.wait(wait_s)) and not len(self):
+                return []
             heads = [q[0] for q in self.items.values() if q]
+            if not heads:
+                return []
             signal = min(heads, key=lambda i: i.queued_at).signal
             linger_until = self.items[signal][0].queued_at + linger_s
             while self.size[signal] < limit and not closing.is_set():
                 left = linger_until - time.monotonic()
                 if left <= 0:
                     break
-                self._wait(left)
+                self.ready.wait(left)
             queue, size = self.items[signal], 0
             batch: list[_Item] = []
             while queue and (not batch or size + len(queue[0].payload) <= limit):
@@ -283,7 +253,8 @@ class Exporter:
 
     def _wake(self) -> None:
         for shard in self._shards:
-            shard.wake()
+            with shard.ready:
+                shard.ready.notify_all()
 
     def shutdown(self, timeout_s: float) -> None:
         """Stop retrying, send what is queued until `timeout_s`, count the rest as dropped. Idempotent."""
@@ -299,7 +270,7 @@ class Exporter:
         self._threads = []
         left = 0
         for shard in self._shards:
-            with shard.lock:
+            with shard.ready:
                 left += len(shard)
                 for queue in shard.items.values():
                     queue.clear()
