@@ -197,6 +197,10 @@ PyObject *received_given(PyObject *self, PyObject *const *args, Py_ssize_t nargs
 PyObject *joined(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_named.c */
 PyObject *encoded(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_named.c */
 PyObject *rendered(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_named.c */
+PyObject *ends(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_new.c */
+PyObject *slots_of(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_new.c */
+PyObject *copied(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_new.c */
+PyObject *slim(PyObject *self, PyObject *const *args, Py_ssize_t nargs); /* _native_new.c */
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_O, "bind(Series): the class whose slots the loop reads and writes."},
@@ -223,6 +227,15 @@ static PyMethodDef methods[] = {
     {"rendered", (PyCFunction)(void (*)(void))rendered, METH_FASTCALL,
      "rendered(encoded, order, json_head, before, body, after) -> (json_prefix, otlp_static): a flow-log "
      "template's rendering (_native_named.c)."},
+    {"ends", (PyCFunction)(void (*)(void))ends, METH_FASTCALL,
+     "ends(ends, src_addr, dst_addr, at, classes) -> (class, src, dst) or None: Resolver._ends_of's common "
+     "case (_native_new.c)."},
+    {"slots_of", (PyCFunction)(void (*)(void))slots_of, METH_FASTCALL,
+     "slots_of(type, names) -> the named slots' offsets, for copied and slim (_native_new.c)."},
+    {"copied", (PyCFunction)(void (*)(void))copied, METH_FASTCALL,
+     "copied(proto, offsets, values) -> a copy of a slots object, those slots set (_native_new.c)."},
+    {"slim", (PyCFunction)(void (*)(void))slim, METH_FASTCALL,
+     "slim(resolved, attrs_offset, keys) -> Resolved.slim, or None (_native_new.c)."},
     {NULL, NULL, 0, NULL},
 };
 

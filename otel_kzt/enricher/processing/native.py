@@ -18,7 +18,7 @@ DISABLE_ENV: Final = "OTEL_KZT_NO_NATIVE"
 # and is treated as not built rather than failing at the first use
 FUNCTIONS: Final = (
     "bind", "repeat", "otlp_logs", "json_lines", "read_layout",
-    "received_given", "joined", "encoded", "rendered",
+    "received_given", "joined", "encoded", "rendered", "ends", "slots_of", "copied", "slim",
 )  # fmt: skip
 _log = logging.getLogger(__name__)
 

@@ -49,6 +49,7 @@ from otel_kzt.enricher.state.series import (
     Series,
     SeriesTable,
     identity_key,
+    new_series,
 )
 
 _POINT_TAG: Final = 0x0A  # Sum.data_points: field 1, length-delimited
@@ -410,8 +411,7 @@ class SumEnricher:
             self._table.relabel(entry, Naming(named.slim, targets, named.template), batch.generation)
             entry.set_point_len(len(raw))
             return entry, key
-        fresh = Series(batch.generation, named.slim, targets, named.template)
-        fresh.set_point_len(len(raw))
+        fresh = new_series(batch.generation, named.slim, targets, named.template, len(raw))
         return self._table.admit(where, named.key, fresh, batch.now), named.key
 
     def _named(

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from otel_kzt import schema
+from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.bounded import Cap
 from otel_kzt.enricher.processing.pieces import KEY, VALUE, Pieces, joined, pieces
 from otel_kzt.enricher.processing.services import (
@@ -57,7 +58,16 @@ class Resolved:
 
     def slim(self) -> Resolved:
         """What a cached series keeps: `attrs` cut to the addresses, ports and transport (what recheck needs).
-        The full map served the aggregation labels and flow-log template, built once before this."""
+        The full map served the aggregation labels and flow-log template, built once before this. In C
+        when built (_native_new.c `slim`: a copy of these slots, attrs cut the same way), else `slim_py`."""
+        if _SLIM is not None:
+            made: Resolved | None = _SLIM(self, _ATTRS_SLOT, _SLIM_KEYS)
+            if made is not None:
+                return made
+        return self.slim_py()
+
+    def slim_py(self) -> Resolved:
+        """`slim` in Python: the statement."""
         attrs = self.attrs
         keep = {k: attrs[k] for k in _SLIM_KEYS if k in attrs}
         return Resolved(  # by keyword, not dataclasses.replace (a field-by-field copy per new series)
@@ -107,6 +117,13 @@ class _End:
 _UNKNOWN_END: Final = _End(None, None)
 _CLASS_PIECES: Final = {cls: pieces([(schema.TRAFFIC_CLASS, cls.value)])[0] for cls in TrafficClass}
 _SLIM_KEYS: Final = (schema.SOURCE_ADDRESS, schema.DESTINATION_ADDRESS, *KEYS_FOR_RECHECK)
+# The C steps of a new flow (_native_new.c), None on the Python path: Resolver._ends_of's common case, its
+# classes in the order it takes them, and Resolved.slim (with where Resolved keeps attrs)
+_ENDS = None if native.MODULE is None else native.MODULE.ends
+_CLASSES: Final = (TrafficClass.SAME_NODE, TrafficClass.SAME_ZONE, TrafficClass.CROSS_ZONE,
+                   TrafficClass.CROSS_REGION, TrafficClass.UNKNOWN)  # fmt: skip
+_SLIM = None if native.MODULE is None else native.MODULE.slim
+_ATTRS_SLOT: Final = -1 if native.MODULE is None else native.MODULE.slots_of(Resolved, ("attrs",))[0]
 
 # ClusterIndex.lookup_window: an answer and the times [from, until) it holds for (not in the seam's Protocol,
 # so indexes without history, like test fakes, keep working).
@@ -122,6 +139,7 @@ class Resolver:
         self._ends_cap = Cap("resolution.ends", _MAX_CACHED_ENDS)
         self._ends_generation = -1
         self._lookup_window: _LookupWindow | None = getattr(index, "lookup_window", None)
+        self._native_ends = _ENDS  # the tests set it to None to run the Python way on the same input
         self._services = ServiceAttribution(getattr(index, "services", None))
         self.caps = (self._ends_cap, *self._services.caps)  # on /metrics
 
@@ -165,9 +183,24 @@ class Resolver:
     def _ends_of(
         self, given: Mapping[str, str], ready: bool, at: float | None, source_node: str
     ) -> tuple[TrafficClass, _End, _End]:
-        """A flow's class and ends; `source_node`: given_node(given)."""
+        """A flow's class and ends; `source_node`: given_node(given). The common case in C when built
+        (_native_new.c `ends`: both ends cached for this generation and holding `at`, each a pod or node, the
+        source not named by its node), the rest here."""
         src_addr = given.get(schema.SOURCE_ADDRESS, "")
         dst_addr = given.get(schema.DESTINATION_ADDRESS, "")
+        common = self._native_ends
+        if (
+            common is not None
+            and ready
+            and not source_node
+            and at is not None
+            and self._index.generation == self._ends_generation
+        ):
+            found: tuple[TrafficClass, _End, _End] | None = common(
+                self._ends, src_addr, dst_addr, at, _CLASSES
+            )
+            if found is not None:
+                return found
         src = self._by_node(source_node, self._end(src_addr, at)) if ready else _UNKNOWN_END
         dst = self._end(dst_addr, at) if ready else _UNKNOWN_END
         cls = self.classify(src, dst, src_addr, dst_addr) if ready else TrafficClass.UNKNOWN

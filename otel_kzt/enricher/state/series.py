@@ -32,10 +32,12 @@ from typing import Final
 from opentelemetry.proto.metrics.v1.metrics_pb2 import NumberDataPoint
 
 from otel_kzt.enricher.exporters.prometheus import Aggregates, Target
+from otel_kzt.enricher.processing import native
 from otel_kzt.enricher.processing.flowlogs import FlowTemplate
 from otel_kzt.enricher.processing.protowire import varint
 from otel_kzt.enricher.processing.resolution import Resolved
 from otel_kzt.enricher.state.counting import Counted, Rule
+from otel_kzt.schema import TrafficClass
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,36 @@ class Series(Counted):
         """Re-export the run `stream[0]` as a stream of its own (a rename), or nothing (-1)."""
         self.out_run, self.out_start, self.out_offset = stream
         self.plain_len = self.point_len if self.out_run < 0 else -1
+
+
+# A new series made in C when built (_native_new.c `copied`): the slots of a prototype the dataclass made
+# (its defaults stay the statement), these set to the new series' own (its accumulator a list of its own,
+# as the default factory gives it), then the same window and header calls as `Series` makes
+_FRESH_SLOTS: Final = ("generation", "resolved", "targets", "template", "acc")
+_COPIED = None if native.MODULE is None else native.MODULE.copied
+_FRESH: Final = () if native.MODULE is None else native.MODULE.slots_of(Series, _FRESH_SLOTS)
+_PROTOTYPE: Final = Series(0, Resolved(b"", {}, TrafficClass.UNKNOWN, None), (), None)
+
+
+def new_series(
+    generation: int,
+    resolved: Resolved,
+    targets: tuple[Target, ...],
+    template: FlowTemplate | None,
+    point_len: int,
+    *,
+    native_path: bool = True,
+) -> Series:
+    """A new series of a received point of `point_len` bytes: `Series(...)` then its `set_point_len`. The
+    dataclass's __init__ is skipped when the C extension is built and `native_path` (False: the statement,
+    for the tests)."""
+    if _COPIED is None or not native_path:
+        made = Series(generation, resolved, targets, template)
+    else:
+        made = _COPIED(_PROTOTYPE, _FRESH, (generation, resolved, targets, template, []))
+        made.set_window()
+    made.set_point_len(point_len)
+    return made
 
 
 def _header(enriched: int) -> tuple[bytes, int]:
