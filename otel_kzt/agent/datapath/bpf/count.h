@@ -476,6 +476,19 @@ static __always_inline u32 kzt_vxlan_l4(const struct kzt_pkt *p, u32 l4off, u8 *
     return inner + 40;
 }
 
+/* A GSO packet's segments, and its bytes on the wire (in *bytes: its IP length on entry): each segment
+ * repeats the `hlen` bytes of headers. `segs` 0 (unset by the stack) is derived from the payload over
+ * `gso_size`. The one statement of the rule, for kzt_wire and tc's fast paths. */
+static __always_inline u64 kzt_gso_wire(u64 *bytes, u32 hlen, u32 gso_size, u64 segs)
+{
+    if (segs == 0)
+        segs = *bytes <= hlen ? 1 : (*bytes - hlen + gso_size - 1) / gso_size;
+    if (segs <= 1)
+        return 1;
+    *bytes += (segs - 1) * hlen;
+    return segs;
+}
+
 /* How many packets leave for this one, and its bytes on the wire (in *bytes: its IP length on entry).
  * `l4off`/`proto` are the parsed L4 header and protocol, `unfrag` the header length a fragment repeats. */
 static __always_inline u64 kzt_wire(const struct kzt_pkt *p, const u8 *hdr, u32 l4off, u8 proto, u32 unfrag,
@@ -493,17 +506,9 @@ static __always_inline u64 kzt_wire(const struct kzt_pkt *p, const u8 *hdr, u32 
         if (inner)
             l4off = inner;
         u32 hlen = l4off + kzt_l4_len(p, hdr, l4off, proto);
-        u64 segs = p->gso_segs;
-        if (segs == 0 || (type & KZT_GSO_KNOWN && type & KZT_GSO_DODGY)) {
-            /* the stack's count is unset or untrusted (a VM's or a packet socket's): derive it */
-            if (*bytes <= hlen)
-                return 1;
-            segs = (*bytes - hlen + p->gso_size - 1) / p->gso_size;
-        }
-        if (segs <= 1)
-            return 1;
-        *bytes += (segs - 1) * hlen;
-        return segs;
+        /* a count the stack marked untrusted (a VM's or a packet socket's) is derived, as an unset one */
+        u64 segs = (type & KZT_GSO_KNOWN && type & KZT_GSO_DODGY) ? 0 : p->gso_segs;
+        return kzt_gso_wire(bytes, hlen, p->gso_size, segs);
     }
     u32 mtu = p->mtu;
     if (p->frag_max && (mtu == 0 || p->frag_max < mtu))

@@ -119,14 +119,7 @@ static __always_inline int kzt_fast4(struct __sk_buff *skb, u32 dev)
     if (__builtin_expect(gso_size != 0, 0)) {
         if (proto != 6 || (const void *)(ip + 33) > (const void *)(long)skb->data_end)
             return 0;
-        u32 hlen = 20 + (u32)(ip[32] >> 4) * 4;
-        u64 segs = skb->gso_segs;
-        if (segs == 0)
-            segs = bytes <= hlen ? 1 : (bytes - hlen + gso_size - 1) / gso_size;
-        if (segs > 1) {
-            bytes += (segs - 1) * hlen;
-            packets = segs;
-        }
+        packets = kzt_gso_wire(&bytes, 20 + (u32)(ip[32] >> 4) * 4, gso_size, skb->gso_segs);
     }
     struct flow_key4 key = {};
     key.proto = proto;
@@ -163,14 +156,7 @@ static __always_inline int kzt_fast6(struct __sk_buff *skb, u32 dev)
     if (__builtin_expect(gso_size != 0, 0)) {
         if (proto != 6 || (const void *)(ip + 53) > (const void *)(long)skb->data_end)
             return 0;
-        u32 hlen = 40 + (u32)(ip[52] >> 4) * 4;
-        u64 segs = skb->gso_segs;
-        if (segs == 0)
-            segs = bytes <= hlen ? 1 : (bytes - hlen + gso_size - 1) / gso_size;
-        if (segs > 1) {
-            bytes += (segs - 1) * hlen;
-            packets = segs;
-        }
+        packets = kzt_gso_wire(&bytes, 40 + (u32)(ip[52] >> 4) * 4, gso_size, skb->gso_segs);
     }
     struct flow_key6 key = {};
     key.proto = proto;
